@@ -1,0 +1,1439 @@
+#!/usr/bin/env python3
+"""Benchmark for codex_responses_proxy.py (standard library only, Python 3.8+).
+
+Run it from anywhere:
+
+    python3 bench_codex_responses_proxy.py                 # full run (~30-60 s)
+    python3 bench_codex_responses_proxy.py --quick         # smoke test (< ~30 s)
+    python3 bench_codex_responses_proxy.py --only 1,3 --json out.json
+    python3 bench_codex_responses_proxy.py --proxy /path/to/other_proxy.py
+    python3 bench_codex_responses_proxy.py --latency-ms 80  # link delay for scenario 7
+
+What it does: it starts a fake OpenAI "codex responses" backend (a separate
+process running this same file with --_upstream; raw-socket, threaded,
+HTTP/1.1 keep-alive, chunked text/event-stream answers pre-rendered per
+scenario, the scenario chosen by the request's "model" string), starts the
+proxy with a throw-away CODEX_HOME holding a fake ChatGPT auth.json, and then
+measures each scenario twice with the identical raw-socket client: once
+talking to the fake upstream directly and once through the proxy.
+
+Scenarios (pick with --only):
+  1  small streamed request, sequential on one keep-alive connection:
+     added latency p50 / p99 (send -> full stream read)
+  2  slow stream (events 100 ms apart): added time to the first complete SSE
+     event (plus the worst added lag of any later event, as an extra)
+  3  one 20,000-event stream: MB/s through the proxy vs direct
+  4  2 MB request body (long input history): added p50
+  5  64 concurrent streams of 2,000 events, one connection per thread:
+     wall time and failures
+  6  proxy memory (VmRSS idle, VmHWM after scenario 5) and start-up time to
+     the first healthy GET /healthz
+  7  agent turns against a TLS upstream with an artificial link delay of
+     --latency-ms (default 50) per round trip: per-turn time for (a) direct,
+     keep-alive TLS; (b) direct, new TLS connection per turn; (c) through
+     the proxy with a keep-alive client connection.  The proxy should cost
+     about one round trip per turn like (a), not three like (b).
+
+Output: a table on stdout (scenario, direct, proxy, difference, target,
+PASS/MISS); --json FILE writes every number.  Temporary files (auth.json,
+certificate, proxy log) live in a temp dir (honours TMPDIR) removed at exit
+unless --keep-tmp.  All child processes are ended at exit, also on Ctrl-C.
+Exit status: 0 when everything passes, 1 when a target is missed, 2 on an
+error that stopped the run.
+"""
+
+import argparse
+import atexit
+import base64
+import datetime
+import gc
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+perf = time.perf_counter
+HERE = os.path.dirname(os.path.abspath(__file__))
+UPSTREAM_PATH = "/backend-api/codex/responses"
+ACCOUNT_ID = "acct-bench"
+
+# ---------------------------------------------------------------------------
+# SSE stream rendering (shared by the fake upstream and the client checks)
+# ---------------------------------------------------------------------------
+
+_RENDER_CACHE = {}
+
+
+def _dumps(obj):
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def parse_model(model):
+    """model string -> (number of deltas, slow interval in seconds or 0)."""
+    m = re.match(r"bench-slow(?:-(\d+))?$", model)
+    if m:
+        return 2, (int(m.group(1)) if m.group(1) else 100) / 1000.0
+    m = re.match(r"bench-(?:big-)?(\d+)$", model)
+    if m:
+        return max(1, int(m.group(1))), 0.0
+    return 3, 0.0  # bench-small and anything unknown
+
+
+def render_events(model):
+    """-> (list of SSE frames as bytes, full output text, slow interval)."""
+    hit = _RENDER_CACHE.get(model)
+    if hit:
+        return hit
+    ndeltas, slow = parse_model(model)
+    deltas = ["w%d " % i for i in range(ndeltas)]
+    text = "".join(deltas)
+    created = 1700000000
+    base = {"id": "resp_1", "object": "response", "created_at": created,
+            "model": model, "output": [], "parallel_tool_calls": False,
+            "tool_choice": "auto", "tools": [], "store": False}
+    item_done = {"type": "message", "id": "msg_1", "role": "assistant",
+                 "status": "completed",
+                 "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    evs = []
+
+    def add(typ, **kw):
+        d = {"type": typ, "sequence_number": len(evs)}
+        d.update(kw)
+        evs.append(("event: %s\ndata: %s\n\n" % (typ, _dumps(d))).encode())
+
+    add("response.created", response=dict(base, status="in_progress", usage=None))
+    add("response.in_progress", response=dict(base, status="in_progress", usage=None))
+    if not slow:
+        add("response.output_item.added", output_index=0,
+            item={"type": "message", "id": "msg_1", "role": "assistant",
+                  "status": "in_progress", "content": []})
+        add("response.content_part.added", item_id="msg_1", output_index=0,
+            content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+    for dl in deltas:
+        add("response.output_text.delta", item_id="msg_1", output_index=0,
+            content_index=0, delta=dl)
+    if not slow:
+        add("response.output_text.done", item_id="msg_1", output_index=0,
+            content_index=0, text=text)
+        add("response.content_part.done", item_id="msg_1", output_index=0,
+            content_index=0, part={"type": "output_text", "text": text, "annotations": []})
+    add("response.output_item.done", output_index=0, item=item_done)
+    usage = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": ndeltas, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": 100 + ndeltas}
+    add("response.completed", response=dict(base, status="completed", usage=usage))
+    hit = (evs, text, slow)
+    _RENDER_CACHE[model] = hit
+    return hit
+
+
+def _chunk(b):
+    return b"%x\r\n" % len(b) + b + b"\r\n"
+
+
+# ---------------------------------------------------------------------------
+# Fake upstream (runs in its own process: python3 THIS --_upstream ...)
+# ---------------------------------------------------------------------------
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
+_SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+             b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n"
+             b"x-request-id: req_bench\r\n")
+
+
+class _UpStats:
+    lock = threading.Lock()
+    conns = 0
+    requests = 0
+    last_headers = None
+    last_body = b""
+
+
+def _up_full_response(model):
+    key = ("full", model)
+    hit = _RENDER_CACHE.get(key)
+    if hit is None:
+        evs, _, _ = render_events(model)
+        hit = _SSE_HEAD + b"\r\n" + b"".join(_chunk(e) for e in evs) + b"0\r\n\r\n"
+        _RENDER_CACHE[key] = hit
+    return hit
+
+
+def _up_send_simple(sock, code, body, ctype="text/plain", close=False):
+    sock.sendall(("HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n"
+                  % (code, ctype, len(body), "connection: close\r\n" if close else "")
+                  ).encode() + body)
+
+
+def _up_conn(sock, ctx, lat):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if lat:
+            time.sleep(lat)  # the TCP handshake round trip
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            if lat:
+                time.sleep(lat)  # the TLS handshake round trip
+            sock.do_handshake()
+        buf = bytearray()
+        while True:
+            while True:
+                i = buf.find(b"\r\n\r\n")
+                if i >= 0:
+                    break
+                d = sock.recv(262144)
+                if not d:
+                    return
+                buf += d
+            lines = bytes(buf[:i]).decode("latin-1").split("\r\n")
+            del buf[:i + 4]
+            method, path, _ = lines[0].split(" ", 2)
+            hdrs = {}
+            for ln in lines[1:]:
+                k, _, v = ln.partition(":")
+                hdrs[k.strip().lower()] = v.strip()
+            if hdrs.get("expect", "").lower() == "100-continue":
+                sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if "chunked" in hdrs.get("transfer-encoding", "").lower():
+                parts = []
+                while True:
+                    j = buf.find(b"\r\n")
+                    if j < 0:
+                        d = sock.recv(262144)
+                        if not d:
+                            return
+                        buf += d
+                        continue
+                    size = int(bytes(buf[:j]).split(b";")[0], 16)
+                    need = j + 2 + size + 2
+                    while len(buf) < need:
+                        d = sock.recv(262144)
+                        if not d:
+                            return
+                        buf += d
+                    if size == 0:
+                        if buf[j + 2:j + 4] == b"\r\n":
+                            del buf[:j + 4]
+                        else:  # trailers
+                            while buf.find(b"\r\n\r\n", j) < 0:
+                                d = sock.recv(262144)
+                                if not d:
+                                    return
+                                buf += d
+                            del buf[:buf.find(b"\r\n\r\n", j) + 4]
+                        break
+                    parts.append(bytes(buf[j + 2:j + 2 + size]))
+                    del buf[:need]
+                body = b"".join(parts)
+            else:
+                n = int(hdrs.get("content-length", "0") or 0)
+                while len(buf) < n:
+                    d = sock.recv(max(262144, n - len(buf)))
+                    if not d:
+                        return
+                    buf += d
+                body = bytes(buf[:n])
+                del buf[:n]
+            close = hdrs.get("connection", "").lower() == "close"
+            if method == "GET" and path.startswith("/_stats"):
+                with _UpStats.lock:
+                    st = {"conns": _UpStats.conns, "requests": _UpStats.requests,
+                          "last_headers": _UpStats.last_headers}
+                    lb = _UpStats.last_body
+                try:
+                    j = json.loads(lb) if lb else {}
+                    st["last_body"] = {"keys": sorted(j.keys()), "stream": j.get("stream"),
+                                       "store": j.get("store"), "model": j.get("model"),
+                                       "n_input": len(j.get("input") or []),
+                                       "bytes": len(lb)}
+                except ValueError as e:
+                    st["last_body"] = {"error": repr(e), "bytes": len(lb)}
+                _up_send_simple(sock, 200, _dumps(st).encode(), "application/json", close)
+                if close:
+                    return
+                continue
+            if lat:
+                time.sleep(lat)  # the request/response round trip
+            if method == "GET" and path.startswith("/healthz"):
+                _up_send_simple(sock, 200, b"ok", close=close)
+            elif method == "POST":
+                with _UpStats.lock:
+                    _UpStats.requests += 1
+                    _UpStats.last_headers = hdrs
+                    _UpStats.last_body = body
+                m = _MODEL_RE.search(body)
+                model = m.group(1).decode() if m else "bench-small"
+                evs, _, slow = render_events(model)
+                if slow:
+                    sock.sendall(_SSE_HEAD + (b"connection: close\r\n" if close else b"")
+                                 + b"\r\n" + _chunk(evs[0]))
+                    for e in evs[1:]:
+                        time.sleep(slow)
+                        sock.sendall(_chunk(e))
+                    sock.sendall(b"0\r\n\r\n")
+                elif close:
+                    full = _up_full_response(model)
+                    sock.sendall(full.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1))
+                else:
+                    sock.sendall(_up_full_response(model))
+            else:
+                _up_send_simple(sock, 404, b"not found", close=close)
+            if close:
+                return
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def upstream_main(args):
+    ctx = None
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    lat = args.latency_ms / 1000.0
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1024)
+    for m in ("bench-small", "bench-2000", "bench-20000", "bench-big-20000"):
+        _up_full_response(m)
+
+    def watch_parent():  # exit when the bench process goes away
+        try:
+            sys.stdin.buffer.read()
+        finally:
+            os._exit(0)
+    threading.Thread(target=watch_parent, daemon=True).start()
+    sys.stdout.write("PORT %d\n" % ls.getsockname()[1])
+    sys.stdout.flush()
+    while True:
+        s, _ = ls.accept()
+        with _UpStats.lock:
+            _UpStats.conns += 1
+        threading.Thread(target=_up_conn, args=(s, ctx, lat), daemon=True).start()
+
+
+# ---------------------------------------------------------------------------
+# Client: raw socket HTTP/1.1 with manual chunk parsing (same code for both)
+# ---------------------------------------------------------------------------
+
+class HTTPFail(Exception):
+    pass
+
+
+class _EOF(Exception):
+    pass
+
+
+class Resp(object):
+    __slots__ = ("status", "headers", "t0", "t_first", "t_end", "data", "nevents",
+                 "event_times", "new_conn", "retried", "completed")
+
+
+class Client(object):
+    RECV = 262144
+
+    def __init__(self, host, port, tls_ctx=None, timeout=60.0):
+        self.host, self.port, self.tls, self.timeout = host, port, tls_ctx, timeout
+        self.sock = None
+        self.buf = bytearray()
+        self.connects = 0
+        self.t_recv = 0.0
+
+    def connect(self):
+        s = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            s = self.tls.wrap_socket(s, server_hostname=self.host)
+        self.sock = s
+        self.buf = bytearray()
+        self.connects += 1
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+    def _fill(self):
+        d = self.sock.recv(self.RECV)
+        self.t_recv = perf()
+        if not d:
+            raise _EOF()
+        self.buf += d
+
+    def request(self, method, path, body=b"", ctype="application/json",
+                accept="text/event-stream", fresh=False, track_events=False):
+        t0 = perf()
+        if fresh:
+            self.close()
+        req = ("%s %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: bench\r\nAccept: %s\r\n"
+               "Authorization: Bearer sk-bench\r\n" % (method, path, self.host, self.port, accept))
+        if method == "POST":
+            req += "Content-Type: %s\r\nContent-Length: %d\r\n" % (ctype, len(body))
+        req = req.encode() + b"\r\n"
+        retried = False
+        while True:
+            new = self.sock is None
+            if new:
+                self.connect()
+            try:
+                if len(body) > 65536:
+                    self.sock.sendall(req)
+                    self.sock.sendall(body)
+                else:
+                    self.sock.sendall(req + body)
+                while self.buf.find(b"\r\n\r\n") < 0:
+                    self._fill()
+            except (_EOF, ConnectionError) as e:
+                self.close()
+                if new or retried:
+                    raise HTTPFail("connection closed before response: %r" % (e,))
+                retried = True
+                continue
+            break
+        try:
+            r = self._read_response(track_events)
+        except _EOF:
+            self.close()
+            raise HTTPFail("connection closed mid-response")
+        except Exception:
+            self.close()
+            raise
+        r.t0, r.new_conn, r.retried = t0, new, retried
+        return r
+
+    def _read_response(self, track):
+        buf = self.buf
+        i = buf.find(b"\r\n\r\n")
+        lines = bytes(buf[:i]).decode("latin-1").split("\r\n")
+        del buf[:i + 4]
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1])
+        version = parts[0]
+        hdrs = {}
+        for ln in lines[1:]:
+            k, _, v = ln.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        if status == 100:
+            while self.buf.find(b"\r\n\r\n") < 0:
+                self._fill()
+            return self._read_response(track)
+        out = []
+        st = {"first": None, "head": bytearray(), "acc": bytearray(), "scan": 0, "times": []}
+
+        def piece(p):
+            # the first complete SSE event (and, when tracking, every event's arrival)
+            out.append(p)
+            if st["first"] is None:
+                h = st["head"]
+                h += p
+                if b"\n\n" in h:
+                    st["first"] = self.t_recv
+            if track:
+                acc = st["acc"]
+                acc += p
+                while True:
+                    j = acc.find(b"\n\n", st["scan"])
+                    if j < 0:
+                        break
+                    st["times"].append(self.t_recv)
+                    st["scan"] = j + 2
+
+        te = hdrs.get("transfer-encoding", "").lower()
+        conn_hdr = hdrs.get("connection", "").lower()
+        close_after = conn_hdr == "close" or (version == "HTTP/1.0" and conn_hdr != "keep-alive")
+        if "chunked" in te:
+            pos = 0
+            slow_path, append = track, out.append
+            while True:
+                done = False
+                while True:
+                    j = buf.find(b"\r\n", pos)
+                    if j < 0:
+                        break
+                    size = int(bytes(buf[pos:j]).split(b";")[0], 16)
+                    if size == 0:
+                        if buf[j + 2:j + 4] == b"\r\n":
+                            pos = j + 4
+                            done = True
+                        else:
+                            k = buf.find(b"\r\n\r\n", j)
+                            if k >= 0:
+                                pos = k + 4
+                                done = True
+                        break
+                    end = j + 2 + size
+                    if end + 2 > len(buf):
+                        break
+                    if slow_path or st["first"] is None:
+                        piece(bytes(buf[j + 2:end]))
+                    else:  # hot path: just collect
+                        append(bytes(buf[j + 2:end]))
+                    pos = end + 2
+                if done:
+                    break
+                if pos:
+                    del buf[:pos]
+                    pos = 0
+                self._fill()
+            del buf[:pos]
+        elif "content-length" in hdrs:
+            n = int(hdrs["content-length"])
+            while len(buf) < n:
+                self._fill()
+            piece(bytes(buf[:n]))
+            del buf[:n]
+        elif status in (204, 304):
+            pass
+        else:
+            close_after = True
+            while True:
+                if buf:
+                    piece(bytes(buf))
+                    del buf[:]
+                try:
+                    self._fill()
+                except _EOF:
+                    break
+        t_end = perf()
+        if close_after:
+            self.close()
+        r = Resp()
+        r.status, r.headers, r.t_end = status, hdrs, t_end
+        r.data = b"".join(out)
+        r.t_first = st["first"]
+        r.event_times = st["times"]
+        r.nevents = r.data.count(b"\n\n")
+        r.completed = None
+        if "event-stream" in hdrs.get("content-type", ""):
+            last = r.data.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+            for ln in last.split(b"\n"):
+                if ln.startswith(b"data:"):
+                    try:
+                        ev = json.loads(ln[5:])
+                        if ev.get("type") == "response.completed":
+                            r.completed = ev.get("response") or {}
+                    except ValueError:
+                        pass
+        return r
+
+
+def check_stream(r, model):
+    """-> None when the streamed answer is complete, else a reason string."""
+    if r.status != 200:
+        return "HTTP %d: %r" % (r.status, r.data[:200])
+    if r.completed is None:
+        return "no final response.completed event (%d events, %d bytes)" % (r.nevents, len(r.data))
+    evs = render_events(model)[0]
+    if r.nevents != len(evs):
+        return "event count %d != %d" % (r.nevents, len(evs))
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Helpers: processes, auth.json, certificates, statistics
+# ---------------------------------------------------------------------------
+
+CHILDREN = []
+
+
+def cleanup():
+    for p in CHILDREN:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.time() + 3
+    for p in CHILDREN:
+        try:
+            p.wait(max(0.05, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                p.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
+    del CHILDREN[:]
+
+
+def stop(p):
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(3)
+        except (OSError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            p.wait()
+    if p in CHILDREN:
+        CHILDREN.remove(p)
+
+
+def _b64u(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def write_auth(home):
+    now = int(time.time())
+    payload = {"iss": "https://auth.openai.com", "aud": ["app_bench"], "sub": "user-bench",
+               "email": "bench@example.com", "iat": now, "exp": now + 10 * 86400,
+               "https://api.openai.com/auth": {"chatgpt_account_id": ACCOUNT_ID,
+                                               "chatgpt_plan_type": "plus"}}
+
+    def jwt():
+        return "%s.%s.%s" % (_b64u(_dumps({"alg": "RS256", "typ": "JWT"}).encode()),
+                             _b64u(_dumps(payload).encode()), _b64u(b"bench-signature"))
+    auth = {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
+            "tokens": {"id_token": jwt(), "access_token": jwt(),
+                       "refresh_token": "rt-bench", "account_id": ACCOUNT_ID},
+            "last_refresh": datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    os.makedirs(home, exist_ok=True)
+    path = os.path.join(home, "auth.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(auth, f, indent=2)
+    os.chmod(path, 0o600)
+
+
+def _der(tag, content):
+    n = len(content)
+    if n < 128:
+        ln = bytes([n])
+    else:
+        b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        ln = bytes([0x80 | len(b)]) + b
+    return bytes([tag]) + ln + content
+
+
+def _der_int(x):
+    return _der(0x02, x.to_bytes(x.bit_length() // 8 + 1, "big"))
+
+
+def _der_seq(*items):
+    return _der(0x30, b"".join(items))
+
+
+def _der_oid(s):
+    a = [int(x) for x in s.split(".")]
+    out = bytearray([40 * a[0] + a[1]])
+    for v in a[2:]:
+        enc = [v & 0x7F]
+        v >>= 7
+        while v:
+            enc.append(0x80 | (v & 0x7F))
+            v >>= 7
+        out += bytes(reversed(enc))
+    return _der(0x06, bytes(out))
+
+
+def _is_probable_prime(n, rounds=24):
+    for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    rnd = random.SystemRandom()
+    for _ in range(rounds):
+        x = pow(rnd.randrange(2, n - 2), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _gen_prime(bits, e):
+    rnd = random.SystemRandom()
+    small = [p for p in range(3, 2000, 2) if all(p % q for q in range(3, int(p ** 0.5) + 1, 2))]
+    while True:
+        c = rnd.getrandbits(bits) | (3 << (bits - 2)) | 1
+        if any(c % p == 0 for p in small):
+            continue
+        if (c - 1) % e and _is_probable_prime(c):
+            return c
+
+
+def make_cert_python(certfile, keyfile):
+    """Self-signed RSA-2048 cert for IP 127.0.0.1 without openssl or ssl."""
+    e = 65537
+    p = _gen_prime(1024, e)
+    q = _gen_prime(1024, e)
+    while q == p:
+        q = _gen_prime(1024, e)
+    n = p * q
+    d = pow(e, -1, (p - 1) * (q - 1))
+    name = _der_seq(_der(0x31, _der_seq(_der_oid("2.5.4.3"), _der(0x0C, b"127.0.0.1"))))
+    now = datetime.datetime.utcnow()
+
+    def utc(t):
+        return _der(0x17, t.strftime("%y%m%d%H%M%SZ").encode())
+    rsa_pub = _der_seq(_der_int(n), _der_int(e))
+    spki = _der_seq(_der_seq(_der_oid("1.2.840.113549.1.1.1"), b"\x05\x00"),
+                    _der(0x03, b"\x00" + rsa_pub))
+    ski = hashlib.sha1(rsa_pub).digest()
+
+    def ext(oid, value, critical=False):
+        return _der_seq(_der_oid(oid), (b"\x01\x01\xff" if critical else b""), _der(0x04, value))
+    exts = _der_seq(
+        ext("2.5.29.17", _der_seq(_der(0x87, bytes([127, 0, 0, 1])))),
+        ext("2.5.29.19", _der_seq(), True),
+        ext("2.5.29.15", _der(0x03, b"\x05\xa0"), True),
+        ext("2.5.29.37", _der_seq(_der_oid("1.3.6.1.5.5.7.3.1"))),
+        ext("2.5.29.14", _der(0x04, ski)),
+        ext("2.5.29.35", _der_seq(_der(0x80, ski))))
+    sigalg = _der_seq(_der_oid("1.2.840.113549.1.1.11"), b"\x05\x00")
+    tbs = _der_seq(_der(0xA0, _der_int(2)), _der_int(random.SystemRandom().getrandbits(63)),
+                   sigalg, name,
+                   _der_seq(utc(now - datetime.timedelta(days=1)),
+                            utc(now + datetime.timedelta(days=10))),
+                   name, spki, _der(0xA3, exts))
+    digest_info = _der_seq(_der_seq(_der_oid("2.16.840.1.101.3.4.2.1"), b"\x05\x00"),
+                           _der(0x04, hashlib.sha256(tbs).digest()))
+    k = (n.bit_length() + 7) // 8
+    em = b"\x00\x01" + b"\xff" * (k - 3 - len(digest_info)) + b"\x00" + digest_info
+    sig = pow(int.from_bytes(em, "big"), d, n).to_bytes(k, "big")
+    cert = _der_seq(tbs, sigalg, _der(0x03, b"\x00" + sig))
+    key = _der_seq(_der_int(0), _der_int(n), _der_int(e), _der_int(d), _der_int(p),
+                   _der_int(q), _der_int(d % (p - 1)), _der_int(d % (q - 1)),
+                   _der_int(pow(q, -1, p)))
+
+    def pem(kind, der):
+        b = base64.b64encode(der).decode()
+        return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (
+            kind, "\n".join(b[i:i + 64] for i in range(0, len(b), 64)), kind)
+    with open(certfile, "w") as f:
+        f.write(pem("CERTIFICATE", cert))
+    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(pem("RSA PRIVATE KEY", key))
+
+
+def make_cert(tmp, tool="auto"):
+    certfile, keyfile = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    if tool in ("auto", "openssl") and shutil.which("openssl"):
+        cnf = os.path.join(tmp, "openssl.cnf")
+        with open(cnf, "w") as f:
+            f.write("[req]\ndistinguished_name=dn\nx509_extensions=ext\nprompt=no\n"
+                    "[dn]\nCN=127.0.0.1\n[ext]\nsubjectAltName=IP:127.0.0.1\n"
+                    "basicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                    "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                    "authorityKeyIdentifier=keyid:always\n")
+        r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", keyfile,
+                            "-out", certfile, "-days", "10", "-config", cnf],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if r.returncode == 0:
+            return certfile, keyfile, "openssl"
+        if tool == "openssl":
+            raise RuntimeError("openssl failed: %s" % r.stderr.decode()[-300:])
+    make_cert_python(certfile, keyfile)
+    return certfile, keyfile, "python"
+
+
+def start_upstream(cert=None, key=None, latency_ms=0):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_upstream",
+           "--latency-ms", str(latency_ms)]
+    if cert:
+        cmd += ["--tls-cert", cert, "--tls-key", key]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         start_new_session=True)
+    CHILDREN.append(p)
+    line = p.stdout.readline().decode()
+    m = re.match(r"PORT (\d+)", line)
+    if not m:
+        raise RuntimeError("fake upstream did not start: %r" % line)
+    return p, int(m.group(1))
+
+
+_LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
+
+
+def start_proxy(proxy, home, upstream_url, logpath, env_extra=None, timeout=15.0):
+    """-> (Popen, port, seconds from spawn to first 'ok' from GET /healthz)."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [sys.executable, proxy, "--port", "0", "--codex-home", home,
+           "--upstream-url", upstream_url]
+    logf = open(logpath, "wb")
+    t0 = perf()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                         env=env, start_new_session=True, cwd=os.path.dirname(proxy))
+    logf.close()
+    CHILDREN.append(p)
+    port = None
+    deadline = t0 + timeout
+    while port is None:
+        with open(logpath, "rb") as f:
+            m = _LISTEN_RE.search(f.read().decode("utf-8", "replace"))
+        if m:
+            port = int(m.group(1))
+            break
+        if p.poll() is not None or perf() > deadline:
+            raise RuntimeError("proxy did not print 'listening on': exit=%r\n%s"
+                               % (p.poll(), tail(logpath)))
+        time.sleep(0.0005)
+    while True:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                d = s.recv(4096)
+                if not d:
+                    break
+                data += d
+                if data.startswith(b"HTTP/1.") and b" 200 " in data[:20] and \
+                        data.rstrip().endswith(b"ok"):
+                    break
+            s.close()
+            if b" 200 " in data[:20] and data.rstrip().endswith(b"ok"):
+                return p, port, perf() - t0
+        except OSError:
+            pass
+        if p.poll() is not None or perf() > deadline:
+            raise RuntimeError("proxy /healthz never answered ok: exit=%r\n%s"
+                               % (p.poll(), tail(logpath)))
+        time.sleep(0.0005)
+
+
+def tail(path, n=15):
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        return "\n".join(lines[-n:])
+    except OSError:
+        return ""
+
+
+def proc_mem(pid):
+    out = {}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for ln in f:
+                if ln.startswith(("VmRSS:", "VmHWM:")):
+                    out[ln.split(":")[0]] = int(ln.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100.0
+    f = int(k)
+    c = min(f + 1, len(xs) - 1)
+    return xs[f] + (xs[c] - xs[f]) * (k - f)
+
+
+def med(xs):
+    return pct(xs, 50)
+
+
+def req_body(model, stream=True, n_input=1, input_items=None):
+    items = input_items if input_items is not None else [
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "hello %d" % i}]} for i in range(n_input)]
+    return _dumps({"model": model, "instructions": "You are a benchmark.", "input": items,
+                   "tools": [], "tool_choice": "auto", "parallel_tool_calls": False,
+                   "reasoning": {"effort": "low", "summary": "auto"}, "store": False,
+                   "stream": stream, "include": [], "prompt_cache_key": "bench"}).encode()
+
+
+def big_history(target_bytes=2 * 1024 * 1024):
+    items, size, i = [], 0, 0
+    words = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod "
+             "tempor \"quoted\" line\nbreak ").split(" ")
+    while size < target_bytes:
+        text = " ".join(words[(i + k) % len(words)] for k in range(300))
+        if i % 4 == 0:
+            it = {"type": "message", "role": "user",
+                  "content": [{"type": "input_text", "text": text}]}
+        elif i % 4 == 1:
+            it = {"type": "function_call", "name": "shell", "call_id": "call_%d" % i,
+                  "arguments": _dumps({"command": ["bash", "-lc", "cat file_%d.txt" % i]})}
+        elif i % 4 == 2:
+            it = {"type": "function_call_output", "call_id": "call_%d" % (i - 1),
+                  "output": text}
+        else:
+            it = {"type": "message", "role": "assistant",
+                  "content": [{"type": "output_text", "text": text}]}
+        items.append(it)
+        size += len(_dumps(it)) + 1
+        i += 1
+    return items
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------
+
+class Bench(object):
+    def __init__(self, args):
+        self.a = args
+        self.q = args.quick
+        self.rows = []      # (scenario, metric, direct, proxy, diff, target, verdict)
+        self.notes = []
+        self.res = {}
+        self.up_port = None
+        self.px_port = None
+        self.px = None
+
+    def row(self, sc, metric, direct, proxy, diff, target, ok):
+        verdict = "info" if ok is None else ("PASS" if ok else "MISS")
+        self.rows.append((sc, metric, direct, proxy, diff, target, verdict))
+
+    def clients(self, timeout=60.0):
+        return (Client("127.0.0.1", self.up_port, timeout=timeout),
+                Client("127.0.0.1", self.px_port, timeout=timeout))
+
+    def paths(self):
+        return UPSTREAM_PATH, "/v1/responses"
+
+    def up_stats(self):
+        c = Client("127.0.0.1", self.up_port, timeout=10)
+        r = c.request("GET", "/_stats", accept="application/json")
+        c.close()
+        return json.loads(r.data)
+
+    # -- sanity checks of the proxy (not scored, reported as notes) --------
+    def sanity(self):
+        out = {}
+        _, pc = self.clients(timeout=20)
+        body = req_body("bench-small")
+        try:
+            r = pc.request("POST", "/v1/responses", body)
+            out["stream_ok"] = check_stream(r, "bench-small") or "ok"
+            out["stream_content_type"] = r.headers.get("content-type")
+            out["stream_framing"] = ("chunked" if "chunked" in r.headers.get("transfer-encoding", "")
+                                     else ("content-length" if "content-length" in r.headers
+                                           else "close-delimited"))
+            outp = (r.completed or {}).get("output")
+            out["completed_output_items"] = len(outp) if isinstance(outp, list) else None
+            if not outp:
+                self.notes.append("check: response.completed 'output' through the proxy is empty "
+                                  "(expected the message item)")
+        except Exception as e:  # noqa
+            out["stream_ok"] = "error: %r" % (e,)
+        try:
+            st = self.up_stats()
+            out["upstream_saw"] = st.get("last_body")
+            h = st.get("last_headers") or {}
+            out["upstream_headers"] = {k: (v if k not in ("authorization",) else v[:14] + "...")
+                                       for k, v in h.items()}
+            lb = st.get("last_body") or {}
+            if lb.get("stream") is not True or lb.get("store") is not False:
+                self.notes.append("check: upstream saw stream=%r store=%r (expected true/false)"
+                                  % (lb.get("stream"), lb.get("store")))
+            if not h.get("authorization", "").startswith("Bearer ey"):
+                self.notes.append("check: upstream Authorization header is not the ChatGPT JWT: %r"
+                                  % h.get("authorization", "")[:20])
+            if h.get("chatgpt-account-id") != ACCOUNT_ID:
+                self.notes.append("check: upstream chatgpt-account-id=%r (expected %r)"
+                                  % (h.get("chatgpt-account-id"), ACCOUNT_ID))
+        except Exception as e:  # noqa
+            out["upstream_saw"] = "error: %r" % (e,)
+        try:
+            r = pc.request("POST", "/v1/responses", req_body("bench-small", stream=False),
+                           accept="application/json")
+            j = json.loads(r.data)
+            txt = j["output"][0]["content"][0]["text"]
+            exp = render_events("bench-small")[1]
+            out["nonstream_ok"] = "ok" if (r.status == 200 and txt == exp) else \
+                "status %d text %r" % (r.status, txt[:40])
+        except Exception as e:  # noqa
+            out["nonstream_ok"] = "error: %r" % (e,)
+        # upstream connection reuse by the proxy
+        try:
+            before = self.up_stats()["conns"]
+            for _ in range(20):
+                pc.request("POST", "/v1/responses", body)
+            after = self.up_stats()["conns"]
+            out["upstream_conns_for_20_requests"] = after - before - 1
+            out["client_conns_to_proxy"] = pc.connects
+        except Exception as e:  # noqa
+            out["upstream_conns_for_20_requests"] = "error: %r" % (e,)
+        pc.close()
+        for k in ("stream_ok", "nonstream_ok"):
+            if out.get(k) != "ok":
+                self.notes.append("check: %s: %s" % (k, out.get(k)))
+        n = out.get("upstream_conns_for_20_requests")
+        if isinstance(n, int) and n > 2:
+            self.notes.append("check: proxy opened %d upstream connections for 20 sequential "
+                              "requests (no upstream keep-alive?)" % n)
+        if out.get("client_conns_to_proxy", 1) > 1:
+            self.notes.append("check: client needed %d connections to the proxy for 22 requests "
+                              "(client keep-alive not honoured)" % out["client_conns_to_proxy"])
+        self.res["checks"] = out
+
+    def _interleaved(self, model, n, body=None, warm=10, track=False):
+        """Alternate direct/proxy requests on one keep-alive connection each."""
+        dc, pc = self.clients()
+        dpath, ppath = self.paths()
+        body = body if body is not None else req_body(model)
+        lat = {"direct": [], "proxy": []}
+        first = {"direct": [], "proxy": []}
+        evt = {"direct": [], "proxy": []}
+        fails = {"direct": [], "proxy": []}
+        for i in range(warm + n):
+            order = (("direct", dc, dpath), ("proxy", pc, ppath))
+            if i % 2:
+                order = order[::-1]
+            for name, c, path in order:
+                try:
+                    r = c.request("POST", path, body, track_events=track)
+                except Exception as e:  # noqa
+                    fails[name].append(repr(e))
+                    continue
+                why = check_stream(r, model)
+                if why:
+                    fails[name].append(why)
+                    continue
+                if i >= warm:
+                    lat[name].append(r.t_end - r.t0)
+                    first[name].append((r.t_first or r.t_end) - r.t0)
+                    if track:
+                        evt[name].append([t - r.t0 for t in r.event_times])
+        conns = {"direct": dc.connects, "proxy": pc.connects}
+        dc.close()
+        pc.close()
+        return lat, first, evt, fails, conns
+
+    def s1(self):
+        n = 100 if self.q else 500
+        gc.collect()
+        gc.disable()
+        try:
+            lat, _, _, fails, conns = self._interleaved("bench-small", n, warm=20)
+        finally:
+            gc.enable()
+        d = {k: {"p50_ms": med(v) * 1e3, "p99_ms": pct(v, 99) * 1e3, "n": len(v),
+                 "failures": len(fails[k]), "connections": conns[k],
+                 "latencies_ms": [round(x * 1e3, 4) for x in v]} for k, v in lat.items()}
+        self.res["1_small_stream"] = d
+        for p, tgt in (("p50", 1.0), ("p99", 3.0)):
+            dv, pv = d["direct"][p + "_ms"], d["proxy"][p + "_ms"]
+            self.row("1", "small stream %s (ms)" % p, "%.3f" % dv, "%.3f" % pv,
+                     "%+.3f ms" % (pv - dv), "<= +%g ms" % tgt, pv - dv <= tgt and not fails["proxy"])
+        self._fails("1", fails)
+        if conns["proxy"] > 1:
+            self.notes.append("1: client had to open %d connections to the proxy for %d requests"
+                              % (conns["proxy"], n + 20))
+
+    def _fails(self, sc, fails):
+        for k in ("direct", "proxy"):
+            if fails[k]:
+                self.notes.append("%s: %d %s failures, first: %s"
+                                  % (sc, len(fails[k]), k, fails[k][0][:200]))
+
+    def s2(self):
+        n = 3 if self.q else 5
+        lat, first, evt, fails, _ = self._interleaved("bench-slow", n, warm=1, track=True)
+        dfe, pfe = med(first["direct"]) * 1e3, med(first["proxy"]) * 1e3
+        # worst added lag of any later event (medians per event index)
+        lag = float("nan")
+        if evt["direct"] and evt["proxy"]:
+            ne = min(min(len(x) for x in evt["direct"]), min(len(x) for x in evt["proxy"]))
+            lags = [med([x[k] for x in evt["proxy"]]) - med([x[k] for x in evt["direct"]])
+                    for k in range(ne)]
+            lag = max(lags) * 1e3 if lags else float("nan")
+        self.res["2_first_event_slow"] = {
+            "direct_first_event_ms": [x * 1e3 for x in first["direct"]],
+            "proxy_first_event_ms": [x * 1e3 for x in first["proxy"]],
+            "direct_median_ms": dfe, "proxy_median_ms": pfe, "added_ms": pfe - dfe,
+            "max_added_event_lag_ms": lag,
+            "direct_event_times_ms": [[round(t * 1e3, 3) for t in x] for x in evt["direct"]],
+            "proxy_event_times_ms": [[round(t * 1e3, 3) for t in x] for x in evt["proxy"]],
+            "failures": {k: len(v) for k, v in fails.items()}}
+        self.row("2", "slow stream: 1st event (ms)", "%.3f" % dfe, "%.3f" % pfe,
+                 "%+.3f ms" % (pfe - dfe), "<= +2 ms", pfe - dfe <= 2.0 and not fails["proxy"])
+        self.row("2", "  worst lag, any event (ms)", "", "", "%+.3f ms" % lag, "<= +2 ms (extra)",
+                 lag <= 2.0 and not fails["proxy"])
+        self._fails("2", fails)
+
+    def s3(self):
+        n = 1 if self.q else 3
+        model = "bench-big-20000"
+        dc, pc = self.clients()
+        dpath, ppath = self.paths()
+        body = req_body(model)
+        out = {"direct": [], "proxy": []}
+        fails = {"direct": [], "proxy": []}
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(n + 1):  # first round = warm-up
+                for name, c, path in (("direct", dc, dpath), ("proxy", pc, ppath)):
+                    try:
+                        r = c.request("POST", path, body)
+                    except Exception as e:  # noqa
+                        fails[name].append(repr(e))
+                        continue
+                    why = check_stream(r, model)
+                    if why:
+                        fails[name].append(why)
+                        continue
+                    if i:
+                        dt = r.t_end - r.t0
+                        out[name].append({"s": dt, "bytes": len(r.data),
+                                          "mb_s": len(r.data) / dt / 1e6,
+                                          "events_s": r.nevents / dt})
+        finally:
+            gc.enable()
+        dc.close()
+        pc.close()
+        dm = med([x["mb_s"] for x in out["direct"]]) if out["direct"] else float("nan")
+        pm = med([x["mb_s"] for x in out["proxy"]]) if out["proxy"] else 0.0
+        self.res["3_big_stream"] = {"runs": out, "direct_mb_s": dm, "proxy_mb_s": pm,
+                                    "ratio": pm / dm if dm else None,
+                                    "failures": {k: len(v) for k, v in fails.items()}}
+        self.row("3", "20k-event stream (MB/s)", "%.1f" % dm, "%.1f" % pm,
+                 "%.0f%%" % (100 * pm / dm), ">= 50%", pm >= 0.5 * dm and not fails["proxy"])
+        if out["proxy"]:
+            self.row("3", "  20k-event stream (s)", "%.3f" % med([x["s"] for x in out["direct"]]),
+                     "%.3f" % med([x["s"] for x in out["proxy"]]), "", "", None)
+        self._fails("3", fails)
+
+    def s4(self):
+        n = 6 if self.q else 20
+        items = big_history()
+        body = req_body("bench-small", input_items=items)
+        lat, _, _, fails, _ = self._interleaved("bench-small", n, body=body, warm=2)
+        dv, pv = med(lat["direct"]) * 1e3, med(lat["proxy"]) * 1e3
+        self.res["4_big_body"] = {"body_bytes": len(body), "n_items": len(items),
+                                  "direct_ms": [x * 1e3 for x in lat["direct"]],
+                                  "proxy_ms": [x * 1e3 for x in lat["proxy"]],
+                                  "direct_p50_ms": dv, "proxy_p50_ms": pv, "added_ms": pv - dv,
+                                  "failures": {k: len(v) for k, v in fails.items()}}
+        self.row("4", "%.1f MB body p50 (ms)" % (len(body) / 1048576.0), "%.2f" % dv, "%.2f" % pv,
+                 "%+.2f ms" % (pv - dv), "<= +20 ms", pv - dv <= 20 and not fails["proxy"])
+        self._fails("4", fails)
+
+    def _concurrent(self, port, path, nthreads, model, timeout):
+        """All threads connect at once (a small listen backlog shows up as slow connects),
+        wait for each other, then stream; wall = go -> last stream read in full."""
+        body = req_body(model)
+        go = threading.Event()
+        barrier = threading.Barrier(nthreads, timeout=timeout)
+        res = [None] * nthreads
+
+        def work(i):
+            go.wait()
+            c = Client("127.0.0.1", port, timeout=timeout)
+            t = perf()
+            tc, err = None, None
+            try:
+                c.connect()
+                tc = perf() - t
+            except Exception as e:  # noqa
+                err = "connect: %r" % (e,)
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+            try:
+                if err is None:
+                    r = c.request("POST", path, body)
+                    err = check_stream(r, model)
+            except Exception as e:  # noqa
+                err = repr(e) or "error"
+            finally:
+                c.close()
+            res[i] = (err, perf(), tc)
+        ths = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(nthreads)]
+        for t in ths:
+            t.start()
+        time.sleep(0.05)
+        t0 = perf()
+        go.set()
+        for t in ths:
+            t.join(timeout + 10)
+        ends = [r[1] for r in res if r]
+        fails = [r[0] for r in res if r is not None and r[0]]
+        fails += ["thread did not finish"] * sum(1 for r in res if r is None)
+        ct = [r[2] for r in res if r and r[2] is not None]
+        return {"wall_s": (max(ends) - t0) if ends else float("nan"), "failures": len(fails),
+                "failure_samples": fails[:5], "max_connect_ms": max(ct) * 1e3 if ct else None}
+
+    def s5(self):
+        nthreads, model = 64, "bench-2000"
+        dpath, ppath = self.paths()
+        gc.collect()
+        d = self._concurrent(self.up_port, dpath, nthreads, model, 30)
+        gc.collect()
+        p = self._concurrent(self.px_port, ppath, nthreads, model, 60)
+        self.res["5_concurrent"] = {"threads": nthreads, "events_per_stream":
+                                    len(render_events(model)[0]), "direct": d, "proxy": p}
+        ratio = p["wall_s"] / d["wall_s"] if d["wall_s"] else float("nan")
+        self.row("5", "64x2000 concurrent wall (s)", "%.3f" % d["wall_s"], "%.3f" % p["wall_s"],
+                 "x%.2f" % ratio, "<= x2", ratio <= 2.0)
+        self.row("5", "  failures", str(d["failures"]), str(p["failures"]), "", "= 0",
+                 p["failures"] == 0)
+        self.row("5", "  slowest connect (ms)", "%.1f" % (d["max_connect_ms"] or 0),
+                 "%.1f" % (p["max_connect_ms"] or 0), "", "", None)
+        if p["failures"]:
+            self.notes.append("5: proxy failures, e.g. %s" % "; ".join(p["failure_samples"][:2])[:300])
+        if (p["max_connect_ms"] or 0) > 500:
+            self.notes.append("5: some connects to the proxy took %.0f ms: listen backlog too small "
+                              "(socketserver default request_queue_size=5)?" % p["max_connect_ms"])
+
+    def s6_start(self, ready_first):
+        extra = []
+        if not self.q:
+            for i in range(2):
+                home = os.path.join(self.tmp, "codex-home")
+                p, _, t = start_proxy(self.a.proxy, home, self.up_url,
+                                      os.path.join(self.tmp, "proxy-start%d.log" % i))
+                stop(p)
+                extra.append(t)
+        times = [ready_first] + extra
+        self.res["6_memory"] = {"ready_s": times, "ready_median_ms": med(times) * 1e3,
+                                "idle": self.idle_mem}
+        v = med(times) * 1e3
+        self.row("6", "start -> /healthz ok (ms)", "", "%.1f" % v, "", "<= 150 ms", v <= 150)
+        rss = self.idle_mem.get("VmRSS", float("nan"))
+        self.row("6", "idle RSS (MB)", "", "%.1f" % rss, "", "<= 20 MB", rss <= 20)
+
+    def s6_end(self, ran5):
+        m = proc_mem(self.px.pid)
+        self.res["6_memory"]["after"] = m
+        self.res["6_memory"]["after_scenarios"] = sorted(self.ran)
+        hwm = m.get("VmHWM", float("nan"))
+        self.row("6", "peak RSS VmHWM%s (MB)" % ("" if ran5 else " [no s5]"), "",
+                 "%.1f" % hwm, "now %.1f" % m.get("VmRSS", float("nan")), "<= 60 MB", hwm <= 60)
+
+    def s7(self):
+        lat_ms = self.a.latency_ms
+        turns = 5 if self.q else 10
+        cert, key, tool = make_cert(self.tmp, self.a.cert_tool)
+        up, port = start_upstream(cert, key, lat_ms)
+        try:
+            ctx = ssl.create_default_context(cafile=cert)
+            url = "https://127.0.0.1:%d%s" % (port, UPSTREAM_PATH)
+            px, pport, _ = start_proxy(self.a.proxy, os.path.join(self.tmp, "codex-home"), url,
+                                       os.path.join(self.tmp, "proxy-tls.log"),
+                                       {"SSL_CERT_FILE": cert})
+            try:
+                modes = {"a_direct_keepalive": (Client("127.0.0.1", port, ctx), UPSTREAM_PATH, False),
+                         "b_direct_new_conn": (Client("127.0.0.1", port, ctx), UPSTREAM_PATH, True),
+                         "c_proxy_keepalive": (Client("127.0.0.1", pport), "/v1/responses", False)}
+                out = {}
+                fails = {}
+                for name, (c, path, fresh) in modes.items():
+                    ts, fl = [], []
+                    hist = []
+                    for t in range(turns):
+                        hist.append({"type": "message", "role": "user",
+                                     "content": [{"type": "input_text", "text": "turn %d" % t}]})
+                        try:
+                            r = c.request("POST", path, req_body("bench-small", input_items=hist),
+                                          fresh=fresh)
+                            why = check_stream(r, "bench-small")
+                            if why:
+                                fl.append(why)
+                            ts.append(r.t_end - r.t0)
+                        except Exception as e:  # noqa
+                            fl.append(repr(e))
+                        hist.append({"type": "message", "role": "assistant",
+                                     "content": [{"type": "output_text", "text": "ok %d" % t}]})
+                    c.close()
+                    out[name] = {"turn_ms": [x * 1e3 for x in ts],
+                                 "first_turn_ms": ts[0] * 1e3 if ts else None,
+                                 "steady_median_ms": med(ts[1:]) * 1e3 if len(ts) > 1 else None,
+                                 "connections": c.connects, "failures": fl}
+                    fails[name] = fl
+            finally:
+                stop(px)
+                self.proxy_tls_log_tail = tail(os.path.join(self.tmp, "proxy-tls.log"))
+        finally:
+            stop(up)
+        self.res["7_rtt"] = {"latency_ms": lat_ms, "turns": turns, "cert_tool": tool, "modes": out}
+        a = out["a_direct_keepalive"]["steady_median_ms"] or float("nan")
+        b = out["b_direct_new_conn"]["steady_median_ms"] or float("nan")
+        c = out["c_proxy_keepalive"]["steady_median_ms"] or float("nan")
+        rtt = float(lat_ms)
+        self.row("7", "RTT %g ms: (a) keep-alive TLS/turn" % rtt, "%.1f" % a, "", "%.2f RTT" % (a / rtt),
+                 "", None)
+        self.row("7", "  (b) new TLS conn/turn (ms)", "%.1f" % b, "", "%.2f RTT" % (b / rtt), "", None)
+        self.row("7", "  (c) via proxy, keep-alive/turn", "%.1f" % a, "%.1f" % c,
+                 "%+.2f RTT" % ((c - a) / rtt), "<= (a)+0.5 RTT", c <= a + 0.5 * rtt
+                 and not fails["c_proxy_keepalive"])
+        self.row("7", "  first turn (a)/(b) | (c)",
+                 "%.0f/%.0f" % (out["a_direct_keepalive"]["first_turn_ms"] or 0,
+                                out["b_direct_new_conn"]["first_turn_ms"] or 0),
+                 "%.0f" % (out["c_proxy_keepalive"]["first_turn_ms"] or 0), "", "", None)
+        for k, v in fails.items():
+            if v:
+                self.notes.append("7 %s: %d failures, first: %s" % (k, len(v), v[0][:200]))
+        if fails["c_proxy_keepalive"]:
+            self.notes.append("7: proxy log tail:\n" + self.proxy_tls_log_tail)
+
+    # -- driver -------------------------------------------------------------
+    def run(self):
+        only = self.a.only
+        self.ran = set()
+        self.tmp = tempfile.mkdtemp(prefix="bench_codex_proxy_")
+        t_all = perf()
+        try:
+            home = os.path.join(self.tmp, "codex-home")
+            write_auth(home)
+            up, self.up_port = start_upstream()
+            self.up_url = "http://127.0.0.1:%d%s" % (self.up_port, UPSTREAM_PATH)
+            need_main = bool(only & {1, 2, 3, 4, 5, 6})
+            if need_main:
+                self.log = os.path.join(self.tmp, "proxy.log")
+                self.px, self.px_port, ready = start_proxy(self.a.proxy, home, self.up_url, self.log)
+                self.idle_mem = proc_mem(self.px.pid)
+                self.sanity()
+                if 6 in only:
+                    self.s6_start(ready)
+                for n, fn in ((1, self.s1), (2, self.s2), (3, self.s3), (4, self.s4), (5, self.s5)):
+                    if n in only:
+                        if self.px.poll() is not None:
+                            self.notes.append("proxy exited with %r before scenario %d"
+                                              % (self.px.poll(), n))
+                            break
+                        ts = perf()
+                        print("  scenario %d ..." % n, end="", file=sys.stderr, flush=True)
+                        try:
+                            fn()
+                            self.ran.add(n)
+                        except Exception as e:  # noqa
+                            self.notes.append("%d: scenario crashed: %r" % (n, e))
+                            self.rows.append((str(n), "scenario error", "", "", "", "", "MISS"))
+                        print(" %.1f s" % (perf() - ts), file=sys.stderr, flush=True)
+                if 6 in only and self.px.poll() is None:
+                    self.s6_end(5 in self.ran)
+                if self.px.poll() is not None:
+                    self.notes.append("proxy exited with %r; log tail:\n%s"
+                                      % (self.px.poll(), tail(self.log)))
+                self.res["proxy_log_tail"] = tail(self.log, 30)
+                stop(self.px)
+            if 7 in only:
+                ts = perf()
+                print("  scenario 7 ...", end="", file=sys.stderr, flush=True)
+                try:
+                    self.s7()
+                except Exception as e:  # noqa
+                    self.notes.append("7: scenario crashed: %r" % (e,))
+                    self.rows.append(("7", "scenario error", "", "", "", "", "MISS"))
+                print(" %.1f s" % (perf() - ts), file=sys.stderr, flush=True)
+        finally:
+            cleanup()
+            if self.a.keep_tmp:
+                print("temp dir kept: %s" % self.tmp, file=sys.stderr)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        self.res["total_s"] = perf() - t_all
+
+    def report(self):
+        hdr = ("scen", "metric", "direct", "proxy", "diff/ratio", "target", "result")
+        rows = [hdr] + [tuple(str(x) for x in r) for r in self.rows]
+        w = [max(len(r[i]) for r in rows) for i in range(len(hdr))]
+        line = "  ".join("-" * x for x in w)
+        print(line)
+        for i, r in enumerate(rows):
+            print("  ".join(r[k].ljust(w[k]) if k < 2 else r[k].rjust(w[k]) if k < 5
+                            else r[k].ljust(w[k]) for k in range(len(hdr))).rstrip())
+            if i == 0:
+                print(line)
+        print(line)
+        n_miss = sum(1 for r in self.rows if r[6] == "MISS")
+        n_pass = sum(1 for r in self.rows if r[6] == "PASS")
+        print("%d PASS, %d MISS; total %.1f s; proxy: %s" % (n_pass, n_miss, self.res["total_s"],
+                                                          self.a.proxy))
+        for n in self.notes:
+            print("note: " + n)
+        self.res["rows"] = [dict(zip(hdr, r)) for r in self.rows]
+        self.res["notes"] = self.notes
+        self.res["config"] = {"proxy": self.a.proxy, "quick": self.q, "only": sorted(self.a.only),
+                              "latency_ms": self.a.latency_ms, "python": sys.version,
+                              "cpus": os.cpu_count()}
+        if self.a.json:
+            with open(self.a.json, "w") as f:
+                json.dump(self.res, f, indent=1, default=str)
+        return 1 if n_miss else 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--proxy", default=os.path.join(HERE, "codex_responses_proxy.py"),
+                    help="path of the proxy script (default: %(default)s)")
+    ap.add_argument("--json", help="write all numbers to this file")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="scenarios to run, e.g. 1,3")
+    ap.add_argument("--latency-ms", type=float, default=50.0,
+                    help="artificial one-way-trip delay per round trip for scenario 7")
+    ap.add_argument("--rtt", action="store_true", help="accepted for compatibility; 7 runs by default")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, auth.json)")
+    ap.add_argument("--cert-tool", choices=("auto", "openssl", "python"), default="auto",
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--_upstream", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tls-cert", help=argparse.SUPPRESS)
+    ap.add_argument("--tls-key", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._upstream:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        upstream_main(a)
+        return 0
+    try:
+        a.only = {int(x) for x in a.only.split(",") if x.strip()}
+    except ValueError:
+        ap.error("--only takes numbers like 1,3,5")
+    a.proxy = os.path.abspath(a.proxy)
+    if not os.path.exists(a.proxy):
+        print("proxy not found: %s (use --proxy PATH)" % a.proxy, file=sys.stderr)
+        return 2
+    atexit.register(cleanup)
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    b = Bench(a)
+    try:
+        b.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    return b.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1698 @@
+#!/usr/bin/env python3
+"""codex-responses-proxy: the OpenAI Responses API on a ChatGPT/Codex subscription.
+
+    client -> http://127.0.0.1:8787/v1/responses -> https://chatgpt.com/backend-api/codex/responses
+
+It borrows the Codex CLI's login ($CODEX_HOME/auth.json, default ~/.codex/auth.json), refreshes the
+access token when it expires and writes it back atomically, rewrites each request into what the
+backend accepts (stream on, store off, instructions present, rejected parameters removed), and
+answers in the Responses API's own shape: one JSON object for a non-streaming client, the live
+event stream for a streaming one.
+
+Run it:    python3 codex_responses_proxy.py            (then point a client at http://127.0.0.1:8787/v1)
+Help:      python3 codex_responses_proxy.py --help
+
+One file, standard library only, Python 3.8 or newer.
+"""
+
+import argparse
+import base64
+import datetime
+import gzip
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import platform
+import re
+import select
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zlib
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the in-process lock still serializes refreshes
+    fcntl = None
+
+try:
+    from compression import zstd  # novermin (Python 3.14+, guarded)
+except ImportError:
+    zstd = None
+
+__version__ = "0.1.0"
+
+# --------------------------------------------------------------------------------------------
+# Configuration and command line
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_ADDR = "127.0.0.1:8787"
+DEFAULT_UPSTREAM_URL = "https://chatgpt.com/backend-api/codex/responses"
+DEFAULT_CLIENT_VERSION = "0.169.0"  # the backend gates models on the `version` header
+DEFAULT_ORIGINATOR = "codex_cli_rs"
+DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Follow the user's and developer's instructions."
+DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # the Codex CLI's own default
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+REFRESH_URL = "https://auth.openai.com/oauth/token"
+REFRESH_URL_ENV = "CODEX_REFRESH_TOKEN_URL_OVERRIDE"  # honoured by the Codex CLI too
+OAUTH_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
+
+CONNECT_TIMEOUT = 30.0
+REFRESH_TIMEOUT = 30.0
+SHUTDOWN_GRACE = 25.0  # systemd's default stop timeout is 90 s; in-flight turns get most of it
+
+HELP_EPILOG = """\
+examples:
+  python3 codex_responses_proxy.py
+      serve on http://127.0.0.1:8787 with the login in ~/.codex/auth.json
+  python3 codex_responses_proxy.py --port 0 --debug
+      any free port (printed at start), log rewritten bodies and stream events
+  python3 codex_responses_proxy.py --codex-home /srv/codex --instructions "Answer tersely."
+
+  curl -s http://127.0.0.1:8787/v1/responses -H 'Content-Type: application/json' \\
+       -d '{"model": "gpt-5.1-codex", "input": "say hi"}'
+
+  Python:  OpenAI(base_url="http://127.0.0.1:8787/v1", api_key="unused").responses.create(...)
+
+environment:
+  CODEX_HOME                          where auth.json lives (default ~/.codex)
+  CODEX_REFRESH_TOKEN_URL_OVERRIDE    token refresh URL (as in the Codex CLI)
+
+The earlier Go tool's spellings -addr, -instructions and -debug are accepted too.
+"""
+
+
+class Config:
+    """Everything the server needs, resolved once from the command line and the environment."""
+
+    def __init__(self, host="127.0.0.1", port=8787, instructions=DEFAULT_INSTRUCTIONS,
+                 debug=False, upstream_url=DEFAULT_UPSTREAM_URL, codex_home=None,
+                 client_version=DEFAULT_CLIENT_VERSION, originator=DEFAULT_ORIGINATOR,
+                 stream_idle_timeout=DEFAULT_STREAM_IDLE_TIMEOUT, refresh_url=None,
+                 max_body_bytes=DEFAULT_MAX_BODY_BYTES):
+        self.host = host
+        self.port = port
+        self.instructions = instructions
+        self.debug = debug
+        self.upstream_url = upstream_url
+        self.codex_home = codex_home or default_codex_home()
+        self.client_version = client_version
+        self.originator = originator
+        self.stream_idle_timeout = stream_idle_timeout
+        self.refresh_url = refresh_url or os.environ.get(REFRESH_URL_ENV) or REFRESH_URL
+        self.max_body_bytes = max_body_bytes
+
+    @property
+    def auth_path(self):
+        return os.path.join(self.codex_home, "auth.json")
+
+
+def default_codex_home():
+    return os.environ.get("CODEX_HOME") or os.path.join(os.path.expanduser("~"), ".codex")
+
+
+def split_host_port(addr):
+    """'127.0.0.1:8787', ':8787', '[::1]:8787' -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, got %r" % addr)
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def build_arg_parser():
+    p = argparse.ArgumentParser(
+        prog="codex_responses_proxy.py",
+        description="Serve the OpenAI Responses API locally on a ChatGPT/Codex subscription, "
+                    "using the Codex CLI's login (run `codex login` first).",
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--addr", "-addr", default=DEFAULT_ADDR, metavar="HOST:PORT",
+                   help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, metavar="N",
+                   help="port to listen on, overriding the one in --addr; 0 picks a free port")
+    p.add_argument("--instructions", "-instructions", default=DEFAULT_INSTRUCTIONS, metavar="TEXT",
+                   help="instructions sent when a request has none (the backend requires some)")
+    p.add_argument("--debug", "-debug", action="store_true",
+                   help="log rewritten request bodies and stream events (secrets redacted)")
+    p.add_argument("--upstream-url", default=DEFAULT_UPSTREAM_URL, metavar="URL",
+                   help="backend to forward to (default %(default)s)")
+    p.add_argument("--codex-home", metavar="DIR",
+                   help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
+    p.add_argument("--client-version", default=DEFAULT_CLIENT_VERSION, metavar="V",
+                   help="Codex CLI version to present; the backend gates models on it "
+                        "(default %(default)s)")
+    p.add_argument("--originator", default=DEFAULT_ORIGINATOR, metavar="NAME",
+                   help="originator header to present (default %(default)s)")
+    p.add_argument("--stream-idle-timeout", type=positive_float,
+                   default=DEFAULT_STREAM_IDLE_TIMEOUT, metavar="SECONDS",
+                   help="give up on an upstream stream silent this long (default %(default)g)")
+    p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
+    return p
+
+
+def parse_config(argv=None):
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        host, port = split_host_port(args.addr)
+    except ValueError as e:
+        parser.error("--addr: %s" % e)
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            parser.error("--port must be between 0 and 65535")
+        port = args.port
+    return Config(host=host, port=port, instructions=args.instructions, debug=args.debug,
+                  upstream_url=args.upstream_url, codex_home=args.codex_home,
+                  client_version=args.client_version, originator=args.originator,
+                  stream_idle_timeout=args.stream_idle_timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging, with secrets kept out
+# --------------------------------------------------------------------------------------------
+
+class Log:
+    """One line per event on stderr. Every line passes through redact(), so a token that slips
+    into an exception message or a debug dump is still never written."""
+
+    def __init__(self, stream=None, debug=False):
+        self.stream = stream or sys.stderr
+        self.debug_enabled = debug
+        self.colour = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._secrets = set()
+        self._lock = threading.Lock()
+        self._warned = set()
+
+    def add_secret(self, value):
+        if value and len(value) >= 8:
+            self._secrets.add(value)
+
+    def redact(self, text):
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[REDACTED]")
+        return _BEARER_RE.sub("Bearer [REDACTED]", _JWT_RE.sub("[REDACTED-JWT]", text))
+
+    def info(self, msg):
+        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.redact(msg))
+        with self._lock:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed stderr must not take a request down with it
+
+    def debug(self, msg):
+        if self.debug_enabled:
+            self.info("debug: " + msg)
+
+    def warn_once(self, key, msg):
+        if key not in self._warned:
+            self._warned.add(key)
+            self.info("warning: " + msg)
+
+    def status(self, code):
+        if not self.colour:
+            return str(code)
+        return "\033[%sm%d\033[0m" % ("32" if code < 400 else "33" if code < 500 else "31", code)
+
+
+_JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_BEARER_RE = re.compile(r"Bearer\s+(?!\[REDACTED)[^\s\"',]+", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+# --------------------------------------------------------------------------------------------
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 426: "invalid_request_error",
+                429: "rate_limit_error"}
+
+
+class ProxyError(Exception):
+    """A failure the client gets as {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, code=None, type=None, param=None, headers=None,
+                 extra=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type or _ERROR_TYPES.get(status, "server_error" if status >= 500 else
+                                             "invalid_request_error")
+        self.param = param
+        self.headers = headers or []
+        self.extra = extra or {}
+
+    def body(self):
+        error = dict(self.extra)
+        error.update({"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code})
+        return {"error": error}
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials: load auth.json, find the account id, refresh, save atomically
+# --------------------------------------------------------------------------------------------
+
+REFRESH_MARGIN = 60  # seconds before `exp` at which a token counts as expired
+REFRESH_AGE_WITHOUT_EXP = 8 * 24 * 3600  # the Codex CLI's rule for tokens without `exp`
+PERMANENT_REFRESH_CODES = ("refresh_token_expired", "refresh_token_reused",
+                           "refresh_token_invalidated")
+LOGIN_HINT = "Run `codex login` to sign in again."
+
+
+def jwt_claims(token):
+    """The payload of a JWT as a dict, {} when it is not one (no signature check: we only read
+    our own token's expiry and account)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+        return claims if isinstance(claims, dict) else {}
+    except (AttributeError, IndexError, ValueError, TypeError, UnicodeError):
+        return {}
+
+
+def parse_rfc3339(text):
+    """'2026-01-02T03:04:05.123456789Z' -> aware datetime, None when unparseable. Written by
+    hand because fromisoformat() on 3.8 takes neither 'Z' nor nanoseconds."""
+    m = re.match(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
+                 r"(?:([Zz])|([+-])(\d\d):?(\d\d))?$", text or "")
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    offset = datetime.timedelta(0)
+    if sign:
+        offset = datetime.timedelta(hours=int(oh), minutes=int(om)) * (1 if sign == "+" else -1)
+    try:
+        return datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micro,
+                                 tzinfo=datetime.timezone(offset))
+    except ValueError:
+        return None
+
+
+def rfc3339_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Credentials:
+    """The ChatGPT tokens of one auth.json, with what the proxy derives from them."""
+
+    def __init__(self, data):
+        tokens = data.get("tokens") or {}
+        self.data = data  # the whole file, so a rewrite keeps keys we do not know
+        self.access_token = tokens.get("access_token")
+        self.refresh_token = tokens.get("refresh_token")
+        self.id_token = tokens.get("id_token")
+        access = jwt_claims(self.access_token)
+        ident = jwt_claims(self.id_token)
+        self.expires_at = access.get("exp") if isinstance(access.get("exp"), (int, float)) else None
+        self.account_id = (tokens.get("account_id")
+                           or _auth_claim(ident, "chatgpt_account_id")
+                           or _auth_claim(access, "chatgpt_account_id"))
+        self.plan_type = _auth_claim(ident, "chatgpt_plan_type") or _auth_claim(
+            access, "chatgpt_plan_type")
+        self.last_refresh = parse_rfc3339(data.get("last_refresh"))
+
+    def needs_refresh(self, now=None):
+        now = time.time() if now is None else now
+        if self.expires_at is not None:
+            return self.expires_at - now < REFRESH_MARGIN
+        if self.last_refresh is not None:
+            return now - self.last_refresh.timestamp() > REFRESH_AGE_WITHOUT_EXP
+        return False
+
+    def secrets(self):
+        return [t for t in (self.access_token, self.refresh_token, self.id_token) if t]
+
+
+def _auth_claim(claims, name):
+    value = (claims.get("https://api.openai.com/auth") or {}).get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def auth_error(path, reason, status=401, code="codex_login_required"):
+    return ProxyError(status, "%s %s" % (reason, LOGIN_HINT) if status == 401 else reason,
+                      code=code)
+
+
+def read_auth_file(path):
+    """auth.json -> (raw dict, Credentials); every way it can be unusable is a 401 that names
+    the path and says what to do."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
+                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
+                         "in config.toml first." % path)
+    except OSError as e:
+        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
+                         % (path, e.strerror or e))
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise auth_error(path, "%s is not valid JSON." % path)
+    if not isinstance(data, dict):
+        raise auth_error(path, "%s does not hold a JSON object." % path)
+    tokens = data.get("tokens")
+    if not isinstance(tokens, dict) or not tokens.get("access_token"):
+        if data.get("OPENAI_API_KEY") or data.get("auth_mode") == "apikey":
+            raise auth_error(path, "%s holds an API-key login, not a ChatGPT one; this proxy needs "
+                             "a ChatGPT sign-in. Run `codex login` and choose ChatGPT." % path)
+        raise auth_error(path, "%s has no ChatGPT tokens." % path)
+    return Credentials(data)
+
+
+def write_auth_file(path, data):
+    """Atomic replace: a crash at any point leaves the old file or the new one, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".auth.json.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+class RefreshFailed(Exception):
+    def __init__(self, message, code=None, permanent=False):
+        super().__init__(message)
+        self.code = code
+        self.permanent = permanent
+
+
+def refresh_error_code(body):
+    """The code of an OAuth error body, in any of the shapes the server uses."""
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error")
+    if isinstance(err, dict):
+        return err.get("code") or err.get("type")
+    if isinstance(err, str):
+        return err
+    return data.get("code")
+
+
+def request_token_refresh(url, refresh_token, user_agent):
+    body = json.dumps({"client_id": OAUTH_CLIENT_ID, "grant_type": "refresh_token",
+                       "refresh_token": refresh_token}).encode()
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "Accept": "application/json",
+        "User-Agent": user_agent})
+    try:
+        with urllib.request.urlopen(req, timeout=REFRESH_TIMEOUT) as resp:
+            answer = json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        code = refresh_error_code(e.read(65536))
+        permanent = e.code == 401 or code in PERMANENT_REFRESH_CODES
+        raise RefreshFailed("token refresh answered HTTP %d%s" % (e.code, " (%s)" % code if code
+                                                                 else ""), code, permanent)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise RefreshFailed("token refresh failed: %s" % reason)
+    except ValueError:
+        raise RefreshFailed("token refresh answered something that is not JSON")
+    if not isinstance(answer, dict) or not any(
+            isinstance(answer.get(k), str) for k in ("access_token", "id_token", "refresh_token")):
+        raise RefreshFailed("token refresh answered without tokens")
+    return answer
+
+
+class _FileLock:
+    """Advisory lock on a side file, so two processes never redeem one refresh token."""
+
+    def __init__(self, path, timeout=REFRESH_TIMEOUT + 5):
+        self.path = path
+        self.timeout = timeout
+        self.fd = None
+
+    def __enter__(self):
+        if fcntl is None:
+            return self
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return self  # a read-only CODEX_HOME still works, just without the cross-process lock
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    return self  # a stuck holder must not stop us forever
+                time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+class AuthStore:
+    """The current credentials, cheap to ask for: auth.json is parsed again only when its
+    stat changes, and refreshes are single-flight in the process and locked across processes."""
+
+    def __init__(self, path, refresh_url, user_agent, log):
+        self.path = path
+        self.refresh_url = refresh_url
+        self.user_agent = user_agent
+        self.log = log
+        self._lock = threading.Lock()
+        self._cache_key = None
+        self._cache = None
+        self.last_refresh_at = None
+        self.last_refresh_error = None
+
+    def _stat_key(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self):
+        """Credentials as on disk now (cached while the file is unchanged)."""
+        key = self._stat_key()
+        cached = self._cache
+        if key is not None and key == self._cache_key and cached is not None:
+            return cached
+        creds = read_auth_file(self.path)
+        for secret in creds.secrets():
+            self.log.add_secret(secret)
+        self._cache_key, self._cache = key, creds
+        return creds
+
+    def get(self, rejected_token=None):
+        """Usable credentials. rejected_token: the access token the backend just refused with
+        401; then a refresh happens unless someone else has already replaced that token."""
+        creds = self.load()
+        if not self._stale(creds, rejected_token):
+            return creds
+        with self._lock:
+            creds = self.load()  # another thread may have refreshed while we waited
+            if not self._stale(creds, rejected_token):
+                return creds
+            with _FileLock(self.path + ".lock"):
+                creds = self.load()  # ... or another process
+                if not self._stale(creds, rejected_token):
+                    return creds
+                return self._refresh(creds)
+
+    @staticmethod
+    def _stale(creds, rejected_token):
+        if rejected_token is not None:
+            return creds.access_token == rejected_token
+        return creds.needs_refresh()
+
+    def _refresh(self, creds):
+        if not creds.refresh_token:
+            raise auth_error(self.path, "The access token in %s has expired and there is no "
+                             "refresh token." % self.path)
+        self.log.info("refreshing the access token")
+        try:
+            answer = request_token_refresh(self.refresh_url, creds.refresh_token, self.user_agent)
+        except RefreshFailed as e:
+            if e.code == "refresh_token_reused":
+                # The Codex CLI may have rotated the token a moment ago: its result is on disk.
+                self._cache_key = None
+                fresh = self.load()
+                if fresh.refresh_token != creds.refresh_token:
+                    self.log.info("refresh token was already rotated by another process; "
+                                  "using its tokens")
+                    self.last_refresh_error = None
+                    return fresh
+            self.last_refresh_error = str(e)
+            self.log.info("token refresh failed: %s" % e)
+            if e.permanent:
+                raise ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
+                                 % (e.code or "unauthorized", LOGIN_HINT),
+                                 code=e.code or "refresh_failed")
+            raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
+                             "request will try again." % e, code="token_refresh_failed")
+        data = dict(creds.data)
+        tokens = dict(data.get("tokens") or {})
+        for name in ("id_token", "access_token", "refresh_token"):
+            if isinstance(answer.get(name), str) and answer[name]:
+                tokens[name] = answer[name]
+                self.log.add_secret(answer[name])
+        data["tokens"] = tokens
+        data["last_refresh"] = rfc3339_now()
+        try:
+            write_auth_file(self.path, data)
+        except OSError as e:
+            # The old refresh token is used up now: say loudly that the new one is only in memory.
+            self.log.info("warning: could not write %s (%s); the refreshed tokens live only in "
+                          "this process" % (self.path, e.strerror or e))
+        self.last_refresh_at = time.time()
+        self.last_refresh_error = None
+        self._cache_key = self._stat_key()
+        self._cache = Credentials(data)
+        self.log.info("access token refreshed")
+        return self._cache
+
+
+# --------------------------------------------------------------------------------------------
+# Request rewriting (pure)
+# --------------------------------------------------------------------------------------------
+
+REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p")
+
+
+def decode_request_body(raw, content_encoding):
+    """Undo Content-Encoding; the backend takes plain JSON from us."""
+    encoding = (content_encoding or "identity").strip().lower()
+    try:
+        if encoding in ("", "identity"):
+            return raw
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(raw)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(raw)
+            except zlib.error:
+                return zlib.decompress(raw, -zlib.MAX_WBITS)  # raw deflate, as some clients send
+        if encoding == "zstd":
+            if zstd is None:
+                raise ProxyError(415, "This Python (%d.%d) cannot decode zstd request bodies "
+                                 "(that needs 3.14+). Send the body uncompressed, or with gzip."
+                                 % sys.version_info[:2], code="unsupported_content_encoding")
+            return zstd.decompress(raw)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise ProxyError(400, "The request body is not valid %s data: %s" % (encoding, e),
+                         code="invalid_body")
+    raise ProxyError(415, "Unsupported Content-Encoding %r; use gzip, deflate or none."
+                     % encoding, code="unsupported_content_encoding")
+
+
+def parse_json_object(raw):
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ProxyError(400, "The request body is not valid JSON (%s)." % e, code="invalid_json")
+    if not isinstance(body, dict):
+        raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def derive_session_id(model, instructions, first_item):
+    """A stable id for one conversation: its turns share the model, the instructions and the
+    first input item, so they land on the same backend prompt cache."""
+    seed = json.dumps([model, instructions, first_item], sort_keys=True, separators=(",", ":"))
+    return str(uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4))
+
+
+def rewrite_request(body, default_instructions, session_id=None, drop=()):
+    """A client's Responses request -> (what the Codex backend accepts, the session id).
+
+    Pure: `body` is left untouched. `session_id` is the client's own (from its headers);
+    `drop` holds further parameters the backend was seen to reject."""
+    out = dict(body)
+    for name in REJECTED_PARAMS:
+        out.pop(name, None)
+    for name in drop:
+        out.pop(name, None)
+    if out.get("previous_response_id") is not None:
+        raise ProxyError(400, "previous_response_id is not supported: the ChatGPT backend keeps "
+                         "no conversation state. Send the whole conversation in `input`.",
+                         param="previous_response_id", code="unsupported_parameter")
+    out.pop("previous_response_id", None)
+    out["stream"] = True
+    out["store"] = False
+
+    instructions = out.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ProxyError(400, "`instructions` must be a string.", param="instructions",
+                         code="invalid_type")
+    if not instructions or not instructions.strip():
+        out["instructions"] = default_instructions
+
+    items = out.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user",
+                  "content": [{"type": "input_text", "text": items}]}]
+    elif items is None:
+        items = []
+    elif not isinstance(items, list):
+        raise ProxyError(400, "`input` must be a string or a list of items.", param="input",
+                         code="invalid_type")
+    else:
+        items = [dict(item, role="developer")  # the backend refuses role "system"
+                 if isinstance(item, dict) and item.get("role") == "system" else item
+                 for item in items]
+    out["input"] = items
+
+    for name, kind, label in (("model", str, "a string"), ("tools", list, "a list"),
+                              ("include", list, "a list"), ("reasoning", dict, "an object"),
+                              ("text", dict, "an object")):
+        if name in out and out[name] is not None and not isinstance(out[name], kind):
+            raise ProxyError(400, "`%s` must be %s." % (name, label), param=name,
+                             code="invalid_type")
+
+    cache_key = out.get("prompt_cache_key")
+    if not session_id:
+        session_id = cache_key if isinstance(cache_key, str) and cache_key else None
+    if not session_id:
+        session_id = derive_session_id(out.get("model"), out["instructions"],
+                                       items[0] if items else None)
+    if not cache_key:
+        out["prompt_cache_key"] = session_id
+    return out, session_id
+
+
+UNSUPPORTED_PARAM_RE = re.compile(r"Unsupported parameter:\s*'?([A-Za-z0-9_.\[\]-]+)'?")
+
+
+def unsupported_parameter(status, body):
+    """The X of a backend 400 "Unsupported parameter: X", else None."""
+    if status != 400:
+        return None
+    m = UNSUPPORTED_PARAM_RE.search(body.decode("utf-8", "replace"))
+    return m.group(1) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# SSE parsing (pure, incremental, line based)
+# --------------------------------------------------------------------------------------------
+
+class SSEEvent:
+    __slots__ = ("event", "data", "id", "retry", "raw")
+
+    def __init__(self, event, data, id, retry, raw):
+        self.event = event  # the `event:` field, None when absent
+        self.data = data    # the `data:` lines joined by "\n", None when there were none
+        self.id = id
+        self.retry = retry
+        self.raw = raw      # the frame's bytes exactly as received, blank line included
+
+    def __repr__(self):
+        return "SSEEvent(%r, %r)" % (self.event, self.data)
+
+
+class SSEParser:
+    """Feed bytes as they arrive; get back each complete event. Handles LF, CRLF and CR line
+    ends (also split across reads), multi-line data, comments, and UTF-8 characters split
+    across reads (lines are decoded only once complete). An unfinished event at EOF is dropped,
+    as the SSE specification says."""
+
+    def __init__(self):
+        self._partial = b""   # an unfinished line
+        self._frame = []      # raw bytes of the current event from earlier reads
+        self._fields = False  # the current event has had a non-blank line
+        self._event = self._id = self._retry = None
+        self._data = []
+        self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
+
+    def feed(self, chunk):
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        buf = self._partial + chunk if self._partial else chunk
+        events = []
+        n = len(buf)
+        pos = 0
+        frame_start = 0
+        has_cr = b"\r" in buf
+        while pos < n:
+            lf = buf.find(b"\n", pos)
+            if has_cr:
+                cr = buf.find(b"\r", pos)
+                if cr >= 0 and (lf < 0 or cr < lf):
+                    if cr + 1 < n:
+                        lf, end = cr, (cr + 2 if buf[cr + 1] == 10 else cr + 1)
+                    else:
+                        lf, end = cr, cr + 1
+                        self._skip_lf = True
+                else:
+                    end = lf + 1
+            else:
+                end = lf + 1
+            if lf < 0:
+                break
+            line = buf[pos:lf]
+            pos = end
+            if not line:
+                if self._fields:
+                    raw = buf[frame_start:end]
+                    if self._frame:
+                        raw = b"".join(self._frame) + raw
+                        self._frame = []
+                    events.append(self._dispatch(raw))
+                frame_start = end  # blank lines between events are not relayed
+                continue
+            self._fields = True
+            if line[:1] == b":":
+                continue
+            name, colon, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+            elif name == b"event":
+                self._event = value.decode("utf-8", "replace")
+            elif name == b"id":
+                self._id = value.decode("utf-8", "replace")
+            elif name == b"retry" and value.isdigit():
+                self._retry = int(value)
+        if self._fields and frame_start < pos:
+            self._frame.append(buf[frame_start:pos])
+        self._partial = buf[pos:]
+        return events
+
+    def _dispatch(self, raw):
+        data = b"\n".join(self._data).decode("utf-8", "replace") if self._data else None
+        event = SSEEvent(self._event, data, self._id, self._retry, raw)
+        self._fields = False
+        self._event = self._retry = None
+        self._data = []
+        return event  # `id` persists across events, as in the specification
+
+
+# --------------------------------------------------------------------------------------------
+# Response assembly (pure)
+# --------------------------------------------------------------------------------------------
+
+TERMINAL_EVENTS = ("response.completed", "response.failed", "response.incomplete")
+# Only these are JSON-decoded; deltas pass through untouched, which keeps the hot path cheap.
+INSPECTED_EVENTS = frozenset(TERMINAL_EVENTS + ("response.output_item.done", "error",
+                                                "response.created"))
+
+FAILURE_STATUS = {
+    "context_length_exceeded": 400, "invalid_prompt": 400, "cyber_policy": 400,
+    "invalid_request_error": 400,
+    "rate_limit_exceeded": 429, "insufficient_quota": 429, "usage_not_included": 429,
+    "usage_limit_reached": 429,
+    "server_is_overloaded": 503, "slow_down": 503,
+}
+
+
+def failure_status(code):
+    return FAILURE_STATUS.get(code, 500)
+
+
+class ResponseAssembler:
+    """Collects what a stream says about its response: the output items (with store=false they
+    arrive only in response.output_item.done events) and the terminal event."""
+
+    def __init__(self):
+        self.items = {}
+        self.response = None    # the latest `response` object seen
+        self.terminal = None    # "response.completed" | "response.failed" | ... | "error"
+        self.error = None       # {"code", "message"} for failed and error
+
+    def add(self, etype, payload):
+        if etype == "response.output_item.done":
+            item = payload.get("item")
+            if isinstance(item, dict):
+                index = payload.get("output_index")
+                self.items[index if isinstance(index, int) else len(self.items)] = item
+        elif etype == "error":
+            self.terminal = etype
+            self.error = {"code": payload.get("code"), "message": payload.get("message"),
+                          "param": payload.get("param")}
+        elif isinstance(payload.get("response"), dict):
+            self.response = payload["response"]
+            if etype in TERMINAL_EVENTS:
+                self.terminal = etype
+                if etype == "response.failed":
+                    self.error = dict(self.response.get("error") or {})
+
+    def output(self):
+        return [self.items[i] for i in sorted(self.items)]
+
+    def usage(self):
+        return (self.response or {}).get("usage") or {}
+
+
+def assemble_response(response, items):
+    """The final response object: the backend's, with `output` rebuilt from the streamed
+    items when it came back empty (it always does with store=false)."""
+    result = dict(response)
+    if not result.get("output") and items:
+        result["output"] = list(items)
+    result.setdefault("object", "response")
+    return result
+
+
+def completed_event_bytes(payload, items):
+    """The response.completed (or .incomplete) frame again, its output filled in."""
+    filled = dict(payload)
+    filled["response"] = assemble_response(payload["response"], items)
+    return b"event: %s\ndata: %s\n\n" % (payload.get("type", "response.completed").encode(),
+                                         json.dumps(filled, separators=(",", ":")).encode())
+
+
+def error_event_bytes(code, message, sequence_number=None):
+    event = {"type": "error", "code": code, "message": message, "param": None}
+    if sequence_number is not None:
+        event["sequence_number"] = sequence_number
+    return b"event: error\ndata: %s\n\n" % json.dumps(event).encode()
+
+
+def _describe_reset(error):
+    """'... It resets at 14:05 UTC (in 2 h 13 min).' for a usage-limit 429."""
+    seconds = error.get("resets_in_seconds")
+    at = error.get("resets_at")
+    if not isinstance(seconds, (int, float)) and isinstance(at, (int, float)):
+        seconds = at - time.time()
+    if not isinstance(seconds, (int, float)):
+        return ""
+    if not isinstance(at, (int, float)):
+        at = time.time() + seconds
+    when = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    minutes = max(1, int(round(seconds / 60.0)))
+    span = "%d h %d min" % divmod(minutes, 60) if minutes >= 60 else "%d min" % minutes
+    return " It resets at %s UTC (in %s)." % (when.strftime("%Y-%m-%d %H:%M"), span)
+
+
+def translate_upstream_error(status, body, headers=()):
+    """An upstream HTTP error -> the ProxyError the client sees, status kept."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    extra = {}
+    code = None
+    param = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        err = data["error"]
+        extra = {k: v for k, v in err.items() if k not in ("message", "type", "param", "code")}
+        message = err.get("message") or "The backend answered HTTP %d." % status
+        code = err.get("code") or err.get("type")
+        param = err.get("param")
+        kind = err.get("type")
+        if status == 429:
+            message = message.rstrip(".") + "." + _describe_reset(err)
+            if kind:
+                extra["type"] = kind  # e.g. usage_limit_reached, kept for clients that read it
+    elif isinstance(data, dict) and "detail" in data:
+        detail = data["detail"]
+        message = detail if isinstance(detail, str) else json.dumps(detail)
+        kind = None
+    else:
+        snippet = re.sub(r"<[^>]*>|\s+", " ", text).strip()[:200]
+        message = "The backend answered HTTP %d%s." % (status, ": " + snippet if snippet else "")
+        if status == 403:
+            message += (" This is often Cloudflare refusing the request; check --client-version "
+                        "and --originator, or try again later.")
+        kind = None
+    if status == 401:
+        message += " " + LOGIN_HINT
+    err = ProxyError(status, message, code=code, param=param, extra=extra)
+    if status == 429 and isinstance(data, dict) and isinstance(data.get("error"), dict):
+        err.type = data["error"].get("type") or err.type
+    return err
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream connections
+# --------------------------------------------------------------------------------------------
+
+# Forwarded from the backend's answer to the client: quota, rate limit and request ids.
+FORWARDED_RESPONSE_HEADERS = ("retry-after", "x-request-id", "x-oai-request-id", "openai-model",
+                              "x-models-etag")
+# Codex-specific request headers a client (the Codex CLI) may send, passed on as they are.
+FORWARDED_REQUEST_HEADERS = ("x-openai-subagent", "x-client-request-id")
+
+
+def forwarded_response_headers(headers):
+    return [(k, v) for k, v in headers
+            if k.lower().startswith("x-codex-") or k.lower() in FORWARDED_RESPONSE_HEADERS]
+
+
+class UpstreamError(Exception):
+    def __init__(self, status, message, code):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per upstream host, so an agent's turns skip the TCP and TLS
+    handshakes. A connection is returned only after its response was read to the end."""
+
+    def __init__(self, connect_timeout=CONNECT_TIMEOUT, max_idle=8):
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle = {}
+        self._lock = threading.Lock()
+        self._ssl = ssl.create_default_context()
+
+    def acquire(self, scheme, host, port):
+        """(connection, reused): an idle one if a healthy one is there, else a new one."""
+        key = (scheme, host, port)
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if _still_open(conn):
+                return conn, True
+            conn.close()
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout,
+                                               context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        conn._pool_key = key
+        return conn, False
+
+    def release(self, conn):
+        with self._lock:
+            idle = self._idle.setdefault(conn._pool_key, [])
+            if len(idle) < self.max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close_all(self):
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+def _still_open(conn):
+    """An idle connection the server has closed reads as EOF: readable with nothing in it."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
+                           ConnectionAbortedError, BrokenPipeError, http.client.BadStatusLine)
+
+
+def send_upstream(pool, url, body, headers, read_timeout):
+    """POST `body` to `url`; returns (connection, response) once the status line and headers
+    are in. A reused connection that turns out dead before any byte of an answer is retried
+    once on a fresh one: the request never reached a live server."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    for attempt in (1, 2):
+        conn, reused = pool.acquire(parts.scheme, parts.hostname, port)
+        try:
+            if conn.sock is None:
+                conn.connect()
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sock.settimeout(read_timeout)
+            conn.request("POST", target, body=body, headers=headers)
+            return conn, conn.getresponse()
+        except STALE_CONNECTION_ERRORS as e:
+            conn.close()
+            if reused and attempt == 1:
+                continue
+            raise UpstreamError(502, "The backend closed the connection without answering (%s)."
+                                % e.__class__.__name__, "upstream_unreachable")
+        except socket.timeout:
+            conn.close()
+            raise UpstreamError(504, "The backend did not answer in time.", "upstream_timeout")
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise UpstreamError(502, "Cannot reach the backend at %s://%s: %s."
+                                % (parts.scheme, parts.netloc, getattr(e, "strerror", None) or e),
+                                "upstream_unreachable")
+
+
+class HangupWatcher:
+    """Notices clients that hang up while their handler thread is blocked reading upstream,
+    and cuts the upstream connection at once: every further token is quota the user pays for.
+    One thread polls all watched client sockets; it sleeps when there are none."""
+
+    POLL = 0.2
+
+    def __init__(self):
+        self._watched = {}
+        self._cond = threading.Condition()
+        self._thread = None
+
+    def watch(self, client_sock, upstream_sock):
+        entry = {"client": client_sock, "upstream": upstream_sock, "gone": False}
+        with self._cond:
+            self._watched[id(entry)] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hangup-watcher",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return entry
+
+    def unwatch(self, entry):
+        with self._cond:
+            self._watched.pop(id(entry), None)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._watched:
+                    self._cond.wait()
+                entries = list(self._watched.values())
+            try:
+                readable, _, _ = select.select([e["client"] for e in entries], [], [], self.POLL)
+            except (OSError, ValueError):
+                readable = [e["client"] for e in entries]  # one was closed: check each
+            for entry in entries:
+                if entry["client"] in readable and _peer_closed(entry["client"]):
+                    with self._cond:
+                        if self._watched.pop(id(entry), None) is None:
+                            continue
+                    entry["gone"] = True
+                    try:
+                        entry["upstream"].shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            time.sleep(self.POLL if readable else 0)
+
+
+def _peer_closed(sock):
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP handler and its routes
+# --------------------------------------------------------------------------------------------
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailers", "transfer-encoding", "upgrade")
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "codex-responses-proxy/" + __version__
+    timeout = 75  # an idle keep-alive connection is closed after this, as nginx does
+
+    ROUTES = {
+        "/v1/responses": {"POST": "handle_responses"},
+        "/responses": {"POST": "handle_responses"},
+        "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
+    }
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    # -- routing --------------------------------------------------------------------------
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def do_OPTIONS(self):
+        self.dispatch("OPTIONS")
+
+    def dispatch(self, method):
+        server = self.server
+        self.started = time.monotonic()
+        self.headers_sent = False
+        self.status_sent = None
+        self.log_fields = {}
+        path = urllib.parse.urlsplit(self.path).path
+        server.request_started()
+        try:
+            methods = self.ROUTES.get(path)
+            if methods is None:
+                raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
+                                 % path, code="not_found")
+            if "websocket" in (self.headers.get("Upgrade") or "").lower():
+                raise ProxyError(426, "WebSocket is not supported here; use HTTP "
+                                 "(the Codex CLI falls back to it by itself).",
+                                 code="websocket_not_supported")
+            name = methods.get(method)
+            if name is None:
+                raise ProxyError(405, "%s does not take %s; use %s." % (
+                    path, method, " or ".join(sorted(methods))), code="method_not_allowed",
+                    headers=[("Allow", ", ".join(sorted(methods)))])
+            getattr(self, name)()
+        except ProxyError as e:
+            self.send_error_json(e)
+        except ClientGone:
+            self.close_connection = True
+            self.log_fields["note"] = "client disconnected"
+        except Exception as e:  # a bug must cost one request, not the server
+            server.log.info("internal error on %s %s: %s: %s" % (method, path,
+                                                                 e.__class__.__name__, e))
+            if server.config.debug:
+                server.log.info(traceback.format_exc())
+            self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
+                                            % e.__class__.__name__, code="internal_error"))
+        finally:
+            server.request_finished()
+            self.log_request_line(method, path)
+
+    # -- responses ------------------------------------------------------------------------
+
+    def send_json(self, status, obj, headers=()):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = status
+        if self.command != "HEAD":
+            self.write(body)
+
+    def send_error_json(self, err):
+        if self.headers_sent:
+            self.close_connection = True  # too late for a status: cut the answer short instead
+            return
+        self.log_fields.setdefault("error", err.code or err.type)
+        try:
+            self.send_json(err.status, err.body(), err.headers)
+        except ClientGone:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class calls this for requests it cannot parse; answer them in JSON too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # nobody speaks 0.9: give a status line and headers
+        messages = {400: "Malformed HTTP request.", 414: "Request line too long.",
+                    431: "Request header fields too large.",
+                    501: "Method not supported.", 505: "HTTP version not supported."}
+        err = ProxyError(code, messages.get(code, message or "Bad request."),
+                         code="bad_http_request")
+        self.headers_sent = False
+        try:
+            body = json.dumps(err.body()).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+        self.server.log.info("%s %s" % (code, messages.get(code, message)))
+
+    def write(self, data):
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            raise ClientGone()
+
+    def write_chunk(self, data):
+        if self.chunked:
+            self.write(b"%X\r\n%s\r\n" % (len(data), data))
+        else:
+            self.write(data)
+
+    def log_message(self, format, *args):
+        pass  # the base class's access log; ours is log_request_line
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+    def log_request_line(self, method, path):
+        f = self.log_fields
+        parts = [method, path]
+        if f.get("model"):
+            parts.append("model=%s" % f["model"])
+        parts.append("status=%s" % self.server.log.status(self.status_sent or 0))
+        parts.append("%.3fs" % (time.monotonic() - self.started))
+        if "in" in f or "out" in f:
+            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
+        for key in ("stream", "error", "note"):
+            if f.get(key):
+                parts.append(key if f[key] is True else "%s=%s" % (key, f[key]))
+        self.server.log.info(" ".join(parts))
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def handle_healthz(self):
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+        if self.command != "HEAD":
+            self.write(body)
+
+    def read_body(self):
+        limit = self.server.config.max_body_bytes
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked_body(limit)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        if not length.strip().isdigit():
+            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
+        length = int(length)
+        if length > limit:
+            self.close_connection = True  # the unread body must not be taken for a request
+            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
+                             % (length, limit), code="request_too_large")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ClientGone()
+        return data
+
+    def _read_chunked_body(self, limit):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise ProxyError(400, "Malformed chunked request body.", code="invalid_body")
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
+                                 code="request_too_large")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)
+
+    def handle_responses(self):
+        server = self.server
+        config = server.config
+        raw = decode_request_body(self.read_body(), self.headers.get("Content-Encoding"))
+        body = parse_json_object(raw)
+        client_stream = body.get("stream") is True
+        self.log_fields["model"] = body.get("model") if isinstance(body.get("model"), str) else None
+        self.log_fields["stream"] = client_stream
+        client_session = self.headers.get("session_id") or self.headers.get("session-id")
+        upstream_body, session_id = rewrite_request(body, config.instructions, client_session,
+                                                    server.dropped_params())
+        extra_headers = [(k, v) for k, v in self.headers.items()
+                         if k.lower().startswith("x-codex-")
+                         or k.lower() in FORWARDED_REQUEST_HEADERS]
+        conn, resp = self.open_upstream(upstream_body, session_id, extra_headers)
+        self.relay(conn, resp, client_stream)
+
+    def open_upstream(self, body, session_id, extra_headers):
+        """Send the request; on a 401 refresh and retry once; on 400 "Unsupported parameter: X"
+        drop X, remember it, and retry once. Returns (conn, response) for a 200."""
+        server = self.server
+        rejected_token = None
+        dropped_now = set()
+        while True:
+            creds = server.auth.get(rejected_token)
+            payload = json.dumps(body, separators=(",", ":")).encode()
+            if server.log.debug_enabled:
+                text = payload.decode("utf-8", "replace")
+                server.log.debug("upstream request (%d bytes): %s%s" % (
+                    len(payload), text[:16384], "... [truncated]" if len(text) > 16384 else ""))
+            headers = server.upstream_headers(creds, session_id, extra_headers)
+            try:
+                conn, resp = send_upstream(server.pool, server.config.upstream_url, payload,
+                                           headers, server.config.stream_idle_timeout)
+            except UpstreamError as e:
+                raise ProxyError(e.status, e.message, code=e.code)
+            server.quota.update(resp.getheaders())
+            if resp.status == 200:
+                return conn, resp
+            try:
+                error_body = resp.read(1 << 20)
+            except (OSError, http.client.HTTPException):
+                error_body = b""
+            self.release_or_close(conn, resp)
+            if resp.status == 401 and rejected_token is None:
+                server.log.info("backend answered 401; re-reading the login and retrying once")
+                rejected_token = creds.access_token
+                continue
+            param = unsupported_parameter(resp.status, error_body)
+            if param and param not in dropped_now and param in body:
+                server.log.warn_once("param:" + param, "the backend rejects the parameter %r; "
+                                     "dropping it from this and later requests" % param)
+                server.remember_dropped(param)
+                dropped_now.add(param)
+                body = dict(body)
+                body.pop(param, None)
+                continue
+            err = translate_upstream_error(resp.status, error_body)
+            err.headers = forwarded_response_headers(resp.getheaders())
+            if resp.status == 401:
+                err.message = ("The backend refused the access token even after a refresh. "
+                               + LOGIN_HINT)
+            raise err
+
+    def release_or_close(self, conn, resp):
+        if resp.isclosed() and not resp.will_close:
+            self.server.pool.release(conn)
+        else:
+            conn.close()
+
+    def relay(self, conn, resp, client_stream):
+        """Read the backend's event stream; pass it on live, or gather it into one answer."""
+        server = self.server
+        assembler = ResponseAssembler()
+        parser = SSEParser()
+        headers = forwarded_response_headers(resp.getheaders())
+        self.chunked = self.request_version != "HTTP/1.0"
+        if client_stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            if self.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.headers_sent = True
+            self.status_sent = 200
+        watch = server.hangups.watch(self.connection, conn.sock)
+        failure = None
+        debug = server.log.debug_enabled
+        try:
+            while assembler.terminal is None:
+                try:
+                    chunk = resp.read1(65536)
+                except socket.timeout:
+                    failure = ("stream_idle_timeout", "The backend sent nothing for %g s."
+                               % server.config.stream_idle_timeout, 504)
+                    break
+                except (OSError, http.client.HTTPException) as e:
+                    if watch["gone"]:
+                        raise ClientGone()
+                    failure = ("upstream_disconnected", "The backend connection broke mid-stream "
+                               "(%s)." % e.__class__.__name__, 502)
+                    break
+                if not chunk:
+                    if watch["gone"]:
+                        raise ClientGone()
+                    failure = ("stream_incomplete", "upstream closed the stream before the "
+                               "response completed", 502)
+                    break
+                out = []
+                for event in parser.feed(chunk):
+                    frame = event.raw
+                    etype = event.event
+                    if debug:
+                        server.log.debug("stream event %s (%d bytes)" % (etype, len(frame)))
+                    if event.data is not None and (etype is None or etype in INSPECTED_EVENTS):
+                        try:
+                            payload = json.loads(event.data)
+                        except ValueError:
+                            payload = None
+                        if isinstance(payload, dict):
+                            etype = payload.get("type") or etype
+                            assembler.add(etype, payload)
+                            if (etype in ("response.completed", "response.incomplete")
+                                    and isinstance(payload.get("response"), dict)
+                                    and not payload["response"].get("output")
+                                    and assembler.items):
+                                frame = completed_event_bytes(payload, assembler.output())
+                    out.append(frame)
+                if client_stream and out:
+                    self.write_chunk(b"".join(out))
+        except ClientGone:
+            watch["gone"] = True
+            self.log_fields["note"] = "client disconnected; upstream closed"
+            raise
+        finally:
+            server.hangups.unwatch(watch)
+            if watch["gone"] or failure is not None or assembler.terminal is None:
+                conn.close()
+        usage = assembler.usage()
+        self.log_fields["in"] = usage.get("input_tokens", "-")
+        self.log_fields["out"] = usage.get("output_tokens", "-")
+        if client_stream:
+            self.finish_stream(failure)
+        else:
+            self.answer_collected(assembler, failure, headers)
+        if failure is None:
+            self.drain_for_reuse(conn, resp)
+
+    def finish_stream(self, failure):
+        if failure is not None:
+            code, message, status = failure
+            self.log_fields["error"] = code
+            self.write_chunk(error_event_bytes(code, message))
+        if self.chunked:
+            self.write(b"0\r\n\r\n")
+
+    def answer_collected(self, assembler, failure, headers):
+        if failure is not None:
+            code, message, status = failure
+            raise ProxyError(status, message, code=code, headers=headers)
+        if assembler.terminal in ("response.completed", "response.incomplete"):
+            self.send_json(200, assemble_response(assembler.response, assembler.output()),
+                           headers)
+            return
+        error = assembler.error or {}
+        code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
+                                     else "upstream_error")
+        message = error.get("message") or "The backend reported a failure (%s)." % code
+        raise ProxyError(failure_status(code), message, code=code, param=error.get("param"),
+                         type="server_error" if failure_status(code) >= 500 else None,
+                         headers=headers)
+
+    def drain_for_reuse(self, conn, resp):
+        """After the terminal event the backend ends its body; read that end so the
+        connection can serve the next turn. A body that lingers costs the connection."""
+        try:
+            conn.sock.settimeout(0.25)
+            while resp.read1(65536):
+                pass
+            conn.sock.settimeout(self.server.config.stream_idle_timeout)
+        except (OSError, http.client.HTTPException, AttributeError):
+            conn.close()
+            return
+        self.release_or_close(conn, resp)
+
+
+class QuotaTracker:
+    """The latest x-codex-* quota headers the backend sent (for the log and /status)."""
+
+    def __init__(self):
+        self.headers = {}
+        self.seen_at = None
+
+    def update(self, headers):
+        quota = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
+        if quota:
+            self.headers = quota
+            self.seen_at = time.time()
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a burst of clients connecting at once must not be refused
+    allow_reuse_address = True
+
+    def __init__(self, config, log=None):
+        self.config = config
+        self.log = log or Log(debug=config.debug)
+        self.user_agent = "%s/%s (%s %s; %s) codex-responses-proxy/%s" % (
+            config.originator, config.client_version, platform.system() or "unknown",
+            platform.release() or "unknown", platform.machine() or "unknown", __version__)
+        self.auth = AuthStore(config.auth_path, config.refresh_url, self.user_agent, self.log)
+        self.pool = ConnectionPool()
+        self.hangups = HangupWatcher()
+        self.quota = QuotaTracker()
+        self._dropped = set()
+        self._inflight = 0
+        self._inflight_cond = threading.Condition()
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.address_family = family
+        super().__init__((config.host, config.port), ProxyHandler)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def dropped_params(self):
+        return tuple(self._dropped)
+
+    def remember_dropped(self, name):
+        self._dropped.add(name)
+
+    def upstream_headers(self, creds, session_id, extra):
+        headers = {
+            "Authorization": "Bearer " + creds.access_token,
+            "originator": self.config.originator,
+            "User-Agent": self.user_agent,
+            "version": self.config.client_version,
+            "Accept": "text/event-stream",
+            "Content-Type": "application/json",
+            "session_id": session_id,
+            "session-id": session_id,
+        }
+        if creds.account_id:
+            headers["ChatGPT-Account-ID"] = creds.account_id
+        for name, value in extra:
+            headers.setdefault(name, value)
+        return headers
+
+    def request_started(self):
+        with self._inflight_cond:
+            self._inflight += 1
+
+    def request_finished(self):
+        with self._inflight_cond:
+            self._inflight -= 1
+            self._inflight_cond.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait for requests in flight to finish; False if some were still running."""
+        deadline = time.monotonic() + timeout
+        with self._inflight_cond:
+            while self._inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._inflight_cond.wait(left)
+        return True
+
+    def handle_error(self, request, client_address):
+        # Connection-level failures (a client resetting mid-request) are routine, not bugs.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            return
+        self.log.info("connection error from %s: %s" % (client_address[0], exc))
+
+    def server_close(self):
+        super().server_close()
+        self.pool.close_all()
+
+    def describe_credentials(self):
+        """What the start-up line says about the login."""
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            return "no usable login: %s Requests will get 401 until this is fixed." % e.message
+        expiry = ("expires %s UTC" % datetime.datetime.fromtimestamp(
+            creds.expires_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            if creds.expires_at else "no expiry in token")
+        return "ChatGPT login from %s (account %s, plan %s, access token %s%s)" % (
+            self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
+            expiry, ", will refresh" if creds.needs_refresh() else "")
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    config = parse_config(argv)
+    log = Log(debug=config.debug)
+    try:
+        server = ProxyServer(config, log)
+    except OSError as e:
+        log.info("cannot listen on %s:%d: %s" % (config.host, config.port, e.strerror or e))
+        return 1
+    log.info("codex-responses-proxy %s listening on %s (ChatGPT mode, upstream %s)"
+             % (__version__, server.url, config.upstream_url))
+    log.info(server.describe_credentials())
+
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            log.info("received %s; finishing requests in flight"
+                     % signal.Signals(signum).name)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        if not server.wait_idle(SHUTDOWN_GRACE):
+            log.info("stopping with requests still in flight")
+        server.server_close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
