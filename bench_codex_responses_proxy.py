@@ -3,8 +3,8 @@
 
 Run it from anywhere:
 
-    python3 bench_codex_responses_proxy.py                 # full run (~30-60 s)
-    python3 bench_codex_responses_proxy.py --quick         # smoke test (< ~30 s)
+    python3 bench_codex_responses_proxy.py                 # full run (~25 s on 2 cores)
+    python3 bench_codex_responses_proxy.py --quick         # smoke test (~18 s)
     python3 bench_codex_responses_proxy.py --only 1,3 --json out.json
     python3 bench_codex_responses_proxy.py --proxy /path/to/other_proxy.py
     python3 bench_codex_responses_proxy.py --latency-ms 80  # link delay for scenario 7
@@ -609,7 +609,7 @@ def write_auth(home):
     auth = {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
             "tokens": {"id_token": jwt(), "access_token": jwt(),
                        "refresh_token": "rt-bench", "account_id": ACCOUNT_ID},
-            "last_refresh": datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+            "last_refresh": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     os.makedirs(home, exist_ok=True)
     path = os.path.join(home, "auth.json")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -692,7 +692,7 @@ def make_cert_python(certfile, keyfile):
     n = p * q
     d = pow(e, -1, (p - 1) * (q - 1))
     name = _der_seq(_der(0x31, _der_seq(_der_oid("2.5.4.3"), _der(0x0C, b"127.0.0.1"))))
-    now = datetime.datetime.utcnow()
+    now = datetime.datetime.now(datetime.timezone.utc)
 
     def utc(t):
         return _der(0x17, t.strftime("%y%m%d%H%M%SZ").encode())
@@ -1421,6 +1421,7 @@ def main(argv=None):
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     b = Bench(a)
