@@ -722,32 +722,54 @@ def unsupported_parameter(status, body):
 # --------------------------------------------------------------------------------------------
 
 class SSEEvent:
-    __slots__ = ("event", "data", "id", "retry", "raw")
+    __slots__ = ("event", "id", "retry", "raw", "_data")
 
     def __init__(self, event, data, id, retry, raw):
         self.event = event  # the `event:` field, None when absent
-        self.data = data    # the `data:` lines joined by "\n", None when there were none
+        self._data = data   # str, None, or the frame's lines not yet joined (bytes)
         self.id = id
         self.retry = retry
         self.raw = raw      # the frame's bytes exactly as received, blank line included
 
+    @property
+    def data(self):
+        """The `data:` lines joined by "\n", None when there were none. Decoded on first use:
+        the relay never reads the data of a delta."""
+        if isinstance(self._data, bytes):
+            self._data = _join_data(self._data.split(b"\n"))
+        return self._data
+
     def __repr__(self):
         return "SSEEvent(%r, %r)" % (self.event, self.data)
+
+
+def _join_data(lines):
+    data = []
+    for line in lines:
+        if line[:5] == b"data:":
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line == b"data":
+            data.append(b"")
+    return b"\n".join(data).decode("utf-8", "replace") if data else None
 
 
 class SSEParser:
     """Feed bytes as they arrive; get back each complete event. Handles LF, CRLF and CR line
     ends (also split across reads), multi-line data, comments, and UTF-8 characters split
     across reads (lines are decoded only once complete). An unfinished event at EOF is dropped,
-    as the SSE specification says."""
+    as the SSE specification says.
+
+    The backend frames events with LF only: for such input a fast path splits whole frames in
+    one C call; anything else goes line by line."""
 
     def __init__(self):
-        self._partial = b""   # an unfinished line
+        self._partial = b""   # unparsed input: an unfinished line (or, LF-only, event)
         self._frame = []      # raw bytes of the current event from earlier reads
         self._fields = False  # the current event has had a non-blank line
         self._event = self._id = self._retry = None
         self._data = []
         self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
+        self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
 
     def feed(self, chunk):
         if self._skip_lf:
@@ -755,6 +777,34 @@ class SSEParser:
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         buf = self._partial + chunk if self._partial else chunk
+        if not self._fields and b"\r" not in buf:
+            return self._feed_frames(buf)
+        return self._feed_lines(buf)
+
+    def _feed_frames(self, buf):
+        frames = buf.split(b"\n\n")
+        self._partial = frames.pop()  # an unfinished event, or b""
+        events = []
+        names = self._names
+        for frame in frames:
+            lines = frame.split(b"\n")
+            if len(lines) == 2 and lines[0][:6] == b"event:" and lines[1][:5] == b"data:":
+                # The backend's every frame: `event: X` then one `data:` line.
+                name = names.get(lines[0])
+                if name is None:
+                    name = lines[0][6:].lstrip(b" ").decode("utf-8", "replace")
+                    if len(names) < 256:
+                        names[lines[0]] = name
+                events.append(SSEEvent(name, lines[1], self._id, None, frame + b"\n\n"))
+                continue
+            for line in lines:
+                if line:
+                    self._line(line)
+            if self._fields:  # blank lines between events are not relayed
+                events.append(self._dispatch(frame.lstrip(b"\n") + b"\n\n"))
+        return events
+
+    def _feed_lines(self, buf):
         events = []
         n = len(buf)
         pos = 0
@@ -787,24 +837,27 @@ class SSEParser:
                     events.append(self._dispatch(raw))
                 frame_start = end  # blank lines between events are not relayed
                 continue
-            self._fields = True
-            if line[:1] == b":":
-                continue
-            name, colon, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if name == b"data":
-                self._data.append(value)
-            elif name == b"event":
-                self._event = value.decode("utf-8", "replace")
-            elif name == b"id":
-                self._id = value.decode("utf-8", "replace")
-            elif name == b"retry" and value.isdigit():
-                self._retry = int(value)
+            self._line(line)
         if self._fields and frame_start < pos:
             self._frame.append(buf[frame_start:pos])
         self._partial = buf[pos:]
         return events
+
+    def _line(self, line):
+        self._fields = True
+        if line[:1] == b":":
+            return
+        name, colon, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id":
+            self._id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            self._retry = int(value)
 
     def _dispatch(self, raw):
         data = b"\n".join(self._data).decode("utf-8", "replace") if self._data else None
@@ -1071,6 +1124,97 @@ def send_upstream(pool, url, body, headers, read_timeout):
             raise UpstreamError(502, "Cannot reach the backend at %s://%s: %s."
                                 % (parts.scheme, parts.netloc, getattr(e, "strerror", None) or e),
                                 "upstream_unreachable")
+
+
+class ChunkedDecoder:
+    """Incremental HTTP/1.1 chunked-body decoding over whole socket reads. http.client's own
+    read1() yields one chunk per call, and the backend sends one chunk per event: decoding
+    here lets one read carry every event that has arrived, and one client write relay them."""
+
+    def __init__(self):
+        self._buf = b""
+        self._left = 0            # data bytes still to come in the current chunk
+        self._after_data = False  # the CRLF that ends a chunk's data is due
+        self._trailer = False     # the last chunk was seen; trailer lines until a blank one
+        self.done = False
+
+    def feed(self, data):
+        buf = self._buf + data if self._buf else data
+        out = []
+        pos, n = 0, len(buf)
+        while pos < n and not self.done:
+            if self._left:
+                take = min(self._left, n - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._left -= take
+                self._after_data = not self._left
+                continue
+            eol = buf.find(b"\n", pos)
+            if eol < 0:
+                if n - pos > 4096:
+                    raise ValueError("chunk header too long")
+                break
+            line = buf[pos:eol]
+            pos = eol + 1
+            if self._after_data:
+                if line.strip():
+                    raise ValueError("chunk data longer than announced")
+                self._after_data = False
+            elif self._trailer:
+                self.done = not line.strip()
+            else:
+                if b";" in line:
+                    line = line.split(b";", 1)[0]  # chunk extensions mean nothing to us
+                size = int(line, 16)  # tolerates the CR; ValueError on garbage
+                if size < 0:
+                    raise ValueError("negative chunk size")
+                end = pos + size
+                if size and buf[end:end + 2] == b"\r\n":  # the whole chunk is here: usual
+                    out.append(buf[pos:end])
+                    pos = end + 2
+                    continue
+                self._left = size
+                self._trailer = size == 0
+        self._buf = buf[pos:]
+        return b"".join(out)
+
+
+class UpstreamBody:
+    """The body of an upstream response, read in pieces as large as what has arrived."""
+
+    def __init__(self, resp):
+        self.resp = resp
+        self._chunked = ChunkedDecoder() if resp.chunked else None
+
+    @property
+    def complete(self):
+        if self._chunked is not None:
+            return self._chunked.done
+        return self.resp.isclosed()
+
+    def read(self):
+        """The next piece of the body; b"" at its end (complete or not: see .complete)."""
+        if self._chunked is None:
+            return self.resp.read1(65536)
+        while not self._chunked.done:
+            data = self.resp.fp.read1(65536)
+            if not data:
+                return b""
+            try:
+                payload = self._chunked.feed(data)
+            except ValueError as e:
+                raise http.client.HTTPException("bad chunked encoding: %s" % e)
+            if payload:
+                return payload
+        return b""
+
+    def finish(self):
+        """Mark the response consumed, so its connection can carry the next request."""
+        if self.complete:
+            self.resp.close()
+            return not self.resp.will_close
+        return False
 
 
 class HangupWatcher:
@@ -1452,12 +1596,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.headers_sent = True
             self.status_sent = 200
         watch = server.hangups.watch(self.connection, conn.sock)
+        upstream = UpstreamBody(resp)
         failure = None
         debug = server.log.debug_enabled
         try:
             while assembler.terminal is None:
                 try:
-                    chunk = resp.read1(65536)
+                    chunk = upstream.read()
                 except socket.timeout:
                     failure = ("stream_idle_timeout", "The backend sent nothing for %g s."
                                % server.config.stream_idle_timeout, 504)
@@ -1480,7 +1625,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     etype = event.event
                     if debug:
                         server.log.debug("stream event %s (%d bytes)" % (etype, len(frame)))
-                    if event.data is not None and (etype is None or etype in INSPECTED_EVENTS):
+                    if (etype is None or etype in INSPECTED_EVENTS) and event.data is not None:
                         try:
                             payload = json.loads(event.data)
                         except ValueError:
@@ -1512,7 +1657,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.answer_collected(assembler, failure, headers)
         if failure is None:
-            self.drain_for_reuse(conn, resp)
+            self.drain_for_reuse(conn, upstream)
 
     def finish_stream(self, failure):
         if failure is not None:
@@ -1538,18 +1683,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                          type="server_error" if failure_status(code) >= 500 else None,
                          headers=headers)
 
-    def drain_for_reuse(self, conn, resp):
-        """After the terminal event the backend ends its body; read that end so the
-        connection can serve the next turn. A body that lingers costs the connection."""
+    def drain_for_reuse(self, conn, upstream):
+        """After the terminal event the backend ends its body, usually in the same read; take
+        that end so the connection can serve the next turn. A body that lingers costs the
+        connection, not the client's time."""
         try:
-            conn.sock.settimeout(0.25)
-            while resp.read1(65536):
-                pass
-            conn.sock.settimeout(self.server.config.stream_idle_timeout)
+            if not upstream.complete:
+                conn.sock.settimeout(0.25)
+                while upstream.read():
+                    pass
+                conn.sock.settimeout(self.server.config.stream_idle_timeout)
         except (OSError, http.client.HTTPException, AttributeError):
             conn.close()
             return
-        self.release_or_close(conn, resp)
+        if upstream.finish():
+            self.server.pool.release(conn)
+        else:
+            conn.close()
 
 
 class QuotaTracker:
