@@ -613,6 +613,43 @@ class RewriteRequestTests(unittest.TestCase):
             proxy.decode_request_body(raw, "br")
         self.assertEqual(cm.exception.status, 415)
 
+    def test_parse_and_encode_keep_unchanged_values_as_sent(self):
+        raw = b'{ "model" : "m", "input": [ {"role": "user", "content": "h\\u00e9 \xc3\xa9"} ] ,"n": 1}'
+        body, text, spans = proxy.parse_json_object(raw)
+        self.assertEqual(body, json.loads(raw))
+        out, _ = proxy.rewrite_request(body, "D")
+        self.assertIs(out["input"], body["input"], "unchanged input keeps its identity")
+        encoded = proxy.encode_json_object(out, body, text, spans)
+        self.assertEqual(json.loads(encoded), out)
+        self.assertIn('[ {"role": "user", "content": "h\\u00e9 \u00e9"} ]'.encode(), encoded)
+        ascii_raw = b'{"input": [ 1, 2 ],"model": "m"}'
+        body, source, spans = proxy.parse_json_object(ascii_raw)
+        self.assertIs(source, ascii_raw, "ASCII bodies are spliced as bytes")
+        out, _ = proxy.rewrite_request(body, "D")
+        encoded = proxy.encode_json_object(out, body, source, spans)
+        self.assertIn(b'"input":[ 1, 2 ]', encoded)
+        self.assertEqual(json.loads(encoded), out)
+        self.assertEqual(proxy.encode_json_object({}, body, source, spans), b"{}")
+        # a changed input is encoded anew
+        body, text, spans = proxy.parse_json_object(b'{"input": [{"role": "system", "content": "s"}]}')
+        out, _ = proxy.rewrite_request(body, "D")
+        self.assertEqual(json.loads(proxy.encode_json_object(out, body, text, spans))["input"],
+                         [{"role": "developer", "content": "s"}])
+
+    def test_parse_json_object_errors(self):
+        for raw, phrase in ((b"[1]", "JSON object"), (b'"s"', "JSON object"),
+                            (b"{", "not valid JSON"), (b'{"a" 1}', "not valid JSON"),
+                            (b'{"a": 1} x', "not valid JSON"), (b'{"a": 1,}', "not valid JSON"),
+                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "not valid JSON"),
+                            (b'{"a": ' + b"[" * 100000 + b"}", "not valid JSON")):
+            with self.assertRaises(proxy.ProxyError) as cm:
+                proxy.parse_json_object(raw)
+            self.assertEqual(cm.exception.status, 400, raw[:20])
+            self.assertIn(phrase, cm.exception.message, raw[:20])
+        self.assertEqual(proxy.parse_json_object(b' {} ')[0], {})
+        self.assertEqual(proxy.parse_json_object(b'\xef\xbb\xbf{"a": 1}')[0], {"a": 1})
+        self.assertEqual(proxy.parse_json_object(b'{"a": 1, "a": 2}')[0], {"a": 2})
+
     def test_unsupported_parameter_detection(self):
         self.assertEqual(proxy.unsupported_parameter(
             400, b'{"detail":"Unsupported parameter: seed"}'), "seed")
