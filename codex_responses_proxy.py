@@ -1142,16 +1142,28 @@ class ConnectionPool:
             conn.close()
 
 
+def readable_sockets(socks, timeout):
+    """The sockets of socks with something to read (or EOF). poll() where there is one:
+    select() fails on descriptors past 1024, which a busy proxy reaches."""
+    if not hasattr(select, "poll"):
+        return select.select(socks, [], [], timeout)[0]
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        by_fd[sock.fileno()] = sock
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+    return [by_fd[fd] for fd, _ in poller.poll(timeout * 1000) if fd in by_fd]
+
+
 def _still_open(conn):
     """An idle connection the server has closed reads as EOF: readable with nothing in it."""
     sock = conn.sock
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        return not readable_sockets([sock], 0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
@@ -1317,7 +1329,7 @@ class HangupWatcher:
                     self._cond.wait()
                 entries = list(self._watched.values())
             try:
-                readable, _, _ = select.select([e["client"] for e in entries], [], [], self.POLL)
+                readable = readable_sockets([e["client"] for e in entries], self.POLL)
             except (OSError, ValueError):
                 readable = [e["client"] for e in entries]  # one was closed: check each
             for entry in entries:
