@@ -640,7 +640,9 @@ def parse_json_object(raw):
     stands in source, so encode_json_object() can send an unchanged value (a long `input`) on
     as the client's own bytes instead of encoding it again, which costs ~10 ms per 2 MB."""
     try:
-        text = raw.decode("utf-8-sig")
+        if raw[:3] == b"\xef\xbb\xbf":
+            raw = raw[3:]  # offsets in text must be offsets in raw (see the return below)
+        text = raw.decode("utf-8")
         pos = _JSON_SPACE.match(text).end()
         if text[pos:pos + 1] != "{":
             value = json.loads(text)  # valid but not an object, or invalid: say which below
@@ -1550,7 +1552,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return b""
-        if not length.strip().isdigit():
+        if not re.match(r"^[0-9]+$", length.strip()):  # not isdigit(): '\xb2' is a digit to it
+            self.close_connection = True  # the body's end is unknown: nothing after it is safe
             raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
         length = int(length)
         if length > limit:
@@ -1567,7 +1570,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         while True:
             line = self.rfile.readline(1024)
             try:
-                size = int(line.split(b";")[0].strip(), 16)
+                size_text = line.split(b";")[0].strip()
+                if not re.match(rb"^[0-9A-Fa-f]+$", size_text):  # int() takes '-1', '0x1', '1_0'
+                    raise ValueError(size_text)
+                size = int(size_text, 16)
             except ValueError:
                 self.close_connection = True
                 raise ProxyError(400, "Malformed chunked request body.", code="invalid_body")
@@ -1920,6 +1926,7 @@ def main(argv=None):
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        server.socket.close()  # refuse new connections now, not after the drain
         if not server.wait_idle(SHUTDOWN_GRACE):
             log.info("stopping with requests still in flight")
         server.server_close()

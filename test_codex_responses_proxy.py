@@ -8,12 +8,18 @@ carries "output": []. Run: python3 -m unittest -v
 
 import base64
 import collections
+import concurrent.futures
+import errno
 import gzip
 import http.client
 import io
 import json
 import os
 import random
+import re
+import select
+import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -23,6 +29,7 @@ import threading
 import time
 import unittest
 import zlib
+from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import codex_responses_proxy as proxy
@@ -277,7 +284,8 @@ class FakeBackend:
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:%d/backend-api/codex/responses" % self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
         self.thread.start()
 
     def check(self, headers, body):
@@ -341,7 +349,7 @@ class FakeOAuth:
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:%d/oauth/token" % self.server.server_port
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def answer(self, headers, raw):
         time.sleep(self.delay)
@@ -400,6 +408,7 @@ class ProxyTestCase(unittest.TestCase):
 
     def setUp(self):
         self.home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
         self.backend = FakeBackend()
         self.oauth = FakeOAuth(self.backend)
         self.addCleanup(self.backend.close)
@@ -1161,6 +1170,1005 @@ class RefreshTests(ProxyTestCase):
         for _ in range(5):
             self.assertEqual(self.post(simple_request())[0], 200)
         self.assertLessEqual(len(calls), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes, signals, atomic writes, secrets and bad input
+# --------------------------------------------------------------------------------------------
+
+LISTEN_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+def clean_env(**extra):
+    """The environment for a proxy subprocess: nothing that could point it at the real
+    ~/.codex, the real token endpoint or an HTTP proxy."""
+    env = dict(os.environ)
+    for name in ("CODEX_HOME", "CODEX_REFRESH_TOKEN_URL_OVERRIDE", "http_proxy", "https_proxy",
+                 "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def run_program(args, timeout=15, env=None):
+    return subprocess.run([sys.executable, PROGRAM] + list(args), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                          env=env or clean_env())
+
+
+class ProxyProcess:
+    """The program in a subprocess; its stderr collected line by line by a thread; killed in
+    the test's cleanup whatever happens."""
+
+    def __init__(self, testcase, args, env=None, start_timeout=10.0):
+        self.testcase = testcase
+        self.proc = subprocess.Popen([sys.executable, PROGRAM] + list(args),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=env or clean_env())
+        testcase.addCleanup(self.kill)
+        self.lines = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        line = self.wait_for("listening on http://", start_timeout)
+        self.port = int(LISTEN_RE.search(line).group(1))
+
+    def _read(self):
+        for raw in iter(self.proc.stderr.readline, b""):
+            with self.cond:
+                self.lines.append(raw.decode("utf-8", "replace"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append(None)  # EOF marker
+            self.cond.notify_all()
+
+    def text(self):
+        with self.cond:
+            return "".join(l for l in self.lines if l is not None)
+
+    def wait_for(self, needle, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if line is not None and needle in line:
+                        return line
+                if None in self.lines:
+                    self.testcase.fail("the proxy exited (%s) without printing %r:\n%s"
+                                       % (self.proc.poll(), needle, self.text()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.testcase.fail("no stderr line with %r within %gs:\n%s"
+                                       % (needle, timeout, self.text()))
+                self.cond.wait(left)
+
+    def wait_exit(self, timeout):
+        rc = self.proc.wait(timeout)
+        self.reader.join(5)
+        return rc
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.reader.join(5)
+        self.proc.stderr.close()
+
+    def request(self, method, path, body=None, headers=None, timeout=15):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            headers = dict(headers or {})
+            if isinstance(body, dict):
+                body = json.dumps(body).encode()
+                headers.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def post(self, body, **kw):
+        status, headers, data = self.request("POST", "/v1/responses", body, **kw)
+        return status, headers, data
+
+
+class ProcessTestCase(unittest.TestCase):
+    """Fake backend and fake OAuth server in this process; the proxy in a subprocess."""
+
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.backend = FakeBackend()
+        self.oauth = FakeOAuth(self.backend)
+        self.addCleanup(self.backend.close)
+        self.addCleanup(self.oauth.close)
+        self.token = access_token(3600)
+        self.backend.valid_tokens.add(self.token)
+
+    def spawn(self, *args, **kw):
+        env = kw.pop("env", None)
+        args = list(args)
+        if "--upstream-url" not in args:
+            args += ["--upstream-url", self.backend.url]
+        return ProxyProcess(self, args, env=env, **kw)
+
+    def write_valid_auth(self, home=None, **kw):
+        return write_auth(home or self.home, auth_document(access=self.token, **kw))
+
+    def write_expired_auth(self, home=None, **kw):
+        doc = auth_document(access=access_token(-10), **kw)
+        write_auth(home or self.home, doc)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        return doc
+
+
+class CommandLineTests(ProcessTestCase):
+    def test_version_prints_name_and_version_and_exits_0(self):
+        result = run_program(["--version"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().strip(),
+                         "codex-responses-proxy %s" % proxy.__version__)
+        self.assertRegex(proxy.__version__, r"^\d+\.\d+\.\d+")
+
+    def test_help_mentions_every_flag_and_has_examples(self):
+        result = run_program(["--help"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = result.stdout.decode()
+        for flag in ("--addr", "--port", "--instructions", "--debug", "--upstream-url",
+                     "--codex-home", "--client-version", "--originator",
+                     "--stream-idle-timeout", "--version"):
+            self.assertIn(flag, text)
+        self.assertIn("examples:", text)
+        examples = text.split("examples:", 1)[1]
+        self.assertIn("codex_responses_proxy.py", examples)
+        self.assertIn("CODEX_HOME", text)
+        self.assertIn("CODEX_REFRESH_TOKEN_URL_OVERRIDE", text)
+
+    def test_go_spellings_addr_instructions_debug(self):
+        self.write_valid_auth()
+        p = self.spawn("-addr", "127.0.0.1:0", "-instructions", "Answer in haiku.", "-debug",
+                       "--codex-home", self.home)
+        self.assertNotEqual(p.port, 0)
+        status, _, data = p.post(simple_request())  # no instructions in the request
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data)["output"][0]["content"][0]["text"], "Hello there!")
+        self.assertEqual(self.backend.requests[-1]["body"]["instructions"], "Answer in haiku.")
+        # -debug took effect: the rewritten body is logged
+        p.wait_for("debug: upstream request")
+        # a request with its own instructions keeps them
+        status, _, _ = p.post(simple_request(instructions="Be brief."))
+        self.assertEqual(status, 200)
+        self.assertEqual(self.backend.requests[-1]["body"]["instructions"], "Be brief.")
+
+    def test_go_spelling_with_equals_sign(self):
+        self.write_valid_auth()
+        p = self.spawn("-addr=127.0.0.1:0", "-instructions=From the Go tool.",
+                       "--codex-home", self.home)
+        self.assertEqual(p.post(simple_request())[0], 200)
+        self.assertEqual(self.backend.requests[-1]["body"]["instructions"], "From the Go tool.")
+
+    def test_bad_addr_is_a_usage_error(self):
+        for args in (["--addr", "nonsense"], ["--addr", "127.0.0.1:http"],
+                     ["--addr", "127.0.0.1:99999"], ["-addr", "127.0.0.1:"],
+                     ["--port", "70000"], ["--stream-idle-timeout", "0"]):
+            result = run_program(args + ["--codex-home", self.home])
+            err = result.stderr.decode()
+            self.assertEqual(result.returncode, 2, (args, err))
+            self.assertIn("usage:", err, args)
+            self.assertIn("error:", err, args)
+            self.assertNotIn("Traceback", err, args)
+            self.assertNotIn("listening", err, args)
+        err = run_program(["--addr", "nonsense"]).stderr.decode()
+        self.assertIn("--addr", err)
+        self.assertIn("HOST:PORT", err)
+
+    def test_port_0_prints_bound_address_and_serves(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        self.assertGreater(p.port, 0)
+        status, _, data = p.request("GET", "/healthz")
+        self.assertEqual((status, data), (200, b"ok\n"))
+
+    def test_startup_lines_describe_found_credentials(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        line = p.wait_for("ChatGPT login from")
+        self.assertIn(os.path.join(self.home, "auth.json"), line)
+        self.assertIn("account acct-file", line)  # tokens.account_id wins
+        self.assertIn("plan pro", line)           # from the id_token
+        self.assertIn("expires", line)
+        self.assertNotIn("will refresh", line)
+
+    def test_startup_without_auth_json_says_so_and_still_serves_healthz(self):
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        path = os.path.join(self.home, "auth.json")
+        line = p.wait_for("no usable login")
+        self.assertIn("No Codex login found", line)
+        self.assertIn(path, line)
+        status, _, data = p.request("GET", "/healthz")
+        self.assertEqual((status, data), (200, b"ok\n"))
+        status, _, data = p.post(simple_request())
+        body = json.loads(data)
+        self.assertEqual(status, 401, body)
+        self.assertIn(path, body["error"]["message"])
+        self.assertIn("codex login", body["error"]["message"])
+        self.assertEqual(self.backend.requests, [])
+
+
+# --------------------------------------------------------------------------------------------
+# 2-3. Environment: refresh URL override, CODEX_HOME / --codex-home
+# --------------------------------------------------------------------------------------------
+
+class EnvironmentTests(ProcessTestCase):
+    def test_refresh_url_override_env_var(self):
+        before = self.write_expired_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home,
+                       env=clean_env(CODEX_REFRESH_TOKEN_URL_OVERRIDE=self.oauth.url))
+        self.assertIn("will refresh", p.wait_for("ChatGPT login from"))
+        status, _, data = p.post(simple_request())
+        self.assertEqual(status, 200, data)
+        self.assertEqual(self.oauth.count, 1)
+        self.assertEqual(self.oauth.requests[0]["body"]["refresh_token"],
+                         before["tokens"]["refresh_token"])
+        after = read_auth(self.home)
+        self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
+        self.assertNotEqual(after["tokens"]["access_token"], before["tokens"]["access_token"])
+        self.assertEqual(self.backend.requests[-1]["headers"]["Authorization"],
+                         "Bearer " + after["tokens"]["access_token"])
+
+    def test_codex_home_env_and_flag_select_auth_json(self):
+        home_env = tempfile.mkdtemp(prefix="codex-home-env-")
+        home_flag = tempfile.mkdtemp(prefix="codex-home-flag-")
+        self.addCleanup(shutil.rmtree, home_env, True)
+        self.addCleanup(shutil.rmtree, home_flag, True)
+        token_env, token_flag = access_token(), access_token()
+        self.backend.valid_tokens.update((token_env, token_flag))
+        write_auth(home_env, auth_document(access=token_env, account_id="acct-env"))
+        write_auth(home_flag, auth_document(access=token_flag, account_id="acct-flag"))
+
+        p = self.spawn("--port", "0", env=clean_env(CODEX_HOME=home_env))
+        self.assertIn(os.path.join(home_env, "auth.json"), p.wait_for("ChatGPT login from"))
+        self.assertEqual(p.post(simple_request())[0], 200)
+        sent = self.backend.requests[-1]["headers"]
+        self.assertEqual(sent["Authorization"], "Bearer " + token_env)
+        self.assertEqual(sent["ChatGPT-Account-ID"], "acct-env")
+
+        # --codex-home wins over CODEX_HOME
+        q = self.spawn("--port", "0", "--codex-home", home_flag,
+                       env=clean_env(CODEX_HOME=home_env))
+        self.assertIn(os.path.join(home_flag, "auth.json"), q.wait_for("ChatGPT login from"))
+        self.assertEqual(q.post(simple_request())[0], 200)
+        sent = self.backend.requests[-1]["headers"]
+        self.assertEqual(sent["Authorization"], "Bearer " + token_flag)
+        self.assertEqual(sent["ChatGPT-Account-ID"], "acct-flag")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Signals
+# --------------------------------------------------------------------------------------------
+
+class SignalTests(ProcessTestCase):
+    TEXT = "0123456789" * 6  # 15 text deltas: a stream of 20 frames
+
+    def start_slow_stream(self, p, delay):
+        self.backend.replies.append(Reply(frames=stream_frames(text=self.TEXT), delay=delay))
+        result = {}
+
+        def client():
+            try:
+                status, _, data = p.request("POST", "/v1/responses",
+                                            simple_request(stream=True), timeout=20)
+                result.update(status=status, data=data, at=time.monotonic())
+            except Exception as e:  # reported by the assertions below
+                result["error"] = e
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not self.backend.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertTrue(self.backend.requests, "the request never reached the backend")
+        time.sleep(0.3)  # a few frames are out
+        return thread, result
+
+    def assert_complete_stream(self, result):
+        self.assertNotIn("error", result, result.get("error"))
+        self.assertEqual(result["status"], 200)
+        events = parse_sse(result["data"])
+        self.assertEqual(events[-1][0], "response.completed", events[-3:])
+        text = "".join(e[1]["delta"] for e in events if e[0] == "response.output_text.delta")
+        self.assertEqual(text, self.TEXT)
+        self.assertEqual(events[-1][1]["response"]["output"][0]["content"][0]["text"], self.TEXT)
+
+    def test_sigterm_finishes_inflight_stream_then_exits_0(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        thread, result = self.start_slow_stream(p, delay=0.1)
+        self.assertTrue(thread.is_alive())
+        sent = time.monotonic()
+        p.proc.send_signal(signal.SIGTERM)
+        thread.join(15)
+        self.assertFalse(thread.is_alive(), "the in-flight stream never ended")
+        self.assert_complete_stream(result)
+        rc = p.wait_exit(timeout=8)
+        self.assertEqual(rc, 0, p.text())
+        self.assertLess(time.monotonic() - sent, 6.0)
+        self.assertIn("received SIGTERM", p.text())
+        self.assertIn("stopped", p.text())
+        self.assertNotIn("Traceback", p.text())
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
+
+    def test_sigterm_does_not_leave_new_connections_hanging_while_draining(self):
+        # Once shutdown has begun, a new client must be refused (or answered) at once, not
+        # accepted into a listen queue nobody serves until the drain ends (up to 25 s).
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        thread, result = self.start_slow_stream(p, delay=0.15)  # about 3 s in all
+        p.proc.send_signal(signal.SIGTERM)
+        p.wait_for("received SIGTERM", 3)
+        time.sleep(0.8)  # serve_forever polls every 0.5 s: it has returned by now
+        self.assertTrue(thread.is_alive(), "the stream ended too early for this test")
+        outcome = None
+        started = time.monotonic()
+        try:
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=1)
+        except ConnectionRefusedError:
+            outcome = "refused"
+        else:
+            with s:
+                s.settimeout(0.5)
+                try:
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    data = s.recv(65536)
+                    outcome = "answered" if data.startswith(b"HTTP/1.1 ") else "closed"
+                except socket.timeout:
+                    outcome = "hung"
+                except OSError:
+                    outcome = "reset"
+        waited = time.monotonic() - started
+        self.assertNotEqual(outcome, "hung",
+                            "a connection made during shutdown got no answer and was not "
+                            "refused (stream still running: %s)" % thread.is_alive())
+        self.assertLess(waited, 1.0)
+        thread.join(15)
+        self.assert_complete_stream(result)
+        self.assertEqual(p.wait_exit(timeout=8), 0)
+
+    def test_sigint_without_requests_exits_0_quickly(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        self.assertEqual(p.request("GET", "/healthz")[0], 200)
+        sent = time.monotonic()
+        p.proc.send_signal(signal.SIGINT)
+        rc = p.wait_exit(timeout=5)
+        self.assertEqual(rc, 0, p.text())
+        self.assertLess(time.monotonic() - sent, 2.0)
+        self.assertIn("received SIGINT", p.text())
+        self.assertNotIn("KeyboardInterrupt", p.text())
+        self.assertNotIn("Traceback", p.text())
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. One refresh across processes
+# --------------------------------------------------------------------------------------------
+
+class CrossProcessRefreshTests(ProcessTestCase):
+    def test_two_processes_ten_requests_one_refresh(self):
+        before = self.write_expired_auth()
+        self.oauth.delay = 0.5
+        env = clean_env(CODEX_REFRESH_TOKEN_URL_OVERRIDE=self.oauth.url)
+        procs = [self.spawn("--port", "0", "--codex-home", self.home, env=env)
+                 for _ in range(2)]
+        results = []
+        lock = threading.Lock()
+
+        def one(p):
+            try:
+                status, _, data = p.post(simple_request(), timeout=20)
+            except Exception as e:
+                status, data = None, repr(e).encode()
+            with lock:
+                results.append((status, data))
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in procs for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        self.assertEqual([s for s, _ in results], [200] * 10, results)
+        self.assertFalse([d for _, d in results if b"refresh_token_reused" in d])
+        self.assertEqual(self.oauth.count, 1, [r["body"] for r in self.oauth.requests])
+        after = read_auth(self.home)
+        self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
+        self.assertNotEqual(after["tokens"]["refresh_token"], before["tokens"]["refresh_token"])
+        self.assertIn(after["tokens"]["access_token"], self.backend.valid_tokens)
+        self.assertFalse(proxy.Credentials(after).needs_refresh())
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.home, "auth.json")).st_mode),
+                         0o600)
+        for p in procs:
+            self.assertNotIn("token refresh failed", p.text())
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Atomic write of auth.json
+# --------------------------------------------------------------------------------------------
+
+class AtomicWriteTests(ProxyTestCase):
+    def expire(self, **kw):
+        doc = auth_document(access=access_token(-10), **kw)
+        write_auth(self.home, doc)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        return doc
+
+    def record_issued(self):
+        issued = []
+        original = self.oauth.answer
+
+        def answer(headers, raw):
+            status, body = original(headers, raw)
+            if status == 200:
+                issued.append(body)
+            return status, body
+
+        self.oauth.answer = answer
+        return issued
+
+    def leftovers(self):
+        return sorted(n for n in os.listdir(self.home) if n not in ("auth.json", "auth.json.lock"))
+
+    def check_failed_write(self, patch_target, replacement):
+        self.expire()
+        issued = self.record_issued()
+        path = os.path.join(self.home, "auth.json")
+        with open(path, "rb") as f:
+            original = f.read()
+        with mock.patch.object(*patch_target, new=replacement):
+            status, _, body = self.post(simple_request())
+            self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 1)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), original, "auth.json changed although the write failed")
+        self.assertEqual(self.leftovers(), [], "a temp file was left behind")
+        line = self.wait_for_log("could not write")
+        self.assertIn(path, line)
+        self.assertIn("No space left on device", line)
+        self.assertIn("only in this process", line)
+        # the refreshed tokens live on in memory: no second refresh (the old refresh token is
+        # used up, so one would fail), and the new access token is what goes out
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 1)
+        self.assertEqual(self.last_upstream()["headers"]["Authorization"],
+                         "Bearer " + issued[0]["access_token"])
+
+    def test_failed_rename_leaves_file_untouched_no_temp_and_answers(self):
+        path = os.path.join(self.home, "auth.json")
+        real_replace = os.replace
+
+        def failing_replace(src, dst, *a, **kw):
+            if os.path.abspath(dst) == os.path.abspath(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_replace(src, dst, *a, **kw)
+
+        self.check_failed_write((proxy.os, "replace"), failing_replace)
+
+    def test_write_failing_half_way_leaves_file_untouched_no_temp_and_answers(self):
+        def half_dump(obj, fp, *a, **kw):
+            text = json.dumps(obj, *a, **kw)
+            fp.write(text[:len(text) // 2])
+            fp.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.check_failed_write((proxy.json, "dump"), half_dump)
+
+    def test_reader_never_sees_partial_file_during_ten_refreshes(self):
+        self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
+        path = os.path.join(self.home, "auth.json")
+        stop = threading.Event()
+        seen = {"reads": 0, "bad": [], "tokens": set()}
+
+        def reader():
+            while not stop.is_set():
+                raw = b""
+                try:
+                    with open(path, "rb") as f:
+                        raw = f.read()
+                    doc = json.loads(raw.decode("utf-8"))
+                    if not doc["tokens"]["access_token"] or not doc["tokens"]["refresh_token"]:
+                        raise ValueError("tokens missing")
+                    seen["tokens"].add(doc["tokens"]["refresh_token"])
+                except Exception as e:
+                    seen["bad"].append("%s: %r" % (e.__class__.__name__, raw[:80]))
+                seen["reads"] += 1
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        try:
+            for _ in range(10):
+                self.backend.valid_tokens.clear()  # revoke: a 401 forces a refresh
+                status, _, body = self.post(simple_request())
+                self.assertEqual(status, 200, body)
+        finally:
+            stop.set()
+            thread.join(5)
+        self.assertEqual(self.oauth.count, 10)
+        self.assertEqual(seen["bad"], [])
+        self.assertGreater(seen["reads"], 50)
+        self.assertGreater(len(seen["tokens"]), 2)  # the reader did see rewrites happen
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+        self.assertEqual(self.leftovers(), [])
+
+    def test_unknown_keys_survive_and_mode_becomes_0600(self):
+        doc = auth_document(access=access_token(-10), future_top={"a": [1, 2]},
+                            another="x")
+        doc["tokens"]["future_token_field"] = {"nested": True}
+        doc["tokens"]["account_id"] = "acct-keep"
+        path = write_auth(self.home, doc, mode=0o644)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        after = read_auth(self.home)
+        self.assertEqual(after["future_top"], {"a": [1, 2]})
+        self.assertEqual(after["another"], "x")
+        self.assertEqual(after["auth_mode"], "chatgpt")
+        self.assertIn("OPENAI_API_KEY", after)
+        self.assertIsNone(after["OPENAI_API_KEY"])
+        self.assertEqual(after["tokens"]["future_token_field"], {"nested": True})
+        self.assertEqual(after["tokens"]["account_id"], "acct-keep")
+        self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. No secrets in logs or answers
+# --------------------------------------------------------------------------------------------
+
+class NoSecretsTests(ProcessTestCase):
+    def test_no_token_in_stderr_or_answers_with_debug(self):
+        secrets = set()
+        original = self.oauth.answer
+
+        def answer(headers, raw):
+            status, body = original(headers, raw)
+            if isinstance(body, dict):
+                secrets.update(v for k, v in body.items()
+                               if k in ("access_token", "refresh_token", "id_token"))
+            return status, body
+
+        self.oauth.answer = answer
+
+        def write(doc):
+            write_auth(self.home, doc)
+            secrets.update(v for v in doc["tokens"].values() if v and v.startswith(("ey", "rt")))
+            return doc
+
+        write(auth_document(access=self.token, refresh="rt-first-secret-0001"))
+        p = self.spawn("--port", "0", "--codex-home", self.home, "--debug",
+                       env=clean_env(CODEX_REFRESH_TOKEN_URL_OVERRIDE=self.oauth.url))
+        answers = []
+
+        def post(body, expected):
+            status, headers, data = p.post(body)
+            answers.append(repr(headers).encode() + data)
+            self.assertEqual(status, expected, data)
+
+        post(simple_request(), 200)                  # normal
+        post(simple_request(stream=True), 200)       # normal, streamed
+        doc = write(auth_document(access=access_token(-10), refresh="rt-second-secret-0002"))
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        post(simple_request(), 200)                  # refresh
+        self.assertEqual(self.oauth.count, 1)
+        write(auth_document(access=access_token(-10), refresh="rt-third-secret-0003"))
+        self.oauth.failure = (503, {"error": "temporarily_unavailable"})
+        post(simple_request(), 502)                  # failed refresh, transient
+        self.oauth.failure = (400, {"error": {"code": "refresh_token_expired",
+                                              "message": "expired"}})
+        post(simple_request(), 401)                  # failed refresh, permanent
+        self.oauth.failure = None
+        revoked = access_token(3600)                 # valid-looking but refused by the backend
+        doc = write(auth_document(access=revoked, refresh="rt-fourth-secret-0004"))
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        post(simple_request(stream=True), 200)       # backend 401, refresh, retry
+        self.backend.check = lambda headers, body: (401, "Unauthorized")
+        post(simple_request(), 401)                  # 401 even after a refresh
+        self.assertGreaterEqual(self.oauth.count, 5)
+        p.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait_exit(10), 0)
+        log = p.text()
+        self.assertIn("debug: upstream request", log)
+        self.assertIn("refreshing the access token", log)
+        self.assertIn("token refresh failed", log)
+        self.assertIn("backend answered 401", log)
+        self.assertGreaterEqual(len(secrets), 12)
+        everything = log + "\n".join(a.decode("utf-8", "replace") for a in answers)
+        for secret in sorted(secrets):
+            for piece in (secret, secret[-16:]):
+                self.assertNotIn(piece, everything, "a token (or its tail) was written out")
+        self.assertIsNone(re.search(r"eyJ[A-Za-z0-9_-]{10,}\.", everything))
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Bad input over raw sockets
+# --------------------------------------------------------------------------------------------
+
+def parse_http_responses(data, head_request=False):
+    """([(status, headers, body)], complete): the whole responses in data, and whether data
+    ends exactly after the last one."""
+    out, pos = [], 0
+    while pos < len(data):
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return out, False
+        head = data[pos:end].decode("latin-1").split("\r\n")
+        m = re.match(r"HTTP/1\.[01] (\d{3})", head[0])
+        if not m:
+            raise AssertionError("not an HTTP response: %r" % data[pos:pos + 120])
+        status = int(m.group(1))
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        pos = end + 4
+        if 100 <= status < 200:
+            out.append((status, headers, b""))
+            continue
+        if head_request:
+            out.append((status, headers, b""))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                line_end = data.find(b"\r\n", pos)
+                if line_end < 0:
+                    return out, False
+                size = int(data[pos:line_end], 16)
+                pos = line_end + 2
+                if size == 0:
+                    if len(data) < pos + 2:
+                        return out, False
+                    pos += 2
+                    break
+                if len(data) < pos + size + 2:
+                    return out, False
+                parts.append(data[pos:pos + size])
+                pos += size + 2
+            out.append((status, headers, b"".join(parts)))
+        elif "content-length" in headers:
+            n = int(headers["content-length"])
+            if len(data) < pos + n:
+                return out, False
+            out.append((status, headers, data[pos:pos + n]))
+            pos += n
+        else:
+            out.append((status, headers, data[pos:]))
+            pos = len(data)
+    return out, True
+
+
+def exchange(port, data, answer_wait=2.0, close_wait=2.0):
+    """Send data; wait up to answer_wait for a whole answer, then half-close and wait up to
+    close_wait for the server to close. -> (bytes received, how it ended): "closed", "reset"
+    or "hung" (the server neither answered nor closed after our half-close)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    buf = b""
+    try:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass  # the server may close early (414, 431) while we still send
+        half_closed = False
+        deadline = time.monotonic() + answer_wait
+        head = data.startswith(b"HEAD ")
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if half_closed:
+                    return buf, "hung"
+                try:
+                    s.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                half_closed = True
+                deadline = time.monotonic() + close_wait
+                continue
+            readable, _, _ = select.select([s], [], [], left)
+            if not readable:
+                continue
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                return buf, "reset"
+            if not chunk:
+                return buf, "closed"
+            buf += chunk
+            if not half_closed:
+                try:
+                    responses, complete = parse_http_responses(buf, head)
+                except (AssertionError, ValueError):
+                    continue
+                if complete and responses and responses[-1][0] >= 200:
+                    try:
+                        s.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    half_closed = True
+                    deadline = time.monotonic() + close_wait
+    finally:
+        s.close()
+
+
+class BadInputTests(ProxyTestCase):
+    def raw(self, data, timeout=10):
+        try:
+            return raw_exchange(self.port, data, timeout=timeout)
+        except socket.timeout:
+            self.fail("no answer and no close within %gs for %r" % (timeout, data[:120]))
+
+    def assert_json_error(self, data, status):
+        responses, complete = parse_http_responses(data)
+        self.assertTrue(responses, data[:300])
+        got, headers, body = responses[0]
+        self.assertEqual(got, status, data[:400])
+        self.assertTrue(headers.get("content-type", "").startswith("application/json"), headers)
+        parsed = json.loads(body)
+        self.assertIsInstance(parsed.get("error"), dict, parsed)
+        self.assertTrue(parsed["error"].get("message"), parsed)
+        return parsed
+
+    def assert_healthy(self):
+        status, _, data = self.request("GET", "/healthz")
+        self.assertEqual((status, data), (200, b"ok\n"))
+
+    def post_raw(self, body, headers=b"", close=True):
+        return (b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n" + headers
+                + (b"Connection: close\r\n" if close else b"")
+                + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def test_request_line_over_64k_is_414(self):
+        data = self.raw(b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assert_json_error(data, 414)
+        self.assert_healthy()
+
+    def test_header_line_over_64k_is_431(self):
+        data = self.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * (70 * 1024)
+                        + b"\r\n\r\n")
+        self.assert_json_error(data, 431)
+        self.assert_healthy()
+
+    def test_too_many_headers_is_431(self):
+        headers = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+        data = self.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        self.assert_json_error(data, 431)
+        self.assert_healthy()
+
+    def test_invalid_content_length_is_400(self):
+        for value in (b"abc", b"-5", b"1_0", b"0x10", b"5 5"):
+            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                            b"Content-Length: " + value + b"\r\n\r\n{}")
+            with self.subTest(value=value):
+                self.assert_json_error(data, 400)
+        self.assert_healthy()
+
+    def test_invalid_content_length_closes_the_connection(self):
+        # The body's end is unknown: the bytes after the headers must not be taken as the
+        # next request (request smuggling).
+        smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        data, how = exchange(self.port, b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: abc\r\n\r\n" + smuggled, answer_wait=1.0,
+                             close_wait=1.0)
+        responses, _ = parse_http_responses(data)
+        self.assertEqual([r[0] for r in responses], [400],
+                         "the body of a request with an invalid Content-Length was served "
+                         "as a request of its own: %r" % data[-200:])
+        self.assertEqual(how, "closed")
+
+    def test_non_ascii_digit_content_length_is_400(self):
+        # '\xb2' (superscript two) is str.isdigit() but not an int()
+        for value in (b"\xb2", b"1\xb9", b"\xb3"):
+            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                            b"Content-Length: " + value + b"\r\n\r\n{}")
+            with self.subTest(value=value):
+                self.assert_json_error(data, 400)
+        self.assert_healthy()
+
+    def test_body_over_limit_is_413_without_reading_it(self):
+        started = time.monotonic()
+        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % (proxy.DEFAULT_MAX_BODY_BYTES + 1),
+                        timeout=5)
+        self.assertLess(time.monotonic() - started, 3)
+        body = self.assert_json_error(data, 413)
+        self.assertEqual(body["error"]["code"], "request_too_large")
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_chunked_body_valid_and_malformed(self):
+        body = json.dumps(simple_request()).encode()
+        half = len(body) // 2
+        chunked = (b"%X\r\n%s\r\n%X;ext=1\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n"
+                   % (half, body[:half], len(body) - half, body[half:]))
+        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + chunked)
+        responses, _ = parse_http_responses(data)
+        self.assertEqual(responses[0][0], 200, data[:400])
+        self.assertEqual(json.loads(responses[0][2])["output"][0]["content"][0]["text"],
+                         "Hello there!")
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "say hi")
+        for bad in (b"zz\r\n{}\r\n0\r\n\r\n", b"\r\n{}\r\n0\r\n\r\n"):
+            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n" + bad, timeout=5)
+            with self.subTest(bad=bad):
+                self.assert_json_error(data, 400)
+        self.assert_healthy()
+
+    def test_negative_chunk_size_is_400_not_a_hang(self):
+        # int('-1', 16) == -1, and rfile.read(-1) reads until the client closes: the
+        # connection hangs, and the body-size limit is bypassed.
+        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n-1\r\n{}\r\n0\r\n\r\n", timeout=2)
+        self.assert_json_error(data, 400)
+        self.assert_healthy()
+
+    def test_invalid_utf8_deep_nesting_and_wrong_types_are_400(self):
+        cases = [b'{"model": "gpt-5.1-codex", "input": "bad \xff\xfe utf-8"}',
+                 b'{"model": "gpt-5.1-codex", "input": "\xc3("}',
+                 b"[" * 100000,
+                 b'{"input":' * 50000 + b'"x"' + b"}" * 50000]
+        for field, value in (("model", 5), ("input", 5), ("input", {"a": 1}),
+                             ("instructions", ["x"]), ("tools", {}), ("include", "x"),
+                             ("reasoning", []), ("text", "x"), ("model", ["gpt"])):
+            body = simple_request()
+            body[field] = value  # (not simple_request(text=...): that is its input)
+            cases.append(json.dumps(body).encode())
+        for body in cases:
+            data = self.raw(self.post_raw(body))
+            with self.subTest(body=body[:60]):
+                self.assert_json_error(data, 400)
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_utf8_bom_body_is_accepted_and_forwarded_intact(self):
+        # Some Windows tools prefix JSON with a UTF-8 BOM; the body must reach the backend as
+        # the same JSON, not shifted by the BOM's three bytes.
+        tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+        request = {"model": "gpt-5.1-codex", "tools": tools, "input": [
+            {"type": "message", "role": "user",
+             "content": [{"type": "input_text", "text": "hi"}]}]}
+        for text in ("hi", "h\u00e9"):  # ASCII body, and one with a non-ASCII character
+            request["input"][0]["content"][0]["text"] = text
+            raw = b"\xef\xbb\xbf" + json.dumps(request, ensure_ascii=False).encode("utf-8")
+            data = self.raw(self.post_raw(raw))
+            responses, _ = parse_http_responses(data)
+            with self.subTest(text=text):
+                self.assertEqual(responses[0][0], 200, data[-300:])
+                sent = self.last_upstream()["body"]
+                self.assertIsInstance(sent, dict, self.last_upstream()["raw"][:300])
+                self.assertEqual(sent["tools"], tools)
+                self.assertEqual(sent["input"], request["input"])
+
+    # -- fuzz -------------------------------------------------------------------------
+
+    KNOWN_METHODS = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")
+    TOKENS = (b"\r\n", b": ", b" ", b"\x00", b"0", b"9", b"-", b"chunked", b"\r\n\r\n",
+              b"Content-Length: ", b"Transfer-Encoding: ", b"gzip", b"{", b"\"", b"\xff")
+    HEADER_NAMES = (b"Content-Length", b"Transfer-Encoding", b"Content-Encoding", b"Expect",
+                    b"Upgrade", b"Connection", b"session_id", b"x-codex-turn-state", b"Host")
+
+    def base_requests(self):
+        body = json.dumps(simple_request()).encode()
+        stream_body = json.dumps(simple_request(stream=True, temperature=0.5)).encode()
+        head = b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        gz = gzip.compress(body)
+        return [
+            head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            head + b"Content-Length: %d\r\n\r\n%s" % (len(stream_body), stream_body),
+            head + b"Transfer-Encoding: chunked\r\n\r\n%X\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+            head + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(gz), gz),
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        ]
+
+    def mutate(self, rng, data):
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.randrange(8)
+            if kind == 0 and data:  # flip bytes
+                data = bytearray(data)
+                for _ in range(rng.randint(1, 4)):
+                    i = rng.randrange(len(data))
+                    data[i] ^= rng.randrange(1, 256)
+                data = bytes(data)
+            elif kind == 1:  # insert random bytes or a token
+                i = rng.randrange(len(data) + 1)
+                ins = (bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+                       if rng.random() < 0.5 else rng.choice(self.TOKENS))
+                data = data[:i] + ins + data[i:]
+            elif kind == 2 and data:  # delete a slice
+                i = rng.randrange(len(data))
+                data = data[:i] + data[i + rng.randint(1, 16):]
+            elif kind == 3 and data:  # truncate
+                data = data[:rng.randrange(len(data))]
+            elif kind == 4:  # a random header
+                name = (rng.choice(self.HEADER_NAMES) if rng.random() < 0.5 else
+                        bytes(rng.choice(b"abcxyzXZ-_09:; \t\x7f\x80") for _ in
+                              range(rng.randint(1, 12))))
+                value = bytes(rng.choice(b"0123456789abcdef ,;=-\t\x00\x80\xb2\xff")
+                              for _ in range(rng.randint(0, 12)))
+                i = data.find(b"\r\n") + 2 if b"\r\n" in data else 0
+                data = data[:i] + name + b": " + value + b"\r\n" + data[i:]
+            elif kind == 5:  # duplicate a line
+                lines = data.split(b"\r\n")
+                i = rng.randrange(len(lines))
+                lines.insert(i, lines[i])
+                data = b"\r\n".join(lines)
+            elif kind == 6:  # bare LF line ends
+                data = data.replace(b"\r\n", b"\n")
+            else:  # change a number
+                data = re.sub(rb"\d+", lambda m: str(rng.choice(
+                    [0, 1, -1, 10 ** 12, int(m.group()) + rng.randint(-5, 5)])).encode(),
+                    data, count=1)
+        return data
+
+    def test_fuzzed_requests_never_5xx_never_hang(self):
+        rng = random.Random(1234)
+        bases = self.base_requests()
+        cases = [self.mutate(rng, rng.choice(bases)) for _ in range(200)]
+        port = self.port
+
+        def run(data):
+            return data, exchange(port, data, answer_wait=0.5, close_wait=2.0)
+
+        problems = []
+        statuses = collections.Counter()
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for data, (answer, how) in pool.map(run, cases):
+                if how == "hung":
+                    problems.append(("hung connection", data[:200], answer[:200]))
+                    continue
+                try:
+                    responses, _ = parse_http_responses(answer, data.startswith(b"HEAD "))
+                except (AssertionError, ValueError) as e:
+                    problems.append(("unparseable answer %s" % e, data[:200], answer[:200]))
+                    continue
+                method = data.split(b" ", 1)[0]
+                for status, headers, body in responses:
+                    statuses[status] += 1
+                    if 500 <= status < 600:
+                        if status in (502, 504):
+                            continue  # from the backend
+                        if status == 501 and method not in self.KNOWN_METHODS:
+                            continue  # RFC 9110: unknown method
+                        if status == 505:
+                            continue  # RFC 9110: HTTP version not supported
+                        problems.append(("HTTP %d" % status, data[:200], body[:300]))
+                    elif status >= 400 and body:
+                        try:
+                            ok = isinstance(json.loads(body).get("error"), dict)
+                        except ValueError:
+                            ok = False
+                        if not ok:
+                            problems.append(("non-JSON %d" % status, data[:200], body[:200]))
+        elapsed = time.monotonic() - started
+        if os.environ.get("FUZZ_STATS"):
+            print("fuzz statuses %s in %.2fs" % (dict(statuses), elapsed))
+        self.assertEqual(problems, [], "fuzz problems (statuses %s)" % dict(statuses))
+        self.assertGreater(statuses[200], 5, dict(statuses))
+        self.assertGreater(sum(v for k, v in statuses.items() if 400 <= k < 500), 20)
+        self.assertLess(elapsed, 15)
+        self.assert_healthy()
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 if __name__ == "__main__":
