@@ -56,6 +56,7 @@ __version__ = "0.1.0"
 
 DEFAULT_ADDR = "127.0.0.1:8787"
 DEFAULT_UPSTREAM_URL = "https://chatgpt.com/backend-api/codex/responses"
+API_UPSTREAM_URL = "https://api.openai.com/v1/responses"  # API-key mode
 DEFAULT_CLIENT_VERSION = "0.169.0"  # the backend gates models on the `version` header
 DEFAULT_ORIGINATOR = "codex_cli_rs"
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Follow the user's and developer's instructions."
@@ -69,6 +70,8 @@ OAUTH_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 CONNECT_TIMEOUT = 30.0
 REFRESH_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 25.0  # systemd's default stop timeout is 90 s; in-flight turns get most of it
+MODELS_CACHE_SECONDS = 300  # as the Codex CLI caches its model list
+API_KEY_LIMIT = 1024
 
 HELP_EPILOG = """\
 examples:
@@ -77,6 +80,9 @@ examples:
   python3 codex_responses_proxy.py --port 0 --debug
       any free port (printed at start), log rewritten bodies and stream events
   python3 codex_responses_proxy.py --codex-home /srv/codex --instructions "Answer tersely."
+  printenv OPENAI_API_KEY | python3 codex_responses_proxy.py --api-key-stdin --port 0 \
+      --server-info /run/user/1000/proxy.json --http-shutdown
+      API-key mode (like `codex responses-api-proxy`): forward to api.openai.com as is
 
   curl -s http://127.0.0.1:8787/v1/responses -H 'Content-Type: application/json' \\
        -d '{"model": "gpt-5.1-codex", "input": "say hi"}'
@@ -95,21 +101,30 @@ class Config:
     """Everything the server needs, resolved once from the command line and the environment."""
 
     def __init__(self, host="127.0.0.1", port=8787, instructions=DEFAULT_INSTRUCTIONS,
-                 debug=False, upstream_url=DEFAULT_UPSTREAM_URL, codex_home=None,
+                 debug=False, upstream_url=None, codex_home=None,
                  client_version=DEFAULT_CLIENT_VERSION, originator=DEFAULT_ORIGINATOR,
                  stream_idle_timeout=DEFAULT_STREAM_IDLE_TIMEOUT, refresh_url=None,
-                 max_body_bytes=DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes=DEFAULT_MAX_BODY_BYTES, api_key_header=None,
+                 api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None):
         self.host = host
         self.port = port
         self.instructions = instructions
         self.debug = debug
-        self.upstream_url = upstream_url
+        # API-key mode when a key is given: b"Bearer <key>", built once (see read_api_key).
+        self.api_key_header = api_key_header
+        self.api_key_source = api_key_source
+        self.mode = "apikey" if api_key_header else "chatgpt"
+        self.upstream_url = upstream_url or (API_UPSTREAM_URL if api_key_header
+                                             else DEFAULT_UPSTREAM_URL)
         self.codex_home = codex_home or default_codex_home()
         self.client_version = client_version
         self.originator = originator
         self.stream_idle_timeout = stream_idle_timeout
         self.refresh_url = refresh_url or os.environ.get(REFRESH_URL_ENV) or REFRESH_URL
         self.max_body_bytes = max_body_bytes
+        self.server_info = server_info
+        self.http_shutdown = http_shutdown
+        self.dump_dir = dump_dir
 
     @property
     def auth_path(self):
@@ -150,8 +165,9 @@ def build_arg_parser():
                    help="instructions sent when a request has none (the backend requires some)")
     p.add_argument("--debug", "-debug", action="store_true",
                    help="log rewritten request bodies and stream events (secrets redacted)")
-    p.add_argument("--upstream-url", default=DEFAULT_UPSTREAM_URL, metavar="URL",
-                   help="backend to forward to (default %(default)s)")
+    p.add_argument("--upstream-url", metavar="URL",
+                   help="where to forward (default %s; in API-key mode %s)"
+                        % (DEFAULT_UPSTREAM_URL, API_UPSTREAM_URL))
     p.add_argument("--codex-home", metavar="DIR",
                    help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
     p.add_argument("--client-version", default=DEFAULT_CLIENT_VERSION, metavar="V",
@@ -162,11 +178,23 @@ def build_arg_parser():
     p.add_argument("--stream-idle-timeout", type=positive_float,
                    default=DEFAULT_STREAM_IDLE_TIMEOUT, metavar="SECONDS",
                    help="give up on an upstream stream silent this long (default %(default)g)")
+    p.add_argument("--api-key-stdin", action="store_true",
+                   help="API-key mode: read an OpenAI API key from standard input at start and "
+                        "forward requests unchanged with it (an auth.json holding only an API "
+                        "key selects this mode too)")
+    p.add_argument("--server-info", metavar="FILE",
+                   help='after binding, write {"port": N, "pid": P} to FILE')
+    p.add_argument("--http-shutdown", action="store_true",
+                   help="let GET /shutdown stop the proxy")
+    p.add_argument("--dump-dir", metavar="DIR",
+                   help="write each upstream exchange as JSON files to DIR (credentials "
+                        "redacted)")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
 
-def parse_config(argv=None):
+def parse_config(argv=None, stdin=None):
+    """Config from the command line; with --api-key-stdin the key is read from stdin here."""
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     try:
@@ -177,10 +205,77 @@ def parse_config(argv=None):
         if not 0 <= args.port <= 65535:
             parser.error("--port must be between 0 and 65535")
         port = args.port
+    key_header = key_source = None
+    codex_home = args.codex_home or default_codex_home()
+    if args.api_key_stdin:
+        stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+        try:
+            key_header = read_api_key(getattr(stream, "raw", stream))
+        except ValueError as e:
+            parser.error("--api-key-stdin: %s" % e)
+        key_source = "standard input"
+    else:
+        key_header = api_key_from_auth_file(os.path.join(codex_home, "auth.json"))
+        key_source = key_header and os.path.join(codex_home, "auth.json")
     return Config(host=host, port=port, instructions=args.instructions, debug=args.debug,
-                  upstream_url=args.upstream_url, codex_home=args.codex_home,
+                  upstream_url=args.upstream_url, codex_home=codex_home,
                   client_version=args.client_version, originator=args.originator,
-                  stream_idle_timeout=args.stream_idle_timeout)
+                  stream_idle_timeout=args.stream_idle_timeout, api_key_header=key_header,
+                  api_key_source=key_source, server_info=args.server_info,
+                  http_shutdown=args.http_shutdown, dump_dir=args.dump_dir)
+
+
+_API_KEY_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def read_api_key(stream):
+    """One line from stream -> b"Bearer <key>". The key is read into a bytearray that is zeroed
+    afterwards, and the header is built once; Python cannot promise more (see README)."""
+    if stream is None:
+        raise ValueError("there is no standard input to read the key from")
+    buf = bytearray(API_KEY_LIMIT + 3)  # room to notice a key that is too long
+    view = memoryview(buf)
+    try:
+        n = 0
+        while n < len(buf):
+            got = stream.readinto(view[n:])
+            if not got:
+                break
+            n += got
+        end = n
+        if end and buf[end - 1] == 10:
+            end -= 1
+            if end and buf[end - 1] == 13:
+                end -= 1
+        if n == len(buf) or end > API_KEY_LIMIT:
+            raise ValueError("the key is longer than %d bytes" % API_KEY_LIMIT)
+        if end == 0:
+            raise ValueError("standard input was empty; pipe the key in, e.g. "
+                             "`printenv OPENAI_API_KEY | ...`")
+        if any(buf[i] not in _API_KEY_BYTES for i in range(end)):
+            # Never echo the input: it may be a key with a stray character.
+            raise ValueError("the key must be one line of the characters A-Z a-z 0-9 _ -")
+        return b"Bearer " + view[:end]
+    finally:
+        view.release()
+        buf[:] = bytes(len(buf))
+
+
+def api_key_from_auth_file(path):
+    """b"Bearer <key>" when auth.json holds an API-key login (and no ChatGPT tokens)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    tokens = data.get("tokens")
+    key = data.get("OPENAI_API_KEY")
+    has_tokens = isinstance(tokens, dict) and bool(tokens.get("access_token"))
+    if isinstance(key, str) and key and (data.get("auth_mode") == "apikey" or not has_tokens):
+        return ("Bearer " + key).encode("latin-1", "replace")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,16 +480,21 @@ def read_auth_file(path):
 
 
 def write_auth_file(path, data):
-    """Atomic replace: a crash at any point leaves the old file or the new one, never half."""
+    write_file_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")), 0o600)
+
+
+def write_file_atomic(path, write, mode):
+    """Atomic replace: a crash at any point leaves the old file or the new one, never half.
+    write(f) fills the temporary file."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".auth.json.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -507,8 +607,7 @@ class AuthStore:
         self._lock = threading.Lock()
         self._cache_key = None
         self._cache = None
-        self.last_refresh_at = None
-        self.last_refresh_error = None
+        self.last_refresh = None  # {"at", "ok", "error"} of the last attempt, for /status
 
     def _stat_key(self):
         try:
@@ -545,6 +644,9 @@ class AuthStore:
                     return creds
                 return self._refresh(creds)
 
+    def _note_refresh(self, error):
+        self.last_refresh = {"at": rfc3339_now(), "ok": error is None, "error": error}
+
     @staticmethod
     def _stale(creds, rejected_token):
         if rejected_token is not None:
@@ -566,9 +668,9 @@ class AuthStore:
                 if fresh.refresh_token != creds.refresh_token:
                     self.log.info("refresh token was already rotated by another process; "
                                   "using its tokens")
-                    self.last_refresh_error = None
+                    self._note_refresh(None)
                     return fresh
-            self.last_refresh_error = str(e)
+            self._note_refresh(str(e))
             self.log.info("token refresh failed: %s" % e)
             if e.permanent:
                 raise ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
@@ -590,8 +692,7 @@ class AuthStore:
             # The old refresh token is used up now: say loudly that the new one is only in memory.
             self.log.info("warning: could not write %s (%s); the refreshed tokens live only in "
                           "this process" % (self.path, e.strerror or e))
-        self.last_refresh_at = time.time()
-        self.last_refresh_error = None
+        self._note_refresh(None)
         self._cache_key = self._stat_key()
         self._cache = Credentials(data)
         self.log.info("access token refreshed")
@@ -1084,6 +1185,13 @@ FORWARDED_RESPONSE_HEADERS = ("retry-after", "x-request-id", "x-oai-request-id",
 FORWARDED_REQUEST_HEADERS = ("x-openai-subagent", "x-client-request-id")
 
 
+def upstream_url_for(url, endpoint):
+    """The backend's URL for another endpoint: .../codex/responses -> .../codex/models."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rsplit("/", 1)[0] + "/" + endpoint
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
 def forwarded_response_headers(headers):
     return [(k, v) for k, v in headers
             if k.lower().startswith("x-codex-") or k.lower() in FORWARDED_RESPONSE_HEADERS]
@@ -1172,8 +1280,8 @@ STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
                            ConnectionAbortedError, BrokenPipeError, http.client.BadStatusLine)
 
 
-def send_upstream(pool, url, body, headers, read_timeout):
-    """POST `body` to `url`; returns (connection, response) once the status line and headers
+def send_upstream(pool, url, body, headers, read_timeout, method="POST"):
+    """Send the request; returns (connection, response) once the status line and headers
     are in. A reused connection that turns out dead before any byte of an answer is retried
     once on a fresh one: the request never reached a live server."""
     parts = urllib.parse.urlsplit(url)
@@ -1188,7 +1296,7 @@ def send_upstream(pool, url, body, headers, read_timeout):
                 conn.connect()
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sock.settimeout(read_timeout)
-            conn.request("POST", target, body=body, headers=headers)
+            conn.request(method, target, body=body, headers=headers)
             return conn, conn.getresponse()
         except STALE_CONNECTION_ERRORS as e:
             conn.close()
@@ -1357,6 +1465,79 @@ def _peer_closed(sock):
 
 
 # --------------------------------------------------------------------------------------------
+# Exchange dumps (--dump-dir), in the Codex CLI's responses-api-proxy format
+# --------------------------------------------------------------------------------------------
+
+REDACTED_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+
+
+def dump_headers(headers):
+    return [{"name": k, "value": "[REDACTED]" if k.lower() in REDACTED_HEADERS else
+             (v.decode("latin-1") if isinstance(v, bytes) else str(v))} for k, v in headers]
+
+
+def dump_body(body):
+    """JSON when it parses, else the text (a stream: its raw SSE)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+class ExchangeDumper:
+    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600."""
+
+    def __init__(self, directory, log):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.directory = directory
+        self.log = log
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def request(self, method, url, headers, body):
+        with self._lock:
+            seq, self._next = self._next, self._next + 1
+        prefix = os.path.join(self.directory, "%06d-%d" % (seq, int(time.time() * 1000)))
+        self._write(prefix + "-request.json", {"method": method, "url": url,
+                                               "headers": dump_headers(headers),
+                                               "body": dump_body(body or b"")})
+        return ExchangeDump(self, prefix + "-response.json")
+
+    def _write(self, path, obj):
+        data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
+
+
+class ExchangeDump:
+    """The response half: the body is gathered as it is relayed and written at the end."""
+
+    def __init__(self, dumper, path):
+        self.dumper = dumper
+        self.path = path
+        self.status = None
+        self.headers = []
+        self.body = bytearray()
+        self.written = False
+
+    def answer(self, status, headers):
+        self.status, self.headers = status, headers
+
+    def finish(self, body=b""):
+        if self.written:
+            return
+        self.written = True
+        self.body += body
+        self.dumper._write(self.path, {"status": self.status,
+                                       "headers": dump_headers(self.headers),
+                                       "body": dump_body(bytes(self.body))})
+
+
+# --------------------------------------------------------------------------------------------
 # The HTTP handler and its routes
 # --------------------------------------------------------------------------------------------
 
@@ -1366,6 +1547,10 @@ class ClientGone(Exception):
 
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade")
+# API-key mode copies the client's headers, as codex responses-api-proxy does, except these:
+# ours replace them (Authorization, Host, Content-Length) or they are the client's own secrets.
+NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "cookie",
+                                    "x-api-key", "expect")
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -1376,6 +1561,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     ROUTES = {
         "/v1/responses": {"POST": "handle_responses"},
         "/responses": {"POST": "handle_responses"},
+        "/v1/models": {"GET": "handle_models"},
+        "/models": {"GET": "handle_models"},
+        "/status": {"GET": "handle_status"},
+        "/shutdown": {"GET": "handle_shutdown"},
         "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
     }
 
@@ -1422,6 +1611,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server.request_started()
         try:
             methods = self.ROUTES.get(path)
+            if path == "/shutdown" and not server.config.http_shutdown:
+                methods = None
             if methods is None:
                 raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
                                  % path, code="not_found")
@@ -1449,7 +1640,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
                                             % e.__class__.__name__, code="internal_error"))
         finally:
-            server.request_finished()
+            server.request_finished(self.status_sent)
             self.log_request_line(method, path)
 
     # -- responses ------------------------------------------------------------------------
@@ -1589,9 +1780,138 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             self.rfile.readline(1024)
 
+    def handle_status(self):
+        self.send_json(200, self.server.status())
+
+    def handle_shutdown(self):
+        self.send_json(200, {"status": "shutting down"})
+        self.close_connection = True
+        self.server.begin_shutdown("GET /shutdown")
+
+    def handle_models(self):
+        server = self.server
+        if server.config.mode == "apikey":
+            url = upstream_url_for(server.config.upstream_url, "models")
+            return self.forward_as_is("GET", url, None)
+        self.send_json(200, server.models.get(self.fetch_models, server.log))
+
+    def fetch_models(self):
+        """The backend's model list as OpenAI's: {"object": "list", "data": [...]}."""
+        server = self.server
+        url = "%s?client_version=%s" % (upstream_url_for(server.config.upstream_url, "models"),
+                                        urllib.parse.quote(server.config.client_version))
+        rejected_token = None
+        while True:
+            creds = server.auth.get(rejected_token)
+            headers = server.upstream_headers(creds, None, ())
+            headers["Accept"] = "application/json"
+            conn, resp, dump = self.exchange("GET", url, None, headers)
+            body = self.read_answer(conn, resp, dump)
+            if resp.status == 401 and rejected_token is None:
+                rejected_token = creds.access_token
+                continue
+            if resp.status != 200:
+                raise translate_upstream_error(resp.status, body)
+            try:
+                models = json.loads(body)["models"]
+                now = int(time.time())
+                return {"object": "list", "data": [
+                    {"id": m["slug"], "object": "model", "created": now, "owned_by": "openai"}
+                    for m in models if isinstance(m, dict) and m.get("visibility") == "list"
+                    and isinstance(m.get("slug"), str)]}
+            except (ValueError, KeyError, TypeError):
+                raise ProxyError(502, "The backend's model list was not in the expected shape.",
+                                 code="bad_upstream_answer")
+
+    def exchange(self, method, url, body, headers):
+        """One upstream request: sent (and dumped), quota headers noted.
+        Returns (conn, response, dump or None)."""
+        server = self.server
+        dump = server.dumper.request(method, url, list(headers.items()), body) \
+            if server.dumper else None
+        try:
+            conn, resp = send_upstream(server.pool, url, body, headers,
+                                       server.config.stream_idle_timeout, method)
+        except UpstreamError as e:
+            raise ProxyError(e.status, e.message, code=e.code)
+        server.quota.update(resp.getheaders())
+        if dump:
+            dump.answer(resp.status, resp.getheaders())
+        return conn, resp, dump
+
+    def read_answer(self, conn, resp, dump):
+        """A whole (non-streamed) upstream answer, its connection returned to the pool."""
+        try:
+            body = resp.read(1 << 22)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        self.release_or_close(conn, resp)
+        if dump:
+            dump.finish(body)
+        return body
+
+    def forward_as_is(self, method, url, body):
+        """API-key mode: the request goes as the client sent it, with our key; the answer
+        comes back as the upstream sent it, piece by piece as it arrives."""
+        server = self.server
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in NOT_FORWARDED_AS_IS}
+        headers["Authorization"] = server.config.api_key_header
+        conn, resp, dump = self.exchange(method, url, body, headers)
+        self.send_response(resp.status)
+        for name, value in resp.getheaders():
+            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        self.chunked = False
+        if resp.length is not None and not resp.chunked:
+            self.send_header("Content-Length", str(resp.length))
+        elif self.request_version != "HTTP/1.0":
+            self.chunked = True
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = resp.status
+        upstream = UpstreamBody(resp)
+        watch = server.hangups.watch(self.connection, conn.sock)
+        try:
+            while True:
+                try:
+                    data = upstream.read()
+                except (OSError, http.client.HTTPException):
+                    if watch["gone"]:
+                        raise ClientGone()
+                    data = b""
+                if not data:
+                    break
+                if dump:
+                    dump.body += data
+                self.write_chunk(data)
+        except ClientGone:
+            watch["gone"] = True
+            self.log_fields["note"] = "client disconnected; upstream closed"
+            raise
+        finally:
+            server.hangups.unwatch(watch)
+            if dump:
+                dump.finish()
+        if upstream.finish():
+            server.pool.release(conn)
+        else:
+            conn.close()
+            if not upstream.complete:
+                self.log_fields["error"] = "upstream_disconnected"
+                self.close_connection = True  # the client must not take a cut body as whole
+                return
+        if self.chunked:
+            self.write(b"0\r\n\r\n")
+
     def handle_responses(self):
         server = self.server
         config = server.config
+        if config.mode == "apikey":
+            return self.forward_as_is("POST", config.upstream_url, self.read_body())
         raw = decode_request_body(self.read_body(), self.headers.get("Content-Encoding"))
         body, source, spans = parse_json_object(raw)
         client_stream = body.get("stream") is True
@@ -1604,12 +1924,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                          if k.lower().startswith("x-codex-")
                          or k.lower() in FORWARDED_REQUEST_HEADERS]
         encode = lambda b: encode_json_object(b, body, source, spans)
-        conn, resp = self.open_upstream(upstream_body, encode, session_id, extra_headers)
-        self.relay(conn, resp, client_stream)
+        conn, resp, dump = self.open_upstream(upstream_body, encode, session_id, extra_headers)
+        self.relay(conn, resp, client_stream, dump)
 
     def open_upstream(self, body, encode, session_id, extra_headers):
         """Send the request; on a 401 refresh and retry once; on 400 "Unsupported parameter: X"
-        drop X, remember it, and retry once. Returns (conn, response) for a 200."""
+        drop X, remember it, and retry once. Returns (conn, response, dump) for a 200."""
         server = self.server
         rejected_token = None
         dropped_now = set()
@@ -1621,19 +1941,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 server.log.debug("upstream request (%d bytes): %s%s" % (
                     len(payload), text[:16384], "... [truncated]" if len(text) > 16384 else ""))
             headers = server.upstream_headers(creds, session_id, extra_headers)
-            try:
-                conn, resp = send_upstream(server.pool, server.config.upstream_url, payload,
-                                           headers, server.config.stream_idle_timeout)
-            except UpstreamError as e:
-                raise ProxyError(e.status, e.message, code=e.code)
-            server.quota.update(resp.getheaders())
+            conn, resp, dump = self.exchange("POST", server.config.upstream_url, payload, headers)
             if resp.status == 200:
-                return conn, resp
-            try:
-                error_body = resp.read(1 << 20)
-            except (OSError, http.client.HTTPException):
-                error_body = b""
-            self.release_or_close(conn, resp)
+                return conn, resp, dump
+            error_body = self.read_answer(conn, resp, dump)
             if resp.status == 401 and rejected_token is None:
                 server.log.info("backend answered 401; re-reading the login and retrying once")
                 rejected_token = creds.access_token
@@ -1660,7 +1971,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             conn.close()
 
-    def relay(self, conn, resp, client_stream):
+    def relay(self, conn, resp, client_stream, dump=None):
         """Read the backend's event stream; pass it on live, or gather it into one answer."""
         server = self.server
         assembler = ResponseAssembler()
@@ -1704,6 +2015,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     failure = ("stream_incomplete", "upstream closed the stream before the "
                                "response completed", 502)
                     break
+                if dump:
+                    dump.body += chunk
                 out = []
                 for event in parser.feed(chunk):
                     frame = event.raw
@@ -1734,6 +2047,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             server.hangups.unwatch(watch)
             if watch["gone"] or failure is not None or assembler.terminal is None:
                 conn.close()
+            if dump:
+                dump.finish()
         usage = assembler.usage()
         self.log_fields["in"] = usage.get("input_tokens", "-")
         self.log_fields["out"] = usage.get("output_tokens", "-")
@@ -1788,7 +2103,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 
 class QuotaTracker:
-    """The latest x-codex-* quota headers the backend sent (for the log and /status)."""
+    """The latest x-codex-* quota headers the backend sent, for /status."""
 
     def __init__(self):
         self.headers = {}
@@ -1799,6 +2114,67 @@ class QuotaTracker:
         if quota:
             self.headers = quota
             self.seen_at = time.time()
+
+    def snapshot(self):
+        h = self.headers
+        if not h:
+            return None
+
+        def number(name, kind=float):
+            try:
+                return kind(h["x-codex-" + name])
+            except (KeyError, ValueError):
+                return None
+
+        def window(name):
+            reset_at = number(name + "-reset-at", int)
+            after = number(name + "-reset-after-seconds", int)
+            if reset_at is None and after is not None:
+                reset_at = int(self.seen_at + after)
+            return {"used_percent": number(name + "-used-percent"),
+                    "window_minutes": number(name + "-window-minutes", int),
+                    "resets_at": iso_time(reset_at),
+                    "resets_in_seconds": None if reset_at is None
+                    else max(0, int(reset_at - time.time()))}
+
+        return {"primary": window("primary"), "secondary": window("secondary"),
+                "plan_type": h.get("x-codex-plan-type"),
+                "active_limit": h.get("x-codex-active-limit"),
+                "credits": {"has_credits": h.get("x-codex-credits-has-credits"),
+                            "balance": h.get("x-codex-credits-balance"),
+                            "unlimited": h.get("x-codex-credits-unlimited")},
+                "seen_at": iso_time(self.seen_at)}
+
+
+def iso_time(timestamp):
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+class ModelsCache:
+    """The model list for MODELS_CACHE_SECONDS; when the backend fails, the last good list."""
+
+    def __init__(self):
+        self._value = None
+        self._fetched = 0.0
+        self._lock = threading.Lock()
+
+    def get(self, fetch, log):
+        with self._lock:
+            if self._value is not None and time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
+                return self._value
+        try:
+            value = fetch()
+        except ProxyError as e:
+            if self._value is None:
+                raise
+            log.info("model list unavailable (%s); serving the cached one" % e.message)
+            return self._value
+        with self._lock:
+            self._value, self._fetched = value, time.monotonic()
+        return value
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -1813,12 +2189,19 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             config.originator, config.client_version, platform.system() or "unknown",
             platform.release() or "unknown", platform.machine() or "unknown", __version__)
         self.auth = AuthStore(config.auth_path, config.refresh_url, self.user_agent, self.log)
+        if config.api_key_header:
+            self.log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
         self.pool = ConnectionPool()
         self.hangups = HangupWatcher()
         self.quota = QuotaTracker()
+        self.models = ModelsCache()
+        self.dumper = ExchangeDumper(config.dump_dir, self.log) if config.dump_dir else None
+        self.started = time.time()
         self._dropped = set()
         self._inflight = 0
         self._inflight_cond = threading.Condition()
+        self._counts = {"total": 0, "by_status": {}}
+        self._stopping = threading.Event()
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
@@ -1842,9 +2225,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             "version": self.config.client_version,
             "Accept": "text/event-stream",
             "Content-Type": "application/json",
-            "session_id": session_id,
-            "session-id": session_id,
         }
+        if session_id:
+            headers["session_id"] = headers["session-id"] = session_id
         if creds.account_id:
             headers["ChatGPT-Account-ID"] = creds.account_id
         for name, value in extra:
@@ -1855,10 +2238,48 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         with self._inflight_cond:
             self._inflight += 1
 
-    def request_finished(self):
+    def request_finished(self, status):
         with self._inflight_cond:
             self._inflight -= 1
             self._inflight_cond.notify_all()
+            self._counts["total"] += 1
+            key = str(status or "none")
+            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    def begin_shutdown(self, why):
+        """Stop accepting (from any thread but serve_forever's); main() then drains."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.log.info("%s: finishing requests in flight" % why)
+            threading.Thread(target=self.shutdown, daemon=True).start()
+
+    def status(self):
+        """What /status says: no secrets, only what a person or a monitor needs."""
+        config = self.config
+        with self._inflight_cond:
+            requests = {"total": self._counts["total"], "in_flight": self._inflight,
+                        "by_status": dict(self._counts["by_status"])}
+        status = {"mode": config.mode, "version": __version__,
+                  "uptime_seconds": int(time.time() - self.started),
+                  "upstream": config.upstream_url, "requests": requests}
+        if config.mode == "apikey":
+            status["api_key_from"] = config.api_key_source
+            return status
+        login = {"auth_file": config.auth_path}
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            login.update(ok=False, error=e.message)
+        else:
+            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
+                         access_token_expires_at=iso_time(creds.expires_at),
+                         access_token_expires_in_seconds=None if creds.expires_at is None
+                         else int(creds.expires_at - time.time()),
+                         last_refresh=creds.data.get("last_refresh"))
+        login["last_refresh_attempt"] = self.auth.last_refresh
+        status["login"] = login
+        status["quota"] = self.quota.snapshot()
+        return status
 
     def wait_idle(self, timeout):
         """Wait for requests in flight to finish; False if some were still running."""
@@ -1884,6 +2305,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def describe_credentials(self):
         """What the start-up line says about the login."""
+        if self.config.mode == "apikey":
+            return "API key from %s" % self.config.api_key_source
         try:
             creds = self.auth.load()
         except ProxyError as e:
@@ -1900,6 +2323,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 # main
 # --------------------------------------------------------------------------------------------
 
+def write_server_info(path, port):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    info = json.dumps({"port": port, "pid": os.getpid()})
+    write_file_atomic(path, lambda f: f.write(info + "\n"), 0o644)
+
+
 def main(argv=None):
     config = parse_config(argv)
     log = Log(debug=config.debug)
@@ -1908,18 +2338,20 @@ def main(argv=None):
     except OSError as e:
         log.info("cannot listen on %s:%d: %s" % (config.host, config.port, e.strerror or e))
         return 1
-    log.info("codex-responses-proxy %s listening on %s (ChatGPT mode, upstream %s)"
-             % (__version__, server.url, config.upstream_url))
+    log.info("codex-responses-proxy %s listening on %s (%s mode, upstream %s)"
+             % (__version__, server.url, "API-key" if config.mode == "apikey" else "ChatGPT",
+                config.upstream_url))
     log.info(server.describe_credentials())
-
-    stopping = threading.Event()
+    if config.server_info:
+        try:
+            write_server_info(config.server_info, server.server_address[1])
+        except OSError as e:
+            log.info("cannot write --server-info %s: %s" % (config.server_info, e.strerror or e))
+            server.server_close()
+            return 1
 
     def stop(signum, frame):
-        if not stopping.is_set():
-            stopping.set()
-            log.info("received %s; finishing requests in flight"
-                     % signal.Signals(signum).name)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+        server.begin_shutdown("received %s" % signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
