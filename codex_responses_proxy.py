@@ -20,8 +20,11 @@ import base64
 import datetime
 import gzip
 import hashlib
+import hmac
 import http.client
 import http.server
+import io
+import ipaddress
 import json
 import os
 import platform
@@ -72,6 +75,11 @@ REFRESH_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 25.0  # systemd's default stop timeout is 90 s; in-flight turns get most of it
 MODELS_CACHE_SECONDS = 300  # as the Codex CLI caches its model list
 API_KEY_LIMIT = 1024
+DEFAULT_MAX_CONCURRENT = 64
+CLIENT_KEY_ENV = "CODEX_PROXY_CLIENT_KEY"
+IDLE_CONNECTION_TIMEOUT = 75.0  # a keep-alive connection with no request is closed, as nginx does
+REQUEST_READ_DEADLINE = 50.0    # a request must arrive whole this soon after its first byte
+WRITE_TIMEOUT = 120.0           # a client that stops reading its stream is dropped
 
 HELP_EPILOG = """\
 examples:
@@ -92,6 +100,12 @@ examples:
 environment:
   CODEX_HOME                          where auth.json lives (default ~/.codex)
   CODEX_REFRESH_TOKEN_URL_OVERRIDE    token refresh URL (as in the Codex CLI)
+  CODEX_PROXY_CLIENT_KEY              the client key (instead of --client-key-file)
+
+security: only this machine can connect by default (127.0.0.1). To serve a LAN, set a client key
+and allow the name clients use:
+  python3 codex_responses_proxy.py --addr 0.0.0.0:8787 --client-key-file ~/.config/proxy-key \
+      --allow-host myhost.lan
 
 The earlier Go tool's spellings -addr, -instructions and -debug are accepted too.
 """
@@ -105,7 +119,9 @@ class Config:
                  client_version=DEFAULT_CLIENT_VERSION, originator=DEFAULT_ORIGINATOR,
                  stream_idle_timeout=DEFAULT_STREAM_IDLE_TIMEOUT, refresh_url=None,
                  max_body_bytes=DEFAULT_MAX_BODY_BYTES, api_key_header=None,
-                 api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None):
+                 api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None,
+                 client_key=None, allow_hosts=(), allow_origins=(),
+                 max_concurrent=DEFAULT_MAX_CONCURRENT):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -125,6 +141,10 @@ class Config:
         self.server_info = server_info
         self.http_shutdown = http_shutdown
         self.dump_dir = dump_dir
+        self.client_key = client_key.encode() if isinstance(client_key, str) else client_key
+        self.allow_hosts = [h.lower() for h in allow_hosts]
+        self.allow_origins = list(allow_origins)
+        self.max_concurrent = max_concurrent
 
     @property
     def auth_path(self):
@@ -189,6 +209,20 @@ def build_arg_parser():
     p.add_argument("--dump-dir", metavar="DIR",
                    help="write each upstream exchange as JSON files to DIR (credentials "
                         "redacted)")
+    p.add_argument("--client-key-file", metavar="FILE",
+                   help="require clients to send this file's key as 'Authorization: Bearer KEY' "
+                        "or 'x-api-key: KEY' (or set %s); needed to listen beyond "
+                        "loopback" % CLIENT_KEY_ENV)
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="also answer requests whose Host header is HOST (repeatable; "
+                        "localhost and the listening address always are)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the "
+                        "proxy, with CORS (repeatable; other origins get 403)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help="largest request body accepted (default %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
+                   help="requests in flight at once; more get 503 (default %(default)s)")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -205,6 +239,17 @@ def parse_config(argv=None, stdin=None):
         if not 0 <= args.port <= 65535:
             parser.error("--port must be between 0 and 65535")
         port = args.port
+    if args.max_body_bytes < 1 or args.max_concurrent < 1:
+        parser.error("--max-body-bytes and --max-concurrent must be at least 1")
+    try:
+        client_key = read_client_key(args.client_key_file)
+    except ValueError as e:
+        parser.error(str(e))
+    if not is_loopback(host) and not client_key:
+        parser.error("refusing to listen on %s without a client key: anyone who can reach it "
+                     "could spend your subscription. Put a long random key in a file and pass "
+                     "--client-key-file FILE (or set %s); clients then send "
+                     "'Authorization: Bearer KEY'." % (host, CLIENT_KEY_ENV))
     key_header = key_source = None
     codex_home = args.codex_home or default_codex_home()
     if args.api_key_stdin:
@@ -222,7 +267,34 @@ def parse_config(argv=None, stdin=None):
                   client_version=args.client_version, originator=args.originator,
                   stream_idle_timeout=args.stream_idle_timeout, api_key_header=key_header,
                   api_key_source=key_source, server_info=args.server_info,
-                  http_shutdown=args.http_shutdown, dump_dir=args.dump_dir)
+                  http_shutdown=args.http_shutdown, dump_dir=args.dump_dir,
+                  client_key=client_key, allow_hosts=args.allow_host,
+                  allow_origins=args.allow_origin, max_body_bytes=args.max_body_bytes,
+                  max_concurrent=args.max_concurrent)
+
+
+def is_loopback(host):
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def read_client_key(path):
+    """The client key from --client-key-file, else $CODEX_PROXY_CLIENT_KEY; None if neither."""
+    if path is None:
+        key = os.environ.get(CLIENT_KEY_ENV, "").strip()
+        return key.encode() if key else None
+    try:
+        with open(path, "rb") as f:
+            key = f.read(4096).strip()
+    except OSError as e:
+        raise ValueError("--client-key-file %s: %s" % (path, e.strerror or e))
+    if not key or b"\n" in key:
+        raise ValueError("--client-key-file %s must hold one non-empty line" % path)
+    return key
 
 
 _API_KEY_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -337,7 +409,8 @@ _BEARER_RE = re.compile(r"Bearer\s+(?!\[REDACTED)[^\s\"',]+", re.IGNORECASE)
 # --------------------------------------------------------------------------------------------
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                413: "invalid_request_error",
                 415: "invalid_request_error", 426: "invalid_request_error",
                 429: "rate_limit_error"}
 
@@ -1545,6 +1618,43 @@ class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
 
+class RequestReader(io.RawIOBase):
+    """The client socket as the handler reads it, with two timeouts a plain socket cannot
+    have: an idle keep-alive connection may wait IDLE_CONNECTION_TIMEOUT for its next request,
+    but once a request's first byte is in, the rest must follow within REQUEST_READ_DEADLINE,
+    however slowly it trickles. So a client sending a byte every few seconds cannot hold a
+    thread for ever."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = None  # set by the first byte of a request, cleared when it is read
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        if self.deadline is None:
+            self.sock.settimeout(IDLE_CONNECTION_TIMEOUT)
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request took longer than %g s to arrive"
+                                     % REQUEST_READ_DEADLINE)
+            self.sock.settimeout(left)
+        n = self.sock.recv_into(buf)
+        if n and self.deadline is None:
+            self.deadline = time.monotonic() + REQUEST_READ_DEADLINE
+        return n
+
+    def request_read(self):
+        """The request is in: writes get their own timeout, the next request a new deadline."""
+        self.deadline = None
+        self.sock.settimeout(WRITE_TIMEOUT)
+
+
+CORS_EXPOSED_HEADERS = ("x-request-id, retry-after, x-codex-primary-used-percent, "
+                        "x-codex-secondary-used-percent, x-codex-primary-reset-after-seconds, "
+                        "x-codex-secondary-reset-after-seconds")
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade")
 # API-key mode copies the client's headers, as codex responses-api-proxy does, except these:
@@ -1556,7 +1666,7 @@ NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "codex-responses-proxy/" + __version__
-    timeout = 75  # an idle keep-alive connection is closed after this, as nginx does
+    timeout = IDLE_CONNECTION_TIMEOUT
 
     ROUTES = {
         "/v1/responses": {"POST": "handle_responses"},
@@ -1577,6 +1687,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        self.reader = RequestReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader, 65536)
+        self.cors_origin = None
 
     # -- routing --------------------------------------------------------------------------
 
@@ -1607,26 +1720,29 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.headers_sent = False
         self.status_sent = None
         self.log_fields = {}
+        self.cors_origin = None
+        self.body = None
         path = urllib.parse.urlsplit(self.path).path
         server.request_started()
         try:
-            methods = self.ROUTES.get(path)
-            if path == "/shutdown" and not server.config.http_shutdown:
-                methods = None
-            if methods is None:
-                raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                                 % path, code="not_found")
-            if "websocket" in (self.headers.get("Upgrade") or "").lower():
-                raise ProxyError(426, "WebSocket is not supported here; use HTTP "
-                                 "(the Codex CLI falls back to it by itself).",
-                                 code="websocket_not_supported")
-            name = methods.get(method)
-            if name is None:
-                raise ProxyError(405, "%s does not take %s; use %s." % (
-                    path, method, " or ".join(sorted(methods))), code="method_not_allowed",
-                    headers=[("Allow", ", ".join(sorted(methods)))])
-            getattr(self, name)()
+            if self.admit(method, path):
+                return
+            name = self.route(method, path)
+            if path != "/healthz" and not server.slots.acquire(blocking=False):
+                raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
+                                 "(--max-concurrent); retry in a moment."
+                                 % server.config.max_concurrent, code="too_many_requests",
+                                 headers=[("Retry-After", "1")])
+            try:
+                self.body = self.read_body()
+                self.reader.request_read()
+                getattr(self, name)()
+            finally:
+                if path != "/healthz":
+                    server.slots.release()
         except ProxyError as e:
+            if self.body is None and self.has_body():
+                self.close_connection = True  # its unread body must not pass for a request
             self.send_error_json(e)
         except ClientGone:
             self.close_connection = True
@@ -1637,11 +1753,97 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if server.config.debug:
                 import traceback
                 server.log.info(traceback.format_exc())
+            self.close_connection = True
             self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
                                             % e.__class__.__name__, code="internal_error"))
         finally:
+            self.reader.request_read()
             server.request_finished(self.status_sent)
             self.log_request_line(method, path)
+
+    def admit(self, method, path):
+        """What every request passes before its route: a Host naming this proxy (DNS
+        rebinding), no foreign web page (Origin), the client key, a JSON content type.
+        True when the request was answered here (a CORS preflight)."""
+        config = self.server.config
+        host = self.headers.get("Host")
+        if not self.server.host_allowed(host):
+            raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
+                             "If clients reach it by that name, start it with --allow-host."
+                             % host, code="host_not_allowed")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            if origin not in config.allow_origins:
+                raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
+                                 "page you trust call the proxy, start it with --allow-origin "
+                                 "%s." % (origin, origin), code="origin_not_allowed")
+            self.cors_origin = origin
+            if method == "OPTIONS" and self.headers.get("Access-Control-Request-Method"):
+                self.send_preflight()  # carries no credentials, so needs no client key
+                return True
+        if config.client_key and path != "/healthz" and not self.client_key_ok():
+            raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
+                             "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
+                             "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
+        ctype = self.headers.get("Content-Type")
+        if method == "POST" and ctype is not None and \
+                ctype.split(";")[0].strip().lower() != "application/json":
+            # A browser's form or text/plain post needs no preflight: refuse it before
+            # anything is sent upstream.
+            raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
+                             "header 'Content-Type: application/json' (curl -d alone sends a "
+                             "form type)." % ctype, code="unsupported_media_type")
+        return False
+
+    def client_key_ok(self):
+        key = self.server.config.client_key
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        candidates = [value.strip()] if scheme.lower() == "bearer" else []
+        candidates.append((self.headers.get("x-api-key") or "").strip())
+        return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key)
+                   for c in candidates)
+
+    def route(self, method, path):
+        """The handler's name for method and path, else the fitting JSON error."""
+        methods = self.ROUTES.get(path)
+        if path == "/shutdown" and not self.server.config.http_shutdown:
+            methods = None
+        if methods is None:
+            raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
+                             % path, code="not_found")
+        if "websocket" in (self.headers.get("Upgrade") or "").lower():
+            raise ProxyError(426, "WebSocket is not supported here; use HTTP "
+                             "(the Codex CLI falls back to it by itself).",
+                             code="websocket_not_supported")
+        name = methods.get(method)
+        if name is None:
+            raise ProxyError(405, "%s does not take %s; use %s." % (
+                path, method, " or ".join(sorted(methods))), code="method_not_allowed",
+                headers=[("Allow", ", ".join(sorted(methods)))])
+        return name
+
+    def has_body(self):
+        return (self.headers.get("Content-Length") or "0").strip() != "0" or \
+            "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+
+    def send_preflight(self):
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers")
+                         or "authorization, content-type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 204
+
+    def end_headers(self):
+        if self.cors_origin:  # only ever for an origin given with --allow-origin
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Vary", "Origin")
+            self.send_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
+        super().end_headers()
 
     # -- responses ------------------------------------------------------------------------
 
@@ -1751,12 +1953,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be taken for a request
             raise ProxyError(413, "The request body is %d bytes; the limit is %d."
                              % (length, limit), code="request_too_large")
-        data = self.rfile.read(length)
+        try:
+            data = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise ProxyError(408, "The request body did not arrive within %g s."
+                             % REQUEST_READ_DEADLINE, code="request_timeout")
         if len(data) < length:
             raise ClientGone()
         return data
 
     def _read_chunked_body(self, limit):
+        try:
+            return self._read_chunks(limit)
+        except socket.timeout:
+            self.close_connection = True
+            raise ProxyError(408, "The request body did not arrive within %g s."
+                             % REQUEST_READ_DEADLINE, code="request_timeout")
+
+    def _read_chunks(self, limit):
         parts, total = [], 0
         while True:
             line = self.rfile.readline(1024)
@@ -1911,8 +2126,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         config = server.config
         if config.mode == "apikey":
-            return self.forward_as_is("POST", config.upstream_url, self.read_body())
-        raw = decode_request_body(self.read_body(), self.headers.get("Content-Encoding"))
+            return self.forward_as_is("POST", config.upstream_url, self.body)
+        raw = decode_request_body(self.body, self.headers.get("Content-Encoding"))
         body, source, spans = parse_json_object(raw)
         client_stream = body.get("stream") is True
         self.log_fields["model"] = body.get("model") if isinstance(body.get("model"), str) else None
@@ -2202,6 +2417,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self._inflight_cond = threading.Condition()
         self._counts = {"total": 0, "by_status": {}}
         self._stopping = threading.Event()
+        self.slots = threading.BoundedSemaphore(config.max_concurrent)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
@@ -2210,6 +2426,25 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def url(self):
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def host_allowed(self, value):
+        """Is this Host header a name of ours: localhost, a loopback address or the listening
+        one (on our port), or a name given with --allow-host?"""
+        if value is None:
+            return True  # HTTP/1.0 clients; browsers always send Host
+        value = value.strip().lower()
+        if value.startswith("["):
+            name, _, rest = value[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            name, sep, port = value.rpartition(":")
+            if not sep:
+                name, port = value, ""
+        allowed = self.config.allow_hosts
+        if name in allowed or value in allowed:
+            return True
+        own = ("localhost", "127.0.0.1", "::1", self.server_address[0].lower())
+        return name in own and port in ("", str(self.server_address[1]))
 
     def dropped_params(self):
         return tuple(self._dropped)
@@ -2303,6 +2538,18 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().server_close()
         self.pool.close_all()
 
+    def permission_warning(self):
+        """A warning when auth.json can be read by others than its owner, else None."""
+        try:
+            mode = os.stat(self.config.auth_path).st_mode
+        except OSError:
+            return None
+        if mode & 0o077:
+            return ("warning: %s is readable by group or others (mode %03o); it holds your "
+                    "login: chmod 600 %s" % (self.config.auth_path, mode & 0o777,
+                                             self.config.auth_path))
+        return None
+
     def describe_credentials(self):
         """What the start-up line says about the login."""
         if self.config.mode == "apikey":
@@ -2342,6 +2589,9 @@ def main(argv=None):
              % (__version__, server.url, "API-key" if config.mode == "apikey" else "ChatGPT",
                 config.upstream_url))
     log.info(server.describe_credentials())
+    warning = server.permission_warning()
+    if warning:
+        log.info(warning)
     if config.server_info:
         try:
             write_server_info(config.server_info, server.server_address[1])

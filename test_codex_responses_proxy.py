@@ -1522,7 +1522,7 @@ class SignalTests(ProcessTestCase):
             with s:
                 s.settimeout(0.5)
                 try:
-                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
                     data = s.recv(65536)
                     outcome = "answered" if data.startswith(b"HTTP/1.1 ") else "closed"
                 except socket.timeout:
@@ -1932,25 +1932,25 @@ class BadInputTests(ProxyTestCase):
                 + b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
     def test_request_line_over_64k_is_414(self):
-        data = self.raw(b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = self.raw(b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assert_json_error(data, 414)
         self.assert_healthy()
 
     def test_header_line_over_64k_is_431(self):
-        data = self.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * (70 * 1024)
+        data = self.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"b" * (70 * 1024)
                         + b"\r\n\r\n")
         self.assert_json_error(data, 431)
         self.assert_healthy()
 
     def test_too_many_headers_is_431(self):
         headers = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
-        data = self.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        data = self.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n")
         self.assert_json_error(data, 431)
         self.assert_healthy()
 
     def test_invalid_content_length_is_400(self):
         for value in (b"abc", b"-5", b"1_0", b"0x10", b"5 5"):
-            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                             b"Content-Length: " + value + b"\r\n\r\n{}")
             with self.subTest(value=value):
                 self.assert_json_error(data, 400)
@@ -1959,8 +1959,8 @@ class BadInputTests(ProxyTestCase):
     def test_invalid_content_length_closes_the_connection(self):
         # The body's end is unknown: the bytes after the headers must not be taken as the
         # next request (request smuggling).
-        smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-        data, how = exchange(self.port, b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n"
+        smuggled = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        data, how = exchange(self.port, b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
                              b"Content-Length: abc\r\n\r\n" + smuggled, answer_wait=1.0,
                              close_wait=1.0)
         responses, _ = parse_http_responses(data)
@@ -1972,7 +1972,7 @@ class BadInputTests(ProxyTestCase):
     def test_non_ascii_digit_content_length_is_400(self):
         # '\xb2' (superscript two) is str.isdigit() but not an int()
         for value in (b"\xb2", b"1\xb9", b"\xb3"):
-            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                             b"Content-Length: " + value + b"\r\n\r\n{}")
             with self.subTest(value=value):
                 self.assert_json_error(data, 400)
@@ -1980,7 +1980,7 @@ class BadInputTests(ProxyTestCase):
 
     def test_body_over_limit_is_413_without_reading_it(self):
         started = time.monotonic()
-        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n"
+        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
                         b"Content-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n" % (proxy.DEFAULT_MAX_BODY_BYTES + 1),
                         timeout=5)
@@ -1995,7 +1995,7 @@ class BadInputTests(ProxyTestCase):
         half = len(body) // 2
         chunked = (b"%X\r\n%s\r\n%X;ext=1\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n"
                    % (half, body[:half], len(body) - half, body[half:]))
-        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                         + chunked)
         responses, _ = parse_http_responses(data)
@@ -2005,7 +2005,7 @@ class BadInputTests(ProxyTestCase):
         self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
                          "say hi")
         for bad in (b"zz\r\n{}\r\n0\r\n\r\n", b"\r\n{}\r\n0\r\n\r\n"):
-            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n" + bad, timeout=5)
             with self.subTest(bad=bad):
                 self.assert_json_error(data, 400)
@@ -2014,7 +2014,7 @@ class BadInputTests(ProxyTestCase):
     def test_negative_chunk_size_is_400_not_a_hang(self):
         # int('-1', 16) == -1, and rfile.read(-1) reads until the client closes: the
         # connection hangs, and the body-size limit is bypassed.
-        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                         b"Transfer-Encoding: chunked\r\n\r\n-1\r\n{}\r\n0\r\n\r\n", timeout=2)
         self.assert_json_error(data, 400)
         self.assert_healthy()
