@@ -1014,14 +1014,21 @@ class SSEParser:
         self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
 
     def feed(self, chunk):
+        lead = []
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
+                # The LF of a CRLF split across reads, its line already parsed. Its bytes still
+                # go out: with the event it belongs to, or on their own after a finished one.
+                if self._fields:
+                    self._frame.append(b"\n")
+                else:
+                    lead.append(SSEEvent(None, None, self._id, None, b"\n"))
                 chunk = chunk[1:]
         buf = self._partial + chunk if self._partial else chunk
         if not self._fields and b"\r" not in buf:
-            return self._feed_frames(buf)
-        return self._feed_lines(buf)
+            return lead + self._feed_frames(buf)
+        return lead + self._feed_lines(buf)
 
     def _feed_frames(self, buf):
         frames = buf.split(b"\n\n")
@@ -1333,8 +1340,11 @@ def readable_sockets(socks, timeout):
     poller = select.poll()
     by_fd = {}
     for sock in socks:
-        by_fd[sock.fileno()] = sock
-        poller.register(sock, select.POLLIN | select.POLLPRI)
+        fd = sock.fileno()
+        if fd < 0:
+            continue  # closed by its handler since the list was made: being unwatched
+        by_fd[fd] = sock
+        poller.register(fd, select.POLLIN | select.POLLPRI)
     return [by_fd[fd] for fd, _ in poller.poll(timeout * 1000) if fd in by_fd]
 
 
@@ -1514,7 +1524,10 @@ class HangupWatcher:
             try:
                 readable = readable_sockets([e["client"] for e in entries], self.POLL)
             except (OSError, ValueError):
-                readable = [e["client"] for e in entries]  # one was closed: check each
+                # Never _peer_closed() a socket not known to be readable: with its timeout,
+                # recv() would wait up to that long, then call a live client gone.
+                readable = []
+                time.sleep(self.POLL)
             for entry in entries:
                 if entry["client"] in readable and _peer_closed(entry["client"]):
                     with self._cond:

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -2169,6 +2170,779 @@ class BadInputTests(ProxyTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming relay, connections, hang-ups and bursts
+# --------------------------------------------------------------------------------------------
+
+CLIENT_TIMEOUT = 5.0  # a client socket's timeout: a proxy that never ends a stream fails fast
+
+
+def split_frames(data):
+    """A body of SSE frames -> the frames (each with its blank line), LF or CRLF ends."""
+    frames, pos = [], 0
+    while pos < len(data):
+        ends = [(i, i + len(sep)) for sep in (b"\r\n\r\n", b"\n\n")
+                for i in [data.find(sep, pos)] if i >= 0]
+        if not ends:
+            frames.append(data[pos:])  # unfinished: the caller decides whether that is wrong
+            break
+        end = min(ends)[1]
+        frames.append(data[pos:end])
+        pos = end
+    return frames
+
+
+def frame_payload(frame):
+    """The decoded JSON of one frame's data lines."""
+    lines = [line[5:].lstrip(b" ") for line in frame.replace(b"\r\n", b"\n").split(b"\n")
+             if line.startswith(b"data:")]
+    return json.loads(b"\n".join(lines))
+
+
+def read_frames_timed(resp, want=None):
+    """Read the body incrementally (resp.read1) -> ([(arrival, frame)], leftover bytes).
+    With `want`, stop once that many frames are in."""
+    frames, buf = [], b""
+    while want is None or len(frames) < want:
+        chunk = resp.read1(65536)
+        now = time.monotonic()
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n\n" in buf:
+            i = buf.index(b"\n\n") + 2
+            frames.append((now, buf[:i]))
+            buf = buf[i:]
+    return frames, buf
+
+
+def start_stream(conn, body=None, headers=None):
+    body = dict(body or simple_request(), stream=True)
+    all_headers = {"Content-Type": "application/json"}
+    all_headers.update(headers or {})
+    conn.request("POST", "/v1/responses", body=json.dumps(body).encode(), headers=all_headers)
+    return conn.getresponse()
+
+
+def read_http_request(reader):
+    """One HTTP/1.1 request from a buffered socket reader; None at EOF."""
+    line = reader.readline()
+    if not line:
+        return None
+    headers = {}
+    while True:
+        h = reader.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = reader.read(int(headers.get("content-length") or 0))
+    return {"line": line, "headers": headers, "body": body}
+
+
+def chunked_sse_head():
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def chunked(frames):
+    return b"".join(b"%X\r\n%s\r\n" % (len(f), f) for f in frames)
+
+
+def chunked_sse_response(frames):
+    """A complete keep-alive chunked SSE answer."""
+    return chunked_sse_head() + chunked(frames) + b"0\r\n\r\n"
+
+
+class RawUpstream:
+    """A hand-written upstream on a raw socket. behave(upstream, conn_no, req_no, sock, request)
+    answers (or not) one request and returns True to keep reading that connection."""
+
+    def __init__(self, behave):
+        self.behave = behave
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.requests = {}  # conn_no -> number of requests read on it
+        self.closed = threading.Event()  # set by behaviours that watch for the proxy's close
+        self.closed_at = None
+        self._socks = []
+        self._stopping = False
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(256)
+        self.url = "http://127.0.0.1:%d/backend-api/codex/responses" % (
+            self.listener.getsockname()[1])
+        self._selector = selectors.DefaultSelector()  # not select(): fds may be >= 1024
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self):
+        while not self._stopping:
+            if not self._selector.select(0.05):
+                continue
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                conn_no = self.connections
+                self.connections += 1
+                self.requests[conn_no] = 0
+                self._socks.append(sock)
+            threading.Thread(target=self._serve, args=(sock, conn_no), daemon=True).start()
+
+    def _serve(self, sock, conn_no):
+        sock.settimeout(10)
+        reader = sock.makefile("rb")
+        try:
+            req_no = 0
+            while True:
+                request = read_http_request(reader)
+                if request is None:
+                    return
+                with self.lock:
+                    self.requests[conn_no] += 1
+                if not self.behave(self, conn_no, req_no, sock, request):
+                    return
+                req_no += 1
+        except OSError:
+            pass
+        finally:
+            reader.close()
+            sock.close()
+
+    def wait_for_close(self, sock, limit):
+        """Block until the peer (the proxy) closes this connection; records when."""
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ)
+        try:
+            if sel.select(limit):
+                try:
+                    data = sock.recv(1)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.closed_at = time.monotonic()
+                    self.closed.set()
+        finally:
+            sel.close()
+        return False
+
+    def close(self):
+        self._stopping = True
+        try:
+            self._selector.close()
+        except (OSError, RuntimeError):
+            pass
+        self.listener.close()
+        with self.lock:
+            socks = list(self._socks)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class StreamingCase(ProxyTestCase):
+    """ProxyTestCase with helpers for raw upstreams and stream assertions."""
+
+    def restart_proxy(self, **overrides):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(**overrides)
+
+    def use_raw_upstream(self, behave, **overrides):
+        upstream = RawUpstream(behave)
+        self.addCleanup(upstream.close)
+        self.restart_proxy(upstream_url=upstream.url, **overrides)
+        return upstream
+
+    def assert_completed_filled(self, frame, upstream_frame, items):
+        """`frame` is the upstream's response.completed (`upstream_frame`), output filled."""
+        self.assertTrue(frame.startswith(b"event: response.completed"), frame)
+        self.assertTrue(frame.endswith(b"\n\n"), frame)
+        got, sent = frame_payload(frame), frame_payload(upstream_frame)
+        self.assertEqual(sent["response"]["output"], [])
+        self.assertEqual(got["response"]["output"], items)
+        got["response"]["output"] = []
+        self.assertEqual(got, sent, "only `output` may change in response.completed")
+
+    def assert_error_frame(self, frame, code=None):
+        self.assertTrue(frame.startswith(b"event: error"), frame)
+        event = frame_payload(frame)
+        self.assertEqual(event["type"], "error")
+        self.assertIsInstance(event.get("code"), str)
+        self.assertTrue(event["code"])
+        self.assertIsInstance(event.get("message"), str)
+        self.assertTrue(event["message"])
+        if code is not None:
+            self.assertEqual(event["code"], code, event)
+        return event
+
+
+def out_of_order_frames(eol=b"\n"):
+    """A stream with three items whose output_item.done events come in the order 2, 0, 1,
+    plus a keep-alive comment, an event the proxy does not know, and multi-line data."""
+    items = [reasoning_item(), message_item("Hi there"), function_call_item()]
+    frames = [sse("response.created", {"sequence_number": 0,
+                                       "response": response_object("in_progress")}, eol),
+              b": keep-alive" + eol + eol]
+    seq = 1
+    for index in (2, 0, 1):
+        frames.append(sse("response.output_item.added", {
+            "sequence_number": seq, "output_index": index,
+            "item": dict(items[index], status="in_progress")}, eol))
+        seq += 1
+        if items[index]["type"] == "message":
+            for piece in ("Hi ", "there"):
+                frames.append(sse("response.output_text.delta", {
+                    "sequence_number": seq, "item_id": "msg_1", "output_index": index,
+                    "content_index": 0, "delta": piece}, eol))
+                seq += 1
+        frames.append(sse("response.output_item.done", {
+            "sequence_number": seq, "output_index": index, "item": items[index]}, eol))
+        seq += 1
+    frames.append(b"event: response.metadata" + eol + b"id: 42" + eol
+                  + b'data: {"type": "response.metadata",' + eol
+                  + b'data:  "sequence_number": %d}' % seq + eol + eol)
+    seq += 1
+    frames.append(sse("response.completed", {"sequence_number": seq, "response": response_object(
+        usage=USAGE)}, eol))
+    return frames, items
+
+
+# --------------------------------------------------------------------------------------------
+# 1, 2, 3, 9: a streamed answer and its relay
+# --------------------------------------------------------------------------------------------
+
+class StreamRelayTests(StreamingCase):
+
+    def test_stream_headers_chunked_and_keepalive_across_three_requests(self):
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        sockets = []
+        for i in range(2):
+            resp = start_stream(conn)
+            data = resp.read()
+            self.assertEqual(resp.status, 200, data)
+            self.assertTrue(resp.getheader("Content-Type", "").startswith("text/event-stream"),
+                            resp.getheaders())
+            self.assertEqual(resp.getheader("Cache-Control"), "no-cache")
+            self.assertEqual(resp.getheader("Transfer-Encoding"), "chunked")
+            self.assertTrue(resp.chunked)
+            self.assertIsNone(resp.getheader("Content-Length"))
+            self.assertFalse(resp.will_close, "the proxy must keep the connection")
+            events = parse_sse(data)
+            self.assertEqual(events[-1][0], "response.completed")
+            self.assertIsNotNone(conn.sock, "connection closed after streamed request %d" % i)
+            sockets.append((conn.sock, conn.sock.getsockname()))
+        status, _, body = self.post(simple_request(), conn=conn)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["output"][0]["content"][0]["text"], "Hello there!")
+        self.assertIsNotNone(conn.sock)
+        sockets.append((conn.sock, conn.sock.getsockname()))
+        self.assertEqual(len(set(sockets)), 1, "http.client had to reconnect: %r" % sockets)
+
+    def check_byte_for_byte(self, frames, items, **reply):
+        self.backend.replies.append(Reply(frames=frames, **reply))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        resp = start_stream(conn)
+        data = resp.read()
+        self.assertEqual(resp.status, 200, data)
+        prefix = b"".join(frames[:-1])
+        self.assertEqual(data[:len(prefix)], prefix, "events before response.completed differ")
+        self.assert_completed_filled(data[len(prefix):], frames[-1], items)
+
+    def test_every_event_relayed_byte_for_byte_and_completed_output_in_index_order(self):
+        frames, items = out_of_order_frames()
+        self.check_byte_for_byte(frames, items)
+
+    def test_crlf_frames_relayed_byte_for_byte(self):
+        frames, items = out_of_order_frames(eol=b"\r\n")
+        self.check_byte_for_byte(frames, items)
+
+    def test_frames_split_across_reads_relayed_byte_for_byte(self):
+        frames, items = out_of_order_frames()
+        for split in (1, 5, 37):
+            with self.subTest(chunk_split=split):
+                self.check_byte_for_byte(frames, items, chunk_split=split)
+
+    def test_crlf_split_between_cr_and_lf_relayed_byte_for_byte(self):
+        # Every frame's last CRLF arrives as CR, pause, LF: two reads on the proxy's side.
+        frames, items = out_of_order_frames(eol=b"\r\n")
+
+        def behave(up, conn_no, req_no, sock, request):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(chunked_sse_head())
+            for frame in frames:
+                sock.sendall(chunked([frame[:-1]]))
+                time.sleep(0.02)
+                sock.sendall(chunked([frame[-1:]]))
+            sock.sendall(b"0\r\n\r\n")
+            return True
+
+        self.use_raw_upstream(behave)
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        resp = start_stream(conn)
+        data = resp.read()
+        self.assertEqual(resp.status, 200, data)
+        prefix = b"".join(frames[:-1])
+        self.assertEqual(data[:len(prefix)], prefix, "events before response.completed differ")
+        self.assert_completed_filled(data[len(prefix):].lstrip(b"\n"), frames[-1], items)
+
+    def test_events_reach_the_client_as_they_arrive(self):
+        f = stream_frames(text="Hey")
+        frames = [f[0], f[3], f[5]]  # created, one delta, completed
+        self.backend.replies.append(Reply(frames=frames, delay=0.4))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        start = time.monotonic()
+        resp = start_stream(conn)
+        self.assertEqual(resp.status, 200)
+        got, rest = read_frames_timed(resp)
+        end = time.monotonic()
+        self.assertEqual(rest, b"")
+        self.assertEqual([fr for _, fr in got], frames)
+        arrivals = [t - start for t, _ in got]
+        self.assertLess(arrivals[0], 0.3, "first event held back: %r" % arrivals)
+        self.assertGreater(arrivals[1] - arrivals[0], 0.25, arrivals)
+        self.assertGreater(end - start - arrivals[0], 0.6,
+                           "first event came only at the end: %r" % arrivals)
+
+    def test_stream_log_line_has_tokens_from_terminal_usage(self):
+        usage = dict(USAGE, input_tokens=1234, output_tokens=56, total_tokens=1290)
+        self.backend.replies.append(Reply(frames=stream_frames(terminal_extra={"usage": usage})))
+        status, _, events, _ = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertEqual(events[-1][0], "response.completed")
+        line = self.wait_for_log("tokens in=")
+        self.assertIn("POST /v1/responses", line)
+        self.assertIn("tokens in=1234 out=56", line)
+        self.assertIn("status=200", line)
+        self.assertIn(" stream", line)
+
+
+# --------------------------------------------------------------------------------------------
+# 4: failures after the stream started
+# --------------------------------------------------------------------------------------------
+
+class StreamFailureTests(StreamingCase):
+
+    def stream_raw(self, conn):
+        resp = start_stream(conn)
+        try:
+            data = resp.read()
+        except http.client.IncompleteRead as e:
+            self.fail("the proxy did not end the chunked body cleanly: %r" % e)
+        return resp, data
+
+    def assert_same_connection_still_works(self, conn):
+        sock = conn.sock
+        self.assertIsNotNone(sock, "the proxy closed the client connection")
+        status, _, body = self.post(simple_request(), conn=conn)
+        self.assertEqual(status, 200, body)
+        self.assertIs(conn.sock, sock, "http.client had to reconnect")
+
+    def test_response_failed_passes_through_unchanged(self):
+        frames = stream_frames(terminal="response.failed", terminal_extra={
+            "error": {"code": "context_length_exceeded", "message": "too long"}})
+        self.backend.replies.append(Reply(frames=frames))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        resp, data = self.stream_raw(conn)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(data, b"".join(frames))
+        self.assert_same_connection_still_works(conn)
+
+    def test_error_event_passes_through_unchanged(self):
+        frames = stream_frames()[:3] + [sse("error", {
+            "code": "server_error", "message": "backend exploded", "param": None})]
+        self.backend.replies.append(Reply(frames=frames))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        resp, data = self.stream_raw(conn)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(data, b"".join(frames))
+        self.assert_same_connection_still_works(conn)
+
+    def test_upstream_dying_mid_stream_gives_error_event_and_clean_end(self):
+        frames = stream_frames(text="a fairly long answer, cut off")
+        self.backend.replies.append(Reply(frames=frames, cut_after=4))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        resp, data = self.stream_raw(conn)
+        self.assertEqual(resp.status, 200)
+        self.assertTrue(resp.isclosed())
+        prefix = b"".join(frames[:4])
+        self.assertEqual(data[:len(prefix)], prefix)
+        tail = split_frames(data[len(prefix):])
+        self.assertEqual(len(tail), 1, "expected only a final error event, got %r" % tail)
+        self.assert_error_frame(tail[0])
+        for frame in split_frames(data):
+            self.assertTrue(frame.endswith(b"\n\n"), "truncated frame %r" % frame)
+            frame_payload(frame)  # every frame parses
+        self.assert_same_connection_still_works(conn)
+        self.assertEqual(self.backend.connections, 2, "a cut connection must not be reused")
+
+    def test_upstream_silent_past_idle_timeout_gives_error_event_and_clean_end(self):
+        self.restart_proxy(stream_idle_timeout=0.5)
+        frames = stream_frames()
+        self.backend.replies.append(Reply(frames=frames, hang_after=2))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        start = time.monotonic()
+        resp, data = self.stream_raw(conn)
+        elapsed = time.monotonic() - start
+        self.assertEqual(resp.status, 200)
+        self.assertGreater(elapsed, 0.4)
+        self.assertLess(elapsed, 3.0)
+        prefix = b"".join(frames[:2])
+        self.assertEqual(data[:len(prefix)], prefix)
+        tail = split_frames(data[len(prefix):])
+        self.assertEqual(len(tail), 1, tail)
+        self.assert_error_frame(tail[0], code="stream_idle_timeout")
+        self.assertIn("error=stream_idle_timeout", self.wait_for_log("error="))
+        # the silent connection is dropped, not pooled: the next turn gets a fresh one
+        self.assert_same_connection_still_works(conn)
+        self.assertEqual(self.backend.connections, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# 5: the client hanging up
+# --------------------------------------------------------------------------------------------
+
+class ClientHangupTests(StreamingCase):
+
+    def test_hangup_mid_stream_closes_upstream_at_once_and_server_keeps_serving(self):
+        long_text = "token " * 150  # 225 deltas at 20 ms: about 5 s if nobody stops it
+        self.backend.replies.append(Reply(frames=stream_frames(text=long_text), delay=0.02))
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        resp = start_stream(conn)
+        self.assertEqual(resp.status, 200)
+        got, _ = read_frames_timed(resp, want=3)
+        self.assertEqual(len(got), 3)
+        hung_up = time.monotonic()
+        resp.close()
+        conn.close()
+        self.assertTrue(self.backend.closed_early.wait(2.0),
+                        "the backend kept streaming to a client that had left")
+        self.assertLess(time.monotonic() - hung_up, 2.0)
+        self.assertTrue(self.proxy.wait_idle(2.0), "the handler thread is still busy")
+        self.wait_for_log("disconnect")
+        log = self.log_text()
+        self.assertEqual(len([l for l in log.splitlines() if "disconnect" in l]), 1, log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("internal error", log)
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.backend.connections, 2, "the abandoned connection was reused")
+
+    def test_hangup_while_upstream_is_silent_closes_upstream_promptly(self):
+        def behave(up, conn_no, req_no, sock, request):
+            if conn_no == 0:  # two events, then silence until the proxy closes
+                sock.sendall(chunked_sse_head() + chunked(stream_frames()[:2]))
+                return up.wait_for_close(sock, 8.0)
+            sock.sendall(chunked_sse_response(stream_frames()))
+            return True
+
+        upstream = self.use_raw_upstream(behave)  # idle timeout stays 5 s
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        resp = start_stream(conn)
+        self.assertEqual(resp.status, 200)
+        got, _ = read_frames_timed(resp, want=2)
+        self.assertEqual(len(got), 2)
+        hung_up = time.monotonic()
+        resp.close()
+        conn.close()
+        self.assertTrue(upstream.closed.wait(2.5),
+                        "the silent upstream connection was left open after the hang-up")
+        self.assertLess(upstream.closed_at - hung_up, 2.0)
+        self.assertTrue(self.proxy.wait_idle(2.0))
+        self.assertIn("disconnect", self.wait_for_log("disconnect"))
+        self.assertNotIn("Traceback", self.log_text())
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(upstream.connections, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# 6, 7: upstream connection reuse and the stale-connection retry
+# --------------------------------------------------------------------------------------------
+
+class UpstreamReuseTests(StreamingCase):
+
+    def test_sequential_requests_share_one_upstream_connection(self):
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        for i in range(6):
+            if i % 2:
+                status, _, body = self.post(simple_request(), conn=conn)
+                self.assertEqual(status, 200, body)
+            else:
+                status, _, events, _ = self.stream(simple_request(), conn=conn)
+                self.assertEqual((status, events[-1][0]), (200, "response.completed"))
+        self.assertEqual(self.backend.connections, 1)
+        self.assertEqual(len(self.backend.requests), 6)
+
+    def test_sequential_clients_on_new_connections_share_one_upstream_connection(self):
+        for i in range(6):
+            if i % 2:
+                status, _, body = self.post(simple_request())
+                self.assertEqual(status, 200, body)
+            else:
+                status, _, events, _ = self.stream(simple_request())
+                self.assertEqual((status, events[-1][0]), (200, "response.completed"))
+        self.assertEqual(self.backend.connections, 1)
+
+    def stale_second_request(self, fresh_fails):
+        def behave(up, conn_no, req_no, sock, request):
+            if conn_no == 0 and req_no == 0 or conn_no > 0 and not fresh_fails:
+                sock.sendall(chunked_sse_response(stream_frames()))
+                return True
+            return False  # close without a byte of answer
+
+        return self.use_raw_upstream(behave)
+
+    def test_dead_reused_connection_is_retried_once_on_a_fresh_one(self):
+        upstream = self.stale_second_request(fresh_fails=False)
+        status, _, events, _ = self.stream(simple_request())
+        self.assertEqual((status, events[-1][0]), (200, "response.completed"))
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["output"][0]["content"][0]["text"], "Hello there!")
+        self.assertEqual(upstream.requests, {0: 2, 1: 1},
+                         "expected: reuse of connection 0, then one retry on a new one")
+        status, _, events, _ = self.stream(simple_request())
+        self.assertEqual((status, events[-1][0]), (200, "response.completed"))
+
+    def test_retry_failing_too_gives_502_json_not_a_hang(self):
+        upstream = self.stale_second_request(fresh_fails=True)
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        start = time.monotonic()
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                status, headers, data = self.request(
+                    "POST", "/v1/responses", simple_request(stream=stream))
+                self.assertEqual(status, 502, data)
+                self.assertTrue(headers["content-type"].startswith("application/json"))
+                self.assert_openai_error(status, json.loads(data), 502,
+                                         code="upstream_unreachable")
+        self.assertLess(time.monotonic() - start, 5.0)
+        self.assertEqual(upstream.requests[0], 2)
+
+
+# --------------------------------------------------------------------------------------------
+# 8: a burst of clients
+# --------------------------------------------------------------------------------------------
+
+class BurstTests(StreamingCase):
+    CLIENTS = 128
+
+    def burst(self):
+        """CLIENTS clients, every other one streaming, connect at the same moment (a barrier
+        just before connect()); returns those that did not get a complete 200 answer."""
+        barrier = threading.Barrier(self.CLIENTS)
+        results = [None] * self.CLIENTS
+
+        def client(i):
+            conn = self.connection(timeout=2 * CLIENT_TIMEOUT)
+            try:
+                barrier.wait(10)
+                conn.connect()
+                body = simple_request("client %d" % i, stream=bool(i % 2))
+                conn.request("POST", "/v1/responses", body=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    results[i] = (resp.status, data[:200])
+                elif i % 2:
+                    results[i] = (200, parse_sse(data)[-1][0] == "response.completed")
+                else:
+                    results[i] = (200, json.loads(data)["output"][0]["content"][0]["text"]
+                                  == "Hello there!")
+            except Exception as e:  # refused, reset, timeout: all failures
+                results[i] = ("%s: %s" % (e.__class__.__name__, e), False)
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True)
+                   for i in range(self.CLIENTS)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.1, start + 20 - time.monotonic()))
+        return [(i, r) for i, r in enumerate(results) if r != (200, True)]
+
+    def test_128_clients_at_once_all_get_answers(self):
+        bad = self.burst()
+        self.assertEqual(len(bad), 0, "%d of %d clients failed, e.g. %r"
+                         % (len(bad), self.CLIENTS, bad[:2]))
+        self.assertEqual(len(self.backend.requests), self.CLIENTS)
+
+    def test_128_clients_in_flight_together_get_a_stream_or_a_clean_503(self):
+        # Each upstream answer takes about 0.4 s, so the 128 requests overlap. Past
+        # --max-concurrent (64) a client gets 503 too_many_requests at once: an answer, never a
+        # refused or reset connection, and the 64 admitted ones complete.
+        for _ in range(self.CLIENTS):
+            self.backend.replies.append(Reply(delay=0.05))
+        bad = self.burst()
+        unclean = [(i, r) for i, r in bad
+                   if r[0] != 503 or b"too_many_requests" not in r[1]]
+        self.assertEqual(unclean, [], "clients without a stream or a clean 503")
+        self.assertGreaterEqual(self.CLIENTS - len(bad), proxy.DEFAULT_MAX_CONCURRENT)
+
+
+# --------------------------------------------------------------------------------------------
+# 10: HTTP/1.0 clients
+# --------------------------------------------------------------------------------------------
+
+class Http10Tests(StreamingCase):
+
+    def exchange_until_close(self, data, limit=5.0):
+        """(bytes received, whether the proxy closed the connection within `limit`)."""
+        chunks = []
+        with socket.create_connection(("127.0.0.1", self.port), timeout=limit) as s:
+            s.sendall(data)
+            deadline = time.monotonic() + limit
+            while True:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    return b"".join(chunks), False
+                except ConnectionResetError:
+                    return b"".join(chunks), True
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+
+    def test_http10_stream_is_not_chunked_and_connection_closes_at_end(self):
+        for extra in (b"", b"Connection: keep-alive\r\n"):
+            with self.subTest(extra=extra):
+                frames, items = out_of_order_frames()
+                self.backend.replies.append(Reply(frames=frames))
+                body = json.dumps(simple_request(stream=True)).encode()
+                request = (b"POST /v1/responses HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: application/json\r\n" + extra
+                           + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                data, closed = self.exchange_until_close(request)
+                self.assertTrue(closed, "the proxy left the HTTP/1.0 connection open")
+                head, _, payload = data.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                self.assertRegex(lines[0], r"^HTTP/1\.[01] 200 ")
+                fields = {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip()
+                          for l in lines[1:]}
+                self.assertNotIn("transfer-encoding", fields)
+                self.assertTrue(fields.get("content-type", "").startswith("text/event-stream"))
+                prefix = b"".join(frames[:-1])
+                self.assertEqual(payload[:len(prefix)], prefix, "not the raw events")
+                self.assert_completed_filled(payload[len(prefix):], frames[-1], items)
+
+
+# --------------------------------------------------------------------------------------------
+# Beyond the brief: descriptors numbered 1024 and up (a busy proxy, or a host with a high
+# `ulimit -n`). select.select() refuses such descriptors, and the proxy uses it both to check
+# pooled connections and to watch for hang-ups.
+# --------------------------------------------------------------------------------------------
+
+class HighDescriptorTests(StreamingCase):
+    FILLER = 1100
+
+    def setUp(self):
+        filler = []
+        try:
+            for _ in range(self.FILLER):
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            for fd in filler:
+                os.close(fd)
+            self.skipTest("cannot open %d descriptors here" % self.FILLER)
+        self.addCleanup(lambda: [os.close(fd) for fd in filler])
+        super().setUp()
+
+    def test_upstream_connection_reused_when_descriptors_are_above_1024(self):
+        conn = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(conn.close)
+        for _ in range(3):
+            status, _, body = self.post(simple_request(), conn=conn)
+            self.assertEqual(status, 200, body)
+        self.assertGreaterEqual(conn.sock.fileno(), 1024)
+        self.assertEqual(self.backend.connections, 1)
+
+    def test_hangup_noticed_while_another_stream_is_live_above_1024(self):
+        def behave(up, conn_no, req_no, sock, request):
+            sock.sendall(chunked_sse_head() + chunked(stream_frames()[:2]))
+            if conn_no == 1:
+                return up.wait_for_close(sock, 8.0)
+            time.sleep(4)  # the other stream: silent, its client stays
+            return False
+
+        upstream = self.use_raw_upstream(behave)
+        staying = self.connection(timeout=CLIENT_TIMEOUT)
+        self.addCleanup(staying.close)
+        resp_a = start_stream(staying)
+        self.assertEqual(len(read_frames_timed(resp_a, want=2)[0]), 2)
+        leaving = self.connection(timeout=CLIENT_TIMEOUT)
+        resp_b = start_stream(leaving)
+        self.assertEqual(len(read_frames_timed(resp_b, want=2)[0]), 2)
+        hung_up = time.monotonic()
+        resp_b.close()
+        leaving.close()
+        self.assertTrue(upstream.closed.wait(2.5),
+                        "a hang-up went unnoticed while another stream was open")
+        self.assertLess(upstream.closed_at - hung_up, 2.0)
+
+
+class HangupWatcherRaceTests(unittest.TestCase):
+    """The proxy's HangupWatcher on real sockets. A handler unwatches its client socket and then
+    closes it; if the close lands between the watcher's copy of the watch list and its wait,
+    the watcher meets a closed socket. That must cost nothing to the other clients."""
+
+    def test_a_closed_socket_in_the_watch_list_neither_stalls_nor_cuts_live_streams(self):
+        watcher = proxy.HangupWatcher()
+        pairs = []
+
+        def pair(timeout=None):
+            a, b = socket.socketpair()
+            pairs.extend((a, b))
+            if timeout is not None:
+                a.settimeout(timeout)  # as the handler's socket has (ProxyHandler.timeout)
+            return a, b
+
+        def close_all():
+            for s in pairs:
+                s.close()
+
+        self.addCleanup(close_all)
+        live, _live_peer = pair(timeout=1.0)
+        live_up, _ = pair()
+        live_entry = watcher.watch(live, live_up)
+        closing, _closing_peer = pair(timeout=1.0)
+        closing.close()  # what the watcher meets when the close comes between its copy of
+        closing_entry = watcher.watch(closing, pair()[0])  # the list and its wait; the
+        threading.Timer(0.3, watcher.unwatch, (closing_entry,)).start()  # unwatch follows
+        time.sleep(0.05)
+        leaving, leaving_peer = pair(timeout=1.0)
+        leaving_entry = watcher.watch(leaving, pair()[0])
+        leaving_peer.close()  # this client hangs up
+        deadline = time.monotonic() + 0.8
+        while not leaving_entry["gone"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertTrue(leaving_entry["gone"], "a hang-up went unnoticed")
+        time.sleep(1.3 - (time.monotonic() - deadline + 0.8))
+        self.assertFalse(live_entry["gone"], "a live client was taken for gone")
+        live_up.settimeout(0)
+        try:
+            self.assertNotEqual(live_up.recv(1), b"", "a live client's upstream was cut")
+        except BlockingIOError:
+            pass  # still open: nothing to read, no EOF
 
 
 if __name__ == "__main__":
