@@ -314,6 +314,8 @@ def read_api_key(stream):
             if not got:
                 break
             n += got
+            if buf.find(b"\n", n - got, n) >= 0:
+                break  # the line is in: a writer may keep the pipe open after it
         end = n
         if end and buf[end - 1] == 10:
             end -= 1
@@ -2088,7 +2090,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         conn, resp, dump = self.exchange(method, url, body, headers)
         self.send_response(resp.status)
         for name, value in resp.getheaders():
-            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+            # send_response() has sent our own Date and Server: one of each per message
+            if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server"):
                 self.send_header(name, value)
         self.chunked = False
         if resp.length is not None and not resp.chunked:

@@ -9,6 +9,7 @@ carries "output": []. Run: python3 -m unittest -v
 import base64
 import collections
 import concurrent.futures
+import datetime
 import errno
 import gzip
 import http.client
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import zlib
 from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -2943,6 +2945,941 @@ class HangupWatcherRaceTests(unittest.TestCase):
             self.assertNotEqual(live_up.recv(1), b"", "a live client's upstream was cut")
         except BlockingIOError:
             pass  # still open: nothing to read, no EOF
+
+
+# --------------------------------------------------------------------------------------------
+# API-key mode, dumps, models, status, server info and shutdown
+# --------------------------------------------------------------------------------------------
+
+API_KEY = "sk-proj_ABC-123"
+
+
+def wait_until(predicate, timeout=5.0, step=0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def tokens_of(home):
+    """Every credential in home/auth.json."""
+    with open(os.path.join(home, "auth.json")) as f:
+        doc = json.load(f)
+    return [v for v in (doc.get("tokens") or {}).values() if isinstance(v, str)
+            and v.startswith(("ey", "rt"))]
+
+
+# --------------------------------------------------------------------------------------------
+# The proxy in a subprocess, with a key on its standard input
+# --------------------------------------------------------------------------------------------
+
+class KeyProxyProcess(ProxyProcess):
+    """ProxyProcess whose stdin is a pipe carrying `stdin_data` (closed after it unless
+    close_stdin is False)."""
+
+    def __init__(self, testcase, args, stdin_data=None, close_stdin=True, env=None,
+                 start_timeout=10.0, wait=True):
+        self.testcase = testcase
+        self.proc = subprocess.Popen(
+            [sys.executable, PROGRAM] + list(args),
+            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or clean_env())
+        testcase.addCleanup(self.kill)
+        if stdin_data is not None:
+            try:
+                self.proc.stdin.write(stdin_data)
+                self.proc.stdin.flush()
+                if close_stdin:
+                    self.proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+        self.lines = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.port = None
+        if wait:
+            line = self.wait_for("listening on http://", start_timeout)
+            self.port = int(LISTEN_RE.search(line).group(1))
+
+    def kill(self):
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        ProxyProcess.kill(self)
+
+
+def run_with_stdin(args, data, timeout=6):
+    """(returncode or None on timeout, stdout, stderr) of the program fed `data` on stdin."""
+    proc = subprocess.Popen([sys.executable, PROGRAM] + list(args), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    try:
+        out, err = proc.communicate(data, timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out, err
+
+
+# --------------------------------------------------------------------------------------------
+# A fake api.openai.com for API-key mode
+# --------------------------------------------------------------------------------------------
+
+PLATFORM_MODELS = (b'{"object": "list", "data": [{"id": "gpt-4.1", "object": "model", '
+                   b'"created": 1686935002, "owned_by": "system"}]}')
+
+
+def platform_frames():
+    """An API stream as api.openai.com frames it (LF line ends, event then data)."""
+    return [
+        b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+        b'"response":{"id":"resp_p1","status":"in_progress"}}\n\n',
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"sequence_number":1,"delta":"Hel"}\n\n',
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"sequence_number":2,"delta":"lo"}\n\n',
+        b'event: response.completed\ndata: {"type":"response.completed","sequence_number":3,'
+        b'"response":{"id":"resp_p1","status":"completed","output":[]}}\n\n',
+    ]
+
+
+class FakePlatform:
+    """POST /v1/responses and GET /v1/models of the OpenAI platform: only `Bearer <key>` gets
+    in. Each request pops a scripted reply: ("json", status, body, content_type, headers) or
+    ("sse", frames, gate_after_first)."""
+
+    def __init__(self, key=API_KEY):
+        self.key = key
+        self.requests = []
+        self.replies = collections.deque()
+        self.lock = threading.Lock()
+        self.gate = threading.Event()         # a gated stream waits for this after frame 0
+        self.stream_done = threading.Event()  # a stream was written to its end
+        platform = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.serve("GET")
+
+            def do_POST(self):
+                self.serve("POST")
+
+            def serve(self, method):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                with platform.lock:
+                    platform.requests.append({
+                        "method": method, "path": self.path, "raw": raw,
+                        "headers": list(self.headers.items()),
+                        "authorization": self.headers.get_all("Authorization") or []})
+                    reply = platform.replies.popleft() if platform.replies else None
+                if (self.headers.get_all("Authorization") or []) != ["Bearer " + platform.key]:
+                    return self.send_body(401, b'{"error": {"message": "Incorrect API key '
+                                          b'provided.", "type": "invalid_request_error", '
+                                          b'"param": null, "code": "invalid_api_key"}}',
+                                          "application/json", ())
+                if reply is None:
+                    if self.path == "/v1/models":
+                        return self.send_body(200, PLATFORM_MODELS, "application/json",
+                                              [("x-request-id", "req-models")])
+                    reply = ("json", 200, b'{"id": "resp_default", "object": "response"}',
+                             "application/json", ())
+                if reply[0] == "json":
+                    return self.send_body(*reply[1:])
+                self.send_stream(reply[1], reply[2])
+
+            def send_body(self, status, body, content_type, headers):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def send_stream(self, frames, gated):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("x-request-id", "req-stream")
+                self.end_headers()
+                try:
+                    for i, frame in enumerate(frames):
+                        self.wfile.write(b"%X\r\n%s\r\n" % (len(frame), frame))
+                        if i == 0 and gated:
+                            platform.gate.wait(5)
+                    self.wfile.write(b"0\r\n\r\n")
+                    platform.stream_done.set()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/v1/responses" % self.server.server_port
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------------------------
+# GET .../codex/models on the FakeBackend
+# --------------------------------------------------------------------------------------------
+
+BACKEND_MODELS = {"models": [
+    {"slug": "gpt-5.1-codex", "display_name": "GPT-5.1 Codex", "visibility": "list",
+     "supported_in_api": True, "context_window": 272000,
+     "supported_reasoning_levels": [{"effort": "low"}, {"effort": "high"}]},
+    {"slug": "hidden-one", "visibility": "hide", "supported_in_api": True},
+    {"slug": "gpt-5-codex-mini", "visibility": "list", "supported_in_api": True},
+    {"slug": "internal-none", "visibility": "none"},
+    {"slug": "no-visibility-field"},
+]}
+
+
+def add_models_endpoint(backend):
+    """Teach a FakeBackend GET /backend-api/codex/models?client_version=V: it checks the
+    bearer and the query, counts calls (backend.model_requests) and answers
+    backend.models_failure = (status, body) instead when that is set."""
+    backend.model_requests = []
+    backend.models_failure = None
+    backend.models_doc = BACKEND_MODELS
+
+    def do_GET(handler):
+        parts = urllib.parse.urlsplit(handler.path)
+        query = urllib.parse.parse_qs(parts.query)
+        with backend.lock:
+            backend.model_requests.append({"path": parts.path, "query": query,
+                                           "headers": handler.headers})
+        auth = handler.headers.get("Authorization") or ""
+        if parts.path != "/backend-api/codex/models":
+            status, body = 404, {"detail": "Not Found"}
+        elif not auth.startswith("Bearer ") or auth[7:] not in backend.valid_tokens:
+            status, body = 401, {"detail": "Unauthorized"}
+        elif not query.get("client_version"):
+            status, body = 400, {"detail": "client_version is required"}
+        elif backend.models_failure:
+            status, body = backend.models_failure
+        else:
+            status, body = 200, backend.models_doc
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    backend.server.RequestHandlerClass.do_GET = do_GET
+
+
+# --------------------------------------------------------------------------------------------
+# Raw HTTP over a socket
+# --------------------------------------------------------------------------------------------
+
+def open_raw(port, method, path, body=b"", headers=()):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    head = "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % (method, path, port)
+    for name, value in headers:
+        head += "%s: %s\r\n" % (name, value)
+    head += "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def recv_until(sock, buf, predicate, timeout):
+    """(bytes so far, whether predicate(bytes) came true before timeout or EOF)."""
+    deadline = time.monotonic() + timeout
+    while not predicate(buf):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return buf, False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return buf, False
+        if not chunk:
+            return buf, predicate(buf)
+        buf += chunk
+    return buf, True
+
+
+def dechunk(data):
+    out, pos = [], 0
+    while True:
+        eol = data.index(b"\r\n", pos)
+        size = int(data[pos:eol].split(b";")[0], 16)
+        pos = eol + 2
+        if size == 0:
+            return b"".join(out)
+        out.append(data[pos:pos + size])
+        if data[pos + size:pos + size + 2] != b"\r\n":
+            raise ValueError("bad chunk framing at %d" % pos)
+        pos += size + 2
+
+
+def parse_raw_response(data):
+    """(status, [(name, value)], body with chunked framing removed)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
+    if any(k.lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in headers):
+        body = dechunk(body)
+    return status, headers, body
+
+
+# --------------------------------------------------------------------------------------------
+# Dumps
+# --------------------------------------------------------------------------------------------
+
+DUMP_NAME_RE = re.compile(r"^(\d{6})-(\d{13})-(request|response)\.json$")
+
+
+def read_dumps(directory, pairs, timeout=3.0):
+    """{seq: {"request": (path, doc), "response": (path, doc)}} once `pairs` pairs are there."""
+    def complete():
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        return len([n for n in names if n.endswith("-response.json")]) >= pairs and names
+    names = wait_until(complete, timeout) or []
+    found = {}
+    for name in sorted(names):
+        m = DUMP_NAME_RE.match(name)
+        if not m:
+            found.setdefault("bad", []).append(name)
+            continue
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            raw = f.read()
+        found.setdefault(int(m.group(1)), {})[m.group(3)] = (path, int(m.group(2)), raw)
+    return found
+
+
+def header_value(dump_headers, name):
+    values = [h["value"] for h in dump_headers if h["name"].lower() == name.lower()]
+    return values[0] if len(values) == 1 else values
+
+
+# --------------------------------------------------------------------------------------------
+# 1-2. API-key mode from standard input
+# --------------------------------------------------------------------------------------------
+
+class ApiKeyCase(unittest.TestCase):
+    """A FakePlatform in this process; the proxy in a subprocess with a key on stdin."""
+
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.platform = FakePlatform()
+        self.addCleanup(self.platform.close)
+
+    def spawn_keyed(self, *extra, **kw):
+        key = kw.pop("key", API_KEY)
+        stdin_data = kw.pop("stdin_data", key.encode() + b"\n")
+        args = ["--api-key-stdin", "--port", "0", "--codex-home", self.home]
+        if "--upstream-url" not in extra:
+            args += ["--upstream-url", self.platform.url]
+        return KeyProxyProcess(self, args + list(extra), stdin_data=stdin_data, **kw)
+
+    def assert_no_key(self, text, key=API_KEY, where="output"):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        self.assertNotIn(key, text, "the API key appears in the %s" % where)
+        for i in range(len(key) - 7):  # nor any 8-character piece of it
+            self.assertNotIn(key[i:i + 8], text, "part of the API key appears in the %s" % where)
+
+
+class ApiKeyStdinTests(ApiKeyCase):
+    def test_startup_line_names_api_key_mode_without_the_key(self):
+        p = self.spawn_keyed()
+        line = p.wait_for("listening on http://")
+        self.assertIn("API-key mode", line)
+        self.assertIn(self.platform.url, line)
+        p.wait_for("standard input")
+        self.assert_no_key(p.text(), where="start-up lines")
+        # without --upstream-url API-key mode goes to the platform, not to chatgpt.com
+        r = KeyProxyProcess(self, ["--api-key-stdin", "--port", "0", "--codex-home", self.home],
+                            stdin_data=API_KEY.encode() + b"\n")
+        line = r.wait_for("listening on http://")
+        self.assertIn("API-key mode", line)
+        self.assertIn("upstream https://api.openai.com/v1/responses", line)
+        self.assertNotIn("chatgpt.com", line)
+
+    def test_json_request_forwarded_byte_identical_with_the_key(self):
+        p = self.spawn_keyed()
+        sent = (b'{ "model":"gpt-4.1",  "input": "h\\u00e9llo", "stream": false, "store": true,'
+                b' "temperature": 0.5, "max_output_tokens": 9, "previous_response_id": "resp_0"}')
+        answer = b'{"id": "resp_abc",\n  "object": "response", "output": [ ], "x": "\xc3\xa9"}\n'
+        self.platform.replies.append(("json", 200, answer, "application/json; charset=utf-8",
+                                      [("x-request-id", "req-plat-1"),
+                                       ("openai-processing-ms", "12")]))
+        status, headers, data = p.request("POST", "/v1/responses", sent, headers={
+            "Content-Type": "application/json", "authorization": "Bearer client-own-secret-777",
+            "OpenAI-Beta": "responses=v1", "X-Client-Trace": "t-1"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(data, answer)
+        self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+        self.assertEqual(headers.get("x-request-id"), "req-plat-1")
+        self.assertEqual(len(self.platform.requests), 1)
+        got = self.platform.requests[0]
+        self.assertEqual((got["method"], got["path"]), ("POST", "/v1/responses"))
+        self.assertEqual(got["raw"], sent, "the body must go upstream exactly as sent")
+        self.assertEqual(got["authorization"], ["Bearer " + API_KEY])
+        upstream_headers = {k.lower(): v for k, v in got["headers"]}
+        self.assertEqual(upstream_headers.get("openai-beta"), "responses=v1")
+        self.assertEqual(upstream_headers.get("x-client-trace"), "t-1")
+        self.assertNotIn("client-own-secret-777", repr(got["headers"]))
+        self.assert_no_key(p.text(), where="log")
+
+    def test_passthrough_answer_has_each_header_once(self):
+        # The upstream's Date and Server must not be sent next to the proxy's own: RFC 9110
+        # allows one Date and one Server field line per message.
+        p = self.spawn_keyed()
+        self.platform.replies.append(("json", 200, b'{"id": "resp_h"}', "application/json", ()))
+        with open_raw(p.port, "POST", "/v1/responses", b'{"input": "x"}',
+                      [("Content-Type", "application/json")]) as sock:
+            data, _ = recv_until(sock, b"", lambda b: False, 5.0)  # to EOF
+        status, headers, body = parse_raw_response(data)
+        self.assertEqual((status, body), (200, b'{"id": "resp_h"}'))
+        names = [k.lower() for k, v in headers]
+        for name in ("date", "server", "content-type", "content-length"):
+            self.assertLessEqual(names.count(name), 1, "%s sent %d times:\n%s"
+                                 % (name, names.count(name), data.decode("latin-1")))
+
+    def test_upstream_errors_passed_through_unchanged(self):
+        p = self.spawn_keyed()
+        error = (b'{"error": {"message": "Unsupported parameter: \'foo\'", "type": '
+                 b'"invalid_request_error", "param": "foo", "code": "unsupported_parameter"}}')
+        self.platform.replies.append(("json", 400, error, "application/json", ()))
+        self.platform.replies.append(("json", 503, b"upstream exploded\n", "text/plain", ()))
+        body = json.dumps({"model": "gpt-4.1", "input": "x", "foo": 1}).encode()
+        status, headers, data = p.request("POST", "/v1/responses", body,
+                                          headers={"Content-Type": "application/json"})
+        self.assertEqual((status, data), (400, error))
+        self.assertEqual(headers["content-type"], "application/json")
+        status, headers, data = p.request("POST", "/v1/responses", body,
+                                          headers={"Content-Type": "application/json"})
+        self.assertEqual((status, data), (503, b"upstream exploded\n"))
+        self.assertEqual(headers["content-type"], "text/plain")
+        self.assertEqual([r["raw"] for r in self.platform.requests], [body, body])
+
+    def test_stream_relayed_unbuffered_and_unchanged(self):
+        p = self.spawn_keyed()
+        frames = platform_frames()
+        self.platform.replies.append(("sse", frames, True))
+        sent = b'{"model": "gpt-4.1", "input": "hi", "stream": true}'
+        sock = open_raw(p.port, "POST", "/v1/responses", sent,
+                        [("Content-Type", "application/json")])
+        with sock:
+            # The upstream holds the rest of its stream until the client has the first event.
+            data, ok = recv_until(sock, b"", lambda b: b"resp_p1" in b, 3.0)
+            self.assertTrue(ok, "the first event did not reach the client while the upstream "
+                                "held the rest back (buffered?): %r" % data[:300])
+            self.assertFalse(self.platform.stream_done.is_set())
+            self.platform.gate.set()
+            data, ok = recv_until(sock, data, lambda b: False, 5.0)  # to EOF
+        status, headers, body = parse_raw_response(data)
+        self.assertEqual(status, 200)
+        self.assertEqual(body, b"".join(frames))
+        self.assertEqual([v for k, v in headers if k.lower() == "content-type"],
+                         ["text/event-stream"])
+        self.assertEqual(self.platform.requests[0]["raw"], sent)
+
+    def test_models_forwarded_to_platform_with_the_key(self):
+        p = self.spawn_keyed()
+        status, headers, data = p.request("GET", "/v1/models",
+                                          headers={"Authorization": "Bearer client-own-1"})
+        self.assertEqual((status, data), (200, PLATFORM_MODELS))
+        self.assertEqual(headers.get("x-request-id"), "req-models")
+        got = self.platform.requests[0]
+        self.assertEqual((got["method"], got["path"]), ("GET", "/v1/models"))
+        self.assertEqual(got["authorization"], ["Bearer " + API_KEY])
+
+    def test_status_and_healthz_in_api_key_mode(self):
+        p = self.spawn_keyed()
+        status, headers, data = p.request("GET", "/healthz")
+        self.assertEqual((status, data.strip()), (200, b"ok"))
+        self.assertTrue(headers["content-type"].startswith("text/plain"), headers)
+        status, headers, data = p.request("GET", "/status")
+        self.assertEqual(status, 200, data)
+        doc = json.loads(data)
+        self.assertEqual(doc["mode"], "apikey")
+        self.assertEqual(doc["version"], proxy.__version__)
+        self.assert_no_key(data, where="/status")
+        self.assertNotIn("Bearer", data.decode())
+        self.assert_no_key(p.text(), where="log")
+
+    def test_dump_dir_and_debug_log_never_hold_the_key(self):
+        dump = os.path.join(self.home, "dumps")
+        p = self.spawn_keyed("--dump-dir", dump, "--debug")
+        self.platform.replies.append(("json", 200, b'{"id": "resp_j"}', "application/json", ()))
+        self.platform.replies.append(("sse", platform_frames(), False))
+        body = json.dumps({"model": "gpt-4.1", "input": "one"}).encode()
+        status, _, _ = p.request("POST", "/v1/responses", body, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer client-own-2"})
+        self.assertEqual(status, 200)
+        sbody = json.dumps({"model": "gpt-4.1", "input": "two", "stream": True}).encode()
+        status, _, data = p.request("POST", "/v1/responses", sbody,
+                                    headers={"Content-Type": "application/json"})
+        self.assertEqual((status, data), (200, b"".join(platform_frames())))
+        dumps = read_dumps(dump, 2)
+        self.assertNotIn("bad", dumps)
+        self.assertEqual(len(dumps), 2, dumps)
+        first, second = sorted(dumps)
+        for seq in (first, second):
+            for kind in ("request", "response"):
+                path, _, raw = dumps[seq][kind]
+                self.assert_no_key(raw, where=os.path.basename(path))
+                self.assertNotIn(b"client-own-2", raw)
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+        request = json.loads(dumps[first]["request"][2])
+        self.assertEqual(request["url"], self.platform.url)
+        self.assertEqual(request["body"], json.loads(body))
+        self.assertEqual(header_value(request["headers"], "Authorization"), "[REDACTED]")
+        response = json.loads(dumps[second]["response"][2])
+        self.assertEqual(response["status"], 200)
+        self.assertEqual(response["body"], b"".join(platform_frames()).decode())
+        self.assert_no_key(p.text(), where="stderr (with --debug)")
+
+
+class ApiKeyInputTests(ApiKeyCase):
+    BAD = (("empty", b"", []), ("newline only", b"\n", []),
+           ("1025 bytes", (b"Zq9" * 342)[:1025], ["Zq9Zq9Zq9"]),
+           ("two lines", b"sk-lineone_AAAA\nsk-linetwo_BBBB\n", ["lineone", "linetwo"]),
+           ("space", b"sk-space inside_CCCC\n", ["space inside", "inside_CCCC"]),
+           ("dollar", b"sk-dollar$inside_DDDD\n", ["sk-dollar", "inside_DDDD"]),
+           ("non-ascii", u"sk-nonascii-\u00e9-EEEE\n".encode("utf-8"), ["nonascii", "EEEE"]))
+
+    def test_bad_keys_are_start_up_errors_without_echo(self):
+        args = ["--api-key-stdin", "--port", "0", "--codex-home", self.home,
+                "--upstream-url", self.platform.url]
+        for label, data, markers in self.BAD:
+            with self.subTest(label):
+                rc, out, err = run_with_stdin(args, data)
+                text = err.decode("utf-8", "replace") + out.decode("utf-8", "replace")
+                self.assertIsNotNone(rc, "%s: the proxy started anyway:\n%s" % (label, text))
+                self.assertNotEqual(rc, 0, text)
+                self.assertIn("--api-key-stdin", text)
+                self.assertNotIn("listening", text)
+                self.assertNotIn("Traceback", text)
+                for marker in markers:
+                    self.assertNotIn(marker, text, "%s: the input is echoed" % label)
+        self.assertEqual(self.platform.requests, [])
+
+    def test_1024_byte_key_with_lf_or_crlf_is_accepted(self):
+        key = ("k" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-" * 17)[:1024]
+        self.assertEqual(len(key), 1024)
+        self.platform.key = key
+        for ending in (b"\n", b"\r\n"):
+            with self.subTest(ending=ending):
+                p = self.spawn_keyed(stdin_data=key.encode() + ending)
+                status, _, data = p.request("POST", "/v1/responses", b'{"input": "x"}',
+                                            headers={"Content-Type": "application/json"})
+                self.assertEqual(status, 200, data)
+                self.assertEqual(self.platform.requests[-1]["authorization"], ["Bearer " + key])
+                self.assertNotIn(key[:40], p.text())
+                p.kill()
+
+    def test_key_line_with_stdin_left_open_starts(self):
+        # A supervisor that writes the key line and keeps the pipe open (as `codex
+        # responses-api-proxy` allows: it stops reading at the newline) must not hang the start.
+        p = self.spawn_keyed(stdin_data=API_KEY.encode() + b"\n", close_stdin=False,
+                             start_timeout=4.0)
+        status, _, _ = p.request("POST", "/v1/responses", b'{"input": "x"}',
+                                 headers={"Content-Type": "application/json"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.platform.requests[-1]["authorization"], ["Bearer " + API_KEY])
+
+
+# --------------------------------------------------------------------------------------------
+# 3. An API-key auth.json selects API-key mode by itself
+# --------------------------------------------------------------------------------------------
+
+class AuthFileApiKeyTests(ApiKeyCase):
+    FILE_KEY = "sk-fromfile_XYZ-789abc"
+
+    def spawn_with_auth(self, doc):
+        write_auth(self.home, doc)
+        return KeyProxyProcess(self, ["--port", "0", "--codex-home", self.home,
+                                      "--upstream-url", self.platform.url])
+
+    def check_api_key_mode(self, p):
+        line = p.wait_for("listening on http://")
+        self.assertIn("API-key mode", line)
+        self.platform.key = self.FILE_KEY
+        sent = b'{"model": "gpt-4.1", "input": "x"}'
+        status, _, data = p.request("POST", "/v1/responses", sent,
+                                    headers={"Content-Type": "application/json"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(self.platform.requests[-1]["raw"], sent)
+        self.assertEqual(self.platform.requests[-1]["authorization"], ["Bearer " + self.FILE_KEY])
+        status, _, data = p.request("GET", "/status")
+        self.assertEqual(json.loads(data)["mode"], "apikey")
+        self.assertNotIn(self.FILE_KEY, data.decode())
+        self.assertNotIn(self.FILE_KEY, p.text())
+
+    def test_auth_mode_apikey_selects_api_key_mode(self):
+        self.check_api_key_mode(self.spawn_with_auth(
+            {"auth_mode": "apikey", "OPENAI_API_KEY": self.FILE_KEY}))
+
+    def test_key_and_no_tokens_selects_api_key_mode(self):
+        self.check_api_key_mode(self.spawn_with_auth(
+            {"OPENAI_API_KEY": self.FILE_KEY, "tokens": None}))
+
+    def test_chatgpt_tokens_keep_chatgpt_mode(self):
+        p = self.spawn_with_auth(auth_document(OPENAI_API_KEY=self.FILE_KEY))
+        self.assertIn("ChatGPT mode", p.wait_for("listening on http://"))
+        status, _, data = p.request("GET", "/status")
+        self.assertEqual(json.loads(data)["mode"], "chatgpt")
+
+
+# --------------------------------------------------------------------------------------------
+# 4-5. --server-info and --http-shutdown
+# --------------------------------------------------------------------------------------------
+
+class ServerInfoAndShutdownTests(ProcessTestCase):
+    def test_server_info_written_into_new_nested_directory(self):
+        self.write_valid_auth()
+        info_dir = os.path.join(self.home, "run", "a", "b")
+        path = os.path.join(info_dir, "server.json")
+        p = self.spawn("--port", "0", "--codex-home", self.home, "--server-info", path)
+        self.assertTrue(wait_until(lambda: os.path.exists(path), 5), "no --server-info file")
+        with open(path, "rb") as f:
+            raw = f.read()
+        self.assertTrue(raw.endswith(b"\n") and raw.count(b"\n") == 1, raw)
+        info = json.loads(raw)
+        self.assertEqual(info, {"port": p.port, "pid": p.proc.pid})
+        self.assertEqual(list(info), ["port", "pid"])
+        self.assertEqual(os.listdir(info_dir), ["server.json"], "temporary files left behind")
+        conn = http.client.HTTPConnection("127.0.0.1", info["port"], timeout=5)
+        conn.request("GET", "/healthz")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_http_shutdown_answers_200_finishes_stream_and_exits_0(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home, "--http-shutdown")
+        self.backend.replies.append(Reply(delay=0.1))
+        result = {}
+
+        def stream():
+            try:
+                result["answer"] = p.post(simple_request(stream=True))
+            except Exception as e:  # reported below
+                result["error"] = e
+
+        worker = threading.Thread(target=stream, daemon=True)
+        worker.start()
+        self.assertTrue(wait_until(lambda: self.backend.requests, 5), "stream never started")
+        started = time.monotonic()
+        status, headers, data = p.request("GET", "/shutdown")
+        self.assertEqual(status, 200, data)
+        self.assertEqual(p.wait_exit(10), 0, p.text())
+        self.assertLess(time.monotonic() - started, 5)
+        worker.join(5)
+        self.assertNotIn("error", result)
+        status, _, data = result["answer"]
+        self.assertEqual(status, 200)
+        self.assertEqual(parse_sse(data)[-1][0], "response.completed", "in-flight stream cut")
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", p.port), timeout=1).close()
+
+    def test_shutdown_is_404_without_the_flag(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home)
+        status, headers, data = p.request("GET", "/shutdown")
+        self.assertEqual(status, 404, data)
+        self.assertIsInstance(json.loads(data)["error"], dict)
+        time.sleep(0.7)  # longer than the serve loop's poll interval
+        self.assertIsNone(p.proc.poll(), "the proxy exited")
+        self.assertEqual(p.request("GET", "/healthz")[0], 200)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. --dump-dir in ChatGPT mode
+# --------------------------------------------------------------------------------------------
+
+class DumpDirTests(ProxyTestCase):
+    def test_chatgpt_mode_dumps_rewritten_exchanges(self):
+        dump = os.path.join(self.home, "dumps", "nested")
+        self.stop_proxy(self.proxy)
+        self.start_proxy(dump_dir=dump)
+        t0 = int(time.time() * 1000)
+        self.backend.replies.append(Reply(headers=[("Set-Cookie",
+                                                    "__cf_bm=cookie-secret-42; path=/")]))
+        status, _, events, _ = self.stream(simple_request("stream me"))
+        self.assertEqual(status, 200)
+        status, _, body = self.post(simple_request("json please", stream=False, store=True,
+                                                   instructions=""))
+        self.assertEqual(status, 200, body)
+        error = {"error": {"message": "Invalid value for 'input'.", "type":
+                           "invalid_request_error", "param": "input", "code": "invalid_value"}}
+        self.backend.replies.append(Reply(status=400, body=json.dumps(error).encode()))
+        status, _, body = self.post(simple_request("bad"))
+        self.assertEqual(status, 400, body)
+        t1 = int(time.time() * 1000)
+
+        dumps = read_dumps(dump, 3)
+        self.assertNotIn("bad", dumps)
+        seqs = sorted(dumps)
+        self.assertEqual(len(seqs), 3, dumps)
+        self.assertEqual(seqs, list(range(seqs[0], seqs[0] + 3)), "sequence not consecutive")
+        stamps = []
+        for seq in seqs:
+            self.assertEqual(sorted(dumps[seq]), ["request", "response"])
+            for kind in ("request", "response"):
+                path, ms, raw = dumps[seq][kind]
+                self.assertTrue(t0 - 1000 <= ms <= t1 + 1000, (path, t0, t1))
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+                stamps.append(ms)
+                for secret in tokens_of(self.home) + ["cookie-secret-42"]:
+                    self.assertNotIn(secret.encode(), raw, "%s holds a credential" % path)
+                self.assertIsNone(re.search(rb"eyJ[A-Za-z0-9_-]{10,}\.", raw), path)
+        self.assertEqual(stamps, sorted(stamps))
+        docs = {seq: {k: json.loads(v[2]) for k, v in dumps[seq].items()} for seq in seqs}
+        expected_sse = b"".join(stream_frames()).decode()
+        for seq, text in zip(seqs[:2], ("stream me", "json please")):
+            request, response = docs[seq]["request"], docs[seq]["response"]
+            self.assertEqual(request["method"], "POST")
+            self.assertEqual(request["url"], self.backend.url)
+            self.assertEqual(header_value(request["headers"], "Authorization"), "[REDACTED]")
+            sent = request["body"]
+            self.assertIs(sent["stream"], True)
+            self.assertIs(sent["store"], False)
+            self.assertEqual(sent["instructions"], proxy.DEFAULT_INSTRUCTIONS)
+            self.assertEqual(sent["input"][0]["content"][0]["text"], text)
+            self.assertEqual(sent, self.backend.requests[seqs.index(seq)]["body"],
+                             "the dump is not what went upstream")
+            self.assertEqual(response["status"], 200)
+            self.assertIn("text/event-stream", header_value(response["headers"], "Content-Type"))
+            self.assertEqual(response["body"], expected_sse)
+        self.assertEqual(header_value(docs[seqs[0]]["response"]["headers"], "Set-Cookie"),
+                         "[REDACTED]")
+        self.assertEqual(docs[seqs[2]]["response"]["status"], 400)
+        self.assertEqual(docs[seqs[2]]["response"]["body"], error)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. GET /v1/models in ChatGPT mode
+# --------------------------------------------------------------------------------------------
+
+class ModelsTests(ProxyTestCase):
+    def setUp(self):
+        super().setUp()
+        add_models_endpoint(self.backend)
+
+    def models(self):
+        status, headers, data = self.request("GET", "/v1/models")
+        return status, headers, json.loads(data)
+
+    def expire_cache(self):
+        self.proxy.models._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
+
+    def test_list_shape_visibility_and_backend_headers(self):
+        status, headers, body = self.models()
+        self.assertEqual(status, 200, body)
+        self.assertTrue(headers["content-type"].startswith("application/json"))
+        self.assertEqual(body["object"], "list")
+        self.assertEqual([m["id"] for m in body["data"]], ["gpt-5.1-codex", "gpt-5-codex-mini"])
+        for model in body["data"]:
+            self.assertEqual(sorted(model), ["created", "id", "object", "owned_by"])
+            self.assertEqual(model["object"], "model")
+            self.assertIsInstance(model["created"], int)
+            self.assertIsInstance(model["owned_by"], str)
+        self.assertEqual(len(self.backend.model_requests), 1)
+        got = self.backend.model_requests[0]
+        self.assertEqual(got["path"], "/backend-api/codex/models")
+        self.assertEqual(got["query"].get("client_version"), [self.config.client_version])
+        self.assertEqual(got["headers"].get("Authorization"), "Bearer " + self.token)
+        self.assertEqual(got["headers"].get("ChatGPT-Account-ID"), "acct-file")
+        self.assertEqual(self.request("GET", "/models")[0], 200)  # alias path
+
+    def test_cached_for_300_s_then_fetched_again(self):
+        first = self.models()[2]
+        self.assertEqual(self.models()[2], first)
+        self.assertEqual(len(self.backend.model_requests), 1, "second call hit the backend")
+        self.backend.models_doc = {"models": [{"slug": "gpt-new", "visibility": "list"}]}
+        self.expire_cache()
+        status, _, body = self.models()
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in body["data"]], ["gpt-new"])
+        self.assertEqual(len(self.backend.model_requests), 2)
+
+    def test_stale_list_served_with_log_line_when_backend_fails(self):
+        first = self.models()[2]
+        self.expire_cache()
+        self.backend.models_failure = (500, {"detail": "Internal Server Error"})
+        status, _, body = self.models()
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body, first)
+        self.assertEqual(len(self.backend.model_requests), 2, "the backend was not asked again")
+        self.assertIn("cached", self.wait_for_log("model list"))
+
+    def test_no_cache_and_failing_backend_is_json_error(self):
+        self.backend.models_failure = (500, {"detail": "Internal Server Error"})
+        status, _, body = self.models()
+        self.assertGreaterEqual(status, 400)
+        self.assertIsInstance(body.get("error"), dict, body)
+        self.assertIn("message", body["error"])
+        self.backend.models_failure = None  # a failure is not cached
+        status, _, body = self.models()
+        self.assertEqual(status, 200, body)
+
+    def test_401_refreshes_and_retries_once(self):
+        revoked = access_token(3600)  # looks valid, refused by the backend
+        write_auth(self.home, auth_document(access=revoked))
+        self.oauth.current_refresh = "rt-initial-0123456789"
+        status, _, body = self.models()
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 1)
+        auths = [r["headers"].get("Authorization") for r in self.backend.model_requests]
+        self.assertEqual(len(auths), 2)
+        self.assertEqual(auths[0], "Bearer " + revoked)
+        self.assertIn(auths[1][7:], self.backend.valid_tokens)
+        self.assertNotEqual(auths[1], auths[0])
+
+    def test_401_twice_is_401_without_a_loop(self):
+        self.backend.models_failure = (401, {"detail": "Unauthorized"})
+        status, _, body = self.models()
+        self.assertEqual(status, 401, body)
+        self.assertIsInstance(body.get("error"), dict, body)
+        self.assertEqual(len(self.backend.model_requests), 2)
+        self.assertEqual(self.oauth.count, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# 8-9. GET /status and /healthz in ChatGPT mode
+# --------------------------------------------------------------------------------------------
+
+def parse_iso(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+class StatusTests(ProxyTestCase):
+    def status(self):
+        status, headers, data = self.request("GET", "/status")
+        self.assertEqual(status, 200, data)
+        self.assertTrue(headers["content-type"].startswith("application/json"))
+        self.outputs.append(data)
+        return json.loads(data)
+
+    def setUp(self):
+        super().setUp()
+        self.outputs = []
+
+    def assert_no_secrets(self):
+        everything = b"\n".join(self.outputs).decode("utf-8", "replace")
+        for secret in tokens_of(self.home) + [self.token, "rt-initial-0123456789"]:
+            self.assertNotIn(secret, everything)
+        self.assertIsNone(re.search(r"eyJ[A-Za-z0-9_-]{10,}", everything))
+
+    def log_count(self, needle):
+        return len([l for l in self.log_text().splitlines() if needle in l])
+
+    def test_healthz_is_plain_ok(self):
+        status, headers, data = self.request("GET", "/healthz")
+        self.assertEqual((status, data.strip()), (200, b"ok"))
+        self.assertTrue(headers["content-type"].startswith("text/plain"), headers)
+
+    def test_chatgpt_fields_and_counters(self):
+        doc = self.status()
+        self.assertEqual(doc["mode"], "chatgpt")
+        self.assertEqual(doc["version"], proxy.__version__)
+        self.assertIsInstance(doc["uptime_seconds"], (int, float))
+        self.assertTrue(0 <= doc["uptime_seconds"] < 60)
+        login = doc["login"]
+        self.assertIs(login["ok"], True)
+        self.assertEqual(login["account_id"], "acct-file")
+        self.assertEqual(login["plan_type"], "pro")
+        exp = proxy.jwt_claims(self.token)["exp"]
+        self.assertEqual(parse_iso(login["access_token_expires_at"]), exp)
+        total = doc["requests"]["total"]
+        self.assertTrue(wait_until(lambda: self.log_count("GET /status") == 1, 3))
+        self.assertEqual(self.post(simple_request())[0], 200)
+        self.assertTrue(wait_until(lambda: self.log_count("POST /v1/responses") == 1, 3))
+        doc = self.status()
+        self.assertEqual(doc["requests"]["total"], total + 2)
+        self.assertGreaterEqual(doc["requests"]["by_status"].get("200", 0), 2)
+        self.assert_no_secrets()
+
+    def test_quota_windows_from_usage_limit_429(self):
+        def answer(handler, status, body, headers=(), content_type="application/json"):
+            handler.send_response(status)  # only the reply's own quota headers
+            handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(body)))
+            for k, v in headers:
+                handler.send_header(k, v)
+            handler.end_headers()
+            handler.wfile.write(body)
+        self.backend.server.RequestHandlerClass.answer = answer
+        limit = {"error": {"type": "usage_limit_reached", "message":
+                           "The usage limit has been reached", "plan_type": "plus",
+                           "resets_in_seconds": 3600}}
+        self.backend.replies.append(Reply(status=429, body=json.dumps(limit).encode(), headers=[
+            ("x-codex-primary-used-percent", "100"), ("x-codex-primary-window-minutes", "300"),
+            ("x-codex-primary-reset-after-seconds", "3600"),
+            ("x-codex-secondary-used-percent", "40"),
+            ("x-codex-secondary-window-minutes", "10080")]))
+        before = time.time()
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 429, body)
+        self.wait_for_log("status=429")
+        doc = self.status()
+        quota = doc["quota"]
+        self.assertEqual(quota["primary"]["used_percent"], 100)
+        self.assertEqual(quota["primary"]["window_minutes"], 300)
+        resets = parse_iso(quota["primary"]["resets_at"])
+        self.assertTrue(before + 3600 - 2 <= resets <= time.time() + 3600 + 1, quota)
+        self.assertEqual(quota["secondary"]["used_percent"], 40)
+        self.assertEqual(quota["secondary"]["window_minutes"], 10080)
+        self.assertEqual(doc["requests"]["by_status"].get("429"), 1)
+        self.assert_no_secrets()
+
+    def test_failed_then_successful_refresh(self):
+        expired = access_token(-10)
+        write_auth(self.home, auth_document(access=expired))
+        self.oauth.failure = (503, {"error": "temporarily_unavailable"})
+        self.assertIsNone(self.status()["login"].get("last_refresh_attempt"))
+        before = time.time()
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 502, body)
+        attempt = self.status()["login"]["last_refresh_attempt"]
+        self.assertIs(attempt["ok"], False)
+        self.assertIn("503", attempt["error"])
+        self.assertTrue(before - 2 <= proxy.parse_rfc3339(attempt["at"]).timestamp()
+                        <= time.time() + 1, attempt)
+        self.oauth.failure = None
+        self.oauth.current_refresh = None
+        self.assertEqual(self.post(simple_request())[0], 200)
+        attempt = self.status()["login"]["last_refresh_attempt"]
+        self.assertIs(attempt["ok"], True)
+        self.assertFalse(attempt.get("error"))
+        self.assertNotIn(expired, b"\n".join(self.outputs).decode())
+        self.assert_no_secrets()
+
+
+class StatusWithoutLoginTests(ProxyTestCase):
+    auth = False
+
+    def test_status_answers_without_auth_json(self):
+        status, _, data = self.request("GET", "/status")
+        self.assertEqual(status, 200, data)
+        doc = json.loads(data)
+        self.assertEqual(doc["mode"], "chatgpt")
+        self.assertIs(doc["login"]["ok"], False)
+        self.assertEqual(self.request("GET", "/healthz")[2].strip(), b"ok")
 
 
 if __name__ == "__main__":
