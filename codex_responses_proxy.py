@@ -17,6 +17,7 @@ One file, standard library only, Python 3.8 or newer.
 
 import argparse
 import base64
+import collections
 import datetime
 import gzip
 import hashlib
@@ -76,6 +77,8 @@ SHUTDOWN_GRACE = 25.0  # systemd's default stop timeout is 90 s; in-flight turns
 MODELS_CACHE_SECONDS = 300  # as the Codex CLI caches its model list
 API_KEY_LIMIT = 1024
 DEFAULT_MAX_CONCURRENT = 64
+DEFAULT_STATE_MB = 64          # previous_response_id store in memory ...
+DEFAULT_STATE_DB_MB = 1024     # ... and with --state-db
 CLIENT_KEY_ENV = "CODEX_PROXY_CLIENT_KEY"
 IDLE_CONNECTION_TIMEOUT = 75.0  # a keep-alive connection with no request is closed, as nginx does
 REQUEST_READ_DEADLINE = 50.0    # a request must arrive whole this soon after its first byte
@@ -121,7 +124,7 @@ class Config:
                  max_body_bytes=DEFAULT_MAX_BODY_BYTES, api_key_header=None,
                  api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None,
                  client_key=None, allow_hosts=(), allow_origins=(),
-                 max_concurrent=DEFAULT_MAX_CONCURRENT):
+                 max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -145,6 +148,9 @@ class Config:
         self.allow_hosts = [h.lower() for h in allow_hosts]
         self.allow_origins = list(allow_origins)
         self.max_concurrent = max_concurrent
+        self.state_db = state_db
+        self.state_max_bytes = int((state_max_mb or (DEFAULT_STATE_DB_MB if state_db
+                                                     else DEFAULT_STATE_MB)) * 1024 * 1024)
 
     @property
     def auth_path(self):
@@ -223,6 +229,13 @@ def build_arg_parser():
                    help="largest request body accepted (default %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
                    help="requests in flight at once; more get 503 (default %(default)s)")
+    p.add_argument("--state-db", metavar="PATH",
+                   help="keep conversations for previous_response_id in this SQLite file, so "
+                        "they survive restarts (default: in memory)")
+    p.add_argument("--state-max-mb", type=positive_float, metavar="MB",
+                   help="size cap of that store; the least recently used go first (default %d "
+                        "in memory, %d with --state-db)" % (DEFAULT_STATE_MB,
+                                                           DEFAULT_STATE_DB_MB))
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -270,7 +283,8 @@ def parse_config(argv=None, stdin=None):
                   http_shutdown=args.http_shutdown, dump_dir=args.dump_dir,
                   client_key=client_key, allow_hosts=args.allow_host,
                   allow_origins=args.allow_origin, max_body_bytes=args.max_body_bytes,
-                  max_concurrent=args.max_concurrent)
+                  max_concurrent=args.max_concurrent, state_db=args.state_db,
+                  state_max_mb=args.state_max_mb)
 
 
 def is_loopback(host):
@@ -892,21 +906,20 @@ def derive_session_id(model, instructions, first_item):
     return str(uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4))
 
 
-def rewrite_request(body, default_instructions, session_id=None, drop=()):
+def rewrite_request(body, default_instructions, session_id=None, drop=(), history=None):
     """A client's Responses request -> (what the Codex backend accepts, the session id).
 
     Pure: `body` is left untouched. `session_id` is the client's own (from its headers);
-    `drop` holds further parameters the backend was seen to reject."""
+    `drop` holds further parameters the backend was seen to reject; `history` the items of
+    the conversation named by previous_response_id, which the backend does not keep."""
     out = dict(body)
     for name in REJECTED_PARAMS:
         out.pop(name, None)
     for name in drop:
         out.pop(name, None)
-    if out.get("previous_response_id") is not None:
-        raise ProxyError(400, "previous_response_id is not supported: the ChatGPT backend keeps "
-                         "no conversation state. Send the whole conversation in `input`.",
-                         param="previous_response_id", code="unsupported_parameter")
-    out.pop("previous_response_id", None)
+    previous = out.pop("previous_response_id", None)
+    if previous is not None and history is None:
+        raise unknown_response_error(previous)
     out["stream"] = True
     out["store"] = False
 
@@ -930,6 +943,8 @@ def rewrite_request(body, default_instructions, session_id=None, drop=()):
         items = [dict(item, role="developer")  # the backend refuses role "system"
                  if isinstance(item, dict) and item.get("role") == "system" else item
                  for item in items]
+    if history:
+        items = list(history) + items
     out["input"] = items
 
     for name, kind, label in (("model", str, "a string"), ("tools", list, "a list"),
@@ -948,6 +963,15 @@ def rewrite_request(body, default_instructions, session_id=None, drop=()):
     if not cache_key:
         out["prompt_cache_key"] = session_id
     return out, session_id
+
+
+def unknown_response_error(response_id):
+    return ProxyError(400,
+                      "The proxy does not know response %r. It remembers conversations only "
+                      "while it runs (unless started with --state-db) and drops the least "
+                      "recently used past its size cap; send the whole conversation in `input` "
+                      "instead." % (response_id,), param="previous_response_id",
+                      code="previous_response_not_found")
 
 
 UNSUPPORTED_PARAM_RE = re.compile(r"Unsupported parameter:\s*'?([A-Za-z0-9_.\[\]-]+)'?")
@@ -1254,6 +1278,358 @@ def translate_upstream_error(status, body, headers=()):
     if status == 429 and isinstance(data, dict) and isinstance(data.get("error"), dict):
         err.type = data["error"].get("type") or err.type
     return err
+
+
+# --------------------------------------------------------------------------------------------
+# Chat Completions (pure): a chat request in Responses terms, and the answer back in chat shape
+# --------------------------------------------------------------------------------------------
+
+# Accepted from chat clients but not sent: the backend rejects them (or, n, has one choice).
+CHAT_DROPPED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+                "stream_options", "stop", "presence_penalty", "frequency_penalty", "seed",
+                "logprobs", "top_logprobs", "logit_bias", "user")
+
+
+def _chat_error(message, param="messages"):
+    return ProxyError(400, message, param=param, code="invalid_value")
+
+
+def _chat_text(content, where):
+    """A message's content as plain text: a string, or the text of its parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content
+                       if isinstance(part, dict) and part.get("type") in ("text", "input_text",
+                                                                          "output_text"))
+    raise _chat_error("%s: content must be a string or a list of parts." % where)
+
+
+def _chat_user_parts(content, where):
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}]
+    if not isinstance(content, list):
+        raise _chat_error("%s: content must be a string or a list of parts." % where)
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": "input_text", "text": part.get("text") or ""})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise _chat_error("%s: image_url needs a url." % where)
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append({"type": "input_image", "image_url": url, "detail": detail or "auto"})
+        else:
+            raise _chat_error("%s: content parts of type %r are not supported; use text or "
+                              "image_url." % (where, kind))
+    return parts
+
+
+def _chat_tool(tool):
+    if not isinstance(tool, dict) or tool.get("type") != "function" or \
+            not isinstance(tool.get("function"), dict):
+        raise _chat_error("Only tools of type function are supported.", "tools")
+    fn = tool["function"]
+    out = {"type": "function", "name": fn.get("name"),
+           "parameters": fn.get("parameters") or {"type": "object", "properties": {}}}
+    for key in ("description", "strict"):
+        if key in fn:
+            out[key] = fn[key]
+    return out
+
+
+def chat_to_responses(body):
+    """A Chat Completions request -> the same request as a Responses one. Leading system and
+    developer messages become the instructions, later ones developer items (the backend
+    refuses role "system"); tool calls and results become function_call items."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _chat_error("`messages` must be a non-empty list.")
+    if body.get("n") not in (None, 1):
+        raise _chat_error("n > 1 is not supported: the backend gives one answer per request.",
+                          "n")
+    instructions, items = [], []
+    for i, message in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(message, dict):
+            raise _chat_error("%s must be an object." % where)
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            text = _chat_text(content, where)
+            if not items:
+                instructions.append(text)
+            else:
+                items.append({"type": "message", "role": "developer",
+                              "content": [{"type": "input_text", "text": text}]})
+        elif role == "user":
+            items.append({"type": "message", "role": "user",
+                          "content": _chat_user_parts(content, where)})
+        elif role == "assistant":
+            text = _chat_text(content, where)
+            if text:
+                items.append({"type": "message", "role": "assistant",
+                              "content": [{"type": "output_text", "text": text}]})
+            for call in message.get("tool_calls") or []:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+                    raise _chat_error("%s: each tool call needs an id and a function." % where)
+                items.append({"type": "function_call", "call_id": call["id"],
+                              "name": fn.get("name"), "arguments": fn.get("arguments") or "{}"})
+        elif role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise _chat_error("%s: a tool message needs tool_call_id." % where)
+            items.append({"type": "function_call_output", "call_id": message["tool_call_id"],
+                          "output": _chat_text(content, where)})
+        else:
+            raise _chat_error("%s: role %r is not supported." % (where, role))
+    out = {"model": body.get("model"), "input": items}
+    if any(instructions):
+        out["instructions"] = "\n\n".join(t for t in instructions if t)
+    if body.get("tools") is not None:
+        if not isinstance(body["tools"], list):
+            raise _chat_error("`tools` must be a list.", "tools")
+        out["tools"] = [_chat_tool(t) for t in body["tools"]]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        choice = {"type": "function", "name": (choice.get("function") or {}).get("name")}
+    if choice is not None:
+        out["tool_choice"] = choice
+    for key in ("parallel_tool_calls", "prompt_cache_key", "service_tier"):
+        if key in body:
+            out[key] = body[key]
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        if fmt.get("type") == "json_schema":
+            schema = dict(fmt.get("json_schema") or {})
+            schema["type"] = "json_schema"
+            out["text"] = {"format": schema}
+        else:
+            out["text"] = {"format": {"type": fmt.get("type")}}
+    if body.get("verbosity") is not None:
+        out.setdefault("text", {})["verbosity"] = body["verbosity"]
+    if body.get("reasoning_effort") is not None:
+        # Asking for reasoning: its summary comes back as reasoning_content.
+        out["reasoning"] = {"effort": body["reasoning_effort"], "summary": "auto"}
+    return out
+
+
+def chat_usage(usage):
+    usage = usage or {}
+    return {"prompt_tokens": usage.get("input_tokens", 0),
+            "completion_tokens": usage.get("output_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+            "prompt_tokens_details": {"cached_tokens": (usage.get("input_tokens_details")
+                                                        or {}).get("cached_tokens", 0)},
+            "completion_tokens_details": {"reasoning_tokens": (usage.get(
+                "output_tokens_details") or {}).get("reasoning_tokens", 0)}}
+
+
+def chat_finish_reason(response, has_calls):
+    if response.get("status") == "incomplete":
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        return "content_filter" if reason == "content_filter" else "length"
+    return "tool_calls" if has_calls else "stop"
+
+
+def chat_completion(response, output):
+    """A finished Responses answer as a chat.completion object."""
+    text, calls, reasoning = [], [], []
+    for item in output:
+        kind = item.get("type")
+        if kind == "message":
+            text.extend(part.get("text") or "" for part in item.get("content") or []
+                        if part.get("type") == "output_text")
+        elif kind == "function_call":
+            calls.append({"id": item.get("call_id"), "type": "function",
+                          "function": {"name": item.get("name"),
+                                       "arguments": item.get("arguments") or ""}})
+        elif kind == "reasoning":
+            reasoning.extend(part.get("text") or "" for part in item.get("summary") or [])
+    message = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning:
+        message["reasoning_content"] = "\n\n".join(reasoning)
+    return {"id": "chatcmpl-" + str(response.get("id") or uuid.uuid4().hex),
+            "object": "chat.completion", "created": response.get("created_at")
+            or int(time.time()), "model": response.get("model"),
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": chat_finish_reason(response, calls)}],
+            "usage": chat_usage(response.get("usage"))}
+
+
+class ChatStream:
+    """Responses stream events -> chat.completion.chunk frames, each as soon as its event."""
+
+    def __init__(self, model, include_usage):
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self.started = False
+        self.calls = {}  # function call item id -> tool_calls index
+
+    def chunk(self, delta, finish_reason=None):
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                  "finish_reason": finish_reason}]}
+
+    def frames(self, etype, payload):
+        chunks = []
+        if etype == "response.created":
+            response = payload.get("response") or {}
+            self.id = "chatcmpl-" + str(response.get("id") or self.id)
+            self.model = response.get("model") or self.model
+        if not self.started and etype not in ("error", "response.failed"):
+            self.started = True
+            chunks.append(self.chunk({"role": "assistant", "content": ""}))
+        item = payload.get("item") if isinstance(payload.get("item"), dict) else {}
+        if etype == "response.output_text.delta":
+            chunks.append(self.chunk({"content": payload.get("delta") or ""}))
+        elif etype == "response.reasoning_summary_text.delta":
+            chunks.append(self.chunk({"reasoning_content": payload.get("delta") or ""}))
+        elif etype in ("response.output_item.added", "response.output_item.done") and \
+                item.get("type") == "function_call" and item.get("id") not in self.calls:
+            index = self.calls[item.get("id")] = len(self.calls)
+            # The arguments come as deltas after "added"; a call first seen "done" has them all.
+            arguments = item.get("arguments") or "" if etype.endswith(".done") else ""
+            chunks.append(self.chunk({"tool_calls": [{
+                "index": index, "id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": arguments}}]}))
+        elif etype == "response.function_call_arguments.delta" and \
+                payload.get("item_id") in self.calls:
+            chunks.append(self.chunk({"tool_calls": [{
+                "index": self.calls[payload["item_id"]],
+                "function": {"arguments": payload.get("delta") or ""}}]}))
+        elif etype in ("response.completed", "response.incomplete"):
+            response = payload.get("response") or {}
+            chunks.append(self.chunk({}, chat_finish_reason(response, bool(self.calls))))
+            if self.include_usage:
+                usage = self.chunk({})
+                usage["choices"] = []
+                usage["usage"] = chat_usage(response.get("usage"))
+                chunks.append(usage)
+            return [sse_data(c) for c in chunks] + [b"data: [DONE]\n\n"]
+        elif etype in ("response.failed", "error"):
+            error = (payload.get("response") or {}).get("error") if etype != "error" else payload
+            return [sse_data(c) for c in chunks] + self.error(
+                (error or {}).get("code") or "response_failed",
+                (error or {}).get("message") or "The backend reported a failure.")
+        return [sse_data(c) for c in chunks]
+
+    def error(self, code, message):
+        """The end of a stream that failed after it started: an error chunk, then [DONE]."""
+        return [sse_data({"error": {"message": message, "type": "server_error" if
+                                    failure_status(code) >= 500 else "invalid_request_error",
+                                    "param": None, "code": code}}), b"data: [DONE]\n\n"]
+
+
+def sse_data(obj):
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Conversation state, for previous_response_id (the backend keeps none)
+# --------------------------------------------------------------------------------------------
+
+class ConversationStore:
+    """Each completed response's own input and output items, with a link to the response it
+    continued; a chain is rebuilt by following the links. Past max_bytes the least recently
+    used responses go, so a conversation in use keeps its early turns. In memory; see
+    SQLiteConversationStore for one that survives restarts."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()  # id -> (parent, items JSON)
+        self._bytes = 0
+
+    def put(self, response_id, parent, items):
+        data = json.dumps(items, separators=(",", ":"))
+        with self._lock:
+            self._save(response_id, parent, data)
+
+    def history(self, response_id):
+        """All items of the chain ending in response_id, oldest first; None if any link is
+        unknown (never stored, evicted, or lost in a restart)."""
+        chain, seen = [], set()
+        with self._lock:
+            while response_id is not None and response_id not in seen:
+                seen.add(response_id)
+                entry = self._load(response_id)
+                if entry is None:
+                    return None
+                response_id, data = entry
+                chain.append(data)
+        items = []
+        for data in reversed(chain):
+            items.extend(json.loads(data))
+        return items
+
+    def _save(self, response_id, parent, data):
+        old = self._entries.pop(response_id, None)
+        if old is not None:
+            self._bytes -= len(old[1])
+        self._entries[response_id] = (parent, data)
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
+
+    def _load(self, response_id):
+        entry = self._entries.get(response_id)
+        if entry is not None:
+            self._entries.move_to_end(response_id)
+        return entry
+
+
+class SQLiteConversationStore(ConversationStore):
+    """The same store in an SQLite file (--state-db), so chains survive restarts; several
+    proxy processes may share it (SQLite locks, WAL journal, busy timeout)."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, parent TEXT, "
+              "items TEXT NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL)")
+
+    def __init__(self, path, max_bytes):
+        import sqlite3  # only with --state-db: most runs never need it
+        super().__init__(max_bytes)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # conversations are private
+        os.close(fd)
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(self.SCHEMA)
+        self._db.execute("CREATE INDEX IF NOT EXISTS responses_used ON responses (used)")
+
+    def _save(self, response_id, parent, data):
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                       (response_id, parent, data, len(data), time.time()))
+            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+            while total > self.max_bytes:
+                row = db.execute("SELECT id, size FROM responses WHERE id != ? ORDER BY used "
+                                 "LIMIT 1", (response_id,)).fetchone()
+                if row is None:
+                    break
+                db.execute("DELETE FROM responses WHERE id = ?", (row[0],))
+                total -= row[1]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _load(self, response_id):
+        row = self._db.execute("SELECT parent, items FROM responses WHERE id = ?",
+                               (response_id,)).fetchone()
+        if row is not None:
+            self._db.execute("UPDATE responses SET used = ? WHERE id = ?",
+                             (time.time(), response_id))
+        return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -1686,6 +2062,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     ROUTES = {
         "/v1/responses": {"POST": "handle_responses"},
         "/responses": {"POST": "handle_responses"},
+        "/v1/chat/completions": {"POST": "handle_chat_completions"},
+        "/chat/completions": {"POST": "handle_chat_completions"},
         "/v1/models": {"GET": "handle_models"},
         "/models": {"GET": "handle_models"},
         "/status": {"GET": "handle_status"},
@@ -2143,20 +2521,59 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         config = server.config
         if config.mode == "apikey":
             return self.forward_as_is("POST", config.upstream_url, self.body)
-        raw = decode_request_body(self.body, self.headers.get("Content-Encoding"))
-        body, source, spans = parse_json_object(raw)
-        client_stream = body.get("stream") is True
-        self.log_fields["model"] = body.get("model") if isinstance(body.get("model"), str) else None
-        self.log_fields["stream"] = client_stream
-        client_session = self.headers.get("session_id") or self.headers.get("session-id")
-        upstream_body, session_id = rewrite_request(body, config.instructions, client_session,
-                                                    server.dropped_params())
-        extra_headers = [(k, v) for k, v in self.headers.items()
-                         if k.lower().startswith("x-codex-")
-                         or k.lower() in FORWARDED_REQUEST_HEADERS]
+        body, source, spans = self.json_body()
+        previous = body.get("previous_response_id")
+        history = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            history = server.conversations.history(previous)
+            if history is None:
+                raise unknown_response_error(previous)
+        upstream_body, session_id = rewrite_request(body, config.instructions,
+                                                    self.client_session(),
+                                                    server.dropped_params(), history)
+        own_items = upstream_body["input"][len(history or ()):]
         encode = lambda b: encode_json_object(b, body, source, spans)
-        conn, resp, dump = self.open_upstream(upstream_body, encode, session_id, extra_headers)
-        self.relay(conn, resp, client_stream, dump)
+        conn, resp, dump = self.open_upstream(upstream_body, encode, session_id,
+                                              self.codex_headers())
+        self.relay(conn, resp, body.get("stream") is True, dump,
+                   remember=(previous, own_items))
+
+    def handle_chat_completions(self):
+        server = self.server
+        config = server.config
+        if config.mode == "apikey":
+            url = upstream_url_for(config.upstream_url, "chat/completions")
+            return self.forward_as_is("POST", url, self.body)
+        body = self.json_body()[0]
+        request = chat_to_responses(body)
+        upstream_body, session_id = rewrite_request(request, config.instructions,
+                                                    self.client_session(),
+                                                    server.dropped_params())
+        stream = body.get("stream") is True
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
+            if isinstance(body.get("stream_options"), dict) else False
+        conn, resp, dump = self.open_upstream(upstream_body, encode_json_object, session_id,
+                                              self.codex_headers())
+        self.relay(conn, resp, stream, dump, chat=ChatStream(body.get("model"), include_usage))
+
+    def json_body(self):
+        """(body, source, spans) of the request's JSON object; notes the model for the log."""
+        raw = decode_request_body(self.body, self.headers.get("Content-Encoding"))
+        parsed = parse_json_object(raw)
+        body = parsed[0]
+        self.log_fields["model"] = body.get("model") if isinstance(body.get("model"), str) else None
+        self.log_fields["stream"] = body.get("stream") is True
+        return parsed
+
+    def client_session(self):
+        return self.headers.get("session_id") or self.headers.get("session-id")
+
+    def codex_headers(self):
+        return [(k, v) for k, v in self.headers.items()
+                if k.lower().startswith("x-codex-") or k.lower() in FORWARDED_REQUEST_HEADERS]
 
     def open_upstream(self, body, encode, session_id, extra_headers):
         """Send the request; on a 401 refresh and retry once; on 400 "Unsupported parameter: X"
@@ -2202,8 +2619,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             conn.close()
 
-    def relay(self, conn, resp, client_stream, dump=None):
-        """Read the backend's event stream; pass it on live, or gather it into one answer."""
+    def relay(self, conn, resp, client_stream, dump=None, chat=None, remember=None):
+        """Read the backend's event stream; pass it on live, or gather it into one answer.
+        chat: a ChatStream when the client speaks Chat Completions. remember: (previous id,
+        own input items) to keep for previous_response_id once the response completes."""
         server = self.server
         assembler = ResponseAssembler()
         parser = SSEParser()
@@ -2254,6 +2673,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     etype = event.event
                     if debug:
                         server.log.debug("stream event %s (%d bytes)" % (etype, len(frame)))
+                    if chat is not None:
+                        out.extend(self.chat_frames(chat, assembler, event))
+                        continue
                     if (etype is None or etype in INSPECTED_EVENTS) and event.data is not None:
                         try:
                             payload = json.loads(event.data)
@@ -2283,28 +2705,49 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         usage = assembler.usage()
         self.log_fields["in"] = usage.get("input_tokens", "-")
         self.log_fields["out"] = usage.get("output_tokens", "-")
+        if remember is not None and assembler.terminal in ("response.completed",
+                                                           "response.incomplete"):
+            response_id = (assembler.response or {}).get("id")
+            if isinstance(response_id, str):
+                server.conversations.put(response_id, remember[0],
+                                         list(remember[1]) + assembler.output())
         if client_stream:
-            self.finish_stream(failure)
+            self.finish_stream(failure, chat)
         else:
-            self.answer_collected(assembler, failure, headers)
+            self.answer_collected(assembler, failure, headers, chat)
         if failure is None:
             self.drain_for_reuse(conn, upstream)
 
-    def finish_stream(self, failure):
+    @staticmethod
+    def chat_frames(chat, assembler, event):
+        """A Chat Completions client's frames for one backend event (all events decoded)."""
+        try:
+            payload = json.loads(event.data) if event.data is not None else None
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return []
+        etype = payload.get("type") or event.event
+        assembler.add(etype, payload)
+        return chat.frames(etype, payload)
+
+    def finish_stream(self, failure, chat=None):
         if failure is not None:
             code, message, status = failure
             self.log_fields["error"] = code
-            self.write_chunk(error_event_bytes(code, message))
+            frames = chat.error(code, message) if chat else [error_event_bytes(code, message)]
+            self.write_chunk(b"".join(frames))
         if self.chunked:
             self.write(b"0\r\n\r\n")
 
-    def answer_collected(self, assembler, failure, headers):
+    def answer_collected(self, assembler, failure, headers, chat=None):
         if failure is not None:
             code, message, status = failure
             raise ProxyError(status, message, code=code, headers=headers)
         if assembler.terminal in ("response.completed", "response.incomplete"):
-            self.send_json(200, assemble_response(assembler.response, assembler.output()),
-                           headers)
+            response = assemble_response(assembler.response, assembler.output())
+            self.send_json(200, chat_completion(response, response.get("output") or [])
+                           if chat else response, headers)
             return
         error = assembler.error or {}
         code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
@@ -2426,6 +2869,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.hangups = HangupWatcher()
         self.quota = QuotaTracker()
         self.models = ModelsCache()
+        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
+                              if config.state_db else ConversationStore(config.state_max_bytes))
         self.dumper = ExchangeDumper(config.dump_dir, self.log) if config.dump_dir else None
         self.started = time.time()
         self._dropped = set()

@@ -607,11 +607,20 @@ class RewriteRequestTests(unittest.TestCase):
                 self.rewrite(body)
             self.assertEqual((cm.exception.status, cm.exception.param), (400, param))
 
-    def test_previous_response_id_is_refused_clearly(self):
+    def test_previous_response_id_needs_its_history(self):
         with self.assertRaises(proxy.ProxyError) as cm:
             self.rewrite({"input": "x", "previous_response_id": "resp_1"})
-        self.assertEqual(cm.exception.status, 400)
-        self.assertIn("no conversation state", cm.exception.message)
+        self.assertEqual((cm.exception.status, cm.exception.param),
+                         (400, "previous_response_id"))
+        self.assertIn("does not know response 'resp_1'", cm.exception.message)
+        history = [{"role": "user", "content": "q1"}, message_item("a1")]
+        out, sid = self.rewrite({"model": "m", "input": "q2", "previous_response_id": "resp_1"},
+                                history=history)
+        self.assertNotIn("previous_response_id", out)
+        self.assertEqual(out["input"][:2], history)
+        self.assertEqual(out["input"][2]["content"][0]["text"], "q2")
+        _, first_sid = self.rewrite({"model": "m", "input": [history[0]]})
+        self.assertEqual(sid, first_sid, "a chain keeps the conversation's session id")
 
     def test_decode_body(self):
         raw = b'{"a": 1}'
