@@ -19,7 +19,6 @@ import argparse
 import base64
 import collections
 import datetime
-import gzip
 import hashlib
 import hmac
 import http.client
@@ -795,25 +794,50 @@ class AuthStore:
 REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p")
 
 
-def decode_request_body(raw, content_encoding):
-    """Undo Content-Encoding; the backend takes plain JSON from us."""
+def _inflate(raw, wbits, limit):
+    """zlib, raw deflate or gzip (wbits 15, -15, 31) data, inflated to at most limit bytes
+    (None: no limit), so that a small compressed body cannot expand to gigabytes."""
+    out = b""
+    while True:
+        d = zlib.decompressobj(wbits)
+        out += d.decompress(raw, 0 if limit is None else limit + 1 - len(out))
+        if limit is not None and len(out) > limit:
+            raise ProxyError(413, "The request body is over the limit of %d bytes once "
+                             "decompressed." % limit, code="request_too_large")
+        if not d.eof:
+            raise ValueError("the compressed data ends early")
+        raw = d.unused_data
+        if wbits != 31 or not raw:  # a gzip body may hold several members
+            return out
+
+
+def decode_request_body(raw, content_encoding, limit=None):
+    """Undo Content-Encoding; the backend takes plain JSON from us. The decoded body is held
+    to limit bytes too."""
     encoding = (content_encoding or "identity").strip().lower()
     try:
         if encoding in ("", "identity"):
             return raw
         if encoding in ("gzip", "x-gzip"):
-            return gzip.decompress(raw)
+            return _inflate(raw, 16 + zlib.MAX_WBITS, limit)
         if encoding == "deflate":
             try:
-                return zlib.decompress(raw)
+                return _inflate(raw, zlib.MAX_WBITS, limit)
             except zlib.error:
-                return zlib.decompress(raw, -zlib.MAX_WBITS)  # raw deflate, as some clients send
+                return _inflate(raw, -zlib.MAX_WBITS, limit)  # raw deflate, as some clients send
         if encoding == "zstd":
             if zstd is None:
                 raise ProxyError(415, "This Python (%d.%d) cannot decode zstd request bodies "
                                  "(that needs 3.14+). Send the body uncompressed, or with gzip."
                                  % sys.version_info[:2], code="unsupported_content_encoding")
-            return zstd.decompress(raw)
+            decompressor = zstd.ZstdDecompressor()
+            out = decompressor.decompress(raw, -1 if limit is None else limit + 1)
+            if limit is not None and len(out) > limit:
+                raise ProxyError(413, "The request body is over the limit of %d bytes once "
+                                 "decompressed." % limit, code="request_too_large")
+            if not decompressor.eof:
+                raise ValueError("the compressed data ends early")
+            return out
     except (OSError, EOFError, zlib.error, ValueError) as e:
         raise ProxyError(400, "The request body is not valid %s data: %s" % (encoding, e),
                          code="invalid_body")
@@ -2083,6 +2107,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.reader = RequestReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.cors_origin = None
+        self.expect_continue = False
+
+    def handle_one_request(self):
+        # Each request starts clean, also one the base class answers itself (400, 414, 431,
+        # 501) without passing dispatch(): no CORS headers left from the previous request.
+        self.cors_origin = None
+        self.expect_continue = False
+        super().handle_one_request()
+
+    def handle_expect_100(self):
+        """The base class would send 100 Continue before any check; send it only once the
+        request passed them (see send_continue), never for a body that will be refused."""
+        self.expect_continue = True
+        return True
+
+    def send_continue(self):
+        if self.expect_continue:
+            self.expect_continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- routing --------------------------------------------------------------------------
 
@@ -2174,6 +2217,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if method == "OPTIONS" and self.headers.get("Access-Control-Request-Method"):
                 self.send_preflight()  # carries no credentials, so needs no client key
                 return True
+        elif (self.headers.get("Sec-Fetch-Site") or "none").lower() not in ("none",
+                                                                            "same-origin"):
+            # A page's <img> or link sends a GET with no Origin; browsers still mark it
+            # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
+            raise ProxyError(403, "Requests from other web sites are refused.",
+                             code="origin_not_allowed")
         if config.client_key and path != "/healthz" and not self.client_key_ok():
             raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
                              "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
@@ -2346,6 +2395,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be taken for a request
             raise ProxyError(413, "The request body is %d bytes; the limit is %d."
                              % (length, limit), code="request_too_large")
+        if length:
+            self.send_continue()
         try:
             data = self.rfile.read(length)
         except socket.timeout:
@@ -2357,6 +2408,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _read_chunked_body(self, limit):
+        self.send_continue()
         try:
             return self._read_chunks(limit)
         except socket.timeout:
@@ -2561,7 +2613,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def json_body(self):
         """(body, source, spans) of the request's JSON object; notes the model for the log."""
-        raw = decode_request_body(self.body, self.headers.get("Content-Encoding"))
+        raw = decode_request_body(self.body, self.headers.get("Content-Encoding"),
+                                  self.server.config.max_body_bytes)
         parsed = parse_json_object(raw)
         body = parsed[0]
         self.log_fields["model"] = body.get("model") if isinstance(body.get("model"), str) else None

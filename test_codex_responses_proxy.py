@@ -12,6 +12,7 @@ import concurrent.futures
 import datetime
 import errno
 import gzip
+import hmac
 import http.client
 import io
 import json
@@ -3889,6 +3890,985 @@ class StatusWithoutLoginTests(ProxyTestCase):
         self.assertEqual(doc["mode"], "chatgpt")
         self.assertIs(doc["login"]["ok"], False)
         self.assertEqual(self.request("GET", "/healthz")[2].strip(), b"ok")
+
+
+# --------------------------------------------------------------------------------------------
+# Security: who may connect, browsers, limits
+# --------------------------------------------------------------------------------------------
+
+CLIENT_KEY = "k-123-4f9c2e7a1b8d6053c3e1a9f4b2d7e6c5"
+ALLOWED_ORIGIN = "http://localhost:3000"
+DEFAULT_HOST = object()  # "Host: 127.0.0.1:PORT", as a well-behaved local client sends
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def build_request(port, method, path, headers=(), body=b"", host=DEFAULT_HOST,
+                  version="HTTP/1.1", content_length=True):
+    """Raw request bytes. host=None sends no Host header at all."""
+    lines = ["%s %s %s" % (method, path, version)]
+    if host is DEFAULT_HOST:
+        host = "127.0.0.1:%d" % port
+    if host is not None:
+        lines.append("Host: %s" % host)
+    for name, value in headers:
+        lines.append("%s: %s" % (name, value))
+    if content_length and (body or method in ("POST", "PUT", "PATCH")):
+        lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def raw_http(port, method, path, headers=(), body=b"", host=DEFAULT_HOST, version="HTTP/1.1",
+             answer_wait=5.0):
+    """One request on a fresh connection -> (status, lower-case headers, body bytes)."""
+    data = build_request(port, method, path, headers, body, host, version)
+    answer, how = exchange(port, data, answer_wait=answer_wait, close_wait=2.0)
+    responses, _ = parse_http_responses(answer, method == "HEAD")
+    if not responses:
+        raise AssertionError("no answer to %s %s (connection %s): %r"
+                             % (method, path, how, answer[:300]))
+    return responses[0]
+
+
+def json_body(obj):
+    return json.dumps(obj).encode()
+
+
+def cors_headers(headers):
+    return {k: v for k, v in headers.items() if k.startswith("access-control-")}
+
+
+def read_one_response(sock, buf=b"", timeout=5.0, head_request=False):
+    """Read from sock until buf holds one whole response.
+    -> (status, headers, body, rest of buf, eof seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            responses, _ = parse_http_responses(buf, head_request)
+        except (AssertionError, ValueError):
+            responses = []
+        final = [r for r in responses if r[0] >= 200]
+        if final:
+            return final[0] + (b"", False)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("no whole response within %gs: %r" % (timeout, buf[:300]))
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            continue
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            raise AssertionError("connection closed before a whole response: %r" % buf[:300])
+        buf += chunk
+
+
+def wait_eof(sock, timeout):
+    """Seconds until the peer closed (recv gives b"" or a reset), else None after timeout.
+    Whatever data arrives first is returned as well: -> (seconds or None, data)."""
+    started = time.monotonic()
+    data = b""
+    while True:
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            return None, data
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            continue
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return time.monotonic() - started, data
+        if not chunk:
+            return time.monotonic() - started, data
+        data += chunk
+
+
+class SecurityCase(ProxyTestCase):
+    """The in-process harness plus raw-socket helpers."""
+
+    def restart(self, **overrides):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(**overrides)
+
+    def raw(self, method, path, headers=(), body=b"", host=DEFAULT_HOST, **kw):
+        return raw_http(self.port, method, path, headers, body, host, **kw)
+
+    def post_json(self, body=None, headers=(), host=DEFAULT_HOST, path="/v1/responses"):
+        body = simple_request() if body is None else body
+        data = body if isinstance(body, bytes) else json_body(body)
+        return self.raw("POST", path, [("Content-Type", "application/json")] + list(headers),
+                        data, host)
+
+    def assert_json_error(self, response, status, code=None, contains=None):
+        got, headers, body = response
+        self.assertEqual(got, status, body[:400])
+        self.assertTrue(headers.get("content-type", "").startswith("application/json"),
+                        headers)
+        parsed = json.loads(body)
+        self.assert_openai_error(got, parsed, status, code, contains)
+        return parsed
+
+    def assert_ok_response(self, response, text="Hello there!"):
+        status, headers, body = response
+        self.assertEqual(status, 200, body[:400])
+        parsed = json.loads(body)
+        self.assertEqual(parsed["output"][0]["content"][0]["text"], text, parsed)
+        return parsed
+
+    def assert_healthy(self):
+        status, _, data = self.request("GET", "/healthz")
+        self.assertEqual((status, data), (200, b"ok\n"))
+
+    def patch_timeouts(self, read=None, idle=None):
+        for name, value in (("REQUEST_READ_DEADLINE", read), ("IDLE_CONNECTION_TIMEOUT", idle)):
+            if value is not None:
+                patcher = mock.patch.object(proxy, name, value)
+                patcher.start()
+                self.addCleanup(patcher.stop)
+
+
+# --------------------------------------------------------------------------------------------
+# 1, 2, 7, 8. Subprocess: listening address, client key sources, auth.json permissions
+# --------------------------------------------------------------------------------------------
+
+ANY_LISTEN_RE = re.compile(r"listening on http://(\[[^\]]+\]|[^:/\s]+):(\d+)")
+
+
+def security_env(**extra):
+    """clean_env() without a client key inherited from the developer's shell."""
+    env = clean_env()
+    env.pop(proxy.CLIENT_KEY_ENV, None)
+    env.update(extra)
+    return env
+
+
+class AddrProcess(ProxyProcess):
+    """ProxyProcess for any listening address; requests go to connect_host."""
+
+    def __init__(self, testcase, args, env=None, start_timeout=10.0, connect_host="127.0.0.1"):
+        self.testcase = testcase
+        self.connect_host = connect_host
+        self.proc = subprocess.Popen([sys.executable, PROGRAM] + list(args),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=env or security_env())
+        testcase.addCleanup(self.kill)
+        self.lines = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        line = self.wait_for("listening on http://", start_timeout)
+        m = ANY_LISTEN_RE.search(line)
+        testcase.assertIsNotNone(m, line)
+        self.listen_host, self.port = m.group(1), int(m.group(2))
+
+    def request(self, method, path, body=None, headers=None, timeout=10):
+        conn = http.client.HTTPConnection(self.connect_host, self.port, timeout=timeout)
+        try:
+            headers = dict(headers or {})
+            if isinstance(body, dict):
+                body = json.dumps(body).encode()
+                headers.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+
+class SecurityProcessCase(ProcessTestCase):
+    def run_proxy(self, *args, **kw):
+        env = kw.pop("env", None) or security_env()
+        return run_program(list(args) + ["--codex-home", self.home,
+                                         "--upstream-url", self.backend.url],
+                           timeout=kw.pop("timeout", 10), env=env)
+
+    def start(self, *args, **kw):
+        env = kw.pop("env", None) or security_env()
+        args = list(args) + ["--codex-home", self.home, "--upstream-url", self.backend.url]
+        return AddrProcess(self, args, env=env, **kw)
+
+    def key_file(self, content, name="client.key"):
+        path = os.path.join(self.home, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, 0o600)
+        return path
+
+    def assert_usage_error(self, result, *needles):
+        err = result.stderr.decode("utf-8", "replace")
+        self.assertEqual(result.returncode, 2, err)
+        self.assertIn("error:", err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("listening on", err)
+        for needle in needles:
+            self.assertIn(needle, err)
+        return err
+
+
+class BindAddressTests(SecurityProcessCase):
+    def test_non_loopback_address_without_key_refuses_before_binding(self):
+        self.write_valid_auth()
+        cases = [("0.0.0.0:0", {}), ("192.168.1.10:0", {}), ("[::]:0", {}),
+                 ("myhost.example:0", {}),                         # a name may be anything
+                 ("0.0.0.0:0", {proxy.CLIENT_KEY_ENV: "   "})]     # a blank key is no key
+        for addr, extra in cases:
+            with self.subTest(addr=addr, env=extra):
+                result = self.run_proxy("--addr", addr, env=security_env(**extra), timeout=5)
+                err = self.assert_usage_error(result, "--client-key-file",
+                                              proxy.CLIENT_KEY_ENV, "refusing to listen")
+                # 192.168.1.10 is not on this machine: a bind attempt would say "cannot listen"
+                self.assertNotIn("cannot listen", err)
+
+    def test_key_file_lets_it_listen_on_all_interfaces(self):
+        self.write_valid_auth()
+        path = self.key_file(CLIENT_KEY.encode() + b"\n")
+        p = self.start("--addr", "0.0.0.0:0", "--client-key-file", path)
+        self.assertEqual(p.listen_host, "0.0.0.0")
+        self.assertEqual(p.request("GET", "/healthz")[::2], (200, b"ok\n"))
+        status, _, data = p.post(simple_request())
+        self.assertEqual(status, 401, data)
+        self.assertEqual(json.loads(data)["error"]["code"], "invalid_client_key")
+        status, _, data = p.post(simple_request(),
+                                 headers={"Authorization": "Bearer " + CLIENT_KEY})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(len(self.backend.requests), 1)
+        self.assertNotIn(CLIENT_KEY, p.text())
+
+    def test_env_key_lets_it_listen_on_all_interfaces_and_is_required(self):
+        self.write_valid_auth()
+        p = self.start("--addr", "0.0.0.0:0",
+                       env=security_env(**{proxy.CLIENT_KEY_ENV: CLIENT_KEY}))
+        self.assertEqual(p.listen_host, "0.0.0.0")
+        for method, path in (("POST", "/v1/responses"), ("GET", "/status")):
+            body = simple_request() if method == "POST" else None
+            with self.subTest(path=path):
+                status, _, data = p.request(method, path, body)
+                self.assertEqual(status, 401, data)
+                error = json.loads(data)["error"]
+                self.assertEqual(error["code"], "invalid_client_key")
+                status, _, data = p.request(method, path, body,
+                                            headers={"x-api-key": CLIENT_KEY + "x"})
+                self.assertEqual(status, 401, data)
+                status, _, data = p.request(method, path, body,
+                                            headers={"x-api-key": CLIENT_KEY})
+                self.assertEqual(status, 200, data)
+        self.assertEqual(p.request("GET", "/healthz")[::2], (200, b"ok\n"))
+        self.assertEqual(len(self.backend.requests), 1)
+        self.assertNotIn("x-api-key", {k.lower() for k in self.backend.requests[0]["headers"]})
+        self.assertNotIn(CLIENT_KEY, p.text())
+
+    def test_loopback_addresses_start_without_a_key(self):
+        self.write_valid_auth()
+        for addr in ("localhost:0", "127.0.0.1:0"):
+            with self.subTest(addr=addr):
+                p = self.start("--addr", addr)
+                self.assertEqual(p.listen_host, "127.0.0.1")
+                self.assertEqual(p.request("GET", "/healthz")[::2], (200, b"ok\n"))
+                status, _, data = p.post(simple_request())
+                self.assertEqual(status, 200, data)
+                p.kill()
+
+    def test_ipv6_loopback_starts_without_a_key(self):
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except (OSError, AttributeError):
+            self.skipTest("no IPv6 loopback here")
+        self.write_valid_auth()
+        p = self.start("--addr", "[::1]:0", connect_host="::1")
+        self.assertEqual(p.listen_host, "[::1]")
+        self.assertEqual(p.request("GET", "/healthz")[::2], (200, b"ok\n"))
+        status, _, data = p.post(simple_request())  # Host: [::1]:PORT
+        self.assertEqual(status, 200, data)
+
+    def test_empty_missing_or_multiline_key_file_is_a_clear_exit_2(self):
+        missing = os.path.join(self.home, "no-such.key")
+        cases = [(self.key_file(b"", "empty.key"), "non-empty"),
+                 (self.key_file(b" \n\n", "blank.key"), "non-empty"),
+                 (self.key_file(b"abc\ndef\n", "two.key"), "one non-empty line"),
+                 (missing, "No such file")]
+        for path, reason in cases:
+            for addr in ("127.0.0.1:0", "0.0.0.0:0"):
+                with self.subTest(path=os.path.basename(path), addr=addr):
+                    result = self.run_proxy("--addr", addr, "--client-key-file", path)
+                    self.assert_usage_error(result, "--client-key-file", path, reason)
+
+
+class PermissionWarningTests(SecurityProcessCase):
+    def test_world_readable_auth_json_gets_a_chmod_warning(self):
+        path = write_auth(self.home, auth_document(access=self.token), mode=0o644)
+        p = self.start("--port", "0")
+        line = p.wait_for("chmod 600")
+        self.assertIn(path, line)
+        self.assertIn("warning", line)
+        self.assertIn("group or others", line)
+        self.assertEqual(p.request("GET", "/healthz")[0], 200)  # a warning, not a refusal
+
+    def test_private_auth_json_gets_no_warning(self):
+        write_auth(self.home, auth_document(access=self.token), mode=0o600)
+        p = self.start("--port", "0")
+        self.assertEqual(p.request("GET", "/healthz")[0], 200)
+        p.wait_for("GET /healthz")  # every start-up line is out by now
+        self.assertNotIn("chmod", p.text())
+        self.assertNotIn("readable by group", p.text())
+
+
+class PermissionWarningUnitTests(SecurityCase):
+    def test_group_or_other_bits_warn_owner_only_does_not(self):
+        path = os.path.join(self.home, "auth.json")
+        for mode, warns in ((0o640, True), (0o604, True), (0o660, True), (0o600, False),
+                            (0o400, False)):
+            os.chmod(path, mode)
+            with self.subTest(mode=oct(mode)):
+                warning = self.proxy.permission_warning()
+                if warns:
+                    self.assertIsNotNone(warning)
+                    self.assertIn("chmod 600 " + path, warning)
+                else:
+                    self.assertIsNone(warning)
+
+
+class NoFlagsDefaultsTests(SecurityProcessCase):
+    def test_proxy_started_without_security_flags_is_protected(self):
+        self.write_valid_auth()
+        p = self.start("--port", "0")
+        self.assertEqual(p.listen_host, "127.0.0.1")
+        body = json_body(simple_request())
+        ok = [("Content-Type", "application/json")]
+        status, _, data = raw_http(p.port, "POST", "/v1/responses", ok, body,
+                                   host="evil.example:%d" % p.port)
+        self.assertEqual(status, 403, data)
+        self.assertEqual(json.loads(data)["error"]["code"], "host_not_allowed")
+        status, headers, data = raw_http(p.port, "POST", "/v1/responses",
+                                         ok + [("Origin", "https://evil.example")], body)
+        self.assertEqual(status, 403, data)
+        self.assertEqual(json.loads(data)["error"]["code"], "origin_not_allowed")
+        self.assertEqual(cors_headers(headers), {})
+        status, _, data = raw_http(p.port, "POST", "/v1/responses",
+                                   [("Content-Type", "text/plain")], body)
+        self.assertEqual(status, 415, data)
+        self.assertIn("Content-Type: application/json", json.loads(data)["error"]["message"])
+        self.assertEqual(self.backend.requests, [])
+        status, headers, data = raw_http(p.port, "POST", "/v1/responses", ok, body)
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data)["output"][0]["content"][0]["text"], "Hello there!")
+        self.assertEqual(cors_headers(headers), {})
+        self.assertEqual(len(self.backend.requests), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The client key (in process)
+# --------------------------------------------------------------------------------------------
+
+class ClientKeyTests(SecurityCase):
+    def setUp(self):
+        super().setUp()
+        add_models_endpoint(self.backend)
+        self.restart(client_key=CLIENT_KEY.encode())
+
+    ENDPOINTS = (("POST", "/v1/responses"), ("GET", "/v1/models"), ("GET", "/status"))
+
+    def call(self, method, path, headers=()):
+        if method == "POST":
+            return self.post_json(headers=headers, path=path)
+        return self.raw(method, path, headers)
+
+    def test_no_wrong_or_partial_key_is_401_on_every_endpoint(self):
+        wrong = [[],
+                 [("Authorization", "Bearer wrong-key")],
+                 [("Authorization", "Bearer " + CLIENT_KEY[:-1])],   # a prefix of the key
+                 [("Authorization", "Bearer " + CLIENT_KEY + "0")],  # the key plus more
+                 [("Authorization", "Bearer " + CLIENT_KEY[:1])],
+                 [("Authorization", "Basic " + CLIENT_KEY)],         # not a bearer
+                 [("Authorization", CLIENT_KEY)],                    # no scheme
+                 [("Authorization", "Bearer ")],
+                 [("x-api-key", CLIENT_KEY[:-1])],
+                 [("x-api-key", "")]]
+        for method, path in self.ENDPOINTS:
+            for headers in wrong:
+                with self.subTest(path=path, headers=headers):
+                    response = self.call(method, path, headers)
+                    body = self.assert_json_error(response, 401, "invalid_client_key")
+                    self.assertEqual(body["error"]["type"], "authentication_error")
+                    self.assertNotIn(CLIENT_KEY, response[2].decode())
+        self.assertEqual(self.backend.requests, [])
+        self.assertEqual(self.backend.model_requests, [])
+
+    def test_bearer_or_x_api_key_is_accepted_and_never_forwarded(self):
+        good = [[("Authorization", "Bearer " + CLIENT_KEY)],
+                [("Authorization", "bearer " + CLIENT_KEY)],
+                [("x-api-key", CLIENT_KEY)],
+                [("Authorization", "Bearer wrong"), ("x-api-key", CLIENT_KEY)]]
+        for method, path in self.ENDPOINTS:
+            for headers in good:
+                with self.subTest(path=path, headers=headers):
+                    status, _, body = self.call(method, path, headers)
+                    self.assertEqual(status, 200, body[:300])
+        self.assertEqual(len(self.backend.requests), len(good))
+        self.assertGreaterEqual(len(self.backend.model_requests), 1)
+        upstream = self.backend.requests + self.backend.model_requests
+        for request in upstream:
+            headers = request["headers"]
+            self.assertEqual(headers.get("Authorization"), "Bearer " + self.token)
+            self.assertIsNone(headers.get("x-api-key"))
+            for name, value in headers.items():
+                self.assertNotIn(CLIENT_KEY, value, name)
+
+    def test_healthz_needs_no_key(self):
+        for method in ("GET", "HEAD"):
+            status, _, body = self.raw(method, "/healthz")
+            self.assertEqual(status, 200, body)
+
+    def test_key_is_compared_in_constant_time(self):
+        with mock.patch.object(proxy.hmac, "compare_digest",
+                               wraps=hmac.compare_digest) as compare:
+            self.assertEqual(self.call("GET", "/status", [("x-api-key", "nope")])[0], 401)
+            self.assertEqual(self.call("GET", "/status", [("x-api-key", CLIENT_KEY)])[0], 200)
+        self.assertTrue(compare.call_args_list)
+        self.assertIn(CLIENT_KEY.encode(), [a for call in compare.call_args_list
+                                            for a in call[0]])
+
+    def test_api_key_mode_does_not_forward_the_client_key_either(self):
+        upstream_key = "sk-upstream-0123456789abcdef"
+        self.backend.valid_tokens.add(upstream_key)
+        self.restart(client_key=CLIENT_KEY.encode(),
+                     api_key_header=("Bearer " + upstream_key).encode())
+        body = {"model": "gpt-5.1-codex", "instructions": "x", "stream": True, "store": False,
+                "input": [{"role": "user", "content": "hi"}]}
+        for headers in ([("Authorization", "Bearer " + CLIENT_KEY)],
+                        [("x-api-key", CLIENT_KEY)]):
+            with self.subTest(headers=headers):
+                status, _, data = self.post_json(body, headers)
+                self.assertEqual(status, 200, data[:300])
+                sent = self.last_upstream()["headers"]
+                self.assertEqual(sent.get("Authorization"), "Bearer " + upstream_key)
+                self.assertIsNone(sent.get("x-api-key"))
+                for name, value in sent.items():
+                    self.assertNotIn(CLIENT_KEY, value, name)
+        status, _, data = self.post_json(body)
+        self.assertEqual(status, 401, data)
+        self.assertEqual(len(self.backend.requests), 2)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Host (DNS rebinding)
+# --------------------------------------------------------------------------------------------
+
+class HostHeaderTests(SecurityCase):
+    def test_foreign_hosts_are_403_and_nothing_goes_upstream(self):
+        port = self.port
+        other = port + 1 if port < 65535 else port - 1
+        for host in ("evil.example:%d" % port, "evil.example", "127.0.0.1:%d" % other,
+                     "localhost:%d" % other, "localhost.evil.com", "localhost.evil.com:%d" % port,
+                     "127.0.0.1.nip.io:%d" % port, "[::2]:%d" % port, ""):
+            with self.subTest(host=host):
+                self.assert_json_error(self.post_json(host=host), 403, "host_not_allowed")
+                self.assert_json_error(self.raw("GET", "/v1/models", host=host), 403,
+                                       "host_not_allowed")
+                self.assert_json_error(self.raw("GET", "/healthz", host=host), 403,
+                                       "host_not_allowed")
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_own_names_are_allowed(self):
+        port = self.port
+        for host in ("localhost:%d" % port, "127.0.0.1:%d" % port, "[::1]:%d" % port,
+                     "localhost", "127.0.0.1", "LOCALHOST:%d" % port):
+            with self.subTest(host=host):
+                self.assert_ok_response(self.post_json(host=host))
+        self.assertEqual(len(self.backend.requests), 6)
+
+    def test_allow_host_adds_a_name_in_any_case(self):
+        self.restart(allow_hosts=["myhost.lan"])
+        port = self.port
+        for host in ("myhost.lan:%d" % port, "MyHost.LAN", "localhost:%d" % port):
+            with self.subTest(host=host):
+                self.assert_ok_response(self.post_json(host=host))
+        for host in ("other.lan:%d" % port, "myhost.lan.evil.com:%d" % port):
+            with self.subTest(host=host):
+                self.assert_json_error(self.post_json(host=host), 403, "host_not_allowed")
+        self.assertEqual(len(self.backend.requests), 3)
+
+    def test_http_1_0_without_host_is_allowed(self):
+        status, _, body = self.raw("GET", "/healthz", host=None, version="HTTP/1.0")
+        self.assertEqual((status, body), (200, b"ok\n"))
+        response = raw_http(self.port, "POST", "/v1/responses",
+                            [("Content-Type", "application/json")], json_body(simple_request()),
+                            host=None, version="HTTP/1.0")
+        self.assert_ok_response(response)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Origin and CORS
+# --------------------------------------------------------------------------------------------
+
+class OriginTests(SecurityCase):
+    def test_foreign_origin_is_403_without_cors_and_nothing_goes_upstream(self):
+        for origin in ("https://evil.example", "null", "http://localhost:3000",
+                       "http://127.0.0.1:%d" % self.port):
+            with self.subTest(origin=origin):
+                response = self.post_json(headers=[("Origin", origin)])
+                self.assert_json_error(response, 403, "origin_not_allowed")
+                self.assertEqual(cors_headers(response[1]), {})
+                for path in ("/v1/models", "/status"):
+                    response = self.raw("GET", path, [("Origin", origin)])
+                    self.assert_json_error(response, 403, "origin_not_allowed")
+                    self.assertEqual(cors_headers(response[1]), {})
+        self.assertEqual(self.backend.requests, [])
+
+    def test_cross_site_loads_without_origin_are_403(self):
+        # <img src="http://127.0.0.1:PORT/shutdown"> sends no Origin, but browsers mark it.
+        self.restart(http_shutdown=True)
+        for site in ("cross-site", "same-site"):
+            with self.subTest(site=site):
+                for path in ("/shutdown", "/status", "/v1/models"):
+                    response = self.raw("GET", path, [("Sec-Fetch-Site", site)])
+                    self.assert_json_error(response, 403, "origin_not_allowed")
+        self.assertFalse(self.proxy._stopping.is_set(), "a web page stopped the proxy")
+        for site in ("none", "same-origin"):  # typed into the address bar; the proxy's own page
+            response = self.raw("GET", "/status", [("Sec-Fetch-Site", site)])
+            self.assertEqual(response[0], 200, response)
+
+    def test_allowed_origin_gets_cors_headers_on_json_and_streamed_answers(self):
+        self.restart(allow_origins=[ALLOWED_ORIGIN])
+        status, headers, body = self.post_json(headers=[("Origin", ALLOWED_ORIGIN)])
+        self.assert_ok_response((status, headers, body))
+        self.assertEqual(headers.get("access-control-allow-origin"), ALLOWED_ORIGIN)
+        self.assertIn("origin", headers.get("vary", "").lower())
+        status, headers, body = self.post_json(simple_request(stream=True),
+                                               headers=[("Origin", ALLOWED_ORIGIN)])
+        self.assertEqual(status, 200, body[:300])
+        self.assertTrue(headers["content-type"].startswith("text/event-stream"), headers)
+        self.assertEqual(headers.get("access-control-allow-origin"), ALLOWED_ORIGIN)
+        self.assertIn("origin", headers.get("vary", "").lower())
+        self.assertEqual(parse_sse(body)[-1][0], "response.completed")
+        self.assertEqual(len(self.backend.requests), 2)
+        # another origin is still refused, and told nothing
+        response = self.post_json(headers=[("Origin", "http://localhost:3001")])
+        self.assert_json_error(response, 403, "origin_not_allowed")
+        self.assertEqual(cors_headers(response[1]), {})
+
+    def test_preflight_is_answered_without_the_client_key(self):
+        self.restart(allow_origins=[ALLOWED_ORIGIN], client_key=CLIENT_KEY.encode())
+        status, headers, body = self.raw("OPTIONS", "/v1/responses", [
+            ("Origin", ALLOWED_ORIGIN), ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization, content-type")])
+        self.assertEqual(status, 204, body)
+        self.assertEqual(body, b"")
+        self.assertEqual(headers.get("access-control-allow-origin"), ALLOWED_ORIGIN)
+        methods = [m.strip() for m in headers.get("access-control-allow-methods", "").split(",")]
+        self.assertIn("POST", methods)
+        allowed = [h.strip().lower()
+                   for h in headers.get("access-control-allow-headers", "").split(",")]
+        self.assertIn("authorization", allowed)
+        self.assertIn("content-type", allowed)
+        self.assertIn("origin", headers.get("vary", "").lower())
+        # the real request then needs the key, and its 401 is readable by the page
+        response = self.post_json(headers=[("Origin", ALLOWED_ORIGIN)])
+        self.assert_json_error(response, 401, "invalid_client_key")
+        self.assertEqual(response[1].get("access-control-allow-origin"), ALLOWED_ORIGIN)
+        response = self.post_json(headers=[("Origin", ALLOWED_ORIGIN),
+                                           ("Authorization", "Bearer " + CLIENT_KEY)])
+        self.assert_ok_response(response)
+        self.assertEqual(response[1].get("access-control-allow-origin"), ALLOWED_ORIGIN)
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_preflight_from_another_origin_is_403(self):
+        self.restart(allow_origins=[ALLOWED_ORIGIN], client_key=CLIENT_KEY.encode())
+        for origin in ("https://evil.example", "http://localhost:3000.evil.example", "null"):
+            with self.subTest(origin=origin):
+                response = self.raw("OPTIONS", "/v1/responses", [
+                    ("Origin", origin), ("Access-Control-Request-Method", "POST"),
+                    ("Access-Control-Request-Headers", "authorization, content-type")])
+                self.assert_json_error(response, 403, "origin_not_allowed")
+                self.assertEqual(cors_headers(response[1]), {})
+
+    def test_no_origin_no_cors_headers(self):
+        self.restart(allow_origins=[ALLOWED_ORIGIN])
+        responses = [self.post_json(), self.post_json(simple_request(stream=True)),
+                     self.raw("GET", "/healthz"), self.raw("GET", "/status"),
+                     self.raw("GET", "/nope"), self.raw("OPTIONS", "/v1/responses"),
+                     self.raw("POST", "/v1/responses", [("Content-Type", "text/plain")], b"x")]
+        self.assertEqual([r[0] for r in responses], [200, 200, 200, 200, 404, 405, 415])
+        for status, headers, _ in responses:
+            with self.subTest(status=status):
+                self.assertEqual(cors_headers(headers), {})
+
+    def test_next_request_on_a_keep_alive_connection_gets_no_stale_cors(self):
+        self.restart(allow_origins=[ALLOWED_ORIGIN])
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(build_request(self.port, "GET", "/healthz", [("Origin", ALLOWED_ORIGIN)]))
+            status, headers, _, rest, _ = read_one_response(s)
+            self.assertEqual(headers.get("access-control-allow-origin"), ALLOWED_ORIGIN)
+            s.sendall(build_request(self.port, "GET", "/healthz"))
+            status, headers, _, _, _ = read_one_response(s, rest)
+            self.assertEqual(status, 200)
+            self.assertEqual(cors_headers(headers), {})
+
+    def test_unparseable_request_after_an_allowed_origin_gets_no_cors(self):
+        # The base class answers requests it cannot parse (501, 400, 431) itself, through
+        # end_headers(), without passing dispatch(), which resets cors_origin.
+        self.restart(allow_origins=[ALLOWED_ORIGIN])
+        for bad in (b"BREW /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
+                    + b"b" * (70 * 1024) + b"\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                s.sendall(build_request(self.port, "GET", "/healthz",
+                                        [("Origin", ALLOWED_ORIGIN)]))
+                _, headers, _, rest, _ = read_one_response(s)
+                self.assertEqual(headers.get("access-control-allow-origin"), ALLOWED_ORIGIN)
+                s.sendall(bad)
+                status, headers, _, _, _ = read_one_response(s, rest)
+                with self.subTest(status=status):
+                    self.assertGreaterEqual(status, 400)
+                    self.assertEqual(cors_headers(headers), {},
+                                     "a request without Origin got the previous request's "
+                                     "CORS headers")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Content-Type
+# --------------------------------------------------------------------------------------------
+
+class ContentTypeTests(SecurityCase):
+    def test_non_json_content_types_are_415_before_anything_goes_upstream(self):
+        body = json_body(simple_request())
+        for ctype in ("text/plain", "text/plain;charset=UTF-8",
+                      "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                      "application/jsonx", ""):
+            with self.subTest(ctype=ctype):
+                response = self.raw("POST", "/v1/responses", [("Content-Type", ctype)], body)
+                parsed = self.assert_json_error(response, 415, "unsupported_media_type",
+                                                "Content-Type: application/json")
+                self.assertEqual(parsed["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_json_variants_and_no_content_type_are_accepted(self):
+        body = json_body(simple_request())
+        for headers in ([("Content-Type", "application/json; charset=utf-8")],
+                        [("Content-Type", "Application/JSON")],
+                        []):
+            with self.subTest(headers=headers):
+                self.assert_ok_response(self.raw("POST", "/v1/responses", headers, body))
+        self.assertEqual(len(self.backend.requests), 3)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Limits: body size
+# --------------------------------------------------------------------------------------------
+
+class BodyLimitTests(SecurityCase):
+    def setUp(self):
+        super().setUp()
+        self.restart(max_body_bytes=1000)
+
+    def padded(self, size):
+        """A valid request body of exactly size bytes."""
+        base = json_body(simple_request())
+        return base[:-1] + b" " * (size - len(base)) + b"}"
+
+    def test_announced_body_over_limit_is_413_at_once_and_closed(self):
+        head = build_request(self.port, "POST", "/v1/responses",
+                             [("Content-Type", "application/json"), ("Content-Length", "2000")],
+                             content_length=False)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            started = time.monotonic()
+            s.sendall(head)  # the body is never sent: the proxy must not wait for it
+            status, headers, body, _, _ = read_one_response(s, timeout=3)
+            answered = time.monotonic() - started
+            closed, extra = wait_eof(s, 3)
+        self.assertLess(answered, 1.5)
+        self.assert_json_error((status, headers, body), 413, "request_too_large")
+        self.assertIsNotNone(closed, "the connection stayed open after the 413")
+        self.assertEqual(extra, b"")
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_limit_is_inclusive(self):
+        self.assert_ok_response(self.post_json(self.padded(1000)))
+        self.assert_json_error(self.post_json(self.padded(1001)), 413, "request_too_large")
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_chunked_body_over_limit_is_413(self):
+        big = b"%X\r\n%s\r\n0\r\n\r\n" % (2000, b"x" * 2000)
+        small = b"".join(b"C8\r\n%s\r\n" % (b" " * 200) for _ in range(6)) + b"0\r\n\r\n"
+        for chunks in (big, small, b"800\r\n"):  # one big chunk, many small, a size alone
+            with self.subTest(chunks=chunks[:12]):
+                response = raw_http_nolen(self.port, [("Content-Type", "application/json"),
+                                                      ("Transfer-Encoding", "chunked")], chunks)
+                self.assert_json_error(response, 413, "request_too_large")
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_compressed_body_expanding_past_the_limit_is_413(self):
+        self.restart(max_body_bytes=8000)
+        small = gzip.compress(json_body(simple_request()))
+        self.assert_ok_response(self.post_json(small, [("Content-Encoding", "gzip")]))
+        self.assertEqual(len(self.backend.requests), 1)
+        # ~4 KB on the wire, 4 MB once inflated: a 32 MiB gzip body would be ~32 GiB
+        bomb = gzip.compress(b'{"model": "gpt-5.1-codex", "input": "hi"'
+                             + b" " * 4000000 + b"}", 9)
+        self.assertLess(len(bomb), 8000)
+        response = self.post_json(bomb, [("Content-Encoding", "gzip")])
+        self.assertEqual(len(self.backend.requests), 1,
+                         "a %d-byte gzip body that inflates to 4 MB, past the 8000-byte limit, "
+                         "was inflated whole and sent upstream" % len(bomb))
+        self.assert_json_error(response, 413, "request_too_large")
+
+    def test_expect_100_continue_over_limit_gets_413_not_an_invitation(self):
+        # A client that asks first (curl does for big bodies) must not be told to send a
+        # body that will be refused unread.
+        head = build_request(self.port, "POST", "/v1/responses",
+                             [("Content-Type", "application/json"),
+                              ("Expect", "100-continue"), ("Content-Length", "2000")],
+                             content_length=False)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(head)
+            status, headers, body, _, _ = read_first_response(s)
+        self.assertEqual(status, 413, "the first answer was %d, not 413" % status)
+        # a body within the limit still gets its 100 Continue, then the answer
+        body = self.padded(900)
+        head = build_request(self.port, "POST", "/v1/responses",
+                             [("Content-Type", "application/json"),
+                              ("Expect", "100-continue"), ("Content-Length", str(len(body)))],
+                             content_length=False)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(head)
+            status, _, _, rest, _ = read_first_response(s)
+            self.assertEqual(status, 100)
+            s.sendall(body)
+            response = read_one_response(s, rest)
+        self.assert_ok_response(response[:3])
+
+
+def raw_http_nolen(port, headers, body):
+    """A POST /v1/responses with the given headers and body and no Content-Length."""
+    data = build_request(port, "POST", "/v1/responses", headers, body, content_length=False)
+    answer, how = exchange(port, data, answer_wait=5.0, close_wait=2.0)
+    responses, _ = parse_http_responses(answer)
+    if not responses:
+        raise AssertionError("no answer (connection %s): %r" % (how, answer[:300]))
+    return responses[0]
+
+
+def read_first_response(sock, timeout=3.0):
+    """The first status line and headers (a 100 Continue counts), -> (status, headers, b"",
+    bytes after them, False)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("no answer within %gs: %r" % (timeout, buf[:300]))
+        readable, _, _ = select.select([sock], [], [], left)
+        if readable:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError("closed without an answer: %r" % buf[:300])
+            buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, b"", rest, False
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Limits: slow and idle clients (deadlines patched short)
+# --------------------------------------------------------------------------------------------
+
+class SlowClientTests(SecurityCase):
+    def trickle(self, sock, data, interval, limit, during=None):
+        """Send data one byte every interval seconds until the proxy closes or answers.
+        during() runs once, after the third byte. -> (seconds from the first byte until the
+        proxy closed, or None if it did not within limit; bytes it sent)."""
+        started = time.monotonic()
+        received = b""
+        for i in range(len(data)):
+            try:
+                sock.send(data[i:i + 1])
+            except OSError:
+                return time.monotonic() - started, received
+            if i == 2 and during is not None:
+                during()
+            step_end = time.monotonic() + interval
+            while True:
+                left = step_end - time.monotonic()
+                if left <= 0:
+                    break
+                readable, _, _ = select.select([sock], [], [], left)
+                if not readable:
+                    continue
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    return time.monotonic() - started, received
+                if not chunk:
+                    return time.monotonic() - started, received
+                received += chunk
+            if time.monotonic() - started > limit:
+                return None, received
+        return None, received
+
+    def test_trickled_headers_are_cut_off_and_others_are_served_meanwhile(self):
+        self.patch_timeouts(read=1.0, idle=10.0)
+        data = (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 200
+                + b"\r\n\r\n")
+        meanwhile = []
+
+        def other_client():
+            started = time.monotonic()
+            status, _, body = self.request("GET", "/healthz")
+            meanwhile.append((status, body, time.monotonic() - started))
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            closed, received = self.trickle(s, data, 0.3, 4.0, other_client)
+        self.assertIsNotNone(closed, "a client trickling its headers was still connected "
+                             "after 4 s with a 1 s deadline")
+        self.assertGreater(closed, 0.8)
+        self.assertLess(closed, 2.5)
+        if received:  # an answer is optional, but then a 4xx
+            responses, _ = parse_http_responses(received)
+            self.assertTrue(400 <= responses[0][0] < 500, received[:200])
+        self.assertEqual(len(meanwhile), 1)
+        status, body, took = meanwhile[0]
+        self.assertEqual((status, body), (200, b"ok\n"))
+        self.assertLess(took, 0.5)
+        self.assert_healthy()
+
+    def test_trickled_body_is_408_within_the_deadline(self):
+        self.patch_timeouts(read=1.0, idle=10.0)
+        body = json_body(simple_request())
+        for chunked in (False, True):
+            if chunked:
+                headers = [("Content-Type", "application/json"),
+                           ("Transfer-Encoding", "chunked")]
+                payload = b"%X\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+            else:
+                headers = [("Content-Type", "application/json"),
+                           ("Content-Length", str(len(body)))]
+                payload = body
+            head = build_request(self.port, "POST", "/v1/responses", headers,
+                                 content_length=False)
+            with self.subTest(chunked=chunked), \
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                started = time.monotonic()
+                s.sendall(head)
+                closed, received = self.trickle(s, payload, 0.3, 4.0)
+                self.assertIsNotNone(closed, "a trickled body held the connection for 4 s")
+                self.assertLess(time.monotonic() - started, 2.5)
+                if received:
+                    responses, _ = parse_http_responses(received)
+                    self.assert_json_error(responses[0], 408, "request_timeout")
+        self.assertEqual(self.backend.requests, [])
+        self.assert_healthy()
+
+    def test_idle_connections_are_closed_after_the_idle_timeout(self):
+        self.patch_timeouts(read=5.0, idle=1.0)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as fresh, \
+                socket.create_connection(("127.0.0.1", self.port), timeout=5) as used:
+            used.sendall(build_request(self.port, "GET", "/healthz"))
+            status, _, body, _, _ = read_one_response(used)
+            self.assertEqual((status, body), (200, b"ok\n"))
+            idle_used, _ = wait_eof(used, 4)
+            idle_fresh, _ = wait_eof(fresh, 1)  # it has waited as long already
+        self.assertIsNotNone(idle_used, "an idle keep-alive connection stayed open 4 s")
+        self.assertGreater(idle_used, 0.7, "closed before the idle timeout")
+        self.assertLess(idle_used, 2.5)
+        self.assertIsNotNone(idle_fresh, "a connection that never sent a byte stayed open")
+
+    def test_keep_alive_connection_is_served_before_the_idle_timeout(self):
+        # Gaps longer than the request deadline but shorter than the idle timeout, together
+        # longer than the idle timeout: each request restarts the idle clock, and the
+        # deadline of one request does not carry over to the next.
+        self.patch_timeouts(read=0.8, idle=2.0)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            rest = b""
+            for i, gap in enumerate((0, 0.5, 1.2, 1.2)):
+                time.sleep(gap)
+                s.sendall(build_request(self.port, "POST", "/v1/responses",
+                                        [("Content-Type", "application/json")],
+                                        json_body(simple_request())))
+                with self.subTest(request=i, gap=gap):
+                    status, headers, body, rest, _ = read_one_response(s, rest)
+                    self.assert_ok_response((status, headers, body))
+        self.assertEqual(len(self.backend.requests), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Limits: requests in flight
+# --------------------------------------------------------------------------------------------
+
+class ConcurrencyTests(SecurityCase):
+    def test_over_max_concurrent_is_503_with_retry_after_others_unaffected(self):
+        self.restart(max_concurrent=2)
+        for _ in range(2):
+            self.backend.replies.append(Reply(delay=0.2))  # 8 frames: ~1.6 s per stream
+        started = [threading.Event(), threading.Event()]
+        results = [None, None]
+
+        def stream(i):
+            conn = self.connection(timeout=10)
+            try:
+                conn.request("POST", "/v1/responses", body=json_body(simple_request(stream=True)),
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                started[i].set()
+                results[i] = (resp.status, resp.read())
+            except Exception as e:  # reported by the assertions below
+                results[i] = ("error", repr(e))
+            finally:
+                started[i].set()
+                conn.close()
+
+        threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        for event in started:
+            self.assertTrue(event.wait(5), "a stream did not start")
+        self.assertEqual(len(self.backend.requests), 2)
+        # both streams are in flight now (~1.4 s left): a third request is turned away
+        t0 = time.monotonic()
+        status, headers, data = self.raw("POST", "/v1/responses",
+                                         [("Content-Type", "application/json")],
+                                         json_body(simple_request()))
+        parsed = self.assert_json_error((status, headers, data), 503, "too_many_requests",
+                                        "--max-concurrent")
+        self.assertEqual(parsed["error"]["type"], "server_error")
+        self.assertTrue(headers.get("retry-after", "").isdigit(), headers)
+        self.assertEqual(self.raw("GET", "/healthz")[::2], (200, b"ok\n"))
+        self.assertLess(time.monotonic() - t0, 1.0)
+        self.assertTrue(all(t.is_alive() for t in threads), "the streams ended too early "
+                        "for this test to mean anything")
+        self.assertEqual(len(self.backend.requests), 2)
+        for t in threads:
+            t.join(10)
+        for i, result in enumerate(results):
+            with self.subTest(stream=i):
+                self.assertEqual(result[0], 200, result)
+                events = parse_sse(result[1])
+                self.assertEqual(events[-1][0], "response.completed")
+                text = "".join(e[1]["delta"] for e in events
+                               if e[0] == "response.output_text.delta")
+                self.assertEqual(text, "Hello there!")
+        # the slots are freed just before each request's log line
+        deadline = time.monotonic() + 5
+        while len([l for l in self.log_text().splitlines()
+                   if "POST /v1/responses" in l and "status=200" in l]) < 2:
+            self.assertLess(time.monotonic(), deadline, self.log_text())
+            time.sleep(0.01)
+        self.assert_ok_response(self.post_json())
+        self.assert_ok_response(self.post_json())
+        self.assertEqual(len(self.backend.requests), 4)
 
 
 if __name__ == "__main__":
