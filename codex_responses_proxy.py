@@ -2549,9 +2549,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if dump:
                     dump.body += data
                 self.write_chunk(data)
-        except ClientGone:
-            watch["gone"] = True
-            self.log_fields["note"] = "client disconnected; upstream closed"
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, ClientGone):
+                watch["gone"] = True
+                self.log_fields["note"] = "client disconnected; upstream closed"
             raise
         finally:
             server.hangups.unwatch(watch)
@@ -2764,12 +2766,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(response_id, str):
                 server.conversations.put(response_id, remember[0],
                                          list(remember[1]) + assembler.output())
-        if client_stream:
-            self.finish_stream(failure, chat)
-        else:
-            self.answer_collected(assembler, failure, headers, chat)
-        if failure is None:
-            self.drain_for_reuse(conn, upstream)
+        try:
+            if client_stream:
+                self.finish_stream(failure, chat)
+            else:
+                self.answer_collected(assembler, failure, headers, chat)
+        finally:  # answered (or failing to): the connection goes back to the pool or is closed
+            if failure is None:
+                self.drain_for_reuse(conn, upstream)
 
     @staticmethod
     def chat_frames(chat, assembler, event):

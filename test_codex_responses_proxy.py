@@ -887,6 +887,14 @@ class ResponsesEndpointTests(ProxyTestCase):
             self.assert_openai_error(status, body, expected, code=code,
                                      contains="it failed: " + code)
 
+    def test_failed_response_returns_its_connection_to_the_pool(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            terminal="response.failed", terminal_extra={"error": {
+                "code": "context_length_exceeded", "message": "too long"}})))
+        self.assertEqual(self.post(simple_request())[0], 400)
+        self.assertEqual(self.post(simple_request())[0], 200)
+        self.assertEqual(self.backend.connections, 1, "the failed turn's connection was lost")
+
     def test_error_event_and_truncated_stream(self):
         self.backend.replies.append(Reply(frames=stream_frames()[:2] + [sse("error", {
             "code": "server_error", "message": "backend exploded", "param": None})]))
