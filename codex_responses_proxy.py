@@ -991,10 +991,10 @@ def rewrite_request(body, default_instructions, session_id=None, drop=(), histor
 
 def unknown_response_error(response_id):
     return ProxyError(400,
-                      "The proxy does not know response %r. It remembers conversations only "
-                      "while it runs (unless started with --state-db) and drops the least "
-                      "recently used past its size cap; send the whole conversation in `input` "
-                      "instead." % (response_id,), param="previous_response_id",
+                      "The proxy does not know response %r: it keeps conversations in memory, "
+                      "so a restart forgets them (unless it runs with --state-db), and past its "
+                      "size cap it drops the least recently used. Send the whole conversation "
+                      "in `input` instead." % (response_id,), param="previous_response_id",
                       code="previous_response_not_found")
 
 
@@ -1507,6 +1507,8 @@ class ChatStream:
             response = payload.get("response") or {}
             self.id = "chatcmpl-" + str(response.get("id") or self.id)
             self.model = response.get("model") or self.model
+            if isinstance(response.get("created_at"), int):
+                self.created = response["created_at"]  # as the non-streamed answer has it
         if not self.started and etype not in ("error", "response.failed"):
             self.started = True
             chunks.append(self.chunk({"role": "assistant", "content": ""}))
@@ -1603,6 +1605,9 @@ class ConversationStore:
             _, (_, dropped) = self._entries.popitem(last=False)
             self._bytes -= len(dropped)
 
+    def close(self):
+        pass
+
     def _load(self, response_id):
         entry = self._entries.get(response_id)
         if entry is not None:
@@ -1627,6 +1632,9 @@ class SQLiteConversationStore(ConversationStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(self.SCHEMA)
         self._db.execute("CREATE INDEX IF NOT EXISTS responses_used ON responses (used)")
+
+    def close(self):
+        self._db.close()
 
     def _save(self, response_id, parent, data):
         db = self._db
@@ -3055,6 +3063,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self.pool.close_all()
+        self.conversations.close()
 
     def permission_warning(self):
         """A warning when auth.json can be read by others than its owner, else None."""

@@ -9,6 +9,7 @@ carries "output": []. Run: python3 -m unittest -v
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import datetime
 import errno
 import gzip
@@ -24,6 +25,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -4877,6 +4879,806 @@ class ConcurrencyTests(SecurityCase):
         self.assert_ok_response(self.post_json())
         self.assert_ok_response(self.post_json())
         self.assertEqual(len(self.backend.requests), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Chat Completions and previous_response_id
+# --------------------------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+MODEL = "gpt-5.1-codex"
+DROPPED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def with_id(frames, resp_id):
+    """stream_frames() output with every "resp_1" replaced by resp_id."""
+    return [f.replace(b'"resp_1"', json.dumps(resp_id).encode()) for f in frames]
+
+
+def reply_for(resp_id, text="Hello there!", **kw):
+    return Reply(frames=with_id(stream_frames(text=text, **kw), resp_id))
+
+
+def custom_frames(events, resp_id="resp_1", terminal="response.completed", terminal_extra=None):
+    """response.created, the given (event type, payload) pairs, then the terminal event."""
+    frames = [sse("response.created", {"sequence_number": 0, "response": response_object(
+        "in_progress", resp_id=resp_id)})]
+    for i, (etype, payload) in enumerate(events):
+        frames.append(sse(etype, dict(payload, sequence_number=i + 1)))
+    final = response_object(terminal.split(".")[1], resp_id=resp_id, usage=USAGE)
+    final.update(terminal_extra or {})
+    frames.append(sse(terminal, {"sequence_number": len(events) + 1, "response": final}))
+    return frames
+
+
+def text_events(text_pieces, index=0, item_id="msg_1"):
+    item = message_item("".join(text_pieces), item_id)
+    events = [("response.output_item.added", {"output_index": index, "item": dict(
+        item, status="in_progress", content=[])})]
+    for piece in text_pieces:
+        events.append(("response.output_text.delta", {"item_id": item_id, "output_index": index,
+                                                      "content_index": 0, "delta": piece}))
+    events.append(("response.output_item.done", {"output_index": index, "item": item}))
+    return events
+
+
+def call_events(pieces, index=0):
+    """A function call whose arguments the backend streams in the given pieces."""
+    item = function_call_item(arguments="".join(pieces))
+    events = [("response.output_item.added", {"output_index": index, "item": dict(
+        item, status="in_progress", arguments="")})]
+    for piece in pieces:
+        events.append(("response.function_call_arguments.delta", {
+            "item_id": item["id"], "output_index": index, "delta": piece}))
+    events.append(("response.function_call_arguments.done", {
+        "item_id": item["id"], "output_index": index, "arguments": item["arguments"]}))
+    events.append(("response.output_item.done", {"output_index": index, "item": item}))
+    return events
+
+
+def reasoning_events(pieces, index=0):
+    item = reasoning_item()
+    events = [("response.output_item.added", {"output_index": index, "item": {
+        "type": "reasoning", "id": item["id"], "summary": []}})]
+    for piece in pieces:
+        events.append(("response.reasoning_summary_text.delta", {
+            "item_id": item["id"], "output_index": index, "summary_index": 0, "delta": piece}))
+    events.append(("response.output_item.done", {"output_index": index, "item": item}))
+    return events
+
+
+def user_item(text):
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def chat_body(messages=None, **extra):
+    body = {"model": MODEL, "messages": messages or [{"role": "user", "content": "say hi"}]}
+    body.update(extra)
+    return body
+
+
+def chat_chunks(testcase, data):
+    """A chat stream body parsed by hand: every frame one `data: ` line, the last [DONE].
+    Returns the decoded chunks before [DONE]."""
+    testcase.assertTrue(data.endswith(b"data: [DONE]\n\n"), data[-300:])
+    frames = data.split(b"\n\n")
+    testcase.assertEqual(frames[-1], b"", data[-300:])
+    frames = frames[:-1]
+    chunks = []
+    for i, frame in enumerate(frames):
+        testcase.assertTrue(frame.startswith(b"data: "), frame)
+        testcase.assertNotIn(b"\n", frame, "one data line per frame, no event: lines: %r" % frame)
+        if i == len(frames) - 1:
+            testcase.assertEqual(frame, b"data: [DONE]")
+        else:
+            testcase.assertNotEqual(frame, b"data: [DONE]", "[DONE] before the end")
+            chunks.append(json.loads(frame[6:]))
+    return chunks
+
+
+def deltas(chunks):
+    return [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+
+
+class ChatCase(ProxyTestCase):
+    def chat(self, body, headers=None):
+        return self.post(body, headers, path=CHAT)
+
+    def chat_stream(self, body, headers=None):
+        """(status, headers, raw body) of a streamed chat request."""
+        return self.request("POST", CHAT, dict(body, stream=True), headers)
+
+    def upstream_input(self, i=-1):
+        return self.backend.requests[i]["body"]["input"]
+
+
+# --------------------------------------------------------------------------------------------
+# A. The chat request in Responses terms
+# --------------------------------------------------------------------------------------------
+
+class ChatRequestMappingTests(ChatCase):
+    def test_system_and_developer_become_instructions_later_system_a_developer_item(self):
+        status, _, body = self.chat(chat_body([
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": "Now answer in French."},
+            {"role": "user", "content": "weather?"}]))
+        self.assertEqual(status, 200, body)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["instructions"], "Be brief.\n\nUse metric units.")
+        self.assertEqual(up["input"], [
+            user_item("hi"),
+            {"type": "message", "role": "developer",
+             "content": [{"type": "input_text", "text": "Now answer in French."}]},
+            user_item("weather?")])
+        self.assertNotIn('"system"', self.last_upstream()["raw"].decode())
+
+    def test_user_text_and_image_parts(self):
+        status, _, body = self.chat(chat_body([{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png",
+                                                "detail": "high"}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        ]}]))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream_input(), [{"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            {"type": "input_image", "image_url": "https://example.com/cat.png",
+             "detail": "high"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=",
+             "detail": "auto"}]}])
+
+    def test_assistant_text_tool_calls_and_tool_results(self):
+        status, _, body = self.chat(chat_body([
+            {"role": "user", "content": "Weather in Paris and Oslo?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                {"id": "call_9", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "call_10", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_9", "content": "18C"},
+            {"role": "tool", "tool_call_id": "call_10",
+             "content": [{"type": "text", "text": "4C"}]},
+            {"role": "assistant", "content": "Paris 18C, Oslo 4C."},
+            {"role": "user", "content": "Thanks"}]))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream_input(), [
+            user_item("Weather in Paris and Oslo?"),
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Let me check."}]},
+            {"type": "function_call", "call_id": "call_9", "name": "get_weather",
+             "arguments": '{"city":"Paris"}'},
+            {"type": "function_call", "call_id": "call_10", "name": "get_weather",
+             "arguments": '{"city":"Oslo"}'},
+            {"type": "function_call_output", "call_id": "call_9", "output": "18C"},
+            {"type": "function_call_output", "call_id": "call_10", "output": "4C"},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Paris 18C, Oslo 4C."}]},
+            user_item("Thanks")])
+
+    def test_tools_tool_choice_and_parallel_tool_calls(self):
+        params = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"]}
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Now.",
+                                                   "parameters": params, "strict": True}}]
+        status, _, body = self.chat(chat_body(tools=tools, tool_choice="required",
+                                              parallel_tool_calls=False))
+        self.assertEqual(status, 200, body)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["tools"], [{"type": "function", "name": "get_weather",
+                                        "description": "Now.", "parameters": params,
+                                        "strict": True}])
+        self.assertEqual(up["tool_choice"], "required")
+        self.assertIs(up["parallel_tool_calls"], False)
+        status, _, body = self.chat(chat_body(tools=tools, tool_choice={
+            "type": "function", "function": {"name": "get_weather"}}))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["tool_choice"],
+                         {"type": "function", "name": "get_weather"})
+        self.assertNotIn("parallel_tool_calls", self.last_upstream()["body"])
+
+    def test_response_format_becomes_text_format(self):
+        status, _, body = self.chat(chat_body(response_format={"type": "json_object"}))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["text"], {"format": {"type": "json_object"}})
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                  "additionalProperties": False}
+        status, _, body = self.chat(chat_body(response_format={
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
+                                                   "strict": True}}))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["text"], {"format": {
+            "type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+        self.assertNotIn("response_format", self.last_upstream()["body"])
+
+    def test_reasoning_effort_becomes_reasoning_effort(self):
+        status, _, body = self.chat(chat_body(reasoning_effort="high"))
+        self.assertEqual(status, 200, body)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["reasoning"]["effort"], "high")
+        self.assertNotIn("reasoning_effort", up)
+
+    def test_rejected_parameters_accepted_and_not_sent(self):
+        status, _, body = self.chat(chat_body(max_tokens=50, max_completion_tokens=60,
+                                              temperature=0.2, top_p=0.9, n=1))
+        self.assertEqual(status, 200, body)
+        # All requests: a parameter the backend rejected would be dropped on a retry.
+        self.assertEqual(len(self.backend.requests), 1, [r["body"] for r in self.backend.requests])
+        up = self.last_upstream()["body"]
+        for name in DROPPED:
+            self.assertNotIn(name, up)
+        self.assertIs(up["stream"], True)
+        self.assertIs(up["store"], False)
+        self.assertEqual(up["model"], MODEL)
+
+    def test_n_above_one_is_400_and_nothing_sent(self):
+        status, _, body = self.chat(chat_body(n=2))
+        self.assert_openai_error(status, body, 400)
+        self.assertEqual(body["error"]["param"], "n")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_bad_messages_are_400(self):
+        cases = [{"model": MODEL}, {"model": MODEL, "messages": []},
+                 {"model": MODEL, "messages": "hello"},
+                 chat_body([{"role": "function", "name": "f", "content": "x"}]),
+                 chat_body(["hello"]),
+                 chat_body([{"role": "user", "content": "ok"}, 42])]
+        for case in cases:
+            with self.subTest(body=case):
+                status, _, body = self.chat(case)
+                self.assert_openai_error(status, body, 400)
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.chat(chat_body())  # and the proxy still serves
+        self.assertEqual(status, 200, body)
+
+
+# --------------------------------------------------------------------------------------------
+# B. Non-streaming answers
+# --------------------------------------------------------------------------------------------
+
+class ChatAnswerTests(ChatCase):
+    def test_text_answer_finish_stop_and_usage(self):
+        status, _, body = self.chat(chat_body())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["object"], "chat.completion")
+        self.assertEqual(len(body["choices"]), 1)
+        choice = body["choices"][0]
+        self.assertEqual(choice["index"], 0)
+        self.assertEqual(choice["message"]["role"], "assistant")
+        self.assertEqual(choice["message"]["content"], "Hello there!")
+        self.assertNotIn("tool_calls", choice["message"])
+        self.assertEqual(choice["finish_reason"], "stop")
+        usage = body["usage"]
+        self.assertEqual((usage["prompt_tokens"], usage["completion_tokens"],
+                          usage["total_tokens"]), (21, 5, 26))
+        self.assertEqual(usage["prompt_tokens_details"]["cached_tokens"], 7)
+        self.assertEqual(usage["completion_tokens_details"]["reasoning_tokens"], 2)
+
+    def test_function_call_answer_is_tool_calls(self):
+        self.backend.replies.append(Reply(frames=stream_frames(items=[function_call_item()])))
+        status, _, body = self.chat(chat_body(tools=[{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object"}}}]))
+        self.assertEqual(status, 200, body)
+        choice = body["choices"][0]
+        self.assertIsNone(choice["message"]["content"])
+        self.assertEqual(choice["message"]["tool_calls"], [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}])
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+
+    def test_incomplete_for_max_output_tokens_is_length(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            text="Hello th", terminal="response.incomplete",
+            terminal_extra={"incomplete_details": {"reason": "max_output_tokens"}})))
+        status, _, body = self.chat(chat_body(max_tokens=3))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["choices"][0]["finish_reason"], "length")
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello th")
+
+    def test_reasoning_summary_is_reasoning_content(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[reasoning_item(), message_item("The answer.")])))
+        status, _, body = self.chat(chat_body(reasoning_effort="low"))
+        self.assertEqual(status, 200, body)
+        message = body["choices"][0]["message"]
+        self.assertEqual(message["reasoning_content"], "Thinking about it.")
+        self.assertEqual(message["content"], "The answer.")
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+
+    def test_errors_keep_the_responses_route_statuses(self):
+        for code, expected in (("rate_limit_exceeded", 429), ("context_length_exceeded", 400),
+                               ("server_error", 500)):
+            frames = stream_frames(terminal="response.failed", terminal_extra={
+                "error": {"code": code, "message": "failed: " + code}})
+            with self.subTest(code=code):
+                self.backend.replies.extend([Reply(frames=frames), Reply(frames=frames)])
+                r_status, _, r_body = self.post(simple_request())
+                c_status, _, c_body = self.chat(chat_body())
+                self.assertEqual(r_status, expected, r_body)
+                self.assert_openai_error(c_status, c_body, expected, code=code,
+                                         contains="failed: " + code)
+
+    def test_failed_answer_keeps_the_upstream_connection_for_the_next_turn(self):
+        # A response.failed stream ends cleanly, like a completed one: its connection is as
+        # reusable (the streamed path reuses it). Non-streamed it was neither pooled nor
+        # closed (a ResourceWarning when collected), and the next turn paid a new connection.
+        frames = stream_frames(terminal="response.failed", terminal_extra={
+            "error": {"code": "server_error", "message": "boom"}})
+        self.backend.replies.append(Reply(frames=frames))
+        status, _, body = self.chat(chat_body())
+        self.assert_openai_error(status, body, 500, code="server_error")
+        status, _, body = self.chat(chat_body())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.backend.connections, 1, "the failed turn's connection was lost")
+
+
+# --------------------------------------------------------------------------------------------
+# C. Streaming
+# --------------------------------------------------------------------------------------------
+
+class ChatStreamingTests(ChatCase):
+    def test_text_stream_shape(self):
+        status, headers, data = self.chat_stream(chat_body())
+        self.assertEqual(status, 200, data)
+        self.assertTrue(headers["content-type"].startswith("text/event-stream"))
+        chunks = chat_chunks(self, data)
+        self.assertNotIn(b"event:", data)
+        for chunk in chunks:
+            self.assertEqual(chunk["object"], "chat.completion.chunk")
+            self.assertEqual(chunk["id"], chunks[0]["id"])
+        ds = deltas(chunks)
+        self.assertEqual(ds[0].get("role"), "assistant")
+        self.assertEqual("".join(d.get("content") or "" for d in ds), "Hello there!")
+        content_chunks = [d for d in ds if d.get("content")]
+        self.assertEqual(len(content_chunks), 3, ds)  # as the backend sent them: 4+4+4
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks
+                    if c.get("choices") and c["choices"][0].get("finish_reason")]
+        self.assertEqual(finishes, ["stop"])
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+        self.assertFalse([c for c in chunks if "usage" in c and c["usage"]],
+                         "no usage chunk unless stream_options.include_usage")
+        self.assertFalse([c for c in chunks if c.get("choices") == []])
+        self.assertNotIn("stream_options", self.last_upstream()["body"])
+
+    def test_include_usage_adds_one_usage_chunk_before_done(self):
+        status, _, data = self.chat_stream(chat_body(stream_options={"include_usage": True}))
+        self.assertEqual(status, 200, data)
+        chunks = chat_chunks(self, data)
+        usage_chunks = [c for c in chunks if c.get("choices") == []]
+        self.assertEqual(len(usage_chunks), 1, chunks)
+        self.assertIs(chunks[-1], usage_chunks[0])
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
+        usage = usage_chunks[0]["usage"]
+        self.assertEqual((usage["prompt_tokens"], usage["completion_tokens"],
+                          usage["total_tokens"]), (21, 5, 26))
+        self.assertEqual(usage["prompt_tokens_details"]["cached_tokens"], 7)
+        self.assertEqual(usage["completion_tokens_details"]["reasoning_tokens"], 2)
+        self.assertNotIn("stream_options", self.last_upstream()["body"])
+
+    def test_content_deltas_arrive_as_the_backend_sends_them(self):
+        self.backend.replies.append(Reply(frames=custom_frames(text_events(["Hel", "lo!"])),
+                                          delay=0.3))
+        conn = self.connection(timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", CHAT, body=json.dumps(chat_body(stream=True)).encode(),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        buf, first_content_at = b"", None
+        while True:
+            piece = resp.read1(65536)
+            if not piece:
+                break
+            buf += piece
+            if first_content_at is None and b'"content":"Hel"' in buf:
+                first_content_at = time.monotonic()
+        ended_at = time.monotonic()
+        self.assertIsNotNone(first_content_at, buf)
+        # After "Hel" the backend still pauses twice (0.3 s each) before it completes.
+        self.assertGreater(ended_at - first_content_at, 0.4,
+                           "the first content delta was held back until the stream ended")
+        ds = deltas(chat_chunks(self, buf))
+        self.assertEqual([d["content"] for d in ds if d.get("content")], ["Hel", "lo!"])
+
+    def test_tool_call_streams_as_tool_calls_deltas(self):
+        pieces = ['{"ci', 'ty": "Pa', 'ris"}']
+        self.backend.replies.append(Reply(frames=custom_frames(call_events(pieces))))
+        status, _, data = self.chat_stream(chat_body(stream_options={"include_usage": False}))
+        self.assertEqual(status, 200, data)
+        chunks = chat_chunks(self, data)
+        ds = deltas(chunks)
+        self.assertEqual(ds[0].get("role"), "assistant")
+        calls = [d["tool_calls"] for d in ds if d.get("tool_calls")]
+        self.assertTrue(calls, ds)
+        for call in calls:
+            self.assertEqual(len(call), 1)
+            self.assertEqual(call[0]["index"], 0)
+        first = calls[0][0]
+        self.assertEqual(first["id"], "call_1")
+        self.assertEqual(first["type"], "function")
+        self.assertEqual(first["function"]["name"], "get_weather")
+        pieces_seen = [c[0]["function"].get("arguments") for c in calls]
+        self.assertEqual([p for p in pieces_seen if p], pieces,
+                         "the argument pieces, one delta each, as the backend streamed them")
+        for call in calls[1:]:
+            self.assertNotIn("id", call[0])  # id and name once, at the start
+        self.assertEqual("".join(d.get("content") or "" for d in ds), "")
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks
+                    if c.get("choices") and c["choices"][0].get("finish_reason")]
+        self.assertEqual(finishes, ["tool_calls"])
+
+    def test_reasoning_summary_streams_as_reasoning_content(self):
+        events = reasoning_events(["Thinking ", "about it."]) + text_events(["Ans", "wer."], 1)
+        self.backend.replies.append(Reply(frames=custom_frames(events)))
+        status, _, data = self.chat_stream(chat_body(reasoning_effort="medium"))
+        self.assertEqual(status, 200, data)
+        ds = deltas(chat_chunks(self, data))
+        self.assertEqual([d["reasoning_content"] for d in ds if "reasoning_content" in d],
+                         ["Thinking ", "about it."])
+        self.assertEqual("".join(d.get("content") or "" for d in ds), "Answer.")
+        for d in ds:
+            self.assertNotIn("Thinking", d.get("content") or "")
+
+    def test_response_failed_mid_stream_ends_with_error_chunk_and_done(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            terminal="response.failed",
+            terminal_extra={"error": {"code": "server_error", "message": "boom upstream"}})))
+        status, _, data = self.chat_stream(chat_body())
+        self.assertEqual(status, 200, data)
+        chunks = chat_chunks(self, data)
+        self.assertIn("error", chunks[-1], chunks[-1])
+        self.assertEqual(chunks[-1]["error"]["message"], "boom upstream")
+        self.assertEqual(chunks[-1]["error"]["code"], "server_error")
+        self.assertEqual("".join(d.get("content") or "" for d in deltas(chunks[:-1])),
+                         "Hello there!")
+        self.assertEqual(sum(1 for c in chunks if "error" in c), 1)
+
+    def test_upstream_dying_mid_stream_ends_with_error_chunk_and_done(self):
+        self.backend.replies.append(Reply(frames=stream_frames(), cut_after=4))
+        started = time.monotonic()
+        status, _, data = self.chat_stream(chat_body())
+        self.assertLess(time.monotonic() - started, 4.0, "the proxy waited on a dead upstream")
+        self.assertEqual(status, 200, data)
+        chunks = chat_chunks(self, data)
+        self.assertIn("error", chunks[-1], chunks[-1])
+        self.assertTrue(chunks[-1]["error"].get("message"))
+        self.assertFalse([c for c in chunks if c.get("choices")
+                          and c["choices"][0].get("finish_reason")],
+                         "a cut stream must not look finished")
+
+    def test_upstream_going_silent_mid_stream_ends_with_error_chunk_and_done(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(stream_idle_timeout=0.5)
+        self.backend.replies.append(Reply(frames=stream_frames(), hang_after=4))
+        started = time.monotonic()
+        status, _, data = self.chat_stream(chat_body())
+        self.assertLess(time.monotonic() - started, 4.0, "the proxy hung with its upstream")
+        self.assertEqual(status, 200, data)
+        chunks = chat_chunks(self, data)
+        self.assertEqual(chunks[-1].get("error", {}).get("code"), "stream_idle_timeout",
+                         chunks[-1])
+
+    def test_429_before_the_stream_is_json_like_the_responses_route(self):
+        err = json.dumps({"error": {"type": "usage_limit_reached", "code": "usage_limit_reached",
+                                    "message": "The usage limit has been reached",
+                                    "resets_in_seconds": 600}}).encode()
+        for _ in range(2):
+            self.backend.replies.append(Reply(status=429, body=err,
+                                              headers=[("Retry-After", "600")]))
+        r_status, r_headers, r_data = self.request("POST", "/v1/responses",
+                                                   dict(simple_request(), stream=True))
+        c_status, c_headers, c_data = self.chat_stream(chat_body())
+        self.assertEqual(r_status, 429, r_data)
+        self.assertEqual(c_status, 429, c_data)
+        self.assertTrue(c_headers["content-type"].startswith("application/json"))
+        c_body = json.loads(c_data)
+        self.assert_openai_error(c_status, c_body, 429)
+        r_body = json.loads(r_data)
+        # the messages name the reset time, which may tick over a minute between the two
+        self.assertTrue(c_body["error"].pop("message").startswith("The usage limit has been"))
+        self.assertTrue(r_body["error"].pop("message").startswith("The usage limit has been"))
+        self.assertEqual(c_body, r_body)
+        self.assertEqual(c_headers.get("retry-after"), "600")
+        self.assertEqual(len(self.backend.requests), 2)  # not retried
+
+
+# --------------------------------------------------------------------------------------------
+# D. previous_response_id, in memory
+# --------------------------------------------------------------------------------------------
+
+class ChainMixin:
+    def turn(self, resp_id, text, answer, previous=None, stream=False, port=None):
+        """One Responses turn answered as resp_id; returns the answer (dict or SSE events)."""
+        self.backend.replies.append(reply_for(resp_id, answer))
+        body = simple_request(text)
+        if previous is not None:
+            body["previous_response_id"] = previous
+        if stream:
+            status, _, events, raw = self.stream(body)
+            self.assertEqual(status, 200, raw)
+            self.assertEqual(events[-1][0], "response.completed", raw[-500:])
+            return events
+        status, _, answer_body = self.post(body)
+        self.assertEqual(status, 200, answer_body)
+        self.assertEqual(answer_body["id"], resp_id)
+        return answer_body
+
+    def assert_clean_upstream(self, expected_requests):
+        """One upstream request per turn (no retry hid a rejected previous_response_id)."""
+        self.assertEqual(len(self.backend.requests), expected_requests)
+        for r in self.backend.requests:
+            self.assertNotIn("previous_response_id", r["body"])
+
+    def assert_unknown(self, resp_id):
+        before = len(self.backend.requests)
+        status, _, body = self.post(simple_request("again", previous_response_id=resp_id))
+        self.assert_openai_error(status, body, 400)
+        self.assertEqual(body["error"]["param"], "previous_response_id", body)
+        self.assertEqual(len(self.backend.requests), before, "sent upstream anyway")
+        return body
+
+
+class PreviousResponseIdTests(ChainMixin, ChatCase):
+    def test_chain_of_three_turns(self):
+        self.turn("resp_a", "first question", "Answer A")
+        self.turn("resp_b", "second question", "Answer B", previous="resp_a")
+        self.assertEqual(self.upstream_input(), [
+            user_item("first question"), message_item("Answer A"), user_item("second question")])
+        self.turn("resp_c", "third question", "Answer C", previous="resp_b")
+        self.assertEqual(self.upstream_input(), [
+            user_item("first question"), message_item("Answer A"),
+            user_item("second question"), message_item("Answer B"),
+            user_item("third question")])
+        self.assert_clean_upstream(3)
+        # a branch from the middle of the chain sees only its own ancestors
+        self.turn("resp_d", "branch", "Answer D", previous="resp_a")
+        self.assertEqual(self.upstream_input(), [
+            user_item("first question"), message_item("Answer A"), user_item("branch")])
+
+    def test_chain_when_turn_one_was_streamed(self):
+        self.turn("resp_s1", "streamed question", "Streamed answer", stream=True)
+        self.turn("resp_s2", "follow-up", "Second", previous="resp_s1", stream=True)
+        self.assertEqual(self.upstream_input(), [
+            user_item("streamed question"), message_item("Streamed answer"),
+            user_item("follow-up")])
+        self.turn("resp_s3", "third", "Third", previous="resp_s2")
+        self.assertEqual(self.upstream_input()[:4], [
+            user_item("streamed question"), message_item("Streamed answer"),
+            user_item("follow-up"), message_item("Second")])
+        self.assert_clean_upstream(3)
+
+    def test_unknown_id_is_400_and_nothing_sent(self):
+        body = self.assert_unknown("resp_never_seen")
+        message = body["error"]["message"]
+        self.assertIn("does not know", message)
+        self.assertIn("resp_never_seen", message)
+        self.assertTrue("restart" in message or "--state-db" in message, message)
+        self.assertTrue("size cap" in message or "evict" in message
+                        or "least recently used" in message, message)
+        self.assertEqual(self.backend.requests, [])
+
+    def test_oldest_is_evicted_past_the_size_cap(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(state_max_mb=0.001)  # ~1 KB: a handful of small turns
+        for i in range(12):
+            self.turn("resp_%d" % i, "question %d" % i, "answer %d" % i)
+        self.assert_unknown("resp_0")
+        self.turn("resp_next", "more", "fine", previous="resp_11")
+        self.assertEqual(self.upstream_input(), [
+            user_item("question 11"), message_item("answer 11"), user_item("more")])
+
+    def test_least_recently_used_goes_first(self):
+        user, answer = "q" * 300, "a" * 300
+        size = len(json.dumps([user_item(user), message_item(answer)], separators=(",", ":")))
+        self.stop_proxy(self.proxy)
+        self.start_proxy(state_max_mb=2.5 * size / (1024 * 1024))  # two entries fit, not three
+        self.turn("resp_a", user, answer)
+        self.turn("resp_b", user, answer)
+        self.turn("resp_c", user, answer, previous="resp_a")  # uses resp_a: resp_b is LRU
+        self.assert_unknown("resp_b")
+        self.turn("resp_d", "x", "y", previous="resp_c")
+        self.assertEqual(len(self.upstream_input()), 5)
+
+    def test_failed_responses_are_not_remembered(self):
+        failed = stream_frames(terminal="response.failed", terminal_extra={
+            "error": {"code": "server_error", "message": "boom"}})
+        self.backend.replies.append(Reply(frames=with_id(failed, "resp_failed")))
+        status, _, body = self.post(simple_request("doomed"))
+        self.assertEqual(status, 500, body)
+        self.backend.replies.append(Reply(frames=with_id(failed, "resp_failed_s")))
+        status, _, events, raw = self.stream(simple_request("doomed too"))
+        self.assertEqual(events[-1][0], "response.failed", raw[-300:])
+        self.turn("resp_ok", "fine", "ok")  # control: a completed one is remembered
+        self.assert_unknown("resp_failed")
+        self.assert_unknown("resp_failed_s")
+        self.turn("resp_ok2", "next", "ok", previous="resp_ok")
+
+
+# --------------------------------------------------------------------------------------------
+# E. --state-db
+# --------------------------------------------------------------------------------------------
+
+class StateDbTests(ChainMixin, ChatCase):
+    def setUp(self):
+        super().setUp()
+        self.dbdir = tempfile.mkdtemp(prefix="state-db-")
+        self.addCleanup(shutil.rmtree, self.dbdir, True)
+        self.db = os.path.join(self.dbdir, "state.sqlite")
+        self.stop_proxy(self.proxy)
+
+    def start_db_proxy(self, **overrides):
+        self.start_proxy(state_db=self.db, **overrides)
+        store = self.proxy.conversations
+        self.addCleanup(lambda: store._db.close() if hasattr(store, "_db") else None)
+        return self.proxy
+
+    def test_chain_survives_a_restart(self):
+        self.start_db_proxy()
+        self.turn("resp_a", "first question", "Answer A")
+        self.turn("resp_b", "second question", "Answer B", previous="resp_a")
+        self.stop_proxy(self.proxy)
+        self.start_db_proxy()
+        self.turn("resp_c", "third question", "Answer C", previous="resp_b")
+        self.assertEqual(self.upstream_input(), [
+            user_item("first question"), message_item("Answer A"),
+            user_item("second question"), message_item("Answer B"),
+            user_item("third question")])
+        self.assert_unknown("resp_unknown")
+        self.assert_clean_upstream(3)
+
+    def test_db_file_is_private(self):
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        self.start_db_proxy()
+        self.turn("resp_a", "secret question", "secret answer")
+        self.assertEqual(stat.S_IMODE(os.stat(self.db).st_mode), 0o600)
+        for suffix in ("-wal", "-shm", "-journal"):
+            path = self.db + suffix
+            if os.path.exists(path):
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode) & 0o077, 0, path)
+
+    def test_size_cap_on_disk_evicts_least_recently_used(self):
+        user, answer = "q" * 300, "a" * 300
+        size = len(json.dumps([user_item(user), message_item(answer)], separators=(",", ":")))
+        self.start_db_proxy(state_max_mb=2.5 * size / (1024 * 1024))
+        self.turn("resp_a", user, answer)
+        self.turn("resp_b", user, answer)
+        self.turn("resp_c", user, answer, previous="resp_a")  # uses resp_a: resp_b is LRU
+        self.assert_unknown("resp_b")
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            ids = sorted(r[0] for r in db.execute("SELECT id FROM responses"))
+            total = db.execute("SELECT SUM(size) FROM responses").fetchone()[0]
+        self.assertEqual(ids, ["resp_a", "resp_c"])
+        self.assertLessEqual(total, 2.5 * size)
+        self.turn("resp_d", "x", "y", previous="resp_c")
+        self.assertEqual(len(self.upstream_input()), 5)
+
+    def test_two_proxies_store_concurrently_without_loss(self):
+        self.start_db_proxy()
+        first_port, first_log = self.port, self.log
+        self.start_db_proxy()
+        second_port, second_log = self.port, self.log
+        per_proxy = 20
+        for i in range(2 * per_proxy):
+            self.backend.replies.append(reply_for("resp_c%02d" % i, "answer %d" % i))
+
+        def one(job):
+            port, question = job
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+            try:
+                conn.request("POST", "/v1/responses", body=json.dumps(simple_request(
+                    question)).encode(), headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            return resp.status, question, json.loads(data)
+
+        jobs = [(port, "question %s %d" % (name, i)) for i in range(per_proxy)
+                for port, name in ((first_port, "one"), (second_port, "two"))]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, jobs))
+        for status, question, body in results:
+            self.assertEqual(status, 200, body)
+        asked = {body["id"]: question for _, question, body in results}
+        self.assertEqual(len(asked), 2 * per_proxy)
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            self.assertEqual(db.execute("SELECT COUNT(*) FROM responses").fetchone()[0],
+                             2 * per_proxy)
+        for log in (first_log, second_log):
+            self.assertNotIn("internal error", log.getvalue())
+        # every one of them is known to both proxies, with its own question
+        for n, (resp_id, question) in enumerate(sorted(asked.items())):
+            self.port = first_port if n % 2 else second_port
+            self.turn("resp_check%02d" % n, "check", "ok", previous=resp_id)
+            self.assertEqual(self.upstream_input()[0], user_item(question))
+            self.assertEqual(len(self.upstream_input()), 3)
+
+    def test_subprocess_with_state_db_serves_an_earlier_chain(self):
+        self.start_db_proxy()
+        self.turn("resp_a", "first question", "Answer A")
+        self.stop_proxy(self.proxy)
+        child = ProxyProcess(self, ["--port", "0", "--codex-home", self.home,
+                                    "--upstream-url", self.backend.url, "--state-db", self.db])
+        self.backend.replies.append(reply_for("resp_b", "Answer B"))
+        status, _, data = child.post(simple_request("second question",
+                                                    previous_response_id="resp_a"))
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data)["id"], "resp_b")
+        self.assertEqual(self.upstream_input(), [
+            user_item("first question"), message_item("Answer A"), user_item("second question")])
+        status, _, data = child.post(simple_request("x", previous_response_id="resp_zzz"))
+        self.assertEqual(status, 400, data)
+        self.assert_clean_upstream(2)
+
+
+# --------------------------------------------------------------------------------------------
+# F. Chat in API-key mode: forwarded as is
+# --------------------------------------------------------------------------------------------
+
+class RecordingPlatform:
+    """api.openai.com in miniature: records each request, answers a fixed chat.completion."""
+
+    ANSWER = json.dumps({"id": "chatcmpl-platform", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "from the platform"},
+         "finish_reason": "stop"}]}).encode()
+
+    def __init__(self):
+        self.requests = []
+        platform = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                platform.requests.append({"path": self.path, "headers": dict(self.headers),
+                                          "raw": raw})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(platform.ANSWER)))
+                self.send_header("x-request-id", "req-platform")
+                self.end_headers()
+                self.wfile.write(platform.ANSWER)
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.base = "http://127.0.0.1:%d" % self.server.server_port
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ApiKeyChatTests(ChatCase):
+    def test_chat_is_forwarded_as_is_to_platform_chat_completions(self):
+        platform = RecordingPlatform()
+        self.addCleanup(platform.close)
+        self.stop_proxy(self.proxy)
+        self.start_proxy(api_key_header=b"Bearer sk-x", upstream_url=platform.base + "/v1/responses")
+        raw = json.dumps(chat_body([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "hi"}],
+                                   n=2, temperature=0.5, max_tokens=7)).encode()
+        status, headers, data = self.request("POST", CHAT, raw, {
+            "Content-Type": "application/json", "Authorization": "Bearer client-own-key"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(data, RecordingPlatform.ANSWER)
+        self.assertEqual(headers.get("x-request-id"), "req-platform")
+        self.assertEqual(len(platform.requests), 1)
+        got = platform.requests[0]
+        self.assertEqual(got["path"], "/v1/chat/completions")
+        self.assertEqual(got["raw"], raw)
+        self.assertEqual({k.lower(): v for k, v in got["headers"].items()}["authorization"],
+                         "Bearer sk-x")
+        self.assertEqual(self.backend.requests, [])
 
 
 if __name__ == "__main__":

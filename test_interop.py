@@ -1,0 +1,313 @@
+"""Interoperability tests: the official `openai` Python SDK against codex_responses_proxy.
+
+Each test starts the fake chatgpt.com codex backend, the fake OAuth server and the proxy in this
+process (the harness of test_codex_responses_proxy.py), points `openai.OpenAI` at the proxy and
+checks what a user of the SDK sees: parsed responses, streamed events, typed exceptions.
+
+The module needs the `openai` package and skips itself without it, so `python3 -m unittest -v`
+stays standard-library only. To run it (e.g. from .ci/run):
+
+    python -m venv v && v/bin/pip install openai && v/bin/python -m unittest test_interop -v
+"""
+
+import json
+import unittest
+
+try:
+    import openai
+except ImportError:  # the whole module skips; the main suite needs no third-party package
+    openai = None
+
+import test_codex_responses_proxy as harness
+from test_codex_responses_proxy import (Reply, USAGE, function_call_item, message_item,
+                                        stream_frames)
+
+NO_SDK = "the openai SDK is not installed"
+MODEL = "gpt-5.1-codex"
+TEXT = "Hello from the fake backend!"
+WEATHER_TOOL_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}
+
+
+class SDKTestCase(harness.ProxyTestCase):
+    """The proxy harness plus an SDK client pointed at it."""
+
+    def setUp(self):
+        super().setUp()
+        self.client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.port,
+                                    api_key="unused", max_retries=0, timeout=10)
+        self.addCleanup(self.client.close)
+
+    def script(self, items=None, **kwargs):
+        """Queue one backend stream answering these output items (default: one message)."""
+        if items is None:
+            items = [message_item(TEXT)]
+        self.backend.replies.append(Reply(frames=stream_frames(items=items, **kwargs)))
+
+    def sent(self, index=-1):
+        """The JSON body the backend received."""
+        return self.backend.requests[index]["body"]
+
+
+def weather_tool_responses():
+    return {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+            "parameters": WEATHER_TOOL_PARAMETERS}
+
+
+def weather_tool_chat():
+    return {"type": "function", "function": {"name": "get_weather",
+                                             "description": "The weather in a city.",
+                                             "parameters": WEATHER_TOOL_PARAMETERS}}
+
+
+# --------------------------------------------------------------------------------------------
+# Responses API
+# --------------------------------------------------------------------------------------------
+
+@unittest.skipIf(openai is None, NO_SDK)
+class ResponsesInteropTests(SDKTestCase):
+
+    def test_create_returns_text_usage_and_status(self):
+        self.script()
+        resp = self.client.responses.create(model=MODEL, input="say hi")
+        self.assertEqual(resp.output_text, TEXT)
+        self.assertEqual(resp.status, "completed")
+        self.assertEqual(resp.model, MODEL)
+        self.assertEqual(resp.usage.input_tokens, USAGE["input_tokens"])
+        self.assertEqual(resp.usage.output_tokens, USAGE["output_tokens"])
+        self.assertEqual(resp.usage.total_tokens, USAGE["total_tokens"])
+        self.assertEqual(resp.usage.input_tokens_details.cached_tokens,
+                         USAGE["input_tokens_details"]["cached_tokens"])
+        self.assertEqual(resp.usage.output_tokens_details.reasoning_tokens,
+                         USAGE["output_tokens_details"]["reasoning_tokens"])
+        self.assertEqual(len(self.backend.requests), 1)
+        self.assertEqual(self.sent()["input"][0]["content"][0]["text"], "say hi")
+
+    def test_create_stream_yields_deltas_and_filled_completed_event(self):
+        self.script()
+        with self.client.responses.create(model=MODEL, input="say hi", stream=True) as stream:
+            events = list(stream)
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        self.assertGreater(len(deltas), 1)
+        self.assertEqual("".join(deltas), TEXT)
+        self.assertEqual(events[0].type, "response.created")
+        last = events[-1]
+        self.assertEqual(last.type, "response.completed")
+        self.assertEqual(last.response.status, "completed")
+        self.assertEqual([item.type for item in last.response.output], ["message"])
+        self.assertEqual(last.response.output[0].content[0].text, TEXT)
+        self.assertEqual(last.response.output_text, TEXT)
+        self.assertEqual(last.response.usage.input_tokens, USAGE["input_tokens"])
+
+    def test_stream_helper_final_response(self):
+        self.script()
+        seen = []
+        with self.client.responses.stream(model=MODEL, input="say hi") as stream:
+            for event in stream:
+                seen.append(event.type)
+            final = stream.get_final_response()
+        self.assertIn("response.output_text.delta", seen)
+        self.assertEqual(seen[-1], "response.completed")
+        self.assertEqual(final.output_text, TEXT)
+        self.assertEqual(final.status, "completed")
+
+    def test_function_tool_round_trip(self):
+        self.script(items=[function_call_item()])
+        tools = [weather_tool_responses()]
+        first = self.client.responses.create(model=MODEL, input="weather in Paris?",
+                                             tools=tools)
+        calls = [item for item in first.output if item.type == "function_call"]
+        self.assertEqual(len(calls), 1, first.output)
+        call = calls[0]
+        self.assertEqual((call.name, call.arguments, call.call_id),
+                         ("get_weather", '{"city": "Paris"}', "call_1"))
+        self.assertEqual(json.loads(call.arguments), {"city": "Paris"})
+        self.assertEqual(self.sent()["tools"][0]["name"], "get_weather")
+
+        self.script(items=[message_item("It is sunny in Paris.")])
+        follow_up = [{"role": "user", "content": "weather in Paris?"}]
+        follow_up += [item.model_dump(exclude_none=True) for item in first.output]
+        follow_up.append({"type": "function_call_output", "call_id": "call_1",
+                          "output": "sunny"})
+        second = self.client.responses.create(model=MODEL, input=follow_up, tools=tools)
+        self.assertEqual(second.output_text, "It is sunny in Paris.")
+        self.assertEqual(len(self.backend.requests), 2)
+        sent_input = self.sent()["input"]
+        sent_calls = [i for i in sent_input if i.get("type") == "function_call"]
+        outputs = [i for i in sent_input if i.get("type") == "function_call_output"]
+        self.assertEqual([(c["call_id"], c["name"]) for c in sent_calls],
+                         [("call_1", "get_weather")])
+        self.assertEqual([(o["call_id"], o["output"]) for o in outputs], [("call_1", "sunny")])
+
+    def test_usage_limit_429_is_rate_limit_error_with_reset(self):
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "The usage limit has been reached",
+            "plan_type": "plus", "resets_in_seconds": 3600}}).encode()))
+        with self.assertRaises(openai.RateLimitError) as caught:
+            self.client.responses.create(model=MODEL, input="say hi")
+        err = caught.exception
+        self.assertEqual(err.status_code, 429)
+        self.assertIn("usage limit", err.message)
+        self.assertIn("resets at", err.message)
+        self.assertIn("1 h 0 min", err.message)
+        self.assertEqual(len(self.backend.requests), 1, "max_retries=0 yet the SDK retried")
+
+    def test_context_length_failure_is_bad_request_error(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[], terminal="response.failed", terminal_extra={"error": {
+                "code": "context_length_exceeded",
+                "message": "Your input exceeds the context window of this model."}})))
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.create(model=MODEL, input="a very long prompt")
+        err = caught.exception
+        self.assertEqual(err.status_code, 400)
+        self.assertEqual(err.code, "context_length_exceeded")
+        self.assertIn("context window", err.message)
+
+
+@unittest.skipIf(openai is None, NO_SDK)
+class ModelsInteropTests(SDKTestCase):
+
+    def setUp(self):
+        super().setUp()
+        harness.add_models_endpoint(self.backend)
+
+    def test_models_list_has_only_listed_models(self):
+        models = list(self.client.models.list())
+        self.assertEqual([m.id for m in models], ["gpt-5.1-codex", "gpt-5-codex-mini"])
+        for model in models:
+            self.assertEqual(model.object, "model")
+            self.assertIsInstance(model.created, int)
+            self.assertIsInstance(model.owned_by, str)
+
+
+# --------------------------------------------------------------------------------------------
+# Chat Completions
+# --------------------------------------------------------------------------------------------
+
+@unittest.skipIf(openai is None, NO_SDK)
+class ChatCompletionsInteropTests(SDKTestCase):
+
+    def test_create_text_usage_and_system_prompt(self):
+        self.script()
+        completion = self.client.chat.completions.create(model=MODEL, messages=[
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+        self.assertEqual(completion.object, "chat.completion")
+        self.assertEqual(completion.model, MODEL)
+        self.assertEqual(len(completion.choices), 1)
+        choice = completion.choices[0]
+        self.assertEqual(choice.message.role, "assistant")
+        self.assertEqual(choice.message.content, TEXT)
+        self.assertEqual(choice.finish_reason, "stop")
+        self.assertFalse(choice.message.tool_calls)
+        self.assertEqual(completion.usage.prompt_tokens, USAGE["input_tokens"])
+        self.assertEqual(completion.usage.completion_tokens, USAGE["output_tokens"])
+        self.assertEqual(completion.usage.total_tokens, USAGE["total_tokens"])
+        body = self.sent()
+        self.assertFalse([i for i in body["input"] if i.get("role") == "system"], body)
+        carried = body.get("instructions") == "be brief" or any(
+            i.get("role") == "developer" and "be brief" in json.dumps(i.get("content"))
+            for i in body["input"])
+        self.assertTrue(carried, "the system prompt was lost: %r" % body)
+        self.assertTrue(any(i.get("role") == "user" and "hi" in json.dumps(i.get("content"))
+                            for i in body["input"]), body)
+
+    def test_stream_with_usage(self):
+        self.script()
+        stream = self.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True})
+        with stream:
+            chunks = list(stream)  # ends cleanly: no exception, the iterator finishes
+        self.assertTrue(chunks)
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        self.assertTrue(deltas)
+        self.assertEqual(deltas[0].role, "assistant")
+        self.assertEqual("".join(d.content or "" for d in deltas), TEXT)
+        finishes = [c.choices[0].finish_reason for c in chunks
+                    if c.choices and c.choices[0].finish_reason]
+        self.assertEqual(finishes, ["stop"])
+        self.assertEqual(chunks[-1].choices, [])
+        usage = chunks[-1].usage
+        self.assertIsNotNone(usage)
+        self.assertEqual(usage.prompt_tokens, USAGE["input_tokens"])
+        self.assertEqual(usage.completion_tokens, USAGE["output_tokens"])
+        self.assertEqual(len({c.id for c in chunks}), 1, "chunks of one completion share an id")
+        for chunk in chunks:
+            self.assertEqual(chunk.object, "chat.completion.chunk")
+
+    def test_tool_call_non_streaming(self):
+        self.script(items=[function_call_item()])
+        completion = self.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "weather in Paris?"}],
+            tools=[weather_tool_chat()])
+        choice = completion.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        calls = choice.message.tool_calls
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0].id, "call_1")
+        self.assertEqual(calls[0].type, "function")
+        self.assertEqual(calls[0].function.name, "get_weather")
+        self.assertEqual(calls[0].function.arguments, '{"city": "Paris"}')
+        tools = self.sent()["tools"]
+        self.assertEqual(len(tools), 1)
+        self.assertEqual(tools[0].get("name") or tools[0].get("function", {}).get("name"),
+                         "get_weather")
+
+    def test_tool_call_streaming(self):
+        self.script(items=[function_call_item()])
+        stream = self.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "weather in Paris?"}],
+            tools=[weather_tool_chat()], stream=True)
+        calls = {}
+        finishes = []
+        with stream:
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if choice.finish_reason:
+                    finishes.append(choice.finish_reason)
+                for delta in choice.delta.tool_calls or []:
+                    call = calls.setdefault(delta.index, {"id": "", "name": "",
+                                                          "arguments": ""})
+                    call["id"] += delta.id or ""
+                    if delta.function is not None:
+                        call["name"] += delta.function.name or ""
+                        call["arguments"] += delta.function.arguments or ""
+        self.assertEqual(list(calls), [0])
+        self.assertEqual(calls[0], {"id": "call_1", "name": "get_weather",
+                                    "arguments": '{"city": "Paris"}'})
+        self.assertEqual(finishes, ["tool_calls"])
+
+    def test_tool_result_follow_up(self):
+        self.script(items=[message_item("It is sunny in Paris.")])
+        completion = self.client.chat.completions.create(model=MODEL, tools=[weather_tool_chat()],
+                                                         messages=[
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+        self.assertEqual(completion.choices[0].message.content, "It is sunny in Paris.")
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        sent_input = self.sent()["input"]
+        calls = [i for i in sent_input if i.get("type") == "function_call"]
+        outputs = [i for i in sent_input if i.get("type") == "function_call_output"]
+        self.assertEqual([(c.get("call_id"), c.get("name"), c.get("arguments")) for c in calls],
+                         [("call_1", "get_weather", '{"city": "Paris"}')])
+        self.assertEqual([o.get("call_id") for o in outputs], ["call_1"])
+        self.assertIn("sunny", json.dumps(outputs[0].get("output")))
+        types = [i.get("type") or i.get("role") for i in sent_input]
+        self.assertLess(types.index("function_call"), types.index("function_call_output"))
+
+    def test_n_above_one_is_bad_request(self):
+        self.script()
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+        self.assertEqual(caught.exception.status_code, 400)
+
+
+if __name__ == "__main__":
+    unittest.main()
