@@ -1687,12 +1687,6 @@ def forwarded_response_headers(headers):
             if k.lower().startswith("x-codex-") or k.lower() in FORWARDED_RESPONSE_HEADERS]
 
 
-class UpstreamError(Exception):
-    def __init__(self, status, message, code):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
 class ConnectionPool:
     """Idle keep-alive connections per upstream host, so an agent's turns skip the TCP and TLS
     handshakes. A connection is returned only after its response was read to the end."""
@@ -1795,16 +1789,23 @@ def send_upstream(pool, url, body, headers, read_timeout, method="POST"):
             conn.close()
             if reused and attempt == 1:
                 continue
-            raise UpstreamError(502, "The backend closed the connection without answering (%s)."
-                                % e.__class__.__name__, "upstream_unreachable")
+            raise ProxyError(502, "The backend closed the connection without answering (%s)."
+                             % e.__class__.__name__, code="upstream_unreachable")
         except socket.timeout:
             conn.close()
-            raise UpstreamError(504, "The backend did not answer in time.", "upstream_timeout")
+            raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout")
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise UpstreamError(502, "Cannot reach the backend at %s://%s: %s."
-                                % (parts.scheme, parts.netloc, getattr(e, "strerror", None) or e),
-                                "upstream_unreachable")
+            raise ProxyError(502, "Cannot reach the backend at %s://%s: %s."
+                             % (parts.scheme, parts.netloc, getattr(e, "strerror", None) or e),
+                             code="upstream_unreachable")
+        except ValueError:
+            # http.client refuses a header value with a line break: a credential with a stray
+            # newline. Its message would quote the value, so it is not passed on.
+            conn.close()
+            raise ProxyError(500, "A header for the backend has an invalid value; check the "
+                             "token or key in auth.json (a stray line break?).",
+                             code="invalid_credential")
 
 
 class ChunkedDecoder:
@@ -1862,22 +1863,30 @@ class ChunkedDecoder:
 
 
 class UpstreamBody:
-    """The body of an upstream response, read in pieces as large as what has arrived."""
+    """The body of an upstream response, read in pieces as large as what has arrived; then
+    its connection settled: back to the pool if the body was read whole, else closed."""
 
-    def __init__(self, resp):
+    def __init__(self, conn, resp):
+        self.conn = conn
         self.resp = resp
         self._chunked = ChunkedDecoder() if resp.chunked else None
+        self._eof = False
 
     @property
     def complete(self):
+        """Read to its very end (not cut short)."""
         if self._chunked is not None:
             return self._chunked.done
-        return self.resp.isclosed()
+        if self.resp.length is not None:
+            return self.resp.length == 0  # http.client counts a Content-Length body down
+        return self._eof  # ended by the server closing: whole, but the connection is spent
 
     def read(self):
         """The next piece of the body; b"" at its end (complete or not: see .complete)."""
         if self._chunked is None:
-            return self.resp.read1(65536)
+            data = self.resp.read1(65536)
+            self._eof = not data
+            return data
         while not self._chunked.done:
             data = self.resp.fp.read1(65536)
             if not data:
@@ -1890,12 +1899,27 @@ class UpstreamBody:
                 return payload
         return b""
 
-    def finish(self):
-        """Mark the response consumed, so its connection can carry the next request."""
-        if self.complete:
+    def read_all(self, limit):
+        """The rest of the body, at most about limit bytes."""
+        parts, size = [], 0
+        while size <= limit:
+            data = self.read()
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        return b"".join(parts)
+
+    def settle(self, pool):
+        """Return the connection to the pool if the body was read whole and the server keeps
+        it open, else close it. True if the body was whole."""
+        complete = self.complete
+        if complete and not self.resp.will_close:
             self.resp.close()
-            return not self.resp.will_close
-        return False
+            pool.release(self.conn)
+        else:
+            self.conn.close()
+        return complete
 
 
 class HangupWatcher:
@@ -2497,23 +2521,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         dump = server.dumper.request(method, url, list(headers.items()), body) \
             if server.dumper else None
-        try:
-            conn, resp = send_upstream(server.pool, url, body, headers,
-                                       server.config.stream_idle_timeout, method)
-        except UpstreamError as e:
-            raise ProxyError(e.status, e.message, code=e.code)
+        conn, resp = send_upstream(server.pool, url, body, headers,
+                                   server.config.stream_idle_timeout, method)
         server.quota.update(resp.getheaders())
         if dump:
             dump.answer(resp.status, resp.getheaders())
         return conn, resp, dump
 
     def read_answer(self, conn, resp, dump):
-        """A whole (non-streamed) upstream answer, its connection returned to the pool."""
+        """A whole (non-streamed) upstream answer, its connection settled."""
+        upstream = UpstreamBody(conn, resp)
         try:
-            body = resp.read(1 << 22)
+            body = upstream.read_all(1 << 22)
         except (OSError, http.client.HTTPException):
             body = b""
-        self.release_or_close(conn, resp)
+        upstream.settle(self.server.pool)
         if dump:
             dump.finish(body)
         return body
@@ -2542,7 +2564,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.headers_sent = True
         self.status_sent = resp.status
-        upstream = UpstreamBody(resp)
+        upstream = UpstreamBody(conn, resp)
         watch = server.hangups.watch(self.connection, conn.sock)
         try:
             while True:
@@ -2567,14 +2589,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             server.hangups.unwatch(watch)
             if dump:
                 dump.finish()
-        if upstream.finish():
-            server.pool.release(conn)
-        else:
-            conn.close()
-            if not upstream.complete:
-                self.log_fields["error"] = "upstream_disconnected"
-                self.close_connection = True  # the client must not take a cut body as whole
-                return
+        if not upstream.settle(server.pool):
+            self.log_fields["error"] = "upstream_disconnected"
+            self.close_connection = True  # the client must not take a cut body as whole
+            return
         if self.chunked:
             self.write(b"0\r\n\r\n")
 
@@ -2676,12 +2694,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                + LOGIN_HINT)
             raise err
 
-    def release_or_close(self, conn, resp):
-        if resp.isclosed() and not resp.will_close:
-            self.server.pool.release(conn)
-        else:
-            conn.close()
-
     def relay(self, conn, resp, client_stream, dump=None, chat=None, remember=None):
         """Read the backend's event stream; pass it on live, or gather it into one answer.
         chat: a ChatStream when the client speaks Chat Completions. remember: (previous id,
@@ -2705,7 +2717,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.headers_sent = True
             self.status_sent = 200
         watch = server.hangups.watch(self.connection, conn.sock)
-        upstream = UpstreamBody(resp)
+        upstream = UpstreamBody(conn, resp)
         failure = None
         debug = server.log.debug_enabled
         try:
@@ -2831,14 +2843,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 conn.sock.settimeout(0.25)
                 while upstream.read():
                     pass
-                conn.sock.settimeout(self.server.config.stream_idle_timeout)
         except (OSError, http.client.HTTPException, AttributeError):
             conn.close()
             return
-        if upstream.finish():
-            self.server.pool.release(conn)
-        else:
-            conn.close()
+        upstream.settle(self.server.pool)
 
 
 class QuotaTracker:

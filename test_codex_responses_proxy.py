@@ -197,6 +197,21 @@ class QuietServer(ThreadingHTTPServer):
         pass  # the proxy closing a connection mid-stream is expected here
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """The fakes' handlers: HTTP/1.1 keep-alive, no access log."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(handler):
+    """A fake server on an ephemeral 127.0.0.1 port, serving in a daemon thread."""
+    server = QuietServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
 class FakeBackend:
     """chatgpt.com/backend-api/codex/responses as PROTOCOL.md describes it."""
 
@@ -213,16 +228,11 @@ class FakeBackend:
         self.lock = threading.Lock()
         backend = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def setup(self):
                 super().setup()
                 with backend.lock:
                     backend.connections += 1
-
-            def log_message(self, *args):
-                pass
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
@@ -288,11 +298,8 @@ class FakeBackend:
                     backend.closed_early.set()
                     self.close_connection = True
 
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.server = serve(Handler)
         self.url = "http://127.0.0.1:%d/backend-api/codex/responses" % self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-        self.thread.start()
 
     def check(self, headers, body):
         auth = headers.get("Authorization") or ""
@@ -337,12 +344,7 @@ class FakeOAuth:
         self.lock = threading.Lock()
         oauth = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, body = oauth.answer(self.headers, raw)
@@ -353,9 +355,8 @@ class FakeOAuth:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.server = serve(Handler)
         self.url = "http://127.0.0.1:%d/oauth/token" % self.server.server_port
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def answer(self, headers, raw):
         time.sleep(self.delay)
@@ -1199,7 +1200,7 @@ class RefreshTests(ProxyTestCase):
 # Processes, signals, atomic writes, secrets and bad input
 # --------------------------------------------------------------------------------------------
 
-LISTEN_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+LISTEN_RE = re.compile(r"listening on http://(\[[^\]]+\]|[^:/\s]+):(\d+)")
 
 
 def clean_env(**extra):
@@ -1207,7 +1208,7 @@ def clean_env(**extra):
     ~/.codex, the real token endpoint or an HTTP proxy."""
     env = dict(os.environ)
     for name in ("CODEX_HOME", "CODEX_REFRESH_TOKEN_URL_OVERRIDE", "http_proxy", "https_proxy",
-                 "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+                 "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", proxy.CLIENT_KEY_ENV):
         env.pop(name, None)
     env.update(extra)
     return env
@@ -1221,20 +1222,36 @@ def run_program(args, timeout=15, env=None):
 
 class ProxyProcess:
     """The program in a subprocess; its stderr collected line by line by a thread; killed in
-    the test's cleanup whatever happens."""
+    the test's cleanup whatever happens. stdin_data is written to its standard input (closed
+    after it unless close_stdin is False); requests go to connect_host."""
 
-    def __init__(self, testcase, args, env=None, start_timeout=10.0):
+    def __init__(self, testcase, args, env=None, start_timeout=10.0, stdin_data=None,
+                 close_stdin=True, wait=True, connect_host="127.0.0.1"):
         self.testcase = testcase
-        self.proc = subprocess.Popen([sys.executable, PROGRAM] + list(args),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env=env or clean_env())
+        self.connect_host = connect_host
+        self.proc = subprocess.Popen(
+            [sys.executable, PROGRAM] + list(args),
+            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or clean_env())
         testcase.addCleanup(self.kill)
+        if stdin_data is not None:
+            try:
+                self.proc.stdin.write(stdin_data)
+                self.proc.stdin.flush()
+                if close_stdin:
+                    self.proc.stdin.close()
+            except OSError:
+                pass
         self.lines = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        line = self.wait_for("listening on http://", start_timeout)
-        self.port = int(LISTEN_RE.search(line).group(1))
+        self.listen_host = self.port = None
+        if wait:
+            line = self.wait_for("listening on http://", start_timeout)
+            m = LISTEN_RE.search(line)
+            testcase.assertIsNotNone(m, line)
+            self.listen_host, self.port = m.group(1), int(m.group(2))
 
     def _read(self):
         for raw in iter(self.proc.stderr.readline, b""):
@@ -1271,6 +1288,11 @@ class ProxyProcess:
         return rc
 
     def kill(self):
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
         try:
@@ -1281,7 +1303,7 @@ class ProxyProcess:
         self.proc.stderr.close()
 
     def request(self, method, path, body=None, headers=None, timeout=15):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.connect_host, self.port, timeout=timeout)
         try:
             headers = dict(headers or {})
             if isinstance(body, dict):
@@ -2995,44 +3017,6 @@ def tokens_of(home):
 # The proxy in a subprocess, with a key on its standard input
 # --------------------------------------------------------------------------------------------
 
-class KeyProxyProcess(ProxyProcess):
-    """ProxyProcess whose stdin is a pipe carrying `stdin_data` (closed after it unless
-    close_stdin is False)."""
-
-    def __init__(self, testcase, args, stdin_data=None, close_stdin=True, env=None,
-                 start_timeout=10.0, wait=True):
-        self.testcase = testcase
-        self.proc = subprocess.Popen(
-            [sys.executable, PROGRAM] + list(args),
-            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or clean_env())
-        testcase.addCleanup(self.kill)
-        if stdin_data is not None:
-            try:
-                self.proc.stdin.write(stdin_data)
-                self.proc.stdin.flush()
-                if close_stdin:
-                    self.proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-        self.lines = []
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.port = None
-        if wait:
-            line = self.wait_for("listening on http://", start_timeout)
-            self.port = int(LISTEN_RE.search(line).group(1))
-
-    def kill(self):
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-        ProxyProcess.kill(self)
-
-
 def run_with_stdin(args, data, timeout=6):
     """(returncode or None on timeout, stdout, stderr) of the program fed `data` on stdin."""
     proc = subprocess.Popen([sys.executable, PROGRAM] + list(args), stdin=subprocess.PIPE,
@@ -3082,12 +3066,7 @@ class FakePlatform:
         self.stream_done = threading.Event()  # a stream was written to its end
         platform = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 self.serve("GET")
 
@@ -3143,9 +3122,8 @@ class FakePlatform:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
 
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.server = serve(Handler)
         self.url = "http://127.0.0.1:%d/v1/responses" % self.server.server_port
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self):
         self.gate.set()
@@ -3310,7 +3288,7 @@ class ApiKeyCase(unittest.TestCase):
         args = ["--api-key-stdin", "--port", "0", "--codex-home", self.home]
         if "--upstream-url" not in extra:
             args += ["--upstream-url", self.platform.url]
-        return KeyProxyProcess(self, args + list(extra), stdin_data=stdin_data, **kw)
+        return ProxyProcess(self, args + list(extra), stdin_data=stdin_data, **kw)
 
     def assert_no_key(self, text, key=API_KEY, where="output"):
         if isinstance(text, bytes):
@@ -3318,6 +3296,54 @@ class ApiKeyCase(unittest.TestCase):
         self.assertNotIn(key, text, "the API key appears in the %s" % where)
         for i in range(len(key) - 7):  # nor any 8-character piece of it
             self.assertNotIn(key[i:i + 8], text, "part of the API key appears in the %s" % where)
+
+
+class ApiKeyConnectionTests(ProxyTestCase):
+    """API-key mode in-process: the upstream's connection reuse and cut bodies."""
+
+    def setUp(self):
+        super().setUp()
+        self.stop_proxy(self.proxy)
+        self.backend.valid_tokens.add(API_KEY)
+        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode())
+
+    def test_content_length_answers_reuse_the_upstream_connection(self):
+        conn = self.connection()
+        self.addCleanup(conn.close)
+        for _ in range(3):
+            self.backend.replies.append(Reply(status=200, body=b'{"ok": 1}'))
+            status, headers, data = self.request("POST", "/v1/responses", simple_request(
+                stream=True, store=False, instructions="x", input=[]), conn=conn)
+            self.assertEqual((status, data), (200, b'{"ok": 1}'))
+        self.assertEqual(self.backend.connections, 1)
+
+    def test_cut_content_length_body_closes_the_client_connection(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        self.addCleanup(listener.close)
+
+        def upstream():
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n" + b"x" * 40)
+                time.sleep(0.2)
+
+        threading.Thread(target=upstream, daemon=True).start()
+        self.stop_proxy(self.proxy)
+        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode(),
+                         upstream_url="http://127.0.0.1:%d/v1/responses"
+                         % listener.getsockname()[1])
+        started = time.monotonic()
+        data = raw_exchange(self.port, b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertLess(time.monotonic() - started, 3, "the client was left waiting")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:100])
+        self.assertTrue(data.endswith(b"x" * 40), "the proxy must close, not pad the body")
 
 
 class ApiKeyStdinTests(ApiKeyCase):
@@ -3329,7 +3355,7 @@ class ApiKeyStdinTests(ApiKeyCase):
         p.wait_for("standard input")
         self.assert_no_key(p.text(), where="start-up lines")
         # without --upstream-url API-key mode goes to the platform, not to chatgpt.com
-        r = KeyProxyProcess(self, ["--api-key-stdin", "--port", "0", "--codex-home", self.home],
+        r = ProxyProcess(self, ["--api-key-stdin", "--port", "0", "--codex-home", self.home],
                             stdin_data=API_KEY.encode() + b"\n")
         line = r.wait_for("listening on http://")
         self.assertIn("API-key mode", line)
@@ -3531,7 +3557,7 @@ class AuthFileApiKeyTests(ApiKeyCase):
 
     def spawn_with_auth(self, doc):
         write_auth(self.home, doc)
-        return KeyProxyProcess(self, ["--port", "0", "--codex-home", self.home,
+        return ProxyProcess(self, ["--port", "0", "--codex-home", self.home,
                                       "--upstream-url", self.platform.url])
 
     def check_api_key_mode(self, p):
@@ -4046,48 +4072,14 @@ class SecurityCase(ProxyTestCase):
 # 1, 2, 7, 8. Subprocess: listening address, client key sources, auth.json permissions
 # --------------------------------------------------------------------------------------------
 
-ANY_LISTEN_RE = re.compile(r"listening on http://(\[[^\]]+\]|[^:/\s]+):(\d+)")
 
 
 def security_env(**extra):
-    """clean_env() without a client key inherited from the developer's shell."""
+    """clean_env(), kept for the security tests' readability."""
     env = clean_env()
     env.pop(proxy.CLIENT_KEY_ENV, None)
     env.update(extra)
     return env
-
-
-class AddrProcess(ProxyProcess):
-    """ProxyProcess for any listening address; requests go to connect_host."""
-
-    def __init__(self, testcase, args, env=None, start_timeout=10.0, connect_host="127.0.0.1"):
-        self.testcase = testcase
-        self.connect_host = connect_host
-        self.proc = subprocess.Popen([sys.executable, PROGRAM] + list(args),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env=env or security_env())
-        testcase.addCleanup(self.kill)
-        self.lines = []
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        line = self.wait_for("listening on http://", start_timeout)
-        m = ANY_LISTEN_RE.search(line)
-        testcase.assertIsNotNone(m, line)
-        self.listen_host, self.port = m.group(1), int(m.group(2))
-
-    def request(self, method, path, body=None, headers=None, timeout=10):
-        conn = http.client.HTTPConnection(self.connect_host, self.port, timeout=timeout)
-        try:
-            headers = dict(headers or {})
-            if isinstance(body, dict):
-                body = json.dumps(body).encode()
-                headers.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        finally:
-            conn.close()
 
 
 class SecurityProcessCase(ProcessTestCase):
@@ -4100,7 +4092,7 @@ class SecurityProcessCase(ProcessTestCase):
     def start(self, *args, **kw):
         env = kw.pop("env", None) or security_env()
         args = list(args) + ["--codex-home", self.home, "--upstream-url", self.backend.url]
-        return AddrProcess(self, args, env=env, **kw)
+        return ProxyProcess(self, args, env=env, **kw)
 
     def key_file(self, content, name="client.key"):
         path = os.path.join(self.home, name)
@@ -5632,12 +5624,7 @@ class RecordingPlatform:
         self.requests = []
         platform = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 platform.requests.append({"path": self.path, "headers": dict(self.headers),
@@ -5649,9 +5636,8 @@ class RecordingPlatform:
                 self.end_headers()
                 self.wfile.write(platform.ANSWER)
 
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.server = serve(Handler)
         self.base = "http://127.0.0.1:%d" % self.server.server_port
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self):
         self.server.shutdown()
