@@ -1925,17 +1925,27 @@ class UpstreamBody:
 class HangupWatcher:
     """Notices clients that hang up while their handler thread is blocked reading upstream,
     and cuts the upstream connection at once: every further token is quota the user pays for.
-    One thread polls all watched client sockets; it sleeps when there are none."""
+    One thread polls all watched client sockets; it sleeps when there are none.
+
+    It peeks through a non-blocking duplicate of each client socket: through the handler's
+    own socket, Python would first wait out its timeout whenever the handler had read the
+    waiting bytes in between. Only the watcher thread closes the duplicates, between polls."""
 
     POLL = 0.2
 
     def __init__(self):
         self._watched = {}
+        self._retired = []  # duplicates of unwatched sockets, for the watcher thread to close
         self._cond = threading.Condition()
         self._thread = None
 
     def watch(self, client_sock, upstream_sock):
-        entry = {"client": client_sock, "upstream": upstream_sock, "gone": False}
+        entry = {"peek": None, "upstream": upstream_sock, "gone": False}
+        try:
+            entry["peek"] = client_sock.dup()
+            entry["peek"].setblocking(False)
+        except OSError:
+            return entry  # unwatched: a hang-up is then noticed at the next write
         with self._cond:
             self._watched[id(entry)] = entry
             if self._thread is None:
@@ -1946,41 +1956,49 @@ class HangupWatcher:
         return entry
 
     def unwatch(self, entry):
+        """After this returns the watcher no longer touches the entry's upstream socket, which
+        may then go back to the pool."""
         with self._cond:
-            self._watched.pop(id(entry), None)
+            if self._watched.pop(id(entry), None) is not None:
+                self._retired.append(entry["peek"])
 
     def _run(self):
         while True:
             with self._cond:
-                while not self._watched:
+                while True:
+                    retired, self._retired = self._retired, []
+                    for sock in retired:
+                        sock.close()
+                    if self._watched:
+                        break
                     self._cond.wait()
                 entries = list(self._watched.values())
             try:
-                readable = readable_sockets([e["client"] for e in entries], self.POLL)
+                readable = readable_sockets([e["peek"] for e in entries], self.POLL)
             except (OSError, ValueError):
-                # Never _peer_closed() a socket not known to be readable: with its timeout,
-                # recv() would wait up to that long, then call a live client gone.
                 readable = []
                 time.sleep(self.POLL)
             for entry in entries:
-                if entry["client"] in readable and _peer_closed(entry["client"]):
+                if entry["peek"] in readable and _peer_closed(entry["peek"]):
                     with self._cond:
                         if self._watched.pop(id(entry), None) is None:
-                            continue
-                    entry["gone"] = True
-                    try:
-                        entry["upstream"].shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            time.sleep(self.POLL if readable else 0)
+                            continue  # unwatched meanwhile: its upstream may be pooled now
+                        self._retired.append(entry["peek"])
+                        entry["gone"] = True
+                        try:
+                            entry["upstream"].shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+            time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
 
 
 def _peer_closed(sock):
+    """For a non-blocking socket that polled readable: has the peer closed it?"""
     try:
-        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
-        return False
-    except (OSError, ValueError):
+        return False  # the bytes that made it readable were read by the handler meanwhile
+    except OSError:
         return True
 
 

@@ -2949,6 +2949,28 @@ class HangupWatcherRaceTests(unittest.TestCase):
     closes it; if the close lands between the watcher's copy of the watch list and its wait,
     the watcher meets a closed socket. That must cost nothing to the other clients."""
 
+    def test_peeking_at_an_idle_client_never_waits_for_its_timeout(self):
+        # A keep-alive client's next request makes its socket readable; if the handler reads
+        # those bytes before the watcher peeks, the peek must not wait out the socket's
+        # timeout (5 s here, 120 s in the proxy): meanwhile no other hang-up would be seen.
+        watcher = proxy.HangupWatcher()
+        client, peer = socket.socketpair()
+        upstream, upstream_peer = socket.socketpair()
+        for sock in (client, peer, upstream, upstream_peer):
+            self.addCleanup(sock.close)
+        client.settimeout(5.0)
+        entry = watcher.watch(client, upstream)
+        started = time.monotonic()
+        self.assertFalse(proxy._peer_closed(entry["peek"]))
+        self.assertLess(time.monotonic() - started, 0.1)
+        peer.close()
+        deadline = time.monotonic() + 1.0
+        while not entry["gone"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertTrue(entry["gone"], "the hang-up went unnoticed")
+        upstream_peer.settimeout(1.0)
+        self.assertEqual(upstream_peer.recv(1), b"", "the upstream connection was not cut")
+
     def test_a_closed_socket_in_the_watch_list_neither_stalls_nor_cuts_live_streams(self):
         watcher = proxy.HangupWatcher()
         pairs = []
