@@ -377,13 +377,14 @@ class Log:
         self.stream = stream or sys.stderr
         self.debug_enabled = debug
         self.colour = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._secrets = set()
+        self._secrets = ()  # replaced whole, never changed in place: redact() reads it unlocked
         self._lock = threading.Lock()
         self._warned = set()
 
     def add_secret(self, value):
-        if value and len(value) >= 8:
-            self._secrets.add(value)
+        if value and len(value) >= 8 and value not in self._secrets:
+            with self._lock:
+                self._secrets = (self._secrets + (value,))[-32:]  # the current and recent ones
 
     def redact(self, text):
         for secret in self._secrets:
@@ -693,8 +694,9 @@ class AuthStore:
         self.user_agent = user_agent
         self.log = log
         self._lock = threading.Lock()
-        self._cache_key = None
-        self._cache = None
+        self._cache = (None, None)  # (stat key, Credentials), replaced whole: threads read it
+        self._attempts = 0          # refresh attempts made, and the error of the last if it
+        self._failure = None        # failed: threads that waited for it share that outcome
         self.last_refresh = None  # {"at", "ok", "error"} of the last attempt, for /status
 
     def _stat_key(self):
@@ -707,13 +709,13 @@ class AuthStore:
     def load(self):
         """Credentials as on disk now (cached while the file is unchanged)."""
         key = self._stat_key()
-        cached = self._cache
-        if key is not None and key == self._cache_key and cached is not None:
+        cached_key, cached = self._cache
+        if key is not None and key == cached_key:
             return cached
         creds = read_auth_file(self.path)
         for secret in creds.secrets():
             self.log.add_secret(secret)
-        self._cache_key, self._cache = key, creds
+        self._cache = (key, creds)
         return creds
 
     def get(self, rejected_token=None):
@@ -722,7 +724,10 @@ class AuthStore:
         creds = self.load()
         if not self._stale(creds, rejected_token):
             return creds
+        attempts = self._attempts
         with self._lock:
+            if self._attempts != attempts and self._failure is not None:
+                raise self._failure  # the refresh we waited for failed: no queue of retries
             creds = self.load()  # another thread may have refreshed while we waited
             if not self._stale(creds, rejected_token):
                 return creds
@@ -730,7 +735,15 @@ class AuthStore:
                 creds = self.load()  # ... or another process
                 if not self._stale(creds, rejected_token):
                     return creds
-                return self._refresh(creds)
+                try:
+                    creds = self._refresh(creds)
+                except ProxyError as e:
+                    self._failure = e
+                    raise
+                finally:
+                    self._attempts += 1
+                self._failure = None
+                return creds
 
     def _note_refresh(self, error):
         self.last_refresh = {"at": rfc3339_now(), "ok": error is None, "error": error}
@@ -745,13 +758,14 @@ class AuthStore:
         if not creds.refresh_token:
             raise auth_error(self.path, "The access token in %s has expired and there is no "
                              "refresh token." % self.path)
+        self._check_writable()
         self.log.info("refreshing the access token")
         try:
             answer = request_token_refresh(self.refresh_url, creds.refresh_token, self.user_agent)
         except RefreshFailed as e:
             if e.code == "refresh_token_reused":
                 # The Codex CLI may have rotated the token a moment ago: its result is on disk.
-                self._cache_key = None
+                self._cache = (None, None)
                 fresh = self.load()
                 if fresh.refresh_token != creds.refresh_token:
                     self.log.info("refresh token was already rotated by another process; "
@@ -781,10 +795,24 @@ class AuthStore:
             self.log.info("warning: could not write %s (%s); the refreshed tokens live only in "
                           "this process" % (self.path, e.strerror or e))
         self._note_refresh(None)
-        self._cache_key = self._stat_key()
-        self._cache = Credentials(data)
+        fresh = Credentials(data)
+        self._cache = (self._stat_key(), fresh)
         self.log.info("access token refreshed")
-        return self._cache
+        return fresh
+
+    def _check_writable(self):
+        """Redeeming the refresh token uses it up: refuse unless its successor can be saved,
+        or the Codex CLI's own login would be left holding a dead token."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ProxyError(500, "The access token has expired, but %s is not writable (%s), so "
+                             "a refreshed login could not be saved; not refreshing. Fix the "
+                             "directory's permissions." % (directory, e.strerror or e),
+                             code="codex_home_not_writable")
 
 
 # --------------------------------------------------------------------------------------------

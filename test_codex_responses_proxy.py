@@ -1094,6 +1094,33 @@ class RefreshTests(ProxyTestCase):
         self.assertEqual(results, [200] * 20)
         self.assertEqual(self.oauth.count, 1)
 
+    def test_waiters_share_a_failed_refresh_instead_of_queueing_retries(self):
+        self.expire()
+        self.oauth.failure = (503, {"error": "temporarily_unavailable"})
+        self.oauth.delay = 0.5
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(lambda _: self.post(simple_request())[0], range(10)))
+        self.assertEqual(statuses, [502] * 10)
+        self.assertEqual(self.oauth.count, 1)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.oauth.failure = None  # and the next request tries again
+        self.assertEqual(self.post(simple_request())[0], 200)
+        self.assertEqual(self.oauth.count, 2)
+
+    def test_unwritable_codex_home_does_not_use_up_the_refresh_token(self):
+        before = self.expire()
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        with mock.patch.object(proxy.tempfile, "mkstemp", refuse):
+            status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 500, code="codex_home_not_writable",
+                                 contains="not writable")
+        self.assertEqual(self.oauth.count, 0, "the refresh token was redeemed anyway")
+        self.assertEqual(read_auth(self.home)["tokens"], before["tokens"])
+
     def test_backend_401_refreshes_and_retries_once(self):
         self.backend.valid_tokens.clear()  # the token in the file is revoked
         self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
