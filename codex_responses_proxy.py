@@ -925,6 +925,15 @@ def parse_json_object(raw):
     return body, (raw if text.isascii() else text), spans
 
 
+def unchanged_span(key, value, original, spans):
+    """Where value stands in the client's source, if it is still the very object
+    parse_json_object() found at original[key]; else None."""
+    span = spans.get(key) if spans else None
+    if span is not None and isinstance(value, (list, dict)) and original.get(key) is value:
+        return span
+    return None
+
+
 def encode_json_object(body, original=None, source=None, spans=None):
     """body as compact JSON bytes; values that are still the very objects parse_json_object()
     found in `original` are copied from the client's `source`, in a single copy."""
@@ -935,8 +944,8 @@ def encode_json_object(body, original=None, source=None, spans=None):
     pieces = [b"{" if as_bytes else "{"]
     for key, value in body.items():
         head = ("," if len(pieces) > 1 else "") + json.dumps(key) + ":"
-        span = spans.get(key)
-        if span is not None and isinstance(value, (list, dict)) and original.get(key) is value:
+        span = unchanged_span(key, value, original, spans)
+        if span is not None:
             piece = view[span[0]:span[1]]
         else:
             piece = json.dumps(value, separators=(",", ":"))
@@ -1589,6 +1598,18 @@ def sse_data(obj):
 # Conversation state, for previous_response_id (the backend keeps none)
 # --------------------------------------------------------------------------------------------
 
+def replayable(items):
+    """Output items as they can be sent back with store=false: without their ids (the
+    backend keeps no items, so an id makes it answer "not found", which is why the Codex CLI
+    never sends them), and without reasoning it cannot read back (no encrypted_content)."""
+    kept = []
+    for item in items:
+        if item.get("type") == "reasoning" and not item.get("encrypted_content"):
+            continue
+        kept.append({k: v for k, v in item.items() if k != "id"})
+    return kept
+
+
 class ConversationStore:
     """Each completed response's own input and output items, with a link to the response it
     continued; a chain is rebuilt by following the links. Past max_bytes the least recently
@@ -1598,49 +1619,54 @@ class ConversationStore:
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._entries = collections.OrderedDict()  # id -> (parent, items JSON)
+        self._entries = collections.OrderedDict()  # id -> (parent, input JSON, output JSON)
         self._bytes = 0
 
-    def put(self, response_id, parent, items):
-        data = json.dumps(items, separators=(",", ":"))
+    def put(self, response_id, parent, input_json, output):
+        """input_json: the JSON text of the request's own input list (as the client sent it,
+        when it could be reused); output: the response's items."""
+        output_json = json.dumps(replayable(output), separators=(",", ":"))
         with self._lock:
-            self._save(response_id, parent, data)
+            self._save(response_id, parent, input_json, output_json)
 
     def history(self, response_id):
         """All items of the chain ending in response_id, oldest first; None if any link is
         unknown (never stored, evicted, or lost in a restart)."""
-        chain, seen = [], set()
+        chain, seen = [], []
         with self._lock:
             while response_id is not None and response_id not in seen:
-                seen.add(response_id)
+                seen.append(response_id)
                 entry = self._load(response_id)
                 if entry is None:
                     return None
-                response_id, data = entry
-                chain.append(data)
+                response_id = entry[0]
+                chain.append(entry[1:])
+            self._touch(seen)
         items = []
-        for data in reversed(chain):
-            items.extend(json.loads(data))
+        for input_json, output_json in reversed(chain):
+            items.extend(json.loads(input_json))
+            items.extend(json.loads(output_json))
         return items
-
-    def _save(self, response_id, parent, data):
-        old = self._entries.pop(response_id, None)
-        if old is not None:
-            self._bytes -= len(old[1])
-        self._entries[response_id] = (parent, data)
-        self._bytes += len(data)
-        while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self._bytes -= len(dropped)
 
     def close(self):
         pass
 
+    def _save(self, response_id, parent, input_json, output_json):
+        old = self._entries.pop(response_id, None)
+        if old is not None:
+            self._bytes -= len(old[1]) + len(old[2])
+        self._entries[response_id] = (parent, input_json, output_json)
+        self._bytes += len(input_json) + len(output_json)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, dropped_in, dropped_out) = self._entries.popitem(last=False)
+            self._bytes -= len(dropped_in) + len(dropped_out)
+
     def _load(self, response_id):
-        entry = self._entries.get(response_id)
-        if entry is not None:
+        return self._entries.get(response_id)
+
+    def _touch(self, response_ids):
+        for response_id in response_ids:
             self._entries.move_to_end(response_id)
-        return entry
 
 
 class SQLiteConversationStore(ConversationStore):
@@ -1648,7 +1674,12 @@ class SQLiteConversationStore(ConversationStore):
     proxy processes may share it (SQLite locks, WAL journal, busy timeout)."""
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, parent TEXT, "
-              "items TEXT NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL)")
+              "input BLOB NOT NULL, output TEXT NOT NULL, size INTEGER NOT NULL, "
+              "used REAL NOT NULL)",
+              "CREATE INDEX IF NOT EXISTS responses_used ON responses (used)",
+              # the running total of `size`, so a store need not add up the table
+              "CREATE TABLE IF NOT EXISTS total (bytes INTEGER NOT NULL)",
+              "INSERT INTO total SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM total)")
 
     def __init__(self, path, max_bytes):
         import sqlite3  # only with --state-db: most runs never need it
@@ -1658,19 +1689,23 @@ class SQLiteConversationStore(ConversationStore):
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(self.SCHEMA)
-        self._db.execute("CREATE INDEX IF NOT EXISTS responses_used ON responses (used)")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable enough, no fsync per put
+        for statement in self.SCHEMA:
+            self._db.execute(statement)
 
     def close(self):
         self._db.close()
 
-    def _save(self, response_id, parent, data):
+    def _save(self, response_id, parent, input_json, output_json):
         db = self._db
+        size = len(input_json) + len(output_json)
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                       (response_id, parent, data, len(data), time.time()))
-            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+            old = db.execute("SELECT size FROM responses WHERE id = ?", (response_id,)).fetchone()
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                       (response_id, parent, input_json, output_json, size, time.time()))
+            db.execute("UPDATE total SET bytes = bytes + ?", (size - (old[0] if old else 0),))
+            total = db.execute("SELECT bytes FROM total").fetchone()[0]
             while total > self.max_bytes:
                 row = db.execute("SELECT id, size FROM responses WHERE id != ? ORDER BY used "
                                  "LIMIT 1", (response_id,)).fetchone()
@@ -1678,18 +1713,22 @@ class SQLiteConversationStore(ConversationStore):
                     break
                 db.execute("DELETE FROM responses WHERE id = ?", (row[0],))
                 total -= row[1]
+                db.execute("UPDATE total SET bytes = bytes - ?", (row[1],))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
     def _load(self, response_id):
-        row = self._db.execute("SELECT parent, items FROM responses WHERE id = ?",
-                               (response_id,)).fetchone()
-        if row is not None:
-            self._db.execute("UPDATE responses SET used = ? WHERE id = ?",
-                             (time.time(), response_id))
-        return row
+        return self._db.execute("SELECT parent, input, output FROM responses WHERE id = ?",
+                                (response_id,)).fetchone()
+
+    def _touch(self, response_ids):
+        now = time.time()
+        for i in range(0, len(response_ids), 500):  # old SQLite takes 999 variables at most
+            batch = response_ids[i:i + 500]
+            self._db.execute("UPDATE responses SET used = ? WHERE id IN (%s)"
+                             % ",".join("?" * len(batch)), [now] + batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2660,12 +2699,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         upstream_body, session_id = rewrite_request(body, config.instructions,
                                                     self.client_session(),
                                                     server.dropped_params(), history)
-        own_items = upstream_body["input"][len(history or ()):]
+        span = unchanged_span("input", upstream_body["input"], body, spans)
+        own_input = source[span[0]:span[1]] if span else json.dumps(
+            upstream_body["input"][len(history or ()):], separators=(",", ":"))
         encode = lambda b: encode_json_object(b, body, source, spans)
         conn, resp, dump = self.open_upstream(upstream_body, encode, session_id,
                                               self.codex_headers())
         self.relay(conn, resp, body.get("stream") is True, dump,
-                   remember=(previous, own_items))
+                   remember=(previous, own_input))
 
     def handle_chat_completions(self):
         server = self.server
@@ -2743,7 +2784,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def relay(self, conn, resp, client_stream, dump=None, chat=None, remember=None):
         """Read the backend's event stream; pass it on live, or gather it into one answer.
         chat: a ChatStream when the client speaks Chat Completions. remember: (previous id,
-        own input items) to keep for previous_response_id once the response completes."""
+        own input JSON) to keep for previous_response_id once the response completes: before
+        the client sees the end, so its next turn can name this one at once."""
         server = self.server
         assembler = ResponseAssembler()
         parser = SSEParser()
@@ -2811,6 +2853,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                     and assembler.items):
                                 frame = completed_event_bytes(payload, assembler.output())
                     out.append(frame)
+                if remember is not None and assembler.terminal is not None:
+                    self.remember(assembler, *remember)
+                    remember = None
                 if client_stream and out:
                     self.write_chunk(b"".join(out))
         except ClientGone:
@@ -2826,12 +2871,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         usage = assembler.usage()
         self.log_fields["in"] = usage.get("input_tokens", "-")
         self.log_fields["out"] = usage.get("output_tokens", "-")
-        if remember is not None and assembler.terminal in ("response.completed",
-                                                           "response.incomplete"):
-            response_id = (assembler.response or {}).get("id")
-            if isinstance(response_id, str):
-                server.conversations.put(response_id, remember[0],
-                                         list(remember[1]) + assembler.output())
         try:
             if client_stream:
                 self.finish_stream(failure, chat)
@@ -2840,6 +2879,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         finally:  # answered (or failing to): the connection goes back to the pool or is closed
             if failure is None:
                 self.drain_for_reuse(conn, upstream)
+
+    def remember(self, assembler, previous, own_input):
+        """Keep a finished response for previous_response_id. A store that fails costs a
+        warning, never the answer the user has paid for."""
+        response_id = (assembler.response or {}).get("id")
+        if assembler.terminal not in ("response.completed", "response.incomplete") or \
+                not isinstance(response_id, str):
+            return
+        try:
+            self.server.conversations.put(response_id, previous, own_input, assembler.output())
+        except Exception as e:
+            self.server.log.info("warning: could not keep response %s for "
+                                 "previous_response_id: %s" % (response_id, e))
 
     @staticmethod
     def chat_frames(chat, assembler, event):

@@ -4992,6 +4992,13 @@ def reasoning_events(pieces, index=0):
     return events
 
 
+def replayed_item(text):
+    """message_item(text) as the proxy replays it for previous_response_id: without its id."""
+    item = message_item(text)
+    del item["id"]
+    return item
+
+
 def user_item(text):
     return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
@@ -5469,28 +5476,28 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         self.turn("resp_a", "first question", "Answer A")
         self.turn("resp_b", "second question", "Answer B", previous="resp_a")
         self.assertEqual(self.upstream_input(), [
-            user_item("first question"), message_item("Answer A"), user_item("second question")])
+            user_item("first question"), replayed_item("Answer A"), user_item("second question")])
         self.turn("resp_c", "third question", "Answer C", previous="resp_b")
         self.assertEqual(self.upstream_input(), [
-            user_item("first question"), message_item("Answer A"),
-            user_item("second question"), message_item("Answer B"),
+            user_item("first question"), replayed_item("Answer A"),
+            user_item("second question"), replayed_item("Answer B"),
             user_item("third question")])
         self.assert_clean_upstream(3)
         # a branch from the middle of the chain sees only its own ancestors
         self.turn("resp_d", "branch", "Answer D", previous="resp_a")
         self.assertEqual(self.upstream_input(), [
-            user_item("first question"), message_item("Answer A"), user_item("branch")])
+            user_item("first question"), replayed_item("Answer A"), user_item("branch")])
 
     def test_chain_when_turn_one_was_streamed(self):
         self.turn("resp_s1", "streamed question", "Streamed answer", stream=True)
         self.turn("resp_s2", "follow-up", "Second", previous="resp_s1", stream=True)
         self.assertEqual(self.upstream_input(), [
-            user_item("streamed question"), message_item("Streamed answer"),
+            user_item("streamed question"), replayed_item("Streamed answer"),
             user_item("follow-up")])
         self.turn("resp_s3", "third", "Third", previous="resp_s2")
         self.assertEqual(self.upstream_input()[:4], [
-            user_item("streamed question"), message_item("Streamed answer"),
-            user_item("follow-up"), message_item("Second")])
+            user_item("streamed question"), replayed_item("Streamed answer"),
+            user_item("follow-up"), replayed_item("Second")])
         self.assert_clean_upstream(3)
 
     def test_unknown_id_is_400_and_nothing_sent(self):
@@ -5511,7 +5518,7 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         self.assert_unknown("resp_0")
         self.turn("resp_next", "more", "fine", previous="resp_11")
         self.assertEqual(self.upstream_input(), [
-            user_item("question 11"), message_item("answer 11"), user_item("more")])
+            user_item("question 11"), replayed_item("answer 11"), user_item("more")])
 
     def test_least_recently_used_goes_first(self):
         user, answer = "q" * 300, "a" * 300
@@ -5524,6 +5531,51 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         self.assert_unknown("resp_b")
         self.turn("resp_d", "x", "y", previous="resp_c")
         self.assertEqual(len(self.upstream_input()), 5)
+
+    def test_replayed_output_has_no_ids_and_no_unreadable_reasoning(self):
+        readable = dict(reasoning_item(), id="rs_2")
+        unreadable = {"type": "reasoning", "id": "rs_3", "summary": []}
+        self.assertEqual(proxy.replayable([readable, unreadable, function_call_item()]), [
+            {k: v for k, v in readable.items() if k != "id"},
+            {k: v for k, v in function_call_item().items() if k != "id"}])
+
+    def test_a_failing_store_costs_a_warning_not_the_answer(self):
+        def broken(*args):
+            raise OSError("database is locked")
+
+        self.proxy.conversations.put = broken
+        answer = self.turn("resp_x", "question", "the answer")
+        self.assertEqual(answer["output"][0]["content"][0]["text"], "the answer")
+        events = self.turn("resp_y", "question", "streamed", stream=True)
+        self.assertEqual(events[-1][0], "response.completed")
+        self.wait_for_log("could not keep response resp_y")
+        self.assertIn("could not keep response resp_x", self.log_text())
+
+    def test_stored_before_the_client_sees_the_end(self):
+        # A client may name a response the moment its stream ends: it must be known by then.
+        put, stored_at = self.proxy.conversations.put, []
+
+        def slow_put(*args):
+            time.sleep(0.3)
+            put(*args)
+            stored_at.append(time.monotonic())
+
+        self.proxy.conversations.put = slow_put
+        self.backend.replies.append(reply_for("resp_early", "done"))
+        conn = self.connection()
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/responses", json.dumps(simple_request(stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        seen = b""
+        while b"response.completed" not in seen:
+            chunk = resp.read1(65536)
+            self.assertTrue(chunk, "the stream ended without response.completed")
+            seen += chunk
+        completed_at = time.monotonic()
+        resp.read()
+        self.assertTrue(stored_at and stored_at[0] <= completed_at,
+                        "response.completed reached the client before the response was kept")
 
     def test_failed_responses_are_not_remembered(self):
         failed = stream_frames(terminal="response.failed", terminal_extra={
@@ -5566,8 +5618,8 @@ class StateDbTests(ChainMixin, ChatCase):
         self.start_db_proxy()
         self.turn("resp_c", "third question", "Answer C", previous="resp_b")
         self.assertEqual(self.upstream_input(), [
-            user_item("first question"), message_item("Answer A"),
-            user_item("second question"), message_item("Answer B"),
+            user_item("first question"), replayed_item("Answer A"),
+            user_item("second question"), replayed_item("Answer B"),
             user_item("third question")])
         self.assert_unknown("resp_unknown")
         self.assert_clean_upstream(3)
@@ -5652,7 +5704,7 @@ class StateDbTests(ChainMixin, ChatCase):
         self.assertEqual(status, 200, data)
         self.assertEqual(json.loads(data)["id"], "resp_b")
         self.assertEqual(self.upstream_input(), [
-            user_item("first question"), message_item("Answer A"), user_item("second question")])
+            user_item("first question"), replayed_item("Answer A"), user_item("second question")])
         status, _, data = child.post(simple_request("x", previous_response_id="resp_zzz"))
         self.assertEqual(status, 400, data)
         self.assert_clean_upstream(2)
