@@ -90,7 +90,7 @@ examples:
   python3 codex_responses_proxy.py --port 0 --debug
       any free port (printed at start), log rewritten bodies and stream events
   python3 codex_responses_proxy.py --codex-home /srv/codex --instructions "Answer tersely."
-  printenv OPENAI_API_KEY | python3 codex_responses_proxy.py --api-key-stdin --port 0 \
+  printenv OPENAI_API_KEY | python3 codex_responses_proxy.py --api-key-stdin --port 0 \\
       --server-info /run/user/1000/proxy.json --http-shutdown
       API-key mode (like `codex responses-api-proxy`): forward to api.openai.com as is
 
@@ -106,7 +106,7 @@ environment:
 
 security: only this machine can connect by default (127.0.0.1). To serve a LAN, set a client key
 and allow the name clients use:
-  python3 codex_responses_proxy.py --addr 0.0.0.0:8787 --client-key-file ~/.config/proxy-key \
+  python3 codex_responses_proxy.py --addr 0.0.0.0:8787 --client-key-file ~/.config/proxy-key \\
       --allow-host myhost.lan
 
 The earlier Go tool's spellings -addr, -instructions and -debug are accepted too.
@@ -820,6 +820,10 @@ class AuthStore:
 # --------------------------------------------------------------------------------------------
 
 REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p")
+# Never dropped on an "Unsupported parameter" answer: without them the request means something
+# else, and the client should hear of the refusal instead.
+ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools", "tool_choice",
+                    "reasoning", "text", "include")
 
 
 def _inflate(raw, wbits, limit):
@@ -1301,7 +1305,7 @@ def _describe_reset(error):
     return " It resets at %s UTC (in %s)." % (when.strftime("%Y-%m-%d %H:%M"), span)
 
 
-def translate_upstream_error(status, body, headers=()):
+def translate_upstream_error(status, body):
     """An upstream HTTP error -> the ProxyError the client sees, status kept."""
     text = body.decode("utf-8", "replace")
     try:
@@ -1317,11 +1321,9 @@ def translate_upstream_error(status, body, headers=()):
         message = err.get("message") or "The backend answered HTTP %d." % status
         code = err.get("code") or err.get("type")
         param = err.get("param")
-        kind = err.get("type")
+        kind = err.get("type")  # e.g. usage_limit_reached, kept for clients that read it
         if status == 429:
             message = message.rstrip(".") + "." + _describe_reset(err)
-            if kind:
-                extra["type"] = kind  # e.g. usage_limit_reached, kept for clients that read it
     elif isinstance(data, dict) and "detail" in data:
         detail = data["detail"]
         message = detail if isinstance(detail, str) else json.dumps(detail)
@@ -1335,21 +1337,12 @@ def translate_upstream_error(status, body, headers=()):
         kind = None
     if status == 401:
         message += " " + LOGIN_HINT
-    err = ProxyError(status, message, code=code, param=param, extra=extra)
-    if status == 429 and isinstance(data, dict) and isinstance(data.get("error"), dict):
-        err.type = data["error"].get("type") or err.type
-    return err
+    return ProxyError(status, message, code=code, param=param, type=kind, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------
 # Chat Completions (pure): a chat request in Responses terms, and the answer back in chat shape
 # --------------------------------------------------------------------------------------------
-
-# Accepted from chat clients but not sent: the backend rejects them (or, n, has one choice).
-CHAT_DROPPED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-                "stream_options", "stop", "presence_penalty", "frequency_penalty", "seed",
-                "logprobs", "top_logprobs", "logit_bias", "user")
-
 
 def _chat_error(message, param="messages"):
     return ProxyError(400, message, param=param, code="invalid_value")
@@ -2273,11 +2266,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.headers_sent = False
         self.status_sent = None
         self.log_fields = {}
-        self.cors_origin = None
         self.body = None
         path = urllib.parse.urlsplit(self.path).path
         server.request_started()
         try:
+            if server.stopping:
+                self.close_connection = True
+                raise ProxyError(503, "The proxy is shutting down; retry in a moment.",
+                                 code="shutting_down", headers=[("Retry-After", "2")])
             if self.admit(method, path):
                 return
             name = self.route(method, path)
@@ -2386,6 +2382,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
 
     def send_preflight(self):
+        if self.has_body():
+            self.close_connection = True  # its body is not read: it must not pass for a request
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         self.send_header("Access-Control-Allow-Headers",
@@ -2413,6 +2411,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # tell the client, not just hang up
         self.end_headers()
         self.headers_sent = True
         self.status_sent = status
@@ -2698,7 +2698,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise unknown_response_error(previous)
         upstream_body, session_id = rewrite_request(body, config.instructions,
                                                     self.client_session(),
-                                                    server.dropped_params(), history)
+                                                    server.dropped_params(body.get("model")),
+                                                    history)
         span = unchanged_span("input", upstream_body["input"], body, spans)
         own_input = source[span[0]:span[1]] if span else json.dumps(
             upstream_body["input"][len(history or ()):], separators=(",", ":"))
@@ -2718,7 +2719,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         request = chat_to_responses(body)
         upstream_body, session_id = rewrite_request(request, config.instructions,
                                                     self.client_session(),
-                                                    server.dropped_params())
+                                                    server.dropped_params(body.get("model")))
         stream = body.get("stream") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
             if isinstance(body.get("stream_options"), dict) else False
@@ -2753,9 +2754,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             creds = server.auth.get(rejected_token)
             payload = encode(body)
             if server.log.debug_enabled:
-                text = payload.decode("utf-8", "replace")
                 server.log.debug("upstream request (%d bytes): %s%s" % (
-                    len(payload), text[:16384], "... [truncated]" if len(text) > 16384 else ""))
+                    len(payload), payload[:16384].decode("utf-8", "replace"),
+                    "... [truncated]" if len(payload) > 16384 else ""))
             headers = server.upstream_headers(creds, session_id, extra_headers)
             conn, resp, dump = self.exchange("POST", server.config.upstream_url, payload, headers)
             if resp.status == 200:
@@ -2766,10 +2767,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 rejected_token = creds.access_token
                 continue
             param = unsupported_parameter(resp.status, error_body)
-            if param and param not in dropped_now and param in body:
-                server.log.warn_once("param:" + param, "the backend rejects the parameter %r; "
-                                     "dropping it from this and later requests" % param)
-                server.remember_dropped(param)
+            if param and param not in dropped_now and param in body and \
+                    param not in ESSENTIAL_PARAMS:
+                server.log.warn_once("param:%s:%s" % (body.get("model"), param),
+                                     "the backend rejects the parameter %r for model %s; dropping "
+                                     "it from this and later requests" % (param, body.get("model")))
+                server.remember_dropped(body.get("model"), param)
                 dropped_now.add(param)
                 body = dict(body)
                 body.pop(param, None)
@@ -2871,13 +2874,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         usage = assembler.usage()
         self.log_fields["in"] = usage.get("input_tokens", "-")
         self.log_fields["out"] = usage.get("output_tokens", "-")
+        settled = failure is None and upstream.complete
+        if settled:  # the body's end came with the last event: pooled before the client hears
+            upstream.settle(server.pool)  # the end, so its next turn finds the connection
         try:
             if client_stream:
                 self.finish_stream(failure, chat)
             else:
                 self.answer_collected(assembler, failure, headers, chat)
         finally:  # answered (or failing to): the connection goes back to the pool or is closed
-            if failure is None:
+            if failure is None and not settled:
                 self.drain_for_reuse(conn, upstream)
 
     def remember(self, assembler, previous, own_input):
@@ -3004,22 +3010,19 @@ class ModelsCache:
     def __init__(self):
         self._value = None
         self._fetched = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
 
     def get(self, fetch, log):
         with self._lock:
             if self._value is not None and time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
                 return self._value
-        try:
-            value = fetch()
-        except ProxyError as e:
-            if self._value is None:
-                raise
-            log.info("model list unavailable (%s); serving the cached one" % e.message)
+            try:
+                self._value, self._fetched = fetch(), time.monotonic()
+            except ProxyError as e:
+                if self._value is None:
+                    raise
+                log.info("model list unavailable (%s); serving the cached one" % e.message)
             return self._value
-        with self._lock:
-            self._value, self._fetched = value, time.monotonic()
-        return value
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -3044,7 +3047,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.dumper = ExchangeDumper(config.dump_dir, self.log) if config.dump_dir else None
         self.started = time.time()
-        self._dropped = set()
+        self._dropped = {}  # model -> parameters the backend rejected for it
         self._inflight = 0
         self._inflight_cond = threading.Condition()
         self._counts = {"total": 0, "by_status": {}}
@@ -3078,11 +3081,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         own = ("localhost", "127.0.0.1", "::1", self.server_address[0].lower())
         return name in own and port in ("", str(self.server_address[1]))
 
-    def dropped_params(self):
-        return tuple(self._dropped)
+    def dropped_params(self, model):
+        return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
 
-    def remember_dropped(self, name):
-        self._dropped.add(name)
+    def remember_dropped(self, model, name):
+        if isinstance(model, str):
+            with self._inflight_cond:
+                self._dropped[model] = self._dropped.get(model, frozenset()) | {name}
 
     def upstream_headers(self, creds, session_id, extra):
         headers = {
@@ -3112,6 +3117,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self._counts["total"] += 1
             key = str(status or "none")
             self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    @property
+    def stopping(self):
+        return self._stopping.is_set()
 
     def begin_shutdown(self, why):
         """Stop accepting (from any thread but serve_forever's); main() then drains."""

@@ -955,6 +955,29 @@ class ResponsesEndpointTests(ProxyTestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(len(self.backend.requests), 3)
 
+    def test_essential_parameters_are_never_dropped(self):
+        self.backend.extra_rejected.add("tools")
+        status, _, body = self.post(simple_request(tools=[]))
+        self.assert_openai_error(status, body, 400, contains="Unsupported parameter: tools")
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_dropped_parameters_are_remembered_per_model(self):
+        self.backend.extra_rejected.add("seed")
+        self.assertEqual(self.post(simple_request(seed=1, model="model-a"))[0], 200)
+        self.assertEqual(self.post(simple_request(seed=1, model="model-b"))[0], 200)
+        self.assertEqual([r["body"]["model"] for r in self.backend.requests if "seed" in r["body"]],
+                         ["model-a", "model-b"], "model-b must be asked with seed first")
+
+    def test_keep_alive_requests_during_shutdown_get_503(self):
+        conn = self.connection()
+        self.addCleanup(conn.close)
+        self.assertEqual(self.post(simple_request(), conn=conn)[0], 200)
+        self.proxy.begin_shutdown("test")
+        status, headers, body = self.post(simple_request(), conn=conn)
+        self.assert_openai_error(status, body, 503, code="shutting_down")
+        self.assertEqual(headers.get("retry-after"), "2")
+        self.assertEqual(headers.get("connection"), "close")
+
     def test_upstream_unreachable_is_502(self):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -4484,6 +4507,18 @@ class OriginTests(SecurityCase):
         for site in ("none", "same-origin"):  # typed into the address bar; the proxy's own page
             response = self.raw("GET", "/status", [("Sec-Fetch-Site", site)])
             self.assertEqual(response[0], 200, response)
+
+    def test_preflight_with_a_body_closes_the_connection(self):
+        # The preflight is answered before any body is read: what follows must not be taken
+        # for the next request.
+        self.restart(allow_origins=[ALLOWED_ORIGIN])
+        smuggled = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        data = raw_exchange(self.port, (
+            "OPTIONS /v1/responses HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
+            "Access-Control-Request-Method: POST\r\nContent-Length: %d\r\n\r\n"
+            % (ALLOWED_ORIGIN, len(smuggled))).encode() + smuggled)
+        self.assertTrue(data.startswith(b"HTTP/1.1 204"), data[:80])
+        self.assertEqual(data.count(b"HTTP/1.1 "), 1, "the body was served as a request")
 
     def test_allowed_origin_gets_cors_headers_on_json_and_streamed_answers(self):
         self.restart(allow_origins=[ALLOWED_ORIGIN])
