@@ -1096,7 +1096,7 @@ class SSEParser:
     one C call; anything else goes line by line."""
 
     def __init__(self):
-        self._partial = b""   # unparsed input: an unfinished line (or, LF-only, event)
+        self._pending = []    # unparsed input, in pieces: an unfinished line (LF-only: event)
         self._frame = []      # raw bytes of the current event from earlier reads
         self._fields = False  # the current event has had a non-blank line
         self._event = self._id = self._retry = None
@@ -1116,14 +1116,26 @@ class SSEParser:
                 else:
                     lead.append(SSEEvent(None, None, self._id, None, b"\n"))
                 chunk = chunk[1:]
-        buf = self._partial + chunk if self._partial else chunk
-        if not self._fields and b"\r" not in buf:
-            return lead + self._feed_frames(buf)
-        return lead + self._feed_lines(buf)
+        fast = not self._fields and b"\r" not in chunk  # unparsed input never holds a CR
+        if self._pending:
+            # A large event arrives in many reads: join and parse only when this read ends
+            # a frame (or a line), not on every read.
+            if fast:
+                ends = b"\n\n" in chunk or (chunk[:1] == b"\n" and self._pending[-1][-1:] == b"\n")
+            else:
+                ends = b"\n" in chunk or b"\r" in chunk
+            if not ends:
+                self._pending.append(chunk)
+                return lead
+            buf = b"".join(self._pending) + chunk
+        else:
+            buf = chunk
+        return lead + (self._feed_frames(buf) if fast else self._feed_lines(buf))
 
     def _feed_frames(self, buf):
         frames = buf.split(b"\n\n")
-        self._partial = frames.pop()  # an unfinished event, or b""
+        rest = frames.pop()  # an unfinished event, or b""
+        self._pending = [rest] if rest else []
         events = []
         names = self._names
         for frame in frames:
@@ -1180,7 +1192,7 @@ class SSEParser:
             self._line(line)
         if self._fields and frame_start < pos:
             self._frame.append(buf[frame_start:pos])
-        self._partial = buf[pos:]
+        self._pending = [buf[pos:]] if pos < n else []
         return events
 
     def _line(self, line):

@@ -721,6 +721,16 @@ class SSEParserTests(unittest.TestCase):
         self.assertEqual(b"".join(e.raw for e in events), stream)
         self.assertEqual(events[-1].event, "response.completed")
 
+    def test_a_large_event_in_small_reads_is_parsed_in_linear_time(self):
+        # A long answer's output_item.done can be megabytes, arriving in TLS-record reads.
+        big = (b'event: response.output_item.done\ndata: {"x": "' + b"a" * (8 << 20)
+               + b'"}\n\n')
+        for data in (big, big.replace(b"\n", b"\r\n")):
+            started = time.perf_counter()
+            events = self.feed_all([data[i:i + 16384] for i in range(0, len(data), 16384)])
+            self.assertLess(time.perf_counter() - started, 1.0)
+            self.assertEqual([e.raw for e in events], [data])
+
     def test_comment_only_frame_is_relayed_and_unfinished_event_dropped(self):
         events = self.feed_all([b": keepalive\n\n", b"data: partial"])
         self.assertEqual(len(events), 1)
