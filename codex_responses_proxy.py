@@ -2412,7 +2412,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
             self.send_header("Vary", "Origin")
             self.send_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
-        super().end_headers()
+        try:
+            super().end_headers()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            raise ClientGone()
 
     # -- responses ------------------------------------------------------------------------
 
@@ -2460,7 +2463,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
-        except OSError:
+        except (OSError, ClientGone):
             pass
         self.server.log.info("%s %s" % (code, messages.get(code, message)))
 
@@ -2645,25 +2648,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                    if k.lower() not in NOT_FORWARDED_AS_IS}
         headers["Authorization"] = server.config.api_key_header
         conn, resp, dump = self.exchange(method, url, body, headers)
-        self.send_response(resp.status)
-        for name, value in resp.getheaders():
-            # send_response() has sent our own Date and Server: one of each per message
-            if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server"):
-                self.send_header(name, value)
-        self.chunked = False
-        if resp.length is not None and not resp.chunked:
-            self.send_header("Content-Length", str(resp.length))
-        elif self.request_version != "HTTP/1.0":
-            self.chunked = True
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.close_connection = True
-        self.end_headers()
-        self.headers_sent = True
-        self.status_sent = resp.status
         upstream = UpstreamBody(conn, resp)
         watch = server.hangups.watch(self.connection, conn.sock)
         try:
+            self.send_response(resp.status)
+            for name, value in resp.getheaders():
+                # send_response() has sent our own Date and Server: one of each per message
+                if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server"):
+                    self.send_header(name, value)
+            self.chunked = False
+            if resp.length is not None and not resp.chunked:
+                self.send_header("Content-Length", str(resp.length))
+            elif self.request_version != "HTTP/1.0":
+                self.chunked = True
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+            self.end_headers()
+            self.headers_sent = True
+            self.status_sent = resp.status
             while True:
                 try:
                     data = upstream.read()
@@ -2806,24 +2809,24 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         parser = SSEParser()
         headers = forwarded_response_headers(resp.getheaders())
         self.chunked = self.request_version != "HTTP/1.0"
-        if client_stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-cache")
-            if self.chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                self.close_connection = True
-            for name, value in headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.headers_sent = True
-            self.status_sent = 200
         watch = server.hangups.watch(self.connection, conn.sock)
         upstream = UpstreamBody(conn, resp)
         failure = None
         debug = server.log.debug_enabled
         try:
+            if client_stream:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.send_header("Cache-Control", "no-cache")
+                if self.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.close_connection = True
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.headers_sent = True
+                self.status_sent = 200
             while assembler.terminal is None:
                 try:
                     chunk = upstream.read()
