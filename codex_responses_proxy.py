@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import importlib
 import io
 import ipaddress
 import json
@@ -46,8 +47,8 @@ try:
 except ImportError:  # Windows: no advisory locks; the in-process lock still serializes refreshes
     fcntl = None
 
-try:
-    from compression import zstd  # novermin (Python 3.14+, guarded)
+try:  # the standard library's zstd, from Python 3.14 on (the Codex CLI may send zstd bodies)
+    zstd = importlib.import_module("compression.zstd")
 except ImportError:
     zstd = None
 
@@ -941,7 +942,7 @@ def unchanged_span(key, value, original, spans):
 def encode_json_object(body, original=None, source=None, spans=None):
     """body as compact JSON bytes; values that are still the very objects parse_json_object()
     found in `original` are copied from the client's `source`, in a single copy."""
-    if not spans:
+    if not spans or len(source) < 65536:  # splicing pays for large bodies only
         return json.dumps(body, separators=(",", ":")).encode()
     as_bytes = isinstance(source, bytes)
     view = memoryview(source) if as_bytes else source
@@ -2279,6 +2280,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.status_sent = None
         self.log_fields = {}
         self.body = None
+        # The request's headers, lower-cased, the first of duplicates (as Message.get gives):
+        # one pass instead of a slow Message.get per lookup.
+        self.header = {}
+        for name, value in self.headers.items():
+            self.header.setdefault(name.lower(), value)
         path = urllib.parse.urlsplit(self.path).path
         server.request_started()
         try:
@@ -2327,22 +2333,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         rebinding), no foreign web page (Origin), the client key, a JSON content type.
         True when the request was answered here (a CORS preflight)."""
         config = self.server.config
-        host = self.headers.get("Host")
+        host = self.header.get("host")
         if not self.server.host_allowed(host):
             raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
                              "If clients reach it by that name, start it with --allow-host."
                              % host, code="host_not_allowed")
-        origin = self.headers.get("Origin")
+        origin = self.header.get("origin")
         if origin is not None:
             if origin not in config.allow_origins:
                 raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
                                  "page you trust call the proxy, start it with --allow-origin "
                                  "%s." % (origin, origin), code="origin_not_allowed")
             self.cors_origin = origin
-            if method == "OPTIONS" and self.headers.get("Access-Control-Request-Method"):
+            if method == "OPTIONS" and self.header.get("access-control-request-method"):
                 self.send_preflight()  # carries no credentials, so needs no client key
                 return True
-        elif (self.headers.get("Sec-Fetch-Site") or "none").lower() not in ("none",
+        elif (self.header.get("sec-fetch-site") or "none").lower() not in ("none",
                                                                             "same-origin"):
             # A page's <img> or link sends a GET with no Origin; browsers still mark it
             # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
@@ -2352,7 +2358,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
                              "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
                              "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
-        ctype = self.headers.get("Content-Type")
+        ctype = self.header.get("content-type")
         if method == "POST" and ctype is not None and \
                 ctype.split(";")[0].strip().lower() != "application/json":
             # A browser's form or text/plain post needs no preflight: refuse it before
@@ -2364,9 +2370,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def client_key_ok(self):
         key = self.server.config.client_key
-        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        scheme, _, value = (self.header.get("authorization") or "").partition(" ")
         candidates = [value.strip()] if scheme.lower() == "bearer" else []
-        candidates.append((self.headers.get("x-api-key") or "").strip())
+        candidates.append((self.header.get("x-api-key") or "").strip())
         return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key)
                    for c in candidates)
 
@@ -2378,7 +2384,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if methods is None:
             raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
                              % path, code="not_found")
-        if "websocket" in (self.headers.get("Upgrade") or "").lower():
+        if "websocket" in (self.header.get("upgrade") or "").lower():
             raise ProxyError(426, "WebSocket is not supported here; use HTTP "
                              "(the Codex CLI falls back to it by itself).",
                              code="websocket_not_supported")
@@ -2390,8 +2396,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return name
 
     def has_body(self):
-        return (self.headers.get("Content-Length") or "0").strip() != "0" or \
-            "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        return (self.header.get("content-length") or "0").strip() != "0" or \
+            "chunked" in (self.header.get("transfer-encoding") or "").lower()
 
     def send_preflight(self):
         if self.has_body():
@@ -2399,7 +2405,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         self.send_header("Access-Control-Allow-Headers",
-                         self.headers.get("Access-Control-Request-Headers")
+                         self.header.get("access-control-request-headers")
                          or "authorization, content-type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
@@ -2514,9 +2520,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def read_body(self):
         limit = self.server.config.max_body_bytes
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+        if "chunked" in (self.header.get("transfer-encoding") or "").lower():
             return self._read_chunked_body(limit)
-        length = self.headers.get("Content-Length")
+        length = self.header.get("content-length")
         if length is None:
             return b""
         if not re.match(r"^[0-9]+$", length.strip()):  # not isdigit(): '\xb2' is a digit to it
@@ -2645,7 +2651,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         comes back as the upstream sent it, piece by piece as it arrives."""
         server = self.server
         headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in NOT_FORWARDED_AS_IS}
+                   if k.lower() not in NOT_FORWARDED_AS_IS}  # names as the client wrote them
         headers["Authorization"] = server.config.api_key_header
         conn, resp, dump = self.exchange(method, url, body, headers)
         upstream = UpstreamBody(conn, resp)
@@ -2744,7 +2750,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def json_body(self):
         """(body, source, spans) of the request's JSON object; notes the model for the log."""
-        raw = decode_request_body(self.body, self.headers.get("Content-Encoding"),
+        raw = decode_request_body(self.body, self.header.get("content-encoding"),
                                   self.server.config.max_body_bytes)
         parsed = parse_json_object(raw)
         body = parsed[0]
@@ -2753,10 +2759,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return parsed
 
     def client_session(self):
-        return self.headers.get("session_id") or self.headers.get("session-id")
+        return self.header.get("session_id") or self.header.get("session-id")
 
     def codex_headers(self):
-        return [(k, v) for k, v in self.headers.items()
+        return [(k, v) for k, v in self.header.items()
                 if k.lower().startswith("x-codex-") or k.lower() in FORWARDED_REQUEST_HEADERS]
 
     def open_upstream(self, body, encode, session_id, extra_headers):
@@ -2812,6 +2818,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         watch = server.hangups.watch(self.connection, conn.sock)
         upstream = UpstreamBody(conn, resp)
         failure = None
+        tail = b""
         debug = server.log.debug_enabled
         try:
             if client_stream:
@@ -2875,7 +2882,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     self.remember(assembler, *remember)
                     remember = None
                 if client_stream and out:
-                    self.write_chunk(b"".join(out))
+                    if assembler.terminal is None:
+                        self.write_chunk(b"".join(out))
+                    else:
+                        tail = b"".join(out)  # goes out with the stream's end, in one write
         except ClientGone:
             watch["gone"] = True
             self.log_fields["note"] = "client disconnected; upstream closed"
@@ -2894,7 +2904,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             upstream.settle(server.pool)  # the end, so its next turn finds the connection
         try:
             if client_stream:
-                self.finish_stream(failure, chat)
+                self.finish_stream(failure, chat, tail)
             else:
                 self.answer_collected(assembler, failure, headers, chat)
         finally:  # answered (or failing to): the connection goes back to the pool or is closed
@@ -2927,13 +2937,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         assembler.add(etype, payload)
         return chat.frames(etype, payload)
 
-    def finish_stream(self, failure, chat=None):
+    def finish_stream(self, failure, chat=None, tail=b""):
+        """The stream's last frames (tail, or an error) and its end, in one write."""
         if failure is not None:
             code, message, status = failure
             self.log_fields["error"] = code
             frames = chat.error(code, message) if chat else [error_event_bytes(code, message)]
-            self.write_chunk(b"".join(frames))
-        if self.chunked:
+            tail += b"".join(frames)
+        if not self.chunked:
+            self.write(tail)
+        elif tail:
+            self.write(b"%X\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        else:
             self.write(b"0\r\n\r\n")
 
     def answer_collected(self, assembler, failure, headers, chat=None):

@@ -639,7 +639,9 @@ class RewriteRequestTests(unittest.TestCase):
         self.assertEqual(cm.exception.status, 415)
 
     def test_parse_and_encode_keep_unchanged_values_as_sent(self):
-        raw = b'{ "model" : "m", "input": [ {"role": "user", "content": "h\\u00e9 \xc3\xa9"} ] ,"n": 1}'
+        pad = b', "pad": "' + b"x" * 70000 + b'"'  # splicing is for bodies over 64 KB
+        raw = (b'{ "model" : "m", "input": [ {"role": "user", "content": "h\\u00e9 \xc3\xa9"} ] ,"n": 1'
+               + pad + b"}")
         body, text, spans = proxy.parse_json_object(raw)
         self.assertEqual(body, json.loads(raw))
         out, _ = proxy.rewrite_request(body, "D")
@@ -647,7 +649,7 @@ class RewriteRequestTests(unittest.TestCase):
         encoded = proxy.encode_json_object(out, body, text, spans)
         self.assertEqual(json.loads(encoded), out)
         self.assertIn('[ {"role": "user", "content": "h\\u00e9 \u00e9"} ]'.encode(), encoded)
-        ascii_raw = b'{"input": [ 1, 2 ],"model": "m"}'
+        ascii_raw = b'{"input": [ 1, 2 ],"model": "m"' + pad + b"}"
         body, source, spans = proxy.parse_json_object(ascii_raw)
         self.assertIs(source, ascii_raw, "ASCII bodies are spliced as bytes")
         out, _ = proxy.rewrite_request(body, "D")
@@ -655,6 +657,10 @@ class RewriteRequestTests(unittest.TestCase):
         self.assertIn(b'"input":[ 1, 2 ]', encoded)
         self.assertEqual(json.loads(encoded), out)
         self.assertEqual(proxy.encode_json_object({}, body, source, spans), b"{}")
+        small = b'{"input": [ 1 ]}'
+        body, source, spans = proxy.parse_json_object(small)
+        self.assertEqual(proxy.encode_json_object(body, body, source, spans), b'{"input":[1]}',
+                         "a small body is encoded whole")
         # a changed input is encoded anew
         body, text, spans = proxy.parse_json_object(b'{"input": [{"role": "system", "content": "s"}]}')
         out, _ = proxy.rewrite_request(body, "D")
