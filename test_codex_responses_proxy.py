@@ -1842,8 +1842,10 @@ class AtomicWriteTests(ProxyTestCase):
 # --------------------------------------------------------------------------------------------
 
 class NoSecretsTests(ProcessTestCase):
-    def test_no_token_in_stderr_or_answers_with_debug(self):
+    def test_no_token_in_stderr_dumps_or_answers_with_debug(self):
         secrets = set()
+        dumps = tempfile.mkdtemp(prefix="dumps-")
+        self.addCleanup(shutil.rmtree, dumps, True)
         original = self.oauth.answer
 
         def answer(headers, raw):
@@ -1861,7 +1863,7 @@ class NoSecretsTests(ProcessTestCase):
             return doc
 
         write(auth_document(access=self.token, refresh="rt-first-secret-0001"))
-        p = self.spawn("--port", "0", "--codex-home", self.home, "--debug",
+        p = self.spawn("--port", "0", "--codex-home", self.home, "--debug", "--dump-dir", dumps,
                        env=clean_env(CODEX_REFRESH_TOKEN_URL_OVERRIDE=self.oauth.url))
         answers = []
 
@@ -1898,7 +1900,13 @@ class NoSecretsTests(ProcessTestCase):
         self.assertIn("token refresh failed", log)
         self.assertIn("backend answered 401", log)
         self.assertGreaterEqual(len(secrets), 12)
-        everything = log + "\n".join(a.decode("utf-8", "replace") for a in answers)
+        dumped = []
+        for name in sorted(os.listdir(dumps)):
+            with open(os.path.join(dumps, name), encoding="utf-8") as f:
+                dumped.append(f.read())
+        self.assertEqual(len(dumped), 14, "7 upstream exchanges, each dumped")
+        self.assertIn("[REDACTED]", dumped[0])
+        everything = "\n".join([log] + dumped + [a.decode("utf-8", "replace") for a in answers])
         for secret in sorted(secrets):
             for piece in (secret, secret[-16:]):
                 self.assertNotIn(piece, everything, "a token (or its tail) was written out")
