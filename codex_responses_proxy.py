@@ -639,7 +639,10 @@ def request_token_refresh(url, refresh_token, user_agent):
         with urllib.request.urlopen(req, timeout=REFRESH_TIMEOUT) as resp:
             answer = json.loads(resp.read().decode("utf-8"))
     except urllib.error.HTTPError as e:
-        code = refresh_error_code(e.read(65536))
+        try:
+            code = refresh_error_code(e.read(65536))
+        except (OSError, http.client.HTTPException):
+            code = None
         permanent = e.code == 401 or code in PERMANENT_REFRESH_CODES
         raise RefreshFailed("token refresh answered HTTP %d%s" % (e.code, " (%s)" % code if code
                                                                  else ""), code, permanent)
@@ -727,11 +730,13 @@ class AuthStore:
             return creds
         attempts = self._attempts
         with self._lock:
-            if self._attempts != attempts and self._failure is not None:
-                raise self._failure  # the refresh we waited for failed: no queue of retries
-            creds = self.load()  # another thread may have refreshed while we waited
+            creds = self.load()  # another thread (or the Codex CLI) may have refreshed by now
             if not self._stale(creds, rejected_token):
                 return creds
+            if self._attempts != attempts and self._failure is not None:
+                # The refresh we waited for failed: share its outcome, no queue of retries.
+                status, message, code = self._failure
+                raise ProxyError(status, message, code=code)
             with _FileLock(self.path + ".lock"):
                 creds = self.load()  # ... or another process
                 if not self._stale(creds, rejected_token):
@@ -739,8 +744,12 @@ class AuthStore:
                 try:
                     creds = self._refresh(creds)
                 except ProxyError as e:
-                    self._failure = e
+                    self._failure = (e.status, e.message, e.code)
                     raise
+                except Exception as e:
+                    self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
+                                     % e.__class__.__name__, "token_refresh_failed")
+                    raise ProxyError(*self._failure[:2], code=self._failure[2])
                 finally:
                     self._attempts += 1
                 self._failure = None
@@ -1106,6 +1115,8 @@ class SSEParser:
         self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
 
     def feed(self, chunk):
+        if not chunk:
+            return []
         lead = []
         if self._skip_lf:
             self._skip_lf = False
@@ -1145,7 +1156,8 @@ class SSEParser:
                 # The backend's every frame: `event: X` then one `data:` line.
                 name = names.get(lines[0])
                 if name is None:
-                    name = lines[0][6:].lstrip(b" ").decode("utf-8", "replace")
+                    value = lines[0][6:]
+                    name = (value[1:] if value[:1] == b" " else value).decode("utf-8", "replace")
                     if len(names) < 256:
                         names[lines[0]] = name
                 events.append(SSEEvent(name, lines[1], self._id, None, frame + b"\n\n"))
@@ -1274,7 +1286,8 @@ class ResponseAssembler:
         return [self.items[i] for i in sorted(self.items)]
 
     def usage(self):
-        return (self.response or {}).get("usage") or {}
+        usage = (self.response or {}).get("usage")
+        return usage if isinstance(usage, dict) else {}
 
 
 def assemble_response(response, items):
@@ -1484,7 +1497,7 @@ def chat_to_responses(body):
 
 
 def chat_usage(usage):
-    usage = usage or {}
+    usage = usage if isinstance(usage, dict) else {}
     return {"prompt_tokens": usage.get("input_tokens", 0),
             "completion_tokens": usage.get("output_tokens", 0),
             "total_tokens": usage.get("total_tokens", 0),
@@ -1638,9 +1651,10 @@ class ConversationStore:
     def history(self, response_id):
         """All items of the chain ending in response_id, oldest first; None if any link is
         unknown (never stored, evicted, or lost in a restart)."""
-        chain, seen = [], []
+        chain, seen, visited = [], [], set()
         with self._lock:
-            while response_id is not None and response_id not in seen:
+            while response_id is not None and response_id not in visited:
+                visited.add(response_id)
                 seen.append(response_id)
                 entry = self._load(response_id)
                 if entry is None:
@@ -1685,19 +1699,30 @@ class SQLiteConversationStore(ConversationStore):
               "CREATE INDEX IF NOT EXISTS responses_used ON responses (used)",
               # the running total of `size`, so a store need not add up the table
               "CREATE TABLE IF NOT EXISTS total (bytes INTEGER NOT NULL)",
-              "INSERT INTO total SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM total)")
+              "INSERT INTO total SELECT COALESCE(SUM(size), 0) FROM responses "
+              "WHERE NOT EXISTS (SELECT 1 FROM total)",
+              "PRAGMA user_version = 1")  # the schema's version, for a later change to migrate
 
     def __init__(self, path, max_bytes):
         import sqlite3  # only with --state-db: most runs never need it
         super().__init__(max_bytes)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # conversations are private
         os.close(fd)
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
+        # A short busy timeout: a store waiting on another process delays a stream's end, and a
+        # put that gives up costs only a warning.
+        self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable enough, no fsync per put
-        for statement in self.SCHEMA:
-            self._db.execute(statement)
+        for attempt in range(50):  # proxies starting together race to set up a new file
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no fsync per put
+                for statement in self.SCHEMA:
+                    self._db.execute(statement)
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
 
     def close(self):
         self._db.close()
@@ -2037,32 +2062,39 @@ class HangupWatcher:
 
     def _run(self):
         while True:
-            with self._cond:
-                while True:
-                    retired, self._retired = self._retired, []
-                    for sock in retired:
-                        sock.close()
-                    if self._watched:
-                        break
-                    self._cond.wait()
-                entries = list(self._watched.values())
             try:
-                readable = readable_sockets([e["peek"] for e in entries], self.POLL)
-            except (OSError, ValueError):
-                readable = []
+                self._poll_once()
+            except Exception:  # a surprise must not end hang-up detection for good
                 time.sleep(self.POLL)
-            for entry in entries:
-                if entry["peek"] in readable and _peer_closed(entry["peek"]):
-                    with self._cond:
-                        if self._watched.pop(id(entry), None) is None:
-                            continue  # unwatched meanwhile: its upstream may be pooled now
-                        self._retired.append(entry["peek"])
-                        entry["gone"] = True
-                        try:
-                            entry["upstream"].shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
-            time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
+
+    def _poll_once(self):
+        """One round: close retired duplicates, wait for a watched socket, act on hang-ups."""
+        with self._cond:
+            while True:
+                retired, self._retired = self._retired, []
+                for sock in retired:
+                    sock.close()
+                if self._watched:
+                    break
+                self._cond.wait()
+            entries = list(self._watched.values())
+        try:
+            readable = readable_sockets([e["peek"] for e in entries], self.POLL)
+        except (OSError, ValueError):
+            readable = []
+            time.sleep(self.POLL)
+        for entry in entries:
+            if entry["peek"] in readable and _peer_closed(entry["peek"]):
+                with self._cond:
+                    if self._watched.pop(id(entry), None) is None:
+                        continue  # unwatched meanwhile: its upstream may be pooled now
+                    self._retired.append(entry["peek"])
+                    entry["gone"] = True
+                    try:
+                        entry["upstream"].shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
 
 
 def _peer_closed(sock):
@@ -2650,8 +2682,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """API-key mode: the request goes as the client sent it, with our key; the answer
         comes back as the upstream sent it, piece by piece as it arrives."""
         server = self.server
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in NOT_FORWARDED_AS_IS}  # names as the client wrote them
+        headers, seen = {}, set()
+        for name, value in self.headers.items():  # names as the client wrote them; the first
+            if name.lower() not in NOT_FORWARDED_AS_IS and name.lower() not in seen:  # of
+                headers[name] = value  # duplicates, the one the checks saw
+            seen.add(name.lower())
         headers["Authorization"] = server.config.api_key_header
         conn, resp, dump = self.exchange(method, url, body, headers)
         upstream = UpstreamBody(conn, resp)
@@ -2886,9 +2921,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                         self.write_chunk(b"".join(out))
                     else:
                         tail = b"".join(out)  # goes out with the stream's end, in one write
-        except ClientGone:
-            watch["gone"] = True
-            self.log_fields["note"] = "client disconnected; upstream closed"
+        except BaseException as e:
+            conn.close()  # whatever went wrong, this connection's state is unknown
+            if isinstance(e, ClientGone):
+                watch["gone"] = True
+                self.log_fields["note"] = "client disconnected; upstream closed"
             raise
         finally:
             server.hangups.unwatch(watch)

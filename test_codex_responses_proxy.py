@@ -737,6 +737,20 @@ class SSEParserTests(unittest.TestCase):
             self.assertLess(time.perf_counter() - started, 1.0)
             self.assertEqual([e.raw for e in events], [data])
 
+    def test_empty_reads_change_nothing(self):
+        for stream in (b"data: a\n\n", b"data: a\r\n\r\n", b"data: a\r\r"):
+            pieces = []
+            for i in range(len(stream)):
+                pieces += [stream[i:i + 1], b""]
+            events = self.feed_all(pieces)
+            self.assertEqual(b"".join(e.raw for e in events), stream)
+            self.assertEqual([e.data for e in events if e.data is not None], ["a"], stream)
+
+    def test_event_name_loses_exactly_one_leading_space(self):
+        for eol in (b"\n", b"\r\n"):
+            events = self.feed_all([b"event:  two\x20" + eol + b"data: x" + eol + eol])
+            self.assertEqual(events[0].event, " two ", eol)
+
     def test_comment_only_frame_is_relayed_and_unfinished_event_dropped(self):
         events = self.feed_all([b": keepalive\n\n", b"data: partial"])
         self.assertEqual(len(events), 1)
@@ -913,6 +927,19 @@ class ResponsesEndpointTests(ProxyTestCase):
         self.assertEqual(self.post(simple_request())[0], 400)
         self.assertEqual(self.post(simple_request())[0], 200)
         self.assertEqual(self.backend.connections, 1, "the failed turn's connection was lost")
+
+    def test_odd_usage_does_not_cost_the_answer_or_the_connection(self):
+        for stream in (False, True):
+            self.backend.replies.append(Reply(frames=stream_frames(
+                terminal_extra={"usage": "not an object"})))
+            status, _, data = self.request("POST", "/v1/responses",
+                                           simple_request(stream=stream))
+            self.assertEqual(status, 200, data)
+            self.assertIn(b"Hello there!", data)
+            if stream:
+                self.assertEqual(parse_sse(data)[-1][0], "response.completed")
+        self.assertEqual(self.post(simple_request())[0], 200)
+        self.assertEqual(self.backend.connections, 1)
 
     def test_error_event_and_truncated_stream(self):
         self.backend.replies.append(Reply(frames=stream_frames()[:2] + [sse("error", {
@@ -1159,6 +1186,18 @@ class RefreshTests(ProxyTestCase):
                                  contains="not writable")
         self.assertEqual(self.oauth.count, 0, "the refresh token was redeemed anyway")
         self.assertEqual(read_auth(self.home)["tokens"], before["tokens"])
+
+    def test_waiters_take_fresh_tokens_on_disk_over_a_failed_refresh(self):
+        self.expire()
+        self.oauth.failure = (503, {"error": "temporarily_unavailable"})
+        self.oauth.delay = 0.5
+        fresh = access_token()
+        self.backend.valid_tokens.add(fresh)
+        # the Codex CLI refreshes while our own attempt is failing
+        threading.Timer(0.2, write_auth, (self.home, auth_document(access=fresh))).start()
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            statuses = sorted(pool.map(lambda _: self.post(simple_request())[0], range(5)))
+        self.assertEqual(statuses.count(200), 4, statuses)
 
     def test_backend_401_refreshes_and_retries_once(self):
         self.backend.valid_tokens.clear()  # the token in the file is revoked
