@@ -18,6 +18,7 @@ One file, standard library only, Python 3.8 or newer.
 import argparse
 import base64
 import collections
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -2690,8 +2691,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers["Authorization"] = server.config.api_key_header
         conn, resp, dump = self.exchange(method, url, body, headers)
         upstream = UpstreamBody(conn, resp)
-        watch = server.hangups.watch(self.connection, conn.sock)
-        try:
+        with self.relaying(conn, dump) as watch:
             self.send_response(resp.status)
             for name, value in resp.getheaders():
                 # send_response() has sent our own Date and Server: one of each per message
@@ -2720,6 +2720,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if dump:
                     dump.body += data
                 self.write_chunk(data)
+        if not upstream.settle(server.pool):
+            self.log_fields["error"] = "upstream_disconnected"
+            self.close_connection = True  # the client must not take a cut body as whole
+            return
+        if self.chunked:
+            self.write(b"0\r\n\r\n")
+
+    @contextlib.contextmanager
+    def relaying(self, conn, dump):
+        """Around relaying an upstream answer: a client hang-up cuts the upstream at once, any
+        failure closes it (its state is unknown), and the dump is written in the end."""
+        server = self.server
+        watch = server.hangups.watch(self.connection, conn.sock)
+        try:
+            yield watch
         except BaseException as e:
             conn.close()
             if isinstance(e, ClientGone):
@@ -2730,12 +2745,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             server.hangups.unwatch(watch)
             if dump:
                 dump.finish()
-        if not upstream.settle(server.pool):
-            self.log_fields["error"] = "upstream_disconnected"
-            self.close_connection = True  # the client must not take a cut body as whole
-            return
-        if self.chunked:
-            self.write(b"0\r\n\r\n")
 
     def handle_responses(self):
         server = self.server
@@ -2850,12 +2859,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         parser = SSEParser()
         headers = forwarded_response_headers(resp.getheaders())
         self.chunked = self.request_version != "HTTP/1.0"
-        watch = server.hangups.watch(self.connection, conn.sock)
         upstream = UpstreamBody(conn, resp)
         failure = None
         tail = b""
         debug = server.log.debug_enabled
-        try:
+        with self.relaying(conn, dump) as watch:
             if client_stream:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -2921,18 +2929,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                         self.write_chunk(b"".join(out))
                     else:
                         tail = b"".join(out)  # goes out with the stream's end, in one write
-        except BaseException as e:
-            conn.close()  # whatever went wrong, this connection's state is unknown
-            if isinstance(e, ClientGone):
-                watch["gone"] = True
-                self.log_fields["note"] = "client disconnected; upstream closed"
-            raise
-        finally:
-            server.hangups.unwatch(watch)
-            if watch["gone"] or failure is not None or assembler.terminal is None:
-                conn.close()
-            if dump:
-                dump.finish()
+        if failure is not None or assembler.terminal is None:
+            conn.close()  # an unfinished stream: this connection cannot carry another request
         usage = assembler.usage()
         self.log_fields["in"] = usage.get("input_tokens", "-")
         self.log_fields["out"] = usage.get("output_tokens", "-")
