@@ -408,9 +408,11 @@ class Log:
             self.info("debug: " + msg)
 
     def warn_once(self, key, msg):
-        if key not in self._warned:
+        with self._lock:
+            if key in self._warned:
+                return
             self._warned.add(key)
-            self.info("warning: " + msg)
+        self.info("warning: " + msg)
 
     def status(self, code):
         if not self.colour:
@@ -1309,10 +1311,8 @@ def completed_event_bytes(payload, items):
                                          json.dumps(filled, separators=(",", ":")).encode())
 
 
-def error_event_bytes(code, message, sequence_number=None):
+def error_event_bytes(code, message):
     event = {"type": "error", "code": code, "message": message, "param": None}
-    if sequence_number is not None:
-        event["sequence_number"] = sequence_number
     return b"event: error\ndata: %s\n\n" % json.dumps(event).encode()
 
 
@@ -1843,11 +1843,8 @@ def readable_sockets(socks, timeout):
     poller = select.poll()
     by_fd = {}
     for sock in socks:
-        fd = sock.fileno()
-        if fd < 0:
-            continue  # closed by its handler since the list was made: being unwatched
-        by_fd[fd] = sock
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        by_fd[sock.fileno()] = sock
+        poller.register(sock, select.POLLIN | select.POLLPRI)
     return [by_fd[fd] for fd, _ in poller.poll(timeout * 1000) if fd in by_fd]
 
 
