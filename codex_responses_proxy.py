@@ -20,6 +20,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -156,6 +157,13 @@ class Config:
     @property
     def auth_path(self):
         return os.path.join(self.codex_home, "auth.json")
+
+
+def codex_user_agent(config):
+    """The User-Agent the Codex CLI sends, with ours at the end."""
+    return "%s/%s (%s %s; %s) codex-responses-proxy/%s" % (
+        config.originator, config.client_version, platform.system() or "unknown",
+        platform.release() or "unknown", platform.machine() or "unknown", __version__)
 
 
 def default_codex_home():
@@ -414,7 +422,7 @@ class Log:
             self._warned.add(key)
         self.info("warning: " + msg)
 
-    def status(self, code):
+    def status_code(self, code):
         if not self.colour:
             return str(code)
         return "\033[%sm%d\033[0m" % ("32" if code < 400 else "33" if code < 500 else "31", code)
@@ -455,6 +463,10 @@ class ProxyError(Exception):
         error.update({"message": self.message, "type": self.type, "param": self.param,
                       "code": self.code})
         return {"error": error}
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1917,7 +1929,34 @@ class ChunkedDecoder:
         self.done = False
 
     def feed(self, data):
+        if self._left or self._after_data or self._trailer:
+            return self._feed_slow(data)
         buf = self._buf + data if self._buf else data
+        decoded = self._feed_whole_chunks(buf)
+        return self._feed_slow(buf, fresh=True) if decoded is None else decoded
+
+    def _feed_whole_chunks(self, buf):
+        """The usual case in C loops: chunks whose data holds no CRLF (the backend's events
+        are LF-framed JSON), so splitting at CRLF gives size, data, size, data... Each size is
+        checked against its data; None when anything else is there (a CRLF inside data, chunk
+        extensions, the last chunk): the careful path then decodes the same bytes."""
+        parts = buf.split(b"\r\n")
+        rest = parts.pop()
+        if len(parts) % 2:  # a size line whose data has not arrived yet
+            rest = parts.pop() + b"\r\n" + rest
+        if len(rest) > 65536:
+            return None  # a large chunk still arriving: the careful path holds it without copies
+        sizes, datas = parts[0::2], parts[1::2]
+        try:
+            if list(map(_hex, sizes)) != list(map(len, datas)) or not all(datas):
+                return None
+        except ValueError:
+            return None
+        self._buf = rest
+        return b"".join(datas)
+
+    def _feed_slow(self, data, fresh=False):
+        buf = data if fresh or not self._buf else self._buf + data
         out = []
         pos, n = 0, len(buf)
         while pos < n and not self.done:
@@ -1956,6 +1995,11 @@ class ChunkedDecoder:
                 self._trailer = size == 0
         self._buf = buf[pos:]
         return b"".join(out)
+
+
+# int() is lenient ("0x1f", " 1f"), but each size must also equal its data's length, so a
+# lenient spelling cannot shift the framing; it keeps the per-chunk work in C.
+_hex = functools.partial(int, base=16)
 
 
 class UpstreamBody:
@@ -2105,6 +2149,147 @@ def _peer_closed(sock):
         return True
 
 
+class UpstreamAnswer:
+    """An upstream response whose status line and headers are in; its body is read here."""
+
+    def __init__(self, conn, resp, dump):
+        self.conn = conn
+        self.resp = resp
+        self.dump = dump
+        self.status = resp.status
+        self.headers = resp.getheaders()
+        self.body = UpstreamBody(conn, resp)
+
+    def forwarded_headers(self):
+        return forwarded_response_headers(self.headers)
+
+    def read_whole(self, pool, limit=1 << 22):
+        """The whole (non-streamed) body, the connection settled."""
+        try:
+            data = self.body.read_all(limit)
+        except (OSError, http.client.HTTPException):
+            data = b""
+        self.body.settle(pool)
+        if self.dump:
+            self.dump.finish(data)
+        return data
+
+
+class UpstreamClient:
+    """Everything that talks to the backend over HTTP: the connection pool, the credentials,
+    the dumps, the quota headers, and one retry policy: a 401 once after re-reading the login
+    (refreshing if need be), an "Unsupported parameter" once without it, and a dead pooled
+    connection once (in send_upstream)."""
+
+    def __init__(self, config, log, auth):
+        self.config = config
+        self.log = log
+        self.auth = auth
+        self.pool = ConnectionPool()
+        self.hangups = HangupWatcher()
+        self.quota = QuotaTracker()
+        self.dumper = ExchangeDumper(config.dump_dir, log) if config.dump_dir else None
+        self.user_agent = codex_user_agent(config)
+        self._dropped = {}  # model -> parameters the backend rejected for it
+        self._lock = threading.Lock()
+
+    def exchange(self, method, url, body, headers):
+        """One request, sent (and dumped), its quota headers noted."""
+        dump = self.dumper.request(method, url, list(headers.items()), body) \
+            if self.dumper else None
+        conn, resp = send_upstream(self.pool, url, body, headers,
+                                   self.config.stream_idle_timeout, method)
+        answer = UpstreamAnswer(conn, resp, dump)
+        self.quota.update(answer.headers)
+        if dump:
+            dump.answer(answer.status, answer.headers)
+        return answer
+
+    def codex_headers(self, creds, session_id, extra, accept="text/event-stream"):
+        headers = {
+            "Authorization": "Bearer " + creds.access_token,
+            "originator": self.config.originator,
+            "User-Agent": self.user_agent,
+            "version": self.config.client_version,
+            "Accept": accept,
+            "Content-Type": "application/json",
+        }
+        if session_id:
+            headers["session_id"] = headers["session-id"] = session_id
+        if creds.account_id:
+            headers["ChatGPT-Account-ID"] = creds.account_id
+        for name, value in extra:
+            headers.setdefault(name, value)
+        return headers
+
+    def dropped_params(self, model):
+        return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
+
+    def call(self, method, url, body=None, encode=None, session_id=None, extra=(),
+             accept="text/event-stream"):
+        """A ChatGPT-mode request under the retry policy; the answer once it is a 200, else
+        the backend's error as a ProxyError. body: the JSON object to send, encoded by
+        encode() on each try (a retry may have dropped a parameter)."""
+        rejected_token = None
+        dropped_now = set()
+        while True:
+            creds = self.auth.get(rejected_token)
+            payload = encode(body) if body is not None else None
+            if payload is not None and self.log.debug_enabled:
+                self.log.debug("upstream request (%d bytes): %s%s" % (
+                    len(payload), payload[:16384].decode("utf-8", "replace"),
+                    "... [truncated]" if len(payload) > 16384 else ""))
+            answer = self.exchange(method, url, payload,
+                                   self.codex_headers(creds, session_id, extra, accept))
+            if answer.status == 200:
+                return answer
+            error_body = answer.read_whole(self.pool)
+            if answer.status == 401 and rejected_token is None:
+                self.log.info("backend answered 401; re-reading the login and retrying once")
+                rejected_token = creds.access_token
+                continue
+            param = unsupported_parameter(answer.status, error_body)
+            if body is not None and param and param not in dropped_now and param in body \
+                    and param not in ESSENTIAL_PARAMS:
+                model = body.get("model")
+                self.log.warn_once("param:%s:%s" % (model, param),
+                                   "the backend rejects the parameter %r for model %s; dropping "
+                                   "it from this and later requests" % (param, model))
+                if isinstance(model, str):
+                    with self._lock:
+                        self._dropped[model] = self._dropped.get(model, frozenset()) | {param}
+                dropped_now.add(param)
+                body = dict(body)
+                body.pop(param, None)
+                continue
+            err = translate_upstream_error(answer.status, error_body)
+            err.headers = answer.forwarded_headers()
+            if answer.status == 401:
+                err.message = ("The backend refused the access token even after a refresh. "
+                               + LOGIN_HINT)
+            raise err
+
+    def models(self):
+        """The backend's model list as OpenAI's: {"object": "list", "data": [...]}."""
+        url = "%s?client_version=%s" % (upstream_url_for(self.config.upstream_url, "models"),
+                                        urllib.parse.quote(self.config.client_version))
+        body = self.call("GET", url, accept="application/json").read_whole(self.pool)
+        try:
+            models = json.loads(body)["models"]
+            now = int(time.time())
+            return {"object": "list", "data": [
+                {"id": m["slug"], "object": "model", "created": now, "owned_by": "openai"}
+                for m in models if isinstance(m, dict) and m.get("visibility") == "list"
+                and isinstance(m.get("slug"), str)]}
+        except (ValueError, KeyError, TypeError):
+            raise ProxyError(502, "The backend's model list was not in the expected shape.",
+                             code="bad_upstream_answer")
+
+    def close(self):
+        self.pool.close_all()
+
+
+
 # --------------------------------------------------------------------------------------------
 # Exchange dumps (--dump-dir), in the Codex CLI's responses-api-proxy format
 # --------------------------------------------------------------------------------------------
@@ -2179,12 +2364,705 @@ class ExchangeDump:
 
 
 # --------------------------------------------------------------------------------------------
-# The HTTP handler and its routes
+# Access policy (pure): which requests this proxy serves at all
 # --------------------------------------------------------------------------------------------
 
-class ClientGone(Exception):
-    """The client closed its connection; nothing more can be sent to it."""
+def host_allowed(value, config, listen_address):
+    """Is this Host header a name of ours: localhost, a loopback address or the listening
+    one (on our port), or a name given with --allow-host?"""
+    if value is None:
+        return True  # HTTP/1.0 clients; browsers always send Host
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, sep, port = value.rpartition(":")
+        if not sep:
+            name, port = value, ""
+    if name in config.allow_hosts or value in config.allow_hosts:
+        return True
+    own = ("localhost", "127.0.0.1", "::1", listen_address[0].lower())
+    return name in own and port in ("", str(listen_address[1]))
 
+
+def client_key_ok(headers, key):
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
+    candidates = [value.strip()] if scheme.lower() == "bearer" else []
+    candidates.append((headers.get("x-api-key") or "").strip())
+    return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key) for c in candidates)
+
+
+def check_access(method, path, headers, config, listen_address):
+    """What every request passes before its route: a Host naming this proxy (DNS rebinding),
+    no foreign web page (Origin, Sec-Fetch-Site), the client key, a JSON content type.
+    headers: lower-cased names. Returns whether this is a CORS preflight, to be answered as
+    such; raises ProxyError for a refused request."""
+    host = headers.get("host")
+    if not host_allowed(host, config, listen_address):
+        raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
+                         "If clients reach it by that name, start it with --allow-host."
+                         % host, code="host_not_allowed")
+    origin = headers.get("origin")
+    if origin is not None:
+        if origin not in config.allow_origins:
+            raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
+                             "page you trust call the proxy, start it with --allow-origin "
+                             "%s." % (origin, origin), code="origin_not_allowed")
+        if method == "OPTIONS" and headers.get("access-control-request-method"):
+            return True  # a preflight carries no credentials, so needs no client key
+    elif (headers.get("sec-fetch-site") or "none").lower() not in ("none", "same-origin"):
+        # A page's <img> or link sends a GET with no Origin; browsers still mark it
+        # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
+        raise ProxyError(403, "Requests from other web sites are refused.",
+                         code="origin_not_allowed")
+    if config.client_key and path != "/healthz" and not client_key_ok(headers, config.client_key):
+        raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
+                         "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
+                         "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
+    ctype = headers.get("content-type")
+    if method == "POST" and ctype is not None and \
+            ctype.split(";")[0].strip().lower() != "application/json":
+        # A browser's form or text/plain post needs no preflight: refuse it before anything
+        # is sent upstream.
+        raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
+                         "header 'Content-Type: application/json' (curl -d alone sends a "
+                         "form type)." % ctype, code="unsupported_media_type")
+    return False
+
+
+ROUTES = {
+    "/v1/responses": {"POST": "responses"},
+    "/v1/chat/completions": {"POST": "chat_completions"},
+    "/v1/models": {"GET": "models"},
+    "/status": {"GET": "status"},
+    "/shutdown": {"GET": "shutdown"},
+    "/healthz": {"GET": "healthz", "HEAD": "healthz"},
+}
+ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
+               if path.startswith("/v1/")})  # clients configured without /v1
+
+
+def find_route(method, path, headers, config):
+    """The App's method for this request, else the fitting JSON error."""
+    methods = ROUTES.get(path)
+    if path == "/shutdown" and not config.http_shutdown:
+        methods = None
+    if methods is None:
+        raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
+                         % path, code="not_found")
+    if "websocket" in (headers.get("upgrade") or "").lower():
+        raise ProxyError(426, "WebSocket is not supported here; use HTTP "
+                         "(the Codex CLI falls back to it by itself).",
+                         code="websocket_not_supported")
+    name = methods.get(method)
+    if name is None:
+        raise ProxyError(405, "%s does not take %s; use %s." % (
+            path, method, " or ".join(sorted(methods))), code="method_not_allowed",
+            headers=[("Allow", ", ".join(sorted(methods)))])
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies: Content-Length or chunked, within a size limit and a deadline
+# --------------------------------------------------------------------------------------------
+
+def has_body(headers):
+    return (headers.get("content-length") or "0").strip() != "0" or \
+        "chunked" in (headers.get("transfer-encoding") or "").lower()
+
+
+def read_request_body(rfile, headers, limit, before_reading):
+    """The request's body bytes. before_reading() runs once a body is due (100 Continue).
+    Raises ProxyError; after one, the connection's framing is lost: close it."""
+    try:
+        if "chunked" in (headers.get("transfer-encoding") or "").lower():
+            before_reading()
+            return _read_chunks(rfile, limit)
+        length = headers.get("content-length")
+        if length is None:
+            return b""
+        if not re.match(r"^[0-9]+$", length.strip()):  # not isdigit(): '\xb2' is a digit to it
+            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
+        length = int(length)
+        if length > limit:
+            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
+                             % (length, limit), code="request_too_large")
+        if length:
+            before_reading()
+        data = rfile.read(length)
+    except socket.timeout:
+        raise ProxyError(408, "The request body did not arrive within %g s."
+                         % REQUEST_READ_DEADLINE, code="request_timeout")
+    if len(data) < length:
+        raise ClientGone()
+    return data
+
+
+def _read_chunks(rfile, limit):
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(1024)
+        size_text = line.split(b";")[0].strip()
+        if not re.match(rb"^[0-9A-Fa-f]+$", size_text):  # int() takes '-1', '0x1', '1_0'
+            raise ProxyError(400, "Malformed chunked request body.", code="invalid_body")
+        size = int(size_text, 16)
+        if size == 0:
+            while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts)
+        total += size
+        if total > limit:
+            raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
+                             code="request_too_large")
+        parts.append(rfile.read(size))
+        rfile.readline(1024)
+
+
+def json_request_body(raw, headers, limit):
+    """(body, source, spans) of the request's JSON object (see parse_json_object)."""
+    return parse_json_object(decode_request_body(raw, headers.get("content-encoding"), limit))
+
+
+# --------------------------------------------------------------------------------------------
+# The relay: an upstream event stream, through a transform (Responses as is, or Chat
+# Completions), into a sink (SSE to the client, or one collected JSON answer)
+# --------------------------------------------------------------------------------------------
+
+# The frames the relay must read; all others pass through as bytes, never decoded.
+_INSPECTED_FRAME_RE = re.compile(
+    rb"(?:^|\n\n)event: ?(response\.output_item\.done|response\.completed|response\.incomplete|"
+    rb"response\.failed|response\.created|error)\n")
+
+
+class ResponsesTransform:
+    """Responses events relayed as they came, cut at complete frames. Only the frames that
+    matter (output items, the terminal event, errors) are found, by a bytes search, and
+    decoded; the completed event gets its `output` filled. Input framed other than the
+    backend's `event:` + `data:` with LF (CRs, comments, ids) goes through the full parser."""
+
+    def __init__(self, log=None):
+        self.assembler = ResponseAssembler()
+        self._pending = []   # the start of an unfinished frame, in pieces
+        self._parser = None  # the full SSE parser, once the input needs it
+        self._started = False
+        self._log = log if log is not None and log.debug_enabled else None
+
+    def feed(self, data):
+        """The bytes to relay for this piece of the upstream body: its complete frames."""
+        if not self._started:
+            self._started = True
+            if data[:3] == b"\xef\xbb\xbf":
+                data = data[3:]  # a BOM opens the stream; it is not part of the first event
+        if self._parser is None and b"\r" in data:
+            self._parser = SSEParser()
+            data, self._pending = b"".join(self._pending) + data, []
+        if self._parser is not None:
+            return b"".join(self._inspect_event(e) for e in self._parser.feed(data))
+        pending = self._pending
+        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
+                                                     pending[-1][-1:] == b"\n"):
+            pending.append(data)  # a large event arrives in many reads: joined once, at its end
+            return b""
+        buf = b"".join(pending) + data if pending else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = [buf]
+            return b""
+        block = buf[:end + 2]
+        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
+        if block[:6] != b"event:" or block.count(b"\n\nevent:") != block.count(b"\n\n") - 1:
+            return b"".join(self._inspect_event(e) for e in SSEParser().feed(block))
+        return self._inspect_block(block)
+
+    def _inspect_block(self, block):
+        if self._log:
+            for frame in block.split(b"\n\n")[:-1]:
+                self._log.debug("stream event %s (%d bytes)" % (
+                    frame[6:frame.find(b"\n")].strip().decode("utf-8", "replace"), len(frame) + 2))
+        pieces, done = [], 0
+        for m in _INSPECTED_FRAME_RE.finditer(block):
+            start = m.start() + 2 if m.start() else 0
+            end = block.find(b"\n\n", m.end() - 1) + 2
+            frame = self._inspect_data(m.group(1).decode(),
+                                       _join_data(block[m.end():end - 2].split(b"\n")))
+            if frame is not None:
+                pieces.append(block[done:start])
+                pieces.append(frame)
+                done = end
+        if not pieces:
+            return block
+        pieces.append(block[done:])
+        return b"".join(pieces)
+
+    def _inspect_event(self, event):
+        """The full parser's events: the same inspection, one event at a time."""
+        if self._log:
+            self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
+        if (event.event is None or event.event in INSPECTED_EVENTS) and event.data is not None:
+            frame = self._inspect_data(event.event, event.data)
+            if frame is not None:
+                return frame
+        return event.raw
+
+    def _inspect_data(self, name, data):
+        """Note what an event says; a replacement frame when it must change, else None."""
+        try:
+            payload = json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        etype = payload.get("type") or name
+        assembler = self.assembler
+        assembler.add(etype, payload)
+        if etype in ("response.completed", "response.incomplete") and \
+                isinstance(payload.get("response"), dict) and \
+                not payload["response"].get("output") and assembler.items:
+            return completed_event_bytes(payload, assembler.output())
+        return None
+
+    @staticmethod
+    def failure_frames(err):
+        return error_event_bytes(err.code, err.message)
+
+    @staticmethod
+    def collected(response):
+        return response
+
+
+class ChatTransform:
+    """Responses events -> Chat Completions chunks; every event is decoded, as the
+    translation needs nearly all of them."""
+
+    def __init__(self, model, include_usage, log=None):
+        self.assembler = ResponseAssembler()
+        self.chat = ChatStream(model, include_usage)
+        self._parser = SSEParser()
+        self._log = log if log is not None and log.debug_enabled else None
+
+    def feed(self, data):
+        out = []
+        for event in self._parser.feed(data):
+            if self._log:
+                self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
+            try:
+                payload = json.loads(event.data) if event.data is not None else None
+            except ValueError:
+                payload = None
+            if not isinstance(payload, dict):
+                continue
+            etype = payload.get("type") or event.event
+            self.assembler.add(etype, payload)
+            out.extend(self.chat.frames(etype, payload))
+        return b"".join(out)
+
+    def failure_frames(self, err):
+        return b"".join(self.chat.error(err.code, err.message))
+
+    def collected(self, response):
+        return chat_completion(response, response.get("output") or [])
+
+
+class SSESink:
+    """The client's live event stream: every complete frame as soon as its read is in."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def start(self, headers):
+        self.client.start_event_stream(headers)
+
+    def send(self, data):
+        self.client.write_body(data)
+
+    def finish(self, transform, tail, failure, headers):
+        """The stream's last frames (or an error event) and its end, in one write."""
+        if failure is not None:
+            self.client.log_fields["error"] = failure.code
+            tail += transform.failure_frames(failure)
+        self.client.end_body(tail)
+
+
+class CollectedSink:
+    """One JSON answer once the stream is over, for a client that did not ask for a stream."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def start(self, headers):
+        pass
+
+    def send(self, data):
+        pass
+
+    def finish(self, transform, tail, failure, headers):
+        if failure is not None:
+            failure.headers = headers
+            raise failure
+        assembler = transform.assembler
+        if assembler.terminal in ("response.completed", "response.incomplete"):
+            response = assemble_response(assembler.response, assembler.output())
+            self.client.send_json(200, transform.collected(response), headers)
+            return
+        error = assembler.error or {}
+        code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
+                                     else "upstream_error")
+        message = error.get("message") or "The backend reported a failure (%s)." % code
+        raise ProxyError(failure_status(code), message, code=code, param=error.get("param"),
+                         type="server_error" if failure_status(code) >= 500 else None,
+                         headers=headers)
+
+
+@contextlib.contextmanager
+def watching_for_hangup(upstream, client, answer):
+    """Around relaying an upstream answer: a client hang-up cuts the upstream at once, any
+    failure closes it (its state is unknown), and the dump is written in the end."""
+    watch = upstream.hangups.watch(client.connection, answer.conn.sock)
+    try:
+        yield watch
+    except BaseException as e:
+        answer.conn.close()
+        if isinstance(e, ClientGone):
+            watch["gone"] = True
+            client.log_fields["note"] = "client disconnected; upstream closed"
+        raise
+    finally:
+        upstream.hangups.unwatch(watch)
+        if answer.dump:
+            answer.dump.finish()
+
+
+def relay(upstream, answer, transform, sink, client, on_end=None):
+    """Read the backend's event stream through transform into sink. on_end(assembler) runs
+    once the terminal event is in, before the client sees it (a conversation is kept then, so
+    the client's next turn can name it at once). A stream that breaks, stalls past the idle
+    timeout or ends without a terminal event ends with an error, never a fake success."""
+    assembler = transform.assembler
+    headers = answer.forwarded_headers()
+    body = answer.body
+    failure = None
+    tail = b""
+    with watching_for_hangup(upstream, client, answer) as watch:
+        sink.start(headers)
+        while assembler.terminal is None:
+            try:
+                data = body.read()
+            except socket.timeout:
+                failure = ProxyError(504, "The backend sent nothing for %g s."
+                                     % upstream.config.stream_idle_timeout,
+                                     code="stream_idle_timeout")
+                break
+            except (OSError, http.client.HTTPException) as e:
+                if watch["gone"]:
+                    raise ClientGone()
+                failure = ProxyError(502, "The backend connection broke mid-stream (%s)."
+                                     % e.__class__.__name__, code="upstream_disconnected")
+                break
+            if not data:
+                if watch["gone"]:
+                    raise ClientGone()
+                failure = ProxyError(502, "upstream closed the stream before the response "
+                                     "completed", code="stream_incomplete")
+                break
+            if answer.dump:
+                answer.dump.body += data
+            out = transform.feed(data)
+            if assembler.terminal is not None:
+                tail = out  # goes out with the stream's end, in one write
+                if on_end is not None:
+                    on_end(assembler)
+            elif out:
+                sink.send(out)
+    if failure is not None or assembler.terminal is None:
+        answer.conn.close()  # an unfinished stream: this connection cannot carry another request
+    usage = assembler.usage()
+    client.log_fields["in"] = usage.get("input_tokens", "-")
+    client.log_fields["out"] = usage.get("output_tokens", "-")
+    settled = failure is None and body.complete
+    if settled:  # the body's end came with the last event: pooled before the client hears
+        body.settle(upstream.pool)  # the end, so its next turn finds the connection
+    try:
+        sink.finish(transform, tail, failure, headers)
+    finally:  # answered (or failing to): the connection goes back to the pool or is closed
+        if failure is None and not settled:
+            _drain_for_reuse(upstream, answer)
+
+
+def _drain_for_reuse(upstream, answer):
+    """After the terminal event the backend ends its body, usually in the same read; take that
+    end so the connection can serve the next turn. A body that lingers costs the connection,
+    not the client's time."""
+    try:
+        if not answer.body.complete:
+            answer.conn.sock.settimeout(0.25)
+            while answer.body.read():
+                pass
+    except (OSError, http.client.HTTPException, AttributeError):
+        answer.conn.close()
+        return
+    answer.body.settle(upstream.pool)
+
+
+def pass_through(upstream, answer, client):
+    """API-key mode: the upstream's answer goes to the client as it came, piece by piece."""
+    body = answer.body
+    with watching_for_hangup(upstream, client, answer) as watch:
+        client.start_pass_through(answer.resp)
+        while True:
+            try:
+                data = body.read()
+            except (OSError, http.client.HTTPException):
+                if watch["gone"]:
+                    raise ClientGone()
+                data = b""
+            if not data:
+                break
+            if answer.dump:
+                answer.dump.body += data
+            client.write_body(data)
+    if not body.settle(upstream.pool):
+        client.log_fields["error"] = "upstream_disconnected"
+        client.close_connection = True  # the client must not take a cut body as whole
+        return
+    client.end_body(b"")
+
+
+# --------------------------------------------------------------------------------------------
+# The app: the proxy's services, and what each route does
+# --------------------------------------------------------------------------------------------
+
+class App:
+    """Everything the proxy is, apart from serving sockets: the login, the upstream client,
+    the conversations, the model list, the counters behind /status, and the routes. A route
+    gets the client's request (a ProxyHandler) and answers through it."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        if config.api_key_header:
+            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
+        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
+                              log)
+        self.upstream = UpstreamClient(config, log, self.auth)
+        self.models_cache = ModelsCache()
+        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
+                              if config.state_db else ConversationStore(config.state_max_bytes))
+        self.started = time.time()
+        self.slots = threading.BoundedSemaphore(config.max_concurrent)
+        self.on_shutdown = None  # set by the server: stops accepting connections
+        self._inflight = 0
+        self._inflight_cond = threading.Condition()
+        self._counts = {"total": 0, "by_status": {}}
+        self._stopping = threading.Event()
+
+    # -- requests in flight, and stopping ---------------------------------------------------
+
+    def request_started(self):
+        with self._inflight_cond:
+            self._inflight += 1
+
+    def request_finished(self, status):
+        with self._inflight_cond:
+            self._inflight -= 1
+            self._inflight_cond.notify_all()
+            self._counts["total"] += 1
+            key = str(status or "none")
+            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    @contextlib.contextmanager
+    def slot(self):
+        """One of --max-concurrent places for a request in flight, or a 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
+                             "(--max-concurrent); retry in a moment."
+                             % self.config.max_concurrent, code="too_many_requests",
+                             headers=[("Retry-After", "1")])
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    @property
+    def stopping(self):
+        return self._stopping.is_set()
+
+    def begin_shutdown(self, why):
+        """Stop accepting (from any thread but serve_forever's); main() then drains."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.log.info("%s: finishing requests in flight" % why)
+            if self.on_shutdown is not None:
+                threading.Thread(target=self.on_shutdown, daemon=True).start()
+
+    def wait_idle(self, timeout):
+        """Wait for requests in flight to finish; False if some were still running."""
+        deadline = time.monotonic() + timeout
+        with self._inflight_cond:
+            while self._inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._inflight_cond.wait(left)
+        return True
+
+    def close(self):
+        self.upstream.close()
+        self.conversations.close()
+
+    # -- what the operator sees -------------------------------------------------------------
+
+    def status_report(self):
+        """What /status says: no secrets, only what a person or a monitor needs."""
+        config = self.config
+        with self._inflight_cond:
+            requests = {"total": self._counts["total"], "in_flight": self._inflight,
+                        "by_status": dict(self._counts["by_status"])}
+        status = {"mode": config.mode, "version": __version__,
+                  "uptime_seconds": int(time.time() - self.started),
+                  "upstream": config.upstream_url, "requests": requests}
+        if config.mode == "apikey":
+            status["api_key_from"] = config.api_key_source
+            return status
+        login = {"auth_file": config.auth_path}
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            login.update(ok=False, error=e.message)
+        else:
+            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
+                         access_token_expires_at=iso_time(creds.expires_at),
+                         access_token_expires_in_seconds=None if creds.expires_at is None
+                         else int(creds.expires_at - time.time()),
+                         last_refresh=creds.data.get("last_refresh"))
+        login["last_refresh_attempt"] = self.auth.last_refresh
+        status["login"] = login
+        status["quota"] = self.upstream.quota.snapshot()
+        return status
+
+    def permission_warning(self):
+        """A warning when auth.json can be read by others than its owner, else None."""
+        try:
+            mode = os.stat(self.config.auth_path).st_mode
+        except OSError:
+            return None
+        if mode & 0o077:
+            return ("warning: %s is readable by group or others (mode %03o); it holds your "
+                    "login: chmod 600 %s" % (self.config.auth_path, mode & 0o777,
+                                             self.config.auth_path))
+        return None
+
+    def describe_credentials(self):
+        """What the start-up line says about the login."""
+        if self.config.mode == "apikey":
+            return "API key from %s" % self.config.api_key_source
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            return "no usable login: %s Requests will get 401 until this is fixed." % e.message
+        expiry = ("expires %s UTC" % datetime.datetime.fromtimestamp(
+            creds.expires_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            if creds.expires_at else "no expiry in token")
+        return "ChatGPT login from %s (account %s, plan %s, access token %s%s)" % (
+            self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
+            expiry, ", will refresh" if creds.needs_refresh() else "")
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def healthz(self, client):
+        client.send_text(200, b"ok\n")
+
+    def status(self, client):
+        client.send_json(200, self.status_report())
+
+    def shutdown(self, client):
+        client.close_connection = True
+        client.send_json(200, {"status": "shutting down"})
+        self.begin_shutdown("GET /shutdown")
+
+    def models(self, client):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, upstream_url_for(self.config.upstream_url,
+                                                               "models"))
+        client.send_json(200, self.models_cache.get(self.upstream.models, self.log))
+
+    def responses(self, client):
+        config = self.config
+        if config.mode == "apikey":
+            return self.forward_as_is(client, config.upstream_url)
+        body, source, spans = self.json_body(client)
+        previous = body.get("previous_response_id")
+        history = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            history = self.conversations.history(previous)
+            if history is None:
+                raise unknown_response_error(previous)
+        upstream_body, session_id = rewrite_request(
+            body, config.instructions, client.session_id(),
+            self.upstream.dropped_params(body.get("model")), history)
+        span = unchanged_span("input", upstream_body["input"], body, spans)
+        own_input = source[span[0]:span[1]] if span else json.dumps(
+            upstream_body["input"][len(history or ()):], separators=(",", ":"))
+        answer = self.upstream.call("POST", config.upstream_url, upstream_body,
+                                    lambda b: encode_json_object(b, body, source, spans),
+                                    session_id, client.codex_headers())
+        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
+        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
+              on_end=lambda assembler: self.keep(assembler, previous, own_input))
+
+    def chat_completions(self, client):
+        config = self.config
+        if config.mode == "apikey":
+            return self.forward_as_is(client, upstream_url_for(config.upstream_url,
+                                                               "chat/completions"))
+        body = self.json_body(client)[0]
+        upstream_body, session_id = rewrite_request(
+            chat_to_responses(body), config.instructions, client.session_id(),
+            self.upstream.dropped_params(body.get("model")))
+        options = body.get("stream_options")
+        include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+        answer = self.upstream.call("POST", config.upstream_url, upstream_body,
+                                    encode_json_object, session_id, client.codex_headers())
+        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
+        relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
+              sink, client)
+
+    def forward_as_is(self, client, url):
+        """API-key mode: the request goes as the client sent it, with our key."""
+        headers = client.forwardable_headers()
+        headers["Authorization"] = self.config.api_key_header
+        answer = self.upstream.exchange(client.command, url, client.body or None, headers)
+        pass_through(self.upstream, answer, client)
+
+    def json_body(self, client):
+        """(body, source, spans) of the request's JSON object; notes the model for the log."""
+        parsed = json_request_body(client.body, client.header, self.config.max_body_bytes)
+        body = parsed[0]
+        client.log_fields["model"] = body.get("model") if isinstance(body.get("model"),
+                                                                     str) else None
+        client.log_fields["stream"] = body.get("stream") is True
+        return parsed
+
+    def keep(self, assembler, previous, own_input):
+        """Keep a finished response for previous_response_id. A store that fails costs a
+        warning, never the answer the user has paid for."""
+        response_id = (assembler.response or {}).get("id")
+        if assembler.terminal not in ("response.completed", "response.incomplete") or \
+                not isinstance(response_id, str):
+            return
+        try:
+            self.conversations.put(response_id, previous, own_input, assembler.output())
+        except Exception as e:
+            self.log.info("warning: could not keep response %s for "
+                          "previous_response_id: %s" % (response_id, e))
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP handler: parse, admit, route, hand off
+# --------------------------------------------------------------------------------------------
 
 class RequestReader(io.RawIOBase):
     """The client socket as the handler reads it, with two timeouts a plain socket cannot
@@ -2229,24 +3107,17 @@ HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # ours replace them (Authorization, Host, Content-Length) or they are the client's own secrets.
 NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "cookie",
                                     "x-api-key", "expect")
+CLIENT_GONE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError,
+                      socket.timeout)
+BAD_REQUEST_MESSAGES = {400: "Malformed HTTP request.", 414: "Request line too long.",
+                        431: "Request header fields too large.", 501: "Method not supported.",
+                        505: "HTTP version not supported."}
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "codex-responses-proxy/" + __version__
     timeout = IDLE_CONNECTION_TIMEOUT
-
-    ROUTES = {
-        "/v1/responses": {"POST": "handle_responses"},
-        "/responses": {"POST": "handle_responses"},
-        "/v1/chat/completions": {"POST": "handle_chat_completions"},
-        "/chat/completions": {"POST": "handle_chat_completions"},
-        "/v1/models": {"GET": "handle_models"},
-        "/models": {"GET": "handle_models"},
-        "/status": {"GET": "handle_status"},
-        "/shutdown": {"GET": "handle_shutdown"},
-        "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
-    }
 
     def version_string(self):
         return self.server_version
@@ -2280,8 +3151,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.expect_continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    # -- routing --------------------------------------------------------------------------
-
     def do_GET(self):
         self.dispatch("GET")
 
@@ -2304,10 +3173,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.dispatch("OPTIONS")
 
     def dispatch(self, method):
-        server = self.server
+        app = self.server.app
         self.started = time.monotonic()
         self.headers_sent = False
         self.status_sent = None
+        self.chunked = False
         self.log_fields = {}
         self.body = None
         # The request's headers, lower-cased, the first of duplicates (as Message.get gives):
@@ -2316,159 +3186,98 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             self.header.setdefault(name.lower(), value)
         path = urllib.parse.urlsplit(self.path).path
-        server.request_started()
+        app.request_started()
         try:
-            if server.stopping:
+            if app.stopping:
                 self.close_connection = True
                 raise ProxyError(503, "The proxy is shutting down; retry in a moment.",
                                  code="shutting_down", headers=[("Retry-After", "2")])
-            if self.admit(method, path):
-                return
-            name = self.route(method, path)
-            if path != "/healthz" and not server.slots.acquire(blocking=False):
-                raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
-                                 "(--max-concurrent); retry in a moment."
-                                 % server.config.max_concurrent, code="too_many_requests",
-                                 headers=[("Retry-After", "1")])
-            try:
-                self.body = self.read_body()
+            origin = self.header.get("origin")
+            if origin in app.config.allow_origins:
+                self.cors_origin = origin  # refusals too are readable by a page allowed in
+            if check_access(method, path, self.header, app.config, self.server.server_address):
+                return self.send_preflight()
+            route = getattr(app, find_route(method, path, self.header, app.config))
+            with (app.slot() if path != "/healthz" else contextlib.nullcontext()):
+                self.body = read_request_body(self.rfile, self.header, app.config.max_body_bytes,
+                                              self.send_continue)
                 self.reader.request_read()
-                getattr(self, name)()
-            finally:
-                if path != "/healthz":
-                    server.slots.release()
+                route(self)
         except ProxyError as e:
-            if self.body is None and self.has_body():
+            if self.body is None and has_body(self.header):
                 self.close_connection = True  # its unread body must not pass for a request
             self.send_error_json(e)
         except ClientGone:
             self.close_connection = True
             self.log_fields["note"] = "client disconnected"
         except Exception as e:  # a bug must cost one request, not the server
-            server.log.info("internal error on %s %s: %s: %s" % (method, path,
-                                                                 e.__class__.__name__, e))
-            if server.config.debug:
+            app.log.info("internal error on %s %s: %s: %s" % (method, path,
+                                                              e.__class__.__name__, e))
+            if app.config.debug:
                 import traceback
-                server.log.info(traceback.format_exc())
+                app.log.info(traceback.format_exc())
             self.close_connection = True
             self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
                                             % e.__class__.__name__, code="internal_error"))
         finally:
             self.reader.request_read()
-            server.request_finished(self.status_sent)
+            app.request_finished(self.status_sent)
             self.log_request_line(method, path)
 
-    def admit(self, method, path):
-        """What every request passes before its route: a Host naming this proxy (DNS
-        rebinding), no foreign web page (Origin), the client key, a JSON content type.
-        True when the request was answered here (a CORS preflight)."""
-        config = self.server.config
-        host = self.header.get("host")
-        if not self.server.host_allowed(host):
-            raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
-                             "If clients reach it by that name, start it with --allow-host."
-                             % host, code="host_not_allowed")
-        origin = self.header.get("origin")
-        if origin is not None:
-            if origin not in config.allow_origins:
-                raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
-                                 "page you trust call the proxy, start it with --allow-origin "
-                                 "%s." % (origin, origin), code="origin_not_allowed")
-            self.cors_origin = origin
-            if method == "OPTIONS" and self.header.get("access-control-request-method"):
-                self.send_preflight()  # carries no credentials, so needs no client key
-                return True
-        elif (self.header.get("sec-fetch-site") or "none").lower() not in ("none",
-                                                                            "same-origin"):
-            # A page's <img> or link sends a GET with no Origin; browsers still mark it
-            # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
-            raise ProxyError(403, "Requests from other web sites are refused.",
-                             code="origin_not_allowed")
-        if config.client_key and path != "/healthz" and not self.client_key_ok():
-            raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
-                             "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
-                             "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
-        ctype = self.header.get("content-type")
-        if method == "POST" and ctype is not None and \
-                ctype.split(";")[0].strip().lower() != "application/json":
-            # A browser's form or text/plain post needs no preflight: refuse it before
-            # anything is sent upstream.
-            raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
-                             "header 'Content-Type: application/json' (curl -d alone sends a "
-                             "form type)." % ctype, code="unsupported_media_type")
-        return False
+    # -- what an App route reads ------------------------------------------------------------
 
-    def client_key_ok(self):
-        key = self.server.config.client_key
-        scheme, _, value = (self.header.get("authorization") or "").partition(" ")
-        candidates = [value.strip()] if scheme.lower() == "bearer" else []
-        candidates.append((self.header.get("x-api-key") or "").strip())
-        return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key)
-                   for c in candidates)
+    def session_id(self):
+        return self.header.get("session_id") or self.header.get("session-id")
 
-    def route(self, method, path):
-        """The handler's name for method and path, else the fitting JSON error."""
-        methods = self.ROUTES.get(path)
-        if path == "/shutdown" and not self.server.config.http_shutdown:
-            methods = None
-        if methods is None:
-            raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                             % path, code="not_found")
-        if "websocket" in (self.header.get("upgrade") or "").lower():
-            raise ProxyError(426, "WebSocket is not supported here; use HTTP "
-                             "(the Codex CLI falls back to it by itself).",
-                             code="websocket_not_supported")
-        name = methods.get(method)
-        if name is None:
-            raise ProxyError(405, "%s does not take %s; use %s." % (
-                path, method, " or ".join(sorted(methods))), code="method_not_allowed",
-                headers=[("Allow", ", ".join(sorted(methods)))])
-        return name
+    def codex_headers(self):
+        """The Codex CLI's own headers a client sent, passed on to the backend as they are."""
+        return [(k, v) for k, v in self.header.items()
+                if k.startswith("x-codex-") or k in FORWARDED_REQUEST_HEADERS]
 
-    def has_body(self):
-        return (self.header.get("content-length") or "0").strip() != "0" or \
-            "chunked" in (self.header.get("transfer-encoding") or "").lower()
+    def forwardable_headers(self):
+        """API-key mode: the client's headers as it wrote them, less ours and its secrets;
+        of duplicates the first, the one the checks saw."""
+        headers, seen = {}, set()
+        for name, value in self.headers.items():
+            if name.lower() not in NOT_FORWARDED_AS_IS and name.lower() not in seen:
+                headers[name] = value
+            seen.add(name.lower())
+        return headers
 
-    def send_preflight(self):
-        if self.has_body():
-            self.close_connection = True  # its body is not read: it must not pass for a request
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers",
-                         self.header.get("access-control-request-headers")
-                         or "authorization, content-type")
-        self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        self.headers_sent = True
-        self.status_sent = 204
+    # -- answers ----------------------------------------------------------------------------
 
     def end_headers(self):
         if self.cors_origin:  # only ever for an origin given with --allow-origin
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
             self.send_header("Vary", "Origin")
             self.send_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # tell the client, not just hang up
         try:
             super().end_headers()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+        except CLIENT_GONE_ERRORS:
             raise ClientGone()
+        self.headers_sent = True
 
-    # -- responses ------------------------------------------------------------------------
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        self.status_sent = code
 
-    def send_json(self, status, obj, headers=()):
-        body = json.dumps(obj).encode()
+    def send_whole(self, status, content_type, body, headers=()):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")  # tell the client, not just hang up
         self.end_headers()
-        self.headers_sent = True
-        self.status_sent = status
         if self.command != "HEAD":
             self.write(body)
+
+    def send_json(self, status, obj, headers=()):
+        self.send_whole(status, "application/json", json.dumps(obj).encode(), headers)
+
+    def send_text(self, status, body):
+        self.send_whole(status, "text/plain; charset=utf-8", body)
 
     def send_error_json(self, err):
         if self.headers_sent:
@@ -2483,37 +3292,82 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The base class calls this for requests it cannot parse; answer them in JSON too."""
         self.close_connection = True
+        self.headers_sent = False
+        self.log_fields = {}
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.1"  # nobody speaks 0.9: give a status line and headers
-        messages = {400: "Malformed HTTP request.", 414: "Request line too long.",
-                    431: "Request header fields too large.",
-                    501: "Method not supported.", 505: "HTTP version not supported."}
-        err = ProxyError(code, messages.get(code, message or "Bad request."),
-                         code="bad_http_request")
-        self.headers_sent = False
+        message = BAD_REQUEST_MESSAGES.get(code, message or "Bad request.")
         try:
-            body = json.dumps(err.body()).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
-        except (OSError, ClientGone):
+            self.send_error_json(ProxyError(code, message, code="bad_http_request"))
+        except OSError:
             pass
-        self.server.log.info("%s %s" % (code, messages.get(code, message)))
+        self.server.app.log.info("%s %s" % (code, message))
+
+    def send_preflight(self):
+        if has_body(self.header):
+            self.close_connection = True  # its body is not read: it must not pass for a request
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.header.get("access-control-request-headers")
+                         or "authorization, content-type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def start_event_stream(self, headers):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.start_body(headers)
+
+    def start_pass_through(self, resp):
+        self.send_response(resp.status)
+        # send_response() has sent our own Date and Server: one of each per message
+        headers = [(name, value) for name, value in resp.getheaders()
+                   if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server")]
+        if resp.length is not None and not resp.chunked:
+            headers.append(("Content-Length", str(resp.length)))
+            self.chunked = False
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+        else:
+            self.start_body(headers)
+
+    def start_body(self, headers):
+        """The rest of the head of a body of unknown length: chunked, or ended by closing."""
+        self.chunked = self.request_version != "HTTP/1.0"
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
 
     def write(self, data):
         try:
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+        except CLIENT_GONE_ERRORS:
             raise ClientGone()
 
-    def write_chunk(self, data):
+    def write_body(self, data):
         if self.chunked:
             self.write(b"%X\r\n%s\r\n" % (len(data), data))
         else:
             self.write(data)
+
+    def end_body(self, tail):
+        """The last piece of a body and its end, in one write."""
+        if not self.chunked:
+            self.write(tail)
+        elif tail:
+            self.write(b"%X\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        else:
+            self.write(b"0\r\n\r\n")
+
+    # -- the log ----------------------------------------------------------------------------
 
     def log_message(self, format, *args):
         pass  # the base class's access log; ours is log_request_line
@@ -2522,497 +3376,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def log_request_line(self, method, path):
+        log = self.server.app.log
         f = self.log_fields
         parts = [method, path]
         if f.get("model"):
             parts.append("model=%s" % f["model"])
-        parts.append("status=%s" % self.server.log.status(self.status_sent or 0))
+        parts.append("status=%s" % log.status_code(self.status_sent or 0))
         parts.append("%.3fs" % (time.monotonic() - self.started))
         if "in" in f or "out" in f:
             parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
         for key in ("stream", "error", "note"):
             if f.get(key):
                 parts.append(key if f[key] is True else "%s=%s" % (key, f[key]))
-        self.server.log.info(" ".join(parts))
-
-    # -- routes ---------------------------------------------------------------------------
-
-    def handle_healthz(self):
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.headers_sent = True
-        self.status_sent = 200
-        if self.command != "HEAD":
-            self.write(body)
-
-    def read_body(self):
-        limit = self.server.config.max_body_bytes
-        if "chunked" in (self.header.get("transfer-encoding") or "").lower():
-            return self._read_chunked_body(limit)
-        length = self.header.get("content-length")
-        if length is None:
-            return b""
-        if not re.match(r"^[0-9]+$", length.strip()):  # not isdigit(): '\xb2' is a digit to it
-            self.close_connection = True  # the body's end is unknown: nothing after it is safe
-            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
-        length = int(length)
-        if length > limit:
-            self.close_connection = True  # the unread body must not be taken for a request
-            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
-                             % (length, limit), code="request_too_large")
-        if length:
-            self.send_continue()
-        try:
-            data = self.rfile.read(length)
-        except socket.timeout:
-            self.close_connection = True
-            raise ProxyError(408, "The request body did not arrive within %g s."
-                             % REQUEST_READ_DEADLINE, code="request_timeout")
-        if len(data) < length:
-            raise ClientGone()
-        return data
-
-    def _read_chunked_body(self, limit):
-        self.send_continue()
-        try:
-            return self._read_chunks(limit)
-        except socket.timeout:
-            self.close_connection = True
-            raise ProxyError(408, "The request body did not arrive within %g s."
-                             % REQUEST_READ_DEADLINE, code="request_timeout")
-
-    def _read_chunks(self, limit):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size_text = line.split(b";")[0].strip()
-                if not re.match(rb"^[0-9A-Fa-f]+$", size_text):  # int() takes '-1', '0x1', '1_0'
-                    raise ValueError(size_text)
-                size = int(size_text, 16)
-            except ValueError:
-                self.close_connection = True
-                raise ProxyError(400, "Malformed chunked request body.", code="invalid_body")
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > limit:
-                self.close_connection = True
-                raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
-                                 code="request_too_large")
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)
-
-    def handle_status(self):
-        self.send_json(200, self.server.status())
-
-    def handle_shutdown(self):
-        self.send_json(200, {"status": "shutting down"})
-        self.close_connection = True
-        self.server.begin_shutdown("GET /shutdown")
-
-    def handle_models(self):
-        server = self.server
-        if server.config.mode == "apikey":
-            url = upstream_url_for(server.config.upstream_url, "models")
-            return self.forward_as_is("GET", url, None)
-        self.send_json(200, server.models.get(self.fetch_models, server.log))
-
-    def fetch_models(self):
-        """The backend's model list as OpenAI's: {"object": "list", "data": [...]}."""
-        server = self.server
-        url = "%s?client_version=%s" % (upstream_url_for(server.config.upstream_url, "models"),
-                                        urllib.parse.quote(server.config.client_version))
-        rejected_token = None
-        while True:
-            creds = server.auth.get(rejected_token)
-            headers = server.upstream_headers(creds, None, ())
-            headers["Accept"] = "application/json"
-            conn, resp, dump = self.exchange("GET", url, None, headers)
-            body = self.read_answer(conn, resp, dump)
-            if resp.status == 401 and rejected_token is None:
-                rejected_token = creds.access_token
-                continue
-            if resp.status != 200:
-                raise translate_upstream_error(resp.status, body)
-            try:
-                models = json.loads(body)["models"]
-                now = int(time.time())
-                return {"object": "list", "data": [
-                    {"id": m["slug"], "object": "model", "created": now, "owned_by": "openai"}
-                    for m in models if isinstance(m, dict) and m.get("visibility") == "list"
-                    and isinstance(m.get("slug"), str)]}
-            except (ValueError, KeyError, TypeError):
-                raise ProxyError(502, "The backend's model list was not in the expected shape.",
-                                 code="bad_upstream_answer")
-
-    def exchange(self, method, url, body, headers):
-        """One upstream request: sent (and dumped), quota headers noted.
-        Returns (conn, response, dump or None)."""
-        server = self.server
-        dump = server.dumper.request(method, url, list(headers.items()), body) \
-            if server.dumper else None
-        conn, resp = send_upstream(server.pool, url, body, headers,
-                                   server.config.stream_idle_timeout, method)
-        server.quota.update(resp.getheaders())
-        if dump:
-            dump.answer(resp.status, resp.getheaders())
-        return conn, resp, dump
-
-    def read_answer(self, conn, resp, dump):
-        """A whole (non-streamed) upstream answer, its connection settled."""
-        upstream = UpstreamBody(conn, resp)
-        try:
-            body = upstream.read_all(1 << 22)
-        except (OSError, http.client.HTTPException):
-            body = b""
-        upstream.settle(self.server.pool)
-        if dump:
-            dump.finish(body)
-        return body
-
-    def forward_as_is(self, method, url, body):
-        """API-key mode: the request goes as the client sent it, with our key; the answer
-        comes back as the upstream sent it, piece by piece as it arrives."""
-        server = self.server
-        headers, seen = {}, set()
-        for name, value in self.headers.items():  # names as the client wrote them; the first
-            if name.lower() not in NOT_FORWARDED_AS_IS and name.lower() not in seen:  # of
-                headers[name] = value  # duplicates, the one the checks saw
-            seen.add(name.lower())
-        headers["Authorization"] = server.config.api_key_header
-        conn, resp, dump = self.exchange(method, url, body, headers)
-        upstream = UpstreamBody(conn, resp)
-        with self.relaying(conn, dump) as watch:
-            self.send_response(resp.status)
-            for name, value in resp.getheaders():
-                # send_response() has sent our own Date and Server: one of each per message
-                if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server"):
-                    self.send_header(name, value)
-            self.chunked = False
-            if resp.length is not None and not resp.chunked:
-                self.send_header("Content-Length", str(resp.length))
-            elif self.request_version != "HTTP/1.0":
-                self.chunked = True
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                self.close_connection = True
-            self.end_headers()
-            self.headers_sent = True
-            self.status_sent = resp.status
-            while True:
-                try:
-                    data = upstream.read()
-                except (OSError, http.client.HTTPException):
-                    if watch["gone"]:
-                        raise ClientGone()
-                    data = b""
-                if not data:
-                    break
-                if dump:
-                    dump.body += data
-                self.write_chunk(data)
-        if not upstream.settle(server.pool):
-            self.log_fields["error"] = "upstream_disconnected"
-            self.close_connection = True  # the client must not take a cut body as whole
-            return
-        if self.chunked:
-            self.write(b"0\r\n\r\n")
-
-    @contextlib.contextmanager
-    def relaying(self, conn, dump):
-        """Around relaying an upstream answer: a client hang-up cuts the upstream at once, any
-        failure closes it (its state is unknown), and the dump is written in the end."""
-        server = self.server
-        watch = server.hangups.watch(self.connection, conn.sock)
-        try:
-            yield watch
-        except BaseException as e:
-            conn.close()
-            if isinstance(e, ClientGone):
-                watch["gone"] = True
-                self.log_fields["note"] = "client disconnected; upstream closed"
-            raise
-        finally:
-            server.hangups.unwatch(watch)
-            if dump:
-                dump.finish()
-
-    def handle_responses(self):
-        server = self.server
-        config = server.config
-        if config.mode == "apikey":
-            return self.forward_as_is("POST", config.upstream_url, self.body)
-        body, source, spans = self.json_body()
-        previous = body.get("previous_response_id")
-        history = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            history = server.conversations.history(previous)
-            if history is None:
-                raise unknown_response_error(previous)
-        upstream_body, session_id = rewrite_request(body, config.instructions,
-                                                    self.client_session(),
-                                                    server.dropped_params(body.get("model")),
-                                                    history)
-        span = unchanged_span("input", upstream_body["input"], body, spans)
-        own_input = source[span[0]:span[1]] if span else json.dumps(
-            upstream_body["input"][len(history or ()):], separators=(",", ":"))
-        encode = lambda b: encode_json_object(b, body, source, spans)
-        conn, resp, dump = self.open_upstream(upstream_body, encode, session_id,
-                                              self.codex_headers())
-        self.relay(conn, resp, body.get("stream") is True, dump,
-                   remember=(previous, own_input))
-
-    def handle_chat_completions(self):
-        server = self.server
-        config = server.config
-        if config.mode == "apikey":
-            url = upstream_url_for(config.upstream_url, "chat/completions")
-            return self.forward_as_is("POST", url, self.body)
-        body = self.json_body()[0]
-        request = chat_to_responses(body)
-        upstream_body, session_id = rewrite_request(request, config.instructions,
-                                                    self.client_session(),
-                                                    server.dropped_params(body.get("model")))
-        stream = body.get("stream") is True
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
-            if isinstance(body.get("stream_options"), dict) else False
-        conn, resp, dump = self.open_upstream(upstream_body, encode_json_object, session_id,
-                                              self.codex_headers())
-        self.relay(conn, resp, stream, dump, chat=ChatStream(body.get("model"), include_usage))
-
-    def json_body(self):
-        """(body, source, spans) of the request's JSON object; notes the model for the log."""
-        raw = decode_request_body(self.body, self.header.get("content-encoding"),
-                                  self.server.config.max_body_bytes)
-        parsed = parse_json_object(raw)
-        body = parsed[0]
-        self.log_fields["model"] = body.get("model") if isinstance(body.get("model"), str) else None
-        self.log_fields["stream"] = body.get("stream") is True
-        return parsed
-
-    def client_session(self):
-        return self.header.get("session_id") or self.header.get("session-id")
-
-    def codex_headers(self):
-        return [(k, v) for k, v in self.header.items()
-                if k.lower().startswith("x-codex-") or k.lower() in FORWARDED_REQUEST_HEADERS]
-
-    def open_upstream(self, body, encode, session_id, extra_headers):
-        """Send the request; on a 401 refresh and retry once; on 400 "Unsupported parameter: X"
-        drop X, remember it, and retry once. Returns (conn, response, dump) for a 200."""
-        server = self.server
-        rejected_token = None
-        dropped_now = set()
-        while True:
-            creds = server.auth.get(rejected_token)
-            payload = encode(body)
-            if server.log.debug_enabled:
-                server.log.debug("upstream request (%d bytes): %s%s" % (
-                    len(payload), payload[:16384].decode("utf-8", "replace"),
-                    "... [truncated]" if len(payload) > 16384 else ""))
-            headers = server.upstream_headers(creds, session_id, extra_headers)
-            conn, resp, dump = self.exchange("POST", server.config.upstream_url, payload, headers)
-            if resp.status == 200:
-                return conn, resp, dump
-            error_body = self.read_answer(conn, resp, dump)
-            if resp.status == 401 and rejected_token is None:
-                server.log.info("backend answered 401; re-reading the login and retrying once")
-                rejected_token = creds.access_token
-                continue
-            param = unsupported_parameter(resp.status, error_body)
-            if param and param not in dropped_now and param in body and \
-                    param not in ESSENTIAL_PARAMS:
-                server.log.warn_once("param:%s:%s" % (body.get("model"), param),
-                                     "the backend rejects the parameter %r for model %s; dropping "
-                                     "it from this and later requests" % (param, body.get("model")))
-                server.remember_dropped(body.get("model"), param)
-                dropped_now.add(param)
-                body = dict(body)
-                body.pop(param, None)
-                continue
-            err = translate_upstream_error(resp.status, error_body)
-            err.headers = forwarded_response_headers(resp.getheaders())
-            if resp.status == 401:
-                err.message = ("The backend refused the access token even after a refresh. "
-                               + LOGIN_HINT)
-            raise err
-
-    def relay(self, conn, resp, client_stream, dump=None, chat=None, remember=None):
-        """Read the backend's event stream; pass it on live, or gather it into one answer.
-        chat: a ChatStream when the client speaks Chat Completions. remember: (previous id,
-        own input JSON) to keep for previous_response_id once the response completes: before
-        the client sees the end, so its next turn can name this one at once."""
-        server = self.server
-        assembler = ResponseAssembler()
-        parser = SSEParser()
-        headers = forwarded_response_headers(resp.getheaders())
-        self.chunked = self.request_version != "HTTP/1.0"
-        upstream = UpstreamBody(conn, resp)
-        failure = None
-        tail = b""
-        debug = server.log.debug_enabled
-        with self.relaying(conn, dump) as watch:
-            if client_stream:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                self.send_header("Cache-Control", "no-cache")
-                if self.chunked:
-                    self.send_header("Transfer-Encoding", "chunked")
-                else:
-                    self.close_connection = True
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.end_headers()
-                self.headers_sent = True
-                self.status_sent = 200
-            while assembler.terminal is None:
-                try:
-                    chunk = upstream.read()
-                except socket.timeout:
-                    failure = ("stream_idle_timeout", "The backend sent nothing for %g s."
-                               % server.config.stream_idle_timeout, 504)
-                    break
-                except (OSError, http.client.HTTPException) as e:
-                    if watch["gone"]:
-                        raise ClientGone()
-                    failure = ("upstream_disconnected", "The backend connection broke mid-stream "
-                               "(%s)." % e.__class__.__name__, 502)
-                    break
-                if not chunk:
-                    if watch["gone"]:
-                        raise ClientGone()
-                    failure = ("stream_incomplete", "upstream closed the stream before the "
-                               "response completed", 502)
-                    break
-                if dump:
-                    dump.body += chunk
-                out = []
-                for event in parser.feed(chunk):
-                    frame = event.raw
-                    etype = event.event
-                    if debug:
-                        server.log.debug("stream event %s (%d bytes)" % (etype, len(frame)))
-                    if chat is not None:
-                        out.extend(self.chat_frames(chat, assembler, event))
-                        continue
-                    if (etype is None or etype in INSPECTED_EVENTS) and event.data is not None:
-                        try:
-                            payload = json.loads(event.data)
-                        except ValueError:
-                            payload = None
-                        if isinstance(payload, dict):
-                            etype = payload.get("type") or etype
-                            assembler.add(etype, payload)
-                            if (etype in ("response.completed", "response.incomplete")
-                                    and isinstance(payload.get("response"), dict)
-                                    and not payload["response"].get("output")
-                                    and assembler.items):
-                                frame = completed_event_bytes(payload, assembler.output())
-                    out.append(frame)
-                if remember is not None and assembler.terminal is not None:
-                    self.remember(assembler, *remember)
-                    remember = None
-                if client_stream and out:
-                    if assembler.terminal is None:
-                        self.write_chunk(b"".join(out))
-                    else:
-                        tail = b"".join(out)  # goes out with the stream's end, in one write
-        if failure is not None or assembler.terminal is None:
-            conn.close()  # an unfinished stream: this connection cannot carry another request
-        usage = assembler.usage()
-        self.log_fields["in"] = usage.get("input_tokens", "-")
-        self.log_fields["out"] = usage.get("output_tokens", "-")
-        settled = failure is None and upstream.complete
-        if settled:  # the body's end came with the last event: pooled before the client hears
-            upstream.settle(server.pool)  # the end, so its next turn finds the connection
-        try:
-            if client_stream:
-                self.finish_stream(failure, chat, tail)
-            else:
-                self.answer_collected(assembler, failure, headers, chat)
-        finally:  # answered (or failing to): the connection goes back to the pool or is closed
-            if failure is None and not settled:
-                self.drain_for_reuse(conn, upstream)
-
-    def remember(self, assembler, previous, own_input):
-        """Keep a finished response for previous_response_id. A store that fails costs a
-        warning, never the answer the user has paid for."""
-        response_id = (assembler.response or {}).get("id")
-        if assembler.terminal not in ("response.completed", "response.incomplete") or \
-                not isinstance(response_id, str):
-            return
-        try:
-            self.server.conversations.put(response_id, previous, own_input, assembler.output())
-        except Exception as e:
-            self.server.log.info("warning: could not keep response %s for "
-                                 "previous_response_id: %s" % (response_id, e))
-
-    @staticmethod
-    def chat_frames(chat, assembler, event):
-        """A Chat Completions client's frames for one backend event (all events decoded)."""
-        try:
-            payload = json.loads(event.data) if event.data is not None else None
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            return []
-        etype = payload.get("type") or event.event
-        assembler.add(etype, payload)
-        return chat.frames(etype, payload)
-
-    def finish_stream(self, failure, chat=None, tail=b""):
-        """The stream's last frames (tail, or an error) and its end, in one write."""
-        if failure is not None:
-            code, message, status = failure
-            self.log_fields["error"] = code
-            frames = chat.error(code, message) if chat else [error_event_bytes(code, message)]
-            tail += b"".join(frames)
-        if not self.chunked:
-            self.write(tail)
-        elif tail:
-            self.write(b"%X\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
-        else:
-            self.write(b"0\r\n\r\n")
-
-    def answer_collected(self, assembler, failure, headers, chat=None):
-        if failure is not None:
-            code, message, status = failure
-            raise ProxyError(status, message, code=code, headers=headers)
-        if assembler.terminal in ("response.completed", "response.incomplete"):
-            response = assemble_response(assembler.response, assembler.output())
-            self.send_json(200, chat_completion(response, response.get("output") or [])
-                           if chat else response, headers)
-            return
-        error = assembler.error or {}
-        code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
-                                     else "upstream_error")
-        message = error.get("message") or "The backend reported a failure (%s)." % code
-        raise ProxyError(failure_status(code), message, code=code, param=error.get("param"),
-                         type="server_error" if failure_status(code) >= 500 else None,
-                         headers=headers)
-
-    def drain_for_reuse(self, conn, upstream):
-        """After the terminal event the backend ends its body, usually in the same read; take
-        that end so the connection can serve the next turn. A body that lingers costs the
-        connection, not the client's time."""
-        try:
-            if not upstream.complete:
-                conn.sock.settimeout(0.25)
-                while upstream.read():
-                    pass
-        except (OSError, http.client.HTTPException, AttributeError):
-            conn.close()
-            return
-        upstream.settle(self.server.pool)
+        log.info(" ".join(parts))
 
 
 class QuotaTracker:
@@ -3088,186 +3464,37 @@ class ModelsCache:
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
+    """Serves sockets, a thread per connection; everything else is the App's."""
+
     daemon_threads = True
     request_queue_size = 1024  # a burst of clients connecting at once must not be refused
     allow_reuse_address = True
 
     def __init__(self, config, log=None):
-        self.config = config
-        self.log = log or Log(debug=config.debug)
-        self.user_agent = "%s/%s (%s %s; %s) codex-responses-proxy/%s" % (
-            config.originator, config.client_version, platform.system() or "unknown",
-            platform.release() or "unknown", platform.machine() or "unknown", __version__)
-        self.auth = AuthStore(config.auth_path, config.refresh_url, self.user_agent, self.log)
-        if config.api_key_header:
-            self.log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
-        self.pool = ConnectionPool()
-        self.hangups = HangupWatcher()
-        self.quota = QuotaTracker()
-        self.models = ModelsCache()
-        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
-                              if config.state_db else ConversationStore(config.state_max_bytes))
-        self.dumper = ExchangeDumper(config.dump_dir, self.log) if config.dump_dir else None
-        self.started = time.time()
-        self._dropped = {}  # model -> parameters the backend rejected for it
-        self._inflight = 0
-        self._inflight_cond = threading.Condition()
-        self._counts = {"total": 0, "by_status": {}}
-        self._stopping = threading.Event()
-        self.slots = threading.BoundedSemaphore(config.max_concurrent)
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        self.address_family = family
-        super().__init__((config.host, config.port), ProxyHandler)
+        self.app = App(config, log or Log(debug=config.debug))
+        self.app.on_shutdown = self.shutdown
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            super().__init__((config.host, config.port), ProxyHandler)
+        except BaseException:
+            self.app.close()
+            raise
 
     @property
     def url(self):
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
-    def host_allowed(self, value):
-        """Is this Host header a name of ours: localhost, a loopback address or the listening
-        one (on our port), or a name given with --allow-host?"""
-        if value is None:
-            return True  # HTTP/1.0 clients; browsers always send Host
-        value = value.strip().lower()
-        if value.startswith("["):
-            name, _, rest = value[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else ""
-        else:
-            name, sep, port = value.rpartition(":")
-            if not sep:
-                name, port = value, ""
-        allowed = self.config.allow_hosts
-        if name in allowed or value in allowed:
-            return True
-        own = ("localhost", "127.0.0.1", "::1", self.server_address[0].lower())
-        return name in own and port in ("", str(self.server_address[1]))
-
-    def dropped_params(self, model):
-        return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
-
-    def remember_dropped(self, model, name):
-        if isinstance(model, str):
-            with self._inflight_cond:
-                self._dropped[model] = self._dropped.get(model, frozenset()) | {name}
-
-    def upstream_headers(self, creds, session_id, extra):
-        headers = {
-            "Authorization": "Bearer " + creds.access_token,
-            "originator": self.config.originator,
-            "User-Agent": self.user_agent,
-            "version": self.config.client_version,
-            "Accept": "text/event-stream",
-            "Content-Type": "application/json",
-        }
-        if session_id:
-            headers["session_id"] = headers["session-id"] = session_id
-        if creds.account_id:
-            headers["ChatGPT-Account-ID"] = creds.account_id
-        for name, value in extra:
-            headers.setdefault(name, value)
-        return headers
-
-    def request_started(self):
-        with self._inflight_cond:
-            self._inflight += 1
-
-    def request_finished(self, status):
-        with self._inflight_cond:
-            self._inflight -= 1
-            self._inflight_cond.notify_all()
-            self._counts["total"] += 1
-            key = str(status or "none")
-            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
-
-    @property
-    def stopping(self):
-        return self._stopping.is_set()
-
-    def begin_shutdown(self, why):
-        """Stop accepting (from any thread but serve_forever's); main() then drains."""
-        if not self._stopping.is_set():
-            self._stopping.set()
-            self.log.info("%s: finishing requests in flight" % why)
-            threading.Thread(target=self.shutdown, daemon=True).start()
-
-    def status(self):
-        """What /status says: no secrets, only what a person or a monitor needs."""
-        config = self.config
-        with self._inflight_cond:
-            requests = {"total": self._counts["total"], "in_flight": self._inflight,
-                        "by_status": dict(self._counts["by_status"])}
-        status = {"mode": config.mode, "version": __version__,
-                  "uptime_seconds": int(time.time() - self.started),
-                  "upstream": config.upstream_url, "requests": requests}
-        if config.mode == "apikey":
-            status["api_key_from"] = config.api_key_source
-            return status
-        login = {"auth_file": config.auth_path}
-        try:
-            creds = self.auth.load()
-        except ProxyError as e:
-            login.update(ok=False, error=e.message)
-        else:
-            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
-                         access_token_expires_at=iso_time(creds.expires_at),
-                         access_token_expires_in_seconds=None if creds.expires_at is None
-                         else int(creds.expires_at - time.time()),
-                         last_refresh=creds.data.get("last_refresh"))
-        login["last_refresh_attempt"] = self.auth.last_refresh
-        status["login"] = login
-        status["quota"] = self.quota.snapshot()
-        return status
-
-    def wait_idle(self, timeout):
-        """Wait for requests in flight to finish; False if some were still running."""
-        deadline = time.monotonic() + timeout
-        with self._inflight_cond:
-            while self._inflight > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._inflight_cond.wait(left)
-        return True
-
     def handle_error(self, request, client_address):
         # Connection-level failures (a client resetting mid-request) are routine, not bugs.
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, socket.timeout)):
             return
-        self.log.info("connection error from %s: %s" % (client_address[0], exc))
+        self.app.log.info("connection error from %s: %s" % (client_address[0], exc))
 
     def server_close(self):
         super().server_close()
-        self.pool.close_all()
-        self.conversations.close()
-
-    def permission_warning(self):
-        """A warning when auth.json can be read by others than its owner, else None."""
-        try:
-            mode = os.stat(self.config.auth_path).st_mode
-        except OSError:
-            return None
-        if mode & 0o077:
-            return ("warning: %s is readable by group or others (mode %03o); it holds your "
-                    "login: chmod 600 %s" % (self.config.auth_path, mode & 0o777,
-                                             self.config.auth_path))
-        return None
-
-    def describe_credentials(self):
-        """What the start-up line says about the login."""
-        if self.config.mode == "apikey":
-            return "API key from %s" % self.config.api_key_source
-        try:
-            creds = self.auth.load()
-        except ProxyError as e:
-            return "no usable login: %s Requests will get 401 until this is fixed." % e.message
-        expiry = ("expires %s UTC" % datetime.datetime.fromtimestamp(
-            creds.expires_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-            if creds.expires_at else "no expiry in token")
-        return "ChatGPT login from %s (account %s, plan %s, access token %s%s)" % (
-            self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
-            expiry, ", will refresh" if creds.needs_refresh() else "")
+        self.app.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -3292,8 +3519,9 @@ def main(argv=None):
     log.info("codex-responses-proxy %s listening on %s (%s mode, upstream %s)"
              % (__version__, server.url, "API-key" if config.mode == "apikey" else "ChatGPT",
                 config.upstream_url))
-    log.info(server.describe_credentials())
-    warning = server.permission_warning()
+    app = server.app
+    log.info(app.describe_credentials())
+    warning = app.permission_warning()
     if warning:
         log.info(warning)
     if config.server_info:
@@ -3305,7 +3533,7 @@ def main(argv=None):
             return 1
 
     def stop(signum, frame):
-        server.begin_shutdown("received %s" % signal.Signals(signum).name)
+        app.begin_shutdown("received %s" % signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -3313,7 +3541,7 @@ def main(argv=None):
         server.serve_forever(poll_interval=0.5)
     finally:
         server.socket.close()  # refuse new connections now, not after the drain
-        if not server.wait_idle(SHUTDOWN_GRACE):
+        if not app.wait_idle(SHUTDOWN_GRACE):
             log.info("stopping with requests still in flight")
         server.server_close()
     log.info("stopped")

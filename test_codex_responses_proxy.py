@@ -1015,7 +1015,7 @@ class ResponsesEndpointTests(ProxyTestCase):
         conn = self.connection()
         self.addCleanup(conn.close)
         self.assertEqual(self.post(simple_request(), conn=conn)[0], 200)
-        self.proxy.begin_shutdown("test")
+        self.proxy.app.begin_shutdown("test")
         status, headers, body = self.post(simple_request(), conn=conn)
         self.assert_openai_error(status, body, 503, code="shutting_down")
         self.assertEqual(headers.get("retry-after"), "2")
@@ -2788,7 +2788,7 @@ class ClientHangupTests(StreamingCase):
         self.assertTrue(self.backend.closed_early.wait(2.0),
                         "the backend kept streaming to a client that had left")
         self.assertLess(time.monotonic() - hung_up, 2.0)
-        self.assertTrue(self.proxy.wait_idle(2.0), "the handler thread is still busy")
+        self.assertTrue(self.proxy.app.wait_idle(2.0), "the handler thread is still busy")
         self.wait_for_log("disconnect")
         log = self.log_text()
         self.assertEqual(len([l for l in log.splitlines() if "disconnect" in l]), 1, log)
@@ -2818,7 +2818,7 @@ class ClientHangupTests(StreamingCase):
         self.assertTrue(upstream.closed.wait(2.5),
                         "the silent upstream connection was left open after the hang-up")
         self.assertLess(upstream.closed_at - hung_up, 2.0)
-        self.assertTrue(self.proxy.wait_idle(2.0))
+        self.assertTrue(self.proxy.app.wait_idle(2.0))
         self.assertIn("disconnect", self.wait_for_log("disconnect"))
         self.assertNotIn("Traceback", self.log_text())
         status, _, body = self.post(simple_request())
@@ -3865,7 +3865,7 @@ class ModelsTests(ProxyTestCase):
         return status, headers, json.loads(data)
 
     def expire_cache(self):
-        self.proxy.models._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
+        self.proxy.app.models_cache._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
 
     def test_list_shape_visibility_and_backend_headers(self):
         status, headers, body = self.models()
@@ -4362,7 +4362,7 @@ class PermissionWarningUnitTests(SecurityCase):
                             (0o400, False)):
             os.chmod(path, mode)
             with self.subTest(mode=oct(mode)):
-                warning = self.proxy.permission_warning()
+                warning = self.proxy.app.permission_warning()
                 if warns:
                     self.assertIsNotNone(warning)
                     self.assertIn("chmod 600 " + path, warning)
@@ -4566,7 +4566,7 @@ class OriginTests(SecurityCase):
                 for path in ("/shutdown", "/status", "/v1/models"):
                     response = self.raw("GET", path, [("Sec-Fetch-Site", site)])
                     self.assert_json_error(response, 403, "origin_not_allowed")
-        self.assertFalse(self.proxy._stopping.is_set(), "a web page stopped the proxy")
+        self.assertFalse(self.proxy.app._stopping.is_set(), "a web page stopped the proxy")
         for site in ("none", "same-origin"):  # typed into the address bar; the proxy's own page
             response = self.raw("GET", "/status", [("Sec-Fetch-Site", site)])
             self.assertEqual(response[0], 200, response)
@@ -5641,7 +5641,7 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         def broken(*args):
             raise OSError("database is locked")
 
-        self.proxy.conversations.put = broken
+        self.proxy.app.conversations.put = broken
         answer = self.turn("resp_x", "question", "the answer")
         self.assertEqual(answer["output"][0]["content"][0]["text"], "the answer")
         events = self.turn("resp_y", "question", "streamed", stream=True)
@@ -5651,14 +5651,14 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
 
     def test_stored_before_the_client_sees_the_end(self):
         # A client may name a response the moment its stream ends: it must be known by then.
-        put, stored_at = self.proxy.conversations.put, []
+        put, stored_at = self.proxy.app.conversations.put, []
 
         def slow_put(*args):
             time.sleep(0.3)
             put(*args)
             stored_at.append(time.monotonic())
 
-        self.proxy.conversations.put = slow_put
+        self.proxy.app.conversations.put = slow_put
         self.backend.replies.append(reply_for("resp_early", "done"))
         conn = self.connection()
         self.addCleanup(conn.close)
@@ -5704,7 +5704,7 @@ class StateDbTests(ChainMixin, ChatCase):
 
     def start_db_proxy(self, **overrides):
         self.start_proxy(state_db=self.db, **overrides)
-        store = self.proxy.conversations
+        store = self.proxy.app.conversations
         self.addCleanup(lambda: store._db.close() if hasattr(store, "_db") else None)
         return self.proxy
 
