@@ -20,7 +20,6 @@ import base64
 import collections
 import contextlib
 import datetime
-import functools
 import hashlib
 import hmac
 import http.client
@@ -28,6 +27,7 @@ import http.server
 import importlib
 import io
 import ipaddress
+import itertools
 import json
 import os
 import platform
@@ -1948,7 +1948,7 @@ class ChunkedDecoder:
             return None  # a large chunk still arriving: the careful path holds it without copies
         sizes, datas = parts[0::2], parts[1::2]
         try:
-            if list(map(_hex, sizes)) != list(map(len, datas)) or not all(datas):
+            if list(map(int, sizes, _SIXTEENS)) != list(map(len, datas)) or not all(datas):
                 return None
         except ValueError:
             return None
@@ -1997,9 +1997,10 @@ class ChunkedDecoder:
         return b"".join(out)
 
 
-# int() is lenient ("0x1f", " 1f"), but each size must also equal its data's length, so a
-# lenient spelling cannot shift the framing; it keeps the per-chunk work in C.
-_hex = functools.partial(int, base=16)
+# Chunk sizes are read by int(size, 16) in map(), keeping the per-chunk work in C. int() is
+# lenient ("0x1f", " 1f"), but each size must also equal its data's length, so a lenient
+# spelling cannot shift the framing.
+_SIXTEENS = itertools.repeat(16)
 
 
 class UpstreamBody:
@@ -2028,7 +2029,7 @@ class UpstreamBody:
             self._eof = not data
             return data
         while not self._chunked.done:
-            data = self.resp.fp.read1(65536)
+            data = self.resp.fp.read1(262144)
             if not data:
                 return b""
             try:
@@ -2529,10 +2530,15 @@ def json_request_body(raw, headers, limit):
 # Completions), into a sink (SSE to the client, or one collected JSON answer)
 # --------------------------------------------------------------------------------------------
 
-# The frames the relay must read; all others pass through as bytes, never decoded.
-_INSPECTED_FRAME_RE = re.compile(
-    rb"(?:^|\n\n)event: ?(response\.output_item\.done|response\.completed|response\.incomplete|"
-    rb"response\.failed|response\.created|error)\n")
+# One pass over a block of whole frames finds the frames the relay must read (output items,
+# the terminal events, errors) and any frame that does not open with an `event:` line (which
+# the full parser then reads). Every other frame passes through as bytes, never decoded.
+_FRAME_SCAN_RE = re.compile(
+    rb"\n\n(?:event: ?(response\.output_item\.done|response\.completed|response\.incomplete|"
+    rb"response\.failed|response\.created|error)\n|(?!event:|\Z))")
+_FIRST_FRAME_RE = re.compile(
+    rb"event: ?(response\.output_item\.done|response\.completed|response\.incomplete|"
+    rb"response\.failed|response\.created|error)\n|(?!event:)")
 
 
 class ResponsesTransform:
@@ -2569,20 +2575,21 @@ class ResponsesTransform:
         if end < 0:
             self._pending = [buf]
             return b""
-        block = buf[:end + 2]
         self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
-        if block[:6] != b"event:" or block.count(b"\n\nevent:") != block.count(b"\n\n") - 1:
-            return b"".join(self._inspect_event(e) for e in SSEParser().feed(block))
-        return self._inspect_block(block)
+        return self._inspect_block(buf[:end + 2])
 
     def _inspect_block(self, block):
+        """Whole frames: the bytes to relay for them."""
         if self._log:
             for frame in block.split(b"\n\n")[:-1]:
                 self._log.debug("stream event %s (%d bytes)" % (
                     frame[6:frame.find(b"\n")].strip().decode("utf-8", "replace"), len(frame) + 2))
         pieces, done = [], 0
-        for m in _INSPECTED_FRAME_RE.finditer(block):
-            start = m.start() + 2 if m.start() else 0
+        first = _FIRST_FRAME_RE.match(block)
+        for m in itertools.chain((first,) if first else (), _FRAME_SCAN_RE.finditer(block)):
+            if m.group(1) is None:  # a frame of another shape: all of them through the parser
+                return b"".join(self._inspect_event(e) for e in SSEParser().feed(block))
+            start = m.start() + 2 if m is not first else 0
             end = block.find(b"\n\n", m.end() - 1) + 2
             frame = self._inspect_data(m.group(1).decode(),
                                        _join_data(block[m.end():end - 2].split(b"\n")))
