@@ -81,7 +81,9 @@ DEFAULT_MAX_CONCURRENT = 64
 DEFAULT_STATE_MB = 64          # previous_response_id store in memory ...
 DEFAULT_STATE_DB_MB = 1024     # ... and with --state-db
 CLIENT_KEY_ENV = "CODEX_PROXY_CLIENT_KEY"
-IDLE_CONNECTION_TIMEOUT = 75.0  # a keep-alive connection with no request is closed, as nginx does
+# An idle keep-alive connection is closed after this long. HTTP client libraries keep idle
+# connections for up to 90 s; closing before they do makes their next request fail.
+IDLE_CONNECTION_TIMEOUT = 125.0
 REQUEST_READ_DEADLINE = 50.0    # a request must arrive whole this soon after its first byte
 WRITE_TIMEOUT = 120.0           # a client that stops reading its stream is dropped
 

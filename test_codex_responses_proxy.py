@@ -690,6 +690,20 @@ class RewriteRequestTests(unittest.TestCase):
         self.assertIsNone(proxy.unsupported_parameter(500, b'Unsupported parameter: x'))
 
 
+class IdleConnectionTests(unittest.TestCase):
+    def test_idle_keep_alive_connections_outlive_client_pools(self):
+        # HTTP client libraries keep an idle connection for up to 90 s and then reuse it; a
+        # server that closes first makes that next request fail.
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.sendall(b"G")
+        reader = proxy.RequestReader(a)  # waiting for a request's first byte: the idle wait
+        self.assertEqual(reader.readinto(bytearray(1)), 1)
+        self.assertGreaterEqual(a.gettimeout(), 120)
+        self.assertGreaterEqual(proxy.ProxyHandler.timeout, 120)
+
+
 class SSEParserTests(unittest.TestCase):
     def feed_all(self, chunks):
         parser = proxy.SSEParser()
