@@ -834,7 +834,14 @@ class AuthStore:
 # Request rewriting (pure)
 # --------------------------------------------------------------------------------------------
 
-REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p")
+# Left out before the first try: the backend answers 400 "Unsupported parameter" to each (the
+# first four seen live, the others reported during 2026). Others it rejects are learned from
+# that answer (see unsupported_parameter), at the cost of one round trip per model.
+REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p",
+                   "prompt_cache_retention", "safety_identifier", "user", "context_management",
+                   "truncation", "metadata")
+# The backend refuses every service_tier but this one ("Unsupported service_tier: flex").
+ACCEPTED_SERVICE_TIER = "priority"
 # Never dropped on an "Unsupported parameter" answer: without them the request means something
 # else, and the client should hear of the refusal instead.
 ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools", "tool_choice",
@@ -997,6 +1004,8 @@ def rewrite_request(body, default_instructions, session_id=None, drop=(), histor
         out.pop(name, None)
     for name in drop:
         out.pop(name, None)
+    if out.get("service_tier") != ACCEPTED_SERVICE_TIER:
+        out.pop("service_tier", None)  # see service_tier_warning()
     previous = out.pop("previous_response_id", None)
     if previous is not None and history is None:
         raise unknown_response_error(previous)
@@ -1043,6 +1052,20 @@ def rewrite_request(body, default_instructions, session_id=None, drop=(), histor
     if not cache_key:
         out["prompt_cache_key"] = session_id
     return out, session_id
+
+
+def service_tier_warning(body):
+    """(key, message) for Log.warn_once when the client asked for a service_tier the backend
+    refuses, which rewrite_request() leaves out; else None. One key for every such tier: the
+    rule is said once, not once per value a client makes up."""
+    tier = body.get("service_tier")
+    if tier is None or tier == ACCEPTED_SERVICE_TIER:
+        return None
+    shown = json.dumps(tier)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return ("service_tier", "the backend accepts only service_tier %s; requests asking for "
+            "another (here %s) are sent without one" % (json.dumps(ACCEPTED_SERVICE_TIER), shown))
 
 
 def unknown_response_error(response_id):

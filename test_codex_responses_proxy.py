@@ -690,6 +690,89 @@ class RewriteRequestTests(unittest.TestCase):
         self.assertIsNone(proxy.unsupported_parameter(500, b'Unsupported parameter: x'))
 
 
+class RewriteFidelityTests(ProxyTestCase):
+    """Request rewriting as the Codex CLI 0.171 era needs it."""
+
+    NEWLY_REJECTED = ("prompt_cache_retention", "safety_identifier", "user",
+                      "context_management", "truncation", "metadata")
+
+    def test_parameters_rejected_in_2026_are_left_out_before_the_first_try(self):
+        self.backend.extra_rejected.update(self.NEWLY_REJECTED)
+        body = simple_request(prompt_cache_retention="24h", safety_identifier="u-1",
+                              user="someone", context_management=[{"type": "compaction"}],
+                              truncation="auto", metadata={"a": "b"}, seed=1)
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(len(self.backend.requests), 1, "no round trip to learn them")
+        sent = self.last_upstream()["body"]
+        for name in self.NEWLY_REJECTED:
+            self.assertNotIn(name, sent)
+        self.assertEqual(sent["seed"], 1, "the rest still goes, and is learned if refused")
+        self.assertNotIn("rejects the parameter", self.log_text())
+
+    def test_service_tier_other_than_priority_is_not_sent(self):
+        status, _, answer = self.post(simple_request(service_tier="priority"))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"]["service_tier"], "priority")
+        for tier in ("auto", "default", "flex", "fast", None, 5):
+            with self.subTest(tier=tier):
+                status, _, answer = self.post(simple_request(service_tier=tier))
+                self.assertEqual(status, 200, answer)
+                self.assertNotIn("service_tier", self.last_upstream()["body"])
+
+    def test_service_tier_warning_once_for_any_refused_tier(self):
+        self.assertIsNone(proxy.service_tier_warning({}))
+        self.assertIsNone(proxy.service_tier_warning({"service_tier": "priority"}))
+        self.assertIsNone(proxy.service_tier_warning({"service_tier": None}))
+        flex = proxy.service_tier_warning({"service_tier": "flex"})
+        auto = proxy.service_tier_warning({"service_tier": "auto"})
+        self.assertEqual(flex[0], auto[0], "one warning, whatever the tier")
+        self.assertIn('"flex"', flex[1])
+        self.assertIn('"priority"', flex[1])
+        huge = proxy.service_tier_warning({"service_tier": "x" * 10000})
+        self.assertLess(len(huge[1]), 200)
+        log = LogCapture()
+        logger = proxy.Log(log)
+        for body in ({"service_tier": "flex"}, {"service_tier": "auto"}):
+            logger.warn_once(*proxy.service_tier_warning(body))
+        self.assertEqual(log.getvalue().count("service_tier"), 1, log.getvalue())
+
+    def test_unknown_input_items_pass_through_byte_for_byte(self):
+        tools = {"type": "additional_tools", "role": "developer", "tools": [
+            {"type": "function", "name": "exec", "parameters": {"type": "object"},
+             "strict": False, "x-future": [1, {"\u00e9": None}]}]}
+        trigger = {"type": "compaction_trigger"}
+        user = {"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}]}
+        system = {"role": "system", "content": "be brief"}
+        for items, pad in (([tools, trigger, user], 0), ([tools, trigger, user], 70000),
+                           ([system, tools, trigger, user], 0),
+                           ([system, tools, trigger, user], 70000)):
+            with self.subTest(items=len(items), pad=pad):
+                raw = json.dumps({"model": "gpt-5.6-sol", "input": items, "stream": True,
+                                  "reasoning": {"context": "all_turns"}, "pad": "x" * pad},
+                                 separators=(",", ":")).encode()
+                body, source, spans = proxy.parse_json_object(raw)
+                out, _ = proxy.rewrite_request(body, "D")
+                self.assertNotIn("tools", out, "no top-level tools are made up")
+                for i, item in enumerate(items):
+                    if item is not system:
+                        self.assertIs(out["input"][i], body["input"][i])
+                payload = proxy.encode_json_object(out, body, source, spans)
+                for item in (tools, trigger):
+                    self.assertIn(json.dumps(item, separators=(",", ":")).encode(), payload)
+                self.assertEqual(json.loads(payload)["input"][-3:], [tools, trigger, user])
+        # and through the proxy, as the client wrote it
+        raw = (b'{"model": "gpt-5.6-sol", "input": [ {"type": "additional_tools", "role": '
+               b'"developer", "tools": [ {"type": "function", "name": "exec"} ] }, '
+               b'{"type":"compaction_trigger"}, {"type": "message", "role": "user", '
+               b'"content": "hi"} ], "pad": "' + b"x" * 70000 + b'"}')
+        status, _, answer = self.request("POST", "/v1/responses", raw,
+                                         {"Content-Type": "application/json"})
+        self.assertEqual(status, 200, answer[:300])
+        self.assertIn(raw[raw.index(b"[ {"):raw.index(b', "pad"')], self.last_upstream()["raw"])
+
+
 class IdleConnectionTests(unittest.TestCase):
     def test_idle_keep_alive_connections_outlive_client_pools(self):
         # HTTP client libraries keep an idle connection for up to 90 s and then reuse it; a
@@ -1006,8 +1089,8 @@ class ResponsesEndpointTests(ProxyTestCase):
         self.assertEqual(self.log_text().count("rejects the parameter 'seed'"), 1)
 
     def test_unsupported_parameter_retried_once_only(self):
-        self.backend.extra_rejected.update({"seed", "metadata"})
-        status, _, body = self.post(simple_request(seed=1, metadata={"a": "b"}))
+        self.backend.extra_rejected.update({"seed", "frequency_penalty"})
+        status, _, body = self.post(simple_request(seed=1, frequency_penalty=0.5))
         # each distinct parameter is dropped once; both get dropped, then it succeeds
         self.assertEqual(status, 200, body)
         self.assertEqual(len(self.backend.requests), 3)
