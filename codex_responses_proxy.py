@@ -62,7 +62,7 @@ __version__ = "0.1.0"
 DEFAULT_ADDR = "127.0.0.1:8787"
 DEFAULT_UPSTREAM_URL = "https://chatgpt.com/backend-api/codex/responses"
 API_UPSTREAM_URL = "https://api.openai.com/v1/responses"  # API-key mode
-DEFAULT_CLIENT_VERSION = "0.169.0"  # the backend gates models on the `version` header
+DEFAULT_CLIENT_VERSION = "0.171.0"  # the backend gates models on the `version` header
 DEFAULT_ORIGINATOR = "codex_cli_rs"
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Follow the user's and developer's instructions."
 DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # the Codex CLI's own default
@@ -180,6 +180,13 @@ def positive_float(text):
     return value
 
 
+def codex_version_arg(text):
+    if parse_codex_version(text) is None:
+        raise argparse.ArgumentTypeError("expected a Codex CLI version such as %s, got %r"
+                                         % (DEFAULT_CLIENT_VERSION, text))
+    return text.strip()
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="codex_responses_proxy.py",
@@ -199,9 +206,12 @@ def build_arg_parser():
                         % (DEFAULT_UPSTREAM_URL, API_UPSTREAM_URL))
     p.add_argument("--codex-home", metavar="DIR",
                    help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
-    p.add_argument("--client-version", default=DEFAULT_CLIENT_VERSION, metavar="V",
+    p.add_argument("--client-version", type=codex_version_arg, default=DEFAULT_CLIENT_VERSION,
+                   metavar="V",
                    help="Codex CLI version to present; the backend gates models on it "
-                        "(default %(default)s)")
+                        "(default %(default)s). A request from a newer Codex CLI (its "
+                        "`version` header or User-Agent) goes with that newer version, and "
+                        "/v1/models lists the models of the newest one seen")
     p.add_argument("--originator", default=DEFAULT_ORIGINATOR, metavar="NAME",
                    help="originator header to present (default %(default)s)")
     p.add_argument("--stream-idle-timeout", type=positive_float,
@@ -1086,6 +1096,112 @@ def unsupported_parameter(status, body):
         return None
     m = UNSUPPORTED_PARAM_RE.search(body.decode("utf-8", "replace"))
     return m.group(1) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# The Codex version presented and the client headers passed on (pure)
+# --------------------------------------------------------------------------------------------
+
+# A version as the Codex CLI writes it: 0.171.0, or 0.172.0-alpha.3 for a pre-release. [0-9],
+# not \d, which would take other scripts' digits too.
+_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})"
+                         r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
+# The User-Agent of a Codex CLI or app: "<originator>/<version> (<os>; <arch>) <terminal>".
+# Only Codex's own originators: another client's "name/1.2.3" is no Codex version.
+_CODEX_USER_AGENT_RE = re.compile(r"(?:codex_cli_rs|codex_exec|codex-tui|codex_vscode|"
+                                  r"codex_atlas|codex_chatgpt_desktop|Codex [A-Za-z]{1,30})"
+                                  r"/([0-9A-Za-z.-]{1,80})(?=[ (;]|\Z)")
+
+
+def parse_codex_version(text):
+    """'0.172.0-alpha.3' -> a key that orders versions as semantic versioning does (a
+    pre-release before its release); None for anything that is not such a version."""
+    if not isinstance(text, str) or len(text) > 80:
+        return None
+    m = _VERSION_RE.match(text.strip())
+    if not m:
+        return None
+    release = tuple(int(n) for n in m.group(1, 2, 3))
+    if m.group(4) is None:
+        return release + ((1,),)
+    return release + ((0,) + tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                                   for part in m.group(4).split(".")),)
+
+
+def client_codex_version(headers):
+    """The Codex version a request names, from its `version` header (sent by the CLI's
+    built-in provider) or its User-Agent (sent by every Codex client): (key, text), the newer
+    of the two, or None. headers: names lower-cased."""
+    found = []
+    version = (headers.get("version") or "").strip()
+    if parse_codex_version(version):
+        found.append((parse_codex_version(version), version))
+    m = _CODEX_USER_AGENT_RE.match((headers.get("user-agent") or "")[:200])
+    if m and parse_codex_version(m.group(1)):
+        found.append((parse_codex_version(m.group(1)), m.group(1)))
+    return max(found) if found else None
+
+
+class ClientVersion:
+    """The Codex version to present upstream. The backend gates new models on it, so a request
+    from a Codex CLI newer than --client-version goes with the CLI's own version, and the
+    model list is asked for with the newest version seen."""
+
+    def __init__(self, configured):
+        self.configured = configured
+        self._configured_key = parse_codex_version(configured) or ()
+        self._newest = (self._configured_key, configured)
+        self._lock = threading.Lock()
+
+    def observe(self, headers):
+        """The version to send for this request (headers: names lower-cased)."""
+        seen = client_codex_version(headers)
+        if seen is None or seen[0] <= self._configured_key:
+            return self.configured
+        with self._lock:
+            if seen[0] > self._newest[0]:
+                self._newest = seen
+        return seen[1]
+
+    @property
+    def newest(self):
+        return self._newest[1]
+
+
+RESPONSES_LITE_HEADER = "x-openai-internal-codex-responses-lite"
+ROUTING_HINT_HEADER = "x-codex-routing-hint"
+# A client's (the Codex CLI's) request headers passed on as they are, besides every x-codex-*
+# one. The responses-lite marker must arrive whenever the client sent it: with it the backend
+# expects the lite request shape (tools as an input item), without it it rejects that shape.
+# Nothing else is: Accept-Encoding above all, as the backend may then compress its stream.
+FORWARDED_CLIENT_HEADERS = ("x-openai-subagent", "x-client-request-id", RESPONSES_LITE_HEADER)
+_ROUTING_SLUG_RE = re.compile(r"[A-Za-z0-9._:/+-]{1,200}\Z")
+
+
+def routing_hint(body):
+    """x-codex-routing-hint as the Codex CLI sends it to chatgpt.com: "model=<slug>", plus
+    ";tier=<tier>" when the request names a service tier. None when the model is missing or
+    no safe header value (a client's model could hold a line break)."""
+    model, tier = body.get("model"), body.get("service_tier")
+    if not isinstance(model, str) or not _ROUTING_SLUG_RE.match(model):
+        return None
+    if isinstance(tier, str) and _ROUTING_SLUG_RE.match(tier):
+        return "model=%s;tier=%s" % (model, tier)
+    return "model=" + model
+
+
+def upstream_request_headers(client_headers, body):
+    """The headers a Codex request carries upstream on account of its client, as (name,
+    value) pairs: the one place that decides them. client_headers: the client's, names
+    lower-cased; body: the request as sent upstream. The client's own routing hint is
+    replaced by one for the body actually sent (its model, the tier left in it)."""
+    headers = [(name, value) for name, value in client_headers.items()
+               if (name.startswith("x-codex-") or name in FORWARDED_CLIENT_HEADERS)
+               and name != ROUTING_HINT_HEADER]
+    hint = routing_hint(body)
+    if hint:
+        headers.append((ROUTING_HINT_HEADER, hint))
+    return headers
 
 
 # --------------------------------------------------------------------------------------------

@@ -690,6 +690,137 @@ class RewriteRequestTests(unittest.TestCase):
         self.assertIsNone(proxy.unsupported_parameter(500, b'Unsupported parameter: x'))
 
 
+class CodexVersionTests(unittest.TestCase):
+    """Which Codex version goes upstream: --client-version, or a newer client's own."""
+
+    def test_parse_orders_releases_and_pre_releases(self):
+        order = ["0.9.9", "0.169.0", "0.171.0", "0.172.0-alpha.3", "0.172.0-alpha.10",
+                 "0.172.0-alpha.beta", "0.172.0-beta", "0.172.0-rc.1", "0.172.0", "0.172.1",
+                 "1.0.0"]
+        keys = [proxy.parse_codex_version(v) for v in order]
+        self.assertNotIn(None, keys, order)
+        self.assertEqual(keys, sorted(keys))
+        self.assertEqual(len(set(keys)), len(keys))
+        self.assertEqual(proxy.parse_codex_version(" 0.171.0\t"),
+                         proxy.parse_codex_version("0.171.0"))
+
+    def test_parse_refuses_junk(self):
+        for junk in (None, 171, "", "0.171", "v0.171.0", "0.171.0.1", "0.171.0-", "0.171.x",
+                     "0.171.0-alpha..1", "0.171.0+build.5", "0.171.0 beta", "latest",
+                     "\u0660.\u0661\u0667\u0661.\u0660",  # Arabic-Indic digits
+                     "1" * 10 + ".0.0", "0.171.0-" + "a" * 100, "9" * 5000):
+            with self.subTest(junk=junk if not isinstance(junk, str) else junk[:30]):
+                self.assertIsNone(proxy.parse_codex_version(junk))
+
+    def test_client_version_from_version_header_or_codex_user_agent(self):
+        cases = [
+            ({"version": "0.172.0"}, "0.172.0"),
+            ({"user-agent": "codex_exec/0.172.0 (Ubuntu 24.4.0; x86_64) xterm (codex_exec; "
+                            "0.172.0)"}, "0.172.0"),
+            ({"user-agent": "codex_cli_rs/0.173.0-alpha.3 (Mac OS 15.1.0; arm64) iTerm.app"},
+             "0.173.0-alpha.3"),
+            ({"user-agent": "codex-tui/0.171.0 (Arch Linux Rolling Release; x86_64) Konsole"},
+             "0.171.0"),
+            ({"user-agent": "codex_cli_rs/0.171.0"}, "0.171.0"),
+            # both: the newer wins
+            ({"version": "0.171.0", "user-agent": "codex_exec/0.172.0 (Linux)"}, "0.172.0"),
+            ({"version": "0.174.0", "user-agent": "codex_exec/0.172.0 (Linux)"}, "0.174.0"),
+        ]
+        for headers, want in cases:
+            with self.subTest(headers=headers):
+                self.assertEqual(proxy.client_codex_version(headers)[1], want)
+        for headers in ({}, {"user-agent": "OpenAI/Python 1.99.0"},
+                        {"user-agent": "opencode/1.2.3 (linux)"},
+                        {"user-agent": "python-requests/2.31.0"},
+                        {"user-agent": "my-codex_exec/9.0.0 (x)"},
+                        {"user-agent": "codex_exec/0.172.0junk (Linux)"},
+                        {"user-agent": "codex_exec/" + "9" * 100000},
+                        {"version": "2024-10-01"}, {"version": "0.172"},
+                        {"version": "1" * 100000}):
+            with self.subTest(headers={k: v[:40] for k, v in headers.items()}):
+                self.assertIsNone(proxy.client_codex_version(headers))
+
+    def test_newer_client_is_sent_with_its_version_and_newest_is_kept(self):
+        versions = proxy.ClientVersion("0.171.0")
+        self.assertEqual(versions.newest, "0.171.0")
+        self.assertEqual(versions.observe({}), "0.171.0")
+        self.assertEqual(versions.observe({"user-agent": "OpenAI/Python 1.99.0"}), "0.171.0")
+        self.assertEqual(versions.observe({"version": "0.169.0"}), "0.171.0",
+                         "an older client gets the configured version")
+        self.assertEqual(versions.newest, "0.171.0")
+        self.assertEqual(versions.observe(
+            {"user-agent": "codex_exec/0.172.0-alpha.3 (Linux 6.8; x86_64) dumb"}),
+            "0.172.0-alpha.3")
+        self.assertEqual(versions.newest, "0.172.0-alpha.3")
+        self.assertEqual(versions.observe({"version": "0.173.0"}), "0.173.0")
+        self.assertEqual(versions.observe({"version": "0.172.0"}), "0.172.0",
+                         "each request goes with its own client's version")
+        self.assertEqual(versions.newest, "0.173.0", "newest never goes back")
+        self.assertEqual(versions.observe({}), "0.171.0")
+
+    def test_newest_under_concurrent_observers(self):
+        versions = proxy.ClientVersion("0.171.0")
+        seen = ["0.%d.0" % minor for minor in range(172, 240)]
+        random.Random(7).shuffle(seen)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            sent = list(pool.map(lambda v: versions.observe({"version": v}), seen * 3))
+        self.assertEqual(sent, seen * 3)
+        self.assertEqual(versions.newest, "0.239.0")
+
+    def test_command_line_default_and_validation(self):
+        home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        self.assertEqual(proxy.DEFAULT_CLIENT_VERSION, "0.171.0")
+        config = proxy.parse_config(["--codex-home", home])
+        self.assertEqual(config.client_version, "0.171.0")
+        config = proxy.parse_config(["--codex-home", home, "--client-version", "0.172.0-alpha.1"])
+        self.assertEqual(config.client_version, "0.172.0-alpha.1")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            proxy.parse_config(["--codex-home", home, "--client-version", "latest"])
+        self.assertEqual(cm.exception.code, 2)
+        self.assertIn("--client-version", err.getvalue())
+        self.assertIn("0.171.0", err.getvalue(), "the error shows what a version looks like")
+
+
+class UpstreamRequestHeaderTests(unittest.TestCase):
+    """upstream_request_headers(): which of a client's headers reach the backend."""
+
+    def test_forwards_codex_headers_and_responses_lite_only(self):
+        client = {"accept-encoding": "zstd, gzip, br", "authorization": "Bearer client-key",
+                  "cookie": "c=1", "x-api-key": "k", "user-agent": "codex_exec/0.171.0 (Linux)",
+                  "version": "0.171.0", "content-type": "application/json",
+                  "x-stainless-lang": "python", "host": "127.0.0.1:8787",
+                  "x-openai-internal-codex-responses-lite": "true",
+                  "x-codex-turn-metadata": '{"turn_id":"t1"}', "x-codex-window-id": "w:0",
+                  "x-openai-subagent": "review", "x-client-request-id": "thread-1"}
+        got = proxy.upstream_request_headers(client, {"model": "gpt-5.6-sol"})
+        self.assertEqual(dict(got), {
+            "x-openai-internal-codex-responses-lite": "true",
+            "x-codex-turn-metadata": '{"turn_id":"t1"}', "x-codex-window-id": "w:0",
+            "x-openai-subagent": "review", "x-client-request-id": "thread-1",
+            "x-codex-routing-hint": "model=gpt-5.6-sol"})
+        self.assertEqual(len(got), len(dict(got)), "each header once")
+
+    def test_routing_hint_names_the_model_and_tier_sent(self):
+        body = {"model": "gpt-5.6-sol", "service_tier": "priority", "input": []}
+        self.assertEqual(dict(proxy.upstream_request_headers({}, body)),
+                         {"x-codex-routing-hint": "model=gpt-5.6-sol;tier=priority"})
+        # the client's own hint names what it asked for, not what is sent: replaced
+        out, _ = proxy.rewrite_request({"model": "gpt-5.1-codex", "service_tier": "flex"}, "D")
+        got = proxy.upstream_request_headers(
+            {"x-codex-routing-hint": "model=gpt-6;tier=flex"}, out)
+        self.assertEqual(got, [("x-codex-routing-hint", "model=gpt-5.1-codex")])
+
+    def test_no_routing_hint_without_a_safe_model(self):
+        for body in ({}, {"model": None}, {"model": 5}, {"model": ""},
+                     {"model": "gpt-5\r\nx-evil: 1"}, {"model": "a b"}, {"model": "m" * 500}):
+            with self.subTest(body=body):
+                self.assertEqual(proxy.upstream_request_headers({}, body), [])
+                self.assertIsNone(proxy.routing_hint(body))
+        self.assertEqual(proxy.routing_hint({"model": "m", "service_tier": "a\nb"}), "model=m")
+
+
 class RewriteFidelityTests(ProxyTestCase):
     """Request rewriting as the Codex CLI 0.171 era needs it."""
 
