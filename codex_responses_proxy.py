@@ -3156,8 +3156,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         upstream.settle(self.server.pool)
 
 
+def window_label(minutes):
+    """A quota window's name from its length: 300 -> "5h", 10080 -> "weekly", 43200 -> "30d"."""
+    if not isinstance(minutes, int) or minutes <= 0:
+        return None
+    if minutes == 7 * 24 * 60:
+        return "weekly"
+    if minutes % (24 * 60) == 0:
+        return "%dd" % (minutes // (24 * 60))
+    if minutes % 60 == 0:
+        return "%dh" % (minutes // 60)
+    return "%dm" % minutes
+
+
 class QuotaTracker:
-    """The latest x-codex-* quota headers the backend sent, for /status."""
+    """The latest x-codex-* quota headers the backend sent, for /status. "primary" and
+    "secondary" are positions, not durations: which window is which is told by each one's
+    window_minutes, hence its label and the `windows` list, shortest first."""
 
     def __init__(self):
         self.headers = {}
@@ -3185,13 +3200,21 @@ class QuotaTracker:
             after = number(name + "-reset-after-seconds", int)
             if reset_at is None and after is not None:
                 reset_at = int(self.seen_at + after)
-            return {"used_percent": number(name + "-used-percent"),
-                    "window_minutes": number(name + "-window-minutes", int),
+            minutes = number(name + "-window-minutes", int)
+            return {"label": window_label(minutes),
+                    "used_percent": number(name + "-used-percent"),
+                    "window_minutes": minutes,
                     "resets_at": iso_time(reset_at),
                     "resets_in_seconds": None if reset_at is None
                     else max(0, int(reset_at - time.time()))}
 
-        return {"primary": window("primary"), "secondary": window("secondary"),
+        slots = {"primary": window("primary"), "secondary": window("secondary")}
+        windows = sorted(
+            (dict(w, slot=slot) for slot, w in slots.items()
+             if w["used_percent"] is not None or w["window_minutes"] is not None),
+            key=lambda w: (w["window_minutes"] is None, w["window_minutes"] or 0))
+        return {"primary": slots["primary"], "secondary": slots["secondary"],
+                "windows": windows,
                 "plan_type": h.get("x-codex-plan-type"),
                 "active_limit": h.get("x-codex-active-limit"),
                 "credits": {"has_credits": h.get("x-codex-credits-has-credits"),

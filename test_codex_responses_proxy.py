@@ -904,6 +904,41 @@ class RewriteFidelityTests(ProxyTestCase):
         self.assertIn(raw[raw.index(b"[ {"):raw.index(b', "pad"')], self.last_upstream()["raw"])
 
 
+class QuotaWindowTests(ProxyTestCase):
+    def test_window_labels_from_minutes(self):
+        for minutes, label in ((300, "5h"), (10080, "weekly"), (43200, "30d"), (60, "1h"),
+                               (1440, "1d"), (90, "90m"), (45, "45m"), (120, "2h"),
+                               (0, None), (-5, None), (None, None)):
+            with self.subTest(minutes=minutes):
+                self.assertEqual(proxy.window_label(minutes), label)
+
+    def test_status_labels_windows_by_length_not_position(self):
+        # the weekly window in the primary slot: the labels must follow the minutes
+        self.backend.replies.append(Reply(headers=[
+            ("x-codex-primary-window-minutes", "10080"),
+            ("x-codex-secondary-window-minutes", "300")]))
+        status, _, answer = self.post(simple_request())
+        self.assertEqual(status, 200, answer)
+        status, _, data = self.request("GET", "/status")
+        self.assertEqual(status, 200, data)
+        quota = json.loads(data)["quota"]
+        self.assertEqual((quota["primary"]["label"], quota["primary"]["used_percent"]),
+                         ("weekly", 12.5))
+        self.assertEqual((quota["secondary"]["label"], quota["secondary"]["used_percent"]),
+                         ("5h", 40))
+        self.assertEqual([(w["label"], w["slot"], w["used_percent"]) for w in quota["windows"]],
+                         [("5h", "secondary", 40), ("weekly", "primary", 12.5)])
+
+    def test_windows_lists_only_windows_the_backend_reported(self):
+        tracker = proxy.QuotaTracker()
+        tracker.update([("x-codex-primary-used-percent", "7"),
+                        ("x-codex-primary-window-minutes", "43200")])
+        snap = tracker.snapshot()
+        self.assertEqual([(w["slot"], w["label"]) for w in snap["windows"]],
+                         [("primary", "30d")])
+        self.assertIsNone(snap["secondary"]["label"])
+
+
 class IdleConnectionTests(unittest.TestCase):
     def test_idle_keep_alive_connections_outlive_client_pools(self):
         # HTTP client libraries keep an idle connection for up to 90 s and then reuse it; a
