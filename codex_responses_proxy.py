@@ -1132,13 +1132,9 @@ def client_codex_version(headers):
     """The Codex version a request names, from its `version` header (sent by the CLI's
     built-in provider) or its User-Agent (sent by every Codex client): (key, text), the newer
     of the two, or None. headers: names lower-cased."""
-    found = []
-    version = (headers.get("version") or "").strip()
-    if parse_codex_version(version):
-        found.append((parse_codex_version(version), version))
-    m = _CODEX_USER_AGENT_RE.match((headers.get("user-agent") or "")[:200])
-    if m and parse_codex_version(m.group(1)):
-        found.append((parse_codex_version(m.group(1)), m.group(1)))
+    agent = _CODEX_USER_AGENT_RE.match((headers.get("user-agent") or "")[:200])
+    texts = ((headers.get("version") or "").strip(), agent.group(1) if agent else "")
+    found = [(key, text) for key, text in ((parse_codex_version(t), t) for t in texts) if key]
     return max(found) if found else None
 
 
@@ -1171,8 +1167,8 @@ class ClientVersion:
 RESPONSES_LITE_HEADER = "x-openai-internal-codex-responses-lite"
 ROUTING_HINT_HEADER = "x-codex-routing-hint"
 # A client's (the Codex CLI's) request headers passed on as they are, besides every x-codex-*
-# one. The responses-lite marker must arrive whenever the client sent it: with it the backend
-# expects the lite request shape (tools as an input item), without it it rejects that shape.
+# one. The responses-lite marker must arrive whenever the client sent it: it tells the backend
+# the request has the lite shape (no top-level tools; they come as an input item).
 # Nothing else is: Accept-Encoding above all, as the backend may then compress its stream.
 FORWARDED_CLIENT_HEADERS = ("x-openai-subagent", "x-client-request-id", RESPONSES_LITE_HEADER)
 _ROUTING_SLUG_RE = re.compile(r"[A-Za-z0-9._:/+-]{1,200}\Z")
