@@ -63,7 +63,7 @@ __version__ = "0.1.0"
 DEFAULT_ADDR = "127.0.0.1:8787"
 DEFAULT_UPSTREAM_URL = "https://chatgpt.com/backend-api/codex/responses"
 API_UPSTREAM_URL = "https://api.openai.com/v1/responses"  # API-key mode
-DEFAULT_CLIENT_VERSION = "0.169.0"  # the backend gates models on the `version` header
+DEFAULT_CLIENT_VERSION = "0.171.0"  # the backend gates models on the `version` header
 DEFAULT_ORIGINATOR = "codex_cli_rs"
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Follow the user's and developer's instructions."
 DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # the Codex CLI's own default
@@ -82,7 +82,9 @@ DEFAULT_MAX_CONCURRENT = 64
 DEFAULT_STATE_MB = 64          # previous_response_id store in memory ...
 DEFAULT_STATE_DB_MB = 1024     # ... and with --state-db
 CLIENT_KEY_ENV = "CODEX_PROXY_CLIENT_KEY"
-IDLE_CONNECTION_TIMEOUT = 75.0  # a keep-alive connection with no request is closed, as nginx does
+# An idle keep-alive connection is closed after this long. HTTP client libraries keep idle
+# connections for up to 90 s; closing before they do makes their next request fail.
+IDLE_CONNECTION_TIMEOUT = 125.0
 REQUEST_READ_DEADLINE = 50.0    # a request must arrive whole this soon after its first byte
 WRITE_TIMEOUT = 120.0           # a client that stops reading its stream is dropped
 
@@ -186,6 +188,13 @@ def positive_float(text):
     return value
 
 
+def codex_version_arg(text):
+    if parse_codex_version(text) is None:
+        raise argparse.ArgumentTypeError("expected a Codex CLI version such as %s, got %r"
+                                         % (DEFAULT_CLIENT_VERSION, text))
+    return text.strip()
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="codex_responses_proxy.py",
@@ -205,9 +214,12 @@ def build_arg_parser():
                         % (DEFAULT_UPSTREAM_URL, API_UPSTREAM_URL))
     p.add_argument("--codex-home", metavar="DIR",
                    help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
-    p.add_argument("--client-version", default=DEFAULT_CLIENT_VERSION, metavar="V",
+    p.add_argument("--client-version", type=codex_version_arg, default=DEFAULT_CLIENT_VERSION,
+                   metavar="V",
                    help="Codex CLI version to present; the backend gates models on it "
-                        "(default %(default)s)")
+                        "(default %(default)s). A request from a newer Codex CLI (its "
+                        "`version` header or User-Agent) goes with that newer version, and "
+                        "/v1/models lists the models of the newest one seen")
     p.add_argument("--originator", default=DEFAULT_ORIGINATOR, metavar="NAME",
                    help="originator header to present (default %(default)s)")
     p.add_argument("--stream-idle-timeout", type=positive_float,
@@ -844,7 +856,14 @@ class AuthStore:
 # Request rewriting (pure)
 # --------------------------------------------------------------------------------------------
 
-REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p")
+# Left out before the first try: the backend answers 400 "Unsupported parameter" to each (the
+# first four seen live, the others reported during 2026). Others it rejects are learned from
+# that answer (see unsupported_parameter), at the cost of one round trip per model.
+REJECTED_PARAMS = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p",
+                   "prompt_cache_retention", "safety_identifier", "user", "context_management",
+                   "truncation", "metadata")
+# The backend refuses every service_tier but this one ("Unsupported service_tier: flex").
+ACCEPTED_SERVICE_TIER = "priority"
 # Never dropped on an "Unsupported parameter" answer: without them the request means something
 # else, and the client should hear of the refusal instead.
 ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools", "tool_choice",
@@ -1007,6 +1026,8 @@ def rewrite_request(body, default_instructions, session_id=None, drop=(), histor
         out.pop(name, None)
     for name in drop:
         out.pop(name, None)
+    if out.get("service_tier") != ACCEPTED_SERVICE_TIER:
+        out.pop("service_tier", None)  # see service_tier_warning()
     previous = out.pop("previous_response_id", None)
     if previous is not None and history is None:
         raise unknown_response_error(previous)
@@ -1055,6 +1076,20 @@ def rewrite_request(body, default_instructions, session_id=None, drop=(), histor
     return out, session_id
 
 
+def service_tier_warning(body):
+    """(key, message) for Log.warn_once when the client asked for a service_tier the backend
+    refuses, which rewrite_request() leaves out; else None. One key for every such tier: the
+    rule is said once, not once per value a client makes up."""
+    tier = body.get("service_tier")
+    if tier is None or tier == ACCEPTED_SERVICE_TIER:
+        return None
+    shown = json.dumps(tier)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return ("service_tier", "the backend accepts only service_tier %s; requests asking for "
+            "another (here %s) are sent without one" % (json.dumps(ACCEPTED_SERVICE_TIER), shown))
+
+
 def unknown_response_error(response_id):
     return ProxyError(400,
                       "The proxy does not know response %r: it keeps conversations in memory, "
@@ -1073,6 +1108,108 @@ def unsupported_parameter(status, body):
         return None
     m = UNSUPPORTED_PARAM_RE.search(body.decode("utf-8", "replace"))
     return m.group(1) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# The Codex version presented and the client headers passed on (pure)
+# --------------------------------------------------------------------------------------------
+
+# A version as the Codex CLI writes it: 0.171.0, or 0.172.0-alpha.3 for a pre-release. [0-9],
+# not \d, which would take other scripts' digits too.
+_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})"
+                         r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
+# The User-Agent of a Codex CLI or app: "<originator>/<version> (<os>; <arch>) <terminal>".
+# Only Codex's own originators: another client's "name/1.2.3" is no Codex version.
+_CODEX_USER_AGENT_RE = re.compile(r"(?:codex_cli_rs|codex_exec|codex-tui|codex_vscode|"
+                                  r"codex_atlas|codex_chatgpt_desktop|Codex [A-Za-z]{1,30})"
+                                  r"/([0-9A-Za-z.-]{1,80})(?=[ (;]|\Z)")
+
+
+def parse_codex_version(text):
+    """'0.172.0-alpha.3' -> a key that orders versions as semantic versioning does (a
+    pre-release before its release); None for anything that is not such a version."""
+    if not isinstance(text, str) or len(text) > 80:
+        return None
+    m = _VERSION_RE.match(text.strip())
+    if not m:
+        return None
+    release = tuple(int(n) for n in m.group(1, 2, 3))
+    if m.group(4) is None:
+        return release + ((1,),)
+    return release + ((0,) + tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                                   for part in m.group(4).split(".")),)
+
+
+def client_codex_version(headers):
+    """The Codex version a request names, from its `version` header (sent by the CLI's
+    built-in provider) or its User-Agent (sent by every Codex client): (key, text), the newer
+    of the two, or None. headers: names lower-cased."""
+    agent = _CODEX_USER_AGENT_RE.match((headers.get("user-agent") or "")[:200])
+    texts = ((headers.get("version") or "").strip(), agent.group(1) if agent else "")
+    found = [(key, text) for key, text in ((parse_codex_version(t), t) for t in texts) if key]
+    return max(found) if found else None
+
+
+class ClientVersion:
+    """The Codex version to present upstream. The backend gates new models on it, so a request
+    from a Codex CLI newer than --client-version goes with the CLI's own version, and the
+    model list is asked for with the newest version seen."""
+
+    def __init__(self, configured):
+        self.configured = configured
+        self._configured_key = parse_codex_version(configured) or ()
+        self._newest = (self._configured_key, configured)
+        self._lock = threading.Lock()
+
+    def observe(self, headers):
+        """The version to send for this request (headers: names lower-cased)."""
+        seen = client_codex_version(headers)
+        if seen is None or seen[0] <= self._configured_key:
+            return self.configured
+        with self._lock:
+            if seen[0] > self._newest[0]:
+                self._newest = seen
+        return seen[1]
+
+    @property
+    def newest(self):
+        return self._newest[1]
+
+
+RESPONSES_LITE_HEADER = "x-openai-internal-codex-responses-lite"
+ROUTING_HINT_HEADER = "x-codex-routing-hint"
+# A client's (the Codex CLI's) request headers passed on as they are, besides every x-codex-*
+# one. The responses-lite marker must arrive whenever the client sent it: it tells the backend
+# the request has the lite shape (no top-level tools; they come as an input item).
+# Nothing else is: Accept-Encoding above all, as the backend may then compress its stream.
+FORWARDED_CLIENT_HEADERS = ("x-openai-subagent", "x-client-request-id", RESPONSES_LITE_HEADER)
+_ROUTING_SLUG_RE = re.compile(r"[A-Za-z0-9._:/+-]{1,200}\Z")
+
+
+def routing_hint(body):
+    """x-codex-routing-hint as the Codex CLI sends it to chatgpt.com: "model=<slug>", plus
+    ";tier=<tier>" when the request names a service tier. None when the model is missing or
+    no safe header value (a client's model could hold a line break)."""
+    model, tier = body.get("model"), body.get("service_tier")
+    if not isinstance(model, str) or not _ROUTING_SLUG_RE.match(model):
+        return None
+    if isinstance(tier, str) and _ROUTING_SLUG_RE.match(tier):
+        return "model=%s;tier=%s" % (model, tier)
+    return "model=" + model
+
+
+def upstream_request_headers(client_headers, body):
+    """The headers a Codex request carries upstream on account of its client, as (name,
+    value) pairs: the one place that decides them. client_headers: the client's, names
+    lower-cased; body: the request as sent upstream. The client's own routing hint is
+    replaced by one for the body actually sent (its model, the tier left in it)."""
+    headers = [(name, value) for name, value in client_headers.items()
+               if (name.startswith("x-codex-") or name in FORWARDED_CLIENT_HEADERS)
+               and name != ROUTING_HINT_HEADER]
+    hint = routing_hint(body)
+    if hint:
+        headers.append((ROUTING_HINT_HEADER, hint))
+    return headers
 
 
 # --------------------------------------------------------------------------------------------
@@ -3398,8 +3535,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         log.info(" ".join(parts))
 
 
+def window_label(minutes):
+    """A quota window's name from its length: 300 -> "5h", 10080 -> "weekly", 43200 -> "30d"."""
+    if not isinstance(minutes, int) or minutes <= 0:
+        return None
+    if minutes == 7 * 24 * 60:
+        return "weekly"
+    if minutes % (24 * 60) == 0:
+        return "%dd" % (minutes // (24 * 60))
+    if minutes % 60 == 0:
+        return "%dh" % (minutes // 60)
+    return "%dm" % minutes
+
+
 class QuotaTracker:
-    """The latest x-codex-* quota headers the backend sent, for /status."""
+    """The latest x-codex-* quota headers the backend sent, for /status. "primary" and
+    "secondary" are positions, not durations: which window is which is told by each one's
+    window_minutes, hence its label and the `windows` list, shortest first."""
 
     def __init__(self):
         self.headers = {}
@@ -3427,13 +3579,21 @@ class QuotaTracker:
             after = number(name + "-reset-after-seconds", int)
             if reset_at is None and after is not None:
                 reset_at = int(self.seen_at + after)
-            return {"used_percent": number(name + "-used-percent"),
-                    "window_minutes": number(name + "-window-minutes", int),
+            minutes = number(name + "-window-minutes", int)
+            return {"label": window_label(minutes),
+                    "used_percent": number(name + "-used-percent"),
+                    "window_minutes": minutes,
                     "resets_at": iso_time(reset_at),
                     "resets_in_seconds": None if reset_at is None
                     else max(0, int(reset_at - time.time()))}
 
-        return {"primary": window("primary"), "secondary": window("secondary"),
+        slots = {"primary": window("primary"), "secondary": window("secondary")}
+        windows = sorted(
+            (dict(w, slot=slot) for slot, w in slots.items()
+             if w["used_percent"] is not None or w["window_minutes"] is not None),
+            key=lambda w: (w["window_minutes"] is None, w["window_minutes"] or 0))
+        return {"primary": slots["primary"], "secondary": slots["secondary"],
+                "windows": windows,
                 "plan_type": h.get("x-codex-plan-type"),
                 "active_limit": h.get("x-codex-active-limit"),
                 "credits": {"has_credits": h.get("x-codex-credits-has-credits"),

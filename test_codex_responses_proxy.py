@@ -690,6 +690,269 @@ class RewriteRequestTests(unittest.TestCase):
         self.assertIsNone(proxy.unsupported_parameter(500, b'Unsupported parameter: x'))
 
 
+class CodexVersionTests(unittest.TestCase):
+    """Which Codex version goes upstream: --client-version, or a newer client's own."""
+
+    def test_parse_orders_releases_and_pre_releases(self):
+        order = ["0.9.9", "0.169.0", "0.171.0", "0.172.0-alpha.3", "0.172.0-alpha.10",
+                 "0.172.0-alpha.beta", "0.172.0-beta", "0.172.0-rc.1", "0.172.0", "0.172.1",
+                 "1.0.0"]
+        keys = [proxy.parse_codex_version(v) for v in order]
+        self.assertNotIn(None, keys, order)
+        self.assertEqual(keys, sorted(keys))
+        self.assertEqual(len(set(keys)), len(keys))
+        self.assertEqual(proxy.parse_codex_version(" 0.171.0\t"),
+                         proxy.parse_codex_version("0.171.0"))
+
+    def test_parse_refuses_junk(self):
+        for junk in (None, 171, "", "0.171", "v0.171.0", "0.171.0.1", "0.171.0-", "0.171.x",
+                     "0.171.0-alpha..1", "0.171.0+build.5", "0.171.0 beta", "latest",
+                     "\u0660.\u0661\u0667\u0661.\u0660",  # Arabic-Indic digits
+                     "1" * 10 + ".0.0", "0.171.0-" + "a" * 100, "9" * 5000):
+            with self.subTest(junk=junk if not isinstance(junk, str) else junk[:30]):
+                self.assertIsNone(proxy.parse_codex_version(junk))
+
+    def test_client_version_from_version_header_or_codex_user_agent(self):
+        cases = [
+            ({"version": "0.172.0"}, "0.172.0"),
+            ({"user-agent": "codex_exec/0.172.0 (Ubuntu 24.4.0; x86_64) xterm (codex_exec; "
+                            "0.172.0)"}, "0.172.0"),
+            ({"user-agent": "codex_cli_rs/0.173.0-alpha.3 (Mac OS 15.1.0; arm64) iTerm.app"},
+             "0.173.0-alpha.3"),
+            ({"user-agent": "codex-tui/0.171.0 (Arch Linux Rolling Release; x86_64) Konsole"},
+             "0.171.0"),
+            ({"user-agent": "codex_cli_rs/0.171.0"}, "0.171.0"),
+            # both: the newer wins
+            ({"version": "0.171.0", "user-agent": "codex_exec/0.172.0 (Linux)"}, "0.172.0"),
+            ({"version": "0.174.0", "user-agent": "codex_exec/0.172.0 (Linux)"}, "0.174.0"),
+        ]
+        for headers, want in cases:
+            with self.subTest(headers=headers):
+                self.assertEqual(proxy.client_codex_version(headers)[1], want)
+        for headers in ({}, {"user-agent": "OpenAI/Python 1.99.0"},
+                        {"user-agent": "opencode/1.2.3 (linux)"},
+                        {"user-agent": "python-requests/2.31.0"},
+                        {"user-agent": "my-codex_exec/9.0.0 (x)"},
+                        {"user-agent": "codex_exec/0.172.0junk (Linux)"},
+                        {"user-agent": "codex_exec/" + "9" * 100000},
+                        {"version": "2024-10-01"}, {"version": "0.172"},
+                        {"version": "1" * 100000}):
+            with self.subTest(headers={k: v[:40] for k, v in headers.items()}):
+                self.assertIsNone(proxy.client_codex_version(headers))
+
+    def test_newer_client_is_sent_with_its_version_and_newest_is_kept(self):
+        versions = proxy.ClientVersion("0.171.0")
+        self.assertEqual(versions.newest, "0.171.0")
+        self.assertEqual(versions.observe({}), "0.171.0")
+        self.assertEqual(versions.observe({"user-agent": "OpenAI/Python 1.99.0"}), "0.171.0")
+        self.assertEqual(versions.observe({"version": "0.169.0"}), "0.171.0",
+                         "an older client gets the configured version")
+        self.assertEqual(versions.newest, "0.171.0")
+        self.assertEqual(versions.observe(
+            {"user-agent": "codex_exec/0.172.0-alpha.3 (Linux 6.8; x86_64) dumb"}),
+            "0.172.0-alpha.3")
+        self.assertEqual(versions.newest, "0.172.0-alpha.3")
+        self.assertEqual(versions.observe({"version": "0.173.0"}), "0.173.0")
+        self.assertEqual(versions.observe({"version": "0.172.0"}), "0.172.0",
+                         "each request goes with its own client's version")
+        self.assertEqual(versions.newest, "0.173.0", "newest never goes back")
+        self.assertEqual(versions.observe({}), "0.171.0")
+
+    def test_newest_under_concurrent_observers(self):
+        versions = proxy.ClientVersion("0.171.0")
+        seen = ["0.%d.0" % minor for minor in range(172, 240)]
+        random.Random(7).shuffle(seen)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            sent = list(pool.map(lambda v: versions.observe({"version": v}), seen * 3))
+        self.assertEqual(sent, seen * 3)
+        self.assertEqual(versions.newest, "0.239.0")
+
+    def test_command_line_default_and_validation(self):
+        home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        self.assertEqual(proxy.DEFAULT_CLIENT_VERSION, "0.171.0")
+        config = proxy.parse_config(["--codex-home", home])
+        self.assertEqual(config.client_version, "0.171.0")
+        config = proxy.parse_config(["--codex-home", home, "--client-version", "0.172.0-alpha.1"])
+        self.assertEqual(config.client_version, "0.172.0-alpha.1")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            proxy.parse_config(["--codex-home", home, "--client-version", "latest"])
+        self.assertEqual(cm.exception.code, 2)
+        self.assertIn("--client-version", err.getvalue())
+        self.assertIn("0.171.0", err.getvalue(), "the error shows what a version looks like")
+
+
+class UpstreamRequestHeaderTests(unittest.TestCase):
+    """upstream_request_headers(): which of a client's headers reach the backend."""
+
+    def test_forwards_codex_headers_and_responses_lite_only(self):
+        client = {"accept-encoding": "zstd, gzip, br", "authorization": "Bearer client-key",
+                  "cookie": "c=1", "x-api-key": "k", "user-agent": "codex_exec/0.171.0 (Linux)",
+                  "version": "0.171.0", "content-type": "application/json",
+                  "x-stainless-lang": "python", "host": "127.0.0.1:8787",
+                  "x-openai-internal-codex-responses-lite": "true",
+                  "x-codex-turn-metadata": '{"turn_id":"t1"}', "x-codex-window-id": "w:0",
+                  "x-openai-subagent": "review", "x-client-request-id": "thread-1"}
+        got = proxy.upstream_request_headers(client, {"model": "gpt-5.6-sol"})
+        self.assertEqual(dict(got), {
+            "x-openai-internal-codex-responses-lite": "true",
+            "x-codex-turn-metadata": '{"turn_id":"t1"}', "x-codex-window-id": "w:0",
+            "x-openai-subagent": "review", "x-client-request-id": "thread-1",
+            "x-codex-routing-hint": "model=gpt-5.6-sol"})
+        self.assertEqual(len(got), len(dict(got)), "each header once")
+
+    def test_routing_hint_names_the_model_and_tier_sent(self):
+        body = {"model": "gpt-5.6-sol", "service_tier": "priority", "input": []}
+        self.assertEqual(dict(proxy.upstream_request_headers({}, body)),
+                         {"x-codex-routing-hint": "model=gpt-5.6-sol;tier=priority"})
+        # the client's own hint names what it asked for, not what is sent: replaced
+        out, _ = proxy.rewrite_request({"model": "gpt-5.1-codex", "service_tier": "flex"}, "D")
+        got = proxy.upstream_request_headers(
+            {"x-codex-routing-hint": "model=gpt-6;tier=flex"}, out)
+        self.assertEqual(got, [("x-codex-routing-hint", "model=gpt-5.1-codex")])
+
+    def test_no_routing_hint_without_a_safe_model(self):
+        for body in ({}, {"model": None}, {"model": 5}, {"model": ""},
+                     {"model": "gpt-5\r\nx-evil: 1"}, {"model": "a b"}, {"model": "m" * 500}):
+            with self.subTest(body=body):
+                self.assertEqual(proxy.upstream_request_headers({}, body), [])
+                self.assertIsNone(proxy.routing_hint(body))
+        self.assertEqual(proxy.routing_hint({"model": "m", "service_tier": "a\nb"}), "model=m")
+
+
+class RewriteFidelityTests(ProxyTestCase):
+    """Request rewriting as the Codex CLI 0.171 era needs it."""
+
+    NEWLY_REJECTED = ("prompt_cache_retention", "safety_identifier", "user",
+                      "context_management", "truncation", "metadata")
+
+    def test_parameters_rejected_in_2026_are_left_out_before_the_first_try(self):
+        self.backend.extra_rejected.update(self.NEWLY_REJECTED)
+        body = simple_request(prompt_cache_retention="24h", safety_identifier="u-1",
+                              user="someone", context_management=[{"type": "compaction"}],
+                              truncation="auto", metadata={"a": "b"}, seed=1)
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(len(self.backend.requests), 1, "no round trip to learn them")
+        sent = self.last_upstream()["body"]
+        for name in self.NEWLY_REJECTED:
+            self.assertNotIn(name, sent)
+        self.assertEqual(sent["seed"], 1, "the rest still goes, and is learned if refused")
+        self.assertNotIn("rejects the parameter", self.log_text())
+
+    def test_service_tier_other_than_priority_is_not_sent(self):
+        status, _, answer = self.post(simple_request(service_tier="priority"))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"]["service_tier"], "priority")
+        for tier in ("auto", "default", "flex", "fast", None, 5):
+            with self.subTest(tier=tier):
+                status, _, answer = self.post(simple_request(service_tier=tier))
+                self.assertEqual(status, 200, answer)
+                self.assertNotIn("service_tier", self.last_upstream()["body"])
+
+    def test_service_tier_warning_once_for_any_refused_tier(self):
+        self.assertIsNone(proxy.service_tier_warning({}))
+        self.assertIsNone(proxy.service_tier_warning({"service_tier": "priority"}))
+        self.assertIsNone(proxy.service_tier_warning({"service_tier": None}))
+        flex = proxy.service_tier_warning({"service_tier": "flex"})
+        auto = proxy.service_tier_warning({"service_tier": "auto"})
+        self.assertEqual(flex[0], auto[0], "one warning, whatever the tier")
+        self.assertIn('"flex"', flex[1])
+        self.assertIn('"priority"', flex[1])
+        huge = proxy.service_tier_warning({"service_tier": "x" * 10000})
+        self.assertLess(len(huge[1]), 200)
+        log = LogCapture()
+        logger = proxy.Log(log)
+        for body in ({"service_tier": "flex"}, {"service_tier": "auto"}):
+            logger.warn_once(*proxy.service_tier_warning(body))
+        self.assertEqual(log.getvalue().count("service_tier"), 1, log.getvalue())
+
+    def test_unknown_input_items_pass_through_byte_for_byte(self):
+        tools = {"type": "additional_tools", "role": "developer", "tools": [
+            {"type": "function", "name": "exec", "parameters": {"type": "object"},
+             "strict": False, "x-future": [1, {"\u00e9": None}]}]}
+        trigger = {"type": "compaction_trigger"}
+        user = {"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}]}
+        system = {"role": "system", "content": "be brief"}
+        for items, pad in (([tools, trigger, user], 0), ([tools, trigger, user], 70000),
+                           ([system, tools, trigger, user], 0),
+                           ([system, tools, trigger, user], 70000)):
+            with self.subTest(items=len(items), pad=pad):
+                raw = json.dumps({"model": "gpt-5.6-sol", "input": items, "stream": True,
+                                  "reasoning": {"context": "all_turns"}, "pad": "x" * pad},
+                                 separators=(",", ":")).encode()
+                body, source, spans = proxy.parse_json_object(raw)
+                out, _ = proxy.rewrite_request(body, "D")
+                self.assertNotIn("tools", out, "no top-level tools are made up")
+                for i, item in enumerate(items):
+                    if item is not system:
+                        self.assertIs(out["input"][i], body["input"][i])
+                payload = proxy.encode_json_object(out, body, source, spans)
+                for item in (tools, trigger):
+                    self.assertIn(json.dumps(item, separators=(",", ":")).encode(), payload)
+                self.assertEqual(json.loads(payload)["input"][-3:], [tools, trigger, user])
+        # and through the proxy, as the client wrote it
+        raw = (b'{"model": "gpt-5.6-sol", "input": [ {"type": "additional_tools", "role": '
+               b'"developer", "tools": [ {"type": "function", "name": "exec"} ] }, '
+               b'{"type":"compaction_trigger"}, {"type": "message", "role": "user", '
+               b'"content": "hi"} ], "pad": "' + b"x" * 70000 + b'"}')
+        status, _, answer = self.request("POST", "/v1/responses", raw,
+                                         {"Content-Type": "application/json"})
+        self.assertEqual(status, 200, answer[:300])
+        self.assertIn(raw[raw.index(b"[ {"):raw.index(b', "pad"')], self.last_upstream()["raw"])
+
+
+class QuotaWindowTests(ProxyTestCase):
+    def test_window_labels_from_minutes(self):
+        for minutes, label in ((300, "5h"), (10080, "weekly"), (43200, "30d"), (60, "1h"),
+                               (1440, "1d"), (90, "90m"), (45, "45m"), (120, "2h"),
+                               (0, None), (-5, None), (None, None)):
+            with self.subTest(minutes=minutes):
+                self.assertEqual(proxy.window_label(minutes), label)
+
+    def test_status_labels_windows_by_length_not_position(self):
+        # the weekly window in the primary slot: the labels must follow the minutes
+        self.backend.replies.append(Reply(headers=[
+            ("x-codex-primary-window-minutes", "10080"),
+            ("x-codex-secondary-window-minutes", "300")]))
+        status, _, answer = self.post(simple_request())
+        self.assertEqual(status, 200, answer)
+        status, _, data = self.request("GET", "/status")
+        self.assertEqual(status, 200, data)
+        quota = json.loads(data)["quota"]
+        self.assertEqual((quota["primary"]["label"], quota["primary"]["used_percent"]),
+                         ("weekly", 12.5))
+        self.assertEqual((quota["secondary"]["label"], quota["secondary"]["used_percent"]),
+                         ("5h", 40))
+        self.assertEqual([(w["label"], w["slot"], w["used_percent"]) for w in quota["windows"]],
+                         [("5h", "secondary", 40), ("weekly", "primary", 12.5)])
+
+    def test_windows_lists_only_windows_the_backend_reported(self):
+        tracker = proxy.QuotaTracker()
+        tracker.update([("x-codex-primary-used-percent", "7"),
+                        ("x-codex-primary-window-minutes", "43200")])
+        snap = tracker.snapshot()
+        self.assertEqual([(w["slot"], w["label"]) for w in snap["windows"]],
+                         [("primary", "30d")])
+        self.assertIsNone(snap["secondary"]["label"])
+
+
+class IdleConnectionTests(unittest.TestCase):
+    def test_idle_keep_alive_connections_outlive_client_pools(self):
+        # HTTP client libraries keep an idle connection for up to 90 s and then reuse it; a
+        # server that closes first makes that next request fail.
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.sendall(b"G")
+        reader = proxy.RequestReader(a)  # waiting for a request's first byte: the idle wait
+        self.assertEqual(reader.readinto(bytearray(1)), 1)
+        self.assertGreaterEqual(a.gettimeout(), 120)
+        self.assertGreaterEqual(proxy.ProxyHandler.timeout, 120)
+
+
 class SSEParserTests(unittest.TestCase):
     def feed_all(self, chunks):
         parser = proxy.SSEParser()
@@ -992,8 +1255,8 @@ class ResponsesEndpointTests(ProxyTestCase):
         self.assertEqual(self.log_text().count("rejects the parameter 'seed'"), 1)
 
     def test_unsupported_parameter_retried_once_only(self):
-        self.backend.extra_rejected.update({"seed", "metadata"})
-        status, _, body = self.post(simple_request(seed=1, metadata={"a": "b"}))
+        self.backend.extra_rejected.update({"seed", "frequency_penalty"})
+        status, _, body = self.post(simple_request(seed=1, frequency_penalty=0.5))
         # each distinct parameter is dropped once; both get dropped, then it succeeds
         self.assertEqual(status, 200, body)
         self.assertEqual(len(self.backend.requests), 3)
