@@ -5619,8 +5619,12 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
             user_item("question 11"), replayed_item("answer 11"), user_item("more")])
 
     def test_least_recently_used_goes_first(self):
-        user, answer = "q" * 300, "a" * 300
-        size = len(json.dumps([user_item(user), message_item(answer)], separators=(",", ":")))
+        # text that hardly compresses, so an entry's kept (compressed) size is known ahead
+        rng = random.Random(5)
+        user, answer = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                                for _ in range(1500)) for _ in "qa"]
+        size = len(zlib.compress(json.dumps([user_item(user), message_item(answer)],
+                                            separators=(",", ":")).encode(), 1))
         self.stop_proxy(self.proxy)
         self.start_proxy(state_max_mb=2.5 * size / (1024 * 1024))  # two entries fit, not three
         self.turn("resp_a", user, answer)
@@ -5734,8 +5738,11 @@ class StateDbTests(ChainMixin, ChatCase):
                 self.assertEqual(stat.S_IMODE(os.stat(path).st_mode) & 0o077, 0, path)
 
     def test_size_cap_on_disk_evicts_least_recently_used(self):
-        user, answer = "q" * 300, "a" * 300
-        size = len(json.dumps([user_item(user), message_item(answer)], separators=(",", ":")))
+        rng = random.Random(5)  # text that hardly compresses: an entry's kept size is known
+        user, answer = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                                for _ in range(1500)) for _ in "qa"]
+        size = len(zlib.compress(json.dumps([user_item(user), message_item(answer)],
+                                            separators=(",", ":")).encode(), 1))
         self.start_db_proxy(state_max_mb=2.5 * size / (1024 * 1024))
         self.turn("resp_a", user, answer)
         self.turn("resp_b", user, answer)
