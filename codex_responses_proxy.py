@@ -1806,8 +1806,8 @@ class ConversationStore:
     def delete(self, response_id):
         """Forget a response: True if it was kept. From then on its id names nothing (get,
         history, input_items, item_reference), but the responses that continued it still
-        carry on: its items stay as their link, as the API keeps each response's whole
-        context, until eviction takes them or it has no continuation left at deletion."""
+        carry on: its items stay as their link (as the API keeps each response's whole
+        context) until eviction takes them or the last response continuing it is deleted."""
         with self._lock:
             return self._forget(response_id)
 
@@ -1899,15 +1899,26 @@ class ConversationStore:
         entry = self._entries.get(response_id)
         if entry is None or entry[0].deleted:
             return False
+        record, item_ids, size = entry
         if not self._children.get(response_id):
             self._remove(response_id)
+            self._prune(record.parent)
             return True
-        record, item_ids, size = entry
         self._disown(response_id, item_ids)
         link = record._replace(response=None, deleted=True)
         self._entries[response_id] = (link, (), stored_size(link))
         self._bytes += stored_size(link) - size
         return True
+
+    def _prune(self, response_id):
+        """Drop deleted responses kept only as links, from response_id up, once nothing
+        continues them any more: deleting a whole chain leaves none of it behind."""
+        while response_id is not None:
+            entry = self._entries.get(response_id)
+            if entry is None or not entry[0].deleted or self._children.get(response_id):
+                return
+            self._remove(response_id)
+            response_id = entry[0].parent
 
     def _load(self, response_id):
         entry = self._entries.get(response_id)
@@ -2027,9 +2038,9 @@ class SQLiteConversationStore(ConversationStore):
             record = self._load(response_id)
             if record is None or record.deleted:
                 return False
-            if db.execute("SELECT 1 FROM responses WHERE parent = ? LIMIT 1",
-                          (response_id,)).fetchone() is None:
+            if not self._continued(response_id):
                 self._delete_row(response_id)
+                self._prune(record.parent)
                 return True
             old = db.execute("SELECT size FROM responses WHERE id = ?",
                              (response_id,)).fetchone()[0]
@@ -2039,6 +2050,18 @@ class SQLiteConversationStore(ConversationStore):
                        "WHERE id = ?", (size, response_id))
             db.execute("UPDATE total SET bytes = bytes + ?", (size - old,))
             return True
+
+    def _continued(self, response_id):
+        return self._db.execute("SELECT 1 FROM responses WHERE parent = ? LIMIT 1",
+                                (response_id,)).fetchone() is not None
+
+    def _prune(self, response_id):
+        while response_id is not None:
+            record = self._load(response_id)
+            if record is None or not record.deleted or self._continued(response_id):
+                return
+            self._delete_row(response_id)
+            response_id = record.parent
 
     def _load(self, response_id):
         row = self._db.execute("SELECT parent, input, output, response, deleted FROM responses "
