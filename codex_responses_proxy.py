@@ -1656,9 +1656,9 @@ def carried_ids(items):
 
 
 def is_item_reference(item):
-    # the API also takes a bare {"id": ...} as a reference
-    return isinstance(item, dict) and (item.get("type") == "item_reference"
-                                       or ("type" not in item and list(item) == ["id"]))
+    # the API's item reference has an optional type: a bare {"id": ...} is one too
+    return isinstance(item, dict) and (item.get("type") == "item_reference" or (
+        item.get("type") is None and "id" in item and set(item) <= {"id", "type"}))
 
 
 def item_reference_error(item_id):
@@ -1670,6 +1670,16 @@ def item_reference_error(item_id):
                       "of a reference, or set `store: false` in the client (with the Vercel AI "
                       "SDK: providerOptions.openai.store = false) so it sends whole items."
                       % (item_id,), param="input", code="item_reference_not_found")
+
+
+def stored_response_not_found(response_id):
+    """For GET and DELETE /v1/responses/{id}, and its input_items, when the store lacks it."""
+    return ProxyError(404,
+                      "Response with id %r not found. The proxy keeps only the responses it "
+                      "answered whose requests did not say `store: false`; in memory, so a "
+                      "restart forgets them unless it runs with --state-db; past its size cap it "
+                      "drops the least recently used; and a deleted one is gone." % (response_id,),
+                      code="response_not_found")
 
 
 def listed_items(owner, side, items):

@@ -1147,7 +1147,7 @@ class StoreContract:
         expanded = self.store.expand_references([
             user_item("next"), {"type": "item_reference", "id": "msg_a"},
             {"type": "item_reference", "id": "rs_1"}, {"type": "item_reference", "id": "rs_bare"},
-            {"id": "fc_1"}, {"type": "item_reference", "id": "msg_client"}])
+            {"id": "fc_1"}, {"type": None, "id": "msg_client"}])
         self.assertEqual(expanded, [
             user_item("next"), replayed_item("Answer A"),
             {k: v for k, v in reasoning_item().items() if k != "id"},
@@ -1385,6 +1385,13 @@ class InputItemsPageTests(unittest.TestCase):
             self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
                              kwargs)
             self.assertIn(param, caught.exception.message)
+
+    def test_a_missing_response_is_a_404_that_says_why(self):
+        error = proxy.stored_response_not_found("resp_gone")
+        body = error.body()["error"]
+        self.assertEqual((error.status, body["code"]), (404, "response_not_found"))
+        for words in ("resp_gone", "store: false", "--state-db", "deleted"):
+            self.assertIn(words, body["message"])
 
 
 class RoutesTests(ProxyTestCase):
