@@ -1779,60 +1779,312 @@ def replayable(items):
     return kept
 
 
+def pack_json(text):
+    """JSON text as it is kept: zlib at level 1, which gets most of what conversations
+    (repetitive text) compress to for a fraction of the CPU of higher levels."""
+    return zlib.compress(text.encode("utf-8"), 1)
+
+
+def unpack_json(blob):
+    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text."""
+    if isinstance(blob, str):
+        return json.loads(blob)
+    return json.loads(zlib.decompress(blob).decode("utf-8"))
+
+
+def _compact(value):
+    return json.dumps(value, separators=(",", ":"))
+
+
+def carried_ids(items):
+    """The ids the items carry, by which a later item_reference can name them."""
+    if not isinstance(items, list):
+        return []
+    return [item["id"] for item in items if isinstance(item, dict)
+            and isinstance(item.get("id"), str) and not is_item_reference(item)]
+
+
+def is_item_reference(item):
+    # the API's item reference has an optional type: a bare {"id": ...} is one too
+    return isinstance(item, dict) and (item.get("type") == "item_reference" or (
+        item.get("type") is None and "id" in item and set(item) <= {"id", "type"}))
+
+
+def item_reference_error(item_id):
+    return ProxyError(400,
+                      "Input item_reference %r names an item the proxy does not have: it keeps "
+                      "only the items of responses it answered (in memory, so a restart forgets "
+                      "them unless it runs with --state-db), drops the least recently used past "
+                      "its size cap, and forgets deleted responses. Send the item itself instead "
+                      "of a reference, or set `store: false` in the client (with the Vercel AI "
+                      "SDK: providerOptions.openai.store = false) so it sends whole items."
+                      % (item_id,), param="input", code="item_reference_not_found")
+
+
+def stored_response_not_found(response_id):
+    """For GET and DELETE /v1/responses/{id}, and its input_items, when the store lacks it."""
+    return ProxyError(404,
+                      "Response with id %r not found. The proxy keeps only the responses it "
+                      "answered whose requests did not say `store: false`; in memory, so a "
+                      "restart forgets them unless it runs with --state-db; past its size cap it "
+                      "drops the least recently used; and a deleted one is gone." % (response_id,),
+                      code="response_not_found")
+
+
+def listed_items(owner, side, items):
+    """Items as input_items lists them, each with an id: the API gives every item one, so
+    those sent without get one made from their response and place, the same on every call
+    (an `after` cursor must keep naming the same item)."""
+    listed = []
+    for index, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict) and not isinstance(item.get("id"), str):
+            digest = hashlib.sha1(("%s/%s/%d" % (owner, side, index)).encode()).hexdigest()
+            item = dict(item, id="item_" + digest[:32])
+        listed.append(item)
+    return listed
+
+
+def input_items_page(items, after=None, limit=None, order=None):
+    """The answer to GET /v1/responses/{id}/input_items: one page of `items` (oldest first,
+    each with an id, as ConversationStore.input_items gives them). after, limit, order: the
+    query's strings, or None when absent."""
+    order = "desc" if order is None else order
+    if order not in ("asc", "desc"):
+        raise ProxyError(400, "`order` must be \"asc\" or \"desc\".", param="order",
+                         code="invalid_value")
+    try:
+        count = 20 if limit is None else int(limit)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 100:
+        raise ProxyError(400, "`limit` must be a whole number from 1 to 100.", param="limit",
+                         code="invalid_value")
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    start = 0
+    if after is not None:
+        ids = [item.get("id") if isinstance(item, dict) else None for item in ordered]
+        if after not in ids:
+            raise ProxyError(400, "`after` must be the id of one of this response's input items "
+                             "(%r is not)." % (after,), param="after", code="invalid_value")
+        start = ids.index(after) + 1
+    page = ordered[start:start + count]
+    return {"object": "list", "data": page,
+            "first_id": page[0].get("id") if page else None,
+            "last_id": page[-1].get("id") if page else None,
+            "has_more": start + count < len(ordered)}
+
+
+# One kept response, compressed: its parent's id, its own input, its output (with ids), the
+# response object without its output (None in rows from before it was kept), and whether it
+# was deleted but stays as a link for the responses that continued it.
+StoredResponse = collections.namedtuple("StoredResponse",
+                                        "parent input output response deleted")
+
+
+def stored_size(record, item_ids=()):
+    """What a kept response counts against the cap: its compressed bytes and indexed ids."""
+    return (len(record.input) + len(record.output) + len(record.response or b"")
+            + sum(len(item_id) for item_id in item_ids))
+
+
 class ConversationStore:
-    """Each completed response's own input and output items, with a link to the response it
-    continued; a chain is rebuilt by following the links. Past max_bytes the least recently
-    used responses go, so a conversation in use keeps its early turns. In memory; see
-    SQLiteConversationStore for one that survives restarts."""
+    """Completed responses, for previous_response_id, item_reference, and retrieval (GET and
+    DELETE /v1/responses/{id}). Each is kept as compressed JSON with a link to the response it
+    continued; a chain is rebuilt by following the links. max_bytes counts compressed bytes;
+    past it the least recently used responses go, so a conversation in use keeps its early
+    turns. A response that must not be kept (store: false) is simply never saved. In memory;
+    see SQLiteConversationStore for one that survives restarts. Thread-safe: every method
+    holds the lock around the storage it touches, and (de)compresses outside it."""
 
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._entries = collections.OrderedDict()  # id -> (parent, input JSON, output JSON)
+        self._entries = collections.OrderedDict()  # id -> (StoredResponse, item ids, size)
+        self._owners = {}                          # item id -> id of the response holding it
+        self._children = collections.Counter()     # id -> how many kept responses continue it
         self._bytes = 0
 
-    def put(self, response_id, parent, input_json, output):
-        """input_json: the JSON text of the request's own input list (as the client sent it,
-        when it could be reused); output: the response's items."""
-        output_json = json.dumps(replayable(output), separators=(",", ":"))
+    def save(self, response, parent, input_json):
+        """Keep a finished response. response: the assembled response object (with its id and
+        output); parent: the previous_response_id it continued, or None; input_json: the JSON
+        text of its own input list, item references already expanded."""
+        rest = dict(response, output=None)  # the output is kept apart: history reads only it
+        output = response.get("output") or []
+        item_ids = carried_ids(output)
+        if '"id"' in input_json:  # most inputs carry no ids: spare parsing a large one
+            item_ids += carried_ids(json.loads(input_json))
+        record = StoredResponse(parent, pack_json(input_json), pack_json(_compact(output)),
+                                pack_json(_compact(rest)), False)
         with self._lock:
-            self._save(response_id, parent, input_json, output_json)
+            self._save(response["id"], record, tuple(item_ids))
+
+    def put(self, response_id, parent, input_json, output):
+        """The relay's call until it passes the whole response to save()."""
+        self.save({"id": response_id, "object": "response", "output": output}, parent,
+                  input_json)
 
     def history(self, response_id):
-        """All items of the chain ending in response_id, oldest first; None if any link is
-        unknown (never stored, evicted, or lost in a restart)."""
-        chain, seen, visited = [], [], set()
-        with self._lock:
-            while response_id is not None and response_id not in visited:
-                visited.add(response_id)
-                seen.append(response_id)
-                entry = self._load(response_id)
-                if entry is None:
-                    return None
-                response_id = entry[0]
-                chain.append(entry[1:])
-            self._touch(seen)
+        """All items of the chain ending in response_id, oldest first, as the backend takes
+        them; None if response_id is unknown or deleted, or a link is unknown (never stored,
+        evicted, or lost in a restart)."""
+        chain = self._chain(response_id)
+        if chain is None:
+            return None
         items = []
-        for input_json, output_json in reversed(chain):
-            items.extend(json.loads(input_json))
-            items.extend(json.loads(output_json))
+        for _, record in chain:
+            items.extend(unpack_json(record.input))
+            items.extend(replayable(unpack_json(record.output)))
         return items
+
+    def input_items(self, response_id):
+        """Every item the response was generated from, oldest first, each with an id: the
+        inputs and outputs of the responses it continued, then its own input (as the API's
+        input_items lists a chained response). None if unknown or deleted."""
+        chain = self._chain(response_id)
+        if chain is None:
+            return None
+        items = []
+        for owner, record in chain[:-1]:
+            items.extend(listed_items(owner, "input", unpack_json(record.input)))
+            items.extend(listed_items(owner, "output", unpack_json(record.output)))
+        items.extend(listed_items(response_id, "input", unpack_json(chain[-1][1].input)))
+        return items
+
+    def get(self, response_id):
+        """The response object as it was answered, or None (unknown, deleted, or kept by a
+        version that did not keep response objects)."""
+        with self._lock:
+            record = self._load(response_id)
+            if record is None or record.deleted or record.response is None:
+                return None
+            self._touch([response_id])
+        response = unpack_json(record.response)
+        response["output"] = unpack_json(record.output)
+        return response
+
+    def delete(self, response_id):
+        """Forget a response: True if it was kept. From then on its id names nothing (get,
+        history, input_items, item_reference), but the responses that continued it still
+        carry on: its items stay as their link (as the API keeps each response's whole
+        context) until eviction takes them or the last response continuing it is deleted."""
+        with self._lock:
+            return self._forget(response_id)
+
+    def expand_references(self, items):
+        """`items` (a request's input list) with each item_reference replaced by the item it
+        names, as the backend takes it: without its id, and reasoning it cannot read back
+        dropped (it keeps nothing, so a reference or id means nothing to it)."""
+        if not isinstance(items, list) or not any(is_item_reference(i) for i in items):
+            return items
+        wanted = set(item["id"] for item in items
+                     if is_item_reference(item) and isinstance(item.get("id"), str))
+        records = {}
+        with self._lock:
+            for item_id in wanted:
+                owner = self._owner(item_id)
+                if owner is not None and owner not in records:
+                    record = self._load(owner)
+                    if record is not None and not record.deleted:
+                        records[owner] = record
+            self._touch(list(records))
+        found = {}
+        for record in records.values():
+            for side in (record.input, record.output):
+                for item in unpack_json(side):
+                    if isinstance(item, dict) and isinstance(item.get("id"), str) \
+                            and item["id"] in wanted:
+                        found.setdefault(item["id"], item)
+        expanded = []
+        for item in items:
+            if not is_item_reference(item):
+                expanded.append(item)
+            elif isinstance(item.get("id"), str) and item["id"] in found:
+                expanded.extend(replayable([found[item["id"]]]))
+            else:
+                raise item_reference_error(item.get("id"))
+        return expanded
 
     def close(self):
         pass
 
-    def _save(self, response_id, parent, input_json, output_json):
-        old = self._entries.pop(response_id, None)
-        if old is not None:
-            self._bytes -= len(old[1]) + len(old[2])
-        self._entries[response_id] = (parent, input_json, output_json)
-        self._bytes += len(input_json) + len(output_json)
+    def _chain(self, response_id):
+        """[(id, StoredResponse)] of response_id and the responses it continued, oldest
+        first, marked as used; None if response_id is unknown or deleted, or a link is."""
+        chain, visited, current = [], set(), response_id
+        with self._lock:
+            while current is not None and current not in visited:
+                visited.add(current)
+                record = self._load(current)
+                if record is None or (record.deleted and current == response_id):
+                    return None
+                chain.append((current, record))
+                current = record.parent
+            self._touch([rid for rid, _ in chain])
+        chain.reverse()
+        return chain
+
+    # The storage, always called with the lock held.
+
+    def _save(self, response_id, record, item_ids):
+        self._remove(response_id)
+        size = stored_size(record, item_ids)
+        self._entries[response_id] = (record, item_ids, size)
+        self._bytes += size
+        if record.parent is not None:
+            self._children[record.parent] += 1
+        for item_id in item_ids:
+            self._owners[item_id] = response_id
         while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, (_, dropped_in, dropped_out) = self._entries.popitem(last=False)
-            self._bytes -= len(dropped_in) + len(dropped_out)
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, response_id):
+        entry = self._entries.pop(response_id, None)
+        if entry is None:
+            return
+        record, item_ids, size = entry
+        self._bytes -= size
+        if record.parent is not None:
+            self._children[record.parent] -= 1
+            if not self._children[record.parent]:
+                del self._children[record.parent]
+        self._disown(response_id, item_ids)
+
+    def _disown(self, response_id, item_ids):
+        for item_id in item_ids:
+            if self._owners.get(item_id) == response_id:
+                del self._owners[item_id]
+
+    def _forget(self, response_id):
+        entry = self._entries.get(response_id)
+        if entry is None or entry[0].deleted:
+            return False
+        record, item_ids, size = entry
+        if not self._children.get(response_id):
+            self._remove(response_id)
+            self._prune(record.parent)
+            return True
+        self._disown(response_id, item_ids)
+        link = record._replace(response=None, deleted=True)
+        self._entries[response_id] = (link, (), stored_size(link))
+        self._bytes += stored_size(link) - size
+        return True
+
+    def _prune(self, response_id):
+        """Drop deleted responses kept only as links, from response_id up, once nothing
+        continues them any more: deleting a whole chain leaves none of it behind."""
+        while response_id is not None:
+            entry = self._entries.get(response_id)
+            if entry is None or not entry[0].deleted or self._children.get(response_id):
+                return
+            self._remove(response_id)
+            response_id = entry[0].parent
 
     def _load(self, response_id):
-        return self._entries.get(response_id)
+        entry = self._entries.get(response_id)
+        return entry[0] if entry is not None else None
+
+    def _owner(self, item_id):
+        return self._owners.get(item_id)
 
     def _touch(self, response_ids):
         for response_id in response_ids:
@@ -1844,14 +2096,22 @@ class SQLiteConversationStore(ConversationStore):
     proxy processes may share it (SQLite locks, WAL journal, busy timeout)."""
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, parent TEXT, "
-              "input BLOB NOT NULL, output TEXT NOT NULL, size INTEGER NOT NULL, "
-              "used REAL NOT NULL)",
+              "input BLOB NOT NULL, output BLOB NOT NULL, size INTEGER NOT NULL, "
+              "used REAL NOT NULL, response BLOB, deleted INTEGER NOT NULL DEFAULT 0)",
               "CREATE INDEX IF NOT EXISTS responses_used ON responses (used)",
+              "CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent)",
               # the running total of `size`, so a store need not add up the table
               "CREATE TABLE IF NOT EXISTS total (bytes INTEGER NOT NULL)",
               "INSERT INTO total SELECT COALESCE(SUM(size), 0) FROM responses "
               "WHERE NOT EXISTS (SELECT 1 FROM total)",
-              "PRAGMA user_version = 1")  # the schema's version, for a later change to migrate
+              # item id -> the response holding the item, for item_reference
+              "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, response TEXT NOT NULL)",
+              "CREATE INDEX IF NOT EXISTS items_response ON items (response)",
+              "PRAGMA user_version = 2")  # the schema's version, for a later change to migrate
+    # What version 1 (plain JSON text, no response objects) lacks. Its rows stay readable:
+    # unpack_json tells text from compressed bytes. Checked column by column rather than by
+    # user_version, which a version 1 proxy sharing the file sets back to 1.
+    ADDED_COLUMNS = (("response", "BLOB"), ("deleted", "INTEGER NOT NULL DEFAULT 0"))
 
     def __init__(self, path, max_bytes):
         import sqlite3  # only with --state-db: most runs never need it
@@ -1866,43 +2126,110 @@ class SQLiteConversationStore(ConversationStore):
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no fsync per put
-                for statement in self.SCHEMA:
-                    self._db.execute(statement)
+                self._set_up()
                 break
             except sqlite3.OperationalError:
                 if attempt == 49:
                     raise
                 time.sleep(0.1)
 
-    def close(self):
-        self._db.close()
-
-    def _save(self, response_id, parent, input_json, output_json):
+    def _set_up(self):
         db = self._db
-        size = len(input_json) + len(output_json)
         db.execute("BEGIN IMMEDIATE")
         try:
-            old = db.execute("SELECT size FROM responses WHERE id = ?", (response_id,)).fetchone()
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                       (response_id, parent, input_json, output_json, size, time.time()))
-            db.execute("UPDATE total SET bytes = bytes + ?", (size - (old[0] if old else 0),))
-            total = db.execute("SELECT bytes FROM total").fetchone()[0]
-            while total > self.max_bytes:
-                row = db.execute("SELECT id, size FROM responses WHERE id != ? ORDER BY used "
-                                 "LIMIT 1", (response_id,)).fetchone()
-                if row is None:
-                    break
-                db.execute("DELETE FROM responses WHERE id = ?", (row[0],))
-                total -= row[1]
-                db.execute("UPDATE total SET bytes = bytes - ?", (row[1],))
+            db.execute(self.SCHEMA[0])
+            columns = set(row[1] for row in db.execute("PRAGMA table_info(responses)"))
+            for name, kind in self.ADDED_COLUMNS:
+                if name not in columns:
+                    db.execute("ALTER TABLE responses ADD COLUMN %s %s" % (name, kind))
+            for statement in self.SCHEMA[1:]:
+                db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
+    def close(self):
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _save(self, response_id, record, item_ids):
+        size = stored_size(record, item_ids)
+        with self._transaction() as db:
+            self._delete_row(response_id)
+            db.execute("INSERT INTO responses (id, parent, input, output, size, used, response, "
+                       "deleted) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                       (response_id, record.parent, record.input, record.output, size,
+                        time.time(), record.response))
+            db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?)",
+                           [(item_id, response_id) for item_id in item_ids])
+            db.execute("UPDATE total SET bytes = bytes + ?", (size,))
+            total = db.execute("SELECT bytes FROM total").fetchone()[0]
+            while total > self.max_bytes:
+                row = db.execute("SELECT id FROM responses WHERE id != ? ORDER BY used "
+                                 "LIMIT 1", (response_id,)).fetchone()
+                if row is None:
+                    break
+                total -= self._delete_row(row[0])
+
+    def _delete_row(self, response_id):
+        """Remove a response and its item index entries; the bytes it freed."""
+        db = self._db
+        row = db.execute("SELECT size FROM responses WHERE id = ?", (response_id,)).fetchone()
+        if row is None:
+            return 0
+        db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+        db.execute("DELETE FROM items WHERE response = ?", (response_id,))
+        db.execute("UPDATE total SET bytes = bytes - ?", (row[0],))
+        return row[0]
+
+    def _forget(self, response_id):
+        with self._transaction() as db:
+            record = self._load(response_id)
+            if record is None or record.deleted:
+                return False
+            if not self._continued(response_id):
+                self._delete_row(response_id)
+                self._prune(record.parent)
+                return True
+            old = db.execute("SELECT size FROM responses WHERE id = ?",
+                             (response_id,)).fetchone()[0]
+            size = stored_size(record._replace(response=None))
+            db.execute("DELETE FROM items WHERE response = ?", (response_id,))
+            db.execute("UPDATE responses SET response = NULL, deleted = 1, size = ? "
+                       "WHERE id = ?", (size, response_id))
+            db.execute("UPDATE total SET bytes = bytes + ?", (size - old,))
+            return True
+
+    def _continued(self, response_id):
+        return self._db.execute("SELECT 1 FROM responses WHERE parent = ? LIMIT 1",
+                                (response_id,)).fetchone() is not None
+
+    def _prune(self, response_id):
+        while response_id is not None:
+            record = self._load(response_id)
+            if record is None or not record.deleted or self._continued(response_id):
+                return
+            self._delete_row(response_id)
+            response_id = record.parent
+
     def _load(self, response_id):
-        return self._db.execute("SELECT parent, input, output FROM responses WHERE id = ?",
-                                (response_id,)).fetchone()
+        row = self._db.execute("SELECT parent, input, output, response, deleted FROM responses "
+                               "WHERE id = ?", (response_id,)).fetchone()
+        return StoredResponse(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+    def _owner(self, item_id):
+        row = self._db.execute("SELECT response FROM items WHERE id = ?", (item_id,)).fetchone()
+        return row[0] if row else None
 
     def _touch(self, response_ids):
         now = time.time()

@@ -1302,6 +1302,361 @@ class ResponsesEndpointTests(ProxyTestCase):
         self.assertIn(status, (504,), body)
 
 
+# --------------------------------------------------------------------------------------------
+# Conversation store API, called directly (the relay wires it into requests)
+# --------------------------------------------------------------------------------------------
+
+def stored_response(resp_id, *output, **extra):
+    """A response object as the relay assembles it."""
+    response = {"id": resp_id, "object": "response", "created_at": 1700000000,
+                "status": "completed", "model": MODEL, "output": list(output),
+                "usage": USAGE, "error": None, "incomplete_details": None}
+    response.update(extra)
+    return response
+
+
+def input_json(*items):
+    return json.dumps(list(items), separators=(",", ":"))
+
+
+class StoreContract:
+    """What both stores promise; a subclass says how to make one."""
+
+    def make_store(self, max_bytes=64 * 1024 * 1024):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.store = self.make_store()
+
+    def save_chain(self, store=None):
+        """resp_a (with readable and unreadable reasoning, a message, a call), resp_b after it."""
+        store = store or self.store
+        unreadable = {"type": "reasoning", "id": "rs_bare", "summary": []}
+        store.save(stored_response("resp_a", reasoning_item(), unreadable,
+                                   message_item("Answer A", "msg_a"), function_call_item()),
+                   None, input_json(user_item("question A")))
+        store.save(stored_response("resp_b", message_item("Answer B", "msg_b")), "resp_a",
+                   input_json({"type": "function_call_output", "call_id": "call_1",
+                               "output": "sunny"}, user_item("question B")))
+
+    def test_history_replays_the_chain_as_the_backend_takes_it(self):
+        self.save_chain()
+        self.assertEqual(self.store.history("resp_b"), [
+            user_item("question A"), {k: v for k, v in reasoning_item().items() if k != "id"},
+            replayed_item("Answer A"),
+            {k: v for k, v in function_call_item().items() if k != "id"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+            user_item("question B"), replayed_item("Answer B")])
+        self.assertIsNone(self.store.history("resp_unknown"))
+
+    def test_get_gives_the_response_as_it_was_answered(self):
+        self.save_chain()
+        response = stored_response("resp_b", message_item("Answer B", "msg_b"))
+        self.assertEqual(self.store.get("resp_b"), response)
+        self.assertEqual(list(self.store.get("resp_b")), list(response))  # the API's key order
+        self.assertIsNone(self.store.get("resp_unknown"))
+
+    def test_the_cap_counts_compressed_bytes(self):
+        store = self.make_store(max_bytes=1024 * 1024)
+        big = user_item("the same long paragraph, over and over. " * 50000)  # 2 MB of JSON
+        for n in range(5):
+            store.save(stored_response("resp_%d" % n, message_item("ok")), None,
+                       input_json(big))
+        for n in range(5):  # 10 MB of JSON under a 1 MB cap: all still there
+            self.assertEqual(store.history("resp_%d" % n), [big, replayed_item("ok")])
+
+    def test_past_the_cap_the_least_recently_used_go_with_their_items(self):
+        rng = random.Random(7)  # text that hardly compresses: an entry's kept size is known
+        texts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3000))
+                 for _ in range(6)]
+        entry = len(zlib.compress((texts[0] + texts[1]).encode(), 1))
+        store = self.make_store(max_bytes=int(2.5 * entry))  # two entries fit, not three
+        for n, name in enumerate("abc"):
+            store.save(stored_response("resp_" + name, message_item(texts[2 * n],
+                                                                    "msg_" + name)),
+                       None, input_json(user_item(texts[2 * n + 1])))
+            if name == "b":
+                store.history("resp_a")  # resp_a used: resp_b is now the least recently used
+        self.assertIsNone(store.history("resp_b"))
+        self.assertIsNotNone(store.history("resp_a"))
+        self.assertIsNotNone(store.history("resp_c"))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            store.expand_references([{"type": "item_reference", "id": "msg_b"}])
+        self.assertEqual(caught.exception.code, "item_reference_not_found")
+        self.assertEqual(len(store.expand_references([{"type": "item_reference",
+                                                       "id": "msg_a"}])), 1)
+
+    def test_input_items_are_the_whole_context_each_with_a_stable_id(self):
+        self.save_chain()
+        items = self.store.input_items("resp_b")
+        self.assertEqual([item.get("type") for item in items], [
+            "message", "reasoning", "reasoning", "message", "function_call",
+            "function_call_output", "message"])
+        self.assertEqual([item["id"] for item in items][1:5],
+                         ["rs_1", "rs_bare", "msg_a", "fc_1"])  # output items keep theirs
+        made = [items[0]["id"], items[5]["id"], items[6]["id"]]
+        self.assertEqual(len(set(made)), 3)
+        self.assertEqual(self.store.input_items("resp_b"), items)  # the same ids every time
+        self.assertEqual({k: v for k, v in items[6].items() if k != "id"},
+                         user_item("question B"))
+        own = self.store.input_items("resp_a")
+        self.assertEqual(own, [items[0]])
+        self.assertIsNone(self.store.input_items("resp_unknown"))
+
+    def test_item_references_expand_to_replayable_items(self):
+        self.save_chain()
+        self.store.save(stored_response("resp_c"), "resp_b", input_json(
+            dict(user_item("with an id"), id="msg_client")))
+        expanded = self.store.expand_references([
+            user_item("next"), {"type": "item_reference", "id": "msg_a"},
+            {"type": "item_reference", "id": "rs_1"}, {"type": "item_reference", "id": "rs_bare"},
+            {"id": "fc_1"}, {"type": None, "id": "msg_client"}])
+        self.assertEqual(expanded, [
+            user_item("next"), replayed_item("Answer A"),
+            {k: v for k, v in reasoning_item().items() if k != "id"},
+            # rs_bare: reasoning without encrypted_content, which the backend cannot read: gone
+            {k: v for k, v in function_call_item().items() if k != "id"},
+            user_item("with an id")])
+        plain = [user_item("no references")]
+        self.assertIs(self.store.expand_references(plain), plain)
+
+    def test_an_unknown_reference_says_what_to_do(self):
+        self.save_chain()
+        for ref in ({"type": "item_reference", "id": "msg_never"},
+                    {"type": "item_reference", "id": ["not", "a", "string"]}):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.store.expand_references([user_item("x"), ref])
+            error = caught.exception.body()["error"]
+            self.assertEqual((caught.exception.status, error["param"], error["code"]),
+                             (400, "input", "item_reference_not_found"))
+            self.assertIn(repr(ref["id"]), error["message"])
+            self.assertIn("store: false", error["message"])
+
+    def test_delete_makes_the_id_name_nothing(self):
+        self.save_chain()
+        self.store.save(stored_response("resp_x", message_item("X", "msg_x")), None,
+                        input_json(user_item("alone")))
+        self.assertTrue(self.store.delete("resp_x"))
+        self.assertFalse(self.store.delete("resp_x"))
+        self.assertFalse(self.store.delete("resp_never"))
+        self.assertIsNone(self.store.get("resp_x"))
+        self.assertIsNone(self.store.history("resp_x"))
+        self.assertIsNone(self.store.input_items("resp_x"))
+        with self.assertRaises(proxy.ProxyError):
+            self.store.expand_references([{"type": "item_reference", "id": "msg_x"}])
+        self.assertIsNotNone(self.store.get("resp_a"))  # the others are untouched
+
+    def test_a_deleted_parent_still_links_its_children(self):
+        self.save_chain()
+        before = self.store.history("resp_b")
+        items_before = self.store.input_items("resp_b")
+        self.assertTrue(self.store.delete("resp_a"))
+        self.assertIsNone(self.store.get("resp_a"))
+        self.assertIsNone(self.store.history("resp_a"))
+        self.assertIsNone(self.store.input_items("resp_a"))
+        with self.assertRaises(proxy.ProxyError):
+            self.store.expand_references([{"type": "item_reference", "id": "msg_a"}])
+        self.assertFalse(self.store.delete("resp_a"))
+        self.assertEqual(self.store.history("resp_b"), before)
+        self.assertEqual(self.store.input_items("resp_b"), items_before)
+        self.assertIsNotNone(self.store.get("resp_b"))
+        # once its last continuation is deleted too, nothing of the chain is left
+        self.assertTrue(self.store.delete("resp_b"))
+        self.assertEqual(self.kept_ids(self.store), [])
+
+    def test_put_keeps_the_relays_current_call_working(self):
+        self.store.put("resp_p", None, input_json(user_item("q")), [message_item("a")])
+        self.store.put("resp_q", "resp_p", input_json(user_item("q2")), [message_item("b")])
+        self.assertEqual(self.store.history("resp_q"), [
+            user_item("q"), replayed_item("a"), user_item("q2"), replayed_item("b")])
+        self.assertEqual(self.store.get("resp_q")["output"], [message_item("b")])
+
+    def test_concurrent_saves_reads_and_deletes_stay_consistent(self):
+        store = self.make_store(max_bytes=40 * 1024)  # small: eviction runs all along
+        errors, barrier = [], threading.Barrier(6)
+
+        def worker(w):
+            try:
+                barrier.wait(10)
+                previous = None
+                for n in range(40):
+                    rid = "resp_w%d_%d" % (w, n)
+                    store.save(stored_response(rid, message_item("a %d %d" % (w, n),
+                                                                 "msg_w%d_%d" % (w, n))),
+                               previous, input_json(user_item("q %d %d %s" % (
+                                   w, n, os.urandom(200).hex()))))
+                    history = store.history(rid)
+                    if history is not None:  # None only if eviction took a link meanwhile
+                        if history[-1] != replayed_item("a %d %d" % (w, n)):
+                            errors.append(("wrong history", rid))
+                    store.input_items(rid)
+                    store.get(rid)
+                    if n % 7 == 3:
+                        store.delete(rid)
+                        previous = None
+                    else:
+                        previous = rid
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assert_consistent(store, 40 * 1024)
+
+
+class MemoryConversationStoreTests(StoreContract, unittest.TestCase):
+    def make_store(self, max_bytes=64 * 1024 * 1024):
+        return proxy.ConversationStore(max_bytes)
+
+    def kept_ids(self, store):
+        return list(store._entries)
+
+    def assert_consistent(self, store, cap):
+        sizes = [size for _, _, size in store._entries.values()]
+        self.assertEqual(store._bytes, sum(sizes))
+        self.assertLessEqual(store._bytes, cap)
+        for item_id, owner in store._owners.items():
+            self.assertIn(owner, store._entries, item_id)
+
+
+class SQLiteConversationStoreTests(StoreContract, unittest.TestCase):
+    def make_store(self, max_bytes=64 * 1024 * 1024, path=None):
+        if not hasattr(self, "dbdir"):
+            self.dbdir = tempfile.mkdtemp(prefix="store-")
+            self.addCleanup(shutil.rmtree, self.dbdir, True)
+        path = path or os.path.join(self.dbdir, "state-%d.sqlite" % random.randrange(10 ** 9))
+        store = proxy.SQLiteConversationStore(path, max_bytes)
+        self.addCleanup(store.close)
+        store.path = path
+        return store
+
+    def kept_ids(self, store):
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            return [row[0] for row in db.execute("SELECT id FROM responses")]
+
+    def assert_consistent(self, store, cap):
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            total = db.execute("SELECT bytes FROM total").fetchone()[0]
+            self.assertEqual(total, db.execute("SELECT SUM(size) FROM responses").fetchone()[0])
+            self.assertLessEqual(total, cap)
+            orphans = db.execute("SELECT COUNT(*) FROM items WHERE response NOT IN "
+                                 "(SELECT id FROM responses)").fetchone()[0]
+            self.assertEqual(orphans, 0)
+
+    def test_rows_hold_compressed_json(self):
+        big = user_item("the same long paragraph, over and over. " * 50000)
+        self.store.save(stored_response("resp_big", message_item("ok")), None, input_json(big))
+        with contextlib.closing(sqlite3.connect(self.store.path)) as db:
+            kind, length = db.execute("SELECT typeof(input), length(input) FROM responses "
+                                      "WHERE id = 'resp_big'").fetchone()
+        self.assertEqual(kind, "blob")
+        self.assertLess(length, len(input_json(big)) / 20)
+
+    def test_everything_survives_a_reopen(self):
+        self.save_chain()
+        path = self.store.path
+        self.store.close()
+        store = self.make_store(path=path)
+        self.assertEqual(store.get("resp_b"),
+                         stored_response("resp_b", message_item("Answer B", "msg_b")))
+        self.assertEqual(len(store.input_items("resp_b")), 7)
+        self.assertEqual(store.expand_references([{"type": "item_reference", "id": "msg_a"}]),
+                         [replayed_item("Answer A")])
+        self.assertTrue(store.delete("resp_a"))
+        self.assertEqual(len(store.history("resp_b")), 7)
+
+    def make_version_1_file(self):
+        """A --state-db as the previous version wrote it: plain JSON text, no items table."""
+        path = os.path.join(self.dbdir, "v1.sqlite")
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            for statement in (
+                    "CREATE TABLE responses (id TEXT PRIMARY KEY, parent TEXT, input BLOB NOT NULL,"
+                    " output TEXT NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL)",
+                    "CREATE INDEX responses_used ON responses (used)",
+                    "CREATE TABLE total (bytes INTEGER NOT NULL)",
+                    "PRAGMA user_version = 1"):
+                db.execute(statement)
+            old_in = input_json(user_item("old question"))
+            old_out = input_json(replayed_item("old answer"))
+            db.execute("INSERT INTO responses VALUES ('resp_old', NULL, ?, ?, ?, 1.0)",
+                       (old_in, old_out, len(old_in) + len(old_out)))
+            db.execute("INSERT INTO total VALUES (?)", (len(old_in) + len(old_out),))
+        return path
+
+    def test_a_version_1_file_is_migrated_and_its_chains_still_serve(self):
+        self.make_store()  # sets up the temporary directory
+        path = self.make_version_1_file()
+        store = self.make_store(path=path)
+        store.save(stored_response("resp_new", message_item("new answer")), "resp_old",
+                   input_json(user_item("new question")))
+        self.assertEqual(store.history("resp_new"), [
+            user_item("old question"), replayed_item("old answer"),
+            user_item("new question"), replayed_item("new answer")])
+        self.assertIsNone(store.get("resp_old"))  # version 1 kept no response objects
+        self.assertEqual(len(store.input_items("resp_new")), 3)
+        store.close()
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+            db.execute("PRAGMA user_version = 1")  # a version 1 proxy sharing the file
+        store = self.make_store(path=path)  # opens again without trying to add columns twice
+        self.assertEqual(len(store.history("resp_new")), 4)
+        self.assert_consistent(store, 64 * 1024 * 1024)
+
+
+class InputItemsPageTests(unittest.TestCase):
+    ITEMS = [{"id": "item_%02d" % n, "type": "message"} for n in range(45)]
+
+    def ids(self, page):
+        return [item["id"] for item in page["data"]]
+
+    def test_default_is_twenty_newest_first(self):
+        page = proxy.input_items_page(self.ITEMS)
+        self.assertEqual(self.ids(page), ["item_%02d" % n for n in range(44, 24, -1)])
+        self.assertEqual((page["object"], page["first_id"], page["last_id"], page["has_more"]),
+                         ("list", "item_44", "item_25", True))
+
+    def test_pages_follow_after_to_the_end(self):
+        seen, after = [], None
+        while True:
+            page = proxy.input_items_page(self.ITEMS, after=after, limit="20", order="asc")
+            seen += self.ids(page)
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        self.assertEqual(seen, [item["id"] for item in self.ITEMS])
+        self.assertEqual(len(page["data"]), 5)
+
+    def test_limits_and_empty_pages(self):
+        page = proxy.input_items_page(self.ITEMS, limit="100", order="desc")
+        self.assertEqual((len(page["data"]), page["has_more"]), (45, False))
+        page = proxy.input_items_page(self.ITEMS, after="item_44", order="asc")
+        self.assertEqual(page, {"object": "list", "data": [], "first_id": None,
+                                "last_id": None, "has_more": False})
+        page = proxy.input_items_page(self.ITEMS, after="item_01", limit="1")
+        self.assertEqual((self.ids(page), page["has_more"]), (["item_00"], False))
+
+    def test_bad_parameters_are_400_naming_them(self):
+        for kwargs, param in (({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"),
+                              ({"limit": "ten"}, "limit"), ({"order": "newest"}, "order"),
+                              ({"after": "item_nope"}, "after")):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                proxy.input_items_page(self.ITEMS, **kwargs)
+            self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
+                             kwargs)
+            self.assertIn(param, caught.exception.message)
+
+    def test_a_missing_response_is_a_404_that_says_why(self):
+        error = proxy.stored_response_not_found("resp_gone")
+        body = error.body()["error"]
+        self.assertEqual((error.status, body["code"]), (404, "response_not_found"))
+        for words in ("resp_gone", "store: false", "--state-db", "deleted"):
+            self.assertIn(words, body["message"])
+
+
 class RoutesTests(ProxyTestCase):
     def test_healthz_and_alias_path(self):
         status, _, data = self.request("GET", "/healthz")
@@ -5882,8 +6237,12 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
             user_item("question 11"), replayed_item("answer 11"), user_item("more")])
 
     def test_least_recently_used_goes_first(self):
-        user, answer = "q" * 300, "a" * 300
-        size = len(json.dumps([user_item(user), message_item(answer)], separators=(",", ":")))
+        # text that hardly compresses, so an entry's kept (compressed) size is known ahead
+        rng = random.Random(5)
+        user, answer = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                                for _ in range(1500)) for _ in "qa"]
+        size = len(zlib.compress(json.dumps([user_item(user), message_item(answer)],
+                                            separators=(",", ":")).encode(), 1))
         self.stop_proxy(self.proxy)
         self.start_proxy(state_max_mb=2.5 * size / (1024 * 1024))  # two entries fit, not three
         self.turn("resp_a", user, answer)
@@ -5997,8 +6356,11 @@ class StateDbTests(ChainMixin, ChatCase):
                 self.assertEqual(stat.S_IMODE(os.stat(path).st_mode) & 0o077, 0, path)
 
     def test_size_cap_on_disk_evicts_least_recently_used(self):
-        user, answer = "q" * 300, "a" * 300
-        size = len(json.dumps([user_item(user), message_item(answer)], separators=(",", ":")))
+        rng = random.Random(5)  # text that hardly compresses: an entry's kept size is known
+        user, answer = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                                for _ in range(1500)) for _ in "qa"]
+        size = len(zlib.compress(json.dumps([user_item(user), message_item(answer)],
+                                            separators=(",", ":")).encode(), 1))
         self.start_db_proxy(state_max_mb=2.5 * size / (1024 * 1024))
         self.turn("resp_a", user, answer)
         self.turn("resp_b", user, answer)
