@@ -671,8 +671,8 @@ class RewriteRequestTests(unittest.TestCase):
         for raw, phrase in ((b"[1]", "JSON object"), (b'"s"', "JSON object"),
                             (b"{", "not valid JSON"), (b'{"a" 1}', "not valid JSON"),
                             (b'{"a": 1} x', "not valid JSON"), (b'{"a": 1,}', "not valid JSON"),
-                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "not valid JSON"),
-                            (b'{"a": ' + b"[" * 100000 + b"}", "not valid JSON")):
+                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "levels deep"),
+                            (b'{"a": ' + b"[" * 100000 + b"}", "levels deep")):
             with self.assertRaises(proxy.ProxyError) as cm:
                 proxy.parse_json_object(raw)
             self.assertEqual(cm.exception.status, 400, raw[:20])
@@ -2059,6 +2059,228 @@ def exchange(port, data, answer_wait=2.0, close_wait=2.0):
                     deadline = time.monotonic() + close_wait
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded work and strict checks for every request body
+# --------------------------------------------------------------------------------------------
+
+def gzip_members(data, size):
+    """data gzipped as many members of `size` input bytes each (RFC 1952 allows any number)."""
+    return b"".join(gzip.compress(data[i:i + size]) for i in range(0, len(data), size))
+
+
+class CountingDecompressor:
+    """zlib.decompressobj, counting every input byte handed to decompress()."""
+
+    fed = 0
+
+    def __init__(self, wbits):
+        self._d = REAL_DECOMPRESSOBJ(wbits)
+
+    def decompress(self, data, max_length=0):
+        CountingDecompressor.fed += len(data)
+        return self._d.decompress(data, max_length)
+
+    def __getattr__(self, name):
+        return getattr(self._d, name)
+
+
+REAL_DECOMPRESSOBJ = zlib.decompressobj
+
+
+class GzipMembersTests(unittest.TestCase):
+    def test_input_handed_to_zlib_is_linear_in_the_body_however_many_members(self):
+        # Counted, not timed: the old decoder gave each member the whole rest of the body (and
+        # zlib copied that rest at each member's end), ~10,000 times the body here.
+        body = json.dumps(simple_request("x" * 10000)).encode()
+        raw = gzip_members(body, 1)  # ~21 bytes per member, ~10,000 members
+        CountingDecompressor.fed = 0
+        with mock.patch.object(proxy.zlib, "decompressobj", CountingDecompressor):
+            self.assertEqual(proxy.decode_request_body(raw, "gzip", 1 << 20), body)
+        self.assertLessEqual(CountingDecompressor.fed, 8 * len(raw))
+
+    def test_many_members_of_large_output_decode_in_linear_time(self):
+        # 16,384 members of 1 KiB each: joining the output by `out += piece` copies ~128 GiB
+        # (about a minute); joined once, it is well under 0.1 s of CPU. Thread CPU time is not
+        # slowed by other processes on a loaded machine, and the bound is 50 times that.
+        member = gzip.compress(b"a" * 1024)
+        started = time.thread_time()
+        out = proxy.decode_request_body(member * 16384, "gzip", 32 << 20)
+        self.assertLess(time.thread_time() - started, 5.0)
+        self.assertEqual(out, b"a" * (16 << 20))
+
+    def test_limits_and_errors_hold_across_members(self):
+        raw = gzip_members(b"b" * 5000, 100)
+        self.assertEqual(proxy.decode_request_body(raw, "gzip", 5000), b"b" * 5000)
+        with self.assertRaises(proxy.ProxyError) as cm:
+            proxy.decode_request_body(raw, "gzip", 4999)
+        self.assertEqual(cm.exception.status, 413)
+        middle = len(gzip.compress(b"b" * 100)) * 10 + 5  # inside the 11th member
+        for bad in (raw[:-1], raw + b"x", raw[:middle]):
+            with self.assertRaises(proxy.ProxyError) as cm:
+                proxy.decode_request_body(bad, "gzip", 1 << 20)
+            self.assertEqual(cm.exception.status, 400)
+        big = gzip.compress(os.urandom(300000))  # a member far larger than any window
+        self.assertEqual(len(proxy.decode_request_body(big * 3, "gzip", None)), 900000)
+
+
+class GzipMembersOverHTTPTests(ProxyTestCase):
+    def test_a_megabyte_of_tiny_gzip_members_is_decoded_and_forwarded(self):
+        body = simple_request("y" * 50000)
+        raw = gzip_members(json.dumps(body).encode(), 1)
+        self.assertGreater(len(raw), 1000000)
+        status, _, answer = self.post(raw, headers={"Content-Encoding": "gzip",
+                                                    "Content-Type": "application/json"})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "y" * 50000)
+
+
+class StrictJSONTests(ProxyTestCase):
+    def post_bytes(self, raw, path="/v1/responses"):
+        return self.post(raw, headers={"Content-Type": "application/json"}, path=path)
+
+    def test_nan_infinity_and_out_of_range_numbers_are_400_naming_the_field(self):
+        for token in (b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"[1, NaN]"):
+            raw = b'{"model": "gpt-5.1-codex", "input": "hi", "temperature": ' + token + b"}"
+            with self.subTest(token=token):
+                status, _, body = self.post_bytes(raw)
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="temperature")
+                self.assertEqual(body["error"]["param"], "temperature")
+                self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.backend.requests, [], "nothing may reach the backend")
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", "input": "hi", '
+                                          b'"temperature": 1e-999}')  # underflow is a number
+        self.assertEqual(status, 200, body)
+
+    def test_lone_surrogate_escapes_are_400_but_pairs_pass(self):
+        for raw, param in ((b'{"input": "a\\ud800b"}', "input"),
+                           (b'{"input": [{"type": "message", "role": "user", "content": '
+                            b'[{"type": "input_text", "text": "\\udc00"}]}]}', "input"),
+                           (b'{"input": "hi", "metadata": {"\\ud83d": "x"}}', "metadata"),
+                           (b'{"input": "hi", "\\ud800": 1}', None)):
+            with self.subTest(raw=raw):
+                status, _, body = self.post_bytes(raw)
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="surrogate")
+                self.assertEqual(body["error"]["param"], param)
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", '
+                                          b'"input": "\\ud83d\\ude00 and \\\\ud800"}')
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "\U0001F600 and \\ud800")
+
+    def test_nesting_past_the_limit_is_400_not_500(self):
+        limit = proxy.MAX_JSON_DEPTH
+        self.assertEqual(limit, 128)  # documented in README; a change must change both
+
+        def nested(levels):  # levels counts the body object itself
+            inner = levels - 1
+            return (b'{"model": "gpt-5.1-codex", "input": "hi", "metadata": '
+                    + b"[" * inner + b"]" * inner + b"}")
+
+        for levels in (limit + 1, 980, 5000):
+            with self.subTest(levels=levels):
+                status, _, body = self.post_bytes(nested(levels))
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="128 levels")
+                self.assertEqual(body["error"]["param"], "metadata")
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.post_bytes(nested(limit))
+        self.assertEqual(status, 200, body)
+        status, _, body = self.post_bytes(b"[" * 980 + b"]" * 980)
+        self.assert_openai_error(status, body, 400, code="invalid_json")
+
+    def test_chat_completions_gets_the_same_checks(self):
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", "messages": '
+                                          b'[{"role": "user", "content": "hi"}], '
+                                          b'"temperature": NaN}', path=CHAT)
+        self.assert_openai_error(status, body, 400, code="invalid_json")
+        self.assertEqual(body["error"]["param"], "temperature")
+
+    def test_parse_json_object_refuses_what_json_does_not_allow(self):
+        for raw, param in ((b'{"a": NaN}', "a"), (b'{"a": {"b": -Infinity}}', "a"),
+                           (b'{"a": 1e400}', "a"), (b'{"a": "\\udfff"}', "a"),
+                           (b'{"a": ' + b"[" * 128 + b"]" * 128 + b"}", "a")):
+            with self.subTest(raw=raw[:30]):
+                with self.assertRaises(proxy.ProxyError) as cm:
+                    proxy.parse_json_object(raw)
+                self.assertEqual((cm.exception.status, cm.exception.param), (400, param))
+        body = proxy.parse_json_object(b'{"a": ' + b"[" * 127 + b"]" * 127 + b"}")[0]
+        self.assertEqual(len(proxy.encode_json_object(body)), len('{"a":}') + 2 * 127)
+
+
+class ChatWrongTypesTests(ProxyTestCase):
+    """Each of these was a 500 (a TypeError or AttributeError inside the translation)."""
+
+    CASES = (
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": None, "tool_calls": 5}]},
+         "messages[1].tool_calls"),
+        ({"tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+        ({"tool_choice": 5}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": "x"}},
+         "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": [["a", 1]]}},
+         "response_format.json_schema"),
+        ({"response_format": "json_object"}, "response_format"),
+        ({"messages": [{"role": "system", "content": [{"type": "text", "text": 5}]},
+                       {"role": "user", "content": "hi"}]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "system", "content": [{"type": "image_url",
+                                                       "image_url": {"url": "http://x/y.png"}}]},
+                       {"role": "user", "content": "hi"}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "tool", "tool_call_id": "c", "content": [{"type": "text",
+                                                                          "text": [1]}]}]},
+         "messages[1].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]},
+         "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "tool_calls": [
+                           {"id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
+         "messages[1].tool_calls[0].function.arguments"),
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]},
+         "tools[0].function.name"),
+    )
+
+    def test_wrong_types_are_400_naming_the_param(self):
+        for extra, param in self.CASES:
+            body = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": "hi"}]}
+            body.update(extra)
+            with self.subTest(param=param, body=extra):
+                status, _, answer = self.post(body, path=CHAT)
+                self.assert_openai_error(status, answer, 400)
+                self.assertEqual(answer["error"]["param"], param)
+                self.assertIn(param.split(".")[-1].split("[")[0], answer["error"]["message"])
+        self.assertEqual(self.backend.requests, [])
+
+    def test_right_types_still_translate(self):
+        body = {"model": "gpt-5.1-codex",
+                "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                             {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": [{"type": "text", "text": "ok"},
+                                                               {"type": "refusal",
+                                                                "refusal": "no"}],
+                              "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f"}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "n", "schema": {"type": "object"}}}}
+        status, _, answer = self.post(body, path=CHAT)
+        self.assertEqual(status, 200, answer)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["instructions"], "Be brief.")
+        self.assertEqual(up["tool_choice"], {"type": "function", "name": "f"})
+        self.assertEqual(up["text"]["format"], {"type": "json_schema", "name": "n",
+                                                "schema": {"type": "object"}})
+        self.assertEqual([i["type"] for i in up["input"]],
+                         ["message", "message", "function_call", "function_call_output"])
+        self.assertEqual(up["input"][2]["arguments"], "{}")
 
 
 class BadInputTests(ProxyTestCase):
