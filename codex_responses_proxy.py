@@ -373,12 +373,17 @@ def api_key_from_auth_file(path):
 
 class Log:
     """One line per event on stderr. Every line passes through redact(), so a token that slips
-    into an exception message or a debug dump is still never written."""
+    into an exception message or a debug dump is still never written, and through
+    escape_controls(), so that a client's text (a model name, a path) can neither start a
+    forged log line nor send escape sequences to a terminal."""
 
     def __init__(self, stream=None, debug=False):
         self.stream = stream or sys.stderr
         self.debug_enabled = debug
         self.colour = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # status() marks its colour codes with this instead of ESC, which info() escapes: a
+        # client cannot forge it without knowing it.
+        self._colour_mark = "<%s>" % base64.b32encode(os.urandom(10)).decode()
         self._secrets = ()  # replaced whole, never changed in place: redact() reads it unlocked
         self._lock = threading.Lock()
         self._warned = set()
@@ -395,7 +400,12 @@ class Log:
         return _BEARER_RE.sub("Bearer [REDACTED]", _JWT_RE.sub("[REDACTED-JWT]", text))
 
     def info(self, msg):
-        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.redact(msg))
+        text = self.redact(msg)
+        if self.colour and self._colour_mark in text:
+            text = "\033".join(escape_controls(part) for part in text.split(self._colour_mark))
+        else:
+            text = escape_controls(text)
+        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), text)
         with self._lock:
             try:
                 self.stream.write(line)
@@ -417,7 +427,24 @@ class Log:
     def status(self, code):
         if not self.colour:
             return str(code)
-        return "\033[%sm%d\033[0m" % ("32" if code < 400 else "33" if code < 500 else "31", code)
+        return "%s[%sm%d%s[0m" % (self._colour_mark, "32" if code < 400 else "33" if code < 500
+                                  else "31", code, self._colour_mark)
+
+
+def escape_controls(text):
+    """C0 and C1 control characters and DEL as visible escapes (a newline as \\n)."""
+    if _CONTROL_RE.search(text) is None:
+        return text  # nearly every line: one scan, no copy
+    return _CONTROL_RE.sub(_escape_control, text)
+
+
+def _escape_control(match):
+    char = match.group()
+    return _CONTROL_ESCAPES.get(char) or "\\x%02x" % ord(char)
+
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
@@ -1225,10 +1252,15 @@ class SSEParser:
         self._data = []
         self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
         self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
+        self._start = b""  # the stream's first bytes while they may still be a BOM; then None
 
     def feed(self, chunk):
         if not chunk:
             return []
+        if self._start is not None:
+            chunk = self._skip_bom(chunk)
+            if not chunk:
+                return []
         lead = []
         if self._skip_lf:
             self._skip_lf = False
@@ -1255,6 +1287,16 @@ class SSEParser:
         else:
             buf = chunk
         return lead + (self._feed_frames(buf) if fast else self._feed_lines(buf))
+
+    def _skip_bom(self, chunk):
+        """chunk without the byte order mark the specification lets a stream start with (and
+        nothing while the first reads are too short to tell)."""
+        chunk = self._start + chunk
+        if len(chunk) < len(_UTF8_BOM) and _UTF8_BOM.startswith(chunk):
+            self._start = chunk
+            return b""
+        self._start = None
+        return chunk[len(_UTF8_BOM):] if chunk[:len(_UTF8_BOM)] == _UTF8_BOM else chunk
 
     def _feed_frames(self, buf):
         frames = buf.split(b"\n\n")
@@ -1331,7 +1373,7 @@ class SSEParser:
             self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
-        elif name == b"id":
+        elif name == b"id" and b"\0" not in value:  # ignored, as the specification says
             self._id = value.decode("utf-8", "replace")
         elif name == b"retry" and value.isdigit():
             self._retry = int(value)
@@ -1343,6 +1385,9 @@ class SSEParser:
         self._event = self._retry = None
         self._data = []
         return event  # `id` persists across events, as in the specification
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -2289,10 +2334,22 @@ def dump_body(body):
 
 
 class ExchangeDumper:
-    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600."""
+    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
+    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
+    0700 too, and one that belongs to another user is refused (its owner could read them)."""
 
     def __init__(self, directory, log):
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise PermissionError("--dump-dir %s belongs to another user (uid %d); dumps hold "
+                                  "whole conversations, so the proxy writes them only into a "
+                                  "directory of its own user. Choose another --dump-dir."
+                                  % (directory, st.st_uid))
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+            log.info("made --dump-dir %s private (mode 0700, was %04o)"
+                     % (directory, st.st_mode & 0o7777))
         self.directory = directory
         self.log = log
         self._next = 1
@@ -2310,11 +2367,19 @@ class ExchangeDumper:
     def _write(self, path, obj):
         data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file only: a file or symlink already at this name was put there by someone
+            # else, and following or overwriting it could clobber or leak some other file.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+        except FileExistsError:
+            self.log.info("cannot write dump %s: something is already there (left as it is)"
+                          % path)
         except OSError as e:
             self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 
 
 class ExchangeDump:

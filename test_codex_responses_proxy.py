@@ -2283,6 +2283,142 @@ class ChatWrongTypesTests(ProxyTestCase):
         self.assertEqual(up["input"][2]["arguments"], "{}")
 
 
+class TTYCapture(LogCapture):
+    def isatty(self):
+        return True
+
+
+class LogInjectionTests(ProxyTestCase):
+    FORGED = "2026-01-01T00:00:00 POST /v1/responses model=gpt-5.1-codex status=200 0.001s"
+
+    def test_a_model_name_cannot_forge_a_log_line_or_reach_the_terminal(self):
+        model = "evil\n" + self.FORGED + "\r\x1b]0;owned\x07\x1b[2J\x7f\x9b"
+        status, _, _ = self.post(simple_request(model=model))
+        line = self.wait_for_log("model=evil")
+        text = self.log_text()
+        self.assertFalse([l for l in text.splitlines() if l.startswith(self.FORGED)], text)
+        for char in "\r\x1b\x07\x7f\x9b":
+            self.assertNotIn(char, text)
+        self.assertIn("model=evil\\n2026-01-01T00:00:00 POST", line)
+        self.assertIn("\\r\\x1b]0;owned\\x07\\x1b[2J\\x7f\\x9b", line)
+
+    def test_every_caller_is_covered_and_colour_survives_on_a_terminal(self):
+        stream = TTYCapture()
+        log = proxy.Log(stream, debug=True)
+        log.debug("a\nb")
+        log.warn_once("k", "c\x00d")
+        log.info("status=%s model=%s" % (log.status(200), "x\x1b[31my\u2028"))
+        lines = stream.getvalue().split("\n")  # not splitlines(): U+2028 ends no log line
+        self.assertEqual(lines.pop(), "")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].endswith("debug: a\\nb"), lines)
+        self.assertTrue(lines[1].endswith("warning: c\\x00d"), lines)
+        # the proxy's own colour codes stay; the client's escape sequence does not
+        self.assertTrue(lines[2].endswith("status=\x1b[32m200\x1b[0m model=x\\x1b[31my\u2028"),
+                        lines)
+        self.assertEqual(proxy.escape_controls("plain ünïcode"), "plain ünïcode")
+
+
+class DumpFileTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="dumps-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.log = LogCapture()
+
+    def dumper(self, directory=None):
+        return proxy.ExchangeDumper(directory or self.dir, proxy.Log(self.log))
+
+    def test_a_file_or_symlink_already_at_the_name_is_left_alone(self):
+        outside = os.path.join(self.dir, "..", os.path.basename(self.dir) + "-victim")
+        with open(outside, "w") as f:
+            f.write("precious\n")
+        self.addCleanup(os.unlink, outside)
+        os.symlink(outside, os.path.join(self.dir, "000001-1000000-request.json"))
+        with open(os.path.join(self.dir, "000001-1000000-response.json"), "w") as f:
+            f.write("planted\n")
+        dumper = self.dumper()
+        with mock.patch.object(proxy.time, "time", return_value=1000.0):
+            dump = dumper.request("POST", "https://x/y", [("Authorization", "Bearer t")], b"{}")
+        dump.answer(200, [])
+        dump.finish(b"{}")
+        with open(outside) as f:
+            self.assertEqual(f.read(), "precious\n")
+        with open(os.path.join(self.dir, "000001-1000000-response.json")) as f:
+            self.assertEqual(f.read(), "planted\n")
+        self.assertTrue(os.path.islink(os.path.join(self.dir, "000001-1000000-request.json")))
+        self.assertEqual(self.log.getvalue().count("cannot write dump"), 2, self.log.getvalue())
+        dump = dumper.request("POST", "https://x/y", [], b"{}")  # the next one is written
+        self.assertEqual(len(os.listdir(self.dir)), 3)
+
+    def test_an_existing_directory_is_made_private(self):
+        os.chmod(self.dir, 0o755)
+        self.dumper()
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+        self.assertIn("mode 0700, was 0755", self.log.getvalue())
+
+    def test_a_directory_of_another_user_is_refused(self):
+        other = os.stat(self.dir).st_uid + 1
+        with mock.patch.object(proxy.os, "getuid", return_value=other):
+            with self.assertRaises(OSError) as cm:
+                self.dumper()
+        self.assertIn("belongs to another user", str(cm.exception))
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to chown")
+    def test_the_program_refuses_to_start_with_another_users_dump_dir(self):
+        home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        write_auth(home, auth_document(access=access_token(3600)))
+        os.chown(self.dir, 65534, 65534)
+        result = run_program(["--port", "0", "--codex-home", home, "--dump-dir", self.dir])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(b"belongs to another user", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+
+class SSESpecFidelityTests(unittest.TestCase):
+    FRAMES = b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
+
+    def events(self, chunks):
+        parser = proxy.SSEParser()
+        return [e for chunk in chunks for e in parser.feed(chunk)]
+
+    def test_a_leading_bom_is_dropped_in_any_split(self):
+        data = b"\xef\xbb\xbf" + self.FRAMES
+        for cut in range(len(data) + 1):
+            with self.subTest(cut=cut):
+                events = self.events([data[:cut], data[cut:]])
+                self.assertEqual([(e.event, e.data) for e in events], [("a", "1"), ("b", "2")])
+                self.assertEqual(b"".join(e.raw for e in events), self.FRAMES)
+        events = self.events([bytes([b]) for b in data])
+        self.assertEqual([(e.event, e.data) for e in events], [("a", "1"), ("b", "2")])
+
+    def test_only_the_first_bom_and_only_at_the_very_start(self):
+        events = self.events([b"\xef\xbb\xbf\xef\xbb\xbfevent: a\ndata: 1\n\n"])
+        self.assertEqual([(e.event, e.data) for e in events], [(None, "1")])
+        events = self.events([self.FRAMES, b"\xef\xbb\xbfevent: c\ndata: 3\n\n"])
+        self.assertEqual([(e.event, e.data) for e in events],
+                         [("a", "1"), ("b", "2"), (None, "3")])
+        events = self.events([b"\xef\xbb", b"x: y\ndata: 1\n\n"])  # not a BOM after all
+        self.assertEqual([e.data for e in events], ["1"])
+        self.assertEqual(events[0].raw, b"\xef\xbbx: y\ndata: 1\n\n")
+
+    def test_an_id_with_nul_is_ignored(self):
+        events = self.events([b"id: 7\ndata: a\n\nid: 8\x009\ndata: b\n\nid: 10\ndata: c\n\n"])
+        self.assertEqual([e.id for e in events], ["7", "7", "10"])
+
+
+class SSEBomOverHTTPTests(ProxyTestCase):
+    def test_a_stream_starting_with_a_bom_is_relayed_without_it(self):
+        frames = stream_frames()
+        frames[0] = b"\xef\xbb\xbf" + frames[0]
+        self.backend.replies.append(Reply(frames=frames, chunk_split=1))
+        status, _, events, raw = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertFalse(raw.startswith(b"\xef\xbb\xbf"), raw[:40])
+        self.assertEqual(events[0][0], "response.created")
+        self.assertEqual(events[-1][0], "response.completed")
+
+
 class BadInputTests(ProxyTestCase):
     def raw(self, data, timeout=10):
         try:
