@@ -393,12 +393,17 @@ def api_key_from_auth_file(path):
 
 class Log:
     """One line per event on stderr. Every line passes through redact(), so a token that slips
-    into an exception message or a debug dump is still never written."""
+    into an exception message or a debug dump is still never written, and through
+    escape_controls(), so that a client's text (a model name, a path) can neither start a
+    forged log line nor send escape sequences to a terminal."""
 
     def __init__(self, stream=None, debug=False):
         self.stream = stream or sys.stderr
         self.debug_enabled = debug
         self.colour = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # status() marks its colour codes with this instead of ESC, which info() escapes: a
+        # client cannot forge it without knowing it.
+        self._colour_mark = "<%s>" % base64.b32encode(os.urandom(10)).decode()
         self._secrets = ()  # replaced whole, never changed in place: redact() reads it unlocked
         self._lock = threading.Lock()
         self._warned = set()
@@ -415,7 +420,12 @@ class Log:
         return _BEARER_RE.sub("Bearer [REDACTED]", _JWT_RE.sub("[REDACTED-JWT]", text))
 
     def info(self, msg):
-        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.redact(msg))
+        text = self.redact(msg)
+        if self.colour and self._colour_mark in text:
+            text = "\033".join(escape_controls(part) for part in text.split(self._colour_mark))
+        else:
+            text = escape_controls(text)
+        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), text)
         with self._lock:
             try:
                 self.stream.write(line)
@@ -437,7 +447,24 @@ class Log:
     def status_code(self, code):
         if not self.colour:
             return str(code)
-        return "\033[%sm%d\033[0m" % ("32" if code < 400 else "33" if code < 500 else "31", code)
+        return "%s[%sm%d%s[0m" % (self._colour_mark, "32" if code < 400 else "33" if code < 500
+                                  else "31", code, self._colour_mark)
+
+
+def escape_controls(text):
+    """C0 and C1 control characters and DEL as visible escapes (a newline as \\n)."""
+    if _CONTROL_RE.search(text) is None:
+        return text  # nearly every line: one scan, no copy
+    return _CONTROL_RE.sub(_escape_control, text)
+
+
+def _escape_control(match):
+    char = match.group()
+    return _CONTROL_ESCAPES.get(char) or "\\x%02x" % ord(char)
+
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
@@ -872,19 +899,35 @@ ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools"
 
 def _inflate(raw, wbits, limit):
     """zlib, raw deflate or gzip (wbits 15, -15, 31) data, inflated to at most limit bytes
-    (None: no limit), so that a small compressed body cannot expand to gigabytes."""
-    out = b""
+    (None: no limit), so that a small compressed body cannot expand to gigabytes.
+
+    Linear in len(raw) however many gzip members it holds: each member's decompressor gets
+    the input in windows that start small and double, because at a member's end zlib copies
+    whatever input it was given beyond that end (unused_data). Fed the whole remaining body,
+    a body of 20-byte members costs quadratic time (1 MB: over a second; 32 MB: minutes)."""
+    view = memoryview(raw)
+    pieces, size, pos = [], 0, 0
     while True:
         d = zlib.decompressobj(wbits)
-        out += d.decompress(raw, 0 if limit is None else limit + 1 - len(out))
-        if limit is not None and len(out) > limit:
-            raise ProxyError(413, "The request body is over the limit of %d bytes once "
-                             "decompressed." % limit, code="request_too_large")
+        window = _INFLATE_FIRST_WINDOW
+        while not d.eof and pos < len(view):
+            chunk = view[pos:pos + window]
+            piece = d.decompress(chunk, 0 if limit is None else limit + 1 - size)
+            pieces.append(piece)
+            size += len(piece)
+            if limit is not None and size > limit:
+                raise ProxyError(413, "The request body is over the limit of %d bytes once "
+                                 "decompressed." % limit, code="request_too_large")
+            pos += len(chunk) - len(d.unused_data)  # all of it, unless the member ended
+            window = min(window * 2, _INFLATE_MAX_WINDOW)
         if not d.eof:
             raise ValueError("the compressed data ends early")
-        raw = d.unused_data
-        if wbits != 31 or not raw:  # a gzip body may hold several members
-            return out
+        if wbits != 31 or pos >= len(view):  # a gzip body may hold several members
+            return b"".join(pieces)
+
+
+_INFLATE_FIRST_WINDOW = 64  # about three of the smallest gzip members
+_INFLATE_MAX_WINDOW = 1 << 20
 
 
 def decode_request_body(raw, content_encoding, limit=None):
@@ -921,8 +964,91 @@ def decode_request_body(raw, content_encoding, limit=None):
                      % encoding, code="unsupported_content_encoding")
 
 
-_JSON_DECODER = json.JSONDecoder()
+class _NotJSON(ValueError):
+    """A value Python's json module takes but JSON has no place for."""
+
+
+def _no_constant(name):
+    raise _NotJSON("%s, which is not a JSON number" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise _NotJSON("%s, beyond the range of a JSON number (a double)" % text)
+    return value
+
+
+_INF = float("inf")
+# Python's json takes NaN, Infinity, -Infinity and 1e999 (inf); none is JSON, and sent on
+# they would reach the backend as bare NaN/Infinity tokens.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# Deeper nesting is refused with a 400: Python's json parses up to ~1000 levels but cannot
+# encode them again. 128 is far beyond what requests hold (tool schemas nest a dozen or so).
+MAX_JSON_DEPTH = 128
+_CONTAINERS = (dict, list)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _too_deep(value):
+    """Whether value, standing in a top-level field, nests past MAX_JSON_DEPTH (the body
+    itself is level 1). Level by level, not recursively: a deep value costs no stack."""
+    level = [value] if type(value) in _CONTAINERS else []
+    for _ in range(MAX_JSON_DEPTH - 1):
+        if not level:
+            return False
+        level = [child for container in level
+                 for child in (container.values() if type(container) is dict else container)
+                 if type(child) in _CONTAINERS]
+    return bool(level)
+
+
+def _has_lone_surrogate(value):
+    """Whether a str in value (keys too) holds half of a surrogate pair: the parser makes one
+    of a "\\ud800" escape that no low half follows. It cannot be encoded as UTF-8: not text.
+    Level by level, one regex search per level, as this runs on every body with an emoji."""
+    level = [value]
+    while level:
+        if _SURROGATE.search("".join([v for v in level if type(v) is str])):
+            return True
+        nested = []
+        for v in level:
+            kind = type(v)
+            if kind is dict:
+                nested += v
+                nested += v.values()
+            elif kind is list:
+                nested += v
+        level = nested
+    return False
+
+
+def _check_json_values(body, text):
+    """400 for what parses but must not go on: nesting past MAX_JSON_DEPTH, lone surrogates.
+    Both checks are skipped when the text shows they cannot apply, as it does for most bodies."""
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if not (deep or surrogates):
+        return
+    for key, value in body.items():
+        param = None if surrogates and _SURROGATE.search(key) else key
+        if deep and _too_deep(value):
+            raise _too_deep_error(param)
+        if surrogates and (param is None or _has_lone_surrogate(value)):
+            raise ProxyError(400, "The request body is not valid JSON: %s holds a lone UTF-16 "
+                             "surrogate escape (like \\ud800 without its pair), which is not "
+                             "text. Send the character itself, or its full surrogate pair."
+                             % ("`%s`" % key if param else "a field name"), param=param,
+                             code="invalid_json")
+
+
+def _too_deep_error(param):
+    return ProxyError(400, "The request body nests arrays and objects more than %d levels deep%s, "
+                      "the most this proxy accepts. Flatten the structure, or send deep data "
+                      "as a string." % (MAX_JSON_DEPTH, " (in `%s`)" % param if param else ""),
+                      param=param, code="invalid_json")
 
 
 def parse_json_object(raw):
@@ -950,7 +1076,14 @@ def parse_json_object(raw):
                 if text[pos:pos + 1] != ":":
                     raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
                 start = _JSON_SPACE.match(text, pos + 1).end()
-                body[key], pos = _JSON_DECODER.raw_decode(text, start)
+                try:
+                    body[key], pos = _JSON_DECODER.raw_decode(text, start)
+                except _NotJSON as e:
+                    raise ProxyError(400, "The request body is not valid JSON: `%s` holds %s. "
+                                     "Send a finite number (or null)." % (key, e), param=key,
+                                     code="invalid_json")
+                except RecursionError:
+                    raise _too_deep_error(key)
                 spans[key] = (start, pos)
                 pos = _JSON_SPACE.match(text, pos).end()
                 if text[pos:pos + 1] == ",":
@@ -962,12 +1095,15 @@ def parse_json_object(raw):
                     raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
         if _JSON_SPACE.match(text, pos).end() != len(text):
             raise json.JSONDecodeError("Extra data", text, pos)
+    except RecursionError:
+        raise _too_deep_error(None)
     except TypeError:
         raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
     except UnicodeDecodeError:
         raise ProxyError(400, "The request body is not valid UTF-8.", code="invalid_json")
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise ProxyError(400, "The request body is not valid JSON (%s)." % e, code="invalid_json")
+    _check_json_values(body, text)
     # ASCII (what most SDKs send): offsets in text are offsets in raw, whose bytes can then be
     # copied as they are, without encoding 2 MB of str again.
     return body, (raw if text.isascii() else text), spans
@@ -1265,10 +1401,15 @@ class SSEParser:
         self._data = []
         self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
         self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
+        self._start = b""  # the stream's first bytes while they may still be a BOM; then None
 
     def feed(self, chunk):
         if not chunk:
             return []
+        if self._start is not None:
+            chunk = self._skip_bom(chunk)
+            if not chunk:
+                return []
         lead = []
         if self._skip_lf:
             self._skip_lf = False
@@ -1295,6 +1436,16 @@ class SSEParser:
         else:
             buf = chunk
         return lead + (self._feed_frames(buf) if fast else self._feed_lines(buf))
+
+    def _skip_bom(self, chunk):
+        """chunk without the byte order mark the specification lets a stream start with (and
+        nothing while the first reads are too short to tell)."""
+        chunk = self._start + chunk
+        if len(chunk) < len(_UTF8_BOM) and _UTF8_BOM.startswith(chunk):
+            self._start = chunk
+            return b""
+        self._start = None
+        return chunk[len(_UTF8_BOM):] if chunk[:len(_UTF8_BOM)] == _UTF8_BOM else chunk
 
     def _feed_frames(self, buf):
         frames = buf.split(b"\n\n")
@@ -1371,7 +1522,7 @@ class SSEParser:
             self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
-        elif name == b"id":
+        elif name == b"id" and b"\0" not in value:  # ignored, as the specification says
             self._id = value.decode("utf-8", "replace")
         elif name == b"retry" and value.isdigit():
             self._retry = int(value)
@@ -1383,6 +1534,9 @@ class SSEParser:
         self._event = self._retry = None
         self._data = []
         return event  # `id` persists across events, as in the specification
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1525,26 +1679,44 @@ def _chat_error(message, param="messages"):
 
 
 def _chat_text(content, where):
-    """A message's content as plain text: a string, or the text of its parts."""
+    """A message's content as plain text: a string, or the text of its parts. Only text parts
+    can become text (an assistant's refusal parts are left out)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list):
-        return "".join(part.get("text") or "" for part in content
-                       if isinstance(part, dict) and part.get("type") in ("text", "input_text",
-                                                                          "output_text"))
-    raise _chat_error("%s: content must be a string or a list of parts." % where)
+    if not isinstance(content, list):
+        raise _chat_error("%s: content must be a string or a list of parts." % where,
+                          where + ".content")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text", "output_text"):
+            texts.append(_chat_part_text(part, "%s.content[%d]" % (where, j)))
+        elif kind != "refusal":
+            raise _chat_error("%s.content[%d]: parts of type %r cannot stand in this message; "
+                              "it takes text parts only." % (where, j, kind),
+                              "%s.content[%d]" % (where, j))
+    return "".join(texts)
+
+
+def _chat_part_text(part, where):
+    text = part.get("text")
+    if text is not None and not isinstance(text, str):
+        raise _chat_error("%s.text must be a string." % where, where + ".text")
+    return text or ""
 
 
 def _chat_user_parts(content, where):
     if isinstance(content, str):
         return [{"type": "input_text", "text": content}]
     if not isinstance(content, list):
-        raise _chat_error("%s: content must be a string or a list of parts." % where)
+        raise _chat_error("%s: content must be a string or a list of parts." % where,
+                          where + ".content")
     parts = []
-    for part in content:
+    for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            parts.append({"type": "input_text", "text": part.get("text") or ""})
+            parts.append({"type": "input_text",
+                          "text": _chat_part_text(part, "%s.content[%d]" % (where, j))})
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
@@ -1558,17 +1730,66 @@ def _chat_user_parts(content, where):
     return parts
 
 
-def _chat_tool(tool):
+def _chat_tool(tool, where):
     if not isinstance(tool, dict) or tool.get("type") != "function" or \
             not isinstance(tool.get("function"), dict):
         raise _chat_error("Only tools of type function are supported.", "tools")
     fn = tool["function"]
-    out = {"type": "function", "name": fn.get("name"),
+    if not isinstance(fn.get("name"), str):
+        raise _chat_error("%s.function.name must be a string." % where, where + ".function.name")
+    out = {"type": "function", "name": fn["name"],
            "parameters": fn.get("parameters") or {"type": "object", "properties": {}}}
     for key in ("description", "strict"):
         if key in fn:
             out[key] = fn[key]
     return out
+
+
+def _chat_tool_calls(calls, where):
+    """An assistant message's tool_calls as function_call items."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise _chat_error("%s.tool_calls must be a list." % where, where + ".tool_calls")
+    items = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+            raise _chat_error("%s: each tool call needs an id and a function." % where)
+        name, arguments = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not isinstance(arguments, (str, type(None))):
+            param = "%s.tool_calls[%d].function.%s" % (
+                where, j, "name" if not isinstance(name, str) else "arguments")
+            raise _chat_error("%s must be a string." % param, param)
+        items.append({"type": "function_call", "call_id": call["id"], "name": name,
+                      "arguments": arguments or "{}"})
+    return items
+
+
+def _chat_tool_choice(choice):
+    """tool_choice in Responses terms: a string as it is, a named function flattened."""
+    if choice is None or isinstance(choice, str):
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or \
+            not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _chat_error("`tool_choice` must be \"none\", \"auto\", \"required\" or "
+                          "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                          "tool_choice")
+    return {"type": "function", "name": fn["name"]}
+
+
+def _chat_text_format(fmt):
+    """response_format as the Responses text.format."""
+    if not isinstance(fmt, dict):
+        raise _chat_error("`response_format` must be an object.", "response_format")
+    if fmt.get("type") != "json_schema":
+        return {"type": fmt.get("type")}
+    schema = fmt.get("json_schema")
+    if not isinstance(schema, dict):
+        raise _chat_error("`response_format.json_schema` must be an object (name, schema, "
+                          "strict).", "response_format.json_schema")
+    return dict(schema, type="json_schema")
 
 
 def chat_to_responses(body):
@@ -1602,12 +1823,7 @@ def chat_to_responses(body):
             if text:
                 items.append({"type": "message", "role": "assistant",
                               "content": [{"type": "output_text", "text": text}]})
-            for call in message.get("tool_calls") or []:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
-                    raise _chat_error("%s: each tool call needs an id and a function." % where)
-                items.append({"type": "function_call", "call_id": call["id"],
-                              "name": fn.get("name"), "arguments": fn.get("arguments") or "{}"})
+            items += _chat_tool_calls(message.get("tool_calls"), where)
         elif role == "tool":
             if not isinstance(message.get("tool_call_id"), str):
                 raise _chat_error("%s: a tool message needs tool_call_id." % where)
@@ -1621,23 +1837,15 @@ def chat_to_responses(body):
     if body.get("tools") is not None:
         if not isinstance(body["tools"], list):
             raise _chat_error("`tools` must be a list.", "tools")
-        out["tools"] = [_chat_tool(t) for t in body["tools"]]
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        choice = {"type": "function", "name": (choice.get("function") or {}).get("name")}
+        out["tools"] = [_chat_tool(t, "tools[%d]" % i) for i, t in enumerate(body["tools"])]
+    choice = _chat_tool_choice(body.get("tool_choice"))
     if choice is not None:
         out["tool_choice"] = choice
     for key in ("parallel_tool_calls", "prompt_cache_key", "service_tier"):
         if key in body:
             out[key] = body[key]
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict):
-        if fmt.get("type") == "json_schema":
-            schema = dict(fmt.get("json_schema") or {})
-            schema["type"] = "json_schema"
-            out["text"] = {"format": schema}
-        else:
-            out["text"] = {"format": {"type": fmt.get("type")}}
+    if body.get("response_format") is not None:
+        out["text"] = {"format": _chat_text_format(body["response_format"])}
     if body.get("verbosity") is not None:
         out.setdefault("text", {})["verbosity"] = body["verbosity"]
     if body.get("reasoning_effort") is not None:
@@ -2776,10 +2984,22 @@ def dump_body(body):
 
 
 class ExchangeDumper:
-    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600."""
+    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
+    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
+    0700 too, and one that belongs to another user is refused (its owner could read them)."""
 
     def __init__(self, directory, log):
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise PermissionError("--dump-dir %s belongs to another user (uid %d); dumps hold "
+                                  "whole conversations, so the proxy writes them only into a "
+                                  "directory of its own user. Choose another --dump-dir."
+                                  % (directory, st.st_uid))
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+            log.info("made --dump-dir %s private (mode 0700, was %04o)"
+                     % (directory, st.st_mode & 0o7777))
         self.directory = directory
         self.log = log
         self._next = 1
@@ -2797,11 +3017,19 @@ class ExchangeDumper:
     def _write(self, path, obj):
         data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file only: a file or symlink already at this name was put there by someone
+            # else, and following or overwriting it could clobber or leak some other file.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+        except FileExistsError:
+            self.log.info("cannot write dump %s: something is already there (left as it is)"
+                          % path)
         except OSError as e:
             self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 
 
 class ExchangeDump:

@@ -671,8 +671,8 @@ class RewriteRequestTests(unittest.TestCase):
         for raw, phrase in ((b"[1]", "JSON object"), (b'"s"', "JSON object"),
                             (b"{", "not valid JSON"), (b'{"a" 1}', "not valid JSON"),
                             (b'{"a": 1} x', "not valid JSON"), (b'{"a": 1,}', "not valid JSON"),
-                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "not valid JSON"),
-                            (b'{"a": ' + b"[" * 100000 + b"}", "not valid JSON")):
+                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "levels deep"),
+                            (b'{"a": ' + b"[" * 100000 + b"}", "levels deep")):
             with self.assertRaises(proxy.ProxyError) as cm:
                 proxy.parse_json_object(raw)
             self.assertEqual(cm.exception.status, 400, raw[:20])
@@ -2677,6 +2677,364 @@ def exchange(port, data, answer_wait=2.0, close_wait=2.0):
                     deadline = time.monotonic() + close_wait
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded work and strict checks for every request body
+# --------------------------------------------------------------------------------------------
+
+def gzip_members(data, size):
+    """data gzipped as many members of `size` input bytes each (RFC 1952 allows any number)."""
+    return b"".join(gzip.compress(data[i:i + size]) for i in range(0, len(data), size))
+
+
+class CountingDecompressor:
+    """zlib.decompressobj, counting every input byte handed to decompress()."""
+
+    fed = 0
+
+    def __init__(self, wbits):
+        self._d = REAL_DECOMPRESSOBJ(wbits)
+
+    def decompress(self, data, max_length=0):
+        CountingDecompressor.fed += len(data)
+        return self._d.decompress(data, max_length)
+
+    def __getattr__(self, name):
+        return getattr(self._d, name)
+
+
+REAL_DECOMPRESSOBJ = zlib.decompressobj
+
+
+class GzipMembersTests(unittest.TestCase):
+    def test_input_handed_to_zlib_is_linear_in_the_body_however_many_members(self):
+        # Counted, not timed: the old decoder gave each member the whole rest of the body (and
+        # zlib copied that rest at each member's end), ~10,000 times the body here.
+        body = json.dumps(simple_request("x" * 10000)).encode()
+        raw = gzip_members(body, 1)  # ~21 bytes per member, ~10,000 members
+        CountingDecompressor.fed = 0
+        with mock.patch.object(proxy.zlib, "decompressobj", CountingDecompressor):
+            self.assertEqual(proxy.decode_request_body(raw, "gzip", 1 << 20), body)
+        self.assertLessEqual(CountingDecompressor.fed, 8 * len(raw))
+
+    def test_many_members_of_large_output_decode_in_linear_time(self):
+        # 16,384 members of 1 KiB each: joining the output by `out += piece` copies ~128 GiB
+        # (about a minute); joined once, it is well under 0.1 s of CPU. Thread CPU time is not
+        # slowed by other processes on a loaded machine, and the bound is 50 times that.
+        member = gzip.compress(b"a" * 1024)
+        started = time.thread_time()
+        out = proxy.decode_request_body(member * 16384, "gzip", 32 << 20)
+        self.assertLess(time.thread_time() - started, 5.0)
+        self.assertEqual(out, b"a" * (16 << 20))
+
+    def test_limits_and_errors_hold_across_members(self):
+        raw = gzip_members(b"b" * 5000, 100)
+        self.assertEqual(proxy.decode_request_body(raw, "gzip", 5000), b"b" * 5000)
+        with self.assertRaises(proxy.ProxyError) as cm:
+            proxy.decode_request_body(raw, "gzip", 4999)
+        self.assertEqual(cm.exception.status, 413)
+        middle = len(gzip.compress(b"b" * 100)) * 10 + 5  # inside the 11th member
+        for bad in (raw[:-1], raw + b"x", raw[:middle]):
+            with self.assertRaises(proxy.ProxyError) as cm:
+                proxy.decode_request_body(bad, "gzip", 1 << 20)
+            self.assertEqual(cm.exception.status, 400)
+        big = gzip.compress(os.urandom(300000))  # a member far larger than any window
+        self.assertEqual(len(proxy.decode_request_body(big * 3, "gzip", None)), 900000)
+
+
+class GzipMembersOverHTTPTests(ProxyTestCase):
+    def test_a_megabyte_of_tiny_gzip_members_is_decoded_and_forwarded(self):
+        body = simple_request("y" * 50000)
+        raw = gzip_members(json.dumps(body).encode(), 1)
+        self.assertGreater(len(raw), 1000000)
+        status, _, answer = self.post(raw, headers={"Content-Encoding": "gzip",
+                                                    "Content-Type": "application/json"})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "y" * 50000)
+
+
+class StrictJSONTests(ProxyTestCase):
+    def post_bytes(self, raw, path="/v1/responses"):
+        return self.post(raw, headers={"Content-Type": "application/json"}, path=path)
+
+    def test_nan_infinity_and_out_of_range_numbers_are_400_naming_the_field(self):
+        for token in (b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"[1, NaN]"):
+            raw = b'{"model": "gpt-5.1-codex", "input": "hi", "temperature": ' + token + b"}"
+            with self.subTest(token=token):
+                status, _, body = self.post_bytes(raw)
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="temperature")
+                self.assertEqual(body["error"]["param"], "temperature")
+                self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.backend.requests, [], "nothing may reach the backend")
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", "input": "hi", '
+                                          b'"temperature": 1e-999}')  # underflow is a number
+        self.assertEqual(status, 200, body)
+
+    def test_lone_surrogate_escapes_are_400_but_pairs_pass(self):
+        for raw, param in ((b'{"input": "a\\ud800b"}', "input"),
+                           (b'{"input": [{"type": "message", "role": "user", "content": '
+                            b'[{"type": "input_text", "text": "\\udc00"}]}]}', "input"),
+                           (b'{"input": "hi", "metadata": {"\\ud83d": "x"}}', "metadata"),
+                           (b'{"input": "hi", "\\ud800": 1}', None)):
+            with self.subTest(raw=raw):
+                status, _, body = self.post_bytes(raw)
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="surrogate")
+                self.assertEqual(body["error"]["param"], param)
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", '
+                                          b'"input": "\\ud83d\\ude00 and \\\\ud800"}')
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "\U0001F600 and \\ud800")
+
+    def test_nesting_past_the_limit_is_400_not_500(self):
+        limit = proxy.MAX_JSON_DEPTH
+        self.assertEqual(limit, 128)  # documented in README; a change must change both
+
+        def nested(levels):  # levels counts the body object itself
+            inner = levels - 1
+            return (b'{"model": "gpt-5.1-codex", "input": "hi", "metadata": '
+                    + b"[" * inner + b"]" * inner + b"}")
+
+        for levels in (limit + 1, 980, 5000):
+            with self.subTest(levels=levels):
+                status, _, body = self.post_bytes(nested(levels))
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="128 levels")
+                self.assertEqual(body["error"]["param"], "metadata")
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.post_bytes(nested(limit))
+        self.assertEqual(status, 200, body)
+        status, _, body = self.post_bytes(b"[" * 980 + b"]" * 980)
+        self.assert_openai_error(status, body, 400, code="invalid_json")
+
+    def test_chat_completions_gets_the_same_checks(self):
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", "messages": '
+                                          b'[{"role": "user", "content": "hi"}], '
+                                          b'"temperature": NaN}', path=CHAT)
+        self.assert_openai_error(status, body, 400, code="invalid_json")
+        self.assertEqual(body["error"]["param"], "temperature")
+
+    def test_parse_json_object_refuses_what_json_does_not_allow(self):
+        for raw, param in ((b'{"a": NaN}', "a"), (b'{"a": {"b": -Infinity}}', "a"),
+                           (b'{"a": 1e400}', "a"), (b'{"a": "\\udfff"}', "a"),
+                           (b'{"a": ' + b"[" * 128 + b"]" * 128 + b"}", "a")):
+            with self.subTest(raw=raw[:30]):
+                with self.assertRaises(proxy.ProxyError) as cm:
+                    proxy.parse_json_object(raw)
+                self.assertEqual((cm.exception.status, cm.exception.param), (400, param))
+        body = proxy.parse_json_object(b'{"a": ' + b"[" * 127 + b"]" * 127 + b"}")[0]
+        self.assertEqual(len(proxy.encode_json_object(body)), len('{"a":}') + 2 * 127)
+
+
+class ChatWrongTypesTests(ProxyTestCase):
+    """Each of these was a 500 (a TypeError or AttributeError inside the translation)."""
+
+    CASES = (
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": None, "tool_calls": 5}]},
+         "messages[1].tool_calls"),
+        ({"tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+        ({"tool_choice": 5}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": "x"}},
+         "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": [["a", 1]]}},
+         "response_format.json_schema"),
+        ({"response_format": "json_object"}, "response_format"),
+        ({"messages": [{"role": "system", "content": [{"type": "text", "text": 5}]},
+                       {"role": "user", "content": "hi"}]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "system", "content": [{"type": "image_url",
+                                                       "image_url": {"url": "http://x/y.png"}}]},
+                       {"role": "user", "content": "hi"}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "tool", "tool_call_id": "c", "content": [{"type": "text",
+                                                                          "text": [1]}]}]},
+         "messages[1].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]},
+         "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "tool_calls": [
+                           {"id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
+         "messages[1].tool_calls[0].function.arguments"),
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]},
+         "tools[0].function.name"),
+    )
+
+    def test_wrong_types_are_400_naming_the_param(self):
+        for extra, param in self.CASES:
+            body = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": "hi"}]}
+            body.update(extra)
+            with self.subTest(param=param, body=extra):
+                status, _, answer = self.post(body, path=CHAT)
+                self.assert_openai_error(status, answer, 400)
+                self.assertEqual(answer["error"]["param"], param)
+                self.assertIn(param.split(".")[-1].split("[")[0], answer["error"]["message"])
+        self.assertEqual(self.backend.requests, [])
+
+    def test_right_types_still_translate(self):
+        body = {"model": "gpt-5.1-codex",
+                "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                             {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": [{"type": "text", "text": "ok"},
+                                                               {"type": "refusal",
+                                                                "refusal": "no"}],
+                              "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f"}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "n", "schema": {"type": "object"}}}}
+        status, _, answer = self.post(body, path=CHAT)
+        self.assertEqual(status, 200, answer)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["instructions"], "Be brief.")
+        self.assertEqual(up["tool_choice"], {"type": "function", "name": "f"})
+        self.assertEqual(up["text"]["format"], {"type": "json_schema", "name": "n",
+                                                "schema": {"type": "object"}})
+        self.assertEqual([i["type"] for i in up["input"]],
+                         ["message", "message", "function_call", "function_call_output"])
+        self.assertEqual(up["input"][2]["arguments"], "{}")
+
+
+class TTYCapture(LogCapture):
+    def isatty(self):
+        return True
+
+
+class LogInjectionTests(ProxyTestCase):
+    FORGED = "2026-01-01T00:00:00 POST /v1/responses model=gpt-5.1-codex status=200 0.001s"
+
+    def test_a_model_name_cannot_forge_a_log_line_or_reach_the_terminal(self):
+        model = "evil\n" + self.FORGED + "\r\x1b]0;owned\x07\x1b[2J\x7f\x9b"
+        status, _, _ = self.post(simple_request(model=model))
+        line = self.wait_for_log("model=evil")
+        text = self.log_text()
+        self.assertFalse([l for l in text.splitlines() if l.startswith(self.FORGED)], text)
+        for char in "\r\x1b\x07\x7f\x9b":
+            self.assertNotIn(char, text)
+        self.assertIn("model=evil\\n2026-01-01T00:00:00 POST", line)
+        self.assertIn("\\r\\x1b]0;owned\\x07\\x1b[2J\\x7f\\x9b", line)
+
+    def test_every_caller_is_covered_and_colour_survives_on_a_terminal(self):
+        stream = TTYCapture()
+        log = proxy.Log(stream, debug=True)
+        log.debug("a\nb")
+        log.warn_once("k", "c\x00d")
+        log.info("status=%s model=%s" % (log.status(200), "x\x1b[31my\u2028"))
+        lines = stream.getvalue().split("\n")  # not splitlines(): U+2028 ends no log line
+        self.assertEqual(lines.pop(), "")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].endswith("debug: a\\nb"), lines)
+        self.assertTrue(lines[1].endswith("warning: c\\x00d"), lines)
+        # the proxy's own colour codes stay; the client's escape sequence does not
+        self.assertTrue(lines[2].endswith("status=\x1b[32m200\x1b[0m model=x\\x1b[31my\u2028"),
+                        lines)
+        self.assertEqual(proxy.escape_controls("plain ünïcode"), "plain ünïcode")
+
+
+class DumpFileTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="dumps-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.log = LogCapture()
+
+    def dumper(self, directory=None):
+        return proxy.ExchangeDumper(directory or self.dir, proxy.Log(self.log))
+
+    def test_a_file_or_symlink_already_at_the_name_is_left_alone(self):
+        outside = os.path.join(self.dir, "..", os.path.basename(self.dir) + "-victim")
+        with open(outside, "w") as f:
+            f.write("precious\n")
+        self.addCleanup(os.unlink, outside)
+        os.symlink(outside, os.path.join(self.dir, "000001-1000000-request.json"))
+        with open(os.path.join(self.dir, "000001-1000000-response.json"), "w") as f:
+            f.write("planted\n")
+        dumper = self.dumper()
+        with mock.patch.object(proxy.time, "time", return_value=1000.0):
+            dump = dumper.request("POST", "https://x/y", [("Authorization", "Bearer t")], b"{}")
+        dump.answer(200, [])
+        dump.finish(b"{}")
+        with open(outside) as f:
+            self.assertEqual(f.read(), "precious\n")
+        with open(os.path.join(self.dir, "000001-1000000-response.json")) as f:
+            self.assertEqual(f.read(), "planted\n")
+        self.assertTrue(os.path.islink(os.path.join(self.dir, "000001-1000000-request.json")))
+        self.assertEqual(self.log.getvalue().count("cannot write dump"), 2, self.log.getvalue())
+        dump = dumper.request("POST", "https://x/y", [], b"{}")  # the next one is written
+        self.assertEqual(len(os.listdir(self.dir)), 3)
+
+    def test_an_existing_directory_is_made_private(self):
+        os.chmod(self.dir, 0o755)
+        self.dumper()
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+        self.assertIn("mode 0700, was 0755", self.log.getvalue())
+
+    def test_a_directory_of_another_user_is_refused(self):
+        other = os.stat(self.dir).st_uid + 1
+        with mock.patch.object(proxy.os, "getuid", return_value=other):
+            with self.assertRaises(OSError) as cm:
+                self.dumper()
+        self.assertIn("belongs to another user", str(cm.exception))
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to chown")
+    def test_the_program_refuses_to_start_with_another_users_dump_dir(self):
+        home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        write_auth(home, auth_document(access=access_token(3600)))
+        os.chown(self.dir, 65534, 65534)
+        result = run_program(["--port", "0", "--codex-home", home, "--dump-dir", self.dir])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(b"belongs to another user", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+
+class SSESpecFidelityTests(unittest.TestCase):
+    FRAMES = b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
+
+    def events(self, chunks):
+        parser = proxy.SSEParser()
+        return [e for chunk in chunks for e in parser.feed(chunk)]
+
+    def test_a_leading_bom_is_dropped_in_any_split(self):
+        data = b"\xef\xbb\xbf" + self.FRAMES
+        for cut in range(len(data) + 1):
+            with self.subTest(cut=cut):
+                events = self.events([data[:cut], data[cut:]])
+                self.assertEqual([(e.event, e.data) for e in events], [("a", "1"), ("b", "2")])
+                self.assertEqual(b"".join(e.raw for e in events), self.FRAMES)
+        events = self.events([bytes([b]) for b in data])
+        self.assertEqual([(e.event, e.data) for e in events], [("a", "1"), ("b", "2")])
+
+    def test_only_the_first_bom_and_only_at_the_very_start(self):
+        events = self.events([b"\xef\xbb\xbf\xef\xbb\xbfevent: a\ndata: 1\n\n"])
+        self.assertEqual([(e.event, e.data) for e in events], [(None, "1")])
+        events = self.events([self.FRAMES, b"\xef\xbb\xbfevent: c\ndata: 3\n\n"])
+        self.assertEqual([(e.event, e.data) for e in events],
+                         [("a", "1"), ("b", "2"), (None, "3")])
+        events = self.events([b"\xef\xbb", b"x: y\ndata: 1\n\n"])  # not a BOM after all
+        self.assertEqual([e.data for e in events], ["1"])
+        self.assertEqual(events[0].raw, b"\xef\xbbx: y\ndata: 1\n\n")
+
+    def test_an_id_with_nul_is_ignored(self):
+        events = self.events([b"id: 7\ndata: a\n\nid: 8\x009\ndata: b\n\nid: 10\ndata: c\n\n"])
+        self.assertEqual([e.id for e in events], ["7", "7", "10"])
+
+
+class SSEBomOverHTTPTests(ProxyTestCase):
+    def test_a_stream_starting_with_a_bom_is_relayed_without_it(self):
+        frames = stream_frames()
+        frames[0] = b"\xef\xbb\xbf" + frames[0]
+        self.backend.replies.append(Reply(frames=frames, chunk_split=1))
+        status, _, events, raw = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertFalse(raw.startswith(b"\xef\xbb\xbf"), raw[:40])
+        self.assertEqual(events[0][0], "response.created")
+        self.assertEqual(events[-1][0], "response.completed")
 
 
 class BadInputTests(ProxyTestCase):
