@@ -20,6 +20,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -161,10 +162,10 @@ class Config:
         return os.path.join(self.codex_home, "auth.json")
 
 
-def codex_user_agent(config):
+def codex_user_agent(config, version=None):
     """The User-Agent the Codex CLI sends, with ours at the end."""
     return "%s/%s (%s %s; %s) codex-responses-proxy/%s" % (
-        config.originator, config.client_version, platform.system() or "unknown",
+        config.originator, version or config.client_version, platform.system() or "unknown",
         platform.release() or "unknown", platform.machine() or "unknown", __version__)
 
 
@@ -401,7 +402,7 @@ class Log:
         self.stream = stream or sys.stderr
         self.debug_enabled = debug
         self.colour = hasattr(self.stream, "isatty") and self.stream.isatty()
-        # status() marks its colour codes with this instead of ESC, which info() escapes: a
+        # status_code() marks its colour codes with this instead of ESC, which info() escapes: a
         # client cannot forge it without knowing it.
         self._colour_mark = "<%s>" % base64.b32encode(os.urandom(10)).decode()
         self._secrets = ()  # replaced whole, never changed in place: redact() reads it unlocked
@@ -2126,11 +2127,6 @@ class ConversationStore:
         with self._lock:
             self._save(response["id"], record, tuple(item_ids))
 
-    def put(self, response_id, parent, input_json, output):
-        """The relay's call until it passes the whole response to save()."""
-        self.save({"id": response_id, "object": "response", "output": output}, parent,
-                  input_json)
-
     def history(self, response_id):
         """All items of the chain ending in response_id, oldest first, as the backend takes
         them; None if response_id is unknown or deleted, or a link is unknown (never stored,
@@ -2454,8 +2450,6 @@ class SQLiteConversationStore(ConversationStore):
 # Forwarded from the backend's answer to the client: quota, rate limit and request ids.
 FORWARDED_RESPONSE_HEADERS = ("retry-after", "x-request-id", "x-oai-request-id", "openai-model",
                               "x-models-etag")
-# Codex-specific request headers a client (the Codex CLI) may send, passed on as they are.
-FORWARDED_REQUEST_HEADERS = ("x-openai-subagent", "x-client-request-id")
 
 
 def upstream_url_for(url, endpoint):
@@ -2866,24 +2860,25 @@ class UpstreamClient:
         self._dropped = {}  # model -> parameters the backend rejected for it
         self._lock = threading.Lock()
 
-    def exchange(self, method, url, body, headers):
+    def exchange(self, method, url, body, headers, timeout=None):
         """One request, sent (and dumped), its quota headers noted."""
         dump = self.dumper.request(method, url, list(headers.items()), body) \
             if self.dumper else None
         conn, resp = send_upstream(self.pool, url, body, headers,
-                                   self.config.stream_idle_timeout, method)
+                                   timeout or self.config.stream_idle_timeout, method)
         answer = UpstreamAnswer(conn, resp, dump)
         self.quota.update(answer.headers)
         if dump:
             dump.answer(answer.status, answer.headers)
         return answer
 
-    def codex_headers(self, creds, session_id, extra, accept="text/event-stream"):
+    def codex_headers(self, creds, session_id, extra, accept="text/event-stream", version=None):
         headers = {
             "Authorization": "Bearer " + creds.access_token,
             "originator": self.config.originator,
-            "User-Agent": self.user_agent,
-            "version": self.config.client_version,
+            "User-Agent": self.user_agent if version in (None, self.config.client_version)
+            else codex_user_agent(self.config, version),
+            "version": version or self.config.client_version,
             "Accept": accept,
             "Content-Type": "application/json",
         }
@@ -2899,10 +2894,11 @@ class UpstreamClient:
         return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
 
     def call(self, method, url, body=None, encode=None, session_id=None, extra=(),
-             accept="text/event-stream"):
+             accept="text/event-stream", version=None, timeout=None):
         """A ChatGPT-mode request under the retry policy; the answer once it is a 200, else
         the backend's error as a ProxyError. body: the JSON object to send, encoded by
-        encode() on each try (a retry may have dropped a parameter)."""
+        encode() on each try (a retry may have dropped a parameter); version: the Codex
+        version to present."""
         rejected_token = None
         dropped_now = set()
         while True:
@@ -2913,7 +2909,8 @@ class UpstreamClient:
                     len(payload), payload[:16384].decode("utf-8", "replace"),
                     "... [truncated]" if len(payload) > 16384 else ""))
             answer = self.exchange(method, url, payload,
-                                   self.codex_headers(creds, session_id, extra, accept))
+                                   self.codex_headers(creds, session_id, extra, accept, version),
+                                   timeout)
             if answer.status == 200:
                 return answer
             error_body = answer.read_whole(self.pool)
@@ -2942,11 +2939,12 @@ class UpstreamClient:
                                + LOGIN_HINT)
             raise err
 
-    def models(self):
+    def models(self, version):
         """The backend's model list as OpenAI's: {"object": "list", "data": [...]}."""
         url = "%s?client_version=%s" % (upstream_url_for(self.config.upstream_url, "models"),
-                                        urllib.parse.quote(self.config.client_version))
-        body = self.call("GET", url, accept="application/json").read_whole(self.pool)
+                                        urllib.parse.quote(version))
+        body = self.call("GET", url, accept="application/json",
+                         version=version).read_whole(self.pool)
         try:
             models = json.loads(body)["models"]
             now = int(time.time())
@@ -3126,6 +3124,8 @@ def check_access(method, path, headers, config, listen_address):
 
 ROUTES = {
     "/v1/responses": {"POST": "responses"},
+    "/v1/responses/compact": {"POST": "compact"},
+    "/v1/responses/input_tokens": {"POST": "input_tokens"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/models": {"GET": "models"},
     "/status": {"GET": "status"},
@@ -3134,11 +3134,21 @@ ROUTES = {
 }
 ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
                if path.startswith("/v1/")})  # clients configured without /v1
+# /v1/responses/{id} and what hangs off it: App methods taking the id too
+RESPONSE_ROUTES = {"": {"GET": "retrieve", "DELETE": "delete"},
+                   "/input_items": {"GET": "input_items"}, "/cancel": {"POST": "cancel"}}
+_RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
+                               r"(|/input_items|/cancel)\Z")
 
 
 def find_route(method, path, headers, config):
-    """The App's method for this request, else the fitting JSON error."""
-    methods = ROUTES.get(path)
+    """(the App's method for this request, its arguments from the path), else the fitting
+    JSON error."""
+    methods, args = ROUTES.get(path), ()
+    if methods is None:
+        m = _RESPONSE_PATH_RE.match(path)
+        if m:
+            methods, args = RESPONSE_ROUTES[m.group(2)], (m.group(1),)
     if path == "/shutdown" and not config.http_shutdown:
         methods = None
     if methods is None:
@@ -3153,7 +3163,7 @@ def find_route(method, path, headers, config):
         raise ProxyError(405, "%s does not take %s; use %s." % (
             path, method, " or ".join(sorted(methods))), code="method_not_allowed",
             headers=[("Allow", ", ".join(sorted(methods)))])
-    return name
+    return name, args
 
 
 # --------------------------------------------------------------------------------------------
@@ -3531,6 +3541,20 @@ def pass_through(upstream, answer, client):
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
 
+# What the compact endpoint takes, as the Codex CLI sends it; the rest of a Responses body
+# (stream, store, include...) is not for it.
+COMPACT_FIELDS = ("model", "input", "instructions", "tools", "parallel_tool_calls", "reasoning",
+                  "text")
+COMPACT_TIMEOUT = 600.0  # one JSON answer for a whole history: no events to show progress
+
+
+class PreparedRequest:
+    """A Responses request as it goes upstream, and what keeping its answer takes."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
 class App:
     """Everything the proxy is, apart from serving sockets: the login, the upstream client,
     the conversations, the model list, the counters behind /status, and the routes. A route
@@ -3545,6 +3569,7 @@ class App:
                               log)
         self.upstream = UpstreamClient(config, log, self.auth)
         self.models_cache = ModelsCache()
+        self.client_version = ClientVersion(config.client_version)
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.started = time.time()
@@ -3683,34 +3708,20 @@ class App:
         if self.config.mode == "apikey":
             return self.forward_as_is(client, upstream_url_for(self.config.upstream_url,
                                                                "models"))
-        client.send_json(200, self.models_cache.get(self.upstream.models, self.log))
+        client.send_json(200, self.models_cache.get(self.upstream.models,
+                                                    self.client_version.newest, self.log))
 
     def responses(self, client):
-        config = self.config
-        if config.mode == "apikey":
-            return self.forward_as_is(client, config.upstream_url)
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
-        previous = body.get("previous_response_id")
-        history = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            history = self.conversations.history(previous)
-            if history is None:
-                raise unknown_response_error(previous)
-        upstream_body, session_id = rewrite_request(
-            body, config.instructions, client.session_id(),
-            self.upstream.dropped_params(body.get("model")), history)
-        span = unchanged_span("input", upstream_body["input"], body, spans)
-        own_input = source[span[0]:span[1]] if span else json.dumps(
-            upstream_body["input"][len(history or ()):], separators=(",", ":"))
-        answer = self.upstream.call("POST", config.upstream_url, upstream_body,
-                                    lambda b: encode_json_object(b, body, source, spans),
-                                    session_id, client.codex_headers())
+        request = self.prepare(client.header, body, source, spans)
+        answer = self.upstream.call("POST", self.config.upstream_url, request.body,
+                                    request.encode, request.session_id, request.headers,
+                                    version=request.version)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
-              on_end=lambda assembler: self.keep(assembler, previous, own_input))
+              on_end=lambda assembler: self.keep(assembler, request))
 
     def chat_completions(self, client):
         config = self.config
@@ -3718,16 +3729,125 @@ class App:
             return self.forward_as_is(client, upstream_url_for(config.upstream_url,
                                                                "chat/completions"))
         body = self.json_body(client)[0]
-        upstream_body, session_id = rewrite_request(
-            chat_to_responses(body), config.instructions, client.session_id(),
-            self.upstream.dropped_params(body.get("model")))
+        request = self.prepare(client.header, chat_to_responses(body))
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-        answer = self.upstream.call("POST", config.upstream_url, upstream_body,
-                                    encode_json_object, session_id, client.codex_headers())
+        answer = self.upstream.call("POST", config.upstream_url, request.body, request.encode,
+                                    request.session_id, request.headers, version=request.version)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
               sink, client)
+
+    def compact(self, client):
+        """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
+        url = upstream_url_for(self.config.upstream_url, "responses/compact")
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, url)
+        body, source, spans = self.json_body(client)
+        request = self.prepare(client.header, body, source, spans)
+        compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
+        answer = self.upstream.call("POST", url, compact_body, encode_json_object,
+                                    request.session_id, request.headers, "application/json",
+                                    request.version, COMPACT_TIMEOUT)
+        data = answer.read_whole(self.upstream.pool, self.config.max_body_bytes)
+        try:
+            result = json.loads(data)
+            if not isinstance(result, dict) or not isinstance(result.get("output"), list):
+                raise ValueError("no output list")
+        except ValueError:
+            raise ProxyError(502, "The backend's compaction answer was not the JSON expected.",
+                             code="bad_upstream_answer")
+        result.setdefault("id", "resp_" + uuid.uuid4().hex)
+        result.setdefault("object", "response.compaction")
+        result.setdefault("created_at", int(time.time()))
+        client.send_json(200, result, answer.forwarded_headers())
+
+    def retrieve(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        response = self.conversations.get(response_id)
+        if response is None:
+            raise stored_response_not_found(response_id)
+        client.send_json(200, response)
+
+    def delete(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        if not self.conversations.delete(response_id):
+            raise stored_response_not_found(response_id)
+        client.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+    def input_items(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        items = self.conversations.input_items(response_id)
+        if items is None:
+            raise stored_response_not_found(response_id)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
+        first = {name: values[0] for name, values in query.items()}
+        client.send_json(200, input_items_page(items, first.get("after"), first.get("limit"),
+                                               first.get("order")))
+
+    def cancel(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        if self.conversations.get(response_id) is None:
+            raise stored_response_not_found(response_id)
+        raise ProxyError(400, "Response %r cannot be cancelled: only background responses can "
+                         "be, and the ChatGPT subscription backend runs none (`background` is "
+                         "not supported), so it has already finished." % (response_id,),
+                         code="background_not_supported")
+
+    def input_tokens(self, client):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        raise ProxyError(400, "Counting input tokens is not available on a ChatGPT "
+                         "subscription: its backend has no token-counting endpoint. The "
+                         "`usage.input_tokens` of a response says what a request cost.",
+                         code="input_tokens_not_supported")
+
+    def platform_url(self, client):
+        """API-key mode: the platform's URL for the client's path (and query)."""
+        parts = urllib.parse.urlsplit(client.path)
+        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
+        url = upstream_url_for(self.config.upstream_url, path)
+        return url + ("?" + parts.query if parts.query else "")
+
+    def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """A client's Responses request made ready for the backend: its item references and
+        previous_response_id expanded (history: the lookup for the latter, by default the
+        conversation store), rewritten, with the headers and the Codex version it goes
+        with."""
+        items = body.get("input")
+        if isinstance(items, list):
+            expanded = self.conversations.expand_references(items)
+            if expanded is not items:
+                body = dict(body, input=expanded)
+        previous = body.get("previous_response_id")
+        earlier = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            earlier = (history or self.conversations.history)(previous)
+            if earlier is None:
+                raise unknown_response_error(previous)
+        note = service_tier_warning(body)
+        if note:
+            self.log.warn_once(*note)
+        upstream_body, session_id = rewrite_request(
+            body, self.config.instructions, client_headers.get("session_id")
+            or client_headers.get("session-id"),
+            self.upstream.dropped_params(body.get("model")), earlier)
+        span = unchanged_span("input", upstream_body["input"], body, spans)
+        own_input = source[span[0]:span[1]] if span else json.dumps(
+            upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+        return PreparedRequest(
+            body=upstream_body, session_id=session_id, previous=previous, own_input=own_input,
+            encode=lambda b: encode_json_object(b, body, source, spans),
+            headers=upstream_request_headers(client_headers, upstream_body),
+            version=self.client_version.observe(client_headers),
+            store=body.get("store") is not False)
 
     def forward_as_is(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""
@@ -3745,15 +3865,17 @@ class App:
         client.log_fields["stream"] = body.get("stream") is True
         return parsed
 
-    def keep(self, assembler, previous, own_input):
-        """Keep a finished response for previous_response_id. A store that fails costs a
-        warning, never the answer the user has paid for."""
+    def keep(self, assembler, request):
+        """Keep a finished response for previous_response_id and retrieval, unless its client
+        said `store: false`. A store that fails costs a warning, never the answer the user
+        has paid for."""
         response_id = (assembler.response or {}).get("id")
-        if assembler.terminal not in ("response.completed", "response.incomplete") or \
-                not isinstance(response_id, str):
+        if not request.store or not isinstance(response_id, str) or \
+                assembler.terminal not in ("response.completed", "response.incomplete"):
             return
         try:
-            self.conversations.put(response_id, previous, own_input, assembler.output())
+            self.conversations.save(assemble_response(assembler.response, assembler.output()),
+                                    request.previous, request.own_input)
         except Exception as e:
             self.log.info("warning: could not keep response %s for "
                           "previous_response_id: %s" % (response_id, e))
@@ -3896,12 +4018,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.cors_origin = origin  # refusals too are readable by a page allowed in
             if check_access(method, path, self.header, app.config, self.server.server_address):
                 return self.send_preflight()
-            route = getattr(app, find_route(method, path, self.header, app.config))
+            name, args = find_route(method, path, self.header, app.config)
+            route = functools.partial(getattr(app, name), self, *args)
             with (app.slot() if path != "/healthz" else contextlib.nullcontext()):
                 self.body = read_request_body(self.rfile, self.header, app.config.max_body_bytes,
                                               self.send_continue)
                 self.reader.request_read()
-                route(self)
+                route()
         except ProxyError as e:
             if self.body is None and has_body(self.header):
                 self.close_connection = True  # its unread body must not pass for a request
@@ -3924,14 +4047,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.log_request_line(method, path)
 
     # -- what an App route reads ------------------------------------------------------------
-
-    def session_id(self):
-        return self.header.get("session_id") or self.header.get("session-id")
-
-    def codex_headers(self):
-        """The Codex CLI's own headers a client sent, passed on to the backend as they are."""
-        return [(k, v) for k, v in self.header.items()
-                if k.startswith("x-codex-") or k in FORWARDED_REQUEST_HEADERS]
 
     def forwardable_headers(self):
         """API-key mode: the client's headers as it wrote them, less ours and its secrets;
@@ -4169,15 +4284,19 @@ class ModelsCache:
 
     def __init__(self):
         self._value = None
+        self._version = None
         self._fetched = 0.0
         self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
 
-    def get(self, fetch, log):
+    def get(self, fetch, version, log):
+        """The list for this Codex version: a newer client may see newer models."""
         with self._lock:
-            if self._value is not None and time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
+            if self._value is not None and self._version == version and \
+                    time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
                 return self._value
             try:
-                self._value, self._fetched = fetch(), time.monotonic()
+                self._value, self._fetched = fetch(version), time.monotonic()
+                self._version = version
             except ProxyError as e:
                 if self._value is None:
                     raise

@@ -1464,13 +1464,6 @@ class StoreContract:
         self.assertTrue(self.store.delete("resp_b"))
         self.assertEqual(self.kept_ids(self.store), [])
 
-    def test_put_keeps_the_relays_current_call_working(self):
-        self.store.put("resp_p", None, input_json(user_item("q")), [message_item("a")])
-        self.store.put("resp_q", "resp_p", input_json(user_item("q2")), [message_item("b")])
-        self.assertEqual(self.store.history("resp_q"), [
-            user_item("q"), replayed_item("a"), user_item("q2"), replayed_item("b")])
-        self.assertEqual(self.store.get("resp_q")["output"], [message_item("b")])
-
     def test_concurrent_saves_reads_and_deletes_stay_consistent(self):
         store = self.make_store(max_bytes=40 * 1024)  # small: eviction runs all along
         errors, barrier = [], threading.Barrier(6)
@@ -2925,7 +2918,7 @@ class LogInjectionTests(ProxyTestCase):
         log = proxy.Log(stream, debug=True)
         log.debug("a\nb")
         log.warn_once("k", "c\x00d")
-        log.info("status=%s model=%s" % (log.status(200), "x\x1b[31my\u2028"))
+        log.info("status=%s model=%s" % (log.status_code(200), "x\x1b[31my\u2028"))
         lines = stream.getvalue().split("\n")  # not splitlines(): U+2028 ends no log line
         self.assertEqual(lines.pop(), "")
         self.assertEqual(len(lines), 3, lines)
@@ -6621,7 +6614,7 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         def broken(*args):
             raise OSError("database is locked")
 
-        self.proxy.app.conversations.put = broken
+        self.proxy.app.conversations.save = broken
         answer = self.turn("resp_x", "question", "the answer")
         self.assertEqual(answer["output"][0]["content"][0]["text"], "the answer")
         events = self.turn("resp_y", "question", "streamed", stream=True)
@@ -6631,14 +6624,14 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
 
     def test_stored_before_the_client_sees_the_end(self):
         # A client may name a response the moment its stream ends: it must be known by then.
-        put, stored_at = self.proxy.app.conversations.put, []
+        put, stored_at = self.proxy.app.conversations.save, []
 
         def slow_put(*args):
             time.sleep(0.3)
             put(*args)
             stored_at.append(time.monotonic())
 
-        self.proxy.app.conversations.put = slow_put
+        self.proxy.app.conversations.save = slow_put
         self.backend.replies.append(reply_for("resp_early", "done"))
         conn = self.connection()
         self.addCleanup(conn.close)
