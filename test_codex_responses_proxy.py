@@ -1916,9 +1916,10 @@ class SymlinkedAuthFileTests(CliCoexistenceCase):
 
 
 class DeadRefreshTokenTests(CliCoexistenceCase):
-    FAILURES = [(400, {"error": {"code": "refresh_token_invalidated"}}, "refresh_token_invalidated"),
-                (400, {"error": {"code": "refresh_token_expired"}}, "refresh_token_expired"),
-                (401, {"error": "invalid_grant"}, None)]
+    FAILURES = [  # (status, body) from the token endpoint, and the code the client hears
+        (400, {"error": {"code": "refresh_token_invalidated"}}, "refresh_token_invalidated"),
+        (400, {"error": {"code": "refresh_token_expired"}}, "refresh_token_expired"),
+        (401, {"error": "invalid_grant"}, None)]
 
     def test_permanent_failure_is_not_retried_until_auth_json_changes(self):
         for failure_status, failure_body, code in self.FAILURES:
