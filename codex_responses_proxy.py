@@ -518,6 +518,8 @@ REFRESH_AGE_WITHOUT_EXP = 8 * 24 * 3600  # the Codex CLI's rule for tokens witho
 PERMANENT_REFRESH_CODES = ("refresh_token_expired", "refresh_token_reused",
                            "refresh_token_invalidated")
 LOGIN_HINT = "Run `codex login` to sign in again."
+AUTH_SETTLE_SECONDS = 0.5   # an empty or garbled auth.json may be a rewrite in progress
+AUTH_WRITE_LOCK_WAIT = 2.0  # the Codex CLI holds auth.json.lock only while it writes
 
 
 def jwt_claims(token):
@@ -597,22 +599,21 @@ def auth_error(path, reason, status=401, code="codex_login_required"):
 
 
 def read_auth_file(path):
-    """auth.json -> (raw dict, Credentials); every way it can be unusable is a 401 that names
-    the path and says what to do."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
-                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
-                         "in config.toml first." % path)
-    except OSError as e:
-        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
-                         % (path, e.strerror or e))
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        raise auth_error(path, "%s is not valid JSON." % path)
+    """auth.json -> Credentials; every way it can be unusable is a 401 that names the path and
+    says what to do. An empty or unparseable file is read again for a moment before it counts
+    as broken: some Codex CLIs rewrite auth.json in place (truncate, then write), and a reader
+    can catch it between the two."""
+    deadline = time.monotonic() + AUTH_SETTLE_SECONDS
+    while True:
+        raw = _read_auth_bytes(path)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            break
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise auth_error(path, "%s is %s." % (path, "not valid JSON" if raw.strip()
+                                                      else "empty"))
+            time.sleep(0.02)
     if not isinstance(data, dict):
         raise auth_error(path, "%s does not hold a JSON object." % path)
     tokens = data.get("tokens")
@@ -624,14 +625,30 @@ def read_auth_file(path):
     return Credentials(data)
 
 
+def _read_auth_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
+                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
+                         "in config.toml first." % path)
+    except OSError as e:
+        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
+                         % (path, e.strerror or e))
+
+
 def write_auth_file(path, data):
     write_file_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")), 0o600)
 
 
 def write_file_atomic(path, write, mode):
     """Atomic replace: a crash at any point leaves the old file or the new one, never half.
-    write(f) fills the temporary file."""
-    directory = os.path.dirname(os.path.abspath(path))
+    write(f) fills the temporary file. A symlink is written through: the temporary file goes
+    next to the link's target and replaces that, so the link stays a link and its target does
+    not keep a used-up refresh token."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -680,13 +697,14 @@ def refresh_error_code(body):
     return data.get("code")
 
 
-def request_token_refresh(url, refresh_token, user_agent):
+def request_token_refresh(url, refresh_token, user_agent, reason):
+    """reason: the CLI's refresh_reason, "proactive_expiry" or "unauthorized_recovery"."""
     # Imported here: urllib.request costs ~1.5 MB and a refresh happens about once an hour.
     import urllib.error
     import urllib.request
 
     body = json.dumps({"client_id": OAUTH_CLIENT_ID, "grant_type": "refresh_token",
-                       "refresh_token": refresh_token}).encode()
+                       "refresh_token": refresh_token, "refresh_reason": reason}).encode()
     req = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "Accept": "application/json",
         "User-Agent": user_agent})
@@ -713,29 +731,33 @@ def request_token_refresh(url, refresh_token, user_agent):
 
 
 class _FileLock:
-    """Advisory lock on a side file, so two processes never redeem one refresh token."""
+    """flock on a side file of CODEX_HOME, as the Codex CLI takes it. Waits up to `wait`
+    seconds, polling (a blocking flock cannot time out, and a stuck holder must not stop us
+    forever); `acquired` is False only when another process held it all that time."""
 
-    def __init__(self, path, timeout=REFRESH_TIMEOUT + 5):
+    def __init__(self, path, wait):
         self.path = path
-        self.timeout = timeout
+        self.wait = wait
         self.fd = None
+        self.acquired = True
 
     def __enter__(self):
         if fcntl is None:
-            return self
+            return self  # Windows: no advisory locks; the in-process lock still serializes
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return self  # a read-only CODEX_HOME still works, just without the cross-process lock
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.wait
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except OSError:
                 if time.monotonic() > deadline:
-                    return self  # a stuck holder must not stop us forever
-                time.sleep(0.05)
+                    self.acquired = False
+                    return self
+                time.sleep(0.02)
 
     def __exit__(self, *exc):
         if self.fd is not None:
@@ -745,10 +767,16 @@ class _FileLock:
 
 class AuthStore:
     """The current credentials, cheap to ask for: auth.json is parsed again only when its
-    stat changes, and refreshes are single-flight in the process and locked across processes."""
+    stat changes. Refreshes are single-flight in the process and follow the Codex CLI's lock
+    protocol across processes (PROTOCOL.md §2), so that the CLI, this proxy and other proxies
+    never redeem one refresh token twice: $CODEX_HOME/auth.lock, waited for, around re-read,
+    refresh and write; auth.json.lock only around the write itself, because the CLI takes that
+    one without waiting and cannot save its own refresh while someone else holds it."""
 
     def __init__(self, path, refresh_url, user_agent, log):
         self.path = path
+        self.refresh_lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
+        self.write_lock_path = path + ".lock"
         self.refresh_url = refresh_url
         self.user_agent = user_agent
         self.log = log
@@ -756,6 +784,10 @@ class AuthStore:
         self._cache = (None, None)  # (stat key, Credentials), replaced whole: threads read it
         self._attempts = 0          # refresh attempts made, and the error of the last if it
         self._failure = None        # failed: threads that waited for it share that outcome
+        # A refresh token that failed for good, in the auth.json version it came from:
+        self._dead = None  # ((stat key, refresh token), (status, message, code))
+        self._saving = threading.Lock()  # held from redeeming a refresh token to saving the next
+        self._stopped = False
         self.last_refresh = None  # {"at", "ok", "error"} of the last attempt, for /status
 
     def _stat_key(self):
@@ -765,11 +797,12 @@ class AuthStore:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def load(self):
-        """Credentials as on disk now (cached while the file is unchanged)."""
+    def load(self, reread=False):
+        """Credentials as on disk now, cached while the file's stat is unchanged. reread: parse
+        the file anyway; under auth.lock a rewrite within one timestamp tick must not be missed."""
         key = self._stat_key()
         cached_key, cached = self._cache
-        if key is not None and key == cached_key:
+        if not reread and key is not None and key == cached_key:
             return cached
         creds = read_auth_file(self.path)
         for secret in creds.secrets():
@@ -783,6 +816,7 @@ class AuthStore:
         creds = self.load()
         if not self._stale(creds, rejected_token):
             return creds
+        self._check_dead(creds)
         attempts = self._attempts
         with self._lock:
             creds = self.load()  # another thread (or the Codex CLI) may have refreshed by now
@@ -792,23 +826,29 @@ class AuthStore:
                 # The refresh we waited for failed: share its outcome, no queue of retries.
                 status, message, code = self._failure
                 raise ProxyError(status, message, code=code)
-            with _FileLock(self.path + ".lock"):
-                creds = self.load()  # ... or another process
-                if not self._stale(creds, rejected_token):
-                    return creds
-                try:
-                    creds = self._refresh(creds)
-                except ProxyError as e:
-                    self._failure = (e.status, e.message, e.code)
-                    raise
-                except Exception as e:
-                    self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
-                                     % e.__class__.__name__, "token_refresh_failed")
-                    raise ProxyError(*self._failure[:2], code=self._failure[2])
-                finally:
-                    self._attempts += 1
-                self._failure = None
-                return creds
+            self._check_dead(creds)
+            try:
+                creds = self._refresh_locked(rejected_token)
+            except ProxyError as e:
+                self._failure = (e.status, e.message, e.code)
+                raise
+            except Exception as e:
+                self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
+                                 % e.__class__.__name__, "token_refresh_failed")
+                raise ProxyError(*self._failure[:2], code=self._failure[2])
+            finally:
+                self._attempts += 1
+            self._failure = None
+            return creds
+
+    def stop_refreshing(self, timeout):
+        """At shutdown: wait for a refresh in progress to save its result, and let no new one
+        begin. False if one was still running after timeout seconds."""
+        self._stopped = True
+        if not self._saving.acquire(timeout=timeout):
+            return False
+        self._saving.release()
+        return True
 
     def _note_refresh(self, error):
         self.last_refresh = {"at": rfc3339_now(), "ok": error is None, "error": error}
@@ -819,32 +859,68 @@ class AuthStore:
             return creds.access_token == rejected_token
         return creds.needs_refresh()
 
-    def _refresh(self, creds):
+    def _check_dead(self, creds):
+        """A refresh token that failed for good is not sent again while auth.json stays as it
+        was: every request hears at once that a new login is needed."""
+        dead = self._dead
+        if dead is not None and dead[0] == (self._stat_key(), creds.refresh_token):
+            raise ProxyError(*dead[1][:2], code=dead[1][2])
+
+    def _refresh_locked(self, rejected_token):
+        with _FileLock(self.refresh_lock_path, REFRESH_TIMEOUT + 5) as lock:
+            if not lock.acquired:
+                # Refreshing anyway could redeem the refresh token the holder is redeeming.
+                raise ProxyError(503, "Another process (the Codex CLI?) has held %s for %d s "
+                                 "while refreshing the login; not refreshing beside it. Try again "
+                                 "shortly." % (self.refresh_lock_path, lock.wait),
+                                 code="token_refresh_failed")
+            creds = self.load(reread=True)  # ... or another process, the CLI included
+            if not self._stale(creds, rejected_token):
+                return creds
+            return self._refresh(creds, "unauthorized_recovery" if rejected_token is not None
+                                 else "proactive_expiry")
+
+    def _refresh(self, creds, reason):
         if not creds.refresh_token:
             raise auth_error(self.path, "The access token in %s has expired and there is no "
                              "refresh token." % self.path)
         self._check_writable()
-        self.log.info("refreshing the access token")
-        try:
-            answer = request_token_refresh(self.refresh_url, creds.refresh_token, self.user_agent)
-        except RefreshFailed as e:
-            if e.code == "refresh_token_reused":
-                # The Codex CLI may have rotated the token a moment ago: its result is on disk.
-                self._cache = (None, None)
-                fresh = self.load()
-                if fresh.refresh_token != creds.refresh_token:
-                    self.log.info("refresh token was already rotated by another process; "
-                                  "using its tokens")
-                    self._note_refresh(None)
-                    return fresh
-            self._note_refresh(str(e))
-            self.log.info("token refresh failed: %s" % e)
-            if e.permanent:
-                raise ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
-                                 % (e.code or "unauthorized", LOGIN_HINT),
-                                 code=e.code or "refresh_failed")
-            raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
-                             "request will try again." % e, code="token_refresh_failed")
+        with self._saving:
+            if self._stopped:
+                raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+            self.log.info("refreshing the access token (%s)" % reason)
+            try:
+                answer = request_token_refresh(self.refresh_url, creds.refresh_token,
+                                               self.user_agent, reason)
+            except RefreshFailed as e:
+                return self._refresh_failed(creds, e)
+            fresh = self._save(creds, answer)
+        self.log.info("access token refreshed")
+        return fresh
+
+    def _refresh_failed(self, creds, e):
+        if e.code == "refresh_token_reused":
+            # A process outside the lock protocol (an older Codex CLI) may have rotated the
+            # token a moment ago: its result is on disk.
+            fresh = self.load(reread=True)
+            if fresh.refresh_token != creds.refresh_token:
+                self.log.info("refresh token was already rotated by another process; "
+                              "using its tokens")
+                self._note_refresh(None)
+                return fresh
+        self._note_refresh(str(e))
+        self.log.info("token refresh failed: %s" % e)
+        if e.permanent:
+            error = ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
+                               % (e.code or "unauthorized", LOGIN_HINT),
+                               code=e.code or "refresh_failed")
+            self._dead = ((self._stat_key(), creds.refresh_token),
+                          (error.status, error.message, error.code))
+            raise error
+        raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
+                         "request will try again." % e, code="token_refresh_failed")
+
+    def _save(self, creds, answer):
         data = dict(creds.data)
         tokens = dict(data.get("tokens") or {})
         for name in ("id_token", "access_token", "refresh_token"):
@@ -853,22 +929,24 @@ class AuthStore:
                 self.log.add_secret(answer[name])
         data["tokens"] = tokens
         data["last_refresh"] = rfc3339_now()
-        try:
-            write_auth_file(self.path, data)
-        except OSError as e:
-            # The old refresh token is used up now: say loudly that the new one is only in memory.
-            self.log.info("warning: could not write %s (%s); the refreshed tokens live only in "
-                          "this process" % (self.path, e.strerror or e))
+        # Written even when the lock stays held: the old refresh token is spent, and its
+        # successor exists nowhere else.
+        with _FileLock(self.write_lock_path, AUTH_WRITE_LOCK_WAIT):
+            try:
+                write_auth_file(self.path, data)
+            except OSError as e:
+                # Say loudly that the new refresh token is only in memory.
+                self.log.info("warning: could not write %s (%s); the refreshed tokens live only "
+                              "in this process" % (self.path, e.strerror or e))
         self._note_refresh(None)
         fresh = Credentials(data)
         self._cache = (self._stat_key(), fresh)
-        self.log.info("access token refreshed")
         return fresh
 
     def _check_writable(self):
         """Redeeming the refresh token uses it up: refuse unless its successor can be saved,
         or the Codex CLI's own login would be left holding a dead token."""
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = os.path.dirname(os.path.realpath(self.path))
         try:
             fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
             os.close(fd)
@@ -4384,6 +4462,12 @@ def main(argv=None):
         server.socket.close()  # refuse new connections now, not after the drain
         if not app.wait_idle(SHUTDOWN_GRACE):
             log.info("stopping with requests still in flight")
+        # Waited for apart from the drain, which can give up first (25 s against a 30 s
+        # refresh timeout): a redeemed refresh token's successor exists only in this process
+        # until it is saved, and losing it would log the Codex CLI out too.
+        if not server.auth.stop_refreshing(REFRESH_TIMEOUT + 5):
+            log.info("warning: stopping before a token refresh finished; if it went through, "
+                     "the new login is lost. Run `codex login` if requests fail with 401.")
         server.server_close()
     log.info("stopped")
     return 0

@@ -341,6 +341,8 @@ class FakeOAuth:
         self.current_refresh = None  # the one refresh token that works; None: any works
         self.failure = None          # (status, body) to answer instead
         self.delay = 0.0
+        self.lifetime = 3600         # seconds until an issued access token's `exp`
+        self.reused = []             # refresh tokens answered with refresh_token_reused
         self.lock = threading.Lock()
         oauth = self
 
@@ -373,9 +375,10 @@ class FakeOAuth:
                 return 400, {"error": "invalid_request"}
             used = body.get("refresh_token")
             if self.current_refresh is not None and used != self.current_refresh:
+                self.reused.append(used)
                 return 400, {"error": {"code": "refresh_token_reused",
                                        "message": "already used"}}
-            new_access = access_token(3600)
+            new_access = access_token(self.lifetime)
             self.backend.valid_tokens.add(new_access)
             self.current_refresh = "rt-rotated-%d-%s" % (len(self.requests), os.urandom(4).hex())
             return 200, {"access_token": new_access, "refresh_token": self.current_refresh,
@@ -1742,7 +1745,8 @@ class RefreshTests(ProxyTestCase):
         sent = self.oauth.requests[0]["body"]
         self.assertEqual(sent, {"client_id": proxy.OAUTH_CLIENT_ID,
                                 "grant_type": "refresh_token",
-                                "refresh_token": before["tokens"]["refresh_token"]})
+                                "refresh_token": before["tokens"]["refresh_token"],
+                                "refresh_reason": "proactive_expiry"})
         after = read_auth(self.home)
         self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
         self.assertEqual(after["future_key"], {"kept": True})
@@ -1850,6 +1854,7 @@ class RefreshTests(ProxyTestCase):
             self.oauth.failure = (400, {"error": {"code": code, "message": "nope"}})
             status, _, body = self.post(simple_request())
             self.assert_openai_error(status, body, 401, code=code, contains="codex login")
+        self.expire()
         self.oauth.failure = (401, {"error": "invalid_grant"})
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 401, contains="codex login")
@@ -2360,6 +2365,410 @@ class CrossProcessRefreshTests(ProcessTestCase):
 # 6. Atomic write of auth.json
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# 5b. Living beside the Codex CLI: its rewrites, its locks, dead logins, shutdown
+# --------------------------------------------------------------------------------------------
+
+def try_flock(path):
+    """True if an exclusive flock on path can be had at once, as the Codex CLI tries for
+    auth.json.lock (released again straight away)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        proxy.fcntl.flock(fd, proxy.fcntl.LOCK_EX | proxy.fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class CliCoexistenceCase(ProxyTestCase):
+    def expire(self, **kw):
+        doc = auth_document(access=access_token(-10), **kw)
+        write_auth(self.home, doc)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        return doc
+
+    def auth_path(self):
+        return os.path.join(self.home, "auth.json")
+
+
+class AuthFileMidRewriteTests(CliCoexistenceCase):
+    """Some Codex CLIs rewrite auth.json in place: truncate, then write."""
+
+    def rewrite_in_place_during_request(self, first_content):
+        """The proxy's first read finds the rewrite half done; the rewrite ends just before
+        its next read, however soon that comes."""
+        path = self.auth_path()
+        full = json.dumps(auth_document(access=self.token), indent=2).encode()
+        with open(path, "wb") as f:
+            f.write(first_content(full))
+        reads = []
+        real_open = open
+
+        def tracking_open(file, *args, **kwargs):
+            if file == path:
+                reads.append(file)
+                if len(reads) == 2:
+                    with real_open(path, "r+b") as f:
+                        f.write(full)
+            return real_open(file, *args, **kwargs)
+
+        with mock.patch.object(proxy, "open", tracking_open, create=True):
+            status, _, body = self.post(simple_request())
+        return status, body, reads
+
+    def test_empty_auth_json_is_read_again_instead_of_401(self):
+        status, body, reads = self.rewrite_in_place_during_request(lambda full: b"")
+        self.assertEqual(status, 200, body)
+        self.assertGreaterEqual(len(reads), 2, "the empty file was never seen")
+        self.assertEqual(self.last_upstream()["headers"]["Authorization"], "Bearer " + self.token)
+
+    def test_half_written_auth_json_is_read_again_instead_of_401(self):
+        status, body, reads = self.rewrite_in_place_during_request(
+            lambda full: full[:len(full) // 2])
+        self.assertEqual(status, 200, body)
+        self.assertGreaterEqual(len(reads), 2, "the half-written file was never seen")
+
+    def test_auth_json_that_stays_empty_is_401_that_says_so(self):
+        with open(self.auth_path(), "wb"):
+            pass
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 401, contains="is empty")
+        self.assertIn("codex login", body["error"]["message"])
+        self.assertIn(self.auth_path(), body["error"]["message"])
+
+
+@unittest.skipIf(proxy.fcntl is None, "no flock on this platform")
+class LockProtocolTests(CliCoexistenceCase):
+    """The Codex CLI's locks (PROTOCOL.md §2), taken the way it takes them."""
+
+    def test_refresh_waits_for_cli_holding_auth_lock_and_uses_its_tokens(self):
+        self.expire()
+        lock_path = os.path.join(self.home, "auth.lock")
+        cli_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, cli_fd)
+        proxy.fcntl.flock(cli_fd, proxy.fcntl.LOCK_EX)  # the CLI is mid-refresh
+        lock_ino = os.fstat(cli_fd).st_ino
+        waiting = threading.Event()
+        real_flock = proxy.fcntl.flock
+
+        def flock(fd, op):
+            try:
+                return real_flock(fd, op)
+            except OSError:
+                if os.fstat(fd).st_ino == lock_ino:
+                    waiting.set()  # the proxy is waiting for the CLI
+                raise
+
+        result = {}
+        client = threading.Thread(target=lambda: result.update(
+            answer=self.post(simple_request())), daemon=True)
+        with mock.patch.object(proxy.fcntl, "flock", flock):
+            client.start()
+            waiting.wait(5)
+            cli_access = access_token()
+            self.backend.valid_tokens.add(cli_access)
+            write_auth(self.home, auth_document(access=cli_access, refresh="rt-cli-saved"))
+            real_flock(cli_fd, proxy.fcntl.LOCK_UN)
+            client.join(15)
+        status, _, body = result["answer"]
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 0, "the proxy redeemed the token the CLI was redeeming")
+        self.assertEqual(self.last_upstream()["headers"]["Authorization"], "Bearer " + cli_access)
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"], "rt-cli-saved")
+
+    def test_auth_lock_held_through_the_refresh_and_auth_json_lock_left_free(self):
+        self.expire()
+        during = {}
+        original = self.oauth.answer
+
+        def answer(headers, raw):
+            # What a Codex CLI that wants to refresh or save right now would find.
+            during["auth.lock free"] = try_flock(os.path.join(self.home, "auth.lock"))
+            during["auth.json.lock free"] = try_flock(self.auth_path() + ".lock")
+            return original(headers, raw)
+
+        self.oauth.answer = answer
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(during, {"auth.lock free": False, "auth.json.lock free": True})
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
+    def test_refresh_reason_after_401_is_unauthorized_recovery(self):
+        self.backend.valid_tokens.clear()
+        self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual([r["body"].get("refresh_reason") for r in self.oauth.requests],
+                         ["unauthorized_recovery"])
+
+
+class SymlinkedAuthFileTests(CliCoexistenceCase):
+    def test_refresh_writes_through_a_symlinked_auth_json(self):
+        target_dir = tempfile.mkdtemp(prefix="codex-real-")
+        self.addCleanup(shutil.rmtree, target_dir, True)
+        doc = auth_document(access=access_token(-10))
+        target = write_auth(target_dir, doc)
+        link = self.auth_path()
+        os.unlink(link)
+        os.symlink(target, link)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertTrue(os.path.islink(link), "the symlink was replaced by a plain file")
+        self.assertEqual(os.readlink(link), target)
+        self.assertEqual(read_auth(target_dir)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)
+        for directory in (self.home, target_dir):
+            self.assertEqual([n for n in os.listdir(directory) if n.endswith(".tmp")], [])
+
+
+class DeadRefreshTokenTests(CliCoexistenceCase):
+    FAILURES = [  # (status, body) from the token endpoint, and the code the client hears
+        (400, {"error": {"code": "refresh_token_invalidated"}}, "refresh_token_invalidated"),
+        (400, {"error": {"code": "refresh_token_expired"}}, "refresh_token_expired"),
+        (401, {"error": "invalid_grant"}, None)]
+
+    def test_permanent_failure_is_not_retried_until_auth_json_changes(self):
+        for failure_status, failure_body, code in self.FAILURES:
+            with self.subTest(code=code or failure_status):
+                self.expire()
+                self.oauth.failure = (failure_status, failure_body)
+                posts = self.oauth.count
+                for _ in range(4):
+                    status, _, body = self.post(simple_request())
+                    self.assert_openai_error(status, body, 401, code=code,
+                                             contains="codex login")
+                self.assertEqual(self.oauth.count, posts + 1,
+                                 "the dead refresh token was sent again")
+
+    def test_reused_token_is_dead_too_and_a_new_login_revives(self):
+        self.expire()
+        self.oauth.current_refresh = "someone-elses"
+        for _ in range(3):
+            status, _, body = self.post(simple_request())
+            self.assert_openai_error(status, body, 401, code="refresh_token_reused")
+        self.assertEqual(self.oauth.count, 1)
+        # `codex login` writes a new auth.json: the next request refreshes with it
+        self.expire(refresh="rt-after-login")
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 2)
+
+    def test_backend_401_with_a_dead_refresh_token_answers_at_once(self):
+        self.backend.valid_tokens.clear()
+        self.oauth.failure = (400, {"error": {"code": "refresh_token_invalidated"}})
+        for _ in range(3):
+            status, _, body = self.post(simple_request())
+            self.assert_openai_error(status, body, 401, code="refresh_token_invalidated",
+                                     contains="codex login")
+        self.assertEqual(self.oauth.count, 1)
+
+
+class ShutdownDuringRefreshTests(ProcessTestCase):
+    def test_stop_while_refreshing_saves_the_new_token_before_exit(self):
+        before = self.write_expired_auth()
+        self.oauth.delay = 1.5
+        # The shutdown grace (25 s) is shorter than a refresh may take (30 s); shrink it so the
+        # drain gives up long before this refresh ends, as it would for a slow one.
+        launcher_dir = tempfile.mkdtemp(prefix="launcher-")
+        self.addCleanup(shutil.rmtree, launcher_dir, True)
+        launcher = os.path.join(launcher_dir, "short_grace.py")
+        with open(launcher, "w") as f:
+            f.write("import sys\nsys.path.insert(0, %r)\nimport codex_responses_proxy as p\n"
+                    "p.SHUTDOWN_GRACE = 0.1\nsys.exit(p.main())\n" % HERE)
+        env = clean_env(CODEX_REFRESH_TOKEN_URL_OVERRIDE=self.oauth.url)
+        with mock.patch.dict(globals(), {"PROGRAM": launcher}):
+            p = self.spawn("--port", "0", "--codex-home", self.home, env=env)
+        client = threading.Thread(target=lambda: self.quiet_post(p), daemon=True)
+        client.start()
+        p.wait_for("refreshing the access token", 10)
+        p.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait_exit(timeout=15), 0, p.text())
+        self.assertTrue(wait_until(lambda: self.oauth.count == 1, timeout=5))
+        with self.oauth.lock:
+            issued = self.oauth.current_refresh
+        self.assertNotEqual(issued, before["tokens"]["refresh_token"])
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"], issued,
+                         "the process exited before saving the refreshed login")
+        self.assertNotIn("Traceback", p.text())
+
+    @staticmethod
+    def quiet_post(p):
+        try:
+            p.post(simple_request(), timeout=10)
+        except (OSError, http.client.HTTPException):
+            pass  # the proxy may close the connection as it stops
+
+
+class SimulatedCodexCli:
+    """The Codex CLI refreshing its login in a thread, as PROTOCOL.md §2 describes: a blocking
+    flock on auth.lock around re-read, refresh and write; a non-blocking flock on auth.json.lock
+    for the write (a real CLI that finds it held cannot save, and later tells its user to log
+    in again); the write alternately temp file + rename and, as older CLIs do, in place
+    (truncate, a pause, write). It refreshes when the token needs it, and every sixth round
+    anyway, so that it surely races the proxies."""
+
+    def __init__(self, home, oauth_url):
+        self.home = home
+        self.path = os.path.join(home, "auth.json")
+        self.oauth_url = oauth_url
+        self.refreshes = 0
+        self.writes = collections.Counter()
+        self.failures = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        round_ = 0
+        while not self.stopped.is_set():
+            round_ += 1
+            try:
+                self.refresh_round(forced=round_ % 6 == 0)
+            except Exception as e:
+                self.failures.append(repr(e))
+            self.stopped.wait(0.05)
+
+    def refresh_round(self, forced):
+        fcntl = proxy.fcntl
+        lock_fd = os.open(os.path.join(self.home, "auth.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
+            if not forced and not proxy.Credentials(doc).needs_refresh():
+                return
+            answer = self.redeem(doc["tokens"]["refresh_token"],
+                                 "forced" if forced else "proactive_expiry")
+            if answer is None:
+                return
+            doc["tokens"].update(answer)
+            doc["last_refresh"] = proxy.rfc3339_now()
+            self.save(json.dumps(doc, indent=2).encode(), in_place=self.refreshes % 2 == 1)
+            self.refreshes += 1
+        finally:
+            os.close(lock_fd)
+
+    def redeem(self, refresh_token, reason):
+        body = json.dumps({"client_id": proxy.OAUTH_CLIENT_ID, "grant_type": "refresh_token",
+                           "refresh_token": refresh_token, "refresh_reason": reason}).encode()
+        url = urllib.parse.urlsplit(self.oauth_url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        try:
+            conn.request("POST", url.path, body, {"Content-Type": "application/json",
+                                                  "User-Agent": "codex_cli_rs/simulated"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            self.failures.append("refresh answered %d: %r" % (resp.status, data[:200]))
+            return None
+        return json.loads(data)
+
+    def save(self, data, in_place):
+        fcntl = proxy.fcntl
+        write_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(write_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.failures.append("auth.json.lock was held: the CLI could not save")
+                return
+            if in_place:
+                fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+                try:
+                    time.sleep(0.01)  # readers see an empty file meanwhile
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                self.writes["in place"] += 1
+            else:
+                fd, tmp = tempfile.mkstemp(prefix=".auth-", dir=self.home)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+                self.writes["rename"] += 1
+        finally:
+            os.close(write_fd)
+
+
+@unittest.skipIf(proxy.fcntl is None, "no flock on this platform")
+class CodexCliNeighbourTests(CliCoexistenceCase):
+    """Two proxies and a simulated Codex CLI on one CODEX_HOME, tokens going stale about every
+    second, clients sending requests all the while."""
+
+    CLIENTS = 4
+    MAX_REQUESTS_EACH = 400
+    MAX_SECONDS = 10.0
+
+    def test_cli_and_two_proxies_share_one_login_under_load(self):
+        self.oauth.lifetime = proxy.REFRESH_MARGIN + 1  # stale at the next whole second
+        self.oauth.delay = 0.05  # a redemption takes a moment, as a real one does: races overlap
+        self.expire()
+        ports = [self.port]
+        self.start_proxy()
+        ports.append(self.port)
+        cli = SimulatedCodexCli(self.home, self.oauth.url)
+        stop = threading.Event()
+        results = []
+        lock = threading.Lock()
+
+        def client(n):
+            for i in range(self.MAX_REQUESTS_EACH):
+                if stop.is_set():
+                    return
+                port = ports[(n + i) % 2]
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+                try:
+                    conn.request("POST", "/v1/responses", json.dumps(simple_request()),
+                                 {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    outcome = (resp.status, resp.read()[:300])
+                except (OSError, http.client.HTTPException) as e:
+                    outcome = (None, repr(e))
+                finally:
+                    conn.close()
+                with lock:
+                    results.append(outcome)
+
+        def refreshes_by(agent):
+            with self.oauth.lock:
+                return sum(1 for r in self.oauth.requests
+                           if agent in r["headers"].get("User-Agent", ""))
+
+        def enough():
+            return (refreshes_by("codex-responses-proxy") >= 2 and cli.refreshes >= 2
+                    and cli.writes["in place"] >= 1 and cli.writes["rename"] >= 1)
+
+        clients = [threading.Thread(target=client, args=(n,), daemon=True)
+                   for n in range(self.CLIENTS)]
+        cli.thread.start()
+        for t in clients:
+            t.start()
+        wait_until(lambda: enough() or not any(t.is_alive() for t in clients),
+                   timeout=self.MAX_SECONDS, step=0.05)
+        stop.set()
+        cli.stopped.set()
+        for t in clients:
+            t.join(30)
+        cli.thread.join(30)
+
+        failed = [r for r in results if r[0] != 200]
+        self.assertEqual(len(failed), 0, "%d of %d requests failed, the first: %r"
+                         % (len(failed), len(results), failed[:2]))
+        self.assertEqual(self.oauth.reused, [], "a refresh token was redeemed twice")
+        self.assertEqual(cli.failures, [])
+        self.assertGreaterEqual(refreshes_by("codex-responses-proxy"), 1)
+        self.assertGreaterEqual(cli.refreshes, 1)
+        self.assertGreaterEqual(cli.writes["in place"], 1)
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
+
 class AtomicWriteTests(ProxyTestCase):
     def expire(self, **kw):
         doc = auth_document(access=access_token(-10), **kw)
@@ -2381,7 +2790,8 @@ class AtomicWriteTests(ProxyTestCase):
         return issued
 
     def leftovers(self):
-        return sorted(n for n in os.listdir(self.home) if n not in ("auth.json", "auth.json.lock"))
+        return sorted(n for n in os.listdir(self.home)
+                      if n not in ("auth.json", "auth.json.lock", "auth.lock"))
 
     def check_failed_write(self, patch_target, replacement):
         self.expire()
