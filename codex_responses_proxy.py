@@ -4465,7 +4465,7 @@ def main(argv=None):
         # Waited for apart from the drain, which can give up first (25 s against a 30 s
         # refresh timeout): a redeemed refresh token's successor exists only in this process
         # until it is saved, and losing it would log the Codex CLI out too.
-        if not server.auth.stop_refreshing(REFRESH_TIMEOUT + 5):
+        if not app.auth.stop_refreshing(REFRESH_TIMEOUT + 5):
             log.info("warning: stopping before a token refresh finished; if it went through, "
                      "the new login is lost. Run `codex login` if requests fail with 401.")
         server.server_close()
