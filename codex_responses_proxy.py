@@ -83,6 +83,7 @@ DEFAULT_MAX_CONCURRENT = 64
 DEFAULT_STATE_MB = 64          # previous_response_id store in memory ...
 DEFAULT_STATE_DB_MB = 1024     # ... and with --state-db
 CLIENT_KEY_ENV = "CODEX_PROXY_CLIENT_KEY"
+RESTARTED_ENV = "CODEX_PROXY_FROM_BYTECODE"  # see restart_from_bytecode()
 # An idle keep-alive connection is closed after this long. HTTP client libraries keep idle
 # connections for up to 90 s; closing before they do makes their next request fail.
 IDLE_CONNECTION_TIMEOUT = 125.0
@@ -4473,5 +4474,30 @@ def main(argv=None):
     return 0
 
 
+def restart_from_bytecode():
+    """Running a file as a script compiles it, and the compiler's ~10 MB stay in the process
+    for as long as it lives (a third of its memory at idle). Importing the same file from
+    cached bytecode costs none of that, so the script starts itself again, once, as an
+    import; its bytecode is cached under the user's cache directory. Returns only when that
+    cannot be done (no POSIX exec, or a file not named *.py): then it simply runs as is."""
+    path = os.path.abspath(__file__)
+    if os.name != "posix" or not path.endswith(".py") or os.environ.get(RESTARTED_ENV):
+        return
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                         os.path.join(os.path.expanduser("~"), ".cache"), "codex-responses-proxy")
+    code = ("import importlib.util, sys; sys.dont_write_bytecode = False; "
+            "spec = importlib.util.spec_from_file_location('codex_responses_proxy', %r); "
+            "module = importlib.util.module_from_spec(spec); "
+            "sys.modules['codex_responses_proxy'] = module; spec.loader.exec_module(module); "
+            "sys.exit(module.main())" % path)
+    os.environ[RESTARTED_ENV] = "1"  # the restarted process must not restart again
+    try:
+        os.execv(sys.executable, [sys.executable, "-X", "pycache_prefix=" + cache, "-c", code]
+                 + sys.argv[1:])
+    except OSError:
+        del os.environ[RESTARTED_ENV]
+
+
 if __name__ == "__main__":
+    restart_from_bytecode()
     sys.exit(main())
