@@ -616,7 +616,7 @@ class ProxyTestCase(unittest.TestCase):
         self.log = LogCapture()
         self.proxy = proxy.ProxyServer(self.config, proxy.Log(self.log, debug=self.config.debug))
         self.port = self.proxy.server_address[1]
-        thread = threading.Thread(target=self.proxy.serve_forever, kwargs={"poll_interval": 0.05},
+        thread = threading.Thread(target=self.proxy.serve_forever, kwargs={"poll_interval": 0.01},
                                   daemon=True)
         thread.start()
         self.addCleanup(self.stop_proxy, self.proxy)
@@ -2483,7 +2483,7 @@ class BadInputTests(ProxyTestCase):
         problems = []
         statuses = collections.Counter()
         started = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
             for data, (answer, how) in pool.map(run, cases):
                 if how == "hung":
                     problems.append(("hung connection", data[:200], answer[:200]))
