@@ -212,7 +212,8 @@ class Reply:
 class FakeRequest:
     """One request a FakeBackend read, and the connection it came on. A route answers it with
     answer() or send_head() + send(), or takes over .sock for anything else (raw bytes, a
-    WebSocket): it returns True to read the next request on the connection, False to close."""
+    WebSocket; read from .reader then, it may hold bytes already): it returns True to read
+    the next request on the connection, False to close."""
 
     def __init__(self, sock, reader, conn_no, req_no, line, headers, raw):
         self.sock, self.reader = sock, reader
@@ -370,7 +371,7 @@ class FakeBackend:
                     self.requests_per_connection[conn_no] += 1
                 if not self._dispatch(request) or not request.keep_alive:
                     return
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             pass  # the proxy closing a connection mid-answer is expected here
         finally:
             with self.lock:
