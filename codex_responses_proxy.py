@@ -3049,9 +3049,9 @@ def check_framing(version, headers):
     if len(lengths) > 1 or len(codings) > 1:
         raise framing_error("Send one %s header, not several."
                             % ("Content-Length" if len(lengths) > 1 else "Transfer-Encoding"))
-    if codings and codings[0].strip().lower() != "chunked":
+    if codings and codings[0].strip(" \t").lower() != "chunked":
         raise framing_error("Transfer-Encoding %r is not supported: send 'Transfer-Encoding: "
-                            "chunked' or a Content-Length." % codings[0].strip()[:40])
+                            "chunked' or a Content-Length." % codings[0].strip(" \t")[:40])
     if len(hosts) > 1:
         raise framing_error("Send one Host header, not several.")
     if not hosts and http_version(version) >= (1, 1):
@@ -3059,11 +3059,11 @@ def check_framing(version, headers):
 
 
 def is_chunked(headers):
-    return (headers.get("transfer-encoding") or "").strip().lower() == "chunked"
+    return (headers.get("transfer-encoding") or "").strip(" \t").lower() == "chunked"
 
 
 def has_body(headers):
-    return (headers.get("content-length") or "0").strip() != "0" or is_chunked(headers)
+    return (headers.get("content-length") or "0").strip(" \t") != "0" or is_chunked(headers)
 
 
 def read_request_body(rfile, headers, limit, before_reading):
@@ -3076,7 +3076,7 @@ def read_request_body(rfile, headers, limit, before_reading):
         length = headers.get("content-length")
         if length is None:
             return b""
-        if not re.match(r"^[0-9]+$", length.strip()):  # not isdigit(): '\xb2' is a digit to it
+        if not re.match(r"^[0-9]+$", length.strip(" \t")):  # not isdigit(): '\xb2' is a digit to it
             raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
         length = int(length)
         if length > limit:
