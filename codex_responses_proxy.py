@@ -4149,6 +4149,18 @@ class ModelsCache:
 
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_RETRY_PAUSE = 0.1
+REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
+MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
+
+
+def close_refused(sock):
+    """Read what the client sent (unread, it would make close() send a reset), and close."""
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    sock.close()
 
 
 def connection_limit_answer(limit):
@@ -4173,6 +4185,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.app.on_shutdown = self.shutdown
         self.descriptors_short = False
         self.at_connection_limit = False
+        self.refused = collections.deque()  # (when to close, socket) of refused connections
         self.connection_limit_answer = connection_limit_answer(config.max_connections)
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         try:
@@ -4210,7 +4223,6 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         if not self.app.connection_opened():
             self.refuse_connection(request)
-            self.shutdown_request(request)
             return
         self.at_connection_limit = False
         try:
@@ -4227,22 +4239,30 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def refuse_connection(self, sock):
         """A connection past --max-connections: a 503 written here, in the accepting thread,
-        so it costs no thread; the socket's empty send buffer takes it without waiting. What
-        the client sent already is read first, so that closing sends no reset that could
-        overtake the answer."""
+        so it costs no thread (the socket's empty send buffer takes it without waiting). The
+        socket is closed only a moment later (service_actions): closed at once, the request
+        the client is still sending would meet a reset, and most clients would then report
+        that, not the 503 waiting for them."""
         if not self.at_connection_limit:
             self.at_connection_limit = True
             self.app.log.info("%d connections open (--max-connections): new ones get 503 "
                               "until some close" % self.app.config.max_connections)
         try:
             sock.setblocking(False)
-            try:
-                sock.recv(65536)
-            except BlockingIOError:
-                pass
             sock.send(self.connection_limit_answer)
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        self.refused.append((time.monotonic() + REFUSED_LINGER, sock))
+        if len(self.refused) > MAX_REFUSED_LINGERING:
+            close_refused(self.refused.popleft()[1])
+
+    def service_actions(self):
+        """Run by serve_forever between polls: close the refused connections due."""
+        super().service_actions()
+        now = time.monotonic()
+        while self.refused and self.refused[0][0] <= now:
+            close_refused(self.refused.popleft()[1])
 
     def handle_error(self, request, client_address):
         # Connection-level failures (a client resetting mid-request) are routine, not bugs.
@@ -4253,6 +4273,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
+        while self.refused:
+            close_refused(self.refused.popleft()[1])
         self.app.close()
 
 

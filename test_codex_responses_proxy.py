@@ -3867,6 +3867,19 @@ class ConnectionLimitTests(ProxyTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(body)["connections"], {"open": 3, "limit": 3})
 
+    def test_a_client_still_sending_its_request_reads_the_503(self):
+        # Closed at once, the refused connection would answer the request's bytes with a
+        # reset: http.client would then fail with BrokenPipeError, not read the 503.
+        held = [self.keep_alive() for _ in range(3)]
+        body = json.dumps(simple_request(text="x" * 50000)).encode()
+        for _ in range(10):
+            status, headers, data = self.request("POST", "/v1/responses", body,
+                                                 {"Content-Type": "application/json"})
+            self.assertEqual(status, 503, data)
+            self.assertEqual(json.loads(data)["error"]["code"], "too_many_connections")
+        self.assertEqual(len(held), 3)
+        self.assertEqual(self.backend.requests, [])
+
     def raw_status(self):
         answer, _ = exchange(self.port, build_request(self.port, "GET", "/healthz",
                                                       [("Connection", "close")]))
