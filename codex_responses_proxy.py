@@ -4295,11 +4295,13 @@ def raise_descriptor_limit():
     if resource is None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass  # macOS refuses more than kern.maxfilesperproc; keep the soft limit
+    for target in (hard, 10240):  # macOS: an unlimited hard limit, but no more than OPEN_MAX
+        if soft < target <= hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return
+            except (ValueError, OSError):
+                pass
 
 
 def main(argv=None):

@@ -3905,17 +3905,31 @@ def process_cpu_seconds(pid):
 class DescriptorExhaustionTests(ProcessTestCase):
     LIMIT = 64
 
-    def test_no_busy_loop_when_accept_runs_out_of_descriptors(self):
+    def spawn_limited(self, soft, hard):
         import resource
-        limit = self.LIMIT
 
-        def low_limit():  # soft = hard: the proxy's raise to the hard limit cannot lift it
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
         popen = subprocess.Popen
         with mock.patch.object(subprocess, "Popen",
                                lambda *a, **kw: popen(*a, preexec_fn=low_limit, **kw)):
-            proc = self.spawn("--port", "0", "--codex-home", self.home)
+            return self.spawn("--port", "0", "--codex-home", self.home)
+
+    def test_soft_descriptor_limit_is_raised_to_the_hard_one(self):
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY or hard <= self.LIMIT:
+            self.skipTest("no finite hard limit above %d here" % self.LIMIT)
+        proc = self.spawn_limited(self.LIMIT, hard)
+        with open("/proc/%d/limits" % proc.proc.pid) as f:
+            line = [l for l in f if l.startswith("Max open files")][0]
+        self.assertEqual(line.split()[3:5], [str(hard), str(hard)], line)
+
+    def test_no_busy_loop_when_accept_runs_out_of_descriptors(self):
+        limit = self.LIMIT
+        # soft = hard: the proxy's raise to the hard limit cannot lift it
+        proc = self.spawn_limited(limit, limit)
         pid = proc.proc.pid
         clients = []
         self.addCleanup(lambda: [s.close() for s in clients])
