@@ -3973,10 +3973,12 @@ class ShutdownRefererTests(ProxyTestCase):
                                 [("Referer", "https://evil.example/")])
         self.assertEqual(status, 200)
         # the page given with --allow-origin, and the proxy's own pages, may
-        for referer in ("http://localhost:3000/admin", "http://127.0.0.1:%d/status"):
+        for own_page in (False, True):  # (each stops the proxy: a new one for the second)
+            referer = ("http://127.0.0.1:%d/status" % self.port if own_page
+                       else "http://localhost:3000/admin")
             with self.subTest(referer=referer):
                 status, _, body = raw_http(self.port, "GET", "/shutdown",
-                                           [("Referer", referer.replace("%d", str(self.port)))])
+                                           [("Referer", referer)])
                 self.assertEqual(status, 200, body)
                 self.assertTrue(wait_until(lambda: self.proxy.app.stopping, 5.0))
                 self.stop_proxy(self.proxy)
