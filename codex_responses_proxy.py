@@ -3818,6 +3818,7 @@ class App:
         previous_response_id expanded (history: the lookup for the latter, by default the
         conversation store), rewritten, with the headers and the Codex version it goes
         with."""
+        original = body  # what `source` and `spans` describe: references not yet expanded
         items = body.get("input")
         if isinstance(items, list):
             expanded = self.conversations.expand_references(items)
@@ -3839,12 +3840,17 @@ class App:
             body, self.config.instructions, client_headers.get("session_id")
             or client_headers.get("session-id"),
             self.upstream.dropped_params(body.get("model")), earlier)
-        span = unchanged_span("input", upstream_body["input"], body, spans)
-        own_input = source[span[0]:span[1]] if span else json.dumps(
-            upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+        span = unchanged_span("input", upstream_body["input"], original, spans)
+        if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
+            own_input = source[span[0]:span[1]]
+            if isinstance(own_input, bytes):
+                own_input = own_input.decode("ascii")
+        else:
+            own_input = json.dumps(upstream_body["input"][len(earlier or ()):],
+                                   separators=(",", ":"))
         return PreparedRequest(
             body=upstream_body, session_id=session_id, previous=previous, own_input=own_input,
-            encode=lambda b: encode_json_object(b, body, source, spans),
+            encode=lambda b: encode_json_object(b, original, source, spans),
             headers=upstream_request_headers(client_headers, upstream_body),
             version=self.client_version.observe(client_headers),
             store=body.get("store") is not False)
