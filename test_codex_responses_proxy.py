@@ -355,7 +355,8 @@ class FakeBackend:
 def compaction_answer(items):
     """What the backend's compact endpoint answers (codex-rs/codex-api compact.rs reads only
     `output`): the user's messages kept, the rest replaced by one opaque compaction item."""
-    kept = [item for item in items if isinstance(item, dict) and item.get("role") == "user"]
+    kept = [dict(item, type="message") for item in items
+            if isinstance(item, dict) and item.get("role") == "user"]
     return {"output": kept + [{"type": "compaction", "id": "cmp_1",
                                "encrypted_content": "gAAAA-compacted-history"}]}
 

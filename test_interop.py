@@ -166,6 +166,97 @@ class ResponsesInteropTests(SDKTestCase):
 
 
 @unittest.skipIf(openai is None, NO_SDK)
+class StoredResponsesInteropTests(SDKTestCase):
+    """The SDK's calls on responses the proxy answered: retrieve, input_items, delete, a
+    chain with `store` left at its default, compact, and what the subscription cannot do."""
+
+    def turn(self, resp_id, text, **kwargs):
+        self.backend.replies.append(Reply(frames=harness.with_id(stream_frames(
+            items=[message_item("answer " + text, "msg_" + resp_id)]), resp_id)))
+        return self.client.responses.create(model=MODEL, input=text, **kwargs)
+
+    def test_two_turn_chain_with_store_left_at_its_default(self):
+        first = self.turn("resp_1", "q1")
+        second = self.turn("resp_2", "q2", previous_response_id=first.id)
+        self.assertEqual((first.id, second.id), ("resp_1", "resp_2"))
+        self.assertEqual(second.output_text, "answer q2")
+        texts = [item["content"][0]["text"] for item in self.sent()["input"]]
+        self.assertEqual(texts, ["q1", "answer q1", "q2"])
+        self.assertNotIn("previous_response_id", self.sent())
+        # streamed, the same
+        self.backend.replies.append(Reply(frames=harness.with_id(stream_frames(
+            items=[message_item("answer q3", "msg_resp_3")]), "resp_3")))
+        with self.client.responses.stream(model=MODEL, input="q3",
+                                          previous_response_id=second.id) as stream:
+            final = stream.get_final_response()
+        self.assertEqual((final.id, final.output_text), ("resp_3", "answer q3"))
+        self.assertEqual(len(self.sent()["input"]), 5)
+
+    def test_retrieve_input_items_and_delete(self):
+        first = self.turn("resp_1", "q1")
+        self.turn("resp_2", "q2", previous_response_id=first.id)
+        got = self.client.responses.retrieve("resp_2")
+        self.assertEqual((got.id, got.status, got.output_text), ("resp_2", "completed",
+                                                                 "answer q2"))
+        self.assertEqual(got.usage.input_tokens, USAGE["input_tokens"])
+        page = self.client.responses.input_items.list("resp_2")
+        self.assertEqual([item.type for item in page.data], ["message"] * 3)
+        self.assertEqual([item.role for item in page.data], ["user", "assistant", "user"])
+        self.assertEqual(page.data[0].content[0].text, "q2", "newest first by default")
+        # the SDK's auto-pagination follows `after` page by page
+        ordered = list(self.client.responses.input_items.list("resp_2", limit=1, order="asc"))
+        self.assertEqual([item.id for item in ordered], [item.id for item in page.data][::-1])
+        self.assertIsNone(self.client.responses.delete("resp_1"))
+        for call in (lambda: self.client.responses.retrieve("resp_1"),
+                     lambda: self.client.responses.delete("resp_1"),
+                     lambda: self.client.responses.input_items.list("resp_1")):
+            with self.assertRaises(openai.NotFoundError) as caught:
+                call()
+            self.assertIn("resp_1", caught.exception.message)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.turn("resp_x", "again", previous_response_id="resp_1")
+        self.assertEqual(caught.exception.code, "previous_response_not_found")
+        self.assertEqual(self.client.responses.retrieve("resp_2").id, "resp_2",
+                         "a response continuing a deleted one stays")
+
+    def test_store_false_is_not_kept(self):
+        first = self.turn("resp_1", "q1", store=False)
+        with self.assertRaises(openai.NotFoundError):
+            self.client.responses.retrieve(first.id)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.turn("resp_2", "q2", previous_response_id=first.id)
+        self.assertEqual(caught.exception.code, "previous_response_not_found")
+
+    def test_compact(self):
+        history = [{"role": "user", "content": "q1"},
+                   {"role": "assistant", "content": "a1"}]
+        compacted = self.client.responses.compact(model=MODEL, input=history,
+                                                  instructions="Summarize.")
+        self.assertEqual(compacted.object, "response.compaction")
+        self.assertTrue(compacted.id)
+        self.assertEqual([item.type for item in compacted.output], ["message", "compaction"])
+        self.assertEqual(compacted.output[-1].encrypted_content, "gAAAA-compacted-history")
+        got = self.backend.requests[-1]
+        self.assertEqual(got["path"], "/backend-api/codex/responses/compact")
+        self.assertEqual(got["body"]["input"][0]["content"], "q1")
+        # from a stored response, by previous_response_id
+        first = self.turn("resp_1", "q1")
+        self.client.responses.compact(model=MODEL, previous_response_id=first.id)
+        self.assertEqual([item.get("role") for item in self.sent()["input"]],
+                         ["user", "assistant"])
+
+    def test_cancel_and_input_tokens_are_bad_requests_that_say_why(self):
+        first = self.turn("resp_1", "q1")
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.cancel(first.id)
+        self.assertIn("background", caught.exception.message)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.input_tokens.count(model=MODEL, input="hi")
+        self.assertIn("subscription", caught.exception.message)
+        self.assertEqual(len(self.backend.requests), 1)
+
+
+@unittest.skipIf(openai is None, NO_SDK)
 class ModelsInteropTests(SDKTestCase):
 
     def setUp(self):
