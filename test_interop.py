@@ -8,9 +8,15 @@ The module needs the `openai` package and skips itself without it, so `python3 -
 stays standard-library only. To run it (e.g. from .ci/run):
 
     python -m venv v && v/bin/pip install openai && v/bin/python -m unittest test_interop -v
+
+The Node clients (the `openai` Node SDK, the Vercel AI SDK) run from interop/, with its
+pinned packages installed (`npm ci` there) and $NODE22 naming a Node 22 binary; without
+them those tests skip.
 """
 
 import json
+import os
+import subprocess
 import unittest
 
 try:
@@ -23,6 +29,13 @@ from test_codex_responses_proxy import (Reply, USAGE, function_call_item, messag
                                         stream_frames)
 
 NO_SDK = "the openai SDK is not installed"
+# Node clients: the scripts and their pinned packages in interop/ (npm ci there), run with the
+# Node 22 binary named by $NODE22.
+NODE = os.environ.get("NODE22")
+NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interop")
+NO_NODE = ("set NODE22 to a Node 22 binary and run `npm ci` in interop/ for the Node "
+           "clients' interop tests")
+NODE_READY = bool(NODE) and os.path.isdir(os.path.join(NODE_DIR, "node_modules"))
 MODEL = "gpt-5.1-codex"
 TEXT = "Hello from the fake backend!"
 WEATHER_TOOL_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}},
@@ -270,6 +283,83 @@ class ModelsInteropTests(SDKTestCase):
             self.assertEqual(model.object, "model")
             self.assertIsInstance(model.created, int)
             self.assertIsInstance(model.owned_by, str)
+
+
+# --------------------------------------------------------------------------------------------
+# Node clients: the openai SDK and the Vercel AI SDK
+# --------------------------------------------------------------------------------------------
+
+@unittest.skipUnless(NODE_READY, NO_NODE)
+class NodeInteropTests(harness.ProxyTestCase):
+    """Each test runs one script of interop/ against the proxy and the fake backend."""
+
+    def run_script(self, name, *args):
+        """The script's JSON lines, once it exited 0."""
+        proc = subprocess.run([NODE, os.path.join(NODE_DIR, name),
+                               "http://127.0.0.1:%d/v1" % self.port] + list(args),
+                              cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120, env=dict(os.environ, NO_COLOR="1"))
+        out = proc.stdout.decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 0, "%s failed:\n%s\n%s\nproxy log:\n%s" % (
+            name, out, proc.stderr.decode("utf-8", "replace")[-3000:], self.log_text()))
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def script(self, resp_id, items):
+        self.backend.replies.append(Reply(frames=harness.with_id(stream_frames(items=items),
+                                                                 resp_id)))
+
+    def test_openai_sdk_create_stream_retrieve_input_items_compact_delete(self):
+        self.script("resp_1", [message_item("answer one", "msg_1")])
+        self.script("resp_2", [message_item("answer two", "msg_2")])
+        steps = {line["step"]: line for line in self.run_script("openai_sdk.mjs")}
+        self.assertEqual(steps["create"], {"step": "create", "id": "resp_1",
+                                           "text": "answer one", "status": "completed"})
+        self.assertEqual(steps["stream"], {"step": "stream", "id": "resp_2",
+                                           "text": "answer two"})
+        self.assertEqual(steps["retrieve"], {"step": "retrieve", "id": "resp_2",
+                                             "text": "answer two", "status": "completed"})
+        self.assertEqual([(i["type"], i["role"]) for i in steps["input_items"]["items"]],
+                         [("message", "user"), ("message", "assistant"), ("message", "user")])
+        self.assertEqual(steps["input_items"]["items"][1]["id"], "msg_1")
+        self.assertEqual(steps["compact"]["object"], "response.compaction")
+        self.assertEqual(steps["compact"]["types"], ["message", "message", "compaction"])
+        self.assertEqual(steps["delete"]["retrieve_after"], 404)
+        paths = [r["path"] for r in self.backend.requests]
+        self.assertEqual(paths, ["/backend-api/codex/responses"] * 2
+                         + ["/backend-api/codex/responses/compact"])
+        texts = [item["content"][0]["text"] for item in self.backend.requests[1]["body"]["input"]]
+        self.assertEqual(texts, ["q1", "answer one", "q2"])
+
+    def test_vercel_ai_sdk_multi_turn_conversation_with_item_references(self):
+        received = []
+        store = self.proxy.app.conversations
+        expand = store.expand_references
+
+        def recording(items):  # what the client sent, before the proxy expands it
+            received.append(json.loads(json.dumps(items)))
+            return expand(items)
+
+        store.expand_references = recording
+        for turn in (1, 2, 3):
+            reasoning = {"type": "reasoning", "id": "rs_%d" % turn, "summary": [],
+                         "encrypted_content": "gAAAA-turn-%d" % turn}
+            self.script("resp_%d" % turn, [reasoning, message_item("answer %d" % turn,
+                                                                   "msg_%d" % turn)])
+        lines = self.run_script("ai_sdk_conversation.mjs", "3")
+        self.assertEqual([line["text"] for line in lines], ["answer 1", "answer 2", "answer 3"])
+        references = [[item["id"] for item in items if item.get("type") == "item_reference"]
+                      for items in received]
+        self.assertEqual(references[1:], [["rs_1", "msg_1"], ["rs_1", "msg_1", "rs_2", "msg_2"]],
+                         "the SDK did not send item references: %r" % received)
+        sent = self.backend.requests[-1]["body"]["input"]
+        self.assertNotIn("item_reference", json.dumps(sent))
+        self.assertEqual([(item.get("type", "message"), item.get("role")) for item in sent], [
+            ("message", "user"), ("reasoning", None), ("message", "assistant"),
+            ("message", "user"), ("reasoning", None), ("message", "assistant"),
+            ("message", "user")])
+        self.assertEqual([item["encrypted_content"] for item in sent
+                          if item.get("type") == "reasoning"], ["gAAAA-turn-1", "gAAAA-turn-2"])
+        self.assertEqual(sent[2]["content"][0]["text"], "answer 1")
 
 
 # --------------------------------------------------------------------------------------------
