@@ -3708,6 +3708,12 @@ class App:
         if self.config.mode == "apikey":
             return self.forward_as_is(client, upstream_url_for(self.config.upstream_url,
                                                                "models"))
+        # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
+        # headers: its version counts before any of its turns came in.
+        self.client_version.observe(client.header)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
+        for asked in query.get("client_version", [])[:1]:
+            self.client_version.observe({"version": asked})
         client.send_json(200, self.models_cache.get(self.upstream.models,
                                                     self.client_version.newest, self.log))
 

@@ -1773,6 +1773,25 @@ class ClientFidelityOverHTTPTests(ProxyTestCase):
         self.assertEqual(asked[1:], [(["0.172.0"], "0.172.0", "codex_cli_rs/0.172.0")])
         self.assertEqual(len(asked), 2, "the newest version's list is cached like any other")
 
+    def test_a_model_list_request_names_its_own_version(self):
+        # the Codex CLI's first call: GET {base_url}/models?client_version=X, with its headers
+        add_models_endpoint(self.backend)
+        asked = lambda: self.backend.model_requests[-1]["query"]["client_version"]
+        for path, headers, want in (
+                ("/v1/models?client_version=latest", {}, "0.171.0"),
+                ("/v1/models?client_version=0.170.0", {}, "0.171.0"),
+                ("/v1/models?client_version=0.175.0", {}, "0.175.0"),
+                ("/models", {"User-Agent": "codex_cli_rs/0.176.0 (Linux 6.8; x86_64) dumb"},
+                 "0.176.0"),
+                ("/v1/models?client_version=0.172.0", {"version": "0.171.0"}, "0.176.0")):
+            with self.subTest(path=path, headers=headers):
+                status, _, data = self.request("GET", path, headers=headers)
+                self.assertEqual(status, 200, data)
+                self.assertEqual(asked(), [want])
+                self.assertEqual(self.backend.model_requests[-1]["headers"]["version"], want)
+        self.assertEqual(self.sent_headers({})["version"], "0.171.0",
+                         "a turn goes with its own client's version, not the newest")
+
     def test_lite_marker_and_routing_hint_pass_accept_encoding_does_not(self):
         upstream = self.sent_headers({
             "Accept-Encoding": "zstd, gzip, br", "x-openai-internal-codex-responses-lite": "true",
