@@ -1937,6 +1937,29 @@ class StoredResponseEndpointTests(ConversationCase):
         self.assertEqual((status, json.loads(data)["deleted"]), (200, True))
         self.assert_not_found("GET", "/responses/resp_b", "resp_b")
 
+    def test_with_state_db_they_survive_a_restart_and_so_does_a_delete(self):
+        db = os.path.join(self.home, "state.sqlite")
+
+        def restart():
+            self.stop_proxy(self.proxy)
+            self.start_proxy(state_db=db)
+            store = self.proxy.app.conversations
+            self.addCleanup(lambda: store._db.close() if hasattr(store, "_db") else None)
+
+        restart()
+        answered = self.turn("resp_a", simple_request(input=[user_item("q1")]))
+        self.turn("resp_b", simple_request("q2", previous_response_id="resp_a"))
+        restart()
+        self.assertEqual(self.get("/v1/responses/resp_a"), (200, answered))
+        status, page = self.get("/v1/responses/resp_b/input_items?order=asc")
+        self.assertEqual([i["content"][0]["text"] for i in page["data"]],
+                         ["q1", "answer of resp_a", "q2"])
+        self.assertEqual(self.request("DELETE", "/v1/responses/resp_a")[0], 200)
+        restart()
+        self.assert_not_found("GET", "/v1/responses/resp_a", "resp_a")
+        self.turn("resp_c", simple_request("q3", previous_response_id="resp_b"))
+        self.assertEqual(len(self.last_upstream()["body"]["input"]), 5)
+
     def test_unknown_ids_are_404_in_openai_shape(self):
         for prefix in ("/v1", ""):
             for method, tail in (("GET", ""), ("DELETE", ""), ("GET", "/input_items"),
