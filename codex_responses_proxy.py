@@ -3981,6 +3981,12 @@ class App:
         if self.config.mode == "apikey":
             return self.forward_as_is(client, upstream_url_for(self.config.upstream_url,
                                                                "models"))
+        # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
+        # headers: its version counts before any of its turns came in.
+        self.client_version.observe(client.header)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
+        for asked in query.get("client_version", [])[:1]:
+            self.client_version.observe({"version": asked})
         client.send_json(200, self.models_cache.get(self.upstream.models,
                                                     self.client_version.newest, self.log))
 
@@ -4091,6 +4097,7 @@ class App:
         previous_response_id expanded (history: the lookup for the latter, by default the
         conversation store), rewritten, with the headers and the Codex version it goes
         with."""
+        original = body  # what `source` and `spans` describe: references not yet expanded
         items = body.get("input")
         if isinstance(items, list):
             expanded = self.conversations.expand_references(items)
@@ -4112,12 +4119,17 @@ class App:
             body, self.config.instructions, client_headers.get("session_id")
             or client_headers.get("session-id"),
             self.upstream.dropped_params(body.get("model")), earlier)
-        span = unchanged_span("input", upstream_body["input"], body, spans)
-        own_input = source[span[0]:span[1]] if span else json.dumps(
-            upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+        span = unchanged_span("input", upstream_body["input"], original, spans)
+        if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
+            own_input = source[span[0]:span[1]]
+            if isinstance(own_input, bytes):
+                own_input = own_input.decode("ascii")
+        else:
+            own_input = json.dumps(upstream_body["input"][len(earlier or ()):],
+                                   separators=(",", ":"))
         return PreparedRequest(
             body=upstream_body, session_id=session_id, previous=previous, own_input=own_input,
-            encode=lambda b: encode_json_object(b, body, source, spans),
+            encode=lambda b: encode_json_object(b, original, source, spans),
             headers=upstream_request_headers(client_headers, upstream_body),
             version=self.client_version.observe(client_headers),
             store=body.get("store") is not False)

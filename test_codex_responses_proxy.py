@@ -426,6 +426,8 @@ class FakeBackend:
             self.requests.append({"method": req.method, "path": req.target,
                                   "headers": req.headers, "body": body, "raw": req.raw})
             reply = self.replies.popleft() if self.replies else Reply()
+        if req.path.endswith("/responses/compact"):
+            return self.compaction(req, reply, body)
         problem = self.check(req.headers, body)
         if problem:
             status, detail = problem
@@ -484,6 +486,30 @@ class FakeBackend:
                 return 400, "System messages are not allowed"
         return None
 
+    def check_compact(self, headers, body):
+        auth = headers.get("Authorization") or ""
+        if not auth.startswith("Bearer ") or auth[7:] not in self.valid_tokens:
+            return 401, "Unauthorized"
+        if not isinstance(body, dict) or not isinstance(body.get("input"), list):
+            return 400, "Input must be a list"
+        if not body.get("model") or not body.get("instructions"):
+            return 400, "Model and instructions are required"
+        return None
+
+    def compaction(self, req, reply, body):
+        """POST .../codex/responses/compact: one JSON object, {"output": [...]}."""
+        problem = self.check_compact(req.headers, body)
+        if problem:
+            status, detail = problem
+            return req.answer(status, json.dumps({"detail": detail}).encode(),
+                              self.answer_headers)
+        if reply.status != 200 or reply.body is not None:
+            return req.answer(reply.status, reply.body or b"",
+                              self.answer_headers + reply.headers)
+        time.sleep(reply.delay)
+        return req.answer(200, json.dumps(compaction_answer(body["input"])).encode(),
+                          self.answer_headers + reply.headers)
+
     # -- api.openai.com (platform_key=...) -------------------------------------------------
 
     def platform_answer(self, req):
@@ -518,6 +544,15 @@ class FakeBackend:
         except (BrokenPipeError, ConnectionResetError):
             return False
         return True
+
+
+def compaction_answer(items):
+    """What the backend's compact endpoint answers (codex-rs/codex-api compact.rs reads only
+    `output`): the user's messages kept, the rest replaced by one opaque compaction item."""
+    kept = [dict(item, type="message") for item in items
+            if isinstance(item, dict) and item.get("role") == "user"]
+    return {"output": kept + [{"type": "compaction", "id": "cmp_1",
+                               "encrypted_content": "gAAAA-compacted-history"}]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1876,6 +1911,499 @@ class RoutesTests(ProxyTestCase):
         self.assertNotIn("\033[", line)
 
 
+# --------------------------------------------------------------------------------------------
+# Conversations clients build themselves, the stored-response endpoints, Codex 0.171 fidelity:
+# through sockets
+# --------------------------------------------------------------------------------------------
+
+NEWER_CODEX_UA = "codex_exec/0.172.0 (Debian 12.0.0; x86_64) xterm (codex_exec; 0.172.0)"
+
+
+class ClientFidelityOverHTTPTests(ProxyTestCase):
+    """What reaches the backend on account of the client's headers."""
+
+    def sent_headers(self, headers, path="/v1/responses", body=None):
+        status, _, answer = self.post(body or simple_request(), headers, path=path)
+        self.assertEqual(status, 200, answer)
+        return self.last_upstream()["headers"]
+
+    def assert_presented(self, upstream, version):
+        self.assertEqual(upstream["version"], version)
+        self.assertTrue(upstream["User-Agent"].startswith("codex_cli_rs/%s (" % version),
+                        upstream["User-Agent"])
+
+    def test_a_newer_codex_client_is_presented_with_its_own_version(self):
+        self.assert_presented(self.sent_headers({"User-Agent": NEWER_CODEX_UA}), "0.172.0")
+        self.assert_presented(self.sent_headers({
+            "User-Agent": "codex_cli_rs/0.173.0-alpha.2 (Mac OS 15.1.0; arm64) iTerm.app"}),
+            "0.173.0-alpha.2")
+        self.assert_presented(self.sent_headers({"version": "0.174.0"}), "0.174.0")
+        self.assert_presented(self.sent_headers({"User-Agent": NEWER_CODEX_UA},
+                                                path=CHAT, body=chat_body()), "0.172.0")
+        # older Codex clients and other clients go with the configured version
+        for headers in ({"User-Agent": "codex_exec/0.169.0 (Linux; x86_64) dumb"},
+                        {"User-Agent": "OpenAI/Python 9.9.9"}, {"version": "2024-10-01"}, {}):
+            with self.subTest(headers=headers):
+                self.assert_presented(self.sent_headers(headers), "0.171.0")
+
+    def test_models_are_asked_for_with_the_newest_version_seen(self):
+        add_models_endpoint(self.backend)
+        self.assertEqual(self.request("GET", "/v1/models")[0], 200)
+        self.sent_headers({"User-Agent": NEWER_CODEX_UA})
+        self.assertEqual(self.request("GET", "/v1/models")[0], 200)
+        self.sent_headers({"version": "0.171.5"})  # older than the newest: changes nothing
+        self.assertEqual(self.request("GET", "/models")[0], 200)
+        asked = [(r["query"]["client_version"], r["headers"]["version"],
+                  r["headers"]["User-Agent"].split(" ")[0])
+                 for r in self.backend.model_requests]
+        self.assertEqual(asked[0], (["0.171.0"], "0.171.0", "codex_cli_rs/0.171.0"))
+        self.assertEqual(asked[1:], [(["0.172.0"], "0.172.0", "codex_cli_rs/0.172.0")])
+        self.assertEqual(len(asked), 2, "the newest version's list is cached like any other")
+
+    def test_a_model_list_request_names_its_own_version(self):
+        # the Codex CLI's first call: GET {base_url}/models?client_version=X, with its headers
+        add_models_endpoint(self.backend)
+        asked = lambda: self.backend.model_requests[-1]["query"]["client_version"]
+        for path, headers, want in (
+                ("/v1/models?client_version=latest", {}, "0.171.0"),
+                ("/v1/models?client_version=0.170.0", {}, "0.171.0"),
+                ("/v1/models?client_version=0.175.0", {}, "0.175.0"),
+                ("/models", {"User-Agent": "codex_cli_rs/0.176.0 (Linux 6.8; x86_64) dumb"},
+                 "0.176.0"),
+                ("/v1/models?client_version=0.172.0", {"version": "0.171.0"}, "0.176.0")):
+            with self.subTest(path=path, headers=headers):
+                status, _, data = self.request("GET", path, headers=headers)
+                self.assertEqual(status, 200, data)
+                self.assertEqual(asked(), [want])
+                self.assertEqual(self.backend.model_requests[-1]["headers"]["version"], want)
+        self.assertEqual(self.sent_headers({})["version"], "0.171.0",
+                         "a turn goes with its own client's version, not the newest")
+
+    def test_lite_marker_and_routing_hint_pass_accept_encoding_does_not(self):
+        upstream = self.sent_headers({
+            "Accept-Encoding": "zstd, gzip, br", "x-openai-internal-codex-responses-lite": "true",
+            "x-codex-routing-hint": "model=gpt-6;tier=flex", "x-codex-window-id": "t:0"},
+            body=simple_request(model="gpt-5.6-sol"))
+        self.assertEqual(upstream["x-openai-internal-codex-responses-lite"], "true")
+        self.assertEqual(upstream.get_all("x-codex-routing-hint"), ["model=gpt-5.6-sol"])
+        self.assertEqual(upstream["x-codex-window-id"], "t:0")
+        self.assertIn(upstream.get("Accept-Encoding"), (None, "identity"))
+        upstream = self.sent_headers({"Accept-Encoding": "gzip"},
+                                     body=simple_request(service_tier="priority"))
+        self.assertIsNone(upstream.get("x-openai-internal-codex-responses-lite"))
+        self.assertEqual(upstream["x-codex-routing-hint"], "model=gpt-5.1-codex;tier=priority")
+        self.assertIn(upstream.get("Accept-Encoding"), (None, "identity"))
+
+    def test_refused_service_tiers_are_left_out_and_said_once(self):
+        for tier in ("flex", "auto", "default"):
+            self.sent_headers({}, body=simple_request(service_tier=tier))
+            self.assertNotIn("service_tier", self.last_upstream()["body"])
+        self.wait_for_log("service_tier")
+        self.assertEqual(self.log_text().count("service_tier"), 1, self.log_text())
+
+    def test_idle_keep_alive_connection_is_kept_for_at_least_120_s(self):
+        sockets = []
+        real_init = proxy.RequestReader.__init__
+
+        def recording_init(reader, sock):
+            sockets.append(sock)
+            real_init(reader, sock)
+
+        patcher = mock.patch.object(proxy.RequestReader, "__init__", recording_init)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        conn = self.connection()
+        self.addCleanup(conn.close)
+        self.assertEqual(self.post(simple_request(), conn=conn)[0], 200)
+        # the proxy's end of the connection, back to waiting for the next request
+        self.assertEqual(len(sockets), 1)
+        self.assertTrue(wait_until(lambda: (sockets[0].gettimeout() or 0) >= 120),
+                        "idle timeout %r" % sockets[0].gettimeout())
+        self.assertEqual(self.post(simple_request(), conn=conn)[0], 200)
+        self.assertEqual(len(sockets), 1, "the second request needed a new connection")
+
+
+class ConversationCase(ProxyTestCase):
+    def turn(self, resp_id, body, items=None, stream=False, path="/v1/responses"):
+        """One Responses request answered by the backend as resp_id with these output items
+        (default: one message); returns the answer (dict, or the completed event's response)."""
+        items = [message_item("answer of " + resp_id, "msg_" + resp_id)] if items is None \
+            else items
+        self.backend.replies.append(Reply(frames=with_id(stream_frames(items), resp_id)))
+        if isinstance(body, str):
+            body = simple_request(body)
+        if stream:
+            status, _, events, raw = self.stream(body)
+            self.assertEqual(status, 200, raw[-500:])
+            self.assertEqual(events[-1][0], "response.completed", raw[-500:])
+            return events[-1][1]["response"]
+        status, _, answer = self.post(body, path=path)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["id"], resp_id)
+        return answer
+
+    def get(self, path, **kw):
+        status, headers, data = self.request("GET", path, **kw)
+        return status, json.loads(data)
+
+    def assert_not_found(self, method, path, resp_id):
+        status, _, data = self.request(method, path)
+        body = json.loads(data)
+        self.assert_openai_error(status, body, 404, code="response_not_found", contains=resp_id)
+
+
+class StoredResponseEndpointTests(ConversationCase):
+    def test_retrieve_gives_the_response_as_answered(self):
+        answered = self.turn("resp_a", "first")
+        for prefix in ("/v1", ""):
+            status, got = self.get(prefix + "/responses/resp_a")
+            self.assertEqual(status, 200, got)
+            self.assertEqual(got, answered)
+        streamed = self.turn("resp_s", "second", stream=True)
+        status, got = self.get("/v1/responses/resp_s")
+        self.assertEqual((status, got["output"]), (200, streamed["output"] or got["output"]))
+        self.assertEqual((got["id"], got["object"], got["status"], got["usage"]),
+                         ("resp_s", "response", "completed", USAGE))
+        self.assertEqual(got["output"], [message_item("answer of resp_s", "msg_resp_s")])
+        self.assertEqual(len(self.backend.requests), 2, "retrieval asks the backend nothing")
+
+    def test_input_items_list_the_chain_with_paging(self):
+        self.turn("resp_a", "q1")
+        self.turn("resp_b", simple_request("q2", previous_response_id="resp_a"))
+        self.turn("resp_c", simple_request("q3", previous_response_id="resp_b"))
+        status, page = self.get("/v1/responses/resp_c/input_items")
+        self.assertEqual(status, 200, page)
+        self.assertEqual((page["object"], page["has_more"]), ("list", False))
+        texts = [item["content"][0]["text"] for item in page["data"]]
+        self.assertEqual(texts, ["q3", "answer of resp_b", "q2", "answer of resp_a", "q1"])
+        ids = [item["id"] for item in page["data"]]
+        self.assertEqual(len(set(ids)), 5, ids)
+        self.assertEqual((page["first_id"], page["last_id"]), (ids[0], ids[-1]))
+        self.assertIn("msg_resp_a", ids)
+        # ascending, two at a time, following `after` to the end; the same ids every call
+        seen, after = [], None
+        while True:
+            query = "?order=asc&limit=2" + ("&after=" + after if after else "")
+            status, page = self.get("/responses/resp_c/input_items" + query)
+            self.assertEqual(status, 200, page)
+            seen += [item["id"] for item in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        self.assertEqual(seen, ids[::-1])
+        for query, param in (("?limit=0", "limit"), ("?limit=101", "limit"),
+                             ("?order=newest", "order"), ("?after=nope", "after")):
+            with self.subTest(query=query):
+                status, body = self.get("/v1/responses/resp_c/input_items" + query)
+                self.assert_openai_error(status, body, 400, code="invalid_value")
+                self.assertEqual(body["error"]["param"], param)
+
+    def test_delete_makes_the_id_gone_for_every_use(self):
+        self.turn("resp_a", "q1")
+        self.turn("resp_b", simple_request("q2", previous_response_id="resp_a"))
+        status, _, data = self.request("DELETE", "/v1/responses/resp_a")
+        self.assertEqual((status, json.loads(data)),
+                         (200, {"id": "resp_a", "object": "response", "deleted": True}))
+        for method, path in (("GET", "/v1/responses/resp_a"), ("DELETE", "/v1/responses/resp_a"),
+                             ("GET", "/v1/responses/resp_a/input_items"),
+                             ("POST", "/v1/responses/resp_a/cancel")):
+            with self.subTest(method=method, path=path):
+                self.assert_not_found(method, path, "resp_a")
+        before = len(self.backend.requests)
+        status, _, body = self.post(simple_request("again", previous_response_id="resp_a"))
+        self.assert_openai_error(status, body, 400, code="previous_response_not_found")
+        status, _, body = self.post(simple_request(input=[
+            {"type": "item_reference", "id": "msg_resp_a"}, user_item("again")]))
+        self.assert_openai_error(status, body, 400, code="item_reference_not_found")
+        self.assertEqual(len(self.backend.requests), before, "sent upstream anyway")
+        # what continued it goes on with the whole conversation
+        self.turn("resp_c", simple_request("q3", previous_response_id="resp_b"))
+        self.assertEqual([i["content"][0]["text"] for i in self.last_upstream()["body"]["input"]],
+                         ["q1", "answer of resp_a", "q2", "answer of resp_b", "q3"])
+        status, _, data = self.request("DELETE", "/responses/resp_b")  # without /v1
+        self.assertEqual((status, json.loads(data)["deleted"]), (200, True))
+        self.assert_not_found("GET", "/responses/resp_b", "resp_b")
+
+    def test_with_state_db_they_survive_a_restart_and_so_does_a_delete(self):
+        db = os.path.join(self.home, "state.sqlite")
+
+        def restart():
+            self.stop_proxy(self.proxy)
+            self.start_proxy(state_db=db)
+            store = self.proxy.app.conversations
+            self.addCleanup(lambda: store._db.close() if hasattr(store, "_db") else None)
+
+        restart()
+        answered = self.turn("resp_a", simple_request(input=[user_item("q1")]))
+        self.turn("resp_b", simple_request("q2", previous_response_id="resp_a"))
+        restart()
+        self.assertEqual(self.get("/v1/responses/resp_a"), (200, answered))
+        status, page = self.get("/v1/responses/resp_b/input_items?order=asc")
+        self.assertEqual([i["content"][0]["text"] for i in page["data"]],
+                         ["q1", "answer of resp_a", "q2"])
+        self.assertEqual(self.request("DELETE", "/v1/responses/resp_a")[0], 200)
+        restart()
+        self.assert_not_found("GET", "/v1/responses/resp_a", "resp_a")
+        self.turn("resp_c", simple_request("q3", previous_response_id="resp_b"))
+        self.assertEqual(len(self.last_upstream()["body"]["input"]), 5)
+
+    def test_unknown_ids_are_404_in_openai_shape(self):
+        for prefix in ("/v1", ""):
+            for method, tail in (("GET", ""), ("DELETE", ""), ("GET", "/input_items"),
+                                 ("POST", "/cancel")):
+                path = prefix + "/responses/resp_never" + tail
+                with self.subTest(method=method, path=path):
+                    self.assert_not_found(method, path, "resp_never")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_wrong_methods_are_405_naming_the_right_ones(self):
+        for method, path, allow in (("POST", "/v1/responses/resp_a", "DELETE, GET"),
+                                    ("GET", "/v1/responses/resp_a/cancel", "POST"),
+                                    ("DELETE", "/v1/responses/resp_a/input_items", "GET"),
+                                    ("GET", "/v1/responses/compact", "POST"),
+                                    ("GET", "/v1/responses/input_tokens", "POST")):
+            with self.subTest(method=method, path=path):
+                status, headers, data = self.request(method, path)
+                self.assert_openai_error(status, json.loads(data), 405)
+                self.assertEqual(headers["allow"], allow)
+
+    def test_cancel_and_input_tokens_say_why_the_subscription_cannot(self):
+        self.turn("resp_a", "q1")
+        for path in ("/v1/responses/resp_a/cancel", "/responses/resp_a/cancel"):
+            status, _, body = self.post({}, path=path)
+            self.assert_openai_error(status, body, 400, code="background_not_supported",
+                                     contains="subscription")
+        for path in ("/v1/responses/input_tokens", "/responses/input_tokens"):
+            status, _, body = self.post(simple_request(), path=path)
+            self.assert_openai_error(status, body, 400, code="input_tokens_not_supported",
+                                     contains="subscription")
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_store_false_responses_are_not_kept(self):
+        self.turn("resp_kept", "q0")
+        self.turn("resp_x", simple_request("q1", store=False))
+        self.turn("resp_y", simple_request("q2", store=False, stream=True), stream=True)
+        self.assertIs(self.last_upstream()["body"]["store"], False)
+        for resp_id in ("resp_x", "resp_y"):
+            with self.subTest(resp_id=resp_id):
+                self.assert_not_found("GET", "/v1/responses/" + resp_id, resp_id)
+                self.assert_not_found("GET", "/v1/responses/%s/input_items" % resp_id, resp_id)
+                status, _, body = self.post(simple_request("more", previous_response_id=resp_id))
+                self.assert_openai_error(status, body, 400, code="previous_response_not_found")
+                status, _, body = self.post(simple_request(input=[
+                    {"type": "item_reference", "id": "msg_" + resp_id}]))
+                self.assert_openai_error(status, body, 400, code="item_reference_not_found")
+        self.assertEqual(self.get("/v1/responses/resp_kept")[0], 200, "control")
+
+    def test_client_key_guards_every_new_endpoint(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(client_key=CLIENT_KEY.encode())
+        key = {"Authorization": "Bearer " + CLIENT_KEY}
+        self.backend.replies.append(Reply(frames=with_id(stream_frames(), "resp_a")))
+        self.assertEqual(self.post(simple_request(), key)[0], 200)
+        calls = [("GET", "/v1/responses/resp_a", None, 200),
+                 ("GET", "/responses/resp_a/input_items", None, 200),
+                 ("POST", "/v1/responses/compact", simple_request(), 200),
+                 ("POST", "/responses/resp_a/cancel", {}, 400),
+                 ("POST", "/v1/responses/input_tokens", simple_request(), 400),
+                 ("DELETE", "/v1/responses/resp_a", None, 200)]
+        for method, path, body, expected in calls:
+            with self.subTest(method=method, path=path):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
+                    status, _, data = self.request(method, path, body, headers)
+                    self.assert_openai_error(status, json.loads(data), 401,
+                                             code="invalid_client_key")
+                status, _, data = self.request(method, path, body, {"x-api-key": CLIENT_KEY})
+                self.assertEqual(status, expected, data)
+        self.assertEqual([r["path"] for r in self.backend.requests],
+                         ["/backend-api/codex/responses", "/backend-api/codex/responses/compact"])
+
+
+class ItemReferenceOverHTTPTests(ConversationCase):
+    """The Vercel AI SDK's second turn: earlier output named by item_reference."""
+
+    def first_turn(self):
+        reasoning = dict(reasoning_item(), id="rs_a")
+        message = message_item("answer one", "msg_a")
+        self.turn("resp_a", "question one", items=[reasoning, message])
+        return reasoning, message
+
+    def test_references_are_expanded_into_the_items_they_name(self):
+        reasoning, message = self.first_turn()
+        unknown_kind = {"type": "additional_tools", "role": "developer", "tools": []}
+        self.turn("resp_b", simple_request(input=[
+            user_item("question one"), {"type": "item_reference", "id": "rs_a"},
+            {"id": "msg_a"}, unknown_kind, user_item("question two")]))
+        without_id = lambda item: {k: v for k, v in item.items() if k != "id"}
+        self.assertEqual(self.last_upstream()["body"]["input"], [
+            user_item("question one"), without_id(reasoning), without_id(message), unknown_kind,
+            user_item("question two")])
+        # and the items of the second turn are known in turn, streamed or not
+        self.turn("resp_c", simple_request(stream=True, input=[
+            {"type": "item_reference", "id": "msg_resp_b"}, user_item("three")]), stream=True)
+        self.assertEqual(self.last_upstream()["body"]["input"], [
+            without_id(message_item("answer of resp_b", "msg_resp_b")), user_item("three")])
+
+    def test_large_bodies_are_sent_and_kept_with_the_references_expanded(self):
+        # past 64 KB the proxy copies the client's unchanged bytes: never the references
+        reasoning, message = self.first_turn()
+        without_id = lambda item: {k: v for k, v in item.items() if k != "id"}
+        pad = user_item("x" * 70000)
+        self.turn("resp_b", simple_request(input=[
+            pad, {"type": "item_reference", "id": "rs_a"},
+            {"type": "item_reference", "id": "msg_a"}, user_item("two")]))
+        expanded = [pad, without_id(reasoning), without_id(message), user_item("two")]
+        self.assertEqual(self.last_upstream()["body"]["input"], expanded)
+        self.assertNotIn(b"item_reference", self.last_upstream()["raw"])
+        self.turn("resp_c", simple_request("three", previous_response_id="resp_b"))
+        self.assertEqual(self.last_upstream()["body"]["input"], expanded + [
+            without_id(message_item("answer of resp_b", "msg_resp_b")), user_item("three")])
+        status, page = self.get("/v1/responses/resp_b/input_items?order=asc")
+        self.assertEqual([i["type"] for i in page["data"]],
+                         ["message", "reasoning", "message", "message"])
+
+    def test_input_sent_as_a_list_is_kept(self):
+        for pad in (0, 70000):  # as the client's own bytes, below and above 64 KB
+            with self.subTest(pad=pad):
+                resp_id = "resp_list%d" % pad
+                self.turn(resp_id, simple_request(input=[user_item("q1" + "x" * pad)]))
+                self.assertEqual(self.get("/v1/responses/" + resp_id)[0], 200, self.log_text())
+                self.turn(resp_id + "_2", simple_request("q2", previous_response_id=resp_id))
+                self.assertEqual(len(self.last_upstream()["body"]["input"]), 3)
+        self.assertNotIn("could not keep", self.log_text())
+
+    def test_an_unknown_reference_is_a_400_that_says_what_to_do(self):
+        self.first_turn()
+        for path in ("/v1/responses", "/responses",
+                     "/v1/responses/compact"):
+            with self.subTest(path=path):
+                status, _, body = self.post(simple_request(input=[
+                    {"type": "item_reference", "id": "msg_a"},
+                    {"type": "item_reference", "id": "msg_unknown"}]), path=path)
+                self.assert_openai_error(status, body, 400, code="item_reference_not_found",
+                                         contains="msg_unknown")
+                self.assertEqual(body["error"]["param"], "input")
+                for words in ("the item itself", "store: false"):
+                    self.assertIn(words, body["error"]["message"])
+        self.assertEqual(len(self.backend.requests), 1, "sent upstream anyway")
+
+
+class CompactEndpointTests(ConversationCase):
+    HISTORY = [{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "q1"}]},
+               {"type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": "a1"}]}]
+
+    def compact(self, body, path="/v1/responses/compact", headers=None):
+        return self.post(body, headers, path=path)
+
+    def test_forwarded_next_to_the_responses_url_with_the_login(self):
+        body = {"model": "gpt-5.1-codex", "input": self.HISTORY, "instructions": "Summarize.",
+                "store": True, "stream": False, "metadata": {"a": "b"},
+                "prompt_cache_key": "k", "previous_response_id": None,
+                "reasoning": {"effort": "low"}}
+        for path in ("/v1/responses/compact", "/responses/compact"):
+            with self.subTest(path=path):
+                status, headers, answer = self.compact(body, path, {
+                    "User-Agent": NEWER_CODEX_UA, "Accept-Encoding": "gzip",
+                    "session_id": "sess-c"})
+                self.assertEqual(status, 200, answer)
+                self.assertEqual(answer["object"], "response.compaction")
+                self.assertTrue(answer["id"].startswith("resp_"), answer)
+                self.assertIsInstance(answer["created_at"], int)
+                self.assertEqual(answer["output"], compaction_answer(self.HISTORY)["output"])
+                self.assertEqual(headers["x-codex-primary-used-percent"], "12.5")
+                got = self.last_upstream()
+                self.assertEqual(got["path"], "/backend-api/codex/responses/compact")
+                h = got["headers"]
+                self.assertEqual(h["Authorization"], "Bearer " + self.token)
+                self.assertEqual(h["ChatGPT-Account-ID"], "acct-file")
+                self.assertEqual(h["Accept"], "application/json")
+                self.assertEqual(h["version"], "0.172.0")
+                self.assertEqual(h["session_id"], "sess-c")
+                self.assertEqual(h["x-codex-routing-hint"], "model=gpt-5.1-codex")
+                self.assertIn(h.get("Accept-Encoding"), (None, "identity"))
+                self.assertEqual(got["body"], {
+                    "model": "gpt-5.1-codex", "input": self.HISTORY,
+                    "instructions": "Summarize.", "reasoning": {"effort": "low"}})
+
+    def test_previous_response_id_and_references_are_expanded(self):
+        self.turn("resp_a", "q0")
+        status, _, answer = self.compact({
+            "model": "gpt-5.1-codex", "previous_response_id": "resp_a",
+            "input": [{"type": "item_reference", "id": "msg_resp_a"}, user_item("q1")]})
+        self.assertEqual(status, 200, answer)
+        sent = self.last_upstream()["body"]
+        replayed = {k: v for k, v in message_item("answer of resp_a").items() if k != "id"}
+        self.assertEqual(sent["input"], [user_item("q0"), replayed, replayed, user_item("q1")])
+        self.assertEqual(sent["instructions"], proxy.DEFAULT_INSTRUCTIONS)
+        status, _, body = self.compact(simple_request(previous_response_id="resp_none"))
+        self.assert_openai_error(status, body, 400, code="previous_response_not_found")
+        self.assertEqual(len(self.backend.requests), 2)
+
+    def test_backend_errors_are_openai_shaped(self):
+        limit = {"error": {"type": "usage_limit_reached", "message": "The usage limit has "
+                           "been reached", "resets_in_seconds": 60}}
+        self.backend.replies.append(Reply(status=429, body=json.dumps(limit).encode(),
+                                          headers=[("retry-after", "60")]))
+        status, headers, body = self.compact(simple_request())
+        self.assert_openai_error(status, body, 429, contains="usage limit")
+        self.assertEqual(headers["retry-after"], "60")
+        for bad in (b"not json", b"[]", b'{"output": "x"}'):
+            with self.subTest(bad=bad):
+                self.backend.replies.append(Reply(status=200, body=bad))
+                status, _, body = self.compact(simple_request())
+                self.assert_openai_error(status, body, 502, code="bad_upstream_answer")
+        self.assertEqual(self.compact(simple_request())[0], 200, "the server keeps serving")
+
+    def test_a_slow_compaction_outlasts_the_stream_idle_timeout(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(stream_idle_timeout=0.3)
+        self.backend.replies.append(Reply(delay=1.0))
+        status, _, answer = self.compact(simple_request())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["output"][-1]["type"], "compaction")
+        self.backend.replies.append(Reply(hang_after=0))
+        self.assertEqual(self.post(simple_request())[0], 504, "control: a turn times out")
+
+
+class ApiKeyEndpointPassThroughTests(ProxyTestCase):
+    """API-key mode: the new endpoints go to the platform as the client sent them."""
+
+    def setUp(self):
+        super().setUp()
+        self.platform = FakePlatform()
+        self.addCleanup(self.platform.close)
+        self.stop_proxy(self.proxy)
+        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode(),
+                         upstream_url=self.platform.url)
+
+    def test_each_endpoint_is_passed_through_as_is(self):
+        calls = [("POST", "/responses/compact", b'{"model": "m", "input": []}'),
+                 ("GET", "/responses/resp_p1", b""),
+                 ("GET", "/responses/resp_p1/input_items?limit=3&order=asc&after=msg_1", b""),
+                 ("DELETE", "/responses/resp_p1", b""),
+                 ("POST", "/responses/resp_p1/cancel", b"{}"),
+                 ("POST", "/responses/input_tokens", b'{"model": "m", "input": "hi"}')]
+        for prefix in ("/v1", ""):
+            for method, path, raw in calls:
+                with self.subTest(method=method, path=prefix + path):
+                    answer = json.dumps({"path": path, "n": len(self.platform.requests)}).encode()
+                    self.platform.replies.append(("json", 202, answer, "application/json",
+                                                  [("x-request-id", "req-p")]))
+                    headers = {"Authorization": "Bearer client-own", "Content-Type":
+                               "application/json"} if raw else {"Authorization": "Bearer c"}
+                    status, got_headers, data = self.request(method, prefix + path, raw or None,
+                                                             headers)
+                    self.assertEqual((status, data), (202, answer))
+                    self.assertEqual(got_headers["x-request-id"], "req-p")
+                    got = self.platform.requests[-1]
+                    self.assertEqual((got["method"], got["path"], got["raw"]),
+                                     (method, "/v1" + path, raw))
+                    self.assertEqual(got["authorization"], ["Bearer " + API_KEY])
+        self.assertEqual(self.backend.requests, [])
+
+
 class CredentialTests(ProxyTestCase):
     auth = False
 
@@ -2429,6 +2957,8 @@ class SignalTests(ProcessTestCase):
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
         except ConnectionRefusedError:
             return "refused"
+        except ConnectionResetError:
+            return "reset"  # queued as the listener closed
         with s:
             s.settimeout(3)  # the stream is held: nothing would end a hang but this
             try:

@@ -8,9 +8,15 @@ The module needs the `openai` package and skips itself without it, so `python3 -
 stays standard-library only. To run it (e.g. from .ci/run):
 
     python -m venv v && v/bin/pip install openai && v/bin/python -m unittest test_interop -v
+
+The Node clients (the `openai` Node SDK, the Vercel AI SDK) run from interop/, with its
+pinned packages installed (`npm ci` there) and $NODE22 naming a Node 22 binary; without
+them those tests skip.
 """
 
 import json
+import os
+import subprocess
 import unittest
 
 try:
@@ -23,6 +29,13 @@ from test_codex_responses_proxy import (Reply, USAGE, function_call_item, messag
                                         stream_frames)
 
 NO_SDK = "the openai SDK is not installed"
+# Node clients: the scripts and their pinned packages in interop/ (npm ci there), run with the
+# Node 22 binary named by $NODE22.
+NODE = os.environ.get("NODE22")
+NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interop")
+NO_NODE = ("set NODE22 to a Node 22 binary and run `npm ci` in interop/ for the Node "
+           "clients' interop tests")
+NODE_READY = bool(NODE) and os.path.isdir(os.path.join(NODE_DIR, "node_modules"))
 MODEL = "gpt-5.1-codex"
 TEXT = "Hello from the fake backend!"
 WEATHER_TOOL_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}},
@@ -166,6 +179,97 @@ class ResponsesInteropTests(SDKTestCase):
 
 
 @unittest.skipIf(openai is None, NO_SDK)
+class StoredResponsesInteropTests(SDKTestCase):
+    """The SDK's calls on responses the proxy answered: retrieve, input_items, delete, a
+    chain with `store` left at its default, compact, and what the subscription cannot do."""
+
+    def turn(self, resp_id, text, **kwargs):
+        self.backend.replies.append(Reply(frames=harness.with_id(stream_frames(
+            items=[message_item("answer " + text, "msg_" + resp_id)]), resp_id)))
+        return self.client.responses.create(model=MODEL, input=text, **kwargs)
+
+    def test_two_turn_chain_with_store_left_at_its_default(self):
+        first = self.turn("resp_1", "q1")
+        second = self.turn("resp_2", "q2", previous_response_id=first.id)
+        self.assertEqual((first.id, second.id), ("resp_1", "resp_2"))
+        self.assertEqual(second.output_text, "answer q2")
+        texts = [item["content"][0]["text"] for item in self.sent()["input"]]
+        self.assertEqual(texts, ["q1", "answer q1", "q2"])
+        self.assertNotIn("previous_response_id", self.sent())
+        # streamed, the same
+        self.backend.replies.append(Reply(frames=harness.with_id(stream_frames(
+            items=[message_item("answer q3", "msg_resp_3")]), "resp_3")))
+        with self.client.responses.stream(model=MODEL, input="q3",
+                                          previous_response_id=second.id) as stream:
+            final = stream.get_final_response()
+        self.assertEqual((final.id, final.output_text), ("resp_3", "answer q3"))
+        self.assertEqual(len(self.sent()["input"]), 5)
+
+    def test_retrieve_input_items_and_delete(self):
+        first = self.turn("resp_1", "q1")
+        self.turn("resp_2", "q2", previous_response_id=first.id)
+        got = self.client.responses.retrieve("resp_2")
+        self.assertEqual((got.id, got.status, got.output_text), ("resp_2", "completed",
+                                                                 "answer q2"))
+        self.assertEqual(got.usage.input_tokens, USAGE["input_tokens"])
+        page = self.client.responses.input_items.list("resp_2")
+        self.assertEqual([item.type for item in page.data], ["message"] * 3)
+        self.assertEqual([item.role for item in page.data], ["user", "assistant", "user"])
+        self.assertEqual(page.data[0].content[0].text, "q2", "newest first by default")
+        # the SDK's auto-pagination follows `after` page by page
+        ordered = list(self.client.responses.input_items.list("resp_2", limit=1, order="asc"))
+        self.assertEqual([item.id for item in ordered], [item.id for item in page.data][::-1])
+        self.assertIsNone(self.client.responses.delete("resp_1"))
+        for call in (lambda: self.client.responses.retrieve("resp_1"),
+                     lambda: self.client.responses.delete("resp_1"),
+                     lambda: self.client.responses.input_items.list("resp_1")):
+            with self.assertRaises(openai.NotFoundError) as caught:
+                call()
+            self.assertIn("resp_1", caught.exception.message)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.turn("resp_x", "again", previous_response_id="resp_1")
+        self.assertEqual(caught.exception.code, "previous_response_not_found")
+        self.assertEqual(self.client.responses.retrieve("resp_2").id, "resp_2",
+                         "a response continuing a deleted one stays")
+
+    def test_store_false_is_not_kept(self):
+        first = self.turn("resp_1", "q1", store=False)
+        with self.assertRaises(openai.NotFoundError):
+            self.client.responses.retrieve(first.id)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.turn("resp_2", "q2", previous_response_id=first.id)
+        self.assertEqual(caught.exception.code, "previous_response_not_found")
+
+    def test_compact(self):
+        history = [{"role": "user", "content": "q1"},
+                   {"role": "assistant", "content": "a1"}]
+        compacted = self.client.responses.compact(model=MODEL, input=history,
+                                                  instructions="Summarize.")
+        self.assertEqual(compacted.object, "response.compaction")
+        self.assertTrue(compacted.id)
+        self.assertEqual([item.type for item in compacted.output], ["message", "compaction"])
+        self.assertEqual(compacted.output[-1].encrypted_content, "gAAAA-compacted-history")
+        got = self.backend.requests[-1]
+        self.assertEqual(got["path"], "/backend-api/codex/responses/compact")
+        self.assertEqual(got["body"]["input"][0]["content"], "q1")
+        # from a stored response, by previous_response_id
+        first = self.turn("resp_1", "q1")
+        self.client.responses.compact(model=MODEL, previous_response_id=first.id)
+        self.assertEqual([item.get("role") for item in self.sent()["input"]],
+                         ["user", "assistant"])
+
+    def test_cancel_and_input_tokens_are_bad_requests_that_say_why(self):
+        first = self.turn("resp_1", "q1")
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.cancel(first.id)
+        self.assertIn("background", caught.exception.message)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.responses.input_tokens.count(model=MODEL, input="hi")
+        self.assertIn("subscription", caught.exception.message)
+        self.assertEqual(len(self.backend.requests), 1)
+
+
+@unittest.skipIf(openai is None, NO_SDK)
 class ModelsInteropTests(SDKTestCase):
 
     def setUp(self):
@@ -179,6 +283,83 @@ class ModelsInteropTests(SDKTestCase):
             self.assertEqual(model.object, "model")
             self.assertIsInstance(model.created, int)
             self.assertIsInstance(model.owned_by, str)
+
+
+# --------------------------------------------------------------------------------------------
+# Node clients: the openai SDK and the Vercel AI SDK
+# --------------------------------------------------------------------------------------------
+
+@unittest.skipUnless(NODE_READY, NO_NODE)
+class NodeInteropTests(harness.ProxyTestCase):
+    """Each test runs one script of interop/ against the proxy and the fake backend."""
+
+    def run_script(self, name, *args):
+        """The script's JSON lines, once it exited 0."""
+        proc = subprocess.run([NODE, os.path.join(NODE_DIR, name),
+                               "http://127.0.0.1:%d/v1" % self.port] + list(args),
+                              cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120, env=dict(os.environ, NO_COLOR="1"))
+        out = proc.stdout.decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 0, "%s failed:\n%s\n%s\nproxy log:\n%s" % (
+            name, out, proc.stderr.decode("utf-8", "replace")[-3000:], self.log_text()))
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def script(self, resp_id, items):
+        self.backend.replies.append(Reply(frames=harness.with_id(stream_frames(items=items),
+                                                                 resp_id)))
+
+    def test_openai_sdk_create_stream_retrieve_input_items_compact_delete(self):
+        self.script("resp_1", [message_item("answer one", "msg_1")])
+        self.script("resp_2", [message_item("answer two", "msg_2")])
+        steps = {line["step"]: line for line in self.run_script("openai_sdk.mjs")}
+        self.assertEqual(steps["create"], {"step": "create", "id": "resp_1",
+                                           "text": "answer one", "status": "completed"})
+        self.assertEqual(steps["stream"], {"step": "stream", "id": "resp_2",
+                                           "text": "answer two"})
+        self.assertEqual(steps["retrieve"], {"step": "retrieve", "id": "resp_2",
+                                             "text": "answer two", "status": "completed"})
+        self.assertEqual([(i["type"], i["role"]) for i in steps["input_items"]["items"]],
+                         [("message", "user"), ("message", "assistant"), ("message", "user")])
+        self.assertEqual(steps["input_items"]["items"][1]["id"], "msg_1")
+        self.assertEqual(steps["compact"]["object"], "response.compaction")
+        self.assertEqual(steps["compact"]["types"], ["message", "message", "compaction"])
+        self.assertEqual(steps["delete"]["retrieve_after"], 404)
+        paths = [r["path"] for r in self.backend.requests]
+        self.assertEqual(paths, ["/backend-api/codex/responses"] * 2
+                         + ["/backend-api/codex/responses/compact"])
+        texts = [item["content"][0]["text"] for item in self.backend.requests[1]["body"]["input"]]
+        self.assertEqual(texts, ["q1", "answer one", "q2"])
+
+    def test_vercel_ai_sdk_multi_turn_conversation_with_item_references(self):
+        received = []
+        store = self.proxy.app.conversations
+        expand = store.expand_references
+
+        def recording(items):  # what the client sent, before the proxy expands it
+            received.append(json.loads(json.dumps(items)))
+            return expand(items)
+
+        store.expand_references = recording
+        for turn in (1, 2, 3):
+            reasoning = {"type": "reasoning", "id": "rs_%d" % turn, "summary": [],
+                         "encrypted_content": "gAAAA-turn-%d" % turn}
+            self.script("resp_%d" % turn, [reasoning, message_item("answer %d" % turn,
+                                                                   "msg_%d" % turn)])
+        lines = self.run_script("ai_sdk_conversation.mjs", "3")
+        self.assertEqual([line["text"] for line in lines], ["answer 1", "answer 2", "answer 3"])
+        references = [[item["id"] for item in items if item.get("type") == "item_reference"]
+                      for items in received]
+        self.assertEqual(references[1:], [["rs_1", "msg_1"], ["rs_1", "msg_1", "rs_2", "msg_2"]],
+                         "the SDK did not send item references: %r" % received)
+        sent = self.backend.requests[-1]["body"]["input"]
+        self.assertNotIn("item_reference", json.dumps(sent))
+        self.assertEqual([(item.get("type", "message"), item.get("role")) for item in sent], [
+            ("message", "user"), ("reasoning", None), ("message", "assistant"),
+            ("message", "user"), ("reasoning", None), ("message", "assistant"),
+            ("message", "user")])
+        self.assertEqual([item["encrypted_content"] for item in sent
+                          if item.get("type") == "reasoning"], ["gAAAA-turn-1", "gAAAA-turn-2"])
+        self.assertEqual(sent[2]["content"][0]["text"], "answer 1")
 
 
 # --------------------------------------------------------------------------------------------
