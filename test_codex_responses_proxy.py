@@ -1245,6 +1245,124 @@ class SSEParserTests(unittest.TestCase):
         self.assertEqual((events[0].event, events[0].data), ("e", "x"))
 
 
+def chunked_body(payload, rng):
+    """payload as an HTTP/1.1 chunked body cut into chunks at random places, often right after
+    a line end (so frame ends fall between chunks), sometimes with chunk extensions."""
+    ends = [m.end() for m in re.finditer(rb"[\r\n]", payload)]
+    cuts = set(rng.sample(ends, len(ends) // 3))
+    cuts.update(rng.sample(range(1, len(payload)), min(len(payload) - 1, rng.choice((1, 5, 50)))))
+    edges = [0] + sorted(cuts) + [len(payload)]
+    out = []
+    for start, end in zip(edges, edges[1:]):
+        ext = b";note=x" if rng.random() < 0.1 else b""
+        out.append(b"%X%s\r\n%s\r\n" % (end - start, ext, payload[start:end]))
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+def event_chunked_body(frames):
+    return b"".join(b"%X\r\n%s\r\n" % (len(f), f) for f in frames) + b"0\r\n\r\n"
+
+
+def relay_pieces(body, reads, make_transform, on_read=None):
+    """What the relay does with an upstream body arriving in reads of these sizes: decode,
+    transform, stop at the terminal event. -> (bytes relayed, the transform). on_read(decoded,
+    relayed) is called after each read with what that read gave."""
+    decoder, transform = proxy.ChunkedDecoder(), make_transform()
+    out, pos = [], 0
+    while pos < len(body) and transform.assembler.terminal is None:
+        size = next(reads)
+        data = decoder.feed(body[pos:pos + size])
+        pos += size
+        relayed = transform.feed(data) if data else b""
+        out.append(relayed)
+        if on_read:
+            on_read(data, relayed)
+    return b"".join(out), transform
+
+
+class FrameEnds:
+    """How many frames ("\n\n") have ended in a byte stream that arrives in pieces."""
+
+    def __init__(self):
+        self.count = 0
+        self._last = b""
+
+    def feed(self, data):
+        if data:
+            self.count += (self._last + data).count(b"\n\n")
+            self._last = data[-1:]
+
+
+class RelayDifferentialTests(unittest.TestCase):
+    """The same streams, cut at random read and chunk boundaries, relay the same bytes, build
+    the same response and end the same way, whatever the cuts."""
+
+    def streams(self):
+        big = "x" * 100000
+        yield "plain", stream_frames(items=[reasoning_item(), message_item("Hello there, friend"),
+                                            function_call_item()])
+        yield "large event", stream_frames(text=big)
+        yield "CRLF framing", stream_frames(eol=b"\r\n")
+        yield "CR framing", stream_frames(eol=b"\r")
+        frames = stream_frames()
+        yield "BOM", [b"\xef\xbb\xbf" + frames[0]] + frames[1:]
+        yield "comments and ids", ([b": keep-alive\n\n", b"id: 7\n" + frames[0]] + frames[1:-1]
+                                   + [b"data: " + frames[-1].split(b"data: ", 1)[1]])
+        yield "blank lines between events", [f + b"\n" for f in frames]
+        yield "no terminal event", frames[:-1]
+        yield "failed", stream_frames(terminal="response.failed", terminal_extra={
+            "error": {"code": "server_is_overloaded", "message": "busy"}})
+        yield "error event", frames[:3] + [sse("error", {"code": "rate_limit_exceeded",
+                                                          "message": "slow down"})]
+
+    def check(self, make_transform, normalize=lambda b: b, trials=16):
+        for name, frames in self.streams():
+            payload = b"".join(frames)
+            # each event leaves as soon as it is whole: after every read, as many frames
+            # relayed as have ended (checked where "\n\n" ends frames and nothing else)
+            timely = make_transform is proxy.ResponsesTransform and b"\r" not in payload \
+                and b"\n\n\n" not in payload
+            whole, reference = relay_pieces(event_chunked_body(frames), iter([1 << 30]),
+                                            make_transform)
+            expected = (normalize(whole), reference.assembler.terminal,
+                        reference.assembler.output(), reference.assembler.response)
+            rng = random.Random(name)
+            sizes = (1, 2, 5, 64, 1000, 65536) if len(payload) < 20000 else (999, 4096, 65536)
+            for trial in range(trials):
+                body = event_chunked_body(frames) if trial % 2 else chunked_body(payload, rng)
+                reads = iter(lambda: rng.choice(sizes), None)
+                ended, relayed = FrameEnds(), FrameEnds()
+
+                def on_read(decoded, out):
+                    ended.feed(decoded)
+                    relayed.feed(out)
+                    self.assertEqual(relayed.count, ended.count, "%s, trial %d" % (name, trial))
+
+                got, transform = relay_pieces(body, reads, make_transform,
+                                              on_read if timely else None)
+                self.assertEqual((normalize(got), transform.assembler.terminal,
+                                  transform.assembler.output(), transform.assembler.response),
+                                 expected, "%s, trial %d" % (name, trial))
+
+    def test_responses_relay_does_not_depend_on_the_cuts(self):
+        self.check(proxy.ResponsesTransform)
+
+    def test_the_reference_relay_is_what_a_client_should_get(self):
+        """The uncut relay itself: every event, the completed one with its output filled."""
+        frames = stream_frames(items=[message_item("Hi"), function_call_item()])
+        out, transform = relay_pieces(event_chunked_body(frames), iter([1 << 30]),
+                                      proxy.ResponsesTransform)
+        events = parse_sse(out)
+        self.assertEqual([e for e, _ in events], [f.split(b"\n", 1)[0][7:].decode()
+                                                   for f in frames])
+        self.assertEqual([i["type"] for i in events[-1][1]["response"]["output"]],
+                         ["message", "function_call"])
+        self.assertEqual(out.replace(b"\n\n", b"").count(b"event: "), len(frames))
+
+    def test_chat_relay_does_not_depend_on_the_cuts(self):
+        self.check(lambda: proxy.ChatTransform("gpt-5.1-codex", True), trials=4)
+
+
 class AssemblyTests(unittest.TestCase):
     def test_output_rebuilt_in_output_index_order(self):
         asm = proxy.ResponseAssembler()
