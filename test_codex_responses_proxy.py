@@ -455,6 +455,11 @@ class FakeBackend:
                     return False
                 if i in reply.hold_after and not reply.hold(self.stopping):
                     return False
+                if i == len(frames) - 1 and not reply.chunk_split:
+                    # the last event and the body's end in one write, as a server's chunked
+                    # encoder sends them: the proxy can pool the connection at once
+                    req.send(b"%X\r\n%s\r\n0\r\n\r\n" % (len(frame), frame))
+                    return True
                 req.send_chunks([frame], reply.chunk_split)
                 if reply.delay:
                     time.sleep(reply.delay)
