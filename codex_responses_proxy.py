@@ -3302,6 +3302,7 @@ class UpstreamWebSocket:
         except (TypeError, ValueError):
             self.max_message_bytes = None
         self.turn_state = names.get("x-codex-turn-state")
+        self.request_headers = []  # the handshake's, for the dumps
         self.closed = False
 
     def send_text(self, payload):
@@ -3331,10 +3332,12 @@ class UpstreamWebSocket:
         try:
             while self.reader.frame_ready() or readable_sockets([self.sock], 0):
                 self.sock.settimeout(1.0)
-                opcode, payload = self.reader.message(self.pong)
-                if opcode == WS_CLOSE:
+                fin, opcode, payload = ws_read_frame(self.reader.read)
+                if opcode == WS_PING:
+                    self.pong(payload)
+                elif opcode == WS_CLOSE:
                     return False
-                if opcode == WS_TEXT:
+                elif opcode == WS_TEXT and fin:
                     on_text(payload)
         except (OSError, EOFError, ValueError):
             return False
@@ -3346,7 +3349,10 @@ class WebSocketPool:
     clients that chain with previous_response_id. A socket is taken out for a turn, so two
     requests never share one; it comes back when the turn ended well."""
 
-    def __init__(self):
+    SWEEP_EVERY = 5.0  # how soon an idle socket's ping is answered
+
+    def __init__(self, on_text):
+        self.on_text = on_text  # what to do with a text frame that comes while idle
         self._idle = collections.OrderedDict()  # key -> socket, least recently used first
         self._by_response = {}                  # last response id -> key
         self._lock = threading.Lock()
@@ -3386,7 +3392,8 @@ class WebSocketPool:
             del self._by_response[ws.chain.response_id]
 
     def sweep(self):
-        """Close the sockets idle too long or near the backend's age limit."""
+        """Close the sockets idle too long or near the backend's age limit; answer the pings
+        of the others (taken out meanwhile, so no turn uses them at the same time)."""
         now = time.monotonic()
         with self._lock:
             stale = [k for k, ws in self._idle.items()
@@ -3394,13 +3401,34 @@ class WebSocketPool:
             gone = [self._idle.pop(k) for k in stale]
             for ws in gone:
                 self._forget(ws)
+            socks = {ws.sock: k for k, ws in self._idle.items()}
         for ws in gone:
             ws.close()
+        try:
+            readable = readable_sockets(list(socks), 0) if socks else []
+        except (OSError, ValueError):
+            readable = []
+        for sock in readable:
+            with self._lock:
+                ws = self._idle.get(socks[sock])
+                if ws is None or ws.sock is not sock:
+                    continue  # taken for a turn meanwhile: that turn answers the ping
+                del self._idle[socks[sock]]
+                self._forget(ws)
+            used = ws.used
+            if ws.settle_idle(self.on_text):
+                self.put(ws)
+                ws.used = used  # a ping is not a use: the idle clock keeps running
+            else:
+                ws.close()
 
     def _sweep_forever(self):
         while True:
-            time.sleep(30)
-            self.sweep()
+            time.sleep(self.SWEEP_EVERY)
+            try:
+                self.sweep()
+            except Exception:  # a surprise must not end the sweeping for good
+                pass
 
     def __len__(self):
         return len(self._idle)
@@ -3553,7 +3581,7 @@ class WebSocketUpstream:
         self.config = client.config
         self.log = client.log
         self.url = websocket_url(client.config.upstream_url)
-        self.pool = WebSocketPool()
+        self.pool = WebSocketPool(self.on_idle_text)
         self.choice = TransportChoice(client.config.upstream_transport
                                       if client.config.mode == "chatgpt" else "http")
 
@@ -3687,7 +3715,9 @@ class WebSocketUpstream:
             return self.refused("cannot open a WebSocket to the backend (%s)"
                                 % (getattr(e, "strerror", None) or e.__class__.__name__))
         self.client.quota.update(answer)
-        return UpstreamWebSocket(sock, rest, answer, identity, request.session_id)
+        ws = UpstreamWebSocket(sock, rest, answer, identity, request.session_id)
+        ws.request_headers = headers
+        return ws
 
     def refused(self, why):
         """auto: note it and let HTTP carry the request; ws: the client's error."""
@@ -3718,8 +3748,7 @@ class WebSocketUpstream:
         dumper = self.client.dumper
         if not dumper:
             return None
-        dump = dumper.request("WEBSOCKET", self.url, [("session_id", request.session_id)],
-                              payload)
+        dump = dumper.request("WEBSOCKET", self.url, ws.request_headers, payload)
         dump.answer(101, ws.headers)
         return dump
 

@@ -354,6 +354,7 @@ class FakeBackendWebSocket:
         self.turn_state = None
         self.closed_early = threading.Event()
         self.sockets = 0
+        self.open = {}             # socket number -> its connection, while open
         self.next_id = 0
 
     def upgrade(self, handler):
@@ -397,10 +398,13 @@ class FakeBackendWebSocket:
         with backend.lock:
             self.sockets += 1
             number = self.sockets
+        self.open[number] = handler.connection
         try:
             self.serve(handler, number)
         except (OSError, EOFError, ValueError):
             pass
+        finally:
+            del self.open[number]
 
     def serve(self, handler, number):
         last = None  # (response id, history) this socket remembers
@@ -4217,6 +4221,26 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertTrue(self.proxy.app.wait_idle(3.0))
         self.assertEqual(len(self.proxy.app.upstream.websockets.pool), 0)
 
+    def test_idle_sockets_answer_pings_and_are_closed_after_a_while(self):
+        self.turn([], "hi")
+        pool = self.proxy.app.upstream.websockets.pool
+        fake_ws_send(self.backend.ws.open[1], 9, b"idle ping")
+        deadline = time.monotonic() + 5
+        while b"idle ping" not in self.backend.ws.pongs and time.monotonic() < deadline:
+            pool.sweep()  # what the janitor thread does every few seconds
+            time.sleep(0.02)
+        self.assertIn(b"idle ping", self.backend.ws.pongs)
+        self.assertEqual(len(pool), 1)
+        self.turn([], "a new conversation on the same socket")  # still usable
+        self.assertEqual(self.backend.ws.sockets, 1)
+        with mock.patch.object(proxy, "WS_IDLE_SECONDS", 0):
+            pool.sweep()
+        deadline = time.monotonic() + 5
+        while self.backend.ws.open and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertEqual(self.backend.ws.open, {}, "the idle socket was not closed")
+        self.assertEqual(len(pool), 0)
+
     def test_dumps_record_the_socket_messages_redacted(self):
         dump_dir = os.path.join(self.home, "dumps")
         self.stop_proxy(self.proxy)
@@ -4230,6 +4254,7 @@ class UpstreamWebSocketTests(ProxyTestCase):
             received = json.load(f)
         self.assertEqual(sent["body"]["type"], "response.create")
         self.assertIn("ws://", sent["url"])
+        self.assertIn({"name": "Authorization", "value": "[REDACTED]"}, sent["headers"])
         self.assertEqual(received["status"], 101)
         self.assertIn("response.completed", received["body"])
         text = json.dumps([sent, received])
