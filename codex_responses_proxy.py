@@ -3228,6 +3228,18 @@ def _without_noise(value):
     return value
 
 
+def continues_conversation(request):
+    """Whether a request goes on from earlier turns: it names one, or its input holds
+    output (an assistant message, a tool call or its result, reasoning)."""
+    if request.previous is not None:
+        return True
+    items = request.body.get("input")
+    return isinstance(items, list) and any(
+        isinstance(item, dict) and (item.get("role") == "assistant" or
+                                    item.get("type") not in (None, "message"))
+        for item in items)
+
+
 def request_shape(body):
     """Everything of a request but what a turn may change, as one comparable string."""
     return json.dumps({k: v for k, v in body.items() if k not in WS_TURN_FIELDS},
@@ -3355,6 +3367,7 @@ class WebSocketPool:
         self.on_text = on_text  # what to do with a text frame that comes while idle
         self._idle = collections.OrderedDict()  # key -> socket, least recently used first
         self._by_response = {}                  # last response id -> key
+        self._opening = set()                   # keys whose socket is being opened
         self._lock = threading.Lock()
         self._janitor = None
 
@@ -3386,6 +3399,24 @@ class WebSocketPool:
                 self._janitor.start()
         for gone in spare:
             gone.close()
+
+    def begin_opening(self, key):
+        """Mark key's socket as being opened; False when it already is (or is open)."""
+        with self._lock:
+            if key in self._opening or key in self._idle:
+                return False
+            self._opening.add(key)
+            return True
+
+    def done_opening(self, key, ws):
+        with self._lock:
+            self._opening.discard(key)
+            taken = key in self._idle  # a turn opened one itself meanwhile
+        if ws is not None:
+            if taken:
+                ws.close()
+            else:
+                self.put(ws)
 
     def _forget(self, ws):
         if ws.chain is not None and self._by_response.get(ws.chain.response_id) == ws.key:
@@ -3586,16 +3617,20 @@ class WebSocketUpstream:
                                       if client.config.mode == "chatgpt" else "http")
 
     def send(self, request):
-        """The answer to request over a socket; None when it must go over HTTP instead (a
-        refused upgrade in auto mode, a request above the backend's message size)."""
+        """The answer to request over a socket; None when it must go over HTTP instead (in
+        auto mode: a conversation without a socket yet, a refused upgrade; a request above
+        the backend's message size)."""
         rejected_token = None
         fresh = False  # the next try must open a new socket and send the full input
         turn_state = None
-        for _ in range(WS_RECOVERIES + 2):
+        for attempt in range(WS_RECOVERIES + 2):
             creds = self.client.auth.get(rejected_token)
             identity = (creds.access_token, creds.account_id, request.version)
             ws = None if fresh else self.take(request, identity)
             reused = ws is not None
+            if ws is None and attempt == 0 and self.choice.mode == "auto":
+                self.prewarm(creds, request, identity)
+                return None
             if ws is None:
                 ws = self.open(creds, request, identity, turn_state)
                 if ws is None:
@@ -3659,6 +3694,25 @@ class WebSocketUpstream:
             return WebSocketAnswer(ws, body, ws.headers if not reused else [], dump)
         raise ProxyError(502, "The backend kept refusing the conversation's WebSocket turns.",
                          code="upstream_unreachable")
+
+    def prewarm(self, creds, request, identity):
+        """auto: a conversation's socket is opened beside a turn that goes over HTTP, so no
+        turn waits for a handshake (a round trip more than HTTP on a kept-alive connection).
+        Only for a conversation that goes on (its input holds earlier output): a one-off
+        request gets no socket."""
+        key = request.session_id
+        if not continues_conversation(request) or not self.pool.begin_opening(key):
+            return
+
+        def run():
+            try:
+                ws = self.open(creds, request, identity, None)
+            except Exception as e:  # the HTTP turn is unaffected; the next may try again
+                self.log.debug("WebSocket prewarm failed: %s" % e)
+                ws = None
+            self.pool.done_opening(key, ws if isinstance(ws, UpstreamWebSocket) else None)
+
+        threading.Thread(target=run, name="websocket-open", daemon=True).start()
 
     def take(self, request, identity):
         ws = self.pool.take(request.session_id, request.previous)

@@ -3989,9 +3989,11 @@ class RevokedTokens(set):
 
 
 class UpstreamWebSocketTests(ProxyTestCase):
-    """--upstream-transport auto (the default) against a backend that takes WebSockets."""
+    """--upstream-transport ws against a backend that takes WebSockets: every turn over the
+    conversation's socket. (auto differs only in when a socket is first opened: see
+    UpstreamTransportChoiceTests.)"""
 
-    upstream_transport = "auto"
+    upstream_transport = "ws"
 
     def setUp(self):
         super().setUp()
@@ -4034,7 +4036,7 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertIsNone(handshake.get("Content-Type"))
         status = self.request("GET", "/status")
         report = json.loads(status[2])["upstream_transport"]
-        self.assertEqual((report["configured"], report["in_use"]), ("auto", "websocket"))
+        self.assertEqual((report["configured"], report["in_use"]), ("ws", "websocket"))
 
     def test_streamed_turn_relays_the_same_events_as_http(self):
         status, _, events, raw = self.stream(simple_request())
@@ -4266,14 +4268,42 @@ class UpstreamTransportChoiceTests(ProxyTestCase):
 
     upstream_transport = "auto"
 
+    def wait_for(self, condition, what):
+        deadline = time.monotonic() + 5
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("timed out waiting for " + what)
+            time.sleep(0.01)
+
+    def test_auto_opens_the_socket_beside_http_turns_and_then_chains(self):
+        self.backend.ws.refuse = None
+        turn = UpstreamWebSocketTests.turn
+        history, _ = turn(self, [], "hi")  # a one-off so far: HTTP, no socket
+        self.assertEqual(self.backend.ws.handshakes, [])
+        history, _ = turn(self, history, "more")  # goes on: HTTP, socket opened meanwhile
+        self.wait_for(lambda: len(self.proxy.app.upstream.websockets.pool) == 1, "the socket")
+        history, _ = turn(self, history, "and more")  # the socket, full input
+        history, _ = turn(self, history, "last")      # chained: the new item only
+        self.assertEqual([r.get("ws") for r in self.backend.requests], [None, None, 1, 1])
+        self.assertNotIn("previous_response_id", self.backend.requests[2]["body"])
+        self.assertEqual(len(self.backend.requests[2]["body"]["input"]), 5)
+        self.assertEqual(self.backend.requests[3]["body"]["input"], [user_item("last")])
+        self.assertEqual(self.backend.requests[3]["body"]["previous_response_id"],
+                         "resp_ws_1")
+        self.assertEqual(len(self.backend.ws.handshakes), 1)
+
     def test_refused_upgrade_falls_back_to_http_and_stays_there(self):
+        going_on = [user_item("hi"), message_item("Hello"), user_item("more")]
         for refusal in (426, 404, 403):
             self.backend.ws.refuse = refusal
             self.stop_proxy(self.proxy)
             self.start_proxy()
             handshakes = len(self.backend.ws.handshakes)
+            status, _, body = self.post(dict(simple_request(), input=going_on))
+            self.assertEqual(status, 200, body)
+            self.wait_for(lambda: "HTTP %d" % refusal in self.log_text(), "the refusal")
             for _ in range(2):
-                status, _, body = self.post(simple_request())
+                status, _, body = self.post(dict(simple_request(), input=going_on))
                 self.assertEqual(status, 200, body)
             self.assertEqual(len(self.backend.ws.handshakes), handshakes + 1, refusal)
             self.assertEqual(self.backend.ws.messages, [])
@@ -4286,10 +4316,13 @@ class UpstreamTransportChoiceTests(ProxyTestCase):
         self.backend.ws.refuse = None
         self.backend.ws.upgrade = lambda handler: handler.connection.shutdown(
             socket.SHUT_RDWR)
-        status, _, body = self.post(simple_request())
-        self.assertEqual(status, 200, body)
-        self.assertEqual(len(self.backend.requests), 1)
-        self.assertEqual(self.backend.requests[0].get("ws"), None)
+        going_on = [user_item("hi"), message_item("Hello"), user_item("more")]
+        for _ in range(2):
+            status, _, body = self.post(dict(simple_request(), input=going_on))
+            self.assertEqual(status, 200, body)
+            self.wait_for(lambda: "cannot open a WebSocket" in self.log_text() or
+                          "handshake failed" in self.log_text(), "the failure")
+        self.assertEqual([r.get("ws") for r in self.backend.requests], [None, None])
 
     def test_transport_http_never_opens_a_socket(self):
         self.backend.ws.refuse = None
