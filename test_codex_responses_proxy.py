@@ -3944,10 +3944,6 @@ class StreamFailureTests(StreamingCase):
 # The backend over WebSocket (--upstream-transport): one socket per conversation
 # --------------------------------------------------------------------------------------------
 
-def user_item(text):
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
-
-
 class WebSocketFramingTests(unittest.TestCase):
     """The client end of RFC 6455, against the test's own server-side decoding."""
 
