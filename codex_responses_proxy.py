@@ -3480,7 +3480,8 @@ class TransportChoice:
     def __init__(self, mode):
         self.mode = mode
         self.http_until = 0.0
-        self.why = {"auto": "WebSocket first; HTTP if the backend refuses the upgrade",
+        self.why = {"auto": "a conversation's turns go over its WebSocket from its third; "
+                            "HTTP while the backend refuses the upgrade",
                     "ws": "--upstream-transport ws",
                     "http": "--upstream-transport http"}.get(mode, "API-key mode")
 
