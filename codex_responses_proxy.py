@@ -3381,9 +3381,14 @@ class WebSocketPool:
                 self._by_response.pop(ws.chain.response_id, None)
         return ws
 
-    def put(self, ws):
+    def put(self, ws, replace=True):
+        """Back into the pool, as its conversation's socket; replace=False: only if that
+        conversation has none meanwhile, else ws is closed."""
         ws.used = time.monotonic()
         with self._lock:
+            if not replace and ws.key in self._idle:
+                ws.close()
+                return
             old = self._idle.pop(ws.key, None)
             self._idle[ws.key] = ws
             if ws.chain is not None:
@@ -3411,12 +3416,8 @@ class WebSocketPool:
     def done_opening(self, key, ws):
         with self._lock:
             self._opening.discard(key)
-            taken = key in self._idle  # a turn opened one itself meanwhile
         if ws is not None:
-            if taken:
-                ws.close()
-            else:
-                self.put(ws)
+            self.put(ws, replace=False)  # a turn may have opened one itself meanwhile
 
     def _forget(self, ws):
         if ws.chain is not None and self._by_response.get(ws.chain.response_id) == ws.key:
@@ -3448,7 +3449,7 @@ class WebSocketPool:
                 self._forget(ws)
             used = ws.used
             if ws.settle_idle(self.on_text):
-                self.put(ws)
+                self.put(ws, replace=False)
                 ws.used = used  # a ping is not a use: the idle clock keeps running
             else:
                 ws.close()

@@ -4046,6 +4046,13 @@ class UpstreamWebSocketTests(ProxyTestCase):
                          "Hello there!")
         self.assertEqual(len(self.backend.ws.messages), 1)
 
+    def test_chat_completions_go_over_the_socket_too(self):
+        status, _, body = self.post({"model": "gpt-5.1-codex", "messages": [
+            {"role": "user", "content": "say hi"}]}, path="/v1/chat/completions")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello there!")
+        self.assertEqual(self.backend.requests[0]["ws"], 1)
+
     def test_edited_history_or_other_settings_send_the_full_input(self):
         history, _ = self.turn([], "hi")
         edited = history[:1] + [{"role": "assistant", "content": [
