@@ -2905,8 +2905,16 @@ class UpstreamClient:
             answer = self.websockets.send(request)
             if answer is not None:
                 return answer
+            request.after_turn = self.websockets.prewarm_for(request)
         return self.call("POST", self.config.upstream_url, request.body, request.encode,
                          request.session_id, request.headers, version=request.version)
+
+    def turn_over(self, request):
+        """The client has its whole answer: what waited for that may run now."""
+        then = getattr(request, "after_turn", None)
+        if then is not None:
+            request.after_turn = None
+            then()
 
     def dropped_params(self, model):
         return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
@@ -3631,8 +3639,7 @@ class WebSocketUpstream:
             ws = None if fresh else self.take(request, identity)
             reused = ws is not None
             if ws is None and attempt == 0 and self.choice.mode == "auto":
-                self.prewarm(creds, request, identity)
-                return None
+                return None  # this turn over HTTP; see prewarm_for
             if ws is None:
                 ws = self.open(creds, request, identity, turn_state)
                 if ws is None:
@@ -3697,24 +3704,29 @@ class WebSocketUpstream:
         raise ProxyError(502, "The backend kept refusing the conversation's WebSocket turns.",
                          code="upstream_unreachable")
 
-    def prewarm(self, creds, request, identity):
-        """auto: a conversation's socket is opened beside a turn that goes over HTTP, so no
-        turn waits for a handshake (a round trip more than HTTP on a kept-alive connection).
-        Only for a conversation that goes on (its input holds earlier output): a one-off
-        request gets no socket."""
+    def prewarm_for(self, request):
+        """auto: what opens the socket of request's conversation in the background once the
+        client has its HTTP turn's answer (see turn_over), so no turn waits for a handshake (a
+        round trip more than HTTP on a kept-alive connection) nor shares the proxy's time with
+        one; None when there is nothing to open. Only for a conversation that goes on (its input holds earlier
+        output): a one-off request gets no socket."""
+        if not continues_conversation(request):
+            return None
         key = request.session_id
-        if not continues_conversation(request) or not self.pool.begin_opening(key):
-            return
 
         def run():
+            if not self.pool.begin_opening(key):
+                return  # being opened, or opened, for another turn
+            ws = None
             try:
-                ws = self.open(creds, request, identity, None)
+                creds = self.client.auth.get()
+                ws = self.open(creds, request,
+                               (creds.access_token, creds.account_id, request.version), None)
             except Exception as e:  # the HTTP turn is unaffected; the next may try again
                 self.log.debug("WebSocket prewarm failed: %s" % e)
-                ws = None
             self.pool.done_opening(key, ws if isinstance(ws, UpstreamWebSocket) else None)
 
-        threading.Thread(target=run, name="websocket-open", daemon=True).start()
+        return lambda: threading.Thread(target=run, name="websocket-open", daemon=True).start()
 
     def take(self, request, identity):
         ws = self.pool.take(request.session_id, request.previous)
@@ -4655,6 +4667,7 @@ class App:
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
               on_end=lambda assembler: self.keep(assembler, request))
+        self.upstream.turn_over(request)
 
     def chat_completions(self, client):
         config = self.config
@@ -4669,6 +4682,7 @@ class App:
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
               sink, client)
+        self.upstream.turn_over(request)
 
     def compact(self, client):
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
