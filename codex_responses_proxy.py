@@ -3108,11 +3108,10 @@ class WebSocketReader:
 class HandshakeRefused(Exception):
     """The server answered the upgrade with something else than 101."""
 
-    def __init__(self, status, headers, body):
+    def __init__(self, status, headers):
         super().__init__("HTTP %d" % status)
         self.status = status
         self.headers = headers
-        self.body = body
 
 
 def ws_client_handshake(sock, url, headers):
@@ -3152,36 +3151,12 @@ def ws_client_handshake(sock, url, headers):
             answer.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
     names = {k.lower(): v for k, v in answer}
     if status != 101:
-        raise HandshakeRefused(status, answer, _refusal_body(sock, names, rest))
+        raise HandshakeRefused(status, answer)  # its body says nothing a fallback needs
     accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
     if names.get("upgrade", "").lower() != "websocket" or \
             names.get("sec-websocket-accept") != accept:
         raise ValueError("a 101 answer that is not a WebSocket upgrade")
     return answer, rest
-
-
-def _refusal_body(sock, names, rest, limit=65536):
-    """The body of a refused upgrade (its error message), read briefly and within a limit."""
-    try:
-        length = int(names.get("content-length", ""))
-    except ValueError:
-        length = None
-    body = rest
-    try:
-        sock.settimeout(2.0)
-        while len(body) < (length if length is not None else limit) and len(body) < limit:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    except OSError:
-        pass
-    if "chunked" in names.get("transfer-encoding", "").lower():
-        try:
-            body = ChunkedDecoder().feed(body)
-        except ValueError:
-            body = b""
-    return body[:length if length is not None else limit]
 
 
 # --------------------------------------------------------------------------------------------
@@ -3668,10 +3643,14 @@ class WebSocketUpstream:
                 first = self.first_event(ws, body)
             except socket.timeout:
                 ws.close()
+                if dump:
+                    dump.finish()
                 raise ProxyError(504, "The backend did not answer in time.",
                                  code="upstream_timeout")
             except (OSError, EOFError, ValueError) as e:
                 ws.close()
+                if dump:
+                    dump.finish()
                 if reused:  # closed while idle: nothing of this turn reached anyone
                     fresh = True
                     continue
