@@ -49,6 +49,14 @@ Scenarios (pick with --only):
      keep-alive TLS; (b) direct, new TLS connection per turn; (c) through
      the proxy with a keep-alive client connection.  The proxy should cost
      about one round trip per turn like (a), not three like (b).
+  8  a 30-turn agent conversation whose history grows by ~10 KB a turn, the
+     client re-sending it all each turn: bytes uploaded to the backend and
+     time per turn with --upstream-transport http vs the default (auto: the
+     backend's WebSocket, turns chained with previous_response_id), near
+     (loopback, each turn the median of three conversations) and far (TLS,
+     --latency-ms per round trip).  Targets: total upload <= 15 % of HTTP's;
+     far: no turn slower than over HTTP (by more than a quarter round trip);
+     near turns (~1.5 ms, spiky on a busy machine) are reported only.
 
 Targets:
   1  p50 <= +1 ms, p99 <= +3 ms        2  first event <= +2 ms
@@ -186,6 +194,7 @@ class _UpStats:
     requests = 0
     last_headers = None
     last_body = b""
+    bytes_in = 0  # what clients uploaded: request heads + bodies, WebSocket frames
 
 
 _ID_COUNTER = itertools.count(1)  # next() is one C call: safe across threads
@@ -245,6 +254,7 @@ def _up_conn(sock, ctx, lat):
                     return
                 buf += d
             lines = bytes(buf[:i]).decode("latin-1").split("\r\n")
+            head_len = i + 4
             del buf[:i + 4]
             method, path, _ = lines[0].split(" ", 2)
             hdrs = {}
@@ -294,10 +304,21 @@ def _up_conn(sock, ctx, lat):
                 body = bytes(buf[:n])
                 del buf[:n]
             close = hdrs.get("connection", "").lower() == "close"
+            if method == "GET" and hdrs.get("upgrade", "").lower() == "websocket":
+                with _UpStats.lock:
+                    _UpStats.bytes_in += head_len
+                if not path.startswith("/ws/"):  # WebSockets only where scenario 8 wants
+                    _up_send_simple(sock, 404, b"not found", close=True)
+                    return
+                if lat:
+                    time.sleep(lat)  # the upgrade's round trip
+                _up_websocket(sock, buf, hdrs, lat)
+                return
             if method == "GET" and path.startswith("/_stats"):
                 with _UpStats.lock:
                     st = {"conns": _UpStats.conns, "requests": _UpStats.requests,
-                          "last_headers": _UpStats.last_headers}
+                          "last_headers": _UpStats.last_headers,
+                          "bytes_in": _UpStats.bytes_in}
                     lb = _UpStats.last_body
                 try:
                     j = json.loads(lb) if lb else {}
@@ -320,6 +341,7 @@ def _up_conn(sock, ctx, lat):
                     _UpStats.requests += 1
                     _UpStats.last_headers = hdrs
                     _UpStats.last_body = body
+                    _UpStats.bytes_in += head_len + len(body)
                 m = _MODEL_RE.search(body)
                 model = m.group(1).decode() if m else "bench-small"
                 evs, _, slow = render_events(model)
@@ -344,6 +366,103 @@ def _up_conn(sock, ctx, lat):
             sock.close()
         except OSError:
             pass
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _ws_frame(opcode, payload):
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def _ws_read(sock, buf):
+    """(opcode, payload, bytes on the wire) of the next (masked) client frame; opcode None
+    at EOF."""
+    def need(n):
+        while len(buf) < n:
+            d = sock.recv(262144)
+            if not d:
+                return False
+            buf.extend(d)
+        return True
+    if not need(2):
+        return None, b"", 0
+    n, head = buf[1] & 0x7F, 2
+    if n == 126:
+        if not need(4):
+            return None, b"", 0
+        n, head = int.from_bytes(buf[2:4], "big"), 4
+    elif n == 127:
+        if not need(10):
+            return None, b"", 0
+        n, head = int.from_bytes(buf[2:10], "big"), 10
+    masked = buf[1] & 0x80
+    total = head + (4 if masked else 0) + n
+    if not need(total):
+        return None, b"", 0
+    opcode = buf[0] & 0x0F
+    data = bytes(buf[total - n:total])
+    if masked:
+        key = bytes(buf[head:head + 4])
+        data = (int.from_bytes(data, "big") ^ int.from_bytes(
+            (key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") if n else b""
+    del buf[:total]
+    return opcode, data, total
+
+
+def _ws_events(model):
+    """The model's events as the payloads of text frames (the SSE data)."""
+    key = ("ws", model)
+    hit = _RENDER_CACHE.get(key)
+    if hit is None:
+        hit = [e.split(b"\ndata: ", 1)[1].rstrip(b"\n") for e in render_events(model)[0]]
+        _RENDER_CACHE[key] = hit
+    return hit
+
+
+def _up_websocket(sock, buf, hdrs, lat):
+    """The backend's WebSocket (PROTOCOL.md section 9): response.create messages answered
+    with the events as text frames; the socket remembers its last response, so a turn may
+    send previous_response_id and only its new items."""
+    accept = base64.b64encode(hashlib.sha1(
+        hdrs.get("sec-websocket-key", "").encode() + _WS_GUID).digest()).decode()
+    sock.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept).encode())
+    last_id, n = None, 0
+    while True:
+        opcode, payload, size = _ws_read(sock, buf)
+        if opcode is None or opcode == 8:
+            return
+        if opcode == 9:
+            sock.sendall(_ws_frame(10, payload))
+            continue
+        if opcode != 1:
+            continue
+        with _UpStats.lock:
+            _UpStats.requests += 1
+            _UpStats.bytes_in += size
+            _UpStats.last_body = payload
+        msg = json.loads(payload)
+        if lat:
+            time.sleep(lat)  # the request/response round trip
+        previous = msg.get("previous_response_id")
+        if previous is not None and previous != last_id:
+            last_id = None
+            sock.sendall(_ws_frame(1, _dumps({"type": "error", "error": {
+                "code": "previous_response_not_found", "message": "not found"}}).encode()))
+            continue
+        n += 1
+        last_id = "resp_ws_%d" % n
+        rid = _dumps(last_id).encode()
+        sock.sendall(b"".join(_ws_frame(1, e.replace(b'"id":"resp_1"', b'"id":' + rid))
+                              for e in _ws_events(msg.get("model") or "bench-small")))
 
 
 def upstream_main(args):
@@ -985,13 +1104,13 @@ def start_upstream(cert=None, key=None, latency_ms=0):
 _LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
 
 
-def start_proxy(proxy, home, upstream_url, logpath, env_extra=None, timeout=15.0):
+def start_proxy(proxy, home, upstream_url, logpath, env_extra=None, timeout=15.0, args=()):
     """-> (Popen, port, seconds from spawn to first 'ok' from GET /healthz)."""
     env = dict(os.environ)
     env.update(env_extra or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = [sys.executable, proxy, "--port", "0", "--codex-home", home,
-           "--upstream-url", upstream_url]
+           "--upstream-url", upstream_url] + list(args)
     logf = open(logpath, "wb")
     t0 = perf()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -1556,11 +1675,117 @@ class Bench(object):
         if fails["c_proxy_keepalive"]:
             self.notes.append("7: proxy log tail:\n" + self.proxy_tls_log_tail)
 
+    def s8(self):
+        """A long conversation over HTTP and over the backend's WebSocket, turn by turn
+        side by side (each transport with its own fake upstream, so bytes are its own)."""
+        turns = 30  # the upload target is for a long conversation; near turns are cheap
+        lat_ms = self.a.latency_ms
+        cert, key, _ = make_cert(self.tmp, self.a.cert_tool)
+        home = os.path.join(self.tmp, "codex-home")
+        filler = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod "
+                  "tempor incididunt ut labore et dolore magna aliqua ") * 80  # ~10 KB
+        out = {}
+        for link, far in (("near", False), ("far", True)):
+            # near turns take a millisecond or two: each conversation is had three times and
+            # each turn's median kept, so one scheduling hiccup does not decide a verdict
+            reps = 1 if far else 3
+            got = [self._s8_conversations(link, far, turns, cert, key, home, filler, lat_ms)
+                   for _ in range(reps)]
+            out[link] = {t: {"turn_ms": [med([g[t]["turn_ms"][i] for g in got])
+                                         for i in range(turns)],
+                             "upload_bytes": got[0][t]["upload_bytes"],
+                             "failures": sum((g[t]["failures"] for g in got), []),
+                             "runs": reps} for t in ("http", "ws")}
+        self._s8_report(out, turns, lat_ms)
+
+    def _s8_conversations(self, link, far, turns, cert, key, home, filler, lat_ms):
+        """One conversation per transport, turn by turn side by side."""
+        ctx = ssl.create_default_context(cafile=cert) if far else None
+        runs = {}
+        try:
+            for transport in ("http", "ws"):
+                up, port = start_upstream(cert, key, lat_ms) if far else start_upstream()
+                url = "%s://127.0.0.1:%d%s%s" % ("https" if far else "http", port,
+                                                 "/ws" if transport == "ws" else "",
+                                                 UPSTREAM_PATH)
+                px, pport, _ = start_proxy(
+                    self.a.proxy, home, url,
+                    os.path.join(self.tmp, "proxy-8-%s-%s.log" % (link, transport)),
+                    {"SSL_CERT_FILE": cert} if far else None,
+                    args=["--upstream-transport", "http" if transport == "http"
+                          else "auto"])
+                runs[transport] = {"up": up, "px": px, "client": Client("127.0.0.1", pport),
+                                   "stats": Client("127.0.0.1", port, ctx), "hist": [],
+                                   "ms": [], "bytes": [], "fails": []}
+            for t in range(turns):
+                for transport, run in runs.items():  # the same turn on both, in turn
+                    run["hist"].append({"type": "message", "role": "user", "content": [
+                        {"type": "input_text", "text": "turn %d: %s" % (t, filler)}]})
+
+                    def uploaded():
+                        r = run["stats"].request("GET", "/_stats", accept="application/json")
+                        return json.loads(r.data)["bytes_in"]
+                    before = uploaded()
+                    try:
+                        r = run["client"].request("POST", "/v1/responses",
+                                                  req_body("bench-small",
+                                                           input_items=run["hist"]))
+                        why = check_stream(r, "bench-small")
+                        if why:
+                            run["fails"].append(why)
+                        run["ms"].append((r.t_end - r.t0) * 1e3)
+                        run["hist"].extend((r.completed or {}).get("output") or [])
+                    except Exception as e:  # noqa
+                        run["fails"].append(repr(e))
+                        run["ms"].append(float("nan"))
+                    run["bytes"].append(uploaded() - before)
+        finally:
+            for run in runs.values():
+                run["client"].close()
+                run["stats"].close()
+                stop(run["px"])
+                stop(run["up"])
+        return {k: {"turn_ms": v["ms"], "upload_bytes": v["bytes"],
+                    "failures": v["fails"]} for k, v in runs.items()}
+
+    def _s8_report(self, out, turns, lat_ms):
+        self.res["8_long_conversation"] = dict(out, turns=turns, latency_ms=lat_ms)
+        for link in ("near", "far"):
+            h, w = out[link]["http"], out[link]["ws"]
+            if link == "near":
+                hb, wb = sum(h["upload_bytes"]), sum(w["upload_bytes"])
+                self.row("8", "%d turns: upload total KB (HTTP | WS)" % turns, "%.0f" % (hb / 1024.),
+                         "%.0f" % (wb / 1024.), "%.1f %%" % (100.0 * wb / max(hb, 1)), "<= 15 %",
+                         wb <= 0.15 * hb and not h["failures"] and not w["failures"])
+                self.row("8", "  upload per turn, last turn KB", "%.0f" % (h["upload_bytes"][-1] / 1024.),
+                         "%.0f" % (w["upload_bytes"][-1] / 1024.), "", "", None)
+            # near, a turn takes ~1.5 ms and a busy 2-core machine adds spikes of several ms
+            # to any turn, HTTP or not (seen with no socket at all): reported, not judged.
+            # far, where a turn costs what a user waits for: a quarter of a round trip.
+            slack = 2.0 if link == "near" else 0.25 * lat_ms
+            worst = max(range(turns), key=lambda i: w["turn_ms"][i] - h["turn_ms"][i])
+            excess = w["turn_ms"][worst] - h["turn_ms"][worst]
+            self.row("8", "  %s: time/turn median ms (HTTP | WS)" % link,
+                     "%.1f" % med(h["turn_ms"]), "%.1f" % med(w["turn_ms"]),
+                     "%.2fx" % (med(w["turn_ms"]) / max(med(h["turn_ms"]), 1e-9)), "", None)
+            self.row("8", "  %s: last turn ms (HTTP | WS)" % link, "%.1f" % h["turn_ms"][-1],
+                     "%.1f" % w["turn_ms"][-1], "", "", None)
+            self.row("8", "  %s: worst turn WS - HTTP (turn %d)" % (link, worst + 1),
+                     "%.1f" % h["turn_ms"][worst], "%.1f" % w["turn_ms"][worst],
+                     "%+.1f ms" % excess, "<= +%g ms" % slack if link == "far" else "",
+                     excess <= slack and not h["failures"] and not w["failures"]
+                     if link == "far" else None)
+            for transport in ("http", "ws"):
+                if out[link][transport]["failures"]:
+                    self.notes.append("8 %s %s: %d failures, first: %s" % (
+                        link, transport, len(out[link][transport]["failures"]),
+                        out[link][transport]["failures"][0][:200]))
+
     # -- driver -------------------------------------------------------------
     # Scenarios on the shared fake upstream and proxy, in this order (6 brackets them).
     SHARED = (1, 2, 3, 4, 5)
     # Scenarios that start their own upstream and proxy, once the shared ones are stopped.
-    OWN_SETUP = (7,)
+    OWN_SETUP = (7, 8)
 
     def scenario(self, n):
         """Run self.s<n>(): a crash is a MISS row and a note, not the end of the run."""
@@ -1653,7 +1878,7 @@ def main(argv=None):
                     help="path of the proxy script (default: %(default)s)")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="scenarios to run, e.g. 1,3")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,3")
     ap.add_argument("--latency-ms", type=float, default=50.0,
                     help="artificial one-way-trip delay per round trip for scenario 7")
     ap.add_argument("--rtt", action="store_true", help="accepted for compatibility; 7 runs by default")

@@ -179,7 +179,7 @@ class Config:
                  api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None,
                  client_key=None, allow_hosts=(), allow_origins=(),
                  max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None,
-                 max_connections=DEFAULT_MAX_CONNECTIONS):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, upstream_transport="auto"):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -205,6 +205,7 @@ class Config:
         self.max_concurrent = max_concurrent
         self.max_connections = max_connections
         self.state_db = state_db
+        self.upstream_transport = upstream_transport
         self.state_max_bytes = int((state_max_mb or (DEFAULT_STATE_DB_MB if state_db
                                                      else DEFAULT_STATE_MB)) * 1024 * 1024)
 
@@ -313,6 +314,11 @@ def build_arg_parser():
                    help="size cap of that store; the least recently used go first (default %d "
                         "in memory, %d with --state-db)" % (DEFAULT_STATE_MB,
                                                            DEFAULT_STATE_DB_MB))
+    p.add_argument("--upstream-transport", choices=("auto", "ws", "http"), default="auto",
+                   help="how requests reach the ChatGPT backend: ws keeps one WebSocket per "
+                        "conversation and sends each turn's new items only; auto does so but "
+                        "uses HTTP for a while when the backend refuses the upgrade; http "
+                        "never opens a socket (default %(default)s)")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -362,7 +368,8 @@ def parse_config(argv=None, stdin=None):
                   client_key=client_key, allow_hosts=args.allow_host,
                   allow_origins=args.allow_origin, max_body_bytes=args.max_body_bytes,
                   max_concurrent=args.max_concurrent, state_db=args.state_db,
-                  state_max_mb=args.state_max_mb, max_connections=args.max_connections)
+                  state_max_mb=args.state_max_mb, max_connections=args.max_connections,
+                  upstream_transport=args.upstream_transport)
 
 
 def is_loopback(host):
@@ -2993,6 +3000,7 @@ class UpstreamClient:
         self.user_agent = codex_user_agent(config)
         self._dropped = {}  # model -> parameters the backend rejected for it
         self._lock = threading.Lock()
+        self.websockets = WebSocketUpstream(self)
 
     def exchange(self, method, url, body, headers, timeout=None):
         """One request, sent (and dumped), its quota headers noted."""
@@ -3023,6 +3031,24 @@ class UpstreamClient:
         for name, value in extra:
             headers.setdefault(name, value)
         return headers
+
+    def responses(self, request):
+        """A prepared Responses request sent: over the conversation's socket when
+        --upstream-transport allows and the backend takes it, else over HTTP."""
+        if self.websockets.choice.websocket_now():
+            answer = self.websockets.send(request)
+            if answer is not None:
+                return answer
+            request.after_turn = self.websockets.prewarm_for(request)
+        return self.call("POST", self.config.upstream_url, request.body, request.encode,
+                         request.session_id, request.headers, version=request.version)
+
+    def turn_over(self, request):
+        """The client has its whole answer: what waited for that may run now."""
+        then = getattr(request, "after_turn", None)
+        if then is not None:
+            request.after_turn = None
+            then()
 
     def dropped_params(self, model):
         return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
@@ -3092,7 +3118,905 @@ class UpstreamClient:
 
     def close(self):
         self.pool.close_all()
+        self.websockets.close()
 
+
+
+# --------------------------------------------------------------------------------------------
+# WebSocket client framing (RFC 6455): our frames masked, the server's read, the handshake
+# --------------------------------------------------------------------------------------------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0, 1, 2, 8, 9, 10
+WS_MAX_MESSAGE = 64 * 1024 * 1024  # the backend's events are small; this only bounds memory
+WS_MAX_HANDSHAKE = 65536
+
+
+def ws_mask(payload, key):
+    """payload XOR the 4-byte key repeated, as one big-integer XOR: C speed on any size."""
+    n = len(payload)
+    if not n:
+        return b""
+    repeated = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
+
+
+def ws_encode_frame(opcode, payload, mask=True):
+    """One final frame. A client must mask what it sends (RFC 6455 5.3)."""
+    n = len(payload)
+    head = bytearray((0x80 | opcode,))
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head.append(bit | n)
+    elif n < 65536:
+        head.append(bit | 126)
+        head += n.to_bytes(2, "big")
+    else:
+        head.append(bit | 127)
+        head += n.to_bytes(8, "big")
+    if not mask:
+        return bytes(head) + payload
+    key = os.urandom(4)
+    return bytes(head) + key + ws_mask(payload, key)
+
+
+def ws_read_frame(read):
+    """(fin, opcode, payload) of the next frame; read(n) returns exactly n bytes or raises.
+    No extension is ever negotiated, so a set RSV bit is a protocol error (ValueError)."""
+    b0, b1 = read(2)
+    if b0 & 0x70:
+        raise ValueError("a WebSocket frame with RSV bits set")
+    opcode, n = b0 & 0x0F, b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(read(8), "big")
+    if n > WS_MAX_MESSAGE or (opcode >= 8 and n > 125):
+        raise ValueError("a WebSocket frame of %d bytes" % n)
+    key = read(4) if b1 & 0x80 else None
+    payload = read(n) if n else b""
+    return bool(b0 & 0x80), opcode, ws_mask(payload, key) if key else payload
+
+
+class WebSocketReader:
+    """Frames from a socket, through one buffer: a read takes all that has arrived, so the
+    frames it holds are handed on together."""
+
+    def __init__(self, sock, data=b""):
+        self.sock = sock
+        self._buf = bytearray(data)
+        self._pos = 0
+
+    def read(self, n):
+        while len(self._buf) - self._pos < n:
+            chunk = self.sock.recv(max(262144, n))
+            if not chunk:
+                raise EOFError("the WebSocket connection was closed")
+            if self._pos:
+                del self._buf[:self._pos]
+                self._pos = 0
+            self._buf += chunk
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        return out
+
+    def frame_ready(self):
+        """A whole frame is buffered: reading it will not block."""
+        buf, pos = self._buf, self._pos
+        have = len(buf) - pos
+        if have < 2:
+            return False
+        n, head = buf[pos + 1] & 0x7F, 2
+        if n == 126:
+            if have < 4:
+                return False
+            n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+        elif n == 127:
+            if have < 10:
+                return False
+            n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+        return have >= head + (4 if buf[pos + 1] & 0x80 else 0) + n
+
+    def message(self, pong):
+        """(opcode, payload) of the next data message, fragments joined, or (WS_CLOSE,
+        payload). Pings are answered through pong(payload) on the way."""
+        parts, first = [], None
+        while True:
+            fin, opcode, payload = ws_read_frame(self.read)
+            if opcode == WS_PING:
+                pong(payload)
+                continue
+            if opcode == WS_PONG:
+                continue
+            if opcode == WS_CLOSE:
+                return WS_CLOSE, payload
+            if first is None:
+                if opcode == WS_CONTINUATION:
+                    raise ValueError("a WebSocket continuation frame with nothing to continue")
+                first = opcode
+            parts.append(payload)
+            if fin:
+                return first, b"".join(parts)
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with something else than 101."""
+
+    def __init__(self, status, headers):
+        super().__init__("HTTP %d" % status)
+        self.status = status
+        self.headers = headers
+
+
+def ws_client_handshake(sock, url, headers):
+    """Upgrade a connected socket to a WebSocket at url: (response headers, bytes already
+    read past them). HandshakeRefused for an answer other than 101, ValueError for a 101
+    that is not a WebSocket's, OSError / EOFError when the connection fails."""
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    key = base64.b64encode(os.urandom(16))
+    lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
+             b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
+             b"Sec-WebSocket-Version: 13"]
+    for name, value in headers:
+        value = value.encode("latin-1") if isinstance(value, str) else value
+        if b"\r" in value or b"\n" in value:
+            raise ValueError("a header value with a line break")  # never quote it: a secret
+        lines.append(name.encode("latin-1") + b": " + value)
+    sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > WS_MAX_HANDSHAKE:
+            raise ValueError("an endless handshake answer")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("the connection closed during the WebSocket handshake")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    status_line, _, header_block = head.partition(b"\r\n")
+    try:
+        status = int(status_line.split()[1])
+    except (IndexError, ValueError):
+        raise ValueError("not an HTTP answer: %r" % status_line[:80])
+    answer = []
+    for line in header_block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            answer.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
+    names = {k.lower(): v for k, v in answer}
+    if status != 101:
+        raise HandshakeRefused(status, answer)  # its body says nothing a fallback needs
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+    if names.get("upgrade", "").lower() != "websocket" or \
+            names.get("sec-websocket-accept") != accept:
+        raise ValueError("a 101 answer that is not a WebSocket upgrade")
+    return answer, rest
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream WebSocket: one backend socket per conversation, turns chained on it
+# --------------------------------------------------------------------------------------------
+
+# The backend keeps the last response of each socket, even with store: false, so a turn on
+# the socket of its conversation sends previous_response_id and only its new items. The
+# answer is read as the SSE stream the HTTP backend would send, so the relay is the same.
+
+WS_BETA_HEADER = ("OpenAI-Beta", "responses_websockets=2026-02-06")  # the Codex CLI's
+WS_FALLBACK_SECONDS = 600.0  # after a refused upgrade (auto), HTTP for this long
+WS_IDLE_SECONDS = 300.0      # an idle socket is closed after this long
+WS_MAX_AGE = 55 * 60.0       # the backend ends a socket at 60 minutes: retired before
+WS_MAX_IDLE = 32             # idle sockets kept at most; the least recently used go first
+WS_RECOVERIES = 3            # fresh sockets one request may take after a recoverable error
+# Fields a turn may change and still continue the last response; every other field must be
+# the same, as the Codex CLI requires before it sends previous_response_id.
+WS_TURN_FIELDS = ("input", "previous_response_id", "client_metadata", "stream", "generate")
+WS_TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed", "error")
+# An error frame with one of these codes costs nothing but a fresh socket and the full input.
+WS_RECOVERABLE_CODES = ("previous_response_not_found", "websocket_connection_limit_reached")
+
+
+def websocket_url(url):
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+    return urllib.parse.urlunsplit((scheme,) + tuple(parts[1:]))
+
+
+def canonical_item(item):
+    """An input item in the form that decides whether two are the same turn of history.
+    What a client re-sends of an output item differs from what the backend sent in ways that
+    do not change its meaning: the `id` and `status` the backend stamped, empty
+    `annotations`/`logprobs`, null fields, a message's implied `"type": "message"`. Those are
+    left out; every text, argument, call id and encrypted reasoning is compared as is, so an
+    item the client edited is a different item and the full input is sent."""
+    if not isinstance(item, dict):
+        return json.dumps(item, sort_keys=True, separators=(",", ":"))
+    out = {k: v for k, v in item.items() if k not in ("id", "status") and v is not None}
+    if "type" not in out and "role" in out:
+        out["type"] = "message"
+    return json.dumps(_without_noise(out), sort_keys=True, separators=(",", ":"))
+
+
+def _without_noise(value):
+    if isinstance(value, dict):
+        return {k: _without_noise(v) for k, v in value.items()
+                if v is not None and not (k in ("annotations", "logprobs") and not v)}
+    if isinstance(value, list):
+        return [_without_noise(v) for v in value]
+    return value
+
+
+def continues_conversation(request):
+    """Whether a request goes on from earlier turns: it names one, or its input holds
+    output (an assistant message, a tool call or its result, reasoning)."""
+    if request.previous is not None:
+        return True
+    items = request.body.get("input")
+    return isinstance(items, list) and any(
+        isinstance(item, dict) and (item.get("role") == "assistant" or
+                                    item.get("type") not in (None, "message"))
+        for item in items)
+
+
+def request_shape(body):
+    """Everything of a request but what a turn may change, as one comparable string."""
+    return json.dumps({k: v for k, v in body.items() if k not in WS_TURN_FIELDS},
+                      sort_keys=True, separators=(",", ":"))
+
+
+class Chain:
+    """What the backend remembers of a socket: its last response, and the history (input and
+    output, as the backend saw them) that response ended."""
+
+    def __init__(self, response_id, shape, history):
+        self.response_id = response_id
+        self.shape = shape
+        self.history = history
+        self._canonical = {}
+
+    def new_items(self, body):
+        """The items of body's input past this history, or None when the input does not
+        extend it (or adds nothing): then the full input goes."""
+        items = body.get("input")
+        if not isinstance(items, list) or len(items) <= len(self.history) or \
+                request_shape(body) != self.shape:
+            return None
+        for i, (item, seen) in enumerate(zip(items, self.history)):
+            if item == seen:  # the usual case, in C: the client re-sent what it sent
+                continue
+            if i not in self._canonical:
+                self._canonical[i] = canonical_item(seen)
+            if canonical_item(item) != self._canonical[i]:
+                return None
+        return items[len(self.history):]
+
+
+def rate_limit_headers(event):
+    """A codex.rate_limits event as the x-codex-* headers the HTTP answer carries, for the
+    QuotaTracker."""
+    headers = []
+    limits = event.get("rate_limits") if isinstance(event.get("rate_limits"), dict) else {}
+    for slot in ("primary", "secondary"):
+        window = limits.get(slot)
+        if isinstance(window, dict):
+            for field, name in (("used_percent", "used-percent"),
+                                ("window_minutes", "window-minutes"), ("reset_at", "reset-at")):
+                if window.get(field) is not None:
+                    headers.append(("x-codex-%s-%s" % (slot, name), str(window[field])))
+    credits = event.get("credits")
+    if isinstance(credits, dict):
+        for field in ("has_credits", "unlimited", "balance"):
+            value = credits.get(field)
+            if value is not None:
+                headers.append(("x-codex-credits-" + field.replace("_", "-"),
+                                str(value).lower() if isinstance(value, bool) else str(value)))
+    if isinstance(event.get("plan_type"), str):
+        headers.append(("x-codex-plan-type", event["plan_type"]))
+    return headers
+
+
+class UpstreamWebSocket:
+    """One open socket to the backend, used by one request at a time."""
+
+    def __init__(self, sock, rest, headers, identity, key):
+        self.sock = sock
+        self.reader = WebSocketReader(sock, rest)
+        self.headers = headers  # the 101's
+        self.identity = identity  # (token, account, version): a socket is tied to these
+        self.key = key
+        self.opened = self.used = time.monotonic()
+        self.chain = None
+        names = {k.lower(): v for k, v in headers}
+        try:
+            self.max_message_bytes = int(names.get("x-codex-websocket-max-message-bytes"))
+        except (TypeError, ValueError):
+            self.max_message_bytes = None
+        self.turn_state = names.get("x-codex-turn-state")
+        self.request_headers = []  # the handshake's, for the dumps
+        self.closed = False
+
+    def send_text(self, payload):
+        self.sock.sendall(ws_encode_frame(WS_TEXT, payload))
+
+    def pong(self, payload):
+        self.sock.sendall(ws_encode_frame(WS_PONG, payload))
+
+    def close(self):
+        """At once, no closing handshake: a socket closed mid-answer is how generation stops."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+    def idle_for(self, now):
+        return now - self.used
+
+    def settle_idle(self, on_text):
+        """Before reuse: answer the pings that came while idle; False when the backend closed
+        the socket meanwhile (or it is too old to start a turn on)."""
+        if self.closed or time.monotonic() - self.opened > WS_MAX_AGE:
+            return False
+        try:
+            while self.reader.frame_ready() or readable_sockets([self.sock], 0):
+                self.sock.settimeout(1.0)
+                fin, opcode, payload = ws_read_frame(self.reader.read)
+                if opcode == WS_PING:
+                    self.pong(payload)
+                elif opcode == WS_CLOSE:
+                    return False
+                elif opcode == WS_TEXT and fin:
+                    on_text(payload)
+        except (OSError, EOFError, ValueError):
+            return False
+        return True
+
+
+class WebSocketPool:
+    """Idle sockets by conversation (session id), and by the id of their last response for
+    clients that chain with previous_response_id. A socket is taken out for a turn, so two
+    requests never share one; it comes back when the turn ended well."""
+
+    SWEEP_EVERY = 5.0  # how soon an idle socket's ping is answered
+
+    def __init__(self, on_text):
+        self.on_text = on_text  # what to do with a text frame that comes while idle
+        self._idle = collections.OrderedDict()  # key -> socket, least recently used first
+        self._by_response = {}                  # last response id -> key
+        self._opening = set()                   # keys whose socket is being opened
+        self._lock = threading.Lock()
+        self._janitor = None
+
+    def take(self, key, previous=None):
+        with self._lock:
+            ws = self._idle.pop(key, None)
+            if ws is None and previous is not None:
+                other = self._by_response.get(previous)
+                ws = self._idle.pop(other, None) if other is not None else None
+            if ws is not None and ws.chain is not None:
+                self._by_response.pop(ws.chain.response_id, None)
+        return ws
+
+    def put(self, ws, replace=True):
+        """Back into the pool, as its conversation's socket; replace=False: only if that
+        conversation has none meanwhile, else ws is closed."""
+        ws.used = time.monotonic()
+        with self._lock:
+            if not replace and ws.key in self._idle:
+                ws.close()
+                return
+            old = self._idle.pop(ws.key, None)
+            self._idle[ws.key] = ws
+            if ws.chain is not None:
+                self._by_response[ws.chain.response_id] = ws.key
+            spare = [old] if old is not None else []
+            while len(self._idle) > WS_MAX_IDLE:
+                spare.append(self._idle.popitem(last=False)[1])
+            for gone in spare:
+                self._forget(gone)
+            if self._janitor is None:
+                self._janitor = threading.Thread(target=self._sweep_forever,
+                                                 name="websocket-janitor", daemon=True)
+                self._janitor.start()
+        for gone in spare:
+            gone.close()
+
+    def begin_opening(self, key):
+        """Mark key's socket as being opened; False when it already is (or is open)."""
+        with self._lock:
+            if key in self._opening or key in self._idle:
+                return False
+            self._opening.add(key)
+            return True
+
+    def done_opening(self, key, ws):
+        with self._lock:
+            self._opening.discard(key)
+        if ws is not None:
+            self.put(ws, replace=False)  # a turn may have opened one itself meanwhile
+
+    def _forget(self, ws):
+        if ws.chain is not None and self._by_response.get(ws.chain.response_id) == ws.key:
+            del self._by_response[ws.chain.response_id]
+
+    def sweep(self):
+        """Close the sockets idle too long or near the backend's age limit; answer the pings
+        of the others (taken out meanwhile, so no turn uses them at the same time)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k, ws in self._idle.items()
+                     if ws.idle_for(now) > WS_IDLE_SECONDS or now - ws.opened > WS_MAX_AGE]
+            gone = [self._idle.pop(k) for k in stale]
+            for ws in gone:
+                self._forget(ws)
+            socks = {ws.sock: k for k, ws in self._idle.items()}
+        for ws in gone:
+            ws.close()
+        try:
+            readable = readable_sockets(list(socks), 0) if socks else []
+        except (OSError, ValueError):
+            readable = []
+        for sock in readable:
+            with self._lock:
+                ws = self._idle.get(socks[sock])
+                if ws is None or ws.sock is not sock:
+                    continue  # taken for a turn meanwhile: that turn answers the ping
+                del self._idle[socks[sock]]
+                self._forget(ws)
+            used = ws.used
+            if ws.settle_idle(self.on_text):
+                self.put(ws, replace=False)
+                ws.used = used  # a ping is not a use: the idle clock keeps running
+            else:
+                ws.close()
+
+    def _sweep_forever(self):
+        while True:
+            time.sleep(self.SWEEP_EVERY)
+            try:
+                self.sweep()
+            except Exception:  # a surprise must not end the sweeping for good
+                pass
+
+    def __len__(self):
+        return len(self._idle)
+
+    def close_all(self):
+        with self._lock:
+            gone = list(self._idle.values())
+            self._idle.clear()
+            self._by_response.clear()
+        for ws in gone:
+            ws.close()
+
+
+class TransportChoice:
+    """--upstream-transport and what became of it: in auto, a refused upgrade means HTTP for
+    a while. What /status shows."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.http_until = 0.0
+        self.why = {"auto": "a conversation's turns go over its WebSocket from its third; "
+                            "HTTP while the backend refuses the upgrade",
+                    "ws": "--upstream-transport ws",
+                    "http": "--upstream-transport http"}.get(mode, "API-key mode")
+
+    def websocket_now(self):
+        return self.mode == "ws" or (self.mode == "auto" and time.monotonic() >= self.http_until)
+
+    def refused(self, why):
+        self.http_until = time.monotonic() + WS_FALLBACK_SECONDS
+        self.why = "%s; HTTP until %s" % (why, iso_time(time.time() + WS_FALLBACK_SECONDS))
+
+    def worked(self):
+        if self.http_until:
+            self.http_until = 0.0
+            self.why = "the backend accepted the WebSocket upgrade again"
+
+    def report(self):
+        return {"configured": self.mode,
+                "in_use": "websocket" if self.websocket_now() else "http", "why": self.why}
+
+
+class WebSocketConnection:
+    """What the relay knows as an answer's connection: the socket to watch, and close()."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.sock = ws.sock
+
+    def close(self):
+        self.ws.close()
+
+
+class WebSocketBody:
+    """The events of one turn over a socket, as the SSE bytes the HTTP backend would send
+    (`event: <type>` + `data: <the frame as received>` per text frame), so the relay's
+    transforms and sinks work unchanged. codex.rate_limits frames go to the quota, pings are
+    answered. The terminal event ends the body; the socket then serves the next turn."""
+
+    def __init__(self, owner, ws, request):
+        self.owner = owner
+        self.ws = ws
+        self.request = request
+        self.complete = False
+        self.terminal = None
+        self.response = None
+        self.items = {}
+        self._pending = []
+
+    def read(self):
+        out, self._pending = self._pending, []
+        if self.complete:
+            return b"".join(out)
+        try:
+            if not out:
+                frame = self.next_event()
+                if frame is None:
+                    return b""
+                out.append(frame)
+            while not self.complete and self.ws.reader.frame_ready():
+                frame = self.next_event()
+                if frame is None:
+                    break
+                out.append(frame)
+        except ValueError as e:
+            raise http.client.HTTPException("WebSocket protocol error: %s" % e)
+        return b"".join(out)
+
+    def next_event(self):
+        """The next event as an SSE frame; None when the socket closed."""
+        while True:
+            try:
+                opcode, payload = self.ws.reader.message(self.ws.pong)
+            except EOFError:
+                return None
+            if opcode == WS_CLOSE:
+                self.ws.close()
+                return None
+            if opcode != WS_TEXT:
+                raise ValueError("a binary frame")
+            frame = self.owner.event_frame(payload, self)
+            if frame is not None:
+                return frame
+
+    def note(self, event):
+        """What the pool needs of the turn's events: its output items and its end."""
+        etype = event.get("type")
+        if etype == "response.output_item.done" and isinstance(event.get("item"), dict):
+            index = event.get("output_index")
+            self.items[index if isinstance(index, int) else len(self.items)] = event["item"]
+        elif etype in WS_TERMINAL_EVENTS:
+            self.complete = True
+            self.terminal = etype
+            if isinstance(event.get("response"), dict):
+                self.response = event["response"]
+
+    def output(self):
+        output = (self.response or {}).get("output")
+        if isinstance(output, list) and output:
+            return output
+        return [self.items[k] for k in sorted(self.items, key=lambda k: (str(type(k)), k))]
+
+    def settle(self, pool):
+        """The turn is over: the socket goes back to its conversation's pool (pool is the
+        HTTP one, unused here). True: the body was whole."""
+        self.owner.finish_turn(self)
+        return self.complete
+
+
+class WebSocketAnswer:
+    """An upstream answer over a socket, shaped as UpstreamAnswer for the relay."""
+
+    def __init__(self, ws, body, headers, dump):
+        self.conn = WebSocketConnection(ws)
+        self.body = body
+        self.status = 200
+        self.headers = headers
+        self.dump = dump
+
+    def forwarded_headers(self):
+        return forwarded_response_headers(self.headers)
+
+
+class WebSocketUpstream:
+    """Responses requests over the backend's sockets: which socket, which items, and the
+    recoveries that cost the client nothing. Credentials, dumps and quota are the upstream
+    client's, as over HTTP."""
+
+    def __init__(self, client):
+        self.client = client
+        self.config = client.config
+        self.log = client.log
+        self.url = websocket_url(client.config.upstream_url)
+        self.pool = WebSocketPool(self.on_idle_text)
+        self.choice = TransportChoice(client.config.upstream_transport
+                                      if client.config.mode == "chatgpt" else "http")
+
+    def send(self, request):
+        """The answer to request over a socket; None when it must go over HTTP instead (in
+        auto mode: a conversation without a socket yet, a refused upgrade; a request above
+        the backend's message size)."""
+        rejected_token = None
+        fresh = False  # the next try must open a new socket and send the full input
+        turn_state = None
+        for attempt in range(WS_RECOVERIES + 2):
+            creds = self.client.auth.get(rejected_token)
+            identity = (creds.access_token, creds.account_id, request.version)
+            ws = None if fresh else self.take(request, identity)
+            reused = ws is not None
+            if ws is None and attempt == 0 and self.choice.mode == "auto":
+                return None  # this turn over HTTP; see prewarm_for
+            if ws is None:
+                ws = self.open(creds, request, identity, turn_state)
+                if ws is None:
+                    return None
+                if isinstance(ws, int):  # a 401 at the handshake
+                    if rejected_token is not None:
+                        raise ProxyError(401, "The backend refused the access token even "
+                                         "after a refresh. " + LOGIN_HINT,
+                                         code="invalid_api_key")
+                    self.log.info("backend refused the WebSocket upgrade with 401; re-reading "
+                                  "the login and retrying once")
+                    rejected_token = creds.access_token
+                    continue
+            turn_state = ws.turn_state or turn_state
+            payload, chained = self.message(ws, request)
+            if ws.max_message_bytes and len(payload) > ws.max_message_bytes:
+                self.log.info("request of %d bytes is above the backend's WebSocket message "
+                              "limit (%d): sent over HTTP" % (len(payload), ws.max_message_bytes))
+                self.pool.put(ws)
+                return None
+            dump = self.dump(request, ws, payload)
+            try:
+                ws.sock.settimeout(self.config.stream_idle_timeout)
+                ws.send_text(payload)
+                body = WebSocketBody(self, ws, request)
+                first = self.first_event(ws, body)
+            except socket.timeout:
+                ws.close()
+                if dump:
+                    dump.finish()
+                raise ProxyError(504, "The backend did not answer in time.",
+                                 code="upstream_timeout")
+            except (OSError, EOFError, ValueError) as e:
+                ws.close()
+                if dump:
+                    dump.finish()
+                if reused:  # closed while idle: nothing of this turn reached anyone
+                    fresh = True
+                    continue
+                raise ProxyError(502, "The backend closed the WebSocket without answering "
+                                 "(%s)." % e.__class__.__name__, code="upstream_unreachable")
+            if isinstance(first, dict):  # an error frame, before any event reached the client
+                if dump:
+                    dump.finish(json.dumps(first).encode())
+                ws.close()
+                error = first.get("error") if isinstance(first.get("error"), dict) else first
+                code = error.get("code")
+                if code in WS_RECOVERABLE_CODES:
+                    self.log.info("backend answered %s on the WebSocket; new socket, full "
+                                  "input" % code)
+                    fresh = True
+                    continue
+                status = first.get("status") or first.get("status_code")
+                if status == 401 and rejected_token is None:
+                    self.log.info("backend answered 401 on the WebSocket; re-reading the "
+                                  "login and retrying once")
+                    rejected_token = creds.access_token
+                    continue
+                raise self.error_from_frame(first, status)
+            if chained:
+                self.log.debug("turn chained on its socket: previous_response_id + %d new "
+                               "items" % chained)
+            self.choice.worked()
+            body._pending.append(first)
+            return WebSocketAnswer(ws, body, ws.headers if not reused else [], dump)
+        raise ProxyError(502, "The backend kept refusing the conversation's WebSocket turns.",
+                         code="upstream_unreachable")
+
+    def prewarm_for(self, request):
+        """auto: what opens the socket of request's conversation in the background once the
+        client has its HTTP turn's answer (see turn_over), so no turn waits for a handshake (a
+        round trip more than HTTP on a kept-alive connection) nor shares the proxy's time with
+        one; None when there is nothing to open. Only for a conversation that goes on (its input holds earlier
+        output): a one-off request gets no socket."""
+        if not continues_conversation(request):
+            return None
+        key = request.session_id
+
+        def run():
+            if not self.pool.begin_opening(key):
+                return  # being opened, or opened, for another turn
+            ws = None
+            try:
+                creds = self.client.auth.get()
+                ws = self.open(creds, request,
+                               (creds.access_token, creds.account_id, request.version), None)
+            except Exception as e:  # the HTTP turn is unaffected; the next may try again
+                self.log.debug("WebSocket prewarm failed: %s" % e)
+            self.pool.done_opening(key, ws if isinstance(ws, UpstreamWebSocket) else None)
+
+        return lambda: threading.Thread(target=run, name="websocket-open", daemon=True).start()
+
+    def take(self, request, identity):
+        ws = self.pool.take(request.session_id, request.previous)
+        if ws is None:
+            return None
+        if ws.identity == identity and ws.settle_idle(self.on_idle_text):
+            ws.key = request.session_id
+            return ws
+        ws.close()  # a refreshed token, another version, or closed by the backend
+        return None
+
+    def open(self, creds, request, identity, turn_state):
+        """A new socket for request's conversation; None when this request must go over HTTP
+        (auto mode, upgrade refused or unreachable), 401 on a 401."""
+        headers = [(k, v) for k, v in self.client.codex_headers(
+            creds, request.session_id, request.headers, version=request.version).items()
+            if k not in ("Accept", "Content-Type")]
+        headers.append(WS_BETA_HEADER)
+        if turn_state:
+            headers.append(("x-codex-turn-state", turn_state))
+        parts = urllib.parse.urlsplit(self.url)
+        secure = parts.scheme == "wss"
+        sock = None
+        try:
+            sock = socket.create_connection((parts.hostname, parts.port or (443 if secure
+                                                                            else 80)),
+                                            timeout=self.client.pool.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure:
+                pool = self.client.pool
+                if pool._ssl is None:
+                    pool._ssl = ssl.create_default_context()
+                sock = pool._ssl.wrap_socket(sock, server_hostname=parts.hostname)
+            answer, rest = ws_client_handshake(sock, self.url, headers)
+        except HandshakeRefused as e:
+            if sock is not None:
+                sock.close()
+            self.client.quota.update(e.headers)
+            if e.status == 401:
+                return 401
+            return self.refused("the backend refused the WebSocket upgrade (HTTP %d)"
+                                % e.status)
+        except ValueError as e:
+            if sock is not None:
+                sock.close()
+            if "line break" in str(e):
+                raise ProxyError(500, "A header for the backend has an invalid value; check "
+                                 "the token or key in auth.json (a stray line break?).",
+                                 code="invalid_credential")
+            return self.refused("the backend's WebSocket handshake failed (%s)" % e)
+        except (OSError, EOFError) as e:
+            if sock is not None:
+                sock.close()
+            return self.refused("cannot open a WebSocket to the backend (%s)"
+                                % (getattr(e, "strerror", None) or e.__class__.__name__))
+        self.client.quota.update(answer)
+        ws = UpstreamWebSocket(sock, rest, answer, identity, request.session_id)
+        ws.request_headers = headers
+        return ws
+
+    def refused(self, why):
+        """auto: note it and let HTTP carry the request; ws: the client's error."""
+        if self.choice.mode == "auto":
+            if self.choice.websocket_now():
+                self.log.info("%s; using HTTP for %d min" % (why, WS_FALLBACK_SECONDS // 60))
+            self.choice.refused(why)
+            return None
+        raise ProxyError(502, "%s%s, and --upstream-transport ws allows no HTTP fallback; "
+                         "use --upstream-transport auto or http." % (why[:1].upper(), why[1:]),
+                         code="websocket_refused")
+
+    def message(self, ws, request):
+        """(the response.create message for request on ws, how many items it chains with
+        previous_response_id, 0 when it sends the full input)."""
+        body = request.body
+        items = ws.chain.new_items(body) if ws.chain is not None else None
+        if items is not None:
+            body = dict(body, previous_response_id=ws.chain.response_id, input=items)
+        encoded = request.encode(body)
+        if self.log.debug_enabled:
+            self.log.debug("upstream WebSocket message (%d bytes): %s%s" % (
+                len(encoded), encoded[:16384].decode("utf-8", "replace"),
+                "... [truncated]" if len(encoded) > 16384 else ""))
+        return b'{"type":"response.create",' + encoded[1:], len(items) if items else 0
+
+    def dump(self, request, ws, payload):
+        dumper = self.client.dumper
+        if not dumper:
+            return None
+        dump = dumper.request("WEBSOCKET", self.url, ws.request_headers, payload)
+        dump.answer(101, ws.headers)
+        return dump
+
+    def first_event(self, ws, body):
+        """The turn's first event: an SSE frame to relay, or the error frame (a dict) that
+        must decide the request before the client hears anything."""
+        while True:
+            opcode, payload = ws.reader.message(ws.pong)
+            if opcode == WS_CLOSE:
+                raise EOFError("the backend closed the WebSocket")
+            if opcode != WS_TEXT:
+                raise ValueError("a binary frame")
+            event = self.decode(payload)
+            if event is not None and event.get("type") == "error":
+                return event
+            frame = self.event_frame(payload, body, event)
+            if frame is not None:
+                return frame
+
+    @staticmethod
+    def decode(payload):
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return None
+        return event if isinstance(event, dict) else None
+
+    def event_frame(self, payload, body, event=None):
+        """A received text frame as an SSE frame; None for frames the client never sees."""
+        if event is None:
+            event = self.decode(payload)
+        if event is None:
+            return None  # unparseable: skipped, as the Codex CLI does
+        etype = event.get("type")
+        if etype == "codex.rate_limits":
+            self.client.quota.update(rate_limit_headers(event))
+            return None
+        if not isinstance(etype, str) or "\n" in etype:
+            return None
+        body.note(event)
+        if etype == "error" and isinstance(event.get("error"), dict):
+            error = event["error"]  # the HTTP stream's shape: code and message at the top
+            return error_event_bytes(error.get("code"), error.get("message"))
+        if b"\n" in payload or b"\r" in payload:
+            payload = json.dumps(event, separators=(",", ":")).encode()
+        return b"event: " + etype.encode() + b"\ndata: " + payload + b"\n\n"
+
+    def on_idle_text(self, payload):
+        event = self.decode(payload)
+        if event is not None and event.get("type") == "codex.rate_limits":
+            self.client.quota.update(rate_limit_headers(event))
+
+    def error_from_frame(self, frame, status):
+        """An error frame with a status, as the HTTP error it stands for."""
+        headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
+        pairs = [(str(k), str(v).lower() if isinstance(v, bool) else str(v))
+                 for k, v in headers.items() if isinstance(v, (str, int, float, bool))]
+        self.client.quota.update(pairs)
+        if not isinstance(status, int) or not 400 <= status < 600:
+            error = frame.get("error") if isinstance(frame.get("error"), dict) else {}
+            code = error.get("code") or "upstream_error"
+            err = ProxyError(failure_status(code), error.get("message") or
+                             "The backend reported an error (%s)." % code, code=code)
+        else:
+            err = translate_upstream_error(status, json.dumps(frame).encode())
+        err.headers = forwarded_response_headers(pairs)
+        return err
+
+    def finish_turn(self, body):
+        """After the terminal event: a completed turn's socket goes back to the pool with what
+        the backend now remembers; a failed one's without; an error's is closed."""
+        ws = body.ws
+        if body.terminal == "error" or ws.closed:
+            ws.close()
+            return
+        response_id = (body.response or {}).get("id")
+        request = body.request
+        if body.terminal == "response.completed" and isinstance(response_id, str) and \
+                isinstance(request.body.get("input"), list):
+            ws.chain = Chain(response_id, request_shape(request.body),
+                             list(request.body["input"]) + body.output())
+        else:
+            ws.chain = None
+        self.pool.put(ws)
+
+    def close(self):
+        self.pool.close_all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -3935,6 +4859,8 @@ class App:
         login["last_refresh_attempt"] = self.auth.last_refresh
         status["login"] = login
         status["quota"] = self.upstream.quota.snapshot()
+        status["upstream_transport"] = dict(self.upstream.websockets.choice.report(),
+                                            idle_sockets=len(self.upstream.websockets.pool))
         return status
 
     def permission_warning(self):
@@ -3995,12 +4921,11 @@ class App:
             return self.forward_as_is(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.header, body, source, spans)
-        answer = self.upstream.call("POST", self.config.upstream_url, request.body,
-                                    request.encode, request.session_id, request.headers,
-                                    version=request.version)
+        answer = self.upstream.responses(request)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
               on_end=lambda assembler: self.keep(assembler, request))
+        self.upstream.turn_over(request)
 
     def chat_completions(self, client):
         config = self.config
@@ -4011,11 +4936,11 @@ class App:
         request = self.prepare(client.header, chat_to_responses(body))
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-        answer = self.upstream.call("POST", config.upstream_url, request.body, request.encode,
-                                    request.session_id, request.headers, version=request.version)
+        answer = self.upstream.responses(request)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
               sink, client)
+        self.upstream.turn_over(request)
 
     def compact(self, client):
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""

@@ -14,6 +14,7 @@ import datetime
 import email.utils
 import errno
 import gzip
+import hashlib
 import hmac
 import http.client
 import io
@@ -315,6 +316,7 @@ class FakeBackend:
         self.gate = threading.Event()         # a gated platform stream waits for this
         self.stream_done = threading.Event()  # a platform stream was written to its end
         self.lock = threading.Lock()
+        self.ws = FakeBackendWebSocket(self)
         self.stopping = threading.Event()
         self._socks = set()
         self.routes = {}
@@ -327,6 +329,7 @@ class FakeBackend:
             self.route(None, None, self.platform_answer)
         else:
             self.route("POST", None, self.codex_answer)
+            self.route("GET", None, lambda req: self.ws.upgrade(HandlerView(req)) and False)
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(256)
@@ -560,6 +563,216 @@ def compaction_answer(items):
                                "encrypted_content": "gAAAA-compacted-history"}]}
 
 
+class HandlerView:
+    """What FakeBackendWebSocket uses of an http.server handler, over a FakeRequest."""
+
+    def __init__(self, req):
+        self.req, self.headers, self.path = req, req.headers, req.target
+        self.rfile, self.connection = req.reader, req.sock
+        self.wfile = req.sock.makefile("wb", buffering=0)
+        self.close_connection = True
+        self._status, self._head = None, []
+
+    def send_response(self, status):
+        self._status, self._head = status, []
+
+    def send_header(self, name, value):
+        self._head.append((name, value))
+
+    def end_headers(self):
+        self.req.send_head(self._status, self._head)
+
+
+class FakeBackendWebSocket:
+    """The backend's WebSocket route (PROTOCOL.md section 9), for a FakeBackend whose test
+    enables it: `refuse` is the status upgrades get (426 by default: the proxy's auto
+    transport then uses HTTP); None accepts them. Like the real backend it remembers the
+    last response of each socket, so a turn may send previous_response_id and its new items
+    only. Every response.create is also appended to backend.requests (with "ws": the socket
+    number and "full_input": the input with the remembered history in front)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.refuse = 426
+        self.handshakes = []       # the upgrade requests' headers
+        self.messages = []         # (socket number, the decoded response.create)
+        self.pongs = []
+        self.errors = collections.deque()  # error frames to answer the next creates with
+        self.rate_limits = None    # a codex.rate_limits event sent before each answer
+        self.ping_first = False    # a ping before each answer
+        self.max_message_bytes = None
+        self.turn_state = None
+        self.closed_early = threading.Event()
+        self.sockets = 0
+        self.open = {}             # socket number -> its connection, while open
+        self.next_id = 0
+
+    def upgrade(self, handler):
+        backend = self.backend
+        headers = handler.headers
+        with backend.lock:
+            self.handshakes.append(headers)
+        auth = headers.get("Authorization") or ""
+        status = self.refuse
+        if status is None and (not auth.startswith("Bearer ")
+                               or auth[7:] not in backend.valid_tokens):
+            status = 401
+        if status is None and (headers.get("Upgrade", "").lower() != "websocket"
+                               or not headers.get("Sec-WebSocket-Key")):
+            status = 400
+        if status is not None:
+            body = json.dumps({"detail": "no WebSocket here (%d)" % status}).encode()
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        accept = base64.b64encode(hashlib.sha1(
+            headers["Sec-WebSocket-Key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        ).digest()).decode()
+        handler.send_response(101)
+        handler.send_header("Upgrade", "websocket")
+        handler.send_header("Connection", "Upgrade")
+        handler.send_header("Sec-WebSocket-Accept", accept)
+        handler.send_header("x-codex-primary-used-percent", "33")
+        handler.send_header("x-request-id", "req-ws")
+        if self.max_message_bytes:
+            handler.send_header("x-codex-websocket-max-message-bytes",
+                                str(self.max_message_bytes))
+        if self.turn_state:
+            handler.send_header("x-codex-turn-state", self.turn_state)
+        handler.end_headers()
+        handler.wfile.flush()
+        handler.close_connection = True
+        with backend.lock:
+            self.sockets += 1
+            number = self.sockets
+        self.open[number] = handler.connection
+        try:
+            self.serve(handler, number)
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            del self.open[number]
+
+    def serve(self, handler, number):
+        last = None  # (response id, history) this socket remembers
+        while True:
+            opcode, payload = fake_ws_recv(handler.rfile)
+            if opcode == 8:
+                return
+            if opcode == 10:
+                self.pongs.append(payload)
+                continue
+            if opcode != 1:
+                continue
+            message = json.loads(payload)
+            backend = self.backend
+            with backend.lock:
+                self.messages.append((number, message))
+                error = self.errors.popleft() if self.errors else None
+                reply = None if error else (backend.replies.popleft() if backend.replies
+                                            else Reply())
+            previous = message.get("previous_response_id")
+            known = last is not None and previous == last[0]
+            items = message.get("input") if isinstance(message.get("input"), list) else []
+            full = (last[1] if known else []) + items
+            body = {k: v for k, v in message.items() if k not in ("type",
+                                                                    "previous_response_id")}
+            body["input"] = full
+            with backend.lock:
+                backend.requests.append({"path": handler.path, "headers": handler.headers,
+                                         "body": message, "full_input": full, "ws": number,
+                                         "raw": payload})
+            last = None
+            if previous is not None and not known:
+                error = {"type": "error", "error": {
+                    "type": "invalid_request_error", "code": "previous_response_not_found",
+                    "message": "Previous response with id '%s' not found." % previous}}
+            if error is None:
+                problem = backend.check(handler.headers, body)
+                if problem:
+                    error = {"type": "error", "status": problem[0],
+                             "error": {"message": problem[1]}}
+            if error is None and reply.status != 200:
+                detail = json.loads(reply.body) if reply.body else {}
+                error = {"type": "error", "status": reply.status,
+                         "error": detail.get("error", detail), "headers": dict(reply.headers)}
+            send = lambda opcode, data: fake_ws_send(handler.connection, opcode, data)
+            if self.ping_first:
+                send(9, b"are you there")
+            if self.rate_limits:
+                send(1, json.dumps(self.rate_limits).encode())
+            if error is not None:
+                send(1, json.dumps(error).encode())
+                continue
+            last = self.answer(send, reply, full, handler)
+            if last is False:
+                return
+
+    def answer(self, send, reply, full, handler):
+        """The reply's frames as text frames; (response id, history) after a completed one."""
+        frames = reply.frames if reply.frames is not None else stream_frames()
+        with self.backend.lock:
+            self.next_id += 1
+            response_id = "resp_ws_%d" % self.next_id
+        output = []
+        try:
+            for i, frame in enumerate(frames):
+                if reply.cut_after is not None and i >= reply.cut_after:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                    return False
+                if reply.hang_after is not None and i >= reply.hang_after:
+                    time.sleep(30)
+                    return False
+                event = parse_sse(frame)[0][1]
+                if event["type"] == "response.output_item.done":
+                    output.append(event["item"])
+                if isinstance(event.get("response"), dict):
+                    event["response"]["id"] = response_id
+                send(1, json.dumps(event).encode())
+                if reply.delay:
+                    time.sleep(reply.delay)
+        except OSError:
+            self.closed_early.set()
+            return False
+        return (response_id, full + output) if frames and b"response.completed" in frames[-1] \
+            else None
+
+
+def fake_ws_send(sock, opcode, payload):
+    """A server frame: not masked."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+    sock.sendall(head + payload)
+
+
+def fake_ws_recv(rfile):
+    """(opcode, payload) of the next client frame, which must be masked (RFC 6455 5.1)."""
+    def read(n):
+        data = rfile.read(n)
+        if len(data) < n:
+            raise EOFError()
+        return data
+    b0, b1 = read(2)
+    if not b1 & 0x80:
+        raise ValueError("an unmasked client frame")
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(read(8), "big")
+    key = read(4)
+    data = read(n)
+    return b0 & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
 # --------------------------------------------------------------------------------------------
 # The fake OAuth server
 # --------------------------------------------------------------------------------------------
@@ -637,6 +850,9 @@ class ProxyTestCase(unittest.TestCase):
 
     idle_timeout = 5.0
     auth = True  # write a valid auth.json
+    # The tests of the HTTP exchange assert exactly what the backend got over HTTP: they pin
+    # it. The WebSocket tests choose auto or ws (see UpstreamWebSocketTests).
+    upstream_transport = "http"
 
     def setUp(self):
         self.home = tempfile.mkdtemp(prefix="codex-home-")
@@ -654,7 +870,8 @@ class ProxyTestCase(unittest.TestCase):
     def start_proxy(self, **overrides):
         options = dict(host="127.0.0.1", port=0, upstream_url=self.backend.url,
                        codex_home=self.home, refresh_url=self.oauth.url,
-                       stream_idle_timeout=self.idle_timeout)
+                       stream_idle_timeout=self.idle_timeout,
+                       upstream_transport=self.upstream_transport)
         options.update(overrides)
         self.config = proxy.Config(**options)
         self.log = LogCapture()
@@ -4895,6 +5112,423 @@ class StreamFailureTests(StreamingCase):
 # --------------------------------------------------------------------------------------------
 # 5: the client hanging up
 # --------------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------
+# The backend over WebSocket (--upstream-transport): one socket per conversation
+# --------------------------------------------------------------------------------------------
+
+class WebSocketFramingTests(unittest.TestCase):
+    """The client end of RFC 6455, against the test's own server-side decoding."""
+
+    def test_frames_are_masked_and_decode_at_every_length_class(self):
+        for size in (0, 5, 125, 126, 65535, 65536, 200000):
+            payload = os.urandom(size)
+            frame = proxy.ws_encode_frame(proxy.WS_TEXT, payload)
+            self.assertTrue(frame[1] & 0x80, "a client frame must be masked")
+            self.assertEqual(fake_ws_recv(io.BytesIO(frame)), (1, payload))
+            reader = proxy.WebSocketReader(None, proxy.ws_encode_frame(2, payload, mask=False))
+            self.assertTrue(reader.frame_ready())
+            self.assertEqual(proxy.ws_read_frame(reader.read), (True, 2, payload))
+
+    def test_fragments_joined_and_pings_answered_on_the_way(self):
+        server = (bytes([0x01, 3]) + b'{"a' + bytes([0x89, 2]) + b"hi"
+                  + bytes([0x80, 4]) + b'":1}')
+        pongs = []
+        reader = proxy.WebSocketReader(None, server)
+        self.assertEqual(reader.message(pongs.append), (proxy.WS_TEXT, b'{"a":1}'))
+        self.assertEqual(pongs, [b"hi"])
+        self.assertFalse(reader.frame_ready())
+
+    def test_canonical_items_ignore_only_what_the_backend_stamped(self):
+        sent = dict(message_item("Hello"), id="msg_9", status="completed")
+        resent = {"role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]}
+        self.assertEqual(proxy.canonical_item(sent), proxy.canonical_item(resent))
+        edited = {"role": "assistant", "content": [{"type": "output_text", "text": "Hello!"}]}
+        self.assertNotEqual(proxy.canonical_item(sent), proxy.canonical_item(edited))
+        call = function_call_item()
+        self.assertNotEqual(proxy.canonical_item(call),
+                            proxy.canonical_item(dict(call, call_id="call_2")))
+
+
+class RevokedTokens(set):
+    """valid_tokens of a backend that takes no token, not even a refreshed one."""
+
+    def add(self, token):
+        pass
+
+
+class UpstreamWebSocketTests(ProxyTestCase):
+    """--upstream-transport ws against a backend that takes WebSockets: every turn over the
+    conversation's socket. (auto differs only in when a socket is first opened: see
+    UpstreamTransportChoiceTests.)"""
+
+    upstream_transport = "ws"
+
+    def setUp(self):
+        super().setUp()
+        self.backend.ws.refuse = None
+
+    def turn(self, history, text, session="sess-1", **extra):
+        """One turn of a client that re-sends the whole history, as over HTTP: the new
+        history (with the answer's output) and the answer."""
+        items = history + [user_item(text)]
+        body = dict(simple_request(), input=items, **extra)
+        status, headers, answer = self.post(body, {"session_id": session} if session else None)
+        self.assertEqual(status, 200, answer)
+        return items + answer["output"], answer
+
+    def messages(self):
+        return [m for _, m in self.backend.ws.messages]
+
+    def test_turns_chain_on_one_socket_with_only_the_new_items(self):
+        history, first = self.turn([], "hi")
+        self.assertEqual(first["output"][0]["content"][0]["text"], "Hello there!")
+        stripped = [{k: v for k, v in item.items() if k not in ("id", "status")}
+                    for item in history]  # as clients that keep only what they need
+        history, _ = self.turn(stripped, "and then?")
+        history, _ = self.turn(history, "thanks")
+        first_msg, second, third = self.messages()
+        self.assertEqual(first_msg["type"], "response.create")
+        self.assertNotIn("previous_response_id", first_msg)
+        self.assertEqual(len(first_msg["input"]), 1)
+        self.assertEqual(second["previous_response_id"], "resp_ws_1")
+        self.assertEqual(second["input"], [user_item("and then?")])
+        self.assertEqual(third["previous_response_id"], "resp_ws_2")
+        self.assertEqual(third["input"], [user_item("thanks")])
+        self.assertEqual(self.backend.ws.sockets, 1)
+        self.assertEqual(len(self.backend.requests), 3)
+        self.assertEqual(len(self.backend.requests[-1]["full_input"]), 5)
+        handshake = self.backend.ws.handshakes[0]
+        self.assertEqual(handshake["OpenAI-Beta"], "responses_websockets=2026-02-06")
+        self.assertEqual(handshake["Authorization"], "Bearer " + self.token)
+        self.assertIsNone(handshake.get("Accept"))
+        self.assertIsNone(handshake.get("Content-Type"))
+        status = self.request("GET", "/status")
+        report = json.loads(status[2])["upstream_transport"]
+        self.assertEqual((report["configured"], report["in_use"]), ("ws", "websocket"))
+
+    def test_streamed_turn_relays_the_same_events_as_http(self):
+        status, _, events, raw = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        names = [name for name, _ in events]
+        self.assertEqual(names[0], "response.created")
+        self.assertEqual(names[-1], "response.completed")
+        self.assertEqual("".join(d["delta"] for n, d in events
+                                 if n == "response.output_text.delta"), "Hello there!")
+        self.assertEqual(events[-1][1]["response"]["output"][0]["content"][0]["text"],
+                         "Hello there!")
+        self.assertEqual(len(self.backend.ws.messages), 1)
+
+    def test_chat_completions_go_over_the_socket_too(self):
+        status, _, body = self.post({"model": "gpt-5.1-codex", "messages": [
+            {"role": "user", "content": "say hi"}]}, path="/v1/chat/completions")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hello there!")
+        self.assertEqual(self.backend.requests[0]["ws"], 1)
+
+    def test_edited_history_or_other_settings_send_the_full_input(self):
+        history, _ = self.turn([], "hi")
+        edited = history[:1] + [{"role": "assistant", "content": [
+            {"type": "output_text", "text": "Hello there (edited)"}]}]
+        self.turn(edited, "go on")
+        self.assertNotIn("previous_response_id", self.messages()[1])
+        self.assertEqual(len(self.messages()[1]["input"]), 3)
+        history, _ = self.turn(history, "go on", instructions="Be terse.")
+        self.assertNotIn("previous_response_id", self.messages()[2])
+        self.assertEqual(self.backend.ws.sockets, 1)
+
+    def test_previous_response_not_found_and_connection_limit_are_recovered(self):
+        history, _ = self.turn([], "hi")
+        for code in ("previous_response_not_found", "websocket_connection_limit_reached"):
+            self.backend.ws.errors.append({"type": "error", "error": {
+                "code": code, "message": "gone"}})
+            history, answer = self.turn(history, "next")
+            self.assertEqual(answer["status"], "completed")
+            retried = self.messages()[-1]
+            self.assertNotIn("previous_response_id", retried)
+            self.assertEqual(retried["input"], history[:-1])  # the whole conversation
+        self.assertEqual(self.backend.ws.sockets, 3)
+
+    def test_socket_closed_while_idle_is_replaced_before_anything_is_sent(self):
+        history, _ = self.turn([], "hi")
+        ws = next(iter(self.proxy.app.upstream.websockets.pool._idle.values()))
+        ws.sock.shutdown(socket.SHUT_RDWR)  # as if the backend had dropped it
+        history, answer = self.turn(history, "again")
+        self.assertEqual(answer["status"], "completed")
+        self.assertEqual(self.backend.ws.sockets, 2)
+        self.assertNotIn("previous_response_id", self.messages()[-1])
+
+    def test_socket_dropped_mid_stream_is_an_error_event_never_a_retry(self):
+        frames = stream_frames(text="a long answer that will be cut")
+        self.backend.replies.append(Reply(frames=frames, cut_after=4))
+        status, _, events, raw = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        names = [name for name, _ in events]
+        self.assertEqual(names[-1], "error", names)
+        self.assertNotIn("response.completed", names)
+        self.assertEqual(len(self.backend.requests), 1, "re-sent after events went out")
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200)  # the next request gets a fresh socket
+        self.assertEqual(self.backend.ws.sockets, 2)
+
+    def test_silent_backend_gives_the_idle_timeout_error(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(stream_idle_timeout=0.5)
+        self.backend.replies.append(Reply(hang_after=2))
+        status, _, events, _ = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["code"], "stream_idle_timeout")
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_slow_backend_events_are_relayed_as_they_come(self):
+        self.backend.replies.append(Reply(frames=stream_frames(text="slow " * 10), delay=0.03))
+        conn = self.connection()
+        self.addCleanup(conn.close)
+        resp = start_stream(conn)
+        timed, _ = read_frames_timed(resp)
+        self.assertGreater(len(timed), 10)
+        self.assertIn(b"response.completed", timed[-1][1])
+        # the first events reached the client before the last one was sent
+        self.assertLess(timed[0][0], timed[-1][0])
+
+    def test_handshake_401_refreshes_and_retries_once(self):
+        self.backend.valid_tokens.clear()  # the token in the file is revoked
+        self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 1)
+        self.assertEqual(len(self.backend.ws.handshakes), 2)
+        self.assertEqual(len(self.backend.requests), 1)
+        self.assertNotEqual(self.backend.ws.handshakes[1]["Authorization"], "Bearer " + self.token)
+
+    def test_handshake_401_twice_is_401_without_http(self):
+        self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
+        self.backend.valid_tokens = RevokedTokens()  # refreshed tokens fail too
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 401, contains="codex login")
+        self.assertEqual(len(self.backend.ws.handshakes), 2)
+        self.assertEqual(self.backend.requests, [])
+
+    def test_error_frame_401_refreshes_and_retries_on_a_new_socket(self):
+        history, _ = self.turn([], "hi")
+        self.backend.valid_tokens.clear()  # revoked while the socket is open
+        self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
+        history, answer = self.turn(history, "next")
+        self.assertEqual(answer["status"], "completed")
+        self.assertEqual(self.oauth.count, 1)
+        self.assertEqual(self.backend.ws.sockets, 2)
+
+    def test_429_error_frame_is_passed_on_with_its_headers_not_retried(self):
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "You've hit your usage limit.",
+            "resets_in_seconds": 60}}).encode(),
+            headers=[("x-codex-primary-used-percent", "100"), ("retry-after", "60")]))
+        status, headers, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 429)
+        self.assertEqual(headers.get("x-codex-primary-used-percent"), "100")
+        self.assertEqual(headers.get("retry-after"), "60")
+        self.assertEqual(len(self.backend.requests), 1)
+        quota = json.loads(self.request("GET", "/status")[2])["quota"]
+        self.assertEqual(quota["primary"]["used_percent"], 100.0)
+
+    def test_rate_limit_frames_update_status_and_pings_are_answered(self):
+        self.backend.ws.ping_first = True
+        self.backend.ws.rate_limits = {
+            "type": "codex.rate_limits", "plan_type": "plus",
+            "rate_limits": {"primary": {"used_percent": 42.5, "window_minutes": 300,
+                                        "reset_at": int(time.time()) + 3600}},
+            "credits": {"has_credits": False, "unlimited": False, "balance": None}}
+        status, _, events, _ = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertNotIn("codex.rate_limits", [name for name, _ in events])
+        quota = json.loads(self.request("GET", "/status")[2])["quota"]
+        self.assertEqual(quota["primary"]["used_percent"], 42.5)
+        self.assertEqual(quota["plan_type"], "plus")
+        self.turn([], "again")  # the pong is read before the next message
+        self.assertIn(b"are you there", self.backend.ws.pongs)
+
+    def test_message_above_the_backends_limit_goes_over_http(self):
+        self.backend.ws.max_message_bytes = 2000
+        history, _ = self.turn([], "hi")
+        history, answer = self.turn(history, "x" * 3000)
+        self.assertEqual(answer["status"], "completed")
+        self.assertEqual([r.get("ws") for r in self.backend.requests], [1, None])
+        self.assertEqual(len(self.backend.requests[-1]["body"]["input"]), 3)
+
+    def test_turn_state_from_the_handshake_is_replayed_on_a_new_socket(self):
+        self.backend.ws.turn_state = "ts-abc"
+        history, _ = self.turn([], "hi")
+        self.backend.ws.errors.append({"type": "error", "error": {
+            "code": "previous_response_not_found", "message": "gone"}})
+        self.turn(history, "next")
+        self.assertIsNone(self.backend.ws.handshakes[0].get("x-codex-turn-state"))
+        self.assertEqual(self.backend.ws.handshakes[1].get("x-codex-turn-state"), "ts-abc")
+
+    def test_many_conversations_at_once_never_share_a_socket(self):
+        self.backend.replies.extend(Reply(frames=stream_frames(), delay=0.01)
+                                    for _ in range(12))
+
+        def conversation(n):
+            history, _ = self.turn([], "hi %d" % n, session="conv-%d" % n)
+            self.turn(history, "more %d" % n, session="conv-%d" % n)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            list(pool.map(conversation, range(6)))
+        by_socket = collections.defaultdict(set)
+        for number, message in self.backend.ws.messages:
+            by_socket[number].add(message["prompt_cache_key"])
+        self.assertEqual(len(by_socket), 6)
+        self.assertTrue(all(len(keys) == 1 for keys in by_socket.values()), by_socket)
+        chained = [m for _, m in self.backend.ws.messages if "previous_response_id" in m]
+        self.assertEqual(len(chained), 6)
+        self.assertTrue(all(m["input"][0]["content"][0]["text"].startswith("more")
+                            for m in chained))
+
+    def test_client_hangup_closes_the_upstream_socket_at_once(self):
+        self.backend.replies.append(Reply(frames=stream_frames(text="token " * 150),
+                                          delay=0.02))
+        conn = self.connection()
+        resp = start_stream(conn)
+        got, _ = read_frames_timed(resp, want=3)
+        self.assertEqual(len(got), 3)
+        resp.close()
+        conn.close()
+        self.assertTrue(self.backend.ws.closed_early.wait(3.0),
+                        "the backend kept streaming to a client that had left")
+        self.assertTrue(self.proxy.app.wait_idle(3.0))
+        self.assertEqual(len(self.proxy.app.upstream.websockets.pool), 0)
+
+    def test_idle_sockets_answer_pings_and_are_closed_after_a_while(self):
+        self.turn([], "hi")
+        pool = self.proxy.app.upstream.websockets.pool
+        fake_ws_send(self.backend.ws.open[1], 9, b"idle ping")
+        deadline = time.monotonic() + 5
+        while b"idle ping" not in self.backend.ws.pongs and time.monotonic() < deadline:
+            pool.sweep()  # what the janitor thread does every few seconds
+            time.sleep(0.02)
+        self.assertIn(b"idle ping", self.backend.ws.pongs)
+        self.assertEqual(len(pool), 1)
+        self.turn([], "a new conversation on the same socket")  # still usable
+        self.assertEqual(self.backend.ws.sockets, 1)
+        with mock.patch.object(proxy, "WS_IDLE_SECONDS", 0):
+            pool.sweep()
+        deadline = time.monotonic() + 5
+        while self.backend.ws.open and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertEqual(self.backend.ws.open, {}, "the idle socket was not closed")
+        self.assertEqual(len(pool), 0)
+
+    def test_dumps_record_the_socket_messages_redacted(self):
+        dump_dir = os.path.join(self.home, "dumps")
+        self.stop_proxy(self.proxy)
+        self.start_proxy(dump_dir=dump_dir)
+        self.stream(simple_request())
+        names = sorted(os.listdir(dump_dir))
+        self.assertEqual(len(names), 2, names)
+        with open(os.path.join(dump_dir, names[0])) as f:
+            sent = json.load(f)
+        with open(os.path.join(dump_dir, names[1])) as f:
+            received = json.load(f)
+        self.assertEqual(sent["body"]["type"], "response.create")
+        self.assertIn("ws://", sent["url"])
+        self.assertIn({"name": "Authorization", "value": "[REDACTED]"}, sent["headers"])
+        self.assertEqual(received["status"], 101)
+        self.assertIn("response.completed", received["body"])
+        text = json.dumps([sent, received])
+        self.assertNotIn(self.token, text)
+
+
+class UpstreamTransportChoiceTests(ProxyTestCase):
+    """When the backend refuses the upgrade, and --upstream-transport http / ws."""
+
+    upstream_transport = "auto"
+
+    def wait_for(self, condition, what):
+        deadline = time.monotonic() + 5
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("timed out waiting for " + what)
+            time.sleep(0.01)
+
+    def test_auto_opens_the_socket_beside_http_turns_and_then_chains(self):
+        self.backend.ws.refuse = None
+        turn = UpstreamWebSocketTests.turn
+        history, _ = turn(self, [], "hi")  # a one-off so far: HTTP, no socket
+        self.assertEqual(self.backend.ws.handshakes, [])
+        history, _ = turn(self, history, "more")  # goes on: HTTP, socket opened meanwhile
+        self.wait_for(lambda: len(self.proxy.app.upstream.websockets.pool) == 1, "the socket")
+        history, _ = turn(self, history, "and more")  # the socket, full input
+        history, _ = turn(self, history, "last")      # chained: the new item only
+        self.assertEqual([r.get("ws") for r in self.backend.requests], [None, None, 1, 1])
+        self.assertNotIn("previous_response_id", self.backend.requests[2]["body"])
+        self.assertEqual(len(self.backend.requests[2]["body"]["input"]), 5)
+        self.assertEqual(self.backend.requests[3]["body"]["input"], [user_item("last")])
+        self.assertEqual(self.backend.requests[3]["body"]["previous_response_id"],
+                         "resp_ws_1")
+        self.assertEqual(len(self.backend.ws.handshakes), 1)
+
+    def test_refused_upgrade_falls_back_to_http_and_stays_there(self):
+        going_on = [user_item("hi"), message_item("Hello"), user_item("more")]
+        for refusal in (426, 404, 403):
+            self.backend.ws.refuse = refusal
+            self.stop_proxy(self.proxy)
+            self.start_proxy()
+            handshakes = len(self.backend.ws.handshakes)
+            status, _, body = self.post(dict(simple_request(), input=going_on))
+            self.assertEqual(status, 200, body)
+            self.wait_for(lambda: "HTTP %d" % refusal in self.log_text(), "the refusal")
+            for _ in range(2):
+                status, _, body = self.post(dict(simple_request(), input=going_on))
+                self.assertEqual(status, 200, body)
+            self.assertEqual(len(self.backend.ws.handshakes), handshakes + 1, refusal)
+            self.assertEqual(self.backend.ws.messages, [])
+            report = json.loads(self.request("GET", "/status")[2])["upstream_transport"]
+            self.assertEqual(report["in_use"], "http")
+            self.assertIn("HTTP %d" % refusal, report["why"])
+            self.assertIn("refused the WebSocket upgrade (HTTP %d)" % refusal, self.log_text())
+
+    def test_unreachable_websocket_falls_back_to_http(self):
+        self.backend.ws.refuse = None
+        self.backend.ws.upgrade = lambda handler: handler.connection.shutdown(
+            socket.SHUT_RDWR)
+        going_on = [user_item("hi"), message_item("Hello"), user_item("more")]
+        for _ in range(2):
+            status, _, body = self.post(dict(simple_request(), input=going_on))
+            self.assertEqual(status, 200, body)
+            self.wait_for(lambda: "cannot open a WebSocket" in self.log_text() or
+                          "handshake failed" in self.log_text(), "the failure")
+        self.assertEqual([r.get("ws") for r in self.backend.requests], [None, None])
+
+    def test_transport_http_never_opens_a_socket(self):
+        self.backend.ws.refuse = None
+        self.stop_proxy(self.proxy)
+        self.start_proxy(upstream_transport="http")
+        history = [user_item("hi")]
+        for _ in range(2):
+            status, _, body = self.post(dict(simple_request(), input=history))
+            self.assertEqual(status, 200, body)
+            history = history + body["output"] + [user_item("more")]
+        self.assertEqual(self.backend.ws.handshakes, [])
+        report = json.loads(self.request("GET", "/status")[2])["upstream_transport"]
+        self.assertEqual(report["in_use"], "http")
+
+    def test_transport_ws_refused_is_an_error_naming_the_fix(self):
+        self.backend.ws.refuse = 426
+        self.stop_proxy(self.proxy)
+        self.start_proxy(upstream_transport="ws")
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 502, code="websocket_refused",
+                                 contains="--upstream-transport auto")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_command_line(self):
+        self.assertEqual(proxy.parse_config([]).upstream_transport, "auto")
+        self.assertEqual(proxy.parse_config(["--upstream-transport", "http"])
+                         .upstream_transport, "http")
+        with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit):
+            proxy.parse_config(["--upstream-transport", "tcp"])
+
 
 class ClientHangupTests(StreamingCase):
 
