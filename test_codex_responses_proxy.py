@@ -1585,6 +1585,92 @@ class RelayDifferentialTests(unittest.TestCase):
         self.check(lambda: proxy.ChatTransform("gpt-5.1-codex", True), trials=4)
 
 
+class AccessPolicyTests(unittest.TestCase):
+    """The access policy is a pure function of the request's method, path and headers and the
+    configuration: every decision checked here without a socket."""
+
+    LISTEN = ("127.0.0.1", 8787)
+
+    def decide(self, method="POST", path="/v1/responses", headers=None, **config):
+        config = proxy.Config(**config)
+        base = {"host": "127.0.0.1:8787", "content-type": "application/json"}
+        base.update(headers or {})
+        return proxy.check_access(method, path, {k: v for k, v in base.items() if v is not None},
+                                  config, self.LISTEN)
+
+    def refused(self, status, code, **kwargs):
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.decide(**kwargs)
+        self.assertEqual((caught.exception.status, caught.exception.code), (status, code))
+        return caught.exception
+
+    def test_a_plain_local_request_is_admitted(self):
+        self.assertFalse(self.decide())
+        self.assertFalse(self.decide(headers={"host": None}))  # HTTP/1.0 without Host
+        self.assertFalse(self.decide(headers={"host": "localhost"}))
+        self.assertFalse(self.decide(headers={"host": "[::1]:8787"}))
+
+    def test_host_names_other_than_ours_are_refused(self):
+        self.refused(403, "host_not_allowed", headers={"host": "evil.example"})
+        self.refused(403, "host_not_allowed", headers={"host": "127.0.0.1:9999"})
+        self.assertFalse(self.decide(headers={"host": "myhost.lan:8787"},
+                                     allow_hosts=["myhost.lan"]))
+
+    def test_web_pages_are_refused_unless_allowed(self):
+        err = self.refused(403, "origin_not_allowed", headers={"origin": "http://evil.example"})
+        self.assertIn("--allow-origin", err.message)
+        self.refused(403, "origin_not_allowed", method="GET", path="/v1/models",
+                     headers={"sec-fetch-site": "cross-site"})
+        self.assertFalse(self.decide(headers={"origin": "http://localhost:3000"},
+                                     allow_origins=["http://localhost:3000"]))
+        self.assertFalse(self.decide(headers={"sec-fetch-site": "same-origin"}))
+
+    def test_a_preflight_needs_no_client_key(self):
+        preflight = {"origin": "http://localhost:3000", "access-control-request-method": "POST"}
+        self.assertTrue(self.decide("OPTIONS", headers=preflight, client_key=b"k" * 20,
+                                    allow_origins=["http://localhost:3000"]))
+
+    def test_shutdown_from_another_page_is_refused_by_its_referer(self):
+        self.refused(403, "origin_not_allowed", method="GET", path="/shutdown",
+                     headers={"referer": "http://evil.example/page"}, http_shutdown=True)
+        self.assertFalse(self.decide("GET", "/shutdown", http_shutdown=True,
+                                     headers={"referer": "http://127.0.0.1:8787/status"}))
+        self.assertFalse(self.decide("GET", "/v1/models",
+                                     headers={"referer": "http://evil.example/page"}))
+
+    def test_the_client_key(self):
+        key = "s3cret-key-0123456789"
+        self.refused(401, "invalid_client_key", client_key=key)
+        self.refused(401, "invalid_client_key", client_key=key,
+                     headers={"authorization": "Bearer wrong"})
+        self.assertFalse(self.decide(client_key=key, headers={"authorization": "Bearer " + key}))
+        self.assertFalse(self.decide(client_key=key, headers={"x-api-key": key}))
+        self.assertFalse(self.decide("GET", "/healthz", client_key=key))
+
+    def test_posts_must_be_json(self):
+        err = self.refused(415, "unsupported_media_type",
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+        self.assertIn("application/json", err.message)
+        self.assertFalse(self.decide(headers={"content-type": None}))
+        self.assertFalse(self.decide(headers={"content-type": "application/json; charset=utf-8"}))
+
+    def test_routes(self):
+        config = proxy.Config()
+        route = lambda method, path: proxy.find_route(method, path, {}, config)
+        self.assertEqual(route("POST", "/v1/responses"), ("responses", ()))
+        self.assertEqual(route("POST", "/responses"), ("responses", ()))
+        self.assertEqual(route("GET", "/v1/responses/resp_1/input_items"),
+                         ("input_items", ("resp_1",)))
+        self.assertEqual(route("DELETE", "/responses/resp_1"), ("delete", ("resp_1",)))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            route("GET", "/shutdown")  # only with --http-shutdown
+        self.assertEqual(caught.exception.status, 404)
+        with self.assertRaises(proxy.ProxyError) as caught:
+            route("PUT", "/v1/responses")
+        self.assertEqual((caught.exception.status, caught.exception.headers),
+                         (405, [("Allow", "POST")]))
+
+
 class AssemblyTests(unittest.TestCase):
     def test_output_rebuilt_in_output_index_order(self):
         asm = proxy.ResponseAssembler()
