@@ -1764,6 +1764,181 @@ def sse_data(obj):
 
 
 # --------------------------------------------------------------------------------------------
+# WebSocket framing (RFC 6455, pure): the handshake's accept key, frames, messages
+# --------------------------------------------------------------------------------------------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
+CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1003, 1007, 1009
+# Codes an endpoint may never put in a close frame (RFC 6455 section 7.4.1).
+_CLOSE_CODES_RESERVED = (1004, 1005, 1006, 1015)
+
+
+class WebSocketError(Exception):
+    """The client broke the protocol: the connection closes with this code."""
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def websocket_accept(headers):
+    """The Sec-WebSocket-Accept value for an upgrade request (headers lower-cased), or the
+    refusal RFC 6455 names: 426 with the version we speak, 400 without a valid key."""
+    version = (headers.get("sec-websocket-version") or "").strip()
+    if version != "13":
+        raise ProxyError(426, "This proxy speaks WebSocket version 13 (RFC 6455); the request "
+                         "asked for %r." % version, code="websocket_version_not_supported",
+                         headers=[("Sec-WebSocket-Version", "13")])
+    key = (headers.get("sec-websocket-key") or "").strip()
+    try:
+        valid = len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        valid = False
+    if not valid:
+        raise ProxyError(400, "A WebSocket handshake needs a Sec-WebSocket-Key header: 16 "
+                         "random bytes in base64.", code="invalid_websocket_handshake")
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
+
+
+def encode_frame(opcode, payload=b""):
+    """One whole server frame: final, unmasked (only clients mask)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def close_frame(code=None, reason=""):
+    """A close frame; code None sends none (the answer to a close that had none)."""
+    if code is None:
+        return encode_frame(OP_CLOSE)
+    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
+
+
+def unmask(payload, mask):
+    """XOR with the 4-byte mask, as one big-integer operation: C speed for megabytes."""
+    n = len(payload)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def parse_close_payload(payload):
+    """A close frame's (code or None, reason); WebSocketError for a malformed one."""
+    if not payload:
+        return None, ""
+    if len(payload) == 1:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a close frame's code takes two bytes")
+    code = int.from_bytes(payload[:2], "big")
+    if code < 1000 or code >= 5000 or code in _CLOSE_CODES_RESERVED or 1016 <= code < 3000:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close code %d is not allowed" % code)
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_INVALID_DATA, "the close reason is not UTF-8")
+
+
+class MessageReader:
+    """A client's bytes -> its messages: feed() what arrives, get back (opcode, payload) for
+    each whole text message (fragments joined) and each control frame (ping, pong, close) as
+    it comes. The checks RFC 6455 asks of a server are made here; a violation raises
+    WebSocketError with the close code. max_message_bytes bounds a message before its bytes
+    are buffered, so an announced length alone is refused."""
+
+    def __init__(self, max_message_bytes):
+        self.max_message_bytes = max_message_bytes
+        self._buf = bytearray()
+        self._fragments = None  # the pieces of a text message in progress
+        self._size = 0
+
+    def feed(self, data):
+        self._buf += data
+        out = []
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return out
+            message = self._message(*frame)
+            if message is not None:
+                out.append(message)
+
+    def _next_frame(self):
+        """(fin, opcode, payload) of the first whole frame in the buffer, else None."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        first, second = buf[0], buf[1]
+        fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
+        if first & 0x70:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was "
+                                 "agreed)")
+        if not second & 0x80:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+        if opcode == OP_BINARY:
+            raise WebSocketError(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send "
+                                 "each request as a text frame of JSON")
+        if opcode >= 0x8:
+            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+            if not fin or length > 125:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "control frames must be whole and "
+                                     "at most 125 bytes")
+        elif opcode not in (OP_CONTINUATION, OP_TEXT):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+        elif (opcode == OP_CONTINUATION) == (self._fragments is None):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message "
+                                 "to continue" if opcode == OP_CONTINUATION else
+                                 "a new message before the last one's final fragment")
+        start = 2
+        if length == 126:
+            start = 4
+        elif length == 127:
+            start = 10
+        if len(buf) < start:
+            return None
+        if start > 2:
+            length = int.from_bytes(buf[2:start], "big")
+            if length >> 63:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
+        if opcode < 0x8 and self._size + length > self.max_message_bytes:
+            raise WebSocketError(CLOSE_TOO_BIG, "a message is limited to %d bytes (see the "
+                                 "handshake's x-codex-websocket-max-message-bytes)"
+                                 % self.max_message_bytes)
+        end = start + 4 + length
+        if len(buf) < end:
+            return None
+        payload = unmask(bytes(buf[start + 4:end]), bytes(buf[start:start + 4]))
+        del buf[:end]
+        return fin, opcode, payload
+
+    def _message(self, fin, opcode, payload):
+        if opcode >= 0x8:
+            return opcode, payload
+        if self._fragments is None:
+            self._fragments = []
+        self._fragments.append(payload)
+        self._size += len(payload)
+        if not fin:
+            return None
+        data = b"".join(self._fragments)
+        self._fragments, self._size = None, 0
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8")
+        return OP_TEXT, data
+
+
+# --------------------------------------------------------------------------------------------
 # Conversation state, for previous_response_id (the backend keeps none)
 # --------------------------------------------------------------------------------------------
 
@@ -2917,8 +3092,9 @@ def find_route(method, path, headers, config):
         raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
                          % path, code="not_found")
     if "websocket" in (headers.get("upgrade") or "").lower():
-        raise ProxyError(426, "WebSocket is not supported here; use HTTP "
-                         "(the Codex CLI falls back to it by itself).",
+        if methods.get("POST") == "responses" and method == "GET":
+            return "websocket"
+        raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP here.",
                          code="websocket_not_supported")
     name = methods.get(method)
     if name is None:
@@ -3300,6 +3476,399 @@ def pass_through(upstream, answer, client):
 
 
 # --------------------------------------------------------------------------------------------
+# Responses over WebSocket: one session per socket, each request relayed into frames
+# --------------------------------------------------------------------------------------------
+
+# While nothing goes out (the backend reasoning silently), the client is pinged this often:
+# middleboxes and clients (the Python SDKs) drop sockets that stay silent for long.
+WS_PING_INTERVAL = 25.0
+# A socket with no request for this long is closed (the backend's own live 60 minutes).
+WS_IDLE_TIMEOUT = 3600.0
+WS_CLOSE_WAIT = 2.0            # after our close frame, how long the client has to answer it
+WS_KEPT_RESPONSES = 4          # responses kept per socket for previous_response_id ...
+WS_KEPT_BYTES = 16 * 1024 * 1024  # ... within this many compressed bytes (the last always)
+ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
+              "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
+              "total_tokens": 0}
+
+
+def sse_payloads(block):
+    """The data of each whole SSE frame in block, as bytes: one WebSocket message each."""
+    if b"\r" in block:
+        return [event.data.encode("utf-8") for event in SSEParser().feed(block)
+                if event.data is not None]
+    payloads = []
+    for frame in block.split(b"\n\n")[:-1]:
+        data = _join_data(frame.split(b"\n"))
+        if data is not None:
+            payloads.append(data.encode("utf-8"))
+    return payloads
+
+
+def input_list(value):
+    """A request's `input` as a list of items (a string is one user message)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": value}]}]
+    return list(value) if isinstance(value, list) else []
+
+
+def websocket_error_event(err):
+    """A refused or failed request as the backend's socket says it: an HTTP error carried
+    in an `error` event (status, error, headers). previous_response_not_found goes without a
+    status: with one, the Codex CLI would fail the turn instead of resending it whole."""
+    event = {"type": "error"}
+    if err.code != "previous_response_not_found":
+        event["status"] = err.status
+    event["error"] = err.body()["error"]
+    if err.headers:
+        event["headers"] = {name.lower(): value for name, value in err.headers}
+    return event
+
+
+def prewarm_events(body):
+    """The answer to a `"generate": false` request (the Codex CLI's prewarm): a response
+    with nothing generated, made here; nothing goes upstream."""
+    response = {"id": "resp_" + uuid.uuid4().hex, "object": "response",
+                "created_at": int(time.time()), "status": "in_progress",
+                "model": body.get("model"), "output": [], "usage": None, "error": None,
+                "incomplete_details": None, "tools": body.get("tools") or [],
+                "tool_choice": body.get("tool_choice", "auto"),
+                "parallel_tool_calls": body.get("parallel_tool_calls", True)}
+    done = dict(response, status="completed", usage=ZERO_USAGE)
+    return [{"type": "response.created", "sequence_number": 0, "response": response},
+            {"type": "response.completed", "sequence_number": 1, "response": done}]
+
+
+class SocketResponses:
+    """The responses made on one socket, by id: each one's whole input and its output, as
+    the backend's own socket keeps them, even with store: false. The last few, within a
+    byte bound; all of it goes with the socket."""
+
+    def __init__(self, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._kept = collections.OrderedDict()
+        self._bytes = 0
+
+    def put(self, response_id, items):
+        blob = pack_json(_compact(items))
+        old = self._kept.pop(response_id, None)
+        self._bytes += len(blob) - (len(old) if old is not None else 0)
+        self._kept[response_id] = blob
+        while len(self._kept) > 1 and (len(self._kept) > self.max_count
+                                       or self._bytes > self.max_bytes):
+            self._bytes -= len(self._kept.popitem(last=False)[1])
+
+    def get(self, response_id):
+        blob = self._kept.get(response_id)
+        return unpack_json(blob) if blob is not None else None
+
+
+class WebSocketSink:
+    """The relay's frames, one text message per event (the JSON of its `data:` line), with
+    the request's stream_id added when it carried one."""
+
+    def __init__(self, session, exchange, stream_id=None):
+        self.session = session
+        self.exchange = exchange
+        self.stream_id = stream_id
+
+    def start(self, headers):
+        pass
+
+    def send(self, data):
+        self.session.send_events(sse_payloads(data), self.stream_id)
+
+    def finish(self, transform, tail, failure, headers):
+        if failure is not None:
+            self.exchange.log_fields["error"] = failure.code
+            self.exchange.status = failure.status
+            tail += transform.failure_frames(failure)
+        self.send(tail)
+
+
+class WebSocketExchange:
+    """One request on a socket, as App.respond and the relay see a client."""
+
+    def __init__(self, session):
+        self.session = session
+        self.connection = session.sock
+        self.log_fields = {}
+        self.status = 200
+
+    def session_id(self):
+        return self.session.handler.session_id()
+
+    def codex_headers(self):
+        return self.session.handler.codex_headers()
+
+    def forwardable_headers(self):
+        """API-key mode: the handshake's headers, less the WebSocket's own and those a
+        streamed POST sets itself."""
+        return {name: value for name, value in self.session.handler.forwardable_headers().items()
+                if not name.lower().startswith("sec-websocket-")
+                and name.lower() not in ("accept", "content-type", "openai-beta", "origin")}
+
+
+class WebSocketSession:
+    """One client socket after the 101. A reader thread takes the client's frames: it
+    answers pings, queues requests, answers the close handshake, pings a silent client,
+    closes an idle socket, and on the client's close or hang-up shuts the socket, which
+    cuts a response in flight (see HangupWatcher). This thread answers the queued requests
+    one after another, each through App.respond into a WebSocketSink."""
+
+    def __init__(self, app, handler, path):
+        self.app = app
+        self.handler = handler
+        self.path = path
+        self.sock = handler.connection
+        self.reader = MessageReader(app.config.max_body_bytes)
+        self.kept = SocketResponses()
+        self.responses = 0
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._busy = False
+        self._ended = False      # the socket is shut: nothing more in or out
+        self._closing = None     # when our close frame went out
+        self._last_sent = self._last_request = time.monotonic()
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    def send(self, data):
+        """Whole frames, in order; ClientGone once the socket cannot take them."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                raise ClientGone()
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise ClientGone()
+            self._last_sent = time.monotonic()
+
+    def send_events(self, payloads, stream_id=None):
+        if stream_id is not None:
+            payloads = [json.dumps(dict(json.loads(p), stream_id=stream_id),
+                                   separators=(",", ":")).encode() for p in payloads]
+        if payloads:
+            self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
+
+    def close(self, code, reason=""):
+        """Start the close handshake (once); the reader ends it."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                return
+            self._closing = time.monotonic()
+            try:
+                self.sock.sendall(close_frame(code, reason))
+            except OSError:
+                pass
+
+    def end(self):
+        """Shut the socket: the reader sees its end, a relay in flight its client gone."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _pending_bytes(self):
+        """What the client sent after its handshake and the handler had already buffered:
+        with the read deadline passed, the buffered reader gives what it holds and reads
+        nothing from the socket (see RequestReader)."""
+        self.handler.reader.deadline = time.monotonic() - 1
+        try:
+            data = self.handler.rfile.peek(65536)
+            return self.handler.rfile.read(len(data))
+        except OSError:
+            return b""
+        finally:
+            self.handler.reader.deadline = None
+            self.sock.settimeout(WRITE_TIMEOUT)
+
+    # -- the reader thread --------------------------------------------------------------------
+
+    def _read(self):
+        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_IDLE_TIMEOUT / 2.0)
+        try:
+            data = self._pending_bytes()
+            while not self._ended:
+                if data and self._take(self.reader.feed(data)):
+                    return
+                data = b""
+                if not readable_sockets([self.sock], tick):
+                    if self._tick():
+                        return
+                    continue
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+        except WebSocketError as e:
+            self.close(e.code, e.reason)  # a protocol error fails the connection at once
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.end()
+
+    def _take(self, messages):
+        """Act on the client's messages; True once it closed."""
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                with self._cond:
+                    self._queue.append(payload)
+                    self._cond.notify_all()
+            elif opcode == OP_PING:
+                try:
+                    self.send(encode_frame(OP_PONG, payload))
+                except ClientGone:
+                    pass
+            elif opcode == OP_CLOSE:
+                code = parse_close_payload(payload)[0]
+                self.close(code)  # the answer: the client's own code (none if it sent none)
+                return True
+        return False
+
+    def _tick(self):
+        """Between the client's frames: keep-alive, idle and shutdown; True to end."""
+        now = time.monotonic()
+        if self._closing is not None:
+            return now - self._closing >= WS_CLOSE_WAIT
+        with self._cond:
+            idle = not self._queue and not self._busy
+        if idle and self.app.stopping:
+            self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        elif idle and now - self._last_request >= WS_IDLE_TIMEOUT:
+            self.close(CLOSE_NORMAL, "idle for %d s" % WS_IDLE_TIMEOUT)
+        elif now - self._last_sent >= WS_PING_INTERVAL:
+            try:
+                self.send(encode_frame(OP_PING))
+            except ClientGone:
+                return True
+        return False
+
+    # -- this thread: the requests ------------------------------------------------------------
+
+    def run(self):
+        self.app.count_websocket("connections_open", 1)
+        reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
+        reader.start()
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._ended and self._closing is None:
+                        self._cond.wait()
+                    if self._ended or self._closing is not None:
+                        break
+                    raw = self._queue.popleft()
+                    self._busy = True
+                try:
+                    self.answer(raw)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._last_request = time.monotonic()
+                if self.app.stopping:
+                    self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        finally:
+            reader.join(WS_CLOSE_WAIT + 5)
+            self.end()
+            self.app.count_websocket("connections_open", -1)
+
+    def answer(self, raw):
+        """One client message: a response.create answered, or an error event."""
+        exchange = WebSocketExchange(self)
+        started = time.monotonic()
+        stream_id = None
+        try:
+            body, source, spans = parse_json_object(raw)
+            stream_id = body.get("stream_id")
+            if body.get("type") != "response.create":
+                raise ProxyError(400, "Unknown message type %s: this socket takes "
+                                 "{\"type\": \"response.create\", ...a Responses request...}."
+                                 % json.dumps(body.get("type"))[:80], param="type",
+                                 code="unknown_message_type")
+            self.create(exchange, body, source, spans, stream_id)
+        except ProxyError as e:
+            exchange.status = e.status
+            exchange.log_fields.setdefault("error", e.code or e.type)
+            try:
+                self.send_events([json.dumps(websocket_error_event(e)).encode()], stream_id)
+            except ClientGone:
+                pass
+        except ClientGone:
+            exchange.log_fields["note"] = "client disconnected; upstream closed"
+            self.end()
+        self.responses += 1
+        self.app.count_websocket("responses", 1)
+        self.log_line(exchange, started)
+
+    def create(self, exchange, body, source, spans, stream_id):
+        app = self.app
+        model = body.get("model")
+        exchange.log_fields["model"] = model if isinstance(model, str) else None
+        generate = body.get("generate", True)
+        body = dict(body)  # the request's own fields go, the rest as on HTTP
+        for name in ("type", "stream_id", "generate"):
+            body.pop(name, None)
+        if not isinstance(generate, bool):
+            raise ProxyError(400, "`generate` must be true or false.", param="generate",
+                             code="invalid_type")
+        previous = body.get("previous_response_id")
+        history = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            history = self.kept.get(previous)
+            if history is None and app.config.mode == "chatgpt":
+                history = app.history(previous)
+
+        def keep(response_id, items):
+            self.kept.put(response_id, items)
+
+        if not generate:
+            upstream_body = rewrite_request(body, app.config.instructions, None, (), history)[0]
+            events = prewarm_events(body)
+            keep(events[0]["response"]["id"], upstream_body["input"])
+            self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
+                             stream_id)
+            exchange.log_fields["note"] = "generate: false, answered here"
+            return
+        sink = WebSocketSink(self, exchange, stream_id)
+
+        def on_kept(assembler, sent_input):
+            response_id = (assembler.response or {}).get("id")
+            if assembler.terminal in ("response.completed", "response.incomplete") and \
+                    isinstance(response_id, str):
+                keep(response_id, list(sent_input) + replayable(assembler.output()))
+
+        with app.slot():
+            if app.config.mode == "apikey":
+                app.respond_platform(exchange, body, history, sink, on_kept)
+            else:
+                app.respond(exchange, body, source, spans, history, sink, on_kept)
+
+    def log_line(self, exchange, started):
+        log = self.app.log
+        f = exchange.log_fields
+        parts = ["WS", self.path]
+        if f.get("model"):
+            parts.append("model=%s" % f["model"])
+        parts.append("status=%s" % log.status_code(exchange.status))
+        parts.append("%.3fs" % (time.monotonic() - started))
+        if "in" in f or "out" in f:
+            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
+        parts.append("websocket")
+        for key in ("error", "note"):
+            if f.get(key):
+                parts.append("%s=%s" % (key, f[key]))
+        log.info(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
 
@@ -3325,6 +3894,7 @@ class App:
         self._inflight = 0
         self._inflight_cond = threading.Condition()
         self._counts = {"total": 0, "by_status": {}}
+        self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
         self._stopping = threading.Event()
 
     # -- requests in flight, and stopping ---------------------------------------------------
@@ -3340,6 +3910,10 @@ class App:
             self._counts["total"] += 1
             key = str(status or "none")
             self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    def count_websocket(self, key, n):
+        with self._inflight_cond:
+            self._websocket[key] += n
 
     @contextlib.contextmanager
     def slot(self):
@@ -3389,9 +3963,11 @@ class App:
         with self._inflight_cond:
             requests = {"total": self._counts["total"], "in_flight": self._inflight,
                         "by_status": dict(self._counts["by_status"])}
+            websocket = dict(self._websocket)
         status = {"mode": config.mode, "version": __version__,
                   "uptime_seconds": int(time.time() - self.started),
-                  "upstream": config.upstream_url, "requests": requests}
+                  "upstream": config.upstream_url, "requests": requests,
+                  "websocket": websocket}
         if config.mode == "apikey":
             status["api_key_from"] = config.api_key_source
             return status
@@ -3463,14 +4039,26 @@ class App:
             return self.forward_as_is(client, config.upstream_url)
         body, source, spans = self.json_body(client)
         previous = body.get("previous_response_id")
-        history = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            history = self.conversations.history(previous)
-            if history is None:
-                raise unknown_response_error(previous)
+        if previous is not None and not isinstance(previous, str):
+            raise ProxyError(400, "`previous_response_id` must be a string.",
+                             param="previous_response_id", code="invalid_type")
+        history = self.history(previous) if previous is not None else None
+        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
+        self.respond(client, body, source, spans, history, sink)
+
+    def history(self, previous):
+        """The items of the conversation previous_response_id names, else its 400."""
+        history = self.conversations.history(previous)
+        if history is None:
+            raise unknown_response_error(previous)
+        return history
+
+    def respond(self, client, body, source, spans, history, sink, on_kept=None):
+        """A Responses request sent to the backend, its stream relayed into sink (SSE, one
+        JSON answer, or WebSocket frames), the response kept for previous_response_id.
+        on_kept(assembler, input sent) runs then too (a socket keeps its own)."""
+        config = self.config
+        previous = body.get("previous_response_id")
         upstream_body, session_id = rewrite_request(
             body, config.instructions, client.session_id(),
             self.upstream.dropped_params(body.get("model")), history)
@@ -3480,9 +4068,50 @@ class App:
         answer = self.upstream.call("POST", config.upstream_url, upstream_body,
                                     lambda b: encode_json_object(b, body, source, spans),
                                     session_id, client.codex_headers())
-        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
+
+        def on_end(assembler):
+            self.keep(assembler, previous, own_input)
+            if on_kept is not None:
+                on_kept(assembler, upstream_body["input"])
+
+        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client, on_end)
+
+    def respond_platform(self, client, body, history, sink, on_kept):
+        """API-key mode, for a socket: the request as a streamed POST to the platform with
+        our key, its events relayed into sink. A previous_response_id the socket knows is
+        expanded here; another is the platform's to resolve."""
+        body = dict(body, stream=True)
+        if history is not None:
+            body.pop("previous_response_id", None)
+            body["input"] = list(history) + input_list(body.get("input"))
+        headers = client.forwardable_headers()
+        headers.update({"Authorization": self.config.api_key_header,
+                        "Content-Type": "application/json", "Accept": "text/event-stream"})
+        answer = self.upstream.exchange("POST", self.config.upstream_url,
+                                        json.dumps(body).encode(), headers)
+        if answer.status != 200:
+            err = translate_upstream_error(answer.status, answer.read_whole(self.upstream.pool))
+            err.headers = answer.forwarded_headers()
+            raise err
+        sent_input = input_list(body.get("input"))
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
-              on_end=lambda assembler: self.keep(assembler, previous, own_input))
+              lambda assembler: on_kept(assembler, sent_input))
+
+    def websocket(self, client):
+        """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
+        request does; a socket then takes a place (--max-concurrent) per response it
+        streams, not for its whole life, but is refused at once when none is free."""
+        accept = websocket_accept(client.header)
+        with self.slot():
+            pass
+        client.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
+                                          str(self.config.max_body_bytes))])
+        self.count_websocket("connections_total", 1)
+        session = WebSocketSession(self, client, urllib.parse.urlsplit(client.path).path)
+        try:
+            session.run()
+        finally:
+            client.log_fields["note"] = "websocket closed after %d responses" % session.responses
 
     def chat_completions(self, client):
         config = self.config
@@ -3668,7 +4297,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.cors_origin = origin  # refusals too are readable by a page allowed in
             if check_access(method, path, self.header, app.config, self.server.server_address):
                 return self.send_preflight()
-            route = getattr(app, find_route(method, path, self.header, app.config))
+            name = find_route(method, path, self.header, app.config)
+            if name == "websocket":  # the socket is the session's from here on
+                return app.websocket(self)
+            route = getattr(app, name)
             with (app.slot() if path != "/healthz" else contextlib.nullcontext()):
                 self.body = read_request_body(self.rfile, self.header, app.config.max_body_bytes,
                                               self.send_continue)
@@ -3773,6 +4405,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.server.app.log.info("%s %s" % (code, message))
+
+    def switch_protocols(self, accept, headers):
+        """The 101 that makes this connection a WebSocket. No Sec-WebSocket-Extensions:
+        permessage-deflate is declined (every client then sends plain frames)."""
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True  # no HTTP request follows on this connection
 
     def send_preflight(self):
         if has_body(self.header):
