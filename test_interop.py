@@ -12,7 +12,12 @@ stays standard-library only. To run it (e.g. from .ci/run):
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 import unittest
+from unittest import mock
 
 try:
     import openai
@@ -458,6 +463,81 @@ class AgentsWebSocketInteropTests(SDKTestCase):
         self.assertEqual([(o["call_id"], o["output"]) for o in outputs], [("call_1", "sunny")])
         status = self.request("GET", "/status")
         self.assertEqual(json.loads(status[2])["websocket"]["connections_total"], 1)
+
+
+CODEX_BIN = os.environ.get("CODEX_BIN")
+NO_CODEX = "set CODEX_BIN to a Codex CLI (0.171.0 or newer) to run it against the proxy"
+CODEX_CONFIG = """model = "gpt-5.1-codex"
+model_provider = "local"
+
+[model_providers.local]
+name = "local"
+base_url = "http://127.0.0.1:%d/v1"
+env_key = "LOCAL_PROXY_KEY"
+wire_api = "responses"
+supports_websockets = true
+
+[features]
+plugins = false
+unbounded_connection_retries = false
+
+[analytics]
+enabled = false
+"""
+
+
+@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
+class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
+    """`codex exec` with supports_websockets = true: prewarm, a tool call and its result, all
+    on one socket, the later requests chained by previous_response_id with only new items."""
+
+    def test_exec_with_a_tool_call_stays_on_one_socket(self):
+        self.backend.replies.append(Reply(frames=stream_frames(items=[{
+            "type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+            "arguments": json.dumps({"cmd": "echo tool-ran"}), "status": "completed"}])))
+        self.backend.replies.append(Reply(frames=stream_frames(items=[message_item("done")])))
+        home = tempfile.mkdtemp(prefix="codex-cli-home-")
+        work = tempfile.mkdtemp(prefix="codex-cli-work-")
+        self.addCleanup(shutil.rmtree, home, True)
+        self.addCleanup(shutil.rmtree, work, True)
+        with open(os.path.join(home, "config.toml"), "w") as f:
+            f.write(CODEX_CONFIG % self.port)
+        frames = []
+        answer = harness.proxy.WebSocketSession.answer
+
+        def recording(session, raw):
+            frames.append(json.loads(raw))
+            return answer(session, raw)
+
+        with mock.patch.object(harness.proxy.WebSocketSession, "answer", recording):
+            run = subprocess.run(
+                [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json", "say hi"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=work, timeout=120,
+                env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
+        out, err = run.stdout.decode(), run.stderr.decode()
+        self.assertEqual(run.returncode, 0, err)
+        self.assertNotIn("websocket", (out + err).lower().replace("supports_websockets", ""))
+        messages = [json.loads(line)["item"].get("text") for line in out.splitlines()
+                    if '"agent_message"' in line]
+        self.assertEqual(messages, ["done"])
+        status = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(status["websocket"]["connections_total"], 1)
+        self.assertEqual(status["websocket"]["responses"], 3)
+        self.assertEqual(status["requests"]["by_status"].get("200"), None, "an HTTP fallback")
+
+        prewarm, turn, follow_up = frames
+        self.assertIs(prewarm["generate"], False)
+        self.assertNotIn("generate", turn)
+        self.assertEqual([i.get("type") for i in follow_up["input"]], ["function_call_output"])
+        self.assertEqual(follow_up["input"][0]["call_id"], "call_1")
+        self.assertIn("tool-ran", json.dumps(follow_up["input"][0]))
+        first, second = (r["body"] for r in self.backend.requests)
+        self.assertEqual(first["input"][:len(prewarm["input"])], prewarm["input"])
+        self.assertEqual(first["input"][len(prewarm["input"]):], turn["input"])
+        self.assertEqual(second["input"][:len(first["input"])], first["input"])
+        self.assertEqual([i.get("type") for i in second["input"][len(first["input"]):]],
+                         ["function_call", "function_call_output"])
 
 
 if __name__ == "__main__":
