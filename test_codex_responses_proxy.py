@@ -1363,14 +1363,16 @@ class WebSocketHandshakeTests(WebSocketCase):
     def test_connection_limit_is_checked_on_the_upgrade(self):
         self.stop_proxy(self.proxy)
         self.start_proxy(max_concurrent=1)
-        self.backend.replies.append(Reply(delay=0.3))
+        self.backend.replies.append(Reply(hang_after=2))
         busy = self.open_ws()
         busy.create()
         self.assertEqual(busy.recv_event()["type"], "response.created")
         refused = self.ws()
         self.assertEqual(refused.status, 503)
         self.assertEqual(json.loads(refused.body)["error"]["code"], "too_many_requests")
-        busy.response_events()
+        busy.close_socket()
+        self.wait_for_log("client disconnected; upstream closed")
+        self.open_ws()  # its place is free again
 
 
 class WebSocketFrameTests(WebSocketCase):
@@ -1422,16 +1424,34 @@ class WebSocketFrameTests(WebSocketCase):
         small.create(input="y" * 3000)
         self.assertEqual(small.response_events()[-1]["type"], "response.completed")
 
-    def test_silent_upstream_gets_pings_and_idle_socket_is_closed(self):
-        with mock.patch.object(proxy, "WS_PING_INTERVAL", 0.1):
+    def test_pipelined_first_frame_is_not_lost(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                     + WebSocketFramingTests.masked(0x9, b"early"))
+        data = b""
+        while not data.endswith(b"\x8a\x05early"):
+            chunk = sock.recv(4096)
+            self.assertTrue(chunk, data)
+            data += chunk
+        self.assertTrue(data.startswith(b"HTTP/1.1 101 "), data)
+
+    def test_pings_answered_while_streaming_silent_upstream_pinged_idle_closed(self):
+        with mock.patch.object(proxy, "WS_PING_INTERVAL", 0.05):
             client = self.open_ws()
-            self.backend.replies.append(Reply(frames=[b": silence\n\n"] * 8 + stream_frames(),
-                                              delay=0.1))
+            self.backend.replies.append(Reply(frames=[b": silence\n\n"] * 6 + stream_frames(
+                text="Hi"), delay=0.05))
             client.create()
-            pings = []
-            events = client.response_events(pings)
-        self.assertEqual(events[-1]["type"], "response.completed")
-        self.assertGreaterEqual(len(pings), 1, "no ping while the upstream was silent")
+            client.send_frame(0x9, b"during")
+            seen = []
+            while not seen or seen[-1] != "response.completed":
+                opcode, payload = client.recv_frame()
+                seen.append(json.loads(payload)["type"] if opcode == 0x1 else (opcode, payload))
+        self.assertIn((0xA, b"during"), seen)
+        self.assertIn((0x9, b""), seen, "no ping while the upstream was silent")
+        self.assertLess(seen.index((0xA, b"during")), seen.index("response.completed"))
         with mock.patch.object(proxy, "WS_IDLE_TIMEOUT", 0.3), \
                 mock.patch.object(proxy, "WS_PING_INTERVAL", 0.1):
             idle = self.open_ws()
