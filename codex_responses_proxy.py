@@ -1772,6 +1772,7 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
 CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1003, 1007, 1009
+CLOSE_INTERNAL_ERROR = 1011
 # Codes an endpoint may never put in a close frame (RFC 6455 section 7.4.1).
 _CLOSE_CODES_RESERVED = (1004, 1005, 1006, 1015)
 
@@ -3513,6 +3514,18 @@ def input_list(value):
     return list(value) if isinstance(value, list) else []
 
 
+def with_stream_id(payload, stream_id):
+    """An event's JSON with the stream_id of the request it answers."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(event, dict):
+        return payload
+    event["stream_id"] = stream_id
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
 def websocket_error_event(err):
     """A refused or failed request as the backend's socket says it: an HTTP error carried
     in an `error` event (status, error, headers). previous_response_not_found goes without a
@@ -3649,8 +3662,7 @@ class WebSocketSession:
 
     def send_events(self, payloads, stream_id=None):
         if stream_id is not None:
-            payloads = [json.dumps(dict(json.loads(p), stream_id=stream_id),
-                                   separators=(",", ":")).encode() for p in payloads]
+            payloads = [with_stream_id(p, stream_id) for p in payloads]
         if payloads:
             self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
 
@@ -3801,6 +3813,15 @@ class WebSocketSession:
         except ClientGone:
             exchange.log_fields["note"] = "client disconnected; upstream closed"
             self.end()
+        except Exception as e:  # a bug costs this socket, not the server
+            self.app.log.info("internal error on a WebSocket request: %s: %s"
+                              % (e.__class__.__name__, e))
+            if self.app.config.debug:
+                import traceback
+                self.app.log.info(traceback.format_exc())
+            exchange.status = 500
+            exchange.log_fields["error"] = "internal_error"
+            self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
         self.responses += 1
         self.app.count_websocket("responses", 1)
         self.log_line(exchange, started)

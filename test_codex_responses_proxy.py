@@ -1287,6 +1287,12 @@ class WebSocketFramingTests(unittest.TestCase):
         self.assertEqual([json.loads(p) for p in proxy.sse_payloads(crlf)],
                          [{"a": 1, "type": "response.created"}])
 
+    def test_stream_id_is_added_to_event_objects_only(self):
+        self.assertEqual(json.loads(proxy.with_stream_id(b'{"type": "x"}', "lane")),
+                         {"type": "x", "stream_id": "lane"})
+        self.assertEqual(proxy.with_stream_id(b"[1]", "lane"), b"[1]")
+        self.assertEqual(proxy.with_stream_id(b"[DONE", "lane"), b"[DONE")
+
     def test_socket_keeps_the_last_few_within_its_bound(self):
         kept = proxy.SocketResponses(max_count=2, max_bytes=10 ** 6)
         for i in range(3):
@@ -1583,6 +1589,16 @@ class WebSocketProtocolTests(WebSocketCase):
         self.backend.replies.append(Reply(cut_after=4))
         sse_events = self.stream(simple_request())[2]
         self.assertEqual(sse_events[-1][1], events[-1])
+
+    def test_a_bug_closes_its_socket_with_1011_and_others_are_served(self):
+        client = self.open_ws()
+        with mock.patch.object(proxy.App, "respond", side_effect=RuntimeError("boom")):
+            client.create()
+            self.assertEqual(client.expect_close(), 1011)
+        self.wait_for_log("internal error on a WebSocket request: RuntimeError: boom")
+        other = self.open_ws()
+        other.create()
+        self.assertEqual(other.response_events()[-1]["type"], "response.completed")
 
     def test_bad_messages_get_error_events_and_the_socket_keeps_serving(self):
         client = self.open_ws()
