@@ -20,6 +20,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -161,10 +162,10 @@ class Config:
         return os.path.join(self.codex_home, "auth.json")
 
 
-def codex_user_agent(config):
+def codex_user_agent(config, version=None):
     """The User-Agent the Codex CLI sends, with ours at the end."""
     return "%s/%s (%s %s; %s) codex-responses-proxy/%s" % (
-        config.originator, config.client_version, platform.system() or "unknown",
+        config.originator, version or config.client_version, platform.system() or "unknown",
         platform.release() or "unknown", platform.machine() or "unknown", __version__)
 
 
@@ -393,12 +394,17 @@ def api_key_from_auth_file(path):
 
 class Log:
     """One line per event on stderr. Every line passes through redact(), so a token that slips
-    into an exception message or a debug dump is still never written."""
+    into an exception message or a debug dump is still never written, and through
+    escape_controls(), so that a client's text (a model name, a path) can neither start a
+    forged log line nor send escape sequences to a terminal."""
 
     def __init__(self, stream=None, debug=False):
         self.stream = stream or sys.stderr
         self.debug_enabled = debug
         self.colour = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # status_code() marks its colour codes with this instead of ESC, which info() escapes: a
+        # client cannot forge it without knowing it.
+        self._colour_mark = "<%s>" % base64.b32encode(os.urandom(10)).decode()
         self._secrets = ()  # replaced whole, never changed in place: redact() reads it unlocked
         self._lock = threading.Lock()
         self._warned = set()
@@ -415,7 +421,12 @@ class Log:
         return _BEARER_RE.sub("Bearer [REDACTED]", _JWT_RE.sub("[REDACTED-JWT]", text))
 
     def info(self, msg):
-        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.redact(msg))
+        text = self.redact(msg)
+        if self.colour and self._colour_mark in text:
+            text = "\033".join(escape_controls(part) for part in text.split(self._colour_mark))
+        else:
+            text = escape_controls(text)
+        line = "%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), text)
         with self._lock:
             try:
                 self.stream.write(line)
@@ -437,7 +448,24 @@ class Log:
     def status_code(self, code):
         if not self.colour:
             return str(code)
-        return "\033[%sm%d\033[0m" % ("32" if code < 400 else "33" if code < 500 else "31", code)
+        return "%s[%sm%d%s[0m" % (self._colour_mark, "32" if code < 400 else "33" if code < 500
+                                  else "31", code, self._colour_mark)
+
+
+def escape_controls(text):
+    """C0 and C1 control characters and DEL as visible escapes (a newline as \\n)."""
+    if _CONTROL_RE.search(text) is None:
+        return text  # nearly every line: one scan, no copy
+    return _CONTROL_RE.sub(_escape_control, text)
+
+
+def _escape_control(match):
+    char = match.group()
+    return _CONTROL_ESCAPES.get(char) or "\\x%02x" % ord(char)
+
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
@@ -490,6 +518,8 @@ REFRESH_AGE_WITHOUT_EXP = 8 * 24 * 3600  # the Codex CLI's rule for tokens witho
 PERMANENT_REFRESH_CODES = ("refresh_token_expired", "refresh_token_reused",
                            "refresh_token_invalidated")
 LOGIN_HINT = "Run `codex login` to sign in again."
+AUTH_SETTLE_SECONDS = 0.5   # an empty or garbled auth.json may be a rewrite in progress
+AUTH_WRITE_LOCK_WAIT = 2.0  # the Codex CLI holds auth.json.lock only while it writes
 
 
 def jwt_claims(token):
@@ -569,22 +599,21 @@ def auth_error(path, reason, status=401, code="codex_login_required"):
 
 
 def read_auth_file(path):
-    """auth.json -> (raw dict, Credentials); every way it can be unusable is a 401 that names
-    the path and says what to do."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
-                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
-                         "in config.toml first." % path)
-    except OSError as e:
-        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
-                         % (path, e.strerror or e))
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        raise auth_error(path, "%s is not valid JSON." % path)
+    """auth.json -> Credentials; every way it can be unusable is a 401 that names the path and
+    says what to do. An empty or unparseable file is read again for a moment before it counts
+    as broken: some Codex CLIs rewrite auth.json in place (truncate, then write), and a reader
+    can catch it between the two."""
+    deadline = time.monotonic() + AUTH_SETTLE_SECONDS
+    while True:
+        raw = _read_auth_bytes(path)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            break
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise auth_error(path, "%s is %s." % (path, "not valid JSON" if raw.strip()
+                                                      else "empty"))
+            time.sleep(0.02)
     if not isinstance(data, dict):
         raise auth_error(path, "%s does not hold a JSON object." % path)
     tokens = data.get("tokens")
@@ -596,14 +625,30 @@ def read_auth_file(path):
     return Credentials(data)
 
 
+def _read_auth_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
+                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
+                         "in config.toml first." % path)
+    except OSError as e:
+        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
+                         % (path, e.strerror or e))
+
+
 def write_auth_file(path, data):
     write_file_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")), 0o600)
 
 
 def write_file_atomic(path, write, mode):
     """Atomic replace: a crash at any point leaves the old file or the new one, never half.
-    write(f) fills the temporary file."""
-    directory = os.path.dirname(os.path.abspath(path))
+    write(f) fills the temporary file. A symlink is written through: the temporary file goes
+    next to the link's target and replaces that, so the link stays a link and its target does
+    not keep a used-up refresh token."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -652,13 +697,14 @@ def refresh_error_code(body):
     return data.get("code")
 
 
-def request_token_refresh(url, refresh_token, user_agent):
+def request_token_refresh(url, refresh_token, user_agent, reason):
+    """reason: the CLI's refresh_reason, "proactive_expiry" or "unauthorized_recovery"."""
     # Imported here: urllib.request costs ~1.5 MB and a refresh happens about once an hour.
     import urllib.error
     import urllib.request
 
     body = json.dumps({"client_id": OAUTH_CLIENT_ID, "grant_type": "refresh_token",
-                       "refresh_token": refresh_token}).encode()
+                       "refresh_token": refresh_token, "refresh_reason": reason}).encode()
     req = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "Accept": "application/json",
         "User-Agent": user_agent})
@@ -685,29 +731,33 @@ def request_token_refresh(url, refresh_token, user_agent):
 
 
 class _FileLock:
-    """Advisory lock on a side file, so two processes never redeem one refresh token."""
+    """flock on a side file of CODEX_HOME, as the Codex CLI takes it. Waits up to `wait`
+    seconds, polling (a blocking flock cannot time out, and a stuck holder must not stop us
+    forever); `acquired` is False only when another process held it all that time."""
 
-    def __init__(self, path, timeout=REFRESH_TIMEOUT + 5):
+    def __init__(self, path, wait):
         self.path = path
-        self.timeout = timeout
+        self.wait = wait
         self.fd = None
+        self.acquired = True
 
     def __enter__(self):
         if fcntl is None:
-            return self
+            return self  # Windows: no advisory locks; the in-process lock still serializes
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return self  # a read-only CODEX_HOME still works, just without the cross-process lock
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.wait
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except OSError:
                 if time.monotonic() > deadline:
-                    return self  # a stuck holder must not stop us forever
-                time.sleep(0.05)
+                    self.acquired = False
+                    return self
+                time.sleep(0.02)
 
     def __exit__(self, *exc):
         if self.fd is not None:
@@ -717,10 +767,16 @@ class _FileLock:
 
 class AuthStore:
     """The current credentials, cheap to ask for: auth.json is parsed again only when its
-    stat changes, and refreshes are single-flight in the process and locked across processes."""
+    stat changes. Refreshes are single-flight in the process and follow the Codex CLI's lock
+    protocol across processes (PROTOCOL.md §2), so that the CLI, this proxy and other proxies
+    never redeem one refresh token twice: $CODEX_HOME/auth.lock, waited for, around re-read,
+    refresh and write; auth.json.lock only around the write itself, because the CLI takes that
+    one without waiting and cannot save its own refresh while someone else holds it."""
 
     def __init__(self, path, refresh_url, user_agent, log):
         self.path = path
+        self.refresh_lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
+        self.write_lock_path = path + ".lock"
         self.refresh_url = refresh_url
         self.user_agent = user_agent
         self.log = log
@@ -728,6 +784,10 @@ class AuthStore:
         self._cache = (None, None)  # (stat key, Credentials), replaced whole: threads read it
         self._attempts = 0          # refresh attempts made, and the error of the last if it
         self._failure = None        # failed: threads that waited for it share that outcome
+        # A refresh token that failed for good, in the auth.json version it came from:
+        self._dead = None  # ((stat key, refresh token), (status, message, code))
+        self._saving = threading.Lock()  # held from redeeming a refresh token to saving the next
+        self._stopped = False
         self.last_refresh = None  # {"at", "ok", "error"} of the last attempt, for /status
 
     def _stat_key(self):
@@ -737,11 +797,12 @@ class AuthStore:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def load(self):
-        """Credentials as on disk now (cached while the file is unchanged)."""
+    def load(self, reread=False):
+        """Credentials as on disk now, cached while the file's stat is unchanged. reread: parse
+        the file anyway; under auth.lock a rewrite within one timestamp tick must not be missed."""
         key = self._stat_key()
         cached_key, cached = self._cache
-        if key is not None and key == cached_key:
+        if not reread and key is not None and key == cached_key:
             return cached
         creds = read_auth_file(self.path)
         for secret in creds.secrets():
@@ -755,6 +816,7 @@ class AuthStore:
         creds = self.load()
         if not self._stale(creds, rejected_token):
             return creds
+        self._check_dead(creds)
         attempts = self._attempts
         with self._lock:
             creds = self.load()  # another thread (or the Codex CLI) may have refreshed by now
@@ -764,23 +826,29 @@ class AuthStore:
                 # The refresh we waited for failed: share its outcome, no queue of retries.
                 status, message, code = self._failure
                 raise ProxyError(status, message, code=code)
-            with _FileLock(self.path + ".lock"):
-                creds = self.load()  # ... or another process
-                if not self._stale(creds, rejected_token):
-                    return creds
-                try:
-                    creds = self._refresh(creds)
-                except ProxyError as e:
-                    self._failure = (e.status, e.message, e.code)
-                    raise
-                except Exception as e:
-                    self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
-                                     % e.__class__.__name__, "token_refresh_failed")
-                    raise ProxyError(*self._failure[:2], code=self._failure[2])
-                finally:
-                    self._attempts += 1
-                self._failure = None
-                return creds
+            self._check_dead(creds)
+            try:
+                creds = self._refresh_locked(rejected_token)
+            except ProxyError as e:
+                self._failure = (e.status, e.message, e.code)
+                raise
+            except Exception as e:
+                self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
+                                 % e.__class__.__name__, "token_refresh_failed")
+                raise ProxyError(*self._failure[:2], code=self._failure[2])
+            finally:
+                self._attempts += 1
+            self._failure = None
+            return creds
+
+    def stop_refreshing(self, timeout):
+        """At shutdown: wait for a refresh in progress to save its result, and let no new one
+        begin. False if one was still running after timeout seconds."""
+        self._stopped = True
+        if not self._saving.acquire(timeout=timeout):
+            return False
+        self._saving.release()
+        return True
 
     def _note_refresh(self, error):
         self.last_refresh = {"at": rfc3339_now(), "ok": error is None, "error": error}
@@ -791,32 +859,68 @@ class AuthStore:
             return creds.access_token == rejected_token
         return creds.needs_refresh()
 
-    def _refresh(self, creds):
+    def _check_dead(self, creds):
+        """A refresh token that failed for good is not sent again while auth.json stays as it
+        was: every request hears at once that a new login is needed."""
+        dead = self._dead
+        if dead is not None and dead[0] == (self._stat_key(), creds.refresh_token):
+            raise ProxyError(*dead[1][:2], code=dead[1][2])
+
+    def _refresh_locked(self, rejected_token):
+        with _FileLock(self.refresh_lock_path, REFRESH_TIMEOUT + 5) as lock:
+            if not lock.acquired:
+                # Refreshing anyway could redeem the refresh token the holder is redeeming.
+                raise ProxyError(503, "Another process (the Codex CLI?) has held %s for %d s "
+                                 "while refreshing the login; not refreshing beside it. Try again "
+                                 "shortly." % (self.refresh_lock_path, lock.wait),
+                                 code="token_refresh_failed")
+            creds = self.load(reread=True)  # ... or another process, the CLI included
+            if not self._stale(creds, rejected_token):
+                return creds
+            return self._refresh(creds, "unauthorized_recovery" if rejected_token is not None
+                                 else "proactive_expiry")
+
+    def _refresh(self, creds, reason):
         if not creds.refresh_token:
             raise auth_error(self.path, "The access token in %s has expired and there is no "
                              "refresh token." % self.path)
         self._check_writable()
-        self.log.info("refreshing the access token")
-        try:
-            answer = request_token_refresh(self.refresh_url, creds.refresh_token, self.user_agent)
-        except RefreshFailed as e:
-            if e.code == "refresh_token_reused":
-                # The Codex CLI may have rotated the token a moment ago: its result is on disk.
-                self._cache = (None, None)
-                fresh = self.load()
-                if fresh.refresh_token != creds.refresh_token:
-                    self.log.info("refresh token was already rotated by another process; "
-                                  "using its tokens")
-                    self._note_refresh(None)
-                    return fresh
-            self._note_refresh(str(e))
-            self.log.info("token refresh failed: %s" % e)
-            if e.permanent:
-                raise ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
-                                 % (e.code or "unauthorized", LOGIN_HINT),
-                                 code=e.code or "refresh_failed")
-            raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
-                             "request will try again." % e, code="token_refresh_failed")
+        with self._saving:
+            if self._stopped:
+                raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+            self.log.info("refreshing the access token (%s)" % reason)
+            try:
+                answer = request_token_refresh(self.refresh_url, creds.refresh_token,
+                                               self.user_agent, reason)
+            except RefreshFailed as e:
+                return self._refresh_failed(creds, e)
+            fresh = self._save(creds, answer)
+        self.log.info("access token refreshed")
+        return fresh
+
+    def _refresh_failed(self, creds, e):
+        if e.code == "refresh_token_reused":
+            # A process outside the lock protocol (an older Codex CLI) may have rotated the
+            # token a moment ago: its result is on disk.
+            fresh = self.load(reread=True)
+            if fresh.refresh_token != creds.refresh_token:
+                self.log.info("refresh token was already rotated by another process; "
+                              "using its tokens")
+                self._note_refresh(None)
+                return fresh
+        self._note_refresh(str(e))
+        self.log.info("token refresh failed: %s" % e)
+        if e.permanent:
+            error = ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
+                               % (e.code or "unauthorized", LOGIN_HINT),
+                               code=e.code or "refresh_failed")
+            self._dead = ((self._stat_key(), creds.refresh_token),
+                          (error.status, error.message, error.code))
+            raise error
+        raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
+                         "request will try again." % e, code="token_refresh_failed")
+
+    def _save(self, creds, answer):
         data = dict(creds.data)
         tokens = dict(data.get("tokens") or {})
         for name in ("id_token", "access_token", "refresh_token"):
@@ -825,22 +929,24 @@ class AuthStore:
                 self.log.add_secret(answer[name])
         data["tokens"] = tokens
         data["last_refresh"] = rfc3339_now()
-        try:
-            write_auth_file(self.path, data)
-        except OSError as e:
-            # The old refresh token is used up now: say loudly that the new one is only in memory.
-            self.log.info("warning: could not write %s (%s); the refreshed tokens live only in "
-                          "this process" % (self.path, e.strerror or e))
+        # Written even when the lock stays held: the old refresh token is spent, and its
+        # successor exists nowhere else.
+        with _FileLock(self.write_lock_path, AUTH_WRITE_LOCK_WAIT):
+            try:
+                write_auth_file(self.path, data)
+            except OSError as e:
+                # Say loudly that the new refresh token is only in memory.
+                self.log.info("warning: could not write %s (%s); the refreshed tokens live only "
+                              "in this process" % (self.path, e.strerror or e))
         self._note_refresh(None)
         fresh = Credentials(data)
         self._cache = (self._stat_key(), fresh)
-        self.log.info("access token refreshed")
         return fresh
 
     def _check_writable(self):
         """Redeeming the refresh token uses it up: refuse unless its successor can be saved,
         or the Codex CLI's own login would be left holding a dead token."""
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = os.path.dirname(os.path.realpath(self.path))
         try:
             fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
             os.close(fd)
@@ -872,19 +978,35 @@ ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools"
 
 def _inflate(raw, wbits, limit):
     """zlib, raw deflate or gzip (wbits 15, -15, 31) data, inflated to at most limit bytes
-    (None: no limit), so that a small compressed body cannot expand to gigabytes."""
-    out = b""
+    (None: no limit), so that a small compressed body cannot expand to gigabytes.
+
+    Linear in len(raw) however many gzip members it holds: each member's decompressor gets
+    the input in windows that start small and double, because at a member's end zlib copies
+    whatever input it was given beyond that end (unused_data). Fed the whole remaining body,
+    a body of 20-byte members costs quadratic time (1 MB: over a second; 32 MB: minutes)."""
+    view = memoryview(raw)
+    pieces, size, pos = [], 0, 0
     while True:
         d = zlib.decompressobj(wbits)
-        out += d.decompress(raw, 0 if limit is None else limit + 1 - len(out))
-        if limit is not None and len(out) > limit:
-            raise ProxyError(413, "The request body is over the limit of %d bytes once "
-                             "decompressed." % limit, code="request_too_large")
+        window = _INFLATE_FIRST_WINDOW
+        while not d.eof and pos < len(view):
+            chunk = view[pos:pos + window]
+            piece = d.decompress(chunk, 0 if limit is None else limit + 1 - size)
+            pieces.append(piece)
+            size += len(piece)
+            if limit is not None and size > limit:
+                raise ProxyError(413, "The request body is over the limit of %d bytes once "
+                                 "decompressed." % limit, code="request_too_large")
+            pos += len(chunk) - len(d.unused_data)  # all of it, unless the member ended
+            window = min(window * 2, _INFLATE_MAX_WINDOW)
         if not d.eof:
             raise ValueError("the compressed data ends early")
-        raw = d.unused_data
-        if wbits != 31 or not raw:  # a gzip body may hold several members
-            return out
+        if wbits != 31 or pos >= len(view):  # a gzip body may hold several members
+            return b"".join(pieces)
+
+
+_INFLATE_FIRST_WINDOW = 64  # about three of the smallest gzip members
+_INFLATE_MAX_WINDOW = 1 << 20
 
 
 def decode_request_body(raw, content_encoding, limit=None):
@@ -921,8 +1043,91 @@ def decode_request_body(raw, content_encoding, limit=None):
                      % encoding, code="unsupported_content_encoding")
 
 
-_JSON_DECODER = json.JSONDecoder()
+class _NotJSON(ValueError):
+    """A value Python's json module takes but JSON has no place for."""
+
+
+def _no_constant(name):
+    raise _NotJSON("%s, which is not a JSON number" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise _NotJSON("%s, beyond the range of a JSON number (a double)" % text)
+    return value
+
+
+_INF = float("inf")
+# Python's json takes NaN, Infinity, -Infinity and 1e999 (inf); none is JSON, and sent on
+# they would reach the backend as bare NaN/Infinity tokens.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# Deeper nesting is refused with a 400: Python's json parses up to ~1000 levels but cannot
+# encode them again. 128 is far beyond what requests hold (tool schemas nest a dozen or so).
+MAX_JSON_DEPTH = 128
+_CONTAINERS = (dict, list)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _too_deep(value):
+    """Whether value, standing in a top-level field, nests past MAX_JSON_DEPTH (the body
+    itself is level 1). Level by level, not recursively: a deep value costs no stack."""
+    level = [value] if type(value) in _CONTAINERS else []
+    for _ in range(MAX_JSON_DEPTH - 1):
+        if not level:
+            return False
+        level = [child for container in level
+                 for child in (container.values() if type(container) is dict else container)
+                 if type(child) in _CONTAINERS]
+    return bool(level)
+
+
+def _has_lone_surrogate(value):
+    """Whether a str in value (keys too) holds half of a surrogate pair: the parser makes one
+    of a "\\ud800" escape that no low half follows. It cannot be encoded as UTF-8: not text.
+    Level by level, one regex search per level, as this runs on every body with an emoji."""
+    level = [value]
+    while level:
+        if _SURROGATE.search("".join([v for v in level if type(v) is str])):
+            return True
+        nested = []
+        for v in level:
+            kind = type(v)
+            if kind is dict:
+                nested += v
+                nested += v.values()
+            elif kind is list:
+                nested += v
+        level = nested
+    return False
+
+
+def _check_json_values(body, text):
+    """400 for what parses but must not go on: nesting past MAX_JSON_DEPTH, lone surrogates.
+    Both checks are skipped when the text shows they cannot apply, as it does for most bodies."""
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if not (deep or surrogates):
+        return
+    for key, value in body.items():
+        param = None if surrogates and _SURROGATE.search(key) else key
+        if deep and _too_deep(value):
+            raise _too_deep_error(param)
+        if surrogates and (param is None or _has_lone_surrogate(value)):
+            raise ProxyError(400, "The request body is not valid JSON: %s holds a lone UTF-16 "
+                             "surrogate escape (like \\ud800 without its pair), which is not "
+                             "text. Send the character itself, or its full surrogate pair."
+                             % ("`%s`" % key if param else "a field name"), param=param,
+                             code="invalid_json")
+
+
+def _too_deep_error(param):
+    return ProxyError(400, "The request body nests arrays and objects more than %d levels deep%s, "
+                      "the most this proxy accepts. Flatten the structure, or send deep data "
+                      "as a string." % (MAX_JSON_DEPTH, " (in `%s`)" % param if param else ""),
+                      param=param, code="invalid_json")
 
 
 def parse_json_object(raw):
@@ -950,7 +1155,14 @@ def parse_json_object(raw):
                 if text[pos:pos + 1] != ":":
                     raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
                 start = _JSON_SPACE.match(text, pos + 1).end()
-                body[key], pos = _JSON_DECODER.raw_decode(text, start)
+                try:
+                    body[key], pos = _JSON_DECODER.raw_decode(text, start)
+                except _NotJSON as e:
+                    raise ProxyError(400, "The request body is not valid JSON: `%s` holds %s. "
+                                     "Send a finite number (or null)." % (key, e), param=key,
+                                     code="invalid_json")
+                except RecursionError:
+                    raise _too_deep_error(key)
                 spans[key] = (start, pos)
                 pos = _JSON_SPACE.match(text, pos).end()
                 if text[pos:pos + 1] == ",":
@@ -962,12 +1174,15 @@ def parse_json_object(raw):
                     raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
         if _JSON_SPACE.match(text, pos).end() != len(text):
             raise json.JSONDecodeError("Extra data", text, pos)
+    except RecursionError:
+        raise _too_deep_error(None)
     except TypeError:
         raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
     except UnicodeDecodeError:
         raise ProxyError(400, "The request body is not valid UTF-8.", code="invalid_json")
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise ProxyError(400, "The request body is not valid JSON (%s)." % e, code="invalid_json")
+    _check_json_values(body, text)
     # ASCII (what most SDKs send): offsets in text are offsets in raw, whose bytes can then be
     # copied as they are, without encoding 2 MB of str again.
     return body, (raw if text.isascii() else text), spans
@@ -1265,10 +1480,15 @@ class SSEParser:
         self._data = []
         self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
         self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
+        self._start = b""  # the stream's first bytes while they may still be a BOM; then None
 
     def feed(self, chunk):
         if not chunk:
             return []
+        if self._start is not None:
+            chunk = self._skip_bom(chunk)
+            if not chunk:
+                return []
         lead = []
         if self._skip_lf:
             self._skip_lf = False
@@ -1295,6 +1515,16 @@ class SSEParser:
         else:
             buf = chunk
         return lead + (self._feed_frames(buf) if fast else self._feed_lines(buf))
+
+    def _skip_bom(self, chunk):
+        """chunk without the byte order mark the specification lets a stream start with (and
+        nothing while the first reads are too short to tell)."""
+        chunk = self._start + chunk
+        if len(chunk) < len(_UTF8_BOM) and _UTF8_BOM.startswith(chunk):
+            self._start = chunk
+            return b""
+        self._start = None
+        return chunk[len(_UTF8_BOM):] if chunk[:len(_UTF8_BOM)] == _UTF8_BOM else chunk
 
     def _feed_frames(self, buf):
         frames = buf.split(b"\n\n")
@@ -1371,7 +1601,7 @@ class SSEParser:
             self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
-        elif name == b"id":
+        elif name == b"id" and b"\0" not in value:  # ignored, as the specification says
             self._id = value.decode("utf-8", "replace")
         elif name == b"retry" and value.isdigit():
             self._retry = int(value)
@@ -1383,6 +1613,9 @@ class SSEParser:
         self._event = self._retry = None
         self._data = []
         return event  # `id` persists across events, as in the specification
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1525,26 +1758,44 @@ def _chat_error(message, param="messages"):
 
 
 def _chat_text(content, where):
-    """A message's content as plain text: a string, or the text of its parts."""
+    """A message's content as plain text: a string, or the text of its parts. Only text parts
+    can become text (an assistant's refusal parts are left out)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list):
-        return "".join(part.get("text") or "" for part in content
-                       if isinstance(part, dict) and part.get("type") in ("text", "input_text",
-                                                                          "output_text"))
-    raise _chat_error("%s: content must be a string or a list of parts." % where)
+    if not isinstance(content, list):
+        raise _chat_error("%s: content must be a string or a list of parts." % where,
+                          where + ".content")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text", "output_text"):
+            texts.append(_chat_part_text(part, "%s.content[%d]" % (where, j)))
+        elif kind != "refusal":
+            raise _chat_error("%s.content[%d]: parts of type %r cannot stand in this message; "
+                              "it takes text parts only." % (where, j, kind),
+                              "%s.content[%d]" % (where, j))
+    return "".join(texts)
+
+
+def _chat_part_text(part, where):
+    text = part.get("text")
+    if text is not None and not isinstance(text, str):
+        raise _chat_error("%s.text must be a string." % where, where + ".text")
+    return text or ""
 
 
 def _chat_user_parts(content, where):
     if isinstance(content, str):
         return [{"type": "input_text", "text": content}]
     if not isinstance(content, list):
-        raise _chat_error("%s: content must be a string or a list of parts." % where)
+        raise _chat_error("%s: content must be a string or a list of parts." % where,
+                          where + ".content")
     parts = []
-    for part in content:
+    for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            parts.append({"type": "input_text", "text": part.get("text") or ""})
+            parts.append({"type": "input_text",
+                          "text": _chat_part_text(part, "%s.content[%d]" % (where, j))})
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
@@ -1558,17 +1809,66 @@ def _chat_user_parts(content, where):
     return parts
 
 
-def _chat_tool(tool):
+def _chat_tool(tool, where):
     if not isinstance(tool, dict) or tool.get("type") != "function" or \
             not isinstance(tool.get("function"), dict):
         raise _chat_error("Only tools of type function are supported.", "tools")
     fn = tool["function"]
-    out = {"type": "function", "name": fn.get("name"),
+    if not isinstance(fn.get("name"), str):
+        raise _chat_error("%s.function.name must be a string." % where, where + ".function.name")
+    out = {"type": "function", "name": fn["name"],
            "parameters": fn.get("parameters") or {"type": "object", "properties": {}}}
     for key in ("description", "strict"):
         if key in fn:
             out[key] = fn[key]
     return out
+
+
+def _chat_tool_calls(calls, where):
+    """An assistant message's tool_calls as function_call items."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise _chat_error("%s.tool_calls must be a list." % where, where + ".tool_calls")
+    items = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+            raise _chat_error("%s: each tool call needs an id and a function." % where)
+        name, arguments = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not isinstance(arguments, (str, type(None))):
+            param = "%s.tool_calls[%d].function.%s" % (
+                where, j, "name" if not isinstance(name, str) else "arguments")
+            raise _chat_error("%s must be a string." % param, param)
+        items.append({"type": "function_call", "call_id": call["id"], "name": name,
+                      "arguments": arguments or "{}"})
+    return items
+
+
+def _chat_tool_choice(choice):
+    """tool_choice in Responses terms: a string as it is, a named function flattened."""
+    if choice is None or isinstance(choice, str):
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or \
+            not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _chat_error("`tool_choice` must be \"none\", \"auto\", \"required\" or "
+                          "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                          "tool_choice")
+    return {"type": "function", "name": fn["name"]}
+
+
+def _chat_text_format(fmt):
+    """response_format as the Responses text.format."""
+    if not isinstance(fmt, dict):
+        raise _chat_error("`response_format` must be an object.", "response_format")
+    if fmt.get("type") != "json_schema":
+        return {"type": fmt.get("type")}
+    schema = fmt.get("json_schema")
+    if not isinstance(schema, dict):
+        raise _chat_error("`response_format.json_schema` must be an object (name, schema, "
+                          "strict).", "response_format.json_schema")
+    return dict(schema, type="json_schema")
 
 
 def chat_to_responses(body):
@@ -1602,12 +1902,7 @@ def chat_to_responses(body):
             if text:
                 items.append({"type": "message", "role": "assistant",
                               "content": [{"type": "output_text", "text": text}]})
-            for call in message.get("tool_calls") or []:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
-                    raise _chat_error("%s: each tool call needs an id and a function." % where)
-                items.append({"type": "function_call", "call_id": call["id"],
-                              "name": fn.get("name"), "arguments": fn.get("arguments") or "{}"})
+            items += _chat_tool_calls(message.get("tool_calls"), where)
         elif role == "tool":
             if not isinstance(message.get("tool_call_id"), str):
                 raise _chat_error("%s: a tool message needs tool_call_id." % where)
@@ -1621,23 +1916,15 @@ def chat_to_responses(body):
     if body.get("tools") is not None:
         if not isinstance(body["tools"], list):
             raise _chat_error("`tools` must be a list.", "tools")
-        out["tools"] = [_chat_tool(t) for t in body["tools"]]
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        choice = {"type": "function", "name": (choice.get("function") or {}).get("name")}
+        out["tools"] = [_chat_tool(t, "tools[%d]" % i) for i, t in enumerate(body["tools"])]
+    choice = _chat_tool_choice(body.get("tool_choice"))
     if choice is not None:
         out["tool_choice"] = choice
     for key in ("parallel_tool_calls", "prompt_cache_key", "service_tier"):
         if key in body:
             out[key] = body[key]
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict):
-        if fmt.get("type") == "json_schema":
-            schema = dict(fmt.get("json_schema") or {})
-            schema["type"] = "json_schema"
-            out["text"] = {"format": schema}
-        else:
-            out["text"] = {"format": {"type": fmt.get("type")}}
+    if body.get("response_format") is not None:
+        out["text"] = {"format": _chat_text_format(body["response_format"])}
     if body.get("verbosity") is not None:
         out.setdefault("text", {})["verbosity"] = body["verbosity"]
     if body.get("reasoning_effort") is not None:
@@ -2094,11 +2381,6 @@ class ConversationStore:
         with self._lock:
             self._save(response["id"], record, tuple(item_ids))
 
-    def put(self, response_id, parent, input_json, output):
-        """The relay's call until it passes the whole response to save()."""
-        self.save({"id": response_id, "object": "response", "output": output}, parent,
-                  input_json)
-
     def history(self, response_id):
         """All items of the chain ending in response_id, oldest first, as the backend takes
         them; None if response_id is unknown or deleted, or a link is unknown (never stored,
@@ -2422,8 +2704,6 @@ class SQLiteConversationStore(ConversationStore):
 # Forwarded from the backend's answer to the client: quota, rate limit and request ids.
 FORWARDED_RESPONSE_HEADERS = ("retry-after", "x-request-id", "x-oai-request-id", "openai-model",
                               "x-models-etag")
-# Codex-specific request headers a client (the Codex CLI) may send, passed on as they are.
-FORWARDED_REQUEST_HEADERS = ("x-openai-subagent", "x-client-request-id")
 
 
 def upstream_url_for(url, endpoint):
@@ -2834,24 +3114,25 @@ class UpstreamClient:
         self._dropped = {}  # model -> parameters the backend rejected for it
         self._lock = threading.Lock()
 
-    def exchange(self, method, url, body, headers):
+    def exchange(self, method, url, body, headers, timeout=None):
         """One request, sent (and dumped), its quota headers noted."""
         dump = self.dumper.request(method, url, list(headers.items()), body) \
             if self.dumper else None
         conn, resp = send_upstream(self.pool, url, body, headers,
-                                   self.config.stream_idle_timeout, method)
+                                   timeout or self.config.stream_idle_timeout, method)
         answer = UpstreamAnswer(conn, resp, dump)
         self.quota.update(answer.headers)
         if dump:
             dump.answer(answer.status, answer.headers)
         return answer
 
-    def codex_headers(self, creds, session_id, extra, accept="text/event-stream"):
+    def codex_headers(self, creds, session_id, extra, accept="text/event-stream", version=None):
         headers = {
             "Authorization": "Bearer " + creds.access_token,
             "originator": self.config.originator,
-            "User-Agent": self.user_agent,
-            "version": self.config.client_version,
+            "User-Agent": self.user_agent if version in (None, self.config.client_version)
+            else codex_user_agent(self.config, version),
+            "version": version or self.config.client_version,
             "Accept": accept,
             "Content-Type": "application/json",
         }
@@ -2867,10 +3148,11 @@ class UpstreamClient:
         return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
 
     def call(self, method, url, body=None, encode=None, session_id=None, extra=(),
-             accept="text/event-stream"):
+             accept="text/event-stream", version=None, timeout=None):
         """A ChatGPT-mode request under the retry policy; the answer once it is a 200, else
         the backend's error as a ProxyError. body: the JSON object to send, encoded by
-        encode() on each try (a retry may have dropped a parameter)."""
+        encode() on each try (a retry may have dropped a parameter); version: the Codex
+        version to present."""
         rejected_token = None
         dropped_now = set()
         while True:
@@ -2881,7 +3163,8 @@ class UpstreamClient:
                     len(payload), payload[:16384].decode("utf-8", "replace"),
                     "... [truncated]" if len(payload) > 16384 else ""))
             answer = self.exchange(method, url, payload,
-                                   self.codex_headers(creds, session_id, extra, accept))
+                                   self.codex_headers(creds, session_id, extra, accept, version),
+                                   timeout)
             if answer.status == 200:
                 return answer
             error_body = answer.read_whole(self.pool)
@@ -2910,11 +3193,12 @@ class UpstreamClient:
                                + LOGIN_HINT)
             raise err
 
-    def models(self):
+    def models(self, version):
         """The backend's model list as OpenAI's: {"object": "list", "data": [...]}."""
         url = "%s?client_version=%s" % (upstream_url_for(self.config.upstream_url, "models"),
-                                        urllib.parse.quote(self.config.client_version))
-        body = self.call("GET", url, accept="application/json").read_whole(self.pool)
+                                        urllib.parse.quote(version))
+        body = self.call("GET", url, accept="application/json",
+                         version=version).read_whole(self.pool)
         try:
             models = json.loads(body)["models"]
             now = int(time.time())
@@ -2952,10 +3236,22 @@ def dump_body(body):
 
 
 class ExchangeDumper:
-    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600."""
+    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
+    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
+    0700 too, and one that belongs to another user is refused (its owner could read them)."""
 
     def __init__(self, directory, log):
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise PermissionError("--dump-dir %s belongs to another user (uid %d); dumps hold "
+                                  "whole conversations, so the proxy writes them only into a "
+                                  "directory of its own user. Choose another --dump-dir."
+                                  % (directory, st.st_uid))
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+            log.info("made --dump-dir %s private (mode 0700, was %04o)"
+                     % (directory, st.st_mode & 0o7777))
         self.directory = directory
         self.log = log
         self._next = 1
@@ -2973,11 +3269,19 @@ class ExchangeDumper:
     def _write(self, path, obj):
         data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file only: a file or symlink already at this name was put there by someone
+            # else, and following or overwriting it could clobber or leak some other file.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+        except FileExistsError:
+            self.log.info("cannot write dump %s: something is already there (left as it is)"
+                          % path)
         except OSError as e:
             self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 
 
 class ExchangeDump:
@@ -3074,6 +3378,8 @@ def check_access(method, path, headers, config, listen_address):
 
 ROUTES = {
     "/v1/responses": {"POST": "responses"},
+    "/v1/responses/compact": {"POST": "compact"},
+    "/v1/responses/input_tokens": {"POST": "input_tokens"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/models": {"GET": "models"},
     "/status": {"GET": "status"},
@@ -3082,11 +3388,21 @@ ROUTES = {
 }
 ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
                if path.startswith("/v1/")})  # clients configured without /v1
+# /v1/responses/{id} and what hangs off it: App methods taking the id too
+RESPONSE_ROUTES = {"": {"GET": "retrieve", "DELETE": "delete"},
+                   "/input_items": {"GET": "input_items"}, "/cancel": {"POST": "cancel"}}
+_RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
+                               r"(|/input_items|/cancel)\Z")
 
 
 def find_route(method, path, headers, config):
-    """The App's method for this request, else the fitting JSON error."""
-    methods = ROUTES.get(path)
+    """(the App's method for this request, its arguments from the path), else the fitting
+    JSON error."""
+    methods, args = ROUTES.get(path), ()
+    if methods is None:
+        m = _RESPONSE_PATH_RE.match(path)
+        if m:
+            methods, args = RESPONSE_ROUTES[m.group(2)], (m.group(1),)
     if path == "/shutdown" and not config.http_shutdown:
         methods = None
     if methods is None:
@@ -3094,7 +3410,7 @@ def find_route(method, path, headers, config):
                          % path, code="not_found")
     if "websocket" in (headers.get("upgrade") or "").lower():
         if methods.get("POST") == "responses" and method == "GET":
-            return "websocket"
+            return "websocket", ()
         raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP here.",
                          code="websocket_not_supported")
     name = methods.get(method)
@@ -3102,7 +3418,7 @@ def find_route(method, path, headers, config):
         raise ProxyError(405, "%s does not take %s; use %s." % (
             path, method, " or ".join(sorted(methods))), code="method_not_allowed",
             headers=[("Allow", ", ".join(sorted(methods)))])
-    return name
+    return name, args
 
 
 # --------------------------------------------------------------------------------------------
@@ -3602,19 +3918,13 @@ class WebSocketSink:
 
 
 class WebSocketExchange:
-    """One request on a socket, as App.respond and the relay see a client."""
+    """One request on a socket, as the relay sees a client."""
 
     def __init__(self, session):
         self.session = session
         self.connection = session.sock
         self.log_fields = {}
         self.status = 200
-
-    def session_id(self):
-        return self.session.handler.session_id()
-
-    def codex_headers(self):
-        return self.session.handler.codex_headers()
 
     def forwardable_headers(self):
         """API-key mode: the handshake's headers, less the WebSocket's own and those a
@@ -3629,7 +3939,7 @@ class WebSocketSession:
     answers pings, queues requests, answers the close handshake, pings a silent client,
     closes an idle socket, and on the client's close or hang-up shuts the socket, which
     cuts a response in flight (see HangupWatcher). This thread answers the queued requests
-    one after another, each through App.respond into a WebSocketSink."""
+    one after another, each through the relay into a WebSocketSink."""
 
     def __init__(self, app, handler, path):
         self.app = app
@@ -3831,46 +4141,58 @@ class WebSocketSession:
         model = body.get("model")
         exchange.log_fields["model"] = model if isinstance(model, str) else None
         generate = body.get("generate", True)
-        body = dict(body)  # the request's own fields go, the rest as on HTTP
-        for name in ("type", "stream_id", "generate"):
-            body.pop(name, None)
         if not isinstance(generate, bool):
             raise ProxyError(400, "`generate` must be true or false.", param="generate",
                              code="invalid_type")
-        previous = body.get("previous_response_id")
-        history = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            history = self.kept.get(previous)
-            if history is None and app.config.mode == "chatgpt":
-                history = app.history(previous)
-
-        def keep(response_id, items):
-            self.kept.put(response_id, items)
-
-        if not generate:
-            upstream_body = rewrite_request(body, app.config.instructions, None, (), history)[0]
-            events = prewarm_events(body)
-            keep(events[0]["response"]["id"], upstream_body["input"])
-            self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
-                             stream_id)
-            exchange.log_fields["note"] = "generate: false, answered here"
-            return
+        body = dict(body)  # the message's own fields go; the rest is a request as on HTTP
+        for name in ("type", "stream_id", "generate"):
+            body.pop(name, None)
         sink = WebSocketSink(self, exchange, stream_id)
-
-        def on_kept(assembler, sent_input):
-            response_id = (assembler.response or {}).get("id")
-            if assembler.terminal in ("response.completed", "response.incomplete") and \
-                    isinstance(response_id, str):
-                keep(response_id, list(sent_input) + replayable(assembler.output()))
-
+        if app.config.mode == "apikey":
+            previous = body.get("previous_response_id")
+            history = self.kept.get(previous) if isinstance(previous, str) else None
+            if not generate:
+                if previous is not None and history is None:
+                    raise unknown_response_error(previous)
+                return self.prewarm(exchange, body, (history or []) + input_list(
+                    body.get("input")), stream_id)
+            with app.slot():
+                return app.respond_platform(exchange, body, history, sink, self.keep)
+        request = app.prepare(self.handler.header, body, source, spans, history=self.history)
+        if not generate:
+            return self.prewarm(exchange, body, request.body["input"], stream_id)
         with app.slot():
-            if app.config.mode == "apikey":
-                app.respond_platform(exchange, body, history, sink, on_kept)
-            else:
-                app.respond(exchange, body, source, spans, history, sink, on_kept)
+            answer = app.upstream.call("POST", app.config.upstream_url, request.body,
+                                       request.encode, request.session_id, request.headers,
+                                       version=request.version)
+
+            def on_end(assembler):
+                app.keep(assembler, request)
+                self.keep(assembler, request.body["input"])
+
+            relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+
+    def history(self, previous):
+        """The items previous_response_id names: a response of this socket's, else one in
+        the conversation store."""
+        items = self.kept.get(previous)
+        return items if items is not None else self.app.conversations.history(previous)
+
+    def keep(self, assembler, sent_input):
+        """A finished response's whole input and output, for previous_response_id on this
+        socket, whatever its `store` said."""
+        response_id = (assembler.response or {}).get("id")
+        if assembler.terminal in ("response.completed", "response.incomplete") and \
+                isinstance(response_id, str):
+            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()))
+
+    def prewarm(self, exchange, body, items, stream_id):
+        """`"generate": false`: answered here; its input kept for the next request."""
+        events = prewarm_events(body)
+        self.kept.put(events[0]["response"]["id"], items)
+        self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
+                         stream_id)
+        exchange.log_fields["note"] = "generate: false, answered here"
 
     def log_line(self, exchange, started):
         log = self.app.log
@@ -3893,6 +4215,20 @@ class WebSocketSession:
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
 
+# What the compact endpoint takes, as the Codex CLI sends it; the rest of a Responses body
+# (stream, store, include...) is not for it.
+COMPACT_FIELDS = ("model", "input", "instructions", "tools", "parallel_tool_calls", "reasoning",
+                  "text")
+COMPACT_TIMEOUT = 600.0  # one JSON answer for a whole history: no events to show progress
+
+
+class PreparedRequest:
+    """A Responses request as it goes upstream, and what keeping its answer takes."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
 class App:
     """Everything the proxy is, apart from serving sockets: the login, the upstream client,
     the conversations, the model list, the counters behind /status, and the routes. A route
@@ -3907,6 +4243,7 @@ class App:
                               log)
         self.upstream = UpstreamClient(config, log, self.auth)
         self.models_cache = ModelsCache()
+        self.client_version = ClientVersion(config.client_version)
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.started = time.time()
@@ -4052,50 +4389,20 @@ class App:
         if self.config.mode == "apikey":
             return self.forward_as_is(client, upstream_url_for(self.config.upstream_url,
                                                                "models"))
-        client.send_json(200, self.models_cache.get(self.upstream.models, self.log))
+        client.send_json(200, self.models_cache.get(self.upstream.models,
+                                                    self.client_version.newest, self.log))
 
     def responses(self, client):
-        config = self.config
-        if config.mode == "apikey":
-            return self.forward_as_is(client, config.upstream_url)
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
-        previous = body.get("previous_response_id")
-        if previous is not None and not isinstance(previous, str):
-            raise ProxyError(400, "`previous_response_id` must be a string.",
-                             param="previous_response_id", code="invalid_type")
-        history = self.history(previous) if previous is not None else None
+        request = self.prepare(client.header, body, source, spans)
+        answer = self.upstream.call("POST", self.config.upstream_url, request.body,
+                                    request.encode, request.session_id, request.headers,
+                                    version=request.version)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
-        self.respond(client, body, source, spans, history, sink)
-
-    def history(self, previous):
-        """The items of the conversation previous_response_id names, else its 400."""
-        history = self.conversations.history(previous)
-        if history is None:
-            raise unknown_response_error(previous)
-        return history
-
-    def respond(self, client, body, source, spans, history, sink, on_kept=None):
-        """A Responses request sent to the backend, its stream relayed into sink (SSE, one
-        JSON answer, or WebSocket frames), the response kept for previous_response_id.
-        on_kept(assembler, input sent) runs then too (a socket keeps its own)."""
-        config = self.config
-        previous = body.get("previous_response_id")
-        upstream_body, session_id = rewrite_request(
-            body, config.instructions, client.session_id(),
-            self.upstream.dropped_params(body.get("model")), history)
-        span = unchanged_span("input", upstream_body["input"], body, spans)
-        own_input = source[span[0]:span[1]] if span else json.dumps(
-            upstream_body["input"][len(history or ()):], separators=(",", ":"))
-        answer = self.upstream.call("POST", config.upstream_url, upstream_body,
-                                    lambda b: encode_json_object(b, body, source, spans),
-                                    session_id, client.codex_headers())
-
-        def on_end(assembler):
-            self.keep(assembler, previous, own_input)
-            if on_kept is not None:
-                on_kept(assembler, upstream_body["input"])
-
-        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client, on_end)
+        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
+              on_end=lambda assembler: self.keep(assembler, request))
 
     def respond_platform(self, client, body, history, sink, on_kept):
         """API-key mode, for a socket: the request as a streamed POST to the platform with
@@ -4140,16 +4447,125 @@ class App:
             return self.forward_as_is(client, upstream_url_for(config.upstream_url,
                                                                "chat/completions"))
         body = self.json_body(client)[0]
-        upstream_body, session_id = rewrite_request(
-            chat_to_responses(body), config.instructions, client.session_id(),
-            self.upstream.dropped_params(body.get("model")))
+        request = self.prepare(client.header, chat_to_responses(body))
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-        answer = self.upstream.call("POST", config.upstream_url, upstream_body,
-                                    encode_json_object, session_id, client.codex_headers())
+        answer = self.upstream.call("POST", config.upstream_url, request.body, request.encode,
+                                    request.session_id, request.headers, version=request.version)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
               sink, client)
+
+    def compact(self, client):
+        """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
+        url = upstream_url_for(self.config.upstream_url, "responses/compact")
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, url)
+        body, source, spans = self.json_body(client)
+        request = self.prepare(client.header, body, source, spans)
+        compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
+        answer = self.upstream.call("POST", url, compact_body, encode_json_object,
+                                    request.session_id, request.headers, "application/json",
+                                    request.version, COMPACT_TIMEOUT)
+        data = answer.read_whole(self.upstream.pool, self.config.max_body_bytes)
+        try:
+            result = json.loads(data)
+            if not isinstance(result, dict) or not isinstance(result.get("output"), list):
+                raise ValueError("no output list")
+        except ValueError:
+            raise ProxyError(502, "The backend's compaction answer was not the JSON expected.",
+                             code="bad_upstream_answer")
+        result.setdefault("id", "resp_" + uuid.uuid4().hex)
+        result.setdefault("object", "response.compaction")
+        result.setdefault("created_at", int(time.time()))
+        client.send_json(200, result, answer.forwarded_headers())
+
+    def retrieve(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        response = self.conversations.get(response_id)
+        if response is None:
+            raise stored_response_not_found(response_id)
+        client.send_json(200, response)
+
+    def delete(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        if not self.conversations.delete(response_id):
+            raise stored_response_not_found(response_id)
+        client.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+    def input_items(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        items = self.conversations.input_items(response_id)
+        if items is None:
+            raise stored_response_not_found(response_id)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
+        first = {name: values[0] for name, values in query.items()}
+        client.send_json(200, input_items_page(items, first.get("after"), first.get("limit"),
+                                               first.get("order")))
+
+    def cancel(self, client, response_id):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        if self.conversations.get(response_id) is None:
+            raise stored_response_not_found(response_id)
+        raise ProxyError(400, "Response %r cannot be cancelled: only background responses can "
+                         "be, and the ChatGPT subscription backend runs none (`background` is "
+                         "not supported), so it has already finished." % (response_id,),
+                         code="background_not_supported")
+
+    def input_tokens(self, client):
+        if self.config.mode == "apikey":
+            return self.forward_as_is(client, self.platform_url(client))
+        raise ProxyError(400, "Counting input tokens is not available on a ChatGPT "
+                         "subscription: its backend has no token-counting endpoint. The "
+                         "`usage.input_tokens` of a response says what a request cost.",
+                         code="input_tokens_not_supported")
+
+    def platform_url(self, client):
+        """API-key mode: the platform's URL for the client's path (and query)."""
+        parts = urllib.parse.urlsplit(client.path)
+        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
+        url = upstream_url_for(self.config.upstream_url, path)
+        return url + ("?" + parts.query if parts.query else "")
+
+    def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """A client's Responses request made ready for the backend: its item references and
+        previous_response_id expanded (history: the lookup for the latter, by default the
+        conversation store), rewritten, with the headers and the Codex version it goes
+        with."""
+        items = body.get("input")
+        if isinstance(items, list):
+            expanded = self.conversations.expand_references(items)
+            if expanded is not items:
+                body = dict(body, input=expanded)
+        previous = body.get("previous_response_id")
+        earlier = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            earlier = (history or self.conversations.history)(previous)
+            if earlier is None:
+                raise unknown_response_error(previous)
+        note = service_tier_warning(body)
+        if note:
+            self.log.warn_once(*note)
+        upstream_body, session_id = rewrite_request(
+            body, self.config.instructions, client_headers.get("session_id")
+            or client_headers.get("session-id"),
+            self.upstream.dropped_params(body.get("model")), earlier)
+        span = unchanged_span("input", upstream_body["input"], body, spans)
+        own_input = source[span[0]:span[1]] if span else json.dumps(
+            upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+        return PreparedRequest(
+            body=upstream_body, session_id=session_id, previous=previous, own_input=own_input,
+            encode=lambda b: encode_json_object(b, body, source, spans),
+            headers=upstream_request_headers(client_headers, upstream_body),
+            version=self.client_version.observe(client_headers),
+            store=body.get("store") is not False)
 
     def forward_as_is(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""
@@ -4167,15 +4583,17 @@ class App:
         client.log_fields["stream"] = body.get("stream") is True
         return parsed
 
-    def keep(self, assembler, previous, own_input):
-        """Keep a finished response for previous_response_id. A store that fails costs a
-        warning, never the answer the user has paid for."""
+    def keep(self, assembler, request):
+        """Keep a finished response for previous_response_id and retrieval, unless its client
+        said `store: false`. A store that fails costs a warning, never the answer the user
+        has paid for."""
         response_id = (assembler.response or {}).get("id")
-        if assembler.terminal not in ("response.completed", "response.incomplete") or \
-                not isinstance(response_id, str):
+        if not request.store or not isinstance(response_id, str) or \
+                assembler.terminal not in ("response.completed", "response.incomplete"):
             return
         try:
-            self.conversations.put(response_id, previous, own_input, assembler.output())
+            self.conversations.save(assemble_response(assembler.response, assembler.output()),
+                                    request.previous, request.own_input)
         except Exception as e:
             self.log.info("warning: could not keep response %s for "
                           "previous_response_id: %s" % (response_id, e))
@@ -4318,15 +4736,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.cors_origin = origin  # refusals too are readable by a page allowed in
             if check_access(method, path, self.header, app.config, self.server.server_address):
                 return self.send_preflight()
-            name = find_route(method, path, self.header, app.config)
+            name, args = find_route(method, path, self.header, app.config)
             if name == "websocket":  # the socket is the session's from here on
                 return app.websocket(self)
-            route = getattr(app, name)
+            route = functools.partial(getattr(app, name), self, *args)
             with (app.slot() if path != "/healthz" else contextlib.nullcontext()):
                 self.body = read_request_body(self.rfile, self.header, app.config.max_body_bytes,
                                               self.send_continue)
                 self.reader.request_read()
-                route(self)
+                route()
         except ProxyError as e:
             if self.body is None and has_body(self.header):
                 self.close_connection = True  # its unread body must not pass for a request
@@ -4349,14 +4767,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.log_request_line(method, path)
 
     # -- what an App route reads ------------------------------------------------------------
-
-    def session_id(self):
-        return self.header.get("session_id") or self.header.get("session-id")
-
-    def codex_headers(self):
-        """The Codex CLI's own headers a client sent, passed on to the backend as they are."""
-        return [(k, v) for k, v in self.header.items()
-                if k.startswith("x-codex-") or k in FORWARDED_REQUEST_HEADERS]
 
     def forwardable_headers(self):
         """API-key mode: the client's headers as it wrote them, less ours and its secrets;
@@ -4606,15 +5016,19 @@ class ModelsCache:
 
     def __init__(self):
         self._value = None
+        self._version = None
         self._fetched = 0.0
         self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
 
-    def get(self, fetch, log):
+    def get(self, fetch, version, log):
+        """The list for this Codex version: a newer client may see newer models."""
         with self._lock:
-            if self._value is not None and time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
+            if self._value is not None and self._version == version and \
+                    time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
                 return self._value
             try:
-                self._value, self._fetched = fetch(), time.monotonic()
+                self._value, self._fetched = fetch(version), time.monotonic()
+                self._version = version
             except ProxyError as e:
                 if self._value is None:
                     raise
@@ -4702,6 +5116,12 @@ def main(argv=None):
         server.socket.close()  # refuse new connections now, not after the drain
         if not app.wait_idle(SHUTDOWN_GRACE):
             log.info("stopping with requests still in flight")
+        # Waited for apart from the drain, which can give up first (25 s against a 30 s
+        # refresh timeout): a redeemed refresh token's successor exists only in this process
+        # until it is saved, and losing it would log the Codex CLI out too.
+        if not app.auth.stop_refreshing(REFRESH_TIMEOUT + 5):
+            log.info("warning: stopping before a token refresh finished; if it went through, "
+                     "the new login is lost. Run `codex login` if requests fail with 401.")
         server.server_close()
     log.info("stopped")
     return 0

@@ -341,6 +341,8 @@ class FakeOAuth:
         self.current_refresh = None  # the one refresh token that works; None: any works
         self.failure = None          # (status, body) to answer instead
         self.delay = 0.0
+        self.lifetime = 3600         # seconds until an issued access token's `exp`
+        self.reused = []             # refresh tokens answered with refresh_token_reused
         self.lock = threading.Lock()
         oauth = self
 
@@ -373,9 +375,10 @@ class FakeOAuth:
                 return 400, {"error": "invalid_request"}
             used = body.get("refresh_token")
             if self.current_refresh is not None and used != self.current_refresh:
+                self.reused.append(used)
                 return 400, {"error": {"code": "refresh_token_reused",
                                        "message": "already used"}}
-            new_access = access_token(3600)
+            new_access = access_token(self.lifetime)
             self.backend.valid_tokens.add(new_access)
             self.current_refresh = "rt-rotated-%d-%s" % (len(self.requests), os.urandom(4).hex())
             return 200, {"access_token": new_access, "refresh_token": self.current_refresh,
@@ -671,8 +674,8 @@ class RewriteRequestTests(unittest.TestCase):
         for raw, phrase in ((b"[1]", "JSON object"), (b'"s"', "JSON object"),
                             (b"{", "not valid JSON"), (b'{"a" 1}', "not valid JSON"),
                             (b'{"a": 1} x', "not valid JSON"), (b'{"a": 1,}', "not valid JSON"),
-                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "not valid JSON"),
-                            (b'{"a": ' + b"[" * 100000 + b"}", "not valid JSON")):
+                            (b"\xff{}", "UTF-8"), (b"[" * 100000, "levels deep"),
+                            (b'{"a": ' + b"[" * 100000 + b"}", "levels deep")):
             with self.assertRaises(proxy.ProxyError) as cm:
                 proxy.parse_json_object(raw)
             self.assertEqual(cm.exception.status, 400, raw[:20])
@@ -1592,7 +1595,7 @@ class WebSocketProtocolTests(WebSocketCase):
 
     def test_a_bug_closes_its_socket_with_1011_and_others_are_served(self):
         client = self.open_ws()
-        with mock.patch.object(proxy.App, "respond", side_effect=RuntimeError("boom")):
+        with mock.patch.object(proxy.App, "prepare", side_effect=RuntimeError("boom")):
             client.create()
             self.assertEqual(client.expect_close(), 1011)
         self.wait_for_log("internal error on a WebSocket request: RuntimeError: boom")
@@ -2089,13 +2092,6 @@ class StoreContract:
         self.assertTrue(self.store.delete("resp_b"))
         self.assertEqual(self.kept_ids(self.store), [])
 
-    def test_put_keeps_the_relays_current_call_working(self):
-        self.store.put("resp_p", None, input_json(user_item("q")), [message_item("a")])
-        self.store.put("resp_q", "resp_p", input_json(user_item("q2")), [message_item("b")])
-        self.assertEqual(self.store.history("resp_q"), [
-            user_item("q"), replayed_item("a"), user_item("q2"), replayed_item("b")])
-        self.assertEqual(self.store.get("resp_q")["output"], [message_item("b")])
-
     def test_concurrent_saves_reads_and_deletes_stay_consistent(self):
         store = self.make_store(max_bytes=40 * 1024)  # small: eviction runs all along
         errors, barrier = [], threading.Barrier(6)
@@ -2375,7 +2371,8 @@ class RefreshTests(ProxyTestCase):
         sent = self.oauth.requests[0]["body"]
         self.assertEqual(sent, {"client_id": proxy.OAUTH_CLIENT_ID,
                                 "grant_type": "refresh_token",
-                                "refresh_token": before["tokens"]["refresh_token"]})
+                                "refresh_token": before["tokens"]["refresh_token"],
+                                "refresh_reason": "proactive_expiry"})
         after = read_auth(self.home)
         self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
         self.assertEqual(after["future_key"], {"kept": True})
@@ -2483,6 +2480,7 @@ class RefreshTests(ProxyTestCase):
             self.oauth.failure = (400, {"error": {"code": code, "message": "nope"}})
             status, _, body = self.post(simple_request())
             self.assert_openai_error(status, body, 401, code=code, contains="codex login")
+        self.expire()
         self.oauth.failure = (401, {"error": "invalid_grant"})
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 401, contains="codex login")
@@ -2993,6 +2991,410 @@ class CrossProcessRefreshTests(ProcessTestCase):
 # 6. Atomic write of auth.json
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# 5b. Living beside the Codex CLI: its rewrites, its locks, dead logins, shutdown
+# --------------------------------------------------------------------------------------------
+
+def try_flock(path):
+    """True if an exclusive flock on path can be had at once, as the Codex CLI tries for
+    auth.json.lock (released again straight away)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        proxy.fcntl.flock(fd, proxy.fcntl.LOCK_EX | proxy.fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class CliCoexistenceCase(ProxyTestCase):
+    def expire(self, **kw):
+        doc = auth_document(access=access_token(-10), **kw)
+        write_auth(self.home, doc)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        return doc
+
+    def auth_path(self):
+        return os.path.join(self.home, "auth.json")
+
+
+class AuthFileMidRewriteTests(CliCoexistenceCase):
+    """Some Codex CLIs rewrite auth.json in place: truncate, then write."""
+
+    def rewrite_in_place_during_request(self, first_content):
+        """The proxy's first read finds the rewrite half done; the rewrite ends just before
+        its next read, however soon that comes."""
+        path = self.auth_path()
+        full = json.dumps(auth_document(access=self.token), indent=2).encode()
+        with open(path, "wb") as f:
+            f.write(first_content(full))
+        reads = []
+        real_open = open
+
+        def tracking_open(file, *args, **kwargs):
+            if file == path:
+                reads.append(file)
+                if len(reads) == 2:
+                    with real_open(path, "r+b") as f:
+                        f.write(full)
+            return real_open(file, *args, **kwargs)
+
+        with mock.patch.object(proxy, "open", tracking_open, create=True):
+            status, _, body = self.post(simple_request())
+        return status, body, reads
+
+    def test_empty_auth_json_is_read_again_instead_of_401(self):
+        status, body, reads = self.rewrite_in_place_during_request(lambda full: b"")
+        self.assertEqual(status, 200, body)
+        self.assertGreaterEqual(len(reads), 2, "the empty file was never seen")
+        self.assertEqual(self.last_upstream()["headers"]["Authorization"], "Bearer " + self.token)
+
+    def test_half_written_auth_json_is_read_again_instead_of_401(self):
+        status, body, reads = self.rewrite_in_place_during_request(
+            lambda full: full[:len(full) // 2])
+        self.assertEqual(status, 200, body)
+        self.assertGreaterEqual(len(reads), 2, "the half-written file was never seen")
+
+    def test_auth_json_that_stays_empty_is_401_that_says_so(self):
+        with open(self.auth_path(), "wb"):
+            pass
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 401, contains="is empty")
+        self.assertIn("codex login", body["error"]["message"])
+        self.assertIn(self.auth_path(), body["error"]["message"])
+
+
+@unittest.skipIf(proxy.fcntl is None, "no flock on this platform")
+class LockProtocolTests(CliCoexistenceCase):
+    """The Codex CLI's locks (PROTOCOL.md §2), taken the way it takes them."""
+
+    def test_refresh_waits_for_cli_holding_auth_lock_and_uses_its_tokens(self):
+        self.expire()
+        lock_path = os.path.join(self.home, "auth.lock")
+        cli_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, cli_fd)
+        proxy.fcntl.flock(cli_fd, proxy.fcntl.LOCK_EX)  # the CLI is mid-refresh
+        lock_ino = os.fstat(cli_fd).st_ino
+        waiting = threading.Event()
+        real_flock = proxy.fcntl.flock
+
+        def flock(fd, op):
+            try:
+                return real_flock(fd, op)
+            except OSError:
+                if os.fstat(fd).st_ino == lock_ino:
+                    waiting.set()  # the proxy is waiting for the CLI
+                raise
+
+        result = {}
+        client = threading.Thread(target=lambda: result.update(
+            answer=self.post(simple_request())), daemon=True)
+        with mock.patch.object(proxy.fcntl, "flock", flock):
+            client.start()
+            waiting.wait(5)
+            cli_access = access_token()
+            self.backend.valid_tokens.add(cli_access)
+            write_auth(self.home, auth_document(access=cli_access, refresh="rt-cli-saved"))
+            real_flock(cli_fd, proxy.fcntl.LOCK_UN)
+            client.join(15)
+        status, _, body = result["answer"]
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 0, "the proxy redeemed the token the CLI was redeeming")
+        self.assertEqual(self.last_upstream()["headers"]["Authorization"], "Bearer " + cli_access)
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"], "rt-cli-saved")
+
+    def test_auth_lock_held_through_the_refresh_and_auth_json_lock_left_free(self):
+        self.expire()
+        during = {}
+        original = self.oauth.answer
+
+        def answer(headers, raw):
+            # What a Codex CLI that wants to refresh or save right now would find.
+            during["auth.lock free"] = try_flock(os.path.join(self.home, "auth.lock"))
+            during["auth.json.lock free"] = try_flock(self.auth_path() + ".lock")
+            return original(headers, raw)
+
+        self.oauth.answer = answer
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(during, {"auth.lock free": False, "auth.json.lock free": True})
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
+    def test_refresh_reason_after_401_is_unauthorized_recovery(self):
+        self.backend.valid_tokens.clear()
+        self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual([r["body"].get("refresh_reason") for r in self.oauth.requests],
+                         ["unauthorized_recovery"])
+
+
+class SymlinkedAuthFileTests(CliCoexistenceCase):
+    def test_refresh_writes_through_a_symlinked_auth_json(self):
+        target_dir = tempfile.mkdtemp(prefix="codex-real-")
+        self.addCleanup(shutil.rmtree, target_dir, True)
+        doc = auth_document(access=access_token(-10))
+        target = write_auth(target_dir, doc)
+        link = self.auth_path()
+        os.unlink(link)
+        os.symlink(target, link)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertTrue(os.path.islink(link), "the symlink was replaced by a plain file")
+        self.assertEqual(os.readlink(link), target)
+        self.assertEqual(read_auth(target_dir)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)
+        for directory in (self.home, target_dir):
+            self.assertEqual([n for n in os.listdir(directory) if n.endswith(".tmp")], [])
+
+
+class DeadRefreshTokenTests(CliCoexistenceCase):
+    FAILURES = [  # (status, body) from the token endpoint, and the code the client hears
+        (400, {"error": {"code": "refresh_token_invalidated"}}, "refresh_token_invalidated"),
+        (400, {"error": {"code": "refresh_token_expired"}}, "refresh_token_expired"),
+        (401, {"error": "invalid_grant"}, None)]
+
+    def test_permanent_failure_is_not_retried_until_auth_json_changes(self):
+        for failure_status, failure_body, code in self.FAILURES:
+            with self.subTest(code=code or failure_status):
+                self.expire()
+                self.oauth.failure = (failure_status, failure_body)
+                posts = self.oauth.count
+                for _ in range(4):
+                    status, _, body = self.post(simple_request())
+                    self.assert_openai_error(status, body, 401, code=code,
+                                             contains="codex login")
+                self.assertEqual(self.oauth.count, posts + 1,
+                                 "the dead refresh token was sent again")
+
+    def test_reused_token_is_dead_too_and_a_new_login_revives(self):
+        self.expire()
+        self.oauth.current_refresh = "someone-elses"
+        for _ in range(3):
+            status, _, body = self.post(simple_request())
+            self.assert_openai_error(status, body, 401, code="refresh_token_reused")
+        self.assertEqual(self.oauth.count, 1)
+        # `codex login` writes a new auth.json: the next request refreshes with it
+        self.expire(refresh="rt-after-login")
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 2)
+
+    def test_backend_401_with_a_dead_refresh_token_answers_at_once(self):
+        self.backend.valid_tokens.clear()
+        self.oauth.failure = (400, {"error": {"code": "refresh_token_invalidated"}})
+        for _ in range(3):
+            status, _, body = self.post(simple_request())
+            self.assert_openai_error(status, body, 401, code="refresh_token_invalidated",
+                                     contains="codex login")
+        self.assertEqual(self.oauth.count, 1)
+
+
+class ShutdownDuringRefreshTests(ProcessTestCase):
+    def test_stop_while_refreshing_saves_the_new_token_before_exit(self):
+        before = self.write_expired_auth()
+        self.oauth.delay = 1.5
+        # The shutdown grace (25 s) is shorter than a refresh may take (30 s); shrink it so the
+        # drain gives up long before this refresh ends, as it would for a slow one.
+        launcher_dir = tempfile.mkdtemp(prefix="launcher-")
+        self.addCleanup(shutil.rmtree, launcher_dir, True)
+        launcher = os.path.join(launcher_dir, "short_grace.py")
+        with open(launcher, "w") as f:
+            f.write("import sys\nsys.path.insert(0, %r)\nimport codex_responses_proxy as p\n"
+                    "p.SHUTDOWN_GRACE = 0.1\nsys.exit(p.main())\n" % HERE)
+        env = clean_env(CODEX_REFRESH_TOKEN_URL_OVERRIDE=self.oauth.url)
+        with mock.patch.dict(globals(), {"PROGRAM": launcher}):
+            p = self.spawn("--port", "0", "--codex-home", self.home, env=env)
+        client = threading.Thread(target=lambda: self.quiet_post(p), daemon=True)
+        client.start()
+        p.wait_for("refreshing the access token", 10)
+        p.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait_exit(timeout=15), 0, p.text())
+        self.assertTrue(wait_until(lambda: self.oauth.count == 1, timeout=5))
+        with self.oauth.lock:
+            issued = self.oauth.current_refresh
+        self.assertNotEqual(issued, before["tokens"]["refresh_token"])
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"], issued,
+                         "the process exited before saving the refreshed login")
+        self.assertNotIn("Traceback", p.text())
+
+    @staticmethod
+    def quiet_post(p):
+        try:
+            p.post(simple_request(), timeout=10)
+        except (OSError, http.client.HTTPException):
+            pass  # the proxy may close the connection as it stops
+
+
+class SimulatedCodexCli:
+    """The Codex CLI refreshing its login in a thread, as PROTOCOL.md §2 describes: a blocking
+    flock on auth.lock around re-read, refresh and write; a non-blocking flock on auth.json.lock
+    for the write (a real CLI that finds it held cannot save, and later tells its user to log
+    in again); the write alternately temp file + rename and, as older CLIs do, in place
+    (truncate, a pause, write). It refreshes when the token needs it, and every sixth round
+    anyway, so that it surely races the proxies."""
+
+    def __init__(self, home, oauth_url):
+        self.home = home
+        self.path = os.path.join(home, "auth.json")
+        self.oauth_url = oauth_url
+        self.refreshes = 0
+        self.writes = collections.Counter()
+        self.failures = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        round_ = 0
+        while not self.stopped.is_set():
+            round_ += 1
+            try:
+                self.refresh_round(forced=round_ % 6 == 0)
+            except Exception as e:
+                self.failures.append(repr(e))
+            self.stopped.wait(0.05)
+
+    def refresh_round(self, forced):
+        fcntl = proxy.fcntl
+        lock_fd = os.open(os.path.join(self.home, "auth.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
+            if not forced and not proxy.Credentials(doc).needs_refresh():
+                return
+            answer = self.redeem(doc["tokens"]["refresh_token"],
+                                 "forced" if forced else "proactive_expiry")
+            if answer is None:
+                return
+            doc["tokens"].update(answer)
+            doc["last_refresh"] = proxy.rfc3339_now()
+            self.save(json.dumps(doc, indent=2).encode(), in_place=self.refreshes % 2 == 1)
+            self.refreshes += 1
+        finally:
+            os.close(lock_fd)
+
+    def redeem(self, refresh_token, reason):
+        body = json.dumps({"client_id": proxy.OAUTH_CLIENT_ID, "grant_type": "refresh_token",
+                           "refresh_token": refresh_token, "refresh_reason": reason}).encode()
+        url = urllib.parse.urlsplit(self.oauth_url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        try:
+            conn.request("POST", url.path, body, {"Content-Type": "application/json",
+                                                  "User-Agent": "codex_cli_rs/simulated"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            self.failures.append("refresh answered %d: %r" % (resp.status, data[:200]))
+            return None
+        return json.loads(data)
+
+    def save(self, data, in_place):
+        fcntl = proxy.fcntl
+        write_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(write_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.failures.append("auth.json.lock was held: the CLI could not save")
+                return
+            if in_place:
+                fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+                try:
+                    time.sleep(0.01)  # readers see an empty file meanwhile
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                self.writes["in place"] += 1
+            else:
+                fd, tmp = tempfile.mkstemp(prefix=".auth-", dir=self.home)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+                self.writes["rename"] += 1
+        finally:
+            os.close(write_fd)
+
+
+@unittest.skipIf(proxy.fcntl is None, "no flock on this platform")
+class CodexCliNeighbourTests(CliCoexistenceCase):
+    """Two proxies and a simulated Codex CLI on one CODEX_HOME, tokens going stale about every
+    second, clients sending requests all the while."""
+
+    CLIENTS = 4
+    MAX_REQUESTS_EACH = 400
+    MAX_SECONDS = 10.0
+
+    def test_cli_and_two_proxies_share_one_login_under_load(self):
+        self.oauth.lifetime = proxy.REFRESH_MARGIN + 1  # stale at the next whole second
+        self.oauth.delay = 0.05  # a redemption takes a moment, as a real one does: races overlap
+        self.expire()
+        ports = [self.port]
+        self.start_proxy()
+        ports.append(self.port)
+        cli = SimulatedCodexCli(self.home, self.oauth.url)
+        stop = threading.Event()
+        results = []
+        lock = threading.Lock()
+
+        def client(n):
+            for i in range(self.MAX_REQUESTS_EACH):
+                if stop.is_set():
+                    return
+                port = ports[(n + i) % 2]
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+                try:
+                    conn.request("POST", "/v1/responses", json.dumps(simple_request()),
+                                 {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    outcome = (resp.status, resp.read()[:300])
+                except (OSError, http.client.HTTPException) as e:
+                    outcome = (None, repr(e))
+                finally:
+                    conn.close()
+                with lock:
+                    results.append(outcome)
+
+        def refreshes_by(agent):
+            with self.oauth.lock:
+                return sum(1 for r in self.oauth.requests
+                           if agent in r["headers"].get("User-Agent", ""))
+
+        def enough():
+            return (refreshes_by("codex-responses-proxy") >= 2 and cli.refreshes >= 2
+                    and cli.writes["in place"] >= 1 and cli.writes["rename"] >= 1)
+
+        clients = [threading.Thread(target=client, args=(n,), daemon=True)
+                   for n in range(self.CLIENTS)]
+        cli.thread.start()
+        for t in clients:
+            t.start()
+        wait_until(lambda: enough() or not any(t.is_alive() for t in clients),
+                   timeout=self.MAX_SECONDS, step=0.05)
+        stop.set()
+        cli.stopped.set()
+        for t in clients:
+            t.join(30)
+        cli.thread.join(30)
+
+        failed = [r for r in results if r[0] != 200]
+        self.assertEqual(len(failed), 0, "%d of %d requests failed, the first: %r"
+                         % (len(failed), len(results), failed[:2]))
+        self.assertEqual(self.oauth.reused, [], "a refresh token was redeemed twice")
+        self.assertEqual(cli.failures, [])
+        self.assertGreaterEqual(refreshes_by("codex-responses-proxy"), 1)
+        self.assertGreaterEqual(cli.refreshes, 1)
+        self.assertGreaterEqual(cli.writes["in place"], 1)
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
+
 class AtomicWriteTests(ProxyTestCase):
     def expire(self, **kw):
         doc = auth_document(access=access_token(-10), **kw)
@@ -3014,7 +3416,8 @@ class AtomicWriteTests(ProxyTestCase):
         return issued
 
     def leftovers(self):
-        return sorted(n for n in os.listdir(self.home) if n not in ("auth.json", "auth.json.lock"))
+        return sorted(n for n in os.listdir(self.home)
+                      if n not in ("auth.json", "auth.json.lock", "auth.lock"))
 
     def check_failed_write(self, patch_target, replacement):
         self.expire()
@@ -3303,6 +3706,364 @@ def exchange(port, data, answer_wait=2.0, close_wait=2.0):
                     deadline = time.monotonic() + close_wait
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded work and strict checks for every request body
+# --------------------------------------------------------------------------------------------
+
+def gzip_members(data, size):
+    """data gzipped as many members of `size` input bytes each (RFC 1952 allows any number)."""
+    return b"".join(gzip.compress(data[i:i + size]) for i in range(0, len(data), size))
+
+
+class CountingDecompressor:
+    """zlib.decompressobj, counting every input byte handed to decompress()."""
+
+    fed = 0
+
+    def __init__(self, wbits):
+        self._d = REAL_DECOMPRESSOBJ(wbits)
+
+    def decompress(self, data, max_length=0):
+        CountingDecompressor.fed += len(data)
+        return self._d.decompress(data, max_length)
+
+    def __getattr__(self, name):
+        return getattr(self._d, name)
+
+
+REAL_DECOMPRESSOBJ = zlib.decompressobj
+
+
+class GzipMembersTests(unittest.TestCase):
+    def test_input_handed_to_zlib_is_linear_in_the_body_however_many_members(self):
+        # Counted, not timed: the old decoder gave each member the whole rest of the body (and
+        # zlib copied that rest at each member's end), ~10,000 times the body here.
+        body = json.dumps(simple_request("x" * 10000)).encode()
+        raw = gzip_members(body, 1)  # ~21 bytes per member, ~10,000 members
+        CountingDecompressor.fed = 0
+        with mock.patch.object(proxy.zlib, "decompressobj", CountingDecompressor):
+            self.assertEqual(proxy.decode_request_body(raw, "gzip", 1 << 20), body)
+        self.assertLessEqual(CountingDecompressor.fed, 8 * len(raw))
+
+    def test_many_members_of_large_output_decode_in_linear_time(self):
+        # 16,384 members of 1 KiB each: joining the output by `out += piece` copies ~128 GiB
+        # (about a minute); joined once, it is well under 0.1 s of CPU. Thread CPU time is not
+        # slowed by other processes on a loaded machine, and the bound is 50 times that.
+        member = gzip.compress(b"a" * 1024)
+        started = time.thread_time()
+        out = proxy.decode_request_body(member * 16384, "gzip", 32 << 20)
+        self.assertLess(time.thread_time() - started, 5.0)
+        self.assertEqual(out, b"a" * (16 << 20))
+
+    def test_limits_and_errors_hold_across_members(self):
+        raw = gzip_members(b"b" * 5000, 100)
+        self.assertEqual(proxy.decode_request_body(raw, "gzip", 5000), b"b" * 5000)
+        with self.assertRaises(proxy.ProxyError) as cm:
+            proxy.decode_request_body(raw, "gzip", 4999)
+        self.assertEqual(cm.exception.status, 413)
+        middle = len(gzip.compress(b"b" * 100)) * 10 + 5  # inside the 11th member
+        for bad in (raw[:-1], raw + b"x", raw[:middle]):
+            with self.assertRaises(proxy.ProxyError) as cm:
+                proxy.decode_request_body(bad, "gzip", 1 << 20)
+            self.assertEqual(cm.exception.status, 400)
+        big = gzip.compress(os.urandom(300000))  # a member far larger than any window
+        self.assertEqual(len(proxy.decode_request_body(big * 3, "gzip", None)), 900000)
+
+
+class GzipMembersOverHTTPTests(ProxyTestCase):
+    def test_a_megabyte_of_tiny_gzip_members_is_decoded_and_forwarded(self):
+        body = simple_request("y" * 50000)
+        raw = gzip_members(json.dumps(body).encode(), 1)
+        self.assertGreater(len(raw), 1000000)
+        status, _, answer = self.post(raw, headers={"Content-Encoding": "gzip",
+                                                    "Content-Type": "application/json"})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "y" * 50000)
+
+
+class StrictJSONTests(ProxyTestCase):
+    def post_bytes(self, raw, path="/v1/responses"):
+        return self.post(raw, headers={"Content-Type": "application/json"}, path=path)
+
+    def test_nan_infinity_and_out_of_range_numbers_are_400_naming_the_field(self):
+        for token in (b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"[1, NaN]"):
+            raw = b'{"model": "gpt-5.1-codex", "input": "hi", "temperature": ' + token + b"}"
+            with self.subTest(token=token):
+                status, _, body = self.post_bytes(raw)
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="temperature")
+                self.assertEqual(body["error"]["param"], "temperature")
+                self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.backend.requests, [], "nothing may reach the backend")
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", "input": "hi", '
+                                          b'"temperature": 1e-999}')  # underflow is a number
+        self.assertEqual(status, 200, body)
+
+    def test_lone_surrogate_escapes_are_400_but_pairs_pass(self):
+        for raw, param in ((b'{"input": "a\\ud800b"}', "input"),
+                           (b'{"input": [{"type": "message", "role": "user", "content": '
+                            b'[{"type": "input_text", "text": "\\udc00"}]}]}', "input"),
+                           (b'{"input": "hi", "metadata": {"\\ud83d": "x"}}', "metadata"),
+                           (b'{"input": "hi", "\\ud800": 1}', None)):
+            with self.subTest(raw=raw):
+                status, _, body = self.post_bytes(raw)
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="surrogate")
+                self.assertEqual(body["error"]["param"], param)
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", '
+                                          b'"input": "\\ud83d\\ude00 and \\\\ud800"}')
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"],
+                         "\U0001F600 and \\ud800")
+
+    def test_nesting_past_the_limit_is_400_not_500(self):
+        limit = proxy.MAX_JSON_DEPTH
+        self.assertEqual(limit, 128)  # documented in README; a change must change both
+
+        def nested(levels):  # levels counts the body object itself
+            inner = levels - 1
+            return (b'{"model": "gpt-5.1-codex", "input": "hi", "metadata": '
+                    + b"[" * inner + b"]" * inner + b"}")
+
+        for levels in (limit + 1, 980, 5000):
+            with self.subTest(levels=levels):
+                status, _, body = self.post_bytes(nested(levels))
+                self.assert_openai_error(status, body, 400, code="invalid_json",
+                                         contains="128 levels")
+                self.assertEqual(body["error"]["param"], "metadata")
+        self.assertEqual(self.backend.requests, [])
+        status, _, body = self.post_bytes(nested(limit))
+        self.assertEqual(status, 200, body)
+        status, _, body = self.post_bytes(b"[" * 980 + b"]" * 980)
+        self.assert_openai_error(status, body, 400, code="invalid_json")
+
+    def test_chat_completions_gets_the_same_checks(self):
+        status, _, body = self.post_bytes(b'{"model": "gpt-5.1-codex", "messages": '
+                                          b'[{"role": "user", "content": "hi"}], '
+                                          b'"temperature": NaN}', path=CHAT)
+        self.assert_openai_error(status, body, 400, code="invalid_json")
+        self.assertEqual(body["error"]["param"], "temperature")
+
+    def test_parse_json_object_refuses_what_json_does_not_allow(self):
+        for raw, param in ((b'{"a": NaN}', "a"), (b'{"a": {"b": -Infinity}}', "a"),
+                           (b'{"a": 1e400}', "a"), (b'{"a": "\\udfff"}', "a"),
+                           (b'{"a": ' + b"[" * 128 + b"]" * 128 + b"}", "a")):
+            with self.subTest(raw=raw[:30]):
+                with self.assertRaises(proxy.ProxyError) as cm:
+                    proxy.parse_json_object(raw)
+                self.assertEqual((cm.exception.status, cm.exception.param), (400, param))
+        body = proxy.parse_json_object(b'{"a": ' + b"[" * 127 + b"]" * 127 + b"}")[0]
+        self.assertEqual(len(proxy.encode_json_object(body)), len('{"a":}') + 2 * 127)
+
+
+class ChatWrongTypesTests(ProxyTestCase):
+    """Each of these was a 500 (a TypeError or AttributeError inside the translation)."""
+
+    CASES = (
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": None, "tool_calls": 5}]},
+         "messages[1].tool_calls"),
+        ({"tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+        ({"tool_choice": 5}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": "x"}},
+         "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": [["a", 1]]}},
+         "response_format.json_schema"),
+        ({"response_format": "json_object"}, "response_format"),
+        ({"messages": [{"role": "system", "content": [{"type": "text", "text": 5}]},
+                       {"role": "user", "content": "hi"}]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "system", "content": [{"type": "image_url",
+                                                       "image_url": {"url": "http://x/y.png"}}]},
+                       {"role": "user", "content": "hi"}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "tool", "tool_call_id": "c", "content": [{"type": "text",
+                                                                          "text": [1]}]}]},
+         "messages[1].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]},
+         "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "tool_calls": [
+                           {"id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
+         "messages[1].tool_calls[0].function.arguments"),
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]},
+         "tools[0].function.name"),
+    )
+
+    def test_wrong_types_are_400_naming_the_param(self):
+        for extra, param in self.CASES:
+            body = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": "hi"}]}
+            body.update(extra)
+            with self.subTest(param=param, body=extra):
+                status, _, answer = self.post(body, path=CHAT)
+                self.assert_openai_error(status, answer, 400)
+                self.assertEqual(answer["error"]["param"], param)
+                self.assertIn(param.split(".")[-1].split("[")[0], answer["error"]["message"])
+        self.assertEqual(self.backend.requests, [])
+
+    def test_right_types_still_translate(self):
+        body = {"model": "gpt-5.1-codex",
+                "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                             {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": [{"type": "text", "text": "ok"},
+                                                               {"type": "refusal",
+                                                                "refusal": "no"}],
+                              "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f"}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "n", "schema": {"type": "object"}}}}
+        status, _, answer = self.post(body, path=CHAT)
+        self.assertEqual(status, 200, answer)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["instructions"], "Be brief.")
+        self.assertEqual(up["tool_choice"], {"type": "function", "name": "f"})
+        self.assertEqual(up["text"]["format"], {"type": "json_schema", "name": "n",
+                                                "schema": {"type": "object"}})
+        self.assertEqual([i["type"] for i in up["input"]],
+                         ["message", "message", "function_call", "function_call_output"])
+        self.assertEqual(up["input"][2]["arguments"], "{}")
+
+
+class TTYCapture(LogCapture):
+    def isatty(self):
+        return True
+
+
+class LogInjectionTests(ProxyTestCase):
+    FORGED = "2026-01-01T00:00:00 POST /v1/responses model=gpt-5.1-codex status=200 0.001s"
+
+    def test_a_model_name_cannot_forge_a_log_line_or_reach_the_terminal(self):
+        model = "evil\n" + self.FORGED + "\r\x1b]0;owned\x07\x1b[2J\x7f\x9b"
+        status, _, _ = self.post(simple_request(model=model))
+        line = self.wait_for_log("model=evil")
+        text = self.log_text()
+        self.assertFalse([l for l in text.splitlines() if l.startswith(self.FORGED)], text)
+        for char in "\r\x1b\x07\x7f\x9b":
+            self.assertNotIn(char, text)
+        self.assertIn("model=evil\\n2026-01-01T00:00:00 POST", line)
+        self.assertIn("\\r\\x1b]0;owned\\x07\\x1b[2J\\x7f\\x9b", line)
+
+    def test_every_caller_is_covered_and_colour_survives_on_a_terminal(self):
+        stream = TTYCapture()
+        log = proxy.Log(stream, debug=True)
+        log.debug("a\nb")
+        log.warn_once("k", "c\x00d")
+        log.info("status=%s model=%s" % (log.status_code(200), "x\x1b[31my\u2028"))
+        lines = stream.getvalue().split("\n")  # not splitlines(): U+2028 ends no log line
+        self.assertEqual(lines.pop(), "")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].endswith("debug: a\\nb"), lines)
+        self.assertTrue(lines[1].endswith("warning: c\\x00d"), lines)
+        # the proxy's own colour codes stay; the client's escape sequence does not
+        self.assertTrue(lines[2].endswith("status=\x1b[32m200\x1b[0m model=x\\x1b[31my\u2028"),
+                        lines)
+        self.assertEqual(proxy.escape_controls("plain ünïcode"), "plain ünïcode")
+
+
+class DumpFileTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="dumps-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.log = LogCapture()
+
+    def dumper(self, directory=None):
+        return proxy.ExchangeDumper(directory or self.dir, proxy.Log(self.log))
+
+    def test_a_file_or_symlink_already_at_the_name_is_left_alone(self):
+        outside = os.path.join(self.dir, "..", os.path.basename(self.dir) + "-victim")
+        with open(outside, "w") as f:
+            f.write("precious\n")
+        self.addCleanup(os.unlink, outside)
+        os.symlink(outside, os.path.join(self.dir, "000001-1000000-request.json"))
+        with open(os.path.join(self.dir, "000001-1000000-response.json"), "w") as f:
+            f.write("planted\n")
+        dumper = self.dumper()
+        with mock.patch.object(proxy.time, "time", return_value=1000.0):
+            dump = dumper.request("POST", "https://x/y", [("Authorization", "Bearer t")], b"{}")
+        dump.answer(200, [])
+        dump.finish(b"{}")
+        with open(outside) as f:
+            self.assertEqual(f.read(), "precious\n")
+        with open(os.path.join(self.dir, "000001-1000000-response.json")) as f:
+            self.assertEqual(f.read(), "planted\n")
+        self.assertTrue(os.path.islink(os.path.join(self.dir, "000001-1000000-request.json")))
+        self.assertEqual(self.log.getvalue().count("cannot write dump"), 2, self.log.getvalue())
+        dump = dumper.request("POST", "https://x/y", [], b"{}")  # the next one is written
+        self.assertEqual(len(os.listdir(self.dir)), 3)
+
+    def test_an_existing_directory_is_made_private(self):
+        os.chmod(self.dir, 0o755)
+        self.dumper()
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+        self.assertIn("mode 0700, was 0755", self.log.getvalue())
+
+    def test_a_directory_of_another_user_is_refused(self):
+        other = os.stat(self.dir).st_uid + 1
+        with mock.patch.object(proxy.os, "getuid", return_value=other):
+            with self.assertRaises(OSError) as cm:
+                self.dumper()
+        self.assertIn("belongs to another user", str(cm.exception))
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to chown")
+    def test_the_program_refuses_to_start_with_another_users_dump_dir(self):
+        home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        write_auth(home, auth_document(access=access_token(3600)))
+        os.chown(self.dir, 65534, 65534)
+        result = run_program(["--port", "0", "--codex-home", home, "--dump-dir", self.dir])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(b"belongs to another user", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+
+class SSESpecFidelityTests(unittest.TestCase):
+    FRAMES = b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
+
+    def events(self, chunks):
+        parser = proxy.SSEParser()
+        return [e for chunk in chunks for e in parser.feed(chunk)]
+
+    def test_a_leading_bom_is_dropped_in_any_split(self):
+        data = b"\xef\xbb\xbf" + self.FRAMES
+        for cut in range(len(data) + 1):
+            with self.subTest(cut=cut):
+                events = self.events([data[:cut], data[cut:]])
+                self.assertEqual([(e.event, e.data) for e in events], [("a", "1"), ("b", "2")])
+                self.assertEqual(b"".join(e.raw for e in events), self.FRAMES)
+        events = self.events([bytes([b]) for b in data])
+        self.assertEqual([(e.event, e.data) for e in events], [("a", "1"), ("b", "2")])
+
+    def test_only_the_first_bom_and_only_at_the_very_start(self):
+        events = self.events([b"\xef\xbb\xbf\xef\xbb\xbfevent: a\ndata: 1\n\n"])
+        self.assertEqual([(e.event, e.data) for e in events], [(None, "1")])
+        events = self.events([self.FRAMES, b"\xef\xbb\xbfevent: c\ndata: 3\n\n"])
+        self.assertEqual([(e.event, e.data) for e in events],
+                         [("a", "1"), ("b", "2"), (None, "3")])
+        events = self.events([b"\xef\xbb", b"x: y\ndata: 1\n\n"])  # not a BOM after all
+        self.assertEqual([e.data for e in events], ["1"])
+        self.assertEqual(events[0].raw, b"\xef\xbbx: y\ndata: 1\n\n")
+
+    def test_an_id_with_nul_is_ignored(self):
+        events = self.events([b"id: 7\ndata: a\n\nid: 8\x009\ndata: b\n\nid: 10\ndata: c\n\n"])
+        self.assertEqual([e.id for e in events], ["7", "7", "10"])
+
+
+class SSEBomOverHTTPTests(ProxyTestCase):
+    def test_a_stream_starting_with_a_bom_is_relayed_without_it(self):
+        frames = stream_frames()
+        frames[0] = b"\xef\xbb\xbf" + frames[0]
+        self.backend.replies.append(Reply(frames=frames, chunk_split=1))
+        status, _, events, raw = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertFalse(raw.startswith(b"\xef\xbb\xbf"), raw[:40])
+        self.assertEqual(events[0][0], "response.created")
+        self.assertEqual(events[-1][0], "response.completed")
 
 
 class BadInputTests(ProxyTestCase):
@@ -6889,7 +7650,7 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         def broken(*args):
             raise OSError("database is locked")
 
-        self.proxy.app.conversations.put = broken
+        self.proxy.app.conversations.save = broken
         answer = self.turn("resp_x", "question", "the answer")
         self.assertEqual(answer["output"][0]["content"][0]["text"], "the answer")
         events = self.turn("resp_y", "question", "streamed", stream=True)
@@ -6899,14 +7660,14 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
 
     def test_stored_before_the_client_sees_the_end(self):
         # A client may name a response the moment its stream ends: it must be known by then.
-        put, stored_at = self.proxy.app.conversations.put, []
+        put, stored_at = self.proxy.app.conversations.save, []
 
         def slow_put(*args):
             time.sleep(0.3)
             put(*args)
             stored_at.append(time.monotonic())
 
-        self.proxy.app.conversations.put = slow_put
+        self.proxy.app.conversations.save = slow_put
         self.backend.replies.append(reply_for("resp_early", "done"))
         conn = self.connection()
         self.addCleanup(conn.close)
