@@ -15,6 +15,50 @@ Help:      python3 codex_responses_proxy.py --help
 One file, standard library only, Python 3.8 or newer.
 """
 
+import os
+import sys
+
+_RESTARTED_ENV = "CODEX_PROXY_FROM_BYTECODE"
+
+# What the restarted process runs: this file's bytecode, cached in the user's cache directory
+# (only this file's: the standard library keeps its own), then main().
+_FROM_BYTECODE = """\
+import importlib.util, sys
+path, sys.pycache_prefix, write = %r, %r, sys.dont_write_bytecode
+sys.dont_write_bytecode = False
+spec = importlib.util.spec_from_file_location("codex_responses_proxy", path)
+code = spec.loader.get_code(spec.name)
+sys.pycache_prefix, sys.dont_write_bytecode = None, write
+module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+exec(code, module.__dict__)
+sys.exit(module.main())
+"""
+
+
+def restart_from_bytecode():
+    """Running a file as a script compiles it, and the compiler's ~10 MB stay in the process
+    for as long as it lives (a third of its memory at idle). Loading the same file from
+    cached bytecode costs none of that, so the script starts itself again, once, that way.
+    Returns only when that cannot be done (no POSIX exec, or a file not named *.py): then
+    it simply runs as it is."""
+    path = os.path.abspath(__file__)
+    if os.name != "posix" or not path.endswith(".py") or os.environ.get(_RESTARTED_ENV):
+        return
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                         os.path.join(os.path.expanduser("~"), ".cache"), "codex-responses-proxy")
+    os.environ[_RESTARTED_ENV] = "1"  # the restarted process must not restart again
+    try:
+        # -S: no site-packages, which a standard-library program never needs (and which can
+        # cost tens of milliseconds at start)
+        os.execv(sys.executable, [sys.executable, "-S", "-c", _FROM_BYTECODE % (path, cache)]
+                 + sys.argv[1:])
+    except OSError:
+        del os.environ[_RESTARTED_ENV]
+
+
+if __name__ == "__main__":
+    restart_from_bytecode()  # before the imports below, which the restarted process makes
+
 import argparse
 import base64
 import collections
@@ -30,14 +74,12 @@ import io
 import ipaddress
 import itertools
 import json
-import os
 import platform
 import re
 import select
 import signal
 import socket
 import ssl
-import sys
 import tempfile
 import threading
 import time
