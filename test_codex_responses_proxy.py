@@ -1785,6 +1785,19 @@ class WebSocketProtocolTests(WebSocketCase):
         other.create()
         self.assertEqual(other.response_events()[-1]["type"], "response.completed")
 
+    def test_silent_stream_ends_with_the_idle_timeout_error_event(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(stream_idle_timeout=0.3)
+        self.backend.replies.append(Reply(hang_after=3))
+        client = self.open_ws()
+        client.create()
+        events = client.response_events()
+        self.assertEqual((events[-1]["type"], events[-1]["code"]),
+                         ("error", "stream_idle_timeout"))
+        self.assertNotIn("response.completed", [e["type"] for e in events])
+        client.create()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
     def test_bad_messages_get_error_events_and_the_socket_keeps_serving(self):
         client = self.open_ws()
         for message in (b"{not json", b"[1, 2]", b'"str"',
