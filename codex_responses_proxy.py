@@ -64,6 +64,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import errno
 import functools
 import hashlib
 import hmac
@@ -91,6 +92,11 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; the in-process lock still serializes refreshes
     fcntl = None
+
+try:
+    import resource
+except ImportError:  # Windows: no file-descriptor limit to raise
+    resource = None
 
 try:  # the standard library's zstd, from Python 3.14 on (the Codex CLI may send zstd bodies)
     zstd = importlib.import_module("compression.zstd")
@@ -122,6 +128,7 @@ SHUTDOWN_GRACE = 25.0  # systemd's default stop timeout is 90 s; in-flight turns
 MODELS_CACHE_SECONDS = 300  # as the Codex CLI caches its model list
 API_KEY_LIMIT = 1024
 DEFAULT_MAX_CONCURRENT = 64
+DEFAULT_MAX_CONNECTIONS = 256  # a thread each, idle keep-alive ones too
 DEFAULT_STATE_MB = 64          # previous_response_id store in memory ...
 DEFAULT_STATE_DB_MB = 1024     # ... and with --state-db
 CLIENT_KEY_ENV = "CODEX_PROXY_CLIENT_KEY"
@@ -171,7 +178,8 @@ class Config:
                  max_body_bytes=DEFAULT_MAX_BODY_BYTES, api_key_header=None,
                  api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None,
                  client_key=None, allow_hosts=(), allow_origins=(),
-                 max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None):
+                 max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None,
+                 max_connections=DEFAULT_MAX_CONNECTIONS):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -195,6 +203,7 @@ class Config:
         self.allow_hosts = [h.lower() for h in allow_hosts]
         self.allow_origins = list(allow_origins)
         self.max_concurrent = max_concurrent
+        self.max_connections = max_connections
         self.state_db = state_db
         self.state_max_bytes = int((state_max_mb or (DEFAULT_STATE_DB_MB if state_db
                                                      else DEFAULT_STATE_MB)) * 1024 * 1024)
@@ -293,6 +302,10 @@ def build_arg_parser():
                    help="largest request body accepted (default %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
                    help="requests in flight at once; more get 503 (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="client connections open at once, idle keep-alive ones included (each "
+                        "takes a thread); a connection past them gets 503 and is closed "
+                        "(default %(default)s)")
     p.add_argument("--state-db", metavar="PATH",
                    help="keep conversations for previous_response_id in this SQLite file, so "
                         "they survive restarts (default: in memory)")
@@ -316,8 +329,9 @@ def parse_config(argv=None, stdin=None):
         if not 0 <= args.port <= 65535:
             parser.error("--port must be between 0 and 65535")
         port = args.port
-    if args.max_body_bytes < 1 or args.max_concurrent < 1:
-        parser.error("--max-body-bytes and --max-concurrent must be at least 1")
+    if args.max_body_bytes < 1 or args.max_concurrent < 1 or args.max_connections < 1:
+        parser.error("--max-body-bytes, --max-concurrent and --max-connections must be at "
+                     "least 1")
     try:
         client_key = read_client_key(args.client_key_file)
     except ValueError as e:
@@ -348,7 +362,7 @@ def parse_config(argv=None, stdin=None):
                   client_key=client_key, allow_hosts=args.allow_host,
                   allow_origins=args.allow_origin, max_body_bytes=args.max_body_bytes,
                   max_concurrent=args.max_concurrent, state_db=args.state_db,
-                  state_max_mb=args.state_max_mb)
+                  state_max_mb=args.state_max_mb, max_connections=args.max_connections)
 
 
 def is_loopback(host):
@@ -3373,6 +3387,35 @@ def host_allowed(value, config, listen_address):
     return name in own and port in ("", str(listen_address[1]))
 
 
+def own_origin(url, config, listen_address):
+    """Is this URL (a Referer) on this proxy itself, or on an origin given with
+    --allow-origin?"""
+    parts = urllib.parse.urlsplit(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc
+    if scheme not in ("http", "https") or not netloc or "@" in netloc:
+        return False
+    return "%s://%s" % (scheme, netloc) in config.allow_origins or \
+        host_allowed(netloc, config, listen_address)
+
+
+def origin_form(target, config, listen_address):
+    """The path and query of an absolute-form request target (http://host:port/path), which
+    must name this proxy: it is no forward proxy, and a front end that routes by the Host
+    header would not see where the request really goes. Raises ProxyError."""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or \
+            "@" in parts.netloc or not host_allowed(parts.netloc, config, listen_address):
+        raise ProxyError(400, "The request target names another host (%s://%s): this proxy "
+                         "is not a forward proxy. Send the path alone, as in 'GET /v1/models "
+                         "HTTP/1.1'." % (parts.scheme, parts.netloc.rpartition("@")[2][:100]),
+                         code="bad_http_request")
+    return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+
+
+# GET routes that act: a web page can make a browser send a GET with no Origin (<img src>).
+STATE_CHANGING_PATHS = ("/shutdown",)
+
+
 def client_key_ok(headers, key):
     scheme, _, value = (headers.get("authorization") or "").partition(" ")
     candidates = [value.strip()] if scheme.lower() == "bearer" else []
@@ -3382,7 +3425,8 @@ def client_key_ok(headers, key):
 
 def check_access(method, path, headers, config, listen_address):
     """What every request passes before its route: a Host naming this proxy (DNS rebinding),
-    no foreign web page (Origin, Sec-Fetch-Site), the client key, a JSON content type.
+    no foreign web page (Origin, Sec-Fetch-Site, and for a route that acts, Referer), the
+    client key, a JSON content type.
     headers: lower-cased names. Returns whether this is a CORS preflight, to be answered as
     such; raises ProxyError for a refused request."""
     host = headers.get("host")
@@ -3403,6 +3447,15 @@ def check_access(method, path, headers, config, listen_address):
         # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
         raise ProxyError(403, "Requests from other web sites are refused.",
                          code="origin_not_allowed")
+    if path in STATE_CHANGING_PATHS and headers.get("referer") is not None and \
+            not own_origin(headers["referer"], config, listen_address):
+        # A browser without Sec-Fetch-Site (Safari before 16.4, older ones) still names the
+        # page in Referer, unless the page turned that off. Only here: a read is no use to a
+        # page without CORS, a POST from a page carries Origin, and a non-browser client
+        # sending its home page as Referer keeps working.
+        raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
+                         "a page you trust call the proxy, start it with --allow-origin "
+                         "ORIGIN.", code="origin_not_allowed")
     if config.client_key and path != "/healthz" and not client_key_ok(headers, config.client_key):
         raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
                          "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
@@ -3467,22 +3520,98 @@ def find_route(method, path, headers, config):
 # Request bodies: Content-Length or chunked, within a size limit and a deadline
 # --------------------------------------------------------------------------------------------
 
+# RFC 9112's framing, strictly: a proxy or TLS terminator in front may read a request's
+# headers or its end differently from a lenient parser here, and then the bytes one of them
+# takes for a body the other takes for a second request (request smuggling). So what either
+# could read two ways is refused with 400, and the connection closed.
+MAX_FIELD_LINE = 65536  # as http.client's
+MAX_FIELD_LINES = 100
+MAX_CHUNK_LINE = 1024
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# A field line: a token, the colon right after it, a value with no CR or NUL. Not obs-fold (a
+# line starting with white space), which one parser joins to the line before and another not.
+_FIELD_LINE = re.compile(_TOKEN + rb":[^\r\x00]*")
+# A chunk-size line: hex digits, extensions (token[=token|quoted-string]), CRLF.
+_CHUNK_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\x00-\x08\x0a-\x1f"
+    rb"\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*\r\n" % (_TOKEN, _TOKEN))
+
+
+def framing_error(message, status=400):
+    return ProxyError(status, message, code="bad_http_request")
+
+
+def read_field_lines(rfile, section="header"):
+    """The raw lines of a header (or trailer) section, up to its empty line, each checked to
+    be a field line. Lines may end in a bare LF (RFC 9112 allows it). Raises ProxyError, after
+    which the connection must close, or ClientGone."""
+    lines = []
+    while True:
+        line = rfile.readline(MAX_FIELD_LINE + 1)
+        if len(line) > MAX_FIELD_LINE:
+            raise framing_error("A %s line is longer than %d bytes." % (section, MAX_FIELD_LINE),
+                                431)
+        if not line.endswith(b"\n"):
+            raise ClientGone()  # the client hung up within the head
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if not text:
+            return lines
+        if len(lines) == MAX_FIELD_LINES:
+            raise framing_error("More than %d %s lines." % (MAX_FIELD_LINES, section), 431)
+        if not _FIELD_LINE.fullmatch(text):
+            # Not quoted back: a malformed line may be someone's Authorization header.
+            raise framing_error(
+                "%s line %d is malformed: each must read 'Name: value' on one line, with no "
+                "white space before the colon and no CR or NUL byte (RFC 9112)."
+                % (section.capitalize(), len(lines) + 1))
+        lines.append(line)
+
+
+def http_version(text):
+    """'HTTP/1.1' -> (1, 1), as the base class checked it."""
+    major, _, minor = text[5:].partition(".")
+    return int(major), int(minor)
+
+
+def check_framing(version, headers):
+    """One reading of where the request ends, and of its Host (RFC 9112 sections 3.2, 6.1,
+    6.3). headers: the parsed http.client.HTTPMessage. Raises ProxyError."""
+    lengths = headers.get_all("content-length") or []
+    codings = headers.get_all("transfer-encoding") or []
+    hosts = headers.get_all("host") or []
+    if lengths and codings:
+        raise framing_error("Send Content-Length or Transfer-Encoding, not both.")
+    if len(lengths) > 1 or len(codings) > 1:
+        raise framing_error("Send one %s header, not several."
+                            % ("Content-Length" if len(lengths) > 1 else "Transfer-Encoding"))
+    if codings and codings[0].strip(" \t").lower() != "chunked":
+        raise framing_error("Transfer-Encoding %r is not supported: send 'Transfer-Encoding: "
+                            "chunked' or a Content-Length." % codings[0].strip(" \t")[:40])
+    if len(hosts) > 1:
+        raise framing_error("Send one Host header, not several.")
+    if not hosts and http_version(version) >= (1, 1):
+        raise framing_error("An HTTP/1.1 request needs a Host header.")
+
+
+def is_chunked(headers):
+    return (headers.get("transfer-encoding") or "").strip(" \t").lower() == "chunked"
+
+
 def has_body(headers):
-    return (headers.get("content-length") or "0").strip() != "0" or \
-        "chunked" in (headers.get("transfer-encoding") or "").lower()
+    return (headers.get("content-length") or "0").strip(" \t") != "0" or is_chunked(headers)
 
 
 def read_request_body(rfile, headers, limit, before_reading):
     """The request's body bytes. before_reading() runs once a body is due (100 Continue).
     Raises ProxyError; after one, the connection's framing is lost: close it."""
     try:
-        if "chunked" in (headers.get("transfer-encoding") or "").lower():
+        if is_chunked(headers):
             before_reading()
             return _read_chunks(rfile, limit)
         length = headers.get("content-length")
         if length is None:
             return b""
-        if not re.match(r"^[0-9]+$", length.strip()):  # not isdigit(): '\xb2' is a digit to it
+        if not re.match(r"^[0-9]+$", length.strip(" \t")):  # not isdigit(): '\xb2' is a digit to it
             raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
         length = int(length)
         if length > limit:
@@ -3502,21 +3631,30 @@ def read_request_body(rfile, headers, limit, before_reading):
 def _read_chunks(rfile, limit):
     parts, total = [], 0
     while True:
-        line = rfile.readline(1024)
-        size_text = line.split(b";")[0].strip()
-        if not re.match(rb"^[0-9A-Fa-f]+$", size_text):  # int() takes '-1', '0x1', '1_0'
-            raise ProxyError(400, "Malformed chunked request body.", code="invalid_body")
-        size = int(size_text, 16)
+        line = rfile.readline(MAX_CHUNK_LINE + 1)
+        if len(line) <= MAX_CHUNK_LINE and not line.endswith(b"\n"):
+            raise ClientGone()
+        m = _CHUNK_SIZE_LINE.fullmatch(line)  # int() alone takes '-1', '0x1', '1_0', ' 1'
+        if not m:
+            raise ProxyError(400, "Malformed chunked request body: a chunk-size line must be "
+                             "hex digits (and extensions), at most %d bytes, ending in CRLF."
+                             % MAX_CHUNK_LINE, code="invalid_body")
+        size = int(m.group(1), 16)
         if size == 0:
-            while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                pass
+            read_field_lines(rfile, "trailer")
             return b"".join(parts)
         total += size
         if total > limit:
             raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
                              code="request_too_large")
-        parts.append(rfile.read(size))
-        rfile.readline(1024)
+        data = rfile.read(size)
+        end = rfile.read(2)
+        if len(data) < size or len(end) < 2:
+            raise ClientGone()
+        if end != b"\r\n":
+            raise ProxyError(400, "Malformed chunked request body: chunk data must be followed "
+                             "by CRLF, as long as its size line says.", code="invalid_body")
+        parts.append(data)
 
 
 def json_request_body(raw, headers, limit):
@@ -4292,6 +4430,7 @@ class App:
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.on_shutdown = None  # set by the server: stops accepting connections
         self._inflight = 0
+        self._connections = 0
         self._inflight_cond = threading.Condition()
         self._counts = {"total": 0, "by_status": {}}
         self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
@@ -4314,6 +4453,18 @@ class App:
     def count_websocket(self, key, n):
         with self._inflight_cond:
             self._websocket[key] += n
+
+    def connection_opened(self):
+        """Count a new client connection; False when --max-connections are open already."""
+        with self._inflight_cond:
+            if self._connections >= self.config.max_connections:
+                return False
+            self._connections += 1
+            return True
+
+    def connection_closed(self):
+        with self._inflight_cond:
+            self._connections -= 1
 
     @contextlib.contextmanager
     def slot(self):
@@ -4363,11 +4514,12 @@ class App:
         with self._inflight_cond:
             requests = {"total": self._counts["total"], "in_flight": self._inflight,
                         "by_status": dict(self._counts["by_status"])}
+            connections = {"open": self._connections, "limit": config.max_connections}
             websocket = dict(self._websocket)
         status = {"mode": config.mode, "version": __version__,
                   "uptime_seconds": int(time.time() - self.started),
                   "upstream": config.upstream_url, "requests": requests,
-                  "websocket": websocket}
+                  "connections": connections, "websocket": websocket}
         if config.mode == "apikey":
             status["api_key_from"] = config.api_key_source
             return status
@@ -4690,6 +4842,7 @@ NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "
                                     "x-api-key", "expect")
 CLIENT_GONE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError,
                       socket.timeout)
+ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a request target with a scheme
 BAD_REQUEST_MESSAGES = {400: "Malformed HTTP request.", 414: "Request line too long.",
                         431: "Request header fields too large.", 501: "Method not supported.",
                         505: "HTTP version not supported."}
@@ -4720,6 +4873,37 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.cors_origin = None
         self.expect_continue = False
         super().handle_one_request()
+
+    def parse_request(self):
+        """The base class's, on a header block read and checked here first (see
+        read_field_lines), then the framing rules it does not know (check_framing), and an
+        absolute-form target reduced to its path. False once a refusal was sent."""
+        try:
+            lines = read_field_lines(self.rfile)
+        except ClientGone:
+            self.close_connection = True
+            return False
+        except ProxyError as e:
+            problem, lines = e, []
+        else:
+            problem = None
+        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(lines) + b"\r\n")
+        try:
+            if not super().parse_request():  # the request line; it answered any fault in it
+                return False
+        finally:
+            self.rfile = rfile
+        try:
+            if problem is not None:
+                raise problem
+            check_framing(self.request_version, self.headers)
+            if ABSOLUTE_FORM.match(self.path):
+                self.path = origin_form(self.path, self.server.app.config,
+                                        self.server.server_address)
+        except ProxyError as e:
+            self.refuse_request(e)
+            return False
+        return True
 
     def handle_expect_100(self):
         """The base class would send 100 Continue before any check; send it only once the
@@ -4867,17 +5051,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """The base class calls this for requests it cannot parse; answer them in JSON too."""
+        self.refuse_request(ProxyError(code, BAD_REQUEST_MESSAGES.get(
+            code, message or "Bad request."), code="bad_http_request"))
+
+    def refuse_request(self, err):
+        """Answer a request that cannot be parsed, or read only one way, and close: where it
+        ends is unknown."""
         self.close_connection = True
         self.headers_sent = False
         self.log_fields = {}
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.1"  # nobody speaks 0.9: give a status line and headers
-        message = BAD_REQUEST_MESSAGES.get(code, message or "Bad request.")
         try:
-            self.send_error_json(ProxyError(code, message, code="bad_http_request"))
+            self.send_error_json(err)
         except OSError:
             pass
-        self.server.app.log.info("%s %s" % (code, message))
+        self.server.app.log.info("%s %s" % (err.status, err.message))
 
     def switch_protocols(self, accept, headers):
         """The 101 that makes this connection a WebSocket. No Sec-WebSocket-Extensions:
@@ -5078,6 +5267,32 @@ class ModelsCache:
             return self._value
 
 
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_RETRY_PAUSE = 0.1
+REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
+MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
+
+
+def close_refused(sock):
+    """Read what the client sent (unread, it would make close() send a reset), and close."""
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    sock.close()
+
+
+def connection_limit_answer(limit):
+    """The whole 503 a connection past --max-connections gets, bytes ready to send."""
+    body = json.dumps(ProxyError(
+        503, "The proxy has its limit of %d connections open (--max-connections); retry in a "
+        "moment, or close idle connections." % limit, code="too_many_connections").body())
+    return ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nContent-Type: application/json"
+            "\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+            % (ProxyHandler.server_version, len(body), body)).encode()
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     """Serves sockets, a thread per connection; everything else is the App's."""
 
@@ -5088,6 +5303,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, config, log=None):
         self.app = App(config, log or Log(debug=config.debug))
         self.app.on_shutdown = self.shutdown
+        self.descriptors_short = False
+        self.at_connection_limit = False
+        self.refused = collections.deque()  # (when to close, socket) of refused connections
+        self.connection_limit_answer = connection_limit_answer(config.max_connections)
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         try:
             super().__init__((config.host, config.port), ProxyHandler)
@@ -5100,6 +5319,71 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
+    def get_request(self):
+        try:
+            pair = super().get_request()
+        except OSError as e:
+            if e.errno in OUT_OF_DESCRIPTORS:
+                self.out_of_descriptors(e)
+            raise  # the base class then returns, and serve_forever polls again
+        self.descriptors_short = False
+        return pair
+
+    def out_of_descriptors(self, error):
+        """accept() failing for want of a descriptor leaves the connection queued, so the
+        listening socket stays readable: without a pause serve_forever would spin at full
+        CPU. Pause, until a connection closes and frees one."""
+        if not self.descriptors_short:
+            self.descriptors_short = True
+            self.app.log.info("cannot accept connections: %s; new ones wait until others close "
+                              "(raise the limit with `ulimit -n`, or lower --max-connections)"
+                              % (os.strerror(error.errno)))
+        time.sleep(ACCEPT_RETRY_PAUSE)
+
+    def process_request(self, request, client_address):
+        if not self.app.connection_opened():
+            self.refuse_connection(request)
+            return
+        self.at_connection_limit = False
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self.app.connection_closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.app.connection_closed()
+
+    def refuse_connection(self, sock):
+        """A connection past --max-connections: a 503 written here, in the accepting thread,
+        so it costs no thread (the socket's empty send buffer takes it without waiting). The
+        socket is closed only a moment later (service_actions): closed at once, the request
+        the client is still sending would meet a reset, and most clients would then report
+        that, not the 503 waiting for them."""
+        if not self.at_connection_limit:
+            self.at_connection_limit = True
+            self.app.log.info("%d connections open (--max-connections): new ones get 503 "
+                              "until some close" % self.app.config.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(self.connection_limit_answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.refused.append((time.monotonic() + REFUSED_LINGER, sock))
+        if len(self.refused) > MAX_REFUSED_LINGERING:
+            close_refused(self.refused.popleft()[1])
+
+    def service_actions(self):
+        """Run by serve_forever between polls: close the refused connections due."""
+        super().service_actions()
+        now = time.monotonic()
+        while self.refused and self.refused[0][0] <= now:
+            close_refused(self.refused.popleft()[1])
+
     def handle_error(self, request, client_address):
         # Connection-level failures (a client resetting mid-request) are routine, not bugs.
         exc = sys.exc_info()[1]
@@ -5109,6 +5393,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
+        while self.refused:
+            close_refused(self.refused.popleft()[1])
         self.app.close()
 
 
@@ -5123,9 +5409,25 @@ def write_server_info(path, port):
     write_file_atomic(path, lambda f: f.write(info + "\n"), 0o644)
 
 
+def raise_descriptor_limit():
+    """Lift the soft limit on open files to the hard one: each connection takes a descriptor
+    or two, and a soft limit of 1024 is common."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (hard, 10240):  # macOS: an unlimited hard limit, but no more than OPEN_MAX
+        if soft < target <= hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv=None):
     config = parse_config(argv)
     log = Log(debug=config.debug)
+    raise_descriptor_limit()
     try:
         server = ProxyServer(config, log)
     except OSError as e:

@@ -5163,6 +5163,316 @@ class HighDescriptorTests(StreamingCase):
                         "a hang-up went unnoticed while another stream was open")
 
 
+# --------------------------------------------------------------------------------------------
+# HTTP framing (RFC 9112): a request the proxy could read two ways is refused, and its
+# connection closed, so nothing after it passes for a request of its own (smuggling)
+# --------------------------------------------------------------------------------------------
+
+SMUGGLED = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+class FramingTests(ProxyTestCase):
+    def head(self, extra, target=b"/healthz", host=True):
+        return (b"GET " + target + b" HTTP/1.1\r\n"
+                + (b"Host: 127.0.0.1:%d\r\n" % self.port if host else b"") + extra)
+
+    def assert_refused(self, data, status=400):
+        """One JSON error, nothing served after it, and the connection closed."""
+        answer, how = exchange(self.port, data, answer_wait=2.0, close_wait=2.0)
+        responses, _ = parse_http_responses(answer)
+        self.assertEqual([r[0] for r in responses], [status],
+                         "expected one %d and a close, got %r" % (status, answer[:600]))
+        _, headers, body = responses[0]
+        self.assertTrue(headers.get("content-type", "").startswith("application/json"))
+        self.assert_openai_error(status, json.loads(body), status)
+        self.assertEqual(headers.get("connection"), "close")
+        self.assertIn(how, ("closed", "reset"))
+        return json.loads(body)
+
+    def assert_served(self, data, count=1):
+        """count answers of 200 to data, read without half-closing (which would end a
+        request still in flight as a hang-up)."""
+        answer = b""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(data)
+            deadline = time.monotonic() + 5.0
+            while len(parse_http_responses(answer)[0]) < count and \
+                    time.monotonic() < deadline:
+                if select.select([s], [], [], 0.1)[0]:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        responses, _ = parse_http_responses(answer)
+        self.assertEqual([r[0] for r in responses], [200] * count, answer[:600])
+        return responses
+
+    def test_malformed_header_lines_are_400(self):
+        # Each hides the Content-Length after it from http.server's parser (which then took
+        # the body for the next request), or is read two ways by proxies in front.
+        cl = b"Content-Length: %d\r\n" % len(SMUGGLED)
+        for line in (b"Foo Bar: 1\r\n", b"NoColonHere\r\n", b": empty-name\r\n",
+                     b"X-A: a\rb\r\n", b"X-A: a\x00b\r\n", b"X-A: a\r\n b\r\n",
+                     b"X-A: a\r\n\tb\r\n"):
+            with self.subTest(line=line):
+                self.assert_refused(self.head(line + cl + b"\r\n" + SMUGGLED))
+        with self.subTest(line="space before the colon"):
+            self.assert_refused(self.head(b"Content-Length : %d\r\n\r\n" % len(SMUGGLED)
+                                          + SMUGGLED))
+        self.assert_healthy()
+
+    def test_a_malformed_authorization_line_is_not_echoed(self):
+        body = self.assert_refused(self.head(b"Authorization : Bearer sk-secret-framing-1\r\n"
+                                             b"\r\n"))
+        self.assertNotIn("sk-secret", json.dumps(body))
+        self.assertNotIn("sk-secret", self.log_text())
+
+    def test_conflicting_lengths_and_codings_are_400(self):
+        chunked_then = b"0\r\n\r\n" + SMUGGLED
+        cases = {
+            "CL and TE": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         % len(chunked_then) + chunked_then,
+            "two different CL": b"Content-Length: 0\r\nContent-Length: %d\r\n\r\n"
+                                % len(SMUGGLED) + SMUGGLED,
+            "two equal CL": b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+            "two TE": b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + chunked_then,
+        }
+        for coding in (b"xchunked", b"gzip, chunked", b"chunked, chunked", b"identity",
+                       b"chunked;q=1", b"\x0bchunked"):
+            cases["TE %r" % coding] = (b"Transfer-Encoding: " + coding + b"\r\n\r\n"
+                                       + chunked_then)
+        for name, rest in cases.items():
+            with self.subTest(case=name):
+                self.assert_refused(self.head(rest))
+        self.assert_healthy()
+
+    def test_chunked_in_any_case_is_served(self):
+        for coding in (b"chunked", b"CHUNKED", b"Chunked"):
+            with self.subTest(coding=coding):
+                self.assert_served(self.head(b"Transfer-Encoding: " + coding + b"\r\n\r\n"
+                                             b"2\r\n{}\r\n0\r\n\r\n" + SMUGGLED), count=2)
+
+    def test_malformed_chunk_framing_is_400(self):
+        te = b"Transfer-Encoding: chunked\r\n\r\n"
+        cases = {
+            # one proxy reads a 1024-byte line's tail as the empty trailer section ...
+            "size line over the limit": b"0;" + b"a" * 1022 + b"\r\n" + SMUGGLED,
+            "space before the size": b" 2\r\n{}\r\n0\r\n\r\n",
+            "space after the size": b"2 \r\n{}\r\n0\r\n\r\n",
+            "bare LF after the size": b"2\n{}\r\n0\r\n\r\n",
+            "data longer than its size": b"2\r\n{}xx\r\n0\r\n\r\n",
+            "data shorter than its size": b"4\r\n{}\r\n0\r\n\r\n" + SMUGGLED,
+            "malformed trailer": b"0\r\nBad Trailer: 1\r\n\r\n",
+        }
+        for name, body in cases.items():
+            with self.subTest(case=name):
+                self.assert_refused(self.head(te + body))
+        self.assert_healthy()
+
+    def test_host_missing_or_repeated_is_400(self):
+        self.assert_refused(self.head(b"\r\n", host=False))
+        self.assert_refused(self.head(b"Host: 127.0.0.1:%d\r\n\r\n" % self.port))
+        self.assert_refused(self.head(b"Host: evil.example\r\n\r\n"))
+        # HTTP/1.0 may leave Host out
+        self.assert_served(b"GET /healthz HTTP/1.0\r\n\r\n")
+
+    def test_absolute_form_target_must_name_this_proxy(self):
+        for target in (b"http://evil.example/healthz", b"http://evil.example/v1/models",
+                       b"https://127.0.0.1:1/healthz", b"http://127.0.0.1:%d@evil.example/healthz"
+                       % self.port, b"ftp://127.0.0.1:%d/healthz" % self.port):
+            with self.subTest(target=target):
+                self.assert_refused(self.head(b"\r\n", target=target))
+        for target in (b"http://127.0.0.1:%d/status" % self.port,
+                       b"HTTP://localhost:%d/status?x=1" % self.port):
+            with self.subTest(target=target):
+                (status, headers, body), = self.assert_served(
+                    self.head(b"Connection: close\r\n\r\n", target=target))
+                self.assertIn("requests", json.loads(body))
+
+    def test_header_line_over_64k_and_obs_fold_close_the_connection(self):
+        self.assert_refused(self.head(b"X-Big: " + b"b" * (70 * 1024) + b"\r\n\r\n" + SMUGGLED),
+                            431)
+        self.assert_refused(self.head(b"X-A: 1\r\n  folded\r\n\r\n" + SMUGGLED))
+
+    def test_well_formed_requests_keep_the_connection(self):
+        # what the rules allow: bare-LF line ends, white space around values, trailers, two
+        # requests on one connection
+        body = json.dumps(simple_request()).encode()
+        first = (b"POST /v1/responses HTTP/1.1\nHost: 127.0.0.1:%d\nContent-Type: "
+                 b"application/json\nX-Pad:  \t spaced \t\nContent-Length: %d\n\n%s"
+                 % (self.port, len(body), body))
+        second = (b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: "
+                  b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n%X;ext=\"a b\"\r\n%s"
+                  b"\r\n0\r\nX-Trailer: t\r\n\r\n" % (self.port, len(body), body))
+        responses = self.assert_served(first + second, count=2)
+        for _, headers, data in responses:
+            self.assertEqual(json.loads(data)["output"][0]["content"][0]["text"], "Hello there!")
+        self.assertEqual(len(self.backend.requests), 2)
+
+    def assert_healthy(self):
+        status, _, data = self.request("GET", "/healthz")
+        self.assertEqual((status, data), (200, b"ok\n"))
+
+
+# --------------------------------------------------------------------------------------------
+# Connections: a cap on open ones (a thread each), and no busy loop when descriptors run out
+# --------------------------------------------------------------------------------------------
+
+class ConnectionLimitTests(ProxyTestCase):
+    def setUp(self):
+        super().setUp()
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_connections=3)
+
+    def keep_alive(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.addCleanup(s.close)
+        s.sendall(build_request(self.port, "GET", "/healthz"))
+        status, _, _, _, _ = read_one_response(s)
+        self.assertEqual(status, 200)
+        return s
+
+    def test_connections_past_the_limit_get_503_and_are_closed(self):
+        threads = threading.active_count()
+        held = [self.keep_alive() for _ in range(3)]
+        for _ in range(5):
+            answer, how = exchange(self.port, build_request(self.port, "GET", "/healthz"))
+            responses, _ = parse_http_responses(answer)
+            self.assertEqual([r[0] for r in responses], [503], answer[:300])
+            status, headers, body = responses[0]
+            self.assert_openai_error(status, json.loads(body), 503, "too_many_connections",
+                                     "--max-connections")
+            self.assertEqual(headers.get("retry-after"), "1")
+            self.assertIn(how, ("closed", "reset"))
+        # a thread per held connection, none for the refused ones
+        self.assertLessEqual(threading.active_count() - threads, 3)
+        self.wait_for_log("--max-connections")
+        held.pop().close()
+        served = wait_until(lambda: self.raw_status() == 200, timeout=5.0)
+        self.assertTrue(served, "a freed place was not taken up again")
+        status, _, body = self.request("GET", "/status")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["connections"], {"open": 3, "limit": 3})
+
+    def test_a_client_still_sending_its_request_reads_the_503(self):
+        # Closed at once, the refused connection would answer the request's bytes with a
+        # reset: http.client would then fail with BrokenPipeError, not read the 503.
+        held = [self.keep_alive() for _ in range(3)]
+        body = json.dumps(simple_request(text="x" * 50000)).encode()
+        for _ in range(10):
+            status, headers, data = self.request("POST", "/v1/responses", body,
+                                                 {"Content-Type": "application/json"})
+            self.assertEqual(status, 503, data)
+            self.assertEqual(json.loads(data)["error"]["code"], "too_many_connections")
+        self.assertEqual(len(held), 3)
+        self.assertEqual(self.backend.requests, [])
+
+    def raw_status(self):
+        answer, _ = exchange(self.port, build_request(self.port, "GET", "/healthz",
+                                                      [("Connection", "close")]))
+        responses, _ = parse_http_responses(answer)
+        return responses[0][0] if responses else None
+
+    def test_max_connections_flag(self):
+        config = proxy.parse_config(["--max-connections", "7"])
+        self.assertEqual(config.max_connections, 7)
+        self.assertEqual(proxy.parse_config([]).max_connections, 256)
+        with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(SystemExit):
+                proxy.parse_config(["--max-connections", "0"])
+
+
+def process_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+class DescriptorExhaustionTests(ProcessTestCase):
+    LIMIT = 64
+
+    def spawn_limited(self, soft, hard):
+        import resource
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        popen = subprocess.Popen
+        with mock.patch.object(subprocess, "Popen",
+                               lambda *a, **kw: popen(*a, preexec_fn=low_limit, **kw)):
+            return self.spawn("--port", "0", "--codex-home", self.home)
+
+    def test_soft_descriptor_limit_is_raised_to_the_hard_one(self):
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY or hard <= self.LIMIT:
+            self.skipTest("no finite hard limit above %d here" % self.LIMIT)
+        proc = self.spawn_limited(self.LIMIT, hard)
+        with open("/proc/%d/limits" % proc.proc.pid) as f:
+            line = [l for l in f if l.startswith("Max open files")][0]
+        self.assertEqual(line.split()[3:5], [str(hard), str(hard)], line)
+
+    def test_no_busy_loop_when_accept_runs_out_of_descriptors(self):
+        limit = self.LIMIT
+        # soft = hard: the proxy's raise to the hard limit cannot lift it
+        proc = self.spawn_limited(limit, limit)
+        pid = proc.proc.pid
+        clients = []
+        self.addCleanup(lambda: [s.close() for s in clients])
+        for _ in range(limit + 30):
+            clients.append(socket.create_connection(("127.0.0.1", proc.port), timeout=5))
+        full = wait_until(lambda: len(os.listdir("/proc/%d/fd" % pid)) >= limit, timeout=10)
+        self.assertTrue(full, "the proxy never ran out of descriptors")
+        before = process_cpu_seconds(pid)
+        time.sleep(1.5)  # a window to measure: a busy loop would burn all of it
+        spent = process_cpu_seconds(pid) - before
+        self.assertLess(spent, 0.5, "the proxy spun at %.0f%% CPU while out of descriptors"
+                        % (spent / 1.5 * 100))
+        proc.wait_for("cannot accept connections", timeout=5)
+        for s in clients:
+            s.close()
+        clients.clear()
+        status, _, body = proc.request("GET", "/healthz", timeout=10)
+        self.assertEqual((status, body), (200, b"ok\n"))
+        self.assertEqual(proc.text().count("cannot accept connections"), 1, proc.text())
+
+
+# --------------------------------------------------------------------------------------------
+# GET /shutdown from a web page in a browser that sends no Sec-Fetch-Site
+# --------------------------------------------------------------------------------------------
+
+class ShutdownRefererTests(ProxyTestCase):
+    def test_foreign_referer_cannot_stop_the_proxy(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(http_shutdown=True, allow_origins=["http://localhost:3000"])
+        for referer in ("https://evil.example/page.html", "http://localhost:3001/",
+                        "http://localhost:%d.evil.example/" % self.port, "null", "x",
+                        "http://user@127.0.0.1:%d/" % self.port):
+            with self.subTest(referer=referer):
+                status, headers, body = raw_http(self.port, "GET", "/shutdown",
+                                                 [("Referer", referer)])
+                self.assert_openai_error(status, json.loads(body), 403, "origin_not_allowed")
+        self.assertFalse(self.proxy.app.stopping, "a web page stopped the proxy")
+        # Reads are not refused for a Referer: a page cannot read them without CORS, and
+        # some non-browser clients send their home page as Referer.
+        status, _, _ = raw_http(self.port, "GET", "/status",
+                                [("Referer", "https://evil.example/")])
+        self.assertEqual(status, 200)
+        # the page given with --allow-origin, and the proxy's own pages, may
+        for own_page in (False, True):  # (each stops the proxy: a new one for the second)
+            referer = ("http://127.0.0.1:%d/status" % self.port if own_page
+                       else "http://localhost:3000/admin")
+            with self.subTest(referer=referer):
+                status, _, body = raw_http(self.port, "GET", "/shutdown",
+                                           [("Referer", referer)])
+                self.assertEqual(status, 200, body)
+                self.assertTrue(wait_until(lambda: self.proxy.app.stopping, 5.0))
+                self.stop_proxy(self.proxy)
+                self.start_proxy(http_shutdown=True, allow_origins=["http://localhost:3000"])
+
+
 class HangupWatcherRaceTests(unittest.TestCase):
     """The proxy's HangupWatcher on real sockets. A handler unwatches its client socket and then
     closes it; if the close lands between the watcher's copy of the watch list and its wait,
