@@ -2114,6 +2114,326 @@ def sse_data(obj):
 
 
 # --------------------------------------------------------------------------------------------
+# WebSocket framing (RFC 6455, pure): the handshake's accept key, frames, messages; and for
+# the backend's socket, its frames read and the upgrade asked for
+# --------------------------------------------------------------------------------------------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
+CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1003, 1007, 1009
+CLOSE_INTERNAL_ERROR = 1011
+# Codes an endpoint may never put in a close frame (RFC 6455 section 7.4.1).
+_CLOSE_CODES_RESERVED = (1004, 1005, 1006, 1015)
+
+
+class WebSocketError(Exception):
+    """The client broke the protocol: the connection closes with this code."""
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def websocket_accept(headers):
+    """The Sec-WebSocket-Accept value for an upgrade request (headers lower-cased), or the
+    refusal RFC 6455 names: 426 with the version we speak, 400 without a valid key."""
+    version = (headers.get("sec-websocket-version") or "").strip()
+    if version != "13":
+        raise ProxyError(426, "This proxy speaks WebSocket version 13 (RFC 6455); the request "
+                         "asked for %r." % version, code="websocket_version_not_supported",
+                         headers=[("Sec-WebSocket-Version", "13")])
+    key = (headers.get("sec-websocket-key") or "").strip()
+    try:
+        valid = len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        valid = False
+    if not valid:
+        raise ProxyError(400, "A WebSocket handshake needs a Sec-WebSocket-Key header: 16 "
+                         "random bytes in base64.", code="invalid_websocket_handshake")
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
+
+
+def encode_frame(opcode, payload=b"", mask=False):
+    """One whole frame. A server's go unmasked; a client must mask what it sends."""
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((0x80 | opcode, bit | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, bit | 127)) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + mask_payload(payload, key)
+
+
+def close_frame(code=None, reason=""):
+    """A close frame; code None sends none (the answer to a close that had none)."""
+    if code is None:
+        return encode_frame(OP_CLOSE)
+    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
+
+
+def mask_payload(payload, mask):
+    """XOR with the 4-byte mask (masking and unmasking alike), as one big-integer operation:
+    C speed for megabytes."""
+    n = len(payload)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def parse_close_payload(payload):
+    """A close frame's (code or None, reason); WebSocketError for a malformed one."""
+    if not payload:
+        return None, ""
+    if len(payload) == 1:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a close frame's code takes two bytes")
+    code = int.from_bytes(payload[:2], "big")
+    if code < 1000 or code >= 5000 or code in _CLOSE_CODES_RESERVED or 1016 <= code < 3000:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close code %d is not allowed" % code)
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_INVALID_DATA, "the close reason is not UTF-8")
+
+
+class MessageReader:
+    """A client's bytes -> its messages: feed() what arrives, get back (opcode, payload) for
+    each whole text message (fragments joined) and each control frame (ping, pong, close) as
+    it comes. The checks RFC 6455 asks of a server are made here; a violation raises
+    WebSocketError with the close code. max_message_bytes bounds a message before its bytes
+    are buffered, so an announced length alone is refused."""
+
+    def __init__(self, max_message_bytes):
+        self.max_message_bytes = max_message_bytes
+        self._buf = bytearray()
+        self._fragments = None  # the pieces of a text message in progress
+        self._size = 0
+
+    def feed(self, data):
+        self._buf += data
+        out = []
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return out
+            message = self._message(*frame)
+            if message is not None:
+                out.append(message)
+
+    def _next_frame(self):
+        """(fin, opcode, payload) of the first whole frame in the buffer, else None."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        first, second = buf[0], buf[1]
+        fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
+        if first & 0x70:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was "
+                                 "agreed)")
+        if not second & 0x80:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+        if opcode == OP_BINARY:
+            raise WebSocketError(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send "
+                                 "each request as a text frame of JSON")
+        if opcode >= 0x8:
+            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+            if not fin or length > 125:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "control frames must be whole and "
+                                     "at most 125 bytes")
+        elif opcode not in (OP_CONTINUATION, OP_TEXT):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+        elif (opcode == OP_CONTINUATION) == (self._fragments is None):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message "
+                                 "to continue" if opcode == OP_CONTINUATION else
+                                 "a new message before the last one's final fragment")
+        start = 2
+        if length == 126:
+            start = 4
+        elif length == 127:
+            start = 10
+        if len(buf) < start:
+            return None
+        if start > 2:
+            length = int.from_bytes(buf[2:start], "big")
+            if length >> 63:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
+        if opcode < 0x8 and self._size + length > self.max_message_bytes:
+            raise WebSocketError(CLOSE_TOO_BIG, "a message is limited to %d bytes (see the "
+                                 "handshake's x-codex-websocket-max-message-bytes)"
+                                 % self.max_message_bytes)
+        end = start + 4 + length
+        if len(buf) < end:
+            return None
+        payload = mask_payload(bytes(buf[start + 4:end]), bytes(buf[start:start + 4]))
+        del buf[:end]
+        return fin, opcode, payload
+
+    def _message(self, fin, opcode, payload):
+        if opcode >= 0x8:
+            return opcode, payload
+        if self._fragments is None:
+            self._fragments = []
+        self._fragments.append(payload)
+        self._size += len(payload)
+        if not fin:
+            return None
+        data = b"".join(self._fragments)
+        self._fragments, self._size = None, 0
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8")
+        return OP_TEXT, data
+
+
+# The client side, for the backend's socket: the server's frames read, the upgrade asked for.
+WS_MAX_MESSAGE = 64 * 1024 * 1024  # the backend's events are small; this only bounds memory
+WS_MAX_HANDSHAKE = 65536
+
+
+def read_frame(read):
+    """(fin, opcode, payload) of the next frame; read(n) returns exactly n bytes or raises.
+    No extension is ever negotiated, so a set RSV bit is a protocol error (ValueError)."""
+    b0, b1 = read(2)
+    if b0 & 0x70:
+        raise ValueError("a WebSocket frame with RSV bits set")
+    opcode, n = b0 & 0x0F, b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(read(8), "big")
+    if n > WS_MAX_MESSAGE or (opcode >= 8 and n > 125):
+        raise ValueError("a WebSocket frame of %d bytes" % n)
+    key = read(4) if b1 & 0x80 else None
+    payload = read(n) if n else b""
+    return bool(b0 & 0x80), opcode, mask_payload(payload, key) if key else payload
+
+
+class WebSocketReader:
+    """Frames from a socket, through one buffer: a read takes all that has arrived, so the
+    frames it holds are handed on together."""
+
+    def __init__(self, sock, data=b""):
+        self.sock = sock
+        self._buf = bytearray(data)
+        self._pos = 0
+
+    def read(self, n):
+        while len(self._buf) - self._pos < n:
+            chunk = self.sock.recv(max(262144, n))
+            if not chunk:
+                raise EOFError("the WebSocket connection was closed")
+            if self._pos:
+                del self._buf[:self._pos]
+                self._pos = 0
+            self._buf += chunk
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        return out
+
+    def frame_ready(self):
+        """A whole frame is buffered: reading it will not block."""
+        buf, pos = self._buf, self._pos
+        have = len(buf) - pos
+        if have < 2:
+            return False
+        n, head = buf[pos + 1] & 0x7F, 2
+        if n == 126:
+            if have < 4:
+                return False
+            n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+        elif n == 127:
+            if have < 10:
+                return False
+            n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+        return have >= head + (4 if buf[pos + 1] & 0x80 else 0) + n
+
+    def message(self, pong):
+        """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
+        payload). Pings are answered through pong(payload) on the way."""
+        parts, first = [], None
+        while True:
+            fin, opcode, payload = read_frame(self.read)
+            if opcode == OP_PING:
+                pong(payload)
+                continue
+            if opcode == OP_PONG:
+                continue
+            if opcode == OP_CLOSE:
+                return OP_CLOSE, payload
+            if first is None:
+                if opcode == OP_CONTINUATION:
+                    raise ValueError("a WebSocket continuation frame with nothing to continue")
+                first = opcode
+            parts.append(payload)
+            if fin:
+                return first, b"".join(parts)
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with something else than 101."""
+
+    def __init__(self, status, headers):
+        super().__init__("HTTP %d" % status)
+        self.status = status
+        self.headers = headers
+
+
+def client_handshake(sock, url, headers):
+    """Upgrade a connected socket to a WebSocket at url: (response headers, bytes already
+    read past them). HandshakeRefused for an answer other than 101, ValueError for a 101
+    that is not a WebSocket's, OSError / EOFError when the connection fails."""
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    key = base64.b64encode(os.urandom(16))
+    lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
+             b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
+             b"Sec-WebSocket-Version: 13"]
+    for name, value in headers:
+        value = value.encode("latin-1") if isinstance(value, str) else value
+        if b"\r" in value or b"\n" in value:
+            raise ValueError("a header value with a line break")  # never quote it: a secret
+        lines.append(name.encode("latin-1") + b": " + value)
+    sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > WS_MAX_HANDSHAKE:
+            raise ValueError("an endless handshake answer")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("the connection closed during the WebSocket handshake")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    status_line, _, header_block = head.partition(b"\r\n")
+    try:
+        status = int(status_line.split()[1])
+    except (IndexError, ValueError):
+        raise ValueError("not an HTTP answer: %r" % status_line[:80])
+    answer = []
+    for line in header_block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            answer.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
+    names = {k.lower(): v for k, v in answer}
+    if status != 101:
+        raise HandshakeRefused(status, answer)  # its body says nothing a fallback needs
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+    if names.get("upgrade", "").lower() != "websocket" or \
+            names.get("sec-websocket-accept") != accept:
+        raise ValueError("a 101 answer that is not a WebSocket upgrade")
+    return answer, rest
+
+
+# --------------------------------------------------------------------------------------------
 # Conversation state, for previous_response_id (the backend keeps none)
 # --------------------------------------------------------------------------------------------
 
@@ -3123,177 +3443,6 @@ class UpstreamClient:
 
 
 # --------------------------------------------------------------------------------------------
-# WebSocket client framing (RFC 6455): our frames masked, the server's read, the handshake
-# --------------------------------------------------------------------------------------------
-
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0, 1, 2, 8, 9, 10
-WS_MAX_MESSAGE = 64 * 1024 * 1024  # the backend's events are small; this only bounds memory
-WS_MAX_HANDSHAKE = 65536
-
-
-def ws_mask(payload, key):
-    """payload XOR the 4-byte key repeated, as one big-integer XOR: C speed on any size."""
-    n = len(payload)
-    if not n:
-        return b""
-    repeated = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
-
-
-def ws_encode_frame(opcode, payload, mask=True):
-    """One final frame. A client must mask what it sends (RFC 6455 5.3)."""
-    n = len(payload)
-    head = bytearray((0x80 | opcode,))
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head.append(bit | n)
-    elif n < 65536:
-        head.append(bit | 126)
-        head += n.to_bytes(2, "big")
-    else:
-        head.append(bit | 127)
-        head += n.to_bytes(8, "big")
-    if not mask:
-        return bytes(head) + payload
-    key = os.urandom(4)
-    return bytes(head) + key + ws_mask(payload, key)
-
-
-def ws_read_frame(read):
-    """(fin, opcode, payload) of the next frame; read(n) returns exactly n bytes or raises.
-    No extension is ever negotiated, so a set RSV bit is a protocol error (ValueError)."""
-    b0, b1 = read(2)
-    if b0 & 0x70:
-        raise ValueError("a WebSocket frame with RSV bits set")
-    opcode, n = b0 & 0x0F, b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(read(2), "big")
-    elif n == 127:
-        n = int.from_bytes(read(8), "big")
-    if n > WS_MAX_MESSAGE or (opcode >= 8 and n > 125):
-        raise ValueError("a WebSocket frame of %d bytes" % n)
-    key = read(4) if b1 & 0x80 else None
-    payload = read(n) if n else b""
-    return bool(b0 & 0x80), opcode, ws_mask(payload, key) if key else payload
-
-
-class WebSocketReader:
-    """Frames from a socket, through one buffer: a read takes all that has arrived, so the
-    frames it holds are handed on together."""
-
-    def __init__(self, sock, data=b""):
-        self.sock = sock
-        self._buf = bytearray(data)
-        self._pos = 0
-
-    def read(self, n):
-        while len(self._buf) - self._pos < n:
-            chunk = self.sock.recv(max(262144, n))
-            if not chunk:
-                raise EOFError("the WebSocket connection was closed")
-            if self._pos:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += chunk
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        return out
-
-    def frame_ready(self):
-        """A whole frame is buffered: reading it will not block."""
-        buf, pos = self._buf, self._pos
-        have = len(buf) - pos
-        if have < 2:
-            return False
-        n, head = buf[pos + 1] & 0x7F, 2
-        if n == 126:
-            if have < 4:
-                return False
-            n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-        elif n == 127:
-            if have < 10:
-                return False
-            n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-        return have >= head + (4 if buf[pos + 1] & 0x80 else 0) + n
-
-    def message(self, pong):
-        """(opcode, payload) of the next data message, fragments joined, or (WS_CLOSE,
-        payload). Pings are answered through pong(payload) on the way."""
-        parts, first = [], None
-        while True:
-            fin, opcode, payload = ws_read_frame(self.read)
-            if opcode == WS_PING:
-                pong(payload)
-                continue
-            if opcode == WS_PONG:
-                continue
-            if opcode == WS_CLOSE:
-                return WS_CLOSE, payload
-            if first is None:
-                if opcode == WS_CONTINUATION:
-                    raise ValueError("a WebSocket continuation frame with nothing to continue")
-                first = opcode
-            parts.append(payload)
-            if fin:
-                return first, b"".join(parts)
-
-
-class HandshakeRefused(Exception):
-    """The server answered the upgrade with something else than 101."""
-
-    def __init__(self, status, headers):
-        super().__init__("HTTP %d" % status)
-        self.status = status
-        self.headers = headers
-
-
-def ws_client_handshake(sock, url, headers):
-    """Upgrade a connected socket to a WebSocket at url: (response headers, bytes already
-    read past them). HandshakeRefused for an answer other than 101, ValueError for a 101
-    that is not a WebSocket's, OSError / EOFError when the connection fails."""
-    parts = urllib.parse.urlsplit(url)
-    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    key = base64.b64encode(os.urandom(16))
-    lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
-             b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
-             b"Sec-WebSocket-Version: 13"]
-    for name, value in headers:
-        value = value.encode("latin-1") if isinstance(value, str) else value
-        if b"\r" in value or b"\n" in value:
-            raise ValueError("a header value with a line break")  # never quote it: a secret
-        lines.append(name.encode("latin-1") + b": " + value)
-    sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        if len(data) > WS_MAX_HANDSHAKE:
-            raise ValueError("an endless handshake answer")
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError("the connection closed during the WebSocket handshake")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    status_line, _, header_block = head.partition(b"\r\n")
-    try:
-        status = int(status_line.split()[1])
-    except (IndexError, ValueError):
-        raise ValueError("not an HTTP answer: %r" % status_line[:80])
-    answer = []
-    for line in header_block.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            answer.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
-    names = {k.lower(): v for k, v in answer}
-    if status != 101:
-        raise HandshakeRefused(status, answer)  # its body says nothing a fallback needs
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
-    if names.get("upgrade", "").lower() != "websocket" or \
-            names.get("sec-websocket-accept") != accept:
-        raise ValueError("a 101 answer that is not a WebSocket upgrade")
-    return answer, rest
-
-
-# --------------------------------------------------------------------------------------------
 # Upstream WebSocket: one backend socket per conversation, turns chained on it
 # --------------------------------------------------------------------------------------------
 
@@ -3435,10 +3584,10 @@ class UpstreamWebSocket:
         self.closed = False
 
     def send_text(self, payload):
-        self.sock.sendall(ws_encode_frame(WS_TEXT, payload))
+        self.sock.sendall(encode_frame(OP_TEXT, payload, mask=True))
 
     def pong(self, payload):
-        self.sock.sendall(ws_encode_frame(WS_PONG, payload))
+        self.sock.sendall(encode_frame(OP_PONG, payload, mask=True))
 
     def close(self):
         """At once, no closing handshake: a socket closed mid-answer is how generation stops."""
@@ -3461,12 +3610,12 @@ class UpstreamWebSocket:
         try:
             while self.reader.frame_ready() or readable_sockets([self.sock], 0):
                 self.sock.settimeout(1.0)
-                fin, opcode, payload = ws_read_frame(self.reader.read)
-                if opcode == WS_PING:
+                fin, opcode, payload = read_frame(self.reader.read)
+                if opcode == OP_PING:
                     self.pong(payload)
-                elif opcode == WS_CLOSE:
+                elif opcode == OP_CLOSE:
                     return False
-                elif opcode == WS_TEXT and fin:
+                elif opcode == OP_TEXT and fin:
                     on_text(payload)
         except (OSError, EOFError, ValueError):
             return False
@@ -3673,10 +3822,10 @@ class WebSocketBody:
                 opcode, payload = self.ws.reader.message(self.ws.pong)
             except EOFError:
                 return None
-            if opcode == WS_CLOSE:
+            if opcode == OP_CLOSE:
                 self.ws.close()
                 return None
-            if opcode != WS_TEXT:
+            if opcode != OP_TEXT:
                 raise ValueError("a binary frame")
             frame = self.owner.event_frame(payload, self)
             if frame is not None:
@@ -3873,7 +4022,7 @@ class WebSocketUpstream:
                 if pool._ssl is None:
                     pool._ssl = ssl.create_default_context()
                 sock = pool._ssl.wrap_socket(sock, server_hostname=parts.hostname)
-            answer, rest = ws_client_handshake(sock, self.url, headers)
+            answer, rest = client_handshake(sock, self.url, headers)
         except HandshakeRefused as e:
             if sock is not None:
                 sock.close()
@@ -3938,9 +4087,9 @@ class WebSocketUpstream:
         must decide the request before the client hears anything."""
         while True:
             opcode, payload = ws.reader.message(ws.pong)
-            if opcode == WS_CLOSE:
+            if opcode == OP_CLOSE:
                 raise EOFError("the backend closed the WebSocket")
-            if opcode != WS_TEXT:
+            if opcode != OP_TEXT:
                 raise ValueError("a binary frame")
             event = self.decode(payload)
             if event is not None and event.get("type") == "error":
@@ -4252,8 +4401,9 @@ def find_route(method, path, headers, config):
         raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
                          % path, code="not_found")
     if "websocket" in (headers.get("upgrade") or "").lower():
-        raise ProxyError(426, "WebSocket is not supported here; use HTTP "
-                         "(the Codex CLI falls back to it by itself).",
+        if methods.get("POST") == "responses" and method == "GET":
+            return "websocket", ()
+        raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP here.",
                          code="websocket_not_supported")
     name = methods.get(method)
     if name is None:
@@ -4720,6 +4870,425 @@ def pass_through(upstream, answer, client):
 
 
 # --------------------------------------------------------------------------------------------
+# Responses over WebSocket: one session per socket, each request relayed into frames
+# --------------------------------------------------------------------------------------------
+
+# While nothing goes out (the backend reasoning silently), the client is pinged this often:
+# middleboxes and clients (the Python SDKs) drop sockets that stay silent for long.
+WS_PING_INTERVAL = 25.0
+# A socket with no request for this long is closed (the backend's own live 60 minutes).
+WS_IDLE_TIMEOUT = 3600.0
+WS_CLOSE_WAIT = 2.0            # after our close frame, how long the client has to answer it
+WS_KEPT_RESPONSES = 4          # responses kept per socket for previous_response_id ...
+WS_KEPT_BYTES = 16 * 1024 * 1024  # ... within this many compressed bytes (the last always)
+ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
+              "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
+              "total_tokens": 0}
+
+
+def sse_payloads(block):
+    """The data of each whole SSE frame in block, as bytes: one WebSocket message each."""
+    if b"\r" in block:
+        return [event.data.encode("utf-8") for event in SSEParser().feed(block)
+                if event.data is not None]
+    payloads = []
+    for frame in block.split(b"\n\n")[:-1]:
+        data = _join_data(frame.split(b"\n"))
+        if data is not None:
+            payloads.append(data.encode("utf-8"))
+    return payloads
+
+
+def input_list(value):
+    """A request's `input` as a list of items (a string is one user message)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": value}]}]
+    return list(value) if isinstance(value, list) else []
+
+
+def with_stream_id(payload, stream_id):
+    """An event's JSON with the stream_id of the request it answers."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(event, dict):
+        return payload
+    event["stream_id"] = stream_id
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def websocket_error_event(err):
+    """A refused or failed request as the backend's socket says it: an HTTP error carried
+    in an `error` event (status, error, headers). previous_response_not_found goes without a
+    status: with one, the Codex CLI would fail the turn instead of resending it whole."""
+    event = {"type": "error"}
+    if err.code != "previous_response_not_found":
+        event["status"] = err.status
+    event["error"] = err.body()["error"]
+    if err.headers:
+        event["headers"] = {name.lower(): value for name, value in err.headers}
+    return event
+
+
+def prewarm_events(body):
+    """The answer to a `"generate": false` request (the Codex CLI's prewarm): a response
+    with nothing generated, made here; nothing goes upstream."""
+    response = {"id": "resp_" + uuid.uuid4().hex, "object": "response",
+                "created_at": int(time.time()), "status": "in_progress",
+                "model": body.get("model"), "output": [], "usage": None, "error": None,
+                "incomplete_details": None, "tools": body.get("tools") or [],
+                "tool_choice": body.get("tool_choice", "auto"),
+                "parallel_tool_calls": body.get("parallel_tool_calls", True)}
+    done = dict(response, status="completed", usage=ZERO_USAGE)
+    return [{"type": "response.created", "sequence_number": 0, "response": response},
+            {"type": "response.completed", "sequence_number": 1, "response": done}]
+
+
+class SocketResponses:
+    """The responses made on one socket, by id: each one's whole input and its output, as
+    the backend's own socket keeps them, even with store: false. The last few, within a
+    byte bound; all of it goes with the socket."""
+
+    def __init__(self, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._kept = collections.OrderedDict()
+        self._bytes = 0
+
+    def put(self, response_id, items):
+        blob = pack_json(_compact(items))
+        old = self._kept.pop(response_id, None)
+        self._bytes += len(blob) - (len(old) if old is not None else 0)
+        self._kept[response_id] = blob
+        while len(self._kept) > 1 and (len(self._kept) > self.max_count
+                                       or self._bytes > self.max_bytes):
+            self._bytes -= len(self._kept.popitem(last=False)[1])
+
+    def get(self, response_id):
+        blob = self._kept.get(response_id)
+        return unpack_json(blob) if blob is not None else None
+
+
+class WebSocketSink:
+    """The relay's frames, one text message per event (the JSON of its `data:` line), with
+    the request's stream_id added when it carried one."""
+
+    def __init__(self, session, exchange, stream_id=None):
+        self.session = session
+        self.exchange = exchange
+        self.stream_id = stream_id
+
+    def start(self, headers):
+        pass
+
+    def send(self, data):
+        self.session.send_events(sse_payloads(data), self.stream_id)
+
+    def finish(self, transform, tail, failure, headers):
+        if failure is not None:
+            self.exchange.log_fields["error"] = failure.code
+            self.exchange.status = failure.status
+            tail += transform.failure_frames(failure)
+        self.send(tail)
+
+
+class WebSocketExchange:
+    """One request on a socket, as the relay sees a client."""
+
+    def __init__(self, session):
+        self.session = session
+        self.connection = session.sock
+        self.log_fields = {}
+        self.status = 200
+
+    def forwardable_headers(self):
+        """API-key mode: the handshake's headers, less the WebSocket's own and those a
+        streamed POST sets itself."""
+        return {name: value for name, value in self.session.handler.forwardable_headers().items()
+                if not name.lower().startswith("sec-websocket-")
+                and name.lower() not in ("accept", "content-type", "openai-beta", "origin")}
+
+
+class WebSocketSession:
+    """One client socket after the 101. A reader thread takes the client's frames: it
+    answers pings, queues requests, answers the close handshake, pings a silent client,
+    closes an idle socket, and on the client's close or hang-up shuts the socket, which
+    cuts a response in flight (see HangupWatcher). This thread answers the queued requests
+    one after another, each through the relay into a WebSocketSink."""
+
+    def __init__(self, app, handler, path):
+        self.app = app
+        self.handler = handler
+        self.path = path
+        self.sock = handler.connection
+        self.reader = MessageReader(app.config.max_body_bytes)
+        self.kept = SocketResponses()
+        self.responses = 0
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._busy = False
+        self._ended = False      # the socket is shut: nothing more in or out
+        self._closing = None     # when our close frame went out
+        self._last_sent = self._last_request = time.monotonic()
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    def send(self, data):
+        """Whole frames, in order; ClientGone once the socket cannot take them."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                raise ClientGone()
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise ClientGone()
+            self._last_sent = time.monotonic()
+
+    def send_events(self, payloads, stream_id=None):
+        if stream_id is not None:
+            payloads = [with_stream_id(p, stream_id) for p in payloads]
+        if payloads:
+            self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
+
+    def close(self, code, reason=""):
+        """Start the close handshake (once); the reader ends it."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                return
+            self._closing = time.monotonic()
+            try:
+                self.sock.sendall(close_frame(code, reason))
+            except OSError:
+                pass
+
+    def end(self):
+        """Shut the socket: the reader sees its end, a relay in flight its client gone."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _pending_bytes(self):
+        """What the client sent after its handshake and the handler had already buffered:
+        with the read deadline passed, the buffered reader gives what it holds and reads
+        nothing from the socket (see RequestReader)."""
+        self.handler.reader.deadline = time.monotonic() - 1
+        try:
+            data = self.handler.rfile.peek(65536)
+            return self.handler.rfile.read(len(data))
+        except OSError:
+            return b""
+        finally:
+            self.handler.reader.deadline = None
+            self.sock.settimeout(WRITE_TIMEOUT)
+
+    # -- the reader thread --------------------------------------------------------------------
+
+    def _read(self):
+        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_IDLE_TIMEOUT / 2.0)
+        try:
+            data = self._pending_bytes()
+            while not self._ended:
+                if data and self._take(self.reader.feed(data)):
+                    return
+                data = b""
+                if not readable_sockets([self.sock], tick):
+                    if self._tick():
+                        return
+                    continue
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+        except WebSocketError as e:
+            self.close(e.code, e.reason)  # a protocol error fails the connection at once
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.end()
+
+    def _take(self, messages):
+        """Act on the client's messages; True once it closed."""
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                with self._cond:
+                    self._queue.append(payload)
+                    self._cond.notify_all()
+            elif opcode == OP_PING:
+                try:
+                    self.send(encode_frame(OP_PONG, payload))
+                except ClientGone:
+                    pass
+            elif opcode == OP_CLOSE:
+                code = parse_close_payload(payload)[0]
+                self.close(code)  # the answer: the client's own code (none if it sent none)
+                return True
+        return False
+
+    def _tick(self):
+        """Between the client's frames: keep-alive, idle and shutdown; True to end."""
+        now = time.monotonic()
+        if self._closing is not None:
+            return now - self._closing >= WS_CLOSE_WAIT
+        with self._cond:
+            idle = not self._queue and not self._busy
+        if idle and self.app.stopping:
+            self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        elif idle and now - self._last_request >= WS_IDLE_TIMEOUT:
+            self.close(CLOSE_NORMAL, "idle for %d s" % WS_IDLE_TIMEOUT)
+        elif now - self._last_sent >= WS_PING_INTERVAL:
+            try:
+                self.send(encode_frame(OP_PING))
+            except ClientGone:
+                return True
+        return False
+
+    # -- this thread: the requests ------------------------------------------------------------
+
+    def run(self):
+        self.app.count_websocket("connections_open", 1)
+        reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
+        reader.start()
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._ended and self._closing is None:
+                        self._cond.wait()
+                    if self._ended or self._closing is not None:
+                        break
+                    raw = self._queue.popleft()
+                    self._busy = True
+                try:
+                    self.answer(raw)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._last_request = time.monotonic()
+                if self.app.stopping:
+                    self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        finally:
+            reader.join(WS_CLOSE_WAIT + 5)
+            self.end()
+            self.app.count_websocket("connections_open", -1)
+
+    def answer(self, raw):
+        """One client message: a response.create answered, or an error event."""
+        exchange = WebSocketExchange(self)
+        started = time.monotonic()
+        stream_id = None
+        try:
+            body, source, spans = parse_json_object(raw)
+            stream_id = body.get("stream_id")
+            if body.get("type") != "response.create":
+                raise ProxyError(400, "Unknown message type %s: this socket takes "
+                                 "{\"type\": \"response.create\", ...a Responses request...}."
+                                 % json.dumps(body.get("type"))[:80], param="type",
+                                 code="unknown_message_type")
+            self.create(exchange, body, source, spans, stream_id)
+        except ProxyError as e:
+            exchange.status = e.status
+            exchange.log_fields.setdefault("error", e.code or e.type)
+            try:
+                self.send_events([json.dumps(websocket_error_event(e)).encode()], stream_id)
+            except ClientGone:
+                pass
+        except ClientGone:
+            exchange.log_fields["note"] = "client disconnected; upstream closed"
+            self.end()
+        except Exception as e:  # a bug costs this socket, not the server
+            self.app.log.info("internal error on a WebSocket request: %s: %s"
+                              % (e.__class__.__name__, e))
+            if self.app.config.debug:
+                import traceback
+                self.app.log.info(traceback.format_exc())
+            exchange.status = 500
+            exchange.log_fields["error"] = "internal_error"
+            self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
+        self.responses += 1
+        self.app.count_websocket("responses", 1)
+        self.log_line(exchange, started)
+
+    def create(self, exchange, body, source, spans, stream_id):
+        app = self.app
+        model = body.get("model")
+        exchange.log_fields["model"] = model if isinstance(model, str) else None
+        generate = body.get("generate", True)
+        if not isinstance(generate, bool):
+            raise ProxyError(400, "`generate` must be true or false.", param="generate",
+                             code="invalid_type")
+        body = dict(body)  # the message's own fields go; the rest is a request as on HTTP
+        for name in ("type", "stream_id", "generate"):
+            body.pop(name, None)
+        sink = WebSocketSink(self, exchange, stream_id)
+        if app.config.mode == "apikey":
+            previous = body.get("previous_response_id")
+            history = self.kept.get(previous) if isinstance(previous, str) else None
+            if not generate:
+                if previous is not None and history is None:
+                    raise unknown_response_error(previous)
+                return self.prewarm(exchange, body, (history or []) + input_list(
+                    body.get("input")), stream_id)
+            with app.slot():
+                return app.respond_platform(exchange, body, history, sink, self.keep)
+        request = app.prepare(self.handler.header, body, source, spans, history=self.history)
+        if not generate:
+            return self.prewarm(exchange, body, request.body["input"], stream_id)
+        with app.slot():
+            answer = app.upstream.call("POST", app.config.upstream_url, request.body,
+                                       request.encode, request.session_id, request.headers,
+                                       version=request.version)
+
+            def on_end(assembler):
+                app.keep(assembler, request)
+                self.keep(assembler, request.body["input"])
+
+            relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+
+    def history(self, previous):
+        """The items previous_response_id names: a response of this socket's, else one in
+        the conversation store."""
+        items = self.kept.get(previous)
+        return items if items is not None else self.app.conversations.history(previous)
+
+    def keep(self, assembler, sent_input):
+        """A finished response's whole input and output, for previous_response_id on this
+        socket, whatever its `store` said."""
+        response_id = (assembler.response or {}).get("id")
+        if assembler.terminal in ("response.completed", "response.incomplete") and \
+                isinstance(response_id, str):
+            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()))
+
+    def prewarm(self, exchange, body, items, stream_id):
+        """`"generate": false`: answered here; its input kept for the next request."""
+        events = prewarm_events(body)
+        self.kept.put(events[0]["response"]["id"], items)
+        self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
+                         stream_id)
+        exchange.log_fields["note"] = "generate: false, answered here"
+
+    def log_line(self, exchange, started):
+        log = self.app.log
+        f = exchange.log_fields
+        parts = ["WS", self.path]
+        if f.get("model"):
+            parts.append("model=%s" % f["model"])
+        parts.append("status=%s" % log.status_code(exchange.status))
+        parts.append("%.3fs" % (time.monotonic() - started))
+        if "in" in f or "out" in f:
+            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
+        parts.append("websocket")
+        for key in ("error", "note"):
+            if f.get(key):
+                parts.append("%s=%s" % (key, f[key]))
+        log.info(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
 
@@ -4761,6 +5330,7 @@ class App:
         self._connections = 0
         self._inflight_cond = threading.Condition()
         self._counts = {"total": 0, "by_status": {}}
+        self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
         self._stopping = threading.Event()
 
     # -- requests in flight, and stopping ---------------------------------------------------
@@ -4776,6 +5346,10 @@ class App:
             self._counts["total"] += 1
             key = str(status or "none")
             self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    def count_websocket(self, key, n):
+        with self._inflight_cond:
+            self._websocket[key] += n
 
     def connection_opened(self):
         """Count a new client connection; False when --max-connections are open already."""
@@ -4838,10 +5412,11 @@ class App:
             requests = {"total": self._counts["total"], "in_flight": self._inflight,
                         "by_status": dict(self._counts["by_status"])}
             connections = {"open": self._connections, "limit": config.max_connections}
+            websocket = dict(self._websocket)
         status = {"mode": config.mode, "version": __version__,
                   "uptime_seconds": int(time.time() - self.started),
                   "upstream": config.upstream_url, "requests": requests,
-                  "connections": connections}
+                  "connections": connections, "websocket": websocket}
         if config.mode == "apikey":
             status["api_key_from"] = config.api_key_source
             return status
@@ -4926,6 +5501,43 @@ class App:
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
               on_end=lambda assembler: self.keep(assembler, request))
         self.upstream.turn_over(request)
+
+    def respond_platform(self, client, body, history, sink, on_kept):
+        """API-key mode, for a socket: the request as a streamed POST to the platform with
+        our key, its events relayed into sink. A previous_response_id the socket knows is
+        expanded here; another is the platform's to resolve."""
+        body = dict(body, stream=True)
+        if history is not None:
+            body.pop("previous_response_id", None)
+            body["input"] = list(history) + input_list(body.get("input"))
+        headers = client.forwardable_headers()
+        headers.update({"Authorization": self.config.api_key_header,
+                        "Content-Type": "application/json", "Accept": "text/event-stream"})
+        answer = self.upstream.exchange("POST", self.config.upstream_url,
+                                        json.dumps(body).encode(), headers)
+        if answer.status != 200:
+            err = translate_upstream_error(answer.status, answer.read_whole(self.upstream.pool))
+            err.headers = answer.forwarded_headers()
+            raise err
+        sent_input = input_list(body.get("input"))
+        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
+              lambda assembler: on_kept(assembler, sent_input))
+
+    def websocket(self, client):
+        """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
+        request does; a socket then takes a place (--max-concurrent) per response it
+        streams, not for its whole life, but is refused at once when none is free."""
+        accept = websocket_accept(client.header)
+        with self.slot():
+            pass
+        client.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
+                                          str(self.config.max_body_bytes))])
+        self.count_websocket("connections_total", 1)
+        session = WebSocketSession(self, client, urllib.parse.urlsplit(client.path).path)
+        try:
+            session.run()
+        finally:
+            client.log_fields["note"] = "websocket closed after %d responses" % session.responses
 
     def chat_completions(self, client):
         config = self.config
@@ -5261,6 +5873,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if check_access(method, path, self.header, app.config, self.server.server_address):
                 return self.send_preflight()
             name, args = find_route(method, path, self.header, app.config)
+            if name == "websocket":  # the socket is the session's from here on
+                return app.websocket(self)
             route = functools.partial(getattr(app, name), self, *args)
             with (app.slot() if path != "/healthz" else contextlib.nullcontext()):
                 self.body = read_request_body(self.rfile, self.header, app.config.max_body_bytes,
@@ -5363,6 +5977,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.server.app.log.info("%s %s" % (err.status, err.message))
+
+    def switch_protocols(self, accept, headers):
+        """The 101 that makes this connection a WebSocket. No Sec-WebSocket-Extensions:
+        permessage-deflate is declined (every client then sends plain frames)."""
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True  # no HTTP request follows on this connection
 
     def send_preflight(self):
         if has_body(self.header):

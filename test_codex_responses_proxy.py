@@ -1723,6 +1723,644 @@ class AssemblyTests(unittest.TestCase):
         self.assertNotIn("<", err.message)
 
 
+# --------------------------------------------------------------------------------------------
+# Responses over WebSocket
+# --------------------------------------------------------------------------------------------
+
+class WSClient:
+    """A small RFC 6455 client over a real socket: masked frames, the opening handshake,
+    and a reader that hands back each frame as (opcode, payload)."""
+
+    def __init__(self, port, path="/v1/responses", headers=None, timeout=15):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        head = {"Host": "127.0.0.1:%d" % port, "Upgrade": "websocket", "Connection": "Upgrade",
+                "Sec-WebSocket-Key": self.key, "Sec-WebSocket-Version": "13"}
+        head.update(headers or {})
+        self.sock.sendall(("GET %s HTTP/1.1\r\n" % path + "".join(
+            "%s: %s\r\n" % (k, v) for k, v in head.items() if v is not None) + "\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        head_bytes, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.body = b""
+        if self.status != 101:
+            length = int(self.headers.get("content-length") or 0)
+            while len(self.buf) < length:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                self.buf += chunk
+            self.body = self.buf[:length]
+
+    def close_socket(self):
+        self.sock.close()
+
+    def send_frame(self, opcode, payload=b"", fin=True, mask=True, rsv=0):
+        if isinstance(payload, str):
+            payload = payload.encode()
+        n = len(payload)
+        head = bytes([(0x80 if fin else 0) | rsv | opcode])
+        bit = 0x80 if mask else 0
+        if n < 126:
+            head += bytes([bit | n])
+        elif n < 65536:
+            head += bytes([bit | 126]) + n.to_bytes(2, "big")
+        else:
+            head += bytes([bit | 127]) + n.to_bytes(8, "big")
+        if mask:
+            key = os.urandom(4)
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else \
+                proxy.mask_payload(payload, key)
+            head += key
+        self.sock.sendall(head + payload)
+
+    def send_json(self, obj):
+        self.send_frame(0x1, json.dumps(obj))
+
+    def create(self, **body):
+        body.setdefault("model", "gpt-5.1-codex")
+        body.setdefault("input", "say hi")
+        self.send_json(dict(body, type="response.create"))
+
+    def _need(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            self.buf += chunk
+
+    def recv_frame(self):
+        """(opcode, payload) of the server's next frame (servers never mask)."""
+        self._need(2)
+        first, second = self.buf[0], self.buf[1]
+        assert not second & 0x80, "a server frame was masked"
+        length, start = second & 0x7F, 2
+        if length == 126:
+            self._need(4)
+            length, start = int.from_bytes(self.buf[2:4], "big"), 4
+        elif length == 127:
+            self._need(10)
+            length, start = int.from_bytes(self.buf[2:10], "big"), 10
+        self._need(start + length)
+        payload, self.buf = self.buf[start:start + length], self.buf[start + length:]
+        assert first & 0x80, "the server fragmented a frame"
+        return first & 0x0F, payload
+
+    def recv_event(self, pings=None):
+        """The next text message as JSON; pings on the way are answered (and counted)."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x9:
+                if pings is not None:
+                    pings.append(payload)
+                self.send_frame(0xA, payload)
+                continue
+            if opcode == 0x1:
+                return json.loads(payload)
+            raise AssertionError("expected a text frame, got opcode %d %r" % (opcode, payload))
+
+    def response_events(self, pings=None):
+        """The events of one request: up to its terminal or error event."""
+        events = []
+        while True:
+            event = self.recv_event(pings)
+            events.append(event)
+            if event["type"] in proxy.TERMINAL_EVENTS + ("error",):
+                return events
+
+    def expect_close(self):
+        """The server's close code (None if its close frame had none), skipping text and
+        pings; then the connection ends."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big") if payload else None
+
+    def assert_closed(self, test):
+        """After the close handshake the server ends TCP."""
+        self.sock.settimeout(10)
+        try:
+            rest = self.sock.recv(65536)
+        except ConnectionResetError:
+            rest = b""
+        test.assertEqual(rest, b"")
+
+
+class WebSocketFramingTests(unittest.TestCase):
+    def test_accept_key_of_rfc_6455_example_and_refusals(self):
+        headers = {"sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13"}
+        self.assertEqual(proxy.websocket_accept(headers), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.websocket_accept(dict(headers, **{"sec-websocket-version": "8"}))
+        self.assertEqual((caught.exception.status, caught.exception.headers),
+                         (426, [("Sec-WebSocket-Version", "13")]))
+        for key in (None, "", "short", "!!!!notbase64!!!!!!!!!!!"):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                proxy.websocket_accept({"sec-websocket-key": key, "sec-websocket-version": "13"})
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_frame_lengths_use_the_shortest_form(self):
+        for n, head in ((0, b"\x81\x00"), (125, b"\x81\x7d"), (126, b"\x81\x7e\x00\x7e"),
+                        (65535, b"\x81\x7e\xff\xff"),
+                        (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00")):
+            frame = proxy.encode_frame(proxy.OP_TEXT, b"x" * n)
+            self.assertEqual(frame[:len(head)], head)
+            self.assertEqual(len(frame), len(head) + n)
+        self.assertEqual(proxy.close_frame(1001, "bye"), b"\x88\x05\x03\xe9bye")
+        self.assertEqual(proxy.close_frame(None), b"\x88\x00")
+
+    @staticmethod
+    def masked(opcode, payload, fin=True):
+        key = b"\x01\x02\x03\x04"
+        n = len(payload)
+        length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        return bytes([(0x80 if fin else 0) | opcode]) + length + key + proxy.mask_payload(payload, key)
+
+    def test_fragments_joined_controls_in_between_any_split(self):
+        data = (self.masked(1, b'{"a":', fin=False) + self.masked(9, b"hi")
+                + self.masked(0, b' "\xc3\xa9"', fin=False) + self.masked(0, b"}")
+                + self.masked(1, b"x" * 300))
+        for step in (1, 2, 7, len(data)):
+            reader = proxy.MessageReader(1000)
+            out = []
+            for i in range(0, len(data), step):
+                out += reader.feed(data[i:i + step])
+            self.assertEqual(out, [(9, b"hi"), (1, '{"a": "\u00e9"}'.encode()), (1, b"x" * 300)])
+
+    def test_violations_name_their_close_codes(self):
+        cases = [(self.masked(2, b"bin"), 1003),
+                 (b"\x81\x03abc", 1002),                              # unmasked
+                 (b"\xc1" + self.masked(1, b"x")[1:], 1002),          # RSV1 (deflate) set
+                 (self.masked(0, b"x"), 1002),                        # nothing to continue
+                 (self.masked(1, b"x", fin=False) + self.masked(1, b"y"), 1002),
+                 (self.masked(9, b"p", fin=False), 1002),             # fragmented control
+                 (self.masked(3, b"x"), 1002),                        # unknown opcode
+                 (self.masked(1, b"\xff\xfe"), 1007),                 # not UTF-8
+                 (self.masked(1, b"y" * 101), 1009),
+                 (self.masked(1, b"y" * 60, fin=False) + self.masked(0, b"y" * 60), 1009)]
+        for data, code in cases:
+            with self.assertRaises(proxy.WebSocketError) as caught:
+                proxy.MessageReader(100).feed(data)
+            self.assertEqual(caught.exception.code, code, data[:20])
+        # an announced length over the limit is refused before its bytes arrive
+        with self.assertRaises(proxy.WebSocketError) as caught:
+            proxy.MessageReader(100).feed(b"\x81\xff" + (10 ** 9).to_bytes(8, "big"))
+        self.assertEqual(caught.exception.code, 1009)
+
+    def test_close_payloads(self):
+        self.assertEqual(proxy.parse_close_payload(b""), (None, ""))
+        self.assertEqual(proxy.parse_close_payload(b"\x03\xe8ok"), (1000, "ok"))
+        self.assertEqual(proxy.parse_close_payload(b"\x0f\xa0"), (4000, ""))
+        for bad in (b"\x03", b"\x03\xed", b"\x00\x01", b"\x13\x88", b"\x03\xe8\xff"):
+            with self.assertRaises(proxy.WebSocketError):
+                proxy.parse_close_payload(bad)
+
+    def test_sse_block_to_event_payloads(self):
+        block = sse("response.created", {"a": 1}) + b": comment\n\n" + sse("x.delta", {"d": "\n"})
+        self.assertEqual([json.loads(p) for p in proxy.sse_payloads(block)],
+                         [{"a": 1, "type": "response.created"}, {"d": "\n", "type": "x.delta"}])
+        crlf = sse("response.created", {"a": 1}, eol=b"\r\n")
+        self.assertEqual([json.loads(p) for p in proxy.sse_payloads(crlf)],
+                         [{"a": 1, "type": "response.created"}])
+
+    def test_stream_id_is_added_to_event_objects_only(self):
+        self.assertEqual(json.loads(proxy.with_stream_id(b'{"type": "x"}', "lane")),
+                         {"type": "x", "stream_id": "lane"})
+        self.assertEqual(proxy.with_stream_id(b"[1]", "lane"), b"[1]")
+        self.assertEqual(proxy.with_stream_id(b"[DONE", "lane"), b"[DONE")
+
+    def test_socket_keeps_the_last_few_within_its_bound(self):
+        kept = proxy.SocketResponses(max_count=2, max_bytes=10 ** 6)
+        for i in range(3):
+            kept.put("r%d" % i, [{"n": i}])
+        self.assertEqual([kept.get("r%d" % i) for i in range(3)], [None, [{"n": 1}], [{"n": 2}]])
+        small = proxy.SocketResponses(max_count=4, max_bytes=10)
+        small.put("a", [{"t": os.urandom(50).hex()}])
+        small.put("b", [{"t": os.urandom(50).hex()}])
+        self.assertIsNone(small.get("a"))
+        self.assertIsNotNone(small.get("b"), "the last response is kept whatever its size")
+
+
+class WebSocketCase(ProxyTestCase):
+    def ws(self, path="/v1/responses", headers=None):
+        client = WSClient(self.port, path, headers)
+        self.addCleanup(client.close_socket)
+        return client
+
+    def open_ws(self, **kw):
+        client = self.ws(**kw)
+        self.assertEqual(client.status, 101, client.body)
+        return client
+
+    def wait_until(self, predicate, what, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail("timed out waiting for " + what)
+            time.sleep(0.01)
+
+
+class WebSocketHandshakeTests(WebSocketCase):
+    def test_upgrade_on_both_paths_declines_deflate_and_advertises_the_limit(self):
+        for path in ("/v1/responses", "/responses"):
+            client = self.ws(path, {"Sec-WebSocket-Extensions":
+                                    "permessage-deflate; client_max_window_bits",
+                                    "OpenAI-Beta": "responses_websockets=2026-02-06"})
+            self.assertEqual(client.status, 101)
+            expected = base64.b64encode(__import__("hashlib").sha1(
+                client.key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+            self.assertEqual(client.headers["sec-websocket-accept"], expected)
+            self.assertEqual(client.headers["upgrade"].lower(), "websocket")
+            self.assertNotIn("sec-websocket-extensions", client.headers)
+            self.assertEqual(client.headers["x-codex-websocket-max-message-bytes"],
+                             str(self.config.max_body_bytes))
+            client.create()
+            events = client.response_events()
+            self.assertEqual(events[-1]["type"], "response.completed")
+
+    def test_bad_handshakes_are_refused_and_the_proxy_keeps_serving(self):
+        client = self.ws(headers={"Sec-WebSocket-Key": None})
+        self.assertEqual(client.status, 400)
+        self.assertEqual(json.loads(client.body)["error"]["code"], "invalid_websocket_handshake")
+        client = self.ws(headers={"Sec-WebSocket-Version": "8"})
+        self.assertEqual(client.status, 426)
+        self.assertEqual(client.headers["sec-websocket-version"], "13")
+        client = self.ws(headers={"Origin": "https://evil.example"})
+        self.assertEqual(client.status, 403)
+        self.assertEqual(json.loads(client.body)["error"]["code"], "origin_not_allowed")
+        client = self.ws(headers={"Host": "evil.example"})
+        self.assertEqual(client.status, 403)
+        client = self.ws(path="/v1/chat/completions")
+        self.assertEqual(client.status, 426)
+        self.open_ws()
+
+    def test_client_key_is_checked_on_the_upgrade(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(client_key="the-client-key-123")
+        client = self.ws()
+        self.assertEqual(client.status, 401)
+        self.assertEqual(json.loads(client.body)["error"]["code"], "invalid_client_key")
+        self.open_ws(headers={"Authorization": "Bearer the-client-key-123"})
+
+    def test_connection_limit_is_checked_on_the_upgrade(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_concurrent=1)
+        self.backend.replies.append(Reply(hang_after=2))
+        busy = self.open_ws()
+        busy.create()
+        self.assertEqual(busy.recv_event()["type"], "response.created")
+        refused = self.ws()
+        self.assertEqual(refused.status, 503)
+        self.assertEqual(json.loads(refused.body)["error"]["code"], "too_many_requests")
+        busy.close_socket()
+        self.wait_for_log("client disconnected; upstream closed")
+        self.open_ws()  # its place is free again
+
+
+class WebSocketFrameTests(WebSocketCase):
+    def test_ping_gets_pong_and_fragments_are_joined(self):
+        client = self.open_ws()
+        client.send_frame(0x9, b"are you there")
+        self.assertEqual(client.recv_frame(), (0xA, b"are you there"))
+        text = json.dumps({"type": "response.create", "model": "gpt-5.1-codex", "input": "hi"})
+        client.send_frame(0x1, text[:10], fin=False)
+        client.send_frame(0x9, b"mid")
+        client.send_frame(0x0, text[10:20], fin=False)
+        client.send_frame(0x0, text[20:])
+        self.assertEqual(client.recv_frame(), (0xA, b"mid"))
+        events = client.response_events()
+        self.assertEqual(events[-1]["type"], "response.completed")
+        self.assertEqual(self.last_upstream()["body"]["input"][0]["content"][0]["text"], "hi")
+
+    def test_close_handshake_answers_the_clients_code(self):
+        for payload, expected in ((b"\x03\xe8", 1000), (b"\x0f\xa0bye", 4000), (b"", None)):
+            client = self.open_ws()
+            client.send_frame(0x8, payload)
+            self.assertEqual(client.expect_close(), expected)
+            client.assert_closed(self)
+
+    def test_protocol_errors_close_with_their_codes_and_others_are_served(self):
+        other = self.open_ws()
+        for kwargs, code in (({"opcode": 0x2, "payload": b"{}"}, 1003),
+                             ({"opcode": 0x1, "payload": b"{}", "mask": False}, 1002),
+                             ({"opcode": 0x1, "payload": b"{}", "rsv": 0x40}, 1002),
+                             ({"opcode": 0x0, "payload": b"{}"}, 1002),
+                             ({"opcode": 0x1, "payload": b"\xff"}, 1007)):
+            client = self.open_ws()
+            client.send_frame(**kwargs)
+            self.assertEqual(client.expect_close(), code, kwargs)
+            client.assert_closed(self)
+        other.create()
+        self.assertEqual(other.response_events()[-1]["type"], "response.completed")
+
+    def test_message_over_the_limit_closes_with_1009(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=4096)
+        client = self.open_ws()
+        self.assertEqual(client.headers["x-codex-websocket-max-message-bytes"], "4096")
+        client.create(input="x" * 5000)
+        self.assertEqual(client.expect_close(), 1009)
+        client.assert_closed(self)
+        self.assertEqual(self.backend.requests, [])
+        small = self.open_ws()
+        small.create(input="y" * 3000)
+        self.assertEqual(small.response_events()[-1]["type"], "response.completed")
+
+    def test_pipelined_first_frame_is_not_lost(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                     + WebSocketFramingTests.masked(0x9, b"early"))
+        data = b""
+        while not data.endswith(b"\x8a\x05early"):
+            chunk = sock.recv(4096)
+            self.assertTrue(chunk, data)
+            data += chunk
+        self.assertTrue(data.startswith(b"HTTP/1.1 101 "), data)
+
+    def test_pings_answered_while_streaming_silent_upstream_pinged_idle_closed(self):
+        with mock.patch.object(proxy, "WS_PING_INTERVAL", 0.05):
+            client = self.open_ws()
+            self.backend.replies.append(Reply(frames=[b": silence\n\n"] * 6 + stream_frames(
+                text="Hi"), delay=0.05))
+            client.create()
+            client.send_frame(0x9, b"during")
+            seen = []
+            while not seen or seen[-1] != "response.completed":
+                opcode, payload = client.recv_frame()
+                seen.append(json.loads(payload)["type"] if opcode == 0x1 else (opcode, payload))
+        self.assertIn((0xA, b"during"), seen)
+        self.assertIn((0x9, b""), seen, "no ping while the upstream was silent")
+        self.assertLess(seen.index((0xA, b"during")), seen.index("response.completed"))
+        with mock.patch.object(proxy, "WS_IDLE_TIMEOUT", 0.3), \
+                mock.patch.object(proxy, "WS_PING_INTERVAL", 0.1):
+            idle = self.open_ws()
+            self.assertEqual(idle.expect_close(), 1000)
+            idle.send_frame(0x8, b"\x03\xe8")
+            idle.assert_closed(self)
+
+
+class WebSocketProtocolTests(WebSocketCase):
+    def test_events_are_the_sse_data_with_output_filled(self):
+        items = [reasoning_item(), function_call_item()]
+        self.backend.replies.append(Reply(frames=stream_frames(items=items)))
+        client = self.open_ws()
+        client.create(input=[{"role": "user", "content": "weather?"}], tools=[])
+        events = client.response_events()
+        self.assertEqual([e["type"] for e in events][:2], ["response.created",
+                                                           "response.in_progress"])
+        self.assertEqual(events[-1]["response"]["output"], items)
+        expected = [json.loads(f.split(b"data: ")[1]) for f in stream_frames(items=items)]
+        self.assertEqual(events[:-1], expected[:-1])
+        sent = self.backend.requests[0]["body"]
+        self.assertNotIn("type", sent)
+        self.assertEqual((sent["stream"], sent["store"]), (True, False))
+        self.assertEqual(sent["input"], [{"role": "user", "content": "weather?"}])
+
+    def test_requests_answered_in_order_with_their_stream_ids(self):
+        self.backend.replies.append(Reply(frames=stream_frames(text="first"), delay=0.02))
+        self.backend.replies.append(Reply(frames=stream_frames(text="second")))
+        client = self.open_ws()
+        client.create(input="one", stream_id="lane-a")
+        client.create(input="two")
+        first, second = client.response_events(), client.response_events()
+        self.assertEqual({e.get("stream_id") for e in first}, {"lane-a"})
+        self.assertEqual({e.get("stream_id") for e in second}, {None})
+        self.assertEqual(first[-1]["response"]["output"][0]["content"][0]["text"], "first")
+        self.assertEqual(second[-1]["response"]["output"][0]["content"][0]["text"], "second")
+        self.assertNotIn("stream_id", self.backend.requests[0]["body"])
+
+    def test_previous_response_id_chains_on_the_socket_even_with_store_false(self):
+        self.backend.replies.append(Reply(frames=stream_frames(items=[function_call_item()])))
+        client = self.open_ws()
+        client.create(input="weather in Paris?", store=False)
+        first = client.response_events()[-1]["response"]
+        with mock.patch.object(self.proxy.app.conversations, "history", return_value=None):
+            client.create(previous_response_id=first["id"], input=[
+                {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}])
+            self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+            sent = self.backend.requests[-1]["body"]
+            self.assertNotIn("previous_response_id", sent)
+            self.assertEqual([i.get("type") for i in sent["input"]],
+                             ["message", "function_call", "function_call_output"])
+            self.assertNotIn("id", sent["input"][1])
+            # all of it goes with the socket
+            other = self.open_ws()
+            other.create(previous_response_id=first["id"], input="again")
+            error = other.recv_event()
+            self.assertEqual(error["error"]["code"], "previous_response_not_found")
+
+    def test_previous_response_id_falls_back_to_the_conversation_store(self):
+        status, _, body = self.post(simple_request(input="over http"))
+        self.assertEqual(status, 200, body)
+        client = self.open_ws()
+        client.create(previous_response_id=body["id"], input="and now")
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        texts = [json.dumps(i) for i in self.backend.requests[-1]["body"]["input"]]
+        self.assertEqual(len(texts), 3)
+        self.assertIn("over http", texts[0])
+        self.assertIn("and now", texts[2])
+
+    def test_generate_false_is_answered_here_and_can_be_chained(self):
+        client = self.open_ws()
+        system = {"type": "message", "role": "developer",
+                  "content": [{"type": "input_text", "text": "the system prompt"}]}
+        client.create(input=[system], generate=False, tools=[], store=False, stream=True)
+        created, completed = client.response_events()
+        self.assertEqual((created["type"], completed["type"]),
+                         ("response.created", "response.completed"))
+        response = completed["response"]
+        self.assertEqual(response["id"], created["response"]["id"])
+        self.assertTrue(response["id"].startswith("resp_"))
+        self.assertEqual((response["output"], response["usage"]["total_tokens"],
+                          response["usage"]["input_tokens"]), ([], 0, 0))
+        self.assertEqual(self.backend.requests, [])
+        client.create(input=[system], generate=False)
+        self.assertNotEqual(client.response_events()[-1]["response"]["id"], response["id"])
+        client.create(previous_response_id=response["id"], input="the user's turn")
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        sent = self.backend.requests[0]["body"]
+        self.assertEqual(sent["input"][0], system)
+        self.assertIn("the user's turn", json.dumps(sent["input"][1]))
+        self.assertEqual(len(sent["input"]), 2)
+
+    def test_unknown_previous_response_id_is_an_error_event_and_socket_stays(self):
+        client = self.open_ws()
+        client.create(previous_response_id="resp_unknown", input="hi", stream_id="s1")
+        error = client.recv_event()
+        self.assertEqual(error["type"], "error")
+        self.assertNotIn("status", error)
+        self.assertEqual((error["error"]["type"], error["error"]["code"]),
+                         ("invalid_request_error", "previous_response_not_found"))
+        self.assertIn("resp_unknown", error["error"]["message"])
+        self.assertEqual(error["stream_id"], "s1")
+        client.create()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_upstream_http_error_is_an_error_event_with_status_and_quota_headers(self):
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "The usage limit has been reached",
+            "resets_in_seconds": 60}}).encode(), headers=[("x-codex-primary-used-percent",
+                                                           "100")]))
+        client = self.open_ws()
+        client.create()
+        error = client.recv_event()
+        self.assertEqual((error["type"], error["status"]), ("error", 429))
+        self.assertEqual(error["error"]["type"], "usage_limit_reached")
+        self.assertIn("usage limit", error["error"]["message"])
+        self.assertEqual(error["headers"]["x-codex-primary-used-percent"], "100")
+        client.create()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_broken_stream_ends_with_the_http_error_event_never_completed(self):
+        self.backend.replies.append(Reply(cut_after=4))
+        client = self.open_ws()
+        client.create()
+        events = client.response_events()
+        self.assertEqual(events[-1]["type"], "error")
+        self.assertIn(events[-1]["code"], ("stream_incomplete", "upstream_disconnected"))
+        self.assertNotIn("response.completed", [e["type"] for e in events])
+        self.backend.replies.append(Reply(cut_after=4))
+        sse_events = self.stream(simple_request())[2]
+        self.assertEqual(sse_events[-1][1], events[-1])
+
+    def test_a_bug_closes_its_socket_with_1011_and_others_are_served(self):
+        client = self.open_ws()
+        with mock.patch.object(proxy.App, "prepare", side_effect=RuntimeError("boom")):
+            client.create()
+            self.assertEqual(client.expect_close(), 1011)
+        self.wait_for_log("internal error on a WebSocket request: RuntimeError: boom")
+        other = self.open_ws()
+        other.create()
+        self.assertEqual(other.response_events()[-1]["type"], "response.completed")
+
+    def test_silent_stream_ends_with_the_idle_timeout_error_event(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(stream_idle_timeout=0.3)
+        self.backend.replies.append(Reply(hang_after=3))
+        client = self.open_ws()
+        client.create()
+        events = client.response_events()
+        self.assertEqual((events[-1]["type"], events[-1]["code"]),
+                         ("error", "stream_idle_timeout"))
+        self.assertNotIn("response.completed", [e["type"] for e in events])
+        client.create()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_bad_messages_get_error_events_and_the_socket_keeps_serving(self):
+        client = self.open_ws()
+        for message in (b"{not json", b"[1, 2]", b'"str"',
+                        json.dumps({"type": "response.cancel"}).encode(),
+                        json.dumps({"type": "response.create", "input": 5}).encode(),
+                        json.dumps({"type": "response.create", "generate": "no"}).encode(),
+                        json.dumps({"type": "response.create",
+                                    "previous_response_id": 7}).encode()):
+            client.send_frame(0x1, message)
+            error = client.recv_event()
+            self.assertEqual((error["type"], error["status"]), ("error", 400), message)
+            self.assertEqual(sorted(set(error["error"]) & {"message", "type", "param", "code"}),
+                             ["code", "message", "param", "type"])
+        self.assertEqual(self.backend.requests, [])
+        client.create()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+
+class WebSocketLifecycleTests(WebSocketCase):
+    def test_client_hang_up_or_close_mid_stream_cuts_the_upstream(self):
+        for how in ("close frame", "dropped TCP"):
+            self.backend.closed_early.clear()
+            self.backend.replies.append(Reply(frames=stream_frames(text="x" * 400), delay=0.05))
+            client = self.open_ws()
+            client.create()
+            self.assertEqual(client.recv_event()["type"], "response.created")
+            if how == "close frame":
+                client.send_frame(0x8, b"\x03\xe8")
+            else:
+                client.sock.shutdown(socket.SHUT_RDWR)
+                client.close_socket()
+            self.assertTrue(self.backend.closed_early.wait(10), how)
+            self.wait_for_log("client disconnected; upstream closed")
+
+    def test_shutdown_finishes_the_response_then_closes_with_1001(self):
+        self.backend.replies.append(Reply(delay=0.05))
+        client = self.open_ws()
+        idle = self.open_ws()
+        client.create()
+        self.assertEqual(client.recv_event()["type"], "response.created")
+        self.proxy.app.begin_shutdown("test")
+        events = client.response_events()
+        self.assertEqual(events[-1]["type"], "response.completed")
+        self.assertEqual(client.expect_close(), 1001)
+        self.assertEqual(idle.expect_close(), 1001)
+
+    def test_log_line_per_response_and_status_counts(self):
+        client = self.open_ws()
+        client.create()
+        client.response_events()
+        client.create(previous_response_id="resp_nope")
+        client.recv_event()
+        line = self.wait_for_log("error=previous_response_not_found")
+        self.assertIn("WS /v1/responses", line)
+        self.assertIn("websocket", line)
+        first = [l for l in self.log_text().splitlines() if "WS /v1/responses" in l][0]
+        self.assertIn("model=gpt-5.1-codex status=200", first)
+        self.assertIn("tokens in=21 out=5", first)
+        status = self.request("GET", "/status")
+        report = json.loads(status[2])["websocket"]
+        self.assertEqual(report, {"connections_open": 1, "connections_total": 1,
+                                  "responses": 2})
+        client.send_frame(0x8, b"\x03\xe8")
+        client.expect_close()
+        self.wait_for_log("websocket closed after 2 responses")
+        report = json.loads(self.request("GET", "/status")[2])["websocket"]
+        self.assertEqual(report["connections_open"], 0)
+
+
+class WebSocketApiKeyTests(WebSocketCase):
+    def setUp(self):
+        super().setUp()
+        self.stop_proxy(self.proxy)
+        self.backend.valid_tokens.add(API_KEY)
+        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode())
+
+    def test_each_create_is_a_streamed_post_with_the_key(self):
+        client = self.open_ws(headers={"Authorization": "Bearer sk-client-side"})
+        request = dict(instructions="x", store=False,
+                       input=[{"role": "user", "content": "hi"}])
+        client.create(**request)
+        events = client.response_events()
+        self.assertEqual(events[-1]["response"]["output"][0]["content"][0]["text"],
+                         "Hello there!")
+        sent = self.last_upstream()
+        self.assertEqual(sent["headers"]["Authorization"], "Bearer " + API_KEY)
+        self.assertNotIn("Sec-WebSocket-Key", sent["headers"])
+        self.assertEqual(sent["body"], dict(request, model="gpt-5.1-codex", stream=True))
+        client.create(instructions="x", store=False, previous_response_id=events[-1][
+            "response"]["id"], input=[{"role": "user", "content": "more"}])
+        client.response_events()
+        sent = self.last_upstream()["body"]
+        self.assertNotIn("previous_response_id", sent)
+        self.assertEqual(len(sent["input"]), 3)
+        self.backend.replies.append(Reply(status=401, body=json.dumps({"error": {
+            "message": "Incorrect API key", "type": "invalid_request_error",
+            "code": "invalid_api_key"}}).encode()))
+        client.create(**request)
+        error = client.recv_event()
+        self.assertEqual((error["status"], error["error"]["code"]), (401, "invalid_api_key"))
+
+
 class CredentialUnitTests(unittest.TestCase):
     def test_account_id_order(self):
         doc = auth_document(access=access_token(account="a-access"), account_id="a-file")
@@ -2311,9 +2949,10 @@ class RoutesTests(ProxyTestCase):
         self.assertEqual(headers["allow"], "POST")
         status, _, data = self.request("DELETE", "/healthz")
         self.assert_openai_error(status, json.loads(data), 405)
-        status, _, data = self.request("GET", "/v1/responses", headers={
+        status, headers, data = self.request("GET", "/v1/responses", headers={
             "Upgrade": "websocket", "Connection": "Upgrade"})
-        self.assert_openai_error(status, json.loads(data), 426)
+        self.assert_openai_error(status, json.loads(data), 426)  # no version: ours is said
+        self.assertEqual(headers["sec-websocket-version"], "13")
 
     def test_bad_bodies_are_400_and_server_keeps_serving(self):
         for raw in (b"{not json", b"[1, 2]", b'"str"', b"\xff\xfe", b"[" * 100000):
@@ -5203,25 +5842,25 @@ class StreamFailureTests(StreamingCase):
 # The backend over WebSocket (--upstream-transport): one socket per conversation
 # --------------------------------------------------------------------------------------------
 
-class WebSocketFramingTests(unittest.TestCase):
+class WebSocketClientFramingTests(unittest.TestCase):
     """The client end of RFC 6455, against the test's own server-side decoding."""
 
     def test_frames_are_masked_and_decode_at_every_length_class(self):
         for size in (0, 5, 125, 126, 65535, 65536, 200000):
             payload = os.urandom(size)
-            frame = proxy.ws_encode_frame(proxy.WS_TEXT, payload)
+            frame = proxy.encode_frame(proxy.OP_TEXT, payload, mask=True)
             self.assertTrue(frame[1] & 0x80, "a client frame must be masked")
             self.assertEqual(fake_ws_recv(io.BytesIO(frame)), (1, payload))
-            reader = proxy.WebSocketReader(None, proxy.ws_encode_frame(2, payload, mask=False))
+            reader = proxy.WebSocketReader(None, proxy.encode_frame(2, payload))
             self.assertTrue(reader.frame_ready())
-            self.assertEqual(proxy.ws_read_frame(reader.read), (True, 2, payload))
+            self.assertEqual(proxy.read_frame(reader.read), (True, 2, payload))
 
     def test_fragments_joined_and_pings_answered_on_the_way(self):
         server = (bytes([0x01, 3]) + b'{"a' + bytes([0x89, 2]) + b"hi"
                   + bytes([0x80, 4]) + b'":1}')
         pongs = []
         reader = proxy.WebSocketReader(None, server)
-        self.assertEqual(reader.message(pongs.append), (proxy.WS_TEXT, b'{"a":1}'))
+        self.assertEqual(reader.message(pongs.append), (proxy.OP_TEXT, b'{"a":1}'))
         self.assertEqual(pongs, [b"hi"])
         self.assertFalse(reader.frame_ready())
 

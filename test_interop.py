@@ -14,15 +14,29 @@ pinned packages installed (`npm ci` there) and $NODE22 naming a Node 22 binary; 
 them those tests skip.
 """
 
+import asyncio
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import unittest
+from unittest import mock
 
 try:
     import openai
 except ImportError:  # the whole module skips; the main suite needs no third-party package
     openai = None
+
+try:  # responses.connect() needs it (openai[realtime]); the Agents SDK brings it too
+    import websockets
+except ImportError:
+    websockets = None
+
+try:
+    import agents
+except ImportError:
+    agents = None
 
 import test_codex_responses_proxy as harness
 from test_codex_responses_proxy import (Reply, USAGE, function_call_item, message_item,
@@ -36,6 +50,8 @@ NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interop")
 NO_NODE = ("set NODE22 to a Node 22 binary and run `npm ci` in interop/ for the Node "
            "clients' interop tests")
 NODE_READY = bool(NODE) and os.path.isdir(os.path.join(NODE_DIR, "node_modules"))
+NO_WEBSOCKETS = "the openai SDK or websockets (openai[realtime]) is not installed"
+NO_AGENTS = "the OpenAI Agents SDK (openai-agents) is not installed"
 MODEL = "gpt-5.1-codex"
 TEXT = "Hello from the fake backend!"
 WEATHER_TOOL_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}},
@@ -488,6 +504,219 @@ class ChatCompletionsInteropTests(SDKTestCase):
             self.client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
         self.assertEqual(caught.exception.status_code, 400)
+
+
+# --------------------------------------------------------------------------------------------
+# Responses over WebSocket
+# --------------------------------------------------------------------------------------------
+
+TERMINAL = ("response.completed", "response.failed", "response.incomplete", "error")
+
+
+def until_terminal(events):
+    """The events of one response, from an SDK connection's event iterator."""
+    seen = []
+    for event in events:
+        seen.append(event)
+        if event.type in TERMINAL:
+            return seen
+    raise AssertionError("the socket closed before a terminal event: %r" % seen)
+
+
+async def until_terminal_async(conn):
+    seen = []
+    async for event in conn:
+        seen.append(event)
+        if event.type in TERMINAL:
+            return seen
+    raise AssertionError("the socket closed before a terminal event: %r" % seen)
+
+
+@unittest.skipIf(openai is None or websockets is None, NO_WEBSOCKETS)
+class ResponsesWebSocketInteropTests(SDKTestCase):
+    """client.responses.connect(): one socket, a tool call, then the chain continued by
+    previous_response_id with store false, as the backend's own socket allows."""
+
+    def check_chain(self, first, second):
+        done = first[-1]
+        self.assertEqual(first[0].type, "response.created")
+        self.assertEqual(done.type, "response.completed", done)
+        calls = [item for item in done.response.output if item.type == "function_call"]
+        self.assertEqual([(c.name, c.call_id) for c in calls], [("get_weather", "call_1")])
+        self.assertEqual(second[-1].type, "response.completed", second[-1])
+        self.assertEqual(second[-1].response.output_text, "It is sunny in Paris.")
+        deltas = [e.delta for e in second if e.type == "response.output_text.delta"]
+        self.assertEqual("".join(deltas), "It is sunny in Paris.")
+        sent = self.sent()
+        self.assertNotIn("previous_response_id", sent)
+        self.assertEqual([i.get("type") or i.get("role") for i in sent["input"]],
+                         ["message", "function_call", "function_call_output"])
+        self.assertEqual(sent["input"][2]["output"], "sunny")
+        status = self.request("GET", "/status")
+        self.assertEqual(json.loads(status[2])["websocket"]["connections_total"], 1)
+
+    def second_turn(self, response_id):
+        return dict(model=MODEL, previous_response_id=response_id, store=False,
+                    tools=[weather_tool_responses()],
+                    input=[{"type": "function_call_output", "call_id": "call_1",
+                            "output": "sunny"}])
+
+    def test_connect_sync_two_turns_with_a_tool_call(self):
+        self.script(items=[function_call_item()])
+        self.script(items=[message_item("It is sunny in Paris.")])
+        with self.client.responses.connect() as conn:
+            conn.response.create(model=MODEL, input="weather in Paris?", store=False,
+                                 tools=[weather_tool_responses()])
+            first = until_terminal(conn)
+            conn.response.create(**self.second_turn(first[-1].response.id))
+            second = until_terminal(conn)
+        self.check_chain(first, second)
+
+    def test_connect_async_two_turns_with_a_tool_call(self):
+        self.script(items=[function_call_item()])
+        self.script(items=[message_item("It is sunny in Paris.")])
+
+        async def run():
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1:%d/v1" % self.port,
+                                        api_key="unused", max_retries=0, timeout=10)
+            try:
+                async with client.responses.connect() as conn:
+                    await conn.response.create(model=MODEL, input="weather in Paris?",
+                                               store=False, tools=[weather_tool_responses()])
+                    first = await until_terminal_async(conn)
+                    await conn.response.create(**self.second_turn(first[-1].response.id))
+                    return first, await until_terminal_async(conn)
+            finally:
+                await client.close()
+
+        self.check_chain(*asyncio.run(run()))
+
+    def test_unknown_previous_response_id_is_an_error_event(self):
+        with self.client.responses.connect() as conn:
+            conn.response.create(model=MODEL, input="hi", previous_response_id="resp_gone")
+            events = until_terminal(conn)
+            self.assertEqual(events[-1].type, "error")
+            self.assertEqual(events[-1].error.code, "previous_response_not_found")
+            self.script()
+            conn.response.create(model=MODEL, input="hi")
+            self.assertEqual(until_terminal(conn)[-1].response.output_text, TEXT)
+
+
+@unittest.skipIf(openai is None or agents is None, NO_AGENTS)
+class AgentsWebSocketInteropTests(SDKTestCase):
+    """The OpenAI Agents SDK's WebSocket model runs an agent with a function tool."""
+
+    def test_agent_with_a_function_tool_over_the_websocket_model(self):
+        self.script(items=[function_call_item()])
+        self.script(items=[message_item("It is sunny in Paris.")])
+        calls = []
+
+        @agents.function_tool
+        def get_weather(city: str) -> str:
+            """The weather in a city."""
+            calls.append(city)
+            return "sunny"
+
+        async def run():
+            agents.set_tracing_disabled(True)  # else it uploads traces to api.openai.com
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1:%d/v1" % self.port,
+                                        api_key="unused", max_retries=0, timeout=10)
+            model = agents.OpenAIResponsesWSModel(model=MODEL, openai_client=client)
+            agent = agents.Agent(name="weather", instructions="Answer briefly.", model=model,
+                                 tools=[get_weather])
+            try:
+                return await agents.Runner.run(agent, "weather in Paris?",
+                                               run_config=agents.RunConfig(
+                                                   tracing_disabled=True))
+            finally:
+                await model.close()
+                await client.close()
+
+        result = asyncio.run(run())
+        self.assertEqual(result.final_output, "It is sunny in Paris.")
+        self.assertEqual(calls, ["Paris"])
+        self.assertEqual(len(self.backend.requests), 2)
+        self.assertEqual(self.sent(0)["instructions"], "Answer briefly.")
+        self.assertEqual(self.sent(0)["tools"][0]["name"], "get_weather")
+        outputs = [i for i in self.sent()["input"] if i.get("type") == "function_call_output"]
+        self.assertEqual([(o["call_id"], o["output"]) for o in outputs], [("call_1", "sunny")])
+        status = self.request("GET", "/status")
+        self.assertEqual(json.loads(status[2])["websocket"]["connections_total"], 1)
+
+
+CODEX_BIN = os.environ.get("CODEX_BIN")
+NO_CODEX = "set CODEX_BIN to a Codex CLI (0.171.0 or newer) to run it against the proxy"
+CODEX_CONFIG = """model = "gpt-5.1-codex"
+model_provider = "local"
+
+[model_providers.local]
+name = "local"
+base_url = "http://127.0.0.1:%d/v1"
+env_key = "LOCAL_PROXY_KEY"
+wire_api = "responses"
+supports_websockets = true
+
+[features]
+plugins = false
+unbounded_connection_retries = false
+
+[analytics]
+enabled = false
+"""
+
+
+@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
+class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
+    """`codex exec` with supports_websockets = true: prewarm, a tool call and its result, all
+    on one socket, the later requests chained by previous_response_id with only new items."""
+
+    def test_exec_with_a_tool_call_stays_on_one_socket(self):
+        self.backend.replies.append(Reply(frames=stream_frames(items=[{
+            "type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+            "arguments": json.dumps({"cmd": "echo tool-ran"}), "status": "completed"}])))
+        self.backend.replies.append(Reply(frames=stream_frames(items=[message_item("done")])))
+        home = tempfile.mkdtemp(prefix="codex-cli-home-")
+        work = tempfile.mkdtemp(prefix="codex-cli-work-")
+        self.addCleanup(shutil.rmtree, home, True)
+        self.addCleanup(shutil.rmtree, work, True)
+        with open(os.path.join(home, "config.toml"), "w") as f:
+            f.write(CODEX_CONFIG % self.port)
+        frames = []
+        answer = harness.proxy.WebSocketSession.answer
+
+        def recording(session, raw):
+            frames.append(json.loads(raw))
+            return answer(session, raw)
+
+        with mock.patch.object(harness.proxy.WebSocketSession, "answer", recording):
+            run = subprocess.run(
+                [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json", "say hi"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=work, timeout=120,
+                env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
+        out, err = run.stdout.decode(), run.stderr.decode()
+        self.assertEqual(run.returncode, 0, err)
+        self.assertNotIn("websocket", (out + err).lower().replace("supports_websockets", ""))
+        messages = [json.loads(line)["item"].get("text") for line in out.splitlines()
+                    if '"agent_message"' in line]
+        self.assertEqual(messages, ["done"])
+        status = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(status["websocket"]["connections_total"], 1)
+        self.assertEqual(status["websocket"]["responses"], 3)
+        self.assertEqual(status["requests"]["by_status"].get("200"), None, "an HTTP fallback")
+
+        prewarm, turn, follow_up = frames
+        self.assertIs(prewarm["generate"], False)
+        self.assertNotIn("generate", turn)
+        self.assertEqual([i.get("type") for i in follow_up["input"]], ["function_call_output"])
+        self.assertEqual(follow_up["input"][0]["call_id"], "call_1")
+        self.assertIn("tool-ran", json.dumps(follow_up["input"][0]))
+        first, second = (r["body"] for r in self.backend.requests)
+        self.assertEqual(first["input"][:len(prewarm["input"])], prewarm["input"])
+        self.assertEqual(first["input"][len(prewarm["input"]):], turn["input"])
+        self.assertEqual(second["input"][:len(first["input"])], first["input"])
+        self.assertEqual([i.get("type") for i in second["input"][len(first["input"]):]],
+                         ["function_call", "function_call_output"])
 
 
 if __name__ == "__main__":
