@@ -719,5 +719,41 @@ class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
                          ["function_call", "function_call_output"])
 
 
+
+@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
+class CodexCLIHTTPInteropTests(harness.ProxyTestCase):
+    """`codex exec` with a custom provider that does not say supports_websockets: each turn is
+    one POST /v1/responses, the tool call's result sent back with the whole history."""
+
+    def test_exec_with_a_tool_call_over_http(self):
+        self.backend.replies.append(Reply(frames=stream_frames(items=[{
+            "type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+            "arguments": json.dumps({"cmd": "echo tool-ran"}), "status": "completed"}])))
+        self.backend.replies.append(Reply(frames=stream_frames(items=[message_item("done")])))
+        home = tempfile.mkdtemp(prefix="codex-cli-home-")
+        work = tempfile.mkdtemp(prefix="codex-cli-work-")
+        self.addCleanup(shutil.rmtree, home, True)
+        self.addCleanup(shutil.rmtree, work, True)
+        with open(os.path.join(home, "config.toml"), "w") as f:
+            f.write(CODEX_CONFIG.replace("supports_websockets = true\n", "") % self.port)
+        run = subprocess.run(
+            [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json", "say hi"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=work, timeout=120, env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
+        out, err = run.stdout.decode(), run.stderr.decode()
+        self.assertEqual(run.returncode, 0, err)
+        messages = [json.loads(line)["item"].get("text") for line in out.splitlines()
+                    if '"agent_message"' in line]
+        self.assertEqual(messages, ["done"])
+        status = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(status["websocket"]["connections_total"], 0)
+        self.assertEqual(status["requests"]["by_status"].get("200"), 2)
+        first, second = (r["body"] for r in self.backend.requests)
+        self.assertIs(first["stream"], True)
+        self.assertEqual(second["input"][:len(first["input"])], first["input"])
+        self.assertEqual([i.get("type") for i in second["input"][len(first["input"]):]],
+                         ["function_call", "function_call_output"])
+        self.assertIn("tool-ran", json.dumps(second["input"][-1]))
+
 if __name__ == "__main__":
     unittest.main()
