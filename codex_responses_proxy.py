@@ -2434,474 +2434,301 @@ def client_handshake(sock, url, headers):
 
 
 # --------------------------------------------------------------------------------------------
-# Conversation state, for previous_response_id (the backend keeps none)
+# Access policy (pure): which requests this proxy serves at all
 # --------------------------------------------------------------------------------------------
 
-def replayable(items):
-    """Output items as they can be sent back with store=false: without their ids (the
-    backend keeps no items, so an id makes it answer "not found", which is why the Codex CLI
-    never sends them), and without reasoning it cannot read back (no encrypted_content)."""
-    kept = []
-    for item in items:
-        if item.get("type") == "reasoning" and not item.get("encrypted_content"):
-            continue
-        kept.append({k: v for k, v in item.items() if k != "id"})
-    return kept
-
-
-def pack_json(text):
-    """JSON text as it is kept: zlib at level 1, which gets most of what conversations
-    (repetitive text) compress to for a fraction of the CPU of higher levels."""
-    return zlib.compress(text.encode("utf-8"), 1)
-
-
-def unpack_json(blob):
-    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text."""
-    if isinstance(blob, str):
-        return json.loads(blob)
-    return json.loads(zlib.decompress(blob).decode("utf-8"))
-
-
-def _compact(value):
-    return json.dumps(value, separators=(",", ":"))
-
-
-def carried_ids(items):
-    """The ids the items carry, by which a later item_reference can name them."""
-    if not isinstance(items, list):
-        return []
-    return [item["id"] for item in items if isinstance(item, dict)
-            and isinstance(item.get("id"), str) and not is_item_reference(item)]
-
-
-def is_item_reference(item):
-    # the API's item reference has an optional type: a bare {"id": ...} is one too
-    return isinstance(item, dict) and (item.get("type") == "item_reference" or (
-        item.get("type") is None and "id" in item and set(item) <= {"id", "type"}))
-
-
-def item_reference_error(item_id):
-    return ProxyError(400,
-                      "Input item_reference %r names an item the proxy does not have: it keeps "
-                      "only the items of responses it answered (in memory, so a restart forgets "
-                      "them unless it runs with --state-db), drops the least recently used past "
-                      "its size cap, and forgets deleted responses. Send the item itself instead "
-                      "of a reference, or set `store: false` in the client (with the Vercel AI "
-                      "SDK: providerOptions.openai.store = false) so it sends whole items."
-                      % (item_id,), param="input", code="item_reference_not_found")
-
-
-def stored_response_not_found(response_id):
-    """For GET and DELETE /v1/responses/{id}, and its input_items, when the store lacks it."""
-    return ProxyError(404,
-                      "Response with id %r not found. The proxy keeps only the responses it "
-                      "answered whose requests did not say `store: false`; in memory, so a "
-                      "restart forgets them unless it runs with --state-db; past its size cap it "
-                      "drops the least recently used; and a deleted one is gone." % (response_id,),
-                      code="response_not_found")
-
-
-def listed_items(owner, side, items):
-    """Items as input_items lists them, each with an id: the API gives every item one, so
-    those sent without get one made from their response and place, the same on every call
-    (an `after` cursor must keep naming the same item)."""
-    listed = []
-    for index, item in enumerate(items if isinstance(items, list) else ()):
-        if isinstance(item, dict) and not isinstance(item.get("id"), str):
-            digest = hashlib.sha1(("%s/%s/%d" % (owner, side, index)).encode()).hexdigest()
-            item = dict(item, id="item_" + digest[:32])
-        listed.append(item)
-    return listed
-
-
-def input_items_page(items, after=None, limit=None, order=None):
-    """The answer to GET /v1/responses/{id}/input_items: one page of `items` (oldest first,
-    each with an id, as ConversationStore.input_items gives them). after, limit, order: the
-    query's strings, or None when absent."""
-    order = "desc" if order is None else order
-    if order not in ("asc", "desc"):
-        raise ProxyError(400, "`order` must be \"asc\" or \"desc\".", param="order",
-                         code="invalid_value")
-    try:
-        count = 20 if limit is None else int(limit)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= 100:
-        raise ProxyError(400, "`limit` must be a whole number from 1 to 100.", param="limit",
-                         code="invalid_value")
-    ordered = list(items) if order == "asc" else list(reversed(items))
-    start = 0
-    if after is not None:
-        ids = [item.get("id") if isinstance(item, dict) else None for item in ordered]
-        if after not in ids:
-            raise ProxyError(400, "`after` must be the id of one of this response's input items "
-                             "(%r is not)." % (after,), param="after", code="invalid_value")
-        start = ids.index(after) + 1
-    page = ordered[start:start + count]
-    return {"object": "list", "data": page,
-            "first_id": page[0].get("id") if page else None,
-            "last_id": page[-1].get("id") if page else None,
-            "has_more": start + count < len(ordered)}
-
-
-# One kept response, compressed: its parent's id, its own input, its output (with ids), the
-# response object without its output (None in rows from before it was kept), and whether it
-# was deleted but stays as a link for the responses that continued it.
-StoredResponse = collections.namedtuple("StoredResponse",
-                                        "parent input output response deleted")
-
-
-def stored_size(record, item_ids=()):
-    """What a kept response counts against the cap: its compressed bytes and indexed ids."""
-    return (len(record.input) + len(record.output) + len(record.response or b"")
-            + sum(len(item_id) for item_id in item_ids))
-
-
-class ConversationStore:
-    """Completed responses, for previous_response_id, item_reference, and retrieval (GET and
-    DELETE /v1/responses/{id}). Each is kept as compressed JSON with a link to the response it
-    continued; a chain is rebuilt by following the links. max_bytes counts compressed bytes;
-    past it the least recently used responses go, so a conversation in use keeps its early
-    turns. A response that must not be kept (store: false) is simply never saved. In memory;
-    see SQLiteConversationStore for one that survives restarts. Thread-safe: every method
-    holds the lock around the storage it touches, and (de)compresses outside it."""
-
-    def __init__(self, max_bytes):
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._entries = collections.OrderedDict()  # id -> (StoredResponse, item ids, size)
-        self._owners = {}                          # item id -> id of the response holding it
-        self._children = collections.Counter()     # id -> how many kept responses continue it
-        self._bytes = 0
-
-    def save(self, response, parent, input_json):
-        """Keep a finished response. response: the assembled response object (with its id and
-        output); parent: the previous_response_id it continued, or None; input_json: the JSON
-        text of its own input list, item references already expanded."""
-        rest = dict(response, output=None)  # the output is kept apart: history reads only it
-        output = response.get("output") or []
-        item_ids = carried_ids(output)
-        if '"id"' in input_json:  # most inputs carry no ids: spare parsing a large one
-            item_ids += carried_ids(json.loads(input_json))
-        record = StoredResponse(parent, pack_json(input_json), pack_json(_compact(output)),
-                                pack_json(_compact(rest)), False)
-        with self._lock:
-            self._save(response["id"], record, tuple(item_ids))
-
-    def history(self, response_id):
-        """All items of the chain ending in response_id, oldest first, as the backend takes
-        them; None if response_id is unknown or deleted, or a link is unknown (never stored,
-        evicted, or lost in a restart)."""
-        chain = self._chain(response_id)
-        if chain is None:
-            return None
-        items = []
-        for _, record in chain:
-            items.extend(unpack_json(record.input))
-            items.extend(replayable(unpack_json(record.output)))
-        return items
-
-    def input_items(self, response_id):
-        """Every item the response was generated from, oldest first, each with an id: the
-        inputs and outputs of the responses it continued, then its own input (as the API's
-        input_items lists a chained response). None if unknown or deleted."""
-        chain = self._chain(response_id)
-        if chain is None:
-            return None
-        items = []
-        for owner, record in chain[:-1]:
-            items.extend(listed_items(owner, "input", unpack_json(record.input)))
-            items.extend(listed_items(owner, "output", unpack_json(record.output)))
-        items.extend(listed_items(response_id, "input", unpack_json(chain[-1][1].input)))
-        return items
-
-    def get(self, response_id):
-        """The response object as it was answered, or None (unknown, deleted, or kept by a
-        version that did not keep response objects)."""
-        with self._lock:
-            record = self._load(response_id)
-            if record is None or record.deleted or record.response is None:
-                return None
-            self._touch([response_id])
-        response = unpack_json(record.response)
-        response["output"] = unpack_json(record.output)
-        return response
-
-    def delete(self, response_id):
-        """Forget a response: True if it was kept. From then on its id names nothing (get,
-        history, input_items, item_reference), but the responses that continued it still
-        carry on: its items stay as their link (as the API keeps each response's whole
-        context) until eviction takes them or the last response continuing it is deleted."""
-        with self._lock:
-            return self._forget(response_id)
-
-    def expand_references(self, items):
-        """`items` (a request's input list) with each item_reference replaced by the item it
-        names, as the backend takes it: without its id, and reasoning it cannot read back
-        dropped (it keeps nothing, so a reference or id means nothing to it)."""
-        if not isinstance(items, list) or not any(is_item_reference(i) for i in items):
-            return items
-        wanted = set(item["id"] for item in items
-                     if is_item_reference(item) and isinstance(item.get("id"), str))
-        records = {}
-        with self._lock:
-            for item_id in wanted:
-                owner = self._owner(item_id)
-                if owner is not None and owner not in records:
-                    record = self._load(owner)
-                    if record is not None and not record.deleted:
-                        records[owner] = record
-            self._touch(list(records))
-        found = {}
-        for record in records.values():
-            for side in (record.input, record.output):
-                for item in unpack_json(side):
-                    if isinstance(item, dict) and isinstance(item.get("id"), str) \
-                            and item["id"] in wanted:
-                        found.setdefault(item["id"], item)
-        expanded = []
-        for item in items:
-            if not is_item_reference(item):
-                expanded.append(item)
-            elif isinstance(item.get("id"), str) and item["id"] in found:
-                expanded.extend(replayable([found[item["id"]]]))
-            else:
-                raise item_reference_error(item.get("id"))
-        return expanded
-
-    def close(self):
-        pass
-
-    def _chain(self, response_id):
-        """[(id, StoredResponse)] of response_id and the responses it continued, oldest
-        first, marked as used; None if response_id is unknown or deleted, or a link is."""
-        chain, visited, current = [], set(), response_id
-        with self._lock:
-            while current is not None and current not in visited:
-                visited.add(current)
-                record = self._load(current)
-                if record is None or (record.deleted and current == response_id):
-                    return None
-                chain.append((current, record))
-                current = record.parent
-            self._touch([rid for rid, _ in chain])
-        chain.reverse()
-        return chain
-
-    # The storage, always called with the lock held.
-
-    def _save(self, response_id, record, item_ids):
-        self._remove(response_id)
-        size = stored_size(record, item_ids)
-        self._entries[response_id] = (record, item_ids, size)
-        self._bytes += size
-        if record.parent is not None:
-            self._children[record.parent] += 1
-        for item_id in item_ids:
-            self._owners[item_id] = response_id
-        while self._bytes > self.max_bytes and len(self._entries) > 1:
-            self._remove(next(iter(self._entries)))
-
-    def _remove(self, response_id):
-        entry = self._entries.pop(response_id, None)
-        if entry is None:
-            return
-        record, item_ids, size = entry
-        self._bytes -= size
-        if record.parent is not None:
-            self._children[record.parent] -= 1
-            if not self._children[record.parent]:
-                del self._children[record.parent]
-        self._disown(response_id, item_ids)
-
-    def _disown(self, response_id, item_ids):
-        for item_id in item_ids:
-            if self._owners.get(item_id) == response_id:
-                del self._owners[item_id]
-
-    def _forget(self, response_id):
-        entry = self._entries.get(response_id)
-        if entry is None or entry[0].deleted:
-            return False
-        record, item_ids, size = entry
-        if not self._children.get(response_id):
-            self._remove(response_id)
-            self._prune(record.parent)
-            return True
-        self._disown(response_id, item_ids)
-        link = record._replace(response=None, deleted=True)
-        self._entries[response_id] = (link, (), stored_size(link))
-        self._bytes += stored_size(link) - size
+def host_allowed(value, config, listen_address):
+    """Is this Host header a name of ours: localhost, a loopback address or the listening
+    one (on our port), or a name given with --allow-host?"""
+    if value is None:
+        return True  # HTTP/1.0 clients; browsers always send Host
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, sep, port = value.rpartition(":")
+        if not sep:
+            name, port = value, ""
+    if name in config.allow_hosts or value in config.allow_hosts:
         return True
-
-    def _prune(self, response_id):
-        """Drop deleted responses kept only as links, from response_id up, once nothing
-        continues them any more: deleting a whole chain leaves none of it behind."""
-        while response_id is not None:
-            entry = self._entries.get(response_id)
-            if entry is None or not entry[0].deleted or self._children.get(response_id):
-                return
-            self._remove(response_id)
-            response_id = entry[0].parent
-
-    def _load(self, response_id):
-        entry = self._entries.get(response_id)
-        return entry[0] if entry is not None else None
-
-    def _owner(self, item_id):
-        return self._owners.get(item_id)
-
-    def _touch(self, response_ids):
-        for response_id in response_ids:
-            self._entries.move_to_end(response_id)
+    own = ("localhost", "127.0.0.1", "::1", listen_address[0].lower())
+    return name in own and port in ("", str(listen_address[1]))
 
 
-class SQLiteConversationStore(ConversationStore):
-    """The same store in an SQLite file (--state-db), so chains survive restarts; several
-    proxy processes may share it (SQLite locks, WAL journal, busy timeout)."""
+def own_origin(url, config, listen_address):
+    """Is this URL (a Referer) on this proxy itself, or on an origin given with
+    --allow-origin?"""
+    parts = urllib.parse.urlsplit(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc
+    if scheme not in ("http", "https") or not netloc or "@" in netloc:
+        return False
+    return "%s://%s" % (scheme, netloc) in config.allow_origins or \
+        host_allowed(netloc, config, listen_address)
 
-    SCHEMA = ("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, parent TEXT, "
-              "input BLOB NOT NULL, output BLOB NOT NULL, size INTEGER NOT NULL, "
-              "used REAL NOT NULL, response BLOB, deleted INTEGER NOT NULL DEFAULT 0)",
-              "CREATE INDEX IF NOT EXISTS responses_used ON responses (used)",
-              "CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent)",
-              # the running total of `size`, so a store need not add up the table
-              "CREATE TABLE IF NOT EXISTS total (bytes INTEGER NOT NULL)",
-              "INSERT INTO total SELECT COALESCE(SUM(size), 0) FROM responses "
-              "WHERE NOT EXISTS (SELECT 1 FROM total)",
-              # item id -> the response holding the item, for item_reference
-              "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, response TEXT NOT NULL)",
-              "CREATE INDEX IF NOT EXISTS items_response ON items (response)",
-              "PRAGMA user_version = 2")  # the schema's version, for a later change to migrate
-    # What version 1 (plain JSON text, no response objects) lacks. Its rows stay readable:
-    # unpack_json tells text from compressed bytes. Checked column by column rather than by
-    # user_version, which a version 1 proxy sharing the file sets back to 1.
-    ADDED_COLUMNS = (("response", "BLOB"), ("deleted", "INTEGER NOT NULL DEFAULT 0"))
 
-    def __init__(self, path, max_bytes):
-        import sqlite3  # only with --state-db: most runs never need it
-        super().__init__(max_bytes)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # conversations are private
-        os.close(fd)
-        # A short busy timeout: a store waiting on another process delays a stream's end, and a
-        # put that gives up costs only a warning.
-        self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
-                                   check_same_thread=False)
-        for attempt in range(50):  # proxies starting together race to set up a new file
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no fsync per put
-                self._set_up()
-                break
-            except sqlite3.OperationalError:
-                if attempt == 49:
-                    raise
-                time.sleep(0.1)
+def origin_form(target, config, listen_address):
+    """The path and query of an absolute-form request target (http://host:port/path), which
+    must name this proxy: it is no forward proxy, and a front end that routes by the Host
+    header would not see where the request really goes. Raises ProxyError."""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or \
+            "@" in parts.netloc or not host_allowed(parts.netloc, config, listen_address):
+        raise ProxyError(400, "The request target names another host (%s://%s): this proxy "
+                         "is not a forward proxy. Send the path alone, as in 'GET /v1/models "
+                         "HTTP/1.1'." % (parts.scheme, parts.netloc.rpartition("@")[2][:100]),
+                         code="bad_http_request")
+    return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
 
-    def _set_up(self):
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(self.SCHEMA[0])
-            columns = set(row[1] for row in db.execute("PRAGMA table_info(responses)"))
-            for name, kind in self.ADDED_COLUMNS:
-                if name not in columns:
-                    db.execute("ALTER TABLE responses ADD COLUMN %s %s" % (name, kind))
-            for statement in self.SCHEMA[1:]:
-                db.execute(statement)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
-    def close(self):
-        self._db.close()
+# GET routes that act: a web page can make a browser send a GET with no Origin (<img src>).
+STATE_CHANGING_PATHS = ("/shutdown",)
 
-    @contextlib.contextmanager
-    def _transaction(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
-    def _save(self, response_id, record, item_ids):
-        size = stored_size(record, item_ids)
-        with self._transaction() as db:
-            self._delete_row(response_id)
-            db.execute("INSERT INTO responses (id, parent, input, output, size, used, response, "
-                       "deleted) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                       (response_id, record.parent, record.input, record.output, size,
-                        time.time(), record.response))
-            db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?)",
-                           [(item_id, response_id) for item_id in item_ids])
-            db.execute("UPDATE total SET bytes = bytes + ?", (size,))
-            total = db.execute("SELECT bytes FROM total").fetchone()[0]
-            while total > self.max_bytes:
-                row = db.execute("SELECT id FROM responses WHERE id != ? ORDER BY used "
-                                 "LIMIT 1", (response_id,)).fetchone()
-                if row is None:
-                    break
-                total -= self._delete_row(row[0])
+def client_key_ok(headers, key):
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
+    candidates = [value.strip()] if scheme.lower() == "bearer" else []
+    candidates.append((headers.get("x-api-key") or "").strip())
+    return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key) for c in candidates)
 
-    def _delete_row(self, response_id):
-        """Remove a response and its item index entries; the bytes it freed."""
-        db = self._db
-        row = db.execute("SELECT size FROM responses WHERE id = ?", (response_id,)).fetchone()
-        if row is None:
-            return 0
-        db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
-        db.execute("DELETE FROM items WHERE response = ?", (response_id,))
-        db.execute("UPDATE total SET bytes = bytes - ?", (row[0],))
-        return row[0]
 
-    def _forget(self, response_id):
-        with self._transaction() as db:
-            record = self._load(response_id)
-            if record is None or record.deleted:
-                return False
-            if not self._continued(response_id):
-                self._delete_row(response_id)
-                self._prune(record.parent)
-                return True
-            old = db.execute("SELECT size FROM responses WHERE id = ?",
-                             (response_id,)).fetchone()[0]
-            size = stored_size(record._replace(response=None))
-            db.execute("DELETE FROM items WHERE response = ?", (response_id,))
-            db.execute("UPDATE responses SET response = NULL, deleted = 1, size = ? "
-                       "WHERE id = ?", (size, response_id))
-            db.execute("UPDATE total SET bytes = bytes + ?", (size - old,))
-            return True
+def check_access(method, path, headers, config, listen_address):
+    """What every request passes before its route: a Host naming this proxy (DNS rebinding),
+    no foreign web page (Origin, Sec-Fetch-Site, and for a route that acts, Referer), the
+    client key, a JSON content type.
+    headers: lower-cased names. Returns whether this is a CORS preflight, to be answered as
+    such; raises ProxyError for a refused request."""
+    host = headers.get("host")
+    if not host_allowed(host, config, listen_address):
+        raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
+                         "If clients reach it by that name, start it with --allow-host."
+                         % host, code="host_not_allowed")
+    origin = headers.get("origin")
+    if origin is not None:
+        if origin not in config.allow_origins:
+            raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
+                             "page you trust call the proxy, start it with --allow-origin "
+                             "%s." % (origin, origin), code="origin_not_allowed")
+        if method == "OPTIONS" and headers.get("access-control-request-method"):
+            return True  # a preflight carries no credentials, so needs no client key
+    elif (headers.get("sec-fetch-site") or "none").lower() not in ("none", "same-origin"):
+        # A page's <img> or link sends a GET with no Origin; browsers still mark it
+        # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
+        raise ProxyError(403, "Requests from other web sites are refused.",
+                         code="origin_not_allowed")
+    if path in STATE_CHANGING_PATHS and headers.get("referer") is not None and \
+            not own_origin(headers["referer"], config, listen_address):
+        # A browser without Sec-Fetch-Site (Safari before 16.4, older ones) still names the
+        # page in Referer, unless the page turned that off. Only here: a read is no use to a
+        # page without CORS, a POST from a page carries Origin, and a non-browser client
+        # sending its home page as Referer keeps working.
+        raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
+                         "a page you trust call the proxy, start it with --allow-origin "
+                         "ORIGIN.", code="origin_not_allowed")
+    if config.client_key and path != "/healthz" and not client_key_ok(headers, config.client_key):
+        raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
+                         "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
+                         "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
+    ctype = headers.get("content-type")
+    if method == "POST" and ctype is not None and \
+            ctype.split(";")[0].strip().lower() != "application/json":
+        # A browser's form or text/plain post needs no preflight: refuse it before anything
+        # is sent upstream.
+        raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
+                         "header 'Content-Type: application/json' (curl -d alone sends a "
+                         "form type)." % ctype, code="unsupported_media_type")
+    return False
 
-    def _continued(self, response_id):
-        return self._db.execute("SELECT 1 FROM responses WHERE parent = ? LIMIT 1",
-                                (response_id,)).fetchone() is not None
 
-    def _prune(self, response_id):
-        while response_id is not None:
-            record = self._load(response_id)
-            if record is None or not record.deleted or self._continued(response_id):
-                return
-            self._delete_row(response_id)
-            response_id = record.parent
+ROUTES = {
+    "/v1/responses": {"POST": "responses"},
+    "/v1/responses/compact": {"POST": "compact"},
+    "/v1/responses/input_tokens": {"POST": "input_tokens"},
+    "/v1/chat/completions": {"POST": "chat_completions"},
+    "/v1/models": {"GET": "models"},
+    "/status": {"GET": "status"},
+    "/shutdown": {"GET": "shutdown"},
+    "/healthz": {"GET": "healthz", "HEAD": "healthz"},
+}
+ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
+               if path.startswith("/v1/")})  # clients configured without /v1
+# /v1/responses/{id} and what hangs off it: App methods taking the id too
+RESPONSE_ROUTES = {"": {"GET": "retrieve", "DELETE": "delete"},
+                   "/input_items": {"GET": "input_items"}, "/cancel": {"POST": "cancel"}}
+_RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
+                               r"(|/input_items|/cancel)\Z")
 
-    def _load(self, response_id):
-        row = self._db.execute("SELECT parent, input, output, response, deleted FROM responses "
-                               "WHERE id = ?", (response_id,)).fetchone()
-        return StoredResponse(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
 
-    def _owner(self, item_id):
-        row = self._db.execute("SELECT response FROM items WHERE id = ?", (item_id,)).fetchone()
-        return row[0] if row else None
+def find_route(method, path, headers, config):
+    """(the App's method for this request, its arguments from the path), else the fitting
+    JSON error."""
+    methods, args = ROUTES.get(path), ()
+    if methods is None:
+        m = _RESPONSE_PATH_RE.match(path)
+        if m:
+            methods, args = RESPONSE_ROUTES[m.group(2)], (m.group(1),)
+    if path == "/shutdown" and not config.http_shutdown:
+        methods = None
+    if methods is None:
+        raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
+                         % path, code="not_found")
+    if "websocket" in (headers.get("upgrade") or "").lower():
+        if methods.get("POST") == "responses" and method == "GET":
+            return "websocket", ()
+        raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP here.",
+                         code="websocket_not_supported")
+    name = methods.get(method)
+    if name is None:
+        raise ProxyError(405, "%s does not take %s; use %s." % (
+            path, method, " or ".join(sorted(methods))), code="method_not_allowed",
+            headers=[("Allow", ", ".join(sorted(methods)))])
+    return name, args
 
-    def _touch(self, response_ids):
-        now = time.time()
-        for i in range(0, len(response_ids), 500):  # old SQLite takes 999 variables at most
-            batch = response_ids[i:i + 500]
-            self._db.execute("UPDATE responses SET used = ? WHERE id IN (%s)"
-                             % ",".join("?" * len(batch)), [now] + batch)
+
+# --------------------------------------------------------------------------------------------
+# Request bodies: Content-Length or chunked, within a size limit and a deadline
+# --------------------------------------------------------------------------------------------
+
+# RFC 9112's framing, strictly: a proxy or TLS terminator in front may read a request's
+# headers or its end differently from a lenient parser here, and then the bytes one of them
+# takes for a body the other takes for a second request (request smuggling). So what either
+# could read two ways is refused with 400, and the connection closed.
+MAX_FIELD_LINE = 65536  # as http.client's
+MAX_FIELD_LINES = 100
+MAX_CHUNK_LINE = 1024
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# A field line: a token, the colon right after it, a value with no CR or NUL. Not obs-fold (a
+# line starting with white space), which one parser joins to the line before and another not.
+_FIELD_LINE = re.compile(_TOKEN + rb":[^\r\x00]*")
+# A chunk-size line: hex digits, extensions (token[=token|quoted-string]), CRLF.
+_CHUNK_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\x00-\x08\x0a-\x1f"
+    rb"\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*\r\n" % (_TOKEN, _TOKEN))
+
+
+def framing_error(message, status=400):
+    return ProxyError(status, message, code="bad_http_request")
+
+
+def read_field_lines(rfile, section="header"):
+    """The raw lines of a header (or trailer) section, up to its empty line, each checked to
+    be a field line. Lines may end in a bare LF (RFC 9112 allows it). Raises ProxyError, after
+    which the connection must close, or ClientGone."""
+    lines = []
+    while True:
+        line = rfile.readline(MAX_FIELD_LINE + 1)
+        if len(line) > MAX_FIELD_LINE:
+            raise framing_error("A %s line is longer than %d bytes." % (section, MAX_FIELD_LINE),
+                                431)
+        if not line.endswith(b"\n"):
+            raise ClientGone()  # the client hung up within the head
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if not text:
+            return lines
+        if len(lines) == MAX_FIELD_LINES:
+            raise framing_error("More than %d %s lines." % (MAX_FIELD_LINES, section), 431)
+        if not _FIELD_LINE.fullmatch(text):
+            # Not quoted back: a malformed line may be someone's Authorization header.
+            raise framing_error(
+                "%s line %d is malformed: each must read 'Name: value' on one line, with no "
+                "white space before the colon and no CR or NUL byte (RFC 9112)."
+                % (section.capitalize(), len(lines) + 1))
+        lines.append(line)
+
+
+def http_version(text):
+    """'HTTP/1.1' -> (1, 1), as the base class checked it."""
+    major, _, minor = text[5:].partition(".")
+    return int(major), int(minor)
+
+
+def check_framing(version, headers):
+    """One reading of where the request ends, and of its Host (RFC 9112 sections 3.2, 6.1,
+    6.3). headers: the parsed http.client.HTTPMessage. Raises ProxyError."""
+    lengths = headers.get_all("content-length") or []
+    codings = headers.get_all("transfer-encoding") or []
+    hosts = headers.get_all("host") or []
+    if lengths and codings:
+        raise framing_error("Send Content-Length or Transfer-Encoding, not both.")
+    if len(lengths) > 1 or len(codings) > 1:
+        raise framing_error("Send one %s header, not several."
+                            % ("Content-Length" if len(lengths) > 1 else "Transfer-Encoding"))
+    if codings and codings[0].strip(" \t").lower() != "chunked":
+        raise framing_error("Transfer-Encoding %r is not supported: send 'Transfer-Encoding: "
+                            "chunked' or a Content-Length." % codings[0].strip(" \t")[:40])
+    if len(hosts) > 1:
+        raise framing_error("Send one Host header, not several.")
+    if not hosts and http_version(version) >= (1, 1):
+        raise framing_error("An HTTP/1.1 request needs a Host header.")
+
+
+def is_chunked(headers):
+    return (headers.get("transfer-encoding") or "").strip(" \t").lower() == "chunked"
+
+
+def has_body(headers):
+    return (headers.get("content-length") or "0").strip(" \t") != "0" or is_chunked(headers)
+
+
+def read_request_body(rfile, headers, limit, before_reading):
+    """The request's body bytes. before_reading() runs once a body is due (100 Continue).
+    Raises ProxyError; after one, the connection's framing is lost: close it."""
+    try:
+        if is_chunked(headers):
+            before_reading()
+            return _read_chunks(rfile, limit)
+        length = headers.get("content-length")
+        if length is None:
+            return b""
+        if not re.match(r"^[0-9]+$", length.strip(" \t")):  # not isdigit(): '\xb2' is a digit to it
+            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
+        length = int(length)
+        if length > limit:
+            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
+                             % (length, limit), code="request_too_large")
+        if length:
+            before_reading()
+        data = rfile.read(length)
+    except socket.timeout:
+        raise ProxyError(408, "The request body did not arrive within %g s."
+                         % REQUEST_READ_DEADLINE, code="request_timeout")
+    if len(data) < length:
+        raise ClientGone()
+    return data
+
+
+def _read_chunks(rfile, limit):
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(MAX_CHUNK_LINE + 1)
+        if len(line) <= MAX_CHUNK_LINE and not line.endswith(b"\n"):
+            raise ClientGone()
+        m = _CHUNK_SIZE_LINE.fullmatch(line)  # int() alone takes '-1', '0x1', '1_0', ' 1'
+        if not m:
+            raise ProxyError(400, "Malformed chunked request body: a chunk-size line must be "
+                             "hex digits (and extensions), at most %d bytes, ending in CRLF."
+                             % MAX_CHUNK_LINE, code="invalid_body")
+        size = int(m.group(1), 16)
+        if size == 0:
+            read_field_lines(rfile, "trailer")
+            return b"".join(parts)
+        total += size
+        if total > limit:
+            raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
+                             code="request_too_large")
+        data = rfile.read(size)
+        end = rfile.read(2)
+        if len(data) < size or len(end) < 2:
+            raise ClientGone()
+        if end != b"\r\n":
+            raise ProxyError(400, "Malformed chunked request body: chunk data must be followed "
+                             "by CRLF, as long as its size line says.", code="invalid_body")
+        parts.append(data)
+
+
+def json_request_body(raw, headers, limit):
+    """(body, source, spans) of the request's JSON object (see parse_json_object)."""
+    return parse_json_object(decode_request_body(raw, headers.get("content-encoding"), limit))
 
 
 # --------------------------------------------------------------------------------------------
@@ -3440,6 +3267,172 @@ class UpstreamClient:
         self.pool.close_all()
         self.websockets.close()
 
+
+def window_label(minutes):
+    """A quota window's name from its length: 300 -> "5h", 10080 -> "weekly", 43200 -> "30d"."""
+    if not isinstance(minutes, int) or minutes <= 0:
+        return None
+    if minutes == 7 * 24 * 60:
+        return "weekly"
+    if minutes % (24 * 60) == 0:
+        return "%dd" % (minutes // (24 * 60))
+    if minutes % 60 == 0:
+        return "%dh" % (minutes // 60)
+    return "%dm" % minutes
+
+
+class QuotaTracker:
+    """The latest x-codex-* quota headers the backend sent, for /status. "primary" and
+    "secondary" are positions, not durations: which window is which is told by each one's
+    window_minutes, hence its label and the `windows` list, shortest first."""
+
+    def __init__(self):
+        self.headers = {}
+        self.seen_at = None
+
+    def update(self, headers):
+        quota = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
+        if quota:
+            self.headers = quota
+            self.seen_at = time.time()
+
+    def snapshot(self):
+        h = self.headers
+        if not h:
+            return None
+
+        def number(name, kind=float):
+            try:
+                return kind(h["x-codex-" + name])
+            except (KeyError, ValueError):
+                return None
+
+        def window(name):
+            reset_at = number(name + "-reset-at", int)
+            after = number(name + "-reset-after-seconds", int)
+            if reset_at is None and after is not None:
+                reset_at = int(self.seen_at + after)
+            minutes = number(name + "-window-minutes", int)
+            return {"label": window_label(minutes),
+                    "used_percent": number(name + "-used-percent"),
+                    "window_minutes": minutes,
+                    "resets_at": iso_time(reset_at),
+                    "resets_in_seconds": None if reset_at is None
+                    else max(0, int(reset_at - time.time()))}
+
+        slots = {"primary": window("primary"), "secondary": window("secondary")}
+        windows = sorted(
+            (dict(w, slot=slot) for slot, w in slots.items()
+             if w["used_percent"] is not None or w["window_minutes"] is not None),
+            key=lambda w: (w["window_minutes"] is None, w["window_minutes"] or 0))
+        return {"primary": slots["primary"], "secondary": slots["secondary"],
+                "windows": windows,
+                "plan_type": h.get("x-codex-plan-type"),
+                "active_limit": h.get("x-codex-active-limit"),
+                "credits": {"has_credits": h.get("x-codex-credits-has-credits"),
+                            "balance": h.get("x-codex-credits-balance"),
+                            "unlimited": h.get("x-codex-credits-unlimited")},
+                "seen_at": iso_time(self.seen_at)}
+
+
+def iso_time(timestamp):
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------
+# Exchange dumps (--dump-dir), in the Codex CLI's responses-api-proxy format
+# --------------------------------------------------------------------------------------------
+
+REDACTED_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+
+
+def dump_headers(headers):
+    return [{"name": k, "value": "[REDACTED]" if k.lower() in REDACTED_HEADERS else
+             (v.decode("latin-1") if isinstance(v, bytes) else str(v))} for k, v in headers]
+
+
+def dump_body(body):
+    """JSON when it parses, else the text (a stream: its raw SSE)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+class ExchangeDumper:
+    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
+    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
+    0700 too, and one that belongs to another user is refused (its owner could read them)."""
+
+    def __init__(self, directory, log):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise PermissionError("--dump-dir %s belongs to another user (uid %d); dumps hold "
+                                  "whole conversations, so the proxy writes them only into a "
+                                  "directory of its own user. Choose another --dump-dir."
+                                  % (directory, st.st_uid))
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+            log.info("made --dump-dir %s private (mode 0700, was %04o)"
+                     % (directory, st.st_mode & 0o7777))
+        self.directory = directory
+        self.log = log
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def request(self, method, url, headers, body):
+        with self._lock:
+            seq, self._next = self._next, self._next + 1
+        prefix = os.path.join(self.directory, "%06d-%d" % (seq, int(time.time() * 1000)))
+        self._write(prefix + "-request.json", {"method": method, "url": url,
+                                               "headers": dump_headers(headers),
+                                               "body": dump_body(body or b"")})
+        return ExchangeDump(self, prefix + "-response.json")
+
+    def _write(self, path, obj):
+        data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
+        try:
+            # A new file only: a file or symlink already at this name was put there by someone
+            # else, and following or overwriting it could clobber or leak some other file.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except FileExistsError:
+            self.log.info("cannot write dump %s: something is already there (left as it is)"
+                          % path)
+        except OSError as e:
+            self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
+
+
+class ExchangeDump:
+    """The response half: the body is gathered as it is relayed and written at the end."""
+
+    def __init__(self, dumper, path):
+        self.dumper = dumper
+        self.path = path
+        self.status = None
+        self.headers = []
+        self.body = bytearray()
+        self.written = False
+
+    def answer(self, status, headers):
+        self.status, self.headers = status, headers
+
+    def finish(self, body=b""):
+        if self.written:
+            return
+        self.written = True
+        self.body += body
+        self.dumper._write(self.path, {"status": self.status,
+                                       "headers": dump_headers(self.headers),
+                                       "body": dump_body(bytes(self.body))})
 
 
 # --------------------------------------------------------------------------------------------
@@ -4166,397 +4159,6 @@ class WebSocketUpstream:
 
     def close(self):
         self.pool.close_all()
-
-
-# --------------------------------------------------------------------------------------------
-# Exchange dumps (--dump-dir), in the Codex CLI's responses-api-proxy format
-# --------------------------------------------------------------------------------------------
-
-REDACTED_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
-
-
-def dump_headers(headers):
-    return [{"name": k, "value": "[REDACTED]" if k.lower() in REDACTED_HEADERS else
-             (v.decode("latin-1") if isinstance(v, bytes) else str(v))} for k, v in headers]
-
-
-def dump_body(body):
-    """JSON when it parses, else the text (a stream: its raw SSE)."""
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace")
-
-
-class ExchangeDumper:
-    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
-    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
-    0700 too, and one that belongs to another user is refused (its owner could read them)."""
-
-    def __init__(self, directory, log):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        st = os.stat(directory)
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise PermissionError("--dump-dir %s belongs to another user (uid %d); dumps hold "
-                                  "whole conversations, so the proxy writes them only into a "
-                                  "directory of its own user. Choose another --dump-dir."
-                                  % (directory, st.st_uid))
-        if st.st_mode & 0o077:
-            os.chmod(directory, 0o700)
-            log.info("made --dump-dir %s private (mode 0700, was %04o)"
-                     % (directory, st.st_mode & 0o7777))
-        self.directory = directory
-        self.log = log
-        self._next = 1
-        self._lock = threading.Lock()
-
-    def request(self, method, url, headers, body):
-        with self._lock:
-            seq, self._next = self._next, self._next + 1
-        prefix = os.path.join(self.directory, "%06d-%d" % (seq, int(time.time() * 1000)))
-        self._write(prefix + "-request.json", {"method": method, "url": url,
-                                               "headers": dump_headers(headers),
-                                               "body": dump_body(body or b"")})
-        return ExchangeDump(self, prefix + "-response.json")
-
-    def _write(self, path, obj):
-        data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
-        try:
-            # A new file only: a file or symlink already at this name was put there by someone
-            # else, and following or overwriting it could clobber or leak some other file.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except FileExistsError:
-            self.log.info("cannot write dump %s: something is already there (left as it is)"
-                          % path)
-        except OSError as e:
-            self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
-
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
-
-
-class ExchangeDump:
-    """The response half: the body is gathered as it is relayed and written at the end."""
-
-    def __init__(self, dumper, path):
-        self.dumper = dumper
-        self.path = path
-        self.status = None
-        self.headers = []
-        self.body = bytearray()
-        self.written = False
-
-    def answer(self, status, headers):
-        self.status, self.headers = status, headers
-
-    def finish(self, body=b""):
-        if self.written:
-            return
-        self.written = True
-        self.body += body
-        self.dumper._write(self.path, {"status": self.status,
-                                       "headers": dump_headers(self.headers),
-                                       "body": dump_body(bytes(self.body))})
-
-
-# --------------------------------------------------------------------------------------------
-# Access policy (pure): which requests this proxy serves at all
-# --------------------------------------------------------------------------------------------
-
-def host_allowed(value, config, listen_address):
-    """Is this Host header a name of ours: localhost, a loopback address or the listening
-    one (on our port), or a name given with --allow-host?"""
-    if value is None:
-        return True  # HTTP/1.0 clients; browsers always send Host
-    value = value.strip().lower()
-    if value.startswith("["):
-        name, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        name, sep, port = value.rpartition(":")
-        if not sep:
-            name, port = value, ""
-    if name in config.allow_hosts or value in config.allow_hosts:
-        return True
-    own = ("localhost", "127.0.0.1", "::1", listen_address[0].lower())
-    return name in own and port in ("", str(listen_address[1]))
-
-
-def own_origin(url, config, listen_address):
-    """Is this URL (a Referer) on this proxy itself, or on an origin given with
-    --allow-origin?"""
-    parts = urllib.parse.urlsplit(url)
-    scheme, netloc = parts.scheme.lower(), parts.netloc
-    if scheme not in ("http", "https") or not netloc or "@" in netloc:
-        return False
-    return "%s://%s" % (scheme, netloc) in config.allow_origins or \
-        host_allowed(netloc, config, listen_address)
-
-
-def origin_form(target, config, listen_address):
-    """The path and query of an absolute-form request target (http://host:port/path), which
-    must name this proxy: it is no forward proxy, and a front end that routes by the Host
-    header would not see where the request really goes. Raises ProxyError."""
-    parts = urllib.parse.urlsplit(target)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or \
-            "@" in parts.netloc or not host_allowed(parts.netloc, config, listen_address):
-        raise ProxyError(400, "The request target names another host (%s://%s): this proxy "
-                         "is not a forward proxy. Send the path alone, as in 'GET /v1/models "
-                         "HTTP/1.1'." % (parts.scheme, parts.netloc.rpartition("@")[2][:100]),
-                         code="bad_http_request")
-    return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-
-
-# GET routes that act: a web page can make a browser send a GET with no Origin (<img src>).
-STATE_CHANGING_PATHS = ("/shutdown",)
-
-
-def client_key_ok(headers, key):
-    scheme, _, value = (headers.get("authorization") or "").partition(" ")
-    candidates = [value.strip()] if scheme.lower() == "bearer" else []
-    candidates.append((headers.get("x-api-key") or "").strip())
-    return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key) for c in candidates)
-
-
-def check_access(method, path, headers, config, listen_address):
-    """What every request passes before its route: a Host naming this proxy (DNS rebinding),
-    no foreign web page (Origin, Sec-Fetch-Site, and for a route that acts, Referer), the
-    client key, a JSON content type.
-    headers: lower-cased names. Returns whether this is a CORS preflight, to be answered as
-    such; raises ProxyError for a refused request."""
-    host = headers.get("host")
-    if not host_allowed(host, config, listen_address):
-        raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
-                         "If clients reach it by that name, start it with --allow-host."
-                         % host, code="host_not_allowed")
-    origin = headers.get("origin")
-    if origin is not None:
-        if origin not in config.allow_origins:
-            raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
-                             "page you trust call the proxy, start it with --allow-origin "
-                             "%s." % (origin, origin), code="origin_not_allowed")
-        if method == "OPTIONS" and headers.get("access-control-request-method"):
-            return True  # a preflight carries no credentials, so needs no client key
-    elif (headers.get("sec-fetch-site") or "none").lower() not in ("none", "same-origin"):
-        # A page's <img> or link sends a GET with no Origin; browsers still mark it
-        # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
-        raise ProxyError(403, "Requests from other web sites are refused.",
-                         code="origin_not_allowed")
-    if path in STATE_CHANGING_PATHS and headers.get("referer") is not None and \
-            not own_origin(headers["referer"], config, listen_address):
-        # A browser without Sec-Fetch-Site (Safari before 16.4, older ones) still names the
-        # page in Referer, unless the page turned that off. Only here: a read is no use to a
-        # page without CORS, a POST from a page carries Origin, and a non-browser client
-        # sending its home page as Referer keeps working.
-        raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
-                         "a page you trust call the proxy, start it with --allow-origin "
-                         "ORIGIN.", code="origin_not_allowed")
-    if config.client_key and path != "/healthz" and not client_key_ok(headers, config.client_key):
-        raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
-                         "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
-                         "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
-    ctype = headers.get("content-type")
-    if method == "POST" and ctype is not None and \
-            ctype.split(";")[0].strip().lower() != "application/json":
-        # A browser's form or text/plain post needs no preflight: refuse it before anything
-        # is sent upstream.
-        raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
-                         "header 'Content-Type: application/json' (curl -d alone sends a "
-                         "form type)." % ctype, code="unsupported_media_type")
-    return False
-
-
-ROUTES = {
-    "/v1/responses": {"POST": "responses"},
-    "/v1/responses/compact": {"POST": "compact"},
-    "/v1/responses/input_tokens": {"POST": "input_tokens"},
-    "/v1/chat/completions": {"POST": "chat_completions"},
-    "/v1/models": {"GET": "models"},
-    "/status": {"GET": "status"},
-    "/shutdown": {"GET": "shutdown"},
-    "/healthz": {"GET": "healthz", "HEAD": "healthz"},
-}
-ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
-               if path.startswith("/v1/")})  # clients configured without /v1
-# /v1/responses/{id} and what hangs off it: App methods taking the id too
-RESPONSE_ROUTES = {"": {"GET": "retrieve", "DELETE": "delete"},
-                   "/input_items": {"GET": "input_items"}, "/cancel": {"POST": "cancel"}}
-_RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
-                               r"(|/input_items|/cancel)\Z")
-
-
-def find_route(method, path, headers, config):
-    """(the App's method for this request, its arguments from the path), else the fitting
-    JSON error."""
-    methods, args = ROUTES.get(path), ()
-    if methods is None:
-        m = _RESPONSE_PATH_RE.match(path)
-        if m:
-            methods, args = RESPONSE_ROUTES[m.group(2)], (m.group(1),)
-    if path == "/shutdown" and not config.http_shutdown:
-        methods = None
-    if methods is None:
-        raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                         % path, code="not_found")
-    if "websocket" in (headers.get("upgrade") or "").lower():
-        if methods.get("POST") == "responses" and method == "GET":
-            return "websocket", ()
-        raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP here.",
-                         code="websocket_not_supported")
-    name = methods.get(method)
-    if name is None:
-        raise ProxyError(405, "%s does not take %s; use %s." % (
-            path, method, " or ".join(sorted(methods))), code="method_not_allowed",
-            headers=[("Allow", ", ".join(sorted(methods)))])
-    return name, args
-
-
-# --------------------------------------------------------------------------------------------
-# Request bodies: Content-Length or chunked, within a size limit and a deadline
-# --------------------------------------------------------------------------------------------
-
-# RFC 9112's framing, strictly: a proxy or TLS terminator in front may read a request's
-# headers or its end differently from a lenient parser here, and then the bytes one of them
-# takes for a body the other takes for a second request (request smuggling). So what either
-# could read two ways is refused with 400, and the connection closed.
-MAX_FIELD_LINE = 65536  # as http.client's
-MAX_FIELD_LINES = 100
-MAX_CHUNK_LINE = 1024
-_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-# A field line: a token, the colon right after it, a value with no CR or NUL. Not obs-fold (a
-# line starting with white space), which one parser joins to the line before and another not.
-_FIELD_LINE = re.compile(_TOKEN + rb":[^\r\x00]*")
-# A chunk-size line: hex digits, extensions (token[=token|quoted-string]), CRLF.
-_CHUNK_SIZE_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\x00-\x08\x0a-\x1f"
-    rb"\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*\r\n" % (_TOKEN, _TOKEN))
-
-
-def framing_error(message, status=400):
-    return ProxyError(status, message, code="bad_http_request")
-
-
-def read_field_lines(rfile, section="header"):
-    """The raw lines of a header (or trailer) section, up to its empty line, each checked to
-    be a field line. Lines may end in a bare LF (RFC 9112 allows it). Raises ProxyError, after
-    which the connection must close, or ClientGone."""
-    lines = []
-    while True:
-        line = rfile.readline(MAX_FIELD_LINE + 1)
-        if len(line) > MAX_FIELD_LINE:
-            raise framing_error("A %s line is longer than %d bytes." % (section, MAX_FIELD_LINE),
-                                431)
-        if not line.endswith(b"\n"):
-            raise ClientGone()  # the client hung up within the head
-        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        if not text:
-            return lines
-        if len(lines) == MAX_FIELD_LINES:
-            raise framing_error("More than %d %s lines." % (MAX_FIELD_LINES, section), 431)
-        if not _FIELD_LINE.fullmatch(text):
-            # Not quoted back: a malformed line may be someone's Authorization header.
-            raise framing_error(
-                "%s line %d is malformed: each must read 'Name: value' on one line, with no "
-                "white space before the colon and no CR or NUL byte (RFC 9112)."
-                % (section.capitalize(), len(lines) + 1))
-        lines.append(line)
-
-
-def http_version(text):
-    """'HTTP/1.1' -> (1, 1), as the base class checked it."""
-    major, _, minor = text[5:].partition(".")
-    return int(major), int(minor)
-
-
-def check_framing(version, headers):
-    """One reading of where the request ends, and of its Host (RFC 9112 sections 3.2, 6.1,
-    6.3). headers: the parsed http.client.HTTPMessage. Raises ProxyError."""
-    lengths = headers.get_all("content-length") or []
-    codings = headers.get_all("transfer-encoding") or []
-    hosts = headers.get_all("host") or []
-    if lengths and codings:
-        raise framing_error("Send Content-Length or Transfer-Encoding, not both.")
-    if len(lengths) > 1 or len(codings) > 1:
-        raise framing_error("Send one %s header, not several."
-                            % ("Content-Length" if len(lengths) > 1 else "Transfer-Encoding"))
-    if codings and codings[0].strip(" \t").lower() != "chunked":
-        raise framing_error("Transfer-Encoding %r is not supported: send 'Transfer-Encoding: "
-                            "chunked' or a Content-Length." % codings[0].strip(" \t")[:40])
-    if len(hosts) > 1:
-        raise framing_error("Send one Host header, not several.")
-    if not hosts and http_version(version) >= (1, 1):
-        raise framing_error("An HTTP/1.1 request needs a Host header.")
-
-
-def is_chunked(headers):
-    return (headers.get("transfer-encoding") or "").strip(" \t").lower() == "chunked"
-
-
-def has_body(headers):
-    return (headers.get("content-length") or "0").strip(" \t") != "0" or is_chunked(headers)
-
-
-def read_request_body(rfile, headers, limit, before_reading):
-    """The request's body bytes. before_reading() runs once a body is due (100 Continue).
-    Raises ProxyError; after one, the connection's framing is lost: close it."""
-    try:
-        if is_chunked(headers):
-            before_reading()
-            return _read_chunks(rfile, limit)
-        length = headers.get("content-length")
-        if length is None:
-            return b""
-        if not re.match(r"^[0-9]+$", length.strip(" \t")):  # not isdigit(): '\xb2' is a digit to it
-            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
-        length = int(length)
-        if length > limit:
-            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
-                             % (length, limit), code="request_too_large")
-        if length:
-            before_reading()
-        data = rfile.read(length)
-    except socket.timeout:
-        raise ProxyError(408, "The request body did not arrive within %g s."
-                         % REQUEST_READ_DEADLINE, code="request_timeout")
-    if len(data) < length:
-        raise ClientGone()
-    return data
-
-
-def _read_chunks(rfile, limit):
-    parts, total = [], 0
-    while True:
-        line = rfile.readline(MAX_CHUNK_LINE + 1)
-        if len(line) <= MAX_CHUNK_LINE and not line.endswith(b"\n"):
-            raise ClientGone()
-        m = _CHUNK_SIZE_LINE.fullmatch(line)  # int() alone takes '-1', '0x1', '1_0', ' 1'
-        if not m:
-            raise ProxyError(400, "Malformed chunked request body: a chunk-size line must be "
-                             "hex digits (and extensions), at most %d bytes, ending in CRLF."
-                             % MAX_CHUNK_LINE, code="invalid_body")
-        size = int(m.group(1), 16)
-        if size == 0:
-            read_field_lines(rfile, "trailer")
-            return b"".join(parts)
-        total += size
-        if total > limit:
-            raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
-                             code="request_too_large")
-        data = rfile.read(size)
-        end = rfile.read(2)
-        if len(data) < size or len(end) < 2:
-            raise ClientGone()
-        if end != b"\r\n":
-            raise ProxyError(400, "Malformed chunked request body: chunk data must be followed "
-                             "by CRLF, as long as its size line says.", code="invalid_body")
-        parts.append(data)
-
-
-def json_request_body(raw, headers, limit):
-    """(body, source, spans) of the request's JSON object (see parse_json_object)."""
-    return parse_json_object(decode_request_body(raw, headers.get("content-encoding"), limit))
 
 
 # --------------------------------------------------------------------------------------------
@@ -5289,6 +4891,477 @@ class WebSocketSession:
 
 
 # --------------------------------------------------------------------------------------------
+# Conversation state, for previous_response_id (the backend keeps none)
+# --------------------------------------------------------------------------------------------
+
+def replayable(items):
+    """Output items as they can be sent back with store=false: without their ids (the
+    backend keeps no items, so an id makes it answer "not found", which is why the Codex CLI
+    never sends them), and without reasoning it cannot read back (no encrypted_content)."""
+    kept = []
+    for item in items:
+        if item.get("type") == "reasoning" and not item.get("encrypted_content"):
+            continue
+        kept.append({k: v for k, v in item.items() if k != "id"})
+    return kept
+
+
+def pack_json(text):
+    """JSON text as it is kept: zlib at level 1, which gets most of what conversations
+    (repetitive text) compress to for a fraction of the CPU of higher levels."""
+    return zlib.compress(text.encode("utf-8"), 1)
+
+
+def unpack_json(blob):
+    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text."""
+    if isinstance(blob, str):
+        return json.loads(blob)
+    return json.loads(zlib.decompress(blob).decode("utf-8"))
+
+
+def _compact(value):
+    return json.dumps(value, separators=(",", ":"))
+
+
+def carried_ids(items):
+    """The ids the items carry, by which a later item_reference can name them."""
+    if not isinstance(items, list):
+        return []
+    return [item["id"] for item in items if isinstance(item, dict)
+            and isinstance(item.get("id"), str) and not is_item_reference(item)]
+
+
+def is_item_reference(item):
+    # the API's item reference has an optional type: a bare {"id": ...} is one too
+    return isinstance(item, dict) and (item.get("type") == "item_reference" or (
+        item.get("type") is None and "id" in item and set(item) <= {"id", "type"}))
+
+
+def item_reference_error(item_id):
+    return ProxyError(400,
+                      "Input item_reference %r names an item the proxy does not have: it keeps "
+                      "only the items of responses it answered (in memory, so a restart forgets "
+                      "them unless it runs with --state-db), drops the least recently used past "
+                      "its size cap, and forgets deleted responses. Send the item itself instead "
+                      "of a reference, or set `store: false` in the client (with the Vercel AI "
+                      "SDK: providerOptions.openai.store = false) so it sends whole items."
+                      % (item_id,), param="input", code="item_reference_not_found")
+
+
+def stored_response_not_found(response_id):
+    """For GET and DELETE /v1/responses/{id}, and its input_items, when the store lacks it."""
+    return ProxyError(404,
+                      "Response with id %r not found. The proxy keeps only the responses it "
+                      "answered whose requests did not say `store: false`; in memory, so a "
+                      "restart forgets them unless it runs with --state-db; past its size cap it "
+                      "drops the least recently used; and a deleted one is gone." % (response_id,),
+                      code="response_not_found")
+
+
+def listed_items(owner, side, items):
+    """Items as input_items lists them, each with an id: the API gives every item one, so
+    those sent without get one made from their response and place, the same on every call
+    (an `after` cursor must keep naming the same item)."""
+    listed = []
+    for index, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict) and not isinstance(item.get("id"), str):
+            digest = hashlib.sha1(("%s/%s/%d" % (owner, side, index)).encode()).hexdigest()
+            item = dict(item, id="item_" + digest[:32])
+        listed.append(item)
+    return listed
+
+
+def input_items_page(items, after=None, limit=None, order=None):
+    """The answer to GET /v1/responses/{id}/input_items: one page of `items` (oldest first,
+    each with an id, as ConversationStore.input_items gives them). after, limit, order: the
+    query's strings, or None when absent."""
+    order = "desc" if order is None else order
+    if order not in ("asc", "desc"):
+        raise ProxyError(400, "`order` must be \"asc\" or \"desc\".", param="order",
+                         code="invalid_value")
+    try:
+        count = 20 if limit is None else int(limit)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 100:
+        raise ProxyError(400, "`limit` must be a whole number from 1 to 100.", param="limit",
+                         code="invalid_value")
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    start = 0
+    if after is not None:
+        ids = [item.get("id") if isinstance(item, dict) else None for item in ordered]
+        if after not in ids:
+            raise ProxyError(400, "`after` must be the id of one of this response's input items "
+                             "(%r is not)." % (after,), param="after", code="invalid_value")
+        start = ids.index(after) + 1
+    page = ordered[start:start + count]
+    return {"object": "list", "data": page,
+            "first_id": page[0].get("id") if page else None,
+            "last_id": page[-1].get("id") if page else None,
+            "has_more": start + count < len(ordered)}
+
+
+# One kept response, compressed: its parent's id, its own input, its output (with ids), the
+# response object without its output (None in rows from before it was kept), and whether it
+# was deleted but stays as a link for the responses that continued it.
+StoredResponse = collections.namedtuple("StoredResponse",
+                                        "parent input output response deleted")
+
+
+def stored_size(record, item_ids=()):
+    """What a kept response counts against the cap: its compressed bytes and indexed ids."""
+    return (len(record.input) + len(record.output) + len(record.response or b"")
+            + sum(len(item_id) for item_id in item_ids))
+
+
+class ConversationStore:
+    """Completed responses, for previous_response_id, item_reference, and retrieval (GET and
+    DELETE /v1/responses/{id}). Each is kept as compressed JSON with a link to the response it
+    continued; a chain is rebuilt by following the links. max_bytes counts compressed bytes;
+    past it the least recently used responses go, so a conversation in use keeps its early
+    turns. A response that must not be kept (store: false) is simply never saved. In memory;
+    see SQLiteConversationStore for one that survives restarts. Thread-safe: every method
+    holds the lock around the storage it touches, and (de)compresses outside it."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()  # id -> (StoredResponse, item ids, size)
+        self._owners = {}                          # item id -> id of the response holding it
+        self._children = collections.Counter()     # id -> how many kept responses continue it
+        self._bytes = 0
+
+    def save(self, response, parent, input_json):
+        """Keep a finished response. response: the assembled response object (with its id and
+        output); parent: the previous_response_id it continued, or None; input_json: the JSON
+        text of its own input list, item references already expanded."""
+        rest = dict(response, output=None)  # the output is kept apart: history reads only it
+        output = response.get("output") or []
+        item_ids = carried_ids(output)
+        if '"id"' in input_json:  # most inputs carry no ids: spare parsing a large one
+            item_ids += carried_ids(json.loads(input_json))
+        record = StoredResponse(parent, pack_json(input_json), pack_json(_compact(output)),
+                                pack_json(_compact(rest)), False)
+        with self._lock:
+            self._save(response["id"], record, tuple(item_ids))
+
+    def history(self, response_id):
+        """All items of the chain ending in response_id, oldest first, as the backend takes
+        them; None if response_id is unknown or deleted, or a link is unknown (never stored,
+        evicted, or lost in a restart)."""
+        chain = self._chain(response_id)
+        if chain is None:
+            return None
+        items = []
+        for _, record in chain:
+            items.extend(unpack_json(record.input))
+            items.extend(replayable(unpack_json(record.output)))
+        return items
+
+    def input_items(self, response_id):
+        """Every item the response was generated from, oldest first, each with an id: the
+        inputs and outputs of the responses it continued, then its own input (as the API's
+        input_items lists a chained response). None if unknown or deleted."""
+        chain = self._chain(response_id)
+        if chain is None:
+            return None
+        items = []
+        for owner, record in chain[:-1]:
+            items.extend(listed_items(owner, "input", unpack_json(record.input)))
+            items.extend(listed_items(owner, "output", unpack_json(record.output)))
+        items.extend(listed_items(response_id, "input", unpack_json(chain[-1][1].input)))
+        return items
+
+    def get(self, response_id):
+        """The response object as it was answered, or None (unknown, deleted, or kept by a
+        version that did not keep response objects)."""
+        with self._lock:
+            record = self._load(response_id)
+            if record is None or record.deleted or record.response is None:
+                return None
+            self._touch([response_id])
+        response = unpack_json(record.response)
+        response["output"] = unpack_json(record.output)
+        return response
+
+    def delete(self, response_id):
+        """Forget a response: True if it was kept. From then on its id names nothing (get,
+        history, input_items, item_reference), but the responses that continued it still
+        carry on: its items stay as their link (as the API keeps each response's whole
+        context) until eviction takes them or the last response continuing it is deleted."""
+        with self._lock:
+            return self._forget(response_id)
+
+    def expand_references(self, items):
+        """`items` (a request's input list) with each item_reference replaced by the item it
+        names, as the backend takes it: without its id, and reasoning it cannot read back
+        dropped (it keeps nothing, so a reference or id means nothing to it)."""
+        if not isinstance(items, list) or not any(is_item_reference(i) for i in items):
+            return items
+        wanted = set(item["id"] for item in items
+                     if is_item_reference(item) and isinstance(item.get("id"), str))
+        records = {}
+        with self._lock:
+            for item_id in wanted:
+                owner = self._owner(item_id)
+                if owner is not None and owner not in records:
+                    record = self._load(owner)
+                    if record is not None and not record.deleted:
+                        records[owner] = record
+            self._touch(list(records))
+        found = {}
+        for record in records.values():
+            for side in (record.input, record.output):
+                for item in unpack_json(side):
+                    if isinstance(item, dict) and isinstance(item.get("id"), str) \
+                            and item["id"] in wanted:
+                        found.setdefault(item["id"], item)
+        expanded = []
+        for item in items:
+            if not is_item_reference(item):
+                expanded.append(item)
+            elif isinstance(item.get("id"), str) and item["id"] in found:
+                expanded.extend(replayable([found[item["id"]]]))
+            else:
+                raise item_reference_error(item.get("id"))
+        return expanded
+
+    def close(self):
+        pass
+
+    def _chain(self, response_id):
+        """[(id, StoredResponse)] of response_id and the responses it continued, oldest
+        first, marked as used; None if response_id is unknown or deleted, or a link is."""
+        chain, visited, current = [], set(), response_id
+        with self._lock:
+            while current is not None and current not in visited:
+                visited.add(current)
+                record = self._load(current)
+                if record is None or (record.deleted and current == response_id):
+                    return None
+                chain.append((current, record))
+                current = record.parent
+            self._touch([rid for rid, _ in chain])
+        chain.reverse()
+        return chain
+
+    # The storage, always called with the lock held.
+
+    def _save(self, response_id, record, item_ids):
+        self._remove(response_id)
+        size = stored_size(record, item_ids)
+        self._entries[response_id] = (record, item_ids, size)
+        self._bytes += size
+        if record.parent is not None:
+            self._children[record.parent] += 1
+        for item_id in item_ids:
+            self._owners[item_id] = response_id
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, response_id):
+        entry = self._entries.pop(response_id, None)
+        if entry is None:
+            return
+        record, item_ids, size = entry
+        self._bytes -= size
+        if record.parent is not None:
+            self._children[record.parent] -= 1
+            if not self._children[record.parent]:
+                del self._children[record.parent]
+        self._disown(response_id, item_ids)
+
+    def _disown(self, response_id, item_ids):
+        for item_id in item_ids:
+            if self._owners.get(item_id) == response_id:
+                del self._owners[item_id]
+
+    def _forget(self, response_id):
+        entry = self._entries.get(response_id)
+        if entry is None or entry[0].deleted:
+            return False
+        record, item_ids, size = entry
+        if not self._children.get(response_id):
+            self._remove(response_id)
+            self._prune(record.parent)
+            return True
+        self._disown(response_id, item_ids)
+        link = record._replace(response=None, deleted=True)
+        self._entries[response_id] = (link, (), stored_size(link))
+        self._bytes += stored_size(link) - size
+        return True
+
+    def _prune(self, response_id):
+        """Drop deleted responses kept only as links, from response_id up, once nothing
+        continues them any more: deleting a whole chain leaves none of it behind."""
+        while response_id is not None:
+            entry = self._entries.get(response_id)
+            if entry is None or not entry[0].deleted or self._children.get(response_id):
+                return
+            self._remove(response_id)
+            response_id = entry[0].parent
+
+    def _load(self, response_id):
+        entry = self._entries.get(response_id)
+        return entry[0] if entry is not None else None
+
+    def _owner(self, item_id):
+        return self._owners.get(item_id)
+
+    def _touch(self, response_ids):
+        for response_id in response_ids:
+            self._entries.move_to_end(response_id)
+
+
+class SQLiteConversationStore(ConversationStore):
+    """The same store in an SQLite file (--state-db), so chains survive restarts; several
+    proxy processes may share it (SQLite locks, WAL journal, busy timeout)."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, parent TEXT, "
+              "input BLOB NOT NULL, output BLOB NOT NULL, size INTEGER NOT NULL, "
+              "used REAL NOT NULL, response BLOB, deleted INTEGER NOT NULL DEFAULT 0)",
+              "CREATE INDEX IF NOT EXISTS responses_used ON responses (used)",
+              "CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent)",
+              # the running total of `size`, so a store need not add up the table
+              "CREATE TABLE IF NOT EXISTS total (bytes INTEGER NOT NULL)",
+              "INSERT INTO total SELECT COALESCE(SUM(size), 0) FROM responses "
+              "WHERE NOT EXISTS (SELECT 1 FROM total)",
+              # item id -> the response holding the item, for item_reference
+              "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, response TEXT NOT NULL)",
+              "CREATE INDEX IF NOT EXISTS items_response ON items (response)",
+              "PRAGMA user_version = 2")  # the schema's version, for a later change to migrate
+    # What version 1 (plain JSON text, no response objects) lacks. Its rows stay readable:
+    # unpack_json tells text from compressed bytes. Checked column by column rather than by
+    # user_version, which a version 1 proxy sharing the file sets back to 1.
+    ADDED_COLUMNS = (("response", "BLOB"), ("deleted", "INTEGER NOT NULL DEFAULT 0"))
+
+    def __init__(self, path, max_bytes):
+        import sqlite3  # only with --state-db: most runs never need it
+        super().__init__(max_bytes)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # conversations are private
+        os.close(fd)
+        # A short busy timeout: a store waiting on another process delays a stream's end, and a
+        # put that gives up costs only a warning.
+        self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
+                                   check_same_thread=False)
+        for attempt in range(50):  # proxies starting together race to set up a new file
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no fsync per put
+                self._set_up()
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+
+    def _set_up(self):
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(self.SCHEMA[0])
+            columns = set(row[1] for row in db.execute("PRAGMA table_info(responses)"))
+            for name, kind in self.ADDED_COLUMNS:
+                if name not in columns:
+                    db.execute("ALTER TABLE responses ADD COLUMN %s %s" % (name, kind))
+            for statement in self.SCHEMA[1:]:
+                db.execute(statement)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self):
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _save(self, response_id, record, item_ids):
+        size = stored_size(record, item_ids)
+        with self._transaction() as db:
+            self._delete_row(response_id)
+            db.execute("INSERT INTO responses (id, parent, input, output, size, used, response, "
+                       "deleted) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                       (response_id, record.parent, record.input, record.output, size,
+                        time.time(), record.response))
+            db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?)",
+                           [(item_id, response_id) for item_id in item_ids])
+            db.execute("UPDATE total SET bytes = bytes + ?", (size,))
+            total = db.execute("SELECT bytes FROM total").fetchone()[0]
+            while total > self.max_bytes:
+                row = db.execute("SELECT id FROM responses WHERE id != ? ORDER BY used "
+                                 "LIMIT 1", (response_id,)).fetchone()
+                if row is None:
+                    break
+                total -= self._delete_row(row[0])
+
+    def _delete_row(self, response_id):
+        """Remove a response and its item index entries; the bytes it freed."""
+        db = self._db
+        row = db.execute("SELECT size FROM responses WHERE id = ?", (response_id,)).fetchone()
+        if row is None:
+            return 0
+        db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+        db.execute("DELETE FROM items WHERE response = ?", (response_id,))
+        db.execute("UPDATE total SET bytes = bytes - ?", (row[0],))
+        return row[0]
+
+    def _forget(self, response_id):
+        with self._transaction() as db:
+            record = self._load(response_id)
+            if record is None or record.deleted:
+                return False
+            if not self._continued(response_id):
+                self._delete_row(response_id)
+                self._prune(record.parent)
+                return True
+            old = db.execute("SELECT size FROM responses WHERE id = ?",
+                             (response_id,)).fetchone()[0]
+            size = stored_size(record._replace(response=None))
+            db.execute("DELETE FROM items WHERE response = ?", (response_id,))
+            db.execute("UPDATE responses SET response = NULL, deleted = 1, size = ? "
+                       "WHERE id = ?", (size, response_id))
+            db.execute("UPDATE total SET bytes = bytes + ?", (size - old,))
+            return True
+
+    def _continued(self, response_id):
+        return self._db.execute("SELECT 1 FROM responses WHERE parent = ? LIMIT 1",
+                                (response_id,)).fetchone() is not None
+
+    def _prune(self, response_id):
+        while response_id is not None:
+            record = self._load(response_id)
+            if record is None or not record.deleted or self._continued(response_id):
+                return
+            self._delete_row(response_id)
+            response_id = record.parent
+
+    def _load(self, response_id):
+        row = self._db.execute("SELECT parent, input, output, response, deleted FROM responses "
+                               "WHERE id = ?", (response_id,)).fetchone()
+        return StoredResponse(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+    def _owner(self, item_id):
+        row = self._db.execute("SELECT response FROM items WHERE id = ?", (item_id,)).fetchone()
+        return row[0] if row else None
+
+    def _touch(self, response_ids):
+        now = time.time()
+        for i in range(0, len(response_ids), 500):  # old SQLite takes 999 variables at most
+            batch = response_ids[i:i + 500]
+            self._db.execute("UPDATE responses SET used = ? WHERE id IN (%s)"
+                             % ",".join("?" * len(batch)), [now] + batch)
+
+
+# --------------------------------------------------------------------------------------------
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
 
@@ -5703,6 +5776,37 @@ class App:
                           "previous_response_id: %s" % (response_id, e))
 
 
+class ModelsCache:
+    """The model list for MODELS_CACHE_SECONDS; when the backend fails, the last good list."""
+
+    def __init__(self):
+        self._value = None
+        self._version = None
+        self._fetched = 0.0
+        self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
+
+    def get(self, fetch, version, log):
+        """The list for this Codex version: a newer client may see newer models."""
+        with self._lock:
+            if self._value is not None and self._version == version and \
+                    time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
+                return self._value
+            try:
+                self._value, self._fetched = fetch(version), time.monotonic()
+                self._version = version
+            except ProxyError as e:
+                if self._value is None:
+                    raise
+                log.info("model list unavailable (%s); serving the cached one" % e.message)
+            return self._value
+
+
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_RETRY_PAUSE = 0.1
+REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
+MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
+
+
 # --------------------------------------------------------------------------------------------
 # The HTTP handler: parse, admit, route, hand off
 # --------------------------------------------------------------------------------------------
@@ -6078,110 +6182,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         log.info(" ".join(parts))
 
 
-def window_label(minutes):
-    """A quota window's name from its length: 300 -> "5h", 10080 -> "weekly", 43200 -> "30d"."""
-    if not isinstance(minutes, int) or minutes <= 0:
-        return None
-    if minutes == 7 * 24 * 60:
-        return "weekly"
-    if minutes % (24 * 60) == 0:
-        return "%dd" % (minutes // (24 * 60))
-    if minutes % 60 == 0:
-        return "%dh" % (minutes // 60)
-    return "%dm" % minutes
-
-
-class QuotaTracker:
-    """The latest x-codex-* quota headers the backend sent, for /status. "primary" and
-    "secondary" are positions, not durations: which window is which is told by each one's
-    window_minutes, hence its label and the `windows` list, shortest first."""
-
-    def __init__(self):
-        self.headers = {}
-        self.seen_at = None
-
-    def update(self, headers):
-        quota = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
-        if quota:
-            self.headers = quota
-            self.seen_at = time.time()
-
-    def snapshot(self):
-        h = self.headers
-        if not h:
-            return None
-
-        def number(name, kind=float):
-            try:
-                return kind(h["x-codex-" + name])
-            except (KeyError, ValueError):
-                return None
-
-        def window(name):
-            reset_at = number(name + "-reset-at", int)
-            after = number(name + "-reset-after-seconds", int)
-            if reset_at is None and after is not None:
-                reset_at = int(self.seen_at + after)
-            minutes = number(name + "-window-minutes", int)
-            return {"label": window_label(minutes),
-                    "used_percent": number(name + "-used-percent"),
-                    "window_minutes": minutes,
-                    "resets_at": iso_time(reset_at),
-                    "resets_in_seconds": None if reset_at is None
-                    else max(0, int(reset_at - time.time()))}
-
-        slots = {"primary": window("primary"), "secondary": window("secondary")}
-        windows = sorted(
-            (dict(w, slot=slot) for slot, w in slots.items()
-             if w["used_percent"] is not None or w["window_minutes"] is not None),
-            key=lambda w: (w["window_minutes"] is None, w["window_minutes"] or 0))
-        return {"primary": slots["primary"], "secondary": slots["secondary"],
-                "windows": windows,
-                "plan_type": h.get("x-codex-plan-type"),
-                "active_limit": h.get("x-codex-active-limit"),
-                "credits": {"has_credits": h.get("x-codex-credits-has-credits"),
-                            "balance": h.get("x-codex-credits-balance"),
-                            "unlimited": h.get("x-codex-credits-unlimited")},
-                "seen_at": iso_time(self.seen_at)}
-
-
-def iso_time(timestamp):
-    if timestamp is None:
-        return None
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
-
-
-class ModelsCache:
-    """The model list for MODELS_CACHE_SECONDS; when the backend fails, the last good list."""
-
-    def __init__(self):
-        self._value = None
-        self._version = None
-        self._fetched = 0.0
-        self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
-
-    def get(self, fetch, version, log):
-        """The list for this Codex version: a newer client may see newer models."""
-        with self._lock:
-            if self._value is not None and self._version == version and \
-                    time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
-                return self._value
-            try:
-                self._value, self._fetched = fetch(version), time.monotonic()
-                self._version = version
-            except ProxyError as e:
-                if self._value is None:
-                    raise
-                log.info("model list unavailable (%s); serving the cached one" % e.message)
-            return self._value
-
-
-OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-ACCEPT_RETRY_PAUSE = 0.1
-REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
-MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
-
+# --------------------------------------------------------------------------------------------
+# The server: sockets accepted, a thread per connection, within the connection cap
+# --------------------------------------------------------------------------------------------
 
 def close_refused(sock):
     """Read what the client sent (unread, it would make close() send a reset), and close."""
