@@ -4447,11 +4447,11 @@ def _drain_for_reuse(upstream, answer):
     answer.body.settle(upstream.pool)
 
 
-def pass_through(upstream, answer, client):
+def relay_as_is(upstream, answer, client):
     """API-key mode: the upstream's answer goes to the client as it came, piece by piece."""
     body = answer.body
     with watching_for_hangup(upstream, client, answer) as watch:
-        client.start_pass_through(answer.resp)
+        client.start_as_is(answer.resp)
         while True:
             try:
                 data = body.read()
@@ -4753,7 +4753,7 @@ class WebSocketSession:
     # -- this thread: the requests ------------------------------------------------------------
 
     def run(self):
-        self.app.count_websocket("connections_open", 1)
+        self.app.traffic.count_websocket("connections_open", 1)
         reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
         reader.start()
         try:
@@ -4776,7 +4776,7 @@ class WebSocketSession:
         finally:
             reader.join(WS_CLOSE_WAIT + 5)
             self.end()
-            self.app.count_websocket("connections_open", -1)
+            self.app.traffic.count_websocket("connections_open", -1)
 
     def answer(self, raw):
         """One client message: a response.create answered, or an error event."""
@@ -4812,7 +4812,7 @@ class WebSocketSession:
             exchange.log_fields["error"] = "internal_error"
             self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
         self.responses += 1
-        self.app.count_websocket("responses", 1)
+        self.app.traffic.count_websocket("responses", 1)
         self.log_line(exchange, started)
 
     def create(self, exchange, body, source, spans, stream_id):
@@ -4835,12 +4835,12 @@ class WebSocketSession:
                     raise unknown_response_error(previous)
                 return self.prewarm(exchange, body, (history or []) + input_list(
                     body.get("input")), stream_id)
-            with app.slot():
+            with app.traffic.slot():
                 return app.respond_platform(exchange, body, history, sink, self.keep)
-        request = app.prepare(self.handler.header, body, source, spans, history=self.history)
+        request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
         if not generate:
             return self.prewarm(exchange, body, request.body["input"], stream_id)
-        with app.slot():
+        with app.traffic.slot():
             answer = app.upstream.call("POST", app.config.upstream_url, request.body,
                                        request.encode, request.session_id, request.headers,
                                        version=request.version)
@@ -5379,6 +5379,81 @@ class PreparedRequest:
         self.__dict__.update(fields)
 
 
+class Traffic:
+    """What is in flight, for the limits and /status: requests, client connections, and
+    WebSocket sockets and responses; with the places of --max-concurrent."""
+
+    def __init__(self, max_concurrent, max_connections):
+        self.max_concurrent = max_concurrent
+        self.max_connections = max_connections
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self._inflight = 0
+        self._connections = 0
+        self._cond = threading.Condition()
+        self._counts = {"total": 0, "by_status": {}}
+        self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
+
+    def request_started(self):
+        with self._cond:
+            self._inflight += 1
+
+    def request_finished(self, status):
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
+            self._counts["total"] += 1
+            key = str(status or "none")
+            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    def count_websocket(self, key, n):
+        with self._cond:
+            self._websocket[key] += n
+
+    def connection_opened(self):
+        """Count a new client connection; False when --max-connections are open already."""
+        with self._cond:
+            if self._connections >= self.max_connections:
+                return False
+            self._connections += 1
+            return True
+
+    def connection_closed(self):
+        with self._cond:
+            self._connections -= 1
+
+    @contextlib.contextmanager
+    def slot(self):
+        """One of --max-concurrent places for a request in flight, or a 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
+                             "(--max-concurrent); retry in a moment."
+                             % self.max_concurrent, code="too_many_requests",
+                             headers=[("Retry-After", "1")])
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    def wait_idle(self, timeout):
+        """Wait for requests in flight to finish; False if some were still running."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def report(self):
+        """(requests, connections, websocket) as /status shows them."""
+        with self._cond:
+            return ({"total": self._counts["total"], "in_flight": self._inflight,
+                     "by_status": dict(self._counts["by_status"])},
+                    {"open": self._connections, "limit": self.max_connections},
+                    dict(self._websocket))
+
+
 class App:
     """Everything the proxy is, apart from serving sockets: the login, the upstream client,
     the conversations, the model list, the counters behind /status, and the routes. A route
@@ -5397,57 +5472,11 @@ class App:
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.started = time.time()
-        self.slots = threading.BoundedSemaphore(config.max_concurrent)
+        self.traffic = Traffic(config.max_concurrent, config.max_connections)
         self.on_shutdown = None  # set by the server: stops accepting connections
-        self._inflight = 0
-        self._connections = 0
-        self._inflight_cond = threading.Condition()
-        self._counts = {"total": 0, "by_status": {}}
-        self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
         self._stopping = threading.Event()
 
-    # -- requests in flight, and stopping ---------------------------------------------------
-
-    def request_started(self):
-        with self._inflight_cond:
-            self._inflight += 1
-
-    def request_finished(self, status):
-        with self._inflight_cond:
-            self._inflight -= 1
-            self._inflight_cond.notify_all()
-            self._counts["total"] += 1
-            key = str(status or "none")
-            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
-
-    def count_websocket(self, key, n):
-        with self._inflight_cond:
-            self._websocket[key] += n
-
-    def connection_opened(self):
-        """Count a new client connection; False when --max-connections are open already."""
-        with self._inflight_cond:
-            if self._connections >= self.config.max_connections:
-                return False
-            self._connections += 1
-            return True
-
-    def connection_closed(self):
-        with self._inflight_cond:
-            self._connections -= 1
-
-    @contextlib.contextmanager
-    def slot(self):
-        """One of --max-concurrent places for a request in flight, or a 503 at once."""
-        if not self.slots.acquire(blocking=False):
-            raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
-                             "(--max-concurrent); retry in a moment."
-                             % self.config.max_concurrent, code="too_many_requests",
-                             headers=[("Retry-After", "1")])
-        try:
-            yield
-        finally:
-            self.slots.release()
+    # -- stopping ---------------------------------------------------------------------------
 
     @property
     def stopping(self):
@@ -5461,17 +5490,6 @@ class App:
             if self.on_shutdown is not None:
                 threading.Thread(target=self.on_shutdown, daemon=True).start()
 
-    def wait_idle(self, timeout):
-        """Wait for requests in flight to finish; False if some were still running."""
-        deadline = time.monotonic() + timeout
-        with self._inflight_cond:
-            while self._inflight > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._inflight_cond.wait(left)
-        return True
-
     def close(self):
         self.upstream.close()
         self.conversations.close()
@@ -5481,11 +5499,7 @@ class App:
     def status_report(self):
         """What /status says: no secrets, only what a person or a monitor needs."""
         config = self.config
-        with self._inflight_cond:
-            requests = {"total": self._counts["total"], "in_flight": self._inflight,
-                        "by_status": dict(self._counts["by_status"])}
-            connections = {"open": self._connections, "limit": config.max_connections}
-            websocket = dict(self._websocket)
+        requests, connections, websocket = self.traffic.report()
         status = {"mode": config.mode, "version": __version__,
                   "uptime_seconds": int(time.time() - self.started),
                   "upstream": config.upstream_url, "requests": requests,
@@ -5553,11 +5567,11 @@ class App:
 
     def models(self, client):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, upstream_url_for(self.config.upstream_url,
+            return self.pass_through(client, upstream_url_for(self.config.upstream_url,
                                                                "models"))
         # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
         # headers: its version counts before any of its turns came in.
-        self.client_version.observe(client.header)
+        self.client_version.observe(client.lower_headers)
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
         for asked in query.get("client_version", [])[:1]:
             self.client_version.observe({"version": asked})
@@ -5566,9 +5580,9 @@ class App:
 
     def responses(self, client):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, self.config.upstream_url)
+            return self.pass_through(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
-        request = self.prepare(client.header, body, source, spans)
+        request = self.prepare(client.lower_headers, body, source, spans)
         answer = self.upstream.responses(request)
         sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
@@ -5600,12 +5614,12 @@ class App:
         """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
         request does; a socket then takes a place (--max-concurrent) per response it
         streams, not for its whole life, but is refused at once when none is free."""
-        accept = websocket_accept(client.header)
-        with self.slot():
+        accept = websocket_accept(client.lower_headers)
+        with self.traffic.slot():
             pass
         client.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
                                           str(self.config.max_body_bytes))])
-        self.count_websocket("connections_total", 1)
+        self.traffic.count_websocket("connections_total", 1)
         session = WebSocketSession(self, client, urllib.parse.urlsplit(client.path).path)
         try:
             session.run()
@@ -5615,10 +5629,10 @@ class App:
     def chat_completions(self, client):
         config = self.config
         if config.mode == "apikey":
-            return self.forward_as_is(client, upstream_url_for(config.upstream_url,
+            return self.pass_through(client, upstream_url_for(config.upstream_url,
                                                                "chat/completions"))
         body = self.json_body(client)[0]
-        request = self.prepare(client.header, chat_to_responses(body))
+        request = self.prepare(client.lower_headers, chat_to_responses(body))
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
         answer = self.upstream.responses(request)
@@ -5631,9 +5645,9 @@ class App:
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
         url = upstream_url_for(self.config.upstream_url, "responses/compact")
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, url)
+            return self.pass_through(client, url)
         body, source, spans = self.json_body(client)
-        request = self.prepare(client.header, body, source, spans)
+        request = self.prepare(client.lower_headers, body, source, spans)
         compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
         answer = self.upstream.call("POST", url, compact_body, encode_json_object,
                                     request.session_id, request.headers, "application/json",
@@ -5653,7 +5667,7 @@ class App:
 
     def retrieve(self, client, response_id):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, self.platform_url(client))
+            return self.pass_through(client, self.platform_url(client))
         response = self.conversations.get(response_id)
         if response is None:
             raise stored_response_not_found(response_id)
@@ -5661,14 +5675,14 @@ class App:
 
     def delete(self, client, response_id):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, self.platform_url(client))
+            return self.pass_through(client, self.platform_url(client))
         if not self.conversations.delete(response_id):
             raise stored_response_not_found(response_id)
         client.send_json(200, {"id": response_id, "object": "response", "deleted": True})
 
     def input_items(self, client, response_id):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, self.platform_url(client))
+            return self.pass_through(client, self.platform_url(client))
         items = self.conversations.input_items(response_id)
         if items is None:
             raise stored_response_not_found(response_id)
@@ -5679,7 +5693,7 @@ class App:
 
     def cancel(self, client, response_id):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, self.platform_url(client))
+            return self.pass_through(client, self.platform_url(client))
         if self.conversations.get(response_id) is None:
             raise stored_response_not_found(response_id)
         raise ProxyError(400, "Response %r cannot be cancelled: only background responses can "
@@ -5689,7 +5703,7 @@ class App:
 
     def input_tokens(self, client):
         if self.config.mode == "apikey":
-            return self.forward_as_is(client, self.platform_url(client))
+            return self.pass_through(client, self.platform_url(client))
         raise ProxyError(400, "Counting input tokens is not available on a ChatGPT "
                          "subscription: its backend has no token-counting endpoint. The "
                          "`usage.input_tokens` of a response says what a request cost.",
@@ -5744,16 +5758,16 @@ class App:
             version=self.client_version.observe(client_headers),
             store=body.get("store") is not False)
 
-    def forward_as_is(self, client, url):
+    def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""
         headers = client.forwardable_headers()
         headers["Authorization"] = self.config.api_key_header
         answer = self.upstream.exchange(client.command, url, client.body or None, headers)
-        pass_through(self.upstream, answer, client)
+        relay_as_is(self.upstream, answer, client)
 
     def json_body(self, client):
         """(body, source, spans) of the request's JSON object; notes the model for the log."""
-        parsed = json_request_body(client.body, client.header, self.config.max_body_bytes)
+        parsed = json_request_body(client.body, client.lower_headers, self.config.max_body_bytes)
         body = parsed[0]
         client.log_fields["model"] = body.get("model") if isinstance(body.get("model"),
                                                                      str) else None
@@ -5961,32 +5975,32 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.body = None
         # The request's headers, lower-cased, the first of duplicates (as Message.get gives):
         # one pass instead of a slow Message.get per lookup.
-        self.header = {}
+        self.lower_headers = {}
         for name, value in self.headers.items():
-            self.header.setdefault(name.lower(), value)
+            self.lower_headers.setdefault(name.lower(), value)
         path = urllib.parse.urlsplit(self.path).path
-        app.request_started()
+        app.traffic.request_started()
         try:
             if app.stopping:
                 self.close_connection = True
                 raise ProxyError(503, "The proxy is shutting down; retry in a moment.",
                                  code="shutting_down", headers=[("Retry-After", "2")])
-            origin = self.header.get("origin")
+            origin = self.lower_headers.get("origin")
             if origin in app.config.allow_origins:
                 self.cors_origin = origin  # refusals too are readable by a page allowed in
-            if check_access(method, path, self.header, app.config, self.server.server_address):
+            if check_access(method, path, self.lower_headers, app.config, self.server.server_address):
                 return self.send_preflight()
-            name, args = find_route(method, path, self.header, app.config)
+            name, args = find_route(method, path, self.lower_headers, app.config)
             if name == "websocket":  # the socket is the session's from here on
                 return app.websocket(self)
             route = functools.partial(getattr(app, name), self, *args)
-            with (app.slot() if path != "/healthz" else contextlib.nullcontext()):
-                self.body = read_request_body(self.rfile, self.header, app.config.max_body_bytes,
+            with (app.traffic.slot() if path != "/healthz" else contextlib.nullcontext()):
+                self.body = read_request_body(self.rfile, self.lower_headers, app.config.max_body_bytes,
                                               self.send_continue)
                 self.reader.request_read()
                 route()
         except ProxyError as e:
-            if self.body is None and has_body(self.header):
+            if self.body is None and has_body(self.lower_headers):
                 self.close_connection = True  # its unread body must not pass for a request
             self.send_error_json(e)
         except ClientGone:
@@ -6003,7 +6017,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                             % e.__class__.__name__, code="internal_error"))
         finally:
             self.reader.request_read()
-            app.request_finished(self.status_sent)
+            app.traffic.request_finished(self.status_sent)
             self.log_request_line(method, path)
 
     # -- what an App route reads ------------------------------------------------------------
@@ -6095,12 +6109,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True  # no HTTP request follows on this connection
 
     def send_preflight(self):
-        if has_body(self.header):
+        if has_body(self.lower_headers):
             self.close_connection = True  # its body is not read: it must not pass for a request
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         self.send_header("Access-Control-Allow-Headers",
-                         self.header.get("access-control-request-headers")
+                         self.lower_headers.get("access-control-request-headers")
                          or "authorization, content-type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
@@ -6112,7 +6126,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.start_body(headers)
 
-    def start_pass_through(self, resp):
+    def start_as_is(self, resp):
         self.send_response(resp.status)
         # send_response() has sent our own Date and Server: one of each per message
         headers = [(name, value) for name, value in resp.getheaders()
@@ -6254,21 +6268,21 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         time.sleep(ACCEPT_RETRY_PAUSE)
 
     def process_request(self, request, client_address):
-        if not self.app.connection_opened():
+        if not self.app.traffic.connection_opened():
             self.refuse_connection(request)
             return
         self.at_connection_limit = False
         try:
             super().process_request(request, client_address)  # starts its thread
         except BaseException:
-            self.app.connection_closed()
+            self.app.traffic.connection_closed()
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.app.connection_closed()
+            self.app.traffic.connection_closed()
 
     def refuse_connection(self, sock):
         """A connection past --max-connections: a 503 written here, in the accepting thread,
@@ -6371,7 +6385,7 @@ def main(argv=None):
         server.serve_forever(poll_interval=0.5)
     finally:
         server.socket.close()  # refuse new connections now, not after the drain
-        if not app.wait_idle(SHUTDOWN_GRACE):
+        if not app.traffic.wait_idle(SHUTDOWN_GRACE):
             log.info("stopping with requests still in flight")
         # Waited for apart from the drain, which can give up first (25 s against a 30 s
         # refresh timeout): a redeemed refresh token's successor exists only in this process

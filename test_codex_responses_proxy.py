@@ -6121,7 +6121,7 @@ class UpstreamWebSocketTests(ProxyTestCase):
         conn.close()
         self.assertTrue(self.backend.ws.closed_early.wait(3.0),
                         "the backend kept streaming to a client that had left")
-        self.assertTrue(self.proxy.app.wait_idle(3.0))
+        self.assertTrue(self.proxy.app.traffic.wait_idle(3.0))
         self.assertEqual(len(self.proxy.app.upstream.websockets.pool), 0)
 
     def test_idle_sockets_answer_pings_and_are_closed_after_a_while(self):
@@ -6269,7 +6269,7 @@ class ClientHangupTests(StreamingCase):
         conn.close()
         self.assertTrue(self.backend.closed_early.wait(10.0),
                         "the backend kept streaming to a client that had left")
-        self.assertTrue(self.proxy.app.wait_idle(5.0), "the handler thread is still busy")
+        self.assertTrue(self.proxy.app.traffic.wait_idle(5.0), "the handler thread is still busy")
         self.wait_for_log("disconnect")
         log = self.log_text()
         self.assertEqual(len([l for l in log.splitlines() if "disconnect" in l]), 1, log)
@@ -6298,7 +6298,7 @@ class ClientHangupTests(StreamingCase):
         conn.close()
         self.assertTrue(upstream.closed.wait(10.0),
                         "the silent upstream connection was left open after the hang-up")
-        self.assertTrue(self.proxy.app.wait_idle(5.0))
+        self.assertTrue(self.proxy.app.traffic.wait_idle(5.0))
         self.assertIn("disconnect", self.wait_for_log("disconnect"))
         self.assertNotIn("Traceback", self.log_text())
         status, _, body = self.post(simple_request())
