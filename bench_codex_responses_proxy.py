@@ -460,8 +460,7 @@ def _up_websocket(sock, buf, hdrs, lat):
             continue
         n += 1
         last_id = "resp_ws_%d" % n
-        rid = _dumps(last_id).encode()
-        sock.sendall(b"".join(_ws_frame(1, e.replace(b'"id":"resp_1"', b'"id":' + rid))
+        sock.sendall(b"".join(_ws_frame(1, e.replace(_ID_SLOT_B, last_id.encode()))
                               for e in _ws_events(msg.get("model") or "bench-small")))
 
 
@@ -1729,7 +1728,8 @@ class Bench(object):
                     try:
                         r = run["client"].request("POST", "/v1/responses",
                                                   req_body("bench-small",
-                                                           input_items=run["hist"]))
+                                                           input_items=run["hist"]),
+                                                  keep=True)  # its output is the next input
                         why = check_stream(r, "bench-small")
                         if why:
                             run["fails"].append(why)
