@@ -153,6 +153,9 @@ examples:
        -d '{"model": "gpt-5.1-codex", "input": "say hi"}'
 
   Python:  OpenAI(base_url="http://127.0.0.1:8787/v1", api_key="unused").responses.create(...)
+           ... .responses.connect() (WebSocket), .responses.compact(...), .retrieve(id) too
+  Codex CLI: a provider with base_url = "http://127.0.0.1:8787/v1", wire_api = "responses"
+           (and supports_websockets = true for one socket per session)
 
 environment:
   CODEX_HOME                          where auth.json lives (default ~/.codex)
