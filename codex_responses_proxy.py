@@ -4844,15 +4844,14 @@ class WebSocketSession:
         if not generate:
             return self.prewarm(exchange, body, request.body["input"], stream_id)
         with app.traffic.slot():
-            answer = app.upstream.call("POST", app.config.upstream_url, request.body,
-                                       request.encode, request.session_id, request.headers,
-                                       version=request.version)
+            answer = app.upstream.responses(request)  # the backend's socket too, if in use
 
             def on_end(assembler):
                 app.keep(assembler, request)
                 self.keep(assembler, request.body["input"])
 
             relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+        app.upstream.turn_over(request)
 
     def history(self, previous):
         """The items previous_response_id names: a response of this socket's, else one in

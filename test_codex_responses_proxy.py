@@ -5905,6 +5905,27 @@ class UpstreamWebSocketTests(ProxyTestCase):
     def messages(self):
         return [m for _, m in self.backend.ws.messages]
 
+    def test_a_websocket_client_chains_on_the_backends_socket_too(self):
+        """Both ends over WebSocket: the client's chain becomes the backend socket's chain,
+        each turn sending only its new items upstream."""
+        client = WSClient(self.port)
+        self.addCleanup(client.close_socket)
+        self.assertEqual(client.status, 101, client.body)
+        previous = None
+        for text in ("hi", "and then?", "thanks"):
+            extra = {"previous_response_id": previous} if previous else {}
+            client.create(input=[user_item(text)], store=False, **extra)
+            events = client.response_events()
+            self.assertEqual(events[-1]["type"], "response.completed", events[-1])
+            previous = events[-1]["response"]["id"]
+        first, second, third = self.messages()
+        self.assertEqual(first["input"], [user_item("hi")])
+        self.assertEqual((second["previous_response_id"], second["input"]),
+                         ("resp_ws_1", [user_item("and then?")]))
+        self.assertEqual((third["previous_response_id"], third["input"]),
+                         ("resp_ws_2", [user_item("thanks")]))
+        self.assertEqual(self.backend.ws.sockets, 1)
+
     def test_turns_chain_on_one_socket_with_only_the_new_items(self):
         history, first = self.turn([], "hi")
         self.assertEqual(first["output"][0]["content"][0]["text"], "Hello there!")
