@@ -571,6 +571,10 @@ class ProxyError(Exception):
         return {"error": error}
 
 
+class StartupError(Exception):
+    """A setting the proxy cannot start with; the message names it and what to do."""
+
+
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
@@ -627,20 +631,21 @@ class Credentials:
     """The ChatGPT tokens of one auth.json, with what the proxy derives from them."""
 
     def __init__(self, data):
-        tokens = data.get("tokens") or {}
+        tokens = data.get("tokens") if isinstance(data.get("tokens"), dict) else {}
         self.data = data  # the whole file, so a rewrite keeps keys we do not know
-        self.access_token = tokens.get("access_token")
-        self.refresh_token = tokens.get("refresh_token")
-        self.id_token = tokens.get("id_token")
+        # A value of another type than a string is as good as absent (a hand-edited file)
+        self.access_token = _text(tokens.get("access_token"))
+        self.refresh_token = _text(tokens.get("refresh_token"))
+        self.id_token = _text(tokens.get("id_token"))
         access = jwt_claims(self.access_token)
         ident = jwt_claims(self.id_token)
         self.expires_at = access.get("exp") if isinstance(access.get("exp"), (int, float)) else None
-        self.account_id = (tokens.get("account_id")
+        self.account_id = (_text(tokens.get("account_id"))
                            or _auth_claim(ident, "chatgpt_account_id")
                            or _auth_claim(access, "chatgpt_account_id"))
         self.plan_type = _auth_claim(ident, "chatgpt_plan_type") or _auth_claim(
             access, "chatgpt_plan_type")
-        self.last_refresh = parse_rfc3339(data.get("last_refresh"))
+        self.last_refresh = parse_rfc3339(_text(data.get("last_refresh")))
 
     def needs_refresh(self, now=None):
         now = time.time() if now is None else now
@@ -654,9 +659,13 @@ class Credentials:
         return [t for t in (self.access_token, self.refresh_token, self.id_token) if t]
 
 
-def _auth_claim(claims, name):
-    value = (claims.get("https://api.openai.com/auth") or {}).get(name)
+def _text(value):
     return value if isinstance(value, str) and value else None
+
+
+def _auth_claim(claims, name):
+    auth = claims.get("https://api.openai.com/auth")
+    return _text(auth.get(name)) if isinstance(auth, dict) else None
 
 
 def auth_error(path, reason, status=401, code="codex_login_required"):
@@ -683,7 +692,7 @@ def read_auth_file(path):
     if not isinstance(data, dict):
         raise auth_error(path, "%s does not hold a JSON object." % path)
     tokens = data.get("tokens")
-    if not isinstance(tokens, dict) or not tokens.get("access_token"):
+    if not isinstance(tokens, dict) or not _text(tokens.get("access_token")):
         if data.get("OPENAI_API_KEY") or data.get("auth_mode") == "apikey":
             raise auth_error(path, "%s holds an API-key login, not a ChatGPT one; this proxy needs "
                              "a ChatGPT sign-in. Run `codex login` and choose ChatGPT." % path)
@@ -1751,17 +1760,26 @@ def assemble_response(response, items):
     return result
 
 
-def completed_event_bytes(payload, items):
+def completed_event_bytes(etype, payload, items):
     """The response.completed (or .incomplete) frame again, its output filled in."""
     filled = dict(payload)
     filled["response"] = assemble_response(payload["response"], items)
-    return b"event: %s\ndata: %s\n\n" % (payload.get("type", "response.completed").encode(),
+    return b"event: %s\ndata: %s\n\n" % (etype.encode(),
                                          json.dumps(filled, separators=(",", ":")).encode())
 
 
 def error_event_bytes(code, message):
     event = {"type": "error", "code": code, "message": message, "param": None}
     return b"event: error\ndata: %s\n\n" % json.dumps(event).encode()
+
+
+def utc_datetime(timestamp):
+    """A Unix time as an aware datetime; None for None or a number no calendar has (the
+    backend's headers and error bodies are not ours to trust)."""
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
 
 
 def _describe_reset(error):
@@ -1774,7 +1792,9 @@ def _describe_reset(error):
         return ""
     if not isinstance(at, (int, float)):
         at = time.time() + seconds
-    when = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    when = utc_datetime(at)
+    if when is None or seconds != seconds or abs(seconds) > 10 ** 9:
+        return ""  # nonsense from the backend: say nothing rather than fail the answer
     minutes = max(1, int(round(seconds / 60.0)))
     span = "%d h %d min" % divmod(minutes, 60) if minutes >= 60 else "%d min" % minutes
     return " It resets at %s UTC (in %s)." % (when.strftime("%Y-%m-%d %H:%M"), span)
@@ -1794,6 +1814,8 @@ def translate_upstream_error(status, body):
         err = data["error"]
         extra = {k: v for k, v in err.items() if k not in ("message", "type", "param", "code")}
         message = err.get("message") or "The backend answered HTTP %d." % status
+        if not isinstance(message, str):
+            message = json.dumps(message)
         code = err.get("code") or err.get("type")
         param = err.get("param")
         kind = err.get("type")  # e.g. usage_limit_reached, kept for clients that read it
@@ -2064,7 +2086,8 @@ class ChatStream:
         chunks = []
         if etype == "response.created":
             response = payload.get("response") or {}
-            self.id = "chatcmpl-" + str(response.get("id") or self.id)
+            if response.get("id"):
+                self.id = "chatcmpl-" + str(response["id"])
             self.model = response.get("model") or self.model
             if isinstance(response.get("created_at"), int):
                 self.created = response["created_at"]  # as the non-streamed answer has it
@@ -3043,6 +3066,9 @@ class HangupWatcher:
             entry["peek"] = client_sock.dup()
             entry["peek"].setblocking(False)
         except OSError:
+            if entry["peek"] is not None:
+                entry["peek"].close()
+            entry["peek"] = None
             return entry  # unwatched: a hang-up is then noticed at the next write
         with self._cond:
             self._watched[id(entry)] = entry
@@ -3290,17 +3316,15 @@ class QuotaTracker:
     window_minutes, hence its label and the `windows` list, shortest first."""
 
     def __init__(self):
-        self.headers = {}
-        self.seen_at = None
+        self._seen = ({}, None)  # (headers, when): replaced whole, so read without a lock
 
     def update(self, headers):
         quota = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
         if quota:
-            self.headers = quota
-            self.seen_at = time.time()
+            self._seen = (quota, time.time())
 
     def snapshot(self):
-        h = self.headers
+        h, seen_at = self._seen
         if not h:
             return None
 
@@ -3314,7 +3338,7 @@ class QuotaTracker:
             reset_at = number(name + "-reset-at", int)
             after = number(name + "-reset-after-seconds", int)
             if reset_at is None and after is not None:
-                reset_at = int(self.seen_at + after)
+                reset_at = int(seen_at + after)
             minutes = number(name + "-window-minutes", int)
             return {"label": window_label(minutes),
                     "used_percent": number(name + "-used-percent"),
@@ -3335,14 +3359,12 @@ class QuotaTracker:
                 "credits": {"has_credits": h.get("x-codex-credits-has-credits"),
                             "balance": h.get("x-codex-credits-balance"),
                             "unlimited": h.get("x-codex-credits-unlimited")},
-                "seen_at": iso_time(self.seen_at)}
+                "seen_at": iso_time(seen_at)}
 
 
 def iso_time(timestamp):
-    if timestamp is None:
-        return None
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+    when = utc_datetime(timestamp)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -3371,13 +3393,16 @@ class ExchangeDumper:
     0700 too, and one that belongs to another user is refused (its owner could read them)."""
 
     def __init__(self, directory, log):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        st = os.stat(directory)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            st = os.stat(directory)
+        except OSError as e:
+            raise StartupError("--dump-dir %s: %s." % (directory, e.strerror or e))
         if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise PermissionError("--dump-dir %s belongs to another user (uid %d); dumps hold "
-                                  "whole conversations, so the proxy writes them only into a "
-                                  "directory of its own user. Choose another --dump-dir."
-                                  % (directory, st.st_uid))
+            raise StartupError("--dump-dir %s belongs to another user (uid %d); dumps hold "
+                               "whole conversations, so the proxy writes them only into a "
+                               "directory of its own user. Choose another --dump-dir."
+                               % (directory, st.st_uid))
         if st.st_mode & 0o077:
             os.chmod(directory, 0o700)
             log.info("made --dump-dir %s private (mode 0700, was %04o)"
@@ -4265,7 +4290,7 @@ class ResponsesTransform:
         if etype in ("response.completed", "response.incomplete") and \
                 isinstance(payload.get("response"), dict) and \
                 not payload["response"].get("output") and assembler.items:
-            return completed_event_bytes(payload, assembler.output())
+            return completed_event_bytes(etype, payload, assembler.output())
         return None
 
     @staticmethod
@@ -4613,7 +4638,8 @@ class WebSocketExchange:
         streamed POST sets itself."""
         return {name: value for name, value in self.session.handler.forwardable_headers().items()
                 if not name.lower().startswith("sec-websocket-")
-                and name.lower() not in ("accept", "content-type", "openai-beta", "origin")}
+                and name.lower() not in ("accept", "accept-encoding", "content-type",
+                                         "openai-beta", "origin")}
 
 
 class WebSocketSession:
@@ -5240,18 +5266,27 @@ class SQLiteConversationStore(ConversationStore):
     def __init__(self, path, max_bytes):
         import sqlite3  # only with --state-db: most runs never need it
         super().__init__(max_bytes)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # conversations are private
-        os.close(fd)
-        # A short busy timeout: a store waiting on another process delays a stream's end, and a
-        # put that gives up costs only a warning.
-        self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
-                                   check_same_thread=False)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # conversations are private
+            os.close(fd)
+            # A short busy timeout: a store waiting on another process delays a stream's end,
+            # and a put that gives up costs only a warning.
+            self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
+                                       check_same_thread=False)
+            self._open()
+        except (OSError, sqlite3.Error) as e:
+            raise StartupError("--state-db %s: %s. Give a path to an SQLite file of this "
+                               "proxy's (it is made if missing)." % (path, getattr(e, "strerror",
+                                                                                    None) or e))
+
+    def _open(self):
+        import sqlite3
         for attempt in range(50):  # proxies starting together race to set up a new file
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no fsync per put
                 self._set_up()
-                break
+                return
             except sqlite3.OperationalError:
                 if attempt == 49:
                     raise
@@ -6359,6 +6394,9 @@ def main(argv=None):
     raise_descriptor_limit()
     try:
         server = ProxyServer(config, log)
+    except StartupError as e:
+        log.info("cannot start: %s" % e)
+        return 1
     except OSError as e:
         log.info("cannot listen on %s:%d: %s" % (config.host, config.port, e.strerror or e))
         return 1

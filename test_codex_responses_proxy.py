@@ -1585,6 +1585,71 @@ class RelayDifferentialTests(unittest.TestCase):
         self.check(lambda: proxy.ChatTransform("gpt-5.1-codex", True), trials=4)
 
 
+class MalformedDataTests(ProxyTestCase):
+    """A hand-edited auth.json, a backend answering nonsense, a broken --state-db: each gets
+    a clear answer, never a 500 or a traceback."""
+
+    def test_auth_json_values_of_the_wrong_type(self):
+        doc = auth_document(access=self.token)
+        doc["last_refresh"] = 5
+        doc["tokens"]["account_id"] = ["not", "a", "string"]
+        write_auth(self.home, doc)
+        status, _, body = self.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["headers"].get("ChatGPT-Account-ID"),
+                         "acct-from-id")  # the id token's claim, the file's value being no id
+        doc["tokens"]["access_token"] = 12345
+        write_auth(self.home, doc)
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 401, contains="no ChatGPT tokens")
+        status, _, report = self.request("GET", "/status")
+        self.assertEqual(status, 200, report)
+
+    def test_a_backend_429_with_odd_fields_is_still_a_429(self):
+        for error in ({"message": 5, "resets_at": 1e20}, {"message": "slow", "resets_in_seconds":
+                                                          float("inf")}):
+            body = json.dumps({"error": dict(error, type="usage_limit_reached")}).encode()
+            self.backend.replies.append(Reply(status=429, body=body))
+            status, _, answer = self.post(simple_request())
+            self.assert_openai_error(status, answer, 429)
+            self.assertIsInstance(answer["error"]["message"], str)
+
+    def test_status_survives_a_reset_time_no_calendar_has(self):
+        self.backend.replies.append(Reply(headers=[("x-codex-primary-reset-at", "99999999999999"),
+                                                   ("x-codex-primary-used-percent", "10")]))
+        self.assertEqual(self.post(simple_request())[0], 200)
+        status, _, body = self.request("GET", "/status")
+        self.assertEqual(status, 200, body)
+        self.assertIsNone(json.loads(body)["quota"]["primary"]["resets_at"])
+
+    def test_a_terminal_event_without_its_type_keeps_its_name(self):
+        frames = stream_frames(terminal="response.incomplete", terminal_extra={
+            "incomplete_details": {"reason": "max_output_tokens"}})
+        last = json.loads(frames[-1].split(b"data: ", 1)[1])
+        del last["type"]
+        frames[-1] = b"event: response.incomplete\ndata: " + json.dumps(last).encode() + b"\n\n"
+        self.backend.replies.append(Reply(frames=frames))
+        status, _, events, _ = self.stream(simple_request())
+        self.assertEqual(status, 200)
+        self.assertEqual(events[-1][0], "response.incomplete")
+        self.assertEqual(events[-1][1]["response"]["output"][0]["type"], "message")
+
+    def test_a_chat_stream_without_a_response_id_has_one_prefix(self):
+        chat = proxy.ChatStream("m", False)
+        chat.frames("response.created", {"response": {"model": "m"}})
+        self.assertEqual(chat.id.count("chatcmpl-"), 1)
+
+    def test_a_state_db_that_is_no_database_stops_the_start_clearly(self):
+        path = os.path.join(self.home, "state.db")
+        with open(path, "w") as f:
+            f.write("not sqlite at all, " * 100)
+        result = run_program(["--port", "0", "--codex-home", self.home, "--state-db", path])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(b"--state-db", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+        self.assertNotIn(b"cannot listen", result.stderr)
+
+
 class AccessPolicyTests(unittest.TestCase):
     """The access policy is a pure function of the request's method, path and headers and the
     configuration: every decision checked here without a socket."""
@@ -5172,7 +5237,7 @@ class DumpFileTests(unittest.TestCase):
     def test_a_directory_of_another_user_is_refused(self):
         other = os.stat(self.dir).st_uid + 1
         with mock.patch.object(proxy.os, "getuid", return_value=other):
-            with self.assertRaises(OSError) as cm:
+            with self.assertRaises(proxy.StartupError) as cm:
                 self.dumper()
         self.assertIn("belongs to another user", str(cm.exception))
 
