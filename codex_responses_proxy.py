@@ -9,7 +9,7 @@ backend accepts (stream on, store off, instructions present, rejected parameters
 answers in the Responses API's own shape: one JSON object for a non-streaming client, the live
 event stream for a streaming one.
 
-Run it:    python3 codex_responses_proxy.py            (then point a client at http://127.0.0.1:8787/v1)
+Run it:    python3 codex_responses_proxy.py     (then point a client at http://127.0.0.1:8787/v1)
 Help:      python3 codex_responses_proxy.py --help
 
 One file, standard library only, Python 3.8 or newer.
@@ -114,7 +114,8 @@ DEFAULT_UPSTREAM_URL = "https://chatgpt.com/backend-api/codex/responses"
 API_UPSTREAM_URL = "https://api.openai.com/v1/responses"  # API-key mode
 DEFAULT_CLIENT_VERSION = "0.171.0"  # the backend gates models on the `version` header
 DEFAULT_ORIGINATOR = "codex_cli_rs"
-DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Follow the user's and developer's instructions."
+DEFAULT_INSTRUCTIONS = ("You are a helpful assistant. Follow the user's and developer's "
+                        "instructions.")
 DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # the Codex CLI's own default
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -124,7 +125,7 @@ OAUTH_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 
 CONNECT_TIMEOUT = 30.0
 REFRESH_TIMEOUT = 30.0
-SHUTDOWN_GRACE = 25.0  # systemd's default stop timeout is 90 s; in-flight turns get most of it
+SHUTDOWN_GRACE = 25.0  # in-flight turns get this long at a stop (the unit waits 70 s in all)
 MODELS_CACHE_SECONDS = 300  # as the Codex CLI caches its model list
 API_KEY_LIMIT = 1024
 DEFAULT_MAX_CONCURRENT = 64
@@ -319,9 +320,10 @@ def build_arg_parser():
                                                            DEFAULT_STATE_DB_MB))
     p.add_argument("--upstream-transport", choices=("auto", "ws", "http"), default="auto",
                    help="how requests reach the ChatGPT backend: ws keeps one WebSocket per "
-                        "conversation and sends each turn's new items only; auto does so but "
-                        "uses HTTP for a while when the backend refuses the upgrade; http "
-                        "never opens a socket (default %(default)s)")
+                        "conversation and sends each turn's new items only; auto does so from a "
+                        "conversation's third turn (the first go over HTTP while its socket "
+                        "opens) and uses HTTP for a while when the backend refuses the "
+                        "upgrade; http never opens a socket (default %(default)s)")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -3160,10 +3162,11 @@ class UpstreamAnswer:
 
 
 class UpstreamClient:
-    """Everything that talks to the backend over HTTP: the connection pool, the credentials,
-    the dumps, the quota headers, and one retry policy: a 401 once after re-reading the login
-    (refreshing if need be), an "Unsupported parameter" once without it, and a dead pooled
-    connection once (in send_upstream)."""
+    """Everything that talks to the backend: the connection pool, the credentials, the dumps,
+    the quota headers, the choice of transport (the backend's WebSocket, see
+    WebSocketUpstream, or HTTP), and over HTTP one retry policy: a 401 once after re-reading
+    the login (refreshing if need be), an "Unsupported parameter" once without it, and a
+    dead pooled connection once (in send_upstream)."""
 
     def __init__(self, config, log, auth):
         self.config = config
@@ -3221,7 +3224,7 @@ class UpstreamClient:
 
     def turn_over(self, request):
         """The client has its whole answer: what waited for that may run now."""
-        then = getattr(request, "after_turn", None)
+        then = request.after_turn
         if then is not None:
             request.after_turn = None
             then()
@@ -3473,14 +3476,13 @@ class ExchangeDump:
 
 WS_BETA_HEADER = ("OpenAI-Beta", "responses_websockets=2026-02-06")  # the Codex CLI's
 WS_FALLBACK_SECONDS = 600.0  # after a refused upgrade (auto), HTTP for this long
-WS_IDLE_SECONDS = 300.0      # an idle socket is closed after this long
+WS_UPSTREAM_IDLE_SECONDS = 300.0      # an idle socket is closed after this long
 WS_MAX_AGE = 55 * 60.0       # the backend ends a socket at 60 minutes: retired before
 WS_MAX_IDLE = 32             # idle sockets kept at most; the least recently used go first
 WS_RECOVERIES = 3            # fresh sockets one request may take after a recoverable error
 # Fields a turn may change and still continue the last response; every other field must be
 # the same, as the Codex CLI requires before it sends previous_response_id.
 WS_TURN_FIELDS = ("input", "previous_response_id", "client_metadata", "stream", "generate")
-WS_TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed", "error")
 # An error frame with one of these codes costs nothing but a fresh socket and the full input.
 WS_RECOVERABLE_CODES = ("previous_response_not_found", "websocket_connection_limit_reached")
 
@@ -3716,7 +3718,7 @@ class WebSocketPool:
         now = time.monotonic()
         with self._lock:
             stale = [k for k, ws in self._idle.items()
-                     if ws.idle_for(now) > WS_IDLE_SECONDS or now - ws.opened > WS_MAX_AGE]
+                     if ws.idle_for(now) > WS_UPSTREAM_IDLE_SECONDS or now - ws.opened > WS_MAX_AGE]
             gone = [self._idle.pop(k) for k in stale]
             for ws in gone:
                 self._forget(ws)
@@ -3771,7 +3773,7 @@ class TransportChoice:
         self.why = {"auto": "a conversation's turns go over its WebSocket from its third; "
                             "HTTP while the backend refuses the upgrade",
                     "ws": "--upstream-transport ws",
-                    "http": "--upstream-transport http"}.get(mode, "API-key mode")
+                    "http": "--upstream-transport http"}[mode]
 
     def websocket_now(self):
         return self.mode == "ws" or (self.mode == "auto" and time.monotonic() >= self.http_until)
@@ -3858,7 +3860,7 @@ class WebSocketBody:
         if etype == "response.output_item.done" and isinstance(event.get("item"), dict):
             index = event.get("output_index")
             self.items[index if isinstance(index, int) else len(self.items)] = event["item"]
-        elif etype in WS_TERMINAL_EVENTS:
+        elif etype in TERMINAL_EVENTS or etype == "error":
             self.complete = True
             self.terminal = etype
             if isinstance(event.get("response"), dict):
@@ -3991,8 +3993,8 @@ class WebSocketUpstream:
         """auto: what opens the socket of request's conversation in the background once the
         client has its HTTP turn's answer (see turn_over), so no turn waits for a handshake (a
         round trip more than HTTP on a kept-alive connection) nor shares the proxy's time with
-        one; None when there is nothing to open. Only for a conversation that goes on (its input holds earlier
-        output): a one-off request gets no socket."""
+        one; None when there is nothing to open. Only for a conversation that goes on (its
+        input holds earlier output): a one-off request gets no socket."""
         if not continues_conversation(request):
             return None
         key = request.session_id
@@ -4197,12 +4199,9 @@ class WebSocketUpstream:
 # One pass over a block of whole frames finds the frames the relay must read (output items,
 # the terminal events, errors) and any frame that does not open with an `event:` line (which
 # the full parser then reads). Every other frame passes through as bytes, never decoded.
-_FRAME_SCAN_RE = re.compile(
-    rb"\n\n(?:event: ?(response\.output_item\.done|response\.completed|response\.incomplete|"
-    rb"response\.failed|response\.created|error)\n|(?!event:|\Z))")
-_FIRST_FRAME_RE = re.compile(
-    rb"event: ?(response\.output_item\.done|response\.completed|response\.incomplete|"
-    rb"response\.failed|response\.created|error)\n|(?!event:)")
+_INSPECTED_NAMES = b"|".join(re.escape(name.encode()) for name in sorted(INSPECTED_EVENTS))
+_FRAME_SCAN_RE = re.compile(rb"\n\n(?:event: ?(%s)\n|(?!event:|\Z))" % _INSPECTED_NAMES)
+_FIRST_FRAME_RE = re.compile(rb"event: ?(%s)\n|(?!event:)" % _INSPECTED_NAMES)
 
 
 class ResponsesTransform:
@@ -4507,7 +4506,7 @@ def relay_as_is(upstream, answer, client):
 # middleboxes and clients (the Python SDKs) drop sockets that stay silent for long.
 WS_PING_INTERVAL = 25.0
 # A socket with no request for this long is closed (the backend's own live 60 minutes).
-WS_IDLE_TIMEOUT = 3600.0
+WS_CLIENT_IDLE_SECONDS = 3600.0
 WS_CLOSE_WAIT = 2.0            # after our close frame, how long the client has to answer it
 WS_KEPT_RESPONSES = 4          # responses kept per socket for previous_response_id ...
 WS_KEPT_BYTES = 16 * 1024 * 1024  # ... within this many compressed bytes (the last always)
@@ -4722,7 +4721,7 @@ class WebSocketSession:
     # -- the reader thread --------------------------------------------------------------------
 
     def _read(self):
-        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_IDLE_TIMEOUT / 2.0)
+        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_CLIENT_IDLE_SECONDS / 2.0)
         try:
             data = self._pending_bytes()
             while not self._ended:
@@ -4770,8 +4769,8 @@ class WebSocketSession:
             idle = not self._queue and not self._busy
         if idle and self.app.stopping:
             self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
-        elif idle and now - self._last_request >= WS_IDLE_TIMEOUT:
-            self.close(CLOSE_NORMAL, "idle for %d s" % WS_IDLE_TIMEOUT)
+        elif idle and now - self._last_request >= WS_CLIENT_IDLE_SECONDS:
+            self.close(CLOSE_NORMAL, "idle for %d s" % WS_CLIENT_IDLE_SECONDS)
         elif now - self._last_sent >= WS_PING_INTERVAL:
             try:
                 self.send(encode_frame(OP_PING))
@@ -5412,8 +5411,19 @@ COMPACT_TIMEOUT = 600.0  # one JSON answer for a whole history: no events to sho
 class PreparedRequest:
     """A Responses request as it goes upstream, and what keeping its answer takes."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    def __init__(self, body, session_id, previous, store, encode, headers, version, own_input):
+        self.body = body              # the rewritten request, history in front
+        self.session_id = session_id
+        self.previous = previous      # the previous_response_id it named, or None
+        self.store = store            # False: the client said store: false
+        self.encode = encode          # body -> bytes, reusing the client's own where unchanged
+        self.headers = headers        # the extra upstream headers its client's headers give
+        self.version = version        # the Codex version to present
+        self._own_input = own_input   # -> its own input as JSON text, when it is kept
+        self.after_turn = None        # what waits for the client to have its answer
+
+    def own_input(self):
+        return self._own_input()
 
 
 class Traffic:
@@ -5781,19 +5791,18 @@ class App:
             or client_headers.get("session-id"),
             self.upstream.dropped_params(body.get("model")), earlier)
         span = unchanged_span("input", upstream_body["input"], original, spans)
-        if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
-            own_input = source[span[0]:span[1]]
-            if isinstance(own_input, bytes):
-                own_input = own_input.decode("ascii")
-        else:
-            own_input = json.dumps(upstream_body["input"][len(earlier or ()):],
-                                   separators=(",", ":"))
+
+        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
+            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
+                text = source[span[0]:span[1]]
+                return text.decode("ascii") if isinstance(text, bytes) else text
+            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+
         return PreparedRequest(
-            body=upstream_body, session_id=session_id, previous=previous, own_input=own_input,
-            encode=lambda b: encode_json_object(b, original, source, spans),
-            headers=upstream_request_headers(client_headers, upstream_body),
-            version=self.client_version.observe(client_headers),
-            store=body.get("store") is not False)
+            upstream_body, session_id, previous, body.get("store") is not False,
+            lambda b: encode_json_object(b, original, source, spans),
+            upstream_request_headers(client_headers, upstream_body),
+            self.client_version.observe(client_headers), own_input)
 
     def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""
@@ -5821,7 +5830,7 @@ class App:
             return
         try:
             self.conversations.save(assemble_response(assembler.response, assembler.output()),
-                                    request.previous, request.own_input)
+                                    request.previous, request.own_input())
         except Exception as e:
             self.log.info("warning: could not keep response %s for "
                           "previous_response_id: %s" % (response_id, e))
@@ -6025,15 +6034,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             origin = self.lower_headers.get("origin")
             if origin in app.config.allow_origins:
                 self.cors_origin = origin  # refusals too are readable by a page allowed in
-            if check_access(method, path, self.lower_headers, app.config, self.server.server_address):
+            if check_access(method, path, self.lower_headers, app.config,
+                            self.server.server_address):
                 return self.send_preflight()
             name, args = find_route(method, path, self.lower_headers, app.config)
             if name == "websocket":  # the socket is the session's from here on
                 return app.websocket(self)
             route = functools.partial(getattr(app, name), self, *args)
             with (app.traffic.slot() if path != "/healthz" else contextlib.nullcontext()):
-                self.body = read_request_body(self.rfile, self.lower_headers, app.config.max_body_bytes,
-                                              self.send_continue)
+                self.body = read_request_body(self.rfile, self.lower_headers,
+                                              app.config.max_body_bytes, self.send_continue)
                 self.reader.request_read()
                 route()
         except ProxyError as e:

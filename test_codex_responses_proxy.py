@@ -2169,7 +2169,7 @@ class WebSocketFrameTests(WebSocketCase):
         self.assertIn((0xA, b"during"), seen)
         self.assertIn((0x9, b""), seen, "no ping while the upstream was silent")
         self.assertLess(seen.index((0xA, b"during")), seen.index("response.completed"))
-        with mock.patch.object(proxy, "WS_IDLE_TIMEOUT", 0.3), \
+        with mock.patch.object(proxy, "WS_CLIENT_IDLE_SECONDS", 0.3), \
                 mock.patch.object(proxy, "WS_PING_INTERVAL", 0.1):
             idle = self.open_ws()
             self.assertEqual(idle.expect_close(), 1000)
@@ -6222,7 +6222,7 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertEqual(len(pool), 1)
         self.turn([], "a new conversation on the same socket")  # still usable
         self.assertEqual(self.backend.ws.sockets, 1)
-        with mock.patch.object(proxy, "WS_IDLE_SECONDS", 0):
+        with mock.patch.object(proxy, "WS_UPSTREAM_IDLE_SECONDS", 0):
             pool.sweep()
         deadline = time.monotonic() + 5
         while self.backend.ws.open and time.monotonic() < deadline:
