@@ -3803,6 +3803,12 @@ class WebSocketConnection:
         self.ws.close()
 
 
+# A frame's type, read without decoding it: deltas pass through as bytes, as over HTTP.
+_EVENT_TYPE_RE = re.compile(rb'\{\s*"type"\s*:\s*"([A-Za-z0-9_.]{1,100})"')
+_DECODED_FRAME_TYPES = frozenset(name.encode() for name in INSPECTED_EVENTS) | {
+    b"codex.rate_limits"}
+
+
 class WebSocketBody:
     """The events of one turn over a socket, as the SSE bytes the HTTP backend would send
     (`event: <type>` + `data: <the frame as received>` per text frame), so the relay's
@@ -4132,6 +4138,10 @@ class WebSocketUpstream:
     def event_frame(self, payload, body, event=None):
         """A received text frame as an SSE frame; None for frames the client never sees."""
         if event is None:
+            m = _EVENT_TYPE_RE.match(payload)
+            if m and m.group(1) not in _DECODED_FRAME_TYPES and b"\n" not in payload \
+                    and b"\r" not in payload:
+                return b"event: " + m.group(1) + b"\ndata: " + payload + b"\n\n"  # a delta
             event = self.decode(payload)
         if event is None:
             return None  # unparseable: skipped, as the Codex CLI does
