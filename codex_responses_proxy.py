@@ -2232,6 +2232,23 @@ def parse_close_payload(payload):
         raise WebSocketError(CLOSE_INVALID_DATA, "the close reason is not UTF-8")
 
 
+def frame_header(buf, pos=0):
+    """(first byte, masked, payload length, header length with the mask key) of the frame at
+    buf[pos:]; None while its header is not whole."""
+    have = len(buf) - pos
+    if have < 2:
+        return None
+    first, second = buf[pos], buf[pos + 1]
+    length, size = second & 0x7F, 2
+    if length >= 126:
+        size = 4 if length == 126 else 10
+        if have < size:
+            return None
+        length = int.from_bytes(buf[pos + 2:pos + size], "big")
+    masked = bool(second & 0x80)
+    return first, masked, length, size + (4 if masked else 0)
+
+
 class MessageReader:
     """A client's bytes -> its messages: feed() what arrives, get back (opcode, payload) for
     each whole text message (fragments joined) and each control frame (ping, pong, close) as
@@ -2259,14 +2276,15 @@ class MessageReader:
     def _next_frame(self):
         """(fin, opcode, payload) of the first whole frame in the buffer, else None."""
         buf = self._buf
-        if len(buf) < 2:
+        head = frame_header(buf)
+        if head is None:
             return None
-        first, second = buf[0], buf[1]
-        fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
+        first, masked, length, start = head
+        fin, opcode = first & 0x80, first & 0x0F
         if first & 0x70:
             raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was "
                                  "agreed)")
-        if not second & 0x80:
+        if not masked:
             raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
         if opcode == OP_BINARY:
             raise WebSocketError(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send "
@@ -2283,25 +2301,16 @@ class MessageReader:
             raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message "
                                  "to continue" if opcode == OP_CONTINUATION else
                                  "a new message before the last one's final fragment")
-        start = 2
-        if length == 126:
-            start = 4
-        elif length == 127:
-            start = 10
-        if len(buf) < start:
-            return None
-        if start > 2:
-            length = int.from_bytes(buf[2:start], "big")
-            if length >> 63:
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
+        if length >> 63:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
         if opcode < 0x8 and self._size + length > self.max_message_bytes:
             raise WebSocketError(CLOSE_TOO_BIG, "a message is limited to %d bytes (see the "
                                  "handshake's x-codex-websocket-max-message-bytes)"
                                  % self.max_message_bytes)
-        end = start + 4 + length
+        end = start + length
         if len(buf) < end:
             return None
-        payload = mask_payload(bytes(buf[start + 4:end]), bytes(buf[start:start + 4]))
+        payload = mask_payload(bytes(buf[start:end]), bytes(buf[start - 4:start]))
         del buf[:end]
         return fin, opcode, payload
 
@@ -2328,24 +2337,6 @@ WS_MAX_MESSAGE = 64 * 1024 * 1024  # the backend's events are small; this only b
 WS_MAX_HANDSHAKE = 65536
 
 
-def read_frame(read):
-    """(fin, opcode, payload) of the next frame; read(n) returns exactly n bytes or raises.
-    No extension is ever negotiated, so a set RSV bit is a protocol error (ValueError)."""
-    b0, b1 = read(2)
-    if b0 & 0x70:
-        raise ValueError("a WebSocket frame with RSV bits set")
-    opcode, n = b0 & 0x0F, b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(read(2), "big")
-    elif n == 127:
-        n = int.from_bytes(read(8), "big")
-    if n > WS_MAX_MESSAGE or (opcode >= 8 and n > 125):
-        raise ValueError("a WebSocket frame of %d bytes" % n)
-    key = read(4) if b1 & 0x80 else None
-    payload = read(n) if n else b""
-    return bool(b0 & 0x80), opcode, mask_payload(payload, key) if key else payload
-
-
 class WebSocketReader:
     """Frames from a socket, through one buffer: a read takes all that has arrived, so the
     frames it holds are handed on together."""
@@ -2355,42 +2346,47 @@ class WebSocketReader:
         self._buf = bytearray(data)
         self._pos = 0
 
-    def read(self, n):
-        while len(self._buf) - self._pos < n:
-            chunk = self.sock.recv(max(262144, n))
-            if not chunk:
-                raise EOFError("the WebSocket connection was closed")
-            if self._pos:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += chunk
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        return out
+    def _receive(self):
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise EOFError("the WebSocket connection was closed")
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += chunk
+
+    def frame(self):
+        """(fin, opcode, payload) of the next frame, read from the socket as needed. No
+        extension is ever agreed, so a set RSV bit is a protocol error (ValueError)."""
+        head = frame_header(self._buf, self._pos)
+        while head is None:
+            self._receive()
+            head = frame_header(self._buf, self._pos)
+        first, masked, n, size = head
+        if first & 0x70:
+            raise ValueError("a WebSocket frame with RSV bits set")
+        if n > WS_MAX_MESSAGE or (first & 0x08 and n > 125):
+            raise ValueError("a WebSocket frame of %d bytes" % n)
+        while len(self._buf) - self._pos < size + n:
+            self._receive()
+        start = self._pos + size
+        payload = bytes(self._buf[start:start + n])
+        if masked:
+            payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
+        self._pos = start + n
+        return bool(first & 0x80), first & 0x0F, payload
 
     def frame_ready(self):
         """A whole frame is buffered: reading it will not block."""
-        buf, pos = self._buf, self._pos
-        have = len(buf) - pos
-        if have < 2:
-            return False
-        n, head = buf[pos + 1] & 0x7F, 2
-        if n == 126:
-            if have < 4:
-                return False
-            n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-        elif n == 127:
-            if have < 10:
-                return False
-            n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-        return have >= head + (4 if buf[pos + 1] & 0x80 else 0) + n
+        head = frame_header(self._buf, self._pos)
+        return head is not None and len(self._buf) - self._pos >= head[3] + head[2]
 
     def message(self, pong):
         """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
         payload). Pings are answered through pong(payload) on the way."""
         parts, first = [], None
         while True:
-            fin, opcode, payload = read_frame(self.read)
+            fin, opcode, payload = self.frame()
             if opcode == OP_PING:
                 pong(payload)
                 continue
@@ -3633,7 +3629,7 @@ class UpstreamWebSocket:
         try:
             while self.reader.frame_ready() or readable_sockets([self.sock], 0):
                 self.sock.settimeout(1.0)
-                fin, opcode, payload = read_frame(self.reader.read)
+                fin, opcode, payload = self.reader.frame()
                 if opcode == OP_PING:
                     self.pong(payload)
                 elif opcode == OP_CLOSE:

@@ -5918,7 +5918,7 @@ class WebSocketClientFramingTests(unittest.TestCase):
             self.assertEqual(fake_ws_recv(io.BytesIO(frame)), (1, payload))
             reader = proxy.WebSocketReader(None, proxy.encode_frame(2, payload))
             self.assertTrue(reader.frame_ready())
-            self.assertEqual(proxy.read_frame(reader.read), (True, 2, payload))
+            self.assertEqual(reader.frame(), (True, 2, payload))
 
     def test_fragments_joined_and_pings_answered_on_the_way(self):
         server = (bytes([0x01, 3]) + b'{"a' + bytes([0x89, 2]) + b"hi"
