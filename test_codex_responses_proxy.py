@@ -429,15 +429,18 @@ class FakeBackend:
             self.requests.append({"method": req.method, "path": req.target,
                                   "headers": req.headers, "body": body, "raw": req.raw})
             reply = self.replies.popleft() if self.replies else Reply()
-        if req.path.endswith("/responses/compact"):
-            return self.compaction(req, reply, body)
-        problem = self.check(req.headers, body)
+        compact = req.path.endswith("/responses/compact")  # one JSON object, not a stream
+        problem = (self.check_compact if compact else self.check)(req.headers, body)
         if problem:
             status, detail = problem
             return req.answer(status, json.dumps({"detail": detail}).encode(),
                               self.answer_headers)
         if reply.status != 200 or reply.body is not None:
             return req.answer(reply.status, reply.body or b"",
+                              self.answer_headers + reply.headers)
+        if compact:
+            time.sleep(reply.delay)
+            return req.answer(200, json.dumps(compaction_answer(body["input"])).encode(),
                               self.answer_headers + reply.headers)
         return self.codex_stream(req, reply)
 
@@ -503,22 +506,6 @@ class FakeBackend:
         if not body.get("model") or not body.get("instructions"):
             return 400, "Model and instructions are required"
         return None
-
-    def compaction(self, req, reply, body):
-        """POST .../codex/responses/compact: one JSON object, {"output": [...]}."""
-        problem = self.check_compact(req.headers, body)
-        if problem:
-            status, detail = problem
-            return req.answer(status, json.dumps({"detail": detail}).encode(),
-                              self.answer_headers)
-        if reply.status != 200 or reply.body is not None:
-            return req.answer(reply.status, reply.body or b"",
-                              self.answer_headers + reply.headers)
-        time.sleep(reply.delay)
-        return req.answer(200, json.dumps(compaction_answer(body["input"])).encode(),
-                          self.answer_headers + reply.headers)
-
-    # -- api.openai.com (platform_key=...) -------------------------------------------------
 
     def platform_answer(self, req):
         with self.lock:

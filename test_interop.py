@@ -665,12 +665,11 @@ enabled = false
 """
 
 
-@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
-class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
-    """`codex exec` with supports_websockets = true: prewarm, a tool call and its result, all
-    on one socket, the later requests chained by previous_response_id with only new items."""
+class CodexCLICase(harness.ProxyTestCase):
+    """The Codex CLI as a custom provider pointed at the proxy, for one `codex exec` whose
+    model calls a tool (echo tool-ran) and then answers "done"."""
 
-    def test_exec_with_a_tool_call_stays_on_one_socket(self):
+    def codex_exec(self, websockets):
         self.backend.replies.append(Reply(frames=stream_frames(items=[{
             "type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
             "arguments": json.dumps({"cmd": "echo tool-ran"}), "status": "completed"}])))
@@ -679,8 +678,28 @@ class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
         work = tempfile.mkdtemp(prefix="codex-cli-work-")
         self.addCleanup(shutil.rmtree, home, True)
         self.addCleanup(shutil.rmtree, work, True)
+        config = CODEX_CONFIG if websockets else CODEX_CONFIG.replace(
+            "supports_websockets = true\n", "")
         with open(os.path.join(home, "config.toml"), "w") as f:
-            f.write(CODEX_CONFIG % self.port)
+            f.write(config % self.port)
+        run = subprocess.run(
+            [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json", "say hi"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=work, timeout=120, env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
+        out, err = run.stdout.decode(), run.stderr.decode()
+        self.assertEqual(run.returncode, 0, err)
+        messages = [json.loads(line)["item"].get("text") for line in out.splitlines()
+                    if '"agent_message"' in line]
+        self.assertEqual(messages, ["done"])
+        return out, err, json.loads(self.request("GET", "/status")[2])
+
+
+@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
+class CodexCLIWebSocketInteropTests(CodexCLICase):
+    """`codex exec` with supports_websockets = true: prewarm, a tool call and its result, all
+    on one socket, the later requests chained by previous_response_id with only new items."""
+
+    def test_exec_with_a_tool_call_stays_on_one_socket(self):
         frames = []
         answer = harness.proxy.WebSocketSession.answer
 
@@ -689,18 +708,8 @@ class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
             return answer(session, raw)
 
         with mock.patch.object(harness.proxy.WebSocketSession, "answer", recording):
-            run = subprocess.run(
-                [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json", "say hi"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=work, timeout=120,
-                env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
-        out, err = run.stdout.decode(), run.stderr.decode()
-        self.assertEqual(run.returncode, 0, err)
+            out, err, status = self.codex_exec(websockets=True)
         self.assertNotIn("websocket", (out + err).lower().replace("supports_websockets", ""))
-        messages = [json.loads(line)["item"].get("text") for line in out.splitlines()
-                    if '"agent_message"' in line]
-        self.assertEqual(messages, ["done"])
-        status = json.loads(self.request("GET", "/status")[2])
         self.assertEqual(status["websocket"]["connections_total"], 1)
         self.assertEqual(status["websocket"]["responses"], 3)
         self.assertEqual(status["requests"]["by_status"].get("200"), None, "an HTTP fallback")
@@ -719,33 +728,13 @@ class CodexCLIWebSocketInteropTests(harness.ProxyTestCase):
                          ["function_call", "function_call_output"])
 
 
-
 @unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
-class CodexCLIHTTPInteropTests(harness.ProxyTestCase):
+class CodexCLIHTTPInteropTests(CodexCLICase):
     """`codex exec` with a custom provider that does not say supports_websockets: each turn is
     one POST /v1/responses, the tool call's result sent back with the whole history."""
 
     def test_exec_with_a_tool_call_over_http(self):
-        self.backend.replies.append(Reply(frames=stream_frames(items=[{
-            "type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
-            "arguments": json.dumps({"cmd": "echo tool-ran"}), "status": "completed"}])))
-        self.backend.replies.append(Reply(frames=stream_frames(items=[message_item("done")])))
-        home = tempfile.mkdtemp(prefix="codex-cli-home-")
-        work = tempfile.mkdtemp(prefix="codex-cli-work-")
-        self.addCleanup(shutil.rmtree, home, True)
-        self.addCleanup(shutil.rmtree, work, True)
-        with open(os.path.join(home, "config.toml"), "w") as f:
-            f.write(CODEX_CONFIG.replace("supports_websockets = true\n", "") % self.port)
-        run = subprocess.run(
-            [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json", "say hi"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=work, timeout=120, env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
-        out, err = run.stdout.decode(), run.stderr.decode()
-        self.assertEqual(run.returncode, 0, err)
-        messages = [json.loads(line)["item"].get("text") for line in out.splitlines()
-                    if '"agent_message"' in line]
-        self.assertEqual(messages, ["done"])
-        status = json.loads(self.request("GET", "/status")[2])
+        _, _, status = self.codex_exec(websockets=False)
         self.assertEqual(status["websocket"]["connections_total"], 0)
         self.assertEqual(status["requests"]["by_status"].get("200"), 2)
         first, second = (r["body"] for r in self.backend.requests)
