@@ -46,14 +46,28 @@ def restart_from_bytecode():
         return
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or
                          os.path.join(os.path.expanduser("~"), ".cache"), "codex-responses-proxy")
-    os.environ[_RESTARTED_ENV] = "1"  # the restarted process must not restart again
     try:
         # -S: no site-packages, which a standard-library program never needs (and which can
         # cost tens of milliseconds at start)
-        os.execv(sys.executable, [sys.executable, "-S", "-c", _FROM_BYTECODE % (path, cache)]
-                 + sys.argv[1:])
+        os.execve(sys.executable, [sys.executable, "-S", "-c", _FROM_BYTECODE % (path, cache)]
+                  + sys.argv[1:], restarted_environment(os.environ))
     except OSError:
-        del os.environ[_RESTARTED_ENV]
+        pass
+
+
+def restarted_environment(environ):
+    """The restarted process's environment: marked, so that it does not restart again, and
+    with glibc's malloc held to two arenas (unless the user chose a number). By default glibc
+    gives each thread that allocates while another does an arena of its own, up to eight per
+    core, and each keeps the memory freed in it; with a thread per connection, the proxy's
+    memory then creeps up for minutes under load (38 -> 44 MB in ten, against a flat 32 MB
+    with two arenas). Threads share the two arenas' locks instead, which costs little here:
+    they allocate almost only while holding Python's GIL anyway. Other allocators ignore
+    the variable."""
+    env = dict(environ)
+    env[_RESTARTED_ENV] = "1"
+    env.setdefault("MALLOC_ARENA_MAX", "2")
+    return env
 
 
 if __name__ == "__main__":
