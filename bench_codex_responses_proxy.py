@@ -75,7 +75,7 @@ Targets:
   3  >= 50 % of direct events/s         4  <= +20 ms
   5  wall <= 1.5 x direct, 0 failures   6  ready <= 150 ms, idle RSS <= 24 MB,
   7  <= (a) + 0.5 round trip               peak RSS <= 45 MB
-  9  as shipped: growth <= +1.5 MB, RSS <= 85 % of default malloc arenas'
+  9  as shipped: growth <= +1.5 MB, RSS <= 85 % of default malloc arenas
 
 Output: a table on stdout (scenario, direct, proxy, difference, target,
 PASS/MISS); --json FILE writes every number.  Temporary files (auth.json,
