@@ -57,12 +57,25 @@ Scenarios (pick with --only):
      --latency-ms per round trip).  Targets: total upload <= 15 % of HTTP's;
      far: no turn slower than over HTTP (by more than a quarter round trip);
      near turns (~1.5 ms, spiky on a busy machine) are reported only.
+  9  memory over time (only with --only 9: it takes 2 x --soak-seconds, default
+     60): the proxy with --state-max-mb 1 under a mixed load (4 clients: streamed
+     and JSON answers of 3 to 2,000 events, inputs up to 20 KB, a new connection
+     for a quarter of requests, previous_response_id chains that fill and evict
+     the store, hang-ups mid-way through a 4 MB stream; every 5 s a burst of 24
+     more clients for half a second), VmRSS sampled each second, run twice:
+     with glibc's default malloc arenas (MALLOC_ARENA_MAX=8 x cores) and as the
+     proxy starts itself.  Targets: as shipped, RSS levels off (median of the
+     last third of the samples <= that of the first third + 1.5 MB) and stays
+     below 85 % of what it is with default arenas (medians of the last third).
+     The growth with default arenas, slow and irregular (1 to 3 MB in one to
+     three minutes), is only reported.
 
 Targets:
   1  p50 <= +1 ms, p99 <= +3 ms        2  first event <= +2 ms
   3  >= 50 % of direct events/s         4  <= +20 ms
   5  wall <= 1.5 x direct, 0 failures   6  ready <= 150 ms, idle RSS <= 24 MB,
   7  <= (a) + 0.5 round trip               peak RSS <= 45 MB
+  9  as shipped: growth <= +1.5 MB, RSS <= 85 % of default malloc arenas
 
 Output: a table on stdout (scenario, direct, proxy, difference, target,
 PASS/MISS); --json FILE writes every number.  Temporary files (auth.json,
@@ -1106,7 +1119,11 @@ _LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
 def start_proxy(proxy, home, upstream_url, logpath, env_extra=None, timeout=15.0, args=()):
     """-> (Popen, port, seconds from spawn to first 'ok' from GET /healthz)."""
     env = dict(os.environ)
-    env.update(env_extra or {})
+    for k, v in (env_extra or {}).items():  # None: not set at all
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = [sys.executable, proxy, "--port", "0", "--codex-home", home,
            "--upstream-url", upstream_url] + list(args)
@@ -1219,6 +1236,160 @@ def big_history(target_bytes=2 * 1024 * 1024):
         size += len(_dumps(it)) + 1
         i += 1
     return items
+
+
+# ---------------------------------------------------------------------------
+# Memory over time (scenario 9): a bounded soak under a mixed load
+# ---------------------------------------------------------------------------
+
+SOAK_MODELS = ("bench-small", "bench-200", "bench-2000")
+
+
+def proc_status(pid, fields=("VmRSS", "Threads")):
+    """-> {field: number} from /proc/PID/status (kB fields in MB)."""
+    out = {}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for ln in f:
+                k = ln.split(":")[0]
+                if k in fields:
+                    v = int(ln.split()[1])
+                    out[k] = v / 1024.0 if ln.rstrip().endswith("kB") else v
+    except OSError:
+        pass
+    return out
+
+
+def malloc_arenas(pid):
+    """-> (number of glibc malloc arenas besides the main one, MB resident in them): each
+    is an anonymous mapping at an address aligned to its 64 MB reservation (a guess from
+    /proc/PID/smaps; None on other systems)."""
+    n, kb, inside = 0, 0, False
+    try:
+        with open("/proc/%d/smaps" % pid) as f:
+            for ln in f:
+                m = re.match(r"([0-9a-f]+)-[0-9a-f]+ (\S+) \S+ \S+ (\d+)", ln)
+                if m:
+                    inside = (m.group(2) == "rw-p" and m.group(3) == "0"
+                              and int(m.group(1), 16) % (64 << 20) == 0
+                              and ln.rstrip().count(" ") == 4)
+                    n += inside
+                elif inside and ln.startswith("Rss:"):
+                    kb += int(ln.split()[1])
+    except OSError:
+        return None, None
+    return n, kb / 1024.0
+
+
+def _soak_hangup(port, rnd):
+    """A client that asks for a 4 MB stream, reads a little of it, and hangs up."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        s.sendall(request_bytes("POST", "/v1/responses", "127.0.0.1", port,
+                                req_body("bench-big-20000"))[0])
+        got, want = 0, rnd.choice((1, 16384, 262144))
+        while got < want:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += len(d)
+    finally:
+        s.close()
+
+
+def _soak_worker(port, seed, stop_at, counts, lock):
+    """One client of the mixed load, until stop_at: streamed and JSON answers of several
+    sizes, on a kept-alive connection or a new one, conversations chained with
+    previous_response_id (stored: the store fills and evicts), and hang-ups."""
+    rnd = random.Random(seed)
+    c = Client("127.0.0.1", port, timeout=60)
+    previous, turns = None, 0
+    while perf() < stop_at:
+        kind = rnd.random()
+        model = rnd.choice(SOAK_MODELS)
+        try:
+            if kind < 0.08:
+                _soak_hangup(port, rnd)
+                what = "hangup"
+            else:
+                stream = kind < 0.7
+                items = [{"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "turn %d %s" % (turns, "x" * rnd.randrange(
+                        10, 20000))}]}]
+                body = json.loads(req_body(model, stream=stream, input_items=items))
+                body["store"] = True
+                if previous and rnd.random() < 0.8:
+                    body["previous_response_id"] = previous
+                r = c.request("POST", "/v1/responses", _dumps(body).encode(),
+                              accept="text/event-stream" if stream else "application/json",
+                              fresh=rnd.random() < 0.25, keep=True)
+                if r.status != 200:
+                    raise HTTPFail("HTTP %d: %r" % (r.status, r.data[:200]))
+                done = r.completed if stream else json.loads(r.data)
+                previous = (done or {}).get("id")
+                turns += 1
+                if turns % 30 == 0:
+                    previous = None  # a new conversation
+                what = "stream" if stream else "json"
+        except Exception as e:  # noqa
+            what = "error"
+            c.close()
+            previous = None
+            with lock:
+                counts.setdefault("error_samples", []).append(repr(e)[:200])
+        with lock:
+            counts[what] = counts.get(what, 0) + 1
+    c.close()
+
+
+def soak(proxy, upstream_url, home, logpath, seconds, env_extra=None, workers=4,
+         burst_every=5.0, burst=24, seed=1):
+    """Start the real proxy (--state-max-mb 1), drive the mixed load for `seconds` with a
+    burst of `burst` concurrent streams every `burst_every` s, and sample VmRSS each second.
+    -> {"rss": [MB each second], "threads": [...], "counts": {...}}"""
+    px, port, _ = start_proxy(proxy, home, upstream_url, logpath, env_extra,
+                              args=["--state-max-mb", "1"])
+    counts, lock = {}, threading.Lock()
+    try:
+        t0 = perf()
+        stop_at = t0 + seconds
+        pool = [threading.Thread(target=_soak_worker, args=(port, seed * 100 + i, stop_at,
+                                                           counts, lock), daemon=True)
+                for i in range(workers)]
+        for t in pool:
+            t.start()
+        rss, threads, next_burst = [], [], t0 + 1.0
+        for k in range(1, int(seconds) + 1):
+            while perf() < t0 + k:
+                if burst and perf() >= next_burst:
+                    next_burst += burst_every
+                    bw = [threading.Thread(target=_soak_worker, args=(
+                        port, seed * 10000 + k * 100 + i, perf() + 0.5, counts, lock),
+                        daemon=True) for i in range(burst)]
+                    for t in bw:
+                        t.start()
+                    pool += bw
+                time.sleep(max(0.0, min(0.05, t0 + k - perf())))
+            st = proc_status(px.pid)
+            rss.append(st.get("VmRSS", float("nan")))
+            threads.append(st.get("Threads", 0))
+        for t in pool:
+            t.join(60)
+        if px.poll() is not None:
+            raise RuntimeError("proxy exited with %r:\n%s" % (px.poll(), tail(logpath)))
+        arenas, arena_mb = malloc_arenas(px.pid)
+        return {"rss": rss, "threads": threads, "counts": counts, "arenas": arenas,
+                "arena_mb": arena_mb}
+    finally:
+        stop(px)
+
+
+def soak_summary(rss):
+    """Whether RSS levels off: the median of the last third of the samples against the
+    median of the first third (medians: a burst lifts single samples by several MB)."""
+    k = max(1, len(rss) // 3)
+    first, last = med(rss[:k]), med(rss[-k:])
+    return {"first_third_mb": first, "last_third_mb": last, "growth_mb": last - first}
 
 
 # ---------------------------------------------------------------------------
@@ -1781,11 +1952,61 @@ class Bench(object):
                         link, transport, len(out[link][transport]["failures"]),
                         out[link][transport]["failures"][0][:200]))
 
+    def s9(self):
+        """Memory over time: the same soak twice, with glibc's default malloc arenas (eight
+        per core, as the proxy ran before it set MALLOC_ARENA_MAX) and as the proxy starts
+        itself (the user's environment without MALLOC_ARENA_MAX)."""
+        secs = self.a.soak_seconds
+        home = os.path.join(self.tmp, "codex-home")
+        configs = (("default", {"MALLOC_ARENA_MAX": str(8 * (os.cpu_count() or 1))}),
+                   ("shipped", {"MALLOC_ARENA_MAX": None}))
+        # once first, so that neither run pays for compiling the proxy (its restart from
+        # cached bytecode would keep the compiler's memory)
+        stop(start_proxy(self.a.proxy, home, self.up_url,
+                         os.path.join(self.tmp, "proxy-9-warm.log"))[0])
+        out = {}
+        for name, env in configs:
+            run = soak(self.a.proxy, self.up_url, home,
+                       os.path.join(self.tmp, "proxy-9-%s.log" % name), secs, env)
+            run.update(soak_summary(run["rss"]))
+            out[name] = run
+        self.res["9_memory_over_time"] = dict(out, seconds=secs)
+        d, p = out["default"], out["shipped"]
+        self.row("9", "%d s soak, --state-max-mb 1" % secs, "8 x cores", "as shipped",
+                 "", "", None)
+        step = max(1, secs // 6)
+        for t in range(step, secs + 1, step):
+            self.row("9", "  RSS at %d s (MB)" % t, "%.1f" % med(d["rss"][max(0, t - 3):t]),
+                     "%.1f" % med(p["rss"][max(0, t - 3):t]),
+                     "%.0f%%" % (100.0 * med(p["rss"][max(0, t - 3):t])
+                                 / med(d["rss"][max(0, t - 3):t])), "", None)
+        ratio = p["last_third_mb"] / d["last_third_mb"]
+        self.row("9", "  RSS, median of the last third (MB)", "%.1f" % d["last_third_mb"],
+                 "%.1f" % p["last_third_mb"], "%.0f%%" % (100 * ratio), "<= 85%",
+                 ratio <= 0.85)
+        self.row("9", "  growth, last third vs first (MB)", "%+.1f" % d["growth_mb"],
+                 "%+.1f" % p["growth_mb"], "", "<= +1.5 MB", p["growth_mb"] <= 1.5)
+        self.row("9", "  peak RSS (MB)", "%.1f" % max(d["rss"]), "%.1f" % max(p["rss"]), "",
+                 "", None)
+        if d["arenas"] is not None:
+            self.row("9", "  malloc arenas at the end | MB in them",
+                     "%d | %.1f" % (d["arenas"] + 1, d["arena_mb"]),
+                     "%d | %.1f" % (p["arenas"] + 1, p["arena_mb"]), "(main arena incl.)",
+                     "", None)
+        for name in ("default", "shipped"):
+            c = out[name]["counts"]
+            if c.get("error"):
+                self.notes.append("9 %s: %d failed requests, e.g. %s" % (
+                    name, c["error"], "; ".join(c.get("error_samples", [])[:2])))
+            self.notes.append("9 %s: requests %s; VmRSS each second: %s" % (
+                name, {k: v for k, v in sorted(c.items()) if k != "error_samples"},
+                " ".join("%.0f" % x for x in out[name]["rss"])))
+
     # -- driver -------------------------------------------------------------
     # Scenarios on the shared fake upstream and proxy, in this order (6 brackets them).
     SHARED = (1, 2, 3, 4, 5)
     # Scenarios that start their own upstream and proxy, once the shared ones are stopped.
-    OWN_SETUP = (7, 8)
+    OWN_SETUP = (7, 8, 9)
 
     def scenario(self, n):
         """Run self.s<n>(): a crash is a MISS row and a note, not the end of the run."""
@@ -1879,6 +2100,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
     ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,3")
+    ap.add_argument("--soak-seconds", type=int, default=60,
+                    help="scenario 9: seconds of load for each of its two proxies")
     ap.add_argument("--latency-ms", type=float, default=50.0,
                     help="artificial one-way-trip delay per round trip for scenario 7")
     ap.add_argument("--rtt", action="store_true", help="accepted for compatibility; 7 runs by default")
