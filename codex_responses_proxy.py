@@ -4,10 +4,12 @@
     client -> http://127.0.0.1:8787/v1/responses -> https://chatgpt.com/backend-api/codex/responses
 
 It borrows the Codex CLI's login ($CODEX_HOME/auth.json, default ~/.codex/auth.json), refreshes the
-access token when it expires and writes it back atomically, rewrites each request into what the
-backend accepts (stream on, store off, instructions present, rejected parameters removed), and
-answers in the Responses API's own shape: one JSON object for a non-streaming client, the live
-event stream for a streaming one.
+access token beside a running Codex CLI (its locks, its order) and writes it back atomically,
+rewrites each request into what the backend accepts (stream on, store off, instructions present,
+rejected parameters removed), reaches the backend over its WebSocket or HTTP, and answers in the
+Responses API's own shape: one JSON object, the live event stream, or WebSocket messages. It also
+serves Chat Completions, /v1/models, stored responses (previous_response_id, retrieval,
+item_reference), compaction, /status, and an API-key mode that forwards to the platform.
 
 Run it:    python3 codex_responses_proxy.py     (then point a client at http://127.0.0.1:8787/v1)
 Help:      python3 codex_responses_proxy.py --help
