@@ -524,6 +524,21 @@ class Log:
         if self.debug_enabled:
             self.info("debug: " + msg)
 
+    def debug_body(self, what, body):
+        """With --debug, a body sent upstream: its first 16 KB, secrets redacted as always."""
+        if self.debug_enabled:
+            self.debug("%s (%d bytes): %s%s" % (what, len(body),
+                                               body[:16384].decode("utf-8", "replace"),
+                                               "... [truncated]" if len(body) > 16384 else ""))
+
+    def internal_error(self, where, e):
+        """A bug, logged where it happened; its traceback too with --debug."""
+        self.info("internal error on %s: %s: %s" % (where, e.__class__.__name__, e))
+        if self.debug_enabled:
+            import traceback  # only ever needed here
+            for line in traceback.format_exc().splitlines():
+                self.info(line)
+
     def warn_once(self, key, msg):
         with self._lock:
             if key in self._warned:
@@ -1230,7 +1245,7 @@ def parse_json_object(raw):
     stands in source, so encode_json_object() can send an unchanged value (a long `input`) on
     as the client's own bytes instead of encoding it again, which costs ~10 ms per 2 MB."""
     try:
-        if raw[:3] == b"\xef\xbb\xbf":
+        if raw[:3] == _UTF8_BOM:
             raw = raw[3:]  # offsets in text must be offsets in raw (see the return below)
         text = raw.decode("utf-8")
         pos = _JSON_SPACE.match(text).end()
@@ -2818,14 +2833,18 @@ class ConnectionPool:
                 return conn, True
             conn.close()
         if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+            self.ssl_context()
             conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout,
                                                context=self._ssl)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         conn._pool_key = key
         return conn, False
+
+    def ssl_context(self):
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
 
     def release(self, conn):
         with self._lock:
@@ -3257,10 +3276,8 @@ class UpstreamClient:
         while True:
             creds = self.auth.get(rejected_token)
             payload = encode(body) if body is not None else None
-            if payload is not None and self.log.debug_enabled:
-                self.log.debug("upstream request (%d bytes): %s%s" % (
-                    len(payload), payload[:16384].decode("utf-8", "replace"),
-                    "... [truncated]" if len(payload) > 16384 else ""))
+            if payload is not None:
+                self.log.debug_body("upstream request", payload)
             answer = self.exchange(method, url, payload,
                                    self.codex_headers(creds, session_id, extra, accept, version),
                                    timeout)
@@ -3835,8 +3852,7 @@ class WebSocketBody:
         self.request = request
         self.complete = False
         self.terminal = None
-        self.response = None
-        self.items = {}
+        self.seen = ResponseAssembler()  # what the pool keeps of the turn: its output
         self._pending = []
 
     def read(self):
@@ -3875,22 +3891,13 @@ class WebSocketBody:
                 return frame
 
     def note(self, event):
-        """What the pool needs of the turn's events: its output items and its end."""
-        etype = event.get("type")
-        if etype == "response.output_item.done" and isinstance(event.get("item"), dict):
-            index = event.get("output_index")
-            self.items[index if isinstance(index, int) else len(self.items)] = event["item"]
-        elif etype in TERMINAL_EVENTS or etype == "error":
-            self.complete = True
-            self.terminal = etype
-            if isinstance(event.get("response"), dict):
-                self.response = event["response"]
+        etype = event["type"]
+        self.seen.add(etype, event)
+        if etype in TERMINAL_EVENTS or etype == "error":
+            self.complete, self.terminal = True, etype
 
     def output(self):
-        output = (self.response or {}).get("output")
-        if isinstance(output, list) and output:
-            return output
-        return [self.items[k] for k in sorted(self.items, key=lambda k: (str(type(k)), k))]
+        return assemble_response(self.seen.response or {}, self.seen.output()).get("output", [])
 
     def settle(self, pool):
         """The turn is over: the socket goes back to its conversation's pool (pool is the
@@ -4062,9 +4069,7 @@ class WebSocketUpstream:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if secure:
                 pool = self.client.pool
-                if pool._ssl is None:
-                    pool._ssl = ssl.create_default_context()
-                sock = pool._ssl.wrap_socket(sock, server_hostname=parts.hostname)
+                sock = pool.ssl_context().wrap_socket(sock, server_hostname=parts.hostname)
             answer, rest = client_handshake(sock, self.url, headers)
         except HandshakeRefused as e:
             if sock is not None:
@@ -4111,10 +4116,7 @@ class WebSocketUpstream:
         if items is not None:
             body = dict(body, previous_response_id=ws.chain.response_id, input=items)
         encoded = request.encode(body)
-        if self.log.debug_enabled:
-            self.log.debug("upstream WebSocket message (%d bytes): %s%s" % (
-                len(encoded), encoded[:16384].decode("utf-8", "replace"),
-                "... [truncated]" if len(encoded) > 16384 else ""))
+        self.log.debug_body("upstream WebSocket message", encoded)
         return b'{"type":"response.create",' + encoded[1:], len(items) if items else 0
 
     def dump(self, request, ws, payload):
@@ -4201,7 +4203,7 @@ class WebSocketUpstream:
         if body.terminal == "error" or ws.closed:
             ws.close()
             return
-        response_id = (body.response or {}).get("id")
+        response_id = (body.seen.response or {}).get("id")
         request = body.request
         if body.terminal == "response.completed" and isinstance(response_id, str) and \
                 isinstance(request.body.get("input"), list):
@@ -4245,7 +4247,7 @@ class ResponsesTransform:
         """The bytes to relay for this piece of the upstream body: its complete frames."""
         if not self._started:
             self._started = True
-            if data[:3] == b"\xef\xbb\xbf":
+            if data[:3] == _UTF8_BOM:
                 data = data[3:]  # a BOM opens the stream; it is not part of the first event
         if self._parser is None and b"\r" in data:
             self._parser = SSEParser()
@@ -4855,11 +4857,7 @@ class WebSocketSession:
             exchange.log_fields["note"] = "client disconnected; upstream closed"
             self.end()
         except Exception as e:  # a bug costs this socket, not the server
-            self.app.log.info("internal error on a WebSocket request: %s: %s"
-                              % (e.__class__.__name__, e))
-            if self.app.config.debug:
-                import traceback
-                self.app.log.info(traceback.format_exc())
+            self.app.log.internal_error("a WebSocket request", e)
             exchange.status = 500
             exchange.log_fields["error"] = "internal_error"
             self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
@@ -6078,11 +6076,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.log_fields["note"] = "client disconnected"
         except Exception as e:  # a bug must cost one request, not the server
-            app.log.info("internal error on %s %s: %s: %s" % (method, path,
-                                                              e.__class__.__name__, e))
-            if app.config.debug:
-                import traceback
-                app.log.info(traceback.format_exc())
+            app.log.internal_error("%s %s" % (method, path), e)
             self.close_connection = True
             self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
                                             % e.__class__.__name__, code="internal_error"))
