@@ -1340,6 +1340,14 @@ def derive_session_id(model, instructions, first_item):
     return str(uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4))
 
 
+def input_list(value):
+    """A request's `input` as a list of items (a string is one user message)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": value}]}]
+    return list(value) if isinstance(value, list) else []
+
+
 def rewrite_request(body, default_instructions, session_id=None, drop=(), history=None):
     """A client's Responses request -> (what the Codex backend accepts, the session id).
 
@@ -1368,8 +1376,7 @@ def rewrite_request(body, default_instructions, session_id=None, drop=(), histor
 
     items = out.get("input")
     if isinstance(items, str):
-        items = [{"type": "message", "role": "user",
-                  "content": [{"type": "input_text", "text": items}]}]
+        items = input_list(items)
     elif items is None:
         items = []
     elif not isinstance(items, list):
@@ -4554,14 +4561,6 @@ def sse_payloads(block):
     return payloads
 
 
-def input_list(value):
-    """A request's `input` as a list of items (a string is one user message)."""
-    if isinstance(value, str):
-        return [{"type": "message", "role": "user",
-                 "content": [{"type": "input_text", "text": value}]}]
-    return list(value) if isinstance(value, list) else []
-
-
 def with_stream_id(payload, stream_id):
     """An event's JSON with the stream_id of the request it answers."""
     try:
@@ -4601,31 +4600,6 @@ def prewarm_events(body):
             {"type": "response.completed", "sequence_number": 1, "response": done}]
 
 
-class SocketResponses:
-    """The responses made on one socket, by id: each one's whole input and its output, as
-    the backend's own socket keeps them, even with store: false. The last few, within a
-    byte bound; all of it goes with the socket."""
-
-    def __init__(self, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
-        self.max_count = max_count
-        self.max_bytes = max_bytes
-        self._kept = collections.OrderedDict()
-        self._bytes = 0
-
-    def put(self, response_id, items):
-        blob = pack_json(_compact(items))
-        old = self._kept.pop(response_id, None)
-        self._bytes += len(blob) - (len(old) if old is not None else 0)
-        self._kept[response_id] = blob
-        while len(self._kept) > 1 and (len(self._kept) > self.max_count
-                                       or self._bytes > self.max_bytes):
-            self._bytes -= len(self._kept.popitem(last=False)[1])
-
-    def get(self, response_id):
-        blob = self._kept.get(response_id)
-        return unpack_json(blob) if blob is not None else None
-
-
 class WebSocketSink:
     """The relay's frames, one text message per event (the JSON of its `data:` line), with
     the request's stream_id added when it carried one."""
@@ -4649,7 +4623,7 @@ class WebSocketSink:
         self.send(tail)
 
 
-class WebSocketExchange:
+class WebSocketRequest:
     """One request on a socket, as the relay sees a client."""
 
     def __init__(self, session):
@@ -4681,7 +4655,7 @@ class WebSocketSession:
         self.sock = handler.connection
         self.reader = MessageReader(app.config.max_body_bytes)
         self.kept = SocketResponses()
-        self.responses = 0
+        self.answered = 0  # requests answered on this socket
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queue = collections.deque()
@@ -4834,7 +4808,7 @@ class WebSocketSession:
 
     def answer(self, raw):
         """One client message: a response.create answered, or an error event."""
-        exchange = WebSocketExchange(self)
+        exchange = WebSocketRequest(self)
         started = time.monotonic()
         stream_id = None
         try:
@@ -4861,7 +4835,7 @@ class WebSocketSession:
             exchange.status = 500
             exchange.log_fields["error"] = "internal_error"
             self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
-        self.responses += 1
+        self.answered += 1
         self.app.traffic.count_websocket("responses", 1)
         self.log_line(exchange, started)
 
@@ -5419,6 +5393,31 @@ class SQLiteConversationStore(ConversationStore):
                              % ",".join("?" * len(batch)), [now] + batch)
 
 
+class SocketResponses:
+    """The responses made on one socket, by id: each one's whole input and its output, as
+    the backend's own socket keeps them, even with store: false. The last few, within a
+    byte bound; all of it goes with the socket."""
+
+    def __init__(self, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._kept = collections.OrderedDict()
+        self._bytes = 0
+
+    def put(self, response_id, items):
+        blob = pack_json(_compact(items))
+        old = self._kept.pop(response_id, None)
+        self._bytes += len(blob) - (len(old) if old is not None else 0)
+        self._kept[response_id] = blob
+        while len(self._kept) > 1 and (len(self._kept) > self.max_count
+                                       or self._bytes > self.max_bytes):
+            self._bytes -= len(self._kept.popitem(last=False)[1])
+
+    def get(self, response_id):
+        blob = self._kept.get(response_id)
+        return unpack_json(blob) if blob is not None else None
+
+
 # --------------------------------------------------------------------------------------------
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
@@ -5693,7 +5692,7 @@ class App:
         try:
             session.run()
         finally:
-            client.log_fields["note"] = "websocket closed after %d responses" % session.responses
+            client.log_fields["note"] = "websocket closed after %d responses" % session.answered
 
     def chat_completions(self, client):
         config = self.config
@@ -5881,12 +5880,6 @@ class ModelsCache:
                     raise
                 log.info("model list unavailable (%s); serving the cached one" % e.message)
             return self._value
-
-
-OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-ACCEPT_RETRY_PAUSE = 0.1
-REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
-MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
 
 
 # --------------------------------------------------------------------------------------------
@@ -6264,6 +6257,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------
 # The server: sockets accepted, a thread per connection, within the connection cap
 # --------------------------------------------------------------------------------------------
+
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_RETRY_PAUSE = 0.1
+REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
+MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
 
 def close_refused(sock):
     """Read what the client sent (unread, it would make close() send a reset), and close."""
