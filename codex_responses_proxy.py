@@ -2443,6 +2443,14 @@ class WebSocketReader:
                 return first, b"".join(parts)
 
 
+class ErrorFrame(Exception):
+    """The backend answered a turn with an error frame before any event."""
+
+    def __init__(self, event):
+        super().__init__("an error frame")
+        self.event = event
+
+
 class HandshakeRefused(Exception):
     """The server answered the upgrade with something else than 101."""
 
@@ -3956,10 +3964,9 @@ class WebSocketUpstream:
             if ws is None and attempt == 0 and self.choice.mode == "auto":
                 return None  # this turn over HTTP; see prewarm_for
             if ws is None:
-                ws = self.open(creds, request, identity, turn_state)
-                if ws is None:
-                    return None
-                if isinstance(ws, int):  # a 401 at the handshake
+                try:
+                    ws = self.open(creds, request, identity, turn_state)
+                except HandshakeRefused:  # a 401: as over HTTP, a refresh and one more try
                     if rejected_token is not None:
                         raise ProxyError(401, "The backend refused the access token even "
                                          "after a refresh. " + LOGIN_HINT,
@@ -3968,6 +3975,8 @@ class WebSocketUpstream:
                                   "the login and retrying once")
                     rejected_token = creds.access_token
                     continue
+                if ws is None:
+                    return None
             turn_state = ws.turn_state or turn_state
             payload, chained = self.message(ws, request)
             if ws.max_message_bytes and len(payload) > ws.max_message_bytes:
@@ -3981,6 +3990,25 @@ class WebSocketUpstream:
                 ws.send_text(payload)
                 body = WebSocketBody(self, ws, request)
                 first = self.first_event(ws, body)
+            except ErrorFrame as e:  # before any event reached the client: decided here
+                if dump:
+                    dump.finish(json.dumps(e.event).encode())
+                ws.close()
+                error = e.event.get("error") if isinstance(e.event.get("error"), dict) \
+                    else e.event
+                code = error.get("code")
+                if code in WS_RECOVERABLE_CODES:
+                    self.log.info("backend answered %s on the WebSocket; new socket, full "
+                                  "input" % code)
+                    fresh = True
+                    continue
+                status = e.event.get("status") or e.event.get("status_code")
+                if status == 401 and rejected_token is None:
+                    self.log.info("backend answered 401 on the WebSocket; re-reading the "
+                                  "login and retrying once")
+                    rejected_token = creds.access_token
+                    continue
+                raise self.error_from_frame(e.event, status)
             except socket.timeout:
                 ws.close()
                 if dump:
@@ -3996,24 +4024,6 @@ class WebSocketUpstream:
                     continue
                 raise ProxyError(502, "The backend closed the WebSocket without answering "
                                  "(%s)." % e.__class__.__name__, code="upstream_unreachable")
-            if isinstance(first, dict):  # an error frame, before any event reached the client
-                if dump:
-                    dump.finish(json.dumps(first).encode())
-                ws.close()
-                error = first.get("error") if isinstance(first.get("error"), dict) else first
-                code = error.get("code")
-                if code in WS_RECOVERABLE_CODES:
-                    self.log.info("backend answered %s on the WebSocket; new socket, full "
-                                  "input" % code)
-                    fresh = True
-                    continue
-                status = first.get("status") or first.get("status_code")
-                if status == 401 and rejected_token is None:
-                    self.log.info("backend answered 401 on the WebSocket; re-reading the "
-                                  "login and retrying once")
-                    rejected_token = creds.access_token
-                    continue
-                raise self.error_from_frame(first, status)
             if chained:
                 self.log.debug("turn chained on its socket: previous_response_id + %d new "
                                "items" % chained)
@@ -4043,7 +4053,7 @@ class WebSocketUpstream:
                                (creds.access_token, creds.account_id, request.version), None)
             except Exception as e:  # the HTTP turn is unaffected; the next may try again
                 self.log.debug("WebSocket prewarm failed: %s" % e)
-            self.pool.done_opening(key, ws if isinstance(ws, UpstreamWebSocket) else None)
+            self.pool.done_opening(key, ws)
 
         return lambda: threading.Thread(target=run, name="websocket-open", daemon=True).start()
 
@@ -4059,7 +4069,7 @@ class WebSocketUpstream:
 
     def open(self, creds, request, identity, turn_state):
         """A new socket for request's conversation; None when this request must go over HTTP
-        (auto mode, upgrade refused or unreachable), 401 on a 401."""
+        (auto mode, upgrade refused or unreachable). A 401 is raised as HandshakeRefused."""
         headers = [(k, v) for k, v in self.client.codex_headers(
             creds, request.session_id, request.headers, version=request.version).items()
             if k not in ("Accept", "Content-Type")]
@@ -4083,7 +4093,7 @@ class WebSocketUpstream:
                 sock.close()
             self.client.quota.update(e.headers)
             if e.status == 401:
-                return 401
+                raise
             return self.refused("the backend refused the WebSocket upgrade (HTTP %d)"
                                 % e.status)
         except ValueError as e:
@@ -4135,8 +4145,8 @@ class WebSocketUpstream:
         return dump
 
     def first_event(self, ws, body):
-        """The turn's first event: an SSE frame to relay, or the error frame (a dict) that
-        must decide the request before the client hears anything."""
+        """The turn's first event, as an SSE frame to relay; ErrorFrame for an error frame,
+        which decides the request before the client hears anything."""
         while True:
             opcode, payload = ws.reader.message(ws.pong)
             if opcode == OP_CLOSE:
@@ -4145,7 +4155,7 @@ class WebSocketUpstream:
                 raise ValueError("a binary frame")
             event = self.decode(payload)
             if event is not None and event.get("type") == "error":
-                return event
+                raise ErrorFrame(event)
             frame = self.event_frame(payload, body, event)
             if frame is not None:
                 return frame
