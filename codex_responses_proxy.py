@@ -1544,6 +1544,31 @@ def upstream_request_headers(client_headers, body):
     return headers
 
 
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailers", "transfer-encoding", "upgrade")
+# API-key mode copies the client's headers, as codex responses-api-proxy does, except these:
+# ours replace them (Authorization, Host, Content-Length) or they are the client's own secrets.
+NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "cookie",
+                                    "x-api-key", "expect")
+# ... and, for a WebSocket's requests (each a streamed POST), those of the upgrade itself.
+NOT_FORWARDED_FROM_WEBSOCKET = ("accept", "accept-encoding", "content-type", "openai-beta",
+                                "origin")
+
+
+def platform_request_headers(client_headers, from_websocket=False):
+    """API-key mode: the client's headers (name, value pairs as it wrote them) that go to the
+    platform; of duplicates the first, the one the access checks saw."""
+    headers, seen = {}, set()
+    for name, value in client_headers:
+        lower = name.lower()
+        if lower not in seen and lower not in NOT_FORWARDED_AS_IS and not (
+                from_websocket and (lower in NOT_FORWARDED_FROM_WEBSOCKET
+                                    or lower.startswith("sec-websocket-"))):
+            headers[name] = value
+        seen.add(lower)
+    return headers
+
+
 # --------------------------------------------------------------------------------------------
 # SSE parsing (pure, incremental, line based)
 # --------------------------------------------------------------------------------------------
@@ -4643,12 +4668,8 @@ class WebSocketRequest:
         self.status = 200
 
     def forwardable_headers(self):
-        """API-key mode: the handshake's headers, less the WebSocket's own and those a
-        streamed POST sets itself."""
-        return {name: value for name, value in self.session.handler.forwardable_headers().items()
-                if not name.lower().startswith("sec-websocket-")
-                and name.lower() not in ("accept", "accept-encoding", "content-type",
-                                         "openai-beta", "origin")}
+        return platform_request_headers(self.session.handler.headers.items(),
+                                        from_websocket=True)
 
 
 class WebSocketSession:
@@ -5933,12 +5954,6 @@ class RequestReader(io.RawIOBase):
 CORS_EXPOSED_HEADERS = ("x-request-id, retry-after, x-codex-primary-used-percent, "
                         "x-codex-secondary-used-percent, x-codex-primary-reset-after-seconds, "
                         "x-codex-secondary-reset-after-seconds")
-HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailers", "transfer-encoding", "upgrade")
-# API-key mode copies the client's headers, as codex responses-api-proxy does, except these:
-# ours replace them (Authorization, Host, Content-Length) or they are the client's own secrets.
-NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "cookie",
-                                    "x-api-key", "expect")
 CLIENT_GONE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError,
                       socket.timeout)
 ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a request target with a scheme
@@ -6091,14 +6106,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # -- what an App route reads ------------------------------------------------------------
 
     def forwardable_headers(self):
-        """API-key mode: the client's headers as it wrote them, less ours and its secrets;
-        of duplicates the first, the one the checks saw."""
-        headers, seen = {}, set()
-        for name, value in self.headers.items():
-            if name.lower() not in NOT_FORWARDED_AS_IS and name.lower() not in seen:
-                headers[name] = value
-            seen.add(name.lower())
-        return headers
+        return platform_request_headers(self.headers.items())
 
     # -- answers ----------------------------------------------------------------------------
 
