@@ -1827,17 +1827,21 @@ def assemble_response(response, items):
     return result
 
 
+def sse_event(name, data):
+    """One SSE frame as the backend writes them: an `event:` line, one `data:` line."""
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
 def completed_event_bytes(etype, payload, items):
     """The response.completed (or .incomplete) frame again, its output filled in."""
     filled = dict(payload)
     filled["response"] = assemble_response(payload["response"], items)
-    return b"event: %s\ndata: %s\n\n" % (etype.encode(),
-                                         json.dumps(filled, separators=(",", ":")).encode())
+    return sse_event(etype.encode(), json.dumps(filled, separators=(",", ":")).encode())
 
 
 def error_event_bytes(code, message):
     event = {"type": "error", "code": code, "message": message, "param": None}
-    return b"event: error\ndata: %s\n\n" % json.dumps(event).encode()
+    return sse_event(b"error", json.dumps(event).encode())
 
 
 def utc_datetime(timestamp):
@@ -4199,7 +4203,7 @@ class WebSocketUpstream:
             m = _EVENT_TYPE_RE.match(payload)
             if m and m.group(1) not in _DECODED_FRAME_TYPES and b"\n" not in payload \
                     and b"\r" not in payload:
-                return b"event: " + m.group(1) + b"\ndata: " + payload + b"\n\n"  # a delta
+                return sse_event(m.group(1), payload)  # a delta
             event = self.decode(payload)
         if event is None:
             return None  # unparseable: skipped, as the Codex CLI does
@@ -4215,7 +4219,7 @@ class WebSocketUpstream:
             return error_event_bytes(error.get("code"), error.get("message"))
         if b"\n" in payload or b"\r" in payload:
             payload = json.dumps(event, separators=(",", ":")).encode()
-        return b"event: " + etype.encode() + b"\ndata: " + payload + b"\n\n"
+        return sse_event(etype.encode(), payload)
 
     def on_idle_text(self, payload):
         event = self.decode(payload)
