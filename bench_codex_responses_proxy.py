@@ -3,7 +3,7 @@
 
 Run it from anywhere:
 
-    python3 bench_codex_responses_proxy.py                 # full run (~15 s on 2 cores)
+    python3 bench_codex_responses_proxy.py                 # full run (~25 s on 2 cores)
     python3 bench_codex_responses_proxy.py --quick         # smoke test (~10 s; CI)
     python3 bench_codex_responses_proxy.py --only 1,3 --json out.json
     python3 bench_codex_responses_proxy.py --proxy /path/to/other_proxy.py
