@@ -45,15 +45,19 @@ def restart_from_bytecode():
     it simply runs as it is. The restart is also where malloc gets its settings: see
     restarted_environment()."""
     path = os.path.abspath(__file__)
-    if os.name != "posix" or not path.endswith(".py") or os.environ.get(_RESTARTED_ENV):
+    if os.name != "posix" or not path.endswith(".py") or not sys.executable or \
+            os.environ.get(_RESTARTED_ENV):
         return
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or
                          os.path.join(os.path.expanduser("~"), ".cache"), "codex-responses-proxy")
+    # The isolation the user asked for holds in the restarted process too. -S: no
+    # site-packages, which a standard-library program never needs (and which can cost tens of
+    # milliseconds at start).
+    flags = [flag for flag, on in (("-I", sys.flags.isolated), ("-E", sys.flags.ignore_environment),
+                                   ("-s", sys.flags.no_user_site)) if on] + ["-S"]
     try:
-        # -S: no site-packages, which a standard-library program never needs (and which can
-        # cost tens of milliseconds at start)
-        os.execve(sys.executable, [sys.executable, "-S", "-c", _FROM_BYTECODE % (path, cache)]
-                  + sys.argv[1:], restarted_environment(os.environ))
+        os.execve(sys.executable, [sys.executable] + flags + [
+            "-c", _FROM_BYTECODE % (path, cache)] + sys.argv[1:], restarted_environment(os.environ))
     except OSError:
         pass
 
