@@ -3543,6 +3543,13 @@ class CredentialTests(ProxyTestCase):
             status, _, body = self.post(simple_request())
             self.assert_openai_error(status, body, 401, contains=phrase)
             self.assertIn("codex login", body["error"]["message"])
+        # a directory in its place cannot be read even by root, who CI runs as
+        os.remove(path)
+        os.mkdir(path)
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 401, contains="Cannot read")
+        self.assertIn(path, body["error"]["message"])
+        os.rmdir(path)
         if os.geteuid() != 0:
             write_auth(self.home, auth_document(), mode=0)
             status, _, body = self.post(simple_request())
@@ -3632,11 +3639,18 @@ class RefreshTests(ProxyTestCase):
     def test_waiters_take_fresh_tokens_on_disk_over_a_failed_refresh(self):
         self.expire()
         self.oauth.failure = (503, {"error": "temporarily_unavailable"})
-        self.oauth.delay = 0.5
         fresh = access_token()
         self.backend.valid_tokens.add(fresh)
-        # the Codex CLI refreshes while our own attempt is failing
-        threading.Timer(0.2, write_auth, (self.home, auth_document(access=fresh))).start()
+        answer = self.oauth.answer
+
+        def cli_refreshes_meanwhile(headers, raw):
+            time.sleep(0.5)  # the other requests queue up behind this refresh
+            # the Codex CLI refreshes while our own attempt is failing: on disk before the
+            # failure is answered, whatever the machine's load
+            write_auth(self.home, auth_document(access=fresh))
+            return answer(headers, raw)
+
+        self.oauth.answer = cli_refreshes_meanwhile
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             statuses = sorted(pool.map(lambda _: self.post(simple_request())[0], range(5)))
         self.assertEqual(statuses.count(200), 4, statuses)
