@@ -1424,9 +1424,9 @@ class SSEParserTests(unittest.TestCase):
         big = (b'event: response.output_item.done\ndata: {"x": "' + b"a" * (8 << 20)
                + b'"}\n\n')
         for data in (big, big.replace(b"\n", b"\r\n")):
-            started = time.perf_counter()
+            started = time.thread_time()  # this thread's CPU: other load does not count
             events = self.feed_all([data[i:i + 16384] for i in range(0, len(data), 16384)])
-            self.assertLess(time.perf_counter() - started, 1.0)
+            self.assertLess(time.thread_time() - started, 1.0)
             self.assertEqual([e.raw for e in events], [data])
 
     def test_empty_reads_change_nothing(self):
@@ -3612,13 +3612,14 @@ class RefreshTests(ProxyTestCase):
     def test_waiters_share_a_failed_refresh_instead_of_queueing_retries(self):
         self.expire()
         self.oauth.failure = (503, {"error": "temporarily_unavailable"})
-        self.oauth.delay = 0.5
+        self.oauth.delay = 1.2
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             statuses = list(pool.map(lambda _: self.post(simple_request())[0], range(10)))
         self.assertEqual(statuses, [502] * 10)
         self.assertEqual(self.oauth.count, 1)
-        self.assertLess(time.monotonic() - started, 3.0)
+        # ten in a queue would take 12 s; shared, one 1.2 s refresh, with room for the load
+        self.assertLess(time.monotonic() - started, 10.0)
         self.oauth.failure = None  # and the next request tries again
         self.assertEqual(self.post(simple_request())[0], 200)
         self.assertEqual(self.oauth.count, 2)
