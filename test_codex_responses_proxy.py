@@ -7002,22 +7002,23 @@ class HangupWatcherRaceTests(unittest.TestCase):
                 s.close()
 
         self.addCleanup(close_all)
-        live, _live_peer = pair(timeout=1.0)
+        live, _live_peer = pair(timeout=5.0)
         live_up, _ = pair()
         live_entry = watcher.watch(live, live_up)
-        closing, _closing_peer = pair(timeout=1.0)
+        closing, _closing_peer = pair(timeout=5.0)
         closing.close()  # what the watcher meets when the close comes between its copy of
         closing_entry = watcher.watch(closing, pair()[0])  # the list and its wait; the
         threading.Timer(0.3, watcher.unwatch, (closing_entry,)).start()  # unwatch follows
         time.sleep(0.05)
-        leaving, leaving_peer = pair(timeout=1.0)
+        leaving, leaving_peer = pair(timeout=5.0)
         leaving_entry = watcher.watch(leaving, pair()[0])
         leaving_peer.close()  # this client hangs up
-        deadline = time.monotonic() + 0.8
+        # well before the 5 s socket timeouts: noticed, not waited out
+        deadline = time.monotonic() + 4.0
         while not leaving_entry["gone"] and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertTrue(leaving_entry["gone"], "a hang-up went unnoticed")
-        time.sleep(1.3 - (time.monotonic() - deadline + 0.8))
+        time.sleep(1.0)  # several more of the watcher's polls with the live client in the list
         self.assertFalse(live_entry["gone"], "a live client was taken for gone")
         live_up.settimeout(0)
         try:
