@@ -2433,6 +2433,24 @@ class CredentialUnitTests(unittest.TestCase):
         recent = auth_document(access=access_token(None), last_refresh=proxy.rfc3339_now())
         self.assertFalse(proxy.Credentials(recent).needs_refresh(now))
 
+    def test_needs_refresh_boundaries(self):
+        # A token is renewed a minute before its `exp`; one without `exp` 8 days after
+        # last_refresh (the Codex CLI's rules).
+        now = time.time()
+        for exp_in, expected in ((90, False), (50, True)):
+            with self.subTest(exp_in=exp_in):
+                creds = proxy.Credentials(auth_document(access=access_token(exp_in)))
+                self.assertEqual(creds.needs_refresh(now), expected)
+
+        def days_ago(days):
+            when = datetime.datetime.fromtimestamp(now - days * 86400, datetime.timezone.utc)
+            return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        for days, expected in ((7, False), (9, True)):
+            with self.subTest(last_refresh_days_ago=days):
+                doc = auth_document(access=access_token(None), last_refresh=days_ago(days))
+                self.assertEqual(proxy.Credentials(doc).needs_refresh(now), expected)
+
     def test_rfc3339(self):
         self.assertEqual(proxy.parse_rfc3339("2026-01-02T03:04:05.123456789Z").microsecond, 123456)
         self.assertIsNotNone(proxy.parse_rfc3339("2026-01-02T03:04:05+02:00"))
