@@ -2648,12 +2648,33 @@ class ResponsesEndpointTests(ProxyTestCase):
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 502, code="upstream_unreachable")
 
-    def test_upstream_slow_headers_is_504(self):
-        self.backend.replies.append(Reply(hang_after=0))
+    def test_upstream_silent_after_its_headers_is_504_stream_idle_timeout(self):
+        self.backend.replies.append(Reply(hang_after=0))  # 200 and headers, then nothing
         self.stop_proxy(self.proxy)
         self.start_proxy(stream_idle_timeout=0.5)
         status, _, body = self.post(simple_request())
-        self.assertIn(status, (504,), body)
+        self.assert_openai_error(status, body, 504, code="stream_idle_timeout")
+
+    def test_upstream_without_status_line_in_time_is_504_upstream_timeout(self):
+        released = threading.Event()
+        seen = []
+
+        def never_answer(up, conn_no, req_no, sock, request):
+            seen.append(request)
+            released.wait(10)
+            return False
+
+        upstream = FakeBackend(behave=never_answer)
+        self.addCleanup(upstream.close)
+        self.addCleanup(released.set)
+        self.stop_proxy(self.proxy)
+        self.start_proxy(upstream_url=upstream.url, stream_idle_timeout=0.5)
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                status, _, body = self.post(simple_request(stream=stream))
+                self.assert_openai_error(status, body, 504, code="upstream_timeout",
+                                         contains="did not answer in time")
+        self.assertEqual(len(seen), 2, "the request was not sent exactly once each")
 
 
 # --------------------------------------------------------------------------------------------
