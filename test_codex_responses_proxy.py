@@ -2517,6 +2517,40 @@ class ResponsesEndpointTests(ProxyTestCase):
         else:
             self.assertEqual(status, 400)  # not zstd data
 
+    def test_zstd_body_is_decoded_where_python_has_zstd(self):
+        # Python < 3.14 has no compression.zstd: a stand-in with its decompressor's interface,
+        # whose "frame" is a marker, the payload and an end marker.
+        class FakeZstdDecompressor:
+            def __init__(self):
+                self.eof = False
+
+            def decompress(self, data, max_length=-1):
+                if not data.startswith(b"ZSTD:"):
+                    raise ValueError("not zstd data")
+                payload = data[len(b"ZSTD:"):]
+                self.eof = payload.endswith(b":END")
+                if self.eof:
+                    payload = payload[:-len(b":END")]
+                return payload if max_length < 0 else payload[:max_length]
+
+        fake_zstd = type("FakeZstdModule", (), {"ZstdDecompressor": FakeZstdDecompressor})
+        request = simple_request("zstd-compressed hello")
+        raw = json.dumps(request).encode()
+        with mock.patch.object(proxy, "zstd", fake_zstd):
+            status, _, body = self.post(b"ZSTD:" + raw + b":END",
+                                        headers={"Content-Encoding": "zstd",
+                                                 "Content-Type": "application/json"})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(self.last_upstream()["body"]["input"],
+                             [{"type": "message", "role": "user", "content": [
+                                 {"type": "input_text", "text": "zstd-compressed hello"}]}])
+            sent = len(self.backend.requests)
+            status, _, body = self.post(b"ZSTD:" + raw,  # the frame ends early
+                                        headers={"Content-Encoding": "zstd",
+                                                 "Content-Type": "application/json"})
+            self.assert_openai_error(status, body, 400, code="invalid_body", contains="zstd")
+        self.assertEqual(len(self.backend.requests), sent)
+
     def test_incomplete_is_status_incomplete(self):
         self.backend.replies.append(Reply(frames=stream_frames(
             terminal="response.incomplete",
