@@ -2308,6 +2308,8 @@ class WebSocketProtocolTests(WebSocketCase):
         self.assertEqual((events[-1]["type"], events[-1]["code"]),
                          ("error", "stream_idle_timeout"))
         self.assertNotIn("response.completed", [e["type"] for e in events])
+        # the control turn, on the same socket, with room for a loaded machine's pauses
+        self.config.stream_idle_timeout = 30.0
         client.create()
         self.assertEqual(client.response_events()[-1]["type"], "response.completed")
 
@@ -5969,7 +5971,9 @@ class StreamFailureTests(StreamingCase):
         self.assertEqual(len(tail), 1, tail)
         self.assert_error_frame(tail[0], code="stream_idle_timeout")
         self.assertIn("error=stream_idle_timeout", self.wait_for_log("error="))
-        # the silent connection is dropped, not pooled: the next turn gets a fresh one
+        # the silent connection is dropped, not pooled: the next turn gets a fresh one (with
+        # room for a loaded machine's pauses between the backend's frames)
+        self.config.stream_idle_timeout = 30.0
         self.assert_same_connection_still_works(conn)
         self.assertEqual(self.backend.connections, 2)
 
