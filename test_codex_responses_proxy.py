@@ -5420,11 +5420,14 @@ class BadInputTests(ProxyTestCase):
         self.assert_healthy()
 
     def test_invalid_content_length_is_400(self):
-        for value in (b"abc", b"-5", b"1_0", b"0x10", b"5 5"):
+        # '\xb2' (superscript two) and the like are str.isdigit() but not an int()
+        for value in (b"abc", b"-5", b"1_0", b"0x10", b"5 5", b"\xb2", b"1\xb9", b"\xb3"):
             data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                             b"Content-Length: " + value + b"\r\n\r\n{}")
             with self.subTest(value=value):
-                self.assert_json_error(data, 400)
+                body = self.assert_json_error(data, 400)
+                self.assertEqual(body["error"]["code"], "invalid_body", body)
+        self.assertEqual(self.backend.requests, [])
         self.assert_healthy()
 
     def test_invalid_content_length_closes_the_connection(self):
@@ -5439,27 +5442,6 @@ class BadInputTests(ProxyTestCase):
                          "the body of a request with an invalid Content-Length was served "
                          "as a request of its own: %r" % data[-200:])
         self.assertEqual(how, "closed")
-
-    def test_non_ascii_digit_content_length_is_400(self):
-        # '\xb2' (superscript two) is str.isdigit() but not an int()
-        for value in (b"\xb2", b"1\xb9", b"\xb3"):
-            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                            b"Content-Length: " + value + b"\r\n\r\n{}")
-            with self.subTest(value=value):
-                self.assert_json_error(data, 400)
-        self.assert_healthy()
-
-    def test_body_over_limit_is_413_without_reading_it(self):
-        started = time.monotonic()
-        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
-                        b"Content-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n" % (proxy.DEFAULT_MAX_BODY_BYTES + 1),
-                        timeout=5)
-        self.assertLess(time.monotonic() - started, 3)
-        body = self.assert_json_error(data, 413)
-        self.assertEqual(body["error"]["code"], "request_too_large")
-        self.assertEqual(self.backend.requests, [])
-        self.assert_healthy()
 
     def test_chunked_body_valid_and_malformed(self):
         body = json.dumps(simple_request()).encode()
@@ -7802,9 +7784,9 @@ class ModelsTests(ProxyTestCase):
     def test_no_cache_and_failing_backend_is_json_error(self):
         self.backend.models_failure = (500, {"detail": "Internal Server Error"})
         status, _, body = self.models()
-        self.assertGreaterEqual(status, 400)
-        self.assertIsInstance(body.get("error"), dict, body)
-        self.assertIn("message", body["error"])
+        # the backend's status and message, as on /v1/responses; it gave no code
+        self.assert_openai_error(status, body, 500, contains="Internal Server Error")
+        self.assertEqual((body["error"]["type"], body["error"]["code"]), ("server_error", None))
         self.backend.models_failure = None  # a failure is not cached
         status, _, body = self.models()
         self.assertEqual(status, 200, body)
@@ -8343,7 +8325,7 @@ class ClientKeyTests(SecurityCase):
     def test_healthz_needs_no_key(self):
         for method in ("GET", "HEAD"):
             status, _, body = self.raw(method, "/healthz")
-            self.assertEqual(status, 200, body)
+            self.assertEqual((status, body), (200, b"ok\n" if method == "GET" else b""))
 
     def test_key_is_compared_in_constant_time(self):
         with mock.patch.object(proxy.hmac, "compare_digest",
@@ -8547,9 +8529,9 @@ class OriginTests(SecurityCase):
         # The base class answers requests it cannot parse (501, 400, 431) itself, through
         # end_headers(), without passing dispatch(), which resets cors_origin.
         self.restart(allow_origins=[ALLOWED_ORIGIN])
-        for bad in (b"BREW /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
-                    + b"b" * (70 * 1024) + b"\r\n\r\n"):
+        for bad, expected in ((b"BREW /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
+                              (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
+                               + b"b" * (70 * 1024) + b"\r\n\r\n", 431)):
             with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                 s.sendall(build_request(self.port, "GET", "/healthz",
                                         [("Origin", ALLOWED_ORIGIN)]))
@@ -8558,7 +8540,7 @@ class OriginTests(SecurityCase):
                 s.sendall(bad)
                 status, headers, _, _, _ = read_one_response(s, rest)
                 with self.subTest(status=status):
-                    self.assertGreaterEqual(status, 400)
+                    self.assertEqual(status, expected)
                     self.assertEqual(cors_headers(headers), {},
                                      "a request without Origin got the previous request's "
                                      "CORS headers")
