@@ -1424,9 +1424,9 @@ class SSEParserTests(unittest.TestCase):
         big = (b'event: response.output_item.done\ndata: {"x": "' + b"a" * (8 << 20)
                + b'"}\n\n')
         for data in (big, big.replace(b"\n", b"\r\n")):
-            started = time.perf_counter()
+            started = time.thread_time()  # this thread's CPU: other load does not count
             events = self.feed_all([data[i:i + 16384] for i in range(0, len(data), 16384)])
-            self.assertLess(time.perf_counter() - started, 1.0)
+            self.assertLess(time.thread_time() - started, 1.0)
             self.assertEqual([e.raw for e in events], [data])
 
     def test_empty_reads_change_nothing(self):
@@ -2308,6 +2308,8 @@ class WebSocketProtocolTests(WebSocketCase):
         self.assertEqual((events[-1]["type"], events[-1]["code"]),
                          ("error", "stream_idle_timeout"))
         self.assertNotIn("response.completed", [e["type"] for e in events])
+        # the control turn, on the same socket, with room for a loaded machine's pauses
+        self.config.stream_idle_timeout = 30.0
         client.create()
         self.assertEqual(client.response_events()[-1]["type"], "response.completed")
 
@@ -2433,6 +2435,24 @@ class CredentialUnitTests(unittest.TestCase):
         recent = auth_document(access=access_token(None), last_refresh=proxy.rfc3339_now())
         self.assertFalse(proxy.Credentials(recent).needs_refresh(now))
 
+    def test_needs_refresh_boundaries(self):
+        # A token is renewed a minute before its `exp`; one without `exp` 8 days after
+        # last_refresh (the Codex CLI's rules).
+        now = time.time()
+        for exp_in, expected in ((90, False), (50, True)):
+            with self.subTest(exp_in=exp_in):
+                creds = proxy.Credentials(auth_document(access=access_token(exp_in)))
+                self.assertEqual(creds.needs_refresh(now), expected)
+
+        def days_ago(days):
+            when = datetime.datetime.fromtimestamp(now - days * 86400, datetime.timezone.utc)
+            return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        for days, expected in ((7, False), (9, True)):
+            with self.subTest(last_refresh_days_ago=days):
+                doc = auth_document(access=access_token(None), last_refresh=days_ago(days))
+                self.assertEqual(proxy.Credentials(doc).needs_refresh(now), expected)
+
     def test_rfc3339(self):
         self.assertEqual(proxy.parse_rfc3339("2026-01-02T03:04:05.123456789Z").microsecond, 123456)
         self.assertIsNotNone(proxy.parse_rfc3339("2026-01-02T03:04:05+02:00"))
@@ -2498,6 +2518,40 @@ class ResponsesEndpointTests(ProxyTestCase):
             self.assert_openai_error(status, body, 415, contains="zstd")
         else:
             self.assertEqual(status, 400)  # not zstd data
+
+    def test_zstd_body_is_decoded_where_python_has_zstd(self):
+        # Python < 3.14 has no compression.zstd: a stand-in with its decompressor's interface,
+        # whose "frame" is a marker, the payload and an end marker.
+        class FakeZstdDecompressor:
+            def __init__(self):
+                self.eof = False
+
+            def decompress(self, data, max_length=-1):
+                if not data.startswith(b"ZSTD:"):
+                    raise ValueError("not zstd data")
+                payload = data[len(b"ZSTD:"):]
+                self.eof = payload.endswith(b":END")
+                if self.eof:
+                    payload = payload[:-len(b":END")]
+                return payload if max_length < 0 else payload[:max_length]
+
+        fake_zstd = type("FakeZstdModule", (), {"ZstdDecompressor": FakeZstdDecompressor})
+        request = simple_request("zstd-compressed hello")
+        raw = json.dumps(request).encode()
+        with mock.patch.object(proxy, "zstd", fake_zstd):
+            status, _, body = self.post(b"ZSTD:" + raw + b":END",
+                                        headers={"Content-Encoding": "zstd",
+                                                 "Content-Type": "application/json"})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(self.last_upstream()["body"]["input"],
+                             [{"type": "message", "role": "user", "content": [
+                                 {"type": "input_text", "text": "zstd-compressed hello"}]}])
+            sent = len(self.backend.requests)
+            status, _, body = self.post(b"ZSTD:" + raw,  # the frame ends early
+                                        headers={"Content-Encoding": "zstd",
+                                                 "Content-Type": "application/json"})
+            self.assert_openai_error(status, body, 400, code="invalid_body", contains="zstd")
+        self.assertEqual(len(self.backend.requests), sent)
 
     def test_incomplete_is_status_incomplete(self):
         self.backend.replies.append(Reply(frames=stream_frames(
@@ -2630,12 +2684,33 @@ class ResponsesEndpointTests(ProxyTestCase):
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 502, code="upstream_unreachable")
 
-    def test_upstream_slow_headers_is_504(self):
-        self.backend.replies.append(Reply(hang_after=0))
+    def test_upstream_silent_after_its_headers_is_504_stream_idle_timeout(self):
+        self.backend.replies.append(Reply(hang_after=0))  # 200 and headers, then nothing
         self.stop_proxy(self.proxy)
         self.start_proxy(stream_idle_timeout=0.5)
         status, _, body = self.post(simple_request())
-        self.assertIn(status, (504,), body)
+        self.assert_openai_error(status, body, 504, code="stream_idle_timeout")
+
+    def test_upstream_without_status_line_in_time_is_504_upstream_timeout(self):
+        released = threading.Event()
+        seen = []
+
+        def never_answer(up, conn_no, req_no, sock, request):
+            seen.append(request)
+            released.wait(10)
+            return False
+
+        upstream = FakeBackend(behave=never_answer)
+        self.addCleanup(upstream.close)
+        self.addCleanup(released.set)
+        self.stop_proxy(self.proxy)
+        self.start_proxy(upstream_url=upstream.url, stream_idle_timeout=0.5)
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                status, _, body = self.post(simple_request(stream=stream))
+                self.assert_openai_error(status, body, 504, code="upstream_timeout",
+                                         contains="did not answer in time")
+        self.assertEqual(len(seen), 2, "the request was not sent exactly once each")
 
 
 # --------------------------------------------------------------------------------------------
@@ -3543,6 +3618,13 @@ class CredentialTests(ProxyTestCase):
             status, _, body = self.post(simple_request())
             self.assert_openai_error(status, body, 401, contains=phrase)
             self.assertIn("codex login", body["error"]["message"])
+        # a directory in its place cannot be read even by root, who CI runs as
+        os.remove(path)
+        os.mkdir(path)
+        status, _, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 401, contains="Cannot read")
+        self.assertIn(path, body["error"]["message"])
+        os.rmdir(path)
         if os.geteuid() != 0:
             write_auth(self.home, auth_document(), mode=0)
             status, _, body = self.post(simple_request())
@@ -3605,13 +3687,14 @@ class RefreshTests(ProxyTestCase):
     def test_waiters_share_a_failed_refresh_instead_of_queueing_retries(self):
         self.expire()
         self.oauth.failure = (503, {"error": "temporarily_unavailable"})
-        self.oauth.delay = 0.5
+        self.oauth.delay = 1.2
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             statuses = list(pool.map(lambda _: self.post(simple_request())[0], range(10)))
         self.assertEqual(statuses, [502] * 10)
         self.assertEqual(self.oauth.count, 1)
-        self.assertLess(time.monotonic() - started, 3.0)
+        # ten in a queue would take 12 s; shared, one 1.2 s refresh, with room for the load
+        self.assertLess(time.monotonic() - started, 10.0)
         self.oauth.failure = None  # and the next request tries again
         self.assertEqual(self.post(simple_request())[0], 200)
         self.assertEqual(self.oauth.count, 2)
@@ -3632,11 +3715,18 @@ class RefreshTests(ProxyTestCase):
     def test_waiters_take_fresh_tokens_on_disk_over_a_failed_refresh(self):
         self.expire()
         self.oauth.failure = (503, {"error": "temporarily_unavailable"})
-        self.oauth.delay = 0.5
         fresh = access_token()
         self.backend.valid_tokens.add(fresh)
-        # the Codex CLI refreshes while our own attempt is failing
-        threading.Timer(0.2, write_auth, (self.home, auth_document(access=fresh))).start()
+        answer = self.oauth.answer
+
+        def cli_refreshes_meanwhile(headers, raw):
+            time.sleep(0.5)  # the other requests queue up behind this refresh
+            # the Codex CLI refreshes while our own attempt is failing: on disk before the
+            # failure is answered, whatever the machine's load
+            write_auth(self.home, auth_document(access=fresh))
+            return answer(headers, raw)
+
+        self.oauth.answer = cli_refreshes_meanwhile
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             statuses = sorted(pool.map(lambda _: self.post(simple_request())[0], range(5)))
         self.assertEqual(statuses.count(200), 4, statuses)
@@ -5330,11 +5420,14 @@ class BadInputTests(ProxyTestCase):
         self.assert_healthy()
 
     def test_invalid_content_length_is_400(self):
-        for value in (b"abc", b"-5", b"1_0", b"0x10", b"5 5"):
+        # '\xb2' (superscript two) and the like are str.isdigit() but not an int()
+        for value in (b"abc", b"-5", b"1_0", b"0x10", b"5 5", b"\xb2", b"1\xb9", b"\xb3"):
             data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                             b"Content-Length: " + value + b"\r\n\r\n{}")
             with self.subTest(value=value):
-                self.assert_json_error(data, 400)
+                body = self.assert_json_error(data, 400)
+                self.assertEqual(body["error"]["code"], "invalid_body", body)
+        self.assertEqual(self.backend.requests, [])
         self.assert_healthy()
 
     def test_invalid_content_length_closes_the_connection(self):
@@ -5349,27 +5442,6 @@ class BadInputTests(ProxyTestCase):
                          "the body of a request with an invalid Content-Length was served "
                          "as a request of its own: %r" % data[-200:])
         self.assertEqual(how, "closed")
-
-    def test_non_ascii_digit_content_length_is_400(self):
-        # '\xb2' (superscript two) is str.isdigit() but not an int()
-        for value in (b"\xb2", b"1\xb9", b"\xb3"):
-            data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                            b"Content-Length: " + value + b"\r\n\r\n{}")
-            with self.subTest(value=value):
-                self.assert_json_error(data, 400)
-        self.assert_healthy()
-
-    def test_body_over_limit_is_413_without_reading_it(self):
-        started = time.monotonic()
-        data = self.raw(b"POST /v1/responses HTTP/1.1\r\nHost: localhost\r\n"
-                        b"Content-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n" % (proxy.DEFAULT_MAX_BODY_BYTES + 1),
-                        timeout=5)
-        self.assertLess(time.monotonic() - started, 3)
-        body = self.assert_json_error(data, 413)
-        self.assertEqual(body["error"]["code"], "request_too_large")
-        self.assertEqual(self.backend.requests, [])
-        self.assert_healthy()
 
     def test_chunked_body_valid_and_malformed(self):
         body = json.dumps(simple_request()).encode()
@@ -5881,7 +5953,9 @@ class StreamFailureTests(StreamingCase):
         self.assertEqual(len(tail), 1, tail)
         self.assert_error_frame(tail[0], code="stream_idle_timeout")
         self.assertIn("error=stream_idle_timeout", self.wait_for_log("error="))
-        # the silent connection is dropped, not pooled: the next turn gets a fresh one
+        # the silent connection is dropped, not pooled: the next turn gets a fresh one (with
+        # room for a loaded machine's pauses between the backend's frames)
+        self.config.stream_idle_timeout = 30.0
         self.assert_same_connection_still_works(conn)
         self.assertEqual(self.backend.connections, 2)
 
@@ -6987,22 +7061,23 @@ class HangupWatcherRaceTests(unittest.TestCase):
                 s.close()
 
         self.addCleanup(close_all)
-        live, _live_peer = pair(timeout=1.0)
+        live, _live_peer = pair(timeout=5.0)
         live_up, _ = pair()
         live_entry = watcher.watch(live, live_up)
-        closing, _closing_peer = pair(timeout=1.0)
+        closing, _closing_peer = pair(timeout=5.0)
         closing.close()  # what the watcher meets when the close comes between its copy of
         closing_entry = watcher.watch(closing, pair()[0])  # the list and its wait; the
         threading.Timer(0.3, watcher.unwatch, (closing_entry,)).start()  # unwatch follows
         time.sleep(0.05)
-        leaving, leaving_peer = pair(timeout=1.0)
+        leaving, leaving_peer = pair(timeout=5.0)
         leaving_entry = watcher.watch(leaving, pair()[0])
         leaving_peer.close()  # this client hangs up
-        deadline = time.monotonic() + 0.8
+        # well before the 5 s socket timeouts: noticed, not waited out
+        deadline = time.monotonic() + 4.0
         while not leaving_entry["gone"] and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertTrue(leaving_entry["gone"], "a hang-up went unnoticed")
-        time.sleep(1.3 - (time.monotonic() - deadline + 0.8))
+        time.sleep(1.0)  # several more of the watcher's polls with the live client in the list
         self.assertFalse(live_entry["gone"], "a live client was taken for gone")
         live_up.settimeout(0)
         try:
@@ -7709,9 +7784,9 @@ class ModelsTests(ProxyTestCase):
     def test_no_cache_and_failing_backend_is_json_error(self):
         self.backend.models_failure = (500, {"detail": "Internal Server Error"})
         status, _, body = self.models()
-        self.assertGreaterEqual(status, 400)
-        self.assertIsInstance(body.get("error"), dict, body)
-        self.assertIn("message", body["error"])
+        # the backend's status and message, as on /v1/responses; it gave no code
+        self.assert_openai_error(status, body, 500, contains="Internal Server Error")
+        self.assertEqual((body["error"]["type"], body["error"]["code"]), ("server_error", None))
         self.backend.models_failure = None  # a failure is not cached
         status, _, body = self.models()
         self.assertEqual(status, 200, body)
@@ -8250,7 +8325,7 @@ class ClientKeyTests(SecurityCase):
     def test_healthz_needs_no_key(self):
         for method in ("GET", "HEAD"):
             status, _, body = self.raw(method, "/healthz")
-            self.assertEqual(status, 200, body)
+            self.assertEqual((status, body), (200, b"ok\n" if method == "GET" else b""))
 
     def test_key_is_compared_in_constant_time(self):
         with mock.patch.object(proxy.hmac, "compare_digest",
@@ -8454,9 +8529,9 @@ class OriginTests(SecurityCase):
         # The base class answers requests it cannot parse (501, 400, 431) itself, through
         # end_headers(), without passing dispatch(), which resets cors_origin.
         self.restart(allow_origins=[ALLOWED_ORIGIN])
-        for bad in (b"BREW /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
-                    + b"b" * (70 * 1024) + b"\r\n\r\n"):
+        for bad, expected in ((b"BREW /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
+                              (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
+                               + b"b" * (70 * 1024) + b"\r\n\r\n", 431)):
             with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                 s.sendall(build_request(self.port, "GET", "/healthz",
                                         [("Origin", ALLOWED_ORIGIN)]))
@@ -8465,7 +8540,7 @@ class OriginTests(SecurityCase):
                 s.sendall(bad)
                 status, headers, _, _, _ = read_one_response(s, rest)
                 with self.subTest(status=status):
-                    self.assertGreaterEqual(status, 400)
+                    self.assertEqual(status, expected)
                     self.assertEqual(cors_headers(headers), {},
                                      "a request without Origin got the previous request's "
                                      "CORS headers")
@@ -8703,9 +8778,9 @@ class SlowClientTests(SecurityCase):
                 s.sendall(head)
                 closed, received = self.trickle(s, payload, 0.1, 4.0)
                 self.assertIsNotNone(closed, "a trickled body held the connection for 4 s")
-                if received:
-                    responses, _ = parse_http_responses(received)
-                    self.assert_json_error(responses[0], 408, "request_timeout")
+                self.assertTrue(received, "the proxy closed the connection without answering")
+                responses, _ = parse_http_responses(received)
+                self.assert_json_error(responses[0], 408, "request_timeout")
         self.assertEqual(self.backend.requests, [])
         self.assert_healthy()
 
@@ -8725,11 +8800,12 @@ class SlowClientTests(SecurityCase):
     def test_keep_alive_connection_is_served_before_the_idle_timeout(self):
         # Gaps longer than the request deadline but shorter than the idle timeout, together
         # longer than the idle timeout: each request restarts the idle clock, and the
-        # deadline of one request does not carry over to the next.
-        self.patch_timeouts(read=0.4, idle=1.2)
+        # deadline of one request does not carry over to the next. Each gap leaves the idle
+        # timeout almost 2 s to spare, for a loaded machine.
+        self.patch_timeouts(read=0.4, idle=3.0)
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             rest = b""
-            for i, gap in enumerate((0, 0.55, 0.55, 0.55)):
+            for i, gap in enumerate((0, 1.1, 1.1, 1.1)):
                 time.sleep(gap)
                 s.sendall(build_request(self.port, "POST", "/v1/responses",
                                         [("Content-Type", "application/json")],

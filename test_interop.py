@@ -402,10 +402,9 @@ class ChatCompletionsInteropTests(SDKTestCase):
         self.assertEqual(completion.usage.total_tokens, USAGE["total_tokens"])
         body = self.sent()
         self.assertFalse([i for i in body["input"] if i.get("role") == "system"], body)
-        carried = body.get("instructions") == "be brief" or any(
-            i.get("role") == "developer" and "be brief" in json.dumps(i.get("content"))
-            for i in body["input"])
-        self.assertTrue(carried, "the system prompt was lost: %r" % body)
+        # a leading system message becomes the instructions (README), not an input item
+        self.assertEqual(body["instructions"], "be brief", body)
+        self.assertFalse([i for i in body["input"] if "be brief" in json.dumps(i)], body)
         self.assertTrue(any(i.get("role") == "user" and "hi" in json.dumps(i.get("content"))
                             for i in body["input"]), body)
 
@@ -448,8 +447,10 @@ class ChatCompletionsInteropTests(SDKTestCase):
         self.assertEqual(calls[0].function.arguments, '{"city": "Paris"}')
         tools = self.sent()["tools"]
         self.assertEqual(len(tools), 1)
-        self.assertEqual(tools[0].get("name") or tools[0].get("function", {}).get("name"),
-                         "get_weather")
+        # the Responses form: flat, no nested "function"
+        self.assertEqual(tools[0]["name"], "get_weather")
+        self.assertNotIn("function", tools[0])
+        self.assertEqual(tools[0]["type"], "function")
 
     def test_tool_call_streaming(self):
         self.script(items=[function_call_item()])
@@ -499,11 +500,13 @@ class ChatCompletionsInteropTests(SDKTestCase):
         self.assertLess(types.index("function_call"), types.index("function_call_output"))
 
     def test_n_above_one_is_bad_request(self):
-        self.script()
         with self.assertRaises(openai.BadRequestError) as caught:
             self.client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
-        self.assertEqual(caught.exception.status_code, 400)
+        error = caught.exception
+        self.assertEqual(error.status_code, 400)
+        self.assertEqual((error.code, error.param), ("invalid_value", "n"), error.body)
+        self.assertEqual(self.backend.requests, [], "the request reached the backend")
 
 
 # --------------------------------------------------------------------------------------------
