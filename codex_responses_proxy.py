@@ -124,6 +124,7 @@ try:  # the standard library's zstd, from Python 3.14 on (the Codex CLI may send
     zstd = importlib.import_module("compression.zstd")
 except ImportError:
     zstd = None
+_ZSTD_ERRORS = (zstd.ZstdError,) if hasattr(zstd, "ZstdError") else ()  # an Exception of its own
 
 __version__ = "0.1.0"
 
@@ -1150,7 +1151,7 @@ def decode_request_body(raw, content_encoding, limit=None):
             if not decompressor.eof:
                 raise ValueError("the compressed data ends early")
             return out
-    except (OSError, EOFError, zlib.error, ValueError) as e:
+    except (OSError, EOFError, zlib.error, ValueError) + _ZSTD_ERRORS as e:
         raise ProxyError(400, "The request body is not valid %s data: %s" % (encoding, e),
                          code="invalid_body")
     raise ProxyError(415, "Unsupported Content-Encoding %r; use gzip, deflate or none."
