@@ -2226,6 +2226,7 @@ OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
 CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1003, 1007, 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_POLICY_VIOLATION = 1008
 # Codes an endpoint may never put in a close frame (RFC 6455 section 7.4.1).
 _CLOSE_CODES_RESERVED = (1004, 1005, 1006, 1015)
 
@@ -2455,11 +2456,14 @@ class WebSocketReader:
         head = frame_header(self._buf, self._pos)
         return head is not None and len(self._buf) - self._pos >= head[3] + head[2]
 
-    def message(self, pong):
+    def message(self, pong, buffered_only=False):
         """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
-        payload). Pings are answered through pong(payload) on the way."""
+        payload). Pings are answered through pong(payload) on the way. buffered_only: None
+        instead of waiting when no whole message is buffered (a lone ping, a first fragment)."""
         parts, first = [], None
         while True:
+            if buffered_only and not parts and not self.frame_ready():
+                return None
             fin, opcode, payload = self.frame()
             if opcode == OP_PING:
                 pong(payload)
@@ -3393,6 +3397,11 @@ def window_label(minutes):
     return "%dm" % minutes
 
 
+# x-codex-* headers that say nothing of the quota: a WebSocket's 101 carries only these, and
+# must not blank what /status shows.
+NOT_QUOTA_HEADERS = ("x-codex-turn-state", "x-codex-websocket-max-message-bytes")
+
+
 class QuotaTracker:
     """The latest x-codex-* quota headers the backend sent, for /status. "primary" and
     "secondary" are positions, not durations: which window is which is told by each one's
@@ -3402,7 +3411,8 @@ class QuotaTracker:
         self._seen = ({}, None)  # (headers, when): replaced whole, so read without a lock
 
     def update(self, headers):
-        quota = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
+        quota = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")
+                 and k.lower() not in NOT_QUOTA_HEADERS}
         if quota:
             self._seen = (quota, time.time())
 
@@ -3914,8 +3924,8 @@ class WebSocketBody:
                 if frame is None:
                     return b""
                 out.append(frame)
-            while not self.complete and self.ws.reader.frame_ready():
-                frame = self.next_event()
+            while not self.complete:
+                frame = self.next_event(buffered_only=True)
                 if frame is None:
                     break
                 out.append(frame)
@@ -3923,13 +3933,17 @@ class WebSocketBody:
             raise http.client.HTTPException("WebSocket protocol error: %s" % e)
         return b"".join(out)
 
-    def next_event(self):
-        """The next event as an SSE frame; None when the socket closed."""
+    def next_event(self, buffered_only=False):
+        """The next event as an SSE frame; None when the socket closed (buffered_only: or
+        when no whole message is buffered)."""
         while True:
             try:
-                opcode, payload = self.ws.reader.message(self.ws.pong)
+                message = self.ws.reader.message(self.ws.pong, buffered_only)
             except EOFError:
                 return None
+            if message is None:
+                return None
+            opcode, payload = message
             if opcode == OP_CLOSE:
                 self.ws.close()
                 return None
@@ -4128,6 +4142,10 @@ class WebSocketUpstream:
             self.client.quota.update(e.headers)
             if e.status == 401:
                 raise
+            if e.status in (400, 429):  # the request's or the account's fault: over HTTP too
+                err = translate_upstream_error(e.status, b"")
+                err.headers = forwarded_response_headers(e.headers)
+                raise err
             return self.refused("the backend refused the WebSocket upgrade (HTTP %d)"
                                 % e.status)
         except ValueError as e:
@@ -4584,6 +4602,7 @@ def relay_as_is(upstream, answer, client):
 WS_PING_INTERVAL = 25.0
 # A socket with no request for this long is closed (the backend's own live 60 minutes).
 WS_CLIENT_IDLE_SECONDS = 3600.0
+WS_MAX_QUEUED = 16             # requests a socket may have waiting
 WS_CLOSE_WAIT = 2.0            # after our close frame, how long the client has to answer it
 WS_KEPT_RESPONSES = 4          # responses kept per socket for previous_response_id ...
 WS_KEPT_BYTES = 16 * 1024 * 1024  # ... within this many compressed bytes (the last always)
@@ -4764,13 +4783,16 @@ class WebSocketSession:
         tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_CLIENT_IDLE_SECONDS / 2.0)
         try:
             data = self._pending_bytes()
+            next_tick = time.monotonic() + tick
             while not self._ended:
                 if data and self._take(self.reader.feed(data)):
                     return
                 data = b""
-                if not readable_sockets([self.sock], tick):
+                if time.monotonic() >= next_tick:  # also while the client keeps sending
+                    next_tick = time.monotonic() + tick
                     if self._tick():
                         return
+                if not readable_sockets([self.sock], tick):
                     continue
                 data = self.sock.recv(65536)
                 if not data:
@@ -4787,6 +4809,9 @@ class WebSocketSession:
         for opcode, payload in messages:
             if opcode == OP_TEXT:
                 with self._cond:
+                    if len(self._queue) >= WS_MAX_QUEUED:
+                        raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
+                                             "waiting; wait for answers" % WS_MAX_QUEUED)
                     self._queue.append(payload)
                     self._cond.notify_all()
             elif opcode == OP_PING:
@@ -4821,10 +4846,10 @@ class WebSocketSession:
     # -- this thread: the requests ------------------------------------------------------------
 
     def run(self):
-        self.app.traffic.count_websocket("connections_open", 1)
         reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
-        reader.start()
+        self.app.traffic.count_websocket("connections_open", 1)
         try:
+            reader.start()
             while True:
                 with self._cond:
                     while not self._queue and not self._ended and self._closing is None:
@@ -4842,7 +4867,8 @@ class WebSocketSession:
                 if self.app.stopping:
                     self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
         finally:
-            reader.join(WS_CLOSE_WAIT + 5)
+            if reader.ident is not None:  # started
+                reader.join(WS_CLOSE_WAIT + 5)
             self.end()
             self.app.traffic.count_websocket("connections_open", -1)
 

@@ -2331,6 +2331,82 @@ class WebSocketProtocolTests(WebSocketCase):
         self.assertEqual(client.response_events()[-1]["type"], "response.completed")
 
 
+class WebSocketEdgeTests(WebSocketCase):
+    """What a review of the WebSocket ends found: each case fails on the code before it."""
+
+    def test_an_event_is_not_held_back_by_a_ping_behind_it(self):
+        class NoQuota:
+            def update(self, headers):
+                pass
+
+        owner = proxy.WebSocketUpstream.__new__(proxy.WebSocketUpstream)
+        owner.client = type("Client", (), {"quota": NoQuota()})()
+        delta = json.dumps({"type": "response.output_text.delta", "delta": "hi"}).encode()
+        for behind in (proxy.encode_frame(proxy.OP_PING, b"x"),
+                       proxy.encode_frame(proxy.OP_TEXT, json.dumps(
+                           {"type": "codex.rate_limits", "rate_limits": {}}).encode())):
+            ours, backend = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(backend.close)
+            ours.settimeout(2)  # the event is there: reading it must not wait at all
+            body = proxy.WebSocketBody(owner, proxy.UpstreamWebSocket(ours, b"", [], None, "k"),
+                                       None)
+            backend.sendall(proxy.encode_frame(proxy.OP_TEXT, delta) + behind)
+            self.assertEqual(body.read(), b"event: response.output_text.delta\ndata: "
+                             + delta + b"\n\n")
+
+    def test_a_flood_of_requests_is_closed_with_1008(self):
+        reply = Reply(frames=stream_frames(), hold_after=1)  # the first stays in flight
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = self.open_ws()
+        for _ in range(proxy.WS_MAX_QUEUED + 5):
+            client.create()
+        self.assertEqual(client.expect_close(), 1008)
+
+    def test_a_client_that_keeps_pinging_still_gets_1001_at_shutdown(self):
+        client = self.open_ws()
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def keep_pinging():
+            while not stop.wait(0.1):
+                try:
+                    client.send_frame(0x9, b"k")
+                except OSError:
+                    return
+
+        threading.Thread(target=keep_pinging, daemon=True).start()
+        self.proxy.app.begin_shutdown("test")
+        client.sock.settimeout(10)
+        deadline = time.monotonic() + 10  # pongs keep coming: only the close ends this
+        code = None
+        while code is None and time.monotonic() < deadline:
+            opcode, payload = client.recv_frame()
+            if opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big")
+        self.assertEqual(code, 1001)
+
+    def test_a_101_without_quota_headers_keeps_the_quota(self):
+        quota = proxy.QuotaTracker()
+        quota.update([("x-codex-primary-used-percent", "40"),
+                      ("x-codex-primary-window-minutes", "300")])
+        quota.update([("x-codex-turn-state", "abc"),
+                      ("x-codex-websocket-max-message-bytes", "1000000")])
+        self.assertEqual(quota.snapshot()["primary"]["used_percent"], 40.0)
+
+
+class UpstreamUpgradeRefusalTests(ProxyTestCase):
+    upstream_transport = "ws"
+
+    def test_a_429_on_the_upgrade_is_the_clients_429_not_a_transport_error(self):
+        self.backend.ws.refuse = 429
+        status, headers, body = self.post(simple_request())
+        self.assert_openai_error(status, body, 429)
+        self.assertNotEqual(body["error"]["code"], "websocket_refused")
+        self.assertEqual(self.backend.requests, [], "nothing is sent over HTTP instead")
+
+
 class WebSocketLifecycleTests(WebSocketCase):
     def test_client_hang_up_or_close_mid_stream_cuts_the_upstream(self):
         for how in ("close frame", "dropped TCP"):
