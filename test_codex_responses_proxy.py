@@ -854,6 +854,12 @@ class ProxyTestCase(unittest.TestCase):
             write_auth(self.home, auth_document(access=self.token))
         self.start_proxy()
 
+    def restart_in_api_key_mode(self):
+        """The proxy again, in API-key mode against the same fake backend (its key valid)."""
+        self.stop_proxy(self.proxy)
+        self.backend.valid_tokens.add(API_KEY)
+        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode())
+
     def start_proxy(self, **overrides):
         options = dict(host="127.0.0.1", port=0, upstream_url=self.backend.url,
                        codex_home=self.home, refresh_url=self.oauth.url,
@@ -2461,9 +2467,7 @@ class WebSocketLifecycleTests(WebSocketCase):
 class WebSocketApiKeyTests(WebSocketCase):
     def setUp(self):
         super().setUp()
-        self.stop_proxy(self.proxy)
-        self.backend.valid_tokens.add(API_KEY)
-        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode())
+        self.restart_in_api_key_mode()
 
     def test_each_create_is_a_streamed_post_with_the_key(self):
         client = self.open_ws(headers={"Authorization": "Bearer sk-client-side"})
@@ -7398,9 +7402,7 @@ class ApiKeyConnectionTests(ProxyTestCase):
 
     def setUp(self):
         super().setUp()
-        self.stop_proxy(self.proxy)
-        self.backend.valid_tokens.add(API_KEY)
-        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode())
+        self.restart_in_api_key_mode()
 
     def test_content_length_answers_reuse_the_upstream_connection(self):
         conn = self.connection()
