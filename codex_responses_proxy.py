@@ -206,7 +206,8 @@ class Config:
                  api_key_source=None, server_info=None, http_shutdown=False, dump_dir=None,
                  client_key=None, allow_hosts=(), allow_origins=(),
                  max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, upstream_transport="auto"):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, upstream_transport="auto",
+                 list_effort_models=False):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -233,6 +234,7 @@ class Config:
         self.max_connections = max_connections
         self.state_db = state_db
         self.upstream_transport = upstream_transport
+        self.list_effort_models = list_effort_models
         self.state_max_bytes = int((state_max_mb or (DEFAULT_STATE_DB_MB if state_db
                                                      else DEFAULT_STATE_MB)) * 1024 * 1024)
 
@@ -347,6 +349,10 @@ def build_arg_parser():
                         "conversation's third turn (the first go over HTTP while its socket "
                         "opens) and uses HTTP for a while when the backend refuses the "
                         "upgrade; http never opens a socket (default %(default)s)")
+    p.add_argument("--list-effort-models", action="store_true",
+                   help="also list MODEL-EFFORT in /v1/models for each reasoning effort a "
+                        "model offers (such names work either way; by default pickers stay "
+                        "short)")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -397,7 +403,8 @@ def parse_config(argv=None, stdin=None):
                   allow_origins=args.allow_origin, max_body_bytes=args.max_body_bytes,
                   max_concurrent=args.max_concurrent, state_db=args.state_db,
                   state_max_mb=args.state_max_mb, max_connections=args.max_connections,
-                  upstream_transport=args.upstream_transport)
+                  upstream_transport=args.upstream_transport,
+                  list_effort_models=args.list_effort_models)
 
 
 def is_loopback(host):
@@ -1088,7 +1095,7 @@ ACCEPTED_SERVICE_TIER = "priority"
 # Never dropped on an "Unsupported parameter" answer: without them the request means something
 # else, and the client should hear of the refusal instead.
 ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools", "tool_choice",
-                    "reasoning", "text", "include")
+                    "reasoning", "text", "include", "prompt", "images", "mask")
 
 
 def _inflate(raw, wbits, limit):
@@ -2216,6 +2223,314 @@ def sse_data(obj):
 
 
 # --------------------------------------------------------------------------------------------
+# Reasoning effort in a model name (pure): "gpt-5.5-high" or "gpt-5.5(high)" is gpt-5.5 with
+# reasoning.effort "high", for clients that can only name a model
+# --------------------------------------------------------------------------------------------
+
+# The efforts the Codex CLI knows. Only these make a "-suffix" an effort: a name like
+# "gpt-5.1-codex-mini" must not cost a model-list lookup, nor be read as an effort "mini".
+KNOWN_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+_PAREN_EFFORT_RE = re.compile(r"(.+)\(([A-Za-z]{1,20})\)\Z", re.S)
+
+
+def effort_in_name(name):
+    """(model, effort) when name has the shape of MODEL(EFFORT), any word in the parentheses,
+    or MODEL-EFFORT with a known effort; else None. Whether MODEL is a model is not asked
+    here."""
+    if not isinstance(name, str):
+        return None
+    m = _PAREN_EFFORT_RE.match(name)
+    if m:
+        return m.group(1).rstrip(), m.group(2).lower()
+    model, dash, effort = name.rpartition("-")
+    if dash and model and effort.lower() in KNOWN_EFFORTS:
+        return model, effort.lower()
+    return None
+
+
+class ModelCatalog:
+    """The backend's model list as fetched: every model it names, whatever its visibility
+    (a hidden one is still a name that must never be split), with its reasoning efforts."""
+
+    def __init__(self, models, fetched_at):
+        self.models = [m for m in models if isinstance(m, dict) and isinstance(m.get("slug"),
+                                                                               str)]
+        self.created = int(fetched_at)
+        self.efforts = {m["slug"]: tuple(
+            level["effort"] for level in m.get("supported_reasoning_levels") or ()
+            if isinstance(level, dict) and isinstance(level.get("effort"), str))
+            for m in self.models}
+
+    def listed(self):
+        """The slugs of the models a model picker should show, in the backend's order."""
+        return [m["slug"] for m in self.models if m.get("visibility") == "list"]
+
+    def openai_list(self, with_efforts=False):
+        """GET /v1/models in OpenAI's shape; with_efforts adds MODEL-EFFORT for each effort a
+        listed model offers (--list-effort-models)."""
+        ids = []
+        for slug in self.listed():
+            ids.append(slug)
+            if with_efforts:
+                ids.extend(v for v in ("%s-%s" % (slug, e) for e in self.efforts[slug])
+                           if v not in self.efforts)
+        return {"object": "list", "data": [
+            {"id": i, "object": "model", "created": self.created, "owned_by": "openai"}
+            for i in ids]}
+
+
+def model_with_effort(body, catalog):
+    """A Responses request whose model names an effort (see effort_in_name) -> the request
+    for the model alone, with that reasoning.effort unless the request sets its own. A name
+    the backend lists is never split; nor is one whose MODEL it does not list (the backend
+    then says the model is unknown). An effort MODEL does not offer is a 400 naming those it
+    does. catalog() -> the ModelCatalog, or None when there is none to be had (the name then
+    goes as it is); asked only for a name of that shape. Pure: body is left untouched."""
+    name = body.get("model")
+    parts = effort_in_name(name)
+    if parts is None:
+        return body
+    known = catalog()
+    if known is None or name in known.efforts or parts[0] not in known.efforts:
+        return body
+    model, effort = parts
+    offered = known.efforts[model]
+    if effort not in offered:
+        raise ProxyError(
+            400, "Model %r has no reasoning effort %r%s. Name it as MODEL-EFFORT or "
+            "MODEL(EFFORT) with one of its efforts, or set reasoning.effort."
+            % (model, effort, "; it offers: " + ", ".join(offered) if offered
+               else "; it offers none to choose from"), param="model", code="unsupported_value")
+    out = dict(body, model=model)
+    reasoning = body.get("reasoning")
+    if reasoning is None:
+        out["reasoning"] = {"effort": effort}
+    elif isinstance(reasoning, dict) and reasoning.get("effort") is None:
+        out["reasoning"] = dict(reasoning, effort=effort)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Images (pure): the OpenAI Images API (JSON, or multipart/form-data for edits) as the
+# backend's JSON requests to .../codex/images/generations and /images/edits
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_IMAGE_MODEL = "gpt-image-2"  # what the Codex CLI's image tool asks for
+IMAGES_TIMEOUT = 600.0  # one JSON answer after the whole image is made: minutes, no events
+IMAGE_ANSWER_LIMIT = 256 * 1024 * 1024  # n images of a few MB each, in base64
+# The edit endpoint takes a form too, as the SDKs send it; every other POST is JSON.
+FORM_PATHS = ("/v1/images/edits", "/images/edits")
+MULTIPART_MAX_PARTS = 64
+MULTIPART_MAX_HEADER_BYTES = 8192
+# Form fields that are numbers or booleans in the JSON request (a form sends only text).
+FORM_INTEGERS = ("n", "output_compression", "partial_images")
+FORM_BOOLEANS = ("stream",)
+IMAGE_TYPES = (("image/png", b"\x89PNG\r\n\x1a\n"), ("image/jpeg", b"\xff\xd8\xff"),
+               ("image/gif", b"GIF8"), ("image/webp", b"RIFF"))
+IMAGE_TURN_ID_HEADER = "x-codex-image-turn-id"
+
+
+def _form_error(message, param=None):
+    return ProxyError(400, message, param=param, code="invalid_multipart")
+
+
+def multipart_boundary(content_type):
+    """The boundary of a multipart/form-data Content-Type, else None (not a form)."""
+    kind, _, params = (content_type or "").partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return None
+    m = re.search(r'(?:^|;)\s*boundary=(?:"([^"]{1,70})"|([^";\s]{1,70}))\s*(?:;|\Z)',
+                  params, re.I)
+    if not m:
+        raise _form_error("The multipart/form-data Content-Type has no valid boundary "
+                          "parameter (1 to 70 characters).")
+    return (m.group(1) or m.group(2)).encode("latin-1")
+
+
+def _disposition(value):
+    """(name, filename or None) of a part's Content-Disposition: form-data header."""
+    kind, _, rest = value.partition(";")
+    if kind.strip().lower() != "form-data":
+        raise _form_error("A form part's Content-Disposition must be form-data, not %r."
+                          % kind.strip()[:40])
+    params = {}
+    for m in re.finditer(r';?\s*([A-Za-z*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]*))', rest):
+        params.setdefault(m.group(1).lower(), re.sub(r"\\(.)", r"\1", m.group(2))
+                          if m.group(2) is not None else m.group(3))
+    if not params.get("name"):
+        raise _form_error("A form part has no name in its Content-Disposition.")
+    return params["name"], params.get("filename")
+
+
+def _part_head(block):
+    """(name, filename, content type) from a part's header lines."""
+    disposition = ctype = None
+    for line in block.split(b"\r\n"):
+        field, colon, value = line.partition(b":")
+        if not colon or not field or field != field.strip():
+            raise _form_error("A form part has a malformed header line.")
+        value = value.strip().decode("utf-8", "replace")
+        if field.lower() == b"content-disposition":
+            disposition = value
+        elif field.lower() == b"content-type":
+            ctype = value.split(";")[0].strip().lower()
+    if disposition is None:
+        raise _form_error("A form part has no Content-Disposition header.")
+    name, filename = _disposition(disposition)
+    return name, filename, ctype
+
+
+def parse_multipart_form(body, boundary):
+    """multipart/form-data (RFC 7578) -> [(name, filename or None, content type or None,
+    bytes)], strictly: CRLF line ends, a closing delimiter, at most MULTIPART_MAX_PARTS parts
+    with headers of at most MULTIPART_MAX_HEADER_BYTES. The body was already bounded by
+    --max-body-bytes. Raises ProxyError (400)."""
+    delimiter = b"\r\n--" + boundary
+    if body.startswith(delimiter[2:]):
+        pos = len(delimiter) - 2
+    else:  # a preamble, ignored
+        pos = body.find(delimiter)
+        if pos < 0:
+            raise _form_error("The form has no part delimited by its boundary.")
+        pos += len(delimiter)
+    parts = []
+    while True:
+        if body.startswith(b"--", pos):
+            return parts  # the close delimiter; what follows is an epilogue
+        while body[pos:pos + 1] in (b" ", b"\t"):  # transport padding (RFC 2046)
+            pos += 1
+        if not body.startswith(b"\r\n", pos):
+            raise _form_error("The form is malformed: a boundary delimiter must end its line.")
+        if len(parts) == MULTIPART_MAX_PARTS:
+            raise _form_error("The form has more than %d parts." % MULTIPART_MAX_PARTS)
+        head_end = body.find(b"\r\n\r\n", pos + 2, pos + 2 + MULTIPART_MAX_HEADER_BYTES + 4)
+        if head_end < 0:
+            raise _form_error("A form part's headers are missing their end or are over %d "
+                              "bytes." % MULTIPART_MAX_HEADER_BYTES)
+        name, filename, ctype = _part_head(body[pos + 2:head_end])
+        end = body.find(delimiter, head_end + 4)
+        if end < 0:
+            raise _form_error("The form ends before its closing boundary delimiter (was the "
+                              "body cut short?).")
+        parts.append((name, filename, ctype, body[head_end + 4:end]))
+        pos = end + len(delimiter)
+
+
+def image_data_url(data, declared, param):
+    """An uploaded image as a data URL; its type from its first bytes when the client gave
+    none that names an image (the SDKs send application/octet-stream for raw bytes)."""
+    if not data:
+        raise ProxyError(400, "The image in `%s` is empty." % param, param=param,
+                         code="invalid_image")
+    if not (declared or "").startswith("image/"):
+        declared = next((kind for kind, magic in IMAGE_TYPES if data.startswith(magic)), None)
+        if declared is None:
+            raise ProxyError(400, "The file in `%s` is not a PNG, JPEG, WebP or GIF image."
+                             % param, param=param, code="invalid_image")
+    return "data:%s;base64,%s" % (declared, base64.b64encode(data).decode("ascii"))
+
+
+def image_edit_from_form(parts):
+    """An edit request's form parts -> its JSON body (images and mask as image_url objects
+    holding data URLs, numbers and booleans typed)."""
+    body, images, seen = {}, [], set()
+    for name, filename, ctype, data in parts:
+        if name in ("image", "image[]"):
+            images.append({"image_url": image_data_url(data, ctype, "image")})
+            continue
+        if name in seen:
+            raise _form_error("The form field %r is given twice." % name, name)
+        seen.add(name)
+        if name == "mask":
+            body["mask"] = {"image_url": image_data_url(data, ctype, "mask")}
+        elif filename is not None or "[" in name:
+            raise ProxyError(400, "The form field %r is not supported here: send the images as "
+                             "`image` (or `image[]`), the mask as `mask`, the rest as plain "
+                             "fields." % name, param=name, code="unsupported_parameter")
+        else:
+            body[name] = _form_value(name, data)
+    if images:
+        body["images"] = images
+    return body
+
+
+def _form_value(name, data):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _form_error("The form field %r is not UTF-8 text." % name, name)
+    if name in FORM_INTEGERS:
+        if not re.match(r"-?[0-9]{1,9}\Z", text.strip()):
+            raise ProxyError(400, "`%s` must be an integer." % name, param=name,
+                             code="invalid_type")
+        return int(text)
+    if name in FORM_BOOLEANS:
+        if text.strip().lower() not in ("true", "false"):
+            raise ProxyError(400, "`%s` must be true or false." % name, param=name,
+                             code="invalid_type")
+        return text.strip().lower() == "true"
+    return text
+
+
+def _json_edit_images(body):
+    """The JSON edit's images (and mask) as the backend takes them: image_url objects; a
+    file_id, which only the platform can resolve, is refused."""
+    images = body.get("images")
+    if not isinstance(images, list) or not images:
+        raise ProxyError(400, "An image edit needs the images to edit: `images` as a list of "
+                         "{\"image_url\": \"data:image/png;base64,...\"}, or a multipart form "
+                         "with `image` files.", param="images", code="missing_required_parameter")
+    for i, ref in enumerate(images + ([body["mask"]] if body.get("mask") is not None else [])):
+        param = "images[%d]" % i if i < len(images) else "mask"
+        if isinstance(ref, dict) and ref.get("file_id") is not None:
+            raise ProxyError(400, "`%s` names a file_id: on a ChatGPT subscription there are no "
+                             "uploaded files; send the image itself as a data URL in "
+                             "image_url." % param, param=param, code="unsupported_value")
+        if not isinstance(ref, dict) or not isinstance(ref.get("image_url"), str):
+            raise ProxyError(400, "`%s` must be {\"image_url\": \"data:image/...;base64,...\"}."
+                             % param, param=param, code="invalid_type")
+
+
+def image_request(body, edit, drop=()):
+    """An Images API request (a JSON object; a form already made one) -> the backend's JSON:
+    the default model when it names none, b64_json the only answer there is, parameters the
+    backend was seen to reject for the model left out (drop). Raises ProxyError (400)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ProxyError(400, "`prompt` is required: a text describing the image.",
+                         param="prompt", code="missing_required_parameter")
+    if body.get("response_format") not in (None, "b64_json"):
+        raise ProxyError(400, "response_format %s is not available on a ChatGPT subscription: "
+                         "its backend returns images only as base64. Leave response_format "
+                         "out or set it to \"b64_json\", and read data[].b64_json."
+                         % json.dumps(body["response_format"])[:40], param="response_format",
+                         code="unsupported_value")
+    if body.get("stream") not in (None, False):
+        raise ProxyError(400, "Streaming images (stream: true) is not available on a ChatGPT "
+                         "subscription: its backend answers with the finished images. Leave "
+                         "stream out.", param="stream", code="unsupported_value")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ProxyError(400, "`model` must be a string.", param="model", code="invalid_type")
+    if edit:
+        _json_edit_images(body)
+    out = {k: v for k, v in body.items() if k not in ("response_format", "stream")
+           and k not in drop}
+    out["model"] = body.get("model") or DEFAULT_IMAGE_MODEL
+    return out
+
+
+def image_request_headers(client_headers):
+    """The upstream headers an image request carries on account of its client: its x-codex-*
+    ones, and an x-codex-image-turn-id as the Codex CLI sends with each image call, made up
+    when the client sent none."""
+    headers = [(name, value) for name, value in client_headers.items()
+               if name.startswith("x-codex-") and name != ROUTING_HINT_HEADER]
+    if IMAGE_TURN_ID_HEADER not in client_headers:
+        headers.append((IMAGE_TURN_ID_HEADER, str(uuid.uuid4())))
+    return headers
+
+
+# --------------------------------------------------------------------------------------------
 # WebSocket framing (RFC 6455, pure): the handshake's accept key, frames, messages; and for
 # the backend's socket, its frames read and the upgrade asked for
 # --------------------------------------------------------------------------------------------
@@ -2641,7 +2956,10 @@ def check_access(method, path, headers, config, listen_address):
                          "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
     ctype = headers.get("content-type")
     if method == "POST" and ctype is not None and \
-            ctype.split(";")[0].strip().lower() != "application/json":
+            ctype.split(";")[0].strip().lower() != "application/json" and not (
+                path in FORM_PATHS and multipart_boundary(ctype) is not None):
+        # A form needs no preflight either, but a page's form post carries Origin (refused
+        # above), and only the edit endpoint reads one.
         # A browser's form or text/plain post needs no preflight: refuse it before anything
         # is sent upstream.
         raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
@@ -2655,6 +2973,8 @@ ROUTES = {
     "/v1/responses/compact": {"POST": "compact"},
     "/v1/responses/input_tokens": {"POST": "input_tokens"},
     "/v1/chat/completions": {"POST": "chat_completions"},
+    "/v1/images/generations": {"POST": "image_generations"},
+    "/v1/images/edits": {"POST": "image_edits"},
     "/v1/models": {"GET": "models"},
     "/status": {"GET": "status"},
     "/shutdown": {"GET": "shutdown"},
@@ -3363,18 +3683,16 @@ class UpstreamClient:
             raise err
 
     def models(self, version):
-        """The backend's model list as OpenAI's: {"object": "list", "data": [...]}."""
+        """The backend's model list, as a ModelCatalog."""
         url = "%s?client_version=%s" % (upstream_url_for(self.config.upstream_url, "models"),
                                         urllib.parse.quote(version))
         body = self.call("GET", url, accept="application/json",
                          version=version).read_whole(self.pool)
         try:
             models = json.loads(body)["models"]
-            now = int(time.time())
-            return {"object": "list", "data": [
-                {"id": m["slug"], "object": "model", "created": now, "owned_by": "openai"}
-                for m in models if isinstance(m, dict) and m.get("visibility") == "list"
-                and isinstance(m.get("slug"), str)]}
+            if not isinstance(models, list):
+                raise TypeError("models is no list")
+            return ModelCatalog(models, time.time())
         except (ValueError, KeyError, TypeError):
             raise ProxyError(502, "The backend's model list was not in the expected shape.",
                              code="bad_upstream_answer")
@@ -5709,8 +6027,9 @@ class App:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
         for asked in query.get("client_version", [])[:1]:
             self.client_version.observe({"version": asked})
-        client.send_json(200, self.models_cache.get(self.upstream.models,
-                                                    self.client_version.newest, self.log))
+        catalog = self.models_cache.get(self.upstream.models, self.client_version.newest,
+                                        self.log)
+        client.send_json(200, catalog.openai_list(self.config.list_effort_models))
 
     def responses(self, client):
         if self.config.mode == "apikey":
@@ -5843,6 +6162,58 @@ class App:
                          "`usage.input_tokens` of a response says what a request cost.",
                          code="input_tokens_not_supported")
 
+    def image_generations(self, client):
+        self.images(client, "images/generations", edit=False)
+
+    def image_edits(self, client):
+        self.images(client, "images/edits", edit=True)
+
+    def images(self, client, endpoint, edit):
+        """POST /v1/images/generations or /edits: the backend's endpoint beside /responses,
+        one JSON answer (data[].b64_json) once the images are made."""
+        url = upstream_url_for(self.config.upstream_url, endpoint)
+        if self.config.mode == "apikey":
+            return self.pass_through(client, url)
+        boundary = multipart_boundary(client.lower_headers.get("content-type")) if edit else None
+        if boundary is not None:
+            raw = decode_request_body(client.body, client.lower_headers.get("content-encoding"),
+                                      self.config.max_body_bytes)
+            body = image_edit_from_form(parse_multipart_form(raw, boundary))
+        else:
+            body = self.json_body(client)[0]
+        model = body.get("model")
+        client.log_fields["model"] = model if isinstance(model, str) else DEFAULT_IMAGE_MODEL
+        request = image_request(body, edit, self.upstream.dropped_params(
+            body.get("model") or DEFAULT_IMAGE_MODEL))
+        answer = self.upstream.call("POST", url, request, encode_json_object, None,
+                                    image_request_headers(client.lower_headers),
+                                    "application/json",
+                                    self.client_version.observe(client.lower_headers),
+                                    IMAGES_TIMEOUT)
+        data = answer.read_whole(self.upstream.pool, IMAGE_ANSWER_LIMIT)
+        try:
+            result = json.loads(data)
+            if not isinstance(result, dict) or not isinstance(result.get("data"), list):
+                raise ValueError("no data list")
+        except ValueError:
+            raise ProxyError(502, "The backend's image answer was not the JSON expected%s."
+                             % (" (over %d MB)" % (IMAGE_ANSWER_LIMIT >> 20)
+                                if len(data) > IMAGE_ANSWER_LIMIT else ""),
+                             code="bad_upstream_answer")
+        client.send_whole(200, "application/json", data, answer.forwarded_headers())
+
+    def model_catalog(self):
+        """The backend's model list (cached), or None when it cannot be had: a model name
+        with an effort then goes as it is, and the backend judges it."""
+        try:
+            return self.models_cache.get(self.upstream.models, self.client_version.newest,
+                                         self.log)
+        except ProxyError as e:
+            self.log.warn_once("model-catalog", "cannot read the backend's model list (%s); "
+                               "model names with an effort in them are sent as they are"
+                               % e.message)
+            return None
+
     def platform_url(self, client):
         """API-key mode: the platform's URL for the client's path (and query)."""
         parts = urllib.parse.urlsplit(client.path)
@@ -5856,6 +6227,7 @@ class App:
         conversation store), rewritten, with the headers and the Codex version it goes
         with."""
         original = body  # what `source` and `spans` describe: references not yet expanded
+        body = model_with_effort(body, self.model_catalog)
         items = body.get("input")
         if isinstance(items, list):
             expanded = self.conversations.expand_references(items)

@@ -330,6 +330,8 @@ class FakeBackend:
         else:
             self.route("POST", None, self.codex_answer)
             self.route("GET", None, lambda req: self.ws.upgrade(HandlerView(req)) and False)
+            for endpoint in ("generations", "edits"):
+                self.route("POST", "/backend-api/codex/images/" + endpoint, self.images_answer)
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(256)
@@ -505,6 +507,56 @@ class FakeBackend:
             return 400, "Input must be a list"
         if not body.get("model") or not body.get("instructions"):
             return 400, "Model and instructions are required"
+        return None
+
+    # -- chatgpt.com/backend-api/codex/images/generations and /edits -----------------------
+
+    def images_answer(self, req):
+        """JSON in, JSON out, as codex-rs/codex-api/src/endpoint/images.rs has it: the images
+        as b64_json; each image's bytes here are "img:<prompt>:<i>"."""
+        body = req.json()
+        with self.lock:
+            self.requests.append({"method": req.method, "path": req.target,
+                                  "headers": req.headers, "body": body, "raw": req.raw})
+            reply = self.replies.popleft() if self.replies else Reply()
+        problem = self.check_images(req.headers, body, req.path.endswith("/edits"))
+        if problem:
+            status, detail = problem
+            return req.answer(status, json.dumps({"detail": detail}).encode(),
+                              self.answer_headers)
+        if reply.status != 200 or reply.body is not None:
+            return req.answer(reply.status, reply.body or b"",
+                              self.answer_headers + reply.headers)
+        answer = {"created": 1778832973, "background": body.get("background", "opaque"),
+                  "data": [{"b64_json": base64.b64encode(
+                      ("img:%s:%d" % (body["prompt"], i)).encode()).decode()}
+                      for i in range(body.get("n") or 1)],
+                  "output_format": "png", "quality": body.get("quality", "medium"),
+                  "size": body.get("size", "1024x1024"),
+                  "usage": {"input_tokens": 17, "output_tokens": 1372, "total_tokens": 1389}}
+        return req.answer(200, json.dumps(answer).encode(),
+                          self.answer_headers + [("x-request-id", "req-image")] + reply.headers)
+
+    def check_images(self, headers, body, edit):
+        auth = headers.get("Authorization") or ""
+        if not auth.startswith("Bearer ") or auth[7:] not in self.valid_tokens:
+            return 401, "Unauthorized"
+        if (headers.get("Content-Type") or "") != "application/json" or \
+                not isinstance(body, dict):
+            return 400, "Invalid JSON"
+        if not isinstance(body.get("prompt"), str) or not isinstance(body.get("model"), str):
+            return 400, "prompt and model are required"
+        for name in sorted(self.extra_rejected):
+            if name in body:
+                return 400, "Unsupported parameter: %s" % name
+        if edit:
+            images = body.get("images")
+            if not isinstance(images, list) or not images or not all(
+                    isinstance(i, dict) and str(i.get("image_url")).startswith("data:image/")
+                    for i in images):
+                return 400, "images must be a list of {image_url: data URL}"
+        elif "images" in body:
+            return 400, "Unsupported parameter: images"
         return None
 
     def platform_answer(self, req):
@@ -7889,6 +7941,439 @@ class ModelsTests(ProxyTestCase):
         self.assertIsInstance(body.get("error"), dict, body)
         self.assertEqual(len(self.backend.model_requests), 2)
         self.assertEqual(self.oauth.count, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# 7b. Reasoning effort in a model name: gpt-5.5-high, gpt-5.5(high)
+# --------------------------------------------------------------------------------------------
+
+EFFORT_MODELS = {"models": [
+    {"slug": "gpt-5.5", "visibility": "list",
+     "supported_reasoning_levels": [{"effort": e} for e in ("low", "medium", "high", "xhigh")]},
+    # a listed name that looks like MODEL-EFFORT: never split
+    {"slug": "gpt-5.5-high", "visibility": "list", "supported_reasoning_levels": []},
+    {"slug": "gpt-5.1-codex-mini", "visibility": "list",
+     "supported_reasoning_levels": [{"effort": "medium"}, {"effort": "high"}]},
+    {"slug": "gpt-5.1-codex", "visibility": "hide",
+     "supported_reasoning_levels": [{"effort": "low"}]},
+    {"slug": "no-efforts", "visibility": "list"},
+]}
+
+
+class ModelEffortTests(unittest.TestCase):
+    catalog = proxy.ModelCatalog(EFFORT_MODELS["models"], 1700000000)
+
+    def split(self, model, **body):
+        return proxy.model_with_effort(dict(body, model=model), lambda: self.catalog)
+
+    def refused(self, model, *offered):
+        with self.assertRaises(proxy.ProxyError) as cm:
+            self.split(model)
+        err = cm.exception
+        self.assertEqual((err.status, err.param, err.code), (400, "model", "unsupported_value"))
+        self.assertIn(repr(model.replace("(", "-").split("-")[-1].rstrip(")").lower()),
+                      err.message)
+        for effort in offered:
+            self.assertIn(effort, err.message)
+        return err.message
+
+    def test_both_shapes_set_the_effort(self):
+        for name, effort in (("gpt-5.5-xhigh", "xhigh"), ("gpt-5.5(low)", "low"),
+                             ("gpt-5.5(High)", "high"), ("gpt-5.5 (medium)", "medium"),
+                             ("gpt-5.1-codex-mini-high", "high"), ("gpt-5.1-codex-low", "low")):
+            out = self.split(name, input="hi")
+            self.assertEqual(out, {"model": name.split("(")[0].rsplit("-", 1)[0].strip()
+                                   if "(" not in name else name.split("(")[0].strip(),
+                                   "input": "hi", "reasoning": {"effort": effort}}, name)
+
+    def test_a_listed_name_is_never_split(self):
+        for name in ("gpt-5.5-high", "gpt-5.1-codex-mini", "gpt-5.1-codex"):
+            body = {"model": name}
+            self.assertIs(proxy.model_with_effort(body, lambda: self.catalog), body)
+
+    def test_names_of_no_effort_shape_do_not_ask_for_the_list(self):
+        def no_catalog():
+            raise AssertionError("the model list was asked for")
+        for name in ("gpt-5.1-codex", "gpt-5.1-codex-max", "gpt-5.5-ultra", "o3", None, 5,
+                     "gpt-5.5-"):
+            body = {"model": name}
+            self.assertIs(proxy.model_with_effort(body, no_catalog), body)
+
+    def test_an_unknown_model_goes_as_it_is_for_the_backend_to_judge(self):
+        for name in ("gpt-9-high", "gpt-9(low)"):
+            body = {"model": name}
+            self.assertIs(proxy.model_with_effort(body, lambda: self.catalog), body)
+            self.assertIs(proxy.model_with_effort(body, lambda: None), body)
+
+    def test_an_effort_the_model_does_not_offer_is_400_naming_those_it_does(self):
+        self.refused("gpt-5.5-minimal", "low, medium, high, xhigh")
+        self.refused("gpt-5.5(ultra)", "low, medium, high, xhigh")
+        self.refused("gpt-5.1-codex-mini-low", "medium, high")
+        self.assertIn("none", self.refused("no-efforts-high"))
+
+    def test_effort_set_twice_the_request_keeps_its_own(self):
+        out = self.split("gpt-5.5-high", reasoning={"effort": "low", "summary": "auto"})
+        self.assertEqual(out["model"], "gpt-5.5-high")  # listed: not split at all
+        out = self.split("gpt-5.5(high)", reasoning={"effort": "low", "summary": "auto"})
+        self.assertEqual(out, {"model": "gpt-5.5",
+                               "reasoning": {"effort": "low", "summary": "auto"}})
+        out = self.split("gpt-5.5-xhigh", reasoning={"summary": "auto", "effort": None})
+        self.assertEqual(out["reasoning"], {"summary": "auto", "effort": "xhigh"})
+        original = {"summary": "auto"}
+        out = self.split("gpt-5.5-xhigh", reasoning=original)
+        self.assertEqual((out["reasoning"], original),
+                         ({"summary": "auto", "effort": "xhigh"}, {"summary": "auto"}))
+
+    def test_model_list_with_and_without_effort_variants(self):
+        plain = self.catalog.openai_list()
+        self.assertEqual([m["id"] for m in plain["data"]],
+                         ["gpt-5.5", "gpt-5.5-high", "gpt-5.1-codex-mini", "no-efforts"])
+        self.assertEqual(plain["data"][0], {"id": "gpt-5.5", "object": "model",
+                                            "created": 1700000000, "owned_by": "openai"})
+        ids = [m["id"] for m in self.catalog.openai_list(with_efforts=True)["data"]]
+        self.assertEqual(ids, ["gpt-5.5", "gpt-5.5-low", "gpt-5.5-medium", "gpt-5.5-xhigh",
+                               "gpt-5.5-high", "gpt-5.1-codex-mini", "gpt-5.1-codex-mini-medium",
+                               "gpt-5.1-codex-mini-high", "no-efforts"])
+
+
+class EffortInModelNameTests(ProxyTestCase):
+    """The name's effort on each front end, with the backend's model list behind it."""
+
+    def setUp(self):
+        super().setUp()
+        add_models_endpoint(self.backend)
+        self.backend.models_doc = EFFORT_MODELS
+
+    def test_responses_front_end(self):
+        status, _, body = self.post(simple_request(model="gpt-5.5-xhigh"))
+        self.assertEqual(status, 200, body)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]), ("gpt-5.5", {"effort": "xhigh"}))
+        self.assertEqual(self.last_upstream()["headers"].get("x-codex-routing-hint"),
+                         "model=gpt-5.5")
+        status, _, body = self.post(simple_request(model="gpt-5.5(low)",
+                                                   reasoning={"effort": "high"}))
+        self.assertEqual(status, 200, body)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]), ("gpt-5.5", {"effort": "high"}))
+        self.assertEqual(len(self.backend.model_requests), 1, "the list is cached")
+
+    def test_chat_completions_front_end(self):
+        status, _, body = self.post(chat_body(model="gpt-5.1-codex-mini-high"), path=CHAT)
+        self.assertEqual(status, 200, body)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]),
+                         ("gpt-5.1-codex-mini", {"effort": "high"}))
+        status, _, body = self.post(chat_body(model="gpt-5.5(high)", reasoning_effort="low"),
+                                    path=CHAT)
+        self.assertEqual(status, 200, body)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]["effort"]), ("gpt-5.5", "low"))
+
+    def test_listed_names_and_plain_names_go_as_they_are(self):
+        self.assertEqual(self.post(simple_request(model="gpt-5.5-high"))[0], 200)
+        self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
+        self.assertNotIn("reasoning", self.last_upstream()["body"])
+        self.assertEqual(self.post(chat_body(model="gpt-5.1-codex-mini"), path=CHAT)[0], 200)
+        self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.1-codex-mini")
+        self.assertEqual(len(self.backend.model_requests), 1)
+
+    def test_an_unknown_effort_is_400_before_the_backend(self):
+        for path, body in (("/v1/responses", simple_request(model="gpt-5.5-minimal")),
+                           (CHAT, chat_body(model="gpt-5.5(turbo)"))):
+            status, _, answer = self.post(body, path=path)
+            self.assert_openai_error(status, answer, 400, "unsupported_value",
+                                     "low, medium, high, xhigh")
+            self.assertEqual(answer["error"]["param"], "model")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_without_a_model_list_the_name_goes_as_it_is(self):
+        self.backend.models_failure = (500, {"detail": "Internal Server Error"})
+        status, _, body = self.post(simple_request(model="gpt-5.5-high"))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
+        self.assertIn("sent as they are", self.wait_for_log("model list"))
+
+    def test_models_list_effort_variants_only_when_asked(self):
+        ids = [m["id"] for m in json.loads(self.request("GET", "/v1/models")[2])["data"]]
+        self.assertNotIn("gpt-5.5-low", ids)
+        self.stop_proxy(self.proxy)
+        self.start_proxy(list_effort_models=True)
+        ids = [m["id"] for m in json.loads(self.request("GET", "/v1/models")[2])["data"]]
+        self.assertIn("gpt-5.5-low", ids)
+        self.assertEqual(ids.count("gpt-5.5-high"), 1)
+        self.assertIn("gpt-5.1-codex-mini-medium", ids)
+
+    def test_the_flag_is_on_the_command_line(self):
+        self.assertTrue(proxy.parse_config(["--list-effort-models"]).list_effort_models)
+        self.assertFalse(proxy.parse_config([]).list_effort_models)
+
+
+# --------------------------------------------------------------------------------------------
+# 7c. POST /v1/images/generations and /v1/images/edits
+# --------------------------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"pixels"
+JPEG = b"\xff\xd8\xff\xe0" + b"jfif"
+
+
+def form_body(fields=(), files=(), boundary="form-b0undary"):
+    """(body, content type) of multipart/form-data as the OpenAI SDKs write it: fields
+    (name, text), then files (name, filename, content type, bytes)."""
+    out = b""
+    for name, value in fields:
+        out += (b"--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
+                % (boundary.encode(), name.encode(), value.encode()))
+    for name, filename, ctype, data in files:
+        out += (b"--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
+                b"Content-Type: %s\r\n\r\n%s\r\n" % (boundary.encode(), name.encode(),
+                                                     filename.encode(), ctype.encode(), data))
+    return out + b"--%s--\r\n" % boundary.encode(), "multipart/form-data; boundary=" + boundary
+
+
+def data_url(kind, data):
+    return "data:%s;base64,%s" % (kind, base64.b64encode(data).decode())
+
+
+class MultipartFormTests(unittest.TestCase):
+    def parse(self, body, boundary=b"form-b0undary"):
+        return proxy.parse_multipart_form(body, boundary)
+
+    def refused(self, body, contains):
+        with self.assertRaises(proxy.ProxyError) as cm:
+            self.parse(body)
+        self.assertEqual((cm.exception.status, cm.exception.code), (400, "invalid_multipart"))
+        self.assertIn(contains, cm.exception.message)
+
+    def test_fields_and_files_as_the_sdk_sends_them(self):
+        body, ctype = form_body([("prompt", "add a hat"), ("n", "2")],
+                                [("image[]", "a.png", "image/png", PNG),
+                                 ("image[]", "b", "application/octet-stream", b"x\r\ny--")])
+        self.assertEqual(proxy.multipart_boundary(ctype), b"form-b0undary")
+        self.assertEqual(self.parse(body), [
+            ("prompt", None, None, b"add a hat"), ("n", None, None, b"2"),
+            ("image[]", "a.png", "image/png", PNG),
+            ("image[]", "b", "application/octet-stream", b"x\r\ny--")])
+
+    def test_boundary_forms_preamble_padding_and_epilogue(self):
+        self.assertEqual(proxy.multipart_boundary('multipart/form-data; boundary="a b:c"'),
+                         b"a b:c")
+        self.assertEqual(proxy.multipart_boundary("Multipart/Form-Data;charset=x;Boundary=zz"),
+                         b"zz")
+        self.assertIsNone(proxy.multipart_boundary("application/json"))
+        for bad in ("multipart/form-data", "multipart/form-data; boundary=",
+                    "multipart/form-data; boundary=" + "x" * 71):
+            with self.assertRaises(proxy.ProxyError):
+                proxy.multipart_boundary(bad)
+        body = (b"preamble\r\n--form-b0undary \t\r\nContent-Disposition: form-data; "
+                b"name=\"a\\\"b\"\r\n\r\nv\r\n--form-b0undary--\r\nepilogue")
+        self.assertEqual(self.parse(body), [('a"b', None, None, b"v")])
+        self.assertEqual(self.parse(b"--form-b0undary--\r\n"), [])
+
+    def test_malformed_forms_are_400(self):
+        body, _ = form_body([("prompt", "p")])
+        self.refused(body[:-20], "closing boundary")
+        self.refused(body.replace(b"\r\n", b"\n"), "boundary")
+        self.refused(b"no delimiter here", "no part")
+        self.refused(b"--form-b0undary\r\nContent-Type: text/plain\r\n\r\nv\r\n"
+                     b"--form-b0undary--", "Content-Disposition")
+        self.refused(b"--form-b0undary\r\nContent-Disposition: attachment; name=a\r\n\r\nv"
+                     b"\r\n--form-b0undary--", "form-data")
+        self.refused(b"--form-b0undary\r\nContent-Disposition: form-data\r\n\r\nv"
+                     b"\r\n--form-b0undary--", "no name")
+        self.refused(b"--form-b0undary\r\nX: " + b"y" * 9000 + b"\r\n\r\nv\r\n--form-b0undary--",
+                     "headers")
+        body, _ = form_body([("f%d" % i, "v") for i in range(65)])
+        self.refused(body, "more than 64 parts")
+
+    def test_edit_form_becomes_the_json_edit(self):
+        parts = self.parse(form_body(
+            [("prompt", "hat"), ("n", "2"), ("stream", "false"), ("size", "auto")],
+            [("image[]", "a.png", "image/png", PNG),
+             ("image[]", "upload", "application/octet-stream", JPEG),
+             ("mask", "m.png", "image/png", PNG)])[0])
+        self.assertEqual(proxy.image_edit_from_form(parts), {
+            "prompt": "hat", "n": 2, "stream": False, "size": "auto",
+            "images": [{"image_url": data_url("image/png", PNG)},
+                       {"image_url": data_url("image/jpeg", JPEG)}],
+            "mask": {"image_url": data_url("image/png", PNG)}})
+        for fields, files, code in (
+                ([("n", "two")], [], "invalid_type"),
+                ([("prompt", "a"), ("prompt", "b")], [], "invalid_multipart"),
+                ([("svg[model]", "x")], [], "unsupported_parameter"),
+                ([], [("image", "a.txt", "text/plain", b"hello")], "invalid_image"),
+                ([], [("image", "a.png", "image/png", b"")], "invalid_image"),
+                ([], [("notes", "a.txt", "text/plain", b"hello")], "unsupported_parameter")):
+            with self.assertRaises(proxy.ProxyError) as cm:
+                proxy.image_edit_from_form(self.parse(form_body(fields, files)[0]))
+            self.assertEqual((cm.exception.status, cm.exception.code), (400, code), fields)
+
+    def test_image_request_checks_and_defaults(self):
+        self.assertEqual(proxy.image_request({"prompt": "p", "response_format": "b64_json",
+                                              "stream": False, "quality": "high"}, edit=False),
+                         {"prompt": "p", "quality": "high", "model": "gpt-image-2"})
+        self.assertEqual(proxy.image_request({"prompt": "p", "moderation": "low",
+                                              "model": "gpt-image-1.5"}, False, ("moderation",)),
+                         {"prompt": "p", "model": "gpt-image-1.5"})
+        for body, edit, param in (
+                ({"prompt": "p", "response_format": "url"}, False, "response_format"),
+                ({"prompt": "p", "stream": True}, False, "stream"),
+                ({"prompt": " "}, False, "prompt"),
+                ({"prompt": "p", "model": 5}, False, "model"),
+                ({"prompt": "p"}, True, "images"),
+                ({"prompt": "p", "images": [{"file_id": "file-1"}]}, True, "images[0]"),
+                ({"prompt": "p", "images": ["data:image/png;base64,AA"]}, True, "images[0]"),
+                ({"prompt": "p", "images": [{"image_url": "data:,"}], "mask": {"file_id": "f"}},
+                 True, "mask")):
+            with self.assertRaises(proxy.ProxyError) as cm:
+                proxy.image_request(body, edit)
+            self.assertEqual((cm.exception.status, cm.exception.param), (400, param), body)
+
+
+class ImagesTests(ProxyTestCase):
+    def generate(self, body, path="/v1/images/generations", headers=None):
+        return self.post(body, headers, path=path)
+
+    def edit_form(self, fields=(), files=(), path="/v1/images/edits", headers=None):
+        body, ctype = form_body(fields, files)
+        status, answer_headers, data = self.request("POST", path, body,
+                                                    dict(headers or {}, **{"Content-Type": ctype}))
+        return status, answer_headers, json.loads(data)
+
+    def images_of(self, answer):
+        return [base64.b64decode(d["b64_json"]).decode() for d in answer["data"]]
+
+    def test_generation_reaches_the_backend_as_the_codex_cli_sends_it(self):
+        status, headers, answer = self.generate({"prompt": "a red fox", "size": "1024x1536",
+                                                 "response_format": "b64_json"})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.images_of(answer), ["img:a red fox:0"])
+        self.assertEqual((answer["created"], answer["output_format"], answer["size"]),
+                         (1778832973, "png", "1024x1536"))
+        self.assertEqual(headers.get("x-request-id"), "req-image")
+        self.assertEqual(headers.get("x-codex-primary-used-percent"), "12.5")
+        got = self.last_upstream()
+        self.assertEqual(got["path"], "/backend-api/codex/images/generations")
+        self.assertEqual(got["body"], {"prompt": "a red fox", "size": "1024x1536",
+                                       "model": "gpt-image-2"})
+        sent = got["headers"]
+        self.assertEqual(sent.get("Authorization"), "Bearer " + self.token)
+        self.assertEqual(sent.get("ChatGPT-Account-ID"), "acct-file")
+        self.assertEqual(sent.get("originator"), "codex_cli_rs")
+        self.assertEqual(sent.get("Accept"), "application/json")
+        self.assertRegex(sent.get("x-codex-image-turn-id") or "", r"^[0-9a-f-]{36}$")
+        self.assertIsNone(sent.get("x-codex-routing-hint"))
+        quota = json.loads(self.request("GET", "/status")[2])["quota"]
+        self.assertEqual(quota["primary"]["used_percent"], 12.5)
+
+    def test_path_without_v1_model_and_turn_id_pass_on(self):
+        status, _, answer = self.generate(
+            {"prompt": "p", "model": "gpt-image-1.5", "n": 2, "background": "transparent"},
+            "/images/generations", {"x-codex-image-turn-id": "turn-7"})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.images_of(answer), ["img:p:0", "img:p:1"])
+        got = self.last_upstream()
+        self.assertEqual(got["body"]["model"], "gpt-image-1.5")
+        self.assertEqual(got["headers"].get("x-codex-image-turn-id"), "turn-7")
+
+    def test_multipart_edit_becomes_the_backends_json(self):
+        status, _, answer = self.edit_form(
+            [("prompt", "add a hat"), ("n", "2"), ("quality", "high")],
+            [("image[]", "a.png", "image/png", PNG),
+             ("image[]", "upload", "application/octet-stream", JPEG)])
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.images_of(answer), ["img:add a hat:0", "img:add a hat:1"])
+        got = self.last_upstream()
+        self.assertEqual(got["path"], "/backend-api/codex/images/edits")
+        self.assertEqual(got["body"], {
+            "prompt": "add a hat", "n": 2, "quality": "high", "model": "gpt-image-2",
+            "images": [{"image_url": data_url("image/png", PNG)},
+                       {"image_url": data_url("image/jpeg", JPEG)}]})
+        status, _, answer = self.edit_form([("prompt", "p")],
+                                           [("image", "a.png", "image/png", PNG)],
+                                           path="/images/edits")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"]["images"],
+                         [{"image_url": data_url("image/png", PNG)}])
+
+    def test_json_edit_goes_as_it_is_with_a_model(self):
+        edit = {"prompt": "fog", "images": [{"image_url": data_url("image/png", PNG)}],
+                "mask": {"image_url": data_url("image/png", PNG)}}
+        status, _, answer = self.post(edit, path="/v1/images/edits")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.last_upstream()["body"], dict(edit, model="gpt-image-2"))
+
+    def test_bad_requests_are_400_before_the_backend(self):
+        status, _, answer = self.generate({"prompt": "p", "response_format": "url"})
+        self.assert_openai_error(status, answer, 400, "unsupported_value", "base64")
+        self.assertEqual(answer["error"]["param"], "response_format")
+        status, _, answer = self.edit_form([("prompt", "p"), ("response_format", "url")],
+                                           [("image", "a.png", "image/png", PNG)])
+        self.assert_openai_error(status, answer, 400, "unsupported_value", "b64_json")
+        status, _, answer = self.post({"prompt": "p"}, path="/v1/images/edits")
+        self.assert_openai_error(status, answer, 400, "missing_required_parameter", "images")
+        body, ctype = form_body([("prompt", "p")])
+        status, _, data = self.request("POST", "/v1/images/edits", body[:-10],
+                                       {"Content-Type": ctype})
+        self.assert_openai_error(status, json.loads(data), 400, "invalid_multipart")
+        status, _, data = self.request("POST", "/v1/images/generations", body,
+                                       {"Content-Type": ctype})
+        self.assert_openai_error(status, json.loads(data), 415, "unsupported_media_type")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_rejected_parameter_is_dropped_and_remembered(self):
+        self.backend.extra_rejected.add("moderation")
+        for _ in range(2):
+            status, _, answer = self.generate({"prompt": "p", "moderation": "low"})
+            self.assertEqual(status, 200, answer)
+        self.assertEqual(["moderation" in r["body"] for r in self.backend.requests],
+                         [True, False, False])
+        self.assertIn("rejects the parameter 'moderation'", self.log_text())
+
+    def test_429_is_the_clients_with_its_quota_headers(self):
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "The usage limit has been reached",
+            "resets_in_seconds": 60}}).encode(), headers=[("x-codex-primary-used-percent", "100"),
+                                                          ("Retry-After", "60")]))
+        status, headers, answer = self.generate({"prompt": "p"})
+        self.assert_openai_error(status, answer, 429, contains="usage limit")
+        self.assertEqual(answer["error"]["type"], "usage_limit_reached")
+        self.assertEqual((headers.get("retry-after"), headers.get("x-codex-primary-used-percent")),
+                         ("60", "100"))
+        self.assertEqual(len(self.backend.requests), 1, "a 429 is not retried")
+
+    def test_401_is_retried_once_after_the_login_then_answered(self):
+        self.backend.replies.extend([Reply(status=401, body=b'{"detail": "Unauthorized"}')] * 2)
+        status, _, answer = self.generate({"prompt": "p"})
+        self.assert_openai_error(status, answer, 401, contains="codex login")
+        self.assertEqual(len(self.backend.requests), 2)
+        status, _, answer = self.generate({"prompt": "p"})
+        self.assertEqual(status, 200, answer)
+
+    def test_status_counts_image_requests(self):
+        self.assertEqual(self.generate({"prompt": "p"})[0], 200)
+        self.assertEqual(self.generate({"prompt": "p", "response_format": "url"})[0], 400)
+        self.wait_for_log("/v1/images/generations")
+        requests = json.loads(self.request("GET", "/status")[2])["requests"]
+        self.assertEqual((requests["total"], requests["by_status"]), (2, {"200": 1, "400": 1}))
+
+    def test_api_key_mode_passes_the_form_to_the_platform(self):
+        platform = RecordingPlatform()
+        self.addCleanup(platform.close)
+        self.stop_proxy(self.proxy)
+        self.start_proxy(api_key_header=b"Bearer sk-x",
+                         upstream_url=platform.base + "/v1/responses")
+        body, ctype = form_body([("prompt", "p"), ("response_format", "url")],
+                                [("image", "a.png", "image/png", PNG)])
+        status, _, data = self.request("POST", "/v1/images/edits", body, {"Content-Type": ctype})
+        self.assertEqual(status, 200, data)
+        got = platform.requests[0]
+        self.assertEqual((got["path"], got["raw"]), ("/v1/images/edits", body))
+        headers = {k.lower(): v for k, v in got["headers"].items()}
+        self.assertEqual((headers["authorization"], headers["content-type"]),
+                         ("Bearer sk-x", ctype))
+        self.assertEqual(self.request("POST", "/images/generations", {"prompt": "p"})[0], 200)
+        self.assertEqual(platform.requests[1]["path"], "/v1/images/generations")
 
 
 # --------------------------------------------------------------------------------------------
