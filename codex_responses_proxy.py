@@ -2417,17 +2417,17 @@ def parse_multipart_form(body, boundary):
 
 
 def image_data_url(data, declared, param):
-    """An uploaded image as a data URL; its type from its first bytes when the client gave
-    none that names an image (the SDKs send application/octet-stream for raw bytes)."""
+    """An uploaded image as a data URL. Its type is read from its first bytes where they
+    tell: the SDKs send application/octet-stream for raw bytes, and a type guessed from the
+    file name, which may be wrong; else the client's, if it names an image."""
     if not data:
         raise ProxyError(400, "The image in `%s` is empty." % param, param=param,
                          code="invalid_image")
-    if not (declared or "").startswith("image/"):
-        declared = next((kind for kind, magic in IMAGE_TYPES if data.startswith(magic)), None)
-        if declared is None:
-            raise ProxyError(400, "The file in `%s` is not a PNG, JPEG, WebP or GIF image."
-                             % param, param=param, code="invalid_image")
-    return "data:%s;base64,%s" % (declared, base64.b64encode(data).decode("ascii"))
+    kind = next((kind for kind, magic in IMAGE_TYPES if data.startswith(magic)), None)
+    if kind is None and not (declared or "").startswith("image/"):
+        raise ProxyError(400, "The file in `%s` is not a PNG, JPEG, WebP or GIF image."
+                         % param, param=param, code="invalid_image")
+    return "data:%s;base64,%s" % (kind or declared, base64.b64encode(data).decode("ascii"))
 
 
 def image_edit_from_form(parts):

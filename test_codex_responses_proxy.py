@@ -8191,11 +8191,15 @@ class MultipartFormTests(unittest.TestCase):
             [("prompt", "hat"), ("n", "2"), ("stream", "false"), ("size", "auto")],
             [("image[]", "a.png", "image/png", PNG),
              ("image[]", "upload", "application/octet-stream", JPEG),
+             ("image[]", "c.png", "image/png", JPEG),  # a name's guess, wrong
+             ("image[]", "d.heic", "image/heic", b"heic"),
              ("mask", "m.png", "image/png", PNG)])[0])
         self.assertEqual(proxy.image_edit_from_form(parts), {
             "prompt": "hat", "n": 2, "stream": False, "size": "auto",
             "images": [{"image_url": data_url("image/png", PNG)},
-                       {"image_url": data_url("image/jpeg", JPEG)}],
+                       {"image_url": data_url("image/jpeg", JPEG)},
+                       {"image_url": data_url("image/jpeg", JPEG)},
+                       {"image_url": data_url("image/heic", b"heic")}],
             "mask": {"image_url": data_url("image/png", PNG)}})
         for fields, files, code in (
                 ([("n", "two")], [], "invalid_type"),

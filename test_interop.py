@@ -15,12 +15,15 @@ them those tests skip.
 """
 
 import asyncio
+import base64
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import unittest
+import zlib
 from unittest import mock
 
 try:
@@ -299,6 +302,80 @@ class ModelsInteropTests(SDKTestCase):
             self.assertEqual(model.object, "model")
             self.assertIsInstance(model.created, int)
             self.assertIsInstance(model.owned_by, str)
+
+
+# --------------------------------------------------------------------------------------------
+# Images, and reasoning effort in a model name
+# --------------------------------------------------------------------------------------------
+
+def tiny_png():
+    """A real 1x1 PNG: the Codex CLI decodes the image it is given."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\x00\x00\xff")) + chunk(b"IEND", b""))
+
+
+@unittest.skipIf(openai is None, NO_SDK)
+class ImagesInteropTests(SDKTestCase):
+    """client.images.generate() and .edit() (a multipart form) on the subscription."""
+
+    def test_generate_returns_base64_images(self):
+        result = self.client.images.generate(prompt="a red fox", size="1024x1536", n=2,
+                                             quality="high")
+        self.assertEqual([base64.b64decode(d.b64_json) for d in result.data],
+                         [b"img:a red fox:0", b"img:a red fox:1"])
+        self.assertEqual((result.size, result.quality, result.output_format),
+                         ("1024x1536", "high", "png"))
+        self.assertEqual(self.sent(), {"prompt": "a red fox", "size": "1024x1536", "n": 2,
+                                       "quality": "high", "model": "gpt-image-2"})
+
+    def test_edit_sends_the_files_as_data_urls(self):
+        png = tiny_png()
+        result = self.client.images.edit(
+            image=[("a.png", png, "image/png"), ("b.png", png, "image/png")],
+            mask=("m.png", png, "image/png"), prompt="add a hat", model="gpt-image-1.5")
+        self.assertEqual(base64.b64decode(result.data[0].b64_json), b"img:add a hat:0")
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        self.assertEqual(self.sent(), {"prompt": "add a hat", "model": "gpt-image-1.5",
+                                       "images": [{"image_url": url}] * 2,
+                                       "mask": {"image_url": url}})
+        self.assertEqual(self.backend.requests[-1]["path"], "/backend-api/codex/images/edits")
+
+    def test_url_answers_and_usage_limits_are_typed_errors(self):
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.images.generate(prompt="p", response_format="url")
+        self.assertEqual(cm.exception.body["param"], "response_format")
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "The usage limit has been reached",
+            "resets_in_seconds": 60}}).encode()))
+        with self.assertRaises(openai.RateLimitError) as cm:
+            self.client.images.edit(image=("a.png", tiny_png(), "image/png"), prompt="p")
+        self.assertIn("usage limit", str(cm.exception))
+
+
+@unittest.skipIf(openai is None, NO_SDK)
+class EffortInModelNameInteropTests(SDKTestCase):
+    """A model name with an effort, from SDK clients that set no reasoning themselves."""
+
+    def setUp(self):
+        super().setUp()
+        harness.add_models_endpoint(self.backend)
+
+    def test_responses_and_chat_with_effort_in_the_name(self):
+        self.script()
+        self.client.responses.create(model="gpt-5.1-codex-high", input="hi")
+        self.assertEqual((self.sent()["model"], self.sent()["reasoning"]),
+                         (MODEL, {"effort": "high"}))
+        self.script()
+        self.client.chat.completions.create(model="gpt-5.1-codex(low)",
+                                            messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual((self.sent()["model"], self.sent()["reasoning"]),
+                         (MODEL, {"effort": "low"}))
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.responses.create(model="gpt-5.1-codex-xhigh", input="hi")
+        self.assertIn("low, high", str(cm.exception))
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,6 +806,54 @@ class CodexCLIWebSocketInteropTests(CodexCLICase):
         self.assertEqual(second["input"][:len(first["input"])], first["input"])
         self.assertEqual([i.get("type") for i in second["input"][len(first["input"]):]],
                          ["function_call", "function_call_output"])
+
+
+@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
+class CodexCLIImageToolInteropTests(harness.ProxyTestCase):
+    """The Codex CLI's image tool (image_gen.imagegen) through the proxy. 0.171 offers it to a
+    custom provider that sends an x-openai-actor-authorization header; it then POSTs
+    {base_url}/images/generations and saves the image under $CODEX_HOME/generated_images."""
+
+    def test_exec_generates_an_image_and_saves_it(self):
+        png = tiny_png()
+        self.backend.replies.append(Reply(frames=stream_frames(items=[{
+            "type": "function_call", "id": "fc_1", "call_id": "call_img", "namespace": "image_gen",
+            "name": "imagegen", "status": "completed",
+            "arguments": json.dumps({"prompt": "A blue circle on a white background"})}])))
+        self.backend.replies.append(Reply(body=json.dumps({
+            "created": 1778832973, "data": [{"b64_json": base64.b64encode(png).decode()}],
+            "background": "opaque", "output_format": "png", "quality": "low",
+            "size": "1x1"}).encode()))
+        self.backend.replies.append(Reply(frames=stream_frames(items=[message_item("done")])))
+        home = tempfile.mkdtemp(prefix="codex-cli-home-")
+        work = tempfile.mkdtemp(prefix="codex-cli-work-")
+        self.addCleanup(shutil.rmtree, home, True)
+        self.addCleanup(shutil.rmtree, work, True)
+        config = CODEX_CONFIG.replace("supports_websockets = true\n", 'http_headers = { '
+                                      '"x-openai-actor-authorization" = "local-proxy" }\n')
+        with open(os.path.join(home, "config.toml"), "w") as f:
+            f.write(config % self.port)
+        run = subprocess.run(
+            [CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json",
+             "draw a blue circle"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=work, timeout=120,
+            env=dict(os.environ, CODEX_HOME=home, LOCAL_PROXY_KEY="sk-local"))
+        self.assertEqual(run.returncode, 0, run.stderr.decode())
+        first, image, last = self.backend.requests
+        self.assertIn(("namespace", "image_gen"),
+                      [(t.get("type"), t.get("name")) for t in first["body"]["tools"]])
+        self.assertEqual(image["path"], "/backend-api/codex/images/generations")
+        self.assertEqual((image["body"]["prompt"], image["body"]["model"]),
+                         ("A blue circle on a white background", "gpt-image-2"))
+        self.assertTrue(image["headers"].get("x-codex-image-turn-id"))
+        output = [i for i in last["body"]["input"] if i.get("type") == "function_call_output"]
+        self.assertEqual(output[0]["call_id"], "call_img")
+        self.assertIn("input_image", json.dumps(output[0]["output"]))
+        saved = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(
+            home, "generated_images")) for f in files]
+        self.assertEqual(len(saved), 1, saved)
+        with open(saved[0], "rb") as f:
+            self.assertEqual(f.read(), png)
 
 
 @unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
