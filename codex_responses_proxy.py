@@ -178,8 +178,12 @@ examples:
 
   Python:  OpenAI(base_url="http://127.0.0.1:8787/v1", api_key="unused").responses.create(...)
            ... .responses.connect() (WebSocket), .responses.compact(...), .retrieve(id) too
+           ... .images.generate(prompt=...), .images.edit(image=..., prompt=...): base64 only
+  Effort in a model name: model "gpt-5.5-high" or "gpt-5.5(high)" is gpt-5.5 with
+           reasoning.effort "high" (an effort the backend's model list offers for it)
   Codex CLI: a provider with base_url = "http://127.0.0.1:8787/v1", wire_api = "responses"
-           (and supports_websockets = true for one socket per session)
+           (and supports_websockets = true for one socket per session; its image tool
+           wants http_headers = { "x-openai-actor-authorization" = "local-proxy" })
 
 environment:
   CODEX_HOME                          where auth.json lives (default ~/.codex)

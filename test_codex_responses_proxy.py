@@ -8325,6 +8325,14 @@ class ImagesTests(ProxyTestCase):
         self.assert_openai_error(status, json.loads(data), 415, "unsupported_media_type")
         self.assertEqual(self.backend.requests, [])
 
+    def test_a_web_page_cannot_post_a_form(self):
+        # a form needs no CORS preflight: the Origin a browser adds is what refuses it
+        status, _, answer = self.edit_form([("prompt", "p")],
+                                           [("image", "a.png", "image/png", PNG)],
+                                           headers={"Origin": "http://evil.example"})
+        self.assert_openai_error(status, answer, 403, "origin_not_allowed")
+        self.assertEqual(self.backend.requests, [])
+
     def test_rejected_parameter_is_dropped_and_remembered(self):
         self.backend.extra_rejected.add("moderation")
         for _ in range(2):
@@ -8333,6 +8341,12 @@ class ImagesTests(ProxyTestCase):
         self.assertEqual(["moderation" in r["body"] for r in self.backend.requests],
                          [True, False, False])
         self.assertIn("rejects the parameter 'moderation'", self.log_text())
+        self.backend.extra_rejected.add("mask")  # never dropped: the edit would mean another
+        png = {"image_url": data_url("image/png", PNG)}
+        status, _, answer = self.post({"prompt": "p", "images": [png], "mask": png},
+                                      path="/v1/images/edits")
+        self.assert_openai_error(status, answer, 400, contains="Unsupported parameter: mask")
+        self.assertEqual(len(self.backend.requests), 4)
 
     def test_429_is_the_clients_with_its_quota_headers(self):
         self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
