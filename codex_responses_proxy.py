@@ -2329,8 +2329,9 @@ MULTIPART_MAX_HEADER_BYTES = 8192
 # Form fields that are numbers or booleans in the JSON request (a form sends only text).
 FORM_INTEGERS = ("n", "output_compression", "partial_images")
 FORM_BOOLEANS = ("stream",)
-IMAGE_TYPES = (("image/png", b"\x89PNG\r\n\x1a\n"), ("image/jpeg", b"\xff\xd8\xff"),
-               ("image/gif", b"GIF8"), ("image/webp", b"RIFF"))
+# An image's first bytes: (type, offset, magic); WebP is a RIFF file (as WAV is) saying WEBP.
+IMAGE_TYPES = (("image/png", 0, b"\x89PNG\r\n\x1a\n"), ("image/jpeg", 0, b"\xff\xd8\xff"),
+               ("image/gif", 0, b"GIF8"), ("image/webp", 8, b"WEBP"))
 IMAGE_TURN_ID_HEADER = "x-codex-image-turn-id"
 
 
@@ -2427,7 +2428,9 @@ def image_data_url(data, declared, param):
     if not data:
         raise ProxyError(400, "The image in `%s` is empty." % param, param=param,
                          code="invalid_image")
-    kind = next((kind for kind, magic in IMAGE_TYPES if data.startswith(magic)), None)
+    kind = next((kind for kind, at, magic in IMAGE_TYPES
+                 if data.startswith(magic, at) and (at == 0 or data.startswith(b"RIFF"))),
+                None)
     if kind is None and not (declared or "").startswith("image/"):
         raise ProxyError(400, "The file in `%s` is not a PNG, JPEG, WebP or GIF image."
                          % param, param=param, code="invalid_image")
@@ -2521,6 +2524,19 @@ def image_request(body, edit, drop=()):
            and k not in drop}
     out["model"] = body.get("model") or DEFAULT_IMAGE_MODEL
     return out
+
+
+def check_image_answer(data):
+    """The backend's image answer is passed on as it is, once it is seen to be one."""
+    try:
+        result = json.loads(data)
+        if not isinstance(result, dict) or not isinstance(result.get("data"), list):
+            raise ValueError("no data list")
+    except ValueError:
+        raise ProxyError(502, "The backend's image answer was not the JSON expected%s."
+                         % (" (over %d MB)" % (IMAGE_ANSWER_LIMIT >> 20)
+                            if len(data) > IMAGE_ANSWER_LIMIT else ""),
+                         code="bad_upstream_answer")
 
 
 def image_request_headers(client_headers):
@@ -6178,33 +6194,27 @@ class App:
         url = upstream_url_for(self.config.upstream_url, endpoint)
         if self.config.mode == "apikey":
             return self.pass_through(client, url)
-        boundary = multipart_boundary(client.lower_headers.get("content-type")) if edit else None
-        if boundary is not None:
-            raw = decode_request_body(client.body, client.lower_headers.get("content-encoding"),
-                                      self.config.max_body_bytes)
-            body = image_edit_from_form(parse_multipart_form(raw, boundary))
-        else:
-            body = self.json_body(client)[0]
-        model = body.get("model")
-        client.log_fields["model"] = model if isinstance(model, str) else DEFAULT_IMAGE_MODEL
-        request = image_request(body, edit, self.upstream.dropped_params(
-            body.get("model") or DEFAULT_IMAGE_MODEL))
+        body = self.image_body(client, edit)
+        model = body.get("model") or DEFAULT_IMAGE_MODEL
+        client.log_fields["model"] = model if isinstance(model, str) else None
+        request = image_request(body, edit, self.upstream.dropped_params(model))
         answer = self.upstream.call("POST", url, request, encode_json_object, None,
                                     image_request_headers(client.lower_headers),
                                     "application/json",
                                     self.client_version.observe(client.lower_headers),
                                     IMAGES_TIMEOUT)
         data = answer.read_whole(self.upstream.pool, IMAGE_ANSWER_LIMIT)
-        try:
-            result = json.loads(data)
-            if not isinstance(result, dict) or not isinstance(result.get("data"), list):
-                raise ValueError("no data list")
-        except ValueError:
-            raise ProxyError(502, "The backend's image answer was not the JSON expected%s."
-                             % (" (over %d MB)" % (IMAGE_ANSWER_LIMIT >> 20)
-                                if len(data) > IMAGE_ANSWER_LIMIT else ""),
-                             code="bad_upstream_answer")
+        check_image_answer(data)
         client.send_whole(200, "application/json", data, answer.forwarded_headers())
+
+    def image_body(self, client, edit):
+        """An image request's JSON object: its JSON body, or for an edit its form's fields."""
+        boundary = multipart_boundary(client.lower_headers.get("content-type")) if edit else None
+        if boundary is None:
+            return self.json_body(client)[0]
+        raw = decode_request_body(client.body, client.lower_headers.get("content-encoding"),
+                                  self.config.max_body_bytes)
+        return image_edit_from_form(parse_multipart_form(raw, boundary))
 
     def model_catalog(self):
         """The backend's model list (cached), or None when it cannot be had: a model name

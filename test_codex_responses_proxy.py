@@ -8193,19 +8193,22 @@ class MultipartFormTests(unittest.TestCase):
              ("image[]", "upload", "application/octet-stream", JPEG),
              ("image[]", "c.png", "image/png", JPEG),  # a name's guess, wrong
              ("image[]", "d.heic", "image/heic", b"heic"),
+             ("image[]", "e", "application/octet-stream", b"RIFF\0\0\0\0WEBPVP8 "),
              ("mask", "m.png", "image/png", PNG)])[0])
         self.assertEqual(proxy.image_edit_from_form(parts), {
             "prompt": "hat", "n": 2, "stream": False, "size": "auto",
             "images": [{"image_url": data_url("image/png", PNG)},
                        {"image_url": data_url("image/jpeg", JPEG)},
                        {"image_url": data_url("image/jpeg", JPEG)},
-                       {"image_url": data_url("image/heic", b"heic")}],
+                       {"image_url": data_url("image/heic", b"heic")},
+                       {"image_url": data_url("image/webp", b"RIFF\0\0\0\0WEBPVP8 ")}],
             "mask": {"image_url": data_url("image/png", PNG)}})
         for fields, files, code in (
                 ([("n", "two")], [], "invalid_type"),
                 ([("prompt", "a"), ("prompt", "b")], [], "invalid_multipart"),
                 ([("svg[model]", "x")], [], "unsupported_parameter"),
                 ([], [("image", "a.txt", "text/plain", b"hello")], "invalid_image"),
+                ([], [("image", "a.wav", "audio/wav", b"RIFF\0\0\0\0WAVE")], "invalid_image"),
                 ([], [("image", "a.png", "image/png", b"")], "invalid_image"),
                 ([], [("notes", "a.txt", "text/plain", b"hello")], "unsupported_parameter")):
             with self.assertRaises(proxy.ProxyError) as cm:
@@ -8367,6 +8370,12 @@ class ImagesTests(ProxyTestCase):
         self.assertEqual(len(self.backend.requests), 2)
         status, _, answer = self.generate({"prompt": "p"})
         self.assertEqual(status, 200, answer)
+
+    def test_an_answer_that_is_no_image_answer_is_502(self):
+        for body in (b"<html>oops</html>", b'{"created": 1}', b"[]"):
+            self.backend.replies.append(Reply(body=body))
+            status, _, answer = self.generate({"prompt": "p"})
+            self.assert_openai_error(status, answer, 502, "bad_upstream_answer")
 
     def test_status_counts_image_requests(self):
         self.assertEqual(self.generate({"prompt": "p"})[0], 200)
