@@ -1332,10 +1332,12 @@ def pasted_query(line):
 class SignInAnswer:
     """A callback's query, from the browser or pasted, waiting for the login's verdict."""
 
-    def __init__(self, query):
+    def __init__(self, query, from_browser=False):
         self.query = query
+        self.from_browser = from_browser
         self.error = None
         self.done = threading.Event()
+        self.page_sent = threading.Event()  # the browser has its page: the process may end
 
     def finish(self, error=None):
         self.error = error
@@ -1347,13 +1349,17 @@ class LoginCallbackHandler(http.server.BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         if path != "/auth/callback":
             return self._page(404, "Not found.")
-        answer = SignInAnswer(query)
+        answer = SignInAnswer(query, from_browser=True)
         self.server.inbox.put(answer)
-        if not answer.done.wait(LOGIN_TIMEOUT * 2 + 10):
-            return self._page(504, "The login is still being saved: see the terminal.")
-        if answer.error:
-            return self._page(400, "Sign-in failed: %s" % answer.error)
-        return self._page(200, "Signed in. You can close this tab and go back to the terminal.")
+        try:
+            if not answer.done.wait(LOGIN_TIMEOUT * 2 + 10):
+                self._page(504, "The login is still being saved: see the terminal.")
+            elif answer.error:
+                self._page(400, "Sign-in failed: %s" % answer.error)
+            else:
+                self._page(200, "Signed in. You can close this tab and go back to the terminal.")
+        finally:
+            answer.page_sent.set()
 
     def _page(self, status, text):
         import html
@@ -1427,6 +1433,7 @@ def browser_login(issuer, path, stdin, out, deadline):
     state = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                      daemon=True).start()
+    answer = None
     try:
         say(out, "\nOpen this address in a browser and sign in with your ChatGPT account:\n\n"
                  "  %s\n\nThe browser then comes back to %s. If it runs on another machine, "
@@ -1446,6 +1453,8 @@ def browser_login(issuer, path, stdin, out, deadline):
         answer.finish()
         return summary
     finally:
+        if answer is not None and answer.from_browser:
+            answer.page_sent.wait(5)
         server.shutdown()
         server.server_close()
 

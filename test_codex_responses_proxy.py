@@ -5493,6 +5493,19 @@ class LoginProcessTests(ProcessTestCase):
         self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
                          self.oauth.current_refresh)
 
+    def test_browser_login_through_the_callback_gets_its_page_before_the_exit(self):
+        proc = ProxyProcess(self, ["login", "--browser", "--codex-home", self.home,
+                                   "--issuer", self.oauth.base],
+                            stdin_data=b"", close_stdin=False, wait=False)
+        url = re.search(r"http://\S+/oauth/authorize\?\S+",
+                        proc.wait_for("/oauth/authorize?", 15)).group()
+        with no_proxy_opener().open(url, timeout=20) as page:
+            self.assertEqual(page.status, 200)
+            self.assertIn(b"Signed in", page.read())
+        self.assertEqual(proc.wait_exit(20), 0, proc.text())
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
     def test_ctrl_c_while_waiting_is_one_line_and_keeps_the_old_login(self):
         path = self.write_valid_auth()
         with open(path, "rb") as f:
