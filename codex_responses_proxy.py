@@ -1103,7 +1103,6 @@ REVOKE_TIMEOUT = 5.0           # logout does not hang on an unreachable issuer
 DEFAULT_POLL_INTERVAL = 5.0
 LOGIN_LOCK_WAIT = REFRESH_TIMEOUT + 5  # a refresh in progress may hold auth.lock this long
 OAUTH_SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
-LOGIN_COMMAND = "python3 codex_responses_proxy.py login"
 
 
 class LoginFailed(Exception):

@@ -5363,6 +5363,11 @@ class LoginStatusAndLogoutTests(LoginCase):
         for secret in tokens_of(self.home):
             self.assertNotIn(secret, said)
             self.assertNotIn(secret[-20:], said)
+        write_auth(self.home, {"auth_mode": "apikey", "OPENAI_API_KEY": "sk-status-secret"})
+        rc, said = self.status()
+        self.assertEqual(rc, 0, said)
+        self.assertIn("Logged in with an API key", said)
+        self.assertNotIn("sk-status-secret", said)
         os.remove(self.path)
         rc, said = self.status()
         self.assertEqual(rc, 1)
