@@ -163,6 +163,14 @@ REQUEST_READ_DEADLINE = 50.0    # a request must arrive whole this soon after it
 WRITE_TIMEOUT = 120.0           # a client that stops reading its stream is dropped
 
 HELP_EPILOG = """\
+log in (on this host; copying auth.json from another machine shares one refresh token, and the
+first of the two to refresh logs the other out):
+  python3 codex_responses_proxy.py login              a device code: open the address shown on
+                                                       any device and enter the code
+  python3 codex_responses_proxy.py login --browser    sign in in a browser (or paste the address
+                                                       it ended on)
+  python3 codex_responses_proxy.py login --status     who is logged in; `logout` revokes, removes
+
 examples:
   python3 codex_responses_proxy.py
       serve on http://127.0.0.1:8787 with the login in ~/.codex/auth.json
@@ -188,6 +196,7 @@ examples:
 environment:
   CODEX_HOME                          where auth.json lives (default ~/.codex)
   CODEX_REFRESH_TOKEN_URL_OVERRIDE    token refresh URL (as in the Codex CLI)
+  CODEX_REVOKE_TOKEN_URL_OVERRIDE     token revocation URL for logout (as in the Codex CLI)
   CODEX_PROXY_CLIENT_KEY              the client key (instead of --client-key-file)
 
 security: only this machine can connect by default (127.0.0.1). To serve a LAN, set a client key
@@ -285,7 +294,8 @@ def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="codex_responses_proxy.py",
         description="Serve the OpenAI Responses API locally on a ChatGPT/Codex subscription, "
-                    "using the Codex CLI's login (run `codex login` first).",
+                    "using the Codex CLI's login in $CODEX_HOME/auth.json. Log in first, on "
+                    "this host: `%(prog)s login` (or `codex login`).",
         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--addr", "-addr", default=DEFAULT_ADDR, metavar="HOST:PORT",
                    help="address to listen on (default %(default)s)")
@@ -306,6 +316,9 @@ def build_arg_parser():
                         "(default %(default)s). A request from a newer Codex CLI (its "
                         "`version` header or User-Agent) goes with that newer version, and "
                         "/v1/models lists the models of the newest one seen")
+    p.add_argument("--issuer", type=issuer_arg, metavar="URL",
+                   help="the OAuth issuer: refresh the token at URL/oauth/token (default %s; "
+                        "for tests, like `login --issuer`)" % DEFAULT_ISSUER)
     p.add_argument("--originator", default=DEFAULT_ORIGINATOR, metavar="NAME",
                    help="originator header to present (default %(default)s)")
     p.add_argument("--stream-idle-timeout", type=positive_float,
@@ -400,6 +413,7 @@ def parse_config(argv=None, stdin=None):
     return Config(host=host, port=port, instructions=args.instructions, debug=args.debug,
                   upstream_url=args.upstream_url, codex_home=codex_home,
                   client_version=args.client_version, originator=args.originator,
+                  refresh_url=args.issuer and args.issuer + "/oauth/token",
                   stream_idle_timeout=args.stream_idle_timeout, api_key_header=key_header,
                   api_key_source=key_source, server_info=args.server_info,
                   http_shutdown=args.http_shutdown, dump_dir=args.dump_dir,
@@ -638,7 +652,7 @@ REFRESH_MARGIN = 60  # seconds before `exp` at which a token counts as expired
 REFRESH_AGE_WITHOUT_EXP = 8 * 24 * 3600  # the Codex CLI's rule for tokens without `exp`
 PERMANENT_REFRESH_CODES = ("refresh_token_expired", "refresh_token_reused",
                            "refresh_token_invalidated")
-LOGIN_HINT = "Run `codex login` to sign in again."
+LOGIN_HINT = "Log in with `python3 codex_responses_proxy.py login` (or `codex login`)."
 AUTH_SETTLE_SECONDS = 0.5   # an empty or garbled auth.json may be a rewrite in progress
 AUTH_WRITE_LOCK_WAIT = 2.0  # the Codex CLI holds auth.json.lock only while it writes
 
@@ -697,6 +711,9 @@ class Credentials:
         self.plan_type = _auth_claim(ident, "chatgpt_plan_type") or _auth_claim(
             access, "chatgpt_plan_type")
         self.last_refresh = parse_rfc3339(_text(data.get("last_refresh")))
+        # The Codex CLI then sends X-OpenAI-Fedramp: true, and so do we.
+        auth = ident.get("https://api.openai.com/auth")
+        self.fedramp = isinstance(auth, dict) and auth.get("chatgpt_account_is_fedramp") is True
 
     def needs_refresh(self, now=None):
         now = time.time() if now is None else now
@@ -1082,6 +1099,605 @@ class AuthStore:
                              "a refreshed login could not be saved; not refreshing. Fix the "
                              "directory's permissions." % (directory, e.strerror or e),
                              code="codex_home_not_writable")
+
+
+# --------------------------------------------------------------------------------------------
+# Logging in and out: the Codex CLI's device-code and browser flows (PROTOCOL.md §11)
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_ISSUER = "https://auth.openai.com"
+REVOKE_URL_ENV = "CODEX_REVOKE_TOKEN_URL_OVERRIDE"  # honoured by the Codex CLI too
+LOGIN_CALLBACK_PORTS = (1455, 1457)  # the only two the issuer accepts in a redirect_uri
+LOGIN_WAIT = 15 * 60           # a device code's lifetime; the browser flow waits as long
+LOGIN_TIMEOUT = 30.0           # one request to the issuer
+REVOKE_TIMEOUT = 5.0           # logout does not hang on an unreachable issuer
+DEFAULT_POLL_INTERVAL = 5.0
+LOGIN_LOCK_WAIT = REFRESH_TIMEOUT + 5  # a refresh in progress may hold auth.lock this long
+OAUTH_SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
+
+
+class LoginFailed(Exception):
+    """Why logging in or out failed, as the one line the user sees."""
+
+
+def issuer_arg(text):
+    url = text.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment:
+        raise argparse.ArgumentTypeError("expected an issuer URL such as %s, got %r"
+                                         % (DEFAULT_ISSUER, text))
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise argparse.ArgumentTypeError("tokens would travel unencrypted to %s: use https:// "
+                                         "(plain http only to this machine)" % parts.hostname)
+    return url
+
+
+def revoke_url(issuer=None):
+    """Where logout revokes: next to --issuer's token endpoint, else as the Codex CLI chooses
+    (its override, else next to an overridden refresh URL, else auth.openai.com)."""
+    if issuer:
+        return issuer + "/oauth/revoke"
+    override = os.environ.get(REVOKE_URL_ENV)
+    if override:
+        return override
+    parts = urllib.parse.urlsplit(os.environ.get(REFRESH_URL_ENV) or "")
+    if parts.scheme and parts.netloc:
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/oauth/revoke", "", ""))
+    return DEFAULT_ISSUER + "/oauth/revoke"
+
+
+def issuer_post(url, fields, form=False, timeout=LOGIN_TIMEOUT):
+    """One POST to the issuer as the Codex CLI makes it (JSON, or a form for the code exchange;
+    no User-Agent) -> (status, the answer's JSON or None)."""
+    import urllib.error
+    import urllib.request
+
+    if form:
+        data, ctype = urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
+    else:
+        data, ctype = json.dumps(fields).encode(), "application/json"
+    opener = urllib.request.build_opener()
+    opener.addheaders = []  # not "Python-urllib/3.x": the CLI's login requests carry none
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype})
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        status = e.code
+        try:
+            raw = e.read(65536)
+        except (OSError, http.client.HTTPException):
+            raw = b""
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        parts = urllib.parse.urlsplit(url)
+        raise LoginFailed("cannot reach the issuer at %s://%s (%s)" % (
+            parts.scheme, parts.netloc, getattr(e, "reason", None) or e))
+    try:
+        return status, json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return status, None
+
+
+def issuer_error(status, answer):
+    """'HTTP 400 (invalid_grant: the code has expired)' from an OAuth error answer."""
+    code = message = None
+    if isinstance(answer, dict):
+        err = answer.get("error")
+        code = err.get("code") if isinstance(err, dict) else err
+        message = answer.get("error_description") or (err.get("message")
+                                                        if isinstance(err, dict) else None)
+    detail = [escape_controls(x)[:200] for x in (code, message) if isinstance(x, str) and x]
+    return "HTTP %d%s" % (status, " (%s)" % ": ".join(detail) if detail else "")
+
+
+def _error_code(answer):
+    err = answer.get("error") if isinstance(answer, dict) else None
+    code = err.get("code") if isinstance(err, dict) else err
+    return code.lower() if isinstance(code, str) else ""
+
+
+def poll_interval(value):
+    """Seconds between polls. 0.171 insists on a JSON string ("5"); a number is taken too."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return DEFAULT_POLL_INTERVAL
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= 600:
+        return DEFAULT_POLL_INTERVAL
+    return float(value)
+
+
+def request_device_code(issuer):
+    status, answer = issuer_post(issuer + "/api/accounts/deviceauth/usercode",
+                                 {"client_id": OAUTH_CLIENT_ID})
+    if status == 404:
+        raise LoginFailed("device code login is not enabled for this account: turn on "
+                          "\"device code authorization for Codex\" in ChatGPT > Settings > "
+                          "Security (in a workspace, an admin must allow it), or use "
+                          "`login --browser`")
+    if status != 200:
+        raise LoginFailed("the issuer gave no device code: %s" % issuer_error(status, answer))
+    answer = answer if isinstance(answer, dict) else {}
+    device_auth_id = _text(answer.get("device_auth_id"))
+    user_code = _text(answer.get("user_code")) or _text(answer.get("usercode"))
+    if not device_auth_id or not user_code:
+        raise LoginFailed("the issuer's device code answer lacks device_auth_id or user_code")
+    return {"device_auth_id": device_auth_id, "user_code": user_code,
+            "interval": poll_interval(answer.get("interval")),
+            "verification_url": issuer + "/codex/device"}
+
+
+def device_code_prompt(code):
+    return ("\nTo log in with your ChatGPT account:\n"
+            "  1. Open %s in a browser (on any device) and sign in.\n"
+            "  2. Enter this one-time code (it expires in 15 minutes):  %s\n\n"
+            "Device code login must first be enabled in ChatGPT > Settings > Security (\"device "
+            "code authorization for Codex\"); in a workspace, an admin must allow it. Never share "
+            "this code.\nWaiting for the approval (Ctrl-C to give up)...\n"
+            % (code["verification_url"], code["user_code"]))
+
+
+def wait_for_device_approval(issuer, code, deadline, sleep=time.sleep):
+    """Polls until the user approves the code -> (authorization code, PKCE verifier): the
+    issuer supplies both. 403 and 404 mean "not yet", as the Codex CLI reads them."""
+    url = issuer + "/api/accounts/deviceauth/token"
+    fields = {"device_auth_id": code["device_auth_id"], "user_code": code["user_code"]}
+    while True:
+        status, answer = issuer_post(url, fields)
+        if status == 200:
+            answer = answer if isinstance(answer, dict) else {}
+            auth_code = _text(answer.get("authorization_code"))
+            verifier = _text(answer.get("code_verifier"))
+            if not auth_code or not verifier:
+                raise LoginFailed("the issuer's approval lacks authorization_code or "
+                                  "code_verifier")
+            return auth_code, verifier
+        reason = _error_code(answer)
+        # The pending answer is 403 deviceauth_authorization_pending; a 403 that says denied
+        # or expired is not worth waiting 15 minutes on.
+        if status not in (403, 404) or "denied" in reason or "expired" in reason:
+            raise LoginFailed(device_failure(status, answer, reason))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LoginFailed("the code was not approved within 15 minutes and has expired; "
+                              "run login again for a new one")
+        sleep(min(code["interval"], left))
+
+
+def device_failure(status, answer, reason):
+    detail = issuer_error(status, answer)
+    if "denied" in reason or "declined" in reason:
+        return "the login was denied at the issuer (%s)" % detail
+    if "expired" in reason:
+        return "the code has expired (%s); run login again for a new one" % detail
+    return "the device login failed: %s" % detail
+
+
+def exchange_code(issuer, code, redirect_uri, verifier):
+    """The authorization code for the tokens (no API-key exchange follows, as after the CLI's
+    device login: OPENAI_API_KEY stays null)."""
+    status, answer = issuer_post(issuer + "/oauth/token", [
+        ("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri),
+        ("client_id", OAUTH_CLIENT_ID), ("code_verifier", verifier)], form=True)
+    if status != 200:
+        raise LoginFailed("the issuer did not exchange the sign-in code for tokens: %s"
+                          % issuer_error(status, answer))
+    answer = answer if isinstance(answer, dict) else {}
+    tokens = {name: _text(answer.get(name))
+              for name in ("id_token", "access_token", "refresh_token")}
+    if not all(tokens.values()):
+        raise LoginFailed("the issuer's token answer lacks the id, access or refresh token")
+    if not jwt_claims(tokens["id_token"]):
+        raise LoginFailed("the issuer's id token is not a JWT; the Codex CLI could not read it")
+    return tokens
+
+
+def pkce_pair():
+    """(verifier, S256 challenge), as the CLI makes them: 64 random bytes, base64url."""
+    verifier = base64.urlsafe_b64encode(os.urandom(64)).rstrip(b"=").decode()
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def authorize_url(issuer, redirect_uri, challenge, state):
+    """The Codex CLI 0.171's authorize URL, its parameters in its order."""
+    return "%s/oauth/authorize?%s" % (issuer, urllib.parse.urlencode([
+        ("response_type", "code"), ("client_id", OAUTH_CLIENT_ID),
+        ("redirect_uri", redirect_uri), ("code_challenge", challenge),
+        ("code_challenge_method", "S256"), ("state", state), ("scope", OAUTH_SCOPE),
+        ("id_token_add_organizations", "true"), ("codex_cli_simplified_flow", "true"),
+        ("originator", DEFAULT_ORIGINATOR)]))
+
+
+def callback_code(query, state):
+    """The authorization code of a callback's query, once its state is this login's."""
+    params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    if not hmac.compare_digest(params.get("state", "").encode(), state.encode()):
+        raise LoginFailed("the sign-in answer is not for this login (its state does not match); "
+                          "run login again")
+    error = params.get("error")
+    if error:
+        description = params.get("error_description") or ""
+        if error == "access_denied" and "missing_codex_entitlement" in description.lower():
+            raise LoginFailed("Codex is not enabled for this workspace: ask its administrator "
+                              "for access")
+        raise LoginFailed("the sign-in failed: %s" % escape_controls(description or error)[:300])
+    if not params.get("code"):
+        raise LoginFailed("the sign-in answer has no code")
+    return params["code"]
+
+
+def pasted_query(line):
+    """The query of the address the user pasted (http://localhost:1455/auth/callback?code=...
+    &state=...), None when the line is not one."""
+    line = line.strip()
+    query = urllib.parse.urlsplit(line).query if "?" in line else line
+    params = dict(urllib.parse.parse_qsl(query))
+    return query if "state" in params and ("code" in params or "error" in params) else None
+
+
+class SignInAnswer:
+    """A callback's query, from the browser or pasted, waiting for the login's verdict."""
+
+    def __init__(self, query, from_browser=False):
+        self.query = query
+        self.from_browser = from_browser
+        self.error = None
+        self.done = threading.Event()
+        self.page_sent = threading.Event()  # the browser has its page: the process may end
+
+    def finish(self, error=None):
+        self.error = error
+        self.done.set()
+
+
+class LoginCallbackHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path != "/auth/callback":
+            return self._page(404, "Not found.")
+        answer = SignInAnswer(query, from_browser=True)
+        self.server.inbox.put(answer)
+        try:
+            if not answer.done.wait(LOGIN_TIMEOUT * 2 + 10):
+                self._page(504, "The login is still being saved: see the terminal.")
+            elif answer.error:
+                self._page(400, "Sign-in failed: %s" % answer.error)
+            else:
+                self._page(200, "Signed in. You can close this tab and go back to the terminal.")
+        finally:
+            answer.page_sent.set()
+
+    def _page(self, status, text):
+        import html
+        body = ("<!doctype html><meta charset=\"utf-8\"><title>codex-responses-proxy login</title>"
+                "<p>%s</p>\n" % html.escape(text)).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass  # the callback's address holds the sign-in code
+
+
+class LoginCallbackServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # a browser's idle preconnection must not hold the real callback up
+
+    def __init__(self, port, inbox):
+        self.inbox = inbox
+        super().__init__(("127.0.0.1", port), LoginCallbackHandler)
+
+
+def bind_callback_server(inbox):
+    for port in LOGIN_CALLBACK_PORTS:
+        try:
+            return LoginCallbackServer(port, inbox)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise LoginFailed("cannot listen on 127.0.0.1:%d for the sign-in answer (%s)"
+                                  % (port, e.strerror or e))
+    raise LoginFailed("ports %s on 127.0.0.1 are all in use (another login waiting?): stop it, "
+                      "or log in with a device code (`login` without --browser)"
+                      % " and ".join(str(p) for p in LOGIN_CALLBACK_PORTS))
+
+
+def _read_pasted(stdin, inbox, out):
+    try:
+        for line in iter(stdin.readline, ""):
+            query = pasted_query(line)
+            if query is not None:
+                inbox.put(SignInAnswer(query))
+            elif line.strip():
+                say(out, "That is not the address the browser ended on (it has code= and "
+                         "state= in it); paste the whole address.")
+    except (OSError, ValueError):
+        pass  # no usable standard input: the browser's callback can still come
+
+
+def next_sign_in_answer(inbox, deadline):
+    import queue
+    left = deadline - time.monotonic()
+    try:
+        if left > 0:
+            return inbox.get(timeout=left)
+    except queue.Empty:
+        pass
+    raise LoginFailed("no sign-in within 15 minutes; run login again")
+
+
+def browser_login(issuer, path, stdin, out, deadline):
+    """The PKCE flow: the browser comes back to 127.0.0.1:1455 (1457 when taken), or the user
+    pastes the address it ended on. Returns what complete_login says."""
+    import queue
+    inbox = queue.Queue()
+    server = bind_callback_server(inbox)
+    redirect_uri = "http://127.0.0.1:%d/auth/callback" % server.server_address[1]
+    verifier, challenge = pkce_pair()
+    state = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                     daemon=True).start()
+    answer = None
+    try:
+        say(out, "\nOpen this address in a browser and sign in with your ChatGPT account:\n\n"
+                 "  %s\n\nThe browser then comes back to %s. If it runs on another machine, "
+                 "that page cannot load: copy the address it shows (%s?code=...&state=...) and "
+                 "paste it here, then press Enter.\nWaiting (Ctrl-C to give up)..."
+            % (authorize_url(issuer, redirect_uri, challenge, state), redirect_uri,
+               redirect_uri))
+        if stdin is not None:
+            threading.Thread(target=_read_pasted, args=(stdin, inbox, out), daemon=True).start()
+        answer = next_sign_in_answer(inbox, deadline)
+        try:
+            code = callback_code(answer.query, state)
+            summary = complete_login(path, exchange_code(issuer, code, redirect_uri, verifier))
+        except LoginFailed as e:
+            answer.finish(str(e))
+            raise
+        answer.finish()
+        return summary
+    finally:
+        if answer is not None and answer.from_browser:
+            answer.page_sent.wait(5)
+        server.shutdown()
+        server.server_close()
+
+
+def login_document(tokens):
+    """A new login in the Codex CLI's auth.json format."""
+    return {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
+            "tokens": {"id_token": tokens["id_token"], "access_token": tokens["access_token"],
+                       "refresh_token": tokens["refresh_token"],
+                       "account_id": _auth_claim(jwt_claims(tokens["id_token"]),
+                                                 "chatgpt_account_id")},
+            "last_refresh": rfc3339_now()}
+
+
+def auth_lock_paths(path):
+    """The Codex CLI's two locks for this auth.json: (around a change, around the write)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock"), path + ".lock"
+
+
+def prepare_codex_home(path):
+    """Before the user is asked for anything: the directory exists and takes a new file."""
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        os.makedirs(directory, 0o700, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LoginFailed("cannot write in %s (%s): fix its permissions, or choose another "
+                          "directory with --codex-home" % (directory, e.strerror or e))
+
+
+def save_login(path, doc):
+    """The new login replaces the old one atomically (0600), under the CLI's locks in its
+    order; on any failure the old file stays as it was."""
+    change_lock, write_lock = auth_lock_paths(path)
+    with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
+        if not lock.acquired:
+            raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
+                              "held %s for %d s; nothing was saved. Try again once it is done"
+                              % (change_lock, LOGIN_LOCK_WAIT))
+        with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
+            try:
+                write_auth_file(path, doc)
+            except OSError as e:
+                raise LoginFailed("cannot write %s (%s); nothing was saved"
+                                  % (path, e.strerror or e))
+
+
+def login_identity(creds):
+    """'user@example.com (plan pro, account acct-1)' from the tokens' claims."""
+    ident = jwt_claims(creds.id_token)
+    profile = ident.get("https://api.openai.com/profile")
+    email = _text(ident.get("email")) or (_text(profile.get("email"))
+                                          if isinstance(profile, dict) else None)
+    return "%s (plan %s, account %s)" % (email or "an unknown e-mail address",
+                                         creds.plan_type or "unknown",
+                                         creds.account_id or "unknown")
+
+
+def complete_login(path, tokens):
+    doc = login_document(tokens)
+    save_login(path, doc)
+    return ("Logged in as %s. Saved to %s; a running proxy uses it from its next request."
+            % (login_identity(Credentials(doc)), path))
+
+
+def log_in(path, issuer, browser, stdin, out):
+    prepare_codex_home(path)
+    deadline = time.monotonic() + LOGIN_WAIT
+    if browser:
+        summary = browser_login(issuer, path, stdin, out, deadline)
+    else:
+        code = request_device_code(issuer)
+        say(out, device_code_prompt(code))
+        auth_code, verifier = wait_for_device_approval(issuer, code, deadline)
+        summary = complete_login(path, exchange_code(issuer, auth_code,
+                                                     issuer + "/deviceauth/callback", verifier))
+    say(out, summary)
+    return 0
+
+
+def _utc_minute(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+
+
+def login_status_lines(path, creds, now=None):
+    """Who is logged in and how fresh the tokens are: no token text."""
+    now = time.time() if now is None else now
+    if creds.expires_at is None:
+        expiry = "no expiry in the token"
+    elif creds.expires_at > now:
+        expiry = "expires %s (in %d min)" % (_utc_minute(creds.expires_at),
+                                             (creds.expires_at - now) // 60)
+    else:
+        expiry = "expired %s; refreshed on the next request" % _utc_minute(creds.expires_at)
+    refreshed = _utc_minute(creds.last_refresh.timestamp()) if creds.last_refresh else "never"
+    return ["Logged in with ChatGPT as %s" % login_identity(creds),
+            "  access token: %s" % expiry, "  last refresh: %s" % refreshed,
+            "  file: %s" % path]
+
+
+def show_login_status(path, out):
+    if api_key_from_auth_file(path):
+        say(out, "Logged in with an API key (API-key mode: requests go to the OpenAI platform), "
+                 "from %s" % path)
+        return 0
+    try:
+        creds = read_auth_file(path)
+    except ProxyError as e:
+        say(out, "Not logged in: %s" % e.message)
+        return 1
+    for line in login_status_lines(path, creds):
+        say(out, line)
+    return 0
+
+
+def revocable_token(raw):
+    """(token, token_type_hint) that logout revokes: the refresh token, else the access token."""
+    try:
+        tokens = json.loads(raw.decode("utf-8")).get("tokens")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(tokens, dict):
+        return None
+    for kind in ("refresh_token", "access_token"):
+        if _text(tokens.get(kind)):
+            return tokens[kind], kind
+    return None
+
+
+def revoke_token(url, token, kind):
+    """Best effort: None when revoked, else why not."""
+    fields = {"token": token, "token_type_hint": kind}
+    if kind == "refresh_token":
+        fields["client_id"] = OAUTH_CLIENT_ID
+    try:
+        status, answer = issuer_post(url, fields, timeout=REVOKE_TIMEOUT)
+    except LoginFailed as e:
+        return str(e)
+    return None if 200 <= status < 300 else "the issuer answered %s" % issuer_error(status,
+                                                                                   answer)
+
+
+def log_out(path, issuer, out):
+    """Revokes the login at the issuer (best effort) and removes auth.json, under the CLI's
+    locks so that no refresh writes it back."""
+    change_lock, write_lock = auth_lock_paths(path)
+    with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
+        if not lock.acquired:
+            raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
+                              "held %s for %d s; %s was not removed. Try again once it is done"
+                              % (change_lock, LOGIN_LOCK_WAIT, path))
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            say(out, "Not logged in: %s does not exist." % path)
+            return 0
+        except OSError as e:
+            raise LoginFailed("cannot read %s (%s)" % (path, e.strerror or e))
+        revocable = revocable_token(raw)
+        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
+        with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise LoginFailed("cannot remove %s (%s)" % (path, e.strerror or e))
+    if problem:
+        say(out, "warning: could not revoke the login at the issuer (%s); it stays valid there "
+                 "until it expires" % problem)
+    say(out, "Logged out: removed %s." % path)
+    return 0
+
+
+def say(out, text):
+    out.write(text + "\n")
+    out.flush()
+
+
+def build_login_parser(command):
+    if command == "login":
+        p = argparse.ArgumentParser(
+            prog="codex_responses_proxy.py login",
+            description="Log in with your ChatGPT account and save the login where the proxy "
+                        "and the Codex CLI read it ($CODEX_HOME/auth.json, in the CLI's format). "
+                        "By default with a device code: open the address shown on any device, "
+                        "enter the code. A new login replaces the old one only once it has "
+                        "succeeded.")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--browser", action="store_true",
+                         help="sign in in a browser instead; it comes back to 127.0.0.1:1455 "
+                              "(1457 when taken), or you paste the address it ended on")
+        how.add_argument("--status", action="store_true",
+                         help="show who is logged in and when the token expires (no secrets); "
+                              "exit status 0 when logged in, 1 when not")
+    else:
+        p = argparse.ArgumentParser(
+            prog="codex_responses_proxy.py logout",
+            description="Revoke the login at the issuer (best effort) and remove auth.json.")
+    p.add_argument("--codex-home", metavar="DIR",
+                   help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
+    p.add_argument("--issuer", type=issuer_arg, metavar="URL",
+                   help="the OAuth issuer (default %s), like the Codex CLI's "
+                        "--experimental_issuer; for tests" % DEFAULT_ISSUER)
+    return p
+
+
+def login_command(argv, stdin=None, out=None):
+    """`login [--browser | --status]` and `logout`: 0 when done; else one line on stderr and
+    1 (130 after Ctrl-C). The previous login is replaced only by one that succeeded."""
+    command = argv[0]
+    args = build_login_parser(command).parse_args(argv[1:])
+    out = out or sys.stderr
+    path = os.path.join(args.codex_home or default_codex_home(), "auth.json")
+    try:
+        if command == "logout":
+            return log_out(path, args.issuer, out)
+        if args.status:
+            return show_login_status(path, sys.stdout)
+        return log_in(path, args.issuer or DEFAULT_ISSUER, args.browser,
+                      sys.stdin if stdin is None else stdin, out)
+    except LoginFailed as e:
+        say(out, "%s failed: %s" % (command, e))
+    except KeyboardInterrupt:
+        say(out, "\n%s interrupted: %s is as it was" % (command, path))
+        return 130
+    except Exception as e:  # never a traceback; the class name only, no text that may hold a token
+        say(out, "%s failed: unexpected %s" % (command, e.__class__.__name__))
+    return 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -3633,6 +4249,8 @@ class UpstreamClient:
             headers["session_id"] = headers["session-id"] = session_id
         if creds.account_id:
             headers["ChatGPT-Account-ID"] = creds.account_id
+        if creds.fedramp:
+            headers["X-OpenAI-Fedramp"] = "true"
         for name, value in extra:
             headers.setdefault(name, value)
         return headers
@@ -6854,6 +7472,9 @@ def raise_descriptor_limit():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("login", "logout"):
+        return login_command(argv)
     config = parse_config(argv)
     log = Log(debug=config.debug)
     raise_descriptor_limit()

@@ -36,7 +36,9 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
 import urllib.parse
+import urllib.request
 import zlib
 from unittest import mock
 
@@ -73,6 +75,21 @@ def id_token(account="acct-from-id"):
     return make_jwt({"email": "user@example.com",
                      "https://api.openai.com/auth": {"chatgpt_account_id": account,
                                                      "chatgpt_plan_type": "pro"}})
+
+
+def login_id_token(fedramp=False):
+    """The id token of a login made against FakeOAuth."""
+    auth = {"chatgpt_account_id": "acct-login", "chatgpt_plan_type": "pro",
+            "chatgpt_user_id": "user-login"}
+    if fedramp:
+        auth["chatgpt_account_is_fedramp"] = True
+    return make_jwt({"email": "login@example.com", "https://api.openai.com/auth": auth})
+
+
+def challenge_of(verifier):
+    """The PKCE S256 challenge of a verifier."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(
+        b"=").decode()
 
 
 def auth_document(access=None, refresh="rt-initial-0123456789", account_id="acct-file",
@@ -817,7 +834,11 @@ def fake_ws_recv(rfile):
 # --------------------------------------------------------------------------------------------
 
 class FakeOAuth:
-    """auth.openai.com/oauth/token: refresh tokens rotate and are single use."""
+    """auth.openai.com: /oauth/token, where refresh tokens rotate and are single use, and the
+    login endpoints as Codex CLI 0.171 uses them (PROTOCOL.md §11): the device code
+    (/api/accounts/deviceauth/...), the browser's /oauth/authorize (answered at once with the
+    redirect to the callback, as if the user had signed in), the code exchange, which checks
+    the PKCE verifier against the challenge, and /oauth/revoke."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -828,12 +849,115 @@ class FakeOAuth:
         self.lifetime = 3600         # seconds until an issued access token's `exp`
         self.reused = []             # refresh tokens answered with refresh_token_reused
         self.lock = threading.Lock()
-        self.server = FakeBackend(routes={("POST", None): self.serve})
+        # The login side; `login_requests` holds (path, headers, body) of each.
+        self.login_requests = []
+        self.usercode_failure = None  # (status, body) instead of a device code
+        self.interval = "0"           # as 0.171 wants it: a JSON string
+        self.pending_polls = 1        # polls answered 403 pending before the outcome
+        self.poll_outcome = None      # (status, body) instead of the approval
+        self.polls = 0
+        self.codes = {}               # authorization code -> (redirect_uri, challenge)
+        self.forge_state = False      # the authorize redirect carries another state
+        self.fedramp = False          # the id token of a login says chatgpt_account_is_fedramp
+        self.revoke_failure = None    # (status, body) for /oauth/revoke
+        self.revoked = []
+        self.server = FakeBackend(routes={
+            ("POST", None): self.serve,
+            ("POST", "/api/accounts/deviceauth/usercode"): self.usercode,
+            ("POST", "/api/accounts/deviceauth/token"): self.device_token,
+            ("GET", "/oauth/authorize"): self.authorize,
+            ("POST", "/oauth/revoke"): self.revoke})
+        self.base = self.server.base
         self.url = self.server.base + "/oauth/token"
 
     def serve(self, req):
-        status, body = self.answer(req.headers, req.raw)
+        if (req.headers.get("Content-Type") or "").startswith("application/x-www-form"):
+            status, body = self.exchange(req)
+        else:
+            status, body = self.answer(req.headers, req.raw)
         return req.answer(status, json.dumps(body).encode())
+
+    # -- logging in ------------------------------------------------------------------------
+
+    def note(self, req, body):
+        with self.lock:
+            self.login_requests.append((req.path, dict(req.headers), body))
+
+    def usercode(self, req):
+        body = req.json()
+        self.note(req, body)
+        if self.usercode_failure:
+            status, answer = self.usercode_failure
+        elif body != {"client_id": proxy.OAUTH_CLIENT_ID}:
+            status, answer = 400, {"error": "invalid_request"}
+        else:
+            status, answer = 200, {"device_auth_id": "dev-auth-1", "user_code": "ABCD-1234",
+                                   "interval": self.interval,
+                                   "expires_at": "2099-01-01T00:00:00Z"}
+        return req.answer(status, json.dumps(answer).encode())
+
+    def device_token(self, req):
+        body = req.json()
+        self.note(req, body)
+        with self.lock:
+            self.polls += 1
+            polls = self.polls
+        if body != {"device_auth_id": "dev-auth-1", "user_code": "ABCD-1234"}:
+            status, answer = 400, {"error": "invalid_request"}
+        elif polls <= self.pending_polls:
+            status, answer = 403, {"error": {"code": "deviceauth_authorization_pending"}}
+        elif self.poll_outcome:
+            status, answer = self.poll_outcome
+        else:
+            verifier = "server-verifier-" + os.urandom(8).hex()
+            code = self.issue_code(self.base + "/deviceauth/callback", challenge_of(verifier))
+            status, answer = 200, {"authorization_code": code,
+                                   "code_challenge": challenge_of(verifier),
+                                   "code_verifier": verifier}
+        return req.answer(status, json.dumps(answer).encode())
+
+    def issue_code(self, redirect_uri, challenge):
+        code = "authcode-" + os.urandom(8).hex()
+        with self.lock:
+            self.codes[code] = (redirect_uri, challenge)
+        return code
+
+    def authorize(self, req):
+        """The user signs in at once: the browser is sent back to redirect_uri."""
+        query = dict(urllib.parse.parse_qsl(req.target.split("?", 1)[1]))
+        self.note(req, query)
+        if query.get("client_id") != proxy.OAUTH_CLIENT_ID \
+                or query.get("code_challenge_method") != "S256":
+            return req.answer(400, b'{"error": "invalid_request"}')
+        code = self.issue_code(query["redirect_uri"], query["code_challenge"])
+        state = "forged-" + query["state"] if self.forge_state else query["state"]
+        location = "%s?%s" % (query["redirect_uri"],
+                              urllib.parse.urlencode({"code": code, "state": state}))
+        return req.answer(302, b"", headers=[("Location", location)], content_type="text/plain")
+
+    def exchange(self, req):
+        form = dict(urllib.parse.parse_qsl(req.raw.decode()))
+        self.note(req, form)
+        with self.lock:
+            redirect_uri, challenge = self.codes.pop(form.get("code"), (None, None))
+        if (form.get("grant_type") != "authorization_code"
+                or form.get("client_id") != proxy.OAUTH_CLIENT_ID
+                or redirect_uri is None or form.get("redirect_uri") != redirect_uri
+                or challenge_of(form.get("code_verifier", "")) != challenge):
+            return 400, {"error": "invalid_grant", "error_description": "bad code or verifier"}
+        access = access_token(self.lifetime, account="acct-login")
+        self.backend.valid_tokens.add(access)
+        with self.lock:
+            self.current_refresh = "rt-login-" + os.urandom(6).hex()
+        return 200, {"id_token": login_id_token(self.fedramp), "access_token": access,
+                     "refresh_token": self.current_refresh}
+
+    def revoke(self, req):
+        body = req.json()
+        self.note(req, body)
+        self.revoked.append(body)
+        status, answer = self.revoke_failure or (200, {})
+        return req.answer(status, json.dumps(answer).encode())
 
     def answer(self, headers, raw):
         time.sleep(self.delay)
@@ -4961,6 +5085,506 @@ class AtomicWriteTests(ProxyTestCase):
         self.assertEqual(after["tokens"]["account_id"], "acct-keep")
         self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging in on the host: `login` (device code), `login --browser`, `--status`, `logout`
+# --------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def no_proxy_opener():
+    """urllib as a browser on this machine: redirects followed, no HTTP proxy from the env."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class HeldLock:
+    """An exclusive flock on a CODEX_HOME lock file, as another process would hold it."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        proxy.fcntl.flock(self.fd, proxy.fcntl.LOCK_EX)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class LoginCase(unittest.TestCase):
+    """The fake issuer and backend, and a CODEX_HOME holding an older login that no failure
+    may touch."""
+
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="codex-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.backend = FakeBackend()
+        self.oauth = FakeOAuth(self.backend)
+        self.addCleanup(self.backend.close)
+        self.addCleanup(self.oauth.close)
+        self.path = write_auth(self.home, auth_document(refresh="rt-old-login-0123456789"))
+        with open(self.path, "rb") as f:
+            self.old_bytes = f.read()
+
+    def run_command(self, command, *args, stdin=None, issuer=None):
+        """(exit status, what it said) of login_command in this process."""
+        out = LogCapture()
+        argv = [command, "--codex-home", self.home, "--issuer", issuer or self.oauth.base]
+        rc = proxy.login_command(argv + list(args), stdin=stdin or io.StringIO(""), out=out)
+        return rc, out.getvalue()
+
+    def assert_old_login_kept(self):
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), self.old_bytes)
+        self.assertEqual(self.leftovers(), [])
+
+    def assert_one_line_failure(self, rc, said, phrase):
+        self.assertEqual(rc, 1, said)
+        failures = [l for l in said.splitlines() if l.startswith("login failed: ")]
+        self.assertEqual(len(failures), 1, said)
+        self.assertIn(phrase, failures[0])
+        self.assertNotIn("Traceback", said)
+
+    def leftovers(self):
+        return sorted(n for n in os.listdir(self.home) if n.endswith((".tmp", ".probe")))
+
+    def sent(self, path):
+        return [body for p, _, body in self.oauth.login_requests if p == path]
+
+    def assert_new_login_saved(self):
+        doc = read_auth(self.home)
+        self.assertEqual(sorted(doc), ["OPENAI_API_KEY", "auth_mode", "last_refresh", "tokens"])
+        self.assertEqual(doc["auth_mode"], "chatgpt")
+        self.assertIsNone(doc["OPENAI_API_KEY"])
+        self.assertEqual(sorted(doc["tokens"]),
+                         ["access_token", "account_id", "id_token", "refresh_token"])
+        self.assertEqual(doc["tokens"]["account_id"], "acct-login")
+        self.assertEqual(doc["tokens"]["refresh_token"], self.oauth.current_refresh)
+        self.assertIn(doc["tokens"]["access_token"], self.backend.valid_tokens)
+        self.assertIsNotNone(proxy.parse_rfc3339(doc["last_refresh"]))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(self.leftovers(), [])
+        return doc
+
+
+class DeviceLoginTests(LoginCase):
+    def test_pending_then_approved_saves_the_codex_cli_format(self):
+        self.oauth.pending_polls = 2
+        rc, said = self.run_command("login")
+        self.assertEqual(rc, 0, said)
+        self.assert_new_login_saved()
+        self.assertIn(self.oauth.base + "/codex/device", said)
+        self.assertIn("ABCD-1234", said)
+        self.assertIn("15 minutes", said)
+        self.assertIn("ChatGPT > Settings > Security", said)
+        self.assertIn("Logged in as login@example.com (plan pro, account acct-login)", said)
+        self.assertEqual(self.sent("/api/accounts/deviceauth/usercode"),
+                         [{"client_id": proxy.OAUTH_CLIENT_ID}])
+        self.assertEqual(self.sent("/api/accounts/deviceauth/token"),
+                         [{"device_auth_id": "dev-auth-1", "user_code": "ABCD-1234"}] * 3)
+        exchange, = self.sent("/oauth/token")
+        self.assertEqual(sorted(exchange), ["client_id", "code", "code_verifier", "grant_type",
+                                            "redirect_uri"])
+        self.assertEqual(exchange["redirect_uri"], self.oauth.base + "/deviceauth/callback")
+        self.assertEqual(self.oauth.revoked, [])  # the replaced login is not revoked
+        for _, headers, _ in self.oauth.login_requests:
+            self.assertNotIn("User-Agent", headers)  # as the CLI: none on login requests
+
+    def test_interval_as_a_string_or_a_number(self):
+        for given, expected in (("5", 5.0), (" 7 ", 7.0), (3, 3.0), (2.5, 2.5), ("x", 5.0),
+                                (None, 5.0), (True, 5.0), (-1, 5.0)):
+            self.assertEqual(proxy.poll_interval(given), expected, given)
+        for interval, expected in (("7", 7.0), (3, 3.0)):
+            self.oauth.interval, self.oauth.polls, self.oauth.pending_polls = interval, 0, 2
+            code = proxy.request_device_code(self.oauth.base)
+            slept = []
+            proxy.wait_for_device_approval(self.oauth.base, code, time.monotonic() + 60,
+                                           sleep=slept.append)
+            self.assertEqual(slept, [expected, expected])
+
+    def test_denied_expired_not_enabled_and_unreachable_fail_in_one_line(self):
+        cases = [
+            ("poll_outcome", (400, {"error": {"code": "deviceauth_denied"}}), "denied"),
+            ("poll_outcome", (403, {"error": {"code": "access_denied"}}), "denied"),
+            ("poll_outcome", (400, {"error": "expired_token"}), "expired"),
+            ("poll_outcome", (500, {"error": "server_error"}), "HTTP 500"),
+            ("usercode_failure", (404, {"error": "not_found"}),
+             "device code login is not enabled"),
+            ("usercode_failure", (429, {"error": {"code": "rate_limited"}}), "HTTP 429")]
+        for attribute, outcome, phrase in cases:
+            self.oauth.polls, self.oauth.poll_outcome, self.oauth.usercode_failure = 0, None, None
+            setattr(self.oauth, attribute, outcome)
+            rc, said = self.run_command("login")
+            self.assert_one_line_failure(rc, said, phrase)
+            self.assert_old_login_kept()
+        rc, said = self.run_command("login", issuer="http://127.0.0.1:%d" % free_port())
+        self.assert_one_line_failure(rc, said, "cannot reach the issuer")
+        self.assert_old_login_kept()
+
+    def test_a_code_not_approved_in_time_expires(self):
+        self.oauth.pending_polls = 10 ** 6
+        code = proxy.request_device_code(self.oauth.base)
+        with self.assertRaises(proxy.LoginFailed) as caught:
+            proxy.wait_for_device_approval(self.oauth.base, code, time.monotonic() + 0.2,
+                                           sleep=time.sleep)
+        self.assertIn("15 minutes", str(caught.exception))
+
+    def test_a_holder_of_auth_lock_makes_the_save_wait(self):
+        held = HeldLock(os.path.join(self.home, "auth.lock"))
+        self.addCleanup(held.release)
+        result = []
+        thread = threading.Thread(target=lambda: result.append(self.run_command("login")))
+        thread.start()
+        self.assertTrue(wait_until(lambda: self.sent("/oauth/token"), 10))
+        time.sleep(0.3)  # long enough for a save that did not wait to have happened
+        self.assert_old_login_kept()
+        held.release()
+        thread.join(15)
+        self.assertEqual(result[0][0], 0, result)
+        self.assert_new_login_saved()
+
+    def test_a_lock_held_too_long_fails_and_keeps_the_old_login(self):
+        held = HeldLock(os.path.join(self.home, "auth.lock"))
+        self.addCleanup(held.release)
+        with mock.patch.object(proxy, "LOGIN_LOCK_WAIT", 0.2):
+            rc, said = self.run_command("login")
+        self.assert_one_line_failure(rc, said, "nothing was saved")
+        self.assert_old_login_kept()
+
+    def test_a_failed_write_leaves_no_temporary_file_and_the_old_login(self):
+        def no_space(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with mock.patch.object(proxy.os, "fsync", no_space):
+            rc, said = self.run_command("login")
+        self.assert_one_line_failure(rc, said, "No space left on device")
+        self.assert_old_login_kept()
+
+    def test_ctrl_c_and_the_unexpected_leave_the_old_login(self):
+        with mock.patch.object(proxy, "wait_for_device_approval",
+                               side_effect=KeyboardInterrupt):
+            rc, said = self.run_command("login")
+        self.assertEqual(rc, 130)
+        self.assertEqual([l for l in said.splitlines() if "interrupted" in l],
+                         ["login interrupted: %s is as it was" % self.path])
+        self.assert_old_login_kept()
+        with mock.patch.object(proxy, "exchange_code", side_effect=RuntimeError("rt-secret")):
+            rc, said = self.run_command("login")
+        self.assert_one_line_failure(rc, said, "unexpected RuntimeError")
+        self.assertNotIn("rt-secret", said)
+        self.assert_old_login_kept()
+
+    def test_a_new_codex_home_is_created_private(self):
+        home = os.path.join(self.home, "new", "codex")
+        rc = proxy.login_command(["login", "--codex-home", home, "--issuer", self.oauth.base],
+                                 stdin=io.StringIO(""), out=LogCapture())
+        self.assertEqual(rc, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(home).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(home, "auth.json")).st_mode), 0o600)
+
+    def test_issuer_must_be_a_url_and_https_beyond_this_machine(self):
+        for bad in ("auth.openai.com", "ftp://x", "http://auth.example.com",
+                    "https://x/?a=1"):
+            with self.assertRaises(Exception):
+                proxy.issuer_arg(bad)
+        self.assertEqual(proxy.issuer_arg("https://auth.openai.com/"), "https://auth.openai.com")
+        self.assertEqual(proxy.issuer_arg("http://127.0.0.1:9/"), "http://127.0.0.1:9")
+
+
+class BrowserLoginTests(LoginCase):
+    def start_browser_login(self):
+        """login --browser in a thread, 1455's stand-in held so it falls back to the second
+        port; its standard input an open pipe. Returns (thread, result, out, port, stdin)."""
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        self.addCleanup(held.close)
+        port = free_port()
+        patch = mock.patch.object(proxy, "LOGIN_CALLBACK_PORTS", (held.getsockname()[1], port))
+        patch.start()
+        self.addCleanup(patch.stop)
+        r, w = os.pipe()
+        stdin, writer = os.fdopen(r, "r"), os.fdopen(w, "w")
+        self.addCleanup(stdin.close)
+        self.addCleanup(writer.close)
+        out, result = LogCapture(), []
+        argv = ["login", "--browser", "--codex-home", self.home, "--issuer", self.oauth.base]
+        thread = threading.Thread(target=lambda: result.append(
+            proxy.login_command(argv, stdin=stdin, out=out)), daemon=True)
+        thread.start()
+        url = wait_until(lambda: re.search(r"http://\S+/oauth/authorize\?\S+", out.getvalue()),
+                         10)
+        self.assertTrue(url, out.getvalue())
+        return thread, result, out, port, writer, url.group()
+
+    def test_the_browser_comes_back_to_the_local_server(self):
+        thread, result, out, port, _, url = self.start_browser_login()
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        redirect = "http://127.0.0.1:%d/auth/callback" % port
+        self.assertEqual(url.split("?")[1].split("&")[0:3], [
+            "response_type=code", "client_id=" + proxy.OAUTH_CLIENT_ID,
+            "redirect_uri=" + urllib.parse.quote(redirect, safe="")])
+        self.assertEqual(query["scope"], proxy.OAUTH_SCOPE)
+        self.assertIn("scope=openid+profile+email+offline_access+api.connectors.read", url)
+        self.assertEqual((query["code_challenge_method"], query["originator"],
+                          query["id_token_add_organizations"],
+                          query["codex_cli_simplified_flow"]),
+                         ("S256", "codex_cli_rs", "true", "true"))
+        self.assertGreaterEqual(len(query["state"]), 43)
+        with no_proxy_opener().open(url, timeout=20) as page:  # follows the issuer's redirect
+            self.assertEqual(page.status, 200)
+            self.assertIn(b"Signed in", page.read())
+        thread.join(15)
+        self.assertEqual(result, [0], out.getvalue())
+        self.assert_new_login_saved()
+        exchange, = self.sent("/oauth/token")  # one exchange: no API-key token exchange
+        self.assertEqual(exchange["redirect_uri"], redirect)
+        self.assertEqual(challenge_of(exchange["code_verifier"]), query["code_challenge"])
+        self.assertIn(redirect + "?code=...&state=...", out.getvalue())
+
+    def test_a_state_mismatch_fails_and_keeps_the_old_login(self):
+        self.oauth.forge_state = True
+        thread, result, out, _, _, url = self.start_browser_login()
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            no_proxy_opener().open(url, timeout=20)
+        self.assertEqual(caught.exception.code, 400)
+        self.assertIn(b"state does not match", caught.exception.read())
+        caught.exception.close()
+        thread.join(15)
+        self.assert_one_line_failure(result[0], out.getvalue(), "state does not match")
+        self.assertEqual(self.sent("/oauth/token"), [])
+        self.assert_old_login_kept()
+
+    def test_a_pasted_address_with_another_state_fails(self):
+        thread, result, out, port, writer, _ = self.start_browser_login()
+        writer.write("not an address\n")
+        writer.write("http://localhost:%d/auth/callback?code=c&state=guess\n" % port)
+        writer.flush()
+        thread.join(15)
+        self.assertIn("That is not the address the browser ended on", out.getvalue())
+        self.assert_one_line_failure(result[0], out.getvalue(), "state does not match")
+        self.assert_old_login_kept()
+
+    def test_the_pkce_verifier_must_match_the_challenge(self):
+        verifier, challenge = proxy.pkce_pair()
+        self.assertEqual(challenge, challenge_of(verifier))
+        self.assertEqual(len(verifier), 86)  # 64 bytes, base64url without padding
+        code = self.oauth.issue_code("http://127.0.0.1:1455/auth/callback", challenge)
+        with self.assertRaises(proxy.LoginFailed) as caught:
+            proxy.exchange_code(self.oauth.base, code, "http://127.0.0.1:1455/auth/callback",
+                                proxy.pkce_pair()[0])
+        self.assertIn("HTTP 400 (invalid_grant: bad code or verifier)", str(caught.exception))
+        code = self.oauth.issue_code("http://127.0.0.1:1455/auth/callback", challenge)
+        tokens = proxy.exchange_code(self.oauth.base, code,
+                                     "http://127.0.0.1:1455/auth/callback", verifier)
+        self.assertEqual(tokens["refresh_token"], self.oauth.current_refresh)
+
+    def test_callback_errors_and_pasted_addresses(self):
+        with self.assertRaises(proxy.LoginFailed) as caught:
+            proxy.callback_code("error=access_denied&error_description=missing_codex_"
+                                "entitlement&state=s1", "s1")
+        self.assertIn("Codex is not enabled for this workspace", str(caught.exception))
+        with self.assertRaises(proxy.LoginFailed):
+            proxy.callback_code("code=c&state=s2", "s1")
+        self.assertEqual(proxy.callback_code("code=c1&state=s1", "s1"), "c1")
+        self.assertEqual(proxy.pasted_query(
+            " http://localhost:1455/auth/callback?code=c&state=s \n"), "code=c&state=s")
+        self.assertEqual(proxy.pasted_query("code=c&state=s"), "code=c&state=s")
+        self.assertIsNone(proxy.pasted_query("http://localhost:1455/auth/callback"))
+        self.assertIsNone(proxy.pasted_query("yes"))
+
+
+class LoginStatusAndLogoutTests(LoginCase):
+    def status(self):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc, said = self.run_command("login", "--status")
+        return rc, stdout.getvalue() + said
+
+    def test_status_says_who_without_any_secret(self):
+        rc, said = self.status()
+        self.assertEqual(rc, 0, said)
+        self.assertIn("Logged in with ChatGPT as user@example.com (plan pro, account acct-file)",
+                      said)
+        self.assertRegex(said, r"access token: expires \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in 5\d min\)")
+        self.assertIn("last refresh: 2026-11-20 10:00 UTC", said)
+        for secret in tokens_of(self.home):
+            self.assertNotIn(secret, said)
+            self.assertNotIn(secret[-20:], said)
+        write_auth(self.home, {"auth_mode": "apikey", "OPENAI_API_KEY": "sk-status-secret"})
+        rc, said = self.status()
+        self.assertEqual(rc, 0, said)
+        self.assertIn("Logged in with an API key", said)
+        self.assertNotIn("sk-status-secret", said)
+        os.remove(self.path)
+        rc, said = self.status()
+        self.assertEqual(rc, 1)
+        self.assertIn("Not logged in: No Codex login found", said)
+        self.assertIn("codex_responses_proxy.py login", said)
+
+    def test_logout_revokes_and_removes_under_the_locks(self):
+        held = HeldLock(os.path.join(self.home, "auth.lock"))
+        self.addCleanup(held.release)
+        seen_at_unlink = []
+        unlink = os.unlink
+
+        def watched_unlink(path, *args, **kw):
+            if path == self.path:
+                seen_at_unlink.append((try_flock(path + ".lock"),
+                                       try_flock(os.path.join(self.home, "auth.lock"))))
+            return unlink(path, *args, **kw)
+
+        result = []
+        with mock.patch.object(proxy.os, "unlink", watched_unlink):
+            thread = threading.Thread(target=lambda: result.append(self.run_command("logout")))
+            thread.start()
+            time.sleep(0.3)  # long enough for a logout that did not wait to have gone on
+            self.assertTrue(os.path.exists(self.path))
+            self.assertEqual(self.oauth.revoked, [])
+            held.release()
+            thread.join(15)
+        self.assertEqual(result[0][0], 0, result)
+        self.assertIn("Logged out: removed %s." % self.path, result[0][1])
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(seen_at_unlink, [(False, False)])  # both locks ours while removing
+        self.assertEqual(self.oauth.revoked, [{"token": "rt-old-login-0123456789",
+                                               "token_type_hint": "refresh_token",
+                                               "client_id": proxy.OAUTH_CLIENT_ID}])
+        rc, said = self.run_command("logout")
+        self.assertEqual((rc, said.strip()), (0, "Not logged in: %s does not exist." % self.path))
+
+    def test_logout_removes_the_login_when_the_issuer_cannot_revoke(self):
+        rc, said = self.run_command("logout", issuer="http://127.0.0.1:%d" % free_port())
+        self.assertEqual(rc, 0, said)
+        self.assertIn("warning: could not revoke the login at the issuer (cannot reach", said)
+        self.assertFalse(os.path.exists(self.path))
+        write_auth(self.home, auth_document())
+        self.oauth.revoke_failure = (400, {"error": "invalid_token"})
+        rc, said = self.run_command("logout")
+        self.assertEqual(rc, 0, said)
+        self.assertIn("HTTP 400 (invalid_token)", said)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_the_revoke_url_follows_the_codex_cli(self):
+        env = {proxy.REVOKE_URL_ENV: "", proxy.REFRESH_URL_ENV: ""}
+        with mock.patch.dict(os.environ, env):
+            self.assertEqual(proxy.revoke_url(), "https://auth.openai.com/oauth/revoke")
+            self.assertEqual(proxy.revoke_url("http://127.0.0.1:9"),
+                             "http://127.0.0.1:9/oauth/revoke")
+            os.environ[proxy.REFRESH_URL_ENV] = "http://127.0.0.1:7/oauth/token?x=1"
+            self.assertEqual(proxy.revoke_url(), "http://127.0.0.1:7/oauth/revoke")
+            os.environ[proxy.REVOKE_URL_ENV] = "http://127.0.0.1:8/revoke"
+            self.assertEqual(proxy.revoke_url(), "http://127.0.0.1:8/revoke")
+
+
+class FedrampHeaderTests(ProxyTestCase):
+    def test_the_header_follows_the_id_token_claim(self):
+        self.assertEqual(self.post(simple_request())[0], 200)
+        self.assertNotIn("X-OpenAI-Fedramp", self.last_upstream()["headers"])
+        doc = auth_document(access=self.token)
+        doc["tokens"]["id_token"] = login_id_token(fedramp=True)
+        write_auth(self.home, doc)
+        self.assertEqual(self.post(simple_request())[0], 200)
+        self.assertEqual(self.last_upstream()["headers"]["X-OpenAI-Fedramp"], "true")
+
+    def test_codex_cli_0171_keys_survive_a_refresh(self):
+        doc = auth_document(access=access_token(-10))
+        doc["tokens"]["oauth_provenance"] = {"issuer": "https://auth.openai.com",
+                                             "client_id": proxy.OAUTH_CLIENT_ID}
+        doc["tokens"]["login_owner_id"] = "owner-1"
+        write_auth(self.home, doc)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        self.assertEqual(self.post(simple_request())[0], 200)
+        after = read_auth(self.home)
+        self.assertEqual(after["tokens"]["refresh_token"], self.oauth.current_refresh)
+        self.assertEqual(after["tokens"]["oauth_provenance"], doc["tokens"]["oauth_provenance"])
+        self.assertEqual(after["tokens"]["login_owner_id"], "owner-1")
+
+
+class LoginProcessTests(ProcessTestCase):
+    """`login` the way a user runs it: a subprocess, its prompts on stderr."""
+
+    def test_device_login_then_the_proxy_runs_on_it(self):
+        self.oauth.pending_polls = 2
+        self.oauth.lifetime = -10  # expired at once: the proxy must refresh at --issuer
+        result = run_program(["login", "--codex-home", self.home, "--issuer", self.oauth.base],
+                             timeout=30)
+        said = result.stderr.decode()
+        self.assertEqual(result.returncode, 0, said)
+        self.assertIn("ABCD-1234", said)
+        self.assertIn("Logged in as login@example.com", said)
+        login = read_auth(self.home)
+        self.assertEqual(login["tokens"]["account_id"], "acct-login")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.home, "auth.json")).st_mode),
+                         0o600)
+        self.oauth.lifetime = 3600
+        proc = self.spawn("--port", "0", "--codex-home", self.home, "--issuer", self.oauth.base)
+        status, _, body = proc.post(simple_request())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.oauth.count, 1)
+        self.assertEqual(self.oauth.requests[0]["body"]["refresh_token"],
+                         login["tokens"]["refresh_token"])
+        self.assertEqual(self.backend.requests[-1]["headers"]["ChatGPT-Account-ID"], "acct-login")
+
+    def test_browser_login_by_pasting_the_address(self):
+        proc = ProxyProcess(self, ["login", "--browser", "--codex-home", self.home,
+                                   "--issuer", self.oauth.base],
+                            stdin_data=b"", close_stdin=False, wait=False)
+        url = re.search(r"http://\S+/oauth/authorize\?\S+",
+                        proc.wait_for("/oauth/authorize?", 15)).group()
+        # The browser signs in, then cannot load the callback (another machine): the user
+        # copies the address it shows.
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.request("GET", parts.path + "?" + parts.query)
+        location = conn.getresponse().getheader("Location")
+        conn.close()
+        proc.proc.stdin.write(location.replace("127.0.0.1", "localhost").encode() + b"\n")
+        proc.proc.stdin.flush()
+        self.assertEqual(proc.wait_exit(20), 0, proc.text())
+        self.assertIn("Logged in as login@example.com", proc.text())
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
+    def test_browser_login_through_the_callback_gets_its_page_before_the_exit(self):
+        proc = ProxyProcess(self, ["login", "--browser", "--codex-home", self.home,
+                                   "--issuer", self.oauth.base],
+                            stdin_data=b"", close_stdin=False, wait=False)
+        url = re.search(r"http://\S+/oauth/authorize\?\S+",
+                        proc.wait_for("/oauth/authorize?", 15)).group()
+        with no_proxy_opener().open(url, timeout=20) as page:
+            self.assertEqual(page.status, 200)
+            self.assertIn(b"Signed in", page.read())
+        self.assertEqual(proc.wait_exit(20), 0, proc.text())
+        self.assertEqual(read_auth(self.home)["tokens"]["refresh_token"],
+                         self.oauth.current_refresh)
+
+    def test_ctrl_c_while_waiting_is_one_line_and_keeps_the_old_login(self):
+        path = self.write_valid_auth()
+        with open(path, "rb") as f:
+            before = f.read()
+        self.oauth.pending_polls = 10 ** 6
+        self.oauth.interval = "0.05"
+        proc = ProxyProcess(self, ["login", "--codex-home", self.home, "--issuer",
+                                   self.oauth.base], wait=False)
+        proc.wait_for("Waiting for the approval", 15)
+        self.assertTrue(wait_until(lambda: self.oauth.polls >= 2, 10))
+        proc.proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait_exit(15), 130)
+        text = proc.text()
+        self.assertNotIn("Traceback", text)
+        self.assertIn("login interrupted: %s is as it was" % path, text)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_startup_without_a_login_names_the_command(self):
+        proc = self.spawn("--port", "0", "--codex-home", self.home)
+        line = proc.wait_for("no usable login")
+        self.assertIn("`python3 codex_responses_proxy.py login`", line)
 
 
 # --------------------------------------------------------------------------------------------

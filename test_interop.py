@@ -872,5 +872,31 @@ class CodexCLIHTTPInteropTests(CodexCLICase):
                          ["function_call", "function_call_output"])
         self.assertIn("tool-ran", json.dumps(second["input"][-1]))
 
+
+@unittest.skipUnless(CODEX_BIN and os.access(CODEX_BIN, os.X_OK), NO_CODEX)
+class CodexCLILoginStatusInteropTests(harness.LoginCase):
+    """`codex login status` of the real CLI on the auth.json our `login` wrote, against the
+    fake issuer; and, so that its "yes" means something, on one it must refuse."""
+
+    def codex_login_status(self):
+        run = subprocess.run([CODEX_BIN, "login", "status"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                             env=dict(os.environ, CODEX_HOME=self.home))
+        return run.returncode, (run.stdout + run.stderr).decode()
+
+    def test_codex_login_status_accepts_our_login(self):
+        os.remove(self.path)  # a host that never had a login
+        self.assertNotEqual(self.codex_login_status()[0], 0)
+        rc, said = self.run_command("login")
+        self.assertEqual(rc, 0, said)
+        rc, said = self.codex_login_status()
+        self.assertEqual(rc, 0, said)
+        self.assertIn("Logged in using ChatGPT", said)
+        doc = harness.read_auth(self.home)
+        doc["tokens"]["id_token"] = "not-a-jwt"
+        harness.write_auth(self.home, doc)
+        self.assertNotEqual(self.codex_login_status()[0], 0)
+
+
 if __name__ == "__main__":
     unittest.main()
