@@ -5832,8 +5832,9 @@ function renderLogin(s) {
     ["Login file", l.auth_file],
   ]);
   if (!l.ok || (attempt && !attempt.ok)) {
-    relogin.replaceChildren("If the login is dead, run ", el("code", l.login_command),
-                            " (or codex login) on the proxy's machine; the proxy reads it again.");
+    relogin.replaceChildren("To log in again, run ", el("code", l.login_command),
+                            " (or codex login) on the proxy's machine; the proxy picks the new " +
+                            "login up by itself.");
     relogin.hidden = false;
   }
 }
