@@ -175,6 +175,7 @@ examples:
 
   curl -s http://127.0.0.1:8787/v1/responses -H 'Content-Type: application/json' \\
        -d '{"model": "gpt-5.1-codex", "input": "say hi"}'
+  http://127.0.0.1:8787/ in a browser: quota, login, traffic and recent requests (--no-ui: off)
 
   Python:  OpenAI(base_url="http://127.0.0.1:8787/v1", api_key="unused").responses.create(...)
            ... .responses.connect() (WebSocket), .responses.compact(...), .retrieve(id) too
