@@ -2608,8 +2608,8 @@ OBSERVER_PATHS = PAGE_PATHS + ("/status",)
 
 def same_origin(origin, host):
     """Is Origin the origin of this very request (its Host, which passed host_allowed)? That
-    is a page this proxy served: Chromium sends Origin with its module script and fetches. A
-    page on another port or name is another origin, even on this machine."""
+    is the status page this proxy served: Chromium sends Origin with its module script and
+    fetches. A page on another port or name is another origin, even on this machine."""
     parts = urllib.parse.urlsplit(origin)
     return bool(host) and parts.scheme.lower() in ("http", "https") and \
         "@" not in parts.netloc and not parts.path and \
@@ -2636,7 +2636,9 @@ def check_access(method, path, headers, config, listen_address):
                          % host, code="host_not_allowed")
     origin = headers.get("origin")
     if origin is not None:
-        if origin not in config.allow_origins and not same_origin(origin, host):
+        if origin not in config.allow_origins and not (
+                method in ("GET", "HEAD") and path in OBSERVER_PATHS and
+                same_origin(origin, host)):
             raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
                              "page you trust call the proxy, start it with --allow-origin "
                              "%s." % (origin, origin), code="origin_not_allowed")

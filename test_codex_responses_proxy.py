@@ -8104,6 +8104,17 @@ class StatusPageDataTests(unittest.TestCase):
                              ("http://127.0.0.1:8787/x", "127.0.0.1:8787")]:
             self.assertFalse(ok(origin, host), (origin, host))
 
+    def test_its_own_origin_may_read_the_pages_routes_only(self):
+        config, address = proxy.Config(port=8787), ("127.0.0.1", 8787)
+        own = {"host": "127.0.0.1:8787", "origin": "http://127.0.0.1:8787"}
+        for path in ("/", "/ui.js", "/favicon.ico", "/status"):
+            self.assertFalse(proxy.check_access("GET", path, own, config, address))
+        for method, path in [("POST", "/v1/responses"), ("GET", "/v1/models"),
+                             ("POST", "/status"), ("GET", "/shutdown")]:
+            with self.assertRaises(proxy.ProxyError) as refused:
+                proxy.check_access(method, path, own, config, address)
+            self.assertEqual(refused.exception.code, "origin_not_allowed")
+
     def test_the_page_is_one_document_with_its_own_script_and_nothing_from_elsewhere(self):
         html = proxy.PAGE_HTML.decode()
         scripts = re.findall(r"<script\b[^>]*>", html)
@@ -8174,6 +8185,13 @@ class StatusPageTests(WebSocketCase):
             self.assertEqual(status, 403, headers)
             self.assertEqual(json.loads(body)["error"]["code"], "origin_not_allowed")
             self.assertNotIn("access-control-allow-origin", answer)
+        # Its own origin only reads the page's routes: nothing else, nothing that acts.
+        status, _, _ = self.raw_get("/v1/models", headers=[("Origin", own)])
+        self.assertEqual(status, 403)
+        status, _, _ = raw_http(self.port, "POST", "/v1/responses", [
+            ("Origin", own), ("Content-Type", "application/json")], json_body(simple_request()))
+        self.assertEqual(status, 403)
+        self.assertEqual(self.backend.requests, [])
         # The Origin of a page elsewhere is refused even when its Host names us (a rebinding).
         status, _, _ = self.raw_get("/status", host="localhost:%d" % self.port,
                                     headers=[("Origin", own)])
@@ -8956,11 +8974,13 @@ class OriginTests(SecurityCase):
                 response = self.post_json(headers=[("Origin", origin)])
                 self.assert_json_error(response, 403, "origin_not_allowed")
                 self.assertEqual(cors_headers(response[1]), {})
-                for path in ("/v1/models", "/status"):
+                own = origin == "http://127.0.0.1:%d" % self.port
+                for path in ("/v1/models",) if own else ("/v1/models", "/status"):
                     response = self.raw("GET", path, [("Origin", origin)])
                     self.assert_json_error(response, 403, "origin_not_allowed")
                     self.assertEqual(cors_headers(response[1]), {})
         self.assertEqual(self.backend.requests, [])
+        # Its own origin reads /status: that is the status page (see StatusPageTests).
 
     def test_cross_site_loads_without_origin_are_403(self):
         # <img src="http://127.0.0.1:PORT/shutdown"> sends no Origin, but browsers mark it.
