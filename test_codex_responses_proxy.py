@@ -8451,10 +8451,16 @@ class StatusPageBrowserTests(ProxyTestCase):
         browser.wait_for("!document.getElementById('keybox').hidden")
         self.assertTrue(browser.eval("document.getElementById('main').hidden"))
         self.assertNotIn("acct-file", browser.eval("document.body.innerText"))
-        # Typed into the form, as a person would, and sent with its button.
-        browser.eval("document.getElementById('key').focus()")
-        browser.call("Input.insertText", {"text": CLIENT_KEY})
-        browser.eval("document.getElementById('keysend').click()")
+        # Typed into the form, as a person would, and sent with its button: a wrong key is
+        # refused and asked for again, then the right one.
+        for key in ("not-the-key", CLIENT_KEY):
+            browser.eval("document.getElementById('key').focus()")
+            browser.call("Input.insertText", {"text": key})
+            browser.eval("document.getElementById('keysend').click()")
+            if key != CLIENT_KEY:
+                browser.wait_for("document.getElementById('keyerror').textContent"
+                                 ".includes('refused that key')")
+                self.assertEqual(browser.eval("sessionStorage.length"), 0)
         browser.wait_for("document.querySelectorAll('#recentrows tr').length === 3")
         html = browser.eval("document.documentElement.outerHTML")
         self.check_page(html, browser.eval("document.body.innerText"))
