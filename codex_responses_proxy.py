@@ -2658,7 +2658,8 @@ def check_access(method, path, headers, config, listen_address):
         raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
                          "a page you trust call the proxy, start it with --allow-origin "
                          "ORIGIN.", code="origin_not_allowed")
-    if config.client_key and path not in KEYLESS_PATHS and not client_key_ok(headers, config.client_key):
+    if config.client_key and path not in KEYLESS_PATHS and \
+            not client_key_ok(headers, config.client_key):
         raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
                          "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
                          "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
@@ -5534,7 +5535,7 @@ LOGIN_COMMAND = "python3 codex_responses_proxy.py login"
 _CLIENT_FAMILIES = (
     ("claude-cli/", "Claude Code"),
     ("codex_cli_rs/", "Codex CLI"), ("codex_exec/", "Codex CLI"), ("codex-tui/", "Codex CLI"),
-    ("codex_", "Codex app"), ("Codex ", "Codex app"),
+    ("codex_vscode/", "Codex IDE"), ("codex_", "Codex app"), ("Codex ", "Codex app"),
     ("Agents/Python", "openai-agents"),
     ("OpenAI/Python", "openai-python"), ("OpenAI/JS", "openai-node"),
     ("Anthropic/Python", "anthropic-python"), ("Anthropic/JS", "anthropic-node"),
@@ -5679,7 +5680,8 @@ PAGE_HTML = ("""<!doctype html>
 <script type="module" src="/ui.js"></script>
 </head>
 <body>
-<header><h1>codex-responses-proxy</h1><span id="about"></span><span id="conn">connecting\u2026</span></header>
+<header><h1>codex-responses-proxy</h1><span id="about"></span>
+<span id="conn">connecting\u2026</span></header>
 <section id="keybox" hidden>
 <form id="keyform">
 <label for="key">This proxy asks for its client key (the one in --client-key-file or
@@ -5691,18 +5693,24 @@ $CODEX_PROXY_CLIENT_KEY). The page keeps it in this tab only, until the tab clos
 </section>
 <main id="main">
 <div class="cards">
-<section id="quota"><h2>Quota</h2><div id="windows"><p class="muted">Loading\u2026</p></div><p id="credits" hidden></p></section>
-<section id="login"><h2>Login</h2><dl id="logindl"></dl><p id="relogin" class="bad" hidden></p></section>
+<section id="quota"><h2>Quota</h2>
+<div id="windows"><p class="muted">Loading\u2026</p></div><p id="credits" hidden></p></section>
+<section id="login"><h2>Login</h2>
+<dl id="logindl"></dl><p id="relogin" class="bad" hidden></p></section>
 <section id="traffic"><h2>Traffic</h2><dl id="trafficdl"></dl></section>
 </div>
 <section id="recent"><h2>Recent requests</h2><div class="scroll"><table>
-<thead><tr><th>Time</th><th>Client</th><th>Route</th><th>Model</th><th>Status</th><th class="num">Duration</th><th class="num">Input</th><th class="num">Cached</th><th class="num">Output</th></tr></thead>
+<thead><tr><th>Time</th><th>Client</th><th>Route</th><th>Model</th><th>Status</th>
+<th class="num">Duration</th><th class="num">Input</th><th class="num">Cached</th>
+<th class="num">Output</th></tr></thead>
 <tbody id="recentrows"></tbody></table></div></section>
 <section id="models"><h2>Tokens per model since start</h2><div class="scroll"><table>
-<thead><tr><th>Model</th><th class="num">Requests</th><th class="num">Input</th><th class="num">Cached</th><th class="num">Output</th></tr></thead>
+<thead><tr><th>Model</th><th class="num">Requests</th><th class="num">Input</th>
+<th class="num">Cached</th><th class="num">Output</th></tr></thead>
 <tbody id="modelrows"></tbody></table></div></section>
 </main>
-<footer>Read-only: this page shows what <code>/status</code> answers (JSON, for monitors), every few seconds. Its own requests are not listed.</footer>
+<footer>Read-only: this page shows what <code>/status</code> answers (JSON, for monitors),
+every few seconds. Its own requests are not listed.</footer>
 </body>
 </html>
 """ % PAGE_STYLE).encode()
@@ -5830,8 +5838,9 @@ function renderLogin(s) {
     ["Plan", l.ok ? l.plan_type : undefined],
     ["Access token", l.ok ? expiry : undefined],
     ["Last refresh", l.ok ? when(l.last_refresh) : undefined],
-    ["Refresh here", attempt ? when(attempt.at) + (attempt.ok ? ": ok" : ": failed: " + attempt.error)
-                             : "none since start", attempt && !attempt.ok ? "bad" : null],
+    ["Refresh here",
+     attempt ? when(attempt.at) + (attempt.ok ? ": ok" : ": failed: " + attempt.error)
+             : "none since start", attempt && !attempt.ok ? "bad" : null],
     ["Login file", l.auth_file],
   ]);
   if (!l.ok || (attempt && !attempt.ok)) {
@@ -5853,7 +5862,8 @@ function renderTraffic(s) {
     ["Connections", num(c.open) + " open of " + num(c.limit)],
     ["WebSockets", num(ws.connections_open) + " open, " + num(ws.responses) + " responses"],
     ["Requests", num(r.total) + " since start"],
-    ["By status", codes.length ? codes.map(([code, n]) => code + " \u00d7 " + n).join(", ") : "none yet"],
+    ["By status", codes.length ? codes.map(([code, n]) => code + " \u00d7 " + n).join(", ")
+                               : "none yet"],
     ["Errors", num(errors), errors ? "bad" : null],
     ["To backend", t ? (t.in_use === "websocket" ? "WebSocket" : "HTTP") + " (" + t.why + ")"
                      : "HTTP, forwarded as is"],

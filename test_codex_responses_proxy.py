@@ -8029,7 +8029,8 @@ class StatusPageDataTests(unittest.TestCase):
         cases = {
             CODEX_UA: "Codex CLI",
             "codex_exec/0.171.0 (Mac OS 15.1.0; arm64) unknown": "Codex CLI",
-            "codex_vscode/0.171.0 (Windows 11; x86_64) vscode/1.99": "Codex app",
+            "codex_vscode/0.171.0 (Windows 11; x86_64) vscode/1.99": "Codex IDE",
+            "codex_chatgpt_desktop/0.171.0 (Mac OS 15.1.0; arm64)": "Codex app",
             "claude-cli/2.1.332 (external, sdk-cli)": "Claude Code",
             "OpenAI/Python 2.8.1": "openai-python",
             "Agents/Python 0.6.1": "openai-agents",
