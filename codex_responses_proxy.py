@@ -183,6 +183,7 @@ examples:
 
   curl -s http://127.0.0.1:8787/v1/responses -H 'Content-Type: application/json' \\
        -d '{"model": "gpt-5.1-codex", "input": "say hi"}'
+  http://127.0.0.1:8787/ in a browser: quota, login, traffic and recent requests (--no-ui: off)
 
   Python:  OpenAI(base_url="http://127.0.0.1:8787/v1", api_key="unused").responses.create(...)
            ... .responses.connect() (WebSocket), .responses.compact(...), .retrieve(id) too
@@ -220,7 +221,7 @@ class Config:
                  client_key=None, allow_hosts=(), allow_origins=(),
                  max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None,
                  max_connections=DEFAULT_MAX_CONNECTIONS, upstream_transport="auto",
-                 list_effort_models=False):
+                 list_effort_models=False, ui=True):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -248,6 +249,7 @@ class Config:
         self.state_db = state_db
         self.upstream_transport = upstream_transport
         self.list_effort_models = list_effort_models
+        self.ui = ui  # the status page at GET /
         self.state_max_bytes = int((state_max_mb or (DEFAULT_STATE_DB_MB if state_db
                                                      else DEFAULT_STATE_MB)) * 1024 * 1024)
 
@@ -370,6 +372,8 @@ def build_arg_parser():
                    help="also list MODEL-EFFORT in /v1/models for each reasoning effort a "
                         "model offers (such names work either way; by default pickers stay "
                         "short)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="do not serve the status page at GET / (/status stays)")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -422,7 +426,7 @@ def parse_config(argv=None, stdin=None):
                   max_concurrent=args.max_concurrent, state_db=args.state_db,
                   state_max_mb=args.state_max_mb, max_connections=args.max_connections,
                   upstream_transport=args.upstream_transport,
-                  list_effort_models=args.list_effort_models)
+                  list_effort_models=args.list_effort_models, ui=not args.no_ui)
 
 
 def is_loopback(host):
@@ -3544,6 +3548,22 @@ def origin_form(target, config, listen_address):
 
 # GET routes that act: a web page can make a browser send a GET with no Origin (<img src>).
 STATE_CHANGING_PATHS = ("/shutdown",)
+# The status page's own routes. They hold no data (the page reads /status, with the client
+# key), so a browser opens them without the key, which it could not send on a navigation.
+PAGE_PATHS = ("/", "/ui.js", "/favicon.ico")
+KEYLESS_PATHS = ("/healthz",) + PAGE_PATHS
+# What the person watching the proxy asks for: not traffic, not counted, not listed.
+OBSERVER_PATHS = PAGE_PATHS + ("/status",)
+
+
+def same_origin(origin, host):
+    """Is Origin the origin of this very request (its Host, which passed host_allowed)? That
+    is the status page this proxy served: Chromium sends Origin with its module script and
+    fetches. A page on another port or name is another origin, even on this machine."""
+    parts = urllib.parse.urlsplit(origin)
+    return bool(host) and parts.scheme.lower() in ("http", "https") and \
+        "@" not in parts.netloc and not parts.path and \
+        parts.netloc.lower() == host.strip().lower()
 
 
 def client_key_ok(headers, key):
@@ -3566,7 +3586,9 @@ def check_access(method, path, headers, config, listen_address):
                          % host, code="host_not_allowed")
     origin = headers.get("origin")
     if origin is not None:
-        if origin not in config.allow_origins:
+        if origin not in config.allow_origins and not (
+                method in ("GET", "HEAD") and path in OBSERVER_PATHS and
+                same_origin(origin, host)):
             raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
                              "page you trust call the proxy, start it with --allow-origin "
                              "%s." % (origin, origin), code="origin_not_allowed")
@@ -3586,7 +3608,8 @@ def check_access(method, path, headers, config, listen_address):
         raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
                          "a page you trust call the proxy, start it with --allow-origin "
                          "ORIGIN.", code="origin_not_allowed")
-    if config.client_key and path != "/healthz" and not client_key_ok(headers, config.client_key):
+    if config.client_key and path not in KEYLESS_PATHS and \
+            not client_key_ok(headers, config.client_key):
         raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
                          "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
                          "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
@@ -3615,6 +3638,9 @@ ROUTES = {
     "/status": {"GET": "status"},
     "/shutdown": {"GET": "shutdown"},
     "/healthz": {"GET": "healthz", "HEAD": "healthz"},
+    "/": {"GET": "page", "HEAD": "page"},
+    "/ui.js": {"GET": "page_script"},
+    "/favicon.ico": {"GET": "favicon"},
 }
 ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
                if path.startswith("/v1/")})  # clients configured without /v1
@@ -3634,6 +3660,8 @@ def find_route(method, path, headers, config):
         if m:
             methods, args = RESPONSE_ROUTES[m.group(2)], (m.group(1),)
     if path == "/shutdown" and not config.http_shutdown:
+        methods = None
+    if path in PAGE_PATHS and not config.ui:
         methods = None
     if methods is None:
         raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
@@ -5500,6 +5528,9 @@ def relay(upstream, answer, transform, sink, client, on_end=None):
     usage = assembler.usage()
     client.log_fields["in"] = usage.get("input_tokens", "-")
     client.log_fields["out"] = usage.get("output_tokens", "-")
+    details = usage.get("input_tokens_details")
+    client.log_fields["cached"] = details.get("cached_tokens") if isinstance(details, dict) \
+        else None
     settled = failure is None and body.complete
     if settled:  # the body's end came with the last event: pooled before the client hears
         body.settle(upstream.pool)  # the end, so its next turn finds the connection
@@ -5921,11 +5952,14 @@ class WebSocketSession:
     def log_line(self, exchange, started):
         log = self.app.log
         f = exchange.log_fields
+        seconds = time.monotonic() - started
+        self.app.record_request("WS", self.path, self.handler.lower_headers.get("user-agent"),
+                                f, exchange.status, seconds)
         parts = ["WS", self.path]
         if f.get("model"):
             parts.append("model=%s" % f["model"])
         parts.append("status=%s" % log.status_code(exchange.status))
-        parts.append("%.3fs" % (time.monotonic() - started))
+        parts.append("%.3fs" % seconds)
         if "in" in f or "out" in f:
             parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
         parts.append("websocket")
@@ -6441,6 +6475,476 @@ class SocketResponses:
 
 
 # --------------------------------------------------------------------------------------------
+# The status page (GET /): what it lists, and the page itself
+# --------------------------------------------------------------------------------------------
+
+RECENT_REQUESTS = 50
+# Tokens are counted per model name the clients sent; past this many names (a client sending
+# made-up ones), the rest are counted together, so the table cannot grow without end.
+COUNTED_MODELS = 100
+OTHER_MODELS = "(other models)"
+# The run-again command when the login is dead (the Codex CLI's `codex login` does it too).
+LOGIN_COMMAND = "python3 codex_responses_proxy.py login"
+
+# User-Agent -> the client's family, first match wins: (start of the UA, or a word in it).
+_CLIENT_FAMILIES = (
+    ("claude-cli/", "Claude Code"),
+    ("codex_cli_rs/", "Codex CLI"), ("codex_exec/", "Codex CLI"), ("codex-tui/", "Codex CLI"),
+    ("codex_vscode/", "Codex IDE"), ("codex_", "Codex app"), ("Codex ", "Codex app"),
+    ("Agents/Python", "openai-agents"),
+    ("OpenAI/Python", "openai-python"), ("OpenAI/JS", "openai-node"),
+    ("Anthropic/Python", "anthropic-python"), ("Anthropic/JS", "anthropic-node"),
+    ("curl/", "curl"), ("python-requests/", "python-requests"), ("python-httpx/", "httpx"),
+    ("Python-urllib/", "Python urllib"), ("Go-http-client/", "Go"), ("Mozilla/", "browser"),
+)
+_CLIENT_WORDS = (("ai-sdk/", "ai-sdk"), (" websockets/", "Python websockets"))
+_PRODUCT_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def client_family(user_agent):
+    """Which kind of client sent a request, from its User-Agent: a short name, never the
+    whole header (which may carry anything)."""
+    agent = (user_agent or "").strip()[:300]
+    if not agent:
+        return "unknown"
+    for word, family in _CLIENT_WORDS:  # the AI SDK adds its word after the runtime's
+        if word in agent:
+            return family
+    for start, family in _CLIENT_FAMILIES:
+        if agent.startswith(start):
+            return family
+    product = _PRODUCT_RE.match(agent)
+    return product.group(0) if product else "other"
+
+
+def listed_route(method, path):
+    """The route as the page lists it: a path this proxy serves, as asked; any other path
+    only as "(unknown path)", as a client's mistyped path may hold anything."""
+    known = path in ROUTES or _RESPONSE_PATH_RE.match(path)
+    return "%s %s" % (method, path if known else "(unknown path)")
+
+
+def _token_count(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def request_record(method, path, user_agent, fields, status, seconds, when):
+    """One answered request as /status lists it: never a body, a prompt or a key."""
+    model = fields.get("model")
+    error = fields.get("error")
+    return {"at": iso_time(when), "client": client_family(user_agent),
+            "route": listed_route(method, path),
+            "model": model[:100] if isinstance(model, str) else None,
+            "status": status or None, "seconds": round(seconds, 3),
+            "input_tokens": _token_count(fields.get("in")),
+            "cached_tokens": _token_count(fields.get("cached")),
+            "output_tokens": _token_count(fields.get("out")),
+            "error": str(error)[:80] if error else None}
+
+
+class RecentRequests:
+    """The last requests answered, and the tokens spent per model since start."""
+
+    def __init__(self, size=RECENT_REQUESTS):
+        self._ring = collections.deque(maxlen=size)
+        self._models = {}
+        self._lock = threading.Lock()
+
+    def add(self, record):
+        with self._lock:
+            self._ring.append(record)
+            model = record["model"]
+            if model is None:
+                return
+            if model not in self._models and len(self._models) >= COUNTED_MODELS:
+                model = OTHER_MODELS
+            counts = self._models.setdefault(model, {
+                "requests": 0, "input_tokens": 0, "cached_tokens": 0, "output_tokens": 0})
+            counts["requests"] += 1
+            for name in ("input_tokens", "cached_tokens", "output_tokens"):
+                counts[name] += record[name] or 0
+
+    def report(self):
+        """What /status adds: the recent requests newest first, and tokens per model."""
+        with self._lock:
+            return {"recent_requests": list(reversed(self._ring)),
+                    "tokens_by_model": {model: dict(counts)
+                                        for model, counts in self._models.items()}}
+
+
+PAGE_STYLE = """
+:root { --bg: #f6f7f9; --card: #fff; --text: #1c1e21; --muted: #65676b; --line: #dde0e4;
+  --bar: #e4e6ea; --ok: #1f8a4c; --mid: #c98a00; --high: #d0342c; --accent: #2f6fdf; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #121316; --card: #1c1d21; --text: #e6e7ea; --muted: #9a9ca3; --line: #2e3036;
+    --bar: #2e3036; --ok: #3fb871; --mid: #e0a626; --high: #f0625a; --accent: #6ea0ff; } }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1100px; padding: 12px; background: var(--bg);
+  color: var(--text); font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 12px;
+  margin-bottom: 10px; }
+h1 { font-size: 18px; margin: 0; }
+h2 { font-size: 15px; margin: 0 0 8px; }
+#conn { color: var(--muted); }
+#conn.down { color: var(--high); font-weight: 600; }
+body.down main { opacity: .5; }
+.cards { display: grid; gap: 12px; grid-template-columns: repeat(auto-fit, minmax(280px, 1fr));
+  margin-bottom: 12px; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: 12px; margin-bottom: 12px; min-width: 0; }
+.cards section { margin-bottom: 0; }
+.window { margin-bottom: 12px; }
+.whead { display: flex; justify-content: space-between; gap: 8px; }
+.wname { font-weight: 600; }
+.bar { height: 12px; background: var(--bar); border-radius: 6px; overflow: hidden;
+  margin: 4px 0; }
+.fill { height: 100%; background: var(--ok); }
+.fill.mid { background: var(--mid); }
+.fill.high { background: var(--high); }
+.muted, .reset { color: var(--muted); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 12px; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.bad { color: var(--high); }
+code { background: var(--bar); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line);
+  white-space: nowrap; }
+th { color: var(--muted); font-weight: 600; }
+td.num, th.num { text-align: right; }
+form { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
+form label { flex-basis: 100%; }
+input { flex: 1 1 200px; padding: 6px; font: inherit; color: var(--text);
+  background: var(--bg); border: 1px solid var(--line); border-radius: 4px; }
+button { padding: 6px 12px; font: inherit; color: #fff; background: var(--accent);
+  border: 0; border-radius: 4px; }
+footer { color: var(--muted); font-size: 12px; }
+@media (max-width: 600px) { body { padding: 6px; font-size: 13px; }
+  th, td { padding: 3px 5px; } }
+"""
+
+PAGE_HTML = ("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>codex-responses-proxy</title>
+<style>%s</style>
+<script type="module" src="/ui.js"></script>
+</head>
+<body>
+<header><h1>codex-responses-proxy</h1><span id="about"></span>
+<span id="conn">connecting\u2026</span></header>
+<section id="keybox" hidden>
+<form id="keyform">
+<label for="key">This proxy asks for its client key (the one in --client-key-file or
+$CODEX_PROXY_CLIENT_KEY). The page keeps it in this tab only, until the tab closes.</label>
+<input id="key" type="password" autocomplete="off" required>
+<button id="keysend" type="submit">Show the status</button>
+</form>
+<p id="keyerror" class="bad" hidden></p>
+</section>
+<main id="main">
+<div class="cards">
+<section id="quota"><h2>Quota</h2>
+<div id="windows"><p class="muted">Loading\u2026</p></div><p id="credits" hidden></p></section>
+<section id="login"><h2>Login</h2>
+<dl id="logindl"></dl><p id="relogin" class="bad" hidden></p></section>
+<section id="traffic"><h2>Traffic</h2><dl id="trafficdl"></dl></section>
+</div>
+<section id="recent"><h2>Recent requests</h2><div class="scroll"><table>
+<thead><tr><th>Time</th><th>Client</th><th>Route</th><th>Model</th><th>Status</th>
+<th class="num">Duration</th><th class="num">Input</th><th class="num">Cached</th>
+<th class="num">Output</th></tr></thead>
+<tbody id="recentrows"></tbody></table></div></section>
+<section id="models"><h2>Tokens per model since start</h2><div class="scroll"><table>
+<thead><tr><th>Model</th><th class="num">Requests</th><th class="num">Input</th>
+<th class="num">Cached</th><th class="num">Output</th></tr></thead>
+<tbody id="modelrows"></tbody></table></div></section>
+</main>
+<footer>Read-only: this page shows what <code>/status</code> answers (JSON, for monitors),
+every few seconds. Its own requests are not listed.</footer>
+</body>
+</html>
+""" % PAGE_STYLE).encode()
+
+PAGE_SCRIPT = r"""
+const POLL_MS = 3000;
+const KEY_ITEM = "codex-responses-proxy client key";
+let doc = null;          // the last /status answer
+let docAt = 0;           // when it came, by this browser's clock
+let downSince = null;    // when /status stopped answering
+let downWhy = "";
+let timer = null;
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const [text, cls] of cells) tr.append(el("td", text, cls));
+  return tr;
+}
+
+function dl(box, pairs) {
+  box.replaceChildren();
+  for (const [name, value, cls] of pairs) {
+    if (value === undefined) continue;
+    box.append(el("dt", name), el("dd", value === null ? "\u2014" : value, cls));
+  }
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+function clock(date) {
+  return pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds());
+}
+function when(iso) {
+  if (!iso) return null;
+  const d = new Date(iso);
+  if (isNaN(d)) return iso;
+  const today = new Date().toDateString() === d.toDateString();
+  return (today ? "" : d.toLocaleDateString() + " ") + clock(d);
+}
+function duration(seconds) {
+  seconds = Math.max(0, Math.round(seconds));
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600);
+  const m = Math.floor(seconds % 3600 / 60), s = seconds % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + pad(m) + " min";
+  if (m) return m + " min " + pad(s) + " s";
+  return s + " s";
+}
+const elapsed = () => (Date.now() - docAt) / 1000;
+const num = (n) => (n === null || n === undefined) ? "\u2014" : Number(n).toLocaleString("en-US");
+
+function windowName(w) {
+  const m = w.window_minutes;
+  if (!m) return w.slot + " window";
+  if (m % 1440 === 0) return (m / 1440) + (m === 1440 ? " day" : " days");
+  if (m % 60 === 0) return (m / 60) + " h";
+  return m + " min";
+}
+
+function renderQuota(q) {
+  const box = $("windows");
+  box.replaceChildren();
+  const windows = (q && q.windows) || [];
+  if (!windows.length) {
+    box.append(el("p", "No quota reported yet: the backend tells it with its answers, so it " +
+                       "shows after the first request.", "muted"));
+  }
+  for (const w of windows) {
+    const used = typeof w.used_percent === "number" ? w.used_percent : null;
+    const div = el("div", null, "window");
+    const head = el("div", null, "whead");
+    head.append(el("span", windowName(w), "wname"),
+                el("span", used === null ? "use not reported" : used + "% used", "wpct"));
+    const bar = el("div", null, "bar");
+    const fill = el("div", null, "fill" + (used >= 90 ? " high" : used >= 70 ? " mid" : ""));
+    fill.style.width = Math.min(100, Math.max(0, used || 0)) + "%";
+    bar.setAttribute("role", "progressbar");
+    bar.setAttribute("aria-valuenow", String(used || 0));
+    bar.append(fill);
+    const reset = w.resets_in_seconds === null || w.resets_in_seconds === undefined
+      ? "reset time not reported"
+      : "resets in " + duration(w.resets_in_seconds - elapsed()) + " (" + when(w.resets_at) + ")";
+    div.append(head, bar, el("div", reset, "reset"));
+    box.append(div);
+  }
+  const c = (q && q.credits) || {};
+  const yes = (v) => String(v).toLowerCase() === "true";
+  let credits = null;
+  if (yes(c.unlimited)) credits = "Credits: unlimited";
+  else if (c.balance !== null && c.balance !== undefined) credits = "Credits: " + c.balance;
+  else if (c.has_credits !== null && c.has_credits !== undefined)
+    credits = yes(c.has_credits) ? "Credits: yes" : "Credits: none";
+  $("credits").hidden = credits === null;
+  $("credits").textContent = credits || "";
+}
+
+function renderLogin(s) {
+  const box = $("logindl"), relogin = $("relogin");
+  relogin.hidden = true;
+  if (s.mode === "apikey") {
+    dl(box, [["Mode", "API key, forwarded to the platform"], ["Key from", s.api_key_from],
+             ["Forwards to", s.upstream]]);
+    return;
+  }
+  const l = s.login || {};
+  const attempt = l.last_refresh_attempt;
+  const expires = l.access_token_expires_in_seconds;
+  let expiry = null;
+  if (typeof expires === "number") {
+    const left = expires - elapsed();
+    expiry = left > 0 ? "in " + duration(left) + " (" + when(l.access_token_expires_at) + ")"
+                      : "expired " + duration(-left) + " ago; refreshed at the next request";
+  }
+  dl(box, [
+    ["Login", l.ok ? "ok" : l.error || "not usable", l.ok ? null : "bad"],
+    ["Account", l.ok ? l.account_id : undefined],
+    ["Plan", l.ok ? l.plan_type : undefined],
+    ["Access token", l.ok ? expiry : undefined],
+    ["Last refresh", l.ok ? when(l.last_refresh) : undefined],
+    ["Refresh here",
+     attempt ? when(attempt.at) + (attempt.ok ? ": ok" : ": failed: " + attempt.error)
+             : "none since start", attempt && !attempt.ok ? "bad" : null],
+    ["Login file", l.auth_file],
+  ]);
+  if (!l.ok || (attempt && !attempt.ok)) {
+    relogin.replaceChildren("To log in again, run ", el("code", l.login_command),
+                            " (or codex login) on the proxy's machine; the proxy picks the new " +
+                            "login up by itself.");
+    relogin.hidden = false;
+  }
+}
+
+function renderTraffic(s) {
+  const r = s.requests || {}, ws = s.websocket || {}, c = s.connections || {};
+  const codes = Object.entries(r.by_status || {}).sort();
+  const errors = codes.filter(([code]) => Number(code) >= 400 || code === "none")
+                      .reduce((sum, [, n]) => sum + n, 0);
+  const t = s.upstream_transport;
+  dl($("trafficdl"), [
+    ["In flight", num(r.in_flight)],
+    ["Connections", num(c.open) + " open of " + num(c.limit)],
+    ["WebSockets", num(ws.connections_open) + " open, " + num(ws.responses) + " responses"],
+    ["Requests", num(r.total) + " since start"],
+    ["By status", codes.length ? codes.map(([code, n]) => code + " \u00d7 " + n).join(", ")
+                               : "none yet"],
+    ["Errors", num(errors), errors ? "bad" : null],
+    ["To backend", t ? (t.in_use === "websocket" ? "WebSocket" : "HTTP") + " (" + t.why + ")"
+                     : "HTTP, forwarded as is"],
+  ]);
+}
+
+function renderRecent(list) {
+  const body = $("recentrows");
+  body.replaceChildren();
+  if (!list || !list.length) {
+    const tr = row([["No requests yet.", "muted"]]);
+    tr.firstChild.colSpan = 9;
+    body.append(tr);
+    return;
+  }
+  for (const r of list) {
+    const status = (r.status === null ? "\u2014" : r.status) + (r.error ? " " + r.error : "");
+    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014"],
+                     [status, r.status >= 400 || !r.status ? "bad" : null],
+                     [r.seconds.toFixed(2) + " s", "num"], [num(r.input_tokens), "num"],
+                     [num(r.cached_tokens), "num"], [num(r.output_tokens), "num"]]));
+  }
+}
+
+function renderModels(models) {
+  const body = $("modelrows");
+  body.replaceChildren();
+  const entries = Object.entries(models || {}).sort(
+    (a, b) => (b[1].input_tokens + b[1].output_tokens) - (a[1].input_tokens + a[1].output_tokens));
+  if (!entries.length) {
+    const tr = row([["No tokens counted yet.", "muted"]]);
+    tr.firstChild.colSpan = 5;
+    body.append(tr);
+  }
+  for (const [model, n] of entries) {
+    body.append(row([[model], [num(n.requests), "num"], [num(n.input_tokens), "num"],
+                     [num(n.cached_tokens), "num"], [num(n.output_tokens), "num"]]));
+  }
+}
+
+function render() {
+  if (downSince) {
+    $("conn").textContent = downWhy + " since " + clock(downSince) + "; trying again";
+  } else if (doc) {
+    $("conn").textContent = "updated " + clock(new Date(docAt));
+  }
+  $("conn").className = downSince ? "down" : "";
+  document.body.classList.toggle("down", !!downSince);
+  if (!doc) return;
+  $("about").textContent = "v" + doc.version + ", up " + duration(doc.uptime_seconds + elapsed());
+  renderQuota(doc.quota);
+  renderLogin(doc);
+  renderTraffic(doc);
+  renderRecent(doc.recent_requests);
+  renderModels(doc.tokens_by_model);
+}
+
+function askForKey(message) {
+  $("keybox").hidden = false;
+  $("main").hidden = true;
+  $("keyerror").hidden = !message;
+  $("keyerror").textContent = message || "";
+  $("conn").textContent = "waiting for the client key";
+  $("key").focus();
+}
+
+async function poll() {
+  clearTimeout(timer);
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = key ? {"Authorization": "Bearer " + key} : {};
+  try {
+    const resp = await fetch("/status", {headers: headers, cache: "no-store"});
+    if (resp.status === 401) {
+      sessionStorage.removeItem(KEY_ITEM);
+      askForKey(key ? "The proxy refused that key." : null);
+      return;  // asked again once a key is given
+    }
+    if (!resp.ok) {
+      downWhy = "the proxy answers HTTP " + resp.status;
+      downSince = downSince || new Date();
+      render();
+      timer = setTimeout(poll, POLL_MS);
+      return;
+    }
+    doc = await resp.json();
+    docAt = Date.now();
+    downSince = null;
+    $("keybox").hidden = true;
+    $("main").hidden = false;
+  } catch (e) {
+    downWhy = "not reachable";
+    downSince = downSince || new Date();
+  }
+  render();
+  timer = setTimeout(poll, POLL_MS);
+}
+
+$("keyform").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("key").value.trim());
+  $("key").value = "";
+  poll();
+});
+setInterval(() => { if (doc) render(); }, 1000);
+poll();
+""".encode()
+
+# The favicon browsers ask for on their own: a dot, so no 404 shows up for it.
+PAGE_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+             b'<circle cx="8" cy="8" r="7" fill="#2f6fdf"/></svg>')
+
+# No script but /ui.js, no inline style but the page's own block (by its hash), no framing
+# (clickjacking), nothing loaded from elsewhere, nothing sent anywhere but /status.
+PAGE_HEADERS = [
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'sha256-%s'; connect-src 'self'; "
+     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+     % base64.b64encode(hashlib.sha256(PAGE_STYLE.encode()).digest()).decode()),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-cache"),
+]
+
+
+# --------------------------------------------------------------------------------------------
 # The app: the proxy's services, and what each route does
 # --------------------------------------------------------------------------------------------
 
@@ -6563,6 +7067,7 @@ class App:
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.started = time.time()
         self.traffic = Traffic(config.max_concurrent, config.max_connections)
+        self.recent = RecentRequests()
         self.on_shutdown = None  # set by the server: stops accepting connections
         self._stopping = threading.Event()
 
@@ -6594,6 +7099,7 @@ class App:
                   "uptime_seconds": int(time.time() - self.started),
                   "upstream": config.upstream_url, "requests": requests,
                   "connections": connections, "websocket": websocket}
+        status.update(self.recent.report())
         if config.mode == "apikey":
             status["api_key_from"] = config.api_key_source
             return status
@@ -6609,11 +7115,20 @@ class App:
                          else int(creds.expires_at - time.time()),
                          last_refresh=creds.data.get("last_refresh"))
         login["last_refresh_attempt"] = self.auth.last_refresh
+        login["login_command"] = LOGIN_COMMAND
         status["login"] = login
         status["quota"] = self.upstream.quota.snapshot()
         status["upstream_transport"] = dict(self.upstream.websockets.choice.report(),
                                             idle_sockets=len(self.upstream.websockets.pool))
         return status
+
+    def record_request(self, method, path, user_agent, fields, status, seconds):
+        """Every answered request, over HTTP or as a WebSocket message, comes here with its
+        log line: into the recent requests and tokens per model. The page's own requests
+        (and /status) are the watcher's, not traffic."""
+        if path not in OBSERVER_PATHS:
+            self.recent.add(request_record(method, path, user_agent, fields, status,
+                                           seconds, time.time()))
 
     def permission_warning(self):
         """A warning when auth.json can be read by others than its owner, else None."""
@@ -6649,6 +7164,15 @@ class App:
 
     def status(self, client):
         client.send_json(200, self.status_report())
+
+    def page(self, client):
+        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
+
+    def page_script(self, client):
+        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
+
+    def favicon(self, client):
+        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
 
     def shutdown(self, client):
         client.close_connection = True
@@ -7104,7 +7628,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             self.lower_headers.setdefault(name.lower(), value)
         path = urllib.parse.urlsplit(self.path).path
-        app.traffic.request_started()
+        counted = path not in OBSERVER_PATHS
+        if counted:
+            app.traffic.request_started()
         try:
             if app.stopping:
                 self.close_connection = True
@@ -7139,7 +7665,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                             % e.__class__.__name__, code="internal_error"))
         finally:
             self.reader.request_read()
-            app.traffic.request_finished(self.status_sent)
+            if counted:
+                app.traffic.request_finished(self.status_sent)
             self.log_request_line(method, path)
 
     # -- what an App route reads ------------------------------------------------------------
@@ -7298,11 +7825,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def log_request_line(self, method, path):
         log = self.server.app.log
         f = self.log_fields
+        seconds = time.monotonic() - self.started
+        self.server.app.record_request(method, path, self.lower_headers.get("user-agent"), f,
+                                       self.status_sent, seconds)
         parts = [method, path]
         if f.get("model"):
             parts.append("model=%s" % f["model"])
         parts.append("status=%s" % log.status_code(self.status_sent or 0))
-        parts.append("%.3fs" % (time.monotonic() - self.started))
+        parts.append("%.3fs" % seconds)
         if "in" in f or "out" in f:
             parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
         for key in ("stream", "error", "note"):

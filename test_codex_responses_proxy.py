@@ -9079,8 +9079,8 @@ class StatusTests(ProxyTestCase):
         self.assertEqual(self.post(simple_request())[0], 200)
         self.assertTrue(wait_until(lambda: self.log_count("POST /v1/responses") == 1, 3))
         doc = self.status()
-        self.assertEqual(doc["requests"]["total"], total + 2)
-        self.assertGreaterEqual(doc["requests"]["by_status"].get("200", 0), 2)
+        self.assertEqual(doc["requests"]["total"], total + 1)  # reading /status is no traffic
+        self.assertEqual(doc["requests"]["by_status"].get("200", 0), 1)
         self.assert_no_secrets()
 
     def test_quota_windows_from_usage_limit_429(self):
@@ -9141,6 +9141,491 @@ class StatusWithoutLoginTests(ProxyTestCase):
         self.assertEqual(doc["mode"], "chatgpt")
         self.assertIs(doc["login"]["ok"], False)
         self.assertEqual(self.request("GET", "/healthz")[2].strip(), b"ok")
+
+
+# --------------------------------------------------------------------------------------------
+# The status page (GET /)
+# --------------------------------------------------------------------------------------------
+
+CODEX_UA = "codex_cli_rs/0.171.0 (Debian 12.0.0; x86_64) xterm-256color"
+QUOTA_HEADERS = [("x-codex-primary-used-percent", "12.5"),
+                 ("x-codex-secondary-used-percent", "40"),
+                 ("x-codex-primary-window-minutes", "300"),
+                 ("x-codex-primary-reset-after-seconds", "7380"),
+                 ("x-codex-secondary-window-minutes", "10080"),
+                 ("x-codex-secondary-reset-after-seconds", "302400"),
+                 ("x-codex-credits-has-credits", "True"),
+                 ("x-codex-credits-balance", "120")]
+
+
+class StatusPageDataTests(unittest.TestCase):
+    """What /status lists for the page, pure."""
+
+    def test_client_families_from_user_agents(self):
+        cases = {
+            CODEX_UA: "Codex CLI",
+            "codex_exec/0.171.0 (Mac OS 15.1.0; arm64) unknown": "Codex CLI",
+            "codex_vscode/0.171.0 (Windows 11; x86_64) vscode/1.99": "Codex IDE",
+            "codex_chatgpt_desktop/0.171.0 (Mac OS 15.1.0; arm64)": "Codex app",
+            "claude-cli/2.1.332 (external, sdk-cli)": "Claude Code",
+            "OpenAI/Python 2.8.1": "openai-python",
+            "Agents/Python 0.6.1": "openai-agents",
+            "OpenAI/JS 6.9.0": "openai-node",
+            "ai-sdk/openai/2.0.52 ai-sdk/provider-utils/3.0.12 runtime/node.js/22": "ai-sdk",
+            "curl/8.5.0": "curl",
+            "Python/3.12 websockets/15.0.1": "Python websockets",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36": "browser",
+            "my-agent/1.0 (+https://example.com)": "my-agent",
+            "": "unknown", None: "unknown", "(((": "other",
+        }
+        for agent, family in cases.items():
+            self.assertEqual(proxy.client_family(agent), family, agent)
+        # An unknown client is named by its product token, never by the rest of its header.
+        self.assertEqual(proxy.client_family("x" * 50 + "/1 secret-ish tail"), "x" * 32)
+
+    def test_a_record_holds_what_happened_and_nothing_asked(self):
+        fields = {"model": "gpt-5.1-codex", "in": 21, "cached": 7, "out": 5, "stream": True,
+                  "error": None, "note": "client disconnected"}
+        record = proxy.request_record("POST", "/v1/responses", "OpenAI/Python 2.8.1", fields,
+                                      200, 1.23456, 1700000000)
+        self.assertEqual(record, {
+            "at": "2023-11-14T22:13:20Z", "client": "openai-python",
+            "route": "POST /v1/responses", "model": "gpt-5.1-codex", "status": 200,
+            "seconds": 1.235, "input_tokens": 21, "cached_tokens": 7, "output_tokens": 5,
+            "error": None})
+        # No usage (an error, or a route without it): no numbers made up.
+        record = proxy.request_record("POST", "/v1/responses", None, {"in": "-", "out": "-",
+                                      "error": "usage_limit_reached"}, 429, 0.1, 1700000000)
+        self.assertEqual((record["input_tokens"], record["output_tokens"], record["error"]),
+                         (None, None, "usage_limit_reached"))
+        # A path nobody serves may hold anything a client typed: not listed as such.
+        self.assertEqual(proxy.listed_route("GET", "/sk-secret-typed-as-path"),
+                         "GET (unknown path)")
+        self.assertEqual(proxy.listed_route("GET", "/v1/responses/resp_1/input_items"),
+                         "GET /v1/responses/resp_1/input_items")
+
+    def test_the_ring_keeps_the_last_50_newest_first_and_tokens_per_model(self):
+        recent = proxy.RecentRequests()
+        for i in range(60):
+            recent.add(proxy.request_record("POST", "/v1/responses", CODEX_UA, {
+                "model": "m-%d" % (i % 2), "in": i, "cached": 1, "out": 2}, 200, 0.5, i))
+        recent.add(proxy.request_record("GET", "/v1/models", CODEX_UA, {}, 200, 0.01, 60))
+        report = recent.report()
+        listed = report["recent_requests"]
+        self.assertEqual(len(listed), 50)
+        self.assertEqual(listed[0]["route"], "GET /v1/models")
+        self.assertEqual([r["input_tokens"] for r in listed[1:4]], [59, 58, 57])
+        self.assertEqual(report["tokens_by_model"]["m-0"], {
+            "requests": 30, "input_tokens": sum(range(0, 60, 2)), "cached_tokens": 30,
+            "output_tokens": 60})
+        self.assertEqual(sorted(report["tokens_by_model"]), ["m-0", "m-1"])
+
+    def test_made_up_model_names_cannot_grow_the_table_without_end(self):
+        recent = proxy.RecentRequests()
+        for i in range(proxy.COUNTED_MODELS + 30):
+            recent.add(proxy.request_record("POST", "/v1/responses", None, {
+                "model": "model-%d" % i, "in": 1, "out": 1}, 400, 0.0, 0))
+        models = recent.report()["tokens_by_model"]
+        self.assertEqual(len(models), proxy.COUNTED_MODELS + 1)
+        self.assertEqual(models[proxy.OTHER_MODELS]["requests"], 30)
+
+    def test_same_origin_is_the_requests_own_host_only(self):
+        ok = proxy.same_origin
+        self.assertTrue(ok("http://127.0.0.1:8787", "127.0.0.1:8787"))
+        self.assertTrue(ok("http://LOCALHOST:8787", "localhost:8787"))
+        for origin, host in [("http://127.0.0.1:3000", "127.0.0.1:8787"),
+                             ("http://localhost:8787", "127.0.0.1:8787"),
+                             ("null", "127.0.0.1:8787"), ("http://127.0.0.1:8787", None),
+                             ("http://user@127.0.0.1:8787", "127.0.0.1:8787"),
+                             ("file://127.0.0.1:8787", "127.0.0.1:8787"),
+                             ("http://127.0.0.1:8787/x", "127.0.0.1:8787")]:
+            self.assertFalse(ok(origin, host), (origin, host))
+
+    def test_its_own_origin_may_read_the_pages_routes_only(self):
+        config, address = proxy.Config(port=8787), ("127.0.0.1", 8787)
+        own = {"host": "127.0.0.1:8787", "origin": "http://127.0.0.1:8787"}
+        for path in ("/", "/ui.js", "/favicon.ico", "/status"):
+            self.assertFalse(proxy.check_access("GET", path, own, config, address))
+        for method, path in [("POST", "/v1/responses"), ("GET", "/v1/models"),
+                             ("POST", "/status"), ("GET", "/shutdown")]:
+            with self.assertRaises(proxy.ProxyError) as refused:
+                proxy.check_access(method, path, own, config, address)
+            self.assertEqual(refused.exception.code, "origin_not_allowed")
+
+    def test_the_page_is_one_document_with_its_own_script_and_nothing_from_elsewhere(self):
+        html = proxy.PAGE_HTML.decode()
+        scripts = re.findall(r"<script\b[^>]*>", html)
+        self.assertEqual(scripts, ['<script type="module" src="/ui.js">'])
+        self.assertIsNone(re.search(r"<script[^>]*>\s*[^<\s]", html), "no inline script")
+        self.assertIsNone(re.search(r"\bon[a-z]+=", html), "no inline handlers")
+        self.assertIsNone(re.search(r"(?:src|href)=\"(?:https?:)?//", html))
+        self.assertNotIn("innerHTML", proxy.PAGE_SCRIPT.decode())
+        style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+        csp = dict(proxy.PAGE_HEADERS)["Content-Security-Policy"]
+        digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+        self.assertIn("style-src 'sha256-%s'" % digest, csp)
+
+
+class StatusPageTests(WebSocketCase):
+    """The page's routes over sockets: its headers, who may have it, what /status lists."""
+
+    def page_headers_ok(self, headers):
+        csp = headers["content-security-policy"]
+        directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+        self.assertEqual(directives["script-src"], "'self'")
+        self.assertEqual(directives["frame-ancestors"], "'none'")
+        self.assertEqual(directives["default-src"], "'none'")
+        self.assertNotIn("unsafe", csp)
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+
+    def raw_get(self, path, host=None, headers=()):
+        """(status, headers, body) of a GET with these very headers, Host and all."""
+        return raw_http(self.port, "GET", path, headers,
+                        host=DEFAULT_HOST if host is None else host)
+
+    def test_the_page_and_its_script_with_their_safety_headers(self):
+        status, headers, body = self.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(body, proxy.PAGE_HTML)
+        self.page_headers_ok(headers)
+        status, headers, body = self.request("GET", "/ui.js")
+        self.assertEqual((status, headers["content-type"]), (200, "text/javascript; charset=utf-8"))
+        self.assertEqual(body, proxy.PAGE_SCRIPT)
+        self.page_headers_ok(headers)
+        status, headers, _ = self.request("GET", "/favicon.ico")
+        self.assertEqual((status, headers["content-type"]), (200, "image/svg+xml"))
+        self.assertEqual(self.request("HEAD", "/")[:1], (200,))
+        self.assert_openai_error(*self.post({}, path="/")[::2], expected_status=405,
+                                 code="method_not_allowed")
+
+    def test_only_for_our_host_names(self):
+        status, _, body = self.raw_get("/", host="evil.example:%d" % self.port)
+        self.assertEqual(status, 403)
+        self.assertEqual(json.loads(body)["error"]["code"], "host_not_allowed")
+        self.assertEqual(self.raw_get("/", host="localhost:%d" % self.port)[0], 200)
+
+    def test_its_own_origin_passes_and_no_other_page_reads_status(self):
+        own = "http://127.0.0.1:%d" % self.port
+        for path in ("/ui.js", "/status"):
+            status, headers, _ = self.raw_get(path, headers=[
+                ("Origin", own), ("Sec-Fetch-Site", "same-origin")])
+            self.assertEqual(status, 200, path)
+            self.assertNotIn("access-control-allow-origin", headers)
+        refused = [[("Origin", "http://127.0.0.1:%d" % (self.port + 1))],
+                   [("Origin", "http://localhost:%d" % self.port)],  # another name: another origin
+                   [("Origin", "https://evil.example")], [("Origin", "null")],
+                   [("Sec-Fetch-Site", "cross-site")]]
+        for headers in refused:
+            status, answer, body = self.raw_get("/status", headers=headers)
+            self.assertEqual(status, 403, headers)
+            self.assertEqual(json.loads(body)["error"]["code"], "origin_not_allowed")
+            self.assertNotIn("access-control-allow-origin", answer)
+        # Its own origin only reads the page's routes: nothing else, nothing that acts.
+        status, _, _ = self.raw_get("/v1/models", headers=[("Origin", own)])
+        self.assertEqual(status, 403)
+        status, _, _ = raw_http(self.port, "POST", "/v1/responses", [
+            ("Origin", own), ("Content-Type", "application/json")], json_body(simple_request()))
+        self.assertEqual(status, 403)
+        self.assertEqual(self.backend.requests, [])
+        # The Origin of a page elsewhere is refused even when its Host names us (a rebinding).
+        status, _, _ = self.raw_get("/status", host="localhost:%d" % self.port,
+                                    headers=[("Origin", own)])
+        self.assertEqual(status, 403)
+
+    def test_with_a_client_key_the_page_loads_and_status_needs_the_key(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(client_key=CLIENT_KEY)
+        for path in ("/", "/ui.js", "/favicon.ico"):
+            self.assertEqual(self.request("GET", path)[0], 200, path)
+        status, _, body = self.request("GET", "/status")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_client_key"))
+        status, _, body = self.request("GET", "/status", headers={
+            "Authorization": "Bearer " + CLIENT_KEY})
+        self.assertEqual(status, 200)
+        self.assertNotIn(CLIENT_KEY, body.decode())
+
+    def test_no_ui_turns_the_page_off_and_keeps_status(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(ui=False)
+        for path in ("/", "/ui.js", "/favicon.ico"):
+            status, _, body = self.request("GET", path)
+            self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "not_found"))
+        self.assertEqual(self.request("GET", "/status")[0], 200)
+        self.assertIs(proxy.parse_config(["--no-ui"]).ui, False)
+        self.assertIs(proxy.parse_config([]).ui, True)
+
+    def test_status_lists_requests_and_tokens_but_not_the_pages_own(self):
+        status = self.stream(simple_request(), headers={"User-Agent": CODEX_UA})[0]
+        self.assertEqual(status, 200)
+        self.wait_for_log("POST /v1/responses")
+        client = self.open_ws(headers={"User-Agent": "OpenAI/Python 2.8.1"})
+        client.create()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.wait_for_log("WS /v1/responses")
+        for path in ("/", "/ui.js", "/favicon.ico", "/status", "/status"):
+            self.request("GET", path, headers={"User-Agent": "Mozilla/5.0"})
+        self.wait_for_log("GET /favicon.ico")
+        doc = json.loads(self.request("GET", "/status")[2])
+        listed = doc["recent_requests"]
+        self.assertEqual([(r["route"], r["client"]) for r in listed],
+                         [("WS /v1/responses", "openai-python"),
+                          ("POST /v1/responses", "Codex CLI")])
+        for record in listed:
+            self.assertEqual((record["status"], record["model"], record["input_tokens"],
+                              record["cached_tokens"], record["output_tokens"]),
+                             (200, "gpt-5.1-codex", 21, 7, 5))
+        self.assertEqual(doc["tokens_by_model"], {"gpt-5.1-codex": {
+            "requests": 2, "input_tokens": 42, "cached_tokens": 14, "output_tokens": 10}})
+        # Nor are they traffic: the page's polling does not count, and is never in flight.
+        self.assertEqual(doc["requests"]["in_flight"], 1)  # the open WebSocket's upgrade
+        self.assertEqual((doc["requests"]["total"], doc["requests"]["by_status"]),
+                         (1, {"200": 1}))
+        text = json.dumps(doc)
+        for secret in tokens_of(self.home) + [self.token, "say hi"]:
+            self.assertNotIn(secret, text)
+
+    def test_login_tells_the_command_when_it_is_dead(self):
+        doc = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(doc["login"]["login_command"], proxy.LOGIN_COMMAND)
+        self.assertEqual(doc["recent_requests"], [])
+        self.restart_in_api_key_mode()
+        doc = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual((doc["mode"], doc["recent_requests"], doc["tokens_by_model"]),
+                         ("apikey", [], {}))
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-proxy-server"]
+
+
+def run_chromium(profile, args, timeout=120):
+    """Chromium once, headless, its own profile: (its stdout, as text)."""
+    done = subprocess.run([CHROMIUM] + CHROMIUM_FLAGS + ["--user-data-dir=" + profile] + args,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, timeout=timeout)
+    return done.stdout.decode("utf-8", "replace")
+
+
+class DevToolsPipe:
+    """Headless Chromium driven through the DevTools protocol on --remote-debugging-pipe
+    (JSON messages ending in NUL: commands on its fd 3, answers on its fd 4): for what
+    --dump-dom cannot do, typing into the page and watching it change."""
+
+    def __init__(self, profile, args=()):
+        to_chrome, self._send = os.pipe()
+        self._recv, from_chrome = os.pipe()
+        # A Python in between puts the pipe ends on fds 3 and 4, where Chromium looks for
+        # them, from fds above those, so that neither move undoes the other.
+        to_chrome, from_chrome = (self._above_4(fd) for fd in (to_chrome, from_chrome))
+        command = [CHROMIUM] + CHROMIUM_FLAGS + ["--user-data-dir=" + profile,
+                                                 "--remote-debugging-pipe"] + list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys; os.dup2(%d, 3); os.dup2(%d, 4); "
+             "os.execv(sys.argv[1], sys.argv[1:])" % (to_chrome, from_chrome)] + command,
+            pass_fds=(to_chrome, from_chrome), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buf = b""
+        self._ids = itertools.count(1)
+        self.session = None
+
+    @staticmethod
+    def _above_4(fd):
+        import fcntl  # POSIX only, as the pipe is
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+        os.close(fd)
+        return moved
+
+    def call(self, method, params=None, session=True, timeout=60):
+        number = next(self._ids)
+        message = {"id": number, "method": method, "params": params or {}}
+        if session and self.session:
+            message["sessionId"] = self.session
+        os.write(self._send, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._recv], [], [], left)[0]:
+                    raise AssertionError("Chromium did not answer %s" % method)
+                chunk = os.read(self._recv, 1 << 16)
+                if not chunk:
+                    raise AssertionError("Chromium ended during %s" % method)
+                self._buf += chunk
+            raw, _, self._buf = self._buf.partition(b"\0")
+            answer = json.loads(raw)
+            if answer.get("id") == number:
+                if "error" in answer:
+                    raise AssertionError("%s: %s" % (method, answer["error"]))
+                return answer.get("result", {})
+
+    def open(self, url):
+        target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)
+        self.session = self.call("Target.attachToTarget", {
+            "targetId": target["targetId"], "flatten": True}, session=False)["sessionId"]
+        self.call("Page.navigate", {"url": url})
+
+    def eval(self, expression):
+        answer = self.call("Runtime.evaluate", {"expression": expression,
+                                                "returnByValue": True})
+        if "exceptionDetails" in answer:
+            raise AssertionError("%s: %s" % (expression, answer["exceptionDetails"]))
+        return answer["result"].get("value")
+
+    def wait_for(self, expression, timeout=60):
+        """Until expression is true in the page (false while the page is not there yet)."""
+        deadline = time.monotonic() + timeout
+        while not self.eval("(() => { try { return !!(%s); } catch (e) { return false; } })()"
+                            % expression):
+            if time.monotonic() > deadline:
+                raise AssertionError("the page never got to: %s; it shows:\n%s" % (
+                    expression, self.eval("document.body.innerText")))
+            time.sleep(0.1)
+
+    def close(self):
+        try:
+            self.call("Browser.close", session=False, timeout=10)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._send)
+        os.close(self._recv)
+
+
+@unittest.skipUnless(os.path.exists(CHROMIUM), "no Chromium here (Debian: apt-get install "
+                                               "chromium); .ci/run installs it")
+class StatusPageBrowserTests(ProxyTestCase):
+    """The page in a real browser (Debian's headless Chromium), in front of the fake backend
+    after a few requests with quota headers and usage. CODEX_PROXY_SCREENSHOT=FILE also saves
+    what it shows as a PNG (the README's docs/status-page.png)."""
+
+    def setUp(self):
+        super().setUp()
+        self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
+        self.addCleanup(shutil.rmtree, self.profile, True)
+
+    def serve_some_requests(self, headers=None):
+        auth = dict(headers or {})
+        self.backend.replies.append(Reply(headers=QUOTA_HEADERS))
+        self.assertEqual(self.stream(simple_request(), headers=dict(
+            auth, **{"User-Agent": CODEX_UA}))[0], 200)
+        self.backend.replies.append(Reply(headers=QUOTA_HEADERS))
+        self.assertEqual(self.post(simple_request(model="gpt-5.2"), headers=dict(
+            auth, **{"User-Agent": "OpenAI/Python 2.8.1"}))[0], 200)
+        limit = {"error": {"type": "usage_limit_reached", "message": "The usage limit has "
+                           "been reached", "resets_in_seconds": 7380}}
+        self.backend.replies.append(Reply(status=429, body=json.dumps(limit).encode(),
+                                          headers=QUOTA_HEADERS))
+        self.assertEqual(self.post(simple_request(), headers=dict(
+            auth, **{"User-Agent": "curl/8.5.0"}))[0], 429)
+        self.wait_for_log("status=429")
+        return ["Codex CLI", "openai-python", "curl"]
+
+    def secrets(self):
+        return tokens_of(self.home) + [self.token, "rt-initial-0123456789", CLIENT_KEY]
+
+    def check_page(self, html, text):
+        """The rendered page against what the proxy saw; html: the DOM, text: what shows."""
+        widths = [float(w) for w in re.findall(
+            r'<div class="fill[^"]*" style="width: ([0-9.]+)%;?"', html)]
+        self.assertEqual(widths, [12.5, 40.0], html)  # 5 h window first, then 7 days
+        self.assertIn("5 h", text)
+        self.assertIn("7 days", text)
+        self.assertIsNotNone(re.search(r"resets in 2 h 0[0-3] min", text), text)
+        self.assertIsNotNone(re.search(r"resets in 3 d 1[12] h", text), text)
+        self.assertIn("Credits: 120", text)
+        self.assertIn("acct-file", text)
+        rows = re.findall(r"<tr><td>([0-9:]{8})</td><td>([^<]*)</td><td>([^<]*)</td>"
+                          r"<td>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
+        self.assertEqual([row[1:] for row in rows], [
+            ("curl", "POST /v1/responses", "gpt-5.1-codex", "429 usage_limit_reached"),
+            ("openai-python", "POST /v1/responses", "gpt-5.2", "200"),
+            ("Codex CLI", "POST /v1/responses", "gpt-5.1-codex", "200")], html)
+        self.assertIn("gpt-5.2", re.search(r'<tbody id="modelrows">.*?</tbody>', html,
+                                           re.S).group(0))
+        self.assertNotIn("/status", re.search(r'<tbody id="recentrows">.*?</tbody>', html,
+                                              re.S).group(0))
+        for secret in self.secrets():
+            self.assertNotIn(secret, html)
+        self.assertIsNone(re.search(r"eyJ[A-Za-z0-9_-]{10,}", html))
+
+    def test_the_page_shows_quota_requests_and_no_secret(self):
+        self.serve_some_requests()
+        url = "http://127.0.0.1:%d/" % self.port
+        html = run_chromium(self.profile, ["--virtual-time-budget=8000", "--dump-dom", url])
+        text = re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script)[^>]*>.*?</\1>", "", html,
+                                              flags=re.S))
+        self.check_page(html, text)
+        self.assertIn("updated", text)
+        self.assertIn("Tokens per model", text)
+        screenshot = os.environ.get("CODEX_PROXY_SCREENSHOT")
+        if screenshot:
+            run_chromium(self.profile, ["--virtual-time-budget=8000", "--hide-scrollbars",
+                                        "--window-size=1100,680",
+                                        "--screenshot=" + os.path.abspath(screenshot), url])
+            with open(screenshot, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_with_a_client_key_it_asks_once_and_shows_the_same(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(client_key=CLIENT_KEY)
+        self.serve_some_requests({"Authorization": "Bearer " + CLIENT_KEY})
+        browser = DevToolsPipe(self.profile)
+        self.addCleanup(browser.close)
+        browser.open("about:blank")
+        browser.call("Emulation.setDeviceMetricsOverride", {  # a phone
+            "width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True})
+        browser.call("Page.navigate", {"url": "http://127.0.0.1:%d/" % self.port})
+        browser.wait_for("!document.getElementById('keybox').hidden")
+        self.assertTrue(browser.eval("document.getElementById('main').hidden"))
+        self.assertNotIn("acct-file", browser.eval("document.body.innerText"))
+        # Typed into the form, as a person would, and sent with its button: a wrong key is
+        # refused and asked for again, then the right one.
+        for key in ("not-the-key", CLIENT_KEY):
+            browser.eval("document.getElementById('key').focus()")
+            browser.call("Input.insertText", {"text": key})
+            browser.eval("document.getElementById('keysend').click()")
+            if key != CLIENT_KEY:
+                browser.wait_for("document.getElementById('keyerror').textContent"
+                                 ".includes('refused that key')")
+                self.assertEqual(browser.eval("sessionStorage.length"), 0)
+        browser.wait_for("document.querySelectorAll('#recentrows tr').length === 3")
+        html = browser.eval("document.documentElement.outerHTML")
+        self.check_page(html, browser.eval("document.body.innerText"))
+        self.assertEqual(browser.eval("document.cookie"), "")
+        self.assertEqual(browser.eval("location.href"), "http://127.0.0.1:%d/" % self.port)
+        self.assertEqual(browser.eval("Object.values(sessionStorage)"), [CLIENT_KEY])
+        self.assertEqual(browser.eval("document.getElementById('key').value"), "")
+        # Asked once: a reload in the same tab reads on without asking.
+        browser.eval("window.beforeReload = true")
+        browser.call("Page.reload")
+        browser.wait_for("!window.beforeReload && "
+                         "document.querySelectorAll('#recentrows tr').length === 3")
+        self.assertTrue(browser.eval("document.getElementById('keybox').hidden"))
+        # On a phone's screen: nothing wider than it but the tables, which scroll.
+        self.assertEqual(browser.eval("innerWidth"), 390)
+        self.assertLessEqual(browser.eval("document.documentElement.scrollWidth"), 390)
+        # Dark mode follows the system's setting.
+        browser.call("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "dark"}]})
+        self.assertEqual(browser.eval("getComputedStyle(document.body).backgroundColor"),
+                         "rgb(18, 19, 22)")
+        # The proxy stopped (as on SIGTERM: kept-alive connections close too): the page
+        # stays, and says so.
+        self.proxy.app.begin_shutdown("the test")
+        self.stop_proxy(self.proxy)
+        browser.wait_for("document.getElementById('conn').textContent"
+                         ".startsWith('not reachable')")
+        self.assertIn("acct-file", browser.eval("document.body.innerText"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -9632,11 +10117,13 @@ class OriginTests(SecurityCase):
                 response = self.post_json(headers=[("Origin", origin)])
                 self.assert_json_error(response, 403, "origin_not_allowed")
                 self.assertEqual(cors_headers(response[1]), {})
-                for path in ("/v1/models", "/status"):
+                own = origin == "http://127.0.0.1:%d" % self.port
+                for path in ("/v1/models",) if own else ("/v1/models", "/status"):
                     response = self.raw("GET", path, [("Origin", origin)])
                     self.assert_json_error(response, 403, "origin_not_allowed")
                     self.assertEqual(cors_headers(response[1]), {})
         self.assertEqual(self.backend.requests, [])
+        # Its own origin reads /status: that is the status page (see StatusPageTests).
 
     def test_cross_site_loads_without_origin_are_403(self):
         # <img src="http://127.0.0.1:PORT/shutdown"> sends no Origin, but browsers mark it.
