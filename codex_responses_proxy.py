@@ -1394,6 +1394,9 @@ class LoginCallbackServer(http.server.ThreadingHTTPServer):
         self.inbox = inbox
         super().__init__(("127.0.0.1", port), LoginCallbackHandler)
 
+    def handle_error(self, request, client_address):
+        pass  # a browser that drops its connection is no failure of the login: no traceback
+
 
 def bind_callback_server(inbox):
     for port in LOGIN_CALLBACK_PORTS:

@@ -30,6 +30,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -5345,6 +5346,20 @@ class BrowserLoginTests(LoginCase):
         self.assertEqual(exchange["redirect_uri"], redirect)
         self.assertEqual(challenge_of(exchange["code_verifier"]), query["code_challenge"])
         self.assertIn(redirect + "?code=...&state=...", out.getvalue())
+
+    def test_a_connection_the_browser_drops_prints_no_traceback(self):
+        stderr = LogCapture()
+        with contextlib.redirect_stderr(stderr):
+            thread, result, out, port, _, url = self.start_browser_login()
+            dropped = socket.create_connection(("127.0.0.1", port))
+            dropped.sendall(b"GET /auth/cal")
+            dropped.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            dropped.close()  # a reset, as a browser closing a tab or a preconnection
+            with no_proxy_opener().open(url, timeout=20) as page:
+                self.assertEqual(page.status, 200)
+            thread.join(15)
+        self.assertEqual(result, [0], out.getvalue())
+        self.assertNotIn("Traceback", stderr.getvalue() + out.getvalue())
 
     def test_a_state_mismatch_fails_and_keeps_the_old_login(self):
         self.oauth.forge_state = True
