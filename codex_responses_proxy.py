@@ -1312,10 +1312,15 @@ def authorize_url(issuer, redirect_uri, challenge, state):
         ("originator", DEFAULT_ORIGINATOR)]))
 
 
+def state_matches(params, state):
+    """Whether a callback's parameters are this login's (in constant time: state is a secret)."""
+    return hmac.compare_digest(params.get("state", "").encode(), state.encode())
+
+
 def callback_code(query, state):
     """The authorization code of a callback's query, once its state is this login's."""
     params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    if not hmac.compare_digest(params.get("state", "").encode(), state.encode()):
+    if not state_matches(params, state):
         raise LoginFailed("the sign-in answer is not for this login (its state does not match); "
                           "run login again")
     error = params.get("error")
@@ -1457,6 +1462,13 @@ def browser_login(issuer, path, stdin, out, deadline):
         if stdin is not None:
             threading.Thread(target=_read_pasted, args=(stdin, inbox, out), daemon=True).start()
         answer = next_sign_in_answer(inbox, deadline)
+        while answer.from_browser and not state_matches(
+                dict(urllib.parse.parse_qsl(answer.query)), state):
+            # Any web page can send the browser here: as the Codex CLI does, an answer for
+            # another login is refused and this one keeps waiting for its own.
+            answer.finish("this address is not for the login waiting here (its state does not "
+                          "match)")
+            answer = next_sign_in_answer(inbox, deadline)
         try:
             code = callback_code(answer.query, state)
             summary = complete_login(path, exchange_code(issuer, code, redirect_uri, verifier))

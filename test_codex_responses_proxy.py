@@ -5361,18 +5361,25 @@ class BrowserLoginTests(LoginCase):
         self.assertEqual(result, [0], out.getvalue())
         self.assertNotIn("Traceback", stderr.getvalue() + out.getvalue())
 
-    def test_a_state_mismatch_fails_and_keeps_the_old_login(self):
+    def test_a_callback_for_another_login_is_refused_and_this_one_waits(self):
+        # Any web page can point the browser at the callback; it must not end the login.
         self.oauth.forge_state = True
-        thread, result, out, _, _, url = self.start_browser_login()
-        with self.assertRaises(urllib.error.HTTPError) as caught:
-            no_proxy_opener().open(url, timeout=20)
-        self.assertEqual(caught.exception.code, 400)
-        self.assertIn(b"state does not match", caught.exception.read())
-        caught.exception.close()
-        thread.join(15)
-        self.assert_one_line_failure(result[0], out.getvalue(), "state does not match")
+        thread, result, out, port, _, url = self.start_browser_login()
+        for address in (url, "http://127.0.0.1:%d/auth/callback?code=c" % port):
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                no_proxy_opener().open(address, timeout=20)
+            self.assertEqual(caught.exception.code, 400)
+            self.assertIn(b"state does not match", caught.exception.read())
+            caught.exception.close()
+        self.assertTrue(thread.is_alive(), out.getvalue())
         self.assertEqual(self.sent("/oauth/token"), [])
         self.assert_old_login_kept()
+        self.oauth.forge_state = False
+        with no_proxy_opener().open(url, timeout=20) as page:
+            self.assertIn(b"Signed in", page.read())
+        thread.join(15)
+        self.assertEqual(result, [0], out.getvalue())
+        self.assert_new_login_saved()
 
     def test_a_pasted_address_with_another_state_fails(self):
         thread, result, out, port, writer, _ = self.start_browser_login()
