@@ -1642,8 +1642,6 @@ def log_out(path, issuer, out):
             return 0
         except OSError as e:
             raise LoginFailed("cannot read %s (%s)" % (path, e.strerror or e))
-        revocable = revocable_token(raw)
-        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
         with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
             try:
                 os.unlink(path)
@@ -1651,6 +1649,9 @@ def log_out(path, issuer, out):
                 pass
             except OSError as e:
                 raise LoginFailed("cannot remove %s (%s)" % (path, e.strerror or e))
+        # Only once the file is gone: a revoked login left in place is a dead one.
+        revocable = revocable_token(raw)
+        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
     if problem:
         say(out, "warning: could not revoke the login at the issuer (%s); it stays valid there "
                  "until it expires" % problem)

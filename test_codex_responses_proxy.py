@@ -5479,6 +5479,23 @@ class LoginStatusAndLogoutTests(LoginCase):
         rc, said = self.run_command("logout")
         self.assertEqual((rc, said.strip()), (0, "Not logged in: %s does not exist." % self.path))
 
+    def test_a_login_that_cannot_be_removed_is_not_revoked(self):
+        # Revoked but left in place, auth.json would hold a dead refresh token.
+        unlink = os.unlink
+
+        def refused_unlink(path, *args, **kw):
+            if path == self.path:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return unlink(path, *args, **kw)
+
+        with mock.patch.object(proxy.os, "unlink", refused_unlink):
+            rc, said = self.run_command("logout")
+        self.assertEqual(rc, 1, said)
+        self.assertEqual(said.strip(), "logout failed: cannot remove %s (Permission denied)"
+                         % self.path)
+        self.assertEqual(self.oauth.revoked, [])
+        self.assert_old_login_kept()
+
     def test_logout_removes_the_login_when_the_issuer_cannot_revoke(self):
         rc, said = self.run_command("logout", issuer="http://127.0.0.1:%d" % free_port())
         self.assertEqual(rc, 0, said)
