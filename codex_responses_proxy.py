@@ -1338,7 +1338,7 @@ def callback_code(query, state):
 def pasted_query(line):
     """The query of the address the user pasted (http://localhost:1455/auth/callback?code=...
     &state=...), None when the line is not one."""
-    line = line.strip()
+    line = line.strip().strip("\"'<>")  # quoted as a chat, a mail or a shell shows it
     query = urllib.parse.urlsplit(line).query if "?" in line else line
     params = dict(urllib.parse.parse_qsl(query))
     return query if "state" in params and ("code" in params or "error" in params) else None

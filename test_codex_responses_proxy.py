@@ -5419,6 +5419,13 @@ class BrowserLoginTests(LoginCase):
         self.assertIsNone(proxy.pasted_query("http://localhost:1455/auth/callback"))
         self.assertIsNone(proxy.pasted_query("yes"))
 
+    def test_a_pasted_address_in_quotes_or_angle_brackets(self):
+        # As a chat, a mail or a shell quotes it: the quote must not end up in the state.
+        for line in ('"http://localhost:1455/auth/callback?code=c&state=s"',
+                     "'http://localhost:1455/auth/callback?code=c&state=s'\n",
+                     " <http://localhost:1455/auth/callback?code=c&state=s> "):
+            self.assertEqual(proxy.pasted_query(line), "code=c&state=s", line)
+
 
 class LoginStatusAndLogoutTests(LoginCase):
     def status(self):
