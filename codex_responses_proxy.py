@@ -817,6 +817,14 @@ def write_file_atomic(path, write, mode):
         pass
 
 
+def probe_writable(directory):
+    """Raises OSError unless a new auth.json can be made in directory (it is written beside,
+    then renamed)."""
+    fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+
+
 class RefreshFailed(Exception):
     def __init__(self, message, code=None, permanent=False):
         super().__init__(message)
@@ -1091,9 +1099,7 @@ class AuthStore:
         or the Codex CLI's own login would be left holding a dead token."""
         directory = os.path.dirname(os.path.realpath(self.path))
         try:
-            fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(directory)
         except OSError as e:
             raise ProxyError(500, "The access token has expired, but %s is not writable (%s), so "
                              "a refreshed login could not be saved; not refreshing. Fix the "
@@ -1504,24 +1510,31 @@ def prepare_codex_home(path):
     directory = os.path.dirname(os.path.realpath(path))
     try:
         os.makedirs(directory, 0o700, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(directory)
     except OSError as e:
         raise LoginFailed("cannot write in %s (%s): fix its permissions, or choose another "
                           "directory with --codex-home" % (directory, e.strerror or e))
 
 
-def save_login(path, doc):
-    """The new login replaces the old one atomically (0600), under the CLI's locks in its
-    order; on any failure the old file stays as it was."""
-    change_lock, write_lock = auth_lock_paths(path)
+@contextlib.contextmanager
+def change_lock_held(path, undone):
+    """The Codex CLI's auth.lock, held around a change of auth.json (auth.json.lock is then
+    taken around the write itself). undone: what did not happen when another process held it
+    too long."""
+    change_lock = auth_lock_paths(path)[0]
     with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
         if not lock.acquired:
             raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
-                              "held %s for %d s; nothing was saved. Try again once it is done"
-                              % (change_lock, LOGIN_LOCK_WAIT))
-        with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
+                              "held %s for %d s; %s. Try again once it is done"
+                              % (change_lock, LOGIN_LOCK_WAIT, undone))
+        yield
+
+
+def save_login(path, doc):
+    """The new login replaces the old one atomically (0600), under the CLI's locks in its
+    order; on any failure the old file stays as it was."""
+    with change_lock_held(path, "nothing was saved"):
+        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
             try:
                 write_auth_file(path, doc)
             except OSError as e:
@@ -1628,12 +1641,7 @@ def revoke_token(url, token, kind):
 def log_out(path, issuer, out):
     """Revokes the login at the issuer (best effort) and removes auth.json, under the CLI's
     locks so that no refresh writes it back."""
-    change_lock, write_lock = auth_lock_paths(path)
-    with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
-        if not lock.acquired:
-            raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
-                              "held %s for %d s; %s was not removed. Try again once it is done"
-                              % (change_lock, LOGIN_LOCK_WAIT, path))
+    with change_lock_held(path, "%s was not removed" % path):
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -1642,7 +1650,7 @@ def log_out(path, issuer, out):
             return 0
         except OSError as e:
             raise LoginFailed("cannot read %s (%s)" % (path, e.strerror or e))
-        with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
+        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
             try:
                 os.unlink(path)
             except FileNotFoundError:
