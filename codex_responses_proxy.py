@@ -2967,7 +2967,8 @@ FORM_PATHS = ("/v1/images/edits", "/images/edits")
 MULTIPART_MAX_PARTS = 64
 MULTIPART_MAX_HEADER_BYTES = 8192
 # Form fields that are numbers or booleans in the JSON request (a form sends only text).
-FORM_INTEGERS = ("n", "output_compression", "partial_images")
+FORM_INTEGERS = ("n", "output_compression", "partial_images", "frame_count",
+                 "frame_duration_ms")
 FORM_BOOLEANS = ("stream",)
 # An image's first bytes: (type, offset, magic); WebP is a RIFF file (as WAV is) saying WEBP.
 IMAGE_TYPES = (("image/png", 0, b"\x89PNG\r\n\x1a\n"), ("image/jpeg", 0, b"\xff\xd8\xff"),

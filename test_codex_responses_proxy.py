@@ -8885,6 +8885,14 @@ class MultipartFormTests(unittest.TestCase):
                 proxy.image_edit_from_form(self.parse(form_body(fields, files)[0]))
             self.assertEqual((cm.exception.status, cm.exception.code), (400, code), fields)
 
+    def test_every_integer_the_sdk_sends_as_form_text_is_a_number(self):
+        # openai 3.63's images.edit() has frame_count and frame_duration_ms besides n.
+        fields = [("prompt", "p"), ("n", "1"), ("output_compression", "80"),
+                  ("partial_images", "0"), ("frame_count", "4"), ("frame_duration_ms", "250")]
+        body = proxy.image_edit_from_form(self.parse(form_body(
+            fields, [("image", "a.png", "image/png", PNG)])[0]))
+        self.assertEqual([body[name] for name, _ in fields[1:]], [1, 80, 0, 4, 250])
+
     def test_image_request_checks_and_defaults(self):
         self.assertEqual(proxy.image_request({"prompt": "p", "response_format": "b64_json",
                                               "stream": False, "quality": "high"}, edit=False),
