@@ -1187,20 +1187,19 @@ def issuer_post(url, fields, form=False, timeout=LOGIN_TIMEOUT):
 
 def issuer_error(status, answer):
     """'HTTP 400 (invalid_grant: the code has expired)' from an OAuth error answer."""
-    code = message = None
-    if isinstance(answer, dict):
-        err = answer.get("error")
-        code = err.get("code") if isinstance(err, dict) else err
-        message = answer.get("error_description") or (err.get("message")
-                                                        if isinstance(err, dict) else None)
-    detail = [escape_controls(x)[:200] for x in (code, message) if isinstance(x, str) and x]
+    err = answer.get("error") if isinstance(answer, dict) else None
+    message = (answer.get("error_description") if isinstance(answer, dict) else None) or (
+        err.get("message") if isinstance(err, dict) else None)
+    detail = [escape_controls(x)[:200] for x in (_error_code(answer), message)
+              if isinstance(x, str) and x]
     return "HTTP %d%s" % (status, " (%s)" % ": ".join(detail) if detail else "")
 
 
 def _error_code(answer):
+    """The code of an OAuth error answer: {"error": "code"} or {"error": {"code": ...}}."""
     err = answer.get("error") if isinstance(answer, dict) else None
     code = err.get("code") if isinstance(err, dict) else err
-    return code.lower() if isinstance(code, str) else ""
+    return code if isinstance(code, str) else ""
 
 
 def poll_interval(value):
@@ -1261,7 +1260,7 @@ def wait_for_device_approval(issuer, code, deadline, sleep=time.sleep):
                 raise LoginFailed("the issuer's approval lacks authorization_code or "
                                   "code_verifier")
             return auth_code, verifier
-        reason = _error_code(answer)
+        reason = _error_code(answer).lower()
         # The pending answer is 403 deviceauth_authorization_pending; a 403 that says denied
         # or expired is not worth waiting 15 minutes on.
         if status not in (403, 404) or "denied" in reason or "expired" in reason:
