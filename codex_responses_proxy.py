@@ -821,6 +821,14 @@ def write_file_atomic(path, write, mode):
         pass
 
 
+def probe_writable(directory):
+    """Raises OSError unless a new auth.json can be made in directory (it is written beside,
+    then renamed)."""
+    fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+
+
 class RefreshFailed(Exception):
     def __init__(self, message, code=None, permanent=False):
         super().__init__(message)
@@ -1095,9 +1103,7 @@ class AuthStore:
         or the Codex CLI's own login would be left holding a dead token."""
         directory = os.path.dirname(os.path.realpath(self.path))
         try:
-            fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(directory)
         except OSError as e:
             raise ProxyError(500, "The access token has expired, but %s is not writable (%s), so "
                              "a refreshed login could not be saved; not refreshing. Fix the "
@@ -1185,20 +1191,19 @@ def issuer_post(url, fields, form=False, timeout=LOGIN_TIMEOUT):
 
 def issuer_error(status, answer):
     """'HTTP 400 (invalid_grant: the code has expired)' from an OAuth error answer."""
-    code = message = None
-    if isinstance(answer, dict):
-        err = answer.get("error")
-        code = err.get("code") if isinstance(err, dict) else err
-        message = answer.get("error_description") or (err.get("message")
-                                                        if isinstance(err, dict) else None)
-    detail = [escape_controls(x)[:200] for x in (code, message) if isinstance(x, str) and x]
+    err = answer.get("error") if isinstance(answer, dict) else None
+    message = (answer.get("error_description") if isinstance(answer, dict) else None) or (
+        err.get("message") if isinstance(err, dict) else None)
+    detail = [escape_controls(x)[:200] for x in (_error_code(answer), message)
+              if isinstance(x, str) and x]
     return "HTTP %d%s" % (status, " (%s)" % ": ".join(detail) if detail else "")
 
 
 def _error_code(answer):
+    """The code of an OAuth error answer: {"error": "code"} or {"error": {"code": ...}}."""
     err = answer.get("error") if isinstance(answer, dict) else None
     code = err.get("code") if isinstance(err, dict) else err
-    return code.lower() if isinstance(code, str) else ""
+    return code if isinstance(code, str) else ""
 
 
 def poll_interval(value):
@@ -1259,7 +1264,7 @@ def wait_for_device_approval(issuer, code, deadline, sleep=time.sleep):
                 raise LoginFailed("the issuer's approval lacks authorization_code or "
                                   "code_verifier")
             return auth_code, verifier
-        reason = _error_code(answer)
+        reason = _error_code(answer).lower()
         # The pending answer is 403 deviceauth_authorization_pending; a 403 that says denied
         # or expired is not worth waiting 15 minutes on.
         if status not in (403, 404) or "denied" in reason or "expired" in reason:
@@ -1316,10 +1321,15 @@ def authorize_url(issuer, redirect_uri, challenge, state):
         ("originator", DEFAULT_ORIGINATOR)]))
 
 
+def state_matches(params, state):
+    """Whether a callback's parameters are this login's (in constant time: state is a secret)."""
+    return hmac.compare_digest(params.get("state", "").encode(), state.encode())
+
+
 def callback_code(query, state):
     """The authorization code of a callback's query, once its state is this login's."""
     params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    if not hmac.compare_digest(params.get("state", "").encode(), state.encode()):
+    if not state_matches(params, state):
         raise LoginFailed("the sign-in answer is not for this login (its state does not match); "
                           "run login again")
     error = params.get("error")
@@ -1337,7 +1347,7 @@ def callback_code(query, state):
 def pasted_query(line):
     """The query of the address the user pasted (http://localhost:1455/auth/callback?code=...
     &state=...), None when the line is not one."""
-    line = line.strip()
+    line = line.strip().strip("\"'<>")  # quoted as a chat, a mail or a shell shows it
     query = urllib.parse.urlsplit(line).query if "?" in line else line
     params = dict(urllib.parse.parse_qsl(query))
     return query if "state" in params and ("code" in params or "error" in params) else None
@@ -1397,6 +1407,9 @@ class LoginCallbackServer(http.server.ThreadingHTTPServer):
     def __init__(self, port, inbox):
         self.inbox = inbox
         super().__init__(("127.0.0.1", port), LoginCallbackHandler)
+
+    def handle_error(self, request, client_address):
+        pass  # a browser that drops its connection is no failure of the login: no traceback
 
 
 def bind_callback_server(inbox):
@@ -1458,6 +1471,13 @@ def browser_login(issuer, path, stdin, out, deadline):
         if stdin is not None:
             threading.Thread(target=_read_pasted, args=(stdin, inbox, out), daemon=True).start()
         answer = next_sign_in_answer(inbox, deadline)
+        while answer.from_browser and not state_matches(
+                dict(urllib.parse.parse_qsl(answer.query)), state):
+            # Any web page can send the browser here: as the Codex CLI does, an answer for
+            # another login is refused and this one keeps waiting for its own.
+            answer.finish("this address is not for the login waiting here (its state does not "
+                          "match)")
+            answer = next_sign_in_answer(inbox, deadline)
         try:
             code = callback_code(answer.query, state)
             summary = complete_login(path, exchange_code(issuer, code, redirect_uri, verifier))
@@ -1493,24 +1513,31 @@ def prepare_codex_home(path):
     directory = os.path.dirname(os.path.realpath(path))
     try:
         os.makedirs(directory, 0o700, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(directory)
     except OSError as e:
         raise LoginFailed("cannot write in %s (%s): fix its permissions, or choose another "
                           "directory with --codex-home" % (directory, e.strerror or e))
 
 
-def save_login(path, doc):
-    """The new login replaces the old one atomically (0600), under the CLI's locks in its
-    order; on any failure the old file stays as it was."""
-    change_lock, write_lock = auth_lock_paths(path)
+@contextlib.contextmanager
+def change_lock_held(path, undone):
+    """The Codex CLI's auth.lock, held around a change of auth.json (auth.json.lock is then
+    taken around the write itself). undone: what did not happen when another process held it
+    too long."""
+    change_lock = auth_lock_paths(path)[0]
     with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
         if not lock.acquired:
             raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
-                              "held %s for %d s; nothing was saved. Try again once it is done"
-                              % (change_lock, LOGIN_LOCK_WAIT))
-        with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
+                              "held %s for %d s; %s. Try again once it is done"
+                              % (change_lock, LOGIN_LOCK_WAIT, undone))
+        yield
+
+
+def save_login(path, doc):
+    """The new login replaces the old one atomically (0600), under the CLI's locks in its
+    order; on any failure the old file stays as it was."""
+    with change_lock_held(path, "nothing was saved"):
+        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
             try:
                 write_auth_file(path, doc)
             except OSError as e:
@@ -1617,12 +1644,7 @@ def revoke_token(url, token, kind):
 def log_out(path, issuer, out):
     """Revokes the login at the issuer (best effort) and removes auth.json, under the CLI's
     locks so that no refresh writes it back."""
-    change_lock, write_lock = auth_lock_paths(path)
-    with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
-        if not lock.acquired:
-            raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
-                              "held %s for %d s; %s was not removed. Try again once it is done"
-                              % (change_lock, LOGIN_LOCK_WAIT, path))
+    with change_lock_held(path, "%s was not removed" % path):
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -1631,15 +1653,16 @@ def log_out(path, issuer, out):
             return 0
         except OSError as e:
             raise LoginFailed("cannot read %s (%s)" % (path, e.strerror or e))
-        revocable = revocable_token(raw)
-        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
-        with _FileLock(write_lock, AUTH_WRITE_LOCK_WAIT):
+        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as e:
                 raise LoginFailed("cannot remove %s (%s)" % (path, e.strerror or e))
+        # Only once the file is gone: a revoked login left in place is a dead one.
+        revocable = revocable_token(raw)
+        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
     if problem:
         say(out, "warning: could not revoke the login at the issuer (%s); it stays valid there "
                  "until it expires" % problem)
@@ -2947,7 +2970,8 @@ FORM_PATHS = ("/v1/images/edits", "/images/edits")
 MULTIPART_MAX_PARTS = 64
 MULTIPART_MAX_HEADER_BYTES = 8192
 # Form fields that are numbers or booleans in the JSON request (a form sends only text).
-FORM_INTEGERS = ("n", "output_compression", "partial_images")
+FORM_INTEGERS = ("n", "output_compression", "partial_images", "frame_count",
+                 "frame_duration_ms")
 FORM_BOOLEANS = ("stream",)
 # An image's first bytes: (type, offset, magic); WebP is a RIFF file (as WAV is) saying WEBP.
 IMAGE_TYPES = (("image/png", 0, b"\x89PNG\r\n\x1a\n"), ("image/jpeg", 0, b"\xff\xd8\xff"),

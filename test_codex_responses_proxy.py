@@ -30,6 +30,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -5346,18 +5347,39 @@ class BrowserLoginTests(LoginCase):
         self.assertEqual(challenge_of(exchange["code_verifier"]), query["code_challenge"])
         self.assertIn(redirect + "?code=...&state=...", out.getvalue())
 
-    def test_a_state_mismatch_fails_and_keeps_the_old_login(self):
+    def test_a_connection_the_browser_drops_prints_no_traceback(self):
+        stderr = LogCapture()
+        with contextlib.redirect_stderr(stderr):
+            thread, result, out, port, _, url = self.start_browser_login()
+            dropped = socket.create_connection(("127.0.0.1", port))
+            dropped.sendall(b"GET /auth/cal")
+            dropped.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            dropped.close()  # a reset, as a browser closing a tab or a preconnection
+            with no_proxy_opener().open(url, timeout=20) as page:
+                self.assertEqual(page.status, 200)
+            thread.join(15)
+        self.assertEqual(result, [0], out.getvalue())
+        self.assertNotIn("Traceback", stderr.getvalue() + out.getvalue())
+
+    def test_a_callback_for_another_login_is_refused_and_this_one_waits(self):
+        # Any web page can point the browser at the callback; it must not end the login.
         self.oauth.forge_state = True
-        thread, result, out, _, _, url = self.start_browser_login()
-        with self.assertRaises(urllib.error.HTTPError) as caught:
-            no_proxy_opener().open(url, timeout=20)
-        self.assertEqual(caught.exception.code, 400)
-        self.assertIn(b"state does not match", caught.exception.read())
-        caught.exception.close()
-        thread.join(15)
-        self.assert_one_line_failure(result[0], out.getvalue(), "state does not match")
+        thread, result, out, port, _, url = self.start_browser_login()
+        for address in (url, "http://127.0.0.1:%d/auth/callback?code=c" % port):
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                no_proxy_opener().open(address, timeout=20)
+            self.assertEqual(caught.exception.code, 400)
+            self.assertIn(b"state does not match", caught.exception.read())
+            caught.exception.close()
+        self.assertTrue(thread.is_alive(), out.getvalue())
         self.assertEqual(self.sent("/oauth/token"), [])
         self.assert_old_login_kept()
+        self.oauth.forge_state = False
+        with no_proxy_opener().open(url, timeout=20) as page:
+            self.assertIn(b"Signed in", page.read())
+        thread.join(15)
+        self.assertEqual(result, [0], out.getvalue())
+        self.assert_new_login_saved()
 
     def test_a_pasted_address_with_another_state_fails(self):
         thread, result, out, port, writer, _ = self.start_browser_login()
@@ -5396,6 +5418,13 @@ class BrowserLoginTests(LoginCase):
         self.assertEqual(proxy.pasted_query("code=c&state=s"), "code=c&state=s")
         self.assertIsNone(proxy.pasted_query("http://localhost:1455/auth/callback"))
         self.assertIsNone(proxy.pasted_query("yes"))
+
+    def test_a_pasted_address_in_quotes_or_angle_brackets(self):
+        # As a chat, a mail or a shell quotes it: the quote must not end up in the state.
+        for line in ('"http://localhost:1455/auth/callback?code=c&state=s"',
+                     "'http://localhost:1455/auth/callback?code=c&state=s'\n",
+                     " <http://localhost:1455/auth/callback?code=c&state=s> "):
+            self.assertEqual(proxy.pasted_query(line), "code=c&state=s", line)
 
 
 class LoginStatusAndLogoutTests(LoginCase):
@@ -5456,6 +5485,23 @@ class LoginStatusAndLogoutTests(LoginCase):
                                                "client_id": proxy.OAUTH_CLIENT_ID}])
         rc, said = self.run_command("logout")
         self.assertEqual((rc, said.strip()), (0, "Not logged in: %s does not exist." % self.path))
+
+    def test_a_login_that_cannot_be_removed_is_not_revoked(self):
+        # Revoked but left in place, auth.json would hold a dead refresh token.
+        unlink = os.unlink
+
+        def refused_unlink(path, *args, **kw):
+            if path == self.path:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return unlink(path, *args, **kw)
+
+        with mock.patch.object(proxy.os, "unlink", refused_unlink):
+            rc, said = self.run_command("logout")
+        self.assertEqual(rc, 1, said)
+        self.assertEqual(said.strip(), "logout failed: cannot remove %s (Permission denied)"
+                         % self.path)
+        self.assertEqual(self.oauth.revoked, [])
+        self.assert_old_login_kept()
 
     def test_logout_removes_the_login_when_the_issuer_cannot_revoke(self):
         rc, said = self.run_command("logout", issuer="http://127.0.0.1:%d" % free_port())
@@ -8838,6 +8884,14 @@ class MultipartFormTests(unittest.TestCase):
             with self.assertRaises(proxy.ProxyError) as cm:
                 proxy.image_edit_from_form(self.parse(form_body(fields, files)[0]))
             self.assertEqual((cm.exception.status, cm.exception.code), (400, code), fields)
+
+    def test_every_integer_the_sdk_sends_as_form_text_is_a_number(self):
+        # openai 3.63's images.edit() has frame_count and frame_duration_ms besides n.
+        fields = [("prompt", "p"), ("n", "1"), ("output_compression", "80"),
+                  ("partial_images", "0"), ("frame_count", "4"), ("frame_duration_ms", "250")]
+        body = proxy.image_edit_from_form(self.parse(form_body(
+            fields, [("image", "a.png", "image/png", PNG)])[0]))
+        self.assertEqual([body[name] for name, _ in fields[1:]], [1, 80, 0, 4, 250])
 
     def test_image_request_checks_and_defaults(self):
         self.assertEqual(proxy.image_request({"prompt": "p", "response_format": "b64_json",
