@@ -5382,8 +5382,8 @@ def stream_failure(assembler, headers):
 
 class MessagesSSESink:
     """A Messages event stream to the client. Its head waits for the first thing to say, so
-    a failure before any (a context overflow, most often) is an HTTP status Claude Code acts
-    on; while the backend is silent, pings go out every MESSAGES_PING_INTERVAL (the first
+    a failure before any content (a context overflow, most often) is an HTTP status Claude
+    Code acts on, however the backend's bytes were cut into reads; while the backend is silent, pings go out every MESSAGES_PING_INTERVAL (the first
     one opening the stream). The sink's lock orders the pings with the relay's writes."""
 
     def __init__(self, client, transform, interval=None):
@@ -5438,7 +5438,7 @@ class MessagesSSESink:
     def finish(self, transform, tail, failure, headers):
         self._stopped.set()
         with self._lock:
-            if not self._opened:
+            if not self._opened and not transform.messages.content:
                 if failure is not None:
                     failure.headers = failure.headers or headers
                     raise failure
