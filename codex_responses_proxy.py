@@ -2780,6 +2780,14 @@ def anthropic_sse(name, obj):
         + b"\n\n"
 
 
+# Per block type: the backend's delta event for it, and the Messages delta it becomes.
+_RAW_DELTAS = {"text": (b"response.output_text.delta", b"text_delta", b"text"),
+               "thinking": (b"response.reasoning_summary_text.delta", b"thinking_delta",
+                            b"thinking"),
+               "tool_use": (b"response.function_call_arguments.delta", b"input_json_delta",
+                            b"partial_json")}
+
+
 class MessagesStream:
     """Responses stream events -> Anthropic Messages events, each as soon as its event, and
     the same blocks collected for a non-streamed answer. Text passes the stop-sequence check:
@@ -2832,7 +2840,14 @@ class MessagesStream:
     def _start(self, key, block):
         self._close()
         state = {"index": len(self.content), "type": block["type"], "closed": False,
-                 "held": "", "args": "", "seen": 0}
+                 "held": "", "args": "", "seen": 0, "kinds": (), "needle": b"\0"}
+        if block["type"] in _RAW_DELTAS and isinstance(key, int):
+            kind, delta_type, field = _RAW_DELTAS[block["type"]]
+            state["kinds"] = (kind,)
+            state["needle"] = b'"output_index":%d,' % key  # the backend's compact JSON
+            state["prefix"] = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                               b'"index":%d,"delta":{"type":"%s","%s":'
+                               % (state["index"], delta_type, field))
         self.content.append(dict(block))
         self.states[key] = self.open = state
         self._emit(b"content_block_start", {"type": "content_block_start",
@@ -2989,6 +3004,29 @@ class MessagesStream:
         self._emit(b"message_stop", {"type": "message_stop"})
 
     # -- events ------------------------------------------------------------------------------
+
+    def raw_delta(self, kind, frame, at):
+        """The Messages frame for a delta event of the block being streamed, made from the
+        event's bytes: its delta, a JSON string, is copied as it is. None when the event
+        needs frames(): a block to open, a stop sequence to look for, a whole answer to
+        collect, or bytes not shaped as expected."""
+        state = self.open
+        if state is None or self.stops or not self.streaming or \
+                state["needle"] not in frame or kind not in state["kinds"]:
+            return None
+        delta = _DELTA_STRING_RE.search(frame, at)
+        if delta is None:
+            return None
+        raw = delta.group(1)
+        if state["type"] == "tool_use":
+            try:
+                state["args"] += json.loads(raw)
+            except ValueError:
+                return None
+        elif state["type"] == "text":
+            self.text_chars += len(raw) - 2
+        state["seen"] += 1
+        return state["prefix"] + raw + b"}}\n\n"
 
     def frames(self, etype, payload):
         """The Messages frames for one Responses event (bytes, joined)."""
@@ -5322,6 +5360,18 @@ class CollectedSink:
 MESSAGES_PING_INTERVAL = 10.0
 
 
+# The frames that make most of a stream, and what raw_delta needs of them.
+_DELTA_FRAME_RE = re.compile(rb"event: (response\.output_text\.delta|"
+                             rb"response\.reasoning_summary_text\.delta|"
+                             rb"response\.function_call_arguments\.delta)\ndata: ")
+# A whole text delta frame, its fields as the backend orders them (other orders take
+# raw_delta's way): the output_index, and the delta as a JSON string.
+_TEXT_DELTA_FRAME_RE = re.compile(
+    rb'event: response\.output_text\.delta\ndata: \{[^\n]*?"output_index":(\d+),'
+    rb'"content_index":\d+,"delta":("[^"\\\n]*(?:\\.[^"\\\n]*)*")[^\n]*\n\n')
+_DELTA_STRING_RE = re.compile(rb'"delta":\s*("[^"\\]*(?:\\.[^"\\]*)*")')
+
+
 class MessagesTransform:
     """Responses events -> Anthropic Messages events (see MessagesStream). When a stop
     sequence ends the message, the upstream is cut (cut()) and the stream counts as
@@ -5331,12 +5381,74 @@ class MessagesTransform:
         self.assembler = ResponseAssembler()
         self.messages = messages
         self._parser = SSEParser()
+        self._pending = []  # the start of an unfinished frame; None once the parser reads all
         self._cut = cut
         self._log = log if log is not None and log.debug_enabled else None
+        if self._log:
+            self._pending = None
 
     def feed(self, data):
+        """The Messages bytes for this piece of the upstream body. The backend's own framing
+        (`event:` + `data:`, LF) is cut into frames here, and its deltas, most of a stream,
+        are translated from their bytes (MessagesStream.raw_delta); the other frames, and
+        every frame once the input has a CR, go through the full parser."""
+        pending = self._pending
+        if pending is not None and b"\r" in data:
+            data, self._pending = b"".join(pending) + data, None
+        if self._pending is None:
+            return self._translate(self._parser.feed(data))
+        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
+                                                     pending[-1][-1:] == b"\n"):
+            pending.append(data)  # a large event arrives in many reads: joined once, at its end
+            return b""
+        buf = b"".join(pending) + data if pending else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = [buf]
+            return b""
+        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
         out = []
-        for event in self._parser.feed(data):
+        stream = self.messages
+        pos, end = 0, end + 2
+        while pos < end and not stream.stopped:
+            pos = self._copy_text_deltas(buf, pos, out)
+            if pos >= end:
+                break
+            stop = buf.find(b"\n\n", pos)
+            frame = buf[pos:stop]
+            m = _DELTA_FRAME_RE.match(frame)
+            piece = stream.raw_delta(m.group(1), frame, m.end()) if m is not None else None
+            if piece is None:
+                piece = self._translate(SSEParser().feed(frame + b"\n\n")) if frame else b""
+            out.append(piece)
+            pos = stop + 2
+        return b"".join(out)
+
+    def _copy_text_deltas(self, buf, pos, out):
+        """raw_delta's work, inlined for the run of text deltas of the open text block from
+        buf[pos] on (the bulk of a long answer); where the first frame it left starts."""
+        stream = self.messages
+        state = stream.open
+        if state is None or state["type"] != "text" or stream.stops or not stream.streaming:
+            return pos
+        index, prefix, match = state["needle"][15:-1], state["prefix"], _TEXT_DELTA_FRAME_RE.match
+        chars = seen = 0
+        while True:
+            delta = match(buf, pos)
+            if delta is None or delta.group(1) != index:
+                break
+            raw = delta.group(2)
+            chars += len(raw)
+            seen += 1
+            out.append(prefix + raw + b"}}\n\n")
+            pos = delta.end()
+        state["seen"] += seen
+        stream.text_chars += chars - 2 * seen
+        return pos
+
+    def _translate(self, events):
+        out = []
+        for event in events:
             if self._log:
                 self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
             try:

@@ -9924,6 +9924,61 @@ class MessagesErrorAndModelTests(unittest.TestCase):
         self.assertEqual(config.model_map, [("a*", "b"), ("c", "d")])
 
 
+def compact_sse(etype, payload):
+    """A frame as the backend writes it: compact JSON (which the translation's fast path
+    reads from the bytes)."""
+    return (b"event: " + etype.encode() + b"\ndata: " +
+            json.dumps(dict(payload, type=etype), separators=(",", ":")).encode() + b"\n\n")
+
+
+class MessagesRelayTests(unittest.TestCase):
+    """The Messages translation reads most deltas from their bytes: what it relays is what
+    the full parser gives, whatever the read and chunk boundaries."""
+
+    def streams(self):
+        pieces = ['Say "hi"', " back\\slash", " caf\u00e9 \u2028", " \U0001f600", "\n\n",
+                  "end"]
+        events = (reasoning_events(["Let me ", "think."]) +
+                  call_events(['{"city"', ': "Oslo"}'], index=1) +
+                  text_events(["word %d " % i for i in range(300)] + pieces, index=2) +
+                  text_events(["second ", "item"], index=3, item_id="msg_2"))
+        frames = [compact_sse(e, dict(p, sequence_number=i)) for i, (e, p) in enumerate(events)]
+        final = response_object(usage=USAGE)
+        yield "compact", frames + [compact_sse("response.completed", {"response": final})]
+        yield "spaced", [sse(e, p) for e, p in events] + [
+            sse("response.completed", {"response": final})]
+        yield "CRLF", [f.replace(b"\n", b"\r\n") for f in frames] + [
+            compact_sse("response.completed", {"response": final})]
+
+    def test_the_fast_path_relays_what_the_parser_gives_whatever_the_cuts(self):
+        def transform(slow=False):
+            made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
+            if slow:
+                made._pending = None  # everything through the full parser
+            return made
+
+        for name, frames in self.streams():
+            body = event_chunked_body(frames)
+            expected, _ = relay_pieces(body, iter([1 << 30]), lambda: transform(slow=True))
+            self.assertEqual(text_of(parse_sse(expected)).count("word"), 300, name)
+            rng = random.Random(name)
+            for trial in range(12):
+                cut = event_chunked_body(frames) if trial % 2 else chunked_body(
+                    b"".join(frames), rng)
+                reads = iter(lambda: rng.choice((1, 7, 100, 4096, 65536)), None)
+                got, made = relay_pieces(cut, reads, transform)
+                self.assertEqual(got, expected, "%s, trial %d" % (name, trial))
+                self.assertEqual(made.assembler.terminal, "response.completed")
+
+    def test_fast_path_used_for_the_backends_framing(self):
+        frames = [compact_sse(e, p) for e, p in text_events(["a", "b", "c"])]
+        made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
+        with mock.patch.object(made, "_translate", wraps=made._translate) as slow:
+            made.feed(b"".join(frames))
+        self.assertEqual(slow.call_count, 3)  # added, the first delta (opens), done
+
+
+
 class MessagesCase(ProxyTestCase):
     def messages(self, body, headers=None, path=MESSAGES):
         """(status, headers, JSON body) of a non-streamed request."""
