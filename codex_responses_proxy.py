@@ -181,6 +181,8 @@ examples:
            ... .responses.connect() (WebSocket), .responses.compact(...), .retrieve(id) too
   Codex CLI: a provider with base_url = "http://127.0.0.1:8787/v1", wire_api = "responses"
            (and supports_websockets = true for one socket per session)
+  Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:8787 ANTHROPIC_AUTH_TOKEN=unused claude
+           (Claude's model names go to the backend's models; see --model-map)
 
 environment:
   CODEX_HOME                          where auth.json lives (default ~/.codex)
@@ -2277,9 +2279,9 @@ def pick_default_models(slugs):
     """{STRONGEST_MODEL: slug, SMALL_MODEL: slug} from the backend's listed models: the
     highest version that is not a small variant, and the highest small one (else the
     strongest). Among equals the first listed wins: the backend lists by priority."""
-    def version(slug):
+    def version(slug):  # (5, 10) after (5, 9)
         m = _MODEL_VERSION_RE.search(slug)
-        return float(m.group(1)) if m else 0.0
+        return tuple(int(part) for part in m.group(1).split(".")) if m else ()
 
     small = [s for s in slugs if _SMALL_MODEL_RE.search(s)]
     large = [s for s in slugs if s not in small]

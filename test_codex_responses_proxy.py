@@ -9896,6 +9896,8 @@ class MessagesErrorAndModelTests(unittest.TestCase):
                                             "gpt-5.4-mini", "gpt-5.1-codex-mini"])
         self.assertEqual(picked, {proxy.STRONGEST_MODEL: "gpt-5.5",
                                   proxy.SMALL_MODEL: "gpt-5.4-mini"})
+        self.assertEqual(proxy.pick_default_models(["gpt-5.9", "gpt-5.10", "gpt-5.10-mini"]),
+                         {proxy.STRONGEST_MODEL: "gpt-5.10", proxy.SMALL_MODEL: "gpt-5.10-mini"})
         self.assertEqual(proxy.pick_default_models(["gpt-5.1-codex"])[proxy.SMALL_MODEL],
                          "gpt-5.1-codex")
         self.assertEqual(proxy.pick_default_models([]), proxy.FALLBACK_MODELS)
