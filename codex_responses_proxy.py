@@ -5497,23 +5497,23 @@ def stream_failure(assembler, headers):
 class MessagesSSESink:
     """A Messages event stream to the client. Its head waits for the first thing to say, so
     a failure before any content (a context overflow, most often) is an HTTP status Claude
-    Code acts on, however the backend's bytes were cut into reads; while the backend is silent, pings go out every MESSAGES_PING_INTERVAL (the first
-    one opening the stream). The sink's lock orders the pings with the relay's writes."""
+    Code acts on, however the backend's bytes were cut into reads; while the backend is
+    silent, PINGER sends a ping every MESSAGES_PING_INTERVAL (the first one opening the
+    stream). The sink's lock orders the pings with the relay's writes."""
 
     def __init__(self, client, transform, interval=None):
         self.client = client
         self.transform = transform
         self.interval = interval or MESSAGES_PING_INTERVAL
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
+        self._stopped = False
         self._opened = False
         self._headers = []
-        self._last = time.monotonic()
+        self.last = time.monotonic()
 
     def start(self, headers):
         self._headers = headers
-        threading.Thread(target=self._ping_while_silent, name="messages-ping",
-                         daemon=True).start()
+        PINGER.add(self)
 
     def _opening(self):
         """Under the lock: the head, once; the bytes that open the stream."""
@@ -5526,31 +5526,30 @@ class MessagesSSESink:
     def send(self, data):
         with self._lock:
             self.client.write_body(self._opening() + data)
-            self._last = time.monotonic()
+            self.last = time.monotonic()
 
-    def _ping_while_silent(self):
-        wait = self.interval
-        while not self._stopped.wait(wait):
-            with self._lock:
-                if self._stopped.is_set():
-                    return
-                wait = self._last + self.interval - time.monotonic()
-                if wait > 0:
-                    continue
-                try:
-                    self.client.write_body(self._opening() + MessagesStream.ping())
-                except (ClientGone, OSError):
-                    return
-                self._last = time.monotonic()
-                wait = self.interval
+    def ping_if_silent(self, now):
+        """From the pinger: a ping when nothing went out for the interval, unless a write is
+        under way or the client's socket is full (a ping must never wait for a client)."""
+        if now - self.last < self.interval or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if not self._stopped and writable_now(self.client.connection):
+                self.client.write_body(self._opening() + MessagesStream.ping())
+                self.last = time.monotonic()
+        except (ClientGone, OSError):
+            self._stopped = True
+        finally:
+            self._lock.release()
 
     def stop(self):
         """No ping after this returns: the connection may serve another request."""
         with self._lock:
-            self._stopped.set()
+            self._stopped = True
+        PINGER.remove(self)
 
     def finish(self, transform, tail, failure, headers):
-        self._stopped.set()
+        self.stop()
         with self._lock:
             if not self._opened and not transform.messages.content:
                 if failure is not None:
@@ -5563,6 +5562,63 @@ class MessagesSSESink:
                 self.client.log_fields["error"] = failure.code
                 tail += transform.failure_frames(failure)
             self.client.end_body(tail)
+
+
+def writable_now(sock):
+    """Whether sock takes a small write at once (poll, as descriptors may pass 1024)."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([], [sock], [], 0)[1])
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+class Pinger:
+    """One thread for the pings of every silent Messages stream, rather than a thread per
+    stream (starting one costs a request more than the rest of its translation)."""
+
+    def __init__(self):
+        self._sinks = set()
+        self._cond = threading.Condition()
+        self._thread = None
+
+    def add(self, sink):
+        with self._cond:
+            # woken only when it waits for longer than this sink may stay silent
+            wake = not self._sinks or sink.interval < min(s.interval for s in self._sinks)
+            self._sinks.add(sink)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="messages-pinger",
+                                                daemon=True)
+                self._thread.start()
+            elif wake:
+                self._cond.notify()
+
+    def remove(self, sink):
+        with self._cond:
+            self._sinks.discard(sink)
+
+    def _run(self):
+        while True:
+            try:
+                self._ping_round()
+            except Exception:  # a surprise must not end the pings for good
+                time.sleep(0.5)
+
+    def _ping_round(self):
+        with self._cond:
+            while not self._sinks:
+                self._cond.wait()
+            sinks = list(self._sinks)
+        now = time.monotonic()
+        for sink in sinks:
+            sink.ping_if_silent(now)
+        wait = min(sink.last + sink.interval for sink in sinks) - time.monotonic()
+        with self._cond:
+            self._cond.wait(max(wait, min(sink.interval for sink in sinks) / 10.0))
+
+
+PINGER = Pinger()
 
 
 @contextlib.contextmanager
