@@ -647,7 +647,7 @@ class AnthropicSDKInteropTests(harness.ProxyTestCase):
         self.assertEqual(caught.exception.body["error"]["type"], "rate_limit_error")
 
         self.backend.replies.append(Reply(frames=stream_frames(
-            terminal="response.failed", terminal_extra={"error": {
+            items=[], terminal="response.failed", terminal_extra={"error": {
                 "code": "context_length_exceeded",
                 "message": "Your input exceeds the context window of this model. Please "
                            "adjust your input and try again."}})))
@@ -656,6 +656,16 @@ class AnthropicSDKInteropTests(harness.ProxyTestCase):
                     {"role": "user", "content": "hi"}]) as stream:
                 stream.get_final_message()
         self.assertIn("exceeds the context window", str(caught.exception))
+
+        # After content, a failure can only be an error event: the SDK raises it too.
+        self.backend.replies.append(Reply(frames=stream_frames(
+            terminal="response.failed", terminal_extra={"error": {
+                "code": "server_error", "message": "Backend hiccup."}})))
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            with self.client.messages.stream(model=CLAUDE_MODEL, max_tokens=10, messages=[
+                    {"role": "user", "content": "hi"}]) as stream:
+                stream.get_final_message()
+        self.assertEqual(caught.exception.body["error"]["type"], "api_error")
 
         with self.assertRaises(anthropic.BadRequestError):
             self.client.messages.create(model=CLAUDE_MODEL, max_tokens=10, messages=[])
