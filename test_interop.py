@@ -689,7 +689,8 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
     """Headless `claude -p` with only ANTHROPIC_BASE_URL and a dummy token, its traffic kept
     on 127.0.0.1 (CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC, its own HOME)."""
 
-    def claude(self, *args):
+    def claude(self, *args, **kw):
+        """Claude Code's standard output; with ok=False, the finished run whatever its end."""
         home = tempfile.mkdtemp(prefix="claude-home-")
         self.addCleanup(shutil.rmtree, home, True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_",
@@ -699,6 +700,8 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
         run = subprocess.run([CLAUDE_BIN, "-p"] + list(args), env=env, cwd=home,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, timeout=180)
+        if not kw.get("ok", True):
+            return run
         self.assertEqual(run.returncode, 0, run.stdout.decode()[-2000:] +
                          run.stderr.decode()[-2000:])
         return run.stdout.decode()
@@ -716,6 +719,26 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
             self.assertNotIn(name, body)
         self.assertTrue(body["prompt_cache_key"])
         self.assertNotEqual(body["model"], CLAUDE_MODEL)  # mapped to a Codex model
+
+    def test_usage_limit_stops_at_once_and_says_when(self):
+        for _ in range(3):
+            self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+                "type": "usage_limit_reached", "message": "The usage limit has been reached",
+                "resets_in_seconds": 7200}}).encode()))
+        run = self.claude("say hi", ok=False)
+        self.assertNotEqual(run.returncode, 0)
+        self.assertIn("usage limit has been reached. It resets at", run.stdout.decode())
+        self.assertEqual(len(self.backend.requests), 1, "x-should-retry: false was not heeded")
+
+    def test_an_error_event_is_retried_and_the_retry_answers(self):
+        failed = harness.custom_frames(harness.text_events(["Partial"]),
+                                       terminal="response.failed", terminal_extra={
+                                           "error": {"code": "server_error",
+                                                     "message": "Backend hiccup."}})
+        self.backend.replies.extend([Reply(frames=failed), Reply(frames=stream_frames(
+            items=[message_item("Whole answer.")]))])
+        self.assertEqual(self.claude("say hi").strip(), "Whole answer.")
+        self.assertEqual(len(self.backend.requests), 2)
 
     def test_bash_tool_turn_quotes_the_tools_output(self):
         call = {"type": "function_call", "id": "fc_1", "call_id": "call_bash_1", "name": "Bash",
