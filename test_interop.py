@@ -689,10 +689,15 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
     """Headless `claude -p` with only ANTHROPIC_BASE_URL and a dummy token, its traffic kept
     on 127.0.0.1 (CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC, its own HOME)."""
 
-    def claude(self, *args, **kw):
-        """Claude Code's standard output; with ok=False, the finished run whatever its end."""
+    def claude_home(self):
         home = tempfile.mkdtemp(prefix="claude-home-")
         self.addCleanup(shutil.rmtree, home, True)
+        return home
+
+    def claude(self, *args, **kw):
+        """Claude Code's standard output; with ok=False, the finished run whatever its end.
+        home=: a HOME of an earlier run, for --continue."""
+        home = kw.get("home") or self.claude_home()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_",
                                                                           "CLAUDE_"))}
         env.update(HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.port,
@@ -739,6 +744,24 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
             items=[message_item("Whole answer.")]))])
         self.assertEqual(self.claude("say hi").strip(), "Whole answer.")
         self.assertEqual(len(self.backend.requests), 2)
+
+    def test_a_context_overflow_makes_it_compact_and_go_on(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[message_item("First answer.")])))
+        home = self.claude_home()
+        self.assertEqual(self.claude("first question", home=home).strip(), "First answer.")
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[], terminal="response.failed", terminal_extra={"error": {
+                "code": "context_length_exceeded",
+                "message": "Your input exceeds the context window of this model. Please "
+                           "adjust your input and try again."}})))
+        for i in range(4):
+            self.backend.replies.append(Reply(frames=stream_frames(
+                items=[message_item("<summary>Reply %d.</summary>" % i)])))
+        out = self.claude("--continue", "second question", home=home)
+        self.assertIn("Reply", out)
+        after = [json.dumps(r["body"]["input"]).lower() for r in self.backend.requests[2:]]
+        self.assertTrue(after and "summar" in after[0], "no compaction after the overflow")
 
     def test_bash_tool_turn_quotes_the_tools_output(self):
         call = {"type": "function_call", "id": "fc_1", "call_id": "call_bash_1", "name": "Bash",
