@@ -9947,6 +9947,10 @@ class MessagesRelayTests(unittest.TestCase):
         frames = [compact_sse(e, dict(p, sequence_number=i)) for i, (e, p) in enumerate(events)]
         final = response_object(usage=USAGE)
         yield "compact", frames + [compact_sse("response.completed", {"response": final})]
+        ordered = [compact_sse(e, dict([("type", e), ("sequence_number", i)] + list(p.items())))
+                   for i, (e, p) in enumerate(events)]
+        yield "the backend's field order", ordered + [
+            compact_sse("response.completed", {"response": final})]
         yield "spaced", [sse(e, p) for e, p in events] + [
             sse("response.completed", {"response": final})]
         yield "CRLF", [f.replace(b"\n", b"\r\n") for f in frames] + [
