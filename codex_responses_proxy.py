@@ -6934,6 +6934,8 @@ class App:
         upstream_body = messages_to_responses(body, client.lower_headers)
         stops = messages_stop_sequences(body)
         request = self.prepare(client.lower_headers, upstream_body)
+        if request.body.get("model") != body["model"]:  # the log says where a name went
+            client.log_fields["model"] = "%s->%s" % (body["model"], request.body.get("model"))
         answer = self.upstream.responses(request)
         transform = MessagesTransform(MessagesStream(body["model"], long_tool_names(body), stops,
                                                      streaming=stream),

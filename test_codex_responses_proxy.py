@@ -10239,6 +10239,7 @@ class MessagesEndpointTests(MessagesCase):
             self.assertEqual(body["model"], name)
             self.assertEqual(self.last_upstream()["body"]["model"], expected)
         self.assertEqual(len(self.backend.model_requests), 1, "the list is cached")
+        self.wait_for_log("model=claude-opus-5-5->gpt-5.1-codex status=200")
         self.stop_proxy(self.proxy)
         self.start_proxy(model_map=[("claude-*haiku*", "gpt-5.1-codex"), ("big", "gpt-5.5")])
         self.messages(messages_body(model="claude-haiku-5-5"))
