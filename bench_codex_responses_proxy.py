@@ -70,12 +70,21 @@ Scenarios (pick with --only):
      The growth with default arenas, slow and irregular (1 to 3 MB in one to
      three minutes), is only reported.
 
+  12 the Anthropic Messages front end (Claude Code), on one proxy beside the
+     Responses path: (a) a small streamed request, sequential on keep-alive
+     connections, p50 of /v1/messages vs /v1/responses; (b) one 20,000-event
+     stream translated, events/s vs the Responses relay; (c) a 40-turn Claude
+     Code-style conversation (~50 KB of tools and system per request, history
+     growing by ~1 KB a turn): bytes uploaded to the backend with
+     --upstream-transport http vs auto (the backend's WebSocket).
+
 Targets:
   1  p50 <= +1 ms, p99 <= +3 ms        2  first event <= +2 ms
   3  >= 50 % of direct events/s         4  <= +20 ms
   5  wall <= 1.5 x direct, 0 failures   6  ready <= 150 ms, idle RSS <= 24 MB,
   7  <= (a) + 0.5 round trip               peak RSS <= 45 MB
   9  as shipped: growth <= +1.5 MB, RSS <= 85 % of default malloc arenas
+  12 (a) <= +1.5 ms p50 over Responses, (b) >= 50 % of its events/s, (c) <= 20 % of HTTP's upload
 
 Output: a table on stdout (scenario, direct, proxy, difference, target,
 PASS/MISS); --json FILE writes every number.  Temporary files (auth.json,
@@ -2002,11 +2011,195 @@ class Bench(object):
                 name, {k: v for k, v in sorted(c.items()) if k != "error_samples"},
                 " ".join("%.0f" % x for x in out[name]["rss"])))
 
+    # -- scenario 12: the Anthropic Messages front end (Claude Code) ------------------------
+
+    def s12(self):
+        """/v1/messages beside /v1/responses on one proxy: added latency of a small stream,
+        the translation's throughput on a 20,000-event stream, and what a Claude Code-style
+        conversation uploads over HTTP and over the backend's WebSocket."""
+        home = os.path.join(self.tmp, "codex-home")
+        up, port = start_upstream()
+        px, pport, _ = start_proxy(self.a.proxy, home, "http://127.0.0.1:%d%s"
+                                   % (port, UPSTREAM_PATH),
+                                   os.path.join(self.tmp, "proxy-12.log"))
+        try:
+            self._s12_latency(pport)
+            self._s12_throughput(pport)
+        finally:
+            stop(px)
+            stop(up)
+        self._s12_conversation(home)
+
+    @staticmethod
+    def _messages_body(model, messages=None, stream=True, **extra):
+        body = {"model": model, "max_tokens": 32000, "stream": stream,
+                "messages": messages or [{"role": "user", "content": "hello"}]}
+        body.update(extra)
+        return _dumps(body).encode()
+
+    @staticmethod
+    def _messages_ok(r, n_deltas):
+        """None when a streamed Messages answer is whole: its frames counted (start, one
+        block, a delta per backend delta, message_delta, message_stop) and its last
+        message_stop; else why not."""
+        if r.status != 200:
+            return "HTTP %d: %r" % (r.status, r.data[:200])
+        if r.nevents != n_deltas + 5:
+            return "event count %d != %d" % (r.nevents, n_deltas + 5)
+        if r.data and not r.data.rstrip().endswith(b'{"type":"message_stop"}'):
+            return "no final message_stop: %r" % r.data[-200:]
+        return None
+
+    def _s12_latency(self, pport):
+        n = 100 if self.q else 400
+        model = "bench-small"
+        rc, mc = Client("127.0.0.1", pport), Client("127.0.0.1", pport)
+        bodies = {"responses": req_body(model), "messages": self._messages_body(model)}
+        lat = {"responses": [], "messages": []}
+        fails = {"responses": [], "messages": []}
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(20 + n):
+                order = (("responses", rc, "/v1/responses"), ("messages", mc, "/v1/messages"))
+                for name, c, path in (order if i % 2 else order[::-1]):
+                    try:
+                        r = c.request("POST", path, bodies[name], keep=True)
+                    except Exception as e:  # noqa
+                        fails[name].append(repr(e))
+                        continue
+                    why = check_stream(r, model) if name == "responses" else \
+                        self._messages_ok(r, 3)
+                    if why:
+                        fails[name].append(why)
+                    elif i >= 20:
+                        lat[name].append(r.t_end - r.t0)
+        finally:
+            gc.enable()
+            rc.close()
+            mc.close()
+        rp, mp = med(lat["responses"]) * 1e3, med(lat["messages"]) * 1e3
+        self.res["12_messages_latency"] = {
+            k: {"p50_ms": med(v) * 1e3, "p99_ms": pct(v, 99) * 1e3, "n": len(v),
+                "failures": len(fails[k])} for k, v in lat.items()}
+        self.row("12", "small stream p50 ms (Responses | Messages)", "%.3f" % rp, "%.3f" % mp,
+                 "%+.3f ms" % (mp - rp), "<= +1.5 ms",
+                 mp - rp <= 1.5 and not fails["messages"])
+        self._s12_fails(fails)
+
+    def _s12_throughput(self, pport):
+        n = 3 if self.q else 7
+        model = "bench-big-20000"
+        n_deltas = parse_model(model)[0]
+        rc, mc = Client("127.0.0.1", pport), Client("127.0.0.1", pport)
+        bodies = {"responses": req_body(model), "messages": self._messages_body(model)}
+        secs = {"responses": [], "messages": []}
+        fails = {"responses": [], "messages": []}
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(n + 1):  # the first round warms up
+                for name, c, path in (("responses", rc, "/v1/responses"),
+                                      ("messages", mc, "/v1/messages")):
+                    try:
+                        r = c.request("POST", path, bodies[name])
+                    except Exception as e:  # noqa
+                        fails[name].append(repr(e))
+                        continue
+                    why = check_stream(r, model) if name == "responses" else \
+                        self._messages_ok(r, n_deltas)
+                    if why:
+                        fails[name].append(why)
+                    elif i:
+                        secs[name].append(r.t_end - r.t0)
+        finally:
+            gc.enable()
+            rc.close()
+            mc.close()
+        nan = float("nan")
+        rs = med(secs["responses"]) if secs["responses"] else nan
+        ms = med(secs["messages"]) if secs["messages"] else nan
+        ratio = rs / ms if ms == ms and ms else nan
+        nev = len(render_events(model)[0])  # the backend's events, the same for both
+        self.res["12_messages_throughput"] = {"responses_s": rs, "messages_s": ms,
+                                              "ratio": ratio, "backend_events": nev}
+        self.row("12", "20k-event stream k events/s (Responses | Messages)",
+                 "%.0f" % (nev / rs / 1e3), "%.0f" % (nev / ms / 1e3), "%.0f%%" % (100 * ratio),
+                 ">= 50%", ratio >= 0.5 and not fails["messages"])
+        self._s12_fails(fails)
+
+    def _s12_fails(self, fails):
+        for k, v in fails.items():
+            if v:
+                self.notes.append("12 %s: %d failures, first: %s" % (k, len(v), v[0][:200]))
+
+    def _s12_conversation(self, home):
+        """40 turns as Claude Code has them: ~50 KB of tools and system in every request,
+        the history re-sent and growing by ~10 KB a turn (a file's contents or a command's
+        output, as scenario 8's history grows); upload to the backend over HTTP vs the
+        WebSocket. Tools and system go with every turn on either transport, as the Codex CLI
+        sends them: only the history is saved."""
+        turns = 40
+        tools = [{"name": "Tool%02d" % i, "description": ("Does thing %d carefully. " % i) * 80,
+                  "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#",
+                                   "type": "object", "additionalProperties": False,
+                                   "properties": {"arg%d" % j: {"type": "string",
+                                                                "description": "x" * 40}
+                                                  for j in range(6)}}}
+                 for i in range(16)]
+        system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.%03x"},
+                  {"type": "text", "text": "You are Claude Code. " * 500}]
+        answer = render_events("bench-small")[1]
+        filler = "def handler(request):\n    return respond(request.body)\n" * 190  # ~10 KB
+        upload, fails = {}, []
+        for transport in ("http", "auto"):
+            up, port = start_upstream()
+            px, pport, _ = start_proxy(
+                self.a.proxy, home, "http://127.0.0.1:%d/ws%s" % (port, UPSTREAM_PATH),
+                os.path.join(self.tmp, "proxy-12-%s.log" % transport),
+                args=["--upstream-transport", transport])
+            client, stats = Client("127.0.0.1", pport), Client("127.0.0.1", port)
+            history, sent = [], []
+            try:
+                for t in range(turns):
+                    history.append({"role": "user", "content": "turn %d: %s" % (t, filler)})
+                    system[0]["text"] = "x-anthropic-billing-header: cc_version=2.1.332.%03x" % t
+                    before = json.loads(stats.request("GET", "/_stats").data)["bytes_in"]
+                    r = client.request("POST", "/v1/messages", self._messages_body(
+                        "bench-small", history, tools=tools, system=system,
+                        metadata={"user_id": _dumps({"session_id": "bench-claude"})}),
+                        keep=True)
+                    why = self._messages_ok(r, 3)
+                    if why:
+                        fails.append("%s turn %d: %s" % (transport, t + 1, why))
+                    after = json.loads(stats.request("GET", "/_stats").data)["bytes_in"]
+                    sent.append(after - before)
+                    history.append({"role": "assistant",
+                                    "content": [{"type": "text", "text": answer}]})
+            finally:
+                client.close()
+                stats.close()
+                stop(px)
+                stop(up)
+            upload[transport] = sent
+        h, w = sum(upload["http"]), sum(upload["auto"])
+        self.res["12_messages_conversation"] = {"turns": turns, "upload_bytes": upload,
+                                                "first_request_bytes": upload["http"][0]}
+        self.row("12", "  first request KB (tools and system, all but ~10 KB)",
+                 "%.0f" % (upload["http"][0] / 1024.), "", "", "", None)
+        self.row("12", "  last turn KB (HTTP | WS)", "%.0f" % (upload["http"][-1] / 1024.),
+                 "%.0f" % (upload["auto"][-1] / 1024.), "", "", None)
+        self.row("12", "%d Claude Code turns: upload KB (HTTP | WS)" % turns,
+                 "%.0f" % (h / 1024.), "%.0f" % (w / 1024.), "%.1f %%" % (100.0 * w / max(h, 1)),
+                 "<= 20 %", w <= 0.2 * h and not fails)
+        for why in fails[:3]:
+            self.notes.append("12: " + why)
+
     # -- driver -------------------------------------------------------------
     # Scenarios on the shared fake upstream and proxy, in this order (6 brackets them).
     SHARED = (1, 2, 3, 4, 5)
     # Scenarios that start their own upstream and proxy, once the shared ones are stopped.
-    OWN_SETUP = (7, 8, 9)
+    OWN_SETUP = (7, 8, 9, 12)
 
     def scenario(self, n):
         """Run self.s<n>(): a crash is a MISS row and a note, not the end of the run."""
@@ -2099,7 +2292,7 @@ def main(argv=None):
                     help="path of the proxy script (default: %(default)s)")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run, e.g. 1,3")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,12", help="scenarios to run, e.g. 1,3")
     ap.add_argument("--soak-seconds", type=int, default=60,
                     help="scenario 9: seconds of load for each of its two proxies")
     ap.add_argument("--latency-ms", type=float, default=50.0,

@@ -87,6 +87,7 @@ import collections
 import contextlib
 import datetime
 import errno
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -193,6 +194,8 @@ examples:
   Codex CLI: a provider with base_url = "http://127.0.0.1:8787/v1", wire_api = "responses"
            (and supports_websockets = true for one socket per session; its image tool
            wants http_headers = { "x-openai-actor-authorization" = "local-proxy" })
+  Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:8787 ANTHROPIC_AUTH_TOKEN=unused claude
+           (Claude's model names go to the backend's models; see --model-map)
 
 environment:
   CODEX_HOME                          where auth.json lives (default ~/.codex)
@@ -221,7 +224,7 @@ class Config:
                  client_key=None, allow_hosts=(), allow_origins=(),
                  max_concurrent=DEFAULT_MAX_CONCURRENT, state_db=None, state_max_mb=None,
                  max_connections=DEFAULT_MAX_CONNECTIONS, upstream_transport="auto",
-                 list_effort_models=False, ui=True):
+                 list_effort_models=False, ui=True, model_map=()):
         self.host = host
         self.port = port
         self.instructions = instructions
@@ -250,6 +253,7 @@ class Config:
         self.upstream_transport = upstream_transport
         self.list_effort_models = list_effort_models
         self.ui = ui  # the status page at GET /
+        self.model_map = list(model_map)  # [(shell-style pattern, model)], first match wins
         self.state_max_bytes = int((state_max_mb or (DEFAULT_STATE_DB_MB if state_db
                                                      else DEFAULT_STATE_MB)) * 1024 * 1024)
 
@@ -374,6 +378,13 @@ def build_arg_parser():
                         "short)")
     p.add_argument("--no-ui", action="store_true",
                    help="do not serve the status page at GET / (/status stays)")
+    p.add_argument("--model-map", action="append", default=[], type=model_map_arg,
+                   metavar="PATTERN=MODEL",
+                   help="send requests for models matching the shell-style PATTERN to MODEL "
+                        "(repeatable, first match wins), e.g. 'claude-*haiku*=gpt-5.4-mini'. "
+                        "Without a match Claude's names still work: opus, sonnet and other "
+                        "claude-* names go to the strongest model the backend lists, haiku "
+                        "names to its small one")
     p.add_argument("--version", action="version", version="codex-responses-proxy " + __version__)
     return p
 
@@ -426,7 +437,8 @@ def parse_config(argv=None, stdin=None):
                   max_concurrent=args.max_concurrent, state_db=args.state_db,
                   state_max_mb=args.state_max_mb, max_connections=args.max_connections,
                   upstream_transport=args.upstream_transport,
-                  list_effort_models=args.list_effort_models, ui=not args.no_ui)
+                  list_effort_models=args.list_effort_models, ui=not args.no_ui,
+                  model_map=args.model_map)
 
 
 def is_loopback(host):
@@ -3195,6 +3207,866 @@ def image_request_headers(client_headers):
 
 
 # --------------------------------------------------------------------------------------------
+# Anthropic Messages (pure): a Messages request in Responses terms, the answer back in
+# Anthropic's shape, its errors, and the model names Claude clients ask for
+# --------------------------------------------------------------------------------------------
+
+# Claude Code's first system block; its suffix changes every request, so sent on it would
+# make every request's prompt new to the backend's cache.
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+# A thinking block's signature that carries a reasoning item's encrypted_content. Anything
+# else in a replayed signature (a real Anthropic one, a peer's) cannot be read back here.
+THINKING_SIGNATURE_PREFIX = "codex-reasoning:"
+MAX_TOOL_NAME = 64  # the backend's limit on function names
+# Anthropic's effort levels (output_config.effort) in Responses terms.
+MESSAGES_EFFORT = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh",
+                   "xhigh": "xhigh", "minimal": "minimal", "none": "none"}
+# Anthropic's error type for each status (its API reference); 503 is reported as its 529.
+MESSAGES_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                        403: "permission_error", 404: "not_found_error",
+                        413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                        529: "overloaded_error"}
+# The backend's phrase for a context overflow; Claude Code compacts on it (or "prompt is
+# too long") instead of retrying.
+CONTEXT_OVERFLOW_PHRASE = "Your input exceeds the context window of this model."
+_CONTEXT_OVERFLOW_RE = re.compile(r"context window|context_length|prompt is too long", re.I)
+_RETRY_IN_RE = re.compile(r"try again in ([0-9.]+)\s*(ms|s)", re.I)
+_SESSION_IN_USER_ID_RE = re.compile(r"session_([0-9a-fA-F-]{36})")
+
+# Model names: the defaults behind --model-map, so that Claude Code's own names work. The
+# targets are resolved against the backend's model list (see pick_default_models).
+STRONGEST_MODEL = ":strongest"
+SMALL_MODEL = ":small"
+DEFAULT_MODEL_RULES = (("*haiku*", SMALL_MODEL), ("*sonnet*", STRONGEST_MODEL),
+                       ("*opus*", STRONGEST_MODEL), ("claude-*", STRONGEST_MODEL))
+# Used when the backend's model list cannot be had.
+FALLBACK_MODELS = {STRONGEST_MODEL: "gpt-5.5", SMALL_MODEL: "gpt-5.4-mini"}
+_SMALL_MODEL_RE = re.compile(r"mini|nano|spark|small")
+_MODEL_VERSION_RE = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+def model_map_arg(text):
+    """--model-map PATTERN=MODEL -> (pattern, model)."""
+    pattern, sep, model = text.rpartition("=")
+    if not sep or not pattern.strip() or not model.strip():
+        raise argparse.ArgumentTypeError("expected PATTERN=MODEL (e.g. 'claude-*haiku*="
+                                         "gpt-5.4-mini'), got %r" % text)
+    return pattern.strip(), model.strip()
+
+
+def pick_default_models(slugs):
+    """{STRONGEST_MODEL: slug, SMALL_MODEL: slug} from the backend's listed models: the
+    highest version that is not a small variant, and the highest small one (else the
+    strongest). Among equals the first listed wins: the backend lists by priority."""
+    def version(slug):  # (5, 10) after (5, 9)
+        m = _MODEL_VERSION_RE.search(slug)
+        return tuple(int(part) for part in m.group(1).split(".")) if m else ()
+
+    small = [s for s in slugs if _SMALL_MODEL_RE.search(s)]
+    large = [s for s in slugs if s not in small]
+    picked = dict(FALLBACK_MODELS)
+    if large:
+        picked[STRONGEST_MODEL] = max(large, key=version)  # max keeps the first of equals
+    if small:
+        picked[SMALL_MODEL] = max(small, key=version)
+    elif large:
+        picked[SMALL_MODEL] = picked[STRONGEST_MODEL]
+    return picked
+
+
+def map_model(name, rules, listed):
+    """The model a request asks for -> the model sent upstream: the first of rules (the
+    --model-map ones, then DEFAULT_MODEL_RULES) whose shell-style pattern matches, else the
+    name as it is. listed() gives the backend's model slugs; it is called only when a default
+    rule needs them."""
+    if not isinstance(name, str):
+        return name
+    for pattern, target in rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            if target in (STRONGEST_MODEL, SMALL_MODEL):
+                return pick_default_models(listed())[target]
+            return target
+    return name
+
+
+def _messages_error(message):
+    return ProxyError(400, message, code="invalid_request_error")
+
+
+def shorten_tool_name(name):
+    """A function name the backend takes (at most 64 characters); the same long name always
+    gives the same short one, so history and answers can be mapped back."""
+    if len(name) <= MAX_TOOL_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return name[:MAX_TOOL_NAME - 9] + "_" + digest
+
+
+def long_tool_names(body):
+    """{short name: original} for the request's tools whose names had to be shortened."""
+    names = {}
+    for tool in body.get("tools") or ():
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if isinstance(name, str) and len(name) > MAX_TOOL_NAME:
+            names[shorten_tool_name(name)] = name
+    return names
+
+
+def _messages_text(content, where):
+    """A system prompt or system message as plain text: a string, or its text blocks (the
+    billing-header block left out)."""
+    if isinstance(content, str):
+        return "" if content.startswith(BILLING_HEADER_PREFIX) else content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise _messages_error("%s must be a string or a list of text blocks." % where)
+    texts = []
+    for block in content:
+        if not isinstance(block, dict):
+            raise _messages_error("%s: each block must be an object." % where)
+        text = block.get("text")
+        if block.get("type") == "text" and isinstance(text, str) and \
+                not text.startswith(BILLING_HEADER_PREFIX):
+            texts.append(text)
+    return "\n\n".join(t for t in texts if t)
+
+
+def _source_url(source, where):
+    """An image or document source as a URL the backend takes: data: for base64."""
+    if not isinstance(source, dict):
+        raise _messages_error("%s needs a source." % where)
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str):
+        return "data:%s;base64,%s" % (source.get("media_type") or "application/octet-stream",
+                                     source["data"])
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise _messages_error("%s: only base64 and url sources are supported (got %r)."
+                          % (where, kind))
+
+
+def _messages_document(block, where):
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "text":
+        return {"type": "input_text", "text": source.get("data") or ""}
+    if isinstance(source, dict) and source.get("type") == "content":
+        parts = source.get("content")
+        text = parts if isinstance(parts, str) else _messages_text(parts, where)
+        return {"type": "input_text", "text": text}
+    url = _source_url(source, where)
+    if url.startswith("data:"):
+        return {"type": "input_file", "filename": block.get("title") or "document.pdf",
+                "file_data": url}
+    return {"type": "input_file", "file_url": url}
+
+
+def _messages_input_part(block, where):
+    """A user block (text, image, document) as a Responses content part; None for blocks
+    that carry nothing for the model (Anthropic-only kinds)."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        if not isinstance(text, str):
+            raise _messages_error("%s.text must be a string." % where)
+        return {"type": "input_text", "text": text}
+    if kind == "image":
+        return {"type": "input_image", "image_url": _source_url(block.get("source"), where),
+                "detail": "auto"}
+    if kind == "document":
+        return _messages_document(block, where)
+    return None
+
+
+def _tool_result_output(block, where):
+    """A tool_result's content as a function_call_output's output: text as a string, or
+    parts when it holds images. is_error is said in words: Responses has no such flag."""
+    content = block.get("content")
+    if content is None or isinstance(content, str):
+        output = content or ""
+        return "Error: " + output if block.get("is_error") else output
+    if not isinstance(content, list):
+        raise _messages_error("%s.content must be a string or a list of blocks." % where)
+    parts = []
+    for j, inner in enumerate(content):
+        if not isinstance(inner, dict):
+            raise _messages_error("%s.content[%d] must be an object." % (where, j))
+        part = _messages_input_part(inner, "%s.content[%d]" % (where, j))
+        if part is not None:
+            parts.append(part)
+    if all(p["type"] == "input_text" for p in parts):
+        text = "\n".join(p["text"] for p in parts)
+        return "Error: " + text if block.get("is_error") else text
+    if block.get("is_error"):
+        parts.insert(0, {"type": "input_text", "text": "Error:"})
+    return parts
+
+
+def reasoning_from_thinking(block):
+    """A replayed thinking block as the reasoning item it came from; None when its signature
+    is not one of ours (it cannot be read back, and the backend would refuse it)."""
+    signature = block.get("signature")
+    if not isinstance(signature, str) or not signature.startswith(THINKING_SIGNATURE_PREFIX) \
+            or len(signature) == len(THINKING_SIGNATURE_PREFIX):
+        return None
+    text = block.get("thinking")
+    summary = [{"type": "summary_text", "text": text}] if isinstance(text, str) and text else []
+    return {"type": "reasoning", "summary": summary,
+            "encrypted_content": signature[len(THINKING_SIGNATURE_PREFIX):]}
+
+
+def _messages_user_items(content, where):
+    """A user message's blocks -> items in order: its content as user messages, each
+    tool_result a function_call_output where it stands."""
+    if isinstance(content, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": content}]}]
+    if not isinstance(content, list):
+        raise _messages_error("%s.content must be a string or a list of blocks." % where)
+    items, parts = [], []
+    for j, block in enumerate(content):
+        at = "%s.content[%d]" % (where, j)
+        if not isinstance(block, dict):
+            raise _messages_error("%s must be an object." % at)
+        if block.get("type") == "tool_result":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise _messages_error("%s needs a tool_use_id." % at)
+            if parts:
+                items.append({"type": "message", "role": "user", "content": parts})
+                parts = []
+            items.append({"type": "function_call_output", "call_id": block["tool_use_id"],
+                          "output": _tool_result_output(block, at)})
+            continue
+        part = _messages_input_part(block, at)
+        if part is not None:
+            parts.append(part)
+    if parts:
+        items.append({"type": "message", "role": "user", "content": parts})
+    return items
+
+
+def _messages_assistant_items(content, where):
+    """An assistant turn replayed -> its text, reasoning and function_call items in order.
+    Thinking without our signature, redacted_thinking and server tool blocks are dropped:
+    the backend cannot take them back."""
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _messages_error("%s.content must be a string or a list of blocks." % where)
+    items, texts = [], []
+
+    def flush():
+        if texts:
+            items.append({"type": "message", "role": "assistant",
+                          "content": [{"type": "output_text", "text": t} for t in texts]})
+            del texts[:]
+
+    for j, block in enumerate(content):
+        at = "%s.content[%d]" % (where, j)
+        if not isinstance(block, dict):
+            raise _messages_error("%s must be an object." % at)
+        kind = block.get("type")
+        if kind == "text":
+            if isinstance(block.get("text"), str) and block["text"]:
+                texts.append(block["text"])
+        elif kind == "thinking":
+            item = reasoning_from_thinking(block)
+            if item is not None:
+                flush()
+                items.append(item)
+        elif kind == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise _messages_error("%s: a tool_use block needs an id and a name." % at)
+            flush()
+            items.append({"type": "function_call", "call_id": block["id"],
+                          "name": shorten_tool_name(block["name"]),
+                          "arguments": json.dumps(block.get("input") or {},
+                                                  separators=(",", ":"))})
+    flush()
+    return items
+
+
+def _clean_schema(schema):
+    """A tool's input_schema as the backend takes it: without $schema, an object always."""
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}}
+    return {k: v for k, v in schema.items() if k not in ("$schema", "cache_control")}
+
+
+def _messages_tool(tool, where):
+    """A Messages tool -> a Responses tool; None for Anthropic-only server tools."""
+    if not isinstance(tool, dict):
+        raise _messages_error("%s must be an object." % where)
+    kind = tool.get("type")
+    if isinstance(kind, str) and kind.startswith("web_search"):
+        out = {"type": "web_search"}
+        if isinstance(tool.get("allowed_domains"), list):
+            out["filters"] = {"allowed_domains": tool["allowed_domains"]}
+        location = tool.get("user_location")
+        if isinstance(location, dict):
+            out["user_location"] = dict({k: v for k, v in location.items() if k != "type"},
+                                        type="approximate")
+        return out
+    if kind not in (None, "custom"):
+        return None  # bash_*, text_editor_*, computer_*, code_execution_*: Anthropic's own
+    if not isinstance(tool.get("name"), str):
+        raise _messages_error("%s.name must be a string." % where)
+    out = {"type": "function", "name": shorten_tool_name(tool["name"]),
+           "parameters": _clean_schema(tool.get("input_schema")), "strict": False}
+    if isinstance(tool.get("description"), str):
+        out["description"] = tool["description"]
+    return out
+
+
+def _messages_tool_choice(choice):
+    if not isinstance(choice, dict):
+        raise _messages_error("`tool_choice` must be an object such as {\"type\": \"auto\"}.")
+    kind = choice.get("type")
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise _messages_error("`tool_choice` of type tool needs a name.")
+        return {"type": "function", "name": shorten_tool_name(choice["name"])}
+    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    if mapped is None:
+        raise _messages_error("`tool_choice.type` must be auto, any, tool or none.")
+    return mapped
+
+
+def messages_effort(body):
+    """reasoning.effort for the request's thinking budget or output_config.effort; None
+    leaves the model's default."""
+    config = body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if isinstance(effort, str) and effort in MESSAGES_EFFORT:
+        return MESSAGES_EFFORT[effort]
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            return ("low" if budget < 4096 else "medium" if budget < 16384 else
+                    "high" if budget < 32000 else "xhigh")
+    return None
+
+
+def messages_session_id(body, headers):
+    """The conversation's id for the backend's prompt cache: Claude Code's session header
+    (one per run; a subagent's id added, as its prompt differs), else the session named in
+    metadata.user_id."""
+    session = headers.get("x-claude-code-session-id")
+    if not session:
+        metadata = body.get("metadata")
+        user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+        if isinstance(user_id, str):
+            try:
+                parsed = json.loads(user_id)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
+                session = parsed["session_id"]
+            else:
+                m = _SESSION_IN_USER_ID_RE.search(user_id)
+                session = m.group(1) if m else None
+    if not session:
+        return None
+    agent = headers.get("x-claude-code-agent-id")
+    if agent:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, "claude-code:%s:%s" % (session, agent)))
+    return session[:64]
+
+
+def messages_to_responses(body, headers):
+    """An Anthropic Messages request -> one Responses request. System blocks become the
+    instructions (the billing header dropped); role "system" messages anywhere become
+    developer messages where they stand; text, images and PDFs become content parts;
+    tool_use and tool_result become function_call and function_call_output; a thinking block
+    with our signature becomes its reasoning item again. Sampling parameters, metadata,
+    max_tokens and stop_sequences are not sent (the backend refuses them; the proxy itself
+    honours stop_sequences)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _messages_error("`messages` must be a non-empty list.")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _messages_error("`model` must be a string, such as claude-sonnet-4-5 or a Codex "
+                              "model name.")
+    items = []
+    for i, message in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(message, dict):
+            raise _messages_error("%s must be an object." % where)
+        role, content = message.get("role"), message.get("content")
+        if role == "user":
+            items += _messages_user_items(content, where)
+        elif role == "assistant":
+            items += _messages_assistant_items(content, where)
+        elif role == "system":
+            text = _messages_text(content, where)
+            if text:
+                items.append({"type": "message", "role": "developer",
+                              "content": [{"type": "input_text", "text": text}]})
+        else:
+            raise _messages_error("%s.role must be user, assistant or system (got %r)."
+                                  % (where, role))
+    out = {"model": body["model"], "input": items,
+           "include": ["reasoning.encrypted_content"]}
+    instructions = _messages_text(body.get("system"), "system")
+    if instructions:
+        out["instructions"] = instructions
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _messages_error("`tools` must be a list.")
+        mapped = [_messages_tool(t, "tools[%d]" % i) for i, t in enumerate(tools)]
+        out["tools"] = [t for t in mapped if t is not None]
+    choice = body.get("tool_choice")
+    if choice is not None:
+        out["tool_choice"] = _messages_tool_choice(choice)
+    if out.get("tools"):
+        out["parallel_tool_calls"] = not (isinstance(choice, dict) and
+                                          choice.get("disable_parallel_tool_use") is True)
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    reasoning = {}
+    effort = messages_effort(body)
+    if effort:
+        reasoning["effort"] = effort
+    if thinking.get("type") in ("enabled", "adaptive") and thinking.get("display") != "omitted":
+        reasoning["summary"] = "auto"
+    if reasoning:
+        out["reasoning"] = reasoning
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        out["text"] = {"format": {"type": "json_schema", "name": "output",
+                                  "schema": fmt.get("schema") or {}, "strict": False}}
+    session = messages_session_id(body, headers)
+    if session:
+        out["prompt_cache_key"] = session
+    return out
+
+
+def messages_stop_sequences(body):
+    """The request's stop_sequences: non-empty strings only."""
+    stops = body.get("stop_sequences")
+    if stops is None:
+        return []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _messages_error("`stop_sequences` must be a list of strings.")
+    return [s for s in stops if s]
+
+
+def messages_usage(usage, estimated_output=0):
+    """Responses usage in Anthropic's terms: input_tokens without the cached part, which is
+    cache_read_input_tokens."""
+    usage = usage if isinstance(usage, dict) else {}
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    total_in = usage.get("input_tokens") or 0
+    return {"input_tokens": max(0, total_in - cached), "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+            "output_tokens": usage.get("output_tokens") or estimated_output}
+
+
+def messages_stop_reason(response, has_tool_use, refused):
+    if refused:
+        return "refusal"
+    if response.get("status") == "incomplete":
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        return "refusal" if reason == "content_filter" else "max_tokens"
+    return "tool_use" if has_tool_use else "end_turn"
+
+
+def estimate_tokens(responses_body):
+    """A local estimate of a request's input tokens: about four characters a token, and a
+    flat cost per image or file (their base64 says little about what they cost)."""
+    flat = [0]
+
+    def strip(value):
+        if isinstance(value, dict):
+            if value.get("type") in ("input_image", "input_file"):
+                flat[0] += 1600
+                return None
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    text = json.dumps([responses_body.get("instructions"), strip(responses_body.get("input")),
+                       responses_body.get("tools")], ensure_ascii=False)
+    return len(text) // 4 + flat[0]
+
+
+def anthropic_model_list(listing):
+    """An OpenAI-shaped model list as Anthropic's /v1/models answers it."""
+    now = rfc3339_now()
+    data = [{"type": "model", "id": m["id"], "display_name": m["id"], "created_at": now}
+            for m in listing.get("data") or () if isinstance(m, dict) and "id" in m]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def _retry_after_seconds(err):
+    """Seconds until a 429 may be tried again: a usage limit's reset, or the backend's "try
+    again in 11.054s"; None when it says neither."""
+    seconds = err.extra.get("resets_in_seconds")
+    if not isinstance(seconds, (int, float)) and isinstance(err.extra.get("resets_at"),
+                                                             (int, float)):
+        seconds = err.extra["resets_at"] - time.time()
+    if not isinstance(seconds, (int, float)):
+        m = _RETRY_IN_RE.search(err.message or "")
+        if m:
+            seconds = float(m.group(1)) / (1000.0 if m.group(2).lower() == "ms" else 1.0)
+    if not isinstance(seconds, (int, float)) or seconds != seconds or abs(seconds) > 10 ** 9:
+        return None
+    return max(1, int(-(-seconds // 1)))
+
+
+def is_usage_limit(err):
+    return err.status == 429 and (err.type in ("usage_limit_reached", "usage_not_included") or
+                                  err.code in ("usage_limit_reached", "usage_not_included",
+                                               "insufficient_quota"))
+
+
+def anthropic_error(err):
+    """A ProxyError in Anthropic's terms: (status, {"type": "error", "error": {"type",
+    "message"}}, headers). A context overflow is a 400 keeping the backend's phrase (Claude
+    Code then compacts); a usage limit is a 429 with retry-after and x-should-retry: false
+    (Claude Code then stops instead of retrying for hours)."""
+    status, message, headers = err.status, err.message, list(err.headers)
+    if err.code == "context_length_exceeded" or (status == 400 and message and
+                                                  _CONTEXT_OVERFLOW_RE.search(message)):
+        status = 400
+        if not _CONTEXT_OVERFLOW_RE.search(message or ""):
+            message = CONTEXT_OVERFLOW_PHRASE + " " + (message or "")
+    elif status == 503:
+        status = 529
+    if status == 429:
+        names = {name.lower() for name, _ in headers}
+        seconds = _retry_after_seconds(err)
+        if seconds is not None and "retry-after" not in names:
+            headers.append(("retry-after", str(seconds)))
+        if is_usage_limit(err):
+            headers.append(("x-should-retry", "false"))
+    kind = MESSAGES_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else
+                                                "invalid_request_error")
+    return status, {"type": "error", "error": {"type": kind, "message": message}}, headers
+
+
+def messages_apikey_error():
+    return ProxyError(400, "The Anthropic Messages API is served on a ChatGPT login only: this "
+                      "proxy runs in API-key mode, and the OpenAI platform has no Messages "
+                      "API. Start the proxy without an API key (after `codex login`) to use "
+                      "Claude Code.", code="messages_not_supported")
+
+
+def anthropic_sse(name, obj):
+    return b"event: " + name + b"\ndata: " + json.dumps(obj, separators=(",", ":")).encode() \
+        + b"\n\n"
+
+
+# Per block type: the backend's delta event for it, and the Messages delta it becomes.
+_RAW_DELTAS = {"text": (b"response.output_text.delta", b"text_delta", b"text"),
+               "thinking": (b"response.reasoning_summary_text.delta", b"thinking_delta",
+                            b"thinking"),
+               "tool_use": (b"response.function_call_arguments.delta", b"input_json_delta",
+                            b"partial_json")}
+
+
+class MessagesStream:
+    """Responses stream events -> Anthropic Messages events, each as soon as its event, and
+    the same blocks collected for a non-streamed answer. Text passes the stop-sequence check:
+    a match ends the message there and sets .stopped, for the caller to cut the upstream.
+    message_start is not among the frames: the sink sends it (opening()) when the stream
+    opens, which may be before any event (a ping) or never (an early failure is a status)."""
+
+    def __init__(self, model, tool_names=None, stop_sequences=(), streaming=True):
+        self.id = "msg_" + uuid.uuid4().hex
+        self.model = model
+        self.tool_names = tool_names or {}
+        self.stops = list(stop_sequences)
+        self.keep = max([len(s) for s in self.stops] or [1]) - 1  # text held back for a match
+        self.streaming = streaming
+        self.content = []      # the blocks, as the non-streamed answer has them
+        self.states = {}       # output_index -> what is known of its block
+        self.open = None       # the state of the block being streamed
+        self.has_tool_use = False
+        self.refused = False
+        self.stop_reason = None
+        self.stop_sequence = None
+        self.stopped = False   # a stop sequence ended the message before the backend did
+        self.usage = messages_usage(None)
+        self.text_chars = 0
+        self._out = []
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _emit(self, name, obj):
+        if self.streaming:
+            self._out.append(anthropic_sse(name, obj))
+
+    def opening(self):
+        return anthropic_sse(b"message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 0}}})
+
+    @staticmethod
+    def ping():
+        return anthropic_sse(b"ping", {"type": "ping"})
+
+    def error_frame(self, err):
+        _, body, _ = anthropic_error(err)
+        return anthropic_sse(b"error", body)
+
+    # -- blocks ------------------------------------------------------------------------------
+
+    def _start(self, key, block):
+        self._close()
+        state = {"index": len(self.content), "type": block["type"], "closed": False,
+                 "held": "", "args": "", "seen": 0, "kinds": (), "needle": b"\0"}
+        if block["type"] in _RAW_DELTAS and isinstance(key, int):
+            kind, delta_type, field = _RAW_DELTAS[block["type"]]
+            state["kinds"] = (kind,)
+            state["needle"] = b'"output_index":%d,' % key  # the backend's compact JSON
+            state["prefix"] = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                               b'"index":%d,"delta":{"type":"%s","%s":'
+                               % (state["index"], delta_type, field))
+        self.content.append(dict(block))
+        self.states[key] = self.open = state
+        self._emit(b"content_block_start", {"type": "content_block_start",
+                                            "index": state["index"], "content_block": block})
+        return state
+
+    def _delta(self, state, delta):
+        self._emit(b"content_block_delta", {"type": "content_block_delta",
+                                            "index": state["index"], "delta": delta})
+
+    def _close(self):
+        state, self.open = self.open, None
+        if state is None:
+            return
+        if state["held"]:
+            held, state["held"] = state["held"], ""
+            self._put_text(state, held)
+        block = self.content[state["index"]]
+        if state["type"] == "tool_use":
+            try:
+                block["input"] = json.loads(state["args"]) if state["args"].strip() else {}
+            except ValueError:
+                block["input"] = {}
+            if not isinstance(block["input"], dict):
+                block["input"] = {}
+        state["closed"] = True
+        self._emit(b"content_block_stop", {"type": "content_block_stop",
+                                           "index": state["index"]})
+
+    def _state(self, key, block):
+        """The open block for key, started if it is new; None once it was closed."""
+        state = self.states.get(key)
+        if state is None:
+            return self._start(key, block)
+        return None if state["closed"] else state
+
+    def _put_text(self, state, text):
+        if text:
+            self.content[state["index"]]["text"] += text
+            self.text_chars += len(text)
+            self._delta(state, {"type": "text_delta", "text": text})
+
+    def _text(self, key, text):
+        state = self._state(key, {"type": "text", "text": ""})
+        if state is None or not text:
+            return
+        state["seen"] += len(text)
+        if not self.stops:
+            return self._put_text(state, text)
+        text = state["held"] + text
+        found = [(text.find(s), -len(s), s) for s in self.stops if s in text]
+        if found:
+            at, _, stop = min(found)
+            state["held"] = ""
+            self._put_text(state, text[:at])
+            self.stop_sequence = stop
+            self.stopped = True
+            self._finish("stop_sequence")
+            return
+        cut = max(0, len(text) - self.keep)
+        state["held"] = text[cut:]
+        self._put_text(state, text[:cut])
+
+    def _thinking(self, key, text):
+        state = self._state(key, {"type": "thinking", "thinking": "", "signature": ""})
+        if state is not None and text:
+            state["seen"] += len(text)
+            self.content[state["index"]]["thinking"] += text
+            self._delta(state, {"type": "thinking_delta", "thinking": text})
+
+    def _tool_start(self, key, item):
+        self.has_tool_use = True
+        name = item.get("name") if isinstance(item.get("name"), str) else ""
+        return self._state(key, {"type": "tool_use", "id": item.get("call_id") or item.get("id"),
+                                 "name": self.tool_names.get(name, name), "input": {}})
+
+    def _tool_args(self, state, arguments, whole):
+        """Arguments to deliver: a delta, or (whole) all of them, of which only what the
+        client has not had yet goes out; so arguments that come only in the .done events
+        reach the client, and once."""
+        if state is None or not isinstance(arguments, str):
+            return
+        if whole:
+            if not arguments.startswith(state["args"]):
+                return
+            arguments = arguments[len(state["args"]):]
+        if arguments:
+            state["args"] += arguments
+            self._delta(state, {"type": "input_json_delta", "partial_json": arguments})
+
+    def _item_done(self, key, item):
+        kind = item.get("type")
+        if kind == "reasoning":
+            state = self._state(key, {"type": "thinking", "thinking": "", "signature": ""})
+            if state is None:
+                return
+            if not state["seen"]:
+                self._thinking(key, "\n\n".join(p.get("text") or "" for p in
+                                                item.get("summary") or ()
+                                                if isinstance(p, dict)))
+            encrypted = item.get("encrypted_content")
+            if isinstance(encrypted, str) and encrypted:
+                signature = THINKING_SIGNATURE_PREFIX + encrypted
+                self.content[state["index"]]["signature"] = signature
+                self._delta(state, {"type": "signature_delta", "signature": signature})
+            self._close()
+        elif kind == "message":
+            parts = [p for p in item.get("content") or () if isinstance(p, dict)]
+            state = self.states.get(key)
+            if state is None or not state["seen"]:
+                for part in parts:
+                    if part.get("type") == "refusal":
+                        self.refused = True
+                    self._text(key, part.get("text") or part.get("refusal") or "")
+                    if self.stopped:
+                        return
+            if key in self.states and not self.states[key]["closed"]:
+                self._close()
+        elif kind == "function_call":
+            state = self._tool_start(key, item)
+            self._tool_args(state, item.get("arguments"), whole=True)
+            if state is not None:
+                self._close()
+        elif kind == "web_search_call":
+            self._web_search(key, item)
+
+    def _web_search(self, key, item):
+        """A search the backend ran, as Anthropic's server tool blocks: the query, then the
+        sources it names (when the backend lists them)."""
+        action = item.get("action") if isinstance(item.get("action"), dict) else {}
+        tool_id = "srvtoolu_" + str(item.get("id") or uuid.uuid4().hex)
+        state = self._start(("search", key), {"type": "server_tool_use", "id": tool_id,
+                                              "name": "web_search", "input": {}})
+        query = json.dumps({"query": action.get("query") or ""})
+        state["args"] = query
+        self._delta(state, {"type": "input_json_delta", "partial_json": query})
+        self.content[state["index"]]["input"] = json.loads(query)
+        self._close()
+        results = [{"type": "web_search_result", "url": s.get("url"),
+                    "title": s.get("title") or s.get("url"), "encrypted_content": "",
+                    "page_age": None}
+                   for s in action.get("sources") or () if isinstance(s, dict) and s.get("url")]
+        self._start(("results", key), {"type": "web_search_tool_result",
+                                       "tool_use_id": tool_id, "content": results})
+        self._close()
+
+    def _finish(self, stop_reason, usage=None):
+        self._close()
+        self.stop_reason = stop_reason
+        self.usage = messages_usage(usage, estimated_output=(self.text_chars + 3) // 4)
+        self._emit(b"message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": stop_reason, "stop_sequence": self.stop_sequence},
+            "usage": self.usage})
+        self._emit(b"message_stop", {"type": "message_stop"})
+
+    # -- events ------------------------------------------------------------------------------
+
+    def raw_delta(self, kind, frame, at):
+        """The Messages frame for a delta event of the block being streamed, made from the
+        event's bytes: its delta, a JSON string, is copied as it is. None when the event
+        needs frames(): a block to open, a stop sequence to look for, a whole answer to
+        collect, or bytes not shaped as expected."""
+        state = self.open
+        if state is None or self.stops or not self.streaming or \
+                state["needle"] not in frame or kind not in state["kinds"]:
+            return None
+        delta = _DELTA_STRING_RE.search(frame, at)
+        if delta is None:
+            return None
+        raw = delta.group(1)
+        if state["type"] == "tool_use":
+            try:
+                state["args"] += json.loads(raw)
+            except ValueError:
+                return None
+        elif state["type"] == "text":
+            self.text_chars += len(raw) - 2
+        state["seen"] += 1
+        return state["prefix"] + raw + b"}}\n\n"
+
+    def frames(self, etype, payload):
+        """The Messages frames for one Responses event (bytes, joined)."""
+        if self.stopped:
+            return b""
+        key = payload.get("output_index")
+        if not isinstance(key, int):
+            key = payload.get("item_id") or (payload.get("item") or {}).get("id")
+        item = payload.get("item") if isinstance(payload.get("item"), dict) else {}
+        if etype in ("response.output_text.delta", "response.refusal.delta"):
+            if etype == "response.refusal.delta":
+                self.refused = True
+            self._text(key, payload.get("delta") or "")
+        elif etype == "response.reasoning_summary_text.delta":
+            self._thinking(key, payload.get("delta") or "")
+        elif etype == "response.reasoning_summary_part.added":
+            state = self.states.get(key)
+            if state is not None and state["seen"]:
+                self._thinking(key, "\n\n")
+        elif etype == "response.function_call_arguments.delta":
+            state = self.states.get(key)
+            self._tool_args(state if state and not state["closed"] else None,
+                            payload.get("delta"), whole=False)
+        elif etype == "response.function_call_arguments.done":
+            state = self.states.get(key)
+            self._tool_args(state if state and not state["closed"] else None,
+                            payload.get("arguments"), whole=True)
+        elif etype == "response.output_item.added":
+            if item.get("type") == "reasoning":
+                self._state(key, {"type": "thinking", "thinking": "", "signature": ""})
+            elif item.get("type") == "function_call":
+                self._tool_start(key, item)
+        elif etype == "response.output_item.done":
+            self._item_done(key, item)
+        elif etype in ("response.completed", "response.incomplete"):
+            response = payload.get("response") if isinstance(payload.get("response"),
+                                                             dict) else {}
+            self._finish(messages_stop_reason(response, self.has_tool_use, self.refused),
+                         response.get("usage"))
+        elif etype in ("response.failed", "error"):
+            error = ((payload.get("response") or {}).get("error") if etype != "error"
+                     else payload) or {}
+            code = error.get("code") or "response_failed"
+            self._close()
+            self._out.append(self.error_frame(ProxyError(
+                failure_status(code), error.get("message") or
+                "The backend reported a failure (%s)." % code, code=code)))
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    def message(self):
+        """The whole answer as a non-streamed Message."""
+        self._close()
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": self.content, "stop_reason": self.stop_reason or "end_turn",
+                "stop_sequence": self.stop_sequence, "usage": self.usage}
+
+
+# --------------------------------------------------------------------------------------------
 # WebSocket framing (RFC 6455, pure): the handshake's accept key, frames, messages; and for
 # the backend's socket, its frames read and the upgrade asked for
 # --------------------------------------------------------------------------------------------
@@ -3658,6 +4530,8 @@ ROUTES = {
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/images/generations": {"POST": "image_generations"},
     "/v1/images/edits": {"POST": "image_edits"},
+    "/v1/messages": {"POST": "messages"},
+    "/v1/messages/count_tokens": {"POST": "count_tokens"},
     "/v1/models": {"GET": "models"},
     "/status": {"GET": "status"},
     "/shutdown": {"GET": "shutdown"},
@@ -3668,6 +4542,9 @@ ROUTES = {
 }
 ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
                if path.startswith("/v1/")})  # clients configured without /v1
+# Anthropic's API: its errors are answered in Anthropic's shape.
+MESSAGES_PATHS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/messages",
+                            "/messages/count_tokens"))
 # /v1/responses/{id} and what hangs off it: App methods taking the id too
 RESPONSE_ROUTES = {"": {"GET": "retrieve", "DELETE": "delete"},
                    "/input_items": {"GET": "input_items"}, "/cancel": {"POST": "cancel"}}
@@ -5487,6 +6364,273 @@ class CollectedSink:
                          headers=headers)
 
 
+# A Messages stream the backend keeps silent this long gets a ping, as Anthropic's API sends:
+# clients and middleboxes drop streams that stay quiet, and the backend may reason silently
+# for minutes.
+MESSAGES_PING_INTERVAL = 10.0
+
+
+# The frames that make most of a stream, and what raw_delta needs of them.
+_DELTA_FRAME_RE = re.compile(rb"event: (response\.output_text\.delta|"
+                             rb"response\.reasoning_summary_text\.delta|"
+                             rb"response\.function_call_arguments\.delta)\ndata: ")
+# A whole text delta frame, its fields as the backend orders them (other orders take
+# raw_delta's way): the output_index, and the delta as a JSON string. The fields before them
+# are spelled out for the layouts seen, as a lazy scan costs twice as much.
+_TEXT_DELTA_FRAME_RE = re.compile(
+    rb'event: response\.output_text\.delta\ndata: \{(?:"type":"response\.output_text\.delta",'
+    rb'(?:"sequence_number":\d+,)?"item_id":"[^"\\\n]*",|[^\n]*?)"output_index":(\d+),'
+    rb'"content_index":\d+,"delta":("[^"\\\n]*(?:\\.[^"\\\n]*)*")[^\n]*\n\n')
+_DELTA_STRING_RE = re.compile(rb'"delta":\s*("[^"\\]*(?:\\.[^"\\]*)*")')
+
+
+class MessagesTransform:
+    """Responses events -> Anthropic Messages events (see MessagesStream). When a stop
+    sequence ends the message, the upstream is cut (cut()) and the stream counts as
+    completed, so the relay ends it there."""
+
+    def __init__(self, messages, log=None, cut=None):
+        self.assembler = ResponseAssembler()
+        self.messages = messages
+        self._parser = SSEParser()
+        self._pending = []  # the start of an unfinished frame; None once the parser reads all
+        self._cut = cut
+        self._log = log if log is not None and log.debug_enabled else None
+        if self._log:
+            self._pending = None
+
+    def feed(self, data):
+        """The Messages bytes for this piece of the upstream body. The backend's own framing
+        (`event:` + `data:`, LF) is cut into frames here, and its deltas, most of a stream,
+        are translated from their bytes (MessagesStream.raw_delta); the other frames, and
+        every frame once the input has a CR, go through the full parser."""
+        pending = self._pending
+        if pending is not None and b"\r" in data:
+            data, self._pending = b"".join(pending) + data, None
+        if self._pending is None:
+            return self._translate(self._parser.feed(data))
+        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
+                                                     pending[-1][-1:] == b"\n"):
+            pending.append(data)  # a large event arrives in many reads: joined once, at its end
+            return b""
+        buf = b"".join(pending) + data if pending else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = [buf]
+            return b""
+        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
+        out = []
+        stream = self.messages
+        pos, end = 0, end + 2
+        while pos < end and not stream.stopped:
+            pos = self._copy_text_deltas(buf, pos, out)
+            if pos >= end:
+                break
+            stop = buf.find(b"\n\n", pos)
+            frame = buf[pos:stop]
+            m = _DELTA_FRAME_RE.match(frame)
+            piece = stream.raw_delta(m.group(1), frame, m.end()) if m is not None else None
+            if piece is None:
+                piece = self._translate(SSEParser().feed(frame + b"\n\n")) if frame else b""
+            out.append(piece)
+            pos = stop + 2
+        return b"".join(out)
+
+    def _copy_text_deltas(self, buf, pos, out):
+        """raw_delta's work, inlined for the run of text deltas of the open text block from
+        buf[pos] on (the bulk of a long answer); where the first frame it left starts."""
+        stream = self.messages
+        state = stream.open
+        if state is None or state["type"] != "text" or stream.stops or not stream.streaming:
+            return pos
+        index, prefix, match = state["needle"][15:-1], state["prefix"], _TEXT_DELTA_FRAME_RE.match
+        chars = seen = 0
+        while True:
+            delta = match(buf, pos)
+            if delta is None or delta.group(1) != index:
+                break
+            raw = delta.group(2)
+            chars += len(raw)
+            seen += 1
+            out += (prefix, raw, b"}}\n\n")
+            pos = delta.end()
+        state["seen"] += seen
+        stream.text_chars += chars - 2 * seen
+        return pos
+
+    def _translate(self, events):
+        out = []
+        for event in events:
+            if self._log:
+                self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
+            try:
+                payload = json.loads(event.data) if event.data is not None else None
+            except ValueError:
+                payload = None
+            if not isinstance(payload, dict):
+                continue
+            etype = payload.get("type") or event.event
+            self.assembler.add(etype, payload)
+            out.append(self.messages.frames(etype, payload))
+            if self.messages.stopped:
+                self._stop_upstream()
+                break
+        return b"".join(out)
+
+    def _stop_upstream(self):
+        """What the backend would still generate is not wanted: stop paying for it."""
+        if self._cut is not None:
+            self._cut()
+        response = dict(self.assembler.response or {}, status="completed")
+        self.assembler.add("response.completed", {"response": response})
+
+    def opening(self):
+        return self.messages.opening()
+
+    def failure_frames(self, err):
+        return self.messages.error_frame(err)
+
+    def collected(self, response):
+        return self.messages.message()
+
+
+def stream_failure(assembler, headers):
+    """The ProxyError a stream that ended in response.failed or error stands for."""
+    error = assembler.error or {}
+    code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
+                                 else "upstream_error")
+    return ProxyError(failure_status(code), error.get("message") or
+                      "The backend reported a failure (%s)." % code, code=code,
+                      param=error.get("param"), headers=headers)
+
+
+class MessagesSSESink:
+    """A Messages event stream to the client. Its head waits for the first thing to say, so
+    a failure before any content (a context overflow, most often) is an HTTP status Claude
+    Code acts on, however the backend's bytes were cut into reads; while the backend is
+    silent, PINGER sends a ping every MESSAGES_PING_INTERVAL (the first one opening the
+    stream). The sink's lock orders the pings with the relay's writes."""
+
+    def __init__(self, client, transform, interval=None):
+        self.client = client
+        self.transform = transform
+        self.interval = interval or MESSAGES_PING_INTERVAL
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._opened = False
+        self._headers = []
+        self.last = time.monotonic()
+
+    def start(self, headers):
+        self._headers = headers
+        PINGER.add(self)
+
+    def _opening(self):
+        """Under the lock: the head, once; the bytes that open the stream."""
+        if self._opened:
+            return b""
+        self._opened = True
+        self.client.start_event_stream(self._headers)
+        return self.transform.opening()
+
+    def send(self, data):
+        with self._lock:
+            self.client.write_body(self._opening() + data)
+            self.last = time.monotonic()
+
+    def ping_if_silent(self, now):
+        """From the pinger: a ping when nothing went out for the interval, unless a write is
+        under way or the client's socket is full (a ping must never wait for a client)."""
+        if now - self.last < self.interval or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if not self._stopped and writable_now(self.client.connection):
+                self.client.write_body(self._opening() + MessagesStream.ping())
+                self.last = time.monotonic()
+        except (ClientGone, OSError):
+            self._stopped = True
+        finally:
+            self._lock.release()
+
+    def stop(self):
+        """No ping after this returns: the connection may serve another request."""
+        with self._lock:
+            self._stopped = True
+        PINGER.remove(self)
+
+    def finish(self, transform, tail, failure, headers):
+        self.stop()
+        with self._lock:
+            if not self._opened and not transform.messages.content:
+                if failure is not None:
+                    failure.headers = failure.headers or headers
+                    raise failure
+                if transform.assembler.terminal in ("response.failed", "error"):
+                    raise stream_failure(transform.assembler, headers)
+            tail = self._opening() + tail
+            if failure is not None:
+                self.client.log_fields["error"] = failure.code
+                tail += transform.failure_frames(failure)
+            self.client.end_body(tail)
+
+
+def writable_now(sock):
+    """Whether sock takes a small write at once (poll, as descriptors may pass 1024)."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([], [sock], [], 0)[1])
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+class Pinger:
+    """One thread for the pings of every silent Messages stream, rather than a thread per
+    stream (starting one costs a request more than the rest of its translation)."""
+
+    def __init__(self):
+        self._sinks = set()
+        self._cond = threading.Condition()
+        self._thread = None
+
+    def add(self, sink):
+        with self._cond:
+            # woken only when it waits for longer than this sink may stay silent
+            wake = not self._sinks or sink.interval < min(s.interval for s in self._sinks)
+            self._sinks.add(sink)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="messages-pinger",
+                                                daemon=True)
+                self._thread.start()
+            elif wake:
+                self._cond.notify()
+
+    def remove(self, sink):
+        with self._cond:
+            self._sinks.discard(sink)
+
+    def _run(self):
+        while True:
+            try:
+                self._ping_round()
+            except Exception:  # a surprise must not end the pings for good
+                time.sleep(0.5)
+
+    def _ping_round(self):
+        with self._cond:
+            while not self._sinks:
+                self._cond.wait()
+            sinks = list(self._sinks)
+        now = time.monotonic()
+        for sink in sinks:
+            sink.ping_if_silent(now)
+        wait = min(sink.last + sink.interval for sink in sinks) - time.monotonic()
+        with self._cond:
+            self._cond.wait(max(wait, min(sink.interval for sink in sinks) / 10.0))
+
+
+PINGER = Pinger()
+
+
 @contextlib.contextmanager
 def watching_for_hangup(upstream, client, answer):
     """Around relaying an upstream answer: a client hang-up cuts the upstream at once, any
@@ -7087,6 +8231,8 @@ class App:
         self.upstream = UpstreamClient(config, log, self.auth)
         self.models_cache = ModelsCache()
         self.client_version = ClientVersion(config.client_version)
+        self.model_rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
+        self._model_list_failed = None  # when the model list last could not be had
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.started = time.time()
@@ -7215,7 +8361,10 @@ class App:
             self.client_version.observe({"version": asked})
         catalog = self.models_cache.get(self.upstream.models, self.client_version.newest,
                                         self.log)
-        client.send_json(200, catalog.openai_list(self.config.list_effort_models))
+        listing = catalog.openai_list(self.config.list_effort_models)
+        if "anthropic-version" in client.lower_headers:  # Claude Code's model discovery
+            listing = anthropic_model_list(listing)
+        client.send_json(200, listing)
 
     def responses(self, client):
         if self.config.mode == "apikey":
@@ -7279,6 +8428,39 @@ class App:
         relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
               sink, client)
         self.upstream.turn_over(request)
+
+    def messages(self, client):
+        """POST /v1/messages: Anthropic's Messages API (Claude Code), as one Responses request
+        whose answer is translated back, streamed or whole."""
+        if self.config.mode == "apikey":
+            raise messages_apikey_error()
+        body = self.json_body(client)[0]
+        stream = body.get("stream") is True
+        upstream_body = messages_to_responses(body, client.lower_headers)
+        stops = messages_stop_sequences(body)
+        request = self.prepare(client.lower_headers, upstream_body)
+        if request.body.get("model") != body["model"]:  # the log says where a name went
+            client.log_fields["model"] = "%s->%s" % (body["model"], request.body.get("model"))
+        answer = self.upstream.responses(request)
+        transform = MessagesTransform(MessagesStream(body["model"], long_tool_names(body), stops,
+                                                     streaming=stream),
+                                      self.log, cut=answer.conn.close)
+        sink = MessagesSSESink(client, transform) if stream else CollectedSink(client)
+        try:
+            relay(self.upstream, answer, transform, sink, client)
+        finally:
+            if stream:
+                sink.stop()
+        self.upstream.turn_over(request)
+
+    def count_tokens(self, client):
+        """POST /v1/messages/count_tokens: an estimate from the translated request (the
+        backend counts nothing before it answers)."""
+        if self.config.mode == "apikey":
+            raise messages_apikey_error()
+        body = self.json_body(client)[0]
+        estimate = estimate_tokens(messages_to_responses(body, client.lower_headers))
+        client.send_json(200, {"input_tokens": estimate})
 
     def compact(self, client):
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
@@ -7383,16 +8565,28 @@ class App:
         return image_edit_from_form(parse_multipart_form(raw, boundary))
 
     def model_catalog(self):
-        """The backend's model list (cached), or None when it cannot be had: a model name
-        with an effort then goes as it is, and the backend judges it."""
+        """The backend's model list (cached), or None when it cannot be had. Then names go as
+        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
+        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
+        failed = self._model_list_failed
+        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
+            return None
         try:
             return self.models_cache.get(self.upstream.models, self.client_version.newest,
                                          self.log)
         except ProxyError as e:
-            self.log.warn_once("model-catalog", "cannot read the backend's model list (%s); "
-                               "model names with an effort in them are sent as they are"
-                               % e.message)
+            self._model_list_failed = time.monotonic()
+            self.log.info("the backend's model list is unavailable (%s); model names with an "
+                          "effort in them are sent as they are, and Claude's names go to %s "
+                          "and %s"
+                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
+                             FALLBACK_MODELS[SMALL_MODEL]))
             return None
+
+    def listed_model_slugs(self):
+        """The backend's listed models; [] when the list cannot be had."""
+        catalog = self.model_catalog()
+        return catalog.listed() if catalog is not None else []
 
     def platform_url(self, client):
         """API-key mode: the platform's URL for the client's path (and query)."""
@@ -7406,8 +8600,9 @@ class App:
         previous_response_id expanded (history: the lookup for the latter, by default the
         conversation store), rewritten, with the headers and the Codex version it goes
         with."""
+        # The map first: its target may name an effort.
+        body = model_with_effort(self.with_model_mapped(body), self.model_catalog)
         original = body  # what `source` and `spans` describe: references not yet expanded
-        body = model_with_effort(body, self.model_catalog)
         items = body.get("input")
         if isinstance(items, list):
             expanded = self.conversations.expand_references(items)
@@ -7442,6 +8637,15 @@ class App:
             lambda b: encode_json_object(b, original, source, spans),
             upstream_request_headers(client_headers, upstream_body),
             self.client_version.observe(client_headers), own_input)
+
+    def with_model_mapped(self, body):
+        """body with its model as map_model() has it (--model-map, then Claude's names)."""
+        model = body.get("model")
+        mapped = map_model(model, self.model_rules, self.listed_model_slugs)
+        if mapped == model:
+            return body
+        self.log.debug("model %s -> %s" % (model, mapped))
+        return dict(body, model=mapped)
 
     def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""
@@ -7573,6 +8777,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # 501) without passing dispatch(): no CORS headers left from the previous request.
         self.cors_origin = None
         self.expect_continue = False
+        self.anthropic_errors = False
         super().handle_one_request()
 
     def parse_request(self):
@@ -7652,6 +8857,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             self.lower_headers.setdefault(name.lower(), value)
         path = urllib.parse.urlsplit(self.path).path
+        self.anthropic_errors = path in MESSAGES_PATHS
         counted = path not in OBSERVER_PATHS
         if counted:
             app.traffic.request_started()
@@ -7739,7 +8945,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.log_fields.setdefault("error", err.code or err.type)
         try:
-            self.send_json(err.status, err.body(), err.headers)
+            if self.anthropic_errors:
+                self.send_json(*anthropic_error(err))
+            else:
+                self.send_json(err.status, err.body(), err.headers)
         except ClientGone:
             self.close_connection = True
 

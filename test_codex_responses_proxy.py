@@ -11149,6 +11149,830 @@ class ChatStreamingTests(ChatCase):
 
 
 # --------------------------------------------------------------------------------------------
+# Anthropic Messages (Claude Code): the mapping both ways as pure functions, then over sockets
+# --------------------------------------------------------------------------------------------
+
+MESSAGES = "/v1/messages"
+CLAUDE = "claude-opus-5-5"
+OVERFLOW = ("Your input exceeds the context window of this model. Please adjust your input "
+            "and try again.")
+
+
+def messages_body(messages=None, **extra):
+    body = {"model": CLAUDE, "max_tokens": 32000,
+            "messages": messages or [{"role": "user", "content": "say hi"}]}
+    body.update(extra)
+    return body
+
+
+def to_responses(body, headers=None):
+    return proxy.messages_to_responses(body, headers or {})
+
+
+def translate(events, stops=(), tool_names=None, streaming=True):
+    """(the Messages frames as [(event, data)], the MessagesStream) for Responses events."""
+    stream = proxy.MessagesStream(CLAUDE, tool_names, stops, streaming)
+    out = b""
+    for etype, payload in events:
+        out += stream.frames(etype, dict(payload, type=etype))
+        if stream.stopped:
+            break
+    return parse_sse(out), stream
+
+
+def completed(usage=USAGE, **extra):
+    return ("response.completed", {"response": response_object(usage=usage, **extra)})
+
+
+def text_of(frames):
+    return "".join(d["delta"].get("text", "") for e, d in frames
+                   if e == "content_block_delta")
+
+
+def json_of(frames):
+    return "".join(d["delta"].get("partial_json", "") for e, d in frames
+                   if e == "content_block_delta")
+
+
+class MessagesRequestMappingTests(unittest.TestCase):
+    """Messages -> Responses, pure."""
+
+    def test_system_blocks_without_the_billing_header_and_system_messages_in_place(self):
+        up = to_responses(messages_body([
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "Reminder one."}]},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "more"},
+            {"role": "system", "content": "Last word."}],
+            system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332"
+                                             ".a1f; cc_entrypoint=sdk-cli"},
+                    {"type": "text", "text": "You are Claude Code.",
+                     "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": "Be careful."}]))
+        self.assertEqual(up["instructions"], "You are Claude Code.\n\nBe careful.")
+        developer = lambda text: {"type": "message", "role": "developer",
+                                  "content": [{"type": "input_text", "text": text}]}
+        self.assertEqual(up["input"], [
+            user_item("hi"), developer("Reminder one."),
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Hello."}]},
+            user_item("more"), developer("Last word.")])
+        self.assertEqual(to_responses(messages_body(system="Plain."))["instructions"], "Plain.")
+
+    def test_images_and_documents(self):
+        up = to_responses(messages_body([{"role": "user", "content": [
+            {"type": "text", "text": "Look:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "iVBORw0KGgo="}},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}},
+            {"type": "document", "title": "spec.pdf", "source": {
+                "type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/b.pdf"}},
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                            "data": "plain text doc"}}]}]))
+        self.assertEqual(up["input"][0]["content"], [
+            {"type": "input_text", "text": "Look:"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=",
+             "detail": "auto"},
+            {"type": "input_image", "image_url": "https://example.com/a.jpg", "detail": "auto"},
+            {"type": "input_file", "filename": "spec.pdf",
+             "file_data": "data:application/pdf;base64,JVBERi0x"},
+            {"type": "input_file", "file_url": "https://example.com/b.pdf"},
+            {"type": "input_text", "text": "plain text doc"}])
+
+    def test_tool_use_and_tool_results_in_order(self):
+        up = to_responses(messages_body([
+            {"role": "user", "content": "list and read"},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Running both."},
+                {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                 "input": {"command": "ls"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "Read",
+                 "input": {"file_path": "/x.png"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": "AAA="}}]},
+                {"type": "text", "text": "and then?"}]},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_3", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_3", "is_error": True,
+                 "content": [{"type": "text", "text": "exit 1"}]}]}]))
+        self.assertEqual(up["input"][1:], [
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Running both."}]},
+            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+             "arguments": '{"command":"ls"}'},
+            {"type": "function_call", "call_id": "toolu_2", "name": "Read",
+             "arguments": '{"file_path":"/x.png"}'},
+            {"type": "function_call_output", "call_id": "toolu_1", "output": "a.txt"},
+            {"type": "function_call_output", "call_id": "toolu_2", "output": [
+                {"type": "input_image", "image_url": "data:image/png;base64,AAA=",
+                 "detail": "auto"}]},
+            user_item("and then?"),
+            {"type": "function_call", "call_id": "toolu_3", "name": "Bash", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "toolu_3", "output": "Error: exit 1"}])
+
+    def test_thinking_with_our_signature_is_the_reasoning_item_others_dropped(self):
+        ours = proxy.THINKING_SIGNATURE_PREFIX + "gAAAA-enc"
+        up = to_responses(messages_body([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Pondering.", "signature": ours},
+                {"type": "thinking", "thinking": "Foreign.", "signature": "EqoBCkYIBxgC"},
+                {"type": "thinking", "thinking": "Unsigned."},
+                {"type": "redacted_thinking", "data": "EmwKAhgB"},
+                {"type": "text", "text": "Hi."}]},
+            {"role": "user", "content": "again"}]))
+        self.assertEqual(up["input"][1:3], [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Pondering."}],
+             "encrypted_content": "gAAAA-enc"},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Hi."}]}])
+        self.assertNotIn("Foreign", json.dumps(up))
+        self.assertNotIn("EmwKAhgB", json.dumps(up))
+
+    def test_tools_cleaned_long_names_shortened_server_tools(self):
+        long_name = "mcp__a_very_long_server_name_for_testing__and_an_even_longer_tool_name_x"
+        schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                  "properties": {"q": {"type": "string", "maximum": 9007199254740991}},
+                  "additionalProperties": False}
+        body = messages_body([
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": long_name,
+                                               "input": {"q": "x"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]}],
+            tools=[{"name": "Bash", "description": "Run it.", "input_schema": schema,
+                    "cache_control": {"type": "ephemeral"}},
+                   {"name": long_name, "input_schema": {"type": "object"},
+                    "defer_loading": True},
+                   {"type": "web_search_20250305", "name": "web_search", "max_uses": 5,
+                    "allowed_domains": ["example.com"]},
+                   {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"}],
+            tool_choice={"type": "tool", "name": long_name, "disable_parallel_tool_use": True})
+        up = to_responses(body)
+        short = proxy.shorten_tool_name(long_name)
+        self.assertEqual(len(short), 64)
+        self.assertEqual(proxy.long_tool_names(body), {short: long_name})
+        self.assertEqual(up["tools"], [
+            {"type": "function", "name": "Bash", "description": "Run it.", "strict": False,
+             "parameters": {"type": "object", "additionalProperties": False, "properties": {
+                 "q": {"type": "string", "maximum": 9007199254740991}}}},
+            {"type": "function", "name": short, "parameters": {"type": "object"},
+             "strict": False},
+            {"type": "web_search", "filters": {"allowed_domains": ["example.com"]}}])
+        self.assertEqual(up["tool_choice"], {"type": "function", "name": short})
+        self.assertIs(up["parallel_tool_calls"], False)
+        self.assertEqual(up["input"][1]["name"], short)
+
+    def test_tool_choice_table(self):
+        tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+        for choice, expected in (({"type": "auto"}, "auto"), ({"type": "any"}, "required"),
+                                 ({"type": "none"}, "none"),
+                                 ({"type": "tool", "name": "Bash"},
+                                  {"type": "function", "name": "Bash"})):
+            with self.subTest(choice=choice):
+                up = to_responses(messages_body(tools=tools, tool_choice=choice))
+                self.assertEqual(up["tool_choice"], expected)
+                self.assertIs(up["parallel_tool_calls"], True)
+
+    def test_thinking_budget_and_effort_to_reasoning(self):
+        cases = [({"thinking": {"type": "enabled", "budget_tokens": 1024}},
+                  {"effort": "low", "summary": "auto"}),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 10000}},
+                  {"effort": "medium", "summary": "auto"}),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 31999}},
+                  {"effort": "high", "summary": "auto"}),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 64000}},
+                  {"effort": "xhigh", "summary": "auto"}),
+                 ({"thinking": {"type": "adaptive", "display": "omitted"},
+                   "output_config": {"effort": "medium"}}, {"effort": "medium"}),
+                 ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}},
+                  {"effort": "xhigh", "summary": "auto"}),
+                 ({"thinking": {"type": "disabled"}}, None), ({}, None)]
+        for extra, expected in cases:
+            with self.subTest(extra=extra):
+                self.assertEqual(to_responses(messages_body(**extra)).get("reasoning"),
+                                 expected)
+
+    def test_never_sent_fields_and_what_is_always_sent(self):
+        up = to_responses(messages_body(
+            metadata={"user_id": json.dumps({"device_id": "d", "session_id": "sess-1"})},
+            context_management={"edits": []}, safeguards={"x": 1}, temperature=1,
+            top_p=0.9, top_k=5, stop_sequences=["END"], stream=True, service_tier="auto",
+            thinking={"type": "adaptive", "display": "omitted"},
+            output_config={"effort": "high"}))
+        self.assertEqual(sorted(up), ["include", "input", "model", "prompt_cache_key",
+                                      "reasoning"])
+        self.assertEqual(up["include"], ["reasoning.encrypted_content"])
+        self.assertEqual(up["prompt_cache_key"], "sess-1")
+
+    def test_prompt_cache_key_from_the_session(self):
+        headers = {"x-claude-code-session-id": "6c1e-session"}
+        self.assertEqual(to_responses(messages_body(), headers)["prompt_cache_key"],
+                         "6c1e-session")
+        agent = to_responses(messages_body(), dict(headers, **{
+            "x-claude-code-agent-id": "agent-7"}))["prompt_cache_key"]
+        self.assertNotIn(agent, ("6c1e-session", None))
+        old_style = messages_body(metadata={"user_id": "user_abc_account__session_"
+                                            "0b5f1a52-1c9e-4d7e-9c5a-2a3f4b5c6d7e"})
+        self.assertEqual(to_responses(old_style)["prompt_cache_key"],
+                         "0b5f1a52-1c9e-4d7e-9c5a-2a3f4b5c6d7e")
+        self.assertNotIn("prompt_cache_key", to_responses(messages_body()))
+
+    def test_bad_requests_are_400(self):
+        for body in ({"model": CLAUDE}, {"model": CLAUDE, "messages": []},
+                     messages_body("hi"),
+                     {"messages": [{"role": "user", "content": "hi"}]},
+                     messages_body([{"role": "tool", "content": "x"}]),
+                     messages_body([{"role": "user", "content": 42}]),
+                     messages_body(tools="Bash"), messages_body(tool_choice={"type": "maybe"}),
+                     messages_body([{"role": "user", "content": [
+                         {"type": "image", "source": {"type": "file", "file_id": "f"}}]}])):
+            with self.subTest(body=body):
+                with self.assertRaises(proxy.ProxyError) as caught:
+                    to_responses(body)
+                self.assertEqual(caught.exception.status, 400)
+        with self.assertRaises(proxy.ProxyError):
+            proxy.messages_stop_sequences({"stop_sequences": "END"})
+
+
+class MessagesAnswerMappingTests(unittest.TestCase):
+    """Responses events -> Messages events, pure."""
+
+    def test_text_usage_and_the_collected_message(self):
+        frames, stream = translate(text_events(["Hel", "lo!"]) + [completed()])
+        self.assertEqual([e for e, _ in frames], [
+            "content_block_start", "content_block_delta", "content_block_delta",
+            "content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(text_of(frames), "Hello!")
+        delta = frames[-2][1]
+        self.assertEqual(delta["delta"], {"stop_reason": "end_turn", "stop_sequence": None})
+        self.assertEqual(delta["usage"], {"input_tokens": 14, "cache_creation_input_tokens": 0,
+                                          "cache_read_input_tokens": 7, "output_tokens": 5})
+        message = stream.message()
+        self.assertEqual(message["content"], [{"type": "text", "text": "Hello!"}])
+        self.assertEqual(message["stop_reason"], "end_turn")
+        start = parse_sse(stream.opening())[0]
+        self.assertEqual(start[0], "message_start")
+        self.assertEqual(start[1]["message"]["model"], CLAUDE)
+
+    def test_reasoning_summary_is_thinking_signed_with_encrypted_content(self):
+        frames, stream = translate(reasoning_events(["Think", "ing."]) +
+                                   text_events(["Hi"], index=1) + [completed()])
+        self.assertEqual(frames[0][1]["content_block"],
+                         {"type": "thinking", "thinking": "", "signature": ""})
+        deltas = [d["delta"] for e, d in frames if e == "content_block_delta"]
+        self.assertEqual(deltas[:3], [
+            {"type": "thinking_delta", "thinking": "Think"},
+            {"type": "thinking_delta", "thinking": "ing."},
+            {"type": "signature_delta",
+             "signature": proxy.THINKING_SIGNATURE_PREFIX + "gAAAA-encrypted"}])
+        thinking = stream.message()["content"][0]
+        self.assertEqual(thinking["thinking"], "Thinking.")
+        # ... and that block replayed is the reasoning item again: the round trip.
+        item = proxy.reasoning_from_thinking(thinking)
+        self.assertEqual(item["encrypted_content"], "gAAAA-encrypted")
+
+    def test_reasoning_without_summary_deltas_still_carries_its_signature(self):
+        events = [("response.output_item.done", {"output_index": 0, "item": reasoning_item()}),
+                  completed()]
+        frames, stream = translate(events)
+        self.assertEqual(stream.message()["content"], [{
+            "type": "thinking", "thinking": "Thinking about it.",
+            "signature": proxy.THINKING_SIGNATURE_PREFIX + "gAAAA-encrypted"}])
+
+    def test_arguments_only_in_done_reach_the_client_once(self):
+        item = function_call_item(arguments='{"city":"Oslo"}')
+        added = dict(item, arguments="", status="in_progress")
+        for events in (
+                [("response.output_item.added", {"output_index": 0, "item": added}),
+                 ("response.function_call_arguments.done", {"output_index": 0,
+                                                            "item_id": "fc_1",
+                                                            "arguments": item["arguments"]}),
+                 ("response.output_item.done", {"output_index": 0, "item": item})],
+                [("response.output_item.added", {"output_index": 0, "item": added}),
+                 ("response.output_item.done", {"output_index": 0, "item": item})],
+                [("response.output_item.done", {"output_index": 0, "item": item})],
+                call_events(['{"city"', ':"Oslo"}'])):
+            with self.subTest(events=[e for e, _ in events]):
+                frames, stream = translate(events + [completed()])
+                self.assertEqual(json.loads(json_of(frames)), {"city": "Oslo"} if
+                                 "Oslo" in json.dumps(events) else {"city": "Paris"})
+                message = stream.message()
+                self.assertEqual(message["stop_reason"], "tool_use")
+                self.assertEqual(message["content"][0]["input"], json.loads(json_of(frames)))
+                self.assertEqual(frames[0][1]["content_block"]["input"], {})
+
+    def test_deltas_then_done_are_not_doubled(self):
+        frames, _ = translate(call_events(['{"city": ', '"Paris"}']) + [completed()])
+        self.assertEqual(json_of(frames), '{"city": "Paris"}')
+
+    def test_long_tool_name_restored(self):
+        long_name = "x" * 80
+        short = proxy.shorten_tool_name(long_name)
+        item = dict(function_call_item(), name=short)
+        frames, stream = translate([("response.output_item.done", {"output_index": 0,
+                                                                   "item": item})],
+                                   tool_names={short: long_name})
+        self.assertEqual(frames[0][1]["content_block"]["name"], long_name)
+
+    def test_stop_sequence_across_deltas(self):
+        frames, stream = translate(text_events(["The answer is 4", "2 E", "ND and more"]) +
+                                   [completed()], stops=["2 END", "zzz"])
+        self.assertEqual(text_of(frames), "The answer is 4")
+        self.assertTrue(stream.stopped)
+        self.assertEqual(frames[-2][1]["delta"], {"stop_reason": "stop_sequence",
+                                                  "stop_sequence": "2 END"})
+        self.assertEqual(frames[-1][0], "message_stop")
+        self.assertEqual(stream.message()["content"][0]["text"], "The answer is 4")
+        frames, stream = translate(text_events(["no match ", "here"]) + [completed()],
+                                   stops=["here!"])
+        self.assertEqual(text_of(frames), "no match here")
+        self.assertFalse(stream.stopped)
+
+    def test_stop_reasons(self):
+        incomplete = ("response.incomplete", {"response": response_object(
+            "incomplete", usage=USAGE, incomplete_details={"reason": "max_output_tokens"})})
+        filtered = ("response.incomplete", {"response": response_object(
+            "incomplete", usage=USAGE, incomplete_details={"reason": "content_filter"})})
+        refusal = [("response.refusal.delta", {"output_index": 0, "delta": "I can't."})]
+        for events, reason in ((text_events(["a"]) + [completed()], "end_turn"),
+                               (call_events(["{}"]) + [completed()], "tool_use"),
+                               (text_events(["a"]) + [incomplete], "max_tokens"),
+                               ([filtered], "refusal"), (refusal + [completed()], "refusal")):
+            with self.subTest(reason=reason):
+                frames, stream = translate(events)
+                self.assertEqual(stream.message()["stop_reason"], reason)
+
+    def test_failure_mid_stream_is_an_anthropic_error_event(self):
+        failed = ("response.failed", {"response": response_object(
+            "failed", error={"code": "context_length_exceeded", "message": OVERFLOW})})
+        frames, _ = translate(text_events(["par"])[:2] + [failed])
+        self.assertEqual(frames[-1], ("error", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": OVERFLOW}}))
+        self.assertEqual(frames[-2][0], "content_block_stop")
+
+    def test_web_search_call_as_server_tool_blocks(self):
+        item = {"type": "web_search_call", "id": "ws_1", "status": "completed",
+                "action": {"type": "search", "query": "weather oslo",
+                           "sources": [{"type": "url", "url": "https://yr.no"}]}}
+        frames, stream = translate([("response.output_item.done", {"output_index": 0,
+                                                                   "item": item})] +
+                                   text_events(["Sunny."], index=1) + [completed()])
+        content = stream.message()["content"]
+        self.assertEqual([b["type"] for b in content],
+                         ["server_tool_use", "web_search_tool_result", "text"])
+        self.assertEqual(content[0]["input"], {"query": "weather oslo"})
+        self.assertEqual(content[1]["content"][0]["url"], "https://yr.no")
+        self.assertEqual(content[1]["tool_use_id"], content[0]["id"])
+        self.assertEqual(stream.message()["stop_reason"], "end_turn")
+
+
+class MessagesErrorAndModelTests(unittest.TestCase):
+    def test_status_table(self):
+        for status, code, expected_status, kind in (
+                (400, None, 400, "invalid_request_error"), (401, None, 401,
+                                                            "authentication_error"),
+                (403, None, 403, "permission_error"), (404, None, 404, "not_found_error"),
+                (413, None, 413, "request_too_large"), (429, None, 429, "rate_limit_error"),
+                (500, None, 500, "api_error"), (503, "server_is_overloaded", 529,
+                                                "overloaded_error"),
+                (502, None, 502, "api_error"), (415, None, 415, "invalid_request_error")):
+            with self.subTest(status=status):
+                got, body, _ = proxy.anthropic_error(proxy.ProxyError(status, "m", code=code))
+                self.assertEqual((got, body), (expected_status, {
+                    "type": "error", "error": {"type": kind, "message": "m"}}))
+
+    def test_context_overflow_keeps_the_backends_phrase(self):
+        status, body, _ = proxy.anthropic_error(proxy.ProxyError(
+            400, OVERFLOW, code="context_length_exceeded"))
+        self.assertEqual((status, body["error"]["message"]), (400, OVERFLOW))
+        status, body, _ = proxy.anthropic_error(proxy.ProxyError(
+            500, "too many tokens", code="context_length_exceeded"))
+        self.assertEqual(status, 400)
+        self.assertIn("exceeds the context window", body["error"]["message"])
+
+    def test_429_headers(self):
+        usage_limit = proxy.ProxyError(429, "The usage limit has been reached.",
+                                       type="usage_limit_reached",
+                                       extra={"resets_in_seconds": 3599.2},
+                                       headers=[("x-codex-primary-used-percent", "100")])
+        _, _, headers = proxy.anthropic_error(usage_limit)
+        self.assertEqual(headers, [("x-codex-primary-used-percent", "100"),
+                                   ("retry-after", "3600"), ("x-should-retry", "false")])
+        transient = proxy.ProxyError(429, "Rate limit reached. Please try again in 11.054s.",
+                                     code="rate_limit_exceeded")
+        _, _, headers = proxy.anthropic_error(transient)
+        self.assertEqual(headers, [("retry-after", "12")])
+
+    def test_default_models_from_the_backends_list(self):
+        picked = proxy.pick_default_models(["gpt-5.1-codex", "gpt-5.5", "gpt-5.5-codex",
+                                            "gpt-5.4-mini", "gpt-5.1-codex-mini"])
+        self.assertEqual(picked, {proxy.STRONGEST_MODEL: "gpt-5.5",
+                                  proxy.SMALL_MODEL: "gpt-5.4-mini"})
+        self.assertEqual(proxy.pick_default_models(["gpt-5.9", "gpt-5.10", "gpt-5.10-mini"]),
+                         {proxy.STRONGEST_MODEL: "gpt-5.10", proxy.SMALL_MODEL: "gpt-5.10-mini"})
+        self.assertEqual(proxy.pick_default_models(["gpt-5.1-codex"])[proxy.SMALL_MODEL],
+                         "gpt-5.1-codex")
+        self.assertEqual(proxy.pick_default_models([]), proxy.FALLBACK_MODELS)
+
+    def test_map_model(self):
+        listed = lambda: ["gpt-5.5", "gpt-5.4-mini"]
+        rules = (("claude-*haiku*", "gpt-5.1-codex-mini"), ("my-*", "gpt-5.1-codex")) + \
+            proxy.DEFAULT_MODEL_RULES
+        for name, expected in (("claude-haiku-5-5", "gpt-5.1-codex-mini"),
+                               ("my-model", "gpt-5.1-codex"), ("claude-opus-5-5", "gpt-5.5"),
+                               ("claude-sonnet-4-5-20250929", "gpt-5.5"),
+                               ("claude-fable-9", "gpt-5.5"), ("haiku", "gpt-5.4-mini"),
+                               ("gpt-5.1-codex", "gpt-5.1-codex"), (None, None)):
+            with self.subTest(name=name):
+                self.assertEqual(proxy.map_model(name, rules, listed), expected)
+        self.assertEqual(proxy.map_model("gpt-5.5", proxy.DEFAULT_MODEL_RULES,
+                                         lambda: self.fail("the list was asked for")),
+                         "gpt-5.5")
+
+    def test_model_map_argument(self):
+        self.assertEqual(proxy.model_map_arg("claude-*=gpt-5.5"), ("claude-*", "gpt-5.5"))
+        for bad in ("claude-*", "=gpt-5.5", "claude-*="):
+            with self.assertRaises(Exception):
+                proxy.model_map_arg(bad)
+        config = proxy.parse_config(["--model-map", "a*=b", "--model-map", "c=d"])
+        self.assertEqual(config.model_map, [("a*", "b"), ("c", "d")])
+
+
+def compact_sse(etype, payload):
+    """A frame as the backend writes it: compact JSON (which the translation's fast path
+    reads from the bytes)."""
+    return (b"event: " + etype.encode() + b"\ndata: " +
+            json.dumps(dict(payload, type=etype), separators=(",", ":")).encode() + b"\n\n")
+
+
+class MessagesRelayTests(unittest.TestCase):
+    """The Messages translation reads most deltas from their bytes: what it relays is what
+    the full parser gives, whatever the read and chunk boundaries."""
+
+    def streams(self):
+        pieces = ['Say "hi"', " back\\slash", " caf\u00e9 \u2028", " \U0001f600", "\n\n",
+                  "end"]
+        events = (reasoning_events(["Let me ", "think."]) +
+                  call_events(['{"city"', ': "Oslo"}'], index=1) +
+                  text_events(["word %d " % i for i in range(300)] + pieces, index=2) +
+                  text_events(["second ", "item"], index=3, item_id="msg_2"))
+        frames = [compact_sse(e, dict(p, sequence_number=i)) for i, (e, p) in enumerate(events)]
+        final = response_object(usage=USAGE)
+        yield "compact", frames + [compact_sse("response.completed", {"response": final})]
+        ordered = [compact_sse(e, dict([("type", e), ("sequence_number", i)] + list(p.items())))
+                   for i, (e, p) in enumerate(events)]
+        yield "the backend's field order", ordered + [
+            compact_sse("response.completed", {"response": final})]
+        yield "spaced", [sse(e, p) for e, p in events] + [
+            sse("response.completed", {"response": final})]
+        yield "CRLF", [f.replace(b"\n", b"\r\n") for f in frames] + [
+            compact_sse("response.completed", {"response": final})]
+
+    def test_the_fast_path_relays_what_the_parser_gives_whatever_the_cuts(self):
+        def transform(slow=False):
+            made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
+            if slow:
+                made._pending = None  # everything through the full parser
+            return made
+
+        for name, frames in self.streams():
+            body = event_chunked_body(frames)
+            expected, _ = relay_pieces(body, iter([1 << 30]), lambda: transform(slow=True))
+            self.assertEqual(text_of(parse_sse(expected)).count("word"), 300, name)
+            rng = random.Random(name)
+            for trial in range(12):
+                cut = event_chunked_body(frames) if trial % 2 else chunked_body(
+                    b"".join(frames), rng)
+                reads = iter(lambda: rng.choice((1, 7, 100, 4096, 65536)), None)
+                got, made = relay_pieces(cut, reads, transform)
+                self.assertEqual(got, expected, "%s, trial %d" % (name, trial))
+                self.assertEqual(made.assembler.terminal, "response.completed")
+
+    def test_fast_path_used_for_the_backends_framing(self):
+        frames = [compact_sse(e, p) for e, p in text_events(["a", "b", "c"])]
+        made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
+        with mock.patch.object(made, "_translate", wraps=made._translate) as slow:
+            made.feed(b"".join(frames))
+        self.assertEqual(slow.call_count, 3)  # added, the first delta (opens), done
+
+
+
+class MessagesCase(ProxyTestCase):
+    def messages(self, body, headers=None, path=MESSAGES):
+        """(status, headers, JSON body) of a non-streamed request."""
+        return self.post(dict(body, stream=False), headers, path=path)
+
+    def messages_stream(self, body, headers=None, path=MESSAGES):
+        """(status, headers, [(event, data)], raw) of a streamed request."""
+        status, headers, data = self.request("POST", path, dict(body, stream=True), headers)
+        return status, headers, parse_sse(data), data
+
+    def assert_anthropic_error(self, status, body, expected_status, kind, contains=None):
+        self.assertEqual(status, expected_status, body)
+        self.assertEqual(sorted(body), ["error", "type"], body)
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(body["error"]["type"], kind, body)
+        if contains is not None:
+            self.assertIn(contains, body["error"]["message"])
+
+
+class MessagesEndpointTests(MessagesCase):
+    def test_streamed_answer_with_event_lines_on_every_path(self):
+        for path in (MESSAGES, MESSAGES + "?beta=true", "/messages?beta=true"):
+            with self.subTest(path=path):
+                status, headers, events, raw = self.messages_stream(messages_body(), path=path)
+                self.assertEqual(status, 200, raw)
+                self.assertTrue(headers["content-type"].startswith("text/event-stream"))
+                for frame in raw.split(b"\n\n")[:-1]:
+                    self.assertTrue(frame.startswith(b"event: "), frame)
+                names = [e for e, _ in events]
+                self.assertEqual(names[0], "message_start")
+                self.assertEqual(names[-2:], ["message_delta", "message_stop"])
+                self.assertEqual(text_of(events), "Hello there!")
+                self.assertEqual(events[-2][1]["usage"]["output_tokens"], 5)
+                self.assertEqual(events[0][1]["message"]["model"], CLAUDE)
+
+    def test_non_streamed_answer(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[reasoning_item(), message_item("Fine.")])))
+        status, _, body = self.messages(messages_body())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["type"], "message")
+        self.assertEqual([b["type"] for b in body["content"]], ["thinking", "text"])
+        self.assertEqual(body["content"][1]["text"], "Fine.")
+        self.assertEqual(body["stop_reason"], "end_turn")
+        self.assertEqual(body["usage"]["cache_read_input_tokens"], 7)
+
+    def test_system_message_in_last_position_is_accepted(self):
+        # The fake backend refuses role "system" as the real one does.
+        status, _, events, raw = self.messages_stream(messages_body(
+            [{"role": "user", "content": "hi"},
+             {"role": "system", "content": "<system-reminder>Be kind.</system-reminder>"}],
+            system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332"
+                                             ".f00"}]))
+        self.assertEqual(status, 200, raw)
+        up = self.last_upstream()["body"]
+        self.assertEqual(up["input"][-1]["role"], "developer")
+        self.assertEqual(up["instructions"], proxy.DEFAULT_INSTRUCTIONS)
+        self.assertNotIn("billing", self.last_upstream()["raw"].decode())
+
+    def test_upstream_request_fields(self):
+        status, _, body = self.messages(messages_body(
+            metadata={"user_id": json.dumps({"session_id": "s-1"})}, temperature=0.3,
+            top_p=0.5, top_k=3, context_management={"edits": []},
+            thinking={"type": "adaptive"}, output_config={"effort": "low"}),
+            {"X-Claude-Code-Session-Id": "sess-from-header", "anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 200, body)
+        request = self.last_upstream()
+        up = request["body"]
+        self.assertEqual((up["stream"], up["store"]), (True, False))
+        self.assertEqual(up["include"], ["reasoning.encrypted_content"])
+        self.assertEqual(up["prompt_cache_key"], "sess-from-header")
+        self.assertEqual(request["headers"].get("session_id"), "sess-from-header")
+        self.assertEqual(up["reasoning"], {"effort": "low", "summary": "auto"})
+        for name in ("metadata", "temperature", "top_p", "top_k", "context_management",
+                     "max_tokens", "thinking", "output_config"):
+            self.assertNotIn(name, up)
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_signature_round_trip(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[reasoning_item(), function_call_item()])))
+        status, _, events, raw = self.messages_stream(messages_body(
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}]))
+        self.assertEqual(status, 200, raw)
+        blocks, inputs = {}, {}
+        for name, data in events:  # the client's own accumulation, as the SDK does it
+            if name == "content_block_start":
+                blocks[data["index"]] = dict(data["content_block"])
+            elif name == "content_block_delta":
+                delta, block = data["delta"], blocks[data["index"]]
+                if delta["type"] == "thinking_delta":
+                    block["thinking"] += delta["thinking"]
+                elif delta["type"] == "signature_delta":
+                    block["signature"] = delta["signature"]
+                elif delta["type"] == "input_json_delta":
+                    inputs[data["index"]] = inputs.get(data["index"], "") + \
+                        delta["partial_json"]
+        blocks[1]["input"] = json.loads(inputs[1])
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "tool_use")
+        status, _, body = self.messages(messages_body([
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [blocks[0], blocks[1]]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                          "content": "sunny"}]}]))
+        self.assertEqual(status, 200, body)
+        sent = self.last_upstream()["body"]["input"]
+        self.assertEqual(sent[1], {"type": "reasoning", "encrypted_content": "gAAAA-encrypted",
+                                   "summary": [{"type": "summary_text",
+                                                "text": "Thinking about it."}]})
+        self.assertEqual(sent[2]["arguments"], '{"city":"Paris"}')
+
+    def test_arguments_only_in_done_streamed_and_whole(self):
+        item = function_call_item(arguments='{"city":"Oslo"}')
+        frames = custom_frames([
+            ("response.output_item.added", {"output_index": 0, "item": dict(
+                item, arguments="", status="in_progress")}),
+            ("response.function_call_arguments.done", {"output_index": 0, "item_id": "fc_1",
+                                                       "arguments": item["arguments"]}),
+            ("response.output_item.done", {"output_index": 0, "item": item})])
+        self.backend.replies.extend([Reply(frames=frames), Reply(frames=frames)])
+        status, _, events, raw = self.messages_stream(messages_body())
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(json_of(events), '{"city":"Oslo"}')
+        status, _, body = self.messages(messages_body())
+        self.assertEqual(body["content"], [{"type": "tool_use", "id": "call_1",
+                                            "name": "get_weather", "input": {"city": "Oslo"}}])
+
+    def test_stop_sequence_across_deltas_cuts_the_upstream(self):
+        # The backend keeps streaming: only a cut connection stops it before its end.
+        events = text_events(["Count: 1, 2", ", ST", "OP, 3"] + ["more"] * 300)
+        self.backend.replies.append(Reply(frames=custom_frames(events), delay=0.01))
+        status, _, got, raw = self.messages_stream(messages_body(stop_sequences=["STOP"]))
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(text_of(got), "Count: 1, 2, ")
+        self.assertEqual(got[-2][1]["delta"], {"stop_reason": "stop_sequence",
+                                               "stop_sequence": "STOP"})
+        self.assertEqual(got[-1][0], "message_stop")
+        self.assertTrue(self.backend.closed_early.wait(10), "the upstream was not cut")
+        # ... and whole, the same
+        self.backend.replies.append(Reply(frames=custom_frames(text_events(["a ST", "OP b"]))))
+        status, _, body = self.messages(messages_body(stop_sequences=["STOP"]))
+        self.assertEqual((body["content"][0]["text"], body["stop_reason"],
+                          body["stop_sequence"]), ("a ", "stop_sequence", "STOP"))
+        status, _, body = self.messages(messages_body())  # the proxy still serves
+        self.assertEqual(status, 200, body)
+
+    def test_context_overflow_is_400_invalid_request_keeping_the_phrase(self):
+        failed = stream_frames(terminal="response.failed", items=[], terminal_extra={
+            "error": {"code": "context_length_exceeded", "message": OVERFLOW}})
+        self.backend.replies.extend([Reply(frames=failed), Reply(frames=failed),
+                                     Reply(status=400, body=json.dumps(
+                                         {"detail": OVERFLOW}).encode())])
+        status, _, data = self.request("POST", MESSAGES, messages_body(stream=True))
+        self.assert_anthropic_error(status, json.loads(data), 400, "invalid_request_error",
+                                    OVERFLOW)
+        status, _, body = self.messages(messages_body())
+        self.assert_anthropic_error(status, body, 400, "invalid_request_error", OVERFLOW)
+        status, _, body = self.messages(messages_body())
+        self.assert_anthropic_error(status, body, 400, "invalid_request_error", OVERFLOW)
+
+    def test_usage_limit_429_says_when_and_not_to_retry(self):
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "The usage limit has been reached",
+            "plan_type": "plus", "resets_in_seconds": 5400}}).encode(),
+            headers=[("x-codex-primary-used-percent", "100")]))
+        status, headers, body = self.messages(messages_body())
+        self.assert_anthropic_error(status, body, 429, "rate_limit_error", "usage limit")
+        self.assertEqual(headers["retry-after"], "5400")
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertEqual(len(self.backend.requests), 1, "a usage limit is not retried")
+
+    def test_error_event_mid_stream_then_the_non_streamed_retry(self):
+        # Claude Code answers an `event: error` by asking again with stream: false.
+        frames = custom_frames(text_events(["Partial"]), terminal="response.failed",
+                               terminal_extra={"error": {"code": "server_error",
+                                                         "message": "Backend hiccup."}})
+        self.backend.replies.extend([Reply(frames=frames), Reply(frames=stream_frames(
+            items=[message_item("Whole answer.")]))])
+        status, _, events, raw = self.messages_stream(messages_body())
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(events[-1], ("error", {"type": "error", "error": {
+            "type": "api_error", "message": "Backend hiccup."}}))
+        self.assertNotIn("message_stop", [e for e, _ in events])
+        status, _, body = self.messages(messages_body())
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["content"], [{"type": "text", "text": "Whole answer."}])
+
+    def test_a_broken_stream_after_content_ends_with_an_error_event(self):
+        self.backend.replies.append(Reply(frames=stream_frames(), cut_after=4))
+        status, _, events, raw = self.messages_stream(messages_body())
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
+
+    def test_ping_while_the_backend_is_silent(self):
+        reply = Reply(frames=stream_frames(), hold_after=2)
+        self.backend.replies.append(reply)
+        with mock.patch.object(proxy, "MESSAGES_PING_INTERVAL", 0.05):
+            conn = self.connection()
+            conn.request("POST", MESSAGES, json.dumps(messages_body(stream=True)),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()  # the first ping opens the stream
+            self.assertEqual(resp.status, 200)
+            seen = b""
+            while b"event: ping" not in seen:
+                data = resp.read1(65536)
+                self.assertTrue(data, seen)
+                seen += data
+            reply.go()
+            rest = resp.read()
+            conn.close()
+        events = parse_sse(seen + rest)
+        self.assertEqual(events[0][0], "message_start")
+        self.assertEqual(events[1][0], "ping")
+        self.assertEqual(text_of(events), "Hello there!")
+        self.assertEqual(events[-1][0], "message_stop")
+
+    def test_count_tokens_is_a_local_estimate(self):
+        body = messages_body([{"role": "user", "content": "word " * 1000}],
+                             system="Be brief.")
+        status, _, answer = self.post(body, path=MESSAGES + "/count_tokens?beta=true")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(list(answer), ["input_tokens"])
+        self.assertTrue(1000 < answer["input_tokens"] < 2000, answer)
+        self.assertEqual(self.backend.requests, [])
+        status, _, answer = self.post({"model": CLAUDE}, path="/messages/count_tokens")
+        self.assert_anthropic_error(status, answer, 400, "invalid_request_error")
+
+    def test_models_in_anthropics_shape_with_its_header_only(self):
+        add_models_endpoint(self.backend)
+        status, _, body = self.request("GET", "/v1/models?limit=1000",
+                                       headers={"anthropic-version": "2023-06-01"})
+        listing = json.loads(body)
+        self.assertEqual(status, 200, listing)
+        self.assertEqual([m["id"] for m in listing["data"]], ["gpt-5.1-codex",
+                                                              "gpt-5-codex-mini"])
+        self.assertEqual(listing["data"][0]["type"], "model")
+        self.assertEqual((listing["has_more"], listing["first_id"], listing["last_id"]),
+                         (False, "gpt-5.1-codex", "gpt-5-codex-mini"))
+        for model in listing["data"]:
+            self.assertEqual(sorted(model), ["created_at", "display_name", "id", "type"])
+        listing = json.loads(self.request("GET", "/v1/models")[2])
+        self.assertEqual(listing["object"], "list")
+
+    def test_claude_names_go_to_the_backends_models_and_model_map_first(self):
+        add_models_endpoint(self.backend)
+        for name, expected in (("claude-opus-5-5", "gpt-5.1-codex"),
+                               ("claude-haiku-5-5", "gpt-5-codex-mini"),
+                               ("gpt-5-codex-mini", "gpt-5-codex-mini")):
+            status, _, body = self.messages(messages_body(model=name))
+            self.assertEqual(status, 200, body)
+            self.assertEqual(body["model"], name)
+            self.assertEqual(self.last_upstream()["body"]["model"], expected)
+        self.assertEqual(len(self.backend.model_requests), 1, "the list is cached")
+        self.wait_for_log("model=claude-opus-5-5->gpt-5.1-codex status=200")
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*haiku*", "gpt-5.1-codex"), ("big", "gpt-5.5")])
+        self.messages(messages_body(model="claude-haiku-5-5"))
+        self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.1-codex")
+        self.post(simple_request(model="big"))  # every front end: Responses too
+        self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5")
+        self.post(chat_body(model="big"), path=CHAT)
+        self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5")
+
+    def test_errors_in_anthropics_shape_and_x_api_key(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(client_key="k-123")
+        status, _, body = self.messages(messages_body())
+        self.assert_anthropic_error(status, body, 401, "authentication_error")
+        status, _, body = self.messages(messages_body(), {"x-api-key": "k-123"})
+        self.assertEqual(status, 200, body)
+        status, _, body = self.messages(messages_body(), {"Authorization": "Bearer k-123"})
+        self.assertEqual(status, 200, body)
+        status, _, body = self.post({"model": CLAUDE, "messages": "hi"},
+                                    {"x-api-key": "k-123"}, path=MESSAGES)
+        self.assert_anthropic_error(status, body, 400, "invalid_request_error")
+        status, _, body = self.request("GET", MESSAGES, headers={"x-api-key": "k-123"})
+        self.assert_anthropic_error(status, json.loads(body), 405, "invalid_request_error")
+        status, _, body = self.post(simple_request(), {"x-api-key": "k-123"})
+        self.assertEqual(status, 200, body)  # other routes keep OpenAI's shape
+        status, _, body = self.post({"input": 1}, {"x-api-key": "k-123"})
+        self.assert_openai_error(status, body, 400)
+
+    def test_over_the_backends_websocket(self):
+        self.stop_proxy(self.proxy)
+        self.backend.ws.refuse = None
+        self.start_proxy(upstream_transport="ws")
+        first = messages_body([{"role": "user", "content": "hi"}], model=MODEL)
+        status, _, body = self.messages(first, {"X-Claude-Code-Session-Id": "s-ws"})
+        self.assertEqual(status, 200, body)
+        second = dict(first, messages=first["messages"] + [
+            {"role": "assistant", "content": body["content"]},
+            {"role": "user", "content": "more"}])
+        status, _, events, raw = self.messages_stream(second, {"X-Claude-Code-Session-Id":
+                                                               "s-ws"})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(events[-1][0], "message_stop")
+        self.assertEqual(len(self.backend.ws.handshakes), 1, "one socket for the conversation")
+        chained = self.backend.ws.messages[-1][1]
+        self.assertTrue(chained.get("previous_response_id"), chained)
+        self.assertEqual(chained["input"], [user_item("more")])
+
+    def test_api_key_mode_says_messages_need_the_login(self):
+        self.restart_in_api_key_mode()
+        status, _, body = self.messages(messages_body())
+        self.assert_anthropic_error(status, body, 400, "invalid_request_error",
+                                    "ChatGPT login")
+        self.assertEqual(self.backend.requests, [])
+
+
+# --------------------------------------------------------------------------------------------
 # D. previous_response_id, in memory
 # --------------------------------------------------------------------------------------------
 

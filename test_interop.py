@@ -41,6 +41,11 @@ try:
 except ImportError:
     agents = None
 
+try:
+    import anthropic
+except ImportError:
+    anthropic = None
+
 import test_codex_responses_proxy as harness
 from test_codex_responses_proxy import (Reply, USAGE, function_call_item, message_item,
                                         stream_frames)
@@ -584,6 +589,285 @@ class ChatCompletionsInteropTests(SDKTestCase):
         self.assertEqual(error.status_code, 400)
         self.assertEqual((error.code, error.param), ("invalid_value", "n"), error.body)
         self.assertEqual(self.backend.requests, [], "the request reached the backend")
+
+
+# --------------------------------------------------------------------------------------------
+# Anthropic Messages: the anthropic Python SDK and Claude Code
+# --------------------------------------------------------------------------------------------
+
+NO_ANTHROPIC = "the anthropic SDK is not installed"
+CLAUDE_MODEL = "claude-opus-5-5"
+WEATHER_TOOL_ANTHROPIC = {"name": "get_weather", "description": "The weather in a city.",
+                          "input_schema": WEATHER_TOOL_PARAMETERS}
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU"
+           "5ErkJggg==")
+
+
+@unittest.skipIf(anthropic is None, NO_ANTHROPIC)
+class AnthropicSDKInteropTests(harness.ProxyTestCase):
+    """The anthropic SDK pointed at the proxy (base_url without /v1, as for Claude Code)."""
+
+    def setUp(self):
+        super().setUp()
+        self.client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.port,
+                                          api_key="unused", max_retries=0, timeout=10)
+        self.addCleanup(self.client.close)
+
+    def script(self, items=None, **kwargs):
+        if items is None:
+            items = [message_item(TEXT)]
+        self.backend.replies.append(Reply(frames=stream_frames(items=items, **kwargs)))
+
+    def sent(self, index=-1):
+        return self.backend.requests[index]["body"]
+
+    def test_create_text_usage_and_stop_reason(self):
+        self.script()
+        message = self.client.messages.create(
+            model=CLAUDE_MODEL, max_tokens=1024, system="Be brief.",
+            metadata={"user_id": "user-1"}, extra_body={"temperature": 0.5, "top_k": 5},
+            messages=[{"role": "user", "content": "say hi"}])
+        self.assertEqual(message.type, "message")
+        self.assertEqual(message.role, "assistant")
+        self.assertEqual(message.model, CLAUDE_MODEL)
+        self.assertEqual([b.type for b in message.content], ["text"])
+        self.assertEqual(message.content[0].text, TEXT)
+        self.assertEqual(message.stop_reason, "end_turn")
+        cached = USAGE["input_tokens_details"]["cached_tokens"]
+        self.assertEqual(message.usage.input_tokens, USAGE["input_tokens"] - cached)
+        self.assertEqual(message.usage.cache_read_input_tokens, cached)
+        self.assertEqual(message.usage.output_tokens, USAGE["output_tokens"])
+        body = self.sent()
+        self.assertEqual(body["instructions"], "Be brief.")
+        for name in ("temperature", "top_k", "max_tokens", "max_output_tokens", "metadata"):
+            self.assertNotIn(name, body)
+
+    def test_stream_get_final_message_with_thinking(self):
+        self.script(items=[harness.reasoning_item(), message_item(TEXT)])
+        with self.client.messages.stream(
+                model=CLAUDE_MODEL, max_tokens=1024,
+                thinking={"type": "enabled", "budget_tokens": 20000},
+                messages=[{"role": "user", "content": "say hi"}]) as stream:
+            texts = list(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual("".join(texts), TEXT)
+        self.assertEqual([b.type for b in final.content], ["thinking", "text"])
+        self.assertEqual(final.content[0].thinking, "Thinking about it.")
+        self.assertTrue(final.content[0].signature.endswith("gAAAA-encrypted"))
+        self.assertEqual(final.content[1].text, TEXT)
+        self.assertEqual(final.stop_reason, "end_turn")
+        self.assertEqual(final.usage.output_tokens, USAGE["output_tokens"])
+        self.assertEqual(self.sent()["reasoning"], {"effort": "high", "summary": "auto"})
+
+        # The thinking block sent back as it came is the reasoning item again.
+        self.script()
+        self.client.messages.create(model=CLAUDE_MODEL, max_tokens=1024, messages=[
+            {"role": "user", "content": "say hi"},
+            {"role": "assistant", "content": [b.model_dump() for b in final.content]},
+            {"role": "user", "content": "again"}])
+        reasoning = [i for i in self.sent()["input"] if i.get("type") == "reasoning"]
+        self.assertEqual([r["encrypted_content"] for r in reasoning], ["gAAAA-encrypted"])
+
+    def test_tool_round_trip(self):
+        self.script(items=[function_call_item()])
+        message = self.client.messages.create(
+            model=CLAUDE_MODEL, max_tokens=1024, tools=[WEATHER_TOOL_ANTHROPIC],
+            messages=[{"role": "user", "content": "weather in Paris?"}])
+        self.assertEqual(message.stop_reason, "tool_use")
+        (call,) = [b for b in message.content if b.type == "tool_use"]
+        self.assertEqual((call.id, call.name, call.input), ("call_1", "get_weather",
+                                                            {"city": "Paris"}))
+        self.script(items=[message_item("It is sunny in Paris.")])
+        answer = self.client.messages.create(
+            model=CLAUDE_MODEL, max_tokens=1024, tools=[WEATHER_TOOL_ANTHROPIC], messages=[
+                {"role": "user", "content": "weather in Paris?"},
+                {"role": "assistant", "content": [b.model_dump() for b in message.content]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                              "content": "sunny"}]}])
+        self.assertEqual(answer.content[0].text, "It is sunny in Paris.")
+        sent = self.sent()["input"]
+        self.assertEqual([(i["type"], i.get("call_id")) for i in sent[1:]],
+                         [("function_call", "call_1"), ("function_call_output", "call_1")])
+        self.assertEqual(sent[-1]["output"], "sunny")
+        self.assertEqual(self.sent()["tools"][0]["name"], "get_weather")
+
+    def test_image(self):
+        self.script(items=[message_item("A red pixel.")])
+        message = self.client.messages.create(model=CLAUDE_MODEL, max_tokens=1024, messages=[
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": PNG_1PX}},
+                {"type": "text", "text": "What is this?"}]}])
+        self.assertEqual(message.content[0].text, "A red pixel.")
+        parts = self.sent()["input"][0]["content"]
+        self.assertEqual(parts[0], {"type": "input_image", "detail": "auto",
+                                    "image_url": "data:image/png;base64," + PNG_1PX})
+        self.assertEqual(parts[1], {"type": "input_text", "text": "What is this?"})
+
+    def test_count_tokens(self):
+        count = self.client.messages.count_tokens(
+            model=CLAUDE_MODEL, system="Be brief.", tools=[WEATHER_TOOL_ANTHROPIC],
+            messages=[{"role": "user", "content": "hello " * 400}])
+        self.assertGreater(count.input_tokens, 400)
+        self.assertLess(count.input_tokens, 2000)
+        self.assertEqual(self.backend.requests, [])
+
+    def test_typed_errors(self):
+        self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+            "type": "usage_limit_reached", "message": "The usage limit has been reached",
+            "resets_in_seconds": 7200}}).encode()))
+        with self.assertRaises(anthropic.RateLimitError) as caught:
+            self.client.messages.create(model=CLAUDE_MODEL, max_tokens=10,
+                                        messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(caught.exception.response.headers["x-should-retry"], "false")
+        self.assertEqual(caught.exception.response.headers["retry-after"], "7200")
+        self.assertEqual(caught.exception.body["error"]["type"], "rate_limit_error")
+
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[], terminal="response.failed", terminal_extra={"error": {
+                "code": "context_length_exceeded",
+                "message": "Your input exceeds the context window of this model. Please "
+                           "adjust your input and try again."}})))
+        with self.assertRaises(anthropic.BadRequestError) as caught:
+            with self.client.messages.stream(model=CLAUDE_MODEL, max_tokens=10, messages=[
+                    {"role": "user", "content": "hi"}]) as stream:
+                stream.get_final_message()
+        self.assertIn("exceeds the context window", str(caught.exception))
+
+        # After content, a failure can only be an error event: the SDK raises it too.
+        self.backend.replies.append(Reply(frames=stream_frames(
+            terminal="response.failed", terminal_extra={"error": {
+                "code": "server_error", "message": "Backend hiccup."}})))
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            with self.client.messages.stream(model=CLAUDE_MODEL, max_tokens=10, messages=[
+                    {"role": "user", "content": "hi"}]) as stream:
+                stream.get_final_message()
+        self.assertEqual(caught.exception.body["error"]["type"], "api_error")
+
+        with self.assertRaises(anthropic.BadRequestError):
+            self.client.messages.create(model=CLAUDE_MODEL, max_tokens=10, messages=[])
+
+        self.backend.replies.append(Reply(frames=stream_frames(
+            terminal="response.failed", terminal_extra={"error": {
+                "code": "server_is_overloaded", "message": "Overloaded."}})))
+        with self.assertRaises(anthropic.InternalServerError) as caught:
+            self.client.messages.create(model=CLAUDE_MODEL, max_tokens=10,
+                                        messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(caught.exception.status_code, 529)
+
+
+CLAUDE_BIN = os.environ.get("CLAUDE_BIN")
+NO_CLAUDE = ("set CLAUDE_BIN to Claude Code's `claude` (npm @anthropic-ai/claude-code 2.1.332) "
+             "to run it against the proxy")
+
+
+@unittest.skipUnless(CLAUDE_BIN and os.access(CLAUDE_BIN, os.X_OK), NO_CLAUDE)
+class ClaudeCodeInteropTests(harness.ProxyTestCase):
+    """Headless `claude -p` with only ANTHROPIC_BASE_URL and a dummy token, its traffic kept
+    on 127.0.0.1 (CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC, its own HOME)."""
+
+    def claude_home(self):
+        home = tempfile.mkdtemp(prefix="claude-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        return home
+
+    def claude(self, *args, **kw):
+        """Claude Code's standard output; with ok=False, the finished run whatever its end.
+        home=: a HOME of an earlier run, for --continue."""
+        home = kw.get("home") or self.claude_home()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_",
+                                                                          "CLAUDE_"))}
+        env.update(HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.port,
+                   ANTHROPIC_AUTH_TOKEN="dummy", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        run = subprocess.run([CLAUDE_BIN, "-p"] + list(args), env=env, cwd=home,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=180)
+        if not kw.get("ok", True):
+            return run
+        self.assertEqual(run.returncode, 0, run.stdout.decode()[-2000:] +
+                         run.stderr.decode()[-2000:])
+        return run.stdout.decode()
+
+    def test_plain_prompt(self):
+        for _ in range(3):  # besides the turn, Claude Code may ask for a title or the like
+            self.backend.replies.append(Reply(frames=stream_frames(
+                items=[message_item("Hi from the subscription.")])))
+        out = self.claude("say hi")
+        self.assertEqual(out.strip(), "Hi from the subscription.")
+        body = self.backend.requests[0]["body"]
+        self.assertNotIn("system", [i.get("role") for i in body["input"]])
+        self.assertNotIn("x-anthropic-billing-header", json.dumps(body))
+        for name in ("metadata", "max_tokens", "context_management", "thinking"):
+            self.assertNotIn(name, body)
+        self.assertTrue(body["prompt_cache_key"])
+        self.assertNotEqual(body["model"], CLAUDE_MODEL)  # mapped to a Codex model
+
+    def test_usage_limit_stops_at_once_and_says_when(self):
+        for _ in range(3):
+            self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
+                "type": "usage_limit_reached", "message": "The usage limit has been reached",
+                "resets_in_seconds": 7200}}).encode()))
+        run = self.claude("say hi", ok=False)
+        self.assertNotEqual(run.returncode, 0)
+        self.assertIn("usage limit has been reached. It resets at", run.stdout.decode())
+        self.assertEqual(len(self.backend.requests), 1, "x-should-retry: false was not heeded")
+
+    def test_an_error_event_is_retried_and_the_retry_answers(self):
+        failed = harness.custom_frames(harness.text_events(["Partial"]),
+                                       terminal="response.failed", terminal_extra={
+                                           "error": {"code": "server_error",
+                                                     "message": "Backend hiccup."}})
+        self.backend.replies.extend([Reply(frames=failed), Reply(frames=stream_frames(
+            items=[message_item("Whole answer.")]))])
+        self.assertEqual(self.claude("say hi").strip(), "Whole answer.")
+        self.assertEqual(len(self.backend.requests), 2)
+
+    def test_a_context_overflow_makes_it_compact_and_go_on(self):
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[message_item("First answer.")])))
+        home = self.claude_home()
+        self.assertEqual(self.claude("first question", home=home).strip(), "First answer.")
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[], terminal="response.failed", terminal_extra={"error": {
+                "code": "context_length_exceeded",
+                "message": "Your input exceeds the context window of this model. Please "
+                           "adjust your input and try again."}})))
+        for i in range(4):
+            self.backend.replies.append(Reply(frames=stream_frames(
+                items=[message_item("<summary>Reply %d.</summary>" % i)])))
+        out = self.claude("--continue", "second question", home=home)
+        self.assertIn("Reply", out)
+        after = [json.dumps(r["body"]["input"]).lower() for r in self.backend.requests[2:]]
+        self.assertTrue(after and "summar" in after[0], "no compaction after the overflow")
+
+    def test_bash_tool_turn_quotes_the_tools_output(self):
+        call = {"type": "function_call", "id": "fc_1", "call_id": "call_bash_1", "name": "Bash",
+                "arguments": json.dumps({"command": "echo tool-output-$((6*7))",
+                                         "description": "Print a number"}),
+                "status": "completed"}
+        self.backend.replies.append(Reply(frames=stream_frames(
+            items=[harness.reasoning_item(), call])))
+        answer = self.backend.codex_answer
+
+        def quoting_the_tool(req):  # the follow-up's answer quotes what the tool returned
+            outputs = [i for i in (req.json() or {}).get("input", [])
+                       if i.get("type") == "function_call_output"]
+            if outputs and not self.backend.replies:
+                self.backend.replies.append(Reply(frames=stream_frames(items=[message_item(
+                    "The command printed " + json.dumps(outputs[-1]["output"]))])))
+            return answer(req)
+
+        self.backend.route("POST", None, quoting_the_tool)
+        out = json.loads(self.claude("run the echo", "--allowedTools", "Bash",
+                                     "--output-format", "json"))
+        self.assertEqual(out["result"], 'The command printed "tool-output-42"')
+        self.assertEqual(out["num_turns"], 2)
+        follow_up = self.backend.requests[1]["body"]["input"]
+        kinds = [i.get("type") for i in follow_up]
+        self.assertEqual(kinds[-3:], ["reasoning", "function_call", "function_call_output"])
+        self.assertEqual(follow_up[-3]["encrypted_content"], "gAAAA-encrypted")
+        self.assertEqual(follow_up[-2]["name"], "Bash")
+        self.assertEqual(follow_up[-1]["call_id"], "call_bash_1")
 
 
 # --------------------------------------------------------------------------------------------
