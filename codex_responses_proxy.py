@@ -83,6 +83,7 @@ if __name__ == "__main__":
 
 import argparse
 import base64
+import codecs
 import collections
 import contextlib
 import datetime
@@ -2259,6 +2260,20 @@ def websocket_accept(headers):
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
 
 
+def check_upgrade(version, headers):
+    """400 for an upgrade RFC 6455 4.2.1 does not allow: over HTTP/1.0, or without
+    `Connection: Upgrade` (headers lower-cased). A proxy in between that drops the
+    Connection header would otherwise get a 101 it cannot pass on."""
+    if version != "HTTP/1.1":
+        raise ProxyError(400, "A WebSocket upgrade needs HTTP/1.1 (this request is %s)."
+                         % version, code="invalid_websocket_handshake")
+    tokens = [t.strip().lower() for t in (headers.get("connection") or "").split(",")]
+    if "upgrade" not in tokens:
+        raise ProxyError(400, "A WebSocket upgrade needs the header `Connection: Upgrade`; "
+                         "if a proxy in between drops it, let it pass WebSocket upgrades.",
+                         code="invalid_websocket_handshake")
+
+
 def encode_frame(opcode, payload=b"", mask=False):
     """One whole frame. A server's go unmasked; a client must mask what it sends."""
     n = len(payload)
@@ -2322,6 +2337,24 @@ def frame_header(buf, pos=0):
         length = int.from_bytes(buf[pos + 2:pos + size], "big")
     masked = bool(second & 0x80)
     return first, masked, length, size + (4 if masked else 0)
+
+
+UTF8_CHECK_PIECE = 1 << 20
+
+
+def check_utf8(data, error):
+    """Raise error unless data is UTF-8, decoding a piece at a time: checking a 30 MB message
+    must not cost a 30 MB (or, for non-ASCII text, up to 120 MB) str."""
+    if data.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), UTF8_CHECK_PIECE):
+            decoder.decode(view[start:start + UTF8_CHECK_PIECE])
+        decoder.decode(b"", True)
+    except UnicodeDecodeError:
+        raise error
 
 
 class MessageReader:
@@ -2400,10 +2433,7 @@ class MessageReader:
             return None
         data = b"".join(self._fragments)
         self._fragments, self._size = None, 0
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8")
+        check_utf8(data, WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8"))
         return OP_TEXT, data
 
 
@@ -2460,7 +2490,7 @@ class WebSocketReader:
         """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
         payload). Pings are answered through pong(payload) on the way. buffered_only: None
         instead of waiting when no whole message is buffered (a lone ping, a first fragment)."""
-        parts, first = [], None
+        parts, first, size = [], None, 0
         while True:
             if buffered_only and not parts and not self.frame_ready():
                 return None
@@ -2476,9 +2506,17 @@ class WebSocketReader:
                 if opcode == OP_CONTINUATION:
                     raise ValueError("a WebSocket continuation frame with nothing to continue")
                 first = opcode
+            elif opcode != OP_CONTINUATION:  # RFC 6455 5.4: never joined to the one before
+                raise ValueError("a new WebSocket message inside a fragmented one")
+            size += len(payload)
+            if size > WS_MAX_MESSAGE:  # each fragment within the cap is not enough
+                raise ValueError("a WebSocket message of more than %d bytes" % WS_MAX_MESSAGE)
             parts.append(payload)
             if fin:
-                return first, b"".join(parts)
+                data = payload if len(parts) == 1 else b"".join(parts)
+                if first == OP_TEXT:
+                    check_utf8(data, ValueError("a WebSocket text message that is not UTF-8"))
+                return first, data
 
 
 class ErrorFrame(Exception):
@@ -3913,11 +3951,14 @@ class WebSocketBody:
         self.terminal = None
         self.seen = ResponseAssembler()  # what the pool keeps of the turn: its output
         self._pending = []
+        self._broken = None  # the protocol error that ends the body, once its events are read
 
     def read(self):
         out, self._pending = self._pending, []
         if self.complete:
             return b"".join(out)
+        if self._broken is not None:
+            raise self._broken
         try:
             if not out:
                 frame = self.next_event()
@@ -3930,7 +3971,10 @@ class WebSocketBody:
                     break
                 out.append(frame)
         except ValueError as e:
-            raise http.client.HTTPException("WebSocket protocol error: %s" % e)
+            self._broken = http.client.HTTPException("WebSocket protocol error: %s" % e)
+            if not out:
+                raise self._broken
+            # the events before the bad frame were good: they go first, the failure next
         return b"".join(out)
 
     def next_event(self, buffered_only=False):
@@ -4809,7 +4853,8 @@ class WebSocketSession:
         for opcode, payload in messages:
             if opcode == OP_TEXT:
                 with self._cond:
-                    if len(self._queue) >= WS_MAX_QUEUED:
+                    # while nothing is in flight, the first queued is about to be: not waiting
+                    if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
                         raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
                                              "waiting; wait for answers" % WS_MAX_QUEUED)
                     self._queue.append(payload)
@@ -5748,6 +5793,7 @@ class App:
         """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
         request does; a socket then takes a place (--max-concurrent) per response it
         streams, not for its whole life, but is refused at once when none is free."""
+        check_upgrade(client.request_version, client.lower_headers)
         accept = websocket_accept(client.lower_headers)
         with self.traffic.slot():
             pass

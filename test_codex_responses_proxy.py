@@ -2402,6 +2402,52 @@ class WebSocketEdgeTests(WebSocketCase):
         self.assertEqual(quota.snapshot()["primary"]["used_percent"], 40.0)
 
 
+class WebSocketStrictnessTests(WebSocketCase):
+    """RFC 6455 where the proxy was lenient (issue 19): each case fails on the code before."""
+
+    def test_an_upgrade_over_http_1_0_or_without_connection_upgrade_is_400(self):
+        client = self.ws(headers={"Connection": None})
+        self.assertEqual(client.status, 400)
+        self.assertEqual(json.loads(client.body)["error"]["code"], "invalid_websocket_handshake")
+        self.assertIn("Connection: Upgrade", json.loads(client.body)["error"]["message"])
+        client = self.ws(headers={"Connection": "keep-alive"})
+        self.assertEqual(client.status, 400)
+        key = base64.b64encode(os.urandom(16)).decode()
+        answer = raw_exchange(self.port, (
+            "GET /v1/responses HTTP/1.0\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+            "\r\n" % (self.port, key)).encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "),
+                        answer[:80])
+        self.assertIn(b"HTTP/1.1", answer.partition(b"\r\n\r\n")[2])
+        # the usual upgrade, with Connection listing more than one token, still works
+        self.open_ws(headers={"Connection": "keep-alive, Upgrade"})
+
+    def burst(self, client, count):
+        message = json.dumps({"type": "response.create", "model": "gpt-5.1-codex",
+                              "input": "hi"}).encode()
+        client.sock.sendall(WebSocketFramingTests.masked(1, message) * count)
+
+    def test_17_requests_in_one_burst_are_one_in_flight_and_16_waiting(self):
+        reply = Reply(frames=stream_frames(), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = self.open_ws()
+        self.burst(client, proxy.WS_MAX_QUEUED + 1)
+        self.assertTrue(reply.wait_held())
+        reply.go()
+        for _ in range(proxy.WS_MAX_QUEUED + 1):
+            self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_the_18th_request_of_a_burst_is_refused_with_1008(self):
+        reply = Reply(frames=stream_frames(), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = self.open_ws()
+        self.burst(client, proxy.WS_MAX_QUEUED + 2)
+        self.assertEqual(client.expect_close(), 1008)
+
+
 class UpstreamUpgradeRefusalTests(ProxyTestCase):
     upstream_transport = "ws"
 
@@ -6389,6 +6435,93 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertIn("response.completed", received["body"])
         text = json.dumps([sent, received])
         self.assertNotIn(self.token, text)
+
+
+def server_frame(opcode, payload, fin=True):
+    """A backend's frame, unmasked, possibly a fragment."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return bytes([first, n]) + payload
+    if n < 65536:
+        return bytes([first, 126]) + n.to_bytes(2, "big") + payload
+    return bytes([first, 127]) + n.to_bytes(8, "big") + payload
+
+
+class UpstreamWebSocketStrictnessTests(ProxyTestCase):
+    """What the backend's socket may not do (RFC 6455, issue 19): each case fails the
+    connection, and the client gets an error event, never the bad bytes."""
+
+    upstream_transport = "ws"
+
+    def setUp(self):
+        super().setUp()
+        self.backend.ws.refuse = None
+
+    def answer_with(self, data):
+        """The backend answers the next turn with response.created and then data; it then
+        waits for the proxy to drop the socket (at most 10 s)."""
+        created = json.dumps({"type": "response.created", "sequence_number": 0,
+                              "response": response_object("in_progress")}).encode()
+
+        def answer(send, reply, full, handler):
+            sock = handler.connection
+            sock.sendall(server_frame(1, created) + data)
+            sock.settimeout(10)
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+            return False
+
+        patcher = mock.patch.object(self.backend.ws, "answer", answer)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def assert_error_event_only(self):
+        status, _, raw = self.request("POST", "/v1/responses", dict(simple_request(),
+                                                                     stream=True))
+        self.assertEqual(status, 200)
+        datas = [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+        events = [json.loads(d.decode("utf-8")) for d in datas]  # all whole JSON, all UTF-8
+        self.assertEqual(events[0]["type"], "response.created", events)
+        self.assertEqual(events[-1]["type"], "error", events[-1])
+        self.assertEqual([e["type"] for e in events[1:-1]], [])
+        return events[-1]
+
+    def delta(self, text):
+        return json.dumps({"type": "response.output_text.delta", "item_id": "msg_1",
+                           "output_index": 0, "content_index": 0, "delta": text}).encode()
+
+    def test_a_new_text_frame_inside_a_fragmented_message_fails_the_connection(self):
+        delta = self.delta("abc")
+        self.answer_with(server_frame(1, delta[:20], fin=False) + server_frame(1, delta)
+                         + server_frame(0, delta[20:]))
+        self.assert_error_event_only()
+
+    def test_invalid_utf8_from_the_backend_fails_the_connection(self):
+        delta = self.delta("caf\u00e9").replace(b"\\u00e9", b"\xc3\x28")
+        self.answer_with(server_frame(1, delta))
+        self.assert_error_event_only()
+        # split across fragments, a character cut in two is fine; a bad one is not
+        good = self.delta("caf\u00e9").replace(b"\\u00e9", "\u00e9".encode())
+        cut = good.index(b"\xc3") + 1
+        self.answer_with(server_frame(1, good[:cut], fin=False) + server_frame(0, good[cut:])
+                         + server_frame(1, b"\xff" + good[1:]))
+        status, _, raw = self.request("POST", "/v1/responses", dict(simple_request(),
+                                                                     stream=True))
+        self.assertIn(good, raw)
+        self.assertNotIn(b"\xff", raw)
+
+    def test_a_message_in_many_fragments_is_capped_in_total(self):
+        with mock.patch.object(proxy, "WS_MAX_MESSAGE", 100000):
+            delta = self.delta("x" * 150000)
+            pieces = [delta[i:i + 40000] for i in range(0, len(delta), 40000)]
+            data = b"".join(server_frame(1 if i == 0 else 0, piece, fin=i == len(pieces) - 1)
+                            for i, piece in enumerate(pieces))
+            self.answer_with(data)
+            self.assert_error_event_only()
 
 
 class UpstreamTransportChoiceTests(ProxyTestCase):
