@@ -4757,7 +4757,7 @@ class WebSocketSession:
         self.path = path
         self.sock = handler.connection
         self.reader = MessageReader(app.config.max_body_bytes)
-        self.kept = SocketResponses()
+        self.kept = SocketResponses(app.socket_memory)
         self.answered = 0  # requests answered on this socket
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -4915,6 +4915,7 @@ class WebSocketSession:
             if reader.ident is not None:  # started
                 reader.join(WS_CLOSE_WAIT + 5)
             self.end()
+            self.kept.close()
             self.app.traffic.count_websocket("connections_open", -1)
 
     def answer(self, raw):
@@ -4964,45 +4965,52 @@ class WebSocketSession:
         sink = WebSocketSink(self, exchange, stream_id)
         if app.config.mode == "apikey":
             previous = body.get("previous_response_id")
-            history = self.kept.get(previous) if isinstance(previous, str) else None
+            budget = ExpansionBudget(app.config.max_body_bytes, len(source))
+            history = self.kept.get(previous, budget) if isinstance(previous, str) else None
+            parent = previous if history is not None else None
             if not generate:
                 if previous is not None and history is None:
                     raise unknown_response_error(previous)
                 return self.prewarm(exchange, body, (history or []) + input_list(
-                    body.get("input")), stream_id)
+                    body.get("input")), stream_id, parent)
             with app.traffic.slot():
-                return app.respond_platform(exchange, body, history, sink, self.keep)
+                return app.respond_platform(exchange, body, history, sink,
+                                            lambda assembler, sent_input: self.keep(
+                                                assembler, sent_input, parent))
         request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
         if not generate:
-            return self.prewarm(exchange, body, request.body["input"], stream_id)
+            return self.prewarm(exchange, body, request.body["input"], stream_id,
+                                request.previous)
         with app.traffic.slot():
             answer = app.upstream.responses(request)  # the backend's socket too, if in use
 
             def on_end(assembler):
                 app.keep(assembler, request)
-                self.keep(assembler, request.body["input"])
+                self.keep(assembler, request.body["input"], request.previous)
 
             relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
         app.upstream.turn_over(request)
 
-    def history(self, previous):
+    def history(self, previous, budget=None):
         """The items previous_response_id names: a response of this socket's, else one in
         the conversation store."""
-        items = self.kept.get(previous)
-        return items if items is not None else self.app.conversations.history(previous)
+        items = self.kept.get(previous, budget)
+        return items if items is not None else self.app.conversations.history(previous, budget)
 
-    def keep(self, assembler, sent_input):
+    def keep(self, assembler, sent_input, parent=None):
         """A finished response's whole input and output, for previous_response_id on this
-        socket, whatever its `store` said."""
+        socket, whatever its `store` said. parent: the previous_response_id it continued,
+        whose history it shares."""
         response_id = (assembler.response or {}).get("id")
         if assembler.terminal in ("response.completed", "response.incomplete") and \
                 isinstance(response_id, str):
-            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()))
+            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()),
+                          parent)
 
-    def prewarm(self, exchange, body, items, stream_id):
+    def prewarm(self, exchange, body, items, stream_id, parent=None):
         """`"generate": false`: answered here; its input kept for the next request."""
         events = prewarm_events(body)
-        self.kept.put(events[0]["response"]["id"], items)
+        self.kept.put(events[0]["response"]["id"], items, parent)
         self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
                          stream_id)
         exchange.log_fields["note"] = "generate: false, answered here"
@@ -5046,11 +5054,13 @@ def pack_json(text):
     return zlib.compress(text.encode("utf-8"), 1)
 
 
-def unpack_json(blob):
-    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text."""
-    if isinstance(blob, str):
-        return json.loads(blob)
-    return json.loads(zlib.decompress(blob).decode("utf-8"))
+def unpack_json(blob, budget=None):
+    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text. budget: an
+    ExpansionBudget its text counts against."""
+    text = blob if isinstance(blob, str) else zlib.decompress(blob)
+    if budget is not None:
+        budget.spend(len(text))
+    return json.loads(text if isinstance(text, str) else text.decode("utf-8"))
 
 
 def _compact(value):
@@ -5090,6 +5100,32 @@ def stored_response_not_found(response_id):
                       "restart forgets them unless it runs with --state-db; past its size cap it "
                       "drops the least recently used; and a deleted one is gone." % (response_id,),
                       code="response_not_found")
+
+
+def expanded_input_too_large(limit):
+    return ProxyError(400,
+                      "The request's input, with its item references and previous_response_id "
+                      "history filled in, would be larger than %d bytes, the limit set by "
+                      "--max-body-bytes: the proxy neither builds nor sends more. Start a new "
+                      "conversation or compact this one (send fewer or smaller items), or "
+                      "restart the proxy with a larger --max-body-bytes." % limit,
+                      param="input", code="input_too_large")
+
+
+class ExpansionBudget:
+    """The bytes a request may grow to while its item references and previous_response_id
+    history are filled in: --max-body-bytes, as for the body itself. Each piece is counted
+    before it is built, so a small request naming a large item many times is refused before
+    the proxy holds more than the limit."""
+
+    def __init__(self, limit, used=0):
+        self.limit = limit
+        self.used = used
+
+    def spend(self, size):
+        self.used += size
+        if self.used > self.limit:
+            raise expanded_input_too_large(self.limit)
 
 
 def listed_items(owner, side, items):
@@ -5179,17 +5215,21 @@ class ConversationStore:
         with self._lock:
             self._save(response["id"], record, tuple(item_ids))
 
-    def history(self, response_id):
+    def history(self, response_id, budget=None):
         """All items of the chain ending in response_id, oldest first, as the backend takes
         them; None if response_id is unknown or deleted, or a link is unknown (never stored,
-        evicted, or lost in a restart)."""
+        evicted, or lost in a restart). budget (an ExpansionBudget): each response's text is
+        counted as it is unpacked, newest first, so a chain past the limit stops early."""
         chain = self._chain(response_id)
         if chain is None:
             return None
+        parts = []
+        for _, record in reversed(chain):
+            parts.append(replayable(unpack_json(record.output, budget)))
+            parts.append(unpack_json(record.input, budget))
         items = []
-        for _, record in chain:
-            items.extend(unpack_json(record.input))
-            items.extend(replayable(unpack_json(record.output)))
+        for part in reversed(parts):
+            items.extend(part)
         return items
 
     def input_items(self, response_id):
@@ -5226,10 +5266,11 @@ class ConversationStore:
         with self._lock:
             return self._forget(response_id)
 
-    def expand_references(self, items):
+    def expand_references(self, items, budget=None):
         """`items` (a request's input list) with each item_reference replaced by the item it
         names, as the backend takes it: without its id, and reasoning it cannot read back
-        dropped (it keeps nothing, so a reference or id means nothing to it)."""
+        dropped (it keeps nothing, so a reference or id means nothing to it). budget (an
+        ExpansionBudget): each reference counts the size of its item, as it is expanded."""
         if not isinstance(items, list) or not any(is_item_reference(i) for i in items):
             return items
         wanted = set(item["id"] for item in items
@@ -5250,11 +5291,15 @@ class ConversationStore:
                     if isinstance(item, dict) and isinstance(item.get("id"), str) \
                             and item["id"] in wanted:
                         found.setdefault(item["id"], item)
-        expanded = []
+        expanded, sizes = [], {}
         for item in items:
             if not is_item_reference(item):
                 expanded.append(item)
             elif isinstance(item.get("id"), str) and item["id"] in found:
+                if budget is not None:
+                    if item["id"] not in sizes:
+                        sizes[item["id"]] = len(_compact(found[item["id"]]))
+                    budget.spend(sizes[item["id"]])
                 expanded.extend(replayable([found[item["id"]]]))
             else:
                 raise item_reference_error(item.get("id"))
@@ -5504,29 +5549,156 @@ class SQLiteConversationStore(ConversationStore):
                              % ",".join("?" * len(batch)), [now] + batch)
 
 
+class KeptNode:
+    """A piece of a socket's kept history: the items one response added to the one it
+    continued (packed), and a link to that one, so a chain's entries share their history."""
+
+    __slots__ = ("parent", "blob", "count", "text_bytes", "refs")
+
+    def __init__(self, parent, blob, count, text_bytes):
+        self.parent = parent          # the KeptNode it continued, or None
+        self.blob = blob              # its own items, compressed JSON
+        self.count = count            # items from the chain's start through its own
+        self.text_bytes = text_bytes  # their JSON text's bytes, for an ExpansionBudget
+        self.refs = 0                 # the heads and child nodes that hold it
+
+    def chain(self):
+        """The nodes from the chain's start to this one."""
+        nodes, node = [], self
+        while node is not None:
+            nodes.append(node)
+            node = node.parent
+        nodes.reverse()
+        return nodes
+
+
+class SocketMemory:
+    """What all sockets together keep for previous_response_id, within one cap of compressed
+    bytes (the conversation store's): past it the least recently used kept response of any
+    socket goes first."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self._heads = collections.OrderedDict()  # (SocketResponses, response id), LRU first
+
+    def add(self, owner, response_id):
+        self._heads[(owner, response_id)] = None
+
+    def touch(self, owner, response_id):
+        self._heads.move_to_end((owner, response_id))
+
+    def discard(self, owner, response_id):
+        self._heads.pop((owner, response_id), None)
+
+    def shrink(self, keep):
+        """Drop the least recently used heads until within the cap; never `keep` (an
+        (owner, id) pair), which its own socket decides on."""
+        while self.bytes > self.max_bytes:
+            victim = next((k for k in self._heads if k != keep), None)
+            if victim is None:
+                return
+            victim[0].drop(victim[1])
+
+
+def socket_memory_cap(config):
+    """What all sockets together may keep in memory: the store's cap, and with --state-db
+    (whose cap is for a file) at most the in-memory store's default."""
+    if config.state_db:
+        return min(config.state_max_bytes, DEFAULT_STATE_MB * 1024 * 1024)
+    return config.state_max_bytes
+
+
 class SocketResponses:
     """The responses made on one socket, by id: each one's whole input and its output, as
-    the backend's own socket keeps them, even with store: false. The last few, within a
-    byte bound; all of it goes with the socket."""
+    the backend's own socket keeps them, even with store: false. The last few, within a cap
+    of compressed bytes for the socket and one for all sockets together (memory); a chain's
+    entries share the history they have in common, so a turn costs what it added. All of it
+    goes with the socket (close)."""
 
-    def __init__(self, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+    def __init__(self, memory=None, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+        self.memory = memory if memory is not None else SocketMemory(max_bytes)
         self.max_count = max_count
-        self.max_bytes = max_bytes
-        self._kept = collections.OrderedDict()
-        self._bytes = 0
+        self.max_bytes = min(max_bytes, self.memory.max_bytes)
+        self.bytes = 0
+        self._heads = collections.OrderedDict()  # response id -> KeptNode, oldest first
 
-    def put(self, response_id, items):
-        blob = pack_json(_compact(items))
-        old = self._kept.pop(response_id, None)
-        self._bytes += len(blob) - (len(old) if old is not None else 0)
-        self._kept[response_id] = blob
-        while len(self._kept) > 1 and (len(self._kept) > self.max_count
-                                       or self._bytes > self.max_bytes):
-            self._bytes -= len(self._kept.popitem(last=False)[1])
+    def put(self, response_id, items, parent=None):
+        """Keep items (a response's whole input and output) under response_id. When parent
+        (the previous_response_id it continued) is kept here and items begin with its items,
+        only the rest is packed. A response that does not fit the caps is not kept: a turn
+        continuing it gets previous_response_not_found, and clients then send it whole."""
+        with self.memory.lock:
+            base = self._heads.get(parent) if parent is not None else None
+            if base is not None:
+                base.refs += 1  # held while packing: eviction cannot free it meanwhile
+        if base is not None and base.count > len(items):
+            self._release_held(base)
+            base = None
+        own = _compact(items[base.count:] if base is not None else items)
+        node = KeptNode(base, pack_json(own), len(items),
+                        len(own) + (base.text_bytes if base is not None else 0))
+        with self.memory.lock:  # the hold on base is now the new node's link
+            self.drop(response_id)
+            node.refs = 1
+            self._heads[response_id] = node
+            self.memory.add(self, response_id)
+            self._account(len(node.blob))
+            while self._heads and (len(self._heads) > self.max_count
+                                   or self.bytes > self.max_bytes):
+                self.drop(next(iter(self._heads)))  # the new one too, if alone too big
+            self.memory.shrink(keep=(self, response_id))
+            if self.memory.bytes > self.memory.max_bytes:
+                self.drop(response_id)
 
-    def get(self, response_id):
-        blob = self._kept.get(response_id)
-        return unpack_json(blob) if blob is not None else None
+    def get(self, response_id, budget=None):
+        """The items kept under response_id, or None. budget: an ExpansionBudget that
+        their size counts against before anything is unpacked."""
+        with self.memory.lock:
+            node = self._heads.get(response_id)
+            if node is None:
+                return None
+            self._heads.move_to_end(response_id)
+            self.memory.touch(self, response_id)
+            blobs = [n.blob for n in node.chain()]
+        if budget is not None:
+            budget.spend(node.text_bytes)
+        items = []
+        for blob in blobs:
+            items.extend(unpack_json(blob))
+        return items
+
+    def close(self):
+        """The socket ended: what it kept is freed."""
+        with self.memory.lock:
+            for response_id in list(self._heads):
+                self.drop(response_id)
+
+    # with the memory's lock held
+
+    def drop(self, response_id):
+        node = self._heads.pop(response_id, None)
+        if node is not None:
+            self.memory.discard(self, response_id)
+            self._release(node)
+
+    def _release(self, node):
+        """One holder less; a node nothing holds frees its bytes, and its hold on its parent."""
+        while node is not None:
+            node.refs -= 1
+            if node.refs:
+                return
+            self._account(-len(node.blob))
+            node = node.parent
+
+    def _release_held(self, node):
+        with self.memory.lock:
+            self._release(node)
+
+    def _account(self, size):
+        self.bytes += size
+        self.memory.bytes += size
 
 
 # --------------------------------------------------------------------------------------------
@@ -5650,6 +5822,7 @@ class App:
         self.client_version = ClientVersion(config.client_version)
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
+        self.socket_memory = SocketMemory(socket_memory_cap(config))
         self.started = time.time()
         self.traffic = Traffic(config.max_concurrent, config.max_connections)
         self.on_shutdown = None  # set by the server: stops accepting connections
@@ -5902,9 +6075,11 @@ class App:
         conversation store), rewritten, with the headers and the Codex version it goes
         with."""
         original = body  # what `source` and `spans` describe: references not yet expanded
+        budget = ExpansionBudget(self.config.max_body_bytes,
+                                 len(source) if source is not None else 0)
         items = body.get("input")
         if isinstance(items, list):
-            expanded = self.conversations.expand_references(items)
+            expanded = self.conversations.expand_references(items, budget)
             if expanded is not items:
                 body = dict(body, input=expanded)
         previous = body.get("previous_response_id")
@@ -5913,7 +6088,7 @@ class App:
             if not isinstance(previous, str):
                 raise ProxyError(400, "`previous_response_id` must be a string.",
                                  param="previous_response_id", code="invalid_type")
-            earlier = (history or self.conversations.history)(previous)
+            earlier = (history or self.conversations.history)(previous, budget)
             if earlier is None:
                 raise unknown_response_error(previous)
         note = service_tier_warning(body)

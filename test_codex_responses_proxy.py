@@ -2002,11 +2002,79 @@ class WebSocketFramingTests(unittest.TestCase):
         for i in range(3):
             kept.put("r%d" % i, [{"n": i}])
         self.assertEqual([kept.get("r%d" % i) for i in range(3)], [None, [{"n": 1}], [{"n": 2}]])
-        small = proxy.SocketResponses(max_count=4, max_bytes=10)
+        small = proxy.SocketResponses(max_count=4, max_bytes=150)
         small.put("a", [{"t": os.urandom(50).hex()}])
         small.put("b", [{"t": os.urandom(50).hex()}])
         self.assertIsNone(small.get("a"))
-        self.assertIsNotNone(small.get("b"), "the last response is kept whatever its size")
+        self.assertIsNotNone(small.get("b"))
+        small.put("c", [{"t": os.urandom(200).hex()}])
+        self.assertIsNone(small.get("c"), "one past the cap is not kept, even the last")
+        self.assertLessEqual(small.bytes, 150)
+
+
+class SocketMemoryTests(unittest.TestCase):
+    """Issue 19: a socket's kept responses share their history and stay within the
+    socket's cap and, with all sockets together, the store's."""
+
+    @staticmethod
+    def text(n):
+        return os.urandom(n // 2).hex()  # does not compress: bytes are what they seem
+
+    def test_a_chain_shares_its_history_instead_of_copying_it(self):
+        kept = proxy.SocketResponses(max_count=4, max_bytes=10 ** 8)
+        history, previous = [], None
+        for n in range(6):
+            history = history + [{"turn": n, "t": self.text(100000)}]
+            kept.put("r%d" % n, history, previous)
+            previous = "r%d" % n
+        self.assertEqual(kept.get("r5"), history)
+        self.assertEqual(kept.get("r3"), history[:4])
+        self.assertIsNone(kept.get("r1"), "four heads at most")
+        # six turns of 100 KB: what six of them pack to, not what 1+2+...+6 do
+        one = len(proxy.pack_json(json.dumps(history[0])))
+        self.assertLess(kept.bytes, 6.5 * one)
+        self.assertGreater(kept.bytes, 5.5 * one)
+        # a parent whose items are not the start of the new ones is not linked
+        kept.put("other", [{"t": "x"}], "r5")
+        self.assertEqual(kept.get("other"), [{"t": "x"}])
+
+    def test_dropping_heads_frees_what_only_they_held(self):
+        kept = proxy.SocketResponses(max_count=2, max_bytes=10 ** 8)
+        kept.put("a", [{"t": self.text(100000)}])
+        kept.put("b", kept.get("a") + [{"t": self.text(100000)}], "a")
+        kept.put("c", [{"t": "small"}])
+        self.assertIsNone(kept.get("a"))
+        self.assertEqual(len(kept.get("b")), 2, "b still holds a's items")
+        self.assertGreater(kept.bytes, 2 * len(proxy.pack_json(self.text(100000))) - 1000)
+        kept.put("d", [{"t": "small"}])  # c goes: b was used since
+        kept.put("e", [{"t": "small"}])
+        self.assertTrue(kept.get("b") is None)
+        self.assertLess(kept.bytes, 1000)
+        kept.close()
+        self.assertEqual(kept.bytes, 0)
+
+    def test_all_sockets_together_stay_within_the_shared_cap(self):
+        memory = proxy.SocketMemory(1000000)
+        sockets = [proxy.SocketResponses(memory, max_count=4, max_bytes=400000)
+                   for _ in range(10)]
+        for round_ in range(3):
+            for i, kept in enumerate(sockets):
+                kept.put("r%d-%d" % (i, round_), [{"t": self.text(150000)}])
+                self.assertLessEqual(memory.bytes, 1000000)
+                self.assertLessEqual(kept.bytes, 400000)
+        self.assertIsNotNone(sockets[-1].get("r9-2"), "the newest stays")
+        self.assertIsNone(sockets[0].get("r0-0"), "the least recently used went")
+        self.assertEqual(memory.bytes, sum(k.bytes for k in sockets))
+        for kept in sockets:
+            kept.close()
+        self.assertEqual(memory.bytes, 0)
+
+    def test_a_budget_stops_a_get_before_unpacking(self):
+        kept = proxy.SocketResponses(max_count=4, max_bytes=10 ** 8)
+        kept.put("a", [{"t": self.text(100000)}])
+        with self.assertRaises(proxy.ProxyError) as caught:
+            kept.get("a", proxy.ExpansionBudget(50000))
+        self.assertEqual(caught.exception.code, "input_too_large")
 
 
 class WebSocketCase(ProxyTestCase):
@@ -2446,6 +2514,44 @@ class WebSocketStrictnessTests(WebSocketCase):
         client = self.open_ws()
         self.burst(client, proxy.WS_MAX_QUEUED + 2)
         self.assertEqual(client.expect_close(), 1008)
+
+
+class SocketKeptMemoryTests(WebSocketCase):
+    """Issue 19: what sockets keep for previous_response_id, over real sockets."""
+
+    def prewarm(self, client, text, previous=None):
+        extra = {"previous_response_id": previous} if previous else {}
+        client.create(input=[user_item(text)], generate=False, **extra)
+        events = client.response_events()
+        self.assertEqual(events[-1]["type"], "response.completed", events[-1])
+        return events[-1]["response"]["id"]
+
+    def test_a_chain_costs_what_its_turns_added_and_goes_with_the_socket(self):
+        memory = self.proxy.app.socket_memory
+        client = self.open_ws()
+        previous, turn = None, os.urandom(100000).hex()
+        for n in range(6):
+            previous = self.prewarm(client, turn + str(n), previous)
+        one = len(proxy.pack_json(json.dumps([user_item(turn)])))
+        self.assertLess(memory.bytes, 7 * one, "6 turns, not 1+2+...+6 copies of history")
+        client.create(previous_response_id=previous, input="go on")
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.assertEqual(len(self.backend.requests[-1]["body"]["input"]), 7)
+        client.send_frame(0x8, b"\x03\xe8")
+        client.expect_close()
+        self.wait_until(lambda: memory.bytes == 0, "the socket's kept responses to go")
+
+    def test_all_sockets_together_stay_within_the_store_cap(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(state_max_mb=1)
+        memory = self.proxy.app.socket_memory
+        self.assertEqual(memory.max_bytes, 1 << 20)
+        clients = [self.open_ws() for _ in range(4)]
+        for round_ in range(3):
+            for client in clients:
+                self.prewarm(client, os.urandom(200000).hex())
+                self.assertLessEqual(memory.bytes, 1 << 20)
+        self.assertGreater(memory.bytes, 1 << 19)
 
 
 class UpstreamUpgradeRefusalTests(ProxyTestCase):
@@ -3604,6 +3710,84 @@ class ItemReferenceOverHTTPTests(ConversationCase):
                 for words in ("the item itself", "store: false"):
                     self.assertIn(words, body["error"]["message"])
         self.assertEqual(len(self.backend.requests), 1, "sent upstream anyway")
+
+
+class ExpansionBoundTests(ConversationCase):
+    """Issue 19: references and previous_response_id history are filled in within
+    --max-body-bytes; past it a 400 that names the flag, and nothing goes upstream."""
+
+    LIMIT = 1 << 20
+
+    def setUp(self):
+        super().setUp()
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=self.LIMIT)
+        big = user_item("b" * 100000)
+        big["id"] = "msg_big"
+        self.turn("resp_big", simple_request(input=[big]))
+        self.sent = len(self.backend.requests)
+
+    def assert_too_large(self, status, body):
+        self.assert_openai_error(status, body, 400, code="input_too_large",
+                                 contains="--max-body-bytes")
+        self.assertEqual(body["error"]["param"], "input")
+        self.assertIn(str(self.LIMIT), body["error"]["message"])
+        self.assertEqual(len(self.backend.requests), self.sent, "nothing went upstream")
+
+    def test_many_references_to_a_large_item_are_refused(self):
+        self.turn("resp_ok", simple_request(input=[{"type": "item_reference",
+                                                    "id": "msg_big"}] * 9))
+        self.sent = len(self.backend.requests)
+        refs = [{"type": "item_reference", "id": "msg_big"}] * 2000  # 200 MB if built
+        status, _, body = self.post(simple_request(input=refs))
+        self.assert_too_large(status, body)
+        self.assertLess(len(json.dumps(refs)), self.LIMIT)
+
+    def test_a_history_past_the_limit_is_refused(self):
+        previous = "resp_big"
+        for n in range(9):  # each turn adds 100 KB of references: 1 MB of history
+            self.turn("resp_%d" % n, simple_request(input=[
+                {"type": "item_reference", "id": "msg_big"}], previous_response_id=previous))
+            previous = "resp_%d" % n
+        self.sent = len(self.backend.requests)
+        status, _, body = self.post(simple_request(input=[
+            {"type": "item_reference", "id": "msg_big"}], previous_response_id=previous))
+        self.assert_too_large(status, body)
+        self.turn("resp_fits", simple_request("short", previous_response_id=previous))
+
+    def test_over_a_websocket_it_is_an_error_event_and_the_socket_stays(self):
+        client = WSClient(self.port)
+        self.addCleanup(client.close_socket)
+        client.create(input=[{"type": "item_reference", "id": "msg_big"}] * 50)
+        error = client.recv_event()
+        self.assertEqual((error["type"], error["status"], error["error"]["code"]),
+                         ("error", 400, "input_too_large"))
+        self.assertIn("--max-body-bytes", error["error"]["message"])
+        # generate: false chains kept on the socket are bounded alike
+        previous = None
+        for n in range(12):
+            extra = {"previous_response_id": previous} if previous else {}
+            client.create(input=[{"type": "item_reference", "id": "msg_big"}], generate=False,
+                          **extra)
+            events = client.response_events()
+            if events[-1]["type"] == "error":
+                break
+            previous = events[-1]["response"]["id"]
+        self.assertEqual(events[-1]["error"]["code"], "input_too_large")
+        self.assertLess(n, 11)
+        self.assertEqual(len(self.backend.requests), self.sent)
+        client.create(input="hi")
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_unit_budget_counts_references_before_building_them(self):
+        store = proxy.ConversationStore(10 ** 8)
+        item = user_item("z" * 1000)
+        item["id"] = "msg_z"
+        store.save(stored_response("resp_z"), None, input_json(item))
+        budget = proxy.ExpansionBudget(10000)
+        with self.assertRaises(proxy.ProxyError):
+            store.expand_references([{"id": "msg_z"}] * 1000000, budget)
+        self.assertLess(budget.used, 12000)
 
 
 class CompactEndpointTests(ConversationCase):
