@@ -4979,16 +4979,20 @@ class WebSocketSession:
                                                 assembler, sent_input, parent))
         request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
         if not generate:
+            app.turn_done(request)
             return self.prewarm(exchange, body, request.body["input"], stream_id,
                                 request.previous)
         with app.traffic.slot():
-            answer = app.upstream.responses(request)  # the backend's socket too, if in use
+            try:
+                answer = app.upstream.responses(request)  # the backend's socket too, if in use
 
-            def on_end(assembler):
-                app.keep(assembler, request)
-                self.keep(assembler, request.body["input"], request.previous)
+                def on_end(assembler):
+                    app.keep(assembler, request)
+                    self.keep(assembler, request.body["input"], request.previous)
 
-            relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+                relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+            finally:
+                app.turn_done(request)
         app.upstream.turn_over(request)
 
     def history(self, previous, budget=None):
@@ -5200,6 +5204,7 @@ class ConversationStore:
         self._owners = {}                          # item id -> id of the response holding it
         self._children = collections.Counter()     # id -> how many kept responses continue it
         self._bytes = 0
+        self._pins = collections.Counter()  # id -> how many turns in flight continue it
 
     def save(self, response, parent, input_json):
         """Keep a finished response. response: the assembled response object (with its id and
@@ -5305,6 +5310,22 @@ class ConversationStore:
                 raise item_reference_error(item.get("id"))
         return expanded
 
+    def pin(self, response_id):
+        """A turn continuing response_id has begun: a delete meanwhile hides it but keeps
+        its items, as for a response that others continue, so that turn's response is kept
+        with its whole history (unpin once it is kept, or failed)."""
+        with self._lock:
+            self._pins[response_id] += 1
+
+    def unpin(self, response_id):
+        if response_id is None:
+            return
+        with self._lock:
+            self._pins[response_id] -= 1
+            if self._pins[response_id] <= 0:
+                del self._pins[response_id]
+                self._prune_unpinned(response_id)
+
     def close(self):
         pass
 
@@ -5360,7 +5381,7 @@ class ConversationStore:
         if entry is None or entry[0].deleted:
             return False
         record, item_ids, size = entry
-        if not self._children.get(response_id):
+        if not self._children.get(response_id) and not self._pins.get(response_id):
             self._remove(response_id)
             self._prune(record.parent)
             return True
@@ -5375,10 +5396,14 @@ class ConversationStore:
         continues them any more: deleting a whole chain leaves none of it behind."""
         while response_id is not None:
             entry = self._entries.get(response_id)
-            if entry is None or not entry[0].deleted or self._children.get(response_id):
+            if entry is None or not entry[0].deleted or self._children.get(response_id) \
+                    or self._pins.get(response_id):
                 return
             self._remove(response_id)
             response_id = entry[0].parent
+
+    def _prune_unpinned(self, response_id):
+        self._prune(response_id)
 
     def _load(self, response_id):
         entry = self._entries.get(response_id)
@@ -5507,7 +5532,7 @@ class SQLiteConversationStore(ConversationStore):
             record = self._load(response_id)
             if record is None or record.deleted:
                 return False
-            if not self._continued(response_id):
+            if not self._continued(response_id) and not self._pins.get(response_id):
                 self._delete_row(response_id)
                 self._prune(record.parent)
                 return True
@@ -5527,10 +5552,15 @@ class SQLiteConversationStore(ConversationStore):
     def _prune(self, response_id):
         while response_id is not None:
             record = self._load(response_id)
-            if record is None or not record.deleted or self._continued(response_id):
+            if record is None or not record.deleted or self._continued(response_id) \
+                    or self._pins.get(response_id):
                 return
             self._delete_row(response_id)
             response_id = record.parent
+
+    def _prune_unpinned(self, response_id):
+        with self._transaction():
+            self._prune(response_id)
 
     def _load(self, response_id):
         row = self._db.execute("SELECT parent, input, output, response, deleted FROM responses "
@@ -5725,6 +5755,7 @@ class PreparedRequest:
         self.version = version        # the Codex version to present
         self._own_input = own_input   # -> its own input as JSON text, when it is kept
         self.after_turn = None        # what waits for the client to have its answer
+        self.pinned = None            # the stored response it continues, held meanwhile
 
     def own_input(self):
         return self._own_input()
@@ -5935,10 +5966,13 @@ class App:
             return self.pass_through(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
-        answer = self.upstream.responses(request)
-        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
-        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
-              on_end=lambda assembler: self.keep(assembler, request))
+        try:
+            answer = self.upstream.responses(request)
+            sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
+            relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
+                  on_end=lambda assembler: self.keep(assembler, request))
+        finally:
+            self.turn_done(request)
         self.upstream.turn_over(request)
 
     def respond_platform(self, client, body, history, sink, on_kept):
@@ -6001,6 +6035,7 @@ class App:
             return self.pass_through(client, url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
+        self.turn_done(request)  # nothing of a compaction is kept
         compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
         answer = self.upstream.call("POST", url, compact_body, encode_json_object,
                                     request.session_id, request.headers, "application/json",
@@ -6070,6 +6105,26 @@ class App:
         return url + ("?" + parts.query if parts.query else "")
 
     def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """prepare_request, with the response its previous_response_id names pinned in the
+        conversation store (see ConversationStore.pin) until turn_done(request)."""
+        previous = body.get("previous_response_id")
+        pinned = previous if isinstance(previous, str) else None
+        if pinned is not None:
+            self.conversations.pin(pinned)
+        try:
+            request = self.prepare_request(client_headers, body, source, spans, history)
+        except BaseException:
+            self.conversations.unpin(pinned)
+            raise
+        request.pinned = pinned
+        return request
+
+    def turn_done(self, request):
+        """The turn is over, its response kept or not: what it continued is no longer held."""
+        pinned, request.pinned = request.pinned, None
+        self.conversations.unpin(pinned)
+
+    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
         """A client's Responses request made ready for the backend: its item references and
         previous_response_id expanded (history: the lookup for the latter, by default the
         conversation store), rewritten, with the headers and the Codex version it goes

@@ -3643,6 +3643,60 @@ class StoredResponseEndpointTests(ConversationCase):
                          ["/backend-api/codex/responses", "/backend-api/codex/responses/compact"])
 
 
+class DeleteDuringTurnTests(ConversationCase):
+    """Issue 19: a response that a turn in flight continues survives a delete as hidden
+    history until that turn is kept (or fails)."""
+
+    def start_slow_turn(self, resp_id, previous, reply=None):
+        reply = reply or Reply(frames=with_id(stream_frames(), resp_id), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        answer = {}
+
+        def run():
+            answer["result"] = self.post(simple_request("three", previous_response_id=previous))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.assertTrue(reply.wait_held())
+        return reply, thread, answer
+
+    def test_deleting_what_a_streaming_turn_continues_keeps_the_conversation(self):
+        for store in (None, "sqlite"):
+            if store:
+                self.stop_proxy(self.proxy)
+                self.start_proxy(state_db=os.path.join(self.home, "state.db"))
+            self.turn("resp_r1", "one")
+            self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+            reply, thread, answer = self.start_slow_turn("resp_r3", "resp_r2")
+            status, _, _ = self.request("DELETE", "/v1/responses/resp_r2")
+            self.assertEqual(status, 200)
+            self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
+            reply.go()
+            thread.join(10)
+            self.assertEqual(answer["result"][0], 200, answer)
+            self.assertEqual(self.get("/v1/responses/resp_r3")[0], 200)
+            status, page = self.get("/v1/responses/resp_r3/input_items?order=asc")
+            self.assertEqual(status, 200, page)
+            self.assertEqual(len(page["data"]), 5)  # one, its answer, two, its answer, three
+            self.turn("resp_r4", simple_request("four", previous_response_id="resp_r3"))
+            self.assertEqual(len(self.last_upstream()["body"]["input"]), 7)
+            self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
+            self.assert_not_found("DELETE", "/v1/responses/resp_r2", "resp_r2")
+
+    def test_a_failed_turn_lets_the_deleted_response_go_for_good(self):
+        self.turn("resp_r1", "one")
+        self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+        reply = Reply(frames=with_id(stream_frames(), "resp_r3"), hold_after=1, cut_after=2)
+        reply, thread, answer = self.start_slow_turn("resp_r3", "resp_r2", reply)
+        self.assertEqual(self.request("DELETE", "/v1/responses/resp_r2")[0], 200)
+        self.assertIsNotNone(self.proxy.app.conversations._load("resp_r2"), "hidden, held")
+        reply.go()
+        thread.join(10)
+        self.assertIsNone(self.proxy.app.conversations._load("resp_r2"), "gone after the turn")
+        self.assertEqual(self.get("/v1/responses/resp_r1")[0], 200, "r1 was not deleted")
+
+
 class ItemReferenceOverHTTPTests(ConversationCase):
     """The Vercel AI SDK's second turn: earlier output named by item_reference."""
 
