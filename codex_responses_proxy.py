@@ -62,6 +62,13 @@ def restart_from_bytecode():
         pass
 
 
+# Blocks from this size up are mapped on their own and go back to the system when freed.
+# glibc's default raises its threshold up to 32 MB after each large block is freed, and then
+# keeps later large blocks (a 30 MB message, its parse, its copy upstream) in the heap,
+# where what is freed stays in the process: a 30 MB request left the proxy 60 MB larger.
+MMAP_THRESHOLD = 1 << 20
+
+
 def restarted_environment(environ):
     """The restarted process's environment: marked, so that it does not restart again, and
     with glibc's malloc held to two arenas (unless the user chose a number; glibc reads it
@@ -75,6 +82,7 @@ def restarted_environment(environ):
     env = dict(environ)
     env[_RESTARTED_ENV] = "1"
     env.setdefault("MALLOC_ARENA_MAX", "2")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     return env
 
 
@@ -1339,11 +1347,19 @@ def encode_json_object(body, original=None, source=None, spans=None):
     return "".join(pieces).encode("utf-8", "surrogatepass")
 
 
+_SEED_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def derive_session_id(model, instructions, first_item):
     """A stable id for one conversation: its turns share the model, the instructions and the
     first input item, so they land on the same backend prompt cache."""
-    seed = json.dumps([model, instructions, first_item], sort_keys=True, separators=(",", ":"))
-    return str(uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4))
+    # The JSON text of the three, hashed as it is made (the text json.dumps would give): a
+    # 30 MB first item costs no joined copy of it, nor one in UTF-8.
+    digest = hashlib.sha256()
+    for chunk in _SEED_ENCODER.iterencode([model, instructions, first_item]):
+        for start in range(0, len(chunk), 1 << 20):
+            digest.update(chunk[start:start + (1 << 20)].encode())
+    return str(uuid.UUID(bytes=digest.digest()[:16], version=4))
 
 
 def input_list(value):
@@ -2307,6 +2323,23 @@ def mask_payload(payload, mask):
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
+MASK_PIECE = 1 << 20  # a multiple of 4: each piece starts at the same phase of the key
+
+
+def unmask_frame(buf, start, end):
+    """The payload buf[start:end] of a client's frame, unmasked with the 4 key bytes before
+    it. A large one is unmasked in place, a piece at a time, then copied out once: one copy
+    of a 30 MB payload where unmasking it whole would make five."""
+    key = bytes(buf[start - 4:start])
+    if end - start <= MASK_PIECE:
+        return mask_payload(bytes(buf[start:end]), key)
+    with memoryview(buf) as view:
+        for pos in range(start, end, MASK_PIECE):
+            stop = min(pos + MASK_PIECE, end)
+            view[pos:stop] = mask_payload(bytes(view[pos:stop]), key)
+        return bytes(view[start:end])
+
+
 def parse_close_payload(payload):
     """A close frame's (code or None, reason); WebSocketError for a malformed one."""
     if not payload:
@@ -2418,7 +2451,7 @@ class MessageReader:
         end = start + length
         if len(buf) < end:
             return None
-        payload = mask_payload(bytes(buf[start:end]), bytes(buf[start - 4:start]))
+        payload = unmask_frame(buf, start, end)
         del buf[:end]
         return fin, opcode, payload
 
@@ -2475,7 +2508,8 @@ class WebSocketReader:
         while len(self._buf) - self._pos < size + n:
             self._receive()
         start = self._pos + size
-        payload = bytes(self._buf[start:start + n])
+        with memoryview(self._buf) as view:  # one copy of the payload, not two
+            payload = bytes(view[start:start + n])
         if masked:
             payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
         self._pos = start + n
@@ -5052,10 +5086,20 @@ def replayable(items):
     return kept
 
 
+PACK_PIECE = 1 << 20
+
+
 def pack_json(text):
     """JSON text as it is kept: zlib at level 1, which gets most of what conversations
-    (repetitive text) compress to for a fraction of the CPU of higher levels."""
-    return zlib.compress(text.encode("utf-8"), 1)
+    (repetitive text) compress to for a fraction of the CPU of higher levels. Encoded a piece
+    at a time: a 30 MB text never costs a 30 MB copy as UTF-8 besides."""
+    if len(text) <= PACK_PIECE:
+        return zlib.compress(text.encode("utf-8"), 1)
+    packer = zlib.compressobj(1)
+    out = [packer.compress(text[i:i + PACK_PIECE].encode("utf-8"))
+           for i in range(0, len(text), PACK_PIECE)]
+    out.append(packer.flush())
+    return b"".join(out)
 
 
 def unpack_json(blob, budget=None):
@@ -5579,15 +5623,73 @@ class SQLiteConversationStore(ConversationStore):
                              % ",".join("?" * len(batch)), [now] + batch)
 
 
+def _holds_long_text(value):
+    if isinstance(value, str):
+        return len(value) > PACK_PIECE
+    if isinstance(value, dict):
+        return any(_holds_long_text(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_long_text(v) for v in value)
+    return False
+
+
+def _json_pieces(value):
+    """value's compact JSON, in pieces: made whole (in C) where that is small, but a long
+    string's escaped text a megabyte at a time, so it is never held whole twice."""
+    if not _holds_long_text(value):
+        yield _compact(value)
+    elif isinstance(value, str):
+        yield '"'
+        for start in range(0, len(value), PACK_PIECE):
+            yield _compact(value[start:start + PACK_PIECE])[1:-1]
+        yield '"'
+    elif isinstance(value, dict):
+        for i, (key, item) in enumerate(value.items()):
+            yield ("{" if i == 0 else ",") + _compact(key) + ":"
+            yield from _json_pieces(item)
+        yield "}"
+    else:
+        for i, item in enumerate(value):
+            yield "[" if i == 0 else ","
+            yield from _json_pieces(item)
+        yield "]"
+
+
+def pack_pieces(pieces):
+    """(the compressed pieces of a JSON text given in ASCII pieces, the text's length): as
+    pack_json, without ever holding the whole text, nor the compressed text twice."""
+    packer = zlib.compressobj(1)
+    out, size, batch, batched = [], 0, [], 0
+    for piece in pieces:
+        batch.append(piece)
+        batched += len(piece)
+        if batched >= PACK_PIECE:
+            out.append(packer.compress("".join(batch).encode("ascii")))
+            size, batch, batched = size + batched, [], 0
+    out.append(packer.compress("".join(batch).encode("ascii")))
+    out.append(packer.flush())
+    return tuple(chunk for chunk in out if chunk), size + batched
+
+
+def unpack_pieces(chunks):
+    unpacker = zlib.decompressobj()
+    text = bytearray()
+    for chunk in chunks:  # into one buffer: no list of pieces besides their join
+        text += unpacker.decompress(chunk)
+    text += unpacker.flush()
+    return json.loads(text.decode("ascii"))
+
+
 class KeptNode:
     """A piece of a socket's kept history: the items one response added to the one it
     continued (packed), and a link to that one, so a chain's entries share their history."""
 
-    __slots__ = ("parent", "blob", "count", "text_bytes", "refs")
+    __slots__ = ("parent", "blob", "size", "count", "text_bytes", "refs")
 
     def __init__(self, parent, blob, count, text_bytes):
         self.parent = parent          # the KeptNode it continued, or None
-        self.blob = blob              # its own items, compressed JSON
+        self.blob = blob              # its own items, compressed JSON (see pack_pieces)
+        self.size = sum(len(chunk) for chunk in blob)
         self.count = count            # items from the chain's start through its own
         self.text_bytes = text_bytes  # their JSON text's bytes, for an ExpansionBudget
         self.refs = 0                 # the heads and child nodes that hold it
@@ -5666,15 +5768,16 @@ class SocketResponses:
         if base is not None and base.count > len(items):
             self._release_held(base)
             base = None
-        own = _compact(items[base.count:] if base is not None else items)
-        node = KeptNode(base, pack_json(own), len(items),
-                        len(own) + (base.text_bytes if base is not None else 0))
+        blob, text_bytes = pack_pieces(_json_pieces(items[base.count:] if base is not None
+                                                    else items))
+        node = KeptNode(base, blob, len(items),
+                        text_bytes + (base.text_bytes if base is not None else 0))
         with self.memory.lock:  # the hold on base is now the new node's link
             self.drop(response_id)
             node.refs = 1
             self._heads[response_id] = node
             self.memory.add(self, response_id)
-            self._account(len(node.blob))
+            self._account(node.size)
             while self._heads and (len(self._heads) > self.max_count
                                    or self.bytes > self.max_bytes):
                 self.drop(next(iter(self._heads)))  # the new one too, if alone too big
@@ -5696,7 +5799,7 @@ class SocketResponses:
             budget.spend(node.text_bytes)
         items = []
         for blob in blobs:
-            items.extend(unpack_json(blob))
+            items.extend(unpack_pieces(blob))
         return items
 
     def close(self):
@@ -5719,7 +5822,7 @@ class SocketResponses:
             node.refs -= 1
             if node.refs:
                 return
-            self._account(-len(node.blob))
+            self._account(-node.size)
             node = node.parent
 
     def _release_held(self, node):

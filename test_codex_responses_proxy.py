@@ -7468,6 +7468,50 @@ class MallocArenaTests(unittest.TestCase):
         env = self.environment_of_running_proxy(MALLOC_ARENA_MAX="5")
         self.assertEqual(env.get(b"MALLOC_ARENA_MAX"), b"5")
 
+    def test_large_blocks_are_mapped_on_their_own(self):
+        env = self.environment_of_running_proxy()
+        self.assertEqual(env.get(b"MALLOC_MMAP_THRESHOLD_"), str(1 << 20).encode())
+        env = self.environment_of_running_proxy(MALLOC_MMAP_THRESHOLD_="65536")
+        self.assertEqual(env.get(b"MALLOC_MMAP_THRESHOLD_"), b"65536")
+
+
+def peak_rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return None
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/status"), "reads /proc/PID/status")
+class MessageCostTests(ProcessTestCase):
+    """Issue 19: one large client WebSocket message costs a small multiple of its size in
+    the proxy's peak memory (it was about 6 times: 190 MB for 30 MB)."""
+
+    def test_a_30_mib_message_costs_at_most_about_three_times_its_size(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home, "--upstream-transport", "http")
+        client = WSClient(p.port, timeout=60)
+        self.addCleanup(client.close_socket)
+        self.assertEqual(client.status, 101)
+        rnd = random.Random(7)
+        words = ["%x" % rnd.getrandbits(40) for _ in range(4096)]
+        size = 30 * 1024 * 1024
+        text = " ".join(words[rnd.getrandbits(12)] for _ in range(size // 11))[:size - 200]
+        message = json.dumps({"type": "response.create", "model": "gpt-5.1-codex",
+                              "store": False, "input": [user_item(text)]}).encode()
+        text_length = len(text)
+        del text
+        before = peak_rss_mb(p.proc.pid)
+        client.send_frame(0x1, message)
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.assertEqual(len(self.backend.requests[-1]["body"]["input"][0]["content"][0]
+                             ["text"]), text_length)
+        growth = peak_rss_mb(p.proc.pid) - before
+        self.assertLess(growth, 3.6 * len(message) / 1048576.0,
+                        "peak grew %.0f MB for a %.0f MB message" % (
+                            growth, len(message) / 1048576.0))
+
 
 class HangupWatcherRaceTests(unittest.TestCase):
     """The proxy's HangupWatcher on real sockets. A handler unwatches its client socket and then
