@@ -4796,6 +4796,7 @@ class WebSocketSession:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queue = collections.deque()
+        self._queued_bytes = 0
         self._busy = False
         self._ended = False      # the socket is shut: nothing more in or out
         self._closing = None     # when our close frame went out
@@ -4891,7 +4892,9 @@ class WebSocketSession:
                     if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
                         raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
                                              "waiting; wait for answers" % WS_MAX_QUEUED)
+                    self._check_waiting_bytes(len(payload))
                     self._queue.append(payload)
+                    self._queued_bytes += len(payload)
                     self._cond.notify_all()
             elif opcode == OP_PING:
                 try:
@@ -4903,6 +4906,17 @@ class WebSocketSession:
                 self.close(code)  # the answer: the client's own code (none if it sent none)
                 return True
         return False
+
+    def _check_waiting_bytes(self, size):
+        """The requests waiting on a socket hold at most --max-body-bytes together (the one
+        about to be answered aside): what one socket makes the proxy hold is bounded by the
+        flag, not by 16 times it."""
+        waiting = self._queued_bytes - (len(self._queue[0]) if self._queue and not self._busy
+                                        else 0)
+        limit = self.app.config.max_body_bytes
+        if waiting + size > limit and (waiting or self._queue):
+            raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d bytes of requests "
+                                 "waiting (--max-body-bytes); wait for answers" % limit)
 
     def _tick(self):
         """Between the client's frames: keep-alive, idle and shutdown; True to end."""
@@ -4936,6 +4950,7 @@ class WebSocketSession:
                     if self._ended or self._closing is not None:
                         break
                     raw = self._queue.popleft()
+                    self._queued_bytes -= len(raw)
                     self._busy = True
                 try:
                     self.answer(raw)

@@ -2507,6 +2507,25 @@ class WebSocketStrictnessTests(WebSocketCase):
         for _ in range(proxy.WS_MAX_QUEUED + 1):
             self.assertEqual(client.response_events()[-1]["type"], "response.completed")
 
+    def test_waiting_requests_hold_at_most_max_body_bytes_together(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=100000)
+        for count, closed in ((2, False), (3, True)):
+            reply = Reply(frames=stream_frames(), hold_after=1)
+            self.addCleanup(reply.go)
+            self.backend.replies.append(reply)
+            client = self.open_ws()
+            client.create(input="x" * 60000)  # in flight
+            self.assertTrue(reply.wait_held())
+            for _ in range(count - 1):  # then waiting: 60 KB fits, 120 KB does not
+                client.create(input="y" * 55000)
+            if closed:
+                self.assertEqual(client.expect_close(), 1008)
+                continue
+            reply.go()
+            for _ in range(count):
+                self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
     def test_the_18th_request_of_a_burst_is_refused_with_1008(self):
         reply = Reply(frames=stream_frames(), hold_after=1)
         self.addCleanup(reply.go)
