@@ -2541,9 +2541,11 @@ class WebSocketReader:
                     raise ValueError("a WebSocket continuation frame with nothing to continue")
                 first = opcode
             elif opcode != OP_CONTINUATION:  # RFC 6455 5.4: never joined to the one before
+                del parts[:]  # not held by the traceback
                 raise ValueError("a new WebSocket message inside a fragmented one")
             size += len(payload)
             if size > WS_MAX_MESSAGE:  # each fragment within the cap is not enough
+                del parts[:]
                 raise ValueError("a WebSocket message of more than %d bytes" % WS_MAX_MESSAGE)
             parts.append(payload)
             if fin:
@@ -3985,14 +3987,14 @@ class WebSocketBody:
         self.terminal = None
         self.seen = ResponseAssembler()  # what the pool keeps of the turn: its output
         self._pending = []
-        self._broken = None  # the protocol error that ends the body, once its events are read
+        self._broken = None  # what ends the body (a protocol error), once its events are read
 
     def read(self):
         out, self._pending = self._pending, []
         if self.complete:
             return b"".join(out)
         if self._broken is not None:
-            raise self._broken
+            raise http.client.HTTPException(self._broken)
         try:
             if not out:
                 frame = self.next_event()
@@ -4005,9 +4007,11 @@ class WebSocketBody:
                     break
                 out.append(frame)
         except ValueError as e:
-            self._broken = http.client.HTTPException("WebSocket protocol error: %s" % e)
+            # kept as text: an exception kept here would hold, through its traceback, this
+            # body and the frames that read the bad message
+            self._broken = "WebSocket protocol error: %s" % e
             if not out:
-                raise self._broken
+                raise http.client.HTTPException(self._broken)
             # the events before the bad frame were good: they go first, the failure next
         return b"".join(out)
 
