@@ -2471,7 +2471,9 @@ class MessageReader:
 
 
 # The client side, for the backend's socket: the server's frames read, the upgrade asked for.
-WS_MAX_MESSAGE = 64 * 1024 * 1024  # the backend's events are small; this only bounds memory
+# The backend's events are small (the largest, response.completed, holds the output); a message
+# from it is capped at --max-body-bytes, and never below this.
+WS_MAX_MESSAGE = 16 * 1024 * 1024
 WS_MAX_HANDSHAKE = 65536
 
 
@@ -2479,10 +2481,11 @@ class WebSocketReader:
     """Frames from a socket, through one buffer: a read takes all that has arrived, so the
     frames it holds are handed on together."""
 
-    def __init__(self, sock, data=b""):
+    def __init__(self, sock, data=b"", max_message=None):
         self.sock = sock
         self._buf = bytearray(data)
         self._pos = 0
+        self.max_message = max(max_message or 0, WS_MAX_MESSAGE)  # in total, across fragments
 
     def _receive(self):
         chunk = self.sock.recv(262144)
@@ -2503,7 +2506,7 @@ class WebSocketReader:
         first, masked, n, size = head
         if first & 0x70:
             raise ValueError("a WebSocket frame with RSV bits set")
-        if n > WS_MAX_MESSAGE or (first & 0x08 and n > 125):
+        if n > self.max_message or (first & 0x08 and n > 125):
             raise ValueError("a WebSocket frame of %d bytes" % n)
         while len(self._buf) - self._pos < size + n:
             self._receive()
@@ -2544,9 +2547,9 @@ class WebSocketReader:
                 del parts[:]  # not held by the traceback
                 raise ValueError("a new WebSocket message inside a fragmented one")
             size += len(payload)
-            if size > WS_MAX_MESSAGE:  # each fragment within the cap is not enough
+            if size > self.max_message:  # each fragment within the cap is not enough
                 del parts[:]
-                raise ValueError("a WebSocket message of more than %d bytes" % WS_MAX_MESSAGE)
+                raise ValueError("a WebSocket message of more than %d bytes" % self.max_message)
             parts.append(payload)
             if fin:
                 data = payload if len(parts) == 1 else b"".join(parts)
@@ -3753,9 +3756,9 @@ def rate_limit_headers(event):
 class UpstreamWebSocket:
     """One open socket to the backend, used by one request at a time."""
 
-    def __init__(self, sock, rest, headers, identity, key):
+    def __init__(self, sock, rest, headers, identity, key, max_message=None):
         self.sock = sock
-        self.reader = WebSocketReader(sock, rest)
+        self.reader = WebSocketReader(sock, rest, max_message)
         self.headers = headers  # the 101's
         self.identity = identity  # (token, account, version): a socket is tied to these
         self.key = key
@@ -4244,7 +4247,8 @@ class WebSocketUpstream:
             return self.refused("cannot open a WebSocket to the backend (%s)"
                                 % (getattr(e, "strerror", None) or e.__class__.__name__))
         self.client.quota.update(answer)
-        ws = UpstreamWebSocket(sock, rest, answer, identity, request.session_id)
+        ws = UpstreamWebSocket(sock, rest, answer, identity, request.session_id,
+                               self.config.max_body_bytes)
         ws.request_headers = headers
         return ws
 

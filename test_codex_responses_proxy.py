@@ -6772,7 +6772,10 @@ class UpstreamWebSocketStrictnessTests(ProxyTestCase):
         self.assertNotIn(b"\xff", raw)
 
     def test_a_message_in_many_fragments_is_capped_in_total(self):
-        with mock.patch.object(proxy, "WS_MAX_MESSAGE", 100000):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=100000)  # the cap: this, or WS_MAX_MESSAGE if more
+        self.backend.ws.refuse = None
+        with mock.patch.object(proxy, "WS_MAX_MESSAGE", 50000):
             delta = self.delta("x" * 150000)
             pieces = [delta[i:i + 40000] for i in range(0, len(delta), 40000)]
             data = b"".join(server_frame(1 if i == 0 else 0, piece, fin=i == len(pieces) - 1)
