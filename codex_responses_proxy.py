@@ -336,7 +336,9 @@ def build_arg_parser():
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the "
                         "proxy, with CORS (repeatable; other origins get 403)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
-                   help="largest request body accepted (default %(default)s)")
+                   help="largest request body or WebSocket message accepted, and the most an "
+                        "input may grow to with its item_reference and previous_response_id "
+                        "history filled in (default %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
                    help="requests in flight at once; more get 503 (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
@@ -348,8 +350,9 @@ def build_arg_parser():
                         "they survive restarts (default: in memory)")
     p.add_argument("--state-max-mb", type=positive_float, metavar="MB",
                    help="size cap of that store; the least recently used go first (default %d "
-                        "in memory, %d with --state-db)" % (DEFAULT_STATE_MB,
-                                                           DEFAULT_STATE_DB_MB))
+                        "in memory, %d with --state-db); also caps what all WebSockets keep "
+                        "for previous_response_id (at most %d with --state-db)"
+                        % (DEFAULT_STATE_MB, DEFAULT_STATE_DB_MB, DEFAULT_STATE_MB))
     p.add_argument("--upstream-transport", choices=("auto", "ws", "http"), default="auto",
                    help="how requests reach the ChatGPT backend: ws keeps one WebSocket per "
                         "conversation and sends each turn's new items only; auto does so from a "
