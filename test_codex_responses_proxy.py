@@ -3703,6 +3703,28 @@ class DeleteDuringTurnTests(ConversationCase):
             self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
             self.assert_not_found("DELETE", "/v1/responses/resp_r2", "resp_r2")
 
+    def test_over_a_websocket_too_and_no_hold_outlives_its_turn(self):
+        self.turn("resp_r1", "one")
+        self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+        reply = Reply(frames=with_id(stream_frames(), "resp_r3"), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = WSClient(self.port)
+        self.addCleanup(client.close_socket)
+        client.create(previous_response_id="resp_r2", input="three")
+        self.assertTrue(reply.wait_held())
+        self.assertEqual(self.request("DELETE", "/v1/responses/resp_r2")[0], 200)
+        reply.go()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.assertEqual(len(self.get("/v1/responses/resp_r3/input_items")[1]["data"]), 5)
+        client.create(previous_response_id="resp_unknown", input="x")  # refused: unpinned too
+        self.assertEqual(client.recv_event()["type"], "error")
+        client.create(previous_response_id="resp_r3", input="x", generate=False)
+        client.response_events()
+        status, _, _ = self.post(simple_request("y", previous_response_id="resp_nope"))
+        self.assertEqual(status, 400)
+        self.assertEqual(dict(self.proxy.app.conversations._pins), {})
+
     def test_a_failed_turn_lets_the_deleted_response_go_for_good(self):
         self.turn("resp_r1", "one")
         self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
