@@ -69,6 +69,14 @@ Scenarios (pick with --only):
      below 85 % of what it is with default arenas (medians of the last third).
      The growth with default arenas, slow and irregular (1 to 3 MB in one to
      three minutes), is only reported.
+ 10  bounded memory (only with --only 10; docs/memory.md): four ways a small
+     request (or the backend) could make the proxy hold far more than its caps,
+     each against a fresh proxy, its peak RSS (VmHWM) reported: (a) 2,000
+     item_references to a stored 100 KB item (200 MB if built; refused);
+     (b) 8 client WebSockets, each chaining six generate:false messages of 20
+     references to a 512 KiB item (kept responses); (c) a backend WebSocket
+     message in 160 fragments of 1 MiB; (d) one 30 MiB client WebSocket message.
+     Target for each: peak <= 2 x the caps that bound it + 40 MB.
 
   12 the Anthropic Messages front end (Claude Code), on one proxy beside the
      Responses path: (a) a small streamed request, sequential on keep-alive
@@ -84,6 +92,7 @@ Targets:
   5  wall <= 1.5 x direct, 0 failures   6  ready <= 150 ms, idle RSS <= 24 MB,
   7  <= (a) + 0.5 round trip               peak RSS <= 45 MB
   9  as shipped: growth <= +1.5 MB, RSS <= 85 % of default malloc arenas
+ 10  peak RSS <= 2 x caps + 40 MB in each case
   12 (a) <= +1.5 ms p50 over Responses, (b) >= 50 % of its events/s, (c) <= 20 % of HTTP's upload
 
 Output: a table on stdout (scenario, direct, proxy, difference, target,
@@ -449,6 +458,21 @@ def _ws_events(model):
     return hit
 
 
+def _up_fragments(sock, count=160, size=1 << 20):
+    """One event sent as `count` fragments of `size` bytes: what a backend must not do to
+    the proxy's memory (scenario 10)."""
+    sock.sendall(_ws_frame(1, _dumps({"type": "response.created", "response": {
+        "id": "resp_frag", "status": "in_progress", "output": []}}).encode()))
+    piece = b"x" * size
+    try:
+        sock.sendall(bytes((0x01, 127)) + size.to_bytes(8, "big") + piece)
+        for i in range(1, count):
+            sock.sendall(bytes((0x80 if i == count - 1 else 0, 127)) + size.to_bytes(8, "big")
+                         + piece)
+    except OSError:
+        pass  # the proxy gave up on the message: as it should
+
+
 def _up_websocket(sock, buf, hdrs, lat):
     """The backend's WebSocket (PROTOCOL.md section 9): response.create messages answered
     with the events as text frames; the socket remembers its last response, so a turn may
@@ -480,6 +504,8 @@ def _up_websocket(sock, buf, hdrs, lat):
             sock.sendall(_ws_frame(1, _dumps({"type": "error", "error": {
                 "code": "previous_response_not_found", "message": "not found"}}).encode()))
             continue
+        if msg.get("model") == "bench-fragments":
+            return _up_fragments(sock)
         n += 1
         last_id = "resp_ws_%d" % n
         sock.sendall(b"".join(_ws_frame(1, e.replace(_ID_SLOT_B, last_id.encode()))
@@ -1245,6 +1271,95 @@ def big_history(target_bytes=2 * 1024 * 1024):
         size += len(_dumps(it)) + 1
         i += 1
     return items
+
+
+# ---------------------------------------------------------------------------
+# Bounded memory (scenario 10): a minimal WebSocket client
+# ---------------------------------------------------------------------------
+
+def ws_connect(port, timeout=120.0):
+    """A client WebSocket to the proxy's /v1/responses: (socket, bytes read past the 101)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall(("GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+               "\r\n" % (port, key)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = s.recv(65536)
+        if not d:
+            raise RuntimeError("the proxy closed the WebSocket handshake")
+        data += d
+    head, rest = data.split(b"\r\n\r\n", 1)
+    if b" 101 " not in head.split(b"\r\n")[0]:
+        raise RuntimeError("WebSocket upgrade refused: %r" % head[:80])
+    return s, bytearray(rest)
+
+
+def ws_send_text(sock, payload):
+    """One masked text frame (a client's must be)."""
+    n = len(payload)
+    head = bytes((0x81, 0x80 | n)) if n < 126 else (
+        bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") if n < 65536
+        else bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big"))
+    key = os.urandom(4)
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(
+        (key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") if n else b""
+    sock.sendall(head + key + masked)
+
+
+def ws_events_until_end(sock, buf):
+    """The decoded events of one response: up to its terminal or error event."""
+    events = []
+    while True:
+        while True:
+            if len(buf) >= 2:
+                n, head = buf[1] & 0x7F, 2
+                if n == 126 and len(buf) >= 4:
+                    n, head = int.from_bytes(buf[2:4], "big"), 4
+                elif n == 127 and len(buf) >= 10:
+                    n, head = int.from_bytes(buf[2:10], "big"), 10
+                if n < 126 or head > 2:
+                    if len(buf) >= head + n:
+                        break
+            d = sock.recv(262144)
+            if not d:
+                raise RuntimeError("the proxy closed the WebSocket")
+            buf.extend(d)
+        opcode, payload = buf[0] & 0x0F, bytes(buf[head:head + n])
+        del buf[:head + n]
+        if opcode == 9:
+            sock.sendall(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+            continue
+        if opcode == 8:
+            raise RuntimeError("the proxy closed the WebSocket: %r" % payload[:80])
+        if opcode != 1:
+            continue
+        event = json.loads(payload)
+        events.append(event)
+        if event.get("type") in ("response.completed", "response.failed",
+                                 "response.incomplete", "error"):
+            return events
+
+
+def user_message(text, item_id=None):
+    item = {"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": text}]}
+    if item_id:
+        item["id"] = item_id
+    return item
+
+
+def filler_text(size, seed):
+    """Text that compresses about as conversations do, different for every seed."""
+    rnd = random.Random(seed)
+    words = [("%x" % rnd.getrandbits(40)) for _ in range(4096)]
+    out, n = [], 0
+    while n < size:
+        w = words[rnd.getrandbits(12)]
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)[:size]
 
 
 # ---------------------------------------------------------------------------
@@ -2194,12 +2309,122 @@ class Bench(object):
                  "<= 20 %", w <= 0.2 * h and not fails)
         for why in fails[:3]:
             self.notes.append("12: " + why)
+    def s10(self):
+        """Bounded memory: each case against a fresh proxy, its peak RSS at the end."""
+        home = os.path.join(self.tmp, "codex-home")
+        mib = 1024 * 1024
+        body_cap, store_cap = 32 * mib, 16 * mib
+        cases = (
+            ("a", "2,000 item_references to a 100 KB item", ["--state-max-mb", "16"],
+             self._s10_references, body_cap, "--max-body-bytes"),
+            ("b", "8 sockets x 6 chained generate:false x 20 refs to 512 KiB",
+             ["--state-max-mb", "16"], self._s10_kept, body_cap + 2 * store_cap,
+             "--max-body-bytes + 2 x --state-max-mb"),
+            ("c", "backend message in 160 x 1 MiB fragments",
+             ["--upstream-transport", "ws"], self._s10_fragments, body_cap,
+             "--max-body-bytes"),
+            ("d", "one 30 MiB client WebSocket message", [], self._s10_big_message, body_cap,
+             "--max-body-bytes"))
+        # once first, so that no case pays for compiling the proxy
+        stop(start_proxy(self.a.proxy, home, self.up_url,
+                         os.path.join(self.tmp, "proxy-10-warm.log"))[0])
+        out = {}
+        ws_url = "http://127.0.0.1:%d/ws%s" % (self.up_port, UPSTREAM_PATH)  # see _up_conn
+        for name, what, args, drive, caps, caps_are in cases:
+            log = os.path.join(self.tmp, "proxy-10%s.log" % name)
+            p, port, _ = start_proxy(self.a.proxy, home, ws_url if name == "c" else self.up_url,
+                                     log, args=args)
+            try:
+                start = proc_mem(p.pid).get("VmRSS", float("nan"))
+                t0 = perf()
+                outcome = drive(port)
+                seconds = perf() - t0
+                mem = proc_mem(p.pid)
+                alive = p.poll() is None
+            finally:
+                stop(p)
+            peak = mem.get("VmHWM", float("nan"))
+            target = 2 * caps / mib + 40
+            out[name] = {"what": what, "args": args, "start_mb": start, "peak_mb": peak,
+                         "end_mb": mem.get("VmRSS"), "caps_mb": caps / mib,
+                         "caps": caps_are, "target_mb": target, "seconds": seconds,
+                         "outcome": outcome, "proxy_alive": alive}
+            self.row("10", "(%s) %s: peak RSS (MB)" % (name, what), "%.1f at start" % start,
+                     "%.1f" % peak, "%.1f s" % seconds,
+                     "<= %.0f (2 x %s + 40)" % (target, caps_are), alive and peak <= target)
+            self.notes.append("10 (%s): %s" % (name, outcome))
+        self.res["10_bounded_memory"] = out
+
+    def _s10_store_item(self, port, size, item_id):
+        """Keep a response whose input holds an item of `size` bytes under item_id."""
+        c = Client("127.0.0.1", port, timeout=120)
+        body = _dumps({"model": "bench-small", "instructions": "You are a benchmark.",
+                       "input": [user_message(filler_text(size, 1), item_id)],
+                       "stream": True}).encode()
+        r = c.request("POST", "/v1/responses", body)
+        c.close()
+        if r.status != 200:
+            raise RuntimeError("storing the item: HTTP %d" % r.status)
+
+    def _s10_references(self, port):
+        self._s10_store_item(port, 100 * 1024, "msg_big")
+        c = Client("127.0.0.1", port, timeout=120)
+        refs = [{"type": "item_reference", "id": "msg_big"}] * 2000
+        body = _dumps({"model": "bench-small", "input": refs, "stream": True}).encode()
+        r = c.request("POST", "/v1/responses", body, accept="application/json", keep=True)
+        c.close()
+        code = json.loads(r.data).get("error", {}).get("code") if r.status != 200 else None
+        return "%d-byte request -> HTTP %d %s" % (len(body), r.status, code)
+
+    def _s10_kept(self, port):
+        self._s10_store_item(port, 512 * 1024, "msg_big")
+        outcomes = {}
+        socks = [ws_connect(port) for _ in range(8)]
+        for s, buf in socks:
+            previous = None
+            for turn in range(6):
+                msg = {"type": "response.create", "model": "bench-small", "generate": False,
+                       "input": [{"type": "item_reference", "id": "msg_big"}] * 20}
+                if previous:
+                    msg["previous_response_id"] = previous
+                ws_send_text(s, _dumps(msg).encode())
+                last = ws_events_until_end(s, buf)[-1]
+                key = last.get("type") if last.get("type") != "error" else \
+                    "error " + str(last.get("error", {}).get("code"))
+                outcomes[key] = outcomes.get(key, 0) + 1
+                if last.get("type") == "response.completed":
+                    previous = last["response"]["id"]
+        for s, _ in socks:
+            s.close()
+        return "48 messages -> %s" % ", ".join("%d %s" % (v, k)
+                                               for k, v in sorted(outcomes.items()))
+
+    def _s10_fragments(self, port):
+        c = Client("127.0.0.1", port, timeout=120)
+        r = c.request("POST", "/v1/responses", req_body("bench-fragments"), keep=True)
+        c.close()
+        events = [ln for ln in r.data.split(b"\n") if ln.startswith(b"data:")] if r.data else []
+        last = json.loads(events[-1][5:]) if events else {}
+        return "HTTP %d, last event %s %s" % (r.status, last.get("type"), last.get("code"))
+
+    def _s10_big_message(self, port):
+        s, buf = ws_connect(port)
+        text = filler_text(30 * 1024 * 1024 - 200, 2)
+        msg = _dumps({"type": "response.create", "model": "bench-small",
+                      "input": [user_message(text)], "store": False}).encode()
+        del text
+        ws_send_text(s, msg)
+        size = len(msg)
+        del msg
+        last = ws_events_until_end(s, buf)[-1]
+        s.close()
+        return "%d-byte message -> %s" % (size, last.get("type"))
 
     # -- driver -------------------------------------------------------------
     # Scenarios on the shared fake upstream and proxy, in this order (6 brackets them).
     SHARED = (1, 2, 3, 4, 5)
     # Scenarios that start their own upstream and proxy, once the shared ones are stopped.
-    OWN_SETUP = (7, 8, 9, 12)
+    OWN_SETUP = (7, 8, 9, 10, 12)
 
     def scenario(self, n):
         """Run self.s<n>(): a crash is a MISS row and a note, not the end of the run."""

@@ -62,6 +62,13 @@ def restart_from_bytecode():
         pass
 
 
+# Blocks from this size up are mapped on their own and go back to the system when freed.
+# glibc's default raises its threshold up to 32 MB after each large block is freed, and then
+# keeps later large blocks (a 30 MB message, its parse, its copy upstream) in the heap,
+# where what is freed stays in the process: a 30 MB request left the proxy 60 MB larger.
+MMAP_THRESHOLD = 1 << 20
+
+
 def restarted_environment(environ):
     """The restarted process's environment: marked, so that it does not restart again, and
     with glibc's malloc held to two arenas (unless the user chose a number; glibc reads it
@@ -75,6 +82,7 @@ def restarted_environment(environ):
     env = dict(environ)
     env[_RESTARTED_ENV] = "1"
     env.setdefault("MALLOC_ARENA_MAX", "2")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     return env
 
 
@@ -83,6 +91,7 @@ if __name__ == "__main__":
 
 import argparse
 import base64
+import codecs
 import collections
 import contextlib
 import datetime
@@ -352,7 +361,9 @@ def build_arg_parser():
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the "
                         "proxy, with CORS (repeatable; other origins get 403)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
-                   help="largest request body accepted (default %(default)s)")
+                   help="largest request body or WebSocket message accepted, and the most an "
+                        "input may grow to with its item_reference and previous_response_id "
+                        "history filled in (default %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
                    help="requests in flight at once; more get 503 (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
@@ -364,8 +375,9 @@ def build_arg_parser():
                         "they survive restarts (default: in memory)")
     p.add_argument("--state-max-mb", type=positive_float, metavar="MB",
                    help="size cap of that store; the least recently used go first (default %d "
-                        "in memory, %d with --state-db)" % (DEFAULT_STATE_MB,
-                                                           DEFAULT_STATE_DB_MB))
+                        "in memory, %d with --state-db); also caps what all WebSockets keep "
+                        "for previous_response_id (at most %d with --state-db)"
+                        % (DEFAULT_STATE_MB, DEFAULT_STATE_DB_MB, DEFAULT_STATE_MB))
     p.add_argument("--upstream-transport", choices=("auto", "ws", "http"), default="auto",
                    help="how requests reach the ChatGPT backend: ws keeps one WebSocket per "
                         "conversation and sends each turn's new items only; auto does so from a "
@@ -2004,11 +2016,19 @@ def encode_json_object(body, original=None, source=None, spans=None):
     return "".join(pieces).encode("utf-8", "surrogatepass")
 
 
+_SEED_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def derive_session_id(model, instructions, first_item):
     """A stable id for one conversation: its turns share the model, the instructions and the
     first input item, so they land on the same backend prompt cache."""
-    seed = json.dumps([model, instructions, first_item], sort_keys=True, separators=(",", ":"))
-    return str(uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4))
+    # The JSON text of the three, hashed as it is made (the text json.dumps would give): a
+    # 30 MB first item costs no joined copy of it, nor one in UTF-8.
+    digest = hashlib.sha256()
+    for chunk in _SEED_ENCODER.iterencode([model, instructions, first_item]):
+        for start in range(0, len(chunk), 1 << 20):
+            digest.update(chunk[start:start + (1 << 20)].encode())
+    return str(uuid.UUID(bytes=digest.digest()[:16], version=4))
 
 
 def input_list(value):
@@ -4110,6 +4130,20 @@ def websocket_accept(headers):
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
 
 
+def check_upgrade(version, headers):
+    """400 for an upgrade RFC 6455 4.2.1 does not allow: over HTTP/1.0, or without
+    `Connection: Upgrade` (headers lower-cased). A proxy in between that drops the
+    Connection header would otherwise get a 101 it cannot pass on."""
+    if version != "HTTP/1.1":
+        raise ProxyError(400, "A WebSocket upgrade needs HTTP/1.1 (this request is %s)."
+                         % version, code="invalid_websocket_handshake")
+    tokens = [t.strip().lower() for t in (headers.get("connection") or "").split(",")]
+    if "upgrade" not in tokens:
+        raise ProxyError(400, "A WebSocket upgrade needs the header `Connection: Upgrade`; "
+                         "if a proxy in between drops it, let it pass WebSocket upgrades.",
+                         code="invalid_websocket_handshake")
+
+
 def encode_frame(opcode, payload=b"", mask=False):
     """One whole frame. A server's go unmasked; a client must mask what it sends."""
     n = len(payload)
@@ -4143,6 +4177,23 @@ def mask_payload(payload, mask):
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
+MASK_PIECE = 1 << 20  # a multiple of 4: each piece starts at the same phase of the key
+
+
+def unmask_frame(buf, start, end):
+    """The payload buf[start:end] of a client's frame, unmasked with the 4 key bytes before
+    it. A large one is unmasked in place, a piece at a time, then copied out once: one copy
+    of a 30 MB payload where unmasking it whole would make five."""
+    key = bytes(buf[start - 4:start])
+    if end - start <= MASK_PIECE:
+        return mask_payload(bytes(buf[start:end]), key)
+    with memoryview(buf) as view:
+        for pos in range(start, end, MASK_PIECE):
+            stop = min(pos + MASK_PIECE, end)
+            view[pos:stop] = mask_payload(bytes(view[pos:stop]), key)
+        return bytes(view[start:end])
+
+
 def parse_close_payload(payload):
     """A close frame's (code or None, reason); WebSocketError for a malformed one."""
     if not payload:
@@ -4173,6 +4224,24 @@ def frame_header(buf, pos=0):
         length = int.from_bytes(buf[pos + 2:pos + size], "big")
     masked = bool(second & 0x80)
     return first, masked, length, size + (4 if masked else 0)
+
+
+UTF8_CHECK_PIECE = 1 << 20
+
+
+def check_utf8(data, error):
+    """Raise error unless data is UTF-8, decoding a piece at a time: checking a 30 MB message
+    must not cost a 30 MB (or, for non-ASCII text, up to 120 MB) str."""
+    if data.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), UTF8_CHECK_PIECE):
+            decoder.decode(view[start:start + UTF8_CHECK_PIECE])
+        decoder.decode(b"", True)
+    except UnicodeDecodeError:
+        raise error
 
 
 class MessageReader:
@@ -4236,7 +4305,7 @@ class MessageReader:
         end = start + length
         if len(buf) < end:
             return None
-        payload = mask_payload(bytes(buf[start:end]), bytes(buf[start - 4:start]))
+        payload = unmask_frame(buf, start, end)
         del buf[:end]
         return fin, opcode, payload
 
@@ -4251,15 +4320,14 @@ class MessageReader:
             return None
         data = b"".join(self._fragments)
         self._fragments, self._size = None, 0
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8")
+        check_utf8(data, WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8"))
         return OP_TEXT, data
 
 
 # The client side, for the backend's socket: the server's frames read, the upgrade asked for.
-WS_MAX_MESSAGE = 64 * 1024 * 1024  # the backend's events are small; this only bounds memory
+# The backend's events are small (the largest, response.completed, holds the output); a message
+# from it is capped at --max-body-bytes, and never below this.
+WS_MAX_MESSAGE = 16 * 1024 * 1024
 WS_MAX_HANDSHAKE = 65536
 
 
@@ -4267,10 +4335,11 @@ class WebSocketReader:
     """Frames from a socket, through one buffer: a read takes all that has arrived, so the
     frames it holds are handed on together."""
 
-    def __init__(self, sock, data=b""):
+    def __init__(self, sock, data=b"", max_message=None):
         self.sock = sock
         self._buf = bytearray(data)
         self._pos = 0
+        self.max_message = max(max_message or 0, WS_MAX_MESSAGE)  # in total, across fragments
 
     def _receive(self):
         chunk = self.sock.recv(262144)
@@ -4291,12 +4360,13 @@ class WebSocketReader:
         first, masked, n, size = head
         if first & 0x70:
             raise ValueError("a WebSocket frame with RSV bits set")
-        if n > WS_MAX_MESSAGE or (first & 0x08 and n > 125):
+        if n > self.max_message or (first & 0x08 and n > 125):
             raise ValueError("a WebSocket frame of %d bytes" % n)
         while len(self._buf) - self._pos < size + n:
             self._receive()
         start = self._pos + size
-        payload = bytes(self._buf[start:start + n])
+        with memoryview(self._buf) as view:  # one copy of the payload, not two
+            payload = bytes(view[start:start + n])
         if masked:
             payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
         self._pos = start + n
@@ -4311,7 +4381,7 @@ class WebSocketReader:
         """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
         payload). Pings are answered through pong(payload) on the way. buffered_only: None
         instead of waiting when no whole message is buffered (a lone ping, a first fragment)."""
-        parts, first = [], None
+        parts, first, size = [], None, 0
         while True:
             if buffered_only and not parts and not self.frame_ready():
                 return None
@@ -4327,9 +4397,19 @@ class WebSocketReader:
                 if opcode == OP_CONTINUATION:
                     raise ValueError("a WebSocket continuation frame with nothing to continue")
                 first = opcode
+            elif opcode != OP_CONTINUATION:  # RFC 6455 5.4: never joined to the one before
+                del parts[:]  # not held by the traceback
+                raise ValueError("a new WebSocket message inside a fragmented one")
+            size += len(payload)
+            if size > self.max_message:  # each fragment within the cap is not enough
+                del parts[:]
+                raise ValueError("a WebSocket message of more than %d bytes" % self.max_message)
             parts.append(payload)
             if fin:
-                return first, b"".join(parts)
+                data = payload if len(parts) == 1 else b"".join(parts)
+                if first == OP_TEXT:
+                    check_utf8(data, ValueError("a WebSocket text message that is not UTF-8"))
+                return first, data
 
 
 class ErrorFrame(Exception):
@@ -5564,9 +5644,9 @@ def rate_limit_headers(event):
 class UpstreamWebSocket:
     """One open socket to the backend, used by one request at a time."""
 
-    def __init__(self, sock, rest, headers, identity, key):
+    def __init__(self, sock, rest, headers, identity, key, max_message=None):
         self.sock = sock
-        self.reader = WebSocketReader(sock, rest)
+        self.reader = WebSocketReader(sock, rest, max_message)
         self.headers = headers  # the 101's
         self.identity = identity  # (token, account, version): a socket is tied to these
         self.key = key
@@ -5798,11 +5878,14 @@ class WebSocketBody:
         self.terminal = None
         self.seen = ResponseAssembler()  # what the pool keeps of the turn: its output
         self._pending = []
+        self._broken = None  # what ends the body (a protocol error), once its events are read
 
     def read(self):
         out, self._pending = self._pending, []
         if self.complete:
             return b"".join(out)
+        if self._broken is not None:
+            raise http.client.HTTPException(self._broken)
         try:
             if not out:
                 frame = self.next_event()
@@ -5815,7 +5898,12 @@ class WebSocketBody:
                     break
                 out.append(frame)
         except ValueError as e:
-            raise http.client.HTTPException("WebSocket protocol error: %s" % e)
+            # kept as text: an exception kept here would hold, through its traceback, this
+            # body and the frames that read the bad message
+            self._broken = "WebSocket protocol error: %s" % e
+            if not out:
+                raise http.client.HTTPException(self._broken)
+            # the events before the bad frame were good: they go first, the failure next
         return b"".join(out)
 
     def next_event(self, buffered_only=False):
@@ -6047,7 +6135,8 @@ class WebSocketUpstream:
             return self.refused("cannot open a WebSocket to the backend (%s)"
                                 % (getattr(e, "strerror", None) or e.__class__.__name__))
         self.client.quota.update(answer)
-        ws = UpstreamWebSocket(sock, rest, answer, identity, request.session_id)
+        ws = UpstreamWebSocket(sock, rest, answer, identity, request.session_id,
+                               self.config.max_body_bytes)
         ws.request_headers = headers
         return ws
 
@@ -6868,11 +6957,12 @@ class WebSocketSession:
         self.path = path
         self.sock = handler.connection
         self.reader = MessageReader(app.config.max_body_bytes)
-        self.kept = SocketResponses()
+        self.kept = SocketResponses(app.socket_memory)
         self.answered = 0  # requests answered on this socket
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queue = collections.deque()
+        self._queued_bytes = 0
         self._busy = False
         self._ended = False      # the socket is shut: nothing more in or out
         self._closing = None     # when our close frame went out
@@ -6964,10 +7054,13 @@ class WebSocketSession:
         for opcode, payload in messages:
             if opcode == OP_TEXT:
                 with self._cond:
-                    if len(self._queue) >= WS_MAX_QUEUED:
+                    # while nothing is in flight, the first queued is about to be: not waiting
+                    if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
                         raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
                                              "waiting; wait for answers" % WS_MAX_QUEUED)
+                    self._check_waiting_bytes(len(payload))
                     self._queue.append(payload)
+                    self._queued_bytes += len(payload)
                     self._cond.notify_all()
             elif opcode == OP_PING:
                 try:
@@ -6979,6 +7072,17 @@ class WebSocketSession:
                 self.close(code)  # the answer: the client's own code (none if it sent none)
                 return True
         return False
+
+    def _check_waiting_bytes(self, size):
+        """The requests waiting on a socket hold at most --max-body-bytes together (the one
+        about to be answered aside): what one socket makes the proxy hold is bounded by the
+        flag, not by 16 times it."""
+        waiting = self._queued_bytes - (len(self._queue[0]) if self._queue and not self._busy
+                                        else 0)
+        limit = self.app.config.max_body_bytes
+        if waiting + size > limit and (waiting or self._queue):
+            raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d bytes of requests "
+                                 "waiting (--max-body-bytes); wait for answers" % limit)
 
     def _tick(self):
         """Between the client's frames: keep-alive, idle and shutdown; True to end."""
@@ -7012,6 +7116,7 @@ class WebSocketSession:
                     if self._ended or self._closing is not None:
                         break
                     raw = self._queue.popleft()
+                    self._queued_bytes -= len(raw)
                     self._busy = True
                 try:
                     self.answer(raw)
@@ -7025,6 +7130,7 @@ class WebSocketSession:
             if reader.ident is not None:  # started
                 reader.join(WS_CLOSE_WAIT + 5)
             self.end()
+            self.kept.close()
             self.app.traffic.count_websocket("connections_open", -1)
 
     def answer(self, raw):
@@ -7074,45 +7180,56 @@ class WebSocketSession:
         sink = WebSocketSink(self, exchange, stream_id)
         if app.config.mode == "apikey":
             previous = body.get("previous_response_id")
-            history = self.kept.get(previous) if isinstance(previous, str) else None
+            budget = ExpansionBudget(app.config.max_body_bytes, len(source))
+            history = self.kept.get(previous, budget) if isinstance(previous, str) else None
+            parent = previous if history is not None else None
             if not generate:
                 if previous is not None and history is None:
                     raise unknown_response_error(previous)
                 return self.prewarm(exchange, body, (history or []) + input_list(
-                    body.get("input")), stream_id)
+                    body.get("input")), stream_id, parent)
             with app.traffic.slot():
-                return app.respond_platform(exchange, body, history, sink, self.keep)
+                return app.respond_platform(exchange, body, history, sink,
+                                            lambda assembler, sent_input: self.keep(
+                                                assembler, sent_input, parent))
         request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
         if not generate:
-            return self.prewarm(exchange, body, request.body["input"], stream_id)
+            app.turn_done(request)
+            return self.prewarm(exchange, body, request.body["input"], stream_id,
+                                request.previous)
         with app.traffic.slot():
-            answer = app.upstream.responses(request)  # the backend's socket too, if in use
+            try:
+                answer = app.upstream.responses(request)  # the backend's socket too, if in use
 
-            def on_end(assembler):
-                app.keep(assembler, request)
-                self.keep(assembler, request.body["input"])
+                def on_end(assembler):
+                    app.keep(assembler, request)
+                    self.keep(assembler, request.body["input"], request.previous)
 
-            relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+                relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+            finally:
+                app.turn_done(request)
         app.upstream.turn_over(request)
 
-    def history(self, previous):
+    def history(self, previous, budget=None):
         """The items previous_response_id names: a response of this socket's, else one in
         the conversation store."""
-        items = self.kept.get(previous)
-        return items if items is not None else self.app.conversations.history(previous)
+        items = self.kept.get(previous, budget)
+        return items if items is not None else self.app.conversations.history(previous, budget)
 
-    def keep(self, assembler, sent_input):
+    def keep(self, assembler, sent_input, parent=None):
         """A finished response's whole input and output, for previous_response_id on this
-        socket, whatever its `store` said."""
+        socket, whatever its `store` said. parent: the previous_response_id it continued,
+        whose history it shares."""
         response_id = (assembler.response or {}).get("id")
         if assembler.terminal in ("response.completed", "response.incomplete") and \
                 isinstance(response_id, str):
-            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()))
+            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()),
+                          parent)
 
-    def prewarm(self, exchange, body, items, stream_id):
+    def prewarm(self, exchange, body, items, stream_id, parent=None):
         """`"generate": false`: answered here; its input kept for the next request."""
         events = prewarm_events(body)
-        self.kept.put(events[0]["response"]["id"], items)
+        self.kept.put(events[0]["response"]["id"], items, parent)
         self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
                          stream_id)
         exchange.log_fields["note"] = "generate: false, answered here"
@@ -7153,17 +7270,29 @@ def replayable(items):
     return kept
 
 
+PACK_PIECE = 1 << 20
+
+
 def pack_json(text):
     """JSON text as it is kept: zlib at level 1, which gets most of what conversations
-    (repetitive text) compress to for a fraction of the CPU of higher levels."""
-    return zlib.compress(text.encode("utf-8"), 1)
+    (repetitive text) compress to for a fraction of the CPU of higher levels. Encoded a piece
+    at a time: a 30 MB text never costs a 30 MB copy as UTF-8 besides."""
+    if len(text) <= PACK_PIECE:
+        return zlib.compress(text.encode("utf-8"), 1)
+    packer = zlib.compressobj(1)
+    out = [packer.compress(text[i:i + PACK_PIECE].encode("utf-8"))
+           for i in range(0, len(text), PACK_PIECE)]
+    out.append(packer.flush())
+    return b"".join(out)
 
 
-def unpack_json(blob):
-    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text."""
-    if isinstance(blob, str):
-        return json.loads(blob)
-    return json.loads(zlib.decompress(blob).decode("utf-8"))
+def unpack_json(blob, budget=None):
+    """A kept JSON value; rows of a version 1 --state-db hold plain JSON text. budget: an
+    ExpansionBudget its text counts against."""
+    text = blob if isinstance(blob, str) else zlib.decompress(blob)
+    if budget is not None:
+        budget.spend(len(text))
+    return json.loads(text if isinstance(text, str) else text.decode("utf-8"))
 
 
 def _compact(value):
@@ -7203,6 +7332,32 @@ def stored_response_not_found(response_id):
                       "restart forgets them unless it runs with --state-db; past its size cap it "
                       "drops the least recently used; and a deleted one is gone." % (response_id,),
                       code="response_not_found")
+
+
+def expanded_input_too_large(limit):
+    return ProxyError(400,
+                      "The request's input, with its item references and previous_response_id "
+                      "history filled in, would be larger than %d bytes, the limit set by "
+                      "--max-body-bytes: the proxy neither builds nor sends more. Start a new "
+                      "conversation or compact this one (send fewer or smaller items), or "
+                      "restart the proxy with a larger --max-body-bytes." % limit,
+                      param="input", code="input_too_large")
+
+
+class ExpansionBudget:
+    """The bytes a request may grow to while its item references and previous_response_id
+    history are filled in: --max-body-bytes, as for the body itself. Each piece is counted
+    before it is built, so a small request naming a large item many times is refused before
+    the proxy holds more than the limit."""
+
+    def __init__(self, limit, used=0):
+        self.limit = limit
+        self.used = used
+
+    def spend(self, size):
+        self.used += size
+        if self.used > self.limit:
+            raise expanded_input_too_large(self.limit)
 
 
 def listed_items(owner, side, items):
@@ -7277,6 +7432,7 @@ class ConversationStore:
         self._owners = {}                          # item id -> id of the response holding it
         self._children = collections.Counter()     # id -> how many kept responses continue it
         self._bytes = 0
+        self._pins = collections.Counter()  # id -> how many turns in flight continue it
 
     def save(self, response, parent, input_json):
         """Keep a finished response. response: the assembled response object (with its id and
@@ -7292,17 +7448,21 @@ class ConversationStore:
         with self._lock:
             self._save(response["id"], record, tuple(item_ids))
 
-    def history(self, response_id):
+    def history(self, response_id, budget=None):
         """All items of the chain ending in response_id, oldest first, as the backend takes
         them; None if response_id is unknown or deleted, or a link is unknown (never stored,
-        evicted, or lost in a restart)."""
+        evicted, or lost in a restart). budget (an ExpansionBudget): each response's text is
+        counted as it is unpacked, newest first, so a chain past the limit stops early."""
         chain = self._chain(response_id)
         if chain is None:
             return None
+        parts = []
+        for _, record in reversed(chain):
+            parts.append(replayable(unpack_json(record.output, budget)))
+            parts.append(unpack_json(record.input, budget))
         items = []
-        for _, record in chain:
-            items.extend(unpack_json(record.input))
-            items.extend(replayable(unpack_json(record.output)))
+        for part in reversed(parts):
+            items.extend(part)
         return items
 
     def input_items(self, response_id):
@@ -7339,10 +7499,11 @@ class ConversationStore:
         with self._lock:
             return self._forget(response_id)
 
-    def expand_references(self, items):
+    def expand_references(self, items, budget=None):
         """`items` (a request's input list) with each item_reference replaced by the item it
         names, as the backend takes it: without its id, and reasoning it cannot read back
-        dropped (it keeps nothing, so a reference or id means nothing to it)."""
+        dropped (it keeps nothing, so a reference or id means nothing to it). budget (an
+        ExpansionBudget): each reference counts the size of its item, as it is expanded."""
         if not isinstance(items, list) or not any(is_item_reference(i) for i in items):
             return items
         wanted = set(item["id"] for item in items
@@ -7363,15 +7524,35 @@ class ConversationStore:
                     if isinstance(item, dict) and isinstance(item.get("id"), str) \
                             and item["id"] in wanted:
                         found.setdefault(item["id"], item)
-        expanded = []
+        expanded, sizes = [], {}
         for item in items:
             if not is_item_reference(item):
                 expanded.append(item)
             elif isinstance(item.get("id"), str) and item["id"] in found:
+                if budget is not None:
+                    if item["id"] not in sizes:
+                        sizes[item["id"]] = len(_compact(found[item["id"]]))
+                    budget.spend(sizes[item["id"]])
                 expanded.extend(replayable([found[item["id"]]]))
             else:
                 raise item_reference_error(item.get("id"))
         return expanded
+
+    def pin(self, response_id):
+        """A turn continuing response_id has begun: a delete meanwhile hides it but keeps
+        its items, as for a response that others continue, so that turn's response is kept
+        with its whole history (unpin once it is kept, or failed)."""
+        with self._lock:
+            self._pins[response_id] += 1
+
+    def unpin(self, response_id):
+        if response_id is None:
+            return
+        with self._lock:
+            self._pins[response_id] -= 1
+            if self._pins[response_id] <= 0:
+                del self._pins[response_id]
+                self._prune_unpinned(response_id)
 
     def close(self):
         pass
@@ -7428,7 +7609,7 @@ class ConversationStore:
         if entry is None or entry[0].deleted:
             return False
         record, item_ids, size = entry
-        if not self._children.get(response_id):
+        if not self._children.get(response_id) and not self._pins.get(response_id):
             self._remove(response_id)
             self._prune(record.parent)
             return True
@@ -7443,10 +7624,14 @@ class ConversationStore:
         continues them any more: deleting a whole chain leaves none of it behind."""
         while response_id is not None:
             entry = self._entries.get(response_id)
-            if entry is None or not entry[0].deleted or self._children.get(response_id):
+            if entry is None or not entry[0].deleted or self._children.get(response_id) \
+                    or self._pins.get(response_id):
                 return
             self._remove(response_id)
             response_id = entry[0].parent
+
+    def _prune_unpinned(self, response_id):
+        self._prune(response_id)
 
     def _load(self, response_id):
         entry = self._entries.get(response_id)
@@ -7575,7 +7760,7 @@ class SQLiteConversationStore(ConversationStore):
             record = self._load(response_id)
             if record is None or record.deleted:
                 return False
-            if not self._continued(response_id):
+            if not self._continued(response_id) and not self._pins.get(response_id):
                 self._delete_row(response_id)
                 self._prune(record.parent)
                 return True
@@ -7595,10 +7780,15 @@ class SQLiteConversationStore(ConversationStore):
     def _prune(self, response_id):
         while response_id is not None:
             record = self._load(response_id)
-            if record is None or not record.deleted or self._continued(response_id):
+            if record is None or not record.deleted or self._continued(response_id) \
+                    or self._pins.get(response_id):
                 return
             self._delete_row(response_id)
             response_id = record.parent
+
+    def _prune_unpinned(self, response_id):
+        with self._transaction():
+            self._prune(response_id)
 
     def _load(self, response_id):
         row = self._db.execute("SELECT parent, input, output, response, deleted FROM responses "
@@ -7617,29 +7807,215 @@ class SQLiteConversationStore(ConversationStore):
                              % ",".join("?" * len(batch)), [now] + batch)
 
 
+def _holds_long_text(value):
+    if isinstance(value, str):
+        return len(value) > PACK_PIECE
+    if isinstance(value, dict):
+        return any(_holds_long_text(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_long_text(v) for v in value)
+    return False
+
+
+def _json_pieces(value):
+    """value's compact JSON, in pieces: made whole (in C) where that is small, but a long
+    string's escaped text a megabyte at a time, so it is never held whole twice."""
+    if not _holds_long_text(value):
+        yield _compact(value)
+    elif isinstance(value, str):
+        yield '"'
+        for start in range(0, len(value), PACK_PIECE):
+            yield _compact(value[start:start + PACK_PIECE])[1:-1]
+        yield '"'
+    elif isinstance(value, dict):
+        for i, (key, item) in enumerate(value.items()):
+            yield ("{" if i == 0 else ",") + _compact(key) + ":"
+            yield from _json_pieces(item)
+        yield "}"
+    else:
+        for i, item in enumerate(value):
+            yield "[" if i == 0 else ","
+            yield from _json_pieces(item)
+        yield "]"
+
+
+def pack_pieces(pieces):
+    """(the compressed pieces of a JSON text given in ASCII pieces, the text's length): as
+    pack_json, without ever holding the whole text, nor the compressed text twice."""
+    packer = zlib.compressobj(1)
+    out, size, batch, batched = [], 0, [], 0
+    for piece in pieces:
+        batch.append(piece)
+        batched += len(piece)
+        if batched >= PACK_PIECE:
+            out.append(packer.compress("".join(batch).encode("ascii")))
+            size, batch, batched = size + batched, [], 0
+    out.append(packer.compress("".join(batch).encode("ascii")))
+    out.append(packer.flush())
+    return tuple(chunk for chunk in out if chunk), size + batched
+
+
+def unpack_pieces(chunks):
+    unpacker = zlib.decompressobj()
+    text = bytearray()
+    for chunk in chunks:  # into one buffer: no list of pieces besides their join
+        text += unpacker.decompress(chunk)
+    text += unpacker.flush()
+    return json.loads(text.decode("ascii"))
+
+
+class KeptNode:
+    """A piece of a socket's kept history: the items one response added to the one it
+    continued (packed), and a link to that one, so a chain's entries share their history."""
+
+    __slots__ = ("parent", "blob", "size", "count", "text_bytes", "refs")
+
+    def __init__(self, parent, blob, count, text_bytes):
+        self.parent = parent          # the KeptNode it continued, or None
+        self.blob = blob              # its own items, compressed JSON (see pack_pieces)
+        self.size = sum(len(chunk) for chunk in blob)
+        self.count = count            # items from the chain's start through its own
+        self.text_bytes = text_bytes  # their JSON text's bytes, for an ExpansionBudget
+        self.refs = 0                 # the heads and child nodes that hold it
+
+    def chain(self):
+        """The nodes from the chain's start to this one."""
+        nodes, node = [], self
+        while node is not None:
+            nodes.append(node)
+            node = node.parent
+        nodes.reverse()
+        return nodes
+
+
+class SocketMemory:
+    """What all sockets together keep for previous_response_id, within one cap of compressed
+    bytes (the conversation store's): past it the least recently used kept response of any
+    socket goes first."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self._heads = collections.OrderedDict()  # (SocketResponses, response id), LRU first
+
+    def add(self, owner, response_id):
+        self._heads[(owner, response_id)] = None
+
+    def touch(self, owner, response_id):
+        self._heads.move_to_end((owner, response_id))
+
+    def discard(self, owner, response_id):
+        self._heads.pop((owner, response_id), None)
+
+    def shrink(self, keep):
+        """Drop the least recently used heads until within the cap; never `keep` (an
+        (owner, id) pair), which its own socket decides on."""
+        while self.bytes > self.max_bytes:
+            victim = next((k for k in self._heads if k != keep), None)
+            if victim is None:
+                return
+            victim[0].drop(victim[1])
+
+
+def socket_memory_cap(config):
+    """What all sockets together may keep in memory: the store's cap, and with --state-db
+    (whose cap is for a file) at most the in-memory store's default."""
+    if config.state_db:
+        return min(config.state_max_bytes, DEFAULT_STATE_MB * 1024 * 1024)
+    return config.state_max_bytes
+
+
 class SocketResponses:
     """The responses made on one socket, by id: each one's whole input and its output, as
-    the backend's own socket keeps them, even with store: false. The last few, within a
-    byte bound; all of it goes with the socket."""
+    the backend's own socket keeps them, even with store: false. The last few, within a cap
+    of compressed bytes for the socket and one for all sockets together (memory); a chain's
+    entries share the history they have in common, so a turn costs what it added. All of it
+    goes with the socket (close)."""
 
-    def __init__(self, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+    def __init__(self, memory=None, max_count=WS_KEPT_RESPONSES, max_bytes=WS_KEPT_BYTES):
+        self.memory = memory if memory is not None else SocketMemory(max_bytes)
         self.max_count = max_count
-        self.max_bytes = max_bytes
-        self._kept = collections.OrderedDict()
-        self._bytes = 0
+        self.max_bytes = min(max_bytes, self.memory.max_bytes)
+        self.bytes = 0
+        self._heads = collections.OrderedDict()  # response id -> KeptNode, oldest first
 
-    def put(self, response_id, items):
-        blob = pack_json(_compact(items))
-        old = self._kept.pop(response_id, None)
-        self._bytes += len(blob) - (len(old) if old is not None else 0)
-        self._kept[response_id] = blob
-        while len(self._kept) > 1 and (len(self._kept) > self.max_count
-                                       or self._bytes > self.max_bytes):
-            self._bytes -= len(self._kept.popitem(last=False)[1])
+    def put(self, response_id, items, parent=None):
+        """Keep items (a response's whole input and output) under response_id. When parent
+        (the previous_response_id it continued) is kept here and items begin with its items,
+        only the rest is packed. A response that does not fit the caps is not kept: a turn
+        continuing it gets previous_response_not_found, and clients then send it whole."""
+        with self.memory.lock:
+            base = self._heads.get(parent) if parent is not None else None
+            if base is not None:
+                base.refs += 1  # held while packing: eviction cannot free it meanwhile
+        if base is not None and base.count > len(items):
+            self._release_held(base)
+            base = None
+        blob, text_bytes = pack_pieces(_json_pieces(items[base.count:] if base is not None
+                                                    else items))
+        node = KeptNode(base, blob, len(items),
+                        text_bytes + (base.text_bytes if base is not None else 0))
+        with self.memory.lock:  # the hold on base is now the new node's link
+            self.drop(response_id)
+            node.refs = 1
+            self._heads[response_id] = node
+            self.memory.add(self, response_id)
+            self._account(node.size)
+            while self._heads and (len(self._heads) > self.max_count
+                                   or self.bytes > self.max_bytes):
+                self.drop(next(iter(self._heads)))  # the new one too, if alone too big
+            self.memory.shrink(keep=(self, response_id))
+            if self.memory.bytes > self.memory.max_bytes:
+                self.drop(response_id)
 
-    def get(self, response_id):
-        blob = self._kept.get(response_id)
-        return unpack_json(blob) if blob is not None else None
+    def get(self, response_id, budget=None):
+        """The items kept under response_id, or None. budget: an ExpansionBudget that
+        their size counts against before anything is unpacked."""
+        with self.memory.lock:
+            node = self._heads.get(response_id)
+            if node is None:
+                return None
+            self._heads.move_to_end(response_id)
+            self.memory.touch(self, response_id)
+            blobs = [n.blob for n in node.chain()]
+        if budget is not None:
+            budget.spend(node.text_bytes)
+        items = []
+        for blob in blobs:
+            items.extend(unpack_pieces(blob))
+        return items
+
+    def close(self):
+        """The socket ended: what it kept is freed."""
+        with self.memory.lock:
+            for response_id in list(self._heads):
+                self.drop(response_id)
+
+    # with the memory's lock held
+
+    def drop(self, response_id):
+        node = self._heads.pop(response_id, None)
+        if node is not None:
+            self.memory.discard(self, response_id)
+            self._release(node)
+
+    def _release(self, node):
+        """One holder less; a node nothing holds frees its bytes, and its hold on its parent."""
+        while node is not None:
+            node.refs -= 1
+            if node.refs:
+                return
+            self._account(-node.size)
+            node = node.parent
+
+    def _release_held(self, node):
+        with self.memory.lock:
+            self._release(node)
+
+    def _account(self, size):
+        self.bytes += size
+        self.memory.bytes += size
 
 
 # --------------------------------------------------------------------------------------------
@@ -8136,6 +8512,7 @@ class PreparedRequest:
         self.version = version        # the Codex version to present
         self._own_input = own_input   # -> its own input as JSON text, when it is kept
         self.after_turn = None        # what waits for the client to have its answer
+        self.pinned = None            # the stored response it continues, held meanwhile
 
     def own_input(self):
         return self._own_input()
@@ -8235,6 +8612,7 @@ class App:
         self._model_list_failed = None  # when the model list last could not be had
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
+        self.socket_memory = SocketMemory(socket_memory_cap(config))
         self.started = time.time()
         self.traffic = Traffic(config.max_concurrent, config.max_connections)
         self.recent = RecentRequests()
@@ -8371,10 +8749,13 @@ class App:
             return self.pass_through(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
-        answer = self.upstream.responses(request)
-        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
-        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
-              on_end=lambda assembler: self.keep(assembler, request))
+        try:
+            answer = self.upstream.responses(request)
+            sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
+            relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
+                  on_end=lambda assembler: self.keep(assembler, request))
+        finally:
+            self.turn_done(request)
         self.upstream.turn_over(request)
 
     def respond_platform(self, client, body, history, sink, on_kept):
@@ -8402,6 +8783,7 @@ class App:
         """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
         request does; a socket then takes a place (--max-concurrent) per response it
         streams, not for its whole life, but is refused at once when none is free."""
+        check_upgrade(client.request_version, client.lower_headers)
         accept = websocket_accept(client.lower_headers)
         with self.traffic.slot():
             pass
@@ -8469,6 +8851,7 @@ class App:
             return self.pass_through(client, url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
+        self.turn_done(request)  # nothing of a compaction is kept
         compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
         answer = self.upstream.call("POST", url, compact_body, encode_json_object,
                                     request.session_id, request.headers, "application/json",
@@ -8596,6 +8979,26 @@ class App:
         return url + ("?" + parts.query if parts.query else "")
 
     def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """prepare_request, with the response its previous_response_id names pinned in the
+        conversation store (see ConversationStore.pin) until turn_done(request)."""
+        previous = body.get("previous_response_id")
+        pinned = previous if isinstance(previous, str) else None
+        if pinned is not None:
+            self.conversations.pin(pinned)
+        try:
+            request = self.prepare_request(client_headers, body, source, spans, history)
+        except BaseException:
+            self.conversations.unpin(pinned)
+            raise
+        request.pinned = pinned
+        return request
+
+    def turn_done(self, request):
+        """The turn is over, its response kept or not: what it continued is no longer held."""
+        pinned, request.pinned = request.pinned, None
+        self.conversations.unpin(pinned)
+
+    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
         """A client's Responses request made ready for the backend: its item references and
         previous_response_id expanded (history: the lookup for the latter, by default the
         conversation store), rewritten, with the headers and the Codex version it goes
@@ -8603,9 +9006,11 @@ class App:
         # The map first: its target may name an effort.
         body = model_with_effort(self.with_model_mapped(body), self.model_catalog)
         original = body  # what `source` and `spans` describe: references not yet expanded
+        budget = ExpansionBudget(self.config.max_body_bytes,
+                                 len(source) if source is not None else 0)
         items = body.get("input")
         if isinstance(items, list):
-            expanded = self.conversations.expand_references(items)
+            expanded = self.conversations.expand_references(items, budget)
             if expanded is not items:
                 body = dict(body, input=expanded)
         previous = body.get("previous_response_id")
@@ -8614,7 +9019,7 @@ class App:
             if not isinstance(previous, str):
                 raise ProxyError(400, "`previous_response_id` must be a string.",
                                  param="previous_response_id", code="invalid_type")
-            earlier = (history or self.conversations.history)(previous)
+            earlier = (history or self.conversations.history)(previous, budget)
             if earlier is None:
                 raise unknown_response_error(previous)
         note = service_tier_warning(body)

@@ -2179,11 +2179,79 @@ class WebSocketFramingTests(unittest.TestCase):
         for i in range(3):
             kept.put("r%d" % i, [{"n": i}])
         self.assertEqual([kept.get("r%d" % i) for i in range(3)], [None, [{"n": 1}], [{"n": 2}]])
-        small = proxy.SocketResponses(max_count=4, max_bytes=10)
+        small = proxy.SocketResponses(max_count=4, max_bytes=150)
         small.put("a", [{"t": os.urandom(50).hex()}])
         small.put("b", [{"t": os.urandom(50).hex()}])
         self.assertIsNone(small.get("a"))
-        self.assertIsNotNone(small.get("b"), "the last response is kept whatever its size")
+        self.assertIsNotNone(small.get("b"))
+        small.put("c", [{"t": os.urandom(200).hex()}])
+        self.assertIsNone(small.get("c"), "one past the cap is not kept, even the last")
+        self.assertLessEqual(small.bytes, 150)
+
+
+class SocketMemoryTests(unittest.TestCase):
+    """Issue 19: a socket's kept responses share their history and stay within the
+    socket's cap and, with all sockets together, the store's."""
+
+    @staticmethod
+    def text(n):
+        return os.urandom(n // 2).hex()  # does not compress: bytes are what they seem
+
+    def test_a_chain_shares_its_history_instead_of_copying_it(self):
+        kept = proxy.SocketResponses(max_count=4, max_bytes=10 ** 8)
+        history, previous = [], None
+        for n in range(6):
+            history = history + [{"turn": n, "t": self.text(100000)}]
+            kept.put("r%d" % n, history, previous)
+            previous = "r%d" % n
+        self.assertEqual(kept.get("r5"), history)
+        self.assertEqual(kept.get("r3"), history[:4])
+        self.assertIsNone(kept.get("r1"), "four heads at most")
+        # six turns of 100 KB: what six of them pack to, not what 1+2+...+6 do
+        one = len(proxy.pack_json(json.dumps(history[0])))
+        self.assertLess(kept.bytes, 6.5 * one)
+        self.assertGreater(kept.bytes, 5.5 * one)
+        # a parent whose items are not the start of the new ones is not linked
+        kept.put("other", [{"t": "x"}], "r5")
+        self.assertEqual(kept.get("other"), [{"t": "x"}])
+
+    def test_dropping_heads_frees_what_only_they_held(self):
+        kept = proxy.SocketResponses(max_count=2, max_bytes=10 ** 8)
+        kept.put("a", [{"t": self.text(100000)}])
+        kept.put("b", kept.get("a") + [{"t": self.text(100000)}], "a")
+        kept.put("c", [{"t": "small"}])
+        self.assertIsNone(kept.get("a"))
+        self.assertEqual(len(kept.get("b")), 2, "b still holds a's items")
+        self.assertGreater(kept.bytes, 2 * len(proxy.pack_json(self.text(100000))) - 1000)
+        kept.put("d", [{"t": "small"}])  # c goes: b was used since
+        kept.put("e", [{"t": "small"}])
+        self.assertTrue(kept.get("b") is None)
+        self.assertLess(kept.bytes, 1000)
+        kept.close()
+        self.assertEqual(kept.bytes, 0)
+
+    def test_all_sockets_together_stay_within_the_shared_cap(self):
+        memory = proxy.SocketMemory(1000000)
+        sockets = [proxy.SocketResponses(memory, max_count=4, max_bytes=400000)
+                   for _ in range(10)]
+        for round_ in range(3):
+            for i, kept in enumerate(sockets):
+                kept.put("r%d-%d" % (i, round_), [{"t": self.text(150000)}])
+                self.assertLessEqual(memory.bytes, 1000000)
+                self.assertLessEqual(kept.bytes, 400000)
+        self.assertIsNotNone(sockets[-1].get("r9-2"), "the newest stays")
+        self.assertIsNone(sockets[0].get("r0-0"), "the least recently used went")
+        self.assertEqual(memory.bytes, sum(k.bytes for k in sockets))
+        for kept in sockets:
+            kept.close()
+        self.assertEqual(memory.bytes, 0)
+
+    def test_a_budget_stops_a_get_before_unpacking(self):
+        kept = proxy.SocketResponses(max_count=4, max_bytes=10 ** 8)
+        kept.put("a", [{"t": self.text(100000)}])
+        with self.assertRaises(proxy.ProxyError) as caught:
+            kept.get("a", proxy.ExpansionBudget(50000))
+        self.assertEqual(caught.exception.code, "input_too_large")
 
 
 class WebSocketCase(ProxyTestCase):
@@ -2577,6 +2645,109 @@ class WebSocketEdgeTests(WebSocketCase):
         quota.update([("x-codex-turn-state", "abc"),
                       ("x-codex-websocket-max-message-bytes", "1000000")])
         self.assertEqual(quota.snapshot()["primary"]["used_percent"], 40.0)
+
+
+class WebSocketStrictnessTests(WebSocketCase):
+    """RFC 6455 where the proxy was lenient (issue 19): each case fails on the code before."""
+
+    def test_an_upgrade_over_http_1_0_or_without_connection_upgrade_is_400(self):
+        client = self.ws(headers={"Connection": None})
+        self.assertEqual(client.status, 400)
+        self.assertEqual(json.loads(client.body)["error"]["code"], "invalid_websocket_handshake")
+        self.assertIn("Connection: Upgrade", json.loads(client.body)["error"]["message"])
+        client = self.ws(headers={"Connection": "keep-alive"})
+        self.assertEqual(client.status, 400)
+        key = base64.b64encode(os.urandom(16)).decode()
+        answer = raw_exchange(self.port, (
+            "GET /v1/responses HTTP/1.0\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+            "\r\n" % (self.port, key)).encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "),
+                        answer[:80])
+        self.assertIn(b"HTTP/1.1", answer.partition(b"\r\n\r\n")[2])
+        # the usual upgrade, with Connection listing more than one token, still works
+        self.open_ws(headers={"Connection": "keep-alive, Upgrade"})
+
+    def burst(self, client, count):
+        message = json.dumps({"type": "response.create", "model": "gpt-5.1-codex",
+                              "input": "hi"}).encode()
+        client.sock.sendall(WebSocketFramingTests.masked(1, message) * count)
+
+    def test_17_requests_in_one_burst_are_one_in_flight_and_16_waiting(self):
+        reply = Reply(frames=stream_frames(), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = self.open_ws()
+        self.burst(client, proxy.WS_MAX_QUEUED + 1)
+        self.assertTrue(reply.wait_held())
+        reply.go()
+        for _ in range(proxy.WS_MAX_QUEUED + 1):
+            self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_waiting_requests_hold_at_most_max_body_bytes_together(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=100000)
+        for count, closed in ((2, False), (3, True)):
+            reply = Reply(frames=stream_frames(), hold_after=1)
+            self.addCleanup(reply.go)
+            self.backend.replies.append(reply)
+            client = self.open_ws()
+            client.create(input="x" * 60000)  # in flight
+            self.assertTrue(reply.wait_held())
+            for _ in range(count - 1):  # then waiting: 60 KB fits, 120 KB does not
+                client.create(input="y" * 55000)
+            if closed:
+                self.assertEqual(client.expect_close(), 1008)
+                continue
+            reply.go()
+            for _ in range(count):
+                self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_the_18th_request_of_a_burst_is_refused_with_1008(self):
+        reply = Reply(frames=stream_frames(), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = self.open_ws()
+        self.burst(client, proxy.WS_MAX_QUEUED + 2)
+        self.assertEqual(client.expect_close(), 1008)
+
+
+class SocketKeptMemoryTests(WebSocketCase):
+    """Issue 19: what sockets keep for previous_response_id, over real sockets."""
+
+    def prewarm(self, client, text, previous=None):
+        extra = {"previous_response_id": previous} if previous else {}
+        client.create(input=[user_item(text)], generate=False, **extra)
+        events = client.response_events()
+        self.assertEqual(events[-1]["type"], "response.completed", events[-1])
+        return events[-1]["response"]["id"]
+
+    def test_a_chain_costs_what_its_turns_added_and_goes_with_the_socket(self):
+        memory = self.proxy.app.socket_memory
+        client = self.open_ws()
+        previous, turn = None, os.urandom(100000).hex()
+        for n in range(6):
+            previous = self.prewarm(client, turn + str(n), previous)
+        one = len(proxy.pack_json(json.dumps([user_item(turn)])))
+        self.assertLess(memory.bytes, 7 * one, "6 turns, not 1+2+...+6 copies of history")
+        client.create(previous_response_id=previous, input="go on")
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.assertEqual(len(self.backend.requests[-1]["body"]["input"]), 7)
+        client.send_frame(0x8, b"\x03\xe8")
+        client.expect_close()
+        self.wait_until(lambda: memory.bytes == 0, "the socket's kept responses to go")
+
+    def test_all_sockets_together_stay_within_the_store_cap(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(state_max_mb=1)
+        memory = self.proxy.app.socket_memory
+        self.assertEqual(memory.max_bytes, 1 << 20)
+        clients = [self.open_ws() for _ in range(4)]
+        for round_ in range(3):
+            for client in clients:
+                self.prewarm(client, os.urandom(200000).hex())
+                self.assertLessEqual(memory.bytes, 1 << 20)
+        self.assertGreater(memory.bytes, 1 << 19)
 
 
 class UpstreamUpgradeRefusalTests(ProxyTestCase):
@@ -3668,6 +3839,82 @@ class StoredResponseEndpointTests(ConversationCase):
                          ["/backend-api/codex/responses", "/backend-api/codex/responses/compact"])
 
 
+class DeleteDuringTurnTests(ConversationCase):
+    """Issue 19: a response that a turn in flight continues survives a delete as hidden
+    history until that turn is kept (or fails)."""
+
+    def start_slow_turn(self, resp_id, previous, reply=None):
+        reply = reply or Reply(frames=with_id(stream_frames(), resp_id), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        answer = {}
+
+        def run():
+            answer["result"] = self.post(simple_request("three", previous_response_id=previous))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.assertTrue(reply.wait_held())
+        return reply, thread, answer
+
+    def test_deleting_what_a_streaming_turn_continues_keeps_the_conversation(self):
+        for store in (None, "sqlite"):
+            if store:
+                self.stop_proxy(self.proxy)
+                self.start_proxy(state_db=os.path.join(self.home, "state.db"))
+            self.turn("resp_r1", "one")
+            self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+            reply, thread, answer = self.start_slow_turn("resp_r3", "resp_r2")
+            status, _, _ = self.request("DELETE", "/v1/responses/resp_r2")
+            self.assertEqual(status, 200)
+            self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
+            reply.go()
+            thread.join(10)
+            self.assertEqual(answer["result"][0], 200, answer)
+            self.assertEqual(self.get("/v1/responses/resp_r3")[0], 200)
+            status, page = self.get("/v1/responses/resp_r3/input_items?order=asc")
+            self.assertEqual(status, 200, page)
+            self.assertEqual(len(page["data"]), 5)  # one, its answer, two, its answer, three
+            self.turn("resp_r4", simple_request("four", previous_response_id="resp_r3"))
+            self.assertEqual(len(self.last_upstream()["body"]["input"]), 7)
+            self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
+            self.assert_not_found("DELETE", "/v1/responses/resp_r2", "resp_r2")
+
+    def test_over_a_websocket_too_and_no_hold_outlives_its_turn(self):
+        self.turn("resp_r1", "one")
+        self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+        reply = Reply(frames=with_id(stream_frames(), "resp_r3"), hold_after=1)
+        self.addCleanup(reply.go)
+        self.backend.replies.append(reply)
+        client = WSClient(self.port)
+        self.addCleanup(client.close_socket)
+        client.create(previous_response_id="resp_r2", input="three")
+        self.assertTrue(reply.wait_held())
+        self.assertEqual(self.request("DELETE", "/v1/responses/resp_r2")[0], 200)
+        reply.go()
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.assertEqual(len(self.get("/v1/responses/resp_r3/input_items")[1]["data"]), 5)
+        client.create(previous_response_id="resp_unknown", input="x")  # refused: unpinned too
+        self.assertEqual(client.recv_event()["type"], "error")
+        client.create(previous_response_id="resp_r3", input="x", generate=False)
+        client.response_events()
+        status, _, _ = self.post(simple_request("y", previous_response_id="resp_nope"))
+        self.assertEqual(status, 400)
+        self.assertEqual(dict(self.proxy.app.conversations._pins), {})
+
+    def test_a_failed_turn_lets_the_deleted_response_go_for_good(self):
+        self.turn("resp_r1", "one")
+        self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+        reply = Reply(frames=with_id(stream_frames(), "resp_r3"), hold_after=1, cut_after=2)
+        reply, thread, answer = self.start_slow_turn("resp_r3", "resp_r2", reply)
+        self.assertEqual(self.request("DELETE", "/v1/responses/resp_r2")[0], 200)
+        self.assertIsNotNone(self.proxy.app.conversations._load("resp_r2"), "hidden, held")
+        reply.go()
+        thread.join(10)
+        self.assertIsNone(self.proxy.app.conversations._load("resp_r2"), "gone after the turn")
+        self.assertEqual(self.get("/v1/responses/resp_r1")[0], 200, "r1 was not deleted")
+
+
 class ItemReferenceOverHTTPTests(ConversationCase):
     """The Vercel AI SDK's second turn: earlier output named by item_reference."""
 
@@ -3735,6 +3982,84 @@ class ItemReferenceOverHTTPTests(ConversationCase):
                 for words in ("the item itself", "store: false"):
                     self.assertIn(words, body["error"]["message"])
         self.assertEqual(len(self.backend.requests), 1, "sent upstream anyway")
+
+
+class ExpansionBoundTests(ConversationCase):
+    """Issue 19: references and previous_response_id history are filled in within
+    --max-body-bytes; past it a 400 that names the flag, and nothing goes upstream."""
+
+    LIMIT = 1 << 20
+
+    def setUp(self):
+        super().setUp()
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=self.LIMIT)
+        big = user_item("b" * 100000)
+        big["id"] = "msg_big"
+        self.turn("resp_big", simple_request(input=[big]))
+        self.sent = len(self.backend.requests)
+
+    def assert_too_large(self, status, body):
+        self.assert_openai_error(status, body, 400, code="input_too_large",
+                                 contains="--max-body-bytes")
+        self.assertEqual(body["error"]["param"], "input")
+        self.assertIn(str(self.LIMIT), body["error"]["message"])
+        self.assertEqual(len(self.backend.requests), self.sent, "nothing went upstream")
+
+    def test_many_references_to_a_large_item_are_refused(self):
+        self.turn("resp_ok", simple_request(input=[{"type": "item_reference",
+                                                    "id": "msg_big"}] * 9))
+        self.sent = len(self.backend.requests)
+        refs = [{"type": "item_reference", "id": "msg_big"}] * 2000  # 200 MB if built
+        status, _, body = self.post(simple_request(input=refs))
+        self.assert_too_large(status, body)
+        self.assertLess(len(json.dumps(refs)), self.LIMIT)
+
+    def test_a_history_past_the_limit_is_refused(self):
+        previous = "resp_big"
+        for n in range(9):  # each turn adds 100 KB of references: 1 MB of history
+            self.turn("resp_%d" % n, simple_request(input=[
+                {"type": "item_reference", "id": "msg_big"}], previous_response_id=previous))
+            previous = "resp_%d" % n
+        self.sent = len(self.backend.requests)
+        status, _, body = self.post(simple_request(input=[
+            {"type": "item_reference", "id": "msg_big"}], previous_response_id=previous))
+        self.assert_too_large(status, body)
+        self.turn("resp_fits", simple_request("short", previous_response_id=previous))
+
+    def test_over_a_websocket_it_is_an_error_event_and_the_socket_stays(self):
+        client = WSClient(self.port)
+        self.addCleanup(client.close_socket)
+        client.create(input=[{"type": "item_reference", "id": "msg_big"}] * 50)
+        error = client.recv_event()
+        self.assertEqual((error["type"], error["status"], error["error"]["code"]),
+                         ("error", 400, "input_too_large"))
+        self.assertIn("--max-body-bytes", error["error"]["message"])
+        # generate: false chains kept on the socket are bounded alike
+        previous = None
+        for n in range(12):
+            extra = {"previous_response_id": previous} if previous else {}
+            client.create(input=[{"type": "item_reference", "id": "msg_big"}], generate=False,
+                          **extra)
+            events = client.response_events()
+            if events[-1]["type"] == "error":
+                break
+            previous = events[-1]["response"]["id"]
+        self.assertEqual(events[-1]["error"]["code"], "input_too_large")
+        self.assertLess(n, 11)
+        self.assertEqual(len(self.backend.requests), self.sent)
+        client.create(input="hi")
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+
+    def test_unit_budget_counts_references_before_building_them(self):
+        store = proxy.ConversationStore(10 ** 8)
+        item = user_item("z" * 1000)
+        item["id"] = "msg_z"
+        store.save(stored_response("resp_z"), None, input_json(item))
+        budget = proxy.ExpansionBudget(10000)
+        with self.assertRaises(proxy.ProxyError):
+            store.expand_references([{"id": "msg_z"}] * 1000000, budget)
+        self.assertLess(budget.used, 12000)
 
 
 class CompactEndpointTests(ConversationCase):
@@ -7113,6 +7438,96 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertNotIn(self.token, text)
 
 
+def server_frame(opcode, payload, fin=True):
+    """A backend's frame, unmasked, possibly a fragment."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return bytes([first, n]) + payload
+    if n < 65536:
+        return bytes([first, 126]) + n.to_bytes(2, "big") + payload
+    return bytes([first, 127]) + n.to_bytes(8, "big") + payload
+
+
+class UpstreamWebSocketStrictnessTests(ProxyTestCase):
+    """What the backend's socket may not do (RFC 6455, issue 19): each case fails the
+    connection, and the client gets an error event, never the bad bytes."""
+
+    upstream_transport = "ws"
+
+    def setUp(self):
+        super().setUp()
+        self.backend.ws.refuse = None
+
+    def answer_with(self, data):
+        """The backend answers the next turn with response.created and then data; it then
+        waits for the proxy to drop the socket (at most 10 s)."""
+        created = json.dumps({"type": "response.created", "sequence_number": 0,
+                              "response": response_object("in_progress")}).encode()
+
+        def answer(send, reply, full, handler):
+            sock = handler.connection
+            sock.sendall(server_frame(1, created) + data)
+            sock.settimeout(10)
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+            return False
+
+        patcher = mock.patch.object(self.backend.ws, "answer", answer)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def assert_error_event_only(self):
+        status, _, raw = self.request("POST", "/v1/responses", dict(simple_request(),
+                                                                     stream=True))
+        self.assertEqual(status, 200)
+        datas = [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+        events = [json.loads(d.decode("utf-8")) for d in datas]  # all whole JSON, all UTF-8
+        self.assertEqual(events[0]["type"], "response.created", events)
+        self.assertEqual(events[-1]["type"], "error", events[-1])
+        self.assertEqual([e["type"] for e in events[1:-1]], [])
+        return events[-1]
+
+    def delta(self, text):
+        return json.dumps({"type": "response.output_text.delta", "item_id": "msg_1",
+                           "output_index": 0, "content_index": 0, "delta": text}).encode()
+
+    def test_a_new_text_frame_inside_a_fragmented_message_fails_the_connection(self):
+        delta = self.delta("abc")
+        self.answer_with(server_frame(1, delta[:20], fin=False) + server_frame(1, delta)
+                         + server_frame(0, delta[20:]))
+        self.assert_error_event_only()
+
+    def test_invalid_utf8_from_the_backend_fails_the_connection(self):
+        delta = self.delta("caf\u00e9").replace(b"\\u00e9", b"\xc3\x28")
+        self.answer_with(server_frame(1, delta))
+        self.assert_error_event_only()
+        # split across fragments, a character cut in two is fine; a bad one is not
+        good = self.delta("caf\u00e9").replace(b"\\u00e9", "\u00e9".encode())
+        cut = good.index(b"\xc3") + 1
+        self.answer_with(server_frame(1, good[:cut], fin=False) + server_frame(0, good[cut:])
+                         + server_frame(1, b"\xff" + good[1:]))
+        status, _, raw = self.request("POST", "/v1/responses", dict(simple_request(),
+                                                                     stream=True))
+        self.assertIn(good, raw)
+        self.assertNotIn(b"\xff", raw)
+
+    def test_a_message_in_many_fragments_is_capped_in_total(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=100000)  # the cap: this, or WS_MAX_MESSAGE if more
+        self.backend.ws.refuse = None
+        with mock.patch.object(proxy, "WS_MAX_MESSAGE", 50000):
+            delta = self.delta("x" * 150000)
+            pieces = [delta[i:i + 40000] for i in range(0, len(delta), 40000)]
+            data = b"".join(server_frame(1 if i == 0 else 0, piece, fin=i == len(pieces) - 1)
+                            for i, piece in enumerate(pieces))
+            self.answer_with(data)
+            self.assert_error_event_only()
+
+
 class UpstreamTransportChoiceTests(ProxyTestCase):
     """When the backend refuses the upgrade, and --upstream-transport http / ws."""
 
@@ -7818,6 +8233,50 @@ class MallocArenaTests(unittest.TestCase):
     def test_a_number_the_user_chose_is_kept(self):
         env = self.environment_of_running_proxy(MALLOC_ARENA_MAX="5")
         self.assertEqual(env.get(b"MALLOC_ARENA_MAX"), b"5")
+
+    def test_large_blocks_are_mapped_on_their_own(self):
+        env = self.environment_of_running_proxy()
+        self.assertEqual(env.get(b"MALLOC_MMAP_THRESHOLD_"), str(1 << 20).encode())
+        env = self.environment_of_running_proxy(MALLOC_MMAP_THRESHOLD_="65536")
+        self.assertEqual(env.get(b"MALLOC_MMAP_THRESHOLD_"), b"65536")
+
+
+def peak_rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return None
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/status"), "reads /proc/PID/status")
+class MessageCostTests(ProcessTestCase):
+    """Issue 19: one large client WebSocket message costs a small multiple of its size in
+    the proxy's peak memory (it was about 6 times: 190 MB for 30 MB)."""
+
+    def test_a_30_mib_message_costs_at_most_about_three_times_its_size(self):
+        self.write_valid_auth()
+        p = self.spawn("--port", "0", "--codex-home", self.home, "--upstream-transport", "http")
+        client = WSClient(p.port, timeout=60)
+        self.addCleanup(client.close_socket)
+        self.assertEqual(client.status, 101)
+        rnd = random.Random(7)
+        words = ["%x" % rnd.getrandbits(40) for _ in range(4096)]
+        size = 30 * 1024 * 1024
+        text = " ".join(words[rnd.getrandbits(12)] for _ in range(size // 11))[:size - 200]
+        message = json.dumps({"type": "response.create", "model": "gpt-5.1-codex",
+                              "store": False, "input": [user_item(text)]}).encode()
+        text_length = len(text)
+        del text
+        before = peak_rss_mb(p.proc.pid)
+        client.send_frame(0x1, message)
+        self.assertEqual(client.response_events()[-1]["type"], "response.completed")
+        self.assertEqual(len(self.backend.requests[-1]["body"]["input"][0]["content"][0]
+                             ["text"]), text_length)
+        growth = peak_rss_mb(p.proc.pid) - before
+        self.assertLess(growth, 3.6 * len(message) / 1048576.0,
+                        "peak grew %.0f MB for a %.0f MB message" % (
+                            growth, len(message) / 1048576.0))
 
 
 class HangupWatcherRaceTests(unittest.TestCase):

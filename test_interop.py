@@ -433,9 +433,9 @@ class NodeInteropTests(harness.ProxyTestCase):
         store = self.proxy.app.conversations
         expand = store.expand_references
 
-        def recording(items):  # what the client sent, before the proxy expands it
+        def recording(items, *rest):  # what the client sent, before the proxy expands it
             received.append(json.loads(json.dumps(items)))
-            return expand(items)
+            return expand(items, *rest)
 
         store.expand_references = recording
         for turn in (1, 2, 3):
