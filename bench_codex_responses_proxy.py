@@ -64,9 +64,10 @@ Scenarios (pick with --only):
      the store, hang-ups mid-way through a 4 MB stream; every 5 s a burst of 24
      more clients for half a second), VmRSS sampled each second, run twice:
      with glibc's default malloc arenas (MALLOC_ARENA_MAX=8 x cores) and as the
-     systemd unit starts it (MALLOC_ARENA_MAX=2).  Targets: as shipped, RSS levels off (median of the
-     last third of the samples <= that of the first third + 1.5 MB) and stays
-     below 85 % of what it is with default arenas (medians of the last third).
+     systemd unit starts it (MALLOC_ARENA_MAX=2).  Targets: as shipped, RSS levels
+     off (median of the last third of the samples <= that of the first third
+     + 1.5 MB) and stays below 85 % of what it is with default arenas (medians
+     of the last third).
      The growth with default arenas, slow and irregular (1 to 3 MB in one to
      three minutes), is only reported.
 
@@ -441,7 +442,7 @@ def _ws_events(model):
 
 
 def _up_websocket(sock, buf, hdrs, lat):
-    """The backend's WebSocket (PROTOCOL.md section 9): response.create messages answered
+    """The backend's WebSocket (docs/backend.md §9): response.create messages answered
     with the events as text frames; the socket remembers its last response, so a turn may
     send previous_response_id and only its new items."""
     accept = base64.b64encode(hashlib.sha1(

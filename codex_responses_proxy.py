@@ -821,7 +821,7 @@ class _FileLock:
 class AuthStore:
     """The current credentials, cheap to ask for: auth.json is parsed again only when its
     stat changes. Refreshes are single-flight in the process and follow the Codex CLI's lock
-    protocol across processes (PROTOCOL.md §2), so that the CLI, this proxy and other proxies
+    protocol across processes (docs/backend.md §2), so that the CLI, this proxy and other proxies
     never redeem one refresh token twice: $CODEX_HOME/auth.lock, waited for, around re-read,
     refresh and write; auth.json.lock only around the write itself, because the CLI takes that
     one without waiting and cannot save its own refresh while someone else holds it."""

@@ -1,7 +1,7 @@
 """Tests for codex_responses_proxy, over real sockets on 127.0.0.1.
 
-The fake backend and the fake OAuth server below behave like the real ones (see PROTOCOL.md):
-the backend wants a valid bearer, stream=true, store=false and instructions, rejects the
+The fake backend and the fake OAuth server below behave like the real ones (docs/backend.md
+§2-§5): the backend wants a valid bearer, stream=true, store=false and instructions, rejects the
 parameters the real one rejects, and answers server-sent events whose response.completed
 carries "output": []. Run: python3 -m unittest -v
 """
@@ -286,7 +286,7 @@ def read_request_body(reader, headers):
 
 class FakeBackend:
     """The suite's one fake upstream server: raw sockets, a thread per connection, a small HTTP
-    parser, and routes. By default it is chatgpt.com/backend-api/codex as PROTOCOL.md
+    parser, and routes. By default it is chatgpt.com/backend-api/codex as docs/backend.md §3
     describes it: POST .../responses wants a valid bearer, stream=true, store=false and
     instructions, rejects what the real one rejects, and answers the scripted `replies`
     (Reply). Other jobs, by constructor argument:
@@ -571,7 +571,7 @@ class HandlerView:
 
 
 class FakeBackendWebSocket:
-    """The backend's WebSocket route (PROTOCOL.md section 9), for a FakeBackend whose test
+    """The backend's WebSocket route (docs/backend.md §9), for a FakeBackend whose test
     enables it: `refuse` is the status upgrades get (426 by default: the proxy's auto
     transport then uses HTTP); None accepts them. Like the real backend it remembers the
     last response of each socket, so a turn may send previous_response_id and its new items
@@ -4457,7 +4457,7 @@ class AuthFileMidRewriteTests(CliCoexistenceCase):
 
 @unittest.skipIf(proxy.fcntl is None, "no flock on this platform")
 class LockProtocolTests(CliCoexistenceCase):
-    """The Codex CLI's locks (PROTOCOL.md §2), taken the way it takes them."""
+    """The Codex CLI's locks (docs/backend.md §2), taken the way it takes them."""
 
     def test_refresh_waits_for_cli_holding_auth_lock_and_uses_its_tokens(self):
         self.expire()
@@ -4621,7 +4621,7 @@ class ShutdownDuringRefreshTests(ProcessTestCase):
 
 
 class SimulatedCodexCli:
-    """The Codex CLI refreshing its login in a thread, as PROTOCOL.md §2 describes: a blocking
+    """The Codex CLI refreshing its login in a thread, as docs/backend.md §2 describes: a blocking
     flock on auth.lock around re-read, refresh and write; a non-blocking flock on auth.json.lock
     for the write (a real CLI that finds it held cannot save, and later tells its user to log
     in again); the write alternately temp file + rename and, as older CLIs do, in place
