@@ -9,6 +9,13 @@ Run it from anywhere:
     python3 bench_codex_responses_proxy.py --proxy /path/to/other_proxy.py
     python3 bench_codex_responses_proxy.py --latency-ms 80  # link delay for scenario 7
 
+Beside the proxy, scenarios 3, 5 and 6 measure the Codex CLI's own Rust proxy,
+`codex responses-api-proxy` (an API-key pass-through: it only forwards POST
+/v1/responses, with the key it reads from stdin), in front of the same fake
+upstream, in the same run: the "rust" column. --codex names the CLI (its npm
+launcher or its binary; the binary itself is run, not the Node launcher);
+without it the column is left out.
+
 What it does: it starts a fake OpenAI "codex responses" backend (a separate
 process running this same file with --_upstream; raw-socket, threaded,
 HTTP/1.1 keep-alive, chunked text/event-stream answers pre-rendered per
@@ -64,9 +71,10 @@ Scenarios (pick with --only):
      the store, hang-ups mid-way through a 4 MB stream; every 5 s a burst of 24
      more clients for half a second), VmRSS sampled each second, run twice:
      with glibc's default malloc arenas (MALLOC_ARENA_MAX=8 x cores) and as the
-     proxy starts itself.  Targets: as shipped, RSS levels off (median of the
-     last third of the samples <= that of the first third + 1.5 MB) and stays
-     below 85 % of what it is with default arenas (medians of the last third).
+     systemd unit starts it (MALLOC_ARENA_MAX=2).  Targets: as shipped, RSS levels
+     off (median of the last third of the samples <= that of the first third
+     + 1.5 MB) and stays below 85 % of what it is with default arenas (medians
+     of the last third).
      The growth with default arenas, slow and irregular (1 to 3 MB in one to
      three minutes), is only reported.
  10  bounded memory (only with --only 10; docs/memory.md): four ways a small
@@ -89,8 +97,9 @@ Scenarios (pick with --only):
 Targets:
   1  p50 <= +1 ms, p99 <= +3 ms        2  first event <= +2 ms
   3  >= 50 % of direct events/s         4  <= +20 ms
-  5  wall <= 1.5 x direct, 0 failures   6  ready <= 150 ms, idle RSS <= 24 MB,
+  5  wall <= 1.5 x direct, 0 failures   6  ready <= 150 ms, idle RSS <= 27 MB,
   7  <= (a) + 0.5 round trip               peak RSS <= 45 MB
+  3, 5 beside the Rust proxy: events/s >= its, wall <= its
   9  as shipped: growth <= +1.5 MB, RSS <= 85 % of default malloc arenas
  10  peak RSS <= 2 x caps + 40 MB in each case
   12 (a) <= +1.5 ms p50 over Responses, (b) >= 50 % of its events/s, (c) <= 20 % of HTTP's upload
@@ -108,6 +117,7 @@ import atexit
 import base64
 import datetime
 import gc
+import glob
 import hashlib
 import itertools
 import json
@@ -474,7 +484,7 @@ def _up_fragments(sock, count=160, size=1 << 20):
 
 
 def _up_websocket(sock, buf, hdrs, lat):
-    """The backend's WebSocket (PROTOCOL.md section 9): response.create messages answered
+    """The backend's WebSocket (docs/backend.md §9): response.create messages answered
     with the events as text frames; the socket remembers its last response, so a turn may
     send previous_response_id and only its new items."""
     accept = base64.b64encode(hashlib.sha1(
@@ -1204,6 +1214,65 @@ def start_proxy(proxy, home, upstream_url, logpath, env_extra=None, timeout=15.0
         time.sleep(0.0005)
 
 
+RUST_PATH = "/v1/responses"  # the one route of `codex responses-api-proxy`
+
+
+def default_codex():
+    """Where to look for the Codex CLI: $CODEX_BIN, else where .ci/run installs it."""
+    return os.environ.get("CODEX_BIN") or os.path.join(
+        tempfile.gettempdir(), "codex-responses-proxy-ci-codex", "node_modules", ".bin", "codex")
+
+
+def find_rust_proxy(codex):
+    """-> the Codex CLI's native binary, or None. npm's `codex` is a Node launcher that
+    starts the binary from a per-platform package beside it; the binary itself is what is
+    measured (through the launcher, Node's start-up and memory would count as the proxy's)."""
+    if not codex or not os.path.exists(codex):
+        return None
+    real = os.path.realpath(codex)
+    if not real.endswith(".js"):
+        return real if os.access(real, os.X_OK) else None
+    scope = os.path.dirname(os.path.dirname(os.path.dirname(real)))  # node_modules/@openai
+    found = sorted(glob.glob(os.path.join(scope, "codex-*", "vendor", "*", "bin", "codex")))
+    return found[0] if found else None
+
+
+def start_rust_proxy(binary, upstream_url, tmp, logpath, timeout=15.0):
+    """Start `codex responses-api-proxy` in front of upstream_url with a dummy API key on
+    its standard input. -> (Popen, pid, port, seconds from spawn to its first HTTP answer:
+    it serves only POST /v1/responses, so a GET's 403 tells it is ready)."""
+    home = os.path.join(tmp, "rust-codex-home")
+    os.makedirs(home, exist_ok=True)
+    info = os.path.join(tmp, "rust-server-info-%d.json" % len(CHILDREN))
+    logf = open(logpath, "wb")
+    t0 = perf()
+    p = subprocess.Popen([binary, "responses-api-proxy", "--server-info", info,
+                          "--upstream-url", upstream_url], stdin=subprocess.PIPE, stdout=logf,
+                         stderr=logf, env=dict(os.environ, CODEX_HOME=home),
+                         start_new_session=True)
+    logf.close()
+    CHILDREN.append(p)
+    p.stdin.write(b"sk-bench")
+    p.stdin.close()
+    deadline = t0 + timeout
+    while True:
+        try:
+            with open(info) as f:
+                got = json.loads(f.read())
+            s = socket.create_connection(("127.0.0.1", got["port"]), timeout=2)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = s.recv(64)
+            s.close()
+            if answer.startswith(b"HTTP/1."):
+                return p, got["pid"], got["port"], perf() - t0
+        except (OSError, ValueError, KeyError):
+            pass
+        if p.poll() is not None or perf() > deadline:
+            raise RuntimeError("codex responses-api-proxy did not start: exit=%r\n%s"
+                               % (p.poll(), tail(logpath)))
+        time.sleep(0.0005)
+
+
 def tail(path, n=15):
     try:
         with open(path, "rb") as f:
@@ -1524,16 +1593,17 @@ class Bench(object):
     def __init__(self, args):
         self.a = args
         self.q = args.quick
-        self.rows = []      # (scenario, metric, direct, proxy, diff, target, verdict)
+        self.rows = []      # (scenario, metric, direct, rust, proxy, diff, target, verdict)
         self.notes = []
         self.res = {}
         self.up_port = None
         self.px_port = None
         self.px = None
+        self.rust = None    # {"p", "pid", "port", "ready_s", "idle"}: the Codex CLI's proxy
 
-    def row(self, sc, metric, direct, proxy, diff, target, ok):
+    def row(self, sc, metric, direct, proxy, diff, target, ok, rust=""):
         verdict = "info" if ok is None else ("PASS" if ok else "MISS")
-        self.rows.append((sc, metric, direct, proxy, diff, target, verdict))
+        self.rows.append((sc, metric, direct, rust, proxy, diff, target, verdict))
 
     def clients(self, timeout=60.0):
         return (Client("127.0.0.1", self.up_port, timeout=timeout),
@@ -1541,6 +1611,34 @@ class Bench(object):
 
     def paths(self):
         return UPSTREAM_PATH, "/v1/responses"
+
+    # Scenarios where the Codex CLI's own proxy runs beside this one, on the same upstream.
+    WITH_RUST = (3, 5, 6)
+
+    def start_rust(self):
+        """Start `codex responses-api-proxy` (an API-key pass-through written in Rust, the
+        reference to beat) in front of the same fake upstream, if it is here."""
+        if not self.a.only & set(self.WITH_RUST):
+            return
+        if not self.a.rust_proxy:
+            self.notes.append("no Codex CLI at %s (--codex or $CODEX_BIN): scenarios 3, 5 and 6 "
+                              "run without the Rust proxy beside" % self.a.codex)
+            return
+        p, pid, port, ready = start_rust_proxy(self.a.rust_proxy, self.up_url, self.tmp,
+                                               os.path.join(self.tmp, "rust.log"))
+        self.rust = {"p": p, "pid": pid, "port": port, "ready_s": [ready],
+                     "idle": proc_mem(pid)}
+        self.res["rust_proxy"] = self.a.rust_proxy
+
+    def targets(self, timeout=60.0):
+        """(name, Client, path) for direct, the Rust proxy when it runs, and this proxy."""
+        dc, pc = self.clients(timeout)
+        dpath, ppath = self.paths()
+        out = [("direct", dc, dpath), ("proxy", pc, ppath)]
+        if self.rust:
+            out.insert(1, ("rust", Client("127.0.0.1", self.rust["port"], timeout=timeout),
+                           RUST_PATH))
+        return out
 
     def up_stats(self):
         c = Client("127.0.0.1", self.up_port, timeout=10)
@@ -1673,8 +1771,8 @@ class Bench(object):
                               % (conns["proxy"], n + 20))
 
     def _fails(self, sc, fails):
-        for k in ("direct", "proxy"):
-            if fails[k]:
+        for k in ("direct", "rust", "proxy"):
+            if fails.get(k):
                 self.notes.append("%s: %d %s failures, first: %s"
                                   % (sc, len(fails[k]), k, fails[k][0][:200]))
 
@@ -1706,16 +1804,15 @@ class Bench(object):
     def s3(self):
         n = 5 if self.q else 11
         model = "bench-big-20000"
-        dc, pc = self.clients()
-        dpath, ppath = self.paths()
+        targets = self.targets()
         body = req_body(model)
-        out = {"direct": [], "proxy": []}
-        fails = {"direct": [], "proxy": []}
+        out = {name: [] for name, _, _ in targets}
+        fails = {name: [] for name, _, _ in targets}
         gc.collect()
         gc.disable()
         try:
             for i in range(n + 1):  # first round = warm-up
-                for name, c, path in (("direct", dc, dpath), ("proxy", pc, ppath)):
+                for name, c, path in targets:
                     try:
                         r = c.request("POST", path, body)
                     except Exception as e:  # noqa
@@ -1731,25 +1828,33 @@ class Bench(object):
                                           "mb_s": r.nbytes / dt / 1e6, "events_s": r.nevents / dt})
         finally:
             gc.enable()
-        dc.close()
-        pc.close()
+        for _, c, _ in targets:
+            c.close()
         nan = float("nan")
         ds = med([x["s"] for x in out["direct"]]) if out["direct"] else nan
         ps = med([x["s"] for x in out["proxy"]]) if out["proxy"] else nan
         dm = med([x["mb_s"] for x in out["direct"]]) if out["direct"] else nan
         pm = med([x["mb_s"] for x in out["proxy"]]) if out["proxy"] else nan
+        rs = med([x["s"] for x in out["rust"]]) if out.get("rust") else nan
+        rm = med([x["mb_s"] for x in out["rust"]]) if out.get("rust") else nan
         # Same events both ways; the proxy's bytes differ a little (its response.completed
         # carries the output), so throughput is compared in events per second = 1 / time.
         ratio = ds / ps if ps == ps and ps else nan
         self.res["3_big_stream"] = {"runs": out, "direct_s": ds, "proxy_s": ps,
                                     "direct_mb_s": dm, "proxy_mb_s": pm, "ratio": ratio,
+                                    "rust_s": rs, "rust_mb_s": rm,
                                     "failures": {k: len(v) for k, v in fails.items()}}
         nev = len(render_events(model)[0])
+        rust = "rust" in out
         self.row("3", "20k-event stream (k events/s)", "%.0f" % (nev / ds / 1e3),
                  "%.0f" % (nev / ps / 1e3), "%.0f%%" % (100 * ratio), ">= 50%",
-                 ratio >= 0.5 and not fails["proxy"])
+                 ratio >= 0.5 and not fails["proxy"], rust="%.0f" % (nev / rs / 1e3) if rust else "")
         self.row("3", "  same stream (s | MB/s)", "%.4f | %.0f" % (ds, dm),
-                 "%.4f | %.0f" % (ps, pm), "", "", None)
+                 "%.4f | %.0f" % (ps, pm), "", "", None,
+                 rust="%.4f | %.0f" % (rs, rm) if rust else "")
+        if rust:
+            self.row("3", "  vs the Rust proxy (events/s)", "", "%.0f%%" % (100 * rs / ps),
+                     "", ">= 100%", ps <= rs and not fails["proxy"], rust="100%")
         floor = self._wire_floor(body, n)
         self.res["3_big_stream"]["direct_bytes_only_s"] = floor
         self.row("3", "  direct, bytes only (s)", "%.4f" % floor, "", "%.0f%% of direct is counting"
@@ -1848,8 +1953,11 @@ class Bench(object):
         rounds = 3 if self.q else 5
         dpath, ppath = self.paths()
         runs = {"direct": [], "proxy": [], "direct_bytes_only": []}
+        order = [("direct", self.up_port, dpath, 30), ("proxy", self.px_port, ppath, 60)]
+        if self.rust:
+            runs["rust"] = []
+            order.insert(1, ("rust", self.rust["port"], RUST_PATH, 60))
         for i in range(rounds):  # alternating, medians: one round is noisy on a shared machine
-            order = (("direct", self.up_port, dpath, 30), ("proxy", self.px_port, ppath, 60))
             for name, port, path, timeout in (order if i % 2 == 0 else order[::-1]):
                 gc.collect()
                 runs[name].append(self._concurrent(port, path, nconns, model, timeout))
@@ -1860,14 +1968,21 @@ class Bench(object):
         dfail, pfail = (sum(x["failures"] for x in runs[k]) for k in ("direct", "proxy"))
         dcon, pcon = (max(x["max_connect_ms"] or 0 for x in runs[k]) for k in ("direct", "proxy"))
         ratio = p / d if d else float("nan")
+        r = med([x["wall_s"] for x in runs["rust"]]) if self.rust else float("nan")
+        rfail = sum(x["failures"] for x in runs["rust"]) if self.rust else 0
         self.res["5_concurrent"] = {"connections": nconns, "events_per_stream":
                                     len(render_events(model)[0]), "rounds": rounds,
-                                    "direct_wall_s": d, "proxy_wall_s": p,
+                                    "direct_wall_s": d, "proxy_wall_s": p, "rust_wall_s": r,
                                     "direct_bytes_only_wall_s": f, "ratio": ratio, "runs": runs}
+        rust = self.rust is not None
         self.row("5", "64x2000 concurrent wall (s)", "%.3f" % d, "%.3f" % p,
-                 "x%.2f" % ratio, "<= x1.5", ratio <= 1.5 and not pfail)
+                 "x%.2f" % ratio, "<= x1.5", ratio <= 1.5 and not pfail,
+                 rust="%.3f" % r if rust else "")
         self.row("5", "  failures (all %d rounds)" % rounds, str(dfail), str(pfail), "", "= 0",
-                 pfail == 0)
+                 pfail == 0, rust=str(rfail) if rust else "")
+        if rust:
+            self.row("5", "  vs the Rust proxy (wall)", "", "x%.2f" % (p / r), "", "<= x1.0",
+                     p <= r and not pfail, rust="x1.00")
         self.row("5", "  slowest connect (ms)", "%.1f" % dcon, "%.1f" % pcon, "", "", None)
         self.row("5", "  direct, bytes only (s)", "%.3f" % f, "",
                  "%.0f%% of direct is counting" % (100 * (1 - f / d)) if d else "", "", None)
@@ -1891,17 +2006,36 @@ class Bench(object):
         self.res["6_memory"] = {"ready_s": times, "ready_median_ms": med(times) * 1e3,
                                 "idle": self.idle_mem}
         v = med(times) * 1e3
-        self.row("6", "start -> /healthz ok (ms)", "", "%.1f" % v, "", "<= 150 ms", v <= 150)
+        rust_ready = rust_rss = ""
+        if self.rust:
+            for i in range(0 if self.q else 2):
+                p, _, _, t = start_rust_proxy(self.a.rust_proxy, self.up_url, self.tmp,
+                                              os.path.join(self.tmp, "rust-start%d.log" % i))
+                stop(p)
+                self.rust["ready_s"].append(t)
+            self.res["6_memory"]["rust"] = {"ready_s": self.rust["ready_s"],
+                                            "idle": self.rust["idle"]}
+            rust_ready = "%.1f" % (med(self.rust["ready_s"]) * 1e3)
+            rust_rss = "%.1f" % self.rust["idle"].get("VmRSS", float("nan"))
+        self.row("6", "start -> /healthz ok (ms)", "", "%.1f" % v, "", "<= 150 ms", v <= 150,
+                 rust=rust_ready)
         rss = self.idle_mem.get("VmRSS", float("nan"))
-        self.row("6", "idle RSS (MB)", "", "%.1f" % rss, "", "<= 24 MB", rss <= 24)
+        self.row("6", "idle RSS (MB)", "", "%.1f" % rss, "", "<= 27 MB", rss <= 27,
+                 rust=rust_rss)
 
     def s6_end(self, ran5):
         m = proc_mem(self.px.pid)
         self.res["6_memory"]["after"] = m
         self.res["6_memory"]["after_scenarios"] = sorted(self.ran)
         hwm = m.get("VmHWM", float("nan"))
+        rust = ""
+        if self.rust and self.rust["p"].poll() is None:
+            r = proc_mem(self.rust["pid"])
+            self.res["6_memory"]["rust"]["after"] = r
+            rust = "%.1f" % r.get("VmHWM", float("nan"))
         self.row("6", "peak RSS VmHWM%s (MB)" % ("" if ran5 else " [no s5]"), "",
-                 "%.1f" % hwm, "now %.1f" % m.get("VmRSS", float("nan")), "<= 45 MB", hwm <= 45)
+                 "%.1f" % hwm, "now %.1f" % m.get("VmRSS", float("nan")), "<= 45 MB", hwm <= 45,
+                 rust=rust)
 
     def s7(self):
         lat_ms = self.a.latency_ms
@@ -2078,16 +2212,11 @@ class Bench(object):
 
     def s9(self):
         """Memory over time: the same soak twice, with glibc's default malloc arenas (eight
-        per core, as the proxy ran before it set MALLOC_ARENA_MAX) and as the proxy starts
-        itself (the user's environment without MALLOC_ARENA_MAX)."""
+        per core) and as the systemd unit starts the proxy (MALLOC_ARENA_MAX=2)."""
         secs = self.a.soak_seconds
         home = os.path.join(self.tmp, "codex-home")
         configs = (("default", {"MALLOC_ARENA_MAX": str(8 * (os.cpu_count() or 1))}),
-                   ("shipped", {"MALLOC_ARENA_MAX": None}))
-        # once first, so that neither run pays for compiling the proxy (its restart from
-        # cached bytecode would keep the compiler's memory)
-        stop(start_proxy(self.a.proxy, home, self.up_url,
-                         os.path.join(self.tmp, "proxy-9-warm.log"))[0])
+                   ("shipped", {"MALLOC_ARENA_MAX": "2"}))
         out = {}
         for name, env in configs:
             run = soak(self.a.proxy, self.up_url, home,
@@ -2435,7 +2564,7 @@ class Bench(object):
             self.ran.add(n)
         except Exception as e:  # noqa
             self.notes.append("%d: scenario crashed: %r" % (n, e))
-            self.rows.append((str(n), "scenario error", "", "", "", "", "MISS"))
+            self.row(str(n), "scenario error", "", "", "", "", False)
         print(" %.1f s" % (perf() - ts), file=sys.stderr, flush=True)
 
     def run(self):
@@ -2454,6 +2583,7 @@ class Bench(object):
                 self.px, self.px_port, ready = start_proxy(self.a.proxy, home, self.up_url, self.log)
                 self.idle_mem = proc_mem(self.px.pid)
                 self.sanity()
+                self.start_rust()
                 if 6 in only:
                     self.s6_start(ready)
                 for n in self.SHARED:
@@ -2470,6 +2600,8 @@ class Bench(object):
                                       % (self.px.poll(), tail(self.log)))
                 self.res["proxy_log_tail"] = tail(self.log, 30)
                 stop(self.px)
+                if self.rust:
+                    stop(self.rust["p"])
             for n in self.OWN_SETUP:
                 if n in only:
                     self.scenario(n)
@@ -2482,19 +2614,20 @@ class Bench(object):
         self.res["total_s"] = perf() - t_all
 
     def report(self):
-        hdr = ("scen", "metric", "direct", "proxy", "diff/ratio", "target", "result")
+        hdr = ("scen", "metric", "direct", "rust", "proxy", "diff/ratio", "target", "result")
+        shown = [k for k in range(len(hdr)) if k != 3 or any(r[3] for r in self.rows)]
         rows = [hdr] + [tuple(str(x) for x in r) for r in self.rows]
         w = [max(len(r[i]) for r in rows) for i in range(len(hdr))]
-        line = "  ".join("-" * x for x in w)
+        line = "  ".join("-" * w[k] for k in shown)
         print(line)
         for i, r in enumerate(rows):
-            print("  ".join(r[k].ljust(w[k]) if k < 2 else r[k].rjust(w[k]) if k < 5
-                            else r[k].ljust(w[k]) for k in range(len(hdr))).rstrip())
+            print("  ".join(r[k].ljust(w[k]) if k < 2 else r[k].rjust(w[k]) if k < 6
+                            else r[k].ljust(w[k]) for k in shown).rstrip())
             if i == 0:
                 print(line)
         print(line)
-        n_miss = sum(1 for r in self.rows if r[6] == "MISS")
-        n_pass = sum(1 for r in self.rows if r[6] == "PASS")
+        n_miss = sum(1 for r in self.rows if r[7] == "MISS")
+        n_pass = sum(1 for r in self.rows if r[7] == "PASS")
         print("%d PASS, %d MISS; total %.1f s; proxy: %s" % (n_pass, n_miss, self.res["total_s"],
                                                           self.a.proxy))
         for n in self.notes:
@@ -2502,6 +2635,7 @@ class Bench(object):
         self.res["rows"] = [dict(zip(hdr, r)) for r in self.rows]
         self.res["notes"] = self.notes
         self.res["config"] = {"proxy": self.a.proxy, "quick": self.q, "only": sorted(self.a.only),
+                              "rust_proxy": self.a.rust_proxy,
                               "latency_ms": self.a.latency_ms, "python": sys.version,
                               "cpus": os.cpu_count()}
         if self.a.json:
@@ -2523,6 +2657,10 @@ def main(argv=None):
     ap.add_argument("--latency-ms", type=float, default=50.0,
                     help="artificial one-way-trip delay per round trip for scenario 7")
     ap.add_argument("--rtt", action="store_true", help="accepted for compatibility; 7 runs by default")
+    ap.add_argument("--codex", default=default_codex(),
+                    help="the Codex CLI (its npm launcher or binary), whose `codex "
+                    "responses-api-proxy` is measured beside the proxy in scenarios 3, 5 "
+                    "and 6 (default: $CODEX_BIN or where .ci/run installs it: %(default)s)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, auth.json)")
     ap.add_argument("--cert-tool", choices=("auto", "openssl", "python"), default="auto",
                     help=argparse.SUPPRESS)
@@ -2539,6 +2677,7 @@ def main(argv=None):
     except ValueError:
         ap.error("--only takes numbers like 1,3,5")
     a.proxy = os.path.abspath(a.proxy)
+    a.rust_proxy = find_rust_proxy(a.codex)
     if not os.path.exists(a.proxy):
         print("proxy not found: %s (use --proxy PATH)" % a.proxy, file=sys.stderr)
         return 2

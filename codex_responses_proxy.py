@@ -17,78 +17,6 @@ Help:      python3 codex_responses_proxy.py --help
 One file, standard library only, Python 3.8 or newer.
 """
 
-import os
-import sys
-
-_RESTARTED_ENV = "CODEX_PROXY_FROM_BYTECODE"
-
-# What the restarted process runs: this file's bytecode, cached in the user's cache directory
-# (only this file's: the standard library keeps its own), then main().
-_FROM_BYTECODE = """\
-import importlib.util, sys
-path, sys.pycache_prefix, write = %r, %r, sys.dont_write_bytecode
-sys.dont_write_bytecode = False
-spec = importlib.util.spec_from_file_location("codex_responses_proxy", path)
-code = spec.loader.get_code(spec.name)
-sys.pycache_prefix, sys.dont_write_bytecode = None, write
-module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-exec(code, module.__dict__)
-sys.exit(module.main())
-"""
-
-
-def restart_from_bytecode():
-    """Running a file as a script compiles it, and the compiler's ~10 MB stay in the process
-    for as long as it lives (a third of its memory at idle). Loading the same file from
-    cached bytecode costs none of that, so the script starts itself again, once, that way.
-    Returns only when that cannot be done (no POSIX exec, or a file not named *.py): then
-    it simply runs as it is. The restart is also where malloc gets its settings: see
-    restarted_environment()."""
-    path = os.path.abspath(__file__)
-    if os.name != "posix" or not path.endswith(".py") or not sys.executable or \
-            os.environ.get(_RESTARTED_ENV):
-        return
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                         os.path.join(os.path.expanduser("~"), ".cache"), "codex-responses-proxy")
-    # The isolation the user asked for holds in the restarted process too. -S: no
-    # site-packages, which a standard-library program never needs (and which can cost tens of
-    # milliseconds at start).
-    flags = [flag for flag, on in (("-I", sys.flags.isolated), ("-E", sys.flags.ignore_environment),
-                                   ("-s", sys.flags.no_user_site)) if on] + ["-S"]
-    try:
-        os.execve(sys.executable, [sys.executable] + flags + [
-            "-c", _FROM_BYTECODE % (path, cache)] + sys.argv[1:], restarted_environment(os.environ))
-    except OSError:
-        pass
-
-
-# Blocks from this size up are mapped on their own and go back to the system when freed.
-# glibc's default raises its threshold up to 32 MB after each large block is freed, and then
-# keeps later large blocks (a 30 MB message, its parse, its copy upstream) in the heap,
-# where what is freed stays in the process: a 30 MB request left the proxy 60 MB larger.
-MMAP_THRESHOLD = 1 << 20
-
-
-def restarted_environment(environ):
-    """The restarted process's environment: marked, so that it does not restart again, and
-    with glibc's malloc held to two arenas (unless the user chose a number; glibc reads it
-    only as a process starts). By default glibc gives a thread that allocates while another
-    does an arena of its own, up to eight per core, and each arena keeps what is freed in
-    it; with a thread per connection, concurrent clients soon fill them all, and under load
-    the proxy's memory stood 10 MB higher and still crept up after minutes (bench scenario
-    9: 41 -> 43 MB in 3 minutes, against a flat 31 MB with two arenas). The threads then
-    share two arenas' locks, which costs no measurable speed: they allocate almost only
-    while holding Python's GIL anyway. Other allocators (musl, macOS) ignore the variable."""
-    env = dict(environ)
-    env[_RESTARTED_ENV] = "1"
-    env.setdefault("MALLOC_ARENA_MAX", "2")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    return env
-
-
-if __name__ == "__main__":
-    restart_from_bytecode()  # before the imports below, which the restarted process makes
-
 import argparse
 import base64
 import codecs
@@ -107,12 +35,14 @@ import io
 import ipaddress
 import itertools
 import json
+import os
 import platform
 import re
 import select
 import signal
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -947,7 +877,7 @@ class _FileLock:
 class AuthStore:
     """The current credentials, cheap to ask for: auth.json is parsed again only when its
     stat changes. Refreshes are single-flight in the process and follow the Codex CLI's lock
-    protocol across processes (PROTOCOL.md §2), so that the CLI, this proxy and other proxies
+    protocol across processes (docs/backend.md §2), so that the CLI, this proxy and other proxies
     never redeem one refresh token twice: $CODEX_HOME/auth.lock, waited for, around re-read,
     refresh and write; auth.json.lock only around the write itself, because the CLI takes that
     one without waiting and cannot save its own refresh while someone else holds it."""
@@ -1136,7 +1066,7 @@ class AuthStore:
 
 
 # --------------------------------------------------------------------------------------------
-# Logging in and out: the Codex CLI's device-code and browser flows (PROTOCOL.md §11)
+# Logging in and out: the Codex CLI's device-code and browser flows (docs/backend.md §11)
 # --------------------------------------------------------------------------------------------
 
 DEFAULT_ISSUER = "https://auth.openai.com"
@@ -9639,12 +9569,79 @@ def raise_descriptor_limit():
                 pass
 
 
+# CPython keeps a script's parse tree (about 12 MB for this file on 3.9 and later, a third
+# of the proxy's idle memory) until the script's top level returns, which a server's never
+# does. So, when the interpreter runs this file itself, the proxy serves from a thread of its
+# own and lets the top level return: the interpreter frees the tree, then waits for that
+# thread before it exits. Not under -m, cProfile or pdb (a Python frame below this one):
+# their compile() freed the tree already, and they watch the main thread. Not on Python
+# 3.12.0 to 3.12.2, which refuse new threads once the top level has returned.
+SERVE_PAST_THE_TOP_LEVEL = (__name__ == "__main__" and sys._getframe().f_back is None
+                            and sys.version_info[:3] not in ((3, 12, 0), (3, 12, 1), (3, 12, 2)))
+
+
+# Blocks from this size up are mapped on their own and go back to the system when freed.
+# glibc's default raises its threshold up to 32 MB after each large block is freed, and then
+# keeps later large blocks (a 30 MB message, its parse, its copy upstream) in the heap,
+# where what is freed stays in the process: a 30 MB request left the proxy 60 MB larger.
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+
+
+def glibc():
+    """The C library when it is glibc (for mallopt and malloc_trim), else None."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        import ctypes  # here: its 0.7 MB are not worth it on other C libraries
+        return ctypes.CDLL(None)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def map_large_blocks_apart():
+    """Set MMAP_THRESHOLD in this process, at start, unless the user chose one with glibc's
+    own MALLOC_MMAP_THRESHOLD_ (which glibc read as the process started)."""
+    libc = glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def give_back_freed_memory():
+    """Return the pages glibc's malloc holds free to the system (it keeps freed memory in
+    the process for reuse). A no-op where the C library is not glibc."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def serve_past_the_top_level(serve):
+    """Run serve() in a thread that outlives the script's top level (see
+    SERVE_PAST_THE_TOP_LEVEL) and return at once. Once the main thread has finished the
+    top level, the parse tree is free and its pages go back to the system. An exception
+    in serve() still ends the process with status 1, as it would in the main thread."""
+    def run():
+        threading.main_thread().join()
+        give_back_freed_memory()
+        try:
+            status = serve()
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            status = 1
+        if status:
+            sys.stderr.flush()
+            os._exit(status)
+    threading.Thread(target=run, name="serve").start()
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("login", "logout"):
         return login_command(argv)
     config = parse_config(argv)
     log = Log(debug=config.debug)
+    map_large_blocks_apart()
     raise_descriptor_limit()
     try:
         server = ProxyServer(config, log)
@@ -9675,21 +9672,25 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    finally:
-        server.socket.close()  # refuse new connections now, not after the drain
-        if not app.traffic.wait_idle(SHUTDOWN_GRACE):
-            log.info("stopping with requests still in flight")
-        # Waited for apart from the drain, which can give up first (25 s against a 30 s
-        # refresh timeout): a redeemed refresh token's successor exists only in this process
-        # until it is saved, and losing it would log the Codex CLI out too.
-        if not app.auth.stop_refreshing(REFRESH_TIMEOUT + 5):
-            log.info("warning: stopping before a token refresh finished; if it went through, "
-                     "the new login is lost. Run `codex login` if requests fail with 401.")
-        server.server_close()
-    log.info("stopped")
-    return 0
+
+    def serve():
+        try:
+            server.serve_forever(poll_interval=0.5)
+        finally:
+            server.socket.close()  # refuse new connections now, not after the drain
+            if not app.traffic.wait_idle(SHUTDOWN_GRACE):
+                log.info("stopping with requests still in flight")
+            # Waited for apart from the drain, which can give up first (25 s against a 30 s
+            # refresh timeout): a redeemed refresh token's successor exists only in this
+            # process until it is saved, and losing it would log the Codex CLI out too.
+            if not app.auth.stop_refreshing(REFRESH_TIMEOUT + 5):
+                log.info("warning: stopping before a token refresh finished; if it went "
+                         "through, the new login is lost. Run `codex login` if requests "
+                         "fail with 401.")
+            server.server_close()
+        log.info("stopped")
+        return 0
+    return serve_past_the_top_level(serve) if SERVE_PAST_THE_TOP_LEVEL else serve()
 
 
 if __name__ == "__main__":
