@@ -5106,6 +5106,9 @@ class HangupWatcher:
         time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
 
 
+HANGUPS = HangupWatcher()
+
+
 def _peer_closed(sock):
     """For a non-blocking socket that polled readable: has the peer closed it?"""
     try:
@@ -5154,7 +5157,6 @@ class UpstreamClient:
         self.log = log
         self.auth = auth
         self.pool = ConnectionPool()
-        self.hangups = HangupWatcher()
         self.quota = QuotaTracker()
         self.dumper = ExchangeDumper(config.dump_dir, log) if config.dump_dir else None
         self.user_agent = codex_user_agent(config)
@@ -6563,7 +6565,7 @@ class MessagesSSESink:
         if now - self.last < self.interval or not self._lock.acquire(blocking=False):
             return
         try:
-            if not self._stopped and writable_now(self.client.connection):
+            if not self._stopped and self.client.writable_now():
                 self.client.write_body(self._opening() + MessagesStream.ping())
                 self.last = time.monotonic()
         except (ClientGone, OSError):
@@ -6651,10 +6653,10 @@ PINGER = Pinger()
 
 
 @contextlib.contextmanager
-def watching_for_hangup(upstream, client, answer):
+def watching_for_hangup(client, answer):
     """Around relaying an upstream answer: a client hang-up cuts the upstream at once, any
     failure closes it (its state is unknown), and the dump is written in the end."""
-    watch = upstream.hangups.watch(client.connection, answer.conn.sock)
+    watch = client.watch_hangup(answer.conn.sock)
     try:
         yield watch
     except BaseException as e:
@@ -6664,7 +6666,7 @@ def watching_for_hangup(upstream, client, answer):
             client.log_fields["note"] = "client disconnected; upstream closed"
         raise
     finally:
-        upstream.hangups.unwatch(watch)
+        client.unwatch_hangup(watch)
         if answer.dump:
             answer.dump.finish()
 
@@ -6679,7 +6681,7 @@ def relay(upstream, answer, transform, sink, client, on_end=None):
     body = answer.body
     failure = None
     tail = b""
-    with watching_for_hangup(upstream, client, answer) as watch:
+    with watching_for_hangup(client, answer) as watch:
         sink.start(headers)
         while assembler.terminal is None:
             try:
@@ -6746,8 +6748,10 @@ def _drain_for_reuse(upstream, answer):
 def relay_as_is(upstream, answer, client):
     """API-key mode: the upstream's answer goes to the client as it came, piece by piece."""
     body = answer.body
-    with watching_for_hangup(upstream, client, answer) as watch:
-        client.start_as_is(answer.resp)
+    with watching_for_hangup(client, answer) as watch:
+        resp = answer.resp
+        client.start_as_is(resp.status, resp.getheaders(),
+                           resp.length if not resp.chunked else None)
         while True:
             try:
                 data = body.read()
@@ -6762,7 +6766,7 @@ def relay_as_is(upstream, answer, client):
             client.write_body(data)
     if not body.settle(upstream.pool):
         client.log_fields["error"] = "upstream_disconnected"
-        client.close_connection = True  # the client must not take a cut body as whole
+        client.abort_body()  # the client must not take a cut body as whole
         return
     client.end_body(b"")
 
@@ -6838,19 +6842,17 @@ def prewarm_events(body):
 
 
 class WebSocketSink:
-    """The relay's frames, one text message per event (the JSON of its `data:` line), with
-    the request's stream_id added when it carried one."""
+    """The relay's frames into a client's socket, one text message per event (the JSON of
+    its `data:` line)."""
 
-    def __init__(self, session, exchange, stream_id=None):
-        self.session = session
+    def __init__(self, exchange):
         self.exchange = exchange
-        self.stream_id = stream_id
 
     def start(self, headers):
         pass
 
     def send(self, data):
-        self.session.send_events(sse_payloads(data), self.stream_id)
+        self.exchange.send_events(sse_payloads(data))
 
     def finish(self, transform, tail, failure, headers):
         if failure is not None:
@@ -6860,243 +6862,29 @@ class WebSocketSink:
         self.send(tail)
 
 
-class WebSocketRequest:
-    """One request on a socket, as the relay sees a client."""
+class SocketConversation:
+    """The app's side of one client WebSocket: each response.create message answered through
+    the relay, and the socket's own responses kept for previous_response_id on it."""
 
-    def __init__(self, session):
-        self.session = session
-        self.connection = session.sock
-        self.log_fields = {}
-        self.status = 200
-
-    def forwardable_headers(self):
-        return platform_request_headers(self.session.handler.headers.items(),
-                                        from_websocket=True)
-
-
-class WebSocketSession:
-    """One client socket after the 101. A reader thread takes the client's frames: it
-    answers pings, queues requests, answers the close handshake, pings a silent client,
-    closes an idle socket, and on the client's close or hang-up shuts the socket, which
-    cuts a response in flight (see HangupWatcher). This thread answers the queued requests
-    one after another, each through the relay into a WebSocketSink."""
-
-    def __init__(self, app, handler, path):
+    def __init__(self, app):
         self.app = app
-        self.handler = handler
-        self.path = path
-        self.sock = handler.connection
-        self.reader = MessageReader(app.config.max_body_bytes)
         self.kept = SocketResponses(app.socket_memory)
-        self.answered = 0  # requests answered on this socket
-        self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._queue = collections.deque()
-        self._queued_bytes = 0
-        self._busy = False
-        self._ended = False      # the socket is shut: nothing more in or out
-        self._closing = None     # when our close frame went out
-        self._last_sent = self._last_request = time.monotonic()
 
-    # -- the socket ---------------------------------------------------------------------------
+    def close(self):
+        self.kept.close()
 
-    def send(self, data):
-        """Whole frames, in order; ClientGone once the socket cannot take them."""
-        with self._send_lock:
-            if self._closing is not None or self._ended:
-                raise ClientGone()
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                raise ClientGone()
-            self._last_sent = time.monotonic()
+    def answer(self, exchange):
+        """One client message: a response.create answered; a ProxyError for the error event."""
+        body, source, spans = parse_json_object(exchange.body)
+        exchange.stream_id = body.get("stream_id")
+        if body.get("type") != "response.create":
+            raise ProxyError(400, "Unknown message type %s: this socket takes "
+                             "{\"type\": \"response.create\", ...a Responses request...}."
+                             % json.dumps(body.get("type"))[:80], param="type",
+                             code="unknown_message_type")
+        self.create(exchange, body, source, spans)
 
-    def send_events(self, payloads, stream_id=None):
-        if stream_id is not None:
-            payloads = [with_stream_id(p, stream_id) for p in payloads]
-        if payloads:
-            self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
-
-    def close(self, code, reason=""):
-        """Start the close handshake (once); the reader ends it."""
-        with self._send_lock:
-            if self._closing is not None or self._ended:
-                return
-            self._closing = time.monotonic()
-            try:
-                self.sock.sendall(close_frame(code, reason))
-            except OSError:
-                pass
-
-    def end(self):
-        """Shut the socket: the reader sees its end, a relay in flight its client gone."""
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _pending_bytes(self):
-        """What the client sent after its handshake and the handler had already buffered:
-        with the read deadline passed, the buffered reader gives what it holds and reads
-        nothing from the socket (see RequestReader)."""
-        self.handler.reader.deadline = time.monotonic() - 1
-        try:
-            data = self.handler.rfile.peek(65536)
-            return self.handler.rfile.read(len(data))
-        except OSError:
-            return b""
-        finally:
-            self.handler.reader.deadline = None
-            self.sock.settimeout(WRITE_TIMEOUT)
-
-    # -- the reader thread --------------------------------------------------------------------
-
-    def _read(self):
-        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_CLIENT_IDLE_SECONDS / 2.0)
-        try:
-            data = self._pending_bytes()
-            next_tick = time.monotonic() + tick
-            while not self._ended:
-                if data and self._take(self.reader.feed(data)):
-                    return
-                data = b""
-                if time.monotonic() >= next_tick:  # also while the client keeps sending
-                    next_tick = time.monotonic() + tick
-                    if self._tick():
-                        return
-                if not readable_sockets([self.sock], tick):
-                    continue
-                data = self.sock.recv(65536)
-                if not data:
-                    return
-        except WebSocketError as e:
-            self.close(e.code, e.reason)  # a protocol error fails the connection at once
-        except (OSError, ValueError):
-            pass
-        finally:
-            self.end()
-
-    def _take(self, messages):
-        """Act on the client's messages; True once it closed."""
-        for opcode, payload in messages:
-            if opcode == OP_TEXT:
-                with self._cond:
-                    # while nothing is in flight, the first queued is about to be: not waiting
-                    if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
-                        raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
-                                             "waiting; wait for answers" % WS_MAX_QUEUED)
-                    self._check_waiting_bytes(len(payload))
-                    self._queue.append(payload)
-                    self._queued_bytes += len(payload)
-                    self._cond.notify_all()
-            elif opcode == OP_PING:
-                try:
-                    self.send(encode_frame(OP_PONG, payload))
-                except ClientGone:
-                    pass
-            elif opcode == OP_CLOSE:
-                code = parse_close_payload(payload)[0]
-                self.close(code)  # the answer: the client's own code (none if it sent none)
-                return True
-        return False
-
-    def _check_waiting_bytes(self, size):
-        """The requests waiting on a socket hold at most --max-body-bytes together (the one
-        about to be answered aside): what one socket makes the proxy hold is bounded by the
-        flag, not by 16 times it."""
-        waiting = self._queued_bytes - (len(self._queue[0]) if self._queue and not self._busy
-                                        else 0)
-        limit = self.app.config.max_body_bytes
-        if waiting + size > limit and (waiting or self._queue):
-            raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d bytes of requests "
-                                 "waiting (--max-body-bytes); wait for answers" % limit)
-
-    def _tick(self):
-        """Between the client's frames: keep-alive, idle and shutdown; True to end."""
-        now = time.monotonic()
-        if self._closing is not None:
-            return now - self._closing >= WS_CLOSE_WAIT
-        with self._cond:
-            idle = not self._queue and not self._busy
-        if idle and self.app.stopping:
-            self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
-        elif idle and now - self._last_request >= WS_CLIENT_IDLE_SECONDS:
-            self.close(CLOSE_NORMAL, "idle for %d s" % WS_CLIENT_IDLE_SECONDS)
-        elif now - self._last_sent >= WS_PING_INTERVAL:
-            try:
-                self.send(encode_frame(OP_PING))
-            except ClientGone:
-                return True
-        return False
-
-    # -- this thread: the requests ------------------------------------------------------------
-
-    def run(self):
-        reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
-        self.app.traffic.count_websocket("connections_open", 1)
-        try:
-            reader.start()
-            while True:
-                with self._cond:
-                    while not self._queue and not self._ended and self._closing is None:
-                        self._cond.wait()
-                    if self._ended or self._closing is not None:
-                        break
-                    raw = self._queue.popleft()
-                    self._queued_bytes -= len(raw)
-                    self._busy = True
-                try:
-                    self.answer(raw)
-                finally:
-                    with self._cond:
-                        self._busy = False
-                        self._last_request = time.monotonic()
-                if self.app.stopping:
-                    self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
-        finally:
-            if reader.ident is not None:  # started
-                reader.join(WS_CLOSE_WAIT + 5)
-            self.end()
-            self.kept.close()
-            self.app.traffic.count_websocket("connections_open", -1)
-
-    def answer(self, raw):
-        """One client message: a response.create answered, or an error event."""
-        exchange = WebSocketRequest(self)
-        started = time.monotonic()
-        stream_id = None
-        try:
-            body, source, spans = parse_json_object(raw)
-            stream_id = body.get("stream_id")
-            if body.get("type") != "response.create":
-                raise ProxyError(400, "Unknown message type %s: this socket takes "
-                                 "{\"type\": \"response.create\", ...a Responses request...}."
-                                 % json.dumps(body.get("type"))[:80], param="type",
-                                 code="unknown_message_type")
-            self.create(exchange, body, source, spans, stream_id)
-        except ProxyError as e:
-            exchange.status = e.status
-            exchange.log_fields.setdefault("error", e.code or e.type)
-            try:
-                self.send_events([json.dumps(websocket_error_event(e)).encode()], stream_id)
-            except ClientGone:
-                pass
-        except ClientGone:
-            exchange.log_fields["note"] = "client disconnected; upstream closed"
-            self.end()
-        except Exception as e:  # a bug costs this socket, not the server
-            self.app.log.internal_error("a WebSocket request", e)
-            exchange.status = 500
-            exchange.log_fields["error"] = "internal_error"
-            self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
-        self.answered += 1
-        self.app.traffic.count_websocket("responses", 1)
-        self.log_line(exchange, started)
-
-    def create(self, exchange, body, source, spans, stream_id):
+    def create(self, exchange, body, source, spans):
         app = self.app
         model = body.get("model")
         exchange.log_fields["model"] = model if isinstance(model, str) else None
@@ -7107,7 +6895,7 @@ class WebSocketSession:
         body = dict(body)  # the message's own fields go; the rest is a request as on HTTP
         for name in ("type", "stream_id", "generate"):
             body.pop(name, None)
-        sink = WebSocketSink(self, exchange, stream_id)
+        sink = WebSocketSink(exchange)
         if app.config.mode == "apikey":
             previous = body.get("previous_response_id")
             budget = ExpansionBudget(app.config.max_body_bytes, len(source))
@@ -7117,16 +6905,15 @@ class WebSocketSession:
                 if previous is not None and history is None:
                     raise unknown_response_error(previous)
                 return self.prewarm(exchange, body, (history or []) + input_list(
-                    body.get("input")), stream_id, parent)
+                    body.get("input")), parent)
             with app.traffic.slot():
                 return app.respond_platform(exchange, body, history, sink,
                                             lambda assembler, sent_input: self.keep(
                                                 assembler, sent_input, parent))
-        request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
+        request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
         if not generate:
             app.turn_done(request)
-            return self.prewarm(exchange, body, request.body["input"], stream_id,
-                                request.previous)
+            return self.prewarm(exchange, body, request.body["input"], request.previous)
         with app.traffic.slot():
             try:
                 answer = app.upstream.responses(request)  # the backend's socket too, if in use
@@ -7156,32 +6943,12 @@ class WebSocketSession:
             self.kept.put(response_id, list(sent_input) + replayable(assembler.output()),
                           parent)
 
-    def prewarm(self, exchange, body, items, stream_id, parent=None):
+    def prewarm(self, exchange, body, items, parent=None):
         """`"generate": false`: answered here; its input kept for the next request."""
         events = prewarm_events(body)
         self.kept.put(events[0]["response"]["id"], items, parent)
-        self.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events],
-                         stream_id)
+        exchange.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events])
         exchange.log_fields["note"] = "generate: false, answered here"
-
-    def log_line(self, exchange, started):
-        log = self.app.log
-        f = exchange.log_fields
-        seconds = time.monotonic() - started
-        self.app.record_request("WS", self.path, self.handler.lower_headers.get("user-agent"),
-                                f, exchange.status, seconds)
-        parts = ["WS", self.path]
-        if f.get("model"):
-            parts.append("model=%s" % f["model"])
-        parts.append("status=%s" % log.status_code(exchange.status))
-        parts.append("%.3fs" % seconds)
-        if "in" in f or "out" in f:
-            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
-        parts.append("websocket")
-        for key in ("error", "note"):
-            if f.get(key):
-                parts.append("%s=%s" % (key, f[key]))
-        log.info(" ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -8429,6 +8196,68 @@ COMPACT_FIELDS = ("model", "input", "instructions", "tools", "parallel_tool_call
 COMPACT_TIMEOUT = 600.0  # one JSON answer for a whole history: no events to show progress
 
 
+class Exchange:
+    """What a route and the relay answer through: one client request, over HTTP (the
+    ProxyHandler) or as one message on a client's WebSocket (WebSocketRequest). Nothing of
+    the wire shows through: no socket, no rfile or wfile, no handler attribute.
+
+    Attributes: method, path (the target, with its query), lower_headers (names lower-cased,
+    the first of duplicates), body (the bytes read, or None) and log_fields (what the log
+    line and /status say of it)."""
+
+    def send_whole(self, status, content_type, body, headers=()):
+        raise NotImplementedError
+
+    def send_json(self, status, obj, headers=()):
+        self.send_whole(status, "application/json", json.dumps(obj).encode(), headers)
+
+    def send_text(self, status, body):
+        self.send_whole(status, "text/plain; charset=utf-8", body)
+
+    def start_event_stream(self, headers):
+        """The head of an event stream; write_body() and end_body() send the rest."""
+        raise NotImplementedError
+
+    def write_body(self, data):
+        raise NotImplementedError
+
+    def end_body(self, tail):
+        """The last piece of a streamed body and its end, in one write."""
+        raise NotImplementedError
+
+    def start_as_is(self, status, headers, length):
+        """The head of an answer passed through as the platform sent it (length None: of
+        unknown length)."""
+        raise NotImplementedError
+
+    def abort_body(self):
+        """End a streamed body cut short, so the client cannot take it for a whole one."""
+        raise NotImplementedError
+
+    def close_after_answer(self):
+        """No request after this one on the connection."""
+
+    def send_events(self, payloads):
+        """Events as the client's WebSocket carries them: one JSON text message each."""
+        raise NotImplementedError
+
+    def forwardable_headers(self):
+        """The client's headers that may go to the platform as they are."""
+        raise NotImplementedError
+
+    def watch_hangup(self, upstream_sock):
+        """While an answer is relayed: a client that hangs up shuts upstream_sock at once.
+        The watch's "gone" turns true then; unwatch_hangup(watch) ends it."""
+        raise NotImplementedError
+
+    def unwatch_hangup(self, watch):
+        HANGUPS.unwatch(watch)
+
+    def writable_now(self):
+        """Whether the client takes a small write at once (a ping must never wait)."""
+        return True
+
+
 class PreparedRequest:
     """A Responses request as it goes upstream, and what keeping its answer takes."""
 
@@ -8567,6 +8396,10 @@ class App:
         self.upstream.close()
         self.conversations.close()
 
+    def socket_conversation(self):
+        """What answers the messages of a client's WebSocket."""
+        return SocketConversation(self)
+
     # -- what the operator sees -------------------------------------------------------------
 
     def status_report(self):
@@ -8653,7 +8486,7 @@ class App:
         client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
 
     def shutdown(self, client):
-        client.close_connection = True
+        client.close_after_answer()
         client.send_json(200, {"status": "shutting down"})
         self.begin_shutdown("GET /shutdown")
 
@@ -8708,23 +8541,6 @@ class App:
         sent_input = input_list(body.get("input"))
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
               lambda assembler: on_kept(assembler, sent_input))
-
-    def websocket(self, client):
-        """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
-        request does; a socket then takes a place (--max-concurrent) per response it
-        streams, not for its whole life, but is refused at once when none is free."""
-        check_upgrade(client.request_version, client.lower_headers)
-        accept = websocket_accept(client.lower_headers)
-        with self.traffic.slot():
-            pass
-        client.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
-                                          str(self.config.max_body_bytes))])
-        self.traffic.count_websocket("connections_total", 1)
-        session = WebSocketSession(self, client, urllib.parse.urlsplit(client.path).path)
-        try:
-            session.run()
-        finally:
-            client.log_fields["note"] = "websocket closed after %d responses" % session.answered
 
     def chat_completions(self, client):
         config = self.config
@@ -8986,7 +8802,7 @@ class App:
         """API-key mode: the request goes as the client sent it, with our key."""
         headers = client.forwardable_headers()
         headers["Authorization"] = self.config.api_key_header
-        answer = self.upstream.exchange(client.command, url, client.body or None, headers)
+        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
         relay_as_is(self.upstream, answer, client)
 
     def json_body(self, client):
@@ -9088,7 +8904,11 @@ BAD_REQUEST_MESSAGES = {400: "Malformed HTTP request.", 414: "Request line too l
                         505: "HTTP version not supported."}
 
 
-class ProxyHandler(http.server.BaseHTTPRequestHandler):
+class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
+    """One client connection over HTTP: each request parsed, admitted (check_access), routed
+    (find_route) and answered, the handler being the route's Exchange; a WebSocket upgrade
+    hands the connection to a WebSocketSession."""
+
     protocol_version = "HTTP/1.1"
     server_version = "codex-responses-proxy/" + __version__
     timeout = IDLE_CONNECTION_TIMEOUT
@@ -9180,6 +9000,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         app = self.server.app
+        self.method = method
         self.started = time.monotonic()
         self.headers_sent = False
         self.status_sent = None
@@ -9209,7 +9030,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self.send_preflight()
             name, args = find_route(method, path, self.lower_headers, app.config)
             if name == "websocket":  # the socket is the session's from here on
-                return app.websocket(self)
+                return self.serve_websocket(app)
             route = functools.partial(getattr(app, name), self, *args)
             with (app.traffic.slot() if path != "/healthz" else contextlib.nullcontext()):
                 self.body = read_request_body(self.rfile, self.lower_headers,
@@ -9234,10 +9055,39 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 app.traffic.request_finished(self.status_sent)
             self.log_request_line(method, path)
 
-    # -- what an App route reads ------------------------------------------------------------
+    def serve_websocket(self, app):
+        """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
+        request does; a socket then takes a place (--max-concurrent) per response it
+        streams, not for its whole life, but is refused at once when none is free."""
+        check_upgrade(self.request_version, self.lower_headers)
+        accept = websocket_accept(self.lower_headers)
+        with app.traffic.slot():
+            pass
+        self.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
+                                        str(app.config.max_body_bytes))])
+        app.traffic.count_websocket("connections_total", 1)
+        session = WebSocketSession(app, self, urllib.parse.urlsplit(self.path).path)
+        try:
+            session.run()
+        finally:
+            self.log_fields["note"] = "websocket closed after %d responses" % session.answered
+
+    # -- the Exchange: what a route reads ---------------------------------------------------
 
     def forwardable_headers(self):
         return platform_request_headers(self.headers.items())
+
+    def watch_hangup(self, upstream_sock):
+        return HANGUPS.watch(self.connection, upstream_sock)
+
+    def writable_now(self):
+        return writable_now(self.connection)
+
+    def close_after_answer(self):
+        self.close_connection = True
+
+    def abort_body(self):
+        self.close_connection = True
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -9267,12 +9117,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.write(body)
-
-    def send_json(self, status, obj, headers=()):
-        self.send_whole(status, "application/json", json.dumps(obj).encode(), headers)
-
-    def send_text(self, status, body):
-        self.send_whole(status, "text/plain; charset=utf-8", body)
 
     def send_error_json(self, err):
         if self.headers_sent:
@@ -9336,13 +9180,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.start_body(headers)
 
-    def start_as_is(self, resp):
-        self.send_response(resp.status)
+    def start_as_is(self, status, headers, length):
+        self.send_response(status)
         # send_response() has sent our own Date and Server: one of each per message
-        headers = [(name, value) for name, value in resp.getheaders()
+        headers = [(name, value) for name, value in headers
                    if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server")]
-        if resp.length is not None and not resp.chunked:
-            headers.append(("Content-Length", str(resp.length)))
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
             self.chunked = False
             for name, value in headers:
                 self.send_header(name, value)
@@ -9406,6 +9250,274 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         for key in ("stream", "error", "note"):
             if f.get(key):
                 parts.append(key if f[key] is True else "%s=%s" % (key, f[key]))
+        log.info(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Client WebSockets: the socket after the 101, each message an Exchange for the app
+# --------------------------------------------------------------------------------------------
+
+class WebSocketRequest(Exchange):
+    """One message on a client's socket, as a route sees a request: its answer goes out as
+    event messages, with the message's stream_id when it carried one."""
+
+    method = "WS"
+
+    def __init__(self, session, raw):
+        self.session = session
+        self.path = session.path
+        self.lower_headers = session.handler.lower_headers  # the handshake's
+        self.body = raw
+        self.log_fields = {}
+        self.status = 200
+        self.stream_id = None  # set by the route once the message is parsed
+
+    def forwardable_headers(self):
+        return platform_request_headers(self.session.handler.headers.items(),
+                                        from_websocket=True)
+
+    def send_events(self, payloads):
+        self.session.send_events(payloads, self.stream_id)
+
+    def send_error(self, err):
+        """A refused or failed request: its error event."""
+        self.status = err.status
+        self.log_fields.setdefault("error", err.code or err.type)
+        try:
+            self.send_events([json.dumps(websocket_error_event(err)).encode()])
+        except ClientGone:
+            pass
+
+    def watch_hangup(self, upstream_sock):
+        return HANGUPS.watch(self.session.sock, upstream_sock)
+
+
+class WebSocketSession:
+    """One client socket after the 101. A reader thread takes the client's frames: it
+    answers pings, queues requests, answers the close handshake, pings a silent client,
+    closes an idle socket, and on the client's close or hang-up shuts the socket, which
+    cuts a response in flight (see HangupWatcher). This thread answers the queued requests
+    one after another, each through the relay into a WebSocketSink."""
+
+    def __init__(self, app, handler, path):
+        self.app = app
+        self.handler = handler
+        self.path = path
+        self.sock = handler.connection
+        self.reader = MessageReader(app.config.max_body_bytes)
+        self.conversation = app.socket_conversation()
+        self.answered = 0  # requests answered on this socket
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._queued_bytes = 0
+        self._busy = False
+        self._ended = False      # the socket is shut: nothing more in or out
+        self._closing = None     # when our close frame went out
+        self._last_sent = self._last_request = time.monotonic()
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    def send(self, data):
+        """Whole frames, in order; ClientGone once the socket cannot take them."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                raise ClientGone()
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise ClientGone()
+            self._last_sent = time.monotonic()
+
+    def send_events(self, payloads, stream_id=None):
+        if stream_id is not None:
+            payloads = [with_stream_id(p, stream_id) for p in payloads]
+        if payloads:
+            self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
+
+    def close(self, code, reason=""):
+        """Start the close handshake (once); the reader ends it."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                return
+            self._closing = time.monotonic()
+            try:
+                self.sock.sendall(close_frame(code, reason))
+            except OSError:
+                pass
+
+    def end(self):
+        """Shut the socket: the reader sees its end, a relay in flight its client gone."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _pending_bytes(self):
+        """What the client sent after its handshake and the handler had already buffered:
+        with the read deadline passed, the buffered reader gives what it holds and reads
+        nothing from the socket (see RequestReader)."""
+        self.handler.reader.deadline = time.monotonic() - 1
+        try:
+            data = self.handler.rfile.peek(65536)
+            return self.handler.rfile.read(len(data))
+        except OSError:
+            return b""
+        finally:
+            self.handler.reader.deadline = None
+            self.sock.settimeout(WRITE_TIMEOUT)
+
+    # -- the reader thread --------------------------------------------------------------------
+
+    def _read(self):
+        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_CLIENT_IDLE_SECONDS / 2.0)
+        try:
+            data = self._pending_bytes()
+            next_tick = time.monotonic() + tick
+            while not self._ended:
+                if data and self._take(self.reader.feed(data)):
+                    return
+                data = b""
+                if time.monotonic() >= next_tick:  # also while the client keeps sending
+                    next_tick = time.monotonic() + tick
+                    if self._tick():
+                        return
+                if not readable_sockets([self.sock], tick):
+                    continue
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+        except WebSocketError as e:
+            self.close(e.code, e.reason)  # a protocol error fails the connection at once
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.end()
+
+    def _take(self, messages):
+        """Act on the client's messages; True once it closed."""
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                with self._cond:
+                    # while nothing is in flight, the first queued is about to be: not waiting
+                    if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
+                        raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
+                                             "waiting; wait for answers" % WS_MAX_QUEUED)
+                    self._check_waiting_bytes(len(payload))
+                    self._queue.append(payload)
+                    self._queued_bytes += len(payload)
+                    self._cond.notify_all()
+            elif opcode == OP_PING:
+                try:
+                    self.send(encode_frame(OP_PONG, payload))
+                except ClientGone:
+                    pass
+            elif opcode == OP_CLOSE:
+                code = parse_close_payload(payload)[0]
+                self.close(code)  # the answer: the client's own code (none if it sent none)
+                return True
+        return False
+
+    def _check_waiting_bytes(self, size):
+        """The requests waiting on a socket hold at most --max-body-bytes together (the one
+        about to be answered aside): what one socket makes the proxy hold is bounded by the
+        flag, not by 16 times it."""
+        waiting = self._queued_bytes - (len(self._queue[0]) if self._queue and not self._busy
+                                        else 0)
+        limit = self.app.config.max_body_bytes
+        if waiting + size > limit and (waiting or self._queue):
+            raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d bytes of requests "
+                                 "waiting (--max-body-bytes); wait for answers" % limit)
+
+    def _tick(self):
+        """Between the client's frames: keep-alive, idle and shutdown; True to end."""
+        now = time.monotonic()
+        if self._closing is not None:
+            return now - self._closing >= WS_CLOSE_WAIT
+        with self._cond:
+            idle = not self._queue and not self._busy
+        if idle and self.app.stopping:
+            self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        elif idle and now - self._last_request >= WS_CLIENT_IDLE_SECONDS:
+            self.close(CLOSE_NORMAL, "idle for %d s" % WS_CLIENT_IDLE_SECONDS)
+        elif now - self._last_sent >= WS_PING_INTERVAL:
+            try:
+                self.send(encode_frame(OP_PING))
+            except ClientGone:
+                return True
+        return False
+
+    # -- this thread: the requests ------------------------------------------------------------
+
+    def run(self):
+        reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
+        self.app.traffic.count_websocket("connections_open", 1)
+        try:
+            reader.start()
+            while True:
+                with self._cond:
+                    while not self._queue and not self._ended and self._closing is None:
+                        self._cond.wait()
+                    if self._ended or self._closing is not None:
+                        break
+                    raw = self._queue.popleft()
+                    self._queued_bytes -= len(raw)
+                    self._busy = True
+                try:
+                    self.answer(raw)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._last_request = time.monotonic()
+                if self.app.stopping:
+                    self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        finally:
+            if reader.ident is not None:  # started
+                reader.join(WS_CLOSE_WAIT + 5)
+            self.end()
+            self.conversation.close()
+            self.app.traffic.count_websocket("connections_open", -1)
+
+    def answer(self, raw):
+        """One client message answered by the app, or an error event."""
+        exchange = WebSocketRequest(self, raw)
+        started = time.monotonic()
+        try:
+            self.conversation.answer(exchange)
+        except ProxyError as e:
+            exchange.send_error(e)
+        except ClientGone:
+            exchange.log_fields["note"] = "client disconnected; upstream closed"
+            self.end()
+        except Exception as e:  # a bug costs this socket, not the server
+            self.app.log.internal_error("a WebSocket request", e)
+            exchange.status = 500
+            exchange.log_fields["error"] = "internal_error"
+            self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
+        self.answered += 1
+        self.app.traffic.count_websocket("responses", 1)
+        self.log_line(exchange, started)
+
+    def log_line(self, exchange, started):
+        log = self.app.log
+        f = exchange.log_fields
+        seconds = time.monotonic() - started
+        self.app.record_request("WS", self.path, self.handler.lower_headers.get("user-agent"),
+                                f, exchange.status, seconds)
+        parts = ["WS", self.path]
+        if f.get("model"):
+            parts.append("model=%s" % f["model"])
+        parts.append("status=%s" % log.status_code(exchange.status))
+        parts.append("%.3fs" % seconds)
+        if "in" in f or "out" in f:
+            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
+        parts.append("websocket")
+        for key in ("error", "note"):
+            if f.get(key):
+                parts.append("%s=%s" % (key, f[key]))
         log.info(" ".join(parts))
 
 
