@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import errno
 import fnmatch
-import functools
 import hashlib
 import hmac
 import http.client
@@ -4533,61 +4532,55 @@ def check_access(method, path, headers, config, listen_address):
     return False
 
 
-ROUTES = {
-    "/v1/responses": {"POST": "responses"},
-    "/v1/responses/compact": {"POST": "compact"},
-    "/v1/responses/input_tokens": {"POST": "input_tokens"},
-    "/v1/chat/completions": {"POST": "chat_completions"},
-    "/v1/images/generations": {"POST": "image_generations"},
-    "/v1/images/edits": {"POST": "image_edits"},
-    "/v1/messages": {"POST": "messages"},
-    "/v1/messages/count_tokens": {"POST": "count_tokens"},
-    "/v1/models": {"GET": "models"},
-    "/status": {"GET": "status"},
-    "/shutdown": {"GET": "shutdown"},
-    "/healthz": {"GET": "healthz", "HEAD": "healthz"},
-    "/": {"GET": "page", "HEAD": "page"},
-    "/ui.js": {"GET": "page_script"},
-    "/favicon.ico": {"GET": "favicon"},
-}
-ROUTES.update({path[3:]: methods for path, methods in list(ROUTES.items())
-               if path.startswith("/v1/")})  # clients configured without /v1
+# The paths served (in both modes), each also without /v1 for clients configured without it.
+API_PATHS = ("/v1/responses", "/v1/responses/compact", "/v1/responses/input_tokens",
+             "/v1/chat/completions", "/v1/images/generations", "/v1/images/edits",
+             "/v1/messages", "/v1/messages/count_tokens", "/v1/models")
+SERVICE_PATHS = ("/status", "/shutdown", "/healthz") + PAGE_PATHS
+SERVED_PATHS = frozenset(API_PATHS + tuple(p[3:] for p in API_PATHS) + SERVICE_PATHS)
+WEBSOCKET_PATHS = ("/v1/responses", "/responses")
 # Anthropic's API: its errors are answered in Anthropic's shape.
 MESSAGES_PATHS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/messages",
                             "/messages/count_tokens"))
-# /v1/responses/{id} and what hangs off it: App methods taking the id too
-RESPONSE_ROUTES = {"": {"GET": "retrieve", "DELETE": "delete"},
-                   "/input_items": {"GET": "input_items"}, "/cancel": {"POST": "cancel"}}
+# /v1/responses/{id} and what hangs off it: routes taking the id too
 _RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
                                r"(|/input_items|/cancel)\Z")
+WEBSOCKET_UPGRADE = "websocket upgrade"  # find_route's answer for a GET /v1/responses upgrade
 
 
-def find_route(method, path, headers, config):
-    """(the App's method for this request, its arguments from the path), else the fitting
-    JSON error."""
-    methods, args = ROUTES.get(path), ()
-    if methods is None:
-        m = _RESPONSE_PATH_RE.match(path)
-        if m:
-            methods, args = RESPONSE_ROUTES[m.group(2)], (m.group(1),)
-    if path == "/shutdown" and not config.http_shutdown:
-        methods = None
-    if path in PAGE_PATHS and not config.ui:
-        methods = None
-    if methods is None:
-        raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                         % path, code="not_found")
-    if "websocket" in (headers.get("upgrade") or "").lower():
-        if methods.get("POST") == "responses" and method == "GET":
-            return "websocket", ()
-        raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP here.",
-                         code="websocket_not_supported")
-    name = methods.get(method)
-    if name is None:
-        raise ProxyError(405, "%s does not take %s; use %s." % (
-            path, method, " or ".join(sorted(methods))), code="method_not_allowed",
-            headers=[("Allow", ", ".join(sorted(methods)))])
-    return name, args
+class RouteTable:
+    """Which route answers a method and path: built once at start, from the mode (see
+    App.chatgpt_routes and App.platform_routes). A route is a callable taking the Exchange
+    (and, for /v1/responses/{id} and what hangs off it, the id)."""
+
+    def __init__(self, api, by_response_id, service):
+        self.routes = dict(service)
+        for path, methods in api.items():
+            self.routes[path] = self.routes[path[3:]] = methods
+        self.by_response_id = by_response_id  # "", "/input_items", "/cancel" -> methods
+
+    def find(self, method, path, headers):
+        """(the route for this request, its arguments from the path), WEBSOCKET_UPGRADE for a
+        WebSocket handshake, else the fitting JSON error."""
+        methods, args = self.routes.get(path), ()
+        if methods is None:
+            m = _RESPONSE_PATH_RE.match(path)
+            if m:
+                methods, args = self.by_response_id[m.group(2)], (m.group(1),)
+        if methods is None:
+            raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
+                             % path, code="not_found")
+        if "websocket" in (headers.get("upgrade") or "").lower():
+            if path in WEBSOCKET_PATHS and method == "GET":
+                return WEBSOCKET_UPGRADE, ()
+            raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP "
+                             "here.", code="websocket_not_supported")
+        route = methods.get(method)
+        if route is None:
+            raise ProxyError(405, "%s does not take %s; use %s." % (
+                path, method, " or ".join(sorted(methods))), code="method_not_allowed",
+                headers=[("Allow", ", ".join(sorted(methods)))])
+        return route, args
 
 
 # --------------------------------------------------------------------------------------------
@@ -6335,6 +6328,81 @@ class ChatTransform:
         return chat_completion(response, response.get("output") or [])
 
 
+# --------------------------------------------------------------------------------------------
+# Front ends: how a client's request maps onto a Responses request, and how the Responses
+# events map back (a transform), into the sink the client asked for
+# --------------------------------------------------------------------------------------------
+
+class ResponsesFrontEnd:
+    """Responses as is: the request goes as the client sent it (rewritten for the backend),
+    its events come back as they came; a finished response is kept for
+    previous_response_id."""
+
+    keeps = True
+
+    def __init__(self, body, headers):
+        self.body = body
+        self.stream = body.get("stream") is True
+
+    def responses_body(self):
+        return self.body
+
+    def note_model(self, log_fields, model):
+        pass
+
+    def transform(self, answer, log):
+        return ResponsesTransform(log)
+
+    def sink(self, client, transform):
+        return SSESink(client) if self.stream else CollectedSink(client)
+
+
+class ChatFrontEnd(ResponsesFrontEnd):
+    """Chat Completions: the chat request as a Responses one (chat_to_responses), the events
+    as chat chunks or one chat completion (ChatTransform)."""
+
+    keeps = False
+
+    def responses_body(self):
+        return chat_to_responses(self.body)
+
+    def transform(self, answer, log):
+        options = self.body.get("stream_options")
+        include_usage = bool(options.get("include_usage")) if isinstance(options, dict) \
+            else False
+        return ChatTransform(self.body.get("model"), include_usage, log)
+
+
+class MessagesFrontEnd(ResponsesFrontEnd):
+    """Anthropic Messages: the request as a Responses one (messages_to_responses), the events
+    as Messages events or one message (MessagesTransform); a stop sequence cuts the
+    upstream."""
+
+    keeps = False
+
+    def __init__(self, body, headers):
+        super().__init__(body, headers)
+        self.headers = headers
+        self.stops = ()
+
+    def responses_body(self):
+        upstream_body = messages_to_responses(self.body, self.headers)
+        self.stops = messages_stop_sequences(self.body)
+        return upstream_body
+
+    def note_model(self, log_fields, model):
+        if model != self.body["model"]:  # the log says where a name went
+            log_fields["model"] = "%s->%s" % (self.body["model"], model)
+
+    def transform(self, answer, log):
+        return MessagesTransform(MessagesStream(self.body["model"], long_tool_names(self.body),
+                                                self.stops, streaming=self.stream),
+                                 log, cut=answer.conn.close)
+
+    def sink(self, client, transform):
+        return MessagesSSESink(client, transform) if self.stream else CollectedSink(client)
+
+
 class SSESink:
     """The client's live event stream: every complete frame as soon as its read is in."""
 
@@ -6346,6 +6414,9 @@ class SSESink:
 
     def send(self, data):
         self.client.write_body(data)
+
+    def stop(self):
+        pass
 
     def finish(self, transform, tail, failure, headers):
         """The stream's last frames (or an error event) and its end, in one write."""
@@ -6365,6 +6436,9 @@ class CollectedSink:
         pass
 
     def send(self, data):
+        pass
+
+    def stop(self):
         pass
 
     def finish(self, transform, tail, failure, headers):
@@ -6854,6 +6928,9 @@ class WebSocketSink:
     def send(self, data):
         self.exchange.send_events(sse_payloads(data))
 
+    def stop(self):
+        pass
+
     def finish(self, transform, tail, failure, headers):
         if failure is not None:
             self.exchange.log_fields["error"] = failure.code
@@ -6884,8 +6961,9 @@ class SocketConversation:
                              code="unknown_message_type")
         self.create(exchange, body, source, spans)
 
-    def create(self, exchange, body, source, spans):
-        app = self.app
+    @staticmethod
+    def request_of(exchange, body):
+        """(the Responses request a response.create message carries, its `generate`)."""
         model = body.get("model")
         exchange.log_fields["model"] = model if isinstance(model, str) else None
         generate = body.get("generate", True)
@@ -6895,21 +6973,11 @@ class SocketConversation:
         body = dict(body)  # the message's own fields go; the rest is a request as on HTTP
         for name in ("type", "stream_id", "generate"):
             body.pop(name, None)
-        sink = WebSocketSink(exchange)
-        if app.config.mode == "apikey":
-            previous = body.get("previous_response_id")
-            budget = ExpansionBudget(app.config.max_body_bytes, len(source))
-            history = self.kept.get(previous, budget) if isinstance(previous, str) else None
-            parent = previous if history is not None else None
-            if not generate:
-                if previous is not None and history is None:
-                    raise unknown_response_error(previous)
-                return self.prewarm(exchange, body, (history or []) + input_list(
-                    body.get("input")), parent)
-            with app.traffic.slot():
-                return app.respond_platform(exchange, body, history, sink,
-                                            lambda assembler, sent_input: self.keep(
-                                                assembler, sent_input, parent))
+        return body, generate
+
+    def create(self, exchange, body, source, spans):
+        app = self.app
+        body, generate = self.request_of(exchange, body)
         request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
         if not generate:
             app.turn_done(request)
@@ -6922,7 +6990,8 @@ class SocketConversation:
                     app.keep(assembler, request)
                     self.keep(assembler, request.body["input"], request.previous)
 
-                relay(app.upstream, answer, ResponsesTransform(app.log), sink, exchange, on_end)
+                relay(app.upstream, answer, ResponsesTransform(app.log), WebSocketSink(exchange),
+                      exchange, on_end)
             finally:
                 app.turn_done(request)
         app.upstream.turn_over(request)
@@ -6949,6 +7018,29 @@ class SocketConversation:
         self.kept.put(events[0]["response"]["id"], items, parent)
         exchange.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events])
         exchange.log_fields["note"] = "generate: false, answered here"
+
+
+class PlatformSocketConversation(SocketConversation):
+    """API-key mode's side of a client WebSocket: each request a streamed POST to the
+    platform (see App.respond_platform); a previous_response_id of this socket's expanded
+    here, another left to the platform."""
+
+    def create(self, exchange, body, source, spans):
+        app = self.app
+        body, generate = self.request_of(exchange, body)
+        previous = body.get("previous_response_id")
+        budget = ExpansionBudget(app.config.max_body_bytes, len(source))
+        history = self.kept.get(previous, budget) if isinstance(previous, str) else None
+        parent = previous if history is not None else None
+        if not generate:
+            if previous is not None and history is None:
+                raise unknown_response_error(previous)
+            return self.prewarm(exchange, body, (history or []) + input_list(
+                body.get("input")), parent)
+        with app.traffic.slot():
+            app.respond_platform(exchange, body, history, WebSocketSink(exchange),
+                                 lambda assembler, sent_input: self.keep(
+                                     assembler, sent_input, parent))
 
 
 # --------------------------------------------------------------------------------------------
@@ -7761,7 +7853,7 @@ def client_family(user_agent):
 def listed_route(method, path):
     """The route as the page lists it: a path this proxy serves, as asked; any other path
     only as "(unknown path)", as a client's mistyped path may hold anything."""
-    known = path in ROUTES or _RESPONSE_PATH_RE.match(path)
+    known = path in SERVED_PATHS or _RESPONSE_PATH_RE.match(path)
     return "%s %s" % (method, path if known else "(unknown path)")
 
 
@@ -8377,6 +8469,13 @@ class App:
         self.recent = RecentRequests()
         self.on_shutdown = None  # set by the server: stops accepting connections
         self._stopping = threading.Event()
+        # The mode decides, once, which routes there are and what answers a client's socket.
+        if config.mode == "apikey":
+            self.routes = self.platform_routes()
+            self.socket_conversation = PlatformSocketConversation
+        else:
+            self.routes = self.chatgpt_routes()
+            self.socket_conversation = SocketConversation
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -8395,10 +8494,6 @@ class App:
     def close(self):
         self.upstream.close()
         self.conversations.close()
-
-    def socket_conversation(self):
-        """What answers the messages of a client's WebSocket."""
-        return SocketConversation(self)
 
     # -- what the operator sees -------------------------------------------------------------
 
@@ -8468,7 +8563,55 @@ class App:
             self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
             expiry, ", will refresh" if creds.needs_refresh() else "")
 
-    # -- routes -----------------------------------------------------------------------------
+    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
+
+    def chatgpt_routes(self):
+        """ChatGPT mode: every API path answered here, over the ChatGPT backend."""
+        return RouteTable({
+            "/v1/responses": {"POST": self.responses},
+            "/v1/responses/compact": {"POST": self.compact},
+            "/v1/responses/input_tokens": {"POST": self.input_tokens},
+            "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/images/generations": {"POST": self.image_generations},
+            "/v1/images/edits": {"POST": self.image_edits},
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_tokens},
+            "/v1/models": {"GET": self.models},
+        }, {"": {"GET": self.retrieve, "DELETE": self.delete},
+            "/input_items": {"GET": self.input_items}, "/cancel": {"POST": self.cancel}},
+            self.service_routes())
+
+    def platform_routes(self):
+        """API-key mode: the OpenAI paths go to the platform as the client sent them, with
+        our key; Anthropic's are refused (the platform does not speak them)."""
+        forward, with_query = self.forward, self.forward_with_query
+        return RouteTable({
+            "/v1/responses": {"POST": forward},
+            "/v1/responses/compact": {"POST": forward},
+            "/v1/responses/input_tokens": {"POST": with_query},
+            "/v1/chat/completions": {"POST": forward},
+            "/v1/images/generations": {"POST": forward},
+            "/v1/images/edits": {"POST": forward},
+            "/v1/messages": {"POST": self.messages_need_login},
+            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
+            "/v1/models": {"GET": forward},
+        }, {"": {"GET": with_query, "DELETE": with_query},
+            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
+            self.service_routes())
+
+    def service_routes(self):
+        """The proxy's own paths, the same in both modes."""
+        routes = {"/status": {"GET": self.status},
+                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
+        if self.config.http_shutdown:
+            routes["/shutdown"] = {"GET": self.shutdown}
+        if self.config.ui:
+            routes.update({"/": {"GET": self.page, "HEAD": self.page},
+                           "/ui.js": {"GET": self.page_script},
+                           "/favicon.ico": {"GET": self.favicon}})
+        return routes
+
+    # -- the proxy's own routes --------------------------------------------------------------
 
     def healthz(self, client):
         client.send_text(200, b"ok\n")
@@ -8490,10 +8633,23 @@ class App:
         client.send_json(200, {"status": "shutting down"})
         self.begin_shutdown("GET /shutdown")
 
+    # -- API-key mode's routes ----------------------------------------------------------------
+
+    def forward(self, client):
+        """The request to the platform's endpoint for its path (its query left out)."""
+        self.pass_through(client, self.platform_url(client, with_query=False))
+
+    def forward_with_query(self, client, response_id=None):
+        """The request to the platform's URL for its path and query (a response's id in
+        the path goes as it is)."""
+        self.pass_through(client, self.platform_url(client))
+
+    def messages_need_login(self, client):
+        raise messages_apikey_error()
+
+    # -- ChatGPT mode's routes ----------------------------------------------------------------
+
     def models(self, client):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, upstream_url_for(self.config.upstream_url,
-                                                               "models"))
         # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
         # headers: its version counts before any of its turns came in.
         self.client_version.observe(client.lower_headers)
@@ -8508,15 +8664,38 @@ class App:
         client.send_json(200, listing)
 
     def responses(self, client):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, self.config.upstream_url)
+        """POST /v1/responses: the Responses front end."""
+        self.through_front_end(client, ResponsesFrontEnd)
+
+    def chat_completions(self, client):
+        """POST /v1/chat/completions: the Chat Completions front end."""
+        self.through_front_end(client, ChatFrontEnd)
+
+    def messages(self, client):
+        """POST /v1/messages: Anthropic's Messages API (Claude Code), as one Responses request
+        whose answer is translated back, streamed or whole."""
+        self.through_front_end(client, MessagesFrontEnd)
+
+    def through_front_end(self, client, front_end):
+        """A client request as the front end maps it onto a Responses request, its answer's
+        events mapped back into the sink the client asked for (a stream or one answer)."""
         body, source, spans = self.json_body(client)
-        request = self.prepare(client.lower_headers, body, source, spans)
+        front = front_end(body, client.lower_headers)
+        upstream_body = front.responses_body()
+        if upstream_body is body:  # the client's own bytes may go as they are
+            request = self.prepare(client.lower_headers, body, source, spans)
+        else:
+            request = self.prepare(client.lower_headers, upstream_body)
+        front.note_model(client.log_fields, request.body.get("model"))
         try:
             answer = self.upstream.responses(request)
-            sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
-            relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
-                  on_end=lambda assembler: self.keep(assembler, request))
+            transform = front.transform(answer, self.log)
+            sink = front.sink(client, transform)
+            on_end = (lambda assembler: self.keep(assembler, request)) if front.keeps else None
+            try:
+                relay(self.upstream, answer, transform, sink, client, on_end)
+            finally:
+                sink.stop()
         finally:
             self.turn_done(request)
         self.upstream.turn_over(request)
@@ -8542,50 +8721,9 @@ class App:
         relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
               lambda assembler: on_kept(assembler, sent_input))
 
-    def chat_completions(self, client):
-        config = self.config
-        if config.mode == "apikey":
-            return self.pass_through(client, upstream_url_for(config.upstream_url,
-                                                               "chat/completions"))
-        body = self.json_body(client)[0]
-        request = self.prepare(client.lower_headers, chat_to_responses(body))
-        options = body.get("stream_options")
-        include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-        answer = self.upstream.responses(request)
-        sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
-        relay(self.upstream, answer, ChatTransform(body.get("model"), include_usage, self.log),
-              sink, client)
-        self.upstream.turn_over(request)
-
-    def messages(self, client):
-        """POST /v1/messages: Anthropic's Messages API (Claude Code), as one Responses request
-        whose answer is translated back, streamed or whole."""
-        if self.config.mode == "apikey":
-            raise messages_apikey_error()
-        body = self.json_body(client)[0]
-        stream = body.get("stream") is True
-        upstream_body = messages_to_responses(body, client.lower_headers)
-        stops = messages_stop_sequences(body)
-        request = self.prepare(client.lower_headers, upstream_body)
-        if request.body.get("model") != body["model"]:  # the log says where a name went
-            client.log_fields["model"] = "%s->%s" % (body["model"], request.body.get("model"))
-        answer = self.upstream.responses(request)
-        transform = MessagesTransform(MessagesStream(body["model"], long_tool_names(body), stops,
-                                                     streaming=stream),
-                                      self.log, cut=answer.conn.close)
-        sink = MessagesSSESink(client, transform) if stream else CollectedSink(client)
-        try:
-            relay(self.upstream, answer, transform, sink, client)
-        finally:
-            if stream:
-                sink.stop()
-        self.upstream.turn_over(request)
-
     def count_tokens(self, client):
         """POST /v1/messages/count_tokens: an estimate from the translated request (the
         backend counts nothing before it answers)."""
-        if self.config.mode == "apikey":
-            raise messages_apikey_error()
         body = self.json_body(client)[0]
         estimate = estimate_tokens(messages_to_responses(body, client.lower_headers))
         client.send_json(200, {"input_tokens": estimate})
@@ -8593,8 +8731,6 @@ class App:
     def compact(self, client):
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
         url = upstream_url_for(self.config.upstream_url, "responses/compact")
-        if self.config.mode == "apikey":
-            return self.pass_through(client, url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
         self.turn_done(request)  # nothing of a compaction is kept
@@ -8616,23 +8752,17 @@ class App:
         client.send_json(200, result, answer.forwarded_headers())
 
     def retrieve(self, client, response_id):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, self.platform_url(client))
         response = self.conversations.get(response_id)
         if response is None:
             raise stored_response_not_found(response_id)
         client.send_json(200, response)
 
     def delete(self, client, response_id):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, self.platform_url(client))
         if not self.conversations.delete(response_id):
             raise stored_response_not_found(response_id)
         client.send_json(200, {"id": response_id, "object": "response", "deleted": True})
 
     def input_items(self, client, response_id):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, self.platform_url(client))
         items = self.conversations.input_items(response_id)
         if items is None:
             raise stored_response_not_found(response_id)
@@ -8642,8 +8772,6 @@ class App:
                                                first.get("order")))
 
     def cancel(self, client, response_id):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, self.platform_url(client))
         if self.conversations.get(response_id) is None:
             raise stored_response_not_found(response_id)
         raise ProxyError(400, "Response %r cannot be cancelled: only background responses can "
@@ -8652,8 +8780,6 @@ class App:
                          code="background_not_supported")
 
     def input_tokens(self, client):
-        if self.config.mode == "apikey":
-            return self.pass_through(client, self.platform_url(client))
         raise ProxyError(400, "Counting input tokens is not available on a ChatGPT "
                          "subscription: its backend has no token-counting endpoint. The "
                          "`usage.input_tokens` of a response says what a request cost.",
@@ -8669,8 +8795,6 @@ class App:
         """POST /v1/images/generations or /edits: the backend's endpoint beside /responses,
         one JSON answer (data[].b64_json) once the images are made."""
         url = upstream_url_for(self.config.upstream_url, endpoint)
-        if self.config.mode == "apikey":
-            return self.pass_through(client, url)
         body = self.image_body(client, edit)
         model = body.get("model") or DEFAULT_IMAGE_MODEL
         client.log_fields["model"] = model if isinstance(model, str) else None
@@ -8717,12 +8841,12 @@ class App:
         catalog = self.model_catalog()
         return catalog.listed() if catalog is not None else []
 
-    def platform_url(self, client):
+    def platform_url(self, client, with_query=True):
         """API-key mode: the platform's URL for the client's path (and query)."""
         parts = urllib.parse.urlsplit(client.path)
         path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
         url = upstream_url_for(self.config.upstream_url, path)
-        return url + ("?" + parts.query if parts.query else "")
+        return url + ("?" + parts.query if parts.query and with_query else "")
 
     def prepare(self, client_headers, body, source=None, spans=None, history=None):
         """prepare_request, with the response its previous_response_id names pinned in the
@@ -9028,15 +9152,14 @@ class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
             if check_access(method, path, self.lower_headers, app.config,
                             self.server.server_address):
                 return self.send_preflight()
-            name, args = find_route(method, path, self.lower_headers, app.config)
-            if name == "websocket":  # the socket is the session's from here on
+            route, args = app.routes.find(method, path, self.lower_headers)
+            if route is WEBSOCKET_UPGRADE:  # the socket is the session's from here on
                 return self.serve_websocket(app)
-            route = functools.partial(getattr(app, name), self, *args)
             with (app.traffic.slot() if path != "/healthz" else contextlib.nullcontext()):
                 self.body = read_request_body(self.rfile, self.lower_headers,
                                               app.config.max_body_bytes, self.send_continue)
                 self.reader.request_read()
-                route()
+                route(self, *args)
         except ProxyError as e:
             if self.body is None and has_body(self.lower_headers):
                 self.close_connection = True  # its unread body must not pass for a request
@@ -9305,7 +9428,7 @@ class WebSocketSession:
         self.path = path
         self.sock = handler.connection
         self.reader = MessageReader(app.config.max_body_bytes)
-        self.conversation = app.socket_conversation()
+        self.conversation = app.socket_conversation(app)
         self.answered = 0  # requests answered on this socket
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()

@@ -1890,13 +1890,13 @@ class AccessPolicyTests(unittest.TestCase):
         self.assertFalse(self.decide(headers={"content-type": "application/json; charset=utf-8"}))
 
     def test_routes(self):
-        config = proxy.Config()
-        route = lambda method, path: proxy.find_route(method, path, {}, config)
-        self.assertEqual(route("POST", "/v1/responses"), ("responses", ()))
-        self.assertEqual(route("POST", "/responses"), ("responses", ()))
+        app = proxy.App(proxy.Config(), proxy.Log())
+        route = lambda method, path: app.routes.find(method, path, {})
+        self.assertEqual(route("POST", "/v1/responses"), (app.responses, ()))
+        self.assertEqual(route("POST", "/responses"), (app.responses, ()))
         self.assertEqual(route("GET", "/v1/responses/resp_1/input_items"),
-                         ("input_items", ("resp_1",)))
-        self.assertEqual(route("DELETE", "/responses/resp_1"), ("delete", ("resp_1",)))
+                         (app.input_items, ("resp_1",)))
+        self.assertEqual(route("DELETE", "/responses/resp_1"), (app.delete, ("resp_1",)))
         with self.assertRaises(proxy.ProxyError) as caught:
             route("GET", "/shutdown")  # only with --http-shutdown
         self.assertEqual(caught.exception.status, 404)
