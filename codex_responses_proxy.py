@@ -6424,7 +6424,7 @@ def give_back_freed_memory():
             return
         import ctypes  # here: its 0.7 MB are not worth it elsewhere
         ctypes.CDLL(None).malloc_trim(0)
-    except (ValueError, OSError, AttributeError, TypeError):
+    except (ImportError, ValueError, OSError, AttributeError, TypeError):
         pass
 
 
