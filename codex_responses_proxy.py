@@ -2381,6 +2381,120 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 
 
 # --------------------------------------------------------------------------------------------
+# The backend's event stream: whole events in batches, from either transport
+# --------------------------------------------------------------------------------------------
+
+_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_frame(name, data):
+    """One event as an SSE frame; data with line breaks (JSON's whitespace) on data lines."""
+    head = b"event: " + name.encode() + b"\n" if name is not None else b""
+    if b"\n" not in data and b"\r" not in data:
+        return head + b"data: " + data + b"\n\n"
+    return head + b"".join(b"data: " + line + b"\n" for line in _LINE_END_RE.split(data)) \
+        + b"\n"
+
+
+def frame_event(frame):
+    """(type, data) of one LF-framed SSE frame; data None when it has no data line."""
+    lines = frame.split(b"\n")
+    name = None
+    for line in lines:
+        if line[:6] == b"event:":
+            name = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
+    data = _join_data(lines)
+    return name, data.encode("utf-8") if data is not None else None
+
+
+class EventBatch:
+    """The whole events one read gave, handed from the backend through a transform to a
+    sink, in the form they came in:
+    - raw: SSE frames in the backend's own framing (`event:` and `data:` lines, LF), never
+      split into events unless a consumer needs them;
+    - events: (type, data bytes) pairs (a WebSocket's frames);
+    - parsed: SSEEvents of an SSE stream framed otherwise (CRs), each with its bytes;
+    - sse: SSE bytes of any framing (a transform's output).
+    Each form is made from another only when asked for: an SSE stream relayed to an SSE
+    client goes on as its bytes, a WebSocket's frames to a WebSocket client as their data."""
+
+    __slots__ = ("raw", "parsed", "_events", "_sse")
+
+    def __init__(self, raw=None, events=None, parsed=None, sse=None):
+        self.raw = raw
+        self.parsed = parsed
+        self._events = events
+        self._sse = raw if sse is None else sse
+        if parsed is not None:
+            self._sse = b"".join(event.raw for event in parsed)
+            self._events = [(event.event, event.data.encode("utf-8")) for event in parsed
+                            if event.data is not None]
+
+    def __bool__(self):
+        return bool(self._sse) if self._sse is not None else bool(self._events)
+
+    def sse(self):
+        if self._sse is None:
+            self._sse = b"".join(sse_frame(name, data) for name, data in self._events)
+        return self._sse
+
+    def events(self):
+        if self._events is None:
+            sse = self._sse
+            if b"\r" in sse:
+                self._events = [(event.event, event.data.encode("utf-8"))
+                                for event in SSEParser().feed(sse) if event.data is not None]
+            else:
+                self._events = [e for e in map(frame_event, sse.split(b"\n\n")[:-1])
+                                if e[1] is not None]
+        return self._events
+
+    def payloads(self):
+        """Each event's data: what a WebSocket carries, one message each."""
+        return [data for _, data in self.events()]
+
+
+NO_EVENTS = EventBatch(b"")
+
+
+class SSEFramer:
+    """An SSE body cut into whole frames, once, for every transform: after each piece, the
+    frames it completes as one EventBatch of their bytes; a frame arriving in many reads is
+    joined once, at its end. A body framed with CRs goes through the full parser and is
+    handed on as parsed events."""
+
+    def __init__(self):
+        self._pending = []   # the start of an unfinished frame, in pieces
+        self._parser = None  # the full SSE parser, once the input needs it
+        self._started = False
+
+    def feed(self, data):
+        """The EventBatch of the frames this piece completes; None when it completes none."""
+        if not self._started:
+            self._started = True
+            if data[:3] == _UTF8_BOM:
+                data = data[3:]  # a BOM opens the stream; it is not part of the first event
+        if self._parser is None and b"\r" in data:
+            self._parser = SSEParser()
+            data, self._pending = b"".join(self._pending) + data, []
+        if self._parser is not None:
+            parsed = self._parser.feed(data)
+            return EventBatch(parsed=parsed) if parsed else None
+        pending = self._pending
+        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
+                                                     pending[-1][-1:] == b"\n"):
+            pending.append(data)  # a large event arrives in many reads: joined once, at its end
+            return None
+        buf = b"".join(pending) + data if pending else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = [buf]
+            return None
+        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
+        return EventBatch(buf[:end + 2])
+
+
+# --------------------------------------------------------------------------------------------
 # Response assembly (pure)
 # --------------------------------------------------------------------------------------------
 
@@ -2452,11 +2566,11 @@ def sse_event(name, data):
     return b"event: " + name + b"\ndata: " + data + b"\n\n"
 
 
-def completed_event_bytes(etype, payload, items):
-    """The response.completed (or .incomplete) frame again, its output filled in."""
+def completed_event_data(payload, items):
+    """The response.completed (or .incomplete) event again, its output filled in."""
     filled = dict(payload)
     filled["response"] = assemble_response(payload["response"], items)
-    return sse_event(etype.encode(), json.dumps(filled, separators=(",", ":")).encode())
+    return json.dumps(filled, separators=(",", ":")).encode()
 
 
 def error_event_bytes(code, message):
@@ -5126,6 +5240,18 @@ class UpstreamAnswer:
     def forwarded_headers(self):
         return forwarded_response_headers(self.headers)
 
+    @property
+    def sock(self):
+        """The socket a client's hang-up shuts (see HangupWatcher)."""
+        return self.conn.sock
+
+    def close(self):
+        self.conn.close()
+
+    def dump_done(self):
+        if self.dump:
+            self.dump.finish()
+
     def read_whole(self, pool, limit=1 << 22):
         """The whole (non-streamed) body, the connection settled."""
         try:
@@ -5136,6 +5262,101 @@ class UpstreamAnswer:
         if self.dump:
             self.dump.finish(data)
         return data
+
+
+class HTTPEvents:
+    """The backend's answer over HTTP as an event stream: its body de-chunked and cut into
+    whole SSE frames once (SSEFramer), an EventBatch per read; the connection back to the
+    pool once the body was read to its end."""
+
+    def __init__(self, answer, pool):
+        self.answer = answer
+        self.headers = answer.forwarded_headers()
+        self.sock = answer.conn.sock
+        self._pool = pool
+        self._framer = SSEFramer()
+
+    def read(self):
+        """The next batch of whole events; None at the body's end (complete or not)."""
+        body, dump = self.answer.body, self.answer.dump
+        while True:
+            data = body.read()
+            if not data:
+                return None
+            if dump:
+                dump.body += data
+            batch = self._framer.feed(data)
+            if batch is not None:
+                return batch
+
+    @property
+    def complete(self):
+        """Read to the body's very end."""
+        return self.answer.body.complete
+
+    def close(self):
+        """Cut at once (from any thread): the connection cannot carry another request."""
+        self.answer.conn.close()
+
+    def settle(self):
+        self.answer.body.settle(self._pool)
+
+    def drain(self):
+        """After the terminal event the backend ends its body, usually in the same read; take
+        that end so the connection can serve the next turn. A body that lingers costs the
+        connection, not the client's time."""
+        answer = self.answer
+        try:
+            if not answer.body.complete:
+                answer.conn.sock.settimeout(0.25)
+                while answer.body.read():
+                    pass
+        except (OSError, http.client.HTTPException, AttributeError):
+            answer.conn.close()
+            return
+        answer.body.settle(self._pool)
+
+    def dump_done(self):
+        self.answer.dump_done()
+
+
+class RetryPolicy:
+    """One request's retries, the same over HTTP and over the backend's WebSocket: a 401
+    re-reads the login (refreshing if need be) and retries once, then is the final 401; a
+    parameter the backend calls unsupported is dropped (for the model from then on) and the
+    request retried, once per parameter. A dead pooled connection or idle socket is reopened
+    once where it is found (send_upstream, WebSocketUpstream.send)."""
+
+    def __init__(self, client, body):
+        self.client = client
+        self.body = body            # the request as it goes now, rejected parameters dropped
+        self.rejected_token = None  # the access token the backend refused once
+        self._dropped = set()
+
+    def credentials(self):
+        return self.client.auth.get(self.rejected_token)
+
+    def after_401(self, creds, what, headers=()):
+        """Back from a 401 to try again once, with the login re-read; the final 401 after."""
+        if self.rejected_token is None:
+            self.client.log.info("%s; re-reading the login and retrying once" % what)
+            self.rejected_token = creds.access_token
+            return
+        raise ProxyError(401, "The backend refused the access token even after a refresh. "
+                         + LOGIN_HINT, code="invalid_api_key", headers=list(headers))
+
+    def after_rejected_param(self, status, error_body):
+        """True when the backend rejected a parameter it does not support, now dropped."""
+        param = unsupported_parameter(status, error_body)
+        body = self.body
+        if body is None or not param or param in self._dropped or param not in body or \
+                param in ESSENTIAL_PARAMS:
+            return False
+        self.client.drop_param(body.get("model"), param)
+        self._dropped.add(param)
+        self.body = dict(body)
+        self.body.pop(param, None)
+        return True
 
 
 class UpstreamClient:
@@ -5192,13 +5413,15 @@ class UpstreamClient:
     def responses(self, request):
         """A prepared Responses request sent: over the conversation's socket when
         --upstream-transport allows and the backend takes it, else over HTTP."""
+        policy = RetryPolicy(self, request.body)
         if self.websockets.choice.websocket_now():
-            answer = self.websockets.send(request)
-            if answer is not None:
-                return answer
+            events = self.websockets.send(request, policy)
+            if events is not None:
+                return events
             request.after_turn = self.websockets.prewarm_for(request)
-        return self.call("POST", self.config.upstream_url, request.body, request.encode,
-                         request.session_id, request.headers, version=request.version)
+        return HTTPEvents(self.call("POST", self.config.upstream_url, request.body,
+                                    request.encode, request.session_id, request.headers,
+                                    version=request.version, policy=policy), self.pool)
 
     def turn_over(self, request):
         """The client has its whole answer: what waited for that may run now."""
@@ -5211,16 +5434,16 @@ class UpstreamClient:
         return tuple(self._dropped.get(model, ())) if isinstance(model, str) else ()
 
     def call(self, method, url, body=None, encode=None, session_id=None, extra=(),
-             accept="text/event-stream", version=None, timeout=None):
+             accept="text/event-stream", version=None, timeout=None, policy=None):
         """A ChatGPT-mode request under the retry policy; the answer once it is a 200, else
         the backend's error as a ProxyError. body: the JSON object to send, encoded by
         encode() on each try (a retry may have dropped a parameter); version: the Codex
-        version to present."""
-        rejected_token = None
-        dropped_now = set()
+        version to present; policy: the request's retries so far (its socket's, when it
+        tried the backend's WebSocket first)."""
+        policy = policy or RetryPolicy(self, body)
         while True:
-            creds = self.auth.get(rejected_token)
-            payload = encode(body) if body is not None else None
+            creds = policy.credentials()
+            payload = encode(policy.body) if policy.body is not None else None
             if payload is not None:
                 self.log.debug_body("upstream request", payload)
             answer = self.exchange(method, url, payload,
@@ -5229,30 +5452,23 @@ class UpstreamClient:
             if answer.status == 200:
                 return answer
             error_body = answer.read_whole(self.pool)
-            if answer.status == 401 and rejected_token is None:
-                self.log.info("backend answered 401; re-reading the login and retrying once")
-                rejected_token = creds.access_token
+            if answer.status == 401:
+                policy.after_401(creds, "backend answered 401", answer.forwarded_headers())
                 continue
-            param = unsupported_parameter(answer.status, error_body)
-            if body is not None and param and param not in dropped_now and param in body \
-                    and param not in ESSENTIAL_PARAMS:
-                model = body.get("model")
-                self.log.warn_once("param:%s:%s" % (model, param),
-                                   "the backend rejects the parameter %r for model %s; dropping "
-                                   "it from this and later requests" % (param, model))
-                if isinstance(model, str):
-                    with self._lock:
-                        self._dropped[model] = self._dropped.get(model, frozenset()) | {param}
-                dropped_now.add(param)
-                body = dict(body)
-                body.pop(param, None)
+            if policy.after_rejected_param(answer.status, error_body):
                 continue
             err = translate_upstream_error(answer.status, error_body)
             err.headers = answer.forwarded_headers()
-            if answer.status == 401:
-                err.message = ("The backend refused the access token even after a refresh. "
-                               + LOGIN_HINT)
             raise err
+
+    def drop_param(self, model, param):
+        """The backend rejects param for model: it goes from this and later requests."""
+        self.log.warn_once("param:%s:%s" % (model, param),
+                           "the backend rejects the parameter %r for model %s; dropping "
+                           "it from this and later requests" % (param, model))
+        if isinstance(model, str):
+            with self._lock:
+                self._dropped[model] = self._dropped.get(model, frozenset()) | {param}
 
     def models(self, version):
         """The backend's model list, as a ModelCatalog."""
@@ -5451,8 +5667,8 @@ class ExchangeDump:
 # --------------------------------------------------------------------------------------------
 
 # The backend keeps the last response of each socket, even with store: false, so a turn on
-# the socket of its conversation sends previous_response_id and only its new items. The
-# answer is read as the SSE stream the HTTP backend would send, so the relay is the same.
+# the socket of its conversation sends previous_response_id and only its new items. Its
+# frames reach the relay as events (WebSocketEvents), as the HTTP body's do (HTTPEvents).
 
 WS_BETA_HEADER = ("OpenAI-Beta", "responses_websockets=2026-02-06")  # the Codex CLI's
 WS_FALLBACK_SECONDS = 600.0  # after a refused upgrade (auto), HTTP for this long
@@ -5772,68 +5988,66 @@ class TransportChoice:
                 "in_use": "websocket" if self.websocket_now() else "http", "why": self.why}
 
 
-class WebSocketConnection:
-    """What the relay knows as an answer's connection: the socket to watch, and close()."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.sock = ws.sock
-
-    def close(self):
-        self.ws.close()
-
-
 # A frame's type, read without decoding it: deltas pass through as bytes, as over HTTP.
 _EVENT_TYPE_RE = re.compile(rb'\{\s*"type"\s*:\s*"([A-Za-z0-9_.]{1,100})"')
 _DECODED_FRAME_TYPES = frozenset(name.encode() for name in INSPECTED_EVENTS) | {
     b"codex.rate_limits"}
 
 
-class WebSocketBody:
-    """The events of one turn over a socket, as the SSE bytes the HTTP backend would send
-    (`event: <type>` + `data: <the frame as received>` per text frame), so the relay's
-    transforms and sinks work unchanged. codex.rate_limits frames go to the quota, pings are
-    answered. The terminal event ends the body; the socket then serves the next turn."""
+class WebSocketEvents:
+    """One turn's events over the backend's socket, as an event stream: each read, the text
+    frames already buffered (at least one) as (type, data) events, the data as received.
+    codex.rate_limits frames go to the quota, pings are answered, an error frame takes the
+    HTTP stream's shape. The terminal event ends the stream; the socket then serves the
+    next turn (settle)."""
 
-    def __init__(self, owner, ws, request):
+    def __init__(self, owner, ws, request, headers=(), dump=None):
         self.owner = owner
         self.ws = ws
         self.request = request
+        self.headers = forwarded_response_headers(headers)
+        self.sock = ws.sock
+        self.dump = dump
         self.complete = False
         self.terminal = None
         self.seen = ResponseAssembler()  # what the pool keeps of the turn: its output
         self._pending = []
-        self._broken = None  # what ends the body (a protocol error), once its events are read
+        self._broken = None  # what ends the stream (a protocol error), once its events are read
 
     def read(self):
+        """The next batch of events; None once the socket closed."""
         out, self._pending = self._pending, []
-        if self.complete:
-            return b"".join(out)
-        if self._broken is not None:
-            raise http.client.HTTPException(self._broken)
-        try:
-            if not out:
-                frame = self.next_event()
-                if frame is None:
-                    return b""
-                out.append(frame)
-            while not self.complete:
-                frame = self.next_event(buffered_only=True)
-                if frame is None:
-                    break
-                out.append(frame)
-        except ValueError as e:
-            # kept as text: an exception kept here would hold, through its traceback, this
-            # body and the frames that read the bad message
-            self._broken = "WebSocket protocol error: %s" % e
-            if not out:
+        if not self.complete:
+            if self._broken is not None:
                 raise http.client.HTTPException(self._broken)
-            # the events before the bad frame were good: they go first, the failure next
-        return b"".join(out)
+            try:
+                if not out:
+                    event = self.next_event()
+                    if event is None:
+                        return None
+                    out.append(event)
+                while not self.complete:
+                    event = self.next_event(buffered_only=True)
+                    if event is None:
+                        break
+                    out.append(event)
+            except ValueError as e:
+                # kept as text: an exception kept here would hold, through its traceback,
+                # this stream and the frames that read the bad message
+                self._broken = "WebSocket protocol error: %s" % e
+                if not out:
+                    raise http.client.HTTPException(self._broken)
+                # the events before the bad frame were good: they go first, the failure next
+        if not out:
+            return None
+        batch = EventBatch(events=out)
+        if self.dump:
+            self.dump.body += batch.sse()
+        return batch
 
     def next_event(self, buffered_only=False):
-        """The next event as an SSE frame; None when the socket closed (buffered_only: or
-        when no whole message is buffered)."""
+        """The next event; None when the socket closed (buffered_only: or when no whole
+        message is buffered)."""
         while True:
             try:
                 message = self.ws.reader.message(self.ws.pong, buffered_only)
@@ -5847,9 +6061,9 @@ class WebSocketBody:
                 return None
             if opcode != OP_TEXT:
                 raise ValueError("a binary frame")
-            frame = self.owner.event_frame(payload, self)
-            if frame is not None:
-                return frame
+            event = self.owner.event_of(payload, self)
+            if event is not None:
+                return event
 
     def note(self, event):
         etype = event["type"]
@@ -5860,25 +6074,22 @@ class WebSocketBody:
     def output(self):
         return assemble_response(self.seen.response or {}, self.seen.output()).get("output", [])
 
-    def settle(self, pool):
-        """The turn is over: the socket goes back to its conversation's pool (pool is the
-        HTTP one, unused here). True: the body was whole."""
+    def close(self):
+        """Cut at once: a socket closed mid-answer is how generation stops."""
+        self.ws.close()
+
+    def settle(self):
+        """The turn is over: the socket goes back to its conversation's pool."""
         self.owner.finish_turn(self)
-        return self.complete
 
+    def drain(self):
+        if not self.complete:
+            self.ws.close()
+        self.settle()
 
-class WebSocketAnswer:
-    """An upstream answer over a socket, shaped as UpstreamAnswer for the relay."""
-
-    def __init__(self, ws, body, headers, dump):
-        self.conn = WebSocketConnection(ws)
-        self.body = body
-        self.status = 200
-        self.headers = headers
-        self.dump = dump
-
-    def forwarded_headers(self):
-        return forwarded_response_headers(self.headers)
+    def dump_done(self):
+        if self.dump:
+            self.dump.finish()
 
 
 class WebSocketUpstream:
@@ -5895,15 +6106,15 @@ class WebSocketUpstream:
         self.choice = TransportChoice(client.config.upstream_transport
                                       if client.config.mode == "chatgpt" else "http")
 
-    def send(self, request):
-        """The answer to request over a socket; None when it must go over HTTP instead (in
-        auto mode: a conversation without a socket yet, a refused upgrade; a request above
-        the backend's message size)."""
-        rejected_token = None
+    def send(self, request, policy):
+        """The events answering request over a socket; None when it must go over HTTP
+        instead (in auto mode: a conversation without a socket yet, a refused upgrade; a
+        request above the backend's message size). policy: its retries (see RetryPolicy)."""
         fresh = False  # the next try must open a new socket and send the full input
         turn_state = None
         for attempt in range(WS_RECOVERIES + 2):
-            creds = self.client.auth.get(rejected_token)
+            request.body = policy.body
+            creds = policy.credentials()
             identity = (creds.access_token, creds.account_id, request.version)
             ws = None if fresh else self.take(request, identity)
             reused = ws is not None
@@ -5912,14 +6123,9 @@ class WebSocketUpstream:
             if ws is None:
                 try:
                     ws = self.open(creds, request, identity, turn_state)
-                except HandshakeRefused:  # a 401: as over HTTP, a refresh and one more try
-                    if rejected_token is not None:
-                        raise ProxyError(401, "The backend refused the access token even "
-                                         "after a refresh. " + LOGIN_HINT,
-                                         code="invalid_api_key")
-                    self.log.info("backend refused the WebSocket upgrade with 401; re-reading "
-                                  "the login and retrying once")
-                    rejected_token = creds.access_token
+                except HandshakeRefused as e:  # a 401
+                    policy.after_401(creds, "backend refused the WebSocket upgrade with 401",
+                                     forwarded_response_headers(e.headers))
                     continue
                 if ws is None:
                     return None
@@ -5934,8 +6140,9 @@ class WebSocketUpstream:
             try:
                 ws.sock.settimeout(self.config.stream_idle_timeout)
                 ws.send_text(payload)
-                body = WebSocketBody(self, ws, request)
-                first = self.first_event(ws, body)
+                events = WebSocketEvents(self, ws, request, ws.headers if not reused else [],
+                                         dump)
+                first = self.first_event(ws, events)
             except ErrorFrame as e:  # before any event reached the client: decided here
                 if dump:
                     dump.finish(json.dumps(e.event).encode())
@@ -5949,10 +6156,10 @@ class WebSocketUpstream:
                     fresh = True
                     continue
                 status = e.event.get("status") or e.event.get("status_code")
-                if status == 401 and rejected_token is None:
-                    self.log.info("backend answered 401 on the WebSocket; re-reading the "
-                                  "login and retrying once")
-                    rejected_token = creds.access_token
+                if status == 401:
+                    policy.after_401(creds, "backend answered 401 on the WebSocket")
+                    continue
+                if policy.after_rejected_param(status, json.dumps(e.event).encode()):
                     continue
                 raise self.error_from_frame(e.event, status)
             except socket.timeout:
@@ -5974,8 +6181,8 @@ class WebSocketUpstream:
                 self.log.debug("turn chained on its socket: previous_response_id + %d new "
                                "items" % chained)
             self.choice.worked()
-            body._pending.append(first)
-            return WebSocketAnswer(ws, body, ws.headers if not reused else [], dump)
+            events._pending.append(first)
+            return events
         raise ProxyError(502, "The backend kept refusing the conversation's WebSocket turns.",
                          code="upstream_unreachable")
 
@@ -6095,9 +6302,9 @@ class WebSocketUpstream:
         dump.answer(101, ws.headers)
         return dump
 
-    def first_event(self, ws, body):
-        """The turn's first event, as an SSE frame to relay; ErrorFrame for an error frame,
-        which decides the request before the client hears anything."""
+    def first_event(self, ws, events):
+        """The turn's first event; ErrorFrame for an error frame, which decides the request
+        before the client hears anything."""
         while True:
             opcode, payload = ws.reader.message(ws.pong)
             if opcode == OP_CLOSE:
@@ -6107,9 +6314,9 @@ class WebSocketUpstream:
             event = self.decode(payload)
             if event is not None and event.get("type") == "error":
                 raise ErrorFrame(event)
-            frame = self.event_frame(payload, body, event)
-            if frame is not None:
-                return frame
+            found = self.event_of(payload, events, event)
+            if found is not None:
+                return found
 
     @staticmethod
     def decode(payload):
@@ -6119,13 +6326,13 @@ class WebSocketUpstream:
             return None
         return event if isinstance(event, dict) else None
 
-    def event_frame(self, payload, body, event=None):
-        """A received text frame as an SSE frame; None for frames the client never sees."""
+    def event_of(self, payload, events, event=None):
+        """A received text frame as an event (type, data); None for frames the client never
+        sees. A delta is not decoded: its type is read from its first bytes."""
         if event is None:
             m = _EVENT_TYPE_RE.match(payload)
-            if m and m.group(1) not in _DECODED_FRAME_TYPES and b"\n" not in payload \
-                    and b"\r" not in payload:
-                return sse_event(m.group(1), payload)  # a delta
+            if m and m.group(1) not in _DECODED_FRAME_TYPES:
+                return m.group(1).decode(), payload
             event = self.decode(payload)
         if event is None:
             return None  # unparseable: skipped, as the Codex CLI does
@@ -6135,13 +6342,13 @@ class WebSocketUpstream:
             return None
         if not isinstance(etype, str) or "\n" in etype:
             return None
-        body.note(event)
+        events.note(event)
         if etype == "error" and isinstance(event.get("error"), dict):
             error = event["error"]  # the HTTP stream's shape: code and message at the top
-            return error_event_bytes(error.get("code"), error.get("message"))
-        if b"\n" in payload or b"\r" in payload:
-            payload = json.dumps(event, separators=(",", ":")).encode()
-        return sse_event(etype.encode(), payload)
+            return "error", json.dumps({"type": "error", "code": error.get("code"),
+                                        "message": error.get("message"),
+                                        "param": None}).encode()
+        return etype, payload
 
     def on_idle_text(self, payload):
         event = self.decode(payload)
@@ -6164,19 +6371,19 @@ class WebSocketUpstream:
         err.headers = forwarded_response_headers(pairs)
         return err
 
-    def finish_turn(self, body):
+    def finish_turn(self, events):
         """After the terminal event: a completed turn's socket goes back to the pool with what
         the backend now remembers; a failed one's without; an error's is closed."""
-        ws = body.ws
-        if body.terminal == "error" or ws.closed:
+        ws = events.ws
+        if events.terminal == "error" or ws.closed:
             ws.close()
             return
-        response_id = (body.seen.response or {}).get("id")
-        request = body.request
-        if body.terminal == "response.completed" and isinstance(response_id, str) and \
+        response_id = (events.seen.response or {}).get("id")
+        request = events.request
+        if events.terminal == "response.completed" and isinstance(response_id, str) and \
                 isinstance(request.body.get("input"), list):
             ws.chain = Chain(response_id, request_shape(request.body),
-                             list(request.body["input"]) + body.output())
+                             list(request.body["input"]) + events.output())
         else:
             ws.chain = None
         self.pool.put(ws)
@@ -6199,41 +6406,22 @@ _FIRST_FRAME_RE = re.compile(rb"event: ?(%s)\n|(?!event:)" % _INSPECTED_NAMES)
 
 
 class ResponsesTransform:
-    """Responses events relayed as they came, cut at complete frames. Only the frames that
-    matter (output items, the terminal event, errors) are found, by a bytes search, and
-    decoded; the completed event gets its `output` filled. Input framed other than the
-    backend's `event:` + `data:` with LF (CRs, comments, ids) goes through the full parser."""
+    """Responses events relayed as they came. Only the events that matter (output items, the
+    terminal event, errors) are found, by a bytes search over the frames of a read, and
+    decoded; the completed event gets its `output` filled."""
 
     def __init__(self, log=None):
         self.assembler = ResponseAssembler()
-        self._pending = []   # the start of an unfinished frame, in pieces
-        self._parser = None  # the full SSE parser, once the input needs it
-        self._started = False
         self._log = log if log is not None and log.debug_enabled else None
 
-    def feed(self, data):
-        """The bytes to relay for this piece of the upstream body: its complete frames."""
-        if not self._started:
-            self._started = True
-            if data[:3] == _UTF8_BOM:
-                data = data[3:]  # a BOM opens the stream; it is not part of the first event
-        if self._parser is None and b"\r" in data:
-            self._parser = SSEParser()
-            data, self._pending = b"".join(self._pending) + data, []
-        if self._parser is not None:
-            return b"".join(self._inspect_event(e) for e in self._parser.feed(data))
-        pending = self._pending
-        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
-                                                     pending[-1][-1:] == b"\n"):
-            pending.append(data)  # a large event arrives in many reads: joined once, at its end
-            return b""
-        buf = b"".join(pending) + data if pending else data
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            self._pending = [buf]
-            return b""
-        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
-        return self._inspect_block(buf[:end + 2])
+    def feed(self, batch):
+        """The batch to relay for these whole events."""
+        if batch.raw is not None:
+            return EventBatch(self._inspect_block(batch.raw))
+        if batch.parsed is not None:  # each event's own bytes, unless it must change
+            return EventBatch(sse=b"".join(self._inspect_event(e) for e in batch.parsed))
+        return EventBatch(events=[self._inspect_pair(name, data)
+                                  for name, data in batch.events()])
 
     def _inspect_block(self, block):
         """Whole frames: the bytes to relay for them."""
@@ -6248,11 +6436,11 @@ class ResponsesTransform:
                 return b"".join(self._inspect_event(e) for e in SSEParser().feed(block))
             start = m.start() + 2 if m is not first else 0
             end = block.find(b"\n\n", m.end() - 1) + 2
-            frame = self._inspect_data(m.group(1).decode(),
-                                       _join_data(block[m.end():end - 2].split(b"\n")))
-            if frame is not None:
+            changed = self._inspect_data(m.group(1).decode(),
+                                         _join_data(block[m.end():end - 2].split(b"\n")))
+            if changed is not None:
                 pieces.append(block[done:start])
-                pieces.append(frame)
+                pieces.append(sse_event(changed[0].encode(), changed[1]))
                 done = end
         if not pieces:
             return block
@@ -6264,13 +6452,23 @@ class ResponsesTransform:
         if self._log:
             self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
         if (event.event is None or event.event in INSPECTED_EVENTS) and event.data is not None:
-            frame = self._inspect_data(event.event, event.data)
-            if frame is not None:
-                return frame
+            changed = self._inspect_data(event.event, event.data)
+            if changed is not None:
+                return sse_event(changed[0].encode(), changed[1])
         return event.raw
 
+    def _inspect_pair(self, name, data):
+        """An event given as (type, data): the same inspection."""
+        if self._log:
+            self._log.debug("stream event %s (%d bytes)" % (name, len(data)))
+        if name is None or name in INSPECTED_EVENTS:
+            changed = self._inspect_data(name, data)
+            if changed is not None:
+                return changed
+        return name, data
+
     def _inspect_data(self, name, data):
-        """Note what an event says; a replacement frame when it must change, else None."""
+        """Note what an event says; (type, new data) when it must change, else None."""
         try:
             payload = json.loads(data) if data is not None else None
         except ValueError:
@@ -6283,7 +6481,7 @@ class ResponsesTransform:
         if etype in ("response.completed", "response.incomplete") and \
                 isinstance(payload.get("response"), dict) and \
                 not payload["response"].get("output") and assembler.items:
-            return completed_event_bytes(etype, payload, assembler.output())
+            return etype, completed_event_data(payload, assembler.output())
         return None
 
     @staticmethod
@@ -6302,24 +6500,23 @@ class ChatTransform:
     def __init__(self, model, include_usage, log=None):
         self.assembler = ResponseAssembler()
         self.chat = ChatStream(model, include_usage)
-        self._parser = SSEParser()
         self._log = log if log is not None and log.debug_enabled else None
 
-    def feed(self, data):
+    def feed(self, batch):
         out = []
-        for event in self._parser.feed(data):
+        for name, data in batch.events():
             if self._log:
-                self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
+                self._log.debug("stream event %s (%d bytes)" % (name, len(data)))
             try:
-                payload = json.loads(event.data) if event.data is not None else None
+                payload = json.loads(data)
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
                 continue
-            etype = payload.get("type") or event.event
+            etype = payload.get("type") or name
             self.assembler.add(etype, payload)
             out.extend(self.chat.frames(etype, payload))
-        return b"".join(out)
+        return EventBatch(b"".join(out))
 
     def failure_frames(self, err):
         return b"".join(self.chat.error(err.code, err.message))
@@ -6397,7 +6594,7 @@ class MessagesFrontEnd(ResponsesFrontEnd):
     def transform(self, answer, log):
         return MessagesTransform(MessagesStream(self.body["model"], long_tool_names(self.body),
                                                 self.stops, streaming=self.stream),
-                                 log, cut=answer.conn.close)
+                                 log, cut=answer.close)
 
     def sink(self, client, transform):
         return MessagesSSESink(client, transform) if self.stream else CollectedSink(client)
@@ -6412,14 +6609,15 @@ class SSESink:
     def start(self, headers):
         self.client.start_event_stream(headers)
 
-    def send(self, data):
-        self.client.write_body(data)
+    def send(self, batch):
+        self.client.write_body(batch.sse())
 
     def stop(self):
         pass
 
     def finish(self, transform, tail, failure, headers):
         """The stream's last frames (or an error event) and its end, in one write."""
+        tail = tail.sse()
         if failure is not None:
             self.client.log_fields["error"] = failure.code
             tail += transform.failure_frames(failure)
@@ -6487,36 +6685,21 @@ class MessagesTransform:
     def __init__(self, messages, log=None, cut=None):
         self.assembler = ResponseAssembler()
         self.messages = messages
-        self._parser = SSEParser()
-        self._pending = []  # the start of an unfinished frame; None once the parser reads all
         self._cut = cut
         self._log = log if log is not None and log.debug_enabled else None
-        if self._log:
-            self._pending = None
+        self._fast = self._log is None  # --debug logs every event: the events' way
 
-    def feed(self, data):
-        """The Messages bytes for this piece of the upstream body. The backend's own framing
-        (`event:` + `data:`, LF) is cut into frames here, and its deltas, most of a stream,
-        are translated from their bytes (MessagesStream.raw_delta); the other frames, and
-        every frame once the input has a CR, go through the full parser."""
-        pending = self._pending
-        if pending is not None and b"\r" in data:
-            data, self._pending = b"".join(pending) + data, None
-        if self._pending is None:
-            return self._translate(self._parser.feed(data))
-        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
-                                                     pending[-1][-1:] == b"\n"):
-            pending.append(data)  # a large event arrives in many reads: joined once, at its end
-            return b""
-        buf = b"".join(pending) + data if pending else data
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            self._pending = [buf]
-            return b""
-        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
+    def feed(self, batch):
+        """The Messages bytes for these whole events. The backend's own framing (`event:` +
+        `data:`, LF) is read frame by frame here, and its deltas, most of a stream, are
+        translated from their bytes (MessagesStream.raw_delta); the other frames, and events
+        given otherwise, are decoded first."""
+        buf = batch.raw
+        if buf is None or not self._fast:
+            return EventBatch(self._translate(batch.events()))
         out = []
         stream = self.messages
-        pos, end = 0, end + 2
+        pos, end = 0, len(buf)
         while pos < end and not stream.stopped:
             pos = self._copy_text_deltas(buf, pos, out)
             if pos >= end:
@@ -6526,10 +6709,10 @@ class MessagesTransform:
             m = _DELTA_FRAME_RE.match(frame)
             piece = stream.raw_delta(m.group(1), frame, m.end()) if m is not None else None
             if piece is None:
-                piece = self._translate(SSEParser().feed(frame + b"\n\n")) if frame else b""
+                piece = self._translate([frame_event(frame)]) if frame.strip(b"\n") else b""
             out.append(piece)
             pos = stop + 2
-        return b"".join(out)
+        return EventBatch(b"".join(out))
 
     def _copy_text_deltas(self, buf, pos, out):
         """raw_delta's work, inlined for the run of text deltas of the open text block from
@@ -6555,16 +6738,16 @@ class MessagesTransform:
 
     def _translate(self, events):
         out = []
-        for event in events:
+        for name, data in events:
             if self._log:
-                self._log.debug("stream event %s (%d bytes)" % (event.event, len(event.raw)))
+                self._log.debug("stream event %s (%d bytes)" % (name, len(data or b"")))
             try:
-                payload = json.loads(event.data) if event.data is not None else None
+                payload = json.loads(data) if data is not None else None
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
                 continue
-            etype = payload.get("type") or event.event
+            etype = payload.get("type") or name
             self.assembler.add(etype, payload)
             out.append(self.messages.frames(etype, payload))
             if self.messages.stopped:
@@ -6628,9 +6811,9 @@ class MessagesSSESink:
         self.client.start_event_stream(self._headers)
         return self.transform.opening()
 
-    def send(self, data):
+    def send(self, batch):
         with self._lock:
-            self.client.write_body(self._opening() + data)
+            self.client.write_body(self._opening() + batch.sse())
             self.last = time.monotonic()
 
     def ping_if_silent(self, now):
@@ -6662,7 +6845,7 @@ class MessagesSSESink:
                     raise failure
                 if transform.assembler.terminal in ("response.failed", "error"):
                     raise stream_failure(transform.assembler, headers)
-            tail = self._opening() + tail
+            tail = self._opening() + tail.sse()
             if failure is not None:
                 self.client.log_fields["error"] = failure.code
                 tail += transform.failure_frames(failure)
@@ -6727,39 +6910,39 @@ PINGER = Pinger()
 
 
 @contextlib.contextmanager
-def watching_for_hangup(client, answer):
-    """Around relaying an upstream answer: a client hang-up cuts the upstream at once, any
-    failure closes it (its state is unknown), and the dump is written in the end."""
-    watch = client.watch_hangup(answer.conn.sock)
+def watching_for_hangup(client, upstream):
+    """Around relaying an upstream answer (an event stream, or an answer passed through): a
+    client hang-up cuts the upstream at once, any failure closes it (its state is unknown),
+    and the dump is written in the end."""
+    watch = client.watch_hangup(upstream.sock)
     try:
         yield watch
     except BaseException as e:
-        answer.conn.close()
+        upstream.close()
         if isinstance(e, ClientGone):
             watch["gone"] = True
             client.log_fields["note"] = "client disconnected; upstream closed"
         raise
     finally:
         client.unwatch_hangup(watch)
-        if answer.dump:
-            answer.dump.finish()
+        upstream.dump_done()
 
 
-def relay(upstream, answer, transform, sink, client, on_end=None):
-    """Read the backend's event stream through transform into sink. on_end(assembler) runs
-    once the terminal event is in, before the client sees it (a conversation is kept then, so
-    the client's next turn can name it at once). A stream that breaks, stalls past the idle
-    timeout or ends without a terminal event ends with an error, never a fake success."""
+def relay(upstream, events, transform, sink, client, on_end=None):
+    """Read the backend's event stream (HTTPEvents or WebSocketEvents) through transform into
+    sink. on_end(assembler) runs once the terminal event is in, before the client sees it (a
+    conversation is kept then, so the client's next turn can name it at once). A stream that
+    breaks, stalls past the idle timeout or ends without a terminal event ends with an error,
+    never a fake success."""
     assembler = transform.assembler
-    headers = answer.forwarded_headers()
-    body = answer.body
+    headers = events.headers
     failure = None
-    tail = b""
-    with watching_for_hangup(client, answer) as watch:
+    tail = NO_EVENTS
+    with watching_for_hangup(client, events) as watch:
         sink.start(headers)
         while assembler.terminal is None:
             try:
-                data = body.read()
+                batch = events.read()
             except socket.timeout:
                 failure = ProxyError(504, "The backend sent nothing for %g s."
                                      % upstream.config.stream_idle_timeout,
@@ -6771,15 +6954,13 @@ def relay(upstream, answer, transform, sink, client, on_end=None):
                 failure = ProxyError(502, "The backend connection broke mid-stream (%s)."
                                      % e.__class__.__name__, code="upstream_disconnected")
                 break
-            if not data:
+            if batch is None:
                 if watch["gone"]:
                     raise ClientGone()
                 failure = ProxyError(502, "upstream closed the stream before the response "
                                      "completed", code="stream_incomplete")
                 break
-            if answer.dump:
-                answer.dump.body += data
-            out = transform.feed(data)
+            out = transform.feed(batch)
             if assembler.terminal is not None:
                 tail = out  # goes out with the stream's end, in one write
                 if on_end is not None:
@@ -6787,36 +6968,21 @@ def relay(upstream, answer, transform, sink, client, on_end=None):
             elif out:
                 sink.send(out)
     if failure is not None or assembler.terminal is None:
-        answer.conn.close()  # an unfinished stream: this connection cannot carry another request
+        events.close()  # an unfinished stream: this connection cannot carry another request
     usage = assembler.usage()
     client.log_fields["in"] = usage.get("input_tokens", "-")
     client.log_fields["out"] = usage.get("output_tokens", "-")
     details = usage.get("input_tokens_details")
     client.log_fields["cached"] = details.get("cached_tokens") if isinstance(details, dict) \
         else None
-    settled = failure is None and body.complete
-    if settled:  # the body's end came with the last event: pooled before the client hears
-        body.settle(upstream.pool)  # the end, so its next turn finds the connection
+    settled = failure is None and events.complete
+    if settled:  # the stream's end came with the last event: the connection is free before
+        events.settle()  # the client hears the end, so its next turn finds it
     try:
         sink.finish(transform, tail, failure, headers)
     finally:  # answered (or failing to): the connection goes back to the pool or is closed
         if failure is None and not settled:
-            _drain_for_reuse(upstream, answer)
-
-
-def _drain_for_reuse(upstream, answer):
-    """After the terminal event the backend ends its body, usually in the same read; take that
-    end so the connection can serve the next turn. A body that lingers costs the connection,
-    not the client's time."""
-    try:
-        if not answer.body.complete:
-            answer.conn.sock.settimeout(0.25)
-            while answer.body.read():
-                pass
-    except (OSError, http.client.HTTPException, AttributeError):
-        answer.conn.close()
-        return
-    answer.body.settle(upstream.pool)
+            events.drain()
 
 
 def relay_as_is(upstream, answer, client):
@@ -6925,18 +7091,19 @@ class WebSocketSink:
     def start(self, headers):
         pass
 
-    def send(self, data):
-        self.exchange.send_events(sse_payloads(data))
+    def send(self, batch):
+        self.exchange.send_events(batch.payloads())
 
     def stop(self):
         pass
 
     def finish(self, transform, tail, failure, headers):
+        payloads = tail.payloads()
         if failure is not None:
             self.exchange.log_fields["error"] = failure.code
             self.exchange.status = failure.status
-            tail += transform.failure_frames(failure)
-        self.send(tail)
+            payloads += sse_payloads(transform.failure_frames(failure))
+        self.exchange.send_events(payloads)
 
 
 class SocketConversation:
@@ -8718,8 +8885,8 @@ class App:
             err.headers = answer.forwarded_headers()
             raise err
         sent_input = input_list(body.get("input"))
-        relay(self.upstream, answer, ResponsesTransform(self.log), sink, client,
-              lambda assembler: on_kept(assembler, sent_input))
+        relay(self.upstream, HTTPEvents(answer, self.upstream.pool), ResponsesTransform(self.log),
+              sink, client, lambda assembler: on_kept(assembler, sent_input))
 
     def count_tokens(self, client):
         """POST /v1/messages/count_tokens: an estimate from the translated request (the

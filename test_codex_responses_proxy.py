@@ -1659,13 +1659,14 @@ def relay_pieces(body, reads, make_transform, on_read=None):
     """What the relay does with an upstream body arriving in reads of these sizes: decode,
     transform, stop at the terminal event. -> (bytes relayed, the transform). on_read(decoded,
     relayed) is called after each read with what that read gave."""
-    decoder, transform = proxy.ChunkedDecoder(), make_transform()
+    decoder, framer, transform = proxy.ChunkedDecoder(), proxy.SSEFramer(), make_transform()
     out, pos = [], 0
     while pos < len(body) and transform.assembler.terminal is None:
         size = next(reads)
         data = decoder.feed(body[pos:pos + size])
         pos += size
-        relayed = transform.feed(data) if data else b""
+        batch = framer.feed(data) if data else None
+        relayed = transform.feed(batch).sse() if batch is not None else b""
         out.append(relayed)
         if on_read:
             on_read(data, relayed)
@@ -2600,11 +2601,10 @@ class WebSocketEdgeTests(WebSocketCase):
             self.addCleanup(ours.close)
             self.addCleanup(backend.close)
             ours.settimeout(2)  # the event is there: reading it must not wait at all
-            body = proxy.WebSocketBody(owner, proxy.UpstreamWebSocket(ours, b"", [], None, "k"),
-                                       None)
+            events = proxy.WebSocketEvents(owner, proxy.UpstreamWebSocket(ours, b"", [], None,
+                                                                           "k"), None)
             backend.sendall(proxy.encode_frame(proxy.OP_TEXT, delta) + behind)
-            self.assertEqual(body.read(), b"event: response.output_text.delta\ndata: "
-                             + delta + b"\n\n")
+            self.assertEqual(events.read().events(), [("response.output_text.delta", delta)])
 
     def test_a_flood_of_requests_is_closed_with_1008(self):
         reply = Reply(frames=stream_frames(), hold_after=1)  # the first stays in flight
@@ -12157,7 +12157,7 @@ class MessagesRelayTests(unittest.TestCase):
         def transform(slow=False):
             made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
             if slow:
-                made._pending = None  # everything through the full parser
+                made._fast = False  # every event decoded
             return made
 
         for name, frames in self.streams():
@@ -12177,7 +12177,7 @@ class MessagesRelayTests(unittest.TestCase):
         frames = [compact_sse(e, p) for e, p in text_events(["a", "b", "c"])]
         made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
         with mock.patch.object(made, "_translate", wraps=made._translate) as slow:
-            made.feed(b"".join(frames))
+            made.feed(proxy.EventBatch(b"".join(frames)))
         self.assertEqual(slow.call_count, 3)  # added, the first delta (opens), done
 
 
