@@ -7643,7 +7643,11 @@ class SQLiteConversationStore(ConversationStore):
             raise
 
     def close(self):
-        self._db.close()
+        # Under the lock: a turn the shutdown did not wait for may still unpin or keep its
+        # response, and sqlite3 crashes the process when a connection closes under a thread
+        # using it. After this, such a late use gets sqlite3's ProgrammingError instead.
+        with self._lock:
+            self._db.close()
 
     @contextlib.contextmanager
     def _transaction(self):
