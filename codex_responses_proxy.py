@@ -9752,7 +9752,7 @@ def glibc():
             return None
         import ctypes  # here: its 0.7 MB are not worth it on other C libraries
         return ctypes.CDLL(None)
-    except (ValueError, OSError, AttributeError):
+    except (ImportError, ValueError, OSError, AttributeError):
         return None
 
 
