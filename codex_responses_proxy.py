@@ -4363,8 +4363,8 @@ class WebSocketReader:
                 return first, data
 
 
-# permessage-deflate (RFC 7692) on the backend's socket: offered as the Codex CLI offers it,
-# used only when the 101 accepts it. A turn's message repeats the tools and instructions
+# permessage-deflate (RFC 7692) on the backend's socket: the Codex CLI offers it too (the plain
+# RFC offer here: the CLI's exact parameters are unknown), used only when the 101 accepts it. A turn's message repeats the tools and instructions
 # every time (the CLI does too), which deflate shrinks several times over.
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what Z_SYNC_FLUSH ends with; never on the wire
