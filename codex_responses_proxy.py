@@ -4270,6 +4270,8 @@ class WebSocketReader:
         self._buf = bytearray(data)
         self._pos = 0
         self.max_message = max(max_message or 0, WS_MAX_MESSAGE)  # in total, across fragments
+        self.inflater = None  # a MessageInflater once permessage-deflate is agreed
+        self._inflated = None  # bytes so far of the compressed message being read
 
     def _receive(self):
         chunk = self.sock.recv(262144)
@@ -4281,15 +4283,20 @@ class WebSocketReader:
         self._buf += chunk
 
     def frame(self):
-        """(fin, opcode, payload) of the next frame, read from the socket as needed. No
-        extension is ever agreed, so a set RSV bit is a protocol error (ValueError)."""
+        """(fin, opcode, payload) of the next frame, read from the socket as needed, its
+        payload inflated when its message is compressed. A set RSV bit is a protocol error
+        (ValueError) but RSV1 on a message's first frame once permessage-deflate is agreed."""
         head = frame_header(self._buf, self._pos)
         while head is None:
             self._receive()
             head = frame_header(self._buf, self._pos)
         first, masked, n, size = head
-        if first & 0x70:
-            raise ValueError("a WebSocket frame with RSV bits set")
+        if first & 0x70 and (first & 0x70 != RSV1 or self.inflater is None or
+                             first & 0x0F not in (OP_TEXT, OP_BINARY)):
+            raise ValueError("a WebSocket frame with RSV bits set" if self.inflater is None
+                             else "RSV1 on a WebSocket frame that cannot start a compressed "
+                             "message" if first & 0x70 == RSV1 else
+                             "a WebSocket frame with RSV2 or RSV3 set")
         if n > self.max_message or (first & 0x08 and n > 125):
             raise ValueError("a WebSocket frame of %d bytes" % n)
         while len(self._buf) - self._pos < size + n:
@@ -4300,7 +4307,21 @@ class WebSocketReader:
         if masked:
             payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
         self._pos = start + n
+        if first & RSV1 or (self._inflated is not None and first & 0x0F == OP_CONTINUATION):
+            payload = self._inflate(payload, first & RSV1, first & 0x80)
         return bool(first & 0x80), first & 0x0F, payload
+
+    def _inflate(self, payload, starts, last):
+        """A compressed message's frame inflated, the message's whole never past the cap."""
+        if starts:
+            self._inflated = 0
+        room = self.max_message - self._inflated
+        payload = self.inflater.inflate(payload, last, room)
+        if len(payload) > room:
+            raise ValueError("a WebSocket message of more than %d bytes once inflated"
+                             % self.max_message)
+        self._inflated = None if last else self._inflated + len(payload)
+        return payload
 
     def frame_ready(self):
         """A whole frame is buffered: reading it will not block."""
@@ -4342,6 +4363,122 @@ class WebSocketReader:
                 return first, data
 
 
+# permessage-deflate (RFC 7692) on the backend's socket: the Codex CLI offers it too (the plain
+# RFC offer here: the CLI's exact parameters are unknown), used only when the 101 accepts it. A turn's message repeats the tools and instructions
+# every time (the CLI does too), which deflate shrinks several times over.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what Z_SYNC_FLUSH ends with; never on the wire
+# The fastest level: on a real Claude Code turn (~50 KB) it costs ~0.6 ms and leaves ~20 KB;
+# level 6 saves 3 KB more for ~1.6 ms more.
+DEFLATE_LEVEL = 1
+RSV1 = 0x40  # in a frame's first byte: "this message is compressed"
+_EXTENSION_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_WINDOW_BITS_RE = re.compile(r"[1-9][0-9]?\Z")
+
+
+class DeflateTerms:
+    """What the server's answer to our offer agreed: whether each side restarts its
+    compression context with each message, and the window our compressor may use."""
+
+    def __init__(self, server_no_context_takeover=False, client_no_context_takeover=False,
+                 client_max_window_bits=15):
+        self.server_no_context_takeover = server_no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.client_max_window_bits = client_max_window_bits
+
+
+def _extension_params(element):
+    """(name, [(param, value or None)]) of one element of Sec-WebSocket-Extensions
+    (RFC 6455 9.1); ValueError when it breaks the grammar."""
+    pieces = [p.strip() for p in element.split(";")]
+    name, params = pieces[0], []
+    if not _EXTENSION_TOKEN_RE.match(name):
+        raise ValueError("a malformed extension %r" % element[:80])
+    for piece in pieces[1:]:
+        key, sep, value = (s.strip() for s in piece.partition("="))
+        if sep and len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if not _EXTENSION_TOKEN_RE.match(key) or (sep and not _EXTENSION_TOKEN_RE.match(value)):
+            raise ValueError("a malformed extension parameter %r" % piece[:80])
+        params.append((key, value if sep else None))
+    return name, params
+
+
+def deflate_terms(headers):
+    """The DeflateTerms a 101's headers agreed to, None when it declined (no
+    Sec-WebSocket-Extensions); ValueError for an answer RFC 7692 section 7 does not allow
+    to our offer: another extension, two answers, a parameter unknown, repeated, with a
+    value it must not have or without one it must have, window bits outside 8..15."""
+    values = [v for k, v in headers if k.lower() == "sec-websocket-extensions"]
+    elements = [e for e in ",".join(values).split(",") if e.strip()]
+    if not elements:
+        return None
+    if len(elements) > 1:
+        raise ValueError("the backend answered more than one WebSocket extension")
+    name, params = _extension_params(elements[0])
+    if name != "permessage-deflate":
+        raise ValueError("the backend agreed to the WebSocket extension %r, which was not "
+                         "offered" % name)
+    agreed = {}
+    for key, value in params:
+        if key in agreed:
+            raise ValueError("permessage-deflate's %s twice" % key)
+        if key in ("server_no_context_takeover", "client_no_context_takeover"):
+            if value is not None:
+                raise ValueError("permessage-deflate's %s with a value" % key)
+            agreed[key] = True
+        elif key in ("server_max_window_bits", "client_max_window_bits"):
+            if value is None or not _WINDOW_BITS_RE.match(value) or not 8 <= int(value) <= 15:
+                raise ValueError("permessage-deflate's %s must be 8 to 15" % key)
+            agreed[key] = int(value)
+        else:
+            raise ValueError("permessage-deflate with an unknown parameter %r" % key)
+    agreed.pop("server_max_window_bits", None)  # inflating with a 15-bit window reads any
+    return DeflateTerms(**agreed)
+
+
+class MessageDeflater:
+    """Our messages compressed (RFC 7692 7.2.1): raw deflate, flushed at the message's end
+    with the flush's 4-byte tail left off; the context carried from message to message
+    unless the server asked for a fresh one each time."""
+
+    def __init__(self, window_bits=15, no_context_takeover=False):
+        self.window_bits = window_bits
+        self.no_context_takeover = no_context_takeover
+        self._compressor = None
+
+    def compress(self, payload):
+        compressor = self._compressor or zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED,
+                                                          -self.window_bits)
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        self._compressor = None if self.no_context_takeover else compressor
+        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
+
+
+class MessageInflater:
+    """The server's compressed messages inflated, a frame at a time, never past a budget:
+    a few kilobytes that inflate to gigabytes are refused at the budget, not allocated."""
+
+    def __init__(self, no_context_takeover=False):
+        self.no_context_takeover = no_context_takeover
+        self._inflater = zlib.decompressobj(-15)
+
+    def inflate(self, data, last, room):
+        """data (one frame's payload) inflated, at most room + 1 bytes of it: more than room
+        says the message goes past its cap. last: the message ends with this frame.
+        ValueError for data that is not deflate."""
+        inflater = self._inflater
+        try:
+            out = inflater.decompress(data, room + 1)
+            if last and len(out) <= room and not inflater.eof:
+                out += inflater.decompress(DEFLATE_TAIL, room + 1 - len(out))
+        except zlib.error as e:
+            raise ValueError("a compressed WebSocket message that does not inflate (%s)" % e)
+        if last and (self.no_context_takeover or inflater.eof):
+            self._inflater = zlib.decompressobj(-15)  # a final block ends the context too
+        return out
+
+
 class ErrorFrame(Exception):
     """The backend answered a turn with an error frame before any event."""
 
@@ -4360,15 +4497,17 @@ class HandshakeRefused(Exception):
 
 
 def client_handshake(sock, url, headers):
-    """Upgrade a connected socket to a WebSocket at url: (response headers, bytes already
-    read past them). HandshakeRefused for an answer other than 101, ValueError for a 101
-    that is not a WebSocket's, OSError / EOFError when the connection fails."""
+    """Upgrade a connected socket to a WebSocket at url, offering permessage-deflate:
+    (response headers, bytes already read past them). HandshakeRefused for an answer other
+    than 101, ValueError for a 101 that is not a WebSocket's or answers the offer wrongly,
+    OSError / EOFError when the connection fails."""
     parts = urllib.parse.urlsplit(url)
     target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     key = base64.b64encode(os.urandom(16))
     lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
              b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
-             b"Sec-WebSocket-Version: 13"]
+             b"Sec-WebSocket-Version: 13",
+             b"Sec-WebSocket-Extensions: " + DEFLATE_OFFER.encode("ascii")]
     for name, value in headers:
         value = value.encode("latin-1") if isinstance(value, str) else value
         if b"\r" in value or b"\n" in value:
@@ -4401,6 +4540,7 @@ def client_handshake(sock, url, headers):
     if names.get("upgrade", "").lower() != "websocket" or \
             names.get("sec-websocket-accept") != accept:
         raise ValueError("a 101 answer that is not a WebSocket upgrade")
+    deflate_terms(answer)  # RFC 6455 4.1: an answer we cannot honour fails the connection
     return answer, rest
 
 
@@ -5577,6 +5717,7 @@ class UpstreamWebSocket:
     def __init__(self, sock, rest, headers, identity, key, max_message=None):
         self.sock = sock
         self.reader = WebSocketReader(sock, rest, max_message)
+        self.deflater = self.deflater_for(headers)
         self.headers = headers  # the 101's
         self.identity = identity  # (token, account, version): a socket is tied to these
         self.key = key
@@ -5591,8 +5732,24 @@ class UpstreamWebSocket:
         self.request_headers = []  # the handshake's, for the dumps
         self.closed = False
 
+    def deflater_for(self, headers):
+        """permessage-deflate as the 101 agreed (client_handshake checked it): the reader
+        inflates; the MessageDeflater or None for what we send. zlib cannot compress with an
+        8-bit window: then ours go uncompressed, which RFC 7692 allows any message."""
+        terms = deflate_terms(headers)
+        if terms is None:
+            return None
+        self.reader.inflater = MessageInflater(terms.server_no_context_takeover)
+        if terms.client_max_window_bits < 9:
+            return None
+        return MessageDeflater(terms.client_max_window_bits, terms.client_no_context_takeover)
+
     def send_text(self, payload):
-        self.sock.sendall(encode_frame(OP_TEXT, payload, mask=True))
+        if self.deflater is None:
+            self.sock.sendall(encode_frame(OP_TEXT, payload, mask=True))
+        else:  # encode_frame puts the opcode in the first byte, beside RSV1
+            self.sock.sendall(encode_frame(RSV1 | OP_TEXT, self.deflater.compress(payload),
+                                           mask=True))
 
     def pong(self, payload):
         self.sock.sendall(encode_frame(OP_PONG, payload, mask=True))
