@@ -8748,7 +8748,8 @@ class App:
             raise messages_apikey_error()
         body = self.json_body(client)[0]
         stream = body.get("stream") is True
-        upstream_body = messages_to_responses(body, client.lower_headers)
+        upstream_body = self.with_name_effort_first(
+            messages_to_responses(body, client.lower_headers))
         stops = messages_stop_sequences(body)
         request = self.prepare(client.lower_headers, upstream_body)
         if request.body.get("model") != body["model"]:  # the log says where a name went
@@ -8981,6 +8982,19 @@ class App:
             return body
         self.log.debug("model %s -> %s" % (model, mapped))
         return dict(body, model=mapped)
+
+    def with_name_effort_first(self, body):
+        """A translated Messages request whose model (or its --model-map target) names an
+        effort, with that effort instead of the request's: Claude Code sends
+        output_config.effort on every request (2.1.332: medium for Claude's names, high for
+        others), so the name's effort, the only one its user chose, would never apply."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
+            return body
+        unset = dict(self.with_model_mapped(body), reasoning={
+            k: v for k, v in reasoning.items() if k != "effort"})
+        named = model_with_effort(unset, self.model_catalog)
+        return body if named is unset else named
 
     def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""

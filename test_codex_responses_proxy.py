@@ -9260,6 +9260,32 @@ class EffortInModelNameTests(ProxyTestCase):
         sent = self.last_upstream()["body"]
         self.assertEqual((sent["model"], sent["reasoning"]["effort"]), ("gpt-5.5", "low"))
 
+    def test_messages_front_end_the_names_effort_beats_claude_codes(self):
+        # Claude Code 2.1.332 sends output_config.effort on every request, chosen or not
+        for name, sent_effort, expected in (("gpt-5.5-low", "high", ("gpt-5.5", "low")),
+                                            ("gpt-5.5(xhigh)", "medium", ("gpt-5.5", "xhigh")),
+                                            ("gpt-5.5", "low", ("gpt-5.5", "low"))):
+            status, _, body = self.post(messages_body(
+                model=name, output_config={"effort": sent_effort},
+                thinking={"type": "adaptive"}), path=MESSAGES)
+            self.assertEqual(status, 200, body)
+            sent = self.last_upstream()["body"]
+            self.assertEqual((sent["model"], sent["reasoning"]["effort"]), expected)
+            self.assertEqual(sent["reasoning"]["summary"], "auto")
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.5(xhigh)")])
+        status, _, body = self.post(messages_body(output_config={"effort": "medium"}),
+                                    path=MESSAGES)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["model"], CLAUDE)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]), ("gpt-5.5", {"effort": "xhigh"}))
+        status, _, body = self.post(messages_body(model="gpt-5.5-minimal", output_config={
+            "effort": "high"}), path=MESSAGES)
+        self.assertEqual(status, 400, body)
+        self.assertEqual(body["type"], "error")
+        self.assertIn("low, medium, high, xhigh", body["error"]["message"])
+
     def test_listed_names_and_plain_names_go_as_they_are(self):
         self.assertEqual(self.post(simple_request(model="gpt-5.5-high"))[0], 200)
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
