@@ -8030,6 +8030,8 @@ class RecentRequests:
             model = record["model"]
             if model is None:
                 return
+            # "claude-opus-5-5->gpt-5.5": the spend is the backend model's, whoever named it
+            model = model.rpartition("->")[2]
             if model not in self._models and len(self._models) >= COUNTED_MODELS:
                 model = OTHER_MODELS
             counts = self._models.setdefault(model, {

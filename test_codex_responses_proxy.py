@@ -9820,6 +9820,20 @@ class StatusPageDataTests(unittest.TestCase):
             "output_tokens": 60})
         self.assertEqual(sorted(report["tokens_by_model"]), ["m-0", "m-1"])
 
+    def test_tokens_go_to_the_model_the_backend_got_whatever_name_the_client_used(self):
+        recent = proxy.RecentRequests()
+        for model in ("gpt-5.5", "claude-opus-5-5->gpt-5.5", "claude-haiku-5-5->gpt-5.4-mini"):
+            recent.add(proxy.request_record("POST", "/v1/messages", None, {
+                "model": model, "in": 10, "cached": 4, "out": 3}, 200, 0.1, 0))
+        report = recent.report()
+        self.assertEqual(report["tokens_by_model"], {
+            "gpt-5.5": {"requests": 2, "input_tokens": 20, "cached_tokens": 8,
+                        "output_tokens": 6},
+            "gpt-5.4-mini": {"requests": 1, "input_tokens": 10, "cached_tokens": 4,
+                             "output_tokens": 3}})
+        self.assertEqual(report["recent_requests"][0]["model"],
+                         "claude-haiku-5-5->gpt-5.4-mini")  # the table says who asked
+
     def test_made_up_model_names_cannot_grow_the_table_without_end(self):
         recent = proxy.RecentRequests()
         for i in range(proxy.COUNTED_MODELS + 30):
