@@ -4562,6 +4562,16 @@ _RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
                                r"(|/input_items|/cancel)\Z")
 
 
+def unknown_path_message(path):
+    """What a 404 says: an Anthropic client whose base URL ends in /v1 (the OpenAI habit)
+    asks for /v1/v1/messages, and needs to hear that, not about /v1/responses."""
+    if path.endswith(("/messages", "/messages/count_tokens")):
+        return ("Unknown path %s. Anthropic clients take the proxy's address without /v1 "
+                "(ANTHROPIC_BASE_URL=http://HOST:PORT); it serves POST /v1/messages."
+                % path)
+    return "Unknown path %s. This proxy serves POST /v1/responses." % path
+
+
 def find_route(method, path, headers, config):
     """(the App's method for this request, its arguments from the path), else the fitting
     JSON error."""
@@ -4575,8 +4585,7 @@ def find_route(method, path, headers, config):
     if path in PAGE_PATHS and not config.ui:
         methods = None
     if methods is None:
-        raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                         % path, code="not_found")
+        raise ProxyError(404, unknown_path_message(path), code="not_found")
     if "websocket" in (headers.get("upgrade") or "").lower():
         if methods.get("POST") == "responses" and method == "GET":
             return "websocket", ()

@@ -3499,6 +3499,9 @@ class RoutesTests(ProxyTestCase):
     def test_unknown_path_wrong_method_websocket(self):
         status, _, data = self.request("GET", "/nope")
         self.assert_openai_error(status, json.loads(data), 404)
+        # the anthropic SDK or Claude Code with a base URL ending in /v1
+        status, _, data = self.request("POST", "/v1/v1/messages?beta=true", {})
+        self.assert_openai_error(status, json.loads(data), 404, contains="without /v1")
         status, headers, data = self.request("GET", "/v1/responses")
         self.assert_openai_error(status, json.loads(data), 405)
         self.assertEqual(headers["allow"], "POST")
