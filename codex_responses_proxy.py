@@ -8098,6 +8098,7 @@ th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line
   white-space: nowrap; }
 th { color: var(--muted); font-weight: 600; }
 td.num, th.num { text-align: right; }
+td.wrap { white-space: normal; }
 form { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
 form label { flex-basis: 100%; }
 input { flex: 1 1 200px; padding: 6px; font: inherit; color: var(--text);
@@ -8321,8 +8322,8 @@ function renderRecent(list) {
   }
   for (const r of list) {
     const status = (r.status === null ? "\u2014" : r.status) + (r.error ? " " + r.error : "");
-    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014"],
-                     [status, r.status >= 400 || !r.status ? "bad" : null],
+    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014", "wrap"],
+                     [status, r.status >= 400 || !r.status ? "bad wrap" : "wrap"],
                      [r.seconds.toFixed(2) + " s", "num"], [num(r.input_tokens), "num"],
                      [num(r.cached_tokens), "num"], [num(r.output_tokens), "num"]]));
   }

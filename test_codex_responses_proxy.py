@@ -10162,7 +10162,7 @@ class StatusPageBrowserTests(ProxyTestCase):
         self.assertIn("Credits: 120", text)
         self.assertIn("acct-file", text)
         rows = re.findall(r"<tr><td>([0-9:]{8})</td><td>([^<]*)</td><td>([^<]*)</td>"
-                          r"<td>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
+                          r"<td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
         self.assertEqual([row[1:] for row in rows], [
             ("curl", "POST /v1/responses", "gpt-5.1-codex", "429 usage_limit_reached"),
             ("openai-python", "POST /v1/responses", "gpt-5.2", "200"),
@@ -10191,6 +10191,31 @@ class StatusPageBrowserTests(ProxyTestCase):
                                         "--screenshot=" + os.path.abspath(screenshot), url])
             with open(screenshot, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_a_desktop_window_shows_every_column_of_a_claude_code_error_row(self):
+        # The widest row users see: a mapped Claude name beside an error code.
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.4-mini")])
+        limit = {"error": {"type": "usage_limit_reached", "message": "The usage limit has "
+                           "been reached", "resets_in_seconds": 7380}}
+        self.backend.replies.append(Reply(status=429, body=json.dumps(limit).encode(),
+                                          headers=QUOTA_HEADERS))
+        status, _, body = self.post(messages_body(model="claude-haiku-4-5"), path=MESSAGES,
+                                    headers={"User-Agent": "Anthropic/Python 0.75.0"})
+        self.assertEqual(status, 429, body)
+        self.wait_for_log("status=429")
+        browser = DevToolsPipe(self.profile)
+        self.addCleanup(browser.close)
+        browser.open("about:blank")
+        browser.call("Emulation.setDeviceMetricsOverride", {
+            "width": 1100, "height": 700, "deviceScaleFactor": 1, "mobile": False})
+        browser.call("Page.navigate", {"url": "http://127.0.0.1:%d/" % self.port})
+        browser.wait_for("document.querySelectorAll('#recentrows tr').length === 1")
+        self.assertIn("claude-haiku-4-5->gpt-5.4-mini",
+                      browser.eval("document.getElementById('recentrows').innerText"))
+        box = "document.querySelector('#recent .scroll')"
+        self.assertLessEqual(browser.eval(box + ".scrollWidth"),
+                             browser.eval(box + ".clientWidth"), "the table scrolls")
 
     def test_with_a_client_key_it_asks_once_and_shows_the_same(self):
         self.stop_proxy(self.proxy)
