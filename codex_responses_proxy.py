@@ -2919,6 +2919,14 @@ def model_with_effort(body, catalog):
     return out
 
 
+def note_model_sent(client, body, request):
+    """The log and /status say "asked->sent" when --model-map or an effort in the name
+    changed the model, so tokens per model count what the backend served."""
+    asked, sent = body.get("model"), request.body.get("model")
+    if isinstance(asked, str) and isinstance(sent, str) and sent != asked:
+        client.log_fields["model"] = "%s->%s" % (asked, sent)
+
+
 # --------------------------------------------------------------------------------------------
 # Images (pure): the OpenAI Images API (JSON, or multipart/form-data for edits) as the
 # backend's JSON requests to .../codex/images/generations and /images/edits
@@ -8691,6 +8699,7 @@ class App:
             return self.pass_through(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
+        note_model_sent(client, body, request)
         try:
             answer = self.upstream.responses(request)
             sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
@@ -8745,6 +8754,7 @@ class App:
                                                                "chat/completions"))
         body = self.json_body(client)[0]
         request = self.prepare(client.lower_headers, chat_to_responses(body))
+        note_model_sent(client, body, request)
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
         answer = self.upstream.responses(request)

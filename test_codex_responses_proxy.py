@@ -9289,6 +9289,17 @@ class EffortInModelNameTests(ProxyTestCase):
         self.assertEqual(body["type"], "error")
         self.assertIn("low, medium, high, xhigh", body["error"]["message"])
 
+    def test_the_log_and_status_count_the_model_the_backend_got(self):
+        self.assertEqual(self.post(simple_request(model="gpt-5.5-xhigh"))[0], 200)
+        self.wait_for_log("model=gpt-5.5-xhigh->gpt-5.5 status=200")
+        self.assertEqual(self.post(chat_body(model="gpt-5.5(low)"), path=CHAT)[0], 200)
+        self.wait_for_log("model=gpt-5.5(low)->gpt-5.5 status=200")
+        self.assertEqual(self.post(simple_request(model="gpt-5.5"))[0], 200)
+        self.wait_for_log("model=gpt-5.5 status=200")
+        status = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(list(status["tokens_by_model"]), ["gpt-5.5"])
+        self.assertEqual(status["tokens_by_model"]["gpt-5.5"]["requests"], 3)
+
     def test_listed_names_and_plain_names_go_as_they_are(self):
         self.assertEqual(self.post(simple_request(model="gpt-5.5-high"))[0], 200)
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
