@@ -7140,6 +7140,7 @@ class WebSocketSession:
                                             lambda assembler, sent_input: self.keep(
                                                 assembler, sent_input, parent))
         request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
+        note_model_sent(exchange, body, request)
         if not generate:
             app.turn_done(request)
             return self.prewarm(exchange, body, request.body["input"], stream_id,

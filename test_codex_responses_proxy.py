@@ -9296,9 +9296,15 @@ class EffortInModelNameTests(ProxyTestCase):
         self.wait_for_log("model=gpt-5.5(low)->gpt-5.5 status=200")
         self.assertEqual(self.post(simple_request(model="gpt-5.5"))[0], 200)
         self.wait_for_log("model=gpt-5.5 status=200")
+        ws = WSClient(self.port, "/v1/responses")
+        self.addCleanup(ws.close_socket)
+        ws.create(model="gpt-5.5(high)")
+        while ws.recv_event()["type"] != "response.completed":
+            pass
+        self.wait_for_log("WS /v1/responses model=gpt-5.5(high)->gpt-5.5 status=200")
         status = json.loads(self.request("GET", "/status")[2])
         self.assertEqual(list(status["tokens_by_model"]), ["gpt-5.5"])
-        self.assertEqual(status["tokens_by_model"]["gpt-5.5"]["requests"], 3)
+        self.assertEqual(status["tokens_by_model"]["gpt-5.5"]["requests"], 4)
 
     def test_listed_names_and_plain_names_go_as_they_are(self):
         self.assertEqual(self.post(simple_request(model="gpt-5.5-high"))[0], 200)
