@@ -2919,6 +2919,14 @@ def model_with_effort(body, catalog):
     return out
 
 
+def note_model_sent(client, body, request):
+    """The log and /status say "asked->sent" when --model-map or an effort in the name
+    changed the model, so tokens per model count what the backend served."""
+    asked, sent = body.get("model"), request.body.get("model")
+    if isinstance(asked, str) and isinstance(sent, str) and sent != asked:
+        client.log_fields["model"] = "%s->%s" % (asked, sent)
+
+
 # --------------------------------------------------------------------------------------------
 # Images (pure): the OpenAI Images API (JSON, or multipart/form-data for edits) as the
 # backend's JSON requests to .../codex/images/generations and /images/edits
@@ -4702,6 +4710,16 @@ _RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
                                r"(|/input_items|/cancel)\Z")
 
 
+def unknown_path_message(path):
+    """What a 404 says: an Anthropic client whose base URL ends in /v1 (the OpenAI habit)
+    asks for /v1/v1/messages, and needs to hear that, not about /v1/responses."""
+    if path.endswith(("/messages", "/messages/count_tokens")):
+        return ("Unknown path %s. Anthropic clients take the proxy's address without /v1 "
+                "(ANTHROPIC_BASE_URL=http://HOST:PORT); it serves POST /v1/messages."
+                % path)
+    return "Unknown path %s. This proxy serves POST /v1/responses." % path
+
+
 def find_route(method, path, headers, config):
     """(the App's method for this request, its arguments from the path), else the fitting
     JSON error."""
@@ -4715,8 +4733,7 @@ def find_route(method, path, headers, config):
     if path in PAGE_PATHS and not config.ui:
         methods = None
     if methods is None:
-        raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                         % path, code="not_found")
+        raise ProxyError(404, unknown_path_message(path), code="not_found")
     if "websocket" in (headers.get("upgrade") or "").lower():
         if methods.get("POST") == "responses" and method == "GET":
             return "websocket", ()
@@ -7280,6 +7297,7 @@ class WebSocketSession:
                                             lambda assembler, sent_input: self.keep(
                                                 assembler, sent_input, parent))
         request = app.prepare(self.handler.lower_headers, body, source, spans, history=self.history)
+        note_model_sent(exchange, body, request)
         if not generate:
             app.turn_done(request)
             return self.prewarm(exchange, body, request.body["input"], stream_id,
@@ -8191,6 +8209,8 @@ class RecentRequests:
             model = record["model"]
             if model is None:
                 return
+            # "claude-opus-5-5->gpt-5.5": the spend is the backend model's, whoever named it
+            model = model.rpartition("->")[2]
             if model not in self._models and len(self._models) >= COUNTED_MODELS:
                 model = OTHER_MODELS
             counts = self._models.setdefault(model, {
@@ -8248,6 +8268,7 @@ th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line
   white-space: nowrap; }
 th { color: var(--muted); font-weight: 600; }
 td.num, th.num { text-align: right; }
+td.wrap { white-space: normal; }
 form { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
 form label { flex-basis: 100%; }
 input { flex: 1 1 200px; padding: 6px; font: inherit; color: var(--text);
@@ -8471,8 +8492,8 @@ function renderRecent(list) {
   }
   for (const r of list) {
     const status = (r.status === null ? "\u2014" : r.status) + (r.error ? " " + r.error : "");
-    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014"],
-                     [status, r.status >= 400 || !r.status ? "bad" : null],
+    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014", "wrap"],
+                     [status, r.status >= 400 || !r.status ? "bad wrap" : "wrap"],
                      [r.seconds.toFixed(2) + " s", "num"], [num(r.input_tokens), "num"],
                      [num(r.cached_tokens), "num"], [num(r.output_tokens), "num"]]));
   }
@@ -8840,6 +8861,7 @@ class App:
             return self.pass_through(client, self.config.upstream_url)
         body, source, spans = self.json_body(client)
         request = self.prepare(client.lower_headers, body, source, spans)
+        note_model_sent(client, body, request)
         try:
             answer = self.upstream.responses(request)
             sink = SSESink(client) if body.get("stream") is True else CollectedSink(client)
@@ -8894,6 +8916,7 @@ class App:
                                                                "chat/completions"))
         body = self.json_body(client)[0]
         request = self.prepare(client.lower_headers, chat_to_responses(body))
+        note_model_sent(client, body, request)
         options = body.get("stream_options")
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
         answer = self.upstream.responses(request)
@@ -8909,7 +8932,8 @@ class App:
             raise messages_apikey_error()
         body = self.json_body(client)[0]
         stream = body.get("stream") is True
-        upstream_body = messages_to_responses(body, client.lower_headers)
+        upstream_body = self.with_name_effort_first(
+            messages_to_responses(body, client.lower_headers))
         stops = messages_stop_sequences(body)
         request = self.prepare(client.lower_headers, upstream_body)
         if request.body.get("model") != body["model"]:  # the log says where a name went
@@ -9142,6 +9166,19 @@ class App:
             return body
         self.log.debug("model %s -> %s" % (model, mapped))
         return dict(body, model=mapped)
+
+    def with_name_effort_first(self, body):
+        """A translated Messages request whose model (or its --model-map target) names an
+        effort, with that effort instead of the request's: Claude Code sends
+        output_config.effort on every request (2.1.332: medium for Claude's names, high for
+        others), so the name's effort, the only one its user chose, would never apply."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
+            return body
+        unset = dict(self.with_model_mapped(body), reasoning={
+            k: v for k, v in reasoning.items() if k != "effort"})
+        named = model_with_effort(unset, self.model_catalog)
+        return body if named is unset else named
 
     def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""

@@ -3549,6 +3549,9 @@ class RoutesTests(ProxyTestCase):
     def test_unknown_path_wrong_method_websocket(self):
         status, _, data = self.request("GET", "/nope")
         self.assert_openai_error(status, json.loads(data), 404)
+        # the anthropic SDK or Claude Code with a base URL ending in /v1
+        status, _, data = self.request("POST", "/v1/v1/messages?beta=true", {})
+        self.assert_openai_error(status, json.loads(data), 404, contains="without /v1")
         status, headers, data = self.request("GET", "/v1/responses")
         self.assert_openai_error(status, json.loads(data), 405)
         self.assertEqual(headers["allow"], "POST")
@@ -9530,6 +9533,49 @@ class EffortInModelNameTests(ProxyTestCase):
         sent = self.last_upstream()["body"]
         self.assertEqual((sent["model"], sent["reasoning"]["effort"]), ("gpt-5.5", "low"))
 
+    def test_messages_front_end_the_names_effort_beats_claude_codes(self):
+        # Claude Code 2.1.332 sends output_config.effort on every request, chosen or not
+        for name, sent_effort, expected in (("gpt-5.5-low", "high", ("gpt-5.5", "low")),
+                                            ("gpt-5.5(xhigh)", "medium", ("gpt-5.5", "xhigh")),
+                                            ("gpt-5.5", "low", ("gpt-5.5", "low"))):
+            status, _, body = self.post(messages_body(
+                model=name, output_config={"effort": sent_effort},
+                thinking={"type": "adaptive"}), path=MESSAGES)
+            self.assertEqual(status, 200, body)
+            sent = self.last_upstream()["body"]
+            self.assertEqual((sent["model"], sent["reasoning"]["effort"]), expected)
+            self.assertEqual(sent["reasoning"]["summary"], "auto")
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.5(xhigh)")])
+        status, _, body = self.post(messages_body(output_config={"effort": "medium"}),
+                                    path=MESSAGES)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["model"], CLAUDE)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]), ("gpt-5.5", {"effort": "xhigh"}))
+        status, _, body = self.post(messages_body(model="gpt-5.5-minimal", output_config={
+            "effort": "high"}), path=MESSAGES)
+        self.assertEqual(status, 400, body)
+        self.assertEqual(body["type"], "error")
+        self.assertIn("low, medium, high, xhigh", body["error"]["message"])
+
+    def test_the_log_and_status_count_the_model_the_backend_got(self):
+        self.assertEqual(self.post(simple_request(model="gpt-5.5-xhigh"))[0], 200)
+        self.wait_for_log("model=gpt-5.5-xhigh->gpt-5.5 status=200")
+        self.assertEqual(self.post(chat_body(model="gpt-5.5(low)"), path=CHAT)[0], 200)
+        self.wait_for_log("model=gpt-5.5(low)->gpt-5.5 status=200")
+        self.assertEqual(self.post(simple_request(model="gpt-5.5"))[0], 200)
+        self.wait_for_log("model=gpt-5.5 status=200")
+        ws = WSClient(self.port, "/v1/responses")
+        self.addCleanup(ws.close_socket)
+        ws.create(model="gpt-5.5(high)")
+        while ws.recv_event()["type"] != "response.completed":
+            pass
+        self.wait_for_log("WS /v1/responses model=gpt-5.5(high)->gpt-5.5 status=200")
+        status = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(list(status["tokens_by_model"]), ["gpt-5.5"])
+        self.assertEqual(status["tokens_by_model"]["gpt-5.5"]["requests"], 4)
+
     def test_listed_names_and_plain_names_go_as_they_are(self):
         self.assertEqual(self.post(simple_request(model="gpt-5.5-high"))[0], 200)
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
@@ -10064,6 +10110,20 @@ class StatusPageDataTests(unittest.TestCase):
             "output_tokens": 60})
         self.assertEqual(sorted(report["tokens_by_model"]), ["m-0", "m-1"])
 
+    def test_tokens_go_to_the_model_the_backend_got_whatever_name_the_client_used(self):
+        recent = proxy.RecentRequests()
+        for model in ("gpt-5.5", "claude-opus-5-5->gpt-5.5", "claude-haiku-5-5->gpt-5.4-mini"):
+            recent.add(proxy.request_record("POST", "/v1/messages", None, {
+                "model": model, "in": 10, "cached": 4, "out": 3}, 200, 0.1, 0))
+        report = recent.report()
+        self.assertEqual(report["tokens_by_model"], {
+            "gpt-5.5": {"requests": 2, "input_tokens": 20, "cached_tokens": 8,
+                        "output_tokens": 6},
+            "gpt-5.4-mini": {"requests": 1, "input_tokens": 10, "cached_tokens": 4,
+                             "output_tokens": 3}})
+        self.assertEqual(report["recent_requests"][0]["model"],
+                         "claude-haiku-5-5->gpt-5.4-mini")  # the table says who asked
+
     def test_made_up_model_names_cannot_grow_the_table_without_end(self):
         recent = proxy.RecentRequests()
         for i in range(proxy.COUNTED_MODELS + 30):
@@ -10389,7 +10449,7 @@ class StatusPageBrowserTests(ProxyTestCase):
         self.assertIn("Credits: 120", text)
         self.assertIn("acct-file", text)
         rows = re.findall(r"<tr><td>([0-9:]{8})</td><td>([^<]*)</td><td>([^<]*)</td>"
-                          r"<td>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
+                          r"<td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
         self.assertEqual([row[1:] for row in rows], [
             ("curl", "POST /v1/responses", "gpt-5.1-codex", "429 usage_limit_reached"),
             ("openai-python", "POST /v1/responses", "gpt-5.2", "200"),
@@ -10418,6 +10478,31 @@ class StatusPageBrowserTests(ProxyTestCase):
                                         "--screenshot=" + os.path.abspath(screenshot), url])
             with open(screenshot, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_a_desktop_window_shows_every_column_of_a_claude_code_error_row(self):
+        # The widest row users see: a mapped Claude name beside an error code.
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.4-mini")])
+        limit = {"error": {"type": "usage_limit_reached", "message": "The usage limit has "
+                           "been reached", "resets_in_seconds": 7380}}
+        self.backend.replies.append(Reply(status=429, body=json.dumps(limit).encode(),
+                                          headers=QUOTA_HEADERS))
+        status, _, body = self.post(messages_body(model="claude-haiku-4-5"), path=MESSAGES,
+                                    headers={"User-Agent": "Anthropic/Python 0.75.0"})
+        self.assertEqual(status, 429, body)
+        self.wait_for_log("status=429")
+        browser = DevToolsPipe(self.profile)
+        self.addCleanup(browser.close)
+        browser.open("about:blank")
+        browser.call("Emulation.setDeviceMetricsOverride", {
+            "width": 1100, "height": 700, "deviceScaleFactor": 1, "mobile": False})
+        browser.call("Page.navigate", {"url": "http://127.0.0.1:%d/" % self.port})
+        browser.wait_for("document.querySelectorAll('#recentrows tr').length === 1")
+        self.assertIn("claude-haiku-4-5->gpt-5.4-mini",
+                      browser.eval("document.getElementById('recentrows').innerText"))
+        box = "document.querySelector('#recent .scroll')"
+        self.assertLessEqual(browser.eval(box + ".scrollWidth"),
+                             browser.eval(box + ".clientWidth"), "the table scrolls")
 
     def test_with_a_client_key_it_asks_once_and_shows_the_same(self):
         self.stop_proxy(self.proxy)
