@@ -93,6 +93,8 @@ Scenarios (pick with --only):
      Code-style conversation (~50 KB of tools and system per request, history
      growing by ~1 KB a turn): bytes uploaded to the backend with
      --upstream-transport http vs auto (the backend's WebSocket).
+  8, 12: WebSocket bytes are counted as on the wire: the fake backend agrees to
+     the permessage-deflate the proxy offers, so they are compressed frames.
 
 Targets:
   1  p50 <= +1 ms, p99 <= +3 ms        2  first event <= +2 ms
@@ -134,6 +136,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 perf = time.perf_counter
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -423,9 +426,9 @@ def _ws_frame(opcode, payload):
     return head + payload
 
 
-def _ws_read(sock, buf):
+def _ws_read(sock, buf, inflater=None):
     """(opcode, payload, bytes on the wire) of the next (masked) client frame; opcode None
-    at EOF."""
+    at EOF. A compressed one (RSV1, permessage-deflate) is inflated with inflater."""
     def need(n):
         while len(buf) < n:
             d = sock.recv(262144)
@@ -454,6 +457,8 @@ def _ws_read(sock, buf):
         key = bytes(buf[head:head + 4])
         data = (int.from_bytes(data, "big") ^ int.from_bytes(
             (key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") if n else b""
+    if buf[0] & 0x40:
+        data = inflater.decompress(data + b"\x00\x00\xff\xff")
     del buf[:total]
     return opcode, data, total
 
@@ -489,11 +494,24 @@ def _up_websocket(sock, buf, hdrs, lat):
     send previous_response_id and only its new items."""
     accept = base64.b64encode(hashlib.sha1(
         hdrs.get("sec-websocket-key", "").encode() + _WS_GUID).digest()).decode()
+    # permessage-deflate when offered, with context takeover both ways (RFC 7692): what the
+    # upload figures then count is the compressed frames, as on the wire
+    deflate = hdrs.get("sec-websocket-extensions", "").startswith("permessage-deflate")
+    inflater = zlib.decompressobj(-15) if deflate else None
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -15) if deflate else None
+
+    def frame(payload):
+        if deflater is None:
+            return _ws_frame(1, payload)
+        packed = deflater.compress(payload) + deflater.flush(zlib.Z_SYNC_FLUSH)
+        return _ws_frame(0x41, packed[:-4])
     sock.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept).encode())
+                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n"
+                  % (accept, "Sec-WebSocket-Extensions: permessage-deflate\r\n" if deflate
+                     else "")).encode())
     last_id, n = None, 0
     while True:
-        opcode, payload, size = _ws_read(sock, buf)
+        opcode, payload, size = _ws_read(sock, buf, inflater)
         if opcode is None or opcode == 8:
             return
         if opcode == 9:
@@ -511,14 +529,14 @@ def _up_websocket(sock, buf, hdrs, lat):
         previous = msg.get("previous_response_id")
         if previous is not None and previous != last_id:
             last_id = None
-            sock.sendall(_ws_frame(1, _dumps({"type": "error", "error": {
+            sock.sendall(frame(_dumps({"type": "error", "error": {
                 "code": "previous_response_not_found", "message": "not found"}}).encode()))
             continue
         if msg.get("model") == "bench-fragments":
             return _up_fragments(sock)
         n += 1
         last_id = "resp_ws_%d" % n
-        sock.sendall(b"".join(_ws_frame(1, e.replace(_ID_SLOT_B, last_id.encode()))
+        sock.sendall(b"".join(frame(e.replace(_ID_SLOT_B, last_id.encode()))
                               for e in _ws_events(msg.get("model") or "bench-small")))
 
 
@@ -2382,7 +2400,8 @@ class Bench(object):
         the history re-sent and growing by ~10 KB a turn (a file's contents or a command's
         output, as scenario 8's history grows); upload to the backend over HTTP vs the
         WebSocket. Tools and system go with every turn on either transport, as the Codex CLI
-        sends them: only the history is saved."""
+        sends them: only the history is saved, and on the WebSocket what permessage-deflate
+        saves (the bytes counted are the frames' on the wire)."""
         turns = 40
         tools = [{"name": "Tool%02d" % i, "description": ("Does thing %d carefully. " % i) * 80,
                   "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#",

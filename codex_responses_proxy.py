@@ -3032,6 +3032,14 @@ def model_with_effort(body, catalog):
     return out
 
 
+def note_model_sent(client, body, request):
+    """The log and /status say "asked->sent" when --model-map or an effort in the name
+    changed the model, so tokens per model count what the backend served."""
+    asked, sent = body.get("model"), request.body.get("model")
+    if isinstance(asked, str) and isinstance(sent, str) and sent != asked:
+        client.log_fields["model"] = "%s->%s" % (asked, sent)
+
+
 # --------------------------------------------------------------------------------------------
 # Images (pure): the OpenAI Images API (JSON, or multipart/form-data for edits) as the
 # backend's JSON requests to .../codex/images/generations and /images/edits
@@ -4383,6 +4391,8 @@ class WebSocketReader:
         self._buf = bytearray(data)
         self._pos = 0
         self.max_message = max(max_message or 0, WS_MAX_MESSAGE)  # in total, across fragments
+        self.inflater = None  # a MessageInflater once permessage-deflate is agreed
+        self._inflated = None  # bytes so far of the compressed message being read
 
     def _receive(self):
         chunk = self.sock.recv(262144)
@@ -4394,15 +4404,20 @@ class WebSocketReader:
         self._buf += chunk
 
     def frame(self):
-        """(fin, opcode, payload) of the next frame, read from the socket as needed. No
-        extension is ever agreed, so a set RSV bit is a protocol error (ValueError)."""
+        """(fin, opcode, payload) of the next frame, read from the socket as needed, its
+        payload inflated when its message is compressed. A set RSV bit is a protocol error
+        (ValueError) but RSV1 on a message's first frame once permessage-deflate is agreed."""
         head = frame_header(self._buf, self._pos)
         while head is None:
             self._receive()
             head = frame_header(self._buf, self._pos)
         first, masked, n, size = head
-        if first & 0x70:
-            raise ValueError("a WebSocket frame with RSV bits set")
+        if first & 0x70 and (first & 0x70 != RSV1 or self.inflater is None or
+                             first & 0x0F not in (OP_TEXT, OP_BINARY)):
+            raise ValueError("a WebSocket frame with RSV bits set" if self.inflater is None
+                             else "RSV1 on a WebSocket frame that cannot start a compressed "
+                             "message" if first & 0x70 == RSV1 else
+                             "a WebSocket frame with RSV2 or RSV3 set")
         if n > self.max_message or (first & 0x08 and n > 125):
             raise ValueError("a WebSocket frame of %d bytes" % n)
         while len(self._buf) - self._pos < size + n:
@@ -4413,7 +4428,21 @@ class WebSocketReader:
         if masked:
             payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
         self._pos = start + n
+        if first & RSV1 or (self._inflated is not None and first & 0x0F == OP_CONTINUATION):
+            payload = self._inflate(payload, first & RSV1, first & 0x80)
         return bool(first & 0x80), first & 0x0F, payload
+
+    def _inflate(self, payload, starts, last):
+        """A compressed message's frame inflated, the message's whole never past the cap."""
+        if starts:
+            self._inflated = 0
+        room = self.max_message - self._inflated
+        payload = self.inflater.inflate(payload, last, room)
+        if len(payload) > room:
+            raise ValueError("a WebSocket message of more than %d bytes once inflated"
+                             % self.max_message)
+        self._inflated = None if last else self._inflated + len(payload)
+        return payload
 
     def frame_ready(self):
         """A whole frame is buffered: reading it will not block."""
@@ -4455,6 +4484,122 @@ class WebSocketReader:
                 return first, data
 
 
+# permessage-deflate (RFC 7692) on the backend's socket: the Codex CLI offers it too (the plain
+# RFC offer here: the CLI's exact parameters are unknown), used only when the 101 accepts it. A turn's message repeats the tools and instructions
+# every time (the CLI does too), which deflate shrinks several times over.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what Z_SYNC_FLUSH ends with; never on the wire
+# The fastest level: on a real Claude Code turn (~50 KB) it costs ~0.6 ms and leaves ~20 KB;
+# level 6 saves 3 KB more for ~1.6 ms more.
+DEFLATE_LEVEL = 1
+RSV1 = 0x40  # in a frame's first byte: "this message is compressed"
+_EXTENSION_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_WINDOW_BITS_RE = re.compile(r"[1-9][0-9]?\Z")
+
+
+class DeflateTerms:
+    """What the server's answer to our offer agreed: whether each side restarts its
+    compression context with each message, and the window our compressor may use."""
+
+    def __init__(self, server_no_context_takeover=False, client_no_context_takeover=False,
+                 client_max_window_bits=15):
+        self.server_no_context_takeover = server_no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.client_max_window_bits = client_max_window_bits
+
+
+def _extension_params(element):
+    """(name, [(param, value or None)]) of one element of Sec-WebSocket-Extensions
+    (RFC 6455 9.1); ValueError when it breaks the grammar."""
+    pieces = [p.strip() for p in element.split(";")]
+    name, params = pieces[0], []
+    if not _EXTENSION_TOKEN_RE.match(name):
+        raise ValueError("a malformed extension %r" % element[:80])
+    for piece in pieces[1:]:
+        key, sep, value = (s.strip() for s in piece.partition("="))
+        if sep and len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if not _EXTENSION_TOKEN_RE.match(key) or (sep and not _EXTENSION_TOKEN_RE.match(value)):
+            raise ValueError("a malformed extension parameter %r" % piece[:80])
+        params.append((key, value if sep else None))
+    return name, params
+
+
+def deflate_terms(headers):
+    """The DeflateTerms a 101's headers agreed to, None when it declined (no
+    Sec-WebSocket-Extensions); ValueError for an answer RFC 7692 section 7 does not allow
+    to our offer: another extension, two answers, a parameter unknown, repeated, with a
+    value it must not have or without one it must have, window bits outside 8..15."""
+    values = [v for k, v in headers if k.lower() == "sec-websocket-extensions"]
+    elements = [e for e in ",".join(values).split(",") if e.strip()]
+    if not elements:
+        return None
+    if len(elements) > 1:
+        raise ValueError("the backend answered more than one WebSocket extension")
+    name, params = _extension_params(elements[0])
+    if name != "permessage-deflate":
+        raise ValueError("the backend agreed to the WebSocket extension %r, which was not "
+                         "offered" % name)
+    agreed = {}
+    for key, value in params:
+        if key in agreed:
+            raise ValueError("permessage-deflate's %s twice" % key)
+        if key in ("server_no_context_takeover", "client_no_context_takeover"):
+            if value is not None:
+                raise ValueError("permessage-deflate's %s with a value" % key)
+            agreed[key] = True
+        elif key in ("server_max_window_bits", "client_max_window_bits"):
+            if value is None or not _WINDOW_BITS_RE.match(value) or not 8 <= int(value) <= 15:
+                raise ValueError("permessage-deflate's %s must be 8 to 15" % key)
+            agreed[key] = int(value)
+        else:
+            raise ValueError("permessage-deflate with an unknown parameter %r" % key)
+    agreed.pop("server_max_window_bits", None)  # inflating with a 15-bit window reads any
+    return DeflateTerms(**agreed)
+
+
+class MessageDeflater:
+    """Our messages compressed (RFC 7692 7.2.1): raw deflate, flushed at the message's end
+    with the flush's 4-byte tail left off; the context carried from message to message
+    unless the server asked for a fresh one each time."""
+
+    def __init__(self, window_bits=15, no_context_takeover=False):
+        self.window_bits = window_bits
+        self.no_context_takeover = no_context_takeover
+        self._compressor = None
+
+    def compress(self, payload):
+        compressor = self._compressor or zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED,
+                                                          -self.window_bits)
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        self._compressor = None if self.no_context_takeover else compressor
+        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
+
+
+class MessageInflater:
+    """The server's compressed messages inflated, a frame at a time, never past a budget:
+    a few kilobytes that inflate to gigabytes are refused at the budget, not allocated."""
+
+    def __init__(self, no_context_takeover=False):
+        self.no_context_takeover = no_context_takeover
+        self._inflater = zlib.decompressobj(-15)
+
+    def inflate(self, data, last, room):
+        """data (one frame's payload) inflated, at most room + 1 bytes of it: more than room
+        says the message goes past its cap. last: the message ends with this frame.
+        ValueError for data that is not deflate."""
+        inflater = self._inflater
+        try:
+            out = inflater.decompress(data, room + 1)
+            if last and len(out) <= room and not inflater.eof:
+                out += inflater.decompress(DEFLATE_TAIL, room + 1 - len(out))
+        except zlib.error as e:
+            raise ValueError("a compressed WebSocket message that does not inflate (%s)" % e)
+        if last and (self.no_context_takeover or inflater.eof):
+            self._inflater = zlib.decompressobj(-15)  # a final block ends the context too
+        return out
+
+
 class ErrorFrame(Exception):
     """The backend answered a turn with an error frame before any event."""
 
@@ -4473,15 +4618,17 @@ class HandshakeRefused(Exception):
 
 
 def client_handshake(sock, url, headers):
-    """Upgrade a connected socket to a WebSocket at url: (response headers, bytes already
-    read past them). HandshakeRefused for an answer other than 101, ValueError for a 101
-    that is not a WebSocket's, OSError / EOFError when the connection fails."""
+    """Upgrade a connected socket to a WebSocket at url, offering permessage-deflate:
+    (response headers, bytes already read past them). HandshakeRefused for an answer other
+    than 101, ValueError for a 101 that is not a WebSocket's or answers the offer wrongly,
+    OSError / EOFError when the connection fails."""
     parts = urllib.parse.urlsplit(url)
     target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     key = base64.b64encode(os.urandom(16))
     lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
              b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
-             b"Sec-WebSocket-Version: 13"]
+             b"Sec-WebSocket-Version: 13",
+             b"Sec-WebSocket-Extensions: " + DEFLATE_OFFER.encode("ascii")]
     for name, value in headers:
         value = value.encode("latin-1") if isinstance(value, str) else value
         if b"\r" in value or b"\n" in value:
@@ -4514,6 +4661,7 @@ def client_handshake(sock, url, headers):
     if names.get("upgrade", "").lower() != "websocket" or \
             names.get("sec-websocket-accept") != accept:
         raise ValueError("a 101 answer that is not a WebSocket upgrade")
+    deflate_terms(answer)  # RFC 6455 4.1: an answer we cannot honour fails the connection
     return answer, rest
 
 
@@ -4662,6 +4810,16 @@ _RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
 WEBSOCKET_UPGRADE = "websocket upgrade"  # find_route's answer for a GET /v1/responses upgrade
 
 
+def unknown_path_message(path):
+    """What a 404 says: an Anthropic client whose base URL ends in /v1 (the OpenAI habit)
+    asks for /v1/v1/messages, and needs to hear that, not about /v1/responses."""
+    if path.endswith(("/messages", "/messages/count_tokens")):
+        return ("Unknown path %s. Anthropic clients take the proxy's address without /v1 "
+                "(ANTHROPIC_BASE_URL=http://HOST:PORT); it serves POST /v1/messages."
+                % path)
+    return "Unknown path %s. This proxy serves POST /v1/responses." % path
+
+
 class RouteTable:
     """Which route answers a method and path: built once at start, from the mode (see
     App.chatgpt_routes and App.platform_routes). A route is a callable taking the Exchange
@@ -4682,8 +4840,7 @@ class RouteTable:
             if m:
                 methods, args = self.by_response_id[m.group(2)], (m.group(1),)
         if methods is None:
-            raise ProxyError(404, "Unknown path %s. This proxy serves POST /v1/responses."
-                             % path, code="not_found")
+            raise ProxyError(404, unknown_path_message(path), code="not_found")
         if "websocket" in (headers.get("upgrade") or "").lower():
             if path in WEBSOCKET_PATHS and method == "GET":
                 return WEBSOCKET_UPGRADE, ()
@@ -5788,6 +5945,7 @@ class UpstreamWebSocket:
     def __init__(self, sock, rest, headers, identity, key, max_message=None):
         self.sock = sock
         self.reader = WebSocketReader(sock, rest, max_message)
+        self.deflater = self.deflater_for(headers)
         self.headers = headers  # the 101's
         self.identity = identity  # (token, account, version): a socket is tied to these
         self.key = key
@@ -5802,8 +5960,24 @@ class UpstreamWebSocket:
         self.request_headers = []  # the handshake's, for the dumps
         self.closed = False
 
+    def deflater_for(self, headers):
+        """permessage-deflate as the 101 agreed (client_handshake checked it): the reader
+        inflates; the MessageDeflater or None for what we send. zlib cannot compress with an
+        8-bit window: then ours go uncompressed, which RFC 7692 allows any message."""
+        terms = deflate_terms(headers)
+        if terms is None:
+            return None
+        self.reader.inflater = MessageInflater(terms.server_no_context_takeover)
+        if terms.client_max_window_bits < 9:
+            return None
+        return MessageDeflater(terms.client_max_window_bits, terms.client_no_context_takeover)
+
     def send_text(self, payload):
-        self.sock.sendall(encode_frame(OP_TEXT, payload, mask=True))
+        if self.deflater is None:
+            self.sock.sendall(encode_frame(OP_TEXT, payload, mask=True))
+        else:  # encode_frame puts the opcode in the first byte, beside RSV1
+            self.sock.sendall(encode_frame(RSV1 | OP_TEXT, self.deflater.compress(payload),
+                                           mask=True))
 
     def pong(self, payload):
         self.sock.sendall(encode_frame(OP_PONG, payload, mask=True))
@@ -6541,11 +6715,11 @@ class ResponsesFrontEnd:
         self.body = body
         self.stream = body.get("stream") is True
 
-    def responses_body(self):
+    def responses_body(self, app):
         return self.body
 
-    def note_model(self, log_fields, model):
-        pass
+    def note_model(self, client, request):
+        note_model_sent(client, self.body, request)
 
     def transform(self, answer, log):
         return ResponsesTransform(log)
@@ -6560,7 +6734,7 @@ class ChatFrontEnd(ResponsesFrontEnd):
 
     keeps = False
 
-    def responses_body(self):
+    def responses_body(self, app):
         return chat_to_responses(self.body)
 
     def transform(self, answer, log):
@@ -6582,14 +6756,16 @@ class MessagesFrontEnd(ResponsesFrontEnd):
         self.headers = headers
         self.stops = ()
 
-    def responses_body(self):
-        upstream_body = messages_to_responses(self.body, self.headers)
+    def responses_body(self, app):
+        upstream_body = app.with_name_effort_first(messages_to_responses(self.body,
+                                                                         self.headers))
         self.stops = messages_stop_sequences(self.body)
         return upstream_body
 
-    def note_model(self, log_fields, model):
+    def note_model(self, client, request):
+        model = request.body.get("model")
         if model != self.body["model"]:  # the log says where a name went
-            log_fields["model"] = "%s->%s" % (self.body["model"], model)
+            client.log_fields["model"] = "%s->%s" % (self.body["model"], model)
 
     def transform(self, answer, log):
         return MessagesTransform(MessagesStream(self.body["model"], long_tool_names(self.body),
@@ -7146,6 +7322,7 @@ class SocketConversation:
         app = self.app
         body, generate = self.request_of(exchange, body)
         request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
+        note_model_sent(exchange, body, request)
         if not generate:
             app.turn_done(request)
             return self.prewarm(exchange, body, request.body["input"], request.previous)
@@ -7669,7 +7846,11 @@ class SQLiteConversationStore(ConversationStore):
             raise
 
     def close(self):
-        self._db.close()
+        # Under the lock: a turn the shutdown did not wait for may still unpin or keep its
+        # response, and sqlite3 crashes the process when a connection closes under a thread
+        # using it. After this, such a late use gets sqlite3's ProgrammingError instead.
+        with self._lock:
+            self._db.close()
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -8056,6 +8237,8 @@ class RecentRequests:
             model = record["model"]
             if model is None:
                 return
+            # "claude-opus-5-5->gpt-5.5": the spend is the backend model's, whoever named it
+            model = model.rpartition("->")[2]
             if model not in self._models and len(self._models) >= COUNTED_MODELS:
                 model = OTHER_MODELS
             counts = self._models.setdefault(model, {
@@ -8113,6 +8296,7 @@ th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line
   white-space: nowrap; }
 th { color: var(--muted); font-weight: 600; }
 td.num, th.num { text-align: right; }
+td.wrap { white-space: normal; }
 form { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
 form label { flex-basis: 100%; }
 input { flex: 1 1 200px; padding: 6px; font: inherit; color: var(--text);
@@ -8336,8 +8520,8 @@ function renderRecent(list) {
   }
   for (const r of list) {
     const status = (r.status === null ? "\u2014" : r.status) + (r.error ? " " + r.error : "");
-    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014"],
-                     [status, r.status >= 400 || !r.status ? "bad" : null],
+    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014", "wrap"],
+                     [status, r.status >= 400 || !r.status ? "bad wrap" : "wrap"],
                      [r.seconds.toFixed(2) + " s", "num"], [num(r.input_tokens), "num"],
                      [num(r.cached_tokens), "num"], [num(r.output_tokens), "num"]]));
   }
@@ -8848,12 +9032,12 @@ class App:
         events mapped back into the sink the client asked for (a stream or one answer)."""
         body, source, spans = self.json_body(client)
         front = front_end(body, client.lower_headers)
-        upstream_body = front.responses_body()
+        upstream_body = front.responses_body(self)
         if upstream_body is body:  # the client's own bytes may go as they are
             request = self.prepare(client.lower_headers, body, source, spans)
         else:
             request = self.prepare(client.lower_headers, upstream_body)
-        front.note_model(client.log_fields, request.body.get("model"))
+        front.note_model(client, request)
         try:
             answer = self.upstream.responses(request)
             transform = front.transform(answer, self.log)
@@ -9088,6 +9272,19 @@ class App:
             return body
         self.log.debug("model %s -> %s" % (model, mapped))
         return dict(body, model=mapped)
+
+    def with_name_effort_first(self, body):
+        """A translated Messages request whose model (or its --model-map target) names an
+        effort, with that effort instead of the request's: Claude Code sends
+        output_config.effort on every request (2.1.332: medium for Claude's names, high for
+        others), so the name's effort, the only one its user chose, would never apply."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
+            return body
+        unset = dict(self.with_model_mapped(body), reasoning={
+            k: v for k, v in reasoning.items() if k != "effort"})
+        named = model_with_effort(unset, self.model_catalog)
+        return body if named is unset else named
 
     def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""

@@ -659,6 +659,8 @@ class FakeBackendWebSocket:
         self.ping_first = False    # a ping before each answer
         self.max_message_bytes = None
         self.turn_state = None
+        self.deflate = None        # the 101's Sec-WebSocket-Extensions; None declines
+        self.wire = []             # (socket number, RSV1 set, payload bytes) per client message
         self.closed_early = threading.Event()
         self.sockets = 0
         self.open = {}             # socket number -> its connection, while open
@@ -699,6 +701,8 @@ class FakeBackendWebSocket:
                                 str(self.max_message_bytes))
         if self.turn_state:
             handler.send_header("x-codex-turn-state", self.turn_state)
+        if self.deflate:
+            handler.send_header("Sec-WebSocket-Extensions", self.deflate)
         handler.end_headers()
         handler.wfile.flush()
         handler.close_connection = True
@@ -715,8 +719,17 @@ class FakeBackendWebSocket:
 
     def serve(self, handler, number):
         last = None  # (response id, history) this socket remembers
+        codec = FakeDeflate(self.deflate) if (self.deflate or "").startswith(
+            "permessage-deflate") else None
         while True:
-            opcode, payload = fake_ws_recv(handler.rfile)
+            first, payload = fake_ws_recv_frame(handler.rfile)
+            opcode = first & 0x0F
+            if opcode == 1:
+                self.wire.append((number, bool(first & 0x40), len(payload)))
+            if first & 0x40:
+                if codec is None or opcode != 1:
+                    raise ValueError("RSV1 where no compressed message may start")
+                payload = codec.inflate(payload)
             if opcode == 8:
                 return
             if opcode == 10:
@@ -756,7 +769,9 @@ class FakeBackendWebSocket:
                 detail = json.loads(reply.body) if reply.body else {}
                 error = {"type": "error", "status": reply.status,
                          "error": detail.get("error", detail), "headers": dict(reply.headers)}
-            send = lambda opcode, data: fake_ws_send(handler.connection, opcode, data)
+            send = lambda opcode, data: fake_ws_send(handler.connection, opcode, data) \
+                if codec is None or opcode != 1 else \
+                fake_ws_send(handler.connection, 0x40 | opcode, codec.deflate(data))
             if self.ping_first:
                 send(9, b"are you there")
             if self.rate_limits:
@@ -812,6 +827,12 @@ def fake_ws_send(sock, opcode, payload):
 
 def fake_ws_recv(rfile):
     """(opcode, payload) of the next client frame, which must be masked (RFC 6455 5.1)."""
+    first, payload = fake_ws_recv_frame(rfile)
+    return first & 0x0F, payload
+
+
+def fake_ws_recv_frame(rfile):
+    """(first byte, payload) of the next client frame: its RSV bits beside the opcode."""
     def read(n):
         data = rfile.read(n)
         if len(data) < n:
@@ -827,7 +848,36 @@ def fake_ws_recv(rfile):
         n = int.from_bytes(read(8), "big")
     key = read(4)
     data = read(n)
-    return b0 & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    return b0, bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+class FakeDeflate:
+    """The backend's end of permessage-deflate (RFC 7692), written apart from the proxy's:
+    what the 101 agreed decides which side starts each message with a fresh context. A
+    client that kept its context where it agreed not to fails here, on a back-reference
+    the fresh inflater cannot resolve."""
+
+    def __init__(self, agreed):
+        params = [p.strip().split("=")[0] for p in agreed.split(";")[1:]]
+        self.fresh_out = "server_no_context_takeover" in params
+        self.fresh_in = "client_no_context_takeover" in params
+        self._out = zlib.compressobj(9, zlib.DEFLATED, -15)
+        self._in = zlib.decompressobj(-15)
+
+    def deflate(self, payload):
+        if self.fresh_out:
+            self._out = zlib.compressobj(9, zlib.DEFLATED, -15)
+        data = self._out.compress(payload) + self._out.flush(zlib.Z_SYNC_FLUSH)
+        assert data.endswith(b"\x00\x00\xff\xff")
+        return data[:-4]
+
+    def inflate(self, payload):
+        if self.fresh_in:
+            self._in = zlib.decompressobj(-15)
+        try:
+            return self._in.decompress(payload + b"\x00\x00\xff\xff")
+        except zlib.error as e:  # ends the socket, as the fake's other protocol errors
+            raise ValueError("does not inflate: %s" % e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -3499,6 +3549,9 @@ class RoutesTests(ProxyTestCase):
     def test_unknown_path_wrong_method_websocket(self):
         status, _, data = self.request("GET", "/nope")
         self.assert_openai_error(status, json.loads(data), 404)
+        # the anthropic SDK or Claude Code with a base URL ending in /v1
+        status, _, data = self.request("POST", "/v1/v1/messages?beta=true", {})
+        self.assert_openai_error(status, json.loads(data), 404, contains="without /v1")
         status, headers, data = self.request("GET", "/v1/responses")
         self.assert_openai_error(status, json.loads(data), 405)
         self.assertEqual(headers["allow"], "POST")
@@ -7130,6 +7183,109 @@ class WebSocketClientFramingTests(unittest.TestCase):
                             proxy.canonical_item(dict(call, call_id="call_2")))
 
 
+class PermessageDeflateTests(unittest.TestCase):
+    """The codec of RFC 7692 for the backend's socket, against plain zlib on the other end."""
+
+    def test_answers_to_the_offer_accepted_and_refused(self):
+        def terms(value):
+            agreed = proxy.deflate_terms([("Sec-WebSocket-Extensions", value)])
+            return (agreed.server_no_context_takeover, agreed.client_no_context_takeover,
+                    agreed.client_max_window_bits)
+        self.assertIsNone(proxy.deflate_terms([("x-other", "1")]))
+        self.assertEqual(terms("permessage-deflate"), (False, False, 15))
+        self.assertEqual(terms("permessage-deflate; server_no_context_takeover; "
+                               "client_no_context_takeover; client_max_window_bits=10; "
+                               "server_max_window_bits=12"), (True, True, 10))
+        self.assertEqual(terms('permessage-deflate;client_max_window_bits="9"'),
+                         (False, False, 9))
+        for bad in ("x-webkit-deflate-frame", "permessage-deflate, permessage-deflate",
+                    "permessage-deflate; foo", "permessage-deflate; client_max_window_bits",
+                    "permessage-deflate; server_max_window_bits=16",
+                    "permessage-deflate; server_max_window_bits=7",
+                    "permessage-deflate; client_max_window_bits=010",
+                    "permessage-deflate; server_no_context_takeover=1",
+                    "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+                    'permessage-deflate; client_max_window_bits="1 0"', "permessage-deflate;"):
+            with self.assertRaises(ValueError, msg=bad):
+                proxy.deflate_terms([("Sec-WebSocket-Extensions", bad)])
+
+    def test_messages_deflate_with_their_context_unless_told_not_to(self):
+        instructions = os.urandom(3000).hex().encode()  # compresses 2:1 alone, not less
+        messages = [b'{"instructions":"%s","input":"turn %d"}' % (instructions, n)
+                    for n in range(4)]
+        kept, inflater = proxy.MessageDeflater(), zlib.decompressobj(-15)
+        sizes = []
+        for message in messages:
+            data = kept.compress(message)
+            self.assertFalse(data.endswith(b"\x00\x00\xff\xff"))
+            self.assertEqual(inflater.decompress(data + b"\x00\x00\xff\xff"), message)
+            sizes.append(len(data))
+        self.assertGreater(sizes[0], 3000)
+        self.assertLess(max(sizes[1:]), 100, sizes)  # the repeat costs a back-reference
+        fresh = proxy.MessageDeflater(10, no_context_takeover=True)
+        for message in messages:
+            data = fresh.compress(message)  # each inflates alone, with a 10-bit window
+            self.assertEqual(zlib.decompressobj(-10).decompress(
+                data + b"\x00\x00\xff\xff"), message)
+            self.assertGreater(len(data), 3000)
+
+    def reader(self, data, no_context_takeover=False):
+        reader = proxy.WebSocketReader(None, data)
+        reader.inflater = proxy.MessageInflater(no_context_takeover)
+        return reader
+
+    def test_compressed_fragments_pings_between_and_context_across_messages(self):
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+
+        def deflate(payload):
+            return (deflater.compress(payload) + deflater.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        first, second = b'{"type":"a","text":"%s"}' % (b"hello " * 50), b'{"type":"a"}'
+        one, two = deflate(first), deflate(second)
+        data = (server_frame(0x41, one[:5], fin=False) + server_frame(9, b"hi")
+                + server_frame(0, one[5:]) + server_frame(0x41, two)
+                + server_frame(1, b'{"plain":1}'))  # RSV1 clear: a message as it is
+        pongs = []
+        reader = self.reader(data)
+        self.assertEqual(reader.message(pongs.append), (proxy.OP_TEXT, first))
+        self.assertEqual(reader.message(pongs.append), (proxy.OP_TEXT, second))
+        self.assertEqual(reader.message(pongs.append), (proxy.OP_TEXT, b'{"plain":1}'))
+        self.assertEqual(pongs, [b"hi"])
+        # server_no_context_takeover: each message inflates alone
+        fresh = [zlib.compressobj(9, zlib.DEFLATED, -15) for _ in range(2)]
+        data = b"".join(server_frame(0x41, (c.compress(first) + c.flush(
+            zlib.Z_SYNC_FLUSH))[:-4]) for c in fresh)
+        reader = self.reader(data, no_context_takeover=True)
+        self.assertEqual([reader.message(pongs.append)[1] for _ in range(2)], [first, first])
+
+    def test_rsv_misuse_fails_the_connection(self):
+        packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+        text = (packed.compress(b'{"a":1}') + packed.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        cases = ((server_frame(0x49, b"hi"), True),                # a compressed ping
+                 (server_frame(0x41, text[:2], fin=False)
+                  + server_frame(0x40, text[2:]), True),           # RSV1 on a continuation
+                 (server_frame(0x21, b"{}"), True),                # RSV2
+                 (server_frame(0x41, text), False),                # not agreed
+                 (server_frame(0x41, b"\xff\xff\xff"), True))    # not deflate
+        for data, agreed in cases:
+            reader = self.reader(data) if agreed else proxy.WebSocketReader(None, data)
+            with self.assertRaises(ValueError, msg=data[:8]):
+                reader.message(lambda payload: None)
+
+    def test_a_deflate_bomb_is_refused_at_the_cap_never_inflated_past_it(self):
+        packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+        bomb = (packed.compress(b"x" * (32 << 20)) + packed.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        self.assertLess(len(bomb), 100000)
+        out = proxy.MessageInflater().inflate(bomb, True, 1000)
+        self.assertEqual(len(out), 1001)  # one byte past the room says it all
+        with mock.patch.object(proxy, "WS_MAX_MESSAGE", 50000):
+            for data in (server_frame(0x41, bomb),
+                         server_frame(0x41, bomb[:len(bomb) // 2], fin=False)
+                         + server_frame(0, bomb[len(bomb) // 2:])):  # in total
+                with self.assertRaises(ValueError) as caught:
+                    self.reader(data).message(lambda payload: None)
+                self.assertIn("more than 50000 bytes once inflated", str(caught.exception))
+
+
 class RevokedTokens(set):
     """valid_tokens of a backend that takes no token, not even a refreshed one."""
 
@@ -7528,6 +7684,123 @@ class UpstreamWebSocketStrictnessTests(ProxyTestCase):
                             for i, piece in enumerate(pieces))
             self.answer_with(data)
             self.assert_error_event_only()
+
+
+class UpstreamWebSocketDeflateTests(ProxyTestCase):
+    """permessage-deflate on the backend's socket, against the fake backend's own zlib end:
+    what it agreed decides each side's context; what it did not agree fails cleanly."""
+
+    upstream_transport = "ws"
+    answer_with = UpstreamWebSocketStrictnessTests.answer_with
+    assert_error_event_only = UpstreamWebSocketStrictnessTests.assert_error_event_only
+    delta = UpstreamWebSocketStrictnessTests.delta
+
+    def setUp(self):
+        super().setUp()
+        self.backend.ws.refuse = None
+        self.backend.ws.deflate = "permessage-deflate"
+
+    def turns(self, count, instructions):
+        history = []
+        for n in range(count):
+            history.append(user_item("turn %d" % n))
+            # a streamed answer: its events, deflated by the fake, are inflated on the way
+            status, _, events, _ = self.stream(dict(simple_request(), input=history,
+                                                    instructions=instructions),
+                                               {"session_id": "sess-deflate"})
+            self.assertEqual(status, 200)
+            self.assertEqual(events[-1][0], "response.completed", events[-1])
+            self.assertEqual("".join(d["delta"] for name, d in events
+                                     if name == "response.output_text.delta"), "Hello there!")
+            history += events[-1][1]["response"]["output"]
+        wire = self.backend.ws.wire
+        self.assertEqual([w[0] for w in wire], [1] * count)  # one socket, chained
+        self.assertEqual(self.backend.requests[-1]["body"]["previous_response_id"],
+                         "resp_ws_%d" % (count - 1))
+        return wire
+
+    def test_offered_and_agreed_messages_deflate_with_context_both_ways(self):
+        instructions = os.urandom(3000).hex()
+        wire = self.turns(4, instructions)
+        self.assertEqual(self.backend.ws.handshakes[0]["Sec-WebSocket-Extensions"],
+                         "permessage-deflate; client_max_window_bits")
+        self.assertTrue(all(compressed for _, compressed, _ in wire), wire)
+        self.assertGreater(wire[0][2], 3000)
+        # the instructions sent again cost a back-reference into the last message
+        self.assertTrue(all(size < 600 for _, _, size in wire[1:]), wire)
+        raw = self.backend.requests[-1]["raw"]
+        self.assertIn(instructions.encode(), raw)  # inflated on the other end as sent
+
+    def test_no_context_takeover_each_message_deflates_alone(self):
+        self.backend.ws.deflate = ("permessage-deflate; client_no_context_takeover; "
+                                   "server_no_context_takeover; client_max_window_bits=12")
+        wire = self.turns(3, os.urandom(3000).hex())
+        self.assertTrue(all(compressed and size > 3000 for _, compressed, size in wire), wire)
+
+    def test_an_8_bit_window_leaves_our_messages_uncompressed(self):
+        self.backend.ws.deflate = "permessage-deflate; client_max_window_bits=8"
+        wire = self.turns(2, "Be brief.")
+        self.assertEqual([compressed for _, compressed, _ in wire], [False, False])
+
+    def test_declined_nothing_is_compressed(self):
+        self.backend.ws.deflate = None
+        wire = self.turns(2, "Be brief.")
+        self.assertEqual([compressed for _, compressed, _ in wire], [False, False])
+        self.assertEqual([size for _, _, size in wire],
+                         [len(r["raw"]) for r in self.backend.requests])
+
+    def test_an_answer_not_offered_or_malformed_fails_the_handshake_cleanly(self):
+        for answer in ("x-webkit-deflate-frame", "permessage-deflate; foo=1",
+                       "permessage-deflate; server_max_window_bits=20"):
+            self.backend.ws.deflate = answer
+            status, _, body = self.post(simple_request())
+            self.assert_openai_error(status, body, 502, code="websocket_refused",
+                                     contains="handshake failed")
+        self.assertEqual(self.backend.requests, [])  # nothing sent on such a socket
+
+    def test_auto_falls_back_to_http_when_the_answer_is_bad(self):
+        self.stop_proxy(self.proxy)
+        self.upstream_transport = "auto"
+        self.start_proxy()
+        self.backend.ws.deflate = "permessage-deflate; client_max_window_bits=99"
+        history = []
+        for text in ("hi", "more", "and more"):
+            history.append(user_item(text))
+            status, _, answer = self.post(dict(simple_request(), input=history),
+                                          {"session_id": "sess-bad"})
+            self.assertEqual(status, 200, answer)
+            history += answer["output"]
+        deadline = time.monotonic() + 10
+        while "websocket" not in json.loads(self.request("GET", "/status")[2])[
+                "upstream_transport"]["why"].lower() or not self.backend.ws.handshakes:
+            self.assertLess(time.monotonic(), deadline, "no upgrade tried")
+            time.sleep(0.02)
+        self.assertEqual([r.get("ws") for r in self.backend.requests], [None, None, None])
+        report = json.loads(self.request("GET", "/status")[2])["upstream_transport"]
+        self.assertEqual(report["in_use"], "http", report)
+        self.assertIn("handshake failed", report["why"])
+
+    def test_a_deflate_bomb_past_the_cap_is_an_error_event(self):
+        self.stop_proxy(self.proxy)
+        self.start_proxy(max_body_bytes=100000)  # the cap: this, or WS_MAX_MESSAGE if more
+        self.backend.ws.refuse = None
+        packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+        bomb = (packed.compress(self.delta("x" * (32 << 20))) +
+                packed.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        with mock.patch.object(proxy, "WS_MAX_MESSAGE", 50000):
+            self.answer_with(server_frame(0x41, bomb))
+            self.assert_error_event_only()
+
+    def test_rsv1_on_a_continuation_or_control_frame_or_undeclared_is_an_error_event(self):
+        packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+        text = (packed.compress(self.delta("abc")) + packed.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        for data in (server_frame(0x41, text[:4], fin=False) + server_frame(0x40, text[4:]),
+                     server_frame(0x49, b"hi")):
+            self.answer_with(data)
+            self.assert_error_event_only()
+        self.backend.ws.deflate = None
+        self.answer_with(server_frame(0x41, text))
+        self.assert_error_event_only()
 
 
 class UpstreamTransportChoiceTests(ProxyTestCase):
@@ -9260,6 +9533,49 @@ class EffortInModelNameTests(ProxyTestCase):
         sent = self.last_upstream()["body"]
         self.assertEqual((sent["model"], sent["reasoning"]["effort"]), ("gpt-5.5", "low"))
 
+    def test_messages_front_end_the_names_effort_beats_claude_codes(self):
+        # Claude Code 2.1.332 sends output_config.effort on every request, chosen or not
+        for name, sent_effort, expected in (("gpt-5.5-low", "high", ("gpt-5.5", "low")),
+                                            ("gpt-5.5(xhigh)", "medium", ("gpt-5.5", "xhigh")),
+                                            ("gpt-5.5", "low", ("gpt-5.5", "low"))):
+            status, _, body = self.post(messages_body(
+                model=name, output_config={"effort": sent_effort},
+                thinking={"type": "adaptive"}), path=MESSAGES)
+            self.assertEqual(status, 200, body)
+            sent = self.last_upstream()["body"]
+            self.assertEqual((sent["model"], sent["reasoning"]["effort"]), expected)
+            self.assertEqual(sent["reasoning"]["summary"], "auto")
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.5(xhigh)")])
+        status, _, body = self.post(messages_body(output_config={"effort": "medium"}),
+                                    path=MESSAGES)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["model"], CLAUDE)
+        sent = self.last_upstream()["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]), ("gpt-5.5", {"effort": "xhigh"}))
+        status, _, body = self.post(messages_body(model="gpt-5.5-minimal", output_config={
+            "effort": "high"}), path=MESSAGES)
+        self.assertEqual(status, 400, body)
+        self.assertEqual(body["type"], "error")
+        self.assertIn("low, medium, high, xhigh", body["error"]["message"])
+
+    def test_the_log_and_status_count_the_model_the_backend_got(self):
+        self.assertEqual(self.post(simple_request(model="gpt-5.5-xhigh"))[0], 200)
+        self.wait_for_log("model=gpt-5.5-xhigh->gpt-5.5 status=200")
+        self.assertEqual(self.post(chat_body(model="gpt-5.5(low)"), path=CHAT)[0], 200)
+        self.wait_for_log("model=gpt-5.5(low)->gpt-5.5 status=200")
+        self.assertEqual(self.post(simple_request(model="gpt-5.5"))[0], 200)
+        self.wait_for_log("model=gpt-5.5 status=200")
+        ws = WSClient(self.port, "/v1/responses")
+        self.addCleanup(ws.close_socket)
+        ws.create(model="gpt-5.5(high)")
+        while ws.recv_event()["type"] != "response.completed":
+            pass
+        self.wait_for_log("WS /v1/responses model=gpt-5.5(high)->gpt-5.5 status=200")
+        status = json.loads(self.request("GET", "/status")[2])
+        self.assertEqual(list(status["tokens_by_model"]), ["gpt-5.5"])
+        self.assertEqual(status["tokens_by_model"]["gpt-5.5"]["requests"], 4)
+
     def test_listed_names_and_plain_names_go_as_they_are(self):
         self.assertEqual(self.post(simple_request(model="gpt-5.5-high"))[0], 200)
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
@@ -9794,6 +10110,20 @@ class StatusPageDataTests(unittest.TestCase):
             "output_tokens": 60})
         self.assertEqual(sorted(report["tokens_by_model"]), ["m-0", "m-1"])
 
+    def test_tokens_go_to_the_model_the_backend_got_whatever_name_the_client_used(self):
+        recent = proxy.RecentRequests()
+        for model in ("gpt-5.5", "claude-opus-5-5->gpt-5.5", "claude-haiku-5-5->gpt-5.4-mini"):
+            recent.add(proxy.request_record("POST", "/v1/messages", None, {
+                "model": model, "in": 10, "cached": 4, "out": 3}, 200, 0.1, 0))
+        report = recent.report()
+        self.assertEqual(report["tokens_by_model"], {
+            "gpt-5.5": {"requests": 2, "input_tokens": 20, "cached_tokens": 8,
+                        "output_tokens": 6},
+            "gpt-5.4-mini": {"requests": 1, "input_tokens": 10, "cached_tokens": 4,
+                             "output_tokens": 3}})
+        self.assertEqual(report["recent_requests"][0]["model"],
+                         "claude-haiku-5-5->gpt-5.4-mini")  # the table says who asked
+
     def test_made_up_model_names_cannot_grow_the_table_without_end(self):
         recent = proxy.RecentRequests()
         for i in range(proxy.COUNTED_MODELS + 30):
@@ -10119,7 +10449,7 @@ class StatusPageBrowserTests(ProxyTestCase):
         self.assertIn("Credits: 120", text)
         self.assertIn("acct-file", text)
         rows = re.findall(r"<tr><td>([0-9:]{8})</td><td>([^<]*)</td><td>([^<]*)</td>"
-                          r"<td>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
+                          r"<td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td>", html)
         self.assertEqual([row[1:] for row in rows], [
             ("curl", "POST /v1/responses", "gpt-5.1-codex", "429 usage_limit_reached"),
             ("openai-python", "POST /v1/responses", "gpt-5.2", "200"),
@@ -10148,6 +10478,31 @@ class StatusPageBrowserTests(ProxyTestCase):
                                         "--screenshot=" + os.path.abspath(screenshot), url])
             with open(screenshot, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_a_desktop_window_shows_every_column_of_a_claude_code_error_row(self):
+        # The widest row users see: a mapped Claude name beside an error code.
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.4-mini")])
+        limit = {"error": {"type": "usage_limit_reached", "message": "The usage limit has "
+                           "been reached", "resets_in_seconds": 7380}}
+        self.backend.replies.append(Reply(status=429, body=json.dumps(limit).encode(),
+                                          headers=QUOTA_HEADERS))
+        status, _, body = self.post(messages_body(model="claude-haiku-4-5"), path=MESSAGES,
+                                    headers={"User-Agent": "Anthropic/Python 0.75.0"})
+        self.assertEqual(status, 429, body)
+        self.wait_for_log("status=429")
+        browser = DevToolsPipe(self.profile)
+        self.addCleanup(browser.close)
+        browser.open("about:blank")
+        browser.call("Emulation.setDeviceMetricsOverride", {
+            "width": 1100, "height": 700, "deviceScaleFactor": 1, "mobile": False})
+        browser.call("Page.navigate", {"url": "http://127.0.0.1:%d/" % self.port})
+        browser.wait_for("document.querySelectorAll('#recentrows tr').length === 1")
+        self.assertIn("claude-haiku-4-5->gpt-5.4-mini",
+                      browser.eval("document.getElementById('recentrows').innerText"))
+        box = "document.querySelector('#recent .scroll')"
+        self.assertLessEqual(browser.eval(box + ".scrollWidth"),
+                             browser.eval(box + ".clientWidth"), "the table scrolls")
 
     def test_with_a_client_key_it_asks_once_and_shows_the_same(self):
         self.stop_proxy(self.proxy)

@@ -779,6 +779,7 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
                                                                           "CLAUDE_"))}
         env.update(HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.port,
                    ANTHROPIC_AUTH_TOKEN="dummy", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        env.update(kw.get("env") or {})
         run = subprocess.run([CLAUDE_BIN, "-p"] + list(args), env=env, cwd=home,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, timeout=180)
@@ -801,6 +802,20 @@ class ClaudeCodeInteropTests(harness.ProxyTestCase):
             self.assertNotIn(name, body)
         self.assertTrue(body["prompt_cache_key"])
         self.assertNotEqual(body["model"], CLAUDE_MODEL)  # mapped to a Codex model
+
+    def test_effort_in_the_model_name_and_in_a_model_map_target(self):
+        # Claude Code sends output_config.effort on every request (high for such names,
+        # medium for its own): the one in the name must still be what the backend gets.
+        harness.add_models_endpoint(self.backend)
+        self.backend.models_doc = harness.EFFORT_MODELS
+        self.claude("say hi", env={"ANTHROPIC_MODEL": "gpt-5.5-low"})
+        sent = self.backend.requests[-1]["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]["effort"]), ("gpt-5.5", "low"))
+        self.stop_proxy(self.proxy)
+        self.start_proxy(model_map=[("claude-*", "gpt-5.5(xhigh)")])
+        self.claude("say hi")
+        sent = self.backend.requests[-1]["body"]
+        self.assertEqual((sent["model"], sent["reasoning"]["effort"]), ("gpt-5.5", "xhigh"))
 
     def test_usage_limit_stops_at_once_and_says_when(self):
         for _ in range(3):
