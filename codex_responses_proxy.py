@@ -1,20 +1,33 @@
 #!/usr/bin/env python3
-"""codex-responses-proxy: the OpenAI Responses API on a ChatGPT/Codex subscription.
+"""codex-responses-proxy: OpenAI's and Anthropic's APIs on a ChatGPT/Codex subscription.
 
     client -> http://127.0.0.1:8787/v1/responses -> https://chatgpt.com/backend-api/codex/responses
 
-It borrows the Codex CLI's login ($CODEX_HOME/auth.json, default ~/.codex/auth.json), refreshes the
-access token beside a running Codex CLI (its locks, its order) and writes it back atomically,
-rewrites each request into what the backend accepts (stream on, store off, instructions present,
-rejected parameters removed), reaches the backend over its WebSocket or HTTP, and answers in the
-Responses API's own shape: one JSON object, the live event stream, or WebSocket messages. It also
-serves Chat Completions, /v1/models, stored responses (previous_response_id, retrieval,
-item_reference), compaction, /status, and an API-key mode that forwards to the platform.
+Coding agents and the SDKs use a ChatGPT plan through it: the Responses API (one JSON answer, the
+event stream, or WebSocket messages; previous_response_id, stored responses, compaction), Chat
+Completions, Anthropic's Messages API (Claude Code), image generation and edits, and /v1/models, a
+reasoning effort in a model name. It logs in as the Codex CLI does (`login`), or uses the Codex CLI's
+auth.json, refreshes the token beside it, rewrites each request into what the backend accepts and
+reaches it over its WebSocket or HTTP; /status and a status page show what it does. Given an API
+key, it forwards to the OpenAI platform instead.
 
-Run it:    python3 codex_responses_proxy.py     (then point a client at http://127.0.0.1:8787/v1)
-Help:      python3 codex_responses_proxy.py --help
+Run it:    python3 codex_responses_proxy.py login; python3 codex_responses_proxy.py
+Help:      python3 codex_responses_proxy.py --help      One file, standard library, Python 3.8+.
 
-One file, standard library only, Python 3.8 or newer.
+Sections, after configuration, logging and errors, in the order a request travels:
+  server      sockets accepted (ProxyServer)
+  handler     a request parsed and answered (ProxyHandler, the Exchange routes answer through);
+              client hang-ups (HangupWatcher); client WebSockets (WebSocketSession)
+  access      which requests are served (check_access), which route answers (RouteTable)
+  body        request bodies, bounded (read_request_body)
+  app         the services and routes (App.chatgpt_routes, App.platform_routes); the status page
+  front ends  Responses, Chat Completions, Anthropic Messages, images mapped onto the backend
+  upstream    events from either transport (HTTPEvents, WebSocketEvents), RetryPolicy,
+              UpstreamClient, the backend's WebSocket, credentials, dumps
+  relay       events through a front end's transform into a sink (relay)
+  stores      conversation state (ConversationStore, SocketResponses)
+  codecs      SSE, JSON and content codings, chunked bodies, WebSocket frames
+Then the commands: login, logout, main.
 """
 
 import argparse
@@ -66,6 +79,7 @@ except ImportError:
 _ZSTD_ERRORS = (zstd.ZstdError,) if hasattr(zstd, "ZstdError") else ()  # an Exception of its own
 
 __version__ = "0.1.0"
+
 
 # --------------------------------------------------------------------------------------------
 # Configuration and command line
@@ -602,1086 +616,2671 @@ class ClientGone(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Credentials: load auth.json, find the account id, refresh, save atomically
+# Server: sockets accepted, a thread per connection, within the connection cap
 # --------------------------------------------------------------------------------------------
 
-REFRESH_MARGIN = 60  # seconds before `exp` at which a token counts as expired
-REFRESH_AGE_WITHOUT_EXP = 8 * 24 * 3600  # the Codex CLI's rule for tokens without `exp`
-PERMANENT_REFRESH_CODES = ("refresh_token_expired", "refresh_token_reused",
-                           "refresh_token_invalidated")
-LOGIN_HINT = "Log in with `python3 codex_responses_proxy.py login` (or `codex login`)."
-AUTH_SETTLE_SECONDS = 0.5   # an empty or garbled auth.json may be a rewrite in progress
-AUTH_WRITE_LOCK_WAIT = 2.0  # the Codex CLI holds auth.json.lock only while it writes
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_RETRY_PAUSE = 0.1
+REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
+MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
 
-
-def jwt_claims(token):
-    """The payload of a JWT as a dict, {} when it is not one (no signature check: we only read
-    our own token's expiry and account)."""
+def close_refused(sock):
+    """Read what the client sent (unread, it would make close() send a reset), and close."""
     try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
-        return claims if isinstance(claims, dict) else {}
-    except (AttributeError, IndexError, ValueError, TypeError, UnicodeError):
-        return {}
-
-
-def parse_rfc3339(text):
-    """'2026-01-02T03:04:05.123456789Z' -> aware datetime, None when unparseable. Written by
-    hand because fromisoformat() on 3.8 takes neither 'Z' nor nanoseconds."""
-    m = re.match(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
-                 r"(?:([Zz])|([+-])(\d\d):?(\d\d))?$", text or "")
-    if not m:
-        return None
-    y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
-    micro = int((frac or "0")[:6].ljust(6, "0"))
-    offset = datetime.timedelta(0)
-    if sign:
-        offset = datetime.timedelta(hours=int(oh), minutes=int(om)) * (1 if sign == "+" else -1)
-    try:
-        return datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micro,
-                                 tzinfo=datetime.timezone(offset))
-    except ValueError:
-        return None
-
-
-def rfc3339_now():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class Credentials:
-    """The ChatGPT tokens of one auth.json, with what the proxy derives from them."""
-
-    def __init__(self, data):
-        tokens = data.get("tokens") if isinstance(data.get("tokens"), dict) else {}
-        self.data = data  # the whole file, so a rewrite keeps keys we do not know
-        # A value of another type than a string is as good as absent (a hand-edited file)
-        self.access_token = _text(tokens.get("access_token"))
-        self.refresh_token = _text(tokens.get("refresh_token"))
-        self.id_token = _text(tokens.get("id_token"))
-        access = jwt_claims(self.access_token)
-        ident = jwt_claims(self.id_token)
-        self.expires_at = access.get("exp") if isinstance(access.get("exp"), (int, float)) else None
-        self.account_id = (_text(tokens.get("account_id"))
-                           or _auth_claim(ident, "chatgpt_account_id")
-                           or _auth_claim(access, "chatgpt_account_id"))
-        self.plan_type = _auth_claim(ident, "chatgpt_plan_type") or _auth_claim(
-            access, "chatgpt_plan_type")
-        self.last_refresh = parse_rfc3339(_text(data.get("last_refresh")))
-        # The Codex CLI then sends X-OpenAI-Fedramp: true, and so do we.
-        auth = ident.get("https://api.openai.com/auth")
-        self.fedramp = isinstance(auth, dict) and auth.get("chatgpt_account_is_fedramp") is True
-
-    def needs_refresh(self, now=None):
-        now = time.time() if now is None else now
-        if self.expires_at is not None:
-            return self.expires_at - now < REFRESH_MARGIN
-        if self.last_refresh is not None:
-            return now - self.last_refresh.timestamp() > REFRESH_AGE_WITHOUT_EXP
-        return False
-
-    def secrets(self):
-        return [t for t in (self.access_token, self.refresh_token, self.id_token) if t]
-
-
-def _text(value):
-    return value if isinstance(value, str) and value else None
-
-
-def _auth_claim(claims, name):
-    auth = claims.get("https://api.openai.com/auth")
-    return _text(auth.get(name)) if isinstance(auth, dict) else None
-
-
-def auth_error(path, reason, status=401, code="codex_login_required"):
-    return ProxyError(status, "%s %s" % (reason, LOGIN_HINT) if status == 401 else reason,
-                      code=code)
-
-
-def read_auth_file(path):
-    """auth.json -> Credentials; every way it can be unusable is a 401 that names the path and
-    says what to do. An empty or unparseable file is read again for a moment before it counts
-    as broken: some Codex CLIs rewrite auth.json in place (truncate, then write), and a reader
-    can catch it between the two."""
-    deadline = time.monotonic() + AUTH_SETTLE_SECONDS
-    while True:
-        raw = _read_auth_bytes(path)
-        try:
-            data = json.loads(raw.decode("utf-8"))
-            break
-        except ValueError:
-            if time.monotonic() >= deadline:
-                raise auth_error(path, "%s is %s." % (path, "not valid JSON" if raw.strip()
-                                                      else "empty"))
-            time.sleep(0.02)
-    if not isinstance(data, dict):
-        raise auth_error(path, "%s does not hold a JSON object." % path)
-    tokens = data.get("tokens")
-    if not isinstance(tokens, dict) or not _text(tokens.get("access_token")):
-        if data.get("OPENAI_API_KEY") or data.get("auth_mode") == "apikey":
-            raise auth_error(path, "%s holds an API-key login, not a ChatGPT one; this proxy needs "
-                             "a ChatGPT sign-in. Run `codex login` and choose ChatGPT." % path)
-        raise auth_error(path, "%s has no ChatGPT tokens." % path)
-    return Credentials(data)
-
-
-def _read_auth_bytes(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
-                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
-                         "in config.toml first." % path)
-    except OSError as e:
-        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
-                         % (path, e.strerror or e))
-
-
-def write_auth_file(path, data):
-    write_file_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")), 0o600)
-
-
-def write_file_atomic(path, write, mode):
-    """Atomic replace: a crash at any point leaves the old file or the new one, never half.
-    write(f) fills the temporary file. A symlink is written through: the temporary file goes
-    next to the link's target and replaces that, so the link stays a link and its target does
-    not keep a used-up refresh token."""
-    path = os.path.realpath(path)
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
+        while sock.recv(65536):
             pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
     except OSError:
         pass
+    sock.close()
 
 
-def probe_writable(directory):
-    """Raises OSError unless a new auth.json can be made in directory (it is written beside,
-    then renamed)."""
-    fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
-    os.close(fd)
-    os.unlink(probe)
+def connection_limit_answer(limit):
+    """The whole 503 a connection past --max-connections gets, bytes ready to send."""
+    body = json.dumps(ProxyError(
+        503, "The proxy has its limit of %d connections open (--max-connections); retry in a "
+        "moment, or close idle connections." % limit, code="too_many_connections").body())
+    return ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nContent-Type: application/json"
+            "\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+            % (ProxyHandler.server_version, len(body), body)).encode()
 
 
-class RefreshFailed(Exception):
-    def __init__(self, message, code=None, permanent=False):
-        super().__init__(message)
-        self.code = code
-        self.permanent = permanent
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """Serves sockets, a thread per connection; everything else is the App's."""
 
+    daemon_threads = True
+    request_queue_size = 1024  # a burst of clients connecting at once must not be refused
+    allow_reuse_address = True
 
-def refresh_error_code(body):
-    """The code of an OAuth error body, in any of the shapes the server uses."""
-    try:
-        data = json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    err = data.get("error")
-    if isinstance(err, dict):
-        return err.get("code") or err.get("type")
-    if isinstance(err, str):
-        return err
-    return data.get("code")
-
-
-def request_token_refresh(url, refresh_token, user_agent, reason):
-    """reason: the CLI's refresh_reason, "proactive_expiry" or "unauthorized_recovery"."""
-    # Imported here: urllib.request costs ~1.5 MB and a refresh happens about once an hour.
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"client_id": OAUTH_CLIENT_ID, "grant_type": "refresh_token",
-                       "refresh_token": refresh_token, "refresh_reason": reason}).encode()
-    req = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "Accept": "application/json",
-        "User-Agent": user_agent})
-    try:
-        with urllib.request.urlopen(req, timeout=REFRESH_TIMEOUT) as resp:
-            answer = json.loads(resp.read().decode("utf-8"))
-    except urllib.error.HTTPError as e:
+    def __init__(self, config, log=None):
+        self.app = App(config, log or Log(debug=config.debug))
+        self.app.on_shutdown = self.shutdown
+        self.descriptors_short = False
+        self.at_connection_limit = False
+        self.refused = collections.deque()  # (when to close, socket) of refused connections
+        self.connection_limit_answer = connection_limit_answer(config.max_connections)
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         try:
-            code = refresh_error_code(e.read(65536))
-        except (OSError, http.client.HTTPException):
-            code = None
-        permanent = e.code == 401 or code in PERMANENT_REFRESH_CODES
-        raise RefreshFailed("token refresh answered HTTP %d%s" % (e.code, " (%s)" % code if code
-                                                                 else ""), code, permanent)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", None) or e
-        raise RefreshFailed("token refresh failed: %s" % reason)
-    except ValueError:
-        raise RefreshFailed("token refresh answered something that is not JSON")
-    if not isinstance(answer, dict) or not any(
-            isinstance(answer.get(k), str) for k in ("access_token", "id_token", "refresh_token")):
-        raise RefreshFailed("token refresh answered without tokens")
-    return answer
+            super().__init__((config.host, config.port), ProxyHandler)
+        except BaseException:
+            self.app.close()
+            raise
 
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
-class _FileLock:
-    """flock on a side file of CODEX_HOME, as the Codex CLI takes it. Waits up to `wait`
-    seconds, polling (a blocking flock cannot time out, and a stuck holder must not stop us
-    forever); `acquired` is False only when another process held it all that time."""
-
-    def __init__(self, path, wait):
-        self.path = path
-        self.wait = wait
-        self.fd = None
-        self.acquired = True
-
-    def __enter__(self):
-        if fcntl is None:
-            return self  # Windows: no advisory locks; the in-process lock still serializes
+    def get_request(self):
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return self  # a read-only CODEX_HOME still works, just without the cross-process lock
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.acquired = False
-                    return self
-                time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the lock
-            self.fd = None
-
-
-class AuthStore:
-    """The current credentials, cheap to ask for: auth.json is parsed again only when its
-    stat changes. Refreshes are single-flight in the process and follow the Codex CLI's lock
-    protocol across processes (docs/backend.md §2), so that the CLI, this proxy and other proxies
-    never redeem one refresh token twice: $CODEX_HOME/auth.lock, waited for, around re-read,
-    refresh and write; auth.json.lock only around the write itself, because the CLI takes that
-    one without waiting and cannot save its own refresh while someone else holds it."""
-
-    def __init__(self, path, refresh_url, user_agent, log):
-        self.path = path
-        self.refresh_lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
-        self.write_lock_path = path + ".lock"
-        self.refresh_url = refresh_url
-        self.user_agent = user_agent
-        self.log = log
-        self._lock = threading.Lock()
-        self._cache = (None, None)  # (stat key, Credentials), replaced whole: threads read it
-        self._attempts = 0          # refresh attempts made, and the error of the last if it
-        self._failure = None        # failed: threads that waited for it share that outcome
-        # A refresh token that failed for good, in the auth.json version it came from:
-        self._dead = None  # ((stat key, refresh token), (status, message, code))
-        self._saving = threading.Lock()  # held from redeeming a refresh token to saving the next
-        self._stopped = False
-        self.last_refresh = None  # {"at", "ok", "error"} of the last attempt, for /status
-
-    def _stat_key(self):
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def load(self, reread=False):
-        """Credentials as on disk now, cached while the file's stat is unchanged. reread: parse
-        the file anyway; under auth.lock a rewrite within one timestamp tick must not be missed."""
-        key = self._stat_key()
-        cached_key, cached = self._cache
-        if not reread and key is not None and key == cached_key:
-            return cached
-        creds = read_auth_file(self.path)
-        for secret in creds.secrets():
-            self.log.add_secret(secret)
-        self._cache = (key, creds)
-        return creds
-
-    def get(self, rejected_token=None):
-        """Usable credentials. rejected_token: the access token the backend just refused with
-        401; then a refresh happens unless someone else has already replaced that token."""
-        creds = self.load()
-        if not self._stale(creds, rejected_token):
-            return creds
-        self._check_dead(creds)
-        attempts = self._attempts
-        with self._lock:
-            creds = self.load()  # another thread (or the Codex CLI) may have refreshed by now
-            if not self._stale(creds, rejected_token):
-                return creds
-            if self._attempts != attempts and self._failure is not None:
-                # The refresh we waited for failed: share its outcome, no queue of retries.
-                status, message, code = self._failure
-                raise ProxyError(status, message, code=code)
-            self._check_dead(creds)
-            try:
-                creds = self._refresh_locked(rejected_token)
-            except ProxyError as e:
-                self._failure = (e.status, e.message, e.code)
-                raise
-            except Exception as e:
-                self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
-                                 % e.__class__.__name__, "token_refresh_failed")
-                raise ProxyError(*self._failure[:2], code=self._failure[2])
-            finally:
-                self._attempts += 1
-            self._failure = None
-            return creds
-
-    def stop_refreshing(self, timeout):
-        """At shutdown: wait for a refresh in progress to save its result, and let no new one
-        begin. False if one was still running after timeout seconds."""
-        self._stopped = True
-        if not self._saving.acquire(timeout=timeout):
-            return False
-        self._saving.release()
-        return True
-
-    def _note_refresh(self, error):
-        self.last_refresh = {"at": rfc3339_now(), "ok": error is None, "error": error}
-
-    @staticmethod
-    def _stale(creds, rejected_token):
-        if rejected_token is not None:
-            return creds.access_token == rejected_token
-        return creds.needs_refresh()
-
-    def _check_dead(self, creds):
-        """A refresh token that failed for good is not sent again while auth.json stays as it
-        was: every request hears at once that a new login is needed."""
-        dead = self._dead
-        if dead is not None and dead[0] == (self._stat_key(), creds.refresh_token):
-            raise ProxyError(*dead[1][:2], code=dead[1][2])
-
-    def _refresh_locked(self, rejected_token):
-        with _FileLock(self.refresh_lock_path, REFRESH_TIMEOUT + 5) as lock:
-            if not lock.acquired:
-                # Refreshing anyway could redeem the refresh token the holder is redeeming.
-                raise ProxyError(503, "Another process (the Codex CLI?) has held %s for %d s "
-                                 "while refreshing the login; not refreshing beside it. Try again "
-                                 "shortly." % (self.refresh_lock_path, lock.wait),
-                                 code="token_refresh_failed")
-            creds = self.load(reread=True)  # ... or another process, the CLI included
-            if not self._stale(creds, rejected_token):
-                return creds
-            return self._refresh(creds, "unauthorized_recovery" if rejected_token is not None
-                                 else "proactive_expiry")
-
-    def _refresh(self, creds, reason):
-        if not creds.refresh_token:
-            raise auth_error(self.path, "The access token in %s has expired and there is no "
-                             "refresh token." % self.path)
-        self._check_writable()
-        with self._saving:
-            if self._stopped:
-                raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
-            self.log.info("refreshing the access token (%s)" % reason)
-            try:
-                answer = request_token_refresh(self.refresh_url, creds.refresh_token,
-                                               self.user_agent, reason)
-            except RefreshFailed as e:
-                return self._refresh_failed(creds, e)
-            fresh = self._save(creds, answer)
-        self.log.info("access token refreshed")
-        return fresh
-
-    def _refresh_failed(self, creds, e):
-        if e.code == "refresh_token_reused":
-            # A process outside the lock protocol (an older Codex CLI) may have rotated the
-            # token a moment ago: its result is on disk.
-            fresh = self.load(reread=True)
-            if fresh.refresh_token != creds.refresh_token:
-                self.log.info("refresh token was already rotated by another process; "
-                              "using its tokens")
-                self._note_refresh(None)
-                return fresh
-        self._note_refresh(str(e))
-        self.log.info("token refresh failed: %s" % e)
-        if e.permanent:
-            error = ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
-                               % (e.code or "unauthorized", LOGIN_HINT),
-                               code=e.code or "refresh_failed")
-            self._dead = ((self._stat_key(), creds.refresh_token),
-                          (error.status, error.message, error.code))
-            raise error
-        raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
-                         "request will try again." % e, code="token_refresh_failed")
-
-    def _save(self, creds, answer):
-        data = dict(creds.data)
-        tokens = dict(data.get("tokens") or {})
-        for name in ("id_token", "access_token", "refresh_token"):
-            if isinstance(answer.get(name), str) and answer[name]:
-                tokens[name] = answer[name]
-                self.log.add_secret(answer[name])
-        data["tokens"] = tokens
-        data["last_refresh"] = rfc3339_now()
-        # Written even when the lock stays held: the old refresh token is spent, and its
-        # successor exists nowhere else.
-        with _FileLock(self.write_lock_path, AUTH_WRITE_LOCK_WAIT):
-            try:
-                write_auth_file(self.path, data)
-            except OSError as e:
-                # Say loudly that the new refresh token is only in memory.
-                self.log.info("warning: could not write %s (%s); the refreshed tokens live only "
-                              "in this process" % (self.path, e.strerror or e))
-        self._note_refresh(None)
-        fresh = Credentials(data)
-        self._cache = (self._stat_key(), fresh)
-        return fresh
-
-    def _check_writable(self):
-        """Redeeming the refresh token uses it up: refuse unless its successor can be saved,
-        or the Codex CLI's own login would be left holding a dead token."""
-        directory = os.path.dirname(os.path.realpath(self.path))
-        try:
-            probe_writable(directory)
+            pair = super().get_request()
         except OSError as e:
-            raise ProxyError(500, "The access token has expired, but %s is not writable (%s), so "
-                             "a refreshed login could not be saved; not refreshing. Fix the "
-                             "directory's permissions." % (directory, e.strerror or e),
-                             code="codex_home_not_writable")
+            if e.errno in OUT_OF_DESCRIPTORS:
+                self.out_of_descriptors(e)
+            raise  # the base class then returns, and serve_forever polls again
+        self.descriptors_short = False
+        return pair
 
+    def out_of_descriptors(self, error):
+        """accept() failing for want of a descriptor leaves the connection queued, so the
+        listening socket stays readable: without a pause serve_forever would spin at full
+        CPU. Pause, until a connection closes and frees one."""
+        if not self.descriptors_short:
+            self.descriptors_short = True
+            self.app.log.info("cannot accept connections: %s; new ones wait until others close "
+                              "(raise the limit with `ulimit -n`, or lower --max-connections)"
+                              % (os.strerror(error.errno)))
+        time.sleep(ACCEPT_RETRY_PAUSE)
 
-# --------------------------------------------------------------------------------------------
-# Logging in and out: the Codex CLI's device-code and browser flows (docs/backend.md §11)
-# --------------------------------------------------------------------------------------------
-
-DEFAULT_ISSUER = "https://auth.openai.com"
-REVOKE_URL_ENV = "CODEX_REVOKE_TOKEN_URL_OVERRIDE"  # honoured by the Codex CLI too
-LOGIN_CALLBACK_PORTS = (1455, 1457)  # the only two the issuer accepts in a redirect_uri
-LOGIN_WAIT = 15 * 60           # a device code's lifetime; the browser flow waits as long
-LOGIN_TIMEOUT = 30.0           # one request to the issuer
-REVOKE_TIMEOUT = 5.0           # logout does not hang on an unreachable issuer
-DEFAULT_POLL_INTERVAL = 5.0
-LOGIN_LOCK_WAIT = REFRESH_TIMEOUT + 5  # a refresh in progress may hold auth.lock this long
-OAUTH_SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
-
-
-class LoginFailed(Exception):
-    """Why logging in or out failed, as the one line the user sees."""
-
-
-def issuer_arg(text):
-    url = text.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
-            or parts.fragment:
-        raise argparse.ArgumentTypeError("expected an issuer URL such as %s, got %r"
-                                         % (DEFAULT_ISSUER, text))
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise argparse.ArgumentTypeError("tokens would travel unencrypted to %s: use https:// "
-                                         "(plain http only to this machine)" % parts.hostname)
-    return url
-
-
-def revoke_url(issuer=None):
-    """Where logout revokes: next to --issuer's token endpoint, else as the Codex CLI chooses
-    (its override, else next to an overridden refresh URL, else auth.openai.com)."""
-    if issuer:
-        return issuer + "/oauth/revoke"
-    override = os.environ.get(REVOKE_URL_ENV)
-    if override:
-        return override
-    parts = urllib.parse.urlsplit(os.environ.get(REFRESH_URL_ENV) or "")
-    if parts.scheme and parts.netloc:
-        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/oauth/revoke", "", ""))
-    return DEFAULT_ISSUER + "/oauth/revoke"
-
-
-def issuer_post(url, fields, form=False, timeout=LOGIN_TIMEOUT):
-    """One POST to the issuer as the Codex CLI makes it (JSON, or a form for the code exchange;
-    no User-Agent) -> (status, the answer's JSON or None)."""
-    import urllib.error
-    import urllib.request
-
-    if form:
-        data, ctype = urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
-    else:
-        data, ctype = json.dumps(fields).encode(), "application/json"
-    opener = urllib.request.build_opener()
-    opener.addheaders = []  # not "Python-urllib/3.x": the CLI's login requests carry none
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype})
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read(1 << 20)
-    except urllib.error.HTTPError as e:
-        status = e.code
+    def process_request(self, request, client_address):
+        if not self.app.traffic.connection_opened():
+            self.refuse_connection(request)
+            return
+        self.at_connection_limit = False
         try:
-            raw = e.read(65536)
-        except (OSError, http.client.HTTPException):
-            raw = b""
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        parts = urllib.parse.urlsplit(url)
-        raise LoginFailed("cannot reach the issuer at %s://%s (%s)" % (
-            parts.scheme, parts.netloc, getattr(e, "reason", None) or e))
-    try:
-        return status, json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return status, None
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self.app.traffic.connection_closed()
+            raise
 
-
-def issuer_error(status, answer):
-    """'HTTP 400 (invalid_grant: the code has expired)' from an OAuth error answer."""
-    err = answer.get("error") if isinstance(answer, dict) else None
-    message = (answer.get("error_description") if isinstance(answer, dict) else None) or (
-        err.get("message") if isinstance(err, dict) else None)
-    detail = [escape_controls(x)[:200] for x in (_error_code(answer), message)
-              if isinstance(x, str) and x]
-    return "HTTP %d%s" % (status, " (%s)" % ": ".join(detail) if detail else "")
-
-
-def _error_code(answer):
-    """The code of an OAuth error answer: {"error": "code"} or {"error": {"code": ...}}."""
-    err = answer.get("error") if isinstance(answer, dict) else None
-    code = err.get("code") if isinstance(err, dict) else err
-    return code if isinstance(code, str) else ""
-
-
-def poll_interval(value):
-    """Seconds between polls. 0.171 insists on a JSON string ("5"); a number is taken too."""
-    if isinstance(value, str):
+    def process_request_thread(self, request, client_address):
         try:
-            value = float(value.strip())
-        except ValueError:
-            return DEFAULT_POLL_INTERVAL
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 <= value <= 600:
-        return DEFAULT_POLL_INTERVAL
-    return float(value)
-
-
-def request_device_code(issuer):
-    status, answer = issuer_post(issuer + "/api/accounts/deviceauth/usercode",
-                                 {"client_id": OAUTH_CLIENT_ID})
-    if status == 404:
-        raise LoginFailed("device code login is not enabled for this account: turn on "
-                          "\"device code authorization for Codex\" in ChatGPT > Settings > "
-                          "Security (in a workspace, an admin must allow it), or use "
-                          "`login --browser`")
-    if status != 200:
-        raise LoginFailed("the issuer gave no device code: %s" % issuer_error(status, answer))
-    answer = answer if isinstance(answer, dict) else {}
-    device_auth_id = _text(answer.get("device_auth_id"))
-    user_code = _text(answer.get("user_code")) or _text(answer.get("usercode"))
-    if not device_auth_id or not user_code:
-        raise LoginFailed("the issuer's device code answer lacks device_auth_id or user_code")
-    return {"device_auth_id": device_auth_id, "user_code": user_code,
-            "interval": poll_interval(answer.get("interval")),
-            "verification_url": issuer + "/codex/device"}
-
-
-def device_code_prompt(code):
-    return ("\nTo log in with your ChatGPT account:\n"
-            "  1. Open %s in a browser (on any device) and sign in.\n"
-            "  2. Enter this one-time code (it expires in 15 minutes):  %s\n\n"
-            "Device code login must first be enabled in ChatGPT > Settings > Security (\"device "
-            "code authorization for Codex\"); in a workspace, an admin must allow it. Never share "
-            "this code.\nWaiting for the approval (Ctrl-C to give up)...\n"
-            % (code["verification_url"], code["user_code"]))
-
-
-def wait_for_device_approval(issuer, code, deadline, sleep=time.sleep):
-    """Polls until the user approves the code -> (authorization code, PKCE verifier): the
-    issuer supplies both. 403 and 404 mean "not yet", as the Codex CLI reads them."""
-    url = issuer + "/api/accounts/deviceauth/token"
-    fields = {"device_auth_id": code["device_auth_id"], "user_code": code["user_code"]}
-    while True:
-        status, answer = issuer_post(url, fields)
-        if status == 200:
-            answer = answer if isinstance(answer, dict) else {}
-            auth_code = _text(answer.get("authorization_code"))
-            verifier = _text(answer.get("code_verifier"))
-            if not auth_code or not verifier:
-                raise LoginFailed("the issuer's approval lacks authorization_code or "
-                                  "code_verifier")
-            return auth_code, verifier
-        reason = _error_code(answer).lower()
-        # The pending answer is 403 deviceauth_authorization_pending; a 403 that says denied
-        # or expired is not worth waiting 15 minutes on.
-        if status not in (403, 404) or "denied" in reason or "expired" in reason:
-            raise LoginFailed(device_failure(status, answer, reason))
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise LoginFailed("the code was not approved within 15 minutes and has expired; "
-                              "run login again for a new one")
-        sleep(min(code["interval"], left))
-
-
-def device_failure(status, answer, reason):
-    detail = issuer_error(status, answer)
-    if "denied" in reason or "declined" in reason:
-        return "the login was denied at the issuer (%s)" % detail
-    if "expired" in reason:
-        return "the code has expired (%s); run login again for a new one" % detail
-    return "the device login failed: %s" % detail
-
-
-def exchange_code(issuer, code, redirect_uri, verifier):
-    """The authorization code for the tokens (no API-key exchange follows, as after the CLI's
-    device login: OPENAI_API_KEY stays null)."""
-    status, answer = issuer_post(issuer + "/oauth/token", [
-        ("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri),
-        ("client_id", OAUTH_CLIENT_ID), ("code_verifier", verifier)], form=True)
-    if status != 200:
-        raise LoginFailed("the issuer did not exchange the sign-in code for tokens: %s"
-                          % issuer_error(status, answer))
-    answer = answer if isinstance(answer, dict) else {}
-    tokens = {name: _text(answer.get(name))
-              for name in ("id_token", "access_token", "refresh_token")}
-    if not all(tokens.values()):
-        raise LoginFailed("the issuer's token answer lacks the id, access or refresh token")
-    if not jwt_claims(tokens["id_token"]):
-        raise LoginFailed("the issuer's id token is not a JWT; the Codex CLI could not read it")
-    return tokens
-
-
-def pkce_pair():
-    """(verifier, S256 challenge), as the CLI makes them: 64 random bytes, base64url."""
-    verifier = base64.urlsafe_b64encode(os.urandom(64)).rstrip(b"=").decode()
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def authorize_url(issuer, redirect_uri, challenge, state):
-    """The Codex CLI 0.171's authorize URL, its parameters in its order."""
-    return "%s/oauth/authorize?%s" % (issuer, urllib.parse.urlencode([
-        ("response_type", "code"), ("client_id", OAUTH_CLIENT_ID),
-        ("redirect_uri", redirect_uri), ("code_challenge", challenge),
-        ("code_challenge_method", "S256"), ("state", state), ("scope", OAUTH_SCOPE),
-        ("id_token_add_organizations", "true"), ("codex_cli_simplified_flow", "true"),
-        ("originator", DEFAULT_ORIGINATOR)]))
-
-
-def state_matches(params, state):
-    """Whether a callback's parameters are this login's (in constant time: state is a secret)."""
-    return hmac.compare_digest(params.get("state", "").encode(), state.encode())
-
-
-def callback_code(query, state):
-    """The authorization code of a callback's query, once its state is this login's."""
-    params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    if not state_matches(params, state):
-        raise LoginFailed("the sign-in answer is not for this login (its state does not match); "
-                          "run login again")
-    error = params.get("error")
-    if error:
-        description = params.get("error_description") or ""
-        if error == "access_denied" and "missing_codex_entitlement" in description.lower():
-            raise LoginFailed("Codex is not enabled for this workspace: ask its administrator "
-                              "for access")
-        raise LoginFailed("the sign-in failed: %s" % escape_controls(description or error)[:300])
-    if not params.get("code"):
-        raise LoginFailed("the sign-in answer has no code")
-    return params["code"]
-
-
-def pasted_query(line):
-    """The query of the address the user pasted (http://localhost:1455/auth/callback?code=...
-    &state=...), None when the line is not one."""
-    line = line.strip().strip("\"'<>")  # quoted as a chat, a mail or a shell shows it
-    query = urllib.parse.urlsplit(line).query if "?" in line else line
-    params = dict(urllib.parse.parse_qsl(query))
-    return query if "state" in params and ("code" in params or "error" in params) else None
-
-
-class SignInAnswer:
-    """A callback's query, from the browser or pasted, waiting for the login's verdict."""
-
-    def __init__(self, query, from_browser=False):
-        self.query = query
-        self.from_browser = from_browser
-        self.error = None
-        self.done = threading.Event()
-        self.page_sent = threading.Event()  # the browser has its page: the process may end
-
-    def finish(self, error=None):
-        self.error = error
-        self.done.set()
-
-
-class LoginCallbackHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        path, _, query = self.path.partition("?")
-        if path != "/auth/callback":
-            return self._page(404, "Not found.")
-        answer = SignInAnswer(query, from_browser=True)
-        self.server.inbox.put(answer)
-        try:
-            if not answer.done.wait(LOGIN_TIMEOUT * 2 + 10):
-                self._page(504, "The login is still being saved: see the terminal.")
-            elif answer.error:
-                self._page(400, "Sign-in failed: %s" % answer.error)
-            else:
-                self._page(200, "Signed in. You can close this tab and go back to the terminal.")
+            super().process_request_thread(request, client_address)
         finally:
-            answer.page_sent.set()
+            self.app.traffic.connection_closed()
 
-    def _page(self, status, text):
-        import html
-        body = ("<!doctype html><meta charset=\"utf-8\"><title>codex-responses-proxy login</title>"
-                "<p>%s</p>\n" % html.escape(text)).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.close_connection = True
+    def refuse_connection(self, sock):
+        """A connection past --max-connections: a 503 written here, in the accepting thread,
+        so it costs no thread (the socket's empty send buffer takes it without waiting). The
+        socket is closed only a moment later (service_actions): closed at once, the request
+        the client is still sending would meet a reset, and most clients would then report
+        that, not the 503 waiting for them."""
+        if not self.at_connection_limit:
+            self.at_connection_limit = True
+            self.app.log.info("%d connections open (--max-connections): new ones get 503 "
+                              "until some close" % self.app.config.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(self.connection_limit_answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.refused.append((time.monotonic() + REFUSED_LINGER, sock))
+        if len(self.refused) > MAX_REFUSED_LINGERING:
+            close_refused(self.refused.popleft()[1])
 
-    def log_message(self, *args):
-        pass  # the callback's address holds the sign-in code
-
-
-class LoginCallbackServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # a browser's idle preconnection must not hold the real callback up
-
-    def __init__(self, port, inbox):
-        self.inbox = inbox
-        super().__init__(("127.0.0.1", port), LoginCallbackHandler)
+    def service_actions(self):
+        """Run by serve_forever between polls: close the refused connections due."""
+        super().service_actions()
+        now = time.monotonic()
+        while self.refused and self.refused[0][0] <= now:
+            close_refused(self.refused.popleft()[1])
 
     def handle_error(self, request, client_address):
-        pass  # a browser that drops its connection is no failure of the login: no traceback
+        # Connection-level failures (a client resetting mid-request) are routine, not bugs.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            return
+        self.app.log.info("connection error from %s: %s" % (client_address[0], exc))
 
-
-def bind_callback_server(inbox):
-    for port in LOGIN_CALLBACK_PORTS:
-        try:
-            return LoginCallbackServer(port, inbox)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise LoginFailed("cannot listen on 127.0.0.1:%d for the sign-in answer (%s)"
-                                  % (port, e.strerror or e))
-    raise LoginFailed("ports %s on 127.0.0.1 are all in use (another login waiting?): stop it, "
-                      "or log in with a device code (`login` without --browser)"
-                      % " and ".join(str(p) for p in LOGIN_CALLBACK_PORTS))
-
-
-def _read_pasted(stdin, inbox, out):
-    try:
-        for line in iter(stdin.readline, ""):
-            query = pasted_query(line)
-            if query is not None:
-                inbox.put(SignInAnswer(query))
-            elif line.strip():
-                say(out, "That is not the address the browser ended on (it has code= and "
-                         "state= in it); paste the whole address.")
-    except (OSError, ValueError):
-        pass  # no usable standard input: the browser's callback can still come
-
-
-def next_sign_in_answer(inbox, deadline):
-    import queue
-    left = deadline - time.monotonic()
-    try:
-        if left > 0:
-            return inbox.get(timeout=left)
-    except queue.Empty:
-        pass
-    raise LoginFailed("no sign-in within 15 minutes; run login again")
-
-
-def browser_login(issuer, path, stdin, out, deadline):
-    """The PKCE flow: the browser comes back to 127.0.0.1:1455 (1457 when taken), or the user
-    pastes the address it ended on. Returns what complete_login says."""
-    import queue
-    inbox = queue.Queue()
-    server = bind_callback_server(inbox)
-    redirect_uri = "http://127.0.0.1:%d/auth/callback" % server.server_address[1]
-    verifier, challenge = pkce_pair()
-    state = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                     daemon=True).start()
-    answer = None
-    try:
-        say(out, "\nOpen this address in a browser and sign in with your ChatGPT account:\n\n"
-                 "  %s\n\nThe browser then comes back to %s. If it runs on another machine, "
-                 "that page cannot load: copy the address it shows (%s?code=...&state=...) and "
-                 "paste it here, then press Enter.\nWaiting (Ctrl-C to give up)..."
-            % (authorize_url(issuer, redirect_uri, challenge, state), redirect_uri,
-               redirect_uri))
-        if stdin is not None:
-            threading.Thread(target=_read_pasted, args=(stdin, inbox, out), daemon=True).start()
-        answer = next_sign_in_answer(inbox, deadline)
-        while answer.from_browser and not state_matches(
-                dict(urllib.parse.parse_qsl(answer.query)), state):
-            # Any web page can send the browser here: as the Codex CLI does, an answer for
-            # another login is refused and this one keeps waiting for its own.
-            answer.finish("this address is not for the login waiting here (its state does not "
-                          "match)")
-            answer = next_sign_in_answer(inbox, deadline)
-        try:
-            code = callback_code(answer.query, state)
-            summary = complete_login(path, exchange_code(issuer, code, redirect_uri, verifier))
-        except LoginFailed as e:
-            answer.finish(str(e))
-            raise
-        answer.finish()
-        return summary
-    finally:
-        if answer is not None and answer.from_browser:
-            answer.page_sent.wait(5)
-        server.shutdown()
-        server.server_close()
-
-
-def login_document(tokens):
-    """A new login in the Codex CLI's auth.json format."""
-    return {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
-            "tokens": {"id_token": tokens["id_token"], "access_token": tokens["access_token"],
-                       "refresh_token": tokens["refresh_token"],
-                       "account_id": _auth_claim(jwt_claims(tokens["id_token"]),
-                                                 "chatgpt_account_id")},
-            "last_refresh": rfc3339_now()}
-
-
-def auth_lock_paths(path):
-    """The Codex CLI's two locks for this auth.json: (around a change, around the write)."""
-    return os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock"), path + ".lock"
-
-
-def prepare_codex_home(path):
-    """Before the user is asked for anything: the directory exists and takes a new file."""
-    directory = os.path.dirname(os.path.realpath(path))
-    try:
-        os.makedirs(directory, 0o700, exist_ok=True)
-        probe_writable(directory)
-    except OSError as e:
-        raise LoginFailed("cannot write in %s (%s): fix its permissions, or choose another "
-                          "directory with --codex-home" % (directory, e.strerror or e))
-
-
-@contextlib.contextmanager
-def change_lock_held(path, undone):
-    """The Codex CLI's auth.lock, held around a change of auth.json (auth.json.lock is then
-    taken around the write itself). undone: what did not happen when another process held it
-    too long."""
-    change_lock = auth_lock_paths(path)[0]
-    with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
-        if not lock.acquired:
-            raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
-                              "held %s for %d s; %s. Try again once it is done"
-                              % (change_lock, LOGIN_LOCK_WAIT, undone))
-        yield
-
-
-def save_login(path, doc):
-    """The new login replaces the old one atomically (0600), under the CLI's locks in its
-    order; on any failure the old file stays as it was."""
-    with change_lock_held(path, "nothing was saved"):
-        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
-            try:
-                write_auth_file(path, doc)
-            except OSError as e:
-                raise LoginFailed("cannot write %s (%s); nothing was saved"
-                                  % (path, e.strerror or e))
-
-
-def login_identity(creds):
-    """'user@example.com (plan pro, account acct-1)' from the tokens' claims."""
-    ident = jwt_claims(creds.id_token)
-    profile = ident.get("https://api.openai.com/profile")
-    email = _text(ident.get("email")) or (_text(profile.get("email"))
-                                          if isinstance(profile, dict) else None)
-    return "%s (plan %s, account %s)" % (email or "an unknown e-mail address",
-                                         creds.plan_type or "unknown",
-                                         creds.account_id or "unknown")
-
-
-def complete_login(path, tokens):
-    doc = login_document(tokens)
-    save_login(path, doc)
-    return ("Logged in as %s. Saved to %s; a running proxy uses it from its next request."
-            % (login_identity(Credentials(doc)), path))
-
-
-def log_in(path, issuer, browser, stdin, out):
-    prepare_codex_home(path)
-    deadline = time.monotonic() + LOGIN_WAIT
-    if browser:
-        summary = browser_login(issuer, path, stdin, out, deadline)
-    else:
-        code = request_device_code(issuer)
-        say(out, device_code_prompt(code))
-        auth_code, verifier = wait_for_device_approval(issuer, code, deadline)
-        summary = complete_login(path, exchange_code(issuer, auth_code,
-                                                     issuer + "/deviceauth/callback", verifier))
-    say(out, summary)
-    return 0
-
-
-def _utc_minute(timestamp):
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC")
-
-
-def login_status_lines(path, creds, now=None):
-    """Who is logged in and how fresh the tokens are: no token text."""
-    now = time.time() if now is None else now
-    if creds.expires_at is None:
-        expiry = "no expiry in the token"
-    elif creds.expires_at > now:
-        expiry = "expires %s (in %d min)" % (_utc_minute(creds.expires_at),
-                                             (creds.expires_at - now) // 60)
-    else:
-        expiry = "expired %s; refreshed on the next request" % _utc_minute(creds.expires_at)
-    refreshed = _utc_minute(creds.last_refresh.timestamp()) if creds.last_refresh else "never"
-    return ["Logged in with ChatGPT as %s" % login_identity(creds),
-            "  access token: %s" % expiry, "  last refresh: %s" % refreshed,
-            "  file: %s" % path]
-
-
-def show_login_status(path, out):
-    if api_key_from_auth_file(path):
-        say(out, "Logged in with an API key (API-key mode: requests go to the OpenAI platform), "
-                 "from %s" % path)
-        return 0
-    try:
-        creds = read_auth_file(path)
-    except ProxyError as e:
-        say(out, "Not logged in: %s" % e.message)
-        return 1
-    for line in login_status_lines(path, creds):
-        say(out, line)
-    return 0
-
-
-def revocable_token(raw):
-    """(token, token_type_hint) that logout revokes: the refresh token, else the access token."""
-    try:
-        tokens = json.loads(raw.decode("utf-8")).get("tokens")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(tokens, dict):
-        return None
-    for kind in ("refresh_token", "access_token"):
-        if _text(tokens.get(kind)):
-            return tokens[kind], kind
-    return None
-
-
-def revoke_token(url, token, kind):
-    """Best effort: None when revoked, else why not."""
-    fields = {"token": token, "token_type_hint": kind}
-    if kind == "refresh_token":
-        fields["client_id"] = OAUTH_CLIENT_ID
-    try:
-        status, answer = issuer_post(url, fields, timeout=REVOKE_TIMEOUT)
-    except LoginFailed as e:
-        return str(e)
-    return None if 200 <= status < 300 else "the issuer answered %s" % issuer_error(status,
-                                                                                   answer)
-
-
-def log_out(path, issuer, out):
-    """Revokes the login at the issuer (best effort) and removes auth.json, under the CLI's
-    locks so that no refresh writes it back."""
-    with change_lock_held(path, "%s was not removed" % path):
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            say(out, "Not logged in: %s does not exist." % path)
-            return 0
-        except OSError as e:
-            raise LoginFailed("cannot read %s (%s)" % (path, e.strerror or e))
-        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise LoginFailed("cannot remove %s (%s)" % (path, e.strerror or e))
-        # Only once the file is gone: a revoked login left in place is a dead one.
-        revocable = revocable_token(raw)
-        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
-    if problem:
-        say(out, "warning: could not revoke the login at the issuer (%s); it stays valid there "
-                 "until it expires" % problem)
-    say(out, "Logged out: removed %s." % path)
-    return 0
-
-
-def say(out, text):
-    out.write(text + "\n")
-    out.flush()
-
-
-def build_login_parser(command):
-    if command == "login":
-        p = argparse.ArgumentParser(
-            prog="codex_responses_proxy.py login",
-            description="Log in with your ChatGPT account and save the login where the proxy "
-                        "and the Codex CLI read it ($CODEX_HOME/auth.json, in the CLI's format). "
-                        "By default with a device code: open the address shown on any device, "
-                        "enter the code. A new login replaces the old one only once it has "
-                        "succeeded.")
-        how = p.add_mutually_exclusive_group()
-        how.add_argument("--browser", action="store_true",
-                         help="sign in in a browser instead; it comes back to 127.0.0.1:1455 "
-                              "(1457 when taken), or you paste the address it ended on")
-        how.add_argument("--status", action="store_true",
-                         help="show who is logged in and when the token expires (no secrets); "
-                              "exit status 0 when logged in, 1 when not")
-    else:
-        p = argparse.ArgumentParser(
-            prog="codex_responses_proxy.py logout",
-            description="Revoke the login at the issuer (best effort) and remove auth.json.")
-    p.add_argument("--codex-home", metavar="DIR",
-                   help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
-    p.add_argument("--issuer", type=issuer_arg, metavar="URL",
-                   help="the OAuth issuer (default %s), like the Codex CLI's "
-                        "--experimental_issuer; for tests" % DEFAULT_ISSUER)
-    return p
-
-
-def login_command(argv, stdin=None, out=None):
-    """`login [--browser | --status]` and `logout`: 0 when done; else one line on stderr and
-    1 (130 after Ctrl-C). The previous login is replaced only by one that succeeded."""
-    command = argv[0]
-    args = build_login_parser(command).parse_args(argv[1:])
-    out = out or sys.stderr
-    path = os.path.join(args.codex_home or default_codex_home(), "auth.json")
-    try:
-        if command == "logout":
-            return log_out(path, args.issuer, out)
-        if args.status:
-            return show_login_status(path, sys.stdout)
-        return log_in(path, args.issuer or DEFAULT_ISSUER, args.browser,
-                      sys.stdin if stdin is None else stdin, out)
-    except LoginFailed as e:
-        say(out, "%s failed: %s" % (command, e))
-    except KeyboardInterrupt:
-        say(out, "\n%s interrupted: %s is as it was" % (command, path))
-        return 130
-    except Exception as e:  # never a traceback; the class name only, no text that may hold a token
-        say(out, "%s failed: unexpected %s" % (command, e.__class__.__name__))
-    return 1
+    def server_close(self):
+        super().server_close()
+        while self.refused:
+            close_refused(self.refused.popleft()[1])
+        self.app.close()
 
 
 # --------------------------------------------------------------------------------------------
-# Request rewriting (pure)
+# Handler: each HTTP request parsed, admitted, routed and answered; the Exchange a
+# route answers through
+# --------------------------------------------------------------------------------------------
+
+class Exchange:
+    """What a route and the relay answer through: one client request, over HTTP (the
+    ProxyHandler) or as one message on a client's WebSocket (WebSocketRequest). Nothing of
+    the wire shows through: no socket, no rfile or wfile, no handler attribute.
+
+    Attributes: method, path (the target, with its query), lower_headers (names lower-cased,
+    the first of duplicates), body (the bytes read, or None) and log_fields (what the log
+    line and /status say of it)."""
+
+    def send_whole(self, status, content_type, body, headers=()):
+        raise NotImplementedError
+
+    def send_json(self, status, obj, headers=()):
+        self.send_whole(status, "application/json", json.dumps(obj).encode(), headers)
+
+    def send_text(self, status, body):
+        self.send_whole(status, "text/plain; charset=utf-8", body)
+
+    def start_event_stream(self, headers):
+        """The head of an event stream; write_body() and end_body() send the rest."""
+        raise NotImplementedError
+
+    def write_body(self, data):
+        raise NotImplementedError
+
+    def end_body(self, tail):
+        """The last piece of a streamed body and its end, in one write."""
+        raise NotImplementedError
+
+    def start_as_is(self, status, headers, length):
+        """The head of an answer passed through as the platform sent it (length None: of
+        unknown length)."""
+        raise NotImplementedError
+
+    def abort_body(self):
+        """End a streamed body cut short, so the client cannot take it for a whole one."""
+        raise NotImplementedError
+
+    def close_after_answer(self):
+        """No request after this one on the connection."""
+
+    def send_events(self, payloads):
+        """Events as the client's WebSocket carries them: one JSON text message each."""
+        raise NotImplementedError
+
+    def forwardable_headers(self):
+        """The client's headers that may go to the platform as they are."""
+        raise NotImplementedError
+
+    def watch_hangup(self, upstream_sock):
+        """While an answer is relayed: a client that hangs up shuts upstream_sock at once.
+        The watch's "gone" turns true then; unwatch_hangup(watch) ends it."""
+        raise NotImplementedError
+
+    def unwatch_hangup(self, watch):
+        HANGUPS.unwatch(watch)
+
+    def writable_now(self):
+        """Whether the client takes a small write at once (a ping must never wait)."""
+        return True
+
+
+class RequestReader(io.RawIOBase):
+    """The client socket as the handler reads it, with two timeouts a plain socket cannot
+    have: an idle keep-alive connection may wait IDLE_CONNECTION_TIMEOUT for its next request,
+    but once a request's first byte is in, the rest must follow within REQUEST_READ_DEADLINE,
+    however slowly it trickles. So a client sending a byte every few seconds cannot hold a
+    thread for ever."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = None  # set by the first byte of a request, cleared when it is read
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        if self.deadline is None:
+            self.sock.settimeout(IDLE_CONNECTION_TIMEOUT)
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request took longer than %g s to arrive"
+                                     % REQUEST_READ_DEADLINE)
+            self.sock.settimeout(left)
+        n = self.sock.recv_into(buf)
+        if n and self.deadline is None:
+            self.deadline = time.monotonic() + REQUEST_READ_DEADLINE
+        return n
+
+    def request_read(self):
+        """The request is in: writes get their own timeout, the next request a new deadline."""
+        self.deadline = None
+        self.sock.settimeout(WRITE_TIMEOUT)
+
+
+CORS_EXPOSED_HEADERS = ("x-request-id, retry-after, x-codex-primary-used-percent, "
+                        "x-codex-secondary-used-percent, x-codex-primary-reset-after-seconds, "
+                        "x-codex-secondary-reset-after-seconds")
+CLIENT_GONE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError,
+                      socket.timeout)
+ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a request target with a scheme
+BAD_REQUEST_MESSAGES = {400: "Malformed HTTP request.", 414: "Request line too long.",
+                        431: "Request header fields too large.", 501: "Method not supported.",
+                        505: "HTTP version not supported."}
+
+
+class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
+    """One client connection over HTTP: each request parsed, admitted (check_access), routed
+    (find_route) and answered, the handler being the route's Exchange; a WebSocket upgrade
+    hands the connection to a WebSocketSession."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "codex-responses-proxy/" + __version__
+    timeout = IDLE_CONNECTION_TIMEOUT
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.reader = RequestReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader, 65536)
+        self.cors_origin = None
+        self.expect_continue = False
+
+    def handle_one_request(self):
+        # Each request starts clean, also one the base class answers itself (400, 414, 431,
+        # 501) without passing dispatch(): no CORS headers left from the previous request.
+        self.cors_origin = None
+        self.expect_continue = False
+        self.anthropic_errors = False
+        super().handle_one_request()
+
+    def parse_request(self):
+        """The base class's, on a header block read and checked here first (see
+        read_field_lines), then the framing rules it does not know (check_framing), and an
+        absolute-form target reduced to its path. False once a refusal was sent."""
+        try:
+            lines = read_field_lines(self.rfile)
+        except ClientGone:
+            self.close_connection = True
+            return False
+        except ProxyError as e:
+            problem, lines = e, []
+        else:
+            problem = None
+        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(lines) + b"\r\n")
+        try:
+            if not super().parse_request():  # the request line; it answered any fault in it
+                return False
+        finally:
+            self.rfile = rfile
+        try:
+            if problem is not None:
+                raise problem
+            check_framing(self.request_version, self.headers)
+            if ABSOLUTE_FORM.match(self.path):
+                self.path = origin_form(self.path, self.server.app.config,
+                                        self.server.server_address)
+        except ProxyError as e:
+            self.refuse_request(e)
+            return False
+        return True
+
+    def handle_expect_100(self):
+        """The base class would send 100 Continue before any check; send it only once the
+        request passed them (see send_continue), never for a body that will be refused."""
+        self.expect_continue = True
+        return True
+
+    def send_continue(self):
+        if self.expect_continue:
+            self.expect_continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def do_OPTIONS(self):
+        self.dispatch("OPTIONS")
+
+    def dispatch(self, method):
+        app = self.server.app
+        self.method = method
+        self.started = time.monotonic()
+        self.headers_sent = False
+        self.status_sent = None
+        self.chunked = False
+        self.log_fields = {}
+        self.body = None
+        # The request's headers, lower-cased, the first of duplicates (as Message.get gives):
+        # one pass instead of a slow Message.get per lookup.
+        self.lower_headers = {}
+        for name, value in self.headers.items():
+            self.lower_headers.setdefault(name.lower(), value)
+        path = urllib.parse.urlsplit(self.path).path
+        self.anthropic_errors = path in MESSAGES_PATHS
+        counted = path not in OBSERVER_PATHS
+        if counted:
+            app.traffic.request_started()
+        try:
+            if app.stopping:
+                self.close_connection = True
+                raise ProxyError(503, "The proxy is shutting down; retry in a moment.",
+                                 code="shutting_down", headers=[("Retry-After", "2")])
+            origin = self.lower_headers.get("origin")
+            if origin in app.config.allow_origins:
+                self.cors_origin = origin  # refusals too are readable by a page allowed in
+            if check_access(method, path, self.lower_headers, app.config,
+                            self.server.server_address):
+                return self.send_preflight()
+            route, args = app.routes.find(method, path, self.lower_headers)
+            if route is WEBSOCKET_UPGRADE:  # the socket is the session's from here on
+                return self.serve_websocket(app)
+            with (app.traffic.slot() if path != "/healthz" else contextlib.nullcontext()):
+                self.body = read_request_body(self.rfile, self.lower_headers,
+                                              app.config.max_body_bytes, self.send_continue)
+                self.reader.request_read()
+                route(self, *args)
+        except ProxyError as e:
+            if self.body is None and has_body(self.lower_headers):
+                self.close_connection = True  # its unread body must not pass for a request
+            self.send_error_json(e)
+        except ClientGone:
+            self.close_connection = True
+            self.log_fields["note"] = "client disconnected"
+        except Exception as e:  # a bug must cost one request, not the server
+            app.log.internal_error("%s %s" % (method, path), e)
+            self.close_connection = True
+            self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
+                                            % e.__class__.__name__, code="internal_error"))
+        finally:
+            self.reader.request_read()
+            if counted:
+                app.traffic.request_finished(self.status_sent)
+            self.log_request_line(method, path)
+
+    def serve_websocket(self, app):
+        """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
+        request does; a socket then takes a place (--max-concurrent) per response it
+        streams, not for its whole life, but is refused at once when none is free."""
+        check_upgrade(self.request_version, self.lower_headers)
+        accept = websocket_accept(self.lower_headers)
+        with app.traffic.slot():
+            pass
+        self.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
+                                        str(app.config.max_body_bytes))])
+        app.traffic.count_websocket("connections_total", 1)
+        session = WebSocketSession(app, self, urllib.parse.urlsplit(self.path).path)
+        try:
+            session.run()
+        finally:
+            self.log_fields["note"] = "websocket closed after %d responses" % session.answered
+
+    # -- the Exchange: what a route reads ---------------------------------------------------
+
+    def forwardable_headers(self):
+        return platform_request_headers(self.headers.items())
+
+    def watch_hangup(self, upstream_sock):
+        return HANGUPS.watch(self.connection, upstream_sock)
+
+    def writable_now(self):
+        return writable_now(self.connection)
+
+    def close_after_answer(self):
+        self.close_connection = True
+
+    def abort_body(self):
+        self.close_connection = True
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def end_headers(self):
+        if self.cors_origin:  # only ever for an origin given with --allow-origin
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Vary", "Origin")
+            self.send_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # tell the client, not just hang up
+        try:
+            super().end_headers()
+        except CLIENT_GONE_ERRORS:
+            raise ClientGone()
+        self.headers_sent = True
+
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        self.status_sent = code
+
+    def send_whole(self, status, content_type, body, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.write(body)
+
+    def send_error_json(self, err):
+        if self.headers_sent:
+            self.close_connection = True  # too late for a status: cut the answer short instead
+            return
+        self.log_fields.setdefault("error", err.code or err.type)
+        try:
+            if self.anthropic_errors:
+                self.send_json(*anthropic_error(err))
+            else:
+                self.send_json(err.status, err.body(), err.headers)
+        except ClientGone:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class calls this for requests it cannot parse; answer them in JSON too."""
+        self.refuse_request(ProxyError(code, BAD_REQUEST_MESSAGES.get(
+            code, message or "Bad request."), code="bad_http_request"))
+
+    def refuse_request(self, err):
+        """Answer a request that cannot be parsed, or read only one way, and close: where it
+        ends is unknown."""
+        self.close_connection = True
+        self.headers_sent = False
+        self.log_fields = {}
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # nobody speaks 0.9: give a status line and headers
+        try:
+            self.send_error_json(err)
+        except OSError:
+            pass
+        self.server.app.log.info("%s %s" % (err.status, err.message))
+
+    def switch_protocols(self, accept, headers):
+        """The 101 that makes this connection a WebSocket. No Sec-WebSocket-Extensions:
+        permessage-deflate is declined (every client then sends plain frames)."""
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True  # no HTTP request follows on this connection
+
+    def send_preflight(self):
+        if has_body(self.lower_headers):
+            self.close_connection = True  # its body is not read: it must not pass for a request
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.lower_headers.get("access-control-request-headers")
+                         or "authorization, content-type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def start_event_stream(self, headers):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.start_body(headers)
+
+    def start_as_is(self, status, headers, length):
+        self.send_response(status)
+        # send_response() has sent our own Date and Server: one of each per message
+        headers = [(name, value) for name, value in headers
+                   if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server")]
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+            self.chunked = False
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+        else:
+            self.start_body(headers)
+
+    def start_body(self, headers):
+        """The rest of the head of a body of unknown length: chunked, or ended by closing."""
+        self.chunked = self.request_version != "HTTP/1.0"
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+
+    def write(self, data):
+        try:
+            self.wfile.write(data)
+        except CLIENT_GONE_ERRORS:
+            raise ClientGone()
+
+    def write_body(self, data):
+        if self.chunked:
+            self.write(b"%X\r\n%s\r\n" % (len(data), data))
+        else:
+            self.write(data)
+
+    def end_body(self, tail):
+        """The last piece of a body and its end, in one write."""
+        if not self.chunked:
+            self.write(tail)
+        elif tail:
+            self.write(b"%X\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        else:
+            self.write(b"0\r\n\r\n")
+
+    # -- the log ----------------------------------------------------------------------------
+
+    def log_message(self, format, *args):
+        pass  # the base class's access log; ours is log_request_line
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+    def log_request_line(self, method, path):
+        log = self.server.app.log
+        f = self.log_fields
+        seconds = time.monotonic() - self.started
+        self.server.app.record_request(method, path, self.lower_headers.get("user-agent"), f,
+                                       self.status_sent, seconds)
+        parts = [method, path]
+        if f.get("model"):
+            parts.append("model=%s" % f["model"])
+        parts.append("status=%s" % log.status_code(self.status_sent or 0))
+        parts.append("%.3fs" % seconds)
+        if "in" in f or "out" in f:
+            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
+        for key in ("stream", "error", "note"):
+            if f.get(key):
+                parts.append(key if f[key] is True else "%s=%s" % (key, f[key]))
+        log.info(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Client hang-ups, noticed while a handler waits on the backend: the upstream is cut
+# --------------------------------------------------------------------------------------------
+
+class HangupWatcher:
+    """Notices clients that hang up while their handler thread is blocked reading upstream,
+    and cuts the upstream connection at once: every further token is quota the user pays for.
+    One thread polls all watched client sockets; it sleeps when there are none.
+
+    It peeks through a non-blocking duplicate of each client socket: through the handler's
+    own socket, Python would first wait out its timeout whenever the handler had read the
+    waiting bytes in between. Only the watcher thread closes the duplicates, between polls."""
+
+    POLL = 0.2
+
+    def __init__(self):
+        self._watched = {}
+        self._retired = []  # duplicates of unwatched sockets, for the watcher thread to close
+        self._cond = threading.Condition()
+        self._thread = None
+
+    def watch(self, client_sock, upstream_sock):
+        entry = {"peek": None, "upstream": upstream_sock, "gone": False}
+        try:
+            entry["peek"] = client_sock.dup()
+            entry["peek"].setblocking(False)
+        except OSError:
+            if entry["peek"] is not None:
+                entry["peek"].close()
+            entry["peek"] = None
+            return entry  # unwatched: a hang-up is then noticed at the next write
+        with self._cond:
+            self._watched[id(entry)] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hangup-watcher",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return entry
+
+    def unwatch(self, entry):
+        """After this returns the watcher no longer touches the entry's upstream socket, which
+        may then go back to the pool."""
+        with self._cond:
+            if self._watched.pop(id(entry), None) is not None:
+                self._retired.append(entry["peek"])
+
+    def _run(self):
+        while True:
+            try:
+                self._poll_once()
+            except Exception:  # a surprise must not end hang-up detection for good
+                time.sleep(self.POLL)
+
+    def _poll_once(self):
+        """One round: close retired duplicates, wait for a watched socket, act on hang-ups."""
+        with self._cond:
+            while True:
+                retired, self._retired = self._retired, []
+                for sock in retired:
+                    sock.close()
+                if self._watched:
+                    break
+                self._cond.wait()
+            entries = list(self._watched.values())
+        try:
+            readable = readable_sockets([e["peek"] for e in entries], self.POLL)
+        except (OSError, ValueError):
+            readable = []
+            time.sleep(self.POLL)
+        for entry in entries:
+            if entry["peek"] in readable and _peer_closed(entry["peek"]):
+                with self._cond:
+                    if self._watched.pop(id(entry), None) is None:
+                        continue  # unwatched meanwhile: its upstream may be pooled now
+                    self._retired.append(entry["peek"])
+                    entry["gone"] = True
+                    try:
+                        entry["upstream"].shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
+
+
+HANGUPS = HangupWatcher()
+
+
+def _peer_closed(sock):
+    """For a non-blocking socket that polled readable: has the peer closed it?"""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # the bytes that made it readable were read by the handler meanwhile
+    except OSError:
+        return True
+
+
+def writable_now(sock):
+    """Whether sock takes a small write at once (poll, as descriptors may pass 1024)."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([], [sock], [], 0)[1])
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+# --------------------------------------------------------------------------------------------
+# Client WebSockets: the socket after the 101, each message an Exchange for the app
+# --------------------------------------------------------------------------------------------
+
+# While nothing goes out (the backend reasoning silently), the client is pinged this often:
+# middleboxes and clients (the Python SDKs) drop sockets that stay silent for long.
+WS_PING_INTERVAL = 25.0
+# A socket with no request for this long is closed (the backend's own live 60 minutes).
+WS_CLIENT_IDLE_SECONDS = 3600.0
+WS_MAX_QUEUED = 16             # requests a socket may have waiting
+WS_CLOSE_WAIT = 2.0            # after our close frame, how long the client has to answer it
+
+
+def with_stream_id(payload, stream_id):
+    """An event's JSON with the stream_id of the request it answers."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(event, dict):
+        return payload
+    event["stream_id"] = stream_id
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def websocket_error_event(err):
+    """A refused or failed request as the backend's socket says it: an HTTP error carried
+    in an `error` event (status, error, headers). previous_response_not_found goes without a
+    status: with one, the Codex CLI would fail the turn instead of resending it whole."""
+    event = {"type": "error"}
+    if err.code != "previous_response_not_found":
+        event["status"] = err.status
+    event["error"] = err.body()["error"]
+    if err.headers:
+        event["headers"] = {name.lower(): value for name, value in err.headers}
+    return event
+
+
+class WebSocketRequest(Exchange):
+    """One message on a client's socket, as a route sees a request: its answer goes out as
+    event messages, with the message's stream_id when it carried one."""
+
+    method = "WS"
+
+    def __init__(self, session, raw):
+        self.session = session
+        self.path = session.path
+        self.lower_headers = session.handler.lower_headers  # the handshake's
+        self.body = raw
+        self.log_fields = {}
+        self.status = 200
+        self.stream_id = None  # set by the route once the message is parsed
+
+    def forwardable_headers(self):
+        return platform_request_headers(self.session.handler.headers.items(),
+                                        from_websocket=True)
+
+    def send_events(self, payloads):
+        self.session.send_events(payloads, self.stream_id)
+
+    def send_error(self, err):
+        """A refused or failed request: its error event."""
+        self.status = err.status
+        self.log_fields.setdefault("error", err.code or err.type)
+        try:
+            self.send_events([json.dumps(websocket_error_event(err)).encode()])
+        except ClientGone:
+            pass
+
+    def watch_hangup(self, upstream_sock):
+        return HANGUPS.watch(self.session.sock, upstream_sock)
+
+
+class WebSocketSession:
+    """One client socket after the 101. A reader thread takes the client's frames: it
+    answers pings, queues requests, answers the close handshake, pings a silent client,
+    closes an idle socket, and on the client's close or hang-up shuts the socket, which
+    cuts a response in flight (see HangupWatcher). This thread answers the queued requests
+    one after another, each through the relay into a WebSocketSink."""
+
+    def __init__(self, app, handler, path):
+        self.app = app
+        self.handler = handler
+        self.path = path
+        self.sock = handler.connection
+        self.reader = MessageReader(app.config.max_body_bytes)
+        self.conversation = app.socket_conversation(app)
+        self.answered = 0  # requests answered on this socket
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._queued_bytes = 0
+        self._busy = False
+        self._ended = False      # the socket is shut: nothing more in or out
+        self._closing = None     # when our close frame went out
+        self._last_sent = self._last_request = time.monotonic()
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    def send(self, data):
+        """Whole frames, in order; ClientGone once the socket cannot take them."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                raise ClientGone()
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise ClientGone()
+            self._last_sent = time.monotonic()
+
+    def send_events(self, payloads, stream_id=None):
+        if stream_id is not None:
+            payloads = [with_stream_id(p, stream_id) for p in payloads]
+        if payloads:
+            self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
+
+    def close(self, code, reason=""):
+        """Start the close handshake (once); the reader ends it."""
+        with self._send_lock:
+            if self._closing is not None or self._ended:
+                return
+            self._closing = time.monotonic()
+            try:
+                self.sock.sendall(close_frame(code, reason))
+            except OSError:
+                pass
+
+    def end(self):
+        """Shut the socket: the reader sees its end, a relay in flight its client gone."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _pending_bytes(self):
+        """What the client sent after its handshake and the handler had already buffered:
+        with the read deadline passed, the buffered reader gives what it holds and reads
+        nothing from the socket (see RequestReader)."""
+        self.handler.reader.deadline = time.monotonic() - 1
+        try:
+            data = self.handler.rfile.peek(65536)
+            return self.handler.rfile.read(len(data))
+        except OSError:
+            return b""
+        finally:
+            self.handler.reader.deadline = None
+            self.sock.settimeout(WRITE_TIMEOUT)
+
+    # -- the reader thread --------------------------------------------------------------------
+
+    def _read(self):
+        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_CLIENT_IDLE_SECONDS / 2.0)
+        try:
+            data = self._pending_bytes()
+            next_tick = time.monotonic() + tick
+            while not self._ended:
+                if data and self._take(self.reader.feed(data)):
+                    return
+                data = b""
+                if time.monotonic() >= next_tick:  # also while the client keeps sending
+                    next_tick = time.monotonic() + tick
+                    if self._tick():
+                        return
+                if not readable_sockets([self.sock], tick):
+                    continue
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+        except WebSocketError as e:
+            self.close(e.code, e.reason)  # a protocol error fails the connection at once
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.end()
+
+    def _take(self, messages):
+        """Act on the client's messages; True once it closed."""
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                with self._cond:
+                    # while nothing is in flight, the first queued is about to be: not waiting
+                    if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
+                        raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
+                                             "waiting; wait for answers" % WS_MAX_QUEUED)
+                    self._check_waiting_bytes(len(payload))
+                    self._queue.append(payload)
+                    self._queued_bytes += len(payload)
+                    self._cond.notify_all()
+            elif opcode == OP_PING:
+                try:
+                    self.send(encode_frame(OP_PONG, payload))
+                except ClientGone:
+                    pass
+            elif opcode == OP_CLOSE:
+                code = parse_close_payload(payload)[0]
+                self.close(code)  # the answer: the client's own code (none if it sent none)
+                return True
+        return False
+
+    def _check_waiting_bytes(self, size):
+        """The requests waiting on a socket hold at most --max-body-bytes together (the one
+        about to be answered aside): what one socket makes the proxy hold is bounded by the
+        flag, not by 16 times it."""
+        waiting = self._queued_bytes - (len(self._queue[0]) if self._queue and not self._busy
+                                        else 0)
+        limit = self.app.config.max_body_bytes
+        if waiting + size > limit and (waiting or self._queue):
+            raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d bytes of requests "
+                                 "waiting (--max-body-bytes); wait for answers" % limit)
+
+    def _tick(self):
+        """Between the client's frames: keep-alive, idle and shutdown; True to end."""
+        now = time.monotonic()
+        if self._closing is not None:
+            return now - self._closing >= WS_CLOSE_WAIT
+        with self._cond:
+            idle = not self._queue and not self._busy
+        if idle and self.app.stopping:
+            self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        elif idle and now - self._last_request >= WS_CLIENT_IDLE_SECONDS:
+            self.close(CLOSE_NORMAL, "idle for %d s" % WS_CLIENT_IDLE_SECONDS)
+        elif now - self._last_sent >= WS_PING_INTERVAL:
+            try:
+                self.send(encode_frame(OP_PING))
+            except ClientGone:
+                return True
+        return False
+
+    # -- this thread: the requests ------------------------------------------------------------
+
+    def run(self):
+        reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
+        self.app.traffic.count_websocket("connections_open", 1)
+        try:
+            reader.start()
+            while True:
+                with self._cond:
+                    while not self._queue and not self._ended and self._closing is None:
+                        self._cond.wait()
+                    if self._ended or self._closing is not None:
+                        break
+                    raw = self._queue.popleft()
+                    self._queued_bytes -= len(raw)
+                    self._busy = True
+                try:
+                    self.answer(raw)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._last_request = time.monotonic()
+                if self.app.stopping:
+                    self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
+        finally:
+            if reader.ident is not None:  # started
+                reader.join(WS_CLOSE_WAIT + 5)
+            self.end()
+            self.conversation.close()
+            self.app.traffic.count_websocket("connections_open", -1)
+
+    def answer(self, raw):
+        """One client message answered by the app, or an error event."""
+        exchange = WebSocketRequest(self, raw)
+        started = time.monotonic()
+        try:
+            self.conversation.answer(exchange)
+        except ProxyError as e:
+            exchange.send_error(e)
+        except ClientGone:
+            exchange.log_fields["note"] = "client disconnected; upstream closed"
+            self.end()
+        except Exception as e:  # a bug costs this socket, not the server
+            self.app.log.internal_error("a WebSocket request", e)
+            exchange.status = 500
+            exchange.log_fields["error"] = "internal_error"
+            self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
+        self.answered += 1
+        self.app.traffic.count_websocket("responses", 1)
+        self.log_line(exchange, started)
+
+    def log_line(self, exchange, started):
+        log = self.app.log
+        f = exchange.log_fields
+        seconds = time.monotonic() - started
+        self.app.record_request("WS", self.path, self.handler.lower_headers.get("user-agent"),
+                                f, exchange.status, seconds)
+        parts = ["WS", self.path]
+        if f.get("model"):
+            parts.append("model=%s" % f["model"])
+        parts.append("status=%s" % log.status_code(exchange.status))
+        parts.append("%.3fs" % seconds)
+        if "in" in f or "out" in f:
+            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
+        parts.append("websocket")
+        for key in ("error", "note"):
+            if f.get(key):
+                parts.append("%s=%s" % (key, f[key]))
+        log.info(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Access (pure): which requests this proxy serves at all, and which route answers
+# --------------------------------------------------------------------------------------------
+
+def host_allowed(value, config, listen_address):
+    """Is this Host header a name of ours: localhost, a loopback address or the listening
+    one (on our port), or a name given with --allow-host?"""
+    if value is None:
+        return True  # HTTP/1.0 clients; browsers always send Host
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, sep, port = value.rpartition(":")
+        if not sep:
+            name, port = value, ""
+    if name in config.allow_hosts or value in config.allow_hosts:
+        return True
+    own = ("localhost", "127.0.0.1", "::1", listen_address[0].lower())
+    return name in own and port in ("", str(listen_address[1]))
+
+
+def own_origin(url, config, listen_address):
+    """Is this URL (a Referer) on this proxy itself, or on an origin given with
+    --allow-origin?"""
+    parts = urllib.parse.urlsplit(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc
+    if scheme not in ("http", "https") or not netloc or "@" in netloc:
+        return False
+    return "%s://%s" % (scheme, netloc) in config.allow_origins or \
+        host_allowed(netloc, config, listen_address)
+
+
+def origin_form(target, config, listen_address):
+    """The path and query of an absolute-form request target (http://host:port/path), which
+    must name this proxy: it is no forward proxy, and a front end that routes by the Host
+    header would not see where the request really goes. Raises ProxyError."""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or \
+            "@" in parts.netloc or not host_allowed(parts.netloc, config, listen_address):
+        raise ProxyError(400, "The request target names another host (%s://%s): this proxy "
+                         "is not a forward proxy. Send the path alone, as in 'GET /v1/models "
+                         "HTTP/1.1'." % (parts.scheme, parts.netloc.rpartition("@")[2][:100]),
+                         code="bad_http_request")
+    return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+
+
+# GET routes that act: a web page can make a browser send a GET with no Origin (<img src>).
+STATE_CHANGING_PATHS = ("/shutdown",)
+# The status page's own routes. They hold no data (the page reads /status, with the client
+# key), so a browser opens them without the key, which it could not send on a navigation.
+PAGE_PATHS = ("/", "/ui.js", "/favicon.ico")
+KEYLESS_PATHS = ("/healthz",) + PAGE_PATHS
+# What the person watching the proxy asks for: not traffic, not counted, not listed.
+OBSERVER_PATHS = PAGE_PATHS + ("/status",)
+
+
+def same_origin(origin, host):
+    """Is Origin the origin of this very request (its Host, which passed host_allowed)? That
+    is the status page this proxy served: Chromium sends Origin with its module script and
+    fetches. A page on another port or name is another origin, even on this machine."""
+    parts = urllib.parse.urlsplit(origin)
+    return bool(host) and parts.scheme.lower() in ("http", "https") and \
+        "@" not in parts.netloc and not parts.path and \
+        parts.netloc.lower() == host.strip().lower()
+
+
+def client_key_ok(headers, key):
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
+    candidates = [value.strip()] if scheme.lower() == "bearer" else []
+    candidates.append((headers.get("x-api-key") or "").strip())
+    return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key) for c in candidates)
+
+
+def check_access(method, path, headers, config, listen_address):
+    """What every request passes before its route: a Host naming this proxy (DNS rebinding),
+    no foreign web page (Origin, Sec-Fetch-Site, and for a route that acts, Referer), the
+    client key, a JSON content type.
+    headers: lower-cased names. Returns whether this is a CORS preflight, to be answered as
+    such; raises ProxyError for a refused request."""
+    host = headers.get("host")
+    if not host_allowed(host, config, listen_address):
+        raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
+                         "If clients reach it by that name, start it with --allow-host."
+                         % host, code="host_not_allowed")
+    origin = headers.get("origin")
+    if origin is not None:
+        if origin not in config.allow_origins and not (
+                method in ("GET", "HEAD") and path in OBSERVER_PATHS and
+                same_origin(origin, host)):
+            raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
+                             "page you trust call the proxy, start it with --allow-origin "
+                             "%s." % (origin, origin), code="origin_not_allowed")
+        if method == "OPTIONS" and headers.get("access-control-request-method"):
+            return True  # a preflight carries no credentials, so needs no client key
+    elif (headers.get("sec-fetch-site") or "none").lower() not in ("none", "same-origin"):
+        # A page's <img> or link sends a GET with no Origin; browsers still mark it
+        # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
+        raise ProxyError(403, "Requests from other web sites are refused.",
+                         code="origin_not_allowed")
+    if path in STATE_CHANGING_PATHS and headers.get("referer") is not None and \
+            not own_origin(headers["referer"], config, listen_address):
+        # A browser without Sec-Fetch-Site (Safari before 16.4, older ones) still names the
+        # page in Referer, unless the page turned that off. Only here: a read is no use to a
+        # page without CORS, a POST from a page carries Origin, and a non-browser client
+        # sending its home page as Referer keeps working.
+        raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
+                         "a page you trust call the proxy, start it with --allow-origin "
+                         "ORIGIN.", code="origin_not_allowed")
+    if config.client_key and path not in KEYLESS_PATHS and \
+            not client_key_ok(headers, config.client_key):
+        raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
+                         "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
+                         "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
+    ctype = headers.get("content-type")
+    if method == "POST" and ctype is not None and \
+            ctype.split(";")[0].strip().lower() != "application/json" and not (
+                path in FORM_PATHS and multipart_boundary(ctype) is not None):
+        # A form needs no preflight either, but a page's form post carries Origin (refused
+        # above), and only the edit endpoint reads one.
+        # A browser's form or text/plain post needs no preflight: refuse it before anything
+        # is sent upstream.
+        raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
+                         "header 'Content-Type: application/json' (curl -d alone sends a "
+                         "form type)." % ctype, code="unsupported_media_type")
+    return False
+
+
+# The paths served (in both modes), each also without /v1 for clients configured without it.
+API_PATHS = ("/v1/responses", "/v1/responses/compact", "/v1/responses/input_tokens",
+             "/v1/chat/completions", "/v1/images/generations", "/v1/images/edits",
+             "/v1/messages", "/v1/messages/count_tokens", "/v1/models")
+SERVICE_PATHS = ("/status", "/shutdown", "/healthz") + PAGE_PATHS
+SERVED_PATHS = frozenset(API_PATHS + tuple(p[3:] for p in API_PATHS) + SERVICE_PATHS)
+WEBSOCKET_PATHS = ("/v1/responses", "/responses")
+# Anthropic's API: its errors are answered in Anthropic's shape.
+MESSAGES_PATHS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/messages",
+                            "/messages/count_tokens"))
+# /v1/responses/{id} and what hangs off it: routes taking the id too
+_RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
+                               r"(|/input_items|/cancel)\Z")
+WEBSOCKET_UPGRADE = "websocket upgrade"  # find_route's answer for a GET /v1/responses upgrade
+
+
+def unknown_path_message(path):
+    """What a 404 says: an Anthropic client whose base URL ends in /v1 (the OpenAI habit)
+    asks for /v1/v1/messages, and needs to hear that, not about /v1/responses."""
+    if path.endswith(("/messages", "/messages/count_tokens")):
+        return ("Unknown path %s. Anthropic clients take the proxy's address without /v1 "
+                "(ANTHROPIC_BASE_URL=http://HOST:PORT); it serves POST /v1/messages."
+                % path)
+    return "Unknown path %s. This proxy serves POST /v1/responses." % path
+
+
+class RouteTable:
+    """Which route answers a method and path: built once at start, from the mode (see
+    App.chatgpt_routes and App.platform_routes). A route is a callable taking the Exchange
+    (and, for /v1/responses/{id} and what hangs off it, the id)."""
+
+    def __init__(self, api, by_response_id, service):
+        self.routes = dict(service)
+        for path, methods in api.items():
+            self.routes[path] = self.routes[path[3:]] = methods
+        self.by_response_id = by_response_id  # "", "/input_items", "/cancel" -> methods
+
+    def find(self, method, path, headers):
+        """(the route for this request, its arguments from the path), WEBSOCKET_UPGRADE for a
+        WebSocket handshake, else the fitting JSON error."""
+        methods, args = self.routes.get(path), ()
+        if methods is None:
+            m = _RESPONSE_PATH_RE.match(path)
+            if m:
+                methods, args = self.by_response_id[m.group(2)], (m.group(1),)
+        if methods is None:
+            raise ProxyError(404, unknown_path_message(path), code="not_found")
+        if "websocket" in (headers.get("upgrade") or "").lower():
+            if path in WEBSOCKET_PATHS and method == "GET":
+                return WEBSOCKET_UPGRADE, ()
+            raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP "
+                             "here.", code="websocket_not_supported")
+        route = methods.get(method)
+        if route is None:
+            raise ProxyError(405, "%s does not take %s; use %s." % (
+                path, method, " or ".join(sorted(methods))), code="method_not_allowed",
+                headers=[("Allow", ", ".join(sorted(methods)))])
+        return route, args
+
+
+# --------------------------------------------------------------------------------------------
+# Body: Content-Length or chunked, within a size limit and a deadline
+# --------------------------------------------------------------------------------------------
+
+# RFC 9112's framing, strictly: a proxy or TLS terminator in front may read a request's
+# headers or its end differently from a lenient parser here, and then the bytes one of them
+# takes for a body the other takes for a second request (request smuggling). So what either
+# could read two ways is refused with 400, and the connection closed.
+MAX_FIELD_LINE = 65536  # as http.client's
+MAX_FIELD_LINES = 100
+MAX_CHUNK_LINE = 1024
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# A field line: a token, the colon right after it, a value with no CR or NUL. Not obs-fold (a
+# line starting with white space), which one parser joins to the line before and another not.
+_FIELD_LINE = re.compile(_TOKEN + rb":[^\r\x00]*")
+# A chunk-size line: hex digits, extensions (token[=token|quoted-string]), CRLF.
+_CHUNK_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\x00-\x08\x0a-\x1f"
+    rb"\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*\r\n" % (_TOKEN, _TOKEN))
+
+
+def framing_error(message, status=400):
+    return ProxyError(status, message, code="bad_http_request")
+
+
+def read_field_lines(rfile, section="header"):
+    """The raw lines of a header (or trailer) section, up to its empty line, each checked to
+    be a field line. Lines may end in a bare LF (RFC 9112 allows it). Raises ProxyError, after
+    which the connection must close, or ClientGone."""
+    lines = []
+    while True:
+        line = rfile.readline(MAX_FIELD_LINE + 1)
+        if len(line) > MAX_FIELD_LINE:
+            raise framing_error("A %s line is longer than %d bytes." % (section, MAX_FIELD_LINE),
+                                431)
+        if not line.endswith(b"\n"):
+            raise ClientGone()  # the client hung up within the head
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if not text:
+            return lines
+        if len(lines) == MAX_FIELD_LINES:
+            raise framing_error("More than %d %s lines." % (MAX_FIELD_LINES, section), 431)
+        if not _FIELD_LINE.fullmatch(text):
+            # Not quoted back: a malformed line may be someone's Authorization header.
+            raise framing_error(
+                "%s line %d is malformed: each must read 'Name: value' on one line, with no "
+                "white space before the colon and no CR or NUL byte (RFC 9112)."
+                % (section.capitalize(), len(lines) + 1))
+        lines.append(line)
+
+
+def http_version(text):
+    """'HTTP/1.1' -> (1, 1), as the base class checked it."""
+    major, _, minor = text[5:].partition(".")
+    return int(major), int(minor)
+
+
+def check_framing(version, headers):
+    """One reading of where the request ends, and of its Host (RFC 9112 sections 3.2, 6.1,
+    6.3). headers: the parsed http.client.HTTPMessage. Raises ProxyError."""
+    lengths = headers.get_all("content-length") or []
+    codings = headers.get_all("transfer-encoding") or []
+    hosts = headers.get_all("host") or []
+    if lengths and codings:
+        raise framing_error("Send Content-Length or Transfer-Encoding, not both.")
+    if len(lengths) > 1 or len(codings) > 1:
+        raise framing_error("Send one %s header, not several."
+                            % ("Content-Length" if len(lengths) > 1 else "Transfer-Encoding"))
+    if codings and codings[0].strip(" \t").lower() != "chunked":
+        raise framing_error("Transfer-Encoding %r is not supported: send 'Transfer-Encoding: "
+                            "chunked' or a Content-Length." % codings[0].strip(" \t")[:40])
+    if len(hosts) > 1:
+        raise framing_error("Send one Host header, not several.")
+    if not hosts and http_version(version) >= (1, 1):
+        raise framing_error("An HTTP/1.1 request needs a Host header.")
+
+
+def is_chunked(headers):
+    return (headers.get("transfer-encoding") or "").strip(" \t").lower() == "chunked"
+
+
+def has_body(headers):
+    return (headers.get("content-length") or "0").strip(" \t") != "0" or is_chunked(headers)
+
+
+def read_request_body(rfile, headers, limit, before_reading):
+    """The request's body bytes. before_reading() runs once a body is due (100 Continue).
+    Raises ProxyError; after one, the connection's framing is lost: close it."""
+    try:
+        if is_chunked(headers):
+            before_reading()
+            return _read_chunks(rfile, limit)
+        length = headers.get("content-length")
+        if length is None:
+            return b""
+        if not re.match(r"^[0-9]+$", length.strip(" \t")):  # not isdigit(): '\xb2' is a digit to it
+            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
+        length = int(length)
+        if length > limit:
+            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
+                             % (length, limit), code="request_too_large")
+        if length:
+            before_reading()
+        data = rfile.read(length)
+    except socket.timeout:
+        raise ProxyError(408, "The request body did not arrive within %g s."
+                         % REQUEST_READ_DEADLINE, code="request_timeout")
+    if len(data) < length:
+        raise ClientGone()
+    return data
+
+
+def _read_chunks(rfile, limit):
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(MAX_CHUNK_LINE + 1)
+        if len(line) <= MAX_CHUNK_LINE and not line.endswith(b"\n"):
+            raise ClientGone()
+        m = _CHUNK_SIZE_LINE.fullmatch(line)  # int() alone takes '-1', '0x1', '1_0', ' 1'
+        if not m:
+            raise ProxyError(400, "Malformed chunked request body: a chunk-size line must be "
+                             "hex digits (and extensions), at most %d bytes, ending in CRLF."
+                             % MAX_CHUNK_LINE, code="invalid_body")
+        size = int(m.group(1), 16)
+        if size == 0:
+            read_field_lines(rfile, "trailer")
+            return b"".join(parts)
+        total += size
+        if total > limit:
+            raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
+                             code="request_too_large")
+        data = rfile.read(size)
+        end = rfile.read(2)
+        if len(data) < size or len(end) < 2:
+            raise ClientGone()
+        if end != b"\r\n":
+            raise ProxyError(400, "Malformed chunked request body: chunk data must be followed "
+                             "by CRLF, as long as its size line says.", code="invalid_body")
+        parts.append(data)
+
+
+def json_request_body(raw, headers, limit):
+    """(body, source, spans) of the request's JSON object (see parse_json_object)."""
+    return parse_json_object(decode_request_body(raw, headers.get("content-encoding"), limit))
+
+
+# --------------------------------------------------------------------------------------------
+# App: the proxy's services, its route tables (chosen by the mode), and each route
+# --------------------------------------------------------------------------------------------
+
+ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
+              "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
+              "total_tokens": 0}
+
+
+def prewarm_events(body):
+    """The answer to a `"generate": false` request (the Codex CLI's prewarm): a response
+    with nothing generated, made here; nothing goes upstream."""
+    response = {"id": "resp_" + uuid.uuid4().hex, "object": "response",
+                "created_at": int(time.time()), "status": "in_progress",
+                "model": body.get("model"), "output": [], "usage": None, "error": None,
+                "incomplete_details": None, "tools": body.get("tools") or [],
+                "tool_choice": body.get("tool_choice", "auto"),
+                "parallel_tool_calls": body.get("parallel_tool_calls", True)}
+    done = dict(response, status="completed", usage=ZERO_USAGE)
+    return [{"type": "response.created", "sequence_number": 0, "response": response},
+            {"type": "response.completed", "sequence_number": 1, "response": done}]
+
+
+class SocketConversation:
+    """The app's side of one client WebSocket: each response.create message answered through
+    the relay, and the socket's own responses kept for previous_response_id on it."""
+
+    def __init__(self, app):
+        self.app = app
+        self.kept = SocketResponses(app.socket_memory)
+
+    def close(self):
+        self.kept.close()
+
+    def answer(self, exchange):
+        """One client message: a response.create answered; a ProxyError for the error event."""
+        body, source, spans = parse_json_object(exchange.body)
+        exchange.stream_id = body.get("stream_id")
+        if body.get("type") != "response.create":
+            raise ProxyError(400, "Unknown message type %s: this socket takes "
+                             "{\"type\": \"response.create\", ...a Responses request...}."
+                             % json.dumps(body.get("type"))[:80], param="type",
+                             code="unknown_message_type")
+        self.create(exchange, body, source, spans)
+
+    @staticmethod
+    def request_of(exchange, body):
+        """(the Responses request a response.create message carries, its `generate`)."""
+        model = body.get("model")
+        exchange.log_fields["model"] = model if isinstance(model, str) else None
+        generate = body.get("generate", True)
+        if not isinstance(generate, bool):
+            raise ProxyError(400, "`generate` must be true or false.", param="generate",
+                             code="invalid_type")
+        body = dict(body)  # the message's own fields go; the rest is a request as on HTTP
+        for name in ("type", "stream_id", "generate"):
+            body.pop(name, None)
+        return body, generate
+
+    def create(self, exchange, body, source, spans):
+        app = self.app
+        body, generate = self.request_of(exchange, body)
+        request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
+        note_model_sent(exchange, body, request)
+        if not generate:
+            app.turn_done(request)
+            return self.prewarm(exchange, body, request.body["input"], request.previous)
+        with app.traffic.slot():
+            try:
+                answer = app.upstream.responses(request)  # the backend's socket too, if in use
+
+                def on_end(assembler):
+                    app.keep(assembler, request)
+                    self.keep(assembler, request.body["input"], request.previous)
+
+                relay(app.upstream, answer, ResponsesTransform(app.log), WebSocketSink(exchange),
+                      exchange, on_end)
+            finally:
+                app.turn_done(request)
+        app.upstream.turn_over(request)
+
+    def history(self, previous, budget=None):
+        """The items previous_response_id names: a response of this socket's, else one in
+        the conversation store."""
+        items = self.kept.get(previous, budget)
+        return items if items is not None else self.app.conversations.history(previous, budget)
+
+    def keep(self, assembler, sent_input, parent=None):
+        """A finished response's whole input and output, for previous_response_id on this
+        socket, whatever its `store` said. parent: the previous_response_id it continued,
+        whose history it shares."""
+        response_id = (assembler.response or {}).get("id")
+        if assembler.terminal in ("response.completed", "response.incomplete") and \
+                isinstance(response_id, str):
+            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()),
+                          parent)
+
+    def prewarm(self, exchange, body, items, parent=None):
+        """`"generate": false`: answered here; its input kept for the next request."""
+        events = prewarm_events(body)
+        self.kept.put(events[0]["response"]["id"], items, parent)
+        exchange.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events])
+        exchange.log_fields["note"] = "generate: false, answered here"
+
+
+class PlatformSocketConversation(SocketConversation):
+    """API-key mode's side of a client WebSocket: each request a streamed POST to the
+    platform (see App.respond_platform); a previous_response_id of this socket's expanded
+    here, another left to the platform."""
+
+    def create(self, exchange, body, source, spans):
+        app = self.app
+        body, generate = self.request_of(exchange, body)
+        previous = body.get("previous_response_id")
+        budget = ExpansionBudget(app.config.max_body_bytes, len(source))
+        history = self.kept.get(previous, budget) if isinstance(previous, str) else None
+        parent = previous if history is not None else None
+        if not generate:
+            if previous is not None and history is None:
+                raise unknown_response_error(previous)
+            return self.prewarm(exchange, body, (history or []) + input_list(
+                body.get("input")), parent)
+        with app.traffic.slot():
+            app.respond_platform(exchange, body, history, WebSocketSink(exchange),
+                                 lambda assembler, sent_input: self.keep(
+                                     assembler, sent_input, parent))
+
+
+# What the compact endpoint takes, as the Codex CLI sends it; the rest of a Responses body
+# (stream, store, include...) is not for it.
+COMPACT_FIELDS = ("model", "input", "instructions", "tools", "parallel_tool_calls", "reasoning",
+                  "text")
+COMPACT_TIMEOUT = 600.0  # one JSON answer for a whole history: no events to show progress
+
+
+class PreparedRequest:
+    """A Responses request as it goes upstream, and what keeping its answer takes."""
+
+    def __init__(self, body, session_id, previous, store, encode, headers, version, own_input):
+        self.body = body              # the rewritten request, history in front
+        self.session_id = session_id
+        self.previous = previous      # the previous_response_id it named, or None
+        self.store = store            # False: the client said store: false
+        self.encode = encode          # body -> bytes, reusing the client's own where unchanged
+        self.headers = headers        # the extra upstream headers its client's headers give
+        self.version = version        # the Codex version to present
+        self._own_input = own_input   # -> its own input as JSON text, when it is kept
+        self.after_turn = None        # what waits for the client to have its answer
+        self.pinned = None            # the stored response it continues, held meanwhile
+
+    def own_input(self):
+        return self._own_input()
+
+
+class Traffic:
+    """What is in flight, for the limits and /status: requests, client connections, and
+    WebSocket sockets and responses; with the places of --max-concurrent."""
+
+    def __init__(self, max_concurrent, max_connections):
+        self.max_concurrent = max_concurrent
+        self.max_connections = max_connections
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self._inflight = 0
+        self._connections = 0
+        self._cond = threading.Condition()
+        self._counts = {"total": 0, "by_status": {}}
+        self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
+
+    def request_started(self):
+        with self._cond:
+            self._inflight += 1
+
+    def request_finished(self, status):
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
+            self._counts["total"] += 1
+            key = str(status or "none")
+            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
+
+    def count_websocket(self, key, n):
+        with self._cond:
+            self._websocket[key] += n
+
+    def connection_opened(self):
+        """Count a new client connection; False when --max-connections are open already."""
+        with self._cond:
+            if self._connections >= self.max_connections:
+                return False
+            self._connections += 1
+            return True
+
+    def connection_closed(self):
+        with self._cond:
+            self._connections -= 1
+
+    @contextlib.contextmanager
+    def slot(self):
+        """One of --max-concurrent places for a request in flight, or a 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
+                             "(--max-concurrent); retry in a moment."
+                             % self.max_concurrent, code="too_many_requests",
+                             headers=[("Retry-After", "1")])
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    def wait_idle(self, timeout):
+        """Wait for requests in flight to finish; False if some were still running."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def report(self):
+        """(requests, connections, websocket) as /status shows them."""
+        with self._cond:
+            return ({"total": self._counts["total"], "in_flight": self._inflight,
+                     "by_status": dict(self._counts["by_status"])},
+                    {"open": self._connections, "limit": self.max_connections},
+                    dict(self._websocket))
+
+
+class App:
+    """Everything the proxy is, apart from serving sockets: the login, the upstream client,
+    the conversations, the model list, the counters behind /status, and the routes. A route
+    gets the client's request (a ProxyHandler) and answers through it."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        if config.api_key_header:
+            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
+        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
+                              log)
+        self.upstream = UpstreamClient(config, log, self.auth)
+        self.models_cache = ModelsCache()
+        self.client_version = ClientVersion(config.client_version)
+        self.model_rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
+        self._model_list_failed = None  # when the model list last could not be had
+        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
+                              if config.state_db else ConversationStore(config.state_max_bytes))
+        self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.started = time.time()
+        self.traffic = Traffic(config.max_concurrent, config.max_connections)
+        self.recent = RecentRequests()
+        self.on_shutdown = None  # set by the server: stops accepting connections
+        self._stopping = threading.Event()
+        # The mode decides, once, which routes there are and what answers a client's socket.
+        if config.mode == "apikey":
+            self.routes = self.platform_routes()
+            self.socket_conversation = PlatformSocketConversation
+        else:
+            self.routes = self.chatgpt_routes()
+            self.socket_conversation = SocketConversation
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    @property
+    def stopping(self):
+        return self._stopping.is_set()
+
+    def begin_shutdown(self, why):
+        """Stop accepting (from any thread but serve_forever's); main() then drains."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.log.info("%s: finishing requests in flight" % why)
+            if self.on_shutdown is not None:
+                threading.Thread(target=self.on_shutdown, daemon=True).start()
+
+    def close(self):
+        self.upstream.close()
+        self.conversations.close()
+
+    # -- what the operator sees -------------------------------------------------------------
+
+    def status_report(self):
+        """What /status says: no secrets, only what a person or a monitor needs."""
+        config = self.config
+        requests, connections, websocket = self.traffic.report()
+        status = {"mode": config.mode, "version": __version__,
+                  "uptime_seconds": int(time.time() - self.started),
+                  "upstream": config.upstream_url, "requests": requests,
+                  "connections": connections, "websocket": websocket}
+        status.update(self.recent.report())
+        if config.mode == "apikey":
+            status["api_key_from"] = config.api_key_source
+            return status
+        login = {"auth_file": config.auth_path}
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            login.update(ok=False, error=e.message)
+        else:
+            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
+                         access_token_expires_at=iso_time(creds.expires_at),
+                         access_token_expires_in_seconds=None if creds.expires_at is None
+                         else int(creds.expires_at - time.time()),
+                         last_refresh=creds.data.get("last_refresh"))
+        login["last_refresh_attempt"] = self.auth.last_refresh
+        login["login_command"] = LOGIN_COMMAND
+        status["login"] = login
+        status["quota"] = self.upstream.quota.snapshot()
+        status["upstream_transport"] = dict(self.upstream.websockets.choice.report(),
+                                            idle_sockets=len(self.upstream.websockets.pool))
+        return status
+
+    def record_request(self, method, path, user_agent, fields, status, seconds):
+        """Every answered request, over HTTP or as a WebSocket message, comes here with its
+        log line: into the recent requests and tokens per model. The page's own requests
+        (and /status) are the watcher's, not traffic."""
+        if path not in OBSERVER_PATHS:
+            self.recent.add(request_record(method, path, user_agent, fields, status,
+                                           seconds, time.time()))
+
+    def permission_warning(self):
+        """A warning when auth.json can be read by others than its owner, else None."""
+        try:
+            mode = os.stat(self.config.auth_path).st_mode
+        except OSError:
+            return None
+        if mode & 0o077:
+            return ("warning: %s is readable by group or others (mode %03o); it holds your "
+                    "login: chmod 600 %s" % (self.config.auth_path, mode & 0o777,
+                                             self.config.auth_path))
+        return None
+
+    def describe_credentials(self):
+        """What the start-up line says about the login."""
+        if self.config.mode == "apikey":
+            return "API key from %s" % self.config.api_key_source
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            return "no usable login: %s Requests will get 401 until this is fixed." % e.message
+        expiry = ("expires %s UTC" % datetime.datetime.fromtimestamp(
+            creds.expires_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            if creds.expires_at else "no expiry in token")
+        return "ChatGPT login from %s (account %s, plan %s, access token %s%s)" % (
+            self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
+            expiry, ", will refresh" if creds.needs_refresh() else "")
+
+    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
+
+    def chatgpt_routes(self):
+        """ChatGPT mode: every API path answered here, over the ChatGPT backend."""
+        return RouteTable({
+            "/v1/responses": {"POST": self.responses},
+            "/v1/responses/compact": {"POST": self.compact},
+            "/v1/responses/input_tokens": {"POST": self.input_tokens},
+            "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/images/generations": {"POST": self.image_generations},
+            "/v1/images/edits": {"POST": self.image_edits},
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_tokens},
+            "/v1/models": {"GET": self.models},
+        }, {"": {"GET": self.retrieve, "DELETE": self.delete},
+            "/input_items": {"GET": self.input_items}, "/cancel": {"POST": self.cancel}},
+            self.service_routes())
+
+    def platform_routes(self):
+        """API-key mode: the OpenAI paths go to the platform as the client sent them, with
+        our key; Anthropic's are refused (the platform does not speak them)."""
+        forward, with_query = self.forward, self.forward_with_query
+        return RouteTable({
+            "/v1/responses": {"POST": forward},
+            "/v1/responses/compact": {"POST": forward},
+            "/v1/responses/input_tokens": {"POST": with_query},
+            "/v1/chat/completions": {"POST": forward},
+            "/v1/images/generations": {"POST": forward},
+            "/v1/images/edits": {"POST": forward},
+            "/v1/messages": {"POST": self.messages_need_login},
+            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
+            "/v1/models": {"GET": forward},
+        }, {"": {"GET": with_query, "DELETE": with_query},
+            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
+            self.service_routes())
+
+    def service_routes(self):
+        """The proxy's own paths, the same in both modes."""
+        routes = {"/status": {"GET": self.status},
+                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
+        if self.config.http_shutdown:
+            routes["/shutdown"] = {"GET": self.shutdown}
+        if self.config.ui:
+            routes.update({"/": {"GET": self.page, "HEAD": self.page},
+                           "/ui.js": {"GET": self.page_script},
+                           "/favicon.ico": {"GET": self.favicon}})
+        return routes
+
+    # -- the proxy's own routes --------------------------------------------------------------
+
+    def healthz(self, client):
+        client.send_text(200, b"ok\n")
+
+    def status(self, client):
+        client.send_json(200, self.status_report())
+
+    def page(self, client):
+        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
+
+    def page_script(self, client):
+        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
+
+    def favicon(self, client):
+        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
+
+    def shutdown(self, client):
+        client.close_after_answer()
+        client.send_json(200, {"status": "shutting down"})
+        self.begin_shutdown("GET /shutdown")
+
+    # -- API-key mode's routes ----------------------------------------------------------------
+
+    def forward(self, client):
+        """The request to the platform's endpoint for its path (its query left out)."""
+        self.pass_through(client, self.platform_url(client, with_query=False))
+
+    def forward_with_query(self, client, response_id=None):
+        """The request to the platform's URL for its path and query (a response's id in
+        the path goes as it is)."""
+        self.pass_through(client, self.platform_url(client))
+
+    def messages_need_login(self, client):
+        raise messages_apikey_error()
+
+    # -- ChatGPT mode's routes ----------------------------------------------------------------
+
+    def models(self, client):
+        # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
+        # headers: its version counts before any of its turns came in.
+        self.client_version.observe(client.lower_headers)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
+        for asked in query.get("client_version", [])[:1]:
+            self.client_version.observe({"version": asked})
+        catalog = self.models_cache.get(self.upstream.models, self.client_version.newest,
+                                        self.log)
+        listing = catalog.openai_list(self.config.list_effort_models)
+        if "anthropic-version" in client.lower_headers:  # Claude Code's model discovery
+            listing = anthropic_model_list(listing)
+        client.send_json(200, listing)
+
+    def responses(self, client):
+        """POST /v1/responses: the Responses front end."""
+        self.through_front_end(client, ResponsesFrontEnd)
+
+    def chat_completions(self, client):
+        """POST /v1/chat/completions: the Chat Completions front end."""
+        self.through_front_end(client, ChatFrontEnd)
+
+    def messages(self, client):
+        """POST /v1/messages: Anthropic's Messages API (Claude Code), as one Responses request
+        whose answer is translated back, streamed or whole."""
+        self.through_front_end(client, MessagesFrontEnd)
+
+    def through_front_end(self, client, front_end):
+        """A client request as the front end maps it onto a Responses request, its answer's
+        events mapped back into the sink the client asked for (a stream or one answer)."""
+        body, source, spans = self.json_body(client)
+        front = front_end(body, client.lower_headers)
+        upstream_body = front.responses_body(self)
+        if upstream_body is body:  # the client's own bytes may go as they are
+            request = self.prepare(client.lower_headers, body, source, spans)
+        else:
+            request = self.prepare(client.lower_headers, upstream_body)
+        front.note_model(client, request)
+        try:
+            answer = self.upstream.responses(request)
+            transform = front.transform(answer, self.log)
+            sink = front.sink(client, transform)
+            on_end = (lambda assembler: self.keep(assembler, request)) if front.keeps else None
+            try:
+                relay(self.upstream, answer, transform, sink, client, on_end)
+            finally:
+                sink.stop()
+        finally:
+            self.turn_done(request)
+        self.upstream.turn_over(request)
+
+    def respond_platform(self, client, body, history, sink, on_kept):
+        """API-key mode, for a socket: the request as a streamed POST to the platform with
+        our key, its events relayed into sink. A previous_response_id the socket knows is
+        expanded here; another is the platform's to resolve."""
+        body = dict(body, stream=True)
+        if history is not None:
+            body.pop("previous_response_id", None)
+            body["input"] = list(history) + input_list(body.get("input"))
+        headers = client.forwardable_headers()
+        headers.update({"Authorization": self.config.api_key_header,
+                        "Content-Type": "application/json", "Accept": "text/event-stream"})
+        answer = self.upstream.exchange("POST", self.config.upstream_url,
+                                        json.dumps(body).encode(), headers)
+        if answer.status != 200:
+            err = translate_upstream_error(answer.status, answer.read_whole(self.upstream.pool))
+            err.headers = answer.forwarded_headers()
+            raise err
+        sent_input = input_list(body.get("input"))
+        relay(self.upstream, HTTPEvents(answer, self.upstream.pool), ResponsesTransform(self.log),
+              sink, client, lambda assembler: on_kept(assembler, sent_input))
+
+    def count_tokens(self, client):
+        """POST /v1/messages/count_tokens: an estimate from the translated request (the
+        backend counts nothing before it answers)."""
+        body = self.json_body(client)[0]
+        estimate = estimate_tokens(messages_to_responses(body, client.lower_headers))
+        client.send_json(200, {"input_tokens": estimate})
+
+    def compact(self, client):
+        """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
+        url = upstream_url_for(self.config.upstream_url, "responses/compact")
+        body, source, spans = self.json_body(client)
+        request = self.prepare(client.lower_headers, body, source, spans)
+        self.turn_done(request)  # nothing of a compaction is kept
+        compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
+        answer = self.upstream.call("POST", url, compact_body, encode_json_object,
+                                    request.session_id, request.headers, "application/json",
+                                    request.version, COMPACT_TIMEOUT)
+        data = answer.read_whole(self.upstream.pool, self.config.max_body_bytes)
+        try:
+            result = json.loads(data)
+            if not isinstance(result, dict) or not isinstance(result.get("output"), list):
+                raise ValueError("no output list")
+        except ValueError:
+            raise ProxyError(502, "The backend's compaction answer was not the JSON expected.",
+                             code="bad_upstream_answer")
+        result.setdefault("id", "resp_" + uuid.uuid4().hex)
+        result.setdefault("object", "response.compaction")
+        result.setdefault("created_at", int(time.time()))
+        client.send_json(200, result, answer.forwarded_headers())
+
+    def retrieve(self, client, response_id):
+        response = self.conversations.get(response_id)
+        if response is None:
+            raise stored_response_not_found(response_id)
+        client.send_json(200, response)
+
+    def delete(self, client, response_id):
+        if not self.conversations.delete(response_id):
+            raise stored_response_not_found(response_id)
+        client.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+    def input_items(self, client, response_id):
+        items = self.conversations.input_items(response_id)
+        if items is None:
+            raise stored_response_not_found(response_id)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
+        first = {name: values[0] for name, values in query.items()}
+        client.send_json(200, input_items_page(items, first.get("after"), first.get("limit"),
+                                               first.get("order")))
+
+    def cancel(self, client, response_id):
+        if self.conversations.get(response_id) is None:
+            raise stored_response_not_found(response_id)
+        raise ProxyError(400, "Response %r cannot be cancelled: only background responses can "
+                         "be, and the ChatGPT subscription backend runs none (`background` is "
+                         "not supported), so it has already finished." % (response_id,),
+                         code="background_not_supported")
+
+    def input_tokens(self, client):
+        raise ProxyError(400, "Counting input tokens is not available on a ChatGPT "
+                         "subscription: its backend has no token-counting endpoint. The "
+                         "`usage.input_tokens` of a response says what a request cost.",
+                         code="input_tokens_not_supported")
+
+    def image_generations(self, client):
+        self.images(client, "images/generations", edit=False)
+
+    def image_edits(self, client):
+        self.images(client, "images/edits", edit=True)
+
+    def images(self, client, endpoint, edit):
+        """POST /v1/images/generations or /edits: the backend's endpoint beside /responses,
+        one JSON answer (data[].b64_json) once the images are made."""
+        url = upstream_url_for(self.config.upstream_url, endpoint)
+        body = self.image_body(client, edit)
+        model = body.get("model") or DEFAULT_IMAGE_MODEL
+        client.log_fields["model"] = model if isinstance(model, str) else None
+        request = image_request(body, edit, self.upstream.dropped_params(model))
+        answer = self.upstream.call("POST", url, request, encode_json_object, None,
+                                    image_request_headers(client.lower_headers),
+                                    "application/json",
+                                    self.client_version.observe(client.lower_headers),
+                                    IMAGES_TIMEOUT)
+        data = answer.read_whole(self.upstream.pool, IMAGE_ANSWER_LIMIT)
+        check_image_answer(data)
+        client.send_whole(200, "application/json", data, answer.forwarded_headers())
+
+    def image_body(self, client, edit):
+        """An image request's JSON object: its JSON body, or for an edit its form's fields."""
+        boundary = multipart_boundary(client.lower_headers.get("content-type")) if edit else None
+        if boundary is None:
+            return self.json_body(client)[0]
+        raw = decode_request_body(client.body, client.lower_headers.get("content-encoding"),
+                                  self.config.max_body_bytes)
+        return image_edit_from_form(parse_multipart_form(raw, boundary))
+
+    def model_catalog(self):
+        """The backend's model list (cached), or None when it cannot be had. Then names go as
+        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
+        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
+        failed = self._model_list_failed
+        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
+            return None
+        try:
+            return self.models_cache.get(self.upstream.models, self.client_version.newest,
+                                         self.log)
+        except ProxyError as e:
+            self._model_list_failed = time.monotonic()
+            self.log.info("the backend's model list is unavailable (%s); model names with an "
+                          "effort in them are sent as they are, and Claude's names go to %s "
+                          "and %s"
+                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
+                             FALLBACK_MODELS[SMALL_MODEL]))
+            return None
+
+    def listed_model_slugs(self):
+        """The backend's listed models; [] when the list cannot be had."""
+        catalog = self.model_catalog()
+        return catalog.listed() if catalog is not None else []
+
+    def platform_url(self, client, with_query=True):
+        """API-key mode: the platform's URL for the client's path (and query)."""
+        parts = urllib.parse.urlsplit(client.path)
+        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
+        url = upstream_url_for(self.config.upstream_url, path)
+        return url + ("?" + parts.query if parts.query and with_query else "")
+
+    def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """prepare_request, with the response its previous_response_id names pinned in the
+        conversation store (see ConversationStore.pin) until turn_done(request)."""
+        previous = body.get("previous_response_id")
+        pinned = previous if isinstance(previous, str) else None
+        if pinned is not None:
+            self.conversations.pin(pinned)
+        try:
+            request = self.prepare_request(client_headers, body, source, spans, history)
+        except BaseException:
+            self.conversations.unpin(pinned)
+            raise
+        request.pinned = pinned
+        return request
+
+    def turn_done(self, request):
+        """The turn is over, its response kept or not: what it continued is no longer held."""
+        pinned, request.pinned = request.pinned, None
+        self.conversations.unpin(pinned)
+
+    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
+        """A client's Responses request made ready for the backend: its item references and
+        previous_response_id expanded (history: the lookup for the latter, by default the
+        conversation store), rewritten, with the headers and the Codex version it goes
+        with."""
+        # The map first: its target may name an effort.
+        body = model_with_effort(self.with_model_mapped(body), self.model_catalog)
+        original = body  # what `source` and `spans` describe: references not yet expanded
+        budget = ExpansionBudget(self.config.max_body_bytes,
+                                 len(source) if source is not None else 0)
+        items = body.get("input")
+        if isinstance(items, list):
+            expanded = self.conversations.expand_references(items, budget)
+            if expanded is not items:
+                body = dict(body, input=expanded)
+        previous = body.get("previous_response_id")
+        earlier = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            earlier = (history or self.conversations.history)(previous, budget)
+            if earlier is None:
+                raise unknown_response_error(previous)
+        note = service_tier_warning(body)
+        if note:
+            self.log.warn_once(*note)
+        upstream_body, session_id = rewrite_request(
+            body, self.config.instructions, client_headers.get("session_id")
+            or client_headers.get("session-id"),
+            self.upstream.dropped_params(body.get("model")), earlier)
+        span = unchanged_span("input", upstream_body["input"], original, spans)
+
+        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
+            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
+                text = source[span[0]:span[1]]
+                return text.decode("ascii") if isinstance(text, bytes) else text
+            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+
+        return PreparedRequest(
+            upstream_body, session_id, previous, body.get("store") is not False,
+            lambda b: encode_json_object(b, original, source, spans),
+            upstream_request_headers(client_headers, upstream_body),
+            self.client_version.observe(client_headers), own_input)
+
+    def with_model_mapped(self, body):
+        """body with its model as map_model() has it (--model-map, then Claude's names)."""
+        model = body.get("model")
+        mapped = map_model(model, self.model_rules, self.listed_model_slugs)
+        if mapped == model:
+            return body
+        self.log.debug("model %s -> %s" % (model, mapped))
+        return dict(body, model=mapped)
+
+    def with_name_effort_first(self, body):
+        """A translated Messages request whose model (or its --model-map target) names an
+        effort, with that effort instead of the request's: Claude Code sends
+        output_config.effort on every request (2.1.332: medium for Claude's names, high for
+        others), so the name's effort, the only one its user chose, would never apply."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
+            return body
+        unset = dict(self.with_model_mapped(body), reasoning={
+            k: v for k, v in reasoning.items() if k != "effort"})
+        named = model_with_effort(unset, self.model_catalog)
+        return body if named is unset else named
+
+    def pass_through(self, client, url):
+        """API-key mode: the request goes as the client sent it, with our key."""
+        headers = client.forwardable_headers()
+        headers["Authorization"] = self.config.api_key_header
+        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
+        relay_as_is(self.upstream, answer, client)
+
+    def json_body(self, client):
+        """(body, source, spans) of the request's JSON object; notes the model for the log."""
+        parsed = json_request_body(client.body, client.lower_headers, self.config.max_body_bytes)
+        body = parsed[0]
+        client.log_fields["model"] = body.get("model") if isinstance(body.get("model"),
+                                                                     str) else None
+        client.log_fields["stream"] = body.get("stream") is True
+        return parsed
+
+    def keep(self, assembler, request):
+        """Keep a finished response for previous_response_id and retrieval, unless its client
+        said `store: false`. A store that fails costs a warning, never the answer the user
+        has paid for."""
+        response_id = (assembler.response or {}).get("id")
+        if not request.store or not isinstance(response_id, str) or \
+                assembler.terminal not in ("response.completed", "response.incomplete"):
+            return
+        try:
+            self.conversations.save(assemble_response(assembler.response, assembler.output()),
+                                    request.previous, request.own_input())
+        except Exception as e:
+            self.log.info("warning: could not keep response %s for "
+                          "previous_response_id: %s" % (response_id, e))
+
+
+class ModelsCache:
+    """The model list for MODELS_CACHE_SECONDS; when the backend fails, the last good list."""
+
+    def __init__(self):
+        self._value = None
+        self._version = None
+        self._fetched = 0.0
+        self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
+
+    def get(self, fetch, version, log):
+        """The list for this Codex version: a newer client may see newer models."""
+        with self._lock:
+            if self._value is not None and self._version == version and \
+                    time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
+                return self._value
+            try:
+                self._value, self._fetched = fetch(version), time.monotonic()
+                self._version = version
+            except ProxyError as e:
+                if self._value is None:
+                    raise
+                log.info("model list unavailable (%s); serving the cached one" % e.message)
+            return self._value
+
+
+# --------------------------------------------------------------------------------------------
+# App: the status page (GET /): what it lists, and the page itself
+# --------------------------------------------------------------------------------------------
+
+RECENT_REQUESTS = 50
+# Tokens are counted per model name the clients sent; past this many names (a client sending
+# made-up ones), the rest are counted together, so the table cannot grow without end.
+COUNTED_MODELS = 100
+OTHER_MODELS = "(other models)"
+# The run-again command when the login is dead (the Codex CLI's `codex login` does it too).
+LOGIN_COMMAND = "python3 codex_responses_proxy.py login"
+
+# User-Agent -> the client's family, first match wins: (start of the UA, or a word in it).
+_CLIENT_FAMILIES = (
+    ("claude-cli/", "Claude Code"),
+    ("codex_cli_rs/", "Codex CLI"), ("codex_exec/", "Codex CLI"), ("codex-tui/", "Codex CLI"),
+    ("codex_vscode/", "Codex IDE"), ("codex_", "Codex app"), ("Codex ", "Codex app"),
+    ("Agents/Python", "openai-agents"),
+    ("OpenAI/Python", "openai-python"), ("OpenAI/JS", "openai-node"),
+    ("Anthropic/Python", "anthropic-python"), ("Anthropic/JS", "anthropic-node"),
+    ("curl/", "curl"), ("python-requests/", "python-requests"), ("python-httpx/", "httpx"),
+    ("Python-urllib/", "Python urllib"), ("Go-http-client/", "Go"), ("Mozilla/", "browser"),
+)
+_CLIENT_WORDS = (("ai-sdk/", "ai-sdk"), (" websockets/", "Python websockets"))
+_PRODUCT_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def client_family(user_agent):
+    """Which kind of client sent a request, from its User-Agent: a short name, never the
+    whole header (which may carry anything)."""
+    agent = (user_agent or "").strip()[:300]
+    if not agent:
+        return "unknown"
+    for word, family in _CLIENT_WORDS:  # the AI SDK adds its word after the runtime's
+        if word in agent:
+            return family
+    for start, family in _CLIENT_FAMILIES:
+        if agent.startswith(start):
+            return family
+    product = _PRODUCT_RE.match(agent)
+    return product.group(0) if product else "other"
+
+
+def listed_route(method, path):
+    """The route as the page lists it: a path this proxy serves, as asked; any other path
+    only as "(unknown path)", as a client's mistyped path may hold anything."""
+    known = path in SERVED_PATHS or _RESPONSE_PATH_RE.match(path)
+    return "%s %s" % (method, path if known else "(unknown path)")
+
+
+def _token_count(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def request_record(method, path, user_agent, fields, status, seconds, when):
+    """One answered request as /status lists it: never a body, a prompt or a key."""
+    model = fields.get("model")
+    error = fields.get("error")
+    return {"at": iso_time(when), "client": client_family(user_agent),
+            "route": listed_route(method, path),
+            "model": model[:100] if isinstance(model, str) else None,
+            "status": status or None, "seconds": round(seconds, 3),
+            "input_tokens": _token_count(fields.get("in")),
+            "cached_tokens": _token_count(fields.get("cached")),
+            "output_tokens": _token_count(fields.get("out")),
+            "error": str(error)[:80] if error else None}
+
+
+class RecentRequests:
+    """The last requests answered, and the tokens spent per model since start."""
+
+    def __init__(self, size=RECENT_REQUESTS):
+        self._ring = collections.deque(maxlen=size)
+        self._models = {}
+        self._lock = threading.Lock()
+
+    def add(self, record):
+        with self._lock:
+            self._ring.append(record)
+            model = record["model"]
+            if model is None:
+                return
+            # "claude-opus-5-5->gpt-5.5": the spend is the backend model's, whoever named it
+            model = model.rpartition("->")[2]
+            if model not in self._models and len(self._models) >= COUNTED_MODELS:
+                model = OTHER_MODELS
+            counts = self._models.setdefault(model, {
+                "requests": 0, "input_tokens": 0, "cached_tokens": 0, "output_tokens": 0})
+            counts["requests"] += 1
+            for name in ("input_tokens", "cached_tokens", "output_tokens"):
+                counts[name] += record[name] or 0
+
+    def report(self):
+        """What /status adds: the recent requests newest first, and tokens per model."""
+        with self._lock:
+            return {"recent_requests": list(reversed(self._ring)),
+                    "tokens_by_model": {model: dict(counts)
+                                        for model, counts in self._models.items()}}
+
+
+PAGE_STYLE = """
+:root { --bg: #f6f7f9; --card: #fff; --text: #1c1e21; --muted: #65676b; --line: #dde0e4;
+  --bar: #e4e6ea; --ok: #1f8a4c; --mid: #c98a00; --high: #d0342c; --accent: #2f6fdf; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #121316; --card: #1c1d21; --text: #e6e7ea; --muted: #9a9ca3; --line: #2e3036;
+    --bar: #2e3036; --ok: #3fb871; --mid: #e0a626; --high: #f0625a; --accent: #6ea0ff; } }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1100px; padding: 12px; background: var(--bg);
+  color: var(--text); font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 12px;
+  margin-bottom: 10px; }
+h1 { font-size: 18px; margin: 0; }
+h2 { font-size: 15px; margin: 0 0 8px; }
+#conn { color: var(--muted); }
+#conn.down { color: var(--high); font-weight: 600; }
+body.down main { opacity: .5; }
+.cards { display: grid; gap: 12px; grid-template-columns: repeat(auto-fit, minmax(280px, 1fr));
+  margin-bottom: 12px; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: 12px; margin-bottom: 12px; min-width: 0; }
+.cards section { margin-bottom: 0; }
+.window { margin-bottom: 12px; }
+.whead { display: flex; justify-content: space-between; gap: 8px; }
+.wname { font-weight: 600; }
+.bar { height: 12px; background: var(--bar); border-radius: 6px; overflow: hidden;
+  margin: 4px 0; }
+.fill { height: 100%; background: var(--ok); }
+.fill.mid { background: var(--mid); }
+.fill.high { background: var(--high); }
+.muted, .reset { color: var(--muted); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 12px; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.bad { color: var(--high); }
+code { background: var(--bar); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line);
+  white-space: nowrap; }
+th { color: var(--muted); font-weight: 600; }
+td.num, th.num { text-align: right; }
+td.wrap { white-space: normal; }
+form { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
+form label { flex-basis: 100%; }
+input { flex: 1 1 200px; padding: 6px; font: inherit; color: var(--text);
+  background: var(--bg); border: 1px solid var(--line); border-radius: 4px; }
+button { padding: 6px 12px; font: inherit; color: #fff; background: var(--accent);
+  border: 0; border-radius: 4px; }
+footer { color: var(--muted); font-size: 12px; }
+@media (max-width: 600px) { body { padding: 6px; font-size: 13px; }
+  th, td { padding: 3px 5px; } }
+"""
+
+PAGE_HTML = ("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>codex-responses-proxy</title>
+<style>%s</style>
+<script type="module" src="/ui.js"></script>
+</head>
+<body>
+<header><h1>codex-responses-proxy</h1><span id="about"></span>
+<span id="conn">connecting\u2026</span></header>
+<section id="keybox" hidden>
+<form id="keyform">
+<label for="key">This proxy asks for its client key (the one in --client-key-file or
+$CODEX_PROXY_CLIENT_KEY). The page keeps it in this tab only, until the tab closes.</label>
+<input id="key" type="password" autocomplete="off" required>
+<button id="keysend" type="submit">Show the status</button>
+</form>
+<p id="keyerror" class="bad" hidden></p>
+</section>
+<main id="main">
+<div class="cards">
+<section id="quota"><h2>Quota</h2>
+<div id="windows"><p class="muted">Loading\u2026</p></div><p id="credits" hidden></p></section>
+<section id="login"><h2>Login</h2>
+<dl id="logindl"></dl><p id="relogin" class="bad" hidden></p></section>
+<section id="traffic"><h2>Traffic</h2><dl id="trafficdl"></dl></section>
+</div>
+<section id="recent"><h2>Recent requests</h2><div class="scroll"><table>
+<thead><tr><th>Time</th><th>Client</th><th>Route</th><th>Model</th><th>Status</th>
+<th class="num">Duration</th><th class="num">Input</th><th class="num">Cached</th>
+<th class="num">Output</th></tr></thead>
+<tbody id="recentrows"></tbody></table></div></section>
+<section id="models"><h2>Tokens per model since start</h2><div class="scroll"><table>
+<thead><tr><th>Model</th><th class="num">Requests</th><th class="num">Input</th>
+<th class="num">Cached</th><th class="num">Output</th></tr></thead>
+<tbody id="modelrows"></tbody></table></div></section>
+</main>
+<footer>Read-only: this page shows what <code>/status</code> answers (JSON, for monitors),
+every few seconds. Its own requests are not listed.</footer>
+</body>
+</html>
+""" % PAGE_STYLE).encode()
+
+PAGE_SCRIPT = r"""
+const POLL_MS = 3000;
+const KEY_ITEM = "codex-responses-proxy client key";
+let doc = null;          // the last /status answer
+let docAt = 0;           // when it came, by this browser's clock
+let downSince = null;    // when /status stopped answering
+let downWhy = "";
+let timer = null;
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const [text, cls] of cells) tr.append(el("td", text, cls));
+  return tr;
+}
+
+function dl(box, pairs) {
+  box.replaceChildren();
+  for (const [name, value, cls] of pairs) {
+    if (value === undefined) continue;
+    box.append(el("dt", name), el("dd", value === null ? "\u2014" : value, cls));
+  }
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+function clock(date) {
+  return pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds());
+}
+function when(iso) {
+  if (!iso) return null;
+  const d = new Date(iso);
+  if (isNaN(d)) return iso;
+  const today = new Date().toDateString() === d.toDateString();
+  return (today ? "" : d.toLocaleDateString() + " ") + clock(d);
+}
+function duration(seconds) {
+  seconds = Math.max(0, Math.round(seconds));
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600);
+  const m = Math.floor(seconds % 3600 / 60), s = seconds % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + pad(m) + " min";
+  if (m) return m + " min " + pad(s) + " s";
+  return s + " s";
+}
+const elapsed = () => (Date.now() - docAt) / 1000;
+const num = (n) => (n === null || n === undefined) ? "\u2014" : Number(n).toLocaleString("en-US");
+
+function windowName(w) {
+  const m = w.window_minutes;
+  if (!m) return w.slot + " window";
+  if (m % 1440 === 0) return (m / 1440) + (m === 1440 ? " day" : " days");
+  if (m % 60 === 0) return (m / 60) + " h";
+  return m + " min";
+}
+
+function renderQuota(q) {
+  const box = $("windows");
+  box.replaceChildren();
+  const windows = (q && q.windows) || [];
+  if (!windows.length) {
+    box.append(el("p", "No quota reported yet: the backend tells it with its answers, so it " +
+                       "shows after the first request.", "muted"));
+  }
+  for (const w of windows) {
+    const used = typeof w.used_percent === "number" ? w.used_percent : null;
+    const div = el("div", null, "window");
+    const head = el("div", null, "whead");
+    head.append(el("span", windowName(w), "wname"),
+                el("span", used === null ? "use not reported" : used + "% used", "wpct"));
+    const bar = el("div", null, "bar");
+    const fill = el("div", null, "fill" + (used >= 90 ? " high" : used >= 70 ? " mid" : ""));
+    fill.style.width = Math.min(100, Math.max(0, used || 0)) + "%";
+    bar.setAttribute("role", "progressbar");
+    bar.setAttribute("aria-valuenow", String(used || 0));
+    bar.append(fill);
+    const reset = w.resets_in_seconds === null || w.resets_in_seconds === undefined
+      ? "reset time not reported"
+      : "resets in " + duration(w.resets_in_seconds - elapsed()) + " (" + when(w.resets_at) + ")";
+    div.append(head, bar, el("div", reset, "reset"));
+    box.append(div);
+  }
+  const c = (q && q.credits) || {};
+  const yes = (v) => String(v).toLowerCase() === "true";
+  let credits = null;
+  if (yes(c.unlimited)) credits = "Credits: unlimited";
+  else if (c.balance !== null && c.balance !== undefined) credits = "Credits: " + c.balance;
+  else if (c.has_credits !== null && c.has_credits !== undefined)
+    credits = yes(c.has_credits) ? "Credits: yes" : "Credits: none";
+  $("credits").hidden = credits === null;
+  $("credits").textContent = credits || "";
+}
+
+function renderLogin(s) {
+  const box = $("logindl"), relogin = $("relogin");
+  relogin.hidden = true;
+  if (s.mode === "apikey") {
+    dl(box, [["Mode", "API key, forwarded to the platform"], ["Key from", s.api_key_from],
+             ["Forwards to", s.upstream]]);
+    return;
+  }
+  const l = s.login || {};
+  const attempt = l.last_refresh_attempt;
+  const expires = l.access_token_expires_in_seconds;
+  let expiry = null;
+  if (typeof expires === "number") {
+    const left = expires - elapsed();
+    expiry = left > 0 ? "in " + duration(left) + " (" + when(l.access_token_expires_at) + ")"
+                      : "expired " + duration(-left) + " ago; refreshed at the next request";
+  }
+  dl(box, [
+    ["Login", l.ok ? "ok" : l.error || "not usable", l.ok ? null : "bad"],
+    ["Account", l.ok ? l.account_id : undefined],
+    ["Plan", l.ok ? l.plan_type : undefined],
+    ["Access token", l.ok ? expiry : undefined],
+    ["Last refresh", l.ok ? when(l.last_refresh) : undefined],
+    ["Refresh here",
+     attempt ? when(attempt.at) + (attempt.ok ? ": ok" : ": failed: " + attempt.error)
+             : "none since start", attempt && !attempt.ok ? "bad" : null],
+    ["Login file", l.auth_file],
+  ]);
+  if (!l.ok || (attempt && !attempt.ok)) {
+    relogin.replaceChildren("To log in again, run ", el("code", l.login_command),
+                            " (or codex login) on the proxy's machine; the proxy picks the new " +
+                            "login up by itself.");
+    relogin.hidden = false;
+  }
+}
+
+function renderTraffic(s) {
+  const r = s.requests || {}, ws = s.websocket || {}, c = s.connections || {};
+  const codes = Object.entries(r.by_status || {}).sort();
+  const errors = codes.filter(([code]) => Number(code) >= 400 || code === "none")
+                      .reduce((sum, [, n]) => sum + n, 0);
+  const t = s.upstream_transport;
+  dl($("trafficdl"), [
+    ["In flight", num(r.in_flight)],
+    ["Connections", num(c.open) + " open of " + num(c.limit)],
+    ["WebSockets", num(ws.connections_open) + " open, " + num(ws.responses) + " responses"],
+    ["Requests", num(r.total) + " since start"],
+    ["By status", codes.length ? codes.map(([code, n]) => code + " \u00d7 " + n).join(", ")
+                               : "none yet"],
+    ["Errors", num(errors), errors ? "bad" : null],
+    ["To backend", t ? (t.in_use === "websocket" ? "WebSocket" : "HTTP") + " (" + t.why + ")"
+                     : "HTTP, forwarded as is"],
+  ]);
+}
+
+function renderRecent(list) {
+  const body = $("recentrows");
+  body.replaceChildren();
+  if (!list || !list.length) {
+    const tr = row([["No requests yet.", "muted"]]);
+    tr.firstChild.colSpan = 9;
+    body.append(tr);
+    return;
+  }
+  for (const r of list) {
+    const status = (r.status === null ? "\u2014" : r.status) + (r.error ? " " + r.error : "");
+    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014", "wrap"],
+                     [status, r.status >= 400 || !r.status ? "bad wrap" : "wrap"],
+                     [r.seconds.toFixed(2) + " s", "num"], [num(r.input_tokens), "num"],
+                     [num(r.cached_tokens), "num"], [num(r.output_tokens), "num"]]));
+  }
+}
+
+function renderModels(models) {
+  const body = $("modelrows");
+  body.replaceChildren();
+  const entries = Object.entries(models || {}).sort(
+    (a, b) => (b[1].input_tokens + b[1].output_tokens) - (a[1].input_tokens + a[1].output_tokens));
+  if (!entries.length) {
+    const tr = row([["No tokens counted yet.", "muted"]]);
+    tr.firstChild.colSpan = 5;
+    body.append(tr);
+  }
+  for (const [model, n] of entries) {
+    body.append(row([[model], [num(n.requests), "num"], [num(n.input_tokens), "num"],
+                     [num(n.cached_tokens), "num"], [num(n.output_tokens), "num"]]));
+  }
+}
+
+function render() {
+  if (downSince) {
+    $("conn").textContent = downWhy + " since " + clock(downSince) + "; trying again";
+  } else if (doc) {
+    $("conn").textContent = "updated " + clock(new Date(docAt));
+  }
+  $("conn").className = downSince ? "down" : "";
+  document.body.classList.toggle("down", !!downSince);
+  if (!doc) return;
+  $("about").textContent = "v" + doc.version + ", up " + duration(doc.uptime_seconds + elapsed());
+  renderQuota(doc.quota);
+  renderLogin(doc);
+  renderTraffic(doc);
+  renderRecent(doc.recent_requests);
+  renderModels(doc.tokens_by_model);
+}
+
+function askForKey(message) {
+  $("keybox").hidden = false;
+  $("main").hidden = true;
+  $("keyerror").hidden = !message;
+  $("keyerror").textContent = message || "";
+  $("conn").textContent = "waiting for the client key";
+  $("key").focus();
+}
+
+async function poll() {
+  clearTimeout(timer);
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = key ? {"Authorization": "Bearer " + key} : {};
+  try {
+    const resp = await fetch("/status", {headers: headers, cache: "no-store"});
+    if (resp.status === 401) {
+      sessionStorage.removeItem(KEY_ITEM);
+      askForKey(key ? "The proxy refused that key." : null);
+      return;  // asked again once a key is given
+    }
+    if (!resp.ok) {
+      downWhy = "the proxy answers HTTP " + resp.status;
+      downSince = downSince || new Date();
+      render();
+      timer = setTimeout(poll, POLL_MS);
+      return;
+    }
+    doc = await resp.json();
+    docAt = Date.now();
+    downSince = null;
+    $("keybox").hidden = true;
+    $("main").hidden = false;
+  } catch (e) {
+    downWhy = "not reachable";
+    downSince = downSince || new Date();
+  }
+  render();
+  timer = setTimeout(poll, POLL_MS);
+}
+
+$("keyform").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("key").value.trim());
+  $("key").value = "";
+  poll();
+});
+setInterval(() => { if (doc) render(); }, 1000);
+poll();
+""".encode()
+
+# The favicon browsers ask for on their own: a dot, so no 404 shows up for it.
+PAGE_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+             b'<circle cx="8" cy="8" r="7" fill="#2f6fdf"/></svg>')
+
+# No script but /ui.js, no inline style but the page's own block (by its hash), no framing
+# (clickjacking), nothing loaded from elsewhere, nothing sent anywhere but /status.
+PAGE_HEADERS = [
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'sha256-%s'; connect-src 'self'; "
+     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+     % base64.b64encode(hashlib.sha256(PAGE_STYLE.encode()).digest()).decode()),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-cache"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Front ends: how a client's request maps onto a Responses request, and how the
+# Responses events map back (a transform), into the sink the client asked for
+# --------------------------------------------------------------------------------------------
+
+class ResponsesFrontEnd:
+    """Responses as is: the request goes as the client sent it (rewritten for the backend),
+    its events come back as they came; a finished response is kept for
+    previous_response_id."""
+
+    keeps = True
+
+    def __init__(self, body, headers):
+        self.body = body
+        self.stream = body.get("stream") is True
+
+    def responses_body(self, app):
+        return self.body
+
+    def note_model(self, client, request):
+        note_model_sent(client, self.body, request)
+
+    def transform(self, answer, log):
+        return ResponsesTransform(log)
+
+    def sink(self, client, transform):
+        return SSESink(client) if self.stream else CollectedSink(client)
+
+
+class ChatFrontEnd(ResponsesFrontEnd):
+    """Chat Completions: the chat request as a Responses one (chat_to_responses), the events
+    as chat chunks or one chat completion (ChatTransform)."""
+
+    keeps = False
+
+    def responses_body(self, app):
+        return chat_to_responses(self.body)
+
+    def transform(self, answer, log):
+        options = self.body.get("stream_options")
+        include_usage = bool(options.get("include_usage")) if isinstance(options, dict) \
+            else False
+        return ChatTransform(self.body.get("model"), include_usage, log)
+
+
+class MessagesFrontEnd(ResponsesFrontEnd):
+    """Anthropic Messages: the request as a Responses one (messages_to_responses), the events
+    as Messages events or one message (MessagesTransform); a stop sequence cuts the
+    upstream."""
+
+    keeps = False
+
+    def __init__(self, body, headers):
+        super().__init__(body, headers)
+        self.headers = headers
+        self.stops = ()
+
+    def responses_body(self, app):
+        upstream_body = app.with_name_effort_first(messages_to_responses(self.body,
+                                                                         self.headers))
+        self.stops = messages_stop_sequences(self.body)
+        return upstream_body
+
+    def note_model(self, client, request):
+        model = request.body.get("model")
+        if model != self.body["model"]:  # the log says where a name went
+            client.log_fields["model"] = "%s->%s" % (self.body["model"], model)
+
+    def transform(self, answer, log):
+        return MessagesTransform(MessagesStream(self.body["model"], long_tool_names(self.body),
+                                                self.stops, streaming=self.stream),
+                                 log, cut=answer.close)
+
+    def sink(self, client, transform):
+        return MessagesSSESink(client, transform) if self.stream else CollectedSink(client)
+
+
+# --------------------------------------------------------------------------------------------
+# Front ends: Responses requests rewritten for the backend (pure)
 # --------------------------------------------------------------------------------------------
 
 # Left out before the first try: the backend answers 400 "Unsupported parameter" to each (the
@@ -1696,253 +3295,6 @@ ACCEPTED_SERVICE_TIER = "priority"
 # else, and the client should hear of the refusal instead.
 ESSENTIAL_PARAMS = ("model", "input", "instructions", "stream", "store", "tools", "tool_choice",
                     "reasoning", "text", "include", "prompt", "images", "mask")
-
-
-def _inflate(raw, wbits, limit):
-    """zlib, raw deflate or gzip (wbits 15, -15, 31) data, inflated to at most limit bytes
-    (None: no limit), so that a small compressed body cannot expand to gigabytes.
-
-    Linear in len(raw) however many gzip members it holds: each member's decompressor gets
-    the input in windows that start small and double, because at a member's end zlib copies
-    whatever input it was given beyond that end (unused_data). Fed the whole remaining body,
-    a body of 20-byte members costs quadratic time (1 MB: over a second; 32 MB: minutes)."""
-    view = memoryview(raw)
-    pieces, size, pos = [], 0, 0
-    while True:
-        d = zlib.decompressobj(wbits)
-        window = _INFLATE_FIRST_WINDOW
-        while not d.eof and pos < len(view):
-            chunk = view[pos:pos + window]
-            piece = d.decompress(chunk, 0 if limit is None else limit + 1 - size)
-            pieces.append(piece)
-            size += len(piece)
-            if limit is not None and size > limit:
-                raise ProxyError(413, "The request body is over the limit of %d bytes once "
-                                 "decompressed." % limit, code="request_too_large")
-            pos += len(chunk) - len(d.unused_data)  # all of it, unless the member ended
-            window = min(window * 2, _INFLATE_MAX_WINDOW)
-        if not d.eof:
-            raise ValueError("the compressed data ends early")
-        if wbits != 31 or pos >= len(view):  # a gzip body may hold several members
-            return b"".join(pieces)
-
-
-_INFLATE_FIRST_WINDOW = 64  # about three of the smallest gzip members
-_INFLATE_MAX_WINDOW = 1 << 20
-
-
-def decode_request_body(raw, content_encoding, limit=None):
-    """Undo Content-Encoding; the backend takes plain JSON from us. The decoded body is held
-    to limit bytes too."""
-    encoding = (content_encoding or "identity").strip().lower()
-    try:
-        if encoding in ("", "identity"):
-            return raw
-        if encoding in ("gzip", "x-gzip"):
-            return _inflate(raw, 16 + zlib.MAX_WBITS, limit)
-        if encoding == "deflate":
-            try:
-                return _inflate(raw, zlib.MAX_WBITS, limit)
-            except zlib.error:
-                return _inflate(raw, -zlib.MAX_WBITS, limit)  # raw deflate, as some clients send
-        if encoding == "zstd":
-            if zstd is None:
-                raise ProxyError(415, "This Python (%d.%d) cannot decode zstd request bodies "
-                                 "(that needs 3.14+). Send the body uncompressed, or with gzip."
-                                 % sys.version_info[:2], code="unsupported_content_encoding")
-            decompressor = zstd.ZstdDecompressor()
-            out = decompressor.decompress(raw, -1 if limit is None else limit + 1)
-            if limit is not None and len(out) > limit:
-                raise ProxyError(413, "The request body is over the limit of %d bytes once "
-                                 "decompressed." % limit, code="request_too_large")
-            if not decompressor.eof:
-                raise ValueError("the compressed data ends early")
-            return out
-    except (OSError, EOFError, zlib.error, ValueError) + _ZSTD_ERRORS as e:
-        raise ProxyError(400, "The request body is not valid %s data: %s" % (encoding, e),
-                         code="invalid_body")
-    raise ProxyError(415, "Unsupported Content-Encoding %r; use gzip, deflate or none."
-                     % encoding, code="unsupported_content_encoding")
-
-
-class _NotJSON(ValueError):
-    """A value Python's json module takes but JSON has no place for."""
-
-
-def _no_constant(name):
-    raise _NotJSON("%s, which is not a JSON number" % name)
-
-
-def _finite_float(text):
-    value = float(text)
-    if value in (_INF, -_INF):
-        raise _NotJSON("%s, beyond the range of a JSON number (a double)" % text)
-    return value
-
-
-_INF = float("inf")
-# Python's json takes NaN, Infinity, -Infinity and 1e999 (inf); none is JSON, and sent on
-# they would reach the backend as bare NaN/Infinity tokens.
-_JSON_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-# Deeper nesting is refused with a 400: Python's json parses up to ~1000 levels but cannot
-# encode them again. 128 is far beyond what requests hold (tool schemas nest a dozen or so).
-MAX_JSON_DEPTH = 128
-_CONTAINERS = (dict, list)
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _too_deep(value):
-    """Whether value, standing in a top-level field, nests past MAX_JSON_DEPTH (the body
-    itself is level 1). Level by level, not recursively: a deep value costs no stack."""
-    level = [value] if type(value) in _CONTAINERS else []
-    for _ in range(MAX_JSON_DEPTH - 1):
-        if not level:
-            return False
-        level = [child for container in level
-                 for child in (container.values() if type(container) is dict else container)
-                 if type(child) in _CONTAINERS]
-    return bool(level)
-
-
-def _has_lone_surrogate(value):
-    """Whether a str in value (keys too) holds half of a surrogate pair: the parser makes one
-    of a "\\ud800" escape that no low half follows. It cannot be encoded as UTF-8: not text.
-    Level by level, one regex search per level, as this runs on every body with an emoji."""
-    level = [value]
-    while level:
-        if _SURROGATE.search("".join([v for v in level if type(v) is str])):
-            return True
-        nested = []
-        for v in level:
-            kind = type(v)
-            if kind is dict:
-                nested += v
-                nested += v.values()
-            elif kind is list:
-                nested += v
-        level = nested
-    return False
-
-
-def _check_json_values(body, text):
-    """400 for what parses but must not go on: nesting past MAX_JSON_DEPTH, lone surrogates.
-    Both checks are skipped when the text shows they cannot apply, as it does for most bodies."""
-    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
-    surrogates = _SURROGATE_ESCAPE.search(text) is not None
-    if not (deep or surrogates):
-        return
-    for key, value in body.items():
-        param = None if surrogates and _SURROGATE.search(key) else key
-        if deep and _too_deep(value):
-            raise _too_deep_error(param)
-        if surrogates and (param is None or _has_lone_surrogate(value)):
-            raise ProxyError(400, "The request body is not valid JSON: %s holds a lone UTF-16 "
-                             "surrogate escape (like \\ud800 without its pair), which is not "
-                             "text. Send the character itself, or its full surrogate pair."
-                             % ("`%s`" % key if param else "a field name"), param=param,
-                             code="invalid_json")
-
-
-def _too_deep_error(param):
-    return ProxyError(400, "The request body nests arrays and objects more than %d levels deep%s, "
-                      "the most this proxy accepts. Flatten the structure, or send deep data "
-                      "as a string." % (MAX_JSON_DEPTH, " (in `%s`)" % param if param else ""),
-                      param=param, code="invalid_json")
-
-
-def parse_json_object(raw):
-    """The request body -> (dict, source, spans): spans[key] is where that top-level value
-    stands in source, so encode_json_object() can send an unchanged value (a long `input`) on
-    as the client's own bytes instead of encoding it again, which costs ~10 ms per 2 MB."""
-    try:
-        if raw[:3] == _UTF8_BOM:
-            raw = raw[3:]  # offsets in text must be offsets in raw (see the return below)
-        text = raw.decode("utf-8")
-        pos = _JSON_SPACE.match(text).end()
-        if text[pos:pos + 1] != "{":
-            value = json.loads(text)  # valid but not an object, or invalid: say which below
-            raise TypeError(type(value).__name__)
-        body, spans = {}, {}
-        pos = _JSON_SPACE.match(text, pos + 1).end()
-        if text[pos:pos + 1] == "}":
-            pos += 1
-        else:
-            while True:
-                if text[pos:pos + 1] != '"':
-                    raise json.JSONDecodeError("Expecting property name", text, pos)
-                key, pos = _JSON_DECODER.raw_decode(text, pos)
-                pos = _JSON_SPACE.match(text, pos).end()
-                if text[pos:pos + 1] != ":":
-                    raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
-                start = _JSON_SPACE.match(text, pos + 1).end()
-                try:
-                    body[key], pos = _JSON_DECODER.raw_decode(text, start)
-                except _NotJSON as e:
-                    raise ProxyError(400, "The request body is not valid JSON: `%s` holds %s. "
-                                     "Send a finite number (or null)." % (key, e), param=key,
-                                     code="invalid_json")
-                except RecursionError:
-                    raise _too_deep_error(key)
-                spans[key] = (start, pos)
-                pos = _JSON_SPACE.match(text, pos).end()
-                if text[pos:pos + 1] == ",":
-                    pos = _JSON_SPACE.match(text, pos + 1).end()
-                elif text[pos:pos + 1] == "}":
-                    pos += 1
-                    break
-                else:
-                    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-        if _JSON_SPACE.match(text, pos).end() != len(text):
-            raise json.JSONDecodeError("Extra data", text, pos)
-    except RecursionError:
-        raise _too_deep_error(None)
-    except TypeError:
-        raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
-    except UnicodeDecodeError:
-        raise ProxyError(400, "The request body is not valid UTF-8.", code="invalid_json")
-    except ValueError as e:
-        raise ProxyError(400, "The request body is not valid JSON (%s)." % e, code="invalid_json")
-    _check_json_values(body, text)
-    # ASCII (what most SDKs send): offsets in text are offsets in raw, whose bytes can then be
-    # copied as they are, without encoding 2 MB of str again.
-    return body, (raw if text.isascii() else text), spans
-
-
-def unchanged_span(key, value, original, spans):
-    """Where value stands in the client's source, if it is still the very object
-    parse_json_object() found at original[key]; else None."""
-    span = spans.get(key) if spans else None
-    if span is not None and isinstance(value, (list, dict)) and original.get(key) is value:
-        return span
-    return None
-
-
-def encode_json_object(body, original=None, source=None, spans=None):
-    """body as compact JSON bytes; values that are still the very objects parse_json_object()
-    found in `original` are copied from the client's `source`, in a single copy."""
-    if not spans or len(source) < 65536:  # splicing pays for large bodies only
-        return json.dumps(body, separators=(",", ":")).encode()
-    as_bytes = isinstance(source, bytes)
-    view = memoryview(source) if as_bytes else source
-    pieces = [b"{" if as_bytes else "{"]
-    for key, value in body.items():
-        head = ("," if len(pieces) > 1 else "") + json.dumps(key) + ":"
-        span = unchanged_span(key, value, original, spans)
-        if span is not None:
-            piece = view[span[0]:span[1]]
-        else:
-            piece = json.dumps(value, separators=(",", ":"))
-            head += piece
-            piece = None
-        pieces.append(head.encode() if as_bytes else head)
-        if piece is not None:
-            pieces.append(piece)
-    pieces.append(b"}" if as_bytes else "}")
-    if as_bytes:
-        return b"".join(pieces)
-    return "".join(pieces).encode("utf-8", "surrogatepass")
 
 
 _SEED_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
@@ -2063,587 +3415,104 @@ def unsupported_parameter(status, body):
 
 
 # --------------------------------------------------------------------------------------------
-# The Codex version presented and the client headers passed on (pure)
+# Front ends: reasoning effort in a model name (pure): "gpt-5.5-high" or "gpt-5.5(high)"
+# is gpt-5.5 with reasoning.effort "high", for clients that can only name a model
 # --------------------------------------------------------------------------------------------
 
-# A version as the Codex CLI writes it: 0.171.0, or 0.172.0-alpha.3 for a pre-release. [0-9],
-# not \d, which would take other scripts' digits too.
-_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})"
-                         r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
-# The User-Agent of a Codex CLI or app: "<originator>/<version> (<os>; <arch>) <terminal>".
-# Only Codex's own originators: another client's "name/1.2.3" is no Codex version.
-_CODEX_USER_AGENT_RE = re.compile(r"(?:codex_cli_rs|codex_exec|codex-tui|codex_vscode|"
-                                  r"codex_atlas|codex_chatgpt_desktop|Codex [A-Za-z]{1,30})"
-                                  r"/([0-9A-Za-z.-]{1,80})(?=[ (;]|\Z)")
+# The efforts the Codex CLI knows. Only these make a "-suffix" an effort: a name like
+# "gpt-5.1-codex-mini" must not cost a model-list lookup, nor be read as an effort "mini".
+KNOWN_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+_PAREN_EFFORT_RE = re.compile(r"(.+)\(([A-Za-z]{1,20})\)\Z", re.S)
 
 
-def parse_codex_version(text):
-    """'0.172.0-alpha.3' -> a key that orders versions as semantic versioning does (a
-    pre-release before its release); None for anything that is not such a version."""
-    if not isinstance(text, str) or len(text) > 80:
+def effort_in_name(name):
+    """(model, effort) when name has the shape of MODEL(EFFORT), any word in the parentheses,
+    or MODEL-EFFORT with a known effort; else None. Whether MODEL is a model is not asked
+    here."""
+    if not isinstance(name, str):
         return None
-    m = _VERSION_RE.match(text.strip())
-    if not m:
-        return None
-    release = tuple(int(n) for n in m.group(1, 2, 3))
-    if m.group(4) is None:
-        return release + ((1,),)
-    return release + ((0,) + tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
-                                   for part in m.group(4).split(".")),)
+    m = _PAREN_EFFORT_RE.match(name)
+    if m:
+        return m.group(1).rstrip(), m.group(2).lower()
+    model, dash, effort = name.rpartition("-")
+    if dash and model and effort.lower() in KNOWN_EFFORTS:
+        return model, effort.lower()
+    return None
 
 
-def client_codex_version(headers):
-    """The Codex version a request names, from its `version` header (sent by the CLI's
-    built-in provider) or its User-Agent (sent by every Codex client): (key, text), the newer
-    of the two, or None. headers: names lower-cased."""
-    agent = _CODEX_USER_AGENT_RE.match((headers.get("user-agent") or "")[:200])
-    texts = ((headers.get("version") or "").strip(), agent.group(1) if agent else "")
-    found = [(key, text) for key, text in ((parse_codex_version(t), t) for t in texts) if key]
-    return max(found) if found else None
+class ModelCatalog:
+    """The backend's model list as fetched: every model it names, whatever its visibility
+    (a hidden one is still a name that must never be split), with its reasoning efforts."""
+
+    def __init__(self, models, fetched_at):
+        self.models = [m for m in models if isinstance(m, dict) and isinstance(m.get("slug"),
+                                                                               str)]
+        self.created = int(fetched_at)
+        self.efforts = {m["slug"]: tuple(
+            level["effort"] for level in m.get("supported_reasoning_levels") or ()
+            if isinstance(level, dict) and isinstance(level.get("effort"), str))
+            for m in self.models}
+
+    def listed(self):
+        """The slugs of the models a model picker should show, in the backend's order."""
+        return [m["slug"] for m in self.models if m.get("visibility") == "list"]
+
+    def openai_list(self, with_efforts=False):
+        """GET /v1/models in OpenAI's shape; with_efforts adds MODEL-EFFORT for each effort a
+        listed model offers (--list-effort-models)."""
+        ids = []
+        for slug in self.listed():
+            ids.append(slug)
+            if with_efforts:
+                ids.extend(v for v in ("%s-%s" % (slug, e) for e in self.efforts[slug])
+                           if v not in self.efforts)
+        return {"object": "list", "data": [
+            {"id": i, "object": "model", "created": self.created, "owned_by": "openai"}
+            for i in ids]}
 
 
-class ClientVersion:
-    """The Codex version to present upstream. The backend gates new models on it, so a request
-    from a Codex CLI newer than --client-version goes with the CLI's own version, and the
-    model list is asked for with the newest version seen."""
-
-    def __init__(self, configured):
-        self.configured = configured
-        self._configured_key = parse_codex_version(configured) or ()
-        self._newest = (self._configured_key, configured)
-        self._lock = threading.Lock()
-
-    def observe(self, headers):
-        """The version to send for this request (headers: names lower-cased)."""
-        seen = client_codex_version(headers)
-        if seen is None or seen[0] <= self._configured_key:
-            return self.configured
-        with self._lock:
-            if seen[0] > self._newest[0]:
-                self._newest = seen
-        return seen[1]
-
-    @property
-    def newest(self):
-        return self._newest[1]
-
-
-RESPONSES_LITE_HEADER = "x-openai-internal-codex-responses-lite"
-ROUTING_HINT_HEADER = "x-codex-routing-hint"
-# A client's (the Codex CLI's) request headers passed on as they are, besides every x-codex-*
-# one. The responses-lite marker must arrive whenever the client sent it: it tells the backend
-# the request has the lite shape (no top-level tools; they come as an input item).
-# Nothing else is: Accept-Encoding above all, as the backend may then compress its stream.
-FORWARDED_CLIENT_HEADERS = ("x-openai-subagent", "x-client-request-id", RESPONSES_LITE_HEADER)
-_ROUTING_SLUG_RE = re.compile(r"[A-Za-z0-9._:/+-]{1,200}\Z")
+def model_with_effort(body, catalog):
+    """A Responses request whose model names an effort (see effort_in_name) -> the request
+    for the model alone, with that reasoning.effort unless the request sets its own. A name
+    the backend lists is never split; nor is one whose MODEL it does not list (the backend
+    then says the model is unknown). An effort MODEL does not offer is a 400 naming those it
+    does. catalog() -> the ModelCatalog, or None when there is none to be had (the name then
+    goes as it is); asked only for a name of that shape. Pure: body is left untouched."""
+    name = body.get("model")
+    parts = effort_in_name(name)
+    if parts is None:
+        return body
+    known = catalog()
+    if known is None or name in known.efforts or parts[0] not in known.efforts:
+        return body
+    model, effort = parts
+    offered = known.efforts[model]
+    if effort not in offered:
+        raise ProxyError(
+            400, "Model %r has no reasoning effort %r%s. Name it as MODEL-EFFORT or "
+            "MODEL(EFFORT) with one of its efforts, or set reasoning.effort."
+            % (model, effort, "; it offers: " + ", ".join(offered) if offered
+               else "; it offers none to choose from"), param="model", code="unsupported_value")
+    out = dict(body, model=model)
+    reasoning = body.get("reasoning")
+    if reasoning is None:
+        out["reasoning"] = {"effort": effort}
+    elif isinstance(reasoning, dict) and reasoning.get("effort") is None:
+        out["reasoning"] = dict(reasoning, effort=effort)
+    return out
 
 
-def routing_hint(body):
-    """x-codex-routing-hint as the Codex CLI sends it to chatgpt.com: "model=<slug>", plus
-    ";tier=<tier>" when the request names a service tier. None when the model is missing or
-    no safe header value (a client's model could hold a line break)."""
-    model, tier = body.get("model"), body.get("service_tier")
-    if not isinstance(model, str) or not _ROUTING_SLUG_RE.match(model):
-        return None
-    if isinstance(tier, str) and _ROUTING_SLUG_RE.match(tier):
-        return "model=%s;tier=%s" % (model, tier)
-    return "model=" + model
-
-
-def upstream_request_headers(client_headers, body):
-    """The headers a Codex request carries upstream on account of its client, as (name,
-    value) pairs: the one place that decides them. client_headers: the client's, names
-    lower-cased; body: the request as sent upstream. The client's own routing hint is
-    replaced by one for the body actually sent (its model, the tier left in it)."""
-    headers = [(name, value) for name, value in client_headers.items()
-               if (name.startswith("x-codex-") or name in FORWARDED_CLIENT_HEADERS)
-               and name != ROUTING_HINT_HEADER]
-    hint = routing_hint(body)
-    if hint:
-        headers.append((ROUTING_HINT_HEADER, hint))
-    return headers
-
-
-HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailers", "transfer-encoding", "upgrade")
-# API-key mode copies the client's headers, as codex responses-api-proxy does, except these:
-# ours replace them (Authorization, Host, Content-Length) or they are the client's own secrets.
-NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "cookie",
-                                    "x-api-key", "expect")
-# ... and, for a WebSocket's requests (each a streamed POST), those of the upgrade itself.
-NOT_FORWARDED_FROM_WEBSOCKET = ("accept", "accept-encoding", "content-type", "openai-beta",
-                                "origin")
-
-
-def platform_request_headers(client_headers, from_websocket=False):
-    """API-key mode: the client's headers (name, value pairs as it wrote them) that go to the
-    platform; of duplicates the first, the one the access checks saw."""
-    headers, seen = {}, set()
-    for name, value in client_headers:
-        lower = name.lower()
-        if lower not in seen and lower not in NOT_FORWARDED_AS_IS and not (
-                from_websocket and (lower in NOT_FORWARDED_FROM_WEBSOCKET
-                                    or lower.startswith("sec-websocket-"))):
-            headers[name] = value
-        seen.add(lower)
-    return headers
+def note_model_sent(client, body, request):
+    """The log and /status say "asked->sent" when --model-map or an effort in the name
+    changed the model, so tokens per model count what the backend served."""
+    asked, sent = body.get("model"), request.body.get("model")
+    if isinstance(asked, str) and isinstance(sent, str) and sent != asked:
+        client.log_fields["model"] = "%s->%s" % (asked, sent)
 
 
 # --------------------------------------------------------------------------------------------
-# SSE parsing (pure, incremental, line based)
-# --------------------------------------------------------------------------------------------
-
-class SSEEvent:
-    __slots__ = ("event", "id", "retry", "raw", "_data")
-
-    def __init__(self, event, data, id, retry, raw):
-        self.event = event  # the `event:` field, None when absent
-        self._data = data   # str, None, or the frame's lines not yet joined (bytes)
-        self.id = id
-        self.retry = retry
-        self.raw = raw      # the frame's bytes exactly as received, blank line included
-
-    @property
-    def data(self):
-        """The `data:` lines joined by "\n", None when there were none. Decoded on first use:
-        the relay never reads the data of a delta."""
-        if isinstance(self._data, bytes):
-            self._data = _join_data(self._data.split(b"\n"))
-        return self._data
-
-    def __repr__(self):
-        return "SSEEvent(%r, %r)" % (self.event, self.data)
-
-
-def _join_data(lines):
-    data = []
-    for line in lines:
-        if line[:5] == b"data:":
-            data.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif line == b"data":
-            data.append(b"")
-    return b"\n".join(data).decode("utf-8", "replace") if data else None
-
-
-class SSEParser:
-    """Feed bytes as they arrive; get back each complete event. Handles LF, CRLF and CR line
-    ends (also split across reads), multi-line data, comments, and UTF-8 characters split
-    across reads (lines are decoded only once complete). An unfinished event at EOF is dropped,
-    as the SSE specification says.
-
-    The backend frames events with LF only: for such input a fast path splits whole frames in
-    one C call; anything else goes line by line."""
-
-    def __init__(self):
-        self._pending = []    # unparsed input, in pieces: an unfinished line (LF-only: event)
-        self._frame = []      # raw bytes of the current event from earlier reads
-        self._fields = False  # the current event has had a non-blank line
-        self._event = self._id = self._retry = None
-        self._data = []
-        self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
-        self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
-        self._start = b""  # the stream's first bytes while they may still be a BOM; then None
-
-    def feed(self, chunk):
-        if not chunk:
-            return []
-        if self._start is not None:
-            chunk = self._skip_bom(chunk)
-            if not chunk:
-                return []
-        lead = []
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk[:1] == b"\n":
-                # The LF of a CRLF split across reads, its line already parsed. Its bytes still
-                # go out: with the event it belongs to, or on their own after a finished one.
-                if self._fields:
-                    self._frame.append(b"\n")
-                else:
-                    lead.append(SSEEvent(None, None, self._id, None, b"\n"))
-                chunk = chunk[1:]
-        fast = not self._fields and b"\r" not in chunk  # unparsed input never holds a CR
-        if self._pending:
-            # A large event arrives in many reads: join and parse only when this read ends
-            # a frame (or a line), not on every read.
-            if fast:
-                ends = b"\n\n" in chunk or (chunk[:1] == b"\n" and self._pending[-1][-1:] == b"\n")
-            else:
-                ends = b"\n" in chunk or b"\r" in chunk
-            if not ends:
-                self._pending.append(chunk)
-                return lead
-            buf = b"".join(self._pending) + chunk
-        else:
-            buf = chunk
-        return lead + (self._feed_frames(buf) if fast else self._feed_lines(buf))
-
-    def _skip_bom(self, chunk):
-        """chunk without the byte order mark the specification lets a stream start with (and
-        nothing while the first reads are too short to tell)."""
-        chunk = self._start + chunk
-        if len(chunk) < len(_UTF8_BOM) and _UTF8_BOM.startswith(chunk):
-            self._start = chunk
-            return b""
-        self._start = None
-        return chunk[len(_UTF8_BOM):] if chunk[:len(_UTF8_BOM)] == _UTF8_BOM else chunk
-
-    def _feed_frames(self, buf):
-        frames = buf.split(b"\n\n")
-        rest = frames.pop()  # an unfinished event, or b""
-        self._pending = [rest] if rest else []
-        events = []
-        names = self._names
-        for frame in frames:
-            lines = frame.split(b"\n")
-            if len(lines) == 2 and lines[0][:6] == b"event:" and lines[1][:5] == b"data:":
-                # The backend's every frame: `event: X` then one `data:` line.
-                name = names.get(lines[0])
-                if name is None:
-                    value = lines[0][6:]
-                    name = (value[1:] if value[:1] == b" " else value).decode("utf-8", "replace")
-                    if len(names) < 256:
-                        names[lines[0]] = name
-                events.append(SSEEvent(name, lines[1], self._id, None, frame + b"\n\n"))
-                continue
-            for line in lines:
-                if line:
-                    self._line(line)
-            if self._fields:  # blank lines between events are not relayed
-                events.append(self._dispatch(frame.lstrip(b"\n") + b"\n\n"))
-        return events
-
-    def _feed_lines(self, buf):
-        events = []
-        n = len(buf)
-        pos = 0
-        frame_start = 0
-        has_cr = b"\r" in buf
-        while pos < n:
-            lf = buf.find(b"\n", pos)
-            if has_cr:
-                cr = buf.find(b"\r", pos)
-                if cr >= 0 and (lf < 0 or cr < lf):
-                    if cr + 1 < n:
-                        lf, end = cr, (cr + 2 if buf[cr + 1] == 10 else cr + 1)
-                    else:
-                        lf, end = cr, cr + 1
-                        self._skip_lf = True
-                else:
-                    end = lf + 1
-            else:
-                end = lf + 1
-            if lf < 0:
-                break
-            line = buf[pos:lf]
-            pos = end
-            if not line:
-                if self._fields:
-                    raw = buf[frame_start:end]
-                    if self._frame:
-                        raw = b"".join(self._frame) + raw
-                        self._frame = []
-                    events.append(self._dispatch(raw))
-                frame_start = end  # blank lines between events are not relayed
-                continue
-            self._line(line)
-        if self._fields and frame_start < pos:
-            self._frame.append(buf[frame_start:pos])
-        self._pending = [buf[pos:]] if pos < n else []
-        return events
-
-    def _line(self, line):
-        self._fields = True
-        if line[:1] == b":":
-            return
-        name, colon, value = line.partition(b":")
-        if value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            self._data.append(value)
-        elif name == b"event":
-            self._event = value.decode("utf-8", "replace")
-        elif name == b"id" and b"\0" not in value:  # ignored, as the specification says
-            self._id = value.decode("utf-8", "replace")
-        elif name == b"retry" and value.isdigit():
-            self._retry = int(value)
-
-    def _dispatch(self, raw):
-        data = b"\n".join(self._data).decode("utf-8", "replace") if self._data else None
-        event = SSEEvent(self._event, data, self._id, self._retry, raw)
-        self._fields = False
-        self._event = self._retry = None
-        self._data = []
-        return event  # `id` persists across events, as in the specification
-
-
-_UTF8_BOM = b"\xef\xbb\xbf"
-
-
-# --------------------------------------------------------------------------------------------
-# The backend's event stream: whole events in batches, from either transport
-# --------------------------------------------------------------------------------------------
-
-_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
-
-
-def sse_frame(name, data):
-    """One event as an SSE frame; data with line breaks (JSON's whitespace) on data lines."""
-    head = b"event: " + name.encode() + b"\n" if name is not None else b""
-    if b"\n" not in data and b"\r" not in data:
-        return head + b"data: " + data + b"\n\n"
-    return head + b"".join(b"data: " + line + b"\n" for line in _LINE_END_RE.split(data)) \
-        + b"\n"
-
-
-def frame_event(frame):
-    """(type, data) of one LF-framed SSE frame; data None when it has no data line."""
-    lines = frame.split(b"\n")
-    name = None
-    for line in lines:
-        if line[:6] == b"event:":
-            name = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
-    data = _join_data(lines)
-    return name, data.encode("utf-8") if data is not None else None
-
-
-class EventBatch:
-    """The whole events one read gave, handed from the backend through a transform to a
-    sink, in the form they came in:
-    - raw: SSE frames in the backend's own framing (`event:` and `data:` lines, LF), never
-      split into events unless a consumer needs them;
-    - events: (type, data bytes) pairs (a WebSocket's frames);
-    - parsed: SSEEvents of an SSE stream framed otherwise (CRs), each with its bytes;
-    - sse: SSE bytes of any framing (a transform's output).
-    Each form is made from another only when asked for: an SSE stream relayed to an SSE
-    client goes on as its bytes, a WebSocket's frames to a WebSocket client as their data."""
-
-    __slots__ = ("raw", "parsed", "_events", "_sse")
-
-    def __init__(self, raw=None, events=None, parsed=None, sse=None):
-        self.raw = raw
-        self.parsed = parsed
-        self._events = events
-        self._sse = raw if sse is None else sse
-        if parsed is not None:
-            self._sse = b"".join(event.raw for event in parsed)
-            self._events = [(event.event, event.data.encode("utf-8")) for event in parsed
-                            if event.data is not None]
-
-    def __bool__(self):
-        return bool(self._sse) if self._sse is not None else bool(self._events)
-
-    def sse(self):
-        if self._sse is None:
-            self._sse = b"".join(sse_frame(name, data) for name, data in self._events)
-        return self._sse
-
-    def events(self):
-        if self._events is None:
-            sse = self._sse
-            if b"\r" in sse:
-                self._events = [(event.event, event.data.encode("utf-8"))
-                                for event in SSEParser().feed(sse) if event.data is not None]
-            else:
-                self._events = [e for e in map(frame_event, sse.split(b"\n\n")[:-1])
-                                if e[1] is not None]
-        return self._events
-
-    def payloads(self):
-        """Each event's data: what a WebSocket carries, one message each."""
-        return [data for _, data in self.events()]
-
-
-NO_EVENTS = EventBatch(b"")
-
-
-class SSEFramer:
-    """An SSE body cut into whole frames, once, for every transform: after each piece, the
-    frames it completes as one EventBatch of their bytes; a frame arriving in many reads is
-    joined once, at its end. A body framed with CRs goes through the full parser and is
-    handed on as parsed events."""
-
-    def __init__(self):
-        self._pending = []   # the start of an unfinished frame, in pieces
-        self._parser = None  # the full SSE parser, once the input needs it
-        self._started = False
-
-    def feed(self, data):
-        """The EventBatch of the frames this piece completes; None when it completes none."""
-        if not self._started:
-            self._started = True
-            if data[:3] == _UTF8_BOM:
-                data = data[3:]  # a BOM opens the stream; it is not part of the first event
-        if self._parser is None and b"\r" in data:
-            self._parser = SSEParser()
-            data, self._pending = b"".join(self._pending) + data, []
-        if self._parser is not None:
-            parsed = self._parser.feed(data)
-            return EventBatch(parsed=parsed) if parsed else None
-        pending = self._pending
-        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
-                                                     pending[-1][-1:] == b"\n"):
-            pending.append(data)  # a large event arrives in many reads: joined once, at its end
-            return None
-        buf = b"".join(pending) + data if pending else data
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            self._pending = [buf]
-            return None
-        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
-        return EventBatch(buf[:end + 2])
-
-
-# --------------------------------------------------------------------------------------------
-# Response assembly (pure)
-# --------------------------------------------------------------------------------------------
-
-TERMINAL_EVENTS = ("response.completed", "response.failed", "response.incomplete")
-# Only these are JSON-decoded; deltas pass through untouched, which keeps the hot path cheap.
-INSPECTED_EVENTS = frozenset(TERMINAL_EVENTS + ("response.output_item.done", "error",
-                                                "response.created"))
-
-FAILURE_STATUS = {
-    "context_length_exceeded": 400, "invalid_prompt": 400, "cyber_policy": 400,
-    "invalid_request_error": 400,
-    "rate_limit_exceeded": 429, "insufficient_quota": 429, "usage_not_included": 429,
-    "usage_limit_reached": 429,
-    "server_is_overloaded": 503, "slow_down": 503,
-}
-
-
-def failure_status(code):
-    return FAILURE_STATUS.get(code, 500)
-
-
-class ResponseAssembler:
-    """Collects what a stream says about its response: the output items (with store=false they
-    arrive only in response.output_item.done events) and the terminal event."""
-
-    def __init__(self):
-        self.items = {}
-        self.response = None    # the latest `response` object seen
-        self.terminal = None    # "response.completed" | "response.failed" | ... | "error"
-        self.error = None       # {"code", "message"} for failed and error
-
-    def add(self, etype, payload):
-        if etype == "response.output_item.done":
-            item = payload.get("item")
-            if isinstance(item, dict):
-                index = payload.get("output_index")
-                self.items[index if isinstance(index, int) else len(self.items)] = item
-        elif etype == "error":
-            self.terminal = etype
-            self.error = {"code": payload.get("code"), "message": payload.get("message"),
-                          "param": payload.get("param")}
-        elif isinstance(payload.get("response"), dict):
-            self.response = payload["response"]
-            if etype in TERMINAL_EVENTS:
-                self.terminal = etype
-                if etype == "response.failed":
-                    self.error = dict(self.response.get("error") or {})
-
-    def output(self):
-        return [self.items[i] for i in sorted(self.items)]
-
-    def usage(self):
-        usage = (self.response or {}).get("usage")
-        return usage if isinstance(usage, dict) else {}
-
-
-def assemble_response(response, items):
-    """The final response object: the backend's, with `output` rebuilt from the streamed
-    items when it came back empty (it always does with store=false)."""
-    result = dict(response)
-    if not result.get("output") and items:
-        result["output"] = list(items)
-    result.setdefault("object", "response")
-    return result
-
-
-def sse_event(name, data):
-    """One SSE frame as the backend writes them: an `event:` line, one `data:` line."""
-    return b"event: " + name + b"\ndata: " + data + b"\n\n"
-
-
-def completed_event_data(payload, items):
-    """The response.completed (or .incomplete) event again, its output filled in."""
-    filled = dict(payload)
-    filled["response"] = assemble_response(payload["response"], items)
-    return json.dumps(filled, separators=(",", ":")).encode()
-
-
-def error_event_bytes(code, message):
-    event = {"type": "error", "code": code, "message": message, "param": None}
-    return sse_event(b"error", json.dumps(event).encode())
-
-
-def utc_datetime(timestamp):
-    """A Unix time as an aware datetime; None for None or a number no calendar has (the
-    backend's headers and error bodies are not ours to trust)."""
-    try:
-        return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    except (TypeError, ValueError, OverflowError, OSError):
-        return None
-
-
-def _describe_reset(error):
-    """'... It resets at 14:05 UTC (in 2 h 13 min).' for a usage-limit 429."""
-    seconds = error.get("resets_in_seconds")
-    at = error.get("resets_at")
-    if not isinstance(seconds, (int, float)) and isinstance(at, (int, float)):
-        seconds = at - time.time()
-    if not isinstance(seconds, (int, float)):
-        return ""
-    if not isinstance(at, (int, float)):
-        at = time.time() + seconds
-    when = utc_datetime(at)
-    if when is None or seconds != seconds or abs(seconds) > 10 ** 9:
-        return ""  # nonsense from the backend: say nothing rather than fail the answer
-    minutes = max(1, int(round(seconds / 60.0)))
-    span = "%d h %d min" % divmod(minutes, 60) if minutes >= 60 else "%d min" % minutes
-    return " It resets at %s UTC (in %s)." % (when.strftime("%Y-%m-%d %H:%M"), span)
-
-
-def translate_upstream_error(status, body):
-    """An upstream HTTP error -> the ProxyError the client sees, status kept."""
-    text = body.decode("utf-8", "replace")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    extra = {}
-    code = None
-    param = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        err = data["error"]
-        extra = {k: v for k, v in err.items() if k not in ("message", "type", "param", "code")}
-        message = err.get("message") or "The backend answered HTTP %d." % status
-        if not isinstance(message, str):
-            message = json.dumps(message)
-        code = err.get("code") or err.get("type")
-        param = err.get("param")
-        kind = err.get("type")  # e.g. usage_limit_reached, kept for clients that read it
-        if status == 429:
-            message = message.rstrip(".") + "." + _describe_reset(err)
-    elif isinstance(data, dict) and "detail" in data:
-        detail = data["detail"]
-        message = detail if isinstance(detail, str) else json.dumps(detail)
-        kind = None
-    else:
-        snippet = re.sub(r"<[^>]*>|\s+", " ", text).strip()[:200]
-        message = "The backend answered HTTP %d%s." % (status, ": " + snippet if snippet else "")
-        if status == 403:
-            message += (" This is often Cloudflare refusing the request; check --client-version "
-                        "and --originator, or try again later.")
-        kind = None
-    if status == 401:
-        message += " " + LOGIN_HINT
-    return ProxyError(status, message, code=code, param=param, type=kind, extra=extra)
-
-
-# --------------------------------------------------------------------------------------------
-# Chat Completions (pure): a chat request in Responses terms, and the answer back in chat shape
+# Front ends: Chat Completions (pure): a chat request in Responses terms, and the answer
+# back in chat shape
 # --------------------------------------------------------------------------------------------
 
 def _chat_error(message, param="messages"):
@@ -2945,341 +3814,8 @@ def sse_data(obj):
 
 
 # --------------------------------------------------------------------------------------------
-# Reasoning effort in a model name (pure): "gpt-5.5-high" or "gpt-5.5(high)" is gpt-5.5 with
-# reasoning.effort "high", for clients that can only name a model
-# --------------------------------------------------------------------------------------------
-
-# The efforts the Codex CLI knows. Only these make a "-suffix" an effort: a name like
-# "gpt-5.1-codex-mini" must not cost a model-list lookup, nor be read as an effort "mini".
-KNOWN_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
-_PAREN_EFFORT_RE = re.compile(r"(.+)\(([A-Za-z]{1,20})\)\Z", re.S)
-
-
-def effort_in_name(name):
-    """(model, effort) when name has the shape of MODEL(EFFORT), any word in the parentheses,
-    or MODEL-EFFORT with a known effort; else None. Whether MODEL is a model is not asked
-    here."""
-    if not isinstance(name, str):
-        return None
-    m = _PAREN_EFFORT_RE.match(name)
-    if m:
-        return m.group(1).rstrip(), m.group(2).lower()
-    model, dash, effort = name.rpartition("-")
-    if dash and model and effort.lower() in KNOWN_EFFORTS:
-        return model, effort.lower()
-    return None
-
-
-class ModelCatalog:
-    """The backend's model list as fetched: every model it names, whatever its visibility
-    (a hidden one is still a name that must never be split), with its reasoning efforts."""
-
-    def __init__(self, models, fetched_at):
-        self.models = [m for m in models if isinstance(m, dict) and isinstance(m.get("slug"),
-                                                                               str)]
-        self.created = int(fetched_at)
-        self.efforts = {m["slug"]: tuple(
-            level["effort"] for level in m.get("supported_reasoning_levels") or ()
-            if isinstance(level, dict) and isinstance(level.get("effort"), str))
-            for m in self.models}
-
-    def listed(self):
-        """The slugs of the models a model picker should show, in the backend's order."""
-        return [m["slug"] for m in self.models if m.get("visibility") == "list"]
-
-    def openai_list(self, with_efforts=False):
-        """GET /v1/models in OpenAI's shape; with_efforts adds MODEL-EFFORT for each effort a
-        listed model offers (--list-effort-models)."""
-        ids = []
-        for slug in self.listed():
-            ids.append(slug)
-            if with_efforts:
-                ids.extend(v for v in ("%s-%s" % (slug, e) for e in self.efforts[slug])
-                           if v not in self.efforts)
-        return {"object": "list", "data": [
-            {"id": i, "object": "model", "created": self.created, "owned_by": "openai"}
-            for i in ids]}
-
-
-def model_with_effort(body, catalog):
-    """A Responses request whose model names an effort (see effort_in_name) -> the request
-    for the model alone, with that reasoning.effort unless the request sets its own. A name
-    the backend lists is never split; nor is one whose MODEL it does not list (the backend
-    then says the model is unknown). An effort MODEL does not offer is a 400 naming those it
-    does. catalog() -> the ModelCatalog, or None when there is none to be had (the name then
-    goes as it is); asked only for a name of that shape. Pure: body is left untouched."""
-    name = body.get("model")
-    parts = effort_in_name(name)
-    if parts is None:
-        return body
-    known = catalog()
-    if known is None or name in known.efforts or parts[0] not in known.efforts:
-        return body
-    model, effort = parts
-    offered = known.efforts[model]
-    if effort not in offered:
-        raise ProxyError(
-            400, "Model %r has no reasoning effort %r%s. Name it as MODEL-EFFORT or "
-            "MODEL(EFFORT) with one of its efforts, or set reasoning.effort."
-            % (model, effort, "; it offers: " + ", ".join(offered) if offered
-               else "; it offers none to choose from"), param="model", code="unsupported_value")
-    out = dict(body, model=model)
-    reasoning = body.get("reasoning")
-    if reasoning is None:
-        out["reasoning"] = {"effort": effort}
-    elif isinstance(reasoning, dict) and reasoning.get("effort") is None:
-        out["reasoning"] = dict(reasoning, effort=effort)
-    return out
-
-
-def note_model_sent(client, body, request):
-    """The log and /status say "asked->sent" when --model-map or an effort in the name
-    changed the model, so tokens per model count what the backend served."""
-    asked, sent = body.get("model"), request.body.get("model")
-    if isinstance(asked, str) and isinstance(sent, str) and sent != asked:
-        client.log_fields["model"] = "%s->%s" % (asked, sent)
-
-
-# --------------------------------------------------------------------------------------------
-# Images (pure): the OpenAI Images API (JSON, or multipart/form-data for edits) as the
-# backend's JSON requests to .../codex/images/generations and /images/edits
-# --------------------------------------------------------------------------------------------
-
-DEFAULT_IMAGE_MODEL = "gpt-image-2"  # what the Codex CLI's image tool asks for
-IMAGES_TIMEOUT = 600.0  # one JSON answer after the whole image is made: minutes, no events
-IMAGE_ANSWER_LIMIT = 256 * 1024 * 1024  # n images of a few MB each, in base64
-# The edit endpoint takes a form too, as the SDKs send it; every other POST is JSON.
-FORM_PATHS = ("/v1/images/edits", "/images/edits")
-MULTIPART_MAX_PARTS = 64
-MULTIPART_MAX_HEADER_BYTES = 8192
-# Form fields that are numbers or booleans in the JSON request (a form sends only text).
-FORM_INTEGERS = ("n", "output_compression", "partial_images", "frame_count",
-                 "frame_duration_ms")
-FORM_BOOLEANS = ("stream",)
-# An image's first bytes: (type, offset, magic); WebP is a RIFF file (as WAV is) saying WEBP.
-IMAGE_TYPES = (("image/png", 0, b"\x89PNG\r\n\x1a\n"), ("image/jpeg", 0, b"\xff\xd8\xff"),
-               ("image/gif", 0, b"GIF8"), ("image/webp", 8, b"WEBP"))
-IMAGE_TURN_ID_HEADER = "x-codex-image-turn-id"
-
-
-def _form_error(message, param=None):
-    return ProxyError(400, message, param=param, code="invalid_multipart")
-
-
-def multipart_boundary(content_type):
-    """The boundary of a multipart/form-data Content-Type, else None (not a form)."""
-    kind, _, params = (content_type or "").partition(";")
-    if kind.strip().lower() != "multipart/form-data":
-        return None
-    m = re.search(r'(?:^|;)\s*boundary=(?:"([^"]{1,70})"|([^";\s]{1,70}))\s*(?:;|\Z)',
-                  params, re.I)
-    if not m:
-        raise _form_error("The multipart/form-data Content-Type has no valid boundary "
-                          "parameter (1 to 70 characters).")
-    return (m.group(1) or m.group(2)).encode("latin-1")
-
-
-def _disposition(value):
-    """(name, filename or None) of a part's Content-Disposition: form-data header."""
-    kind, _, rest = value.partition(";")
-    if kind.strip().lower() != "form-data":
-        raise _form_error("A form part's Content-Disposition must be form-data, not %r."
-                          % kind.strip()[:40])
-    params = {}
-    for m in re.finditer(r';?\s*([A-Za-z*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]*))', rest):
-        params.setdefault(m.group(1).lower(), re.sub(r"\\(.)", r"\1", m.group(2))
-                          if m.group(2) is not None else m.group(3))
-    if not params.get("name"):
-        raise _form_error("A form part has no name in its Content-Disposition.")
-    return params["name"], params.get("filename")
-
-
-def _part_head(block):
-    """(name, filename, content type) from a part's header lines."""
-    disposition = ctype = None
-    for line in block.split(b"\r\n"):
-        field, colon, value = line.partition(b":")
-        if not colon or not field or field != field.strip():
-            raise _form_error("A form part has a malformed header line.")
-        value = value.strip().decode("utf-8", "replace")
-        if field.lower() == b"content-disposition":
-            disposition = value
-        elif field.lower() == b"content-type":
-            ctype = value.split(";")[0].strip().lower()
-    if disposition is None:
-        raise _form_error("A form part has no Content-Disposition header.")
-    name, filename = _disposition(disposition)
-    return name, filename, ctype
-
-
-def parse_multipart_form(body, boundary):
-    """multipart/form-data (RFC 7578) -> [(name, filename or None, content type or None,
-    bytes)], strictly: CRLF line ends, a closing delimiter, at most MULTIPART_MAX_PARTS parts
-    with headers of at most MULTIPART_MAX_HEADER_BYTES. The body was already bounded by
-    --max-body-bytes. Raises ProxyError (400)."""
-    delimiter = b"\r\n--" + boundary
-    if body.startswith(delimiter[2:]):
-        pos = len(delimiter) - 2
-    else:  # a preamble, ignored
-        pos = body.find(delimiter)
-        if pos < 0:
-            raise _form_error("The form has no part delimited by its boundary.")
-        pos += len(delimiter)
-    parts = []
-    while True:
-        if body.startswith(b"--", pos):
-            return parts  # the close delimiter; what follows is an epilogue
-        while body[pos:pos + 1] in (b" ", b"\t"):  # transport padding (RFC 2046)
-            pos += 1
-        if not body.startswith(b"\r\n", pos):
-            raise _form_error("The form is malformed: a boundary delimiter must end its line.")
-        if len(parts) == MULTIPART_MAX_PARTS:
-            raise _form_error("The form has more than %d parts." % MULTIPART_MAX_PARTS)
-        head_end = body.find(b"\r\n\r\n", pos + 2, pos + 2 + MULTIPART_MAX_HEADER_BYTES + 4)
-        if head_end < 0:
-            raise _form_error("A form part's headers are missing their end or are over %d "
-                              "bytes." % MULTIPART_MAX_HEADER_BYTES)
-        name, filename, ctype = _part_head(body[pos + 2:head_end])
-        end = body.find(delimiter, head_end + 4)
-        if end < 0:
-            raise _form_error("The form ends before its closing boundary delimiter (was the "
-                              "body cut short?).")
-        parts.append((name, filename, ctype, body[head_end + 4:end]))
-        pos = end + len(delimiter)
-
-
-def image_data_url(data, declared, param):
-    """An uploaded image as a data URL. Its type is read from its first bytes where they
-    tell: the SDKs send application/octet-stream for raw bytes, and a type guessed from the
-    file name, which may be wrong; else the client's, if it names an image."""
-    if not data:
-        raise ProxyError(400, "The image in `%s` is empty." % param, param=param,
-                         code="invalid_image")
-    kind = next((kind for kind, at, magic in IMAGE_TYPES
-                 if data.startswith(magic, at) and (at == 0 or data.startswith(b"RIFF"))),
-                None)
-    if kind is None and not (declared or "").startswith("image/"):
-        raise ProxyError(400, "The file in `%s` is not a PNG, JPEG, WebP or GIF image."
-                         % param, param=param, code="invalid_image")
-    return "data:%s;base64,%s" % (kind or declared, base64.b64encode(data).decode("ascii"))
-
-
-def image_edit_from_form(parts):
-    """An edit request's form parts -> its JSON body (images and mask as image_url objects
-    holding data URLs, numbers and booleans typed)."""
-    body, images, seen = {}, [], set()
-    for name, filename, ctype, data in parts:
-        if name in ("image", "image[]"):
-            images.append({"image_url": image_data_url(data, ctype, "image")})
-            continue
-        if name in seen:
-            raise _form_error("The form field %r is given twice." % name, name)
-        seen.add(name)
-        if name == "mask":
-            body["mask"] = {"image_url": image_data_url(data, ctype, "mask")}
-        elif filename is not None or "[" in name:
-            raise ProxyError(400, "The form field %r is not supported here: send the images as "
-                             "`image` (or `image[]`), the mask as `mask`, the rest as plain "
-                             "fields." % name, param=name, code="unsupported_parameter")
-        else:
-            body[name] = _form_value(name, data)
-    if images:
-        body["images"] = images
-    return body
-
-
-def _form_value(name, data):
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _form_error("The form field %r is not UTF-8 text." % name, name)
-    if name in FORM_INTEGERS:
-        if not re.match(r"-?[0-9]{1,9}\Z", text.strip()):
-            raise ProxyError(400, "`%s` must be an integer." % name, param=name,
-                             code="invalid_type")
-        return int(text)
-    if name in FORM_BOOLEANS:
-        if text.strip().lower() not in ("true", "false"):
-            raise ProxyError(400, "`%s` must be true or false." % name, param=name,
-                             code="invalid_type")
-        return text.strip().lower() == "true"
-    return text
-
-
-def _json_edit_images(body):
-    """The JSON edit's images (and mask) as the backend takes them: image_url objects; a
-    file_id, which only the platform can resolve, is refused."""
-    images = body.get("images")
-    if not isinstance(images, list) or not images:
-        raise ProxyError(400, "An image edit needs the images to edit: `images` as a list of "
-                         "{\"image_url\": \"data:image/png;base64,...\"}, or a multipart form "
-                         "with `image` files.", param="images", code="missing_required_parameter")
-    for i, ref in enumerate(images + ([body["mask"]] if body.get("mask") is not None else [])):
-        param = "images[%d]" % i if i < len(images) else "mask"
-        if isinstance(ref, dict) and ref.get("file_id") is not None:
-            raise ProxyError(400, "`%s` names a file_id: on a ChatGPT subscription there are no "
-                             "uploaded files; send the image itself as a data URL in "
-                             "image_url." % param, param=param, code="unsupported_value")
-        if not isinstance(ref, dict) or not isinstance(ref.get("image_url"), str):
-            raise ProxyError(400, "`%s` must be {\"image_url\": \"data:image/...;base64,...\"}."
-                             % param, param=param, code="invalid_type")
-
-
-def image_request(body, edit, drop=()):
-    """An Images API request (a JSON object; a form already made one) -> the backend's JSON:
-    the default model when it names none, b64_json the only answer there is, parameters the
-    backend was seen to reject for the model left out (drop). Raises ProxyError (400)."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ProxyError(400, "`prompt` is required: a text describing the image.",
-                         param="prompt", code="missing_required_parameter")
-    if body.get("response_format") not in (None, "b64_json"):
-        raise ProxyError(400, "response_format %s is not available on a ChatGPT subscription: "
-                         "its backend returns images only as base64. Leave response_format "
-                         "out or set it to \"b64_json\", and read data[].b64_json."
-                         % json.dumps(body["response_format"])[:40], param="response_format",
-                         code="unsupported_value")
-    if body.get("stream") not in (None, False):
-        raise ProxyError(400, "Streaming images (stream: true) is not available on a ChatGPT "
-                         "subscription: its backend answers with the finished images. Leave "
-                         "stream out.", param="stream", code="unsupported_value")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise ProxyError(400, "`model` must be a string.", param="model", code="invalid_type")
-    if edit:
-        _json_edit_images(body)
-    out = {k: v for k, v in body.items() if k not in ("response_format", "stream")
-           and k not in drop}
-    out["model"] = body.get("model") or DEFAULT_IMAGE_MODEL
-    return out
-
-
-def check_image_answer(data):
-    """The backend's image answer is passed on as it is, once it is seen to be one."""
-    try:
-        result = json.loads(data)
-        if not isinstance(result, dict) or not isinstance(result.get("data"), list):
-            raise ValueError("no data list")
-    except ValueError:
-        raise ProxyError(502, "The backend's image answer was not the JSON expected%s."
-                         % (" (over %d MB)" % (IMAGE_ANSWER_LIMIT >> 20)
-                            if len(data) > IMAGE_ANSWER_LIMIT else ""),
-                         code="bad_upstream_answer")
-
-
-def image_request_headers(client_headers):
-    """The upstream headers an image request carries on account of its client: its x-codex-*
-    ones, and an x-codex-image-turn-id as the Codex CLI sends with each image call, made up
-    when the client sent none."""
-    headers = [(name, value) for name, value in client_headers.items()
-               if name.startswith("x-codex-") and name != ROUTING_HINT_HEADER]
-    if IMAGE_TURN_ID_HEADER not in client_headers:
-        headers.append((IMAGE_TURN_ID_HEADER, str(uuid.uuid4())))
-    return headers
-
-
-# --------------------------------------------------------------------------------------------
-# Anthropic Messages (pure): a Messages request in Responses terms, the answer back in
-# Anthropic's shape, its errors, and the model names Claude clients ask for
+# Front ends: Anthropic Messages (pure): a Messages request in Responses terms, the
+# answer back in Anthropic's shape, its errors, and the model names Claude clients ask for
 # --------------------------------------------------------------------------------------------
 
 # Claude Code's first system block; its suffix changes every request, so sent on it would
@@ -4138,870 +4674,491 @@ class MessagesStream:
 
 
 # --------------------------------------------------------------------------------------------
-# WebSocket framing (RFC 6455, pure): the handshake's accept key, frames, messages; and for
-# the backend's socket, its frames read and the upgrade asked for
+# Front ends: images (pure): the OpenAI Images API (JSON, or multipart/form-data for
+# edits) as the backend's JSON requests to .../codex/images/generations and /images/edits
 # --------------------------------------------------------------------------------------------
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
-CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
-CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1003, 1007, 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_POLICY_VIOLATION = 1008
-# Codes an endpoint may never put in a close frame (RFC 6455 section 7.4.1).
-_CLOSE_CODES_RESERVED = (1004, 1005, 1006, 1015)
+DEFAULT_IMAGE_MODEL = "gpt-image-2"  # what the Codex CLI's image tool asks for
+IMAGES_TIMEOUT = 600.0  # one JSON answer after the whole image is made: minutes, no events
+IMAGE_ANSWER_LIMIT = 256 * 1024 * 1024  # n images of a few MB each, in base64
+# The edit endpoint takes a form too, as the SDKs send it; every other POST is JSON.
+FORM_PATHS = ("/v1/images/edits", "/images/edits")
+MULTIPART_MAX_PARTS = 64
+MULTIPART_MAX_HEADER_BYTES = 8192
+# Form fields that are numbers or booleans in the JSON request (a form sends only text).
+FORM_INTEGERS = ("n", "output_compression", "partial_images", "frame_count",
+                 "frame_duration_ms")
+FORM_BOOLEANS = ("stream",)
+# An image's first bytes: (type, offset, magic); WebP is a RIFF file (as WAV is) saying WEBP.
+IMAGE_TYPES = (("image/png", 0, b"\x89PNG\r\n\x1a\n"), ("image/jpeg", 0, b"\xff\xd8\xff"),
+               ("image/gif", 0, b"GIF8"), ("image/webp", 8, b"WEBP"))
+IMAGE_TURN_ID_HEADER = "x-codex-image-turn-id"
 
 
-class WebSocketError(Exception):
-    """The client broke the protocol: the connection closes with this code."""
-
-    def __init__(self, code, reason):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+def _form_error(message, param=None):
+    return ProxyError(400, message, param=param, code="invalid_multipart")
 
 
-def websocket_accept(headers):
-    """The Sec-WebSocket-Accept value for an upgrade request (headers lower-cased), or the
-    refusal RFC 6455 names: 426 with the version we speak, 400 without a valid key."""
-    version = (headers.get("sec-websocket-version") or "").strip()
-    if version != "13":
-        raise ProxyError(426, "This proxy speaks WebSocket version 13 (RFC 6455); the request "
-                         "asked for %r." % version, code="websocket_version_not_supported",
-                         headers=[("Sec-WebSocket-Version", "13")])
-    key = (headers.get("sec-websocket-key") or "").strip()
-    try:
-        valid = len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
-    except (ValueError, UnicodeEncodeError):
-        valid = False
-    if not valid:
-        raise ProxyError(400, "A WebSocket handshake needs a Sec-WebSocket-Key header: 16 "
-                         "random bytes in base64.", code="invalid_websocket_handshake")
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
-
-
-def check_upgrade(version, headers):
-    """400 for an upgrade RFC 6455 4.2.1 does not allow: over HTTP/1.0, or without
-    `Connection: Upgrade` (headers lower-cased). A proxy in between that drops the
-    Connection header would otherwise get a 101 it cannot pass on."""
-    if version != "HTTP/1.1":
-        raise ProxyError(400, "A WebSocket upgrade needs HTTP/1.1 (this request is %s)."
-                         % version, code="invalid_websocket_handshake")
-    tokens = [t.strip().lower() for t in (headers.get("connection") or "").split(",")]
-    if "upgrade" not in tokens:
-        raise ProxyError(400, "A WebSocket upgrade needs the header `Connection: Upgrade`; "
-                         "if a proxy in between drops it, let it pass WebSocket upgrades.",
-                         code="invalid_websocket_handshake")
-
-
-def encode_frame(opcode, payload=b"", mask=False):
-    """One whole frame. A server's go unmasked; a client must mask what it sends."""
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((0x80 | opcode, bit | n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, bit | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, bit | 127)) + n.to_bytes(8, "big")
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + mask_payload(payload, key)
-
-
-def close_frame(code=None, reason=""):
-    """A close frame; code None sends none (the answer to a close that had none)."""
-    if code is None:
-        return encode_frame(OP_CLOSE)
-    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
-
-
-def mask_payload(payload, mask):
-    """XOR with the 4-byte mask (masking and unmasking alike), as one big-integer operation:
-    C speed for megabytes."""
-    n = len(payload)
-    if not n:
-        return b""
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-
-
-MASK_PIECE = 1 << 20  # a multiple of 4: each piece starts at the same phase of the key
-
-
-def unmask_frame(buf, start, end):
-    """The payload buf[start:end] of a client's frame, unmasked with the 4 key bytes before
-    it. A large one is unmasked in place, a piece at a time, then copied out once: one copy
-    of a 30 MB payload where unmasking it whole would make five."""
-    key = bytes(buf[start - 4:start])
-    if end - start <= MASK_PIECE:
-        return mask_payload(bytes(buf[start:end]), key)
-    with memoryview(buf) as view:
-        for pos in range(start, end, MASK_PIECE):
-            stop = min(pos + MASK_PIECE, end)
-            view[pos:stop] = mask_payload(bytes(view[pos:stop]), key)
-        return bytes(view[start:end])
-
-
-def parse_close_payload(payload):
-    """A close frame's (code or None, reason); WebSocketError for a malformed one."""
-    if not payload:
-        return None, ""
-    if len(payload) == 1:
-        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a close frame's code takes two bytes")
-    code = int.from_bytes(payload[:2], "big")
-    if code < 1000 or code >= 5000 or code in _CLOSE_CODES_RESERVED or 1016 <= code < 3000:
-        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close code %d is not allowed" % code)
-    try:
-        return code, payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise WebSocketError(CLOSE_INVALID_DATA, "the close reason is not UTF-8")
-
-
-def frame_header(buf, pos=0):
-    """(first byte, masked, payload length, header length with the mask key) of the frame at
-    buf[pos:]; None while its header is not whole."""
-    have = len(buf) - pos
-    if have < 2:
+def multipart_boundary(content_type):
+    """The boundary of a multipart/form-data Content-Type, else None (not a form)."""
+    kind, _, params = (content_type or "").partition(";")
+    if kind.strip().lower() != "multipart/form-data":
         return None
-    first, second = buf[pos], buf[pos + 1]
-    length, size = second & 0x7F, 2
-    if length >= 126:
-        size = 4 if length == 126 else 10
-        if have < size:
-            return None
-        length = int.from_bytes(buf[pos + 2:pos + size], "big")
-    masked = bool(second & 0x80)
-    return first, masked, length, size + (4 if masked else 0)
+    m = re.search(r'(?:^|;)\s*boundary=(?:"([^"]{1,70})"|([^";\s]{1,70}))\s*(?:;|\Z)',
+                  params, re.I)
+    if not m:
+        raise _form_error("The multipart/form-data Content-Type has no valid boundary "
+                          "parameter (1 to 70 characters).")
+    return (m.group(1) or m.group(2)).encode("latin-1")
 
 
-UTF8_CHECK_PIECE = 1 << 20
+def _disposition(value):
+    """(name, filename or None) of a part's Content-Disposition: form-data header."""
+    kind, _, rest = value.partition(";")
+    if kind.strip().lower() != "form-data":
+        raise _form_error("A form part's Content-Disposition must be form-data, not %r."
+                          % kind.strip()[:40])
+    params = {}
+    for m in re.finditer(r';?\s*([A-Za-z*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]*))', rest):
+        params.setdefault(m.group(1).lower(), re.sub(r"\\(.)", r"\1", m.group(2))
+                          if m.group(2) is not None else m.group(3))
+    if not params.get("name"):
+        raise _form_error("A form part has no name in its Content-Disposition.")
+    return params["name"], params.get("filename")
 
 
-def check_utf8(data, error):
-    """Raise error unless data is UTF-8, decoding a piece at a time: checking a 30 MB message
-    must not cost a 30 MB (or, for non-ASCII text, up to 120 MB) str."""
-    if data.isascii():
-        return
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(data)
+def _part_head(block):
+    """(name, filename, content type) from a part's header lines."""
+    disposition = ctype = None
+    for line in block.split(b"\r\n"):
+        field, colon, value = line.partition(b":")
+        if not colon or not field or field != field.strip():
+            raise _form_error("A form part has a malformed header line.")
+        value = value.strip().decode("utf-8", "replace")
+        if field.lower() == b"content-disposition":
+            disposition = value
+        elif field.lower() == b"content-type":
+            ctype = value.split(";")[0].strip().lower()
+    if disposition is None:
+        raise _form_error("A form part has no Content-Disposition header.")
+    name, filename = _disposition(disposition)
+    return name, filename, ctype
+
+
+def parse_multipart_form(body, boundary):
+    """multipart/form-data (RFC 7578) -> [(name, filename or None, content type or None,
+    bytes)], strictly: CRLF line ends, a closing delimiter, at most MULTIPART_MAX_PARTS parts
+    with headers of at most MULTIPART_MAX_HEADER_BYTES. The body was already bounded by
+    --max-body-bytes. Raises ProxyError (400)."""
+    delimiter = b"\r\n--" + boundary
+    if body.startswith(delimiter[2:]):
+        pos = len(delimiter) - 2
+    else:  # a preamble, ignored
+        pos = body.find(delimiter)
+        if pos < 0:
+            raise _form_error("The form has no part delimited by its boundary.")
+        pos += len(delimiter)
+    parts = []
+    while True:
+        if body.startswith(b"--", pos):
+            return parts  # the close delimiter; what follows is an epilogue
+        while body[pos:pos + 1] in (b" ", b"\t"):  # transport padding (RFC 2046)
+            pos += 1
+        if not body.startswith(b"\r\n", pos):
+            raise _form_error("The form is malformed: a boundary delimiter must end its line.")
+        if len(parts) == MULTIPART_MAX_PARTS:
+            raise _form_error("The form has more than %d parts." % MULTIPART_MAX_PARTS)
+        head_end = body.find(b"\r\n\r\n", pos + 2, pos + 2 + MULTIPART_MAX_HEADER_BYTES + 4)
+        if head_end < 0:
+            raise _form_error("A form part's headers are missing their end or are over %d "
+                              "bytes." % MULTIPART_MAX_HEADER_BYTES)
+        name, filename, ctype = _part_head(body[pos + 2:head_end])
+        end = body.find(delimiter, head_end + 4)
+        if end < 0:
+            raise _form_error("The form ends before its closing boundary delimiter (was the "
+                              "body cut short?).")
+        parts.append((name, filename, ctype, body[head_end + 4:end]))
+        pos = end + len(delimiter)
+
+
+def image_data_url(data, declared, param):
+    """An uploaded image as a data URL. Its type is read from its first bytes where they
+    tell: the SDKs send application/octet-stream for raw bytes, and a type guessed from the
+    file name, which may be wrong; else the client's, if it names an image."""
+    if not data:
+        raise ProxyError(400, "The image in `%s` is empty." % param, param=param,
+                         code="invalid_image")
+    kind = next((kind for kind, at, magic in IMAGE_TYPES
+                 if data.startswith(magic, at) and (at == 0 or data.startswith(b"RIFF"))),
+                None)
+    if kind is None and not (declared or "").startswith("image/"):
+        raise ProxyError(400, "The file in `%s` is not a PNG, JPEG, WebP or GIF image."
+                         % param, param=param, code="invalid_image")
+    return "data:%s;base64,%s" % (kind or declared, base64.b64encode(data).decode("ascii"))
+
+
+def image_edit_from_form(parts):
+    """An edit request's form parts -> its JSON body (images and mask as image_url objects
+    holding data URLs, numbers and booleans typed)."""
+    body, images, seen = {}, [], set()
+    for name, filename, ctype, data in parts:
+        if name in ("image", "image[]"):
+            images.append({"image_url": image_data_url(data, ctype, "image")})
+            continue
+        if name in seen:
+            raise _form_error("The form field %r is given twice." % name, name)
+        seen.add(name)
+        if name == "mask":
+            body["mask"] = {"image_url": image_data_url(data, ctype, "mask")}
+        elif filename is not None or "[" in name:
+            raise ProxyError(400, "The form field %r is not supported here: send the images as "
+                             "`image` (or `image[]`), the mask as `mask`, the rest as plain "
+                             "fields." % name, param=name, code="unsupported_parameter")
+        else:
+            body[name] = _form_value(name, data)
+    if images:
+        body["images"] = images
+    return body
+
+
+def _form_value(name, data):
     try:
-        for start in range(0, len(view), UTF8_CHECK_PIECE):
-            decoder.decode(view[start:start + UTF8_CHECK_PIECE])
-        decoder.decode(b"", True)
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise error
+        raise _form_error("The form field %r is not UTF-8 text." % name, name)
+    if name in FORM_INTEGERS:
+        if not re.match(r"-?[0-9]{1,9}\Z", text.strip()):
+            raise ProxyError(400, "`%s` must be an integer." % name, param=name,
+                             code="invalid_type")
+        return int(text)
+    if name in FORM_BOOLEANS:
+        if text.strip().lower() not in ("true", "false"):
+            raise ProxyError(400, "`%s` must be true or false." % name, param=name,
+                             code="invalid_type")
+        return text.strip().lower() == "true"
+    return text
 
 
-class MessageReader:
-    """A client's bytes -> its messages: feed() what arrives, get back (opcode, payload) for
-    each whole text message (fragments joined) and each control frame (ping, pong, close) as
-    it comes. The checks RFC 6455 asks of a server are made here; a violation raises
-    WebSocketError with the close code. max_message_bytes bounds a message before its bytes
-    are buffered, so an announced length alone is refused."""
+def _json_edit_images(body):
+    """The JSON edit's images (and mask) as the backend takes them: image_url objects; a
+    file_id, which only the platform can resolve, is refused."""
+    images = body.get("images")
+    if not isinstance(images, list) or not images:
+        raise ProxyError(400, "An image edit needs the images to edit: `images` as a list of "
+                         "{\"image_url\": \"data:image/png;base64,...\"}, or a multipart form "
+                         "with `image` files.", param="images", code="missing_required_parameter")
+    for i, ref in enumerate(images + ([body["mask"]] if body.get("mask") is not None else [])):
+        param = "images[%d]" % i if i < len(images) else "mask"
+        if isinstance(ref, dict) and ref.get("file_id") is not None:
+            raise ProxyError(400, "`%s` names a file_id: on a ChatGPT subscription there are no "
+                             "uploaded files; send the image itself as a data URL in "
+                             "image_url." % param, param=param, code="unsupported_value")
+        if not isinstance(ref, dict) or not isinstance(ref.get("image_url"), str):
+            raise ProxyError(400, "`%s` must be {\"image_url\": \"data:image/...;base64,...\"}."
+                             % param, param=param, code="invalid_type")
 
-    def __init__(self, max_message_bytes):
-        self.max_message_bytes = max_message_bytes
-        self._buf = bytearray()
-        self._fragments = None  # the pieces of a text message in progress
-        self._size = 0
+
+def image_request(body, edit, drop=()):
+    """An Images API request (a JSON object; a form already made one) -> the backend's JSON:
+    the default model when it names none, b64_json the only answer there is, parameters the
+    backend was seen to reject for the model left out (drop). Raises ProxyError (400)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ProxyError(400, "`prompt` is required: a text describing the image.",
+                         param="prompt", code="missing_required_parameter")
+    if body.get("response_format") not in (None, "b64_json"):
+        raise ProxyError(400, "response_format %s is not available on a ChatGPT subscription: "
+                         "its backend returns images only as base64. Leave response_format "
+                         "out or set it to \"b64_json\", and read data[].b64_json."
+                         % json.dumps(body["response_format"])[:40], param="response_format",
+                         code="unsupported_value")
+    if body.get("stream") not in (None, False):
+        raise ProxyError(400, "Streaming images (stream: true) is not available on a ChatGPT "
+                         "subscription: its backend answers with the finished images. Leave "
+                         "stream out.", param="stream", code="unsupported_value")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ProxyError(400, "`model` must be a string.", param="model", code="invalid_type")
+    if edit:
+        _json_edit_images(body)
+    out = {k: v for k, v in body.items() if k not in ("response_format", "stream")
+           and k not in drop}
+    out["model"] = body.get("model") or DEFAULT_IMAGE_MODEL
+    return out
+
+
+def check_image_answer(data):
+    """The backend's image answer is passed on as it is, once it is seen to be one."""
+    try:
+        result = json.loads(data)
+        if not isinstance(result, dict) or not isinstance(result.get("data"), list):
+            raise ValueError("no data list")
+    except ValueError:
+        raise ProxyError(502, "The backend's image answer was not the JSON expected%s."
+                         % (" (over %d MB)" % (IMAGE_ANSWER_LIMIT >> 20)
+                            if len(data) > IMAGE_ANSWER_LIMIT else ""),
+                         code="bad_upstream_answer")
+
+
+def image_request_headers(client_headers):
+    """The upstream headers an image request carries on account of its client: its x-codex-*
+    ones, and an x-codex-image-turn-id as the Codex CLI sends with each image call, made up
+    when the client sent none."""
+    headers = [(name, value) for name, value in client_headers.items()
+               if name.startswith("x-codex-") and name != ROUTING_HINT_HEADER]
+    if IMAGE_TURN_ID_HEADER not in client_headers:
+        headers.append((IMAGE_TURN_ID_HEADER, str(uuid.uuid4())))
+    return headers
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream: the Codex version presented and the client headers passed on (pure)
+# --------------------------------------------------------------------------------------------
+
+# A version as the Codex CLI writes it: 0.171.0, or 0.172.0-alpha.3 for a pre-release. [0-9],
+# not \d, which would take other scripts' digits too.
+_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})"
+                         r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
+# The User-Agent of a Codex CLI or app: "<originator>/<version> (<os>; <arch>) <terminal>".
+# Only Codex's own originators: another client's "name/1.2.3" is no Codex version.
+_CODEX_USER_AGENT_RE = re.compile(r"(?:codex_cli_rs|codex_exec|codex-tui|codex_vscode|"
+                                  r"codex_atlas|codex_chatgpt_desktop|Codex [A-Za-z]{1,30})"
+                                  r"/([0-9A-Za-z.-]{1,80})(?=[ (;]|\Z)")
+
+
+def parse_codex_version(text):
+    """'0.172.0-alpha.3' -> a key that orders versions as semantic versioning does (a
+    pre-release before its release); None for anything that is not such a version."""
+    if not isinstance(text, str) or len(text) > 80:
+        return None
+    m = _VERSION_RE.match(text.strip())
+    if not m:
+        return None
+    release = tuple(int(n) for n in m.group(1, 2, 3))
+    if m.group(4) is None:
+        return release + ((1,),)
+    return release + ((0,) + tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                                   for part in m.group(4).split(".")),)
+
+
+def client_codex_version(headers):
+    """The Codex version a request names, from its `version` header (sent by the CLI's
+    built-in provider) or its User-Agent (sent by every Codex client): (key, text), the newer
+    of the two, or None. headers: names lower-cased."""
+    agent = _CODEX_USER_AGENT_RE.match((headers.get("user-agent") or "")[:200])
+    texts = ((headers.get("version") or "").strip(), agent.group(1) if agent else "")
+    found = [(key, text) for key, text in ((parse_codex_version(t), t) for t in texts) if key]
+    return max(found) if found else None
+
+
+class ClientVersion:
+    """The Codex version to present upstream. The backend gates new models on it, so a request
+    from a Codex CLI newer than --client-version goes with the CLI's own version, and the
+    model list is asked for with the newest version seen."""
+
+    def __init__(self, configured):
+        self.configured = configured
+        self._configured_key = parse_codex_version(configured) or ()
+        self._newest = (self._configured_key, configured)
+        self._lock = threading.Lock()
+
+    def observe(self, headers):
+        """The version to send for this request (headers: names lower-cased)."""
+        seen = client_codex_version(headers)
+        if seen is None or seen[0] <= self._configured_key:
+            return self.configured
+        with self._lock:
+            if seen[0] > self._newest[0]:
+                self._newest = seen
+        return seen[1]
+
+    @property
+    def newest(self):
+        return self._newest[1]
+
+
+RESPONSES_LITE_HEADER = "x-openai-internal-codex-responses-lite"
+ROUTING_HINT_HEADER = "x-codex-routing-hint"
+# A client's (the Codex CLI's) request headers passed on as they are, besides every x-codex-*
+# one. The responses-lite marker must arrive whenever the client sent it: it tells the backend
+# the request has the lite shape (no top-level tools; they come as an input item).
+# Nothing else is: Accept-Encoding above all, as the backend may then compress its stream.
+FORWARDED_CLIENT_HEADERS = ("x-openai-subagent", "x-client-request-id", RESPONSES_LITE_HEADER)
+_ROUTING_SLUG_RE = re.compile(r"[A-Za-z0-9._:/+-]{1,200}\Z")
+
+
+def routing_hint(body):
+    """x-codex-routing-hint as the Codex CLI sends it to chatgpt.com: "model=<slug>", plus
+    ";tier=<tier>" when the request names a service tier. None when the model is missing or
+    no safe header value (a client's model could hold a line break)."""
+    model, tier = body.get("model"), body.get("service_tier")
+    if not isinstance(model, str) or not _ROUTING_SLUG_RE.match(model):
+        return None
+    if isinstance(tier, str) and _ROUTING_SLUG_RE.match(tier):
+        return "model=%s;tier=%s" % (model, tier)
+    return "model=" + model
+
+
+def upstream_request_headers(client_headers, body):
+    """The headers a Codex request carries upstream on account of its client, as (name,
+    value) pairs: the one place that decides them. client_headers: the client's, names
+    lower-cased; body: the request as sent upstream. The client's own routing hint is
+    replaced by one for the body actually sent (its model, the tier left in it)."""
+    headers = [(name, value) for name, value in client_headers.items()
+               if (name.startswith("x-codex-") or name in FORWARDED_CLIENT_HEADERS)
+               and name != ROUTING_HINT_HEADER]
+    hint = routing_hint(body)
+    if hint:
+        headers.append((ROUTING_HINT_HEADER, hint))
+    return headers
+
+
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailers", "transfer-encoding", "upgrade")
+# API-key mode copies the client's headers, as codex responses-api-proxy does, except these:
+# ours replace them (Authorization, Host, Content-Length) or they are the client's own secrets.
+NOT_FORWARDED_AS_IS = HOP_BY_HOP + ("host", "authorization", "content-length", "cookie",
+                                    "x-api-key", "expect")
+# ... and, for a WebSocket's requests (each a streamed POST), those of the upgrade itself.
+NOT_FORWARDED_FROM_WEBSOCKET = ("accept", "accept-encoding", "content-type", "openai-beta",
+                                "origin")
+
+
+def platform_request_headers(client_headers, from_websocket=False):
+    """API-key mode: the client's headers (name, value pairs as it wrote them) that go to the
+    platform; of duplicates the first, the one the access checks saw."""
+    headers, seen = {}, set()
+    for name, value in client_headers:
+        lower = name.lower()
+        if lower not in seen and lower not in NOT_FORWARDED_AS_IS and not (
+                from_websocket and (lower in NOT_FORWARDED_FROM_WEBSOCKET
+                                    or lower.startswith("sec-websocket-"))):
+            headers[name] = value
+        seen.add(lower)
+    return headers
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream: the backend's event stream, whole events in batches from either transport
+# --------------------------------------------------------------------------------------------
+
+TERMINAL_EVENTS = ("response.completed", "response.failed", "response.incomplete")
+# Only these are JSON-decoded; deltas pass through untouched, which keeps the hot path cheap.
+INSPECTED_EVENTS = frozenset(TERMINAL_EVENTS + ("response.output_item.done", "error",
+                                                "response.created"))
+
+
+_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_frame(name, data):
+    """One event as an SSE frame; data with line breaks (JSON's whitespace) on data lines."""
+    head = b"event: " + name.encode() + b"\n" if name is not None else b""
+    if b"\n" not in data and b"\r" not in data:
+        return head + b"data: " + data + b"\n\n"
+    return head + b"".join(b"data: " + line + b"\n" for line in _LINE_END_RE.split(data)) \
+        + b"\n"
+
+
+def frame_event(frame):
+    """(type, data) of one LF-framed SSE frame; data None when it has no data line."""
+    lines = frame.split(b"\n")
+    name = None
+    for line in lines:
+        if line[:6] == b"event:":
+            name = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
+    data = _join_data(lines)
+    return name, data.encode("utf-8") if data is not None else None
+
+
+class EventBatch:
+    """The whole events one read gave, handed from the backend through a transform to a
+    sink, in the form they came in:
+    - raw: SSE frames in the backend's own framing (`event:` and `data:` lines, LF), never
+      split into events unless a consumer needs them;
+    - events: (type, data bytes) pairs (a WebSocket's frames);
+    - parsed: SSEEvents of an SSE stream framed otherwise (CRs), each with its bytes;
+    - sse: SSE bytes of any framing (a transform's output).
+    Each form is made from another only when asked for: an SSE stream relayed to an SSE
+    client goes on as its bytes, a WebSocket's frames to a WebSocket client as their data."""
+
+    __slots__ = ("raw", "parsed", "_events", "_sse")
+
+    def __init__(self, raw=None, events=None, parsed=None, sse=None):
+        self.raw = raw
+        self.parsed = parsed
+        self._events = events
+        self._sse = raw if sse is None else sse
+        if parsed is not None:
+            self._sse = b"".join(event.raw for event in parsed)
+            self._events = [(event.event, event.data.encode("utf-8")) for event in parsed
+                            if event.data is not None]
+
+    def __bool__(self):
+        return bool(self._sse) if self._sse is not None else bool(self._events)
+
+    def sse(self):
+        if self._sse is None:
+            self._sse = b"".join(sse_frame(name, data) for name, data in self._events)
+        return self._sse
+
+    def events(self):
+        if self._events is None:
+            sse = self._sse
+            if b"\r" in sse:
+                self._events = [(event.event, event.data.encode("utf-8"))
+                                for event in SSEParser().feed(sse) if event.data is not None]
+            else:
+                self._events = [e for e in map(frame_event, sse.split(b"\n\n")[:-1])
+                                if e[1] is not None]
+        return self._events
+
+    def payloads(self):
+        """Each event's data: what a WebSocket carries, one message each."""
+        return [data for _, data in self.events()]
+
+
+NO_EVENTS = EventBatch(b"")
+
+
+class SSEFramer:
+    """An SSE body cut into whole frames, once, for every transform: after each piece, the
+    frames it completes as one EventBatch of their bytes; a frame arriving in many reads is
+    joined once, at its end. A body framed with CRs goes through the full parser and is
+    handed on as parsed events."""
+
+    def __init__(self):
+        self._pending = []   # the start of an unfinished frame, in pieces
+        self._parser = None  # the full SSE parser, once the input needs it
+        self._started = False
 
     def feed(self, data):
-        self._buf += data
-        out = []
-        while True:
-            frame = self._next_frame()
-            if frame is None:
-                return out
-            message = self._message(*frame)
-            if message is not None:
-                out.append(message)
-
-    def _next_frame(self):
-        """(fin, opcode, payload) of the first whole frame in the buffer, else None."""
-        buf = self._buf
-        head = frame_header(buf)
-        if head is None:
+        """The EventBatch of the frames this piece completes; None when it completes none."""
+        if not self._started:
+            self._started = True
+            if data[:3] == _UTF8_BOM:
+                data = data[3:]  # a BOM opens the stream; it is not part of the first event
+        if self._parser is None and b"\r" in data:
+            self._parser = SSEParser()
+            data, self._pending = b"".join(self._pending) + data, []
+        if self._parser is not None:
+            parsed = self._parser.feed(data)
+            return EventBatch(parsed=parsed) if parsed else None
+        pending = self._pending
+        if pending and b"\n\n" not in data and not (data[:1] == b"\n" and
+                                                     pending[-1][-1:] == b"\n"):
+            pending.append(data)  # a large event arrives in many reads: joined once, at its end
             return None
-        first, masked, length, start = head
-        fin, opcode = first & 0x80, first & 0x0F
-        if first & 0x70:
-            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was "
-                                 "agreed)")
-        if not masked:
-            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-        if opcode == OP_BINARY:
-            raise WebSocketError(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send "
-                                 "each request as a text frame of JSON")
-        if opcode >= 0x8:
-            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
-            if not fin or length > 125:
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "control frames must be whole and "
-                                     "at most 125 bytes")
-        elif opcode not in (OP_CONTINUATION, OP_TEXT):
-            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
-        elif (opcode == OP_CONTINUATION) == (self._fragments is None):
-            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message "
-                                 "to continue" if opcode == OP_CONTINUATION else
-                                 "a new message before the last one's final fragment")
-        if length >> 63:
-            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
-        if opcode < 0x8 and self._size + length > self.max_message_bytes:
-            raise WebSocketError(CLOSE_TOO_BIG, "a message is limited to %d bytes (see the "
-                                 "handshake's x-codex-websocket-max-message-bytes)"
-                                 % self.max_message_bytes)
-        end = start + length
-        if len(buf) < end:
+        buf = b"".join(pending) + data if pending else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = [buf]
             return None
-        payload = unmask_frame(buf, start, end)
-        del buf[:end]
-        return fin, opcode, payload
-
-    def _message(self, fin, opcode, payload):
-        if opcode >= 0x8:
-            return opcode, payload
-        if self._fragments is None:
-            self._fragments = []
-        self._fragments.append(payload)
-        self._size += len(payload)
-        if not fin:
-            return None
-        data = b"".join(self._fragments)
-        self._fragments, self._size = None, 0
-        check_utf8(data, WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8"))
-        return OP_TEXT, data
-
-
-# The client side, for the backend's socket: the server's frames read, the upgrade asked for.
-# The backend's events are small (the largest, response.completed, holds the output); a message
-# from it is capped at --max-body-bytes, and never below this.
-WS_MAX_MESSAGE = 16 * 1024 * 1024
-WS_MAX_HANDSHAKE = 65536
-
-
-class WebSocketReader:
-    """Frames from a socket, through one buffer: a read takes all that has arrived, so the
-    frames it holds are handed on together."""
-
-    def __init__(self, sock, data=b"", max_message=None):
-        self.sock = sock
-        self._buf = bytearray(data)
-        self._pos = 0
-        self.max_message = max(max_message or 0, WS_MAX_MESSAGE)  # in total, across fragments
-        self.inflater = None  # a MessageInflater once permessage-deflate is agreed
-        self._inflated = None  # bytes so far of the compressed message being read
-
-    def _receive(self):
-        chunk = self.sock.recv(262144)
-        if not chunk:
-            raise EOFError("the WebSocket connection was closed")
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += chunk
-
-    def frame(self):
-        """(fin, opcode, payload) of the next frame, read from the socket as needed, its
-        payload inflated when its message is compressed. A set RSV bit is a protocol error
-        (ValueError) but RSV1 on a message's first frame once permessage-deflate is agreed."""
-        head = frame_header(self._buf, self._pos)
-        while head is None:
-            self._receive()
-            head = frame_header(self._buf, self._pos)
-        first, masked, n, size = head
-        if first & 0x70 and (first & 0x70 != RSV1 or self.inflater is None or
-                             first & 0x0F not in (OP_TEXT, OP_BINARY)):
-            raise ValueError("a WebSocket frame with RSV bits set" if self.inflater is None
-                             else "RSV1 on a WebSocket frame that cannot start a compressed "
-                             "message" if first & 0x70 == RSV1 else
-                             "a WebSocket frame with RSV2 or RSV3 set")
-        if n > self.max_message or (first & 0x08 and n > 125):
-            raise ValueError("a WebSocket frame of %d bytes" % n)
-        while len(self._buf) - self._pos < size + n:
-            self._receive()
-        start = self._pos + size
-        with memoryview(self._buf) as view:  # one copy of the payload, not two
-            payload = bytes(view[start:start + n])
-        if masked:
-            payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
-        self._pos = start + n
-        if first & RSV1 or (self._inflated is not None and first & 0x0F == OP_CONTINUATION):
-            payload = self._inflate(payload, first & RSV1, first & 0x80)
-        return bool(first & 0x80), first & 0x0F, payload
-
-    def _inflate(self, payload, starts, last):
-        """A compressed message's frame inflated, the message's whole never past the cap."""
-        if starts:
-            self._inflated = 0
-        room = self.max_message - self._inflated
-        payload = self.inflater.inflate(payload, last, room)
-        if len(payload) > room:
-            raise ValueError("a WebSocket message of more than %d bytes once inflated"
-                             % self.max_message)
-        self._inflated = None if last else self._inflated + len(payload)
-        return payload
-
-    def frame_ready(self):
-        """A whole frame is buffered: reading it will not block."""
-        head = frame_header(self._buf, self._pos)
-        return head is not None and len(self._buf) - self._pos >= head[3] + head[2]
-
-    def message(self, pong, buffered_only=False):
-        """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
-        payload). Pings are answered through pong(payload) on the way. buffered_only: None
-        instead of waiting when no whole message is buffered (a lone ping, a first fragment)."""
-        parts, first, size = [], None, 0
-        while True:
-            if buffered_only and not parts and not self.frame_ready():
-                return None
-            fin, opcode, payload = self.frame()
-            if opcode == OP_PING:
-                pong(payload)
-                continue
-            if opcode == OP_PONG:
-                continue
-            if opcode == OP_CLOSE:
-                return OP_CLOSE, payload
-            if first is None:
-                if opcode == OP_CONTINUATION:
-                    raise ValueError("a WebSocket continuation frame with nothing to continue")
-                first = opcode
-            elif opcode != OP_CONTINUATION:  # RFC 6455 5.4: never joined to the one before
-                del parts[:]  # not held by the traceback
-                raise ValueError("a new WebSocket message inside a fragmented one")
-            size += len(payload)
-            if size > self.max_message:  # each fragment within the cap is not enough
-                del parts[:]
-                raise ValueError("a WebSocket message of more than %d bytes" % self.max_message)
-            parts.append(payload)
-            if fin:
-                data = payload if len(parts) == 1 else b"".join(parts)
-                if first == OP_TEXT:
-                    check_utf8(data, ValueError("a WebSocket text message that is not UTF-8"))
-                return first, data
-
-
-# permessage-deflate (RFC 7692) on the backend's socket: the Codex CLI offers it too (the plain
-# RFC offer here: the CLI's exact parameters are unknown), used only when the 101 accepts it. A turn's message repeats the tools and instructions
-# every time (the CLI does too), which deflate shrinks several times over.
-DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
-DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what Z_SYNC_FLUSH ends with; never on the wire
-# The fastest level: on a real Claude Code turn (~50 KB) it costs ~0.6 ms and leaves ~20 KB;
-# level 6 saves 3 KB more for ~1.6 ms more.
-DEFLATE_LEVEL = 1
-RSV1 = 0x40  # in a frame's first byte: "this message is compressed"
-_EXTENSION_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_WINDOW_BITS_RE = re.compile(r"[1-9][0-9]?\Z")
-
-
-class DeflateTerms:
-    """What the server's answer to our offer agreed: whether each side restarts its
-    compression context with each message, and the window our compressor may use."""
-
-    def __init__(self, server_no_context_takeover=False, client_no_context_takeover=False,
-                 client_max_window_bits=15):
-        self.server_no_context_takeover = server_no_context_takeover
-        self.client_no_context_takeover = client_no_context_takeover
-        self.client_max_window_bits = client_max_window_bits
-
-
-def _extension_params(element):
-    """(name, [(param, value or None)]) of one element of Sec-WebSocket-Extensions
-    (RFC 6455 9.1); ValueError when it breaks the grammar."""
-    pieces = [p.strip() for p in element.split(";")]
-    name, params = pieces[0], []
-    if not _EXTENSION_TOKEN_RE.match(name):
-        raise ValueError("a malformed extension %r" % element[:80])
-    for piece in pieces[1:]:
-        key, sep, value = (s.strip() for s in piece.partition("="))
-        if sep and len(value) >= 2 and value[0] == value[-1] == '"':
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        if not _EXTENSION_TOKEN_RE.match(key) or (sep and not _EXTENSION_TOKEN_RE.match(value)):
-            raise ValueError("a malformed extension parameter %r" % piece[:80])
-        params.append((key, value if sep else None))
-    return name, params
-
-
-def deflate_terms(headers):
-    """The DeflateTerms a 101's headers agreed to, None when it declined (no
-    Sec-WebSocket-Extensions); ValueError for an answer RFC 7692 section 7 does not allow
-    to our offer: another extension, two answers, a parameter unknown, repeated, with a
-    value it must not have or without one it must have, window bits outside 8..15."""
-    values = [v for k, v in headers if k.lower() == "sec-websocket-extensions"]
-    elements = [e for e in ",".join(values).split(",") if e.strip()]
-    if not elements:
-        return None
-    if len(elements) > 1:
-        raise ValueError("the backend answered more than one WebSocket extension")
-    name, params = _extension_params(elements[0])
-    if name != "permessage-deflate":
-        raise ValueError("the backend agreed to the WebSocket extension %r, which was not "
-                         "offered" % name)
-    agreed = {}
-    for key, value in params:
-        if key in agreed:
-            raise ValueError("permessage-deflate's %s twice" % key)
-        if key in ("server_no_context_takeover", "client_no_context_takeover"):
-            if value is not None:
-                raise ValueError("permessage-deflate's %s with a value" % key)
-            agreed[key] = True
-        elif key in ("server_max_window_bits", "client_max_window_bits"):
-            if value is None or not _WINDOW_BITS_RE.match(value) or not 8 <= int(value) <= 15:
-                raise ValueError("permessage-deflate's %s must be 8 to 15" % key)
-            agreed[key] = int(value)
-        else:
-            raise ValueError("permessage-deflate with an unknown parameter %r" % key)
-    agreed.pop("server_max_window_bits", None)  # inflating with a 15-bit window reads any
-    return DeflateTerms(**agreed)
-
-
-class MessageDeflater:
-    """Our messages compressed (RFC 7692 7.2.1): raw deflate, flushed at the message's end
-    with the flush's 4-byte tail left off; the context carried from message to message
-    unless the server asked for a fresh one each time."""
-
-    def __init__(self, window_bits=15, no_context_takeover=False):
-        self.window_bits = window_bits
-        self.no_context_takeover = no_context_takeover
-        self._compressor = None
-
-    def compress(self, payload):
-        compressor = self._compressor or zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED,
-                                                          -self.window_bits)
-        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        self._compressor = None if self.no_context_takeover else compressor
-        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
-
-
-class MessageInflater:
-    """The server's compressed messages inflated, a frame at a time, never past a budget:
-    a few kilobytes that inflate to gigabytes are refused at the budget, not allocated."""
-
-    def __init__(self, no_context_takeover=False):
-        self.no_context_takeover = no_context_takeover
-        self._inflater = zlib.decompressobj(-15)
-
-    def inflate(self, data, last, room):
-        """data (one frame's payload) inflated, at most room + 1 bytes of it: more than room
-        says the message goes past its cap. last: the message ends with this frame.
-        ValueError for data that is not deflate."""
-        inflater = self._inflater
-        try:
-            out = inflater.decompress(data, room + 1)
-            if last and len(out) <= room and not inflater.eof:
-                out += inflater.decompress(DEFLATE_TAIL, room + 1 - len(out))
-        except zlib.error as e:
-            raise ValueError("a compressed WebSocket message that does not inflate (%s)" % e)
-        if last and (self.no_context_takeover or inflater.eof):
-            self._inflater = zlib.decompressobj(-15)  # a final block ends the context too
-        return out
-
-
-class ErrorFrame(Exception):
-    """The backend answered a turn with an error frame before any event."""
-
-    def __init__(self, event):
-        super().__init__("an error frame")
-        self.event = event
-
-
-class HandshakeRefused(Exception):
-    """The server answered the upgrade with something else than 101."""
-
-    def __init__(self, status, headers):
-        super().__init__("HTTP %d" % status)
-        self.status = status
-        self.headers = headers
-
-
-def client_handshake(sock, url, headers):
-    """Upgrade a connected socket to a WebSocket at url, offering permessage-deflate:
-    (response headers, bytes already read past them). HandshakeRefused for an answer other
-    than 101, ValueError for a 101 that is not a WebSocket's or answers the offer wrongly,
-    OSError / EOFError when the connection fails."""
-    parts = urllib.parse.urlsplit(url)
-    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    key = base64.b64encode(os.urandom(16))
-    lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
-             b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
-             b"Sec-WebSocket-Version: 13",
-             b"Sec-WebSocket-Extensions: " + DEFLATE_OFFER.encode("ascii")]
-    for name, value in headers:
-        value = value.encode("latin-1") if isinstance(value, str) else value
-        if b"\r" in value or b"\n" in value:
-            raise ValueError("a header value with a line break")  # never quote it: a secret
-        lines.append(name.encode("latin-1") + b": " + value)
-    sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        if len(data) > WS_MAX_HANDSHAKE:
-            raise ValueError("an endless handshake answer")
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError("the connection closed during the WebSocket handshake")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    status_line, _, header_block = head.partition(b"\r\n")
-    try:
-        status = int(status_line.split()[1])
-    except (IndexError, ValueError):
-        raise ValueError("not an HTTP answer: %r" % status_line[:80])
-    answer = []
-    for line in header_block.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            answer.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
-    names = {k.lower(): v for k, v in answer}
-    if status != 101:
-        raise HandshakeRefused(status, answer)  # its body says nothing a fallback needs
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
-    if names.get("upgrade", "").lower() != "websocket" or \
-            names.get("sec-websocket-accept") != accept:
-        raise ValueError("a 101 answer that is not a WebSocket upgrade")
-    deflate_terms(answer)  # RFC 6455 4.1: an answer we cannot honour fails the connection
-    return answer, rest
+        self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
+        return EventBatch(buf[:end + 2])
 
 
 # --------------------------------------------------------------------------------------------
-# Access policy (pure): which requests this proxy serves at all
-# --------------------------------------------------------------------------------------------
-
-def host_allowed(value, config, listen_address):
-    """Is this Host header a name of ours: localhost, a loopback address or the listening
-    one (on our port), or a name given with --allow-host?"""
-    if value is None:
-        return True  # HTTP/1.0 clients; browsers always send Host
-    value = value.strip().lower()
-    if value.startswith("["):
-        name, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        name, sep, port = value.rpartition(":")
-        if not sep:
-            name, port = value, ""
-    if name in config.allow_hosts or value in config.allow_hosts:
-        return True
-    own = ("localhost", "127.0.0.1", "::1", listen_address[0].lower())
-    return name in own and port in ("", str(listen_address[1]))
-
-
-def own_origin(url, config, listen_address):
-    """Is this URL (a Referer) on this proxy itself, or on an origin given with
-    --allow-origin?"""
-    parts = urllib.parse.urlsplit(url)
-    scheme, netloc = parts.scheme.lower(), parts.netloc
-    if scheme not in ("http", "https") or not netloc or "@" in netloc:
-        return False
-    return "%s://%s" % (scheme, netloc) in config.allow_origins or \
-        host_allowed(netloc, config, listen_address)
-
-
-def origin_form(target, config, listen_address):
-    """The path and query of an absolute-form request target (http://host:port/path), which
-    must name this proxy: it is no forward proxy, and a front end that routes by the Host
-    header would not see where the request really goes. Raises ProxyError."""
-    parts = urllib.parse.urlsplit(target)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or \
-            "@" in parts.netloc or not host_allowed(parts.netloc, config, listen_address):
-        raise ProxyError(400, "The request target names another host (%s://%s): this proxy "
-                         "is not a forward proxy. Send the path alone, as in 'GET /v1/models "
-                         "HTTP/1.1'." % (parts.scheme, parts.netloc.rpartition("@")[2][:100]),
-                         code="bad_http_request")
-    return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-
-
-# GET routes that act: a web page can make a browser send a GET with no Origin (<img src>).
-STATE_CHANGING_PATHS = ("/shutdown",)
-# The status page's own routes. They hold no data (the page reads /status, with the client
-# key), so a browser opens them without the key, which it could not send on a navigation.
-PAGE_PATHS = ("/", "/ui.js", "/favicon.ico")
-KEYLESS_PATHS = ("/healthz",) + PAGE_PATHS
-# What the person watching the proxy asks for: not traffic, not counted, not listed.
-OBSERVER_PATHS = PAGE_PATHS + ("/status",)
-
-
-def same_origin(origin, host):
-    """Is Origin the origin of this very request (its Host, which passed host_allowed)? That
-    is the status page this proxy served: Chromium sends Origin with its module script and
-    fetches. A page on another port or name is another origin, even on this machine."""
-    parts = urllib.parse.urlsplit(origin)
-    return bool(host) and parts.scheme.lower() in ("http", "https") and \
-        "@" not in parts.netloc and not parts.path and \
-        parts.netloc.lower() == host.strip().lower()
-
-
-def client_key_ok(headers, key):
-    scheme, _, value = (headers.get("authorization") or "").partition(" ")
-    candidates = [value.strip()] if scheme.lower() == "bearer" else []
-    candidates.append((headers.get("x-api-key") or "").strip())
-    return any(c and hmac.compare_digest(c.encode("utf-8", "replace"), key) for c in candidates)
-
-
-def check_access(method, path, headers, config, listen_address):
-    """What every request passes before its route: a Host naming this proxy (DNS rebinding),
-    no foreign web page (Origin, Sec-Fetch-Site, and for a route that acts, Referer), the
-    client key, a JSON content type.
-    headers: lower-cased names. Returns whether this is a CORS preflight, to be answered as
-    such; raises ProxyError for a refused request."""
-    host = headers.get("host")
-    if not host_allowed(host, config, listen_address):
-        raise ProxyError(403, "Host %r is not this proxy's name (DNS rebinding protection). "
-                         "If clients reach it by that name, start it with --allow-host."
-                         % host, code="host_not_allowed")
-    origin = headers.get("origin")
-    if origin is not None:
-        if origin not in config.allow_origins and not (
-                method in ("GET", "HEAD") and path in OBSERVER_PATHS and
-                same_origin(origin, host)):
-            raise ProxyError(403, "Requests from web pages are refused (Origin %s). To let a "
-                             "page you trust call the proxy, start it with --allow-origin "
-                             "%s." % (origin, origin), code="origin_not_allowed")
-        if method == "OPTIONS" and headers.get("access-control-request-method"):
-            return True  # a preflight carries no credentials, so needs no client key
-    elif (headers.get("sec-fetch-site") or "none").lower() not in ("none", "same-origin"):
-        # A page's <img> or link sends a GET with no Origin; browsers still mark it
-        # cross-site. Nothing a page loads that way may act (GET /shutdown) or be read.
-        raise ProxyError(403, "Requests from other web sites are refused.",
-                         code="origin_not_allowed")
-    if path in STATE_CHANGING_PATHS and headers.get("referer") is not None and \
-            not own_origin(headers["referer"], config, listen_address):
-        # A browser without Sec-Fetch-Site (Safari before 16.4, older ones) still names the
-        # page in Referer, unless the page turned that off. Only here: a read is no use to a
-        # page without CORS, a POST from a page carries Origin, and a non-browser client
-        # sending its home page as Referer keeps working.
-        raise ProxyError(403, "Requests from other web sites are refused (Referer). To let "
-                         "a page you trust call the proxy, start it with --allow-origin "
-                         "ORIGIN.", code="origin_not_allowed")
-    if config.client_key and path not in KEYLESS_PATHS and \
-            not client_key_ok(headers, config.client_key):
-        raise ProxyError(401, "This proxy needs its client key: send 'Authorization: Bearer "
-                         "KEY' or 'x-api-key: KEY' with the key from --client-key-file or "
-                         "$%s." % CLIENT_KEY_ENV, code="invalid_client_key")
-    ctype = headers.get("content-type")
-    if method == "POST" and ctype is not None and \
-            ctype.split(";")[0].strip().lower() != "application/json" and not (
-                path in FORM_PATHS and multipart_boundary(ctype) is not None):
-        # A form needs no preflight either, but a page's form post carries Origin (refused
-        # above), and only the edit endpoint reads one.
-        # A browser's form or text/plain post needs no preflight: refuse it before anything
-        # is sent upstream.
-        raise ProxyError(415, "Content-Type must be application/json, not %r: send the "
-                         "header 'Content-Type: application/json' (curl -d alone sends a "
-                         "form type)." % ctype, code="unsupported_media_type")
-    return False
-
-
-# The paths served (in both modes), each also without /v1 for clients configured without it.
-API_PATHS = ("/v1/responses", "/v1/responses/compact", "/v1/responses/input_tokens",
-             "/v1/chat/completions", "/v1/images/generations", "/v1/images/edits",
-             "/v1/messages", "/v1/messages/count_tokens", "/v1/models")
-SERVICE_PATHS = ("/status", "/shutdown", "/healthz") + PAGE_PATHS
-SERVED_PATHS = frozenset(API_PATHS + tuple(p[3:] for p in API_PATHS) + SERVICE_PATHS)
-WEBSOCKET_PATHS = ("/v1/responses", "/responses")
-# Anthropic's API: its errors are answered in Anthropic's shape.
-MESSAGES_PATHS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/messages",
-                            "/messages/count_tokens"))
-# /v1/responses/{id} and what hangs off it: routes taking the id too
-_RESPONSE_PATH_RE = re.compile(r"(?:/v1)?/responses/([A-Za-z0-9_.:-]{1,256})"
-                               r"(|/input_items|/cancel)\Z")
-WEBSOCKET_UPGRADE = "websocket upgrade"  # find_route's answer for a GET /v1/responses upgrade
-
-
-def unknown_path_message(path):
-    """What a 404 says: an Anthropic client whose base URL ends in /v1 (the OpenAI habit)
-    asks for /v1/v1/messages, and needs to hear that, not about /v1/responses."""
-    if path.endswith(("/messages", "/messages/count_tokens")):
-        return ("Unknown path %s. Anthropic clients take the proxy's address without /v1 "
-                "(ANTHROPIC_BASE_URL=http://HOST:PORT); it serves POST /v1/messages."
-                % path)
-    return "Unknown path %s. This proxy serves POST /v1/responses." % path
-
-
-class RouteTable:
-    """Which route answers a method and path: built once at start, from the mode (see
-    App.chatgpt_routes and App.platform_routes). A route is a callable taking the Exchange
-    (and, for /v1/responses/{id} and what hangs off it, the id)."""
-
-    def __init__(self, api, by_response_id, service):
-        self.routes = dict(service)
-        for path, methods in api.items():
-            self.routes[path] = self.routes[path[3:]] = methods
-        self.by_response_id = by_response_id  # "", "/input_items", "/cancel" -> methods
-
-    def find(self, method, path, headers):
-        """(the route for this request, its arguments from the path), WEBSOCKET_UPGRADE for a
-        WebSocket handshake, else the fitting JSON error."""
-        methods, args = self.routes.get(path), ()
-        if methods is None:
-            m = _RESPONSE_PATH_RE.match(path)
-            if m:
-                methods, args = self.by_response_id[m.group(2)], (m.group(1),)
-        if methods is None:
-            raise ProxyError(404, unknown_path_message(path), code="not_found")
-        if "websocket" in (headers.get("upgrade") or "").lower():
-            if path in WEBSOCKET_PATHS and method == "GET":
-                return WEBSOCKET_UPGRADE, ()
-            raise ProxyError(426, "WebSocket is served on GET /v1/responses only; use HTTP "
-                             "here.", code="websocket_not_supported")
-        route = methods.get(method)
-        if route is None:
-            raise ProxyError(405, "%s does not take %s; use %s." % (
-                path, method, " or ".join(sorted(methods))), code="method_not_allowed",
-                headers=[("Allow", ", ".join(sorted(methods)))])
-        return route, args
-
-
-# --------------------------------------------------------------------------------------------
-# Request bodies: Content-Length or chunked, within a size limit and a deadline
-# --------------------------------------------------------------------------------------------
-
-# RFC 9112's framing, strictly: a proxy or TLS terminator in front may read a request's
-# headers or its end differently from a lenient parser here, and then the bytes one of them
-# takes for a body the other takes for a second request (request smuggling). So what either
-# could read two ways is refused with 400, and the connection closed.
-MAX_FIELD_LINE = 65536  # as http.client's
-MAX_FIELD_LINES = 100
-MAX_CHUNK_LINE = 1024
-_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-# A field line: a token, the colon right after it, a value with no CR or NUL. Not obs-fold (a
-# line starting with white space), which one parser joins to the line before and another not.
-_FIELD_LINE = re.compile(_TOKEN + rb":[^\r\x00]*")
-# A chunk-size line: hex digits, extensions (token[=token|quoted-string]), CRLF.
-_CHUNK_SIZE_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\x00-\x08\x0a-\x1f"
-    rb"\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*\"))?)*\r\n" % (_TOKEN, _TOKEN))
-
-
-def framing_error(message, status=400):
-    return ProxyError(status, message, code="bad_http_request")
-
-
-def read_field_lines(rfile, section="header"):
-    """The raw lines of a header (or trailer) section, up to its empty line, each checked to
-    be a field line. Lines may end in a bare LF (RFC 9112 allows it). Raises ProxyError, after
-    which the connection must close, or ClientGone."""
-    lines = []
-    while True:
-        line = rfile.readline(MAX_FIELD_LINE + 1)
-        if len(line) > MAX_FIELD_LINE:
-            raise framing_error("A %s line is longer than %d bytes." % (section, MAX_FIELD_LINE),
-                                431)
-        if not line.endswith(b"\n"):
-            raise ClientGone()  # the client hung up within the head
-        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        if not text:
-            return lines
-        if len(lines) == MAX_FIELD_LINES:
-            raise framing_error("More than %d %s lines." % (MAX_FIELD_LINES, section), 431)
-        if not _FIELD_LINE.fullmatch(text):
-            # Not quoted back: a malformed line may be someone's Authorization header.
-            raise framing_error(
-                "%s line %d is malformed: each must read 'Name: value' on one line, with no "
-                "white space before the colon and no CR or NUL byte (RFC 9112)."
-                % (section.capitalize(), len(lines) + 1))
-        lines.append(line)
-
-
-def http_version(text):
-    """'HTTP/1.1' -> (1, 1), as the base class checked it."""
-    major, _, minor = text[5:].partition(".")
-    return int(major), int(minor)
-
-
-def check_framing(version, headers):
-    """One reading of where the request ends, and of its Host (RFC 9112 sections 3.2, 6.1,
-    6.3). headers: the parsed http.client.HTTPMessage. Raises ProxyError."""
-    lengths = headers.get_all("content-length") or []
-    codings = headers.get_all("transfer-encoding") or []
-    hosts = headers.get_all("host") or []
-    if lengths and codings:
-        raise framing_error("Send Content-Length or Transfer-Encoding, not both.")
-    if len(lengths) > 1 or len(codings) > 1:
-        raise framing_error("Send one %s header, not several."
-                            % ("Content-Length" if len(lengths) > 1 else "Transfer-Encoding"))
-    if codings and codings[0].strip(" \t").lower() != "chunked":
-        raise framing_error("Transfer-Encoding %r is not supported: send 'Transfer-Encoding: "
-                            "chunked' or a Content-Length." % codings[0].strip(" \t")[:40])
-    if len(hosts) > 1:
-        raise framing_error("Send one Host header, not several.")
-    if not hosts and http_version(version) >= (1, 1):
-        raise framing_error("An HTTP/1.1 request needs a Host header.")
-
-
-def is_chunked(headers):
-    return (headers.get("transfer-encoding") or "").strip(" \t").lower() == "chunked"
-
-
-def has_body(headers):
-    return (headers.get("content-length") or "0").strip(" \t") != "0" or is_chunked(headers)
-
-
-def read_request_body(rfile, headers, limit, before_reading):
-    """The request's body bytes. before_reading() runs once a body is due (100 Continue).
-    Raises ProxyError; after one, the connection's framing is lost: close it."""
-    try:
-        if is_chunked(headers):
-            before_reading()
-            return _read_chunks(rfile, limit)
-        length = headers.get("content-length")
-        if length is None:
-            return b""
-        if not re.match(r"^[0-9]+$", length.strip(" \t")):  # not isdigit(): '\xb2' is a digit to it
-            raise ProxyError(400, "Invalid Content-Length.", code="invalid_body")
-        length = int(length)
-        if length > limit:
-            raise ProxyError(413, "The request body is %d bytes; the limit is %d."
-                             % (length, limit), code="request_too_large")
-        if length:
-            before_reading()
-        data = rfile.read(length)
-    except socket.timeout:
-        raise ProxyError(408, "The request body did not arrive within %g s."
-                         % REQUEST_READ_DEADLINE, code="request_timeout")
-    if len(data) < length:
-        raise ClientGone()
-    return data
-
-
-def _read_chunks(rfile, limit):
-    parts, total = [], 0
-    while True:
-        line = rfile.readline(MAX_CHUNK_LINE + 1)
-        if len(line) <= MAX_CHUNK_LINE and not line.endswith(b"\n"):
-            raise ClientGone()
-        m = _CHUNK_SIZE_LINE.fullmatch(line)  # int() alone takes '-1', '0x1', '1_0', ' 1'
-        if not m:
-            raise ProxyError(400, "Malformed chunked request body: a chunk-size line must be "
-                             "hex digits (and extensions), at most %d bytes, ending in CRLF."
-                             % MAX_CHUNK_LINE, code="invalid_body")
-        size = int(m.group(1), 16)
-        if size == 0:
-            read_field_lines(rfile, "trailer")
-            return b"".join(parts)
-        total += size
-        if total > limit:
-            raise ProxyError(413, "The request body is over the limit of %d bytes." % limit,
-                             code="request_too_large")
-        data = rfile.read(size)
-        end = rfile.read(2)
-        if len(data) < size or len(end) < 2:
-            raise ClientGone()
-        if end != b"\r\n":
-            raise ProxyError(400, "Malformed chunked request body: chunk data must be followed "
-                             "by CRLF, as long as its size line says.", code="invalid_body")
-        parts.append(data)
-
-
-def json_request_body(raw, headers, limit):
-    """(body, source, spans) of the request's JSON object (see parse_json_object)."""
-    return parse_json_object(decode_request_body(raw, headers.get("content-encoding"), limit))
-
-
-# --------------------------------------------------------------------------------------------
-# Upstream connections
+# Upstream: HTTP connections, pooled, and an answer's body as an event stream
 # --------------------------------------------------------------------------------------------
 
 # Forwarded from the backend's answer to the client: quota, rate limit and request ids.
@@ -5143,93 +5300,6 @@ def send_upstream(pool, url, body, headers, read_timeout, method="POST"):
                              code="invalid_credential")
 
 
-class ChunkedDecoder:
-    """Incremental HTTP/1.1 chunked-body decoding over whole socket reads. http.client's own
-    read1() yields one chunk per call, and the backend sends one chunk per event: decoding
-    here lets one read carry every event that has arrived, and one client write relay them."""
-
-    def __init__(self):
-        self._buf = b""
-        self._left = 0            # data bytes still to come in the current chunk
-        self._after_data = False  # the CRLF that ends a chunk's data is due
-        self._trailer = False     # the last chunk was seen; trailer lines until a blank one
-        self.done = False
-
-    def feed(self, data):
-        if self._left or self._after_data or self._trailer:
-            return self._feed_slow(data)
-        buf = self._buf + data if self._buf else data
-        decoded = self._feed_whole_chunks(buf)
-        return self._feed_slow(buf, fresh=True) if decoded is None else decoded
-
-    def _feed_whole_chunks(self, buf):
-        """The usual case in C loops: chunks whose data holds no CRLF (the backend's events
-        are LF-framed JSON), so splitting at CRLF gives size, data, size, data... Each size is
-        checked against its data; None when anything else is there (a CRLF inside data, chunk
-        extensions, the last chunk): the careful path then decodes the same bytes."""
-        parts = buf.split(b"\r\n")
-        rest = parts.pop()
-        if len(parts) % 2:  # a size line whose data has not arrived yet
-            rest = parts.pop() + b"\r\n" + rest
-        if len(rest) > 65536:
-            return None  # a large chunk still arriving: the careful path holds it without copies
-        sizes, datas = parts[0::2], parts[1::2]
-        try:
-            if list(map(int, sizes, _SIXTEENS)) != list(map(len, datas)) or not all(datas):
-                return None
-        except ValueError:
-            return None
-        self._buf = rest
-        return b"".join(datas)
-
-    def _feed_slow(self, data, fresh=False):
-        buf = data if fresh or not self._buf else self._buf + data
-        out = []
-        pos, n = 0, len(buf)
-        while pos < n and not self.done:
-            if self._left:
-                take = min(self._left, n - pos)
-                out.append(buf[pos:pos + take])
-                pos += take
-                self._left -= take
-                self._after_data = not self._left
-                continue
-            eol = buf.find(b"\n", pos)
-            if eol < 0:
-                if n - pos > 4096:
-                    raise ValueError("chunk header too long")
-                break
-            line = buf[pos:eol]
-            pos = eol + 1
-            if self._after_data:
-                if line.strip():
-                    raise ValueError("chunk data longer than announced")
-                self._after_data = False
-            elif self._trailer:
-                self.done = not line.strip()
-            else:
-                if b";" in line:
-                    line = line.split(b";", 1)[0]  # chunk extensions mean nothing to us
-                size = int(line, 16)  # tolerates the CR; ValueError on garbage
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                end = pos + size
-                if size and buf[end:end + 2] == b"\r\n":  # the whole chunk is here: usual
-                    out.append(buf[pos:end])
-                    pos = end + 2
-                    continue
-                self._left = size
-                self._trailer = size == 0
-        self._buf = buf[pos:]
-        return b"".join(out)
-
-
-# Chunk sizes are read by int(size, 16) in map(), keeping the per-chunk work in C. int() is
-# lenient ("0x1f", " 1f"), but each size must also equal its data's length, so a lenient
-# spelling cannot shift the framing.
-_SIXTEENS = itertools.repeat(16)
-
-
 class UpstreamBody:
     """The body of an upstream response, read in pieces as large as what has arrived; then
     its connection settled: back to the pool if the body was read whole, else closed."""
@@ -5288,99 +5358,6 @@ class UpstreamBody:
         else:
             self.conn.close()
         return complete
-
-
-class HangupWatcher:
-    """Notices clients that hang up while their handler thread is blocked reading upstream,
-    and cuts the upstream connection at once: every further token is quota the user pays for.
-    One thread polls all watched client sockets; it sleeps when there are none.
-
-    It peeks through a non-blocking duplicate of each client socket: through the handler's
-    own socket, Python would first wait out its timeout whenever the handler had read the
-    waiting bytes in between. Only the watcher thread closes the duplicates, between polls."""
-
-    POLL = 0.2
-
-    def __init__(self):
-        self._watched = {}
-        self._retired = []  # duplicates of unwatched sockets, for the watcher thread to close
-        self._cond = threading.Condition()
-        self._thread = None
-
-    def watch(self, client_sock, upstream_sock):
-        entry = {"peek": None, "upstream": upstream_sock, "gone": False}
-        try:
-            entry["peek"] = client_sock.dup()
-            entry["peek"].setblocking(False)
-        except OSError:
-            if entry["peek"] is not None:
-                entry["peek"].close()
-            entry["peek"] = None
-            return entry  # unwatched: a hang-up is then noticed at the next write
-        with self._cond:
-            self._watched[id(entry)] = entry
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hangup-watcher",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return entry
-
-    def unwatch(self, entry):
-        """After this returns the watcher no longer touches the entry's upstream socket, which
-        may then go back to the pool."""
-        with self._cond:
-            if self._watched.pop(id(entry), None) is not None:
-                self._retired.append(entry["peek"])
-
-    def _run(self):
-        while True:
-            try:
-                self._poll_once()
-            except Exception:  # a surprise must not end hang-up detection for good
-                time.sleep(self.POLL)
-
-    def _poll_once(self):
-        """One round: close retired duplicates, wait for a watched socket, act on hang-ups."""
-        with self._cond:
-            while True:
-                retired, self._retired = self._retired, []
-                for sock in retired:
-                    sock.close()
-                if self._watched:
-                    break
-                self._cond.wait()
-            entries = list(self._watched.values())
-        try:
-            readable = readable_sockets([e["peek"] for e in entries], self.POLL)
-        except (OSError, ValueError):
-            readable = []
-            time.sleep(self.POLL)
-        for entry in entries:
-            if entry["peek"] in readable and _peer_closed(entry["peek"]):
-                with self._cond:
-                    if self._watched.pop(id(entry), None) is None:
-                        continue  # unwatched meanwhile: its upstream may be pooled now
-                    self._retired.append(entry["peek"])
-                    entry["gone"] = True
-                    try:
-                        entry["upstream"].shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-        time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
-
-
-HANGUPS = HangupWatcher()
-
-
-def _peer_closed(sock):
-    """For a non-blocking socket that polled readable: has the peer closed it?"""
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
-        return False  # the bytes that made it readable were read by the handler meanwhile
-    except OSError:
-        return True
 
 
 class UpstreamAnswer:
@@ -5476,6 +5453,10 @@ class HTTPEvents:
     def dump_done(self):
         self.answer.dump_done()
 
+
+# --------------------------------------------------------------------------------------------
+# Upstream: the client, and one retry policy for both transports
+# --------------------------------------------------------------------------------------------
 
 class RetryPolicy:
     """One request's retries, the same over HTTP and over the backend's WebSocket: a 401
@@ -5647,6 +5628,10 @@ class UpstreamClient:
         self.websockets.close()
 
 
+# --------------------------------------------------------------------------------------------
+# Upstream: the quota the backend reports, for /status
+# --------------------------------------------------------------------------------------------
+
 def window_label(minutes):
     """A quota window's name from its length: 300 -> "5h", 10080 -> "weekly", 43200 -> "30d"."""
     if not isinstance(minutes, int) or minutes <= 0:
@@ -5721,102 +5706,6 @@ class QuotaTracker:
 def iso_time(timestamp):
     when = utc_datetime(timestamp)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when is not None else None
-
-
-# --------------------------------------------------------------------------------------------
-# Exchange dumps (--dump-dir), in the Codex CLI's responses-api-proxy format
-# --------------------------------------------------------------------------------------------
-
-REDACTED_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
-
-
-def dump_headers(headers):
-    return [{"name": k, "value": "[REDACTED]" if k.lower() in REDACTED_HEADERS else
-             (v.decode("latin-1") if isinstance(v, bytes) else str(v))} for k, v in headers]
-
-
-def dump_body(body):
-    """JSON when it parses, else the text (a stream: its raw SSE)."""
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace")
-
-
-class ExchangeDumper:
-    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
-    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
-    0700 too, and one that belongs to another user is refused (its owner could read them)."""
-
-    def __init__(self, directory, log):
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            st = os.stat(directory)
-        except OSError as e:
-            raise StartupError("--dump-dir %s: %s." % (directory, e.strerror or e))
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise StartupError("--dump-dir %s belongs to another user (uid %d); dumps hold "
-                               "whole conversations, so the proxy writes them only into a "
-                               "directory of its own user. Choose another --dump-dir."
-                               % (directory, st.st_uid))
-        if st.st_mode & 0o077:
-            os.chmod(directory, 0o700)
-            log.info("made --dump-dir %s private (mode 0700, was %04o)"
-                     % (directory, st.st_mode & 0o7777))
-        self.directory = directory
-        self.log = log
-        self._next = 1
-        self._lock = threading.Lock()
-
-    def request(self, method, url, headers, body):
-        with self._lock:
-            seq, self._next = self._next, self._next + 1
-        prefix = os.path.join(self.directory, "%06d-%d" % (seq, int(time.time() * 1000)))
-        self._write(prefix + "-request.json", {"method": method, "url": url,
-                                               "headers": dump_headers(headers),
-                                               "body": dump_body(body or b"")})
-        return ExchangeDump(self, prefix + "-response.json")
-
-    def _write(self, path, obj):
-        data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
-        try:
-            # A new file only: a file or symlink already at this name was put there by someone
-            # else, and following or overwriting it could clobber or leak some other file.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except FileExistsError:
-            self.log.info("cannot write dump %s: something is already there (left as it is)"
-                          % path)
-        except OSError as e:
-            self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
-
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
-
-
-class ExchangeDump:
-    """The response half: the body is gathered as it is relayed and written at the end."""
-
-    def __init__(self, dumper, path):
-        self.dumper = dumper
-        self.path = path
-        self.status = None
-        self.headers = []
-        self.body = bytearray()
-        self.written = False
-
-    def answer(self, status, headers):
-        self.status, self.headers = status, headers
-
-    def finish(self, body=b""):
-        if self.written:
-            return
-        self.written = True
-        self.body += body
-        self.dumper._write(self.path, {"status": self.status,
-                                       "headers": dump_headers(self.headers),
-                                       "body": dump_body(bytes(self.body))})
 
 
 # --------------------------------------------------------------------------------------------
@@ -6567,8 +6456,709 @@ class WebSocketUpstream:
 
 
 # --------------------------------------------------------------------------------------------
-# The relay: an upstream event stream, through a transform (Responses as is, or Chat
-# Completions), into a sink (SSE to the client, or one collected JSON answer)
+# Upstream: credentials: load auth.json, find the account id, refresh, save atomically
+# --------------------------------------------------------------------------------------------
+
+REFRESH_MARGIN = 60  # seconds before `exp` at which a token counts as expired
+REFRESH_AGE_WITHOUT_EXP = 8 * 24 * 3600  # the Codex CLI's rule for tokens without `exp`
+PERMANENT_REFRESH_CODES = ("refresh_token_expired", "refresh_token_reused",
+                           "refresh_token_invalidated")
+LOGIN_HINT = "Log in with `python3 codex_responses_proxy.py login` (or `codex login`)."
+AUTH_SETTLE_SECONDS = 0.5   # an empty or garbled auth.json may be a rewrite in progress
+AUTH_WRITE_LOCK_WAIT = 2.0  # the Codex CLI holds auth.json.lock only while it writes
+
+
+def jwt_claims(token):
+    """The payload of a JWT as a dict, {} when it is not one (no signature check: we only read
+    our own token's expiry and account)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+        return claims if isinstance(claims, dict) else {}
+    except (AttributeError, IndexError, ValueError, TypeError, UnicodeError):
+        return {}
+
+
+def parse_rfc3339(text):
+    """'2026-01-02T03:04:05.123456789Z' -> aware datetime, None when unparseable. Written by
+    hand because fromisoformat() on 3.8 takes neither 'Z' nor nanoseconds."""
+    m = re.match(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
+                 r"(?:([Zz])|([+-])(\d\d):?(\d\d))?$", text or "")
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    offset = datetime.timedelta(0)
+    if sign:
+        offset = datetime.timedelta(hours=int(oh), minutes=int(om)) * (1 if sign == "+" else -1)
+    try:
+        return datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micro,
+                                 tzinfo=datetime.timezone(offset))
+    except ValueError:
+        return None
+
+
+def rfc3339_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Credentials:
+    """The ChatGPT tokens of one auth.json, with what the proxy derives from them."""
+
+    def __init__(self, data):
+        tokens = data.get("tokens") if isinstance(data.get("tokens"), dict) else {}
+        self.data = data  # the whole file, so a rewrite keeps keys we do not know
+        # A value of another type than a string is as good as absent (a hand-edited file)
+        self.access_token = _text(tokens.get("access_token"))
+        self.refresh_token = _text(tokens.get("refresh_token"))
+        self.id_token = _text(tokens.get("id_token"))
+        access = jwt_claims(self.access_token)
+        ident = jwt_claims(self.id_token)
+        self.expires_at = access.get("exp") if isinstance(access.get("exp"), (int, float)) else None
+        self.account_id = (_text(tokens.get("account_id"))
+                           or _auth_claim(ident, "chatgpt_account_id")
+                           or _auth_claim(access, "chatgpt_account_id"))
+        self.plan_type = _auth_claim(ident, "chatgpt_plan_type") or _auth_claim(
+            access, "chatgpt_plan_type")
+        self.last_refresh = parse_rfc3339(_text(data.get("last_refresh")))
+        # The Codex CLI then sends X-OpenAI-Fedramp: true, and so do we.
+        auth = ident.get("https://api.openai.com/auth")
+        self.fedramp = isinstance(auth, dict) and auth.get("chatgpt_account_is_fedramp") is True
+
+    def needs_refresh(self, now=None):
+        now = time.time() if now is None else now
+        if self.expires_at is not None:
+            return self.expires_at - now < REFRESH_MARGIN
+        if self.last_refresh is not None:
+            return now - self.last_refresh.timestamp() > REFRESH_AGE_WITHOUT_EXP
+        return False
+
+    def secrets(self):
+        return [t for t in (self.access_token, self.refresh_token, self.id_token) if t]
+
+
+def _text(value):
+    return value if isinstance(value, str) and value else None
+
+
+def _auth_claim(claims, name):
+    auth = claims.get("https://api.openai.com/auth")
+    return _text(auth.get(name)) if isinstance(auth, dict) else None
+
+
+def auth_error(path, reason, status=401, code="codex_login_required"):
+    return ProxyError(status, "%s %s" % (reason, LOGIN_HINT) if status == 401 else reason,
+                      code=code)
+
+
+def read_auth_file(path):
+    """auth.json -> Credentials; every way it can be unusable is a 401 that names the path and
+    says what to do. An empty or unparseable file is read again for a moment before it counts
+    as broken: some Codex CLIs rewrite auth.json in place (truncate, then write), and a reader
+    can catch it between the two."""
+    deadline = time.monotonic() + AUTH_SETTLE_SECONDS
+    while True:
+        raw = _read_auth_bytes(path)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            break
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise auth_error(path, "%s is %s." % (path, "not valid JSON" if raw.strip()
+                                                      else "empty"))
+            time.sleep(0.02)
+    if not isinstance(data, dict):
+        raise auth_error(path, "%s does not hold a JSON object." % path)
+    tokens = data.get("tokens")
+    if not isinstance(tokens, dict) or not _text(tokens.get("access_token")):
+        if data.get("OPENAI_API_KEY") or data.get("auth_mode") == "apikey":
+            raise auth_error(path, "%s holds an API-key login, not a ChatGPT one; this proxy needs "
+                             "a ChatGPT sign-in. Run `codex login` and choose ChatGPT." % path)
+        raise auth_error(path, "%s has no ChatGPT tokens." % path)
+    return Credentials(data)
+
+
+def _read_auth_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise auth_error(path, "No Codex login found: %s does not exist. If your Codex CLI keeps "
+                         "credentials in the OS keyring, set cli_auth_credentials_store = \"file\" "
+                         "in config.toml first." % path)
+    except OSError as e:
+        raise auth_error(path, "Cannot read %s (%s): check its owner and permissions."
+                         % (path, e.strerror or e))
+
+
+def write_auth_file(path, data):
+    write_file_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")), 0o600)
+
+
+def write_file_atomic(path, write, mode):
+    """Atomic replace: a crash at any point leaves the old file or the new one, never half.
+    write(f) fills the temporary file. A symlink is written through: the temporary file goes
+    next to the link's target and replaces that, so the link stays a link and its target does
+    not keep a used-up refresh token."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def probe_writable(directory):
+    """Raises OSError unless a new auth.json can be made in directory (it is written beside,
+    then renamed)."""
+    fd, probe = tempfile.mkstemp(prefix=".auth.json.", suffix=".probe", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+
+
+class RefreshFailed(Exception):
+    def __init__(self, message, code=None, permanent=False):
+        super().__init__(message)
+        self.code = code
+        self.permanent = permanent
+
+
+def refresh_error_code(body):
+    """The code of an OAuth error body, in any of the shapes the server uses."""
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error")
+    if isinstance(err, dict):
+        return err.get("code") or err.get("type")
+    if isinstance(err, str):
+        return err
+    return data.get("code")
+
+
+def request_token_refresh(url, refresh_token, user_agent, reason):
+    """reason: the CLI's refresh_reason, "proactive_expiry" or "unauthorized_recovery"."""
+    # Imported here: urllib.request costs ~1.5 MB and a refresh happens about once an hour.
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"client_id": OAUTH_CLIENT_ID, "grant_type": "refresh_token",
+                       "refresh_token": refresh_token, "refresh_reason": reason}).encode()
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "Accept": "application/json",
+        "User-Agent": user_agent})
+    try:
+        with urllib.request.urlopen(req, timeout=REFRESH_TIMEOUT) as resp:
+            answer = json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        try:
+            code = refresh_error_code(e.read(65536))
+        except (OSError, http.client.HTTPException):
+            code = None
+        permanent = e.code == 401 or code in PERMANENT_REFRESH_CODES
+        raise RefreshFailed("token refresh answered HTTP %d%s" % (e.code, " (%s)" % code if code
+                                                                 else ""), code, permanent)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise RefreshFailed("token refresh failed: %s" % reason)
+    except ValueError:
+        raise RefreshFailed("token refresh answered something that is not JSON")
+    if not isinstance(answer, dict) or not any(
+            isinstance(answer.get(k), str) for k in ("access_token", "id_token", "refresh_token")):
+        raise RefreshFailed("token refresh answered without tokens")
+    return answer
+
+
+class _FileLock:
+    """flock on a side file of CODEX_HOME, as the Codex CLI takes it. Waits up to `wait`
+    seconds, polling (a blocking flock cannot time out, and a stuck holder must not stop us
+    forever); `acquired` is False only when another process held it all that time."""
+
+    def __init__(self, path, wait):
+        self.path = path
+        self.wait = wait
+        self.fd = None
+        self.acquired = True
+
+    def __enter__(self):
+        if fcntl is None:
+            return self  # Windows: no advisory locks; the in-process lock still serializes
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return self  # a read-only CODEX_HOME still works, just without the cross-process lock
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.acquired = False
+                    return self
+                time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+class AuthStore:
+    """The current credentials, cheap to ask for: auth.json is parsed again only when its
+    stat changes. Refreshes are single-flight in the process and follow the Codex CLI's lock
+    protocol across processes (docs/backend.md §2), so that the CLI, this proxy and other proxies
+    never redeem one refresh token twice: $CODEX_HOME/auth.lock, waited for, around re-read,
+    refresh and write; auth.json.lock only around the write itself, because the CLI takes that
+    one without waiting and cannot save its own refresh while someone else holds it."""
+
+    def __init__(self, path, refresh_url, user_agent, log):
+        self.path = path
+        self.refresh_lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
+        self.write_lock_path = path + ".lock"
+        self.refresh_url = refresh_url
+        self.user_agent = user_agent
+        self.log = log
+        self._lock = threading.Lock()
+        self._cache = (None, None)  # (stat key, Credentials), replaced whole: threads read it
+        self._attempts = 0          # refresh attempts made, and the error of the last if it
+        self._failure = None        # failed: threads that waited for it share that outcome
+        # A refresh token that failed for good, in the auth.json version it came from:
+        self._dead = None  # ((stat key, refresh token), (status, message, code))
+        self._saving = threading.Lock()  # held from redeeming a refresh token to saving the next
+        self._stopped = False
+        self.last_refresh = None  # {"at", "ok", "error"} of the last attempt, for /status
+
+    def _stat_key(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self, reread=False):
+        """Credentials as on disk now, cached while the file's stat is unchanged. reread: parse
+        the file anyway; under auth.lock a rewrite within one timestamp tick must not be missed."""
+        key = self._stat_key()
+        cached_key, cached = self._cache
+        if not reread and key is not None and key == cached_key:
+            return cached
+        creds = read_auth_file(self.path)
+        for secret in creds.secrets():
+            self.log.add_secret(secret)
+        self._cache = (key, creds)
+        return creds
+
+    def get(self, rejected_token=None):
+        """Usable credentials. rejected_token: the access token the backend just refused with
+        401; then a refresh happens unless someone else has already replaced that token."""
+        creds = self.load()
+        if not self._stale(creds, rejected_token):
+            return creds
+        self._check_dead(creds)
+        attempts = self._attempts
+        with self._lock:
+            creds = self.load()  # another thread (or the Codex CLI) may have refreshed by now
+            if not self._stale(creds, rejected_token):
+                return creds
+            if self._attempts != attempts and self._failure is not None:
+                # The refresh we waited for failed: share its outcome, no queue of retries.
+                status, message, code = self._failure
+                raise ProxyError(status, message, code=code)
+            self._check_dead(creds)
+            try:
+                creds = self._refresh_locked(rejected_token)
+            except ProxyError as e:
+                self._failure = (e.status, e.message, e.code)
+                raise
+            except Exception as e:
+                self._failure = (502, "Could not refresh the ChatGPT access token (%s)."
+                                 % e.__class__.__name__, "token_refresh_failed")
+                raise ProxyError(*self._failure[:2], code=self._failure[2])
+            finally:
+                self._attempts += 1
+            self._failure = None
+            return creds
+
+    def stop_refreshing(self, timeout):
+        """At shutdown: wait for a refresh in progress to save its result, and let no new one
+        begin. False if one was still running after timeout seconds."""
+        self._stopped = True
+        if not self._saving.acquire(timeout=timeout):
+            return False
+        self._saving.release()
+        return True
+
+    def _note_refresh(self, error):
+        self.last_refresh = {"at": rfc3339_now(), "ok": error is None, "error": error}
+
+    @staticmethod
+    def _stale(creds, rejected_token):
+        if rejected_token is not None:
+            return creds.access_token == rejected_token
+        return creds.needs_refresh()
+
+    def _check_dead(self, creds):
+        """A refresh token that failed for good is not sent again while auth.json stays as it
+        was: every request hears at once that a new login is needed."""
+        dead = self._dead
+        if dead is not None and dead[0] == (self._stat_key(), creds.refresh_token):
+            raise ProxyError(*dead[1][:2], code=dead[1][2])
+
+    def _refresh_locked(self, rejected_token):
+        with _FileLock(self.refresh_lock_path, REFRESH_TIMEOUT + 5) as lock:
+            if not lock.acquired:
+                # Refreshing anyway could redeem the refresh token the holder is redeeming.
+                raise ProxyError(503, "Another process (the Codex CLI?) has held %s for %d s "
+                                 "while refreshing the login; not refreshing beside it. Try again "
+                                 "shortly." % (self.refresh_lock_path, lock.wait),
+                                 code="token_refresh_failed")
+            creds = self.load(reread=True)  # ... or another process, the CLI included
+            if not self._stale(creds, rejected_token):
+                return creds
+            return self._refresh(creds, "unauthorized_recovery" if rejected_token is not None
+                                 else "proactive_expiry")
+
+    def _refresh(self, creds, reason):
+        if not creds.refresh_token:
+            raise auth_error(self.path, "The access token in %s has expired and there is no "
+                             "refresh token." % self.path)
+        self._check_writable()
+        with self._saving:
+            if self._stopped:
+                raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+            self.log.info("refreshing the access token (%s)" % reason)
+            try:
+                answer = request_token_refresh(self.refresh_url, creds.refresh_token,
+                                               self.user_agent, reason)
+            except RefreshFailed as e:
+                return self._refresh_failed(creds, e)
+            fresh = self._save(creds, answer)
+        self.log.info("access token refreshed")
+        return fresh
+
+    def _refresh_failed(self, creds, e):
+        if e.code == "refresh_token_reused":
+            # A process outside the lock protocol (an older Codex CLI) may have rotated the
+            # token a moment ago: its result is on disk.
+            fresh = self.load(reread=True)
+            if fresh.refresh_token != creds.refresh_token:
+                self.log.info("refresh token was already rotated by another process; "
+                              "using its tokens")
+                self._note_refresh(None)
+                return fresh
+        self._note_refresh(str(e))
+        self.log.info("token refresh failed: %s" % e)
+        if e.permanent:
+            error = ProxyError(401, "Your ChatGPT login can no longer be refreshed (%s). %s"
+                               % (e.code or "unauthorized", LOGIN_HINT),
+                               code=e.code or "refresh_failed")
+            self._dead = ((self._stat_key(), creds.refresh_token),
+                          (error.status, error.message, error.code))
+            raise error
+        raise ProxyError(502, "Could not refresh the ChatGPT access token: %s. The next "
+                         "request will try again." % e, code="token_refresh_failed")
+
+    def _save(self, creds, answer):
+        data = dict(creds.data)
+        tokens = dict(data.get("tokens") or {})
+        for name in ("id_token", "access_token", "refresh_token"):
+            if isinstance(answer.get(name), str) and answer[name]:
+                tokens[name] = answer[name]
+                self.log.add_secret(answer[name])
+        data["tokens"] = tokens
+        data["last_refresh"] = rfc3339_now()
+        # Written even when the lock stays held: the old refresh token is spent, and its
+        # successor exists nowhere else.
+        with _FileLock(self.write_lock_path, AUTH_WRITE_LOCK_WAIT):
+            try:
+                write_auth_file(self.path, data)
+            except OSError as e:
+                # Say loudly that the new refresh token is only in memory.
+                self.log.info("warning: could not write %s (%s); the refreshed tokens live only "
+                              "in this process" % (self.path, e.strerror or e))
+        self._note_refresh(None)
+        fresh = Credentials(data)
+        self._cache = (self._stat_key(), fresh)
+        return fresh
+
+    def _check_writable(self):
+        """Redeeming the refresh token uses it up: refuse unless its successor can be saved,
+        or the Codex CLI's own login would be left holding a dead token."""
+        directory = os.path.dirname(os.path.realpath(self.path))
+        try:
+            probe_writable(directory)
+        except OSError as e:
+            raise ProxyError(500, "The access token has expired, but %s is not writable (%s), so "
+                             "a refreshed login could not be saved; not refreshing. Fix the "
+                             "directory's permissions." % (directory, e.strerror or e),
+                             code="codex_home_not_writable")
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream: exchange dumps (--dump-dir), in the Codex CLI's responses-api-proxy format
+# --------------------------------------------------------------------------------------------
+
+REDACTED_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+
+
+def dump_headers(headers):
+    return [{"name": k, "value": "[REDACTED]" if k.lower() in REDACTED_HEADERS else
+             (v.decode("latin-1") if isinstance(v, bytes) else str(v))} for k, v in headers]
+
+
+def dump_body(body):
+    """JSON when it parses, else the text (a stream: its raw SSE)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+class ExchangeDumper:
+    """NNNNNN-<unix ms>-request.json and -response.json per upstream exchange, mode 0600, in a
+    directory of mode 0700. Dumps hold whole conversations: an existing directory is made
+    0700 too, and one that belongs to another user is refused (its owner could read them)."""
+
+    def __init__(self, directory, log):
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            st = os.stat(directory)
+        except OSError as e:
+            raise StartupError("--dump-dir %s: %s." % (directory, e.strerror or e))
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise StartupError("--dump-dir %s belongs to another user (uid %d); dumps hold "
+                               "whole conversations, so the proxy writes them only into a "
+                               "directory of its own user. Choose another --dump-dir."
+                               % (directory, st.st_uid))
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+            log.info("made --dump-dir %s private (mode 0700, was %04o)"
+                     % (directory, st.st_mode & 0o7777))
+        self.directory = directory
+        self.log = log
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def request(self, method, url, headers, body):
+        with self._lock:
+            seq, self._next = self._next, self._next + 1
+        prefix = os.path.join(self.directory, "%06d-%d" % (seq, int(time.time() * 1000)))
+        self._write(prefix + "-request.json", {"method": method, "url": url,
+                                               "headers": dump_headers(headers),
+                                               "body": dump_body(body or b"")})
+        return ExchangeDump(self, prefix + "-response.json")
+
+    def _write(self, path, obj):
+        data = (self.log.redact(json.dumps(obj, indent=2)) + "\n").encode()
+        try:
+            # A new file only: a file or symlink already at this name was put there by someone
+            # else, and following or overwriting it could clobber or leak some other file.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except FileExistsError:
+            self.log.info("cannot write dump %s: something is already there (left as it is)"
+                          % path)
+        except OSError as e:
+            self.log.info("cannot write dump %s: %s" % (path, e.strerror or e))
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
+
+
+class ExchangeDump:
+    """The response half: the body is gathered as it is relayed and written at the end."""
+
+    def __init__(self, dumper, path):
+        self.dumper = dumper
+        self.path = path
+        self.status = None
+        self.headers = []
+        self.body = bytearray()
+        self.written = False
+
+    def answer(self, status, headers):
+        self.status, self.headers = status, headers
+
+    def finish(self, body=b""):
+        if self.written:
+            return
+        self.written = True
+        self.body += body
+        self.dumper._write(self.path, {"status": self.status,
+                                       "headers": dump_headers(self.headers),
+                                       "body": dump_body(bytes(self.body))})
+
+
+# --------------------------------------------------------------------------------------------
+# Relay: a response assembled from its events (pure)
+# --------------------------------------------------------------------------------------------
+
+FAILURE_STATUS = {
+    "context_length_exceeded": 400, "invalid_prompt": 400, "cyber_policy": 400,
+    "invalid_request_error": 400,
+    "rate_limit_exceeded": 429, "insufficient_quota": 429, "usage_not_included": 429,
+    "usage_limit_reached": 429,
+    "server_is_overloaded": 503, "slow_down": 503,
+}
+
+
+def failure_status(code):
+    return FAILURE_STATUS.get(code, 500)
+
+
+class ResponseAssembler:
+    """Collects what a stream says about its response: the output items (with store=false they
+    arrive only in response.output_item.done events) and the terminal event."""
+
+    def __init__(self):
+        self.items = {}
+        self.response = None    # the latest `response` object seen
+        self.terminal = None    # "response.completed" | "response.failed" | ... | "error"
+        self.error = None       # {"code", "message"} for failed and error
+
+    def add(self, etype, payload):
+        if etype == "response.output_item.done":
+            item = payload.get("item")
+            if isinstance(item, dict):
+                index = payload.get("output_index")
+                self.items[index if isinstance(index, int) else len(self.items)] = item
+        elif etype == "error":
+            self.terminal = etype
+            self.error = {"code": payload.get("code"), "message": payload.get("message"),
+                          "param": payload.get("param")}
+        elif isinstance(payload.get("response"), dict):
+            self.response = payload["response"]
+            if etype in TERMINAL_EVENTS:
+                self.terminal = etype
+                if etype == "response.failed":
+                    self.error = dict(self.response.get("error") or {})
+
+    def output(self):
+        return [self.items[i] for i in sorted(self.items)]
+
+    def usage(self):
+        usage = (self.response or {}).get("usage")
+        return usage if isinstance(usage, dict) else {}
+
+
+def assemble_response(response, items):
+    """The final response object: the backend's, with `output` rebuilt from the streamed
+    items when it came back empty (it always does with store=false)."""
+    result = dict(response)
+    if not result.get("output") and items:
+        result["output"] = list(items)
+    result.setdefault("object", "response")
+    return result
+
+
+def sse_event(name, data):
+    """One SSE frame as the backend writes them: an `event:` line, one `data:` line."""
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
+def completed_event_data(payload, items):
+    """The response.completed (or .incomplete) event again, its output filled in."""
+    filled = dict(payload)
+    filled["response"] = assemble_response(payload["response"], items)
+    return json.dumps(filled, separators=(",", ":")).encode()
+
+
+def error_event_bytes(code, message):
+    event = {"type": "error", "code": code, "message": message, "param": None}
+    return sse_event(b"error", json.dumps(event).encode())
+
+
+def utc_datetime(timestamp):
+    """A Unix time as an aware datetime; None for None or a number no calendar has (the
+    backend's headers and error bodies are not ours to trust)."""
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def _describe_reset(error):
+    """'... It resets at 14:05 UTC (in 2 h 13 min).' for a usage-limit 429."""
+    seconds = error.get("resets_in_seconds")
+    at = error.get("resets_at")
+    if not isinstance(seconds, (int, float)) and isinstance(at, (int, float)):
+        seconds = at - time.time()
+    if not isinstance(seconds, (int, float)):
+        return ""
+    if not isinstance(at, (int, float)):
+        at = time.time() + seconds
+    when = utc_datetime(at)
+    if when is None or seconds != seconds or abs(seconds) > 10 ** 9:
+        return ""  # nonsense from the backend: say nothing rather than fail the answer
+    minutes = max(1, int(round(seconds / 60.0)))
+    span = "%d h %d min" % divmod(minutes, 60) if minutes >= 60 else "%d min" % minutes
+    return " It resets at %s UTC (in %s)." % (when.strftime("%Y-%m-%d %H:%M"), span)
+
+
+def translate_upstream_error(status, body):
+    """An upstream HTTP error -> the ProxyError the client sees, status kept."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    extra = {}
+    code = None
+    param = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        err = data["error"]
+        extra = {k: v for k, v in err.items() if k not in ("message", "type", "param", "code")}
+        message = err.get("message") or "The backend answered HTTP %d." % status
+        if not isinstance(message, str):
+            message = json.dumps(message)
+        code = err.get("code") or err.get("type")
+        param = err.get("param")
+        kind = err.get("type")  # e.g. usage_limit_reached, kept for clients that read it
+        if status == 429:
+            message = message.rstrip(".") + "." + _describe_reset(err)
+    elif isinstance(data, dict) and "detail" in data:
+        detail = data["detail"]
+        message = detail if isinstance(detail, str) else json.dumps(detail)
+        kind = None
+    else:
+        snippet = re.sub(r"<[^>]*>|\s+", " ", text).strip()[:200]
+        message = "The backend answered HTTP %d%s." % (status, ": " + snippet if snippet else "")
+        if status == 403:
+            message += (" This is often Cloudflare refusing the request; check --client-version "
+                        "and --originator, or try again later.")
+        kind = None
+    if status == 401:
+        message += " " + LOGIN_HINT
+    return ProxyError(status, message, code=code, param=param, type=kind, extra=extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Relay: transforms, the Responses events as each front end's client reads them
 # --------------------------------------------------------------------------------------------
 
 # One pass over a block of whole frames finds the frames the relay must read (output items,
@@ -6699,146 +7289,6 @@ class ChatTransform:
         return chat_completion(response, response.get("output") or [])
 
 
-# --------------------------------------------------------------------------------------------
-# Front ends: how a client's request maps onto a Responses request, and how the Responses
-# events map back (a transform), into the sink the client asked for
-# --------------------------------------------------------------------------------------------
-
-class ResponsesFrontEnd:
-    """Responses as is: the request goes as the client sent it (rewritten for the backend),
-    its events come back as they came; a finished response is kept for
-    previous_response_id."""
-
-    keeps = True
-
-    def __init__(self, body, headers):
-        self.body = body
-        self.stream = body.get("stream") is True
-
-    def responses_body(self, app):
-        return self.body
-
-    def note_model(self, client, request):
-        note_model_sent(client, self.body, request)
-
-    def transform(self, answer, log):
-        return ResponsesTransform(log)
-
-    def sink(self, client, transform):
-        return SSESink(client) if self.stream else CollectedSink(client)
-
-
-class ChatFrontEnd(ResponsesFrontEnd):
-    """Chat Completions: the chat request as a Responses one (chat_to_responses), the events
-    as chat chunks or one chat completion (ChatTransform)."""
-
-    keeps = False
-
-    def responses_body(self, app):
-        return chat_to_responses(self.body)
-
-    def transform(self, answer, log):
-        options = self.body.get("stream_options")
-        include_usage = bool(options.get("include_usage")) if isinstance(options, dict) \
-            else False
-        return ChatTransform(self.body.get("model"), include_usage, log)
-
-
-class MessagesFrontEnd(ResponsesFrontEnd):
-    """Anthropic Messages: the request as a Responses one (messages_to_responses), the events
-    as Messages events or one message (MessagesTransform); a stop sequence cuts the
-    upstream."""
-
-    keeps = False
-
-    def __init__(self, body, headers):
-        super().__init__(body, headers)
-        self.headers = headers
-        self.stops = ()
-
-    def responses_body(self, app):
-        upstream_body = app.with_name_effort_first(messages_to_responses(self.body,
-                                                                         self.headers))
-        self.stops = messages_stop_sequences(self.body)
-        return upstream_body
-
-    def note_model(self, client, request):
-        model = request.body.get("model")
-        if model != self.body["model"]:  # the log says where a name went
-            client.log_fields["model"] = "%s->%s" % (self.body["model"], model)
-
-    def transform(self, answer, log):
-        return MessagesTransform(MessagesStream(self.body["model"], long_tool_names(self.body),
-                                                self.stops, streaming=self.stream),
-                                 log, cut=answer.close)
-
-    def sink(self, client, transform):
-        return MessagesSSESink(client, transform) if self.stream else CollectedSink(client)
-
-
-class SSESink:
-    """The client's live event stream: every complete frame as soon as its read is in."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def start(self, headers):
-        self.client.start_event_stream(headers)
-
-    def send(self, batch):
-        self.client.write_body(batch.sse())
-
-    def stop(self):
-        pass
-
-    def finish(self, transform, tail, failure, headers):
-        """The stream's last frames (or an error event) and its end, in one write."""
-        tail = tail.sse()
-        if failure is not None:
-            self.client.log_fields["error"] = failure.code
-            tail += transform.failure_frames(failure)
-        self.client.end_body(tail)
-
-
-class CollectedSink:
-    """One JSON answer once the stream is over, for a client that did not ask for a stream."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def start(self, headers):
-        pass
-
-    def send(self, data):
-        pass
-
-    def stop(self):
-        pass
-
-    def finish(self, transform, tail, failure, headers):
-        if failure is not None:
-            failure.headers = headers
-            raise failure
-        assembler = transform.assembler
-        if assembler.terminal in ("response.completed", "response.incomplete"):
-            response = assemble_response(assembler.response, assembler.output())
-            self.client.send_json(200, transform.collected(response), headers)
-            return
-        error = assembler.error or {}
-        code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
-                                     else "upstream_error")
-        message = error.get("message") or "The backend reported a failure (%s)." % code
-        raise ProxyError(failure_status(code), message, code=code, param=error.get("param"),
-                         type="server_error" if failure_status(code) >= 500 else None,
-                         headers=headers)
-
-
-# A Messages stream the backend keeps silent this long gets a ping, as Anthropic's API sends:
-# clients and middleboxes drop streams that stay quiet, and the backend may reason silently
-# for minutes.
-MESSAGES_PING_INTERVAL = 10.0
-
-
 # The frames that make most of a stream, and what raw_delta needs of them.
 _DELTA_FRAME_RE = re.compile(rb"event: (response\.output_text\.delta|"
                              rb"response\.reasoning_summary_text\.delta|"
@@ -6948,6 +7398,74 @@ class MessagesTransform:
         return self.messages.message()
 
 
+# --------------------------------------------------------------------------------------------
+# Relay: sinks, where a transform's output goes (an SSE stream, one collected JSON
+# answer, WebSocket messages)
+# --------------------------------------------------------------------------------------------
+
+class SSESink:
+    """The client's live event stream: every complete frame as soon as its read is in."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def start(self, headers):
+        self.client.start_event_stream(headers)
+
+    def send(self, batch):
+        self.client.write_body(batch.sse())
+
+    def stop(self):
+        pass
+
+    def finish(self, transform, tail, failure, headers):
+        """The stream's last frames (or an error event) and its end, in one write."""
+        tail = tail.sse()
+        if failure is not None:
+            self.client.log_fields["error"] = failure.code
+            tail += transform.failure_frames(failure)
+        self.client.end_body(tail)
+
+
+class CollectedSink:
+    """One JSON answer once the stream is over, for a client that did not ask for a stream."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def start(self, headers):
+        pass
+
+    def send(self, data):
+        pass
+
+    def stop(self):
+        pass
+
+    def finish(self, transform, tail, failure, headers):
+        if failure is not None:
+            failure.headers = headers
+            raise failure
+        assembler = transform.assembler
+        if assembler.terminal in ("response.completed", "response.incomplete"):
+            response = assemble_response(assembler.response, assembler.output())
+            self.client.send_json(200, transform.collected(response), headers)
+            return
+        error = assembler.error or {}
+        code = error.get("code") or ("response_failed" if assembler.terminal == "response.failed"
+                                     else "upstream_error")
+        message = error.get("message") or "The backend reported a failure (%s)." % code
+        raise ProxyError(failure_status(code), message, code=code, param=error.get("param"),
+                         type="server_error" if failure_status(code) >= 500 else None,
+                         headers=headers)
+
+
+# A Messages stream the backend keeps silent this long gets a ping, as Anthropic's API sends:
+# clients and middleboxes drop streams that stay quiet, and the backend may reason silently
+# for minutes.
+MESSAGES_PING_INTERVAL = 10.0
+
+
 def stream_failure(assembler, headers):
     """The ProxyError a stream that ended in response.failed or error stands for."""
     error = assembler.error or {}
@@ -7028,15 +7546,6 @@ class MessagesSSESink:
             self.client.end_body(tail)
 
 
-def writable_now(sock):
-    """Whether sock takes a small write at once (poll, as descriptors may pass 1024)."""
-    if not hasattr(select, "poll"):
-        return bool(select.select([], [sock], [], 0)[1])
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
-
-
 class Pinger:
     """One thread for the pings of every silent Messages stream, rather than a thread per
     stream (starting one costs a request more than the rest of its translation)."""
@@ -7084,6 +7593,48 @@ class Pinger:
 
 PINGER = Pinger()
 
+
+def sse_payloads(block):
+    """The data of each whole SSE frame in block, as bytes: one WebSocket message each."""
+    if b"\r" in block:
+        return [event.data.encode("utf-8") for event in SSEParser().feed(block)
+                if event.data is not None]
+    payloads = []
+    for frame in block.split(b"\n\n")[:-1]:
+        data = _join_data(frame.split(b"\n"))
+        if data is not None:
+            payloads.append(data.encode("utf-8"))
+    return payloads
+
+
+class WebSocketSink:
+    """The relay's frames into a client's socket, one text message per event (the JSON of
+    its `data:` line)."""
+
+    def __init__(self, exchange):
+        self.exchange = exchange
+
+    def start(self, headers):
+        pass
+
+    def send(self, batch):
+        self.exchange.send_events(batch.payloads())
+
+    def stop(self):
+        pass
+
+    def finish(self, transform, tail, failure, headers):
+        payloads = tail.payloads()
+        if failure is not None:
+            self.exchange.log_fields["error"] = failure.code
+            self.exchange.status = failure.status
+            payloads += sse_payloads(transform.failure_frames(failure))
+        self.exchange.send_events(payloads)
+
+
+# --------------------------------------------------------------------------------------------
+# Relay: an upstream event stream, through a front end's transform, into a sink
+# --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def watching_for_hangup(client, upstream):
@@ -7188,208 +7739,12 @@ def relay_as_is(upstream, answer, client):
 
 
 # --------------------------------------------------------------------------------------------
-# Responses over WebSocket: one session per socket, each request relayed into frames
+# Stores: conversation state, for previous_response_id (the backend keeps none)
 # --------------------------------------------------------------------------------------------
 
-# While nothing goes out (the backend reasoning silently), the client is pinged this often:
-# middleboxes and clients (the Python SDKs) drop sockets that stay silent for long.
-WS_PING_INTERVAL = 25.0
-# A socket with no request for this long is closed (the backend's own live 60 minutes).
-WS_CLIENT_IDLE_SECONDS = 3600.0
-WS_MAX_QUEUED = 16             # requests a socket may have waiting
-WS_CLOSE_WAIT = 2.0            # after our close frame, how long the client has to answer it
 WS_KEPT_RESPONSES = 4          # responses kept per socket for previous_response_id ...
 WS_KEPT_BYTES = 16 * 1024 * 1024  # ... within this many compressed bytes (the last always)
-ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
-              "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
-              "total_tokens": 0}
 
-
-def sse_payloads(block):
-    """The data of each whole SSE frame in block, as bytes: one WebSocket message each."""
-    if b"\r" in block:
-        return [event.data.encode("utf-8") for event in SSEParser().feed(block)
-                if event.data is not None]
-    payloads = []
-    for frame in block.split(b"\n\n")[:-1]:
-        data = _join_data(frame.split(b"\n"))
-        if data is not None:
-            payloads.append(data.encode("utf-8"))
-    return payloads
-
-
-def with_stream_id(payload, stream_id):
-    """An event's JSON with the stream_id of the request it answers."""
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        return payload
-    if not isinstance(event, dict):
-        return payload
-    event["stream_id"] = stream_id
-    return json.dumps(event, separators=(",", ":")).encode()
-
-
-def websocket_error_event(err):
-    """A refused or failed request as the backend's socket says it: an HTTP error carried
-    in an `error` event (status, error, headers). previous_response_not_found goes without a
-    status: with one, the Codex CLI would fail the turn instead of resending it whole."""
-    event = {"type": "error"}
-    if err.code != "previous_response_not_found":
-        event["status"] = err.status
-    event["error"] = err.body()["error"]
-    if err.headers:
-        event["headers"] = {name.lower(): value for name, value in err.headers}
-    return event
-
-
-def prewarm_events(body):
-    """The answer to a `"generate": false` request (the Codex CLI's prewarm): a response
-    with nothing generated, made here; nothing goes upstream."""
-    response = {"id": "resp_" + uuid.uuid4().hex, "object": "response",
-                "created_at": int(time.time()), "status": "in_progress",
-                "model": body.get("model"), "output": [], "usage": None, "error": None,
-                "incomplete_details": None, "tools": body.get("tools") or [],
-                "tool_choice": body.get("tool_choice", "auto"),
-                "parallel_tool_calls": body.get("parallel_tool_calls", True)}
-    done = dict(response, status="completed", usage=ZERO_USAGE)
-    return [{"type": "response.created", "sequence_number": 0, "response": response},
-            {"type": "response.completed", "sequence_number": 1, "response": done}]
-
-
-class WebSocketSink:
-    """The relay's frames into a client's socket, one text message per event (the JSON of
-    its `data:` line)."""
-
-    def __init__(self, exchange):
-        self.exchange = exchange
-
-    def start(self, headers):
-        pass
-
-    def send(self, batch):
-        self.exchange.send_events(batch.payloads())
-
-    def stop(self):
-        pass
-
-    def finish(self, transform, tail, failure, headers):
-        payloads = tail.payloads()
-        if failure is not None:
-            self.exchange.log_fields["error"] = failure.code
-            self.exchange.status = failure.status
-            payloads += sse_payloads(transform.failure_frames(failure))
-        self.exchange.send_events(payloads)
-
-
-class SocketConversation:
-    """The app's side of one client WebSocket: each response.create message answered through
-    the relay, and the socket's own responses kept for previous_response_id on it."""
-
-    def __init__(self, app):
-        self.app = app
-        self.kept = SocketResponses(app.socket_memory)
-
-    def close(self):
-        self.kept.close()
-
-    def answer(self, exchange):
-        """One client message: a response.create answered; a ProxyError for the error event."""
-        body, source, spans = parse_json_object(exchange.body)
-        exchange.stream_id = body.get("stream_id")
-        if body.get("type") != "response.create":
-            raise ProxyError(400, "Unknown message type %s: this socket takes "
-                             "{\"type\": \"response.create\", ...a Responses request...}."
-                             % json.dumps(body.get("type"))[:80], param="type",
-                             code="unknown_message_type")
-        self.create(exchange, body, source, spans)
-
-    @staticmethod
-    def request_of(exchange, body):
-        """(the Responses request a response.create message carries, its `generate`)."""
-        model = body.get("model")
-        exchange.log_fields["model"] = model if isinstance(model, str) else None
-        generate = body.get("generate", True)
-        if not isinstance(generate, bool):
-            raise ProxyError(400, "`generate` must be true or false.", param="generate",
-                             code="invalid_type")
-        body = dict(body)  # the message's own fields go; the rest is a request as on HTTP
-        for name in ("type", "stream_id", "generate"):
-            body.pop(name, None)
-        return body, generate
-
-    def create(self, exchange, body, source, spans):
-        app = self.app
-        body, generate = self.request_of(exchange, body)
-        request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
-        note_model_sent(exchange, body, request)
-        if not generate:
-            app.turn_done(request)
-            return self.prewarm(exchange, body, request.body["input"], request.previous)
-        with app.traffic.slot():
-            try:
-                answer = app.upstream.responses(request)  # the backend's socket too, if in use
-
-                def on_end(assembler):
-                    app.keep(assembler, request)
-                    self.keep(assembler, request.body["input"], request.previous)
-
-                relay(app.upstream, answer, ResponsesTransform(app.log), WebSocketSink(exchange),
-                      exchange, on_end)
-            finally:
-                app.turn_done(request)
-        app.upstream.turn_over(request)
-
-    def history(self, previous, budget=None):
-        """The items previous_response_id names: a response of this socket's, else one in
-        the conversation store."""
-        items = self.kept.get(previous, budget)
-        return items if items is not None else self.app.conversations.history(previous, budget)
-
-    def keep(self, assembler, sent_input, parent=None):
-        """A finished response's whole input and output, for previous_response_id on this
-        socket, whatever its `store` said. parent: the previous_response_id it continued,
-        whose history it shares."""
-        response_id = (assembler.response or {}).get("id")
-        if assembler.terminal in ("response.completed", "response.incomplete") and \
-                isinstance(response_id, str):
-            self.kept.put(response_id, list(sent_input) + replayable(assembler.output()),
-                          parent)
-
-    def prewarm(self, exchange, body, items, parent=None):
-        """`"generate": false`: answered here; its input kept for the next request."""
-        events = prewarm_events(body)
-        self.kept.put(events[0]["response"]["id"], items, parent)
-        exchange.send_events([json.dumps(e, separators=(",", ":")).encode() for e in events])
-        exchange.log_fields["note"] = "generate: false, answered here"
-
-
-class PlatformSocketConversation(SocketConversation):
-    """API-key mode's side of a client WebSocket: each request a streamed POST to the
-    platform (see App.respond_platform); a previous_response_id of this socket's expanded
-    here, another left to the platform."""
-
-    def create(self, exchange, body, source, spans):
-        app = self.app
-        body, generate = self.request_of(exchange, body)
-        previous = body.get("previous_response_id")
-        budget = ExpansionBudget(app.config.max_body_bytes, len(source))
-        history = self.kept.get(previous, budget) if isinstance(previous, str) else None
-        parent = previous if history is not None else None
-        if not generate:
-            if previous is not None and history is None:
-                raise unknown_response_error(previous)
-            return self.prewarm(exchange, body, (history or []) + input_list(
-                body.get("input")), parent)
-        with app.traffic.slot():
-            app.respond_platform(exchange, body, history, WebSocketSink(exchange),
-                                 lambda assembler, sent_input: self.keep(
-                                     assembler, sent_input, parent))
-
-
-# --------------------------------------------------------------------------------------------
-# Conversation state, for previous_response_id (the backend keeps none)
-# --------------------------------------------------------------------------------------------
 
 def replayable(items):
     """Output items as they can be sent back with store=false: without their ids (the
@@ -8156,1994 +8511,1685 @@ class SocketResponses:
 
 
 # --------------------------------------------------------------------------------------------
-# The status page (GET /): what it lists, and the page itself
+# Codecs: SSE parsing (pure, incremental, line based)
 # --------------------------------------------------------------------------------------------
 
-RECENT_REQUESTS = 50
-# Tokens are counted per model name the clients sent; past this many names (a client sending
-# made-up ones), the rest are counted together, so the table cannot grow without end.
-COUNTED_MODELS = 100
-OTHER_MODELS = "(other models)"
-# The run-again command when the login is dead (the Codex CLI's `codex login` does it too).
-LOGIN_COMMAND = "python3 codex_responses_proxy.py login"
-
-# User-Agent -> the client's family, first match wins: (start of the UA, or a word in it).
-_CLIENT_FAMILIES = (
-    ("claude-cli/", "Claude Code"),
-    ("codex_cli_rs/", "Codex CLI"), ("codex_exec/", "Codex CLI"), ("codex-tui/", "Codex CLI"),
-    ("codex_vscode/", "Codex IDE"), ("codex_", "Codex app"), ("Codex ", "Codex app"),
-    ("Agents/Python", "openai-agents"),
-    ("OpenAI/Python", "openai-python"), ("OpenAI/JS", "openai-node"),
-    ("Anthropic/Python", "anthropic-python"), ("Anthropic/JS", "anthropic-node"),
-    ("curl/", "curl"), ("python-requests/", "python-requests"), ("python-httpx/", "httpx"),
-    ("Python-urllib/", "Python urllib"), ("Go-http-client/", "Go"), ("Mozilla/", "browser"),
-)
-_CLIENT_WORDS = (("ai-sdk/", "ai-sdk"), (" websockets/", "Python websockets"))
-_PRODUCT_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
-
-
-def client_family(user_agent):
-    """Which kind of client sent a request, from its User-Agent: a short name, never the
-    whole header (which may carry anything)."""
-    agent = (user_agent or "").strip()[:300]
-    if not agent:
-        return "unknown"
-    for word, family in _CLIENT_WORDS:  # the AI SDK adds its word after the runtime's
-        if word in agent:
-            return family
-    for start, family in _CLIENT_FAMILIES:
-        if agent.startswith(start):
-            return family
-    product = _PRODUCT_RE.match(agent)
-    return product.group(0) if product else "other"
-
-
-def listed_route(method, path):
-    """The route as the page lists it: a path this proxy serves, as asked; any other path
-    only as "(unknown path)", as a client's mistyped path may hold anything."""
-    known = path in SERVED_PATHS or _RESPONSE_PATH_RE.match(path)
-    return "%s %s" % (method, path if known else "(unknown path)")
-
-
-def _token_count(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def request_record(method, path, user_agent, fields, status, seconds, when):
-    """One answered request as /status lists it: never a body, a prompt or a key."""
-    model = fields.get("model")
-    error = fields.get("error")
-    return {"at": iso_time(when), "client": client_family(user_agent),
-            "route": listed_route(method, path),
-            "model": model[:100] if isinstance(model, str) else None,
-            "status": status or None, "seconds": round(seconds, 3),
-            "input_tokens": _token_count(fields.get("in")),
-            "cached_tokens": _token_count(fields.get("cached")),
-            "output_tokens": _token_count(fields.get("out")),
-            "error": str(error)[:80] if error else None}
-
-
-class RecentRequests:
-    """The last requests answered, and the tokens spent per model since start."""
-
-    def __init__(self, size=RECENT_REQUESTS):
-        self._ring = collections.deque(maxlen=size)
-        self._models = {}
-        self._lock = threading.Lock()
-
-    def add(self, record):
-        with self._lock:
-            self._ring.append(record)
-            model = record["model"]
-            if model is None:
-                return
-            # "claude-opus-5-5->gpt-5.5": the spend is the backend model's, whoever named it
-            model = model.rpartition("->")[2]
-            if model not in self._models and len(self._models) >= COUNTED_MODELS:
-                model = OTHER_MODELS
-            counts = self._models.setdefault(model, {
-                "requests": 0, "input_tokens": 0, "cached_tokens": 0, "output_tokens": 0})
-            counts["requests"] += 1
-            for name in ("input_tokens", "cached_tokens", "output_tokens"):
-                counts[name] += record[name] or 0
-
-    def report(self):
-        """What /status adds: the recent requests newest first, and tokens per model."""
-        with self._lock:
-            return {"recent_requests": list(reversed(self._ring)),
-                    "tokens_by_model": {model: dict(counts)
-                                        for model, counts in self._models.items()}}
-
-
-PAGE_STYLE = """
-:root { --bg: #f6f7f9; --card: #fff; --text: #1c1e21; --muted: #65676b; --line: #dde0e4;
-  --bar: #e4e6ea; --ok: #1f8a4c; --mid: #c98a00; --high: #d0342c; --accent: #2f6fdf; }
-@media (prefers-color-scheme: dark) {
-  :root { --bg: #121316; --card: #1c1d21; --text: #e6e7ea; --muted: #9a9ca3; --line: #2e3036;
-    --bar: #2e3036; --ok: #3fb871; --mid: #e0a626; --high: #f0625a; --accent: #6ea0ff; } }
-* { box-sizing: border-box; }
-body { margin: 0 auto; max-width: 1100px; padding: 12px; background: var(--bg);
-  color: var(--text); font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
-header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 12px;
-  margin-bottom: 10px; }
-h1 { font-size: 18px; margin: 0; }
-h2 { font-size: 15px; margin: 0 0 8px; }
-#conn { color: var(--muted); }
-#conn.down { color: var(--high); font-weight: 600; }
-body.down main { opacity: .5; }
-.cards { display: grid; gap: 12px; grid-template-columns: repeat(auto-fit, minmax(280px, 1fr));
-  margin-bottom: 12px; }
-section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
-  padding: 12px; margin-bottom: 12px; min-width: 0; }
-.cards section { margin-bottom: 0; }
-.window { margin-bottom: 12px; }
-.whead { display: flex; justify-content: space-between; gap: 8px; }
-.wname { font-weight: 600; }
-.bar { height: 12px; background: var(--bar); border-radius: 6px; overflow: hidden;
-  margin: 4px 0; }
-.fill { height: 100%; background: var(--ok); }
-.fill.mid { background: var(--mid); }
-.fill.high { background: var(--high); }
-.muted, .reset { color: var(--muted); }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 12px; margin: 0; }
-dt { color: var(--muted); }
-dd { margin: 0; overflow-wrap: anywhere; }
-.bad { color: var(--high); }
-code { background: var(--bar); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line);
-  white-space: nowrap; }
-th { color: var(--muted); font-weight: 600; }
-td.num, th.num { text-align: right; }
-td.wrap { white-space: normal; }
-form { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
-form label { flex-basis: 100%; }
-input { flex: 1 1 200px; padding: 6px; font: inherit; color: var(--text);
-  background: var(--bg); border: 1px solid var(--line); border-radius: 4px; }
-button { padding: 6px 12px; font: inherit; color: #fff; background: var(--accent);
-  border: 0; border-radius: 4px; }
-footer { color: var(--muted); font-size: 12px; }
-@media (max-width: 600px) { body { padding: 6px; font-size: 13px; }
-  th, td { padding: 3px 5px; } }
-"""
-
-PAGE_HTML = ("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<title>codex-responses-proxy</title>
-<style>%s</style>
-<script type="module" src="/ui.js"></script>
-</head>
-<body>
-<header><h1>codex-responses-proxy</h1><span id="about"></span>
-<span id="conn">connecting\u2026</span></header>
-<section id="keybox" hidden>
-<form id="keyform">
-<label for="key">This proxy asks for its client key (the one in --client-key-file or
-$CODEX_PROXY_CLIENT_KEY). The page keeps it in this tab only, until the tab closes.</label>
-<input id="key" type="password" autocomplete="off" required>
-<button id="keysend" type="submit">Show the status</button>
-</form>
-<p id="keyerror" class="bad" hidden></p>
-</section>
-<main id="main">
-<div class="cards">
-<section id="quota"><h2>Quota</h2>
-<div id="windows"><p class="muted">Loading\u2026</p></div><p id="credits" hidden></p></section>
-<section id="login"><h2>Login</h2>
-<dl id="logindl"></dl><p id="relogin" class="bad" hidden></p></section>
-<section id="traffic"><h2>Traffic</h2><dl id="trafficdl"></dl></section>
-</div>
-<section id="recent"><h2>Recent requests</h2><div class="scroll"><table>
-<thead><tr><th>Time</th><th>Client</th><th>Route</th><th>Model</th><th>Status</th>
-<th class="num">Duration</th><th class="num">Input</th><th class="num">Cached</th>
-<th class="num">Output</th></tr></thead>
-<tbody id="recentrows"></tbody></table></div></section>
-<section id="models"><h2>Tokens per model since start</h2><div class="scroll"><table>
-<thead><tr><th>Model</th><th class="num">Requests</th><th class="num">Input</th>
-<th class="num">Cached</th><th class="num">Output</th></tr></thead>
-<tbody id="modelrows"></tbody></table></div></section>
-</main>
-<footer>Read-only: this page shows what <code>/status</code> answers (JSON, for monitors),
-every few seconds. Its own requests are not listed.</footer>
-</body>
-</html>
-""" % PAGE_STYLE).encode()
-
-PAGE_SCRIPT = r"""
-const POLL_MS = 3000;
-const KEY_ITEM = "codex-responses-proxy client key";
-let doc = null;          // the last /status answer
-let docAt = 0;           // when it came, by this browser's clock
-let downSince = null;    // when /status stopped answering
-let downWhy = "";
-let timer = null;
-
-const $ = (id) => document.getElementById(id);
-
-function el(tag, text, cls) {
-  const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  if (cls) e.className = cls;
-  return e;
-}
-
-function row(cells) {
-  const tr = document.createElement("tr");
-  for (const [text, cls] of cells) tr.append(el("td", text, cls));
-  return tr;
-}
-
-function dl(box, pairs) {
-  box.replaceChildren();
-  for (const [name, value, cls] of pairs) {
-    if (value === undefined) continue;
-    box.append(el("dt", name), el("dd", value === null ? "\u2014" : value, cls));
-  }
-}
-
-const pad = (n) => String(n).padStart(2, "0");
-function clock(date) {
-  return pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds());
-}
-function when(iso) {
-  if (!iso) return null;
-  const d = new Date(iso);
-  if (isNaN(d)) return iso;
-  const today = new Date().toDateString() === d.toDateString();
-  return (today ? "" : d.toLocaleDateString() + " ") + clock(d);
-}
-function duration(seconds) {
-  seconds = Math.max(0, Math.round(seconds));
-  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600);
-  const m = Math.floor(seconds % 3600 / 60), s = seconds % 60;
-  if (d) return d + " d " + h + " h";
-  if (h) return h + " h " + pad(m) + " min";
-  if (m) return m + " min " + pad(s) + " s";
-  return s + " s";
-}
-const elapsed = () => (Date.now() - docAt) / 1000;
-const num = (n) => (n === null || n === undefined) ? "\u2014" : Number(n).toLocaleString("en-US");
-
-function windowName(w) {
-  const m = w.window_minutes;
-  if (!m) return w.slot + " window";
-  if (m % 1440 === 0) return (m / 1440) + (m === 1440 ? " day" : " days");
-  if (m % 60 === 0) return (m / 60) + " h";
-  return m + " min";
-}
-
-function renderQuota(q) {
-  const box = $("windows");
-  box.replaceChildren();
-  const windows = (q && q.windows) || [];
-  if (!windows.length) {
-    box.append(el("p", "No quota reported yet: the backend tells it with its answers, so it " +
-                       "shows after the first request.", "muted"));
-  }
-  for (const w of windows) {
-    const used = typeof w.used_percent === "number" ? w.used_percent : null;
-    const div = el("div", null, "window");
-    const head = el("div", null, "whead");
-    head.append(el("span", windowName(w), "wname"),
-                el("span", used === null ? "use not reported" : used + "% used", "wpct"));
-    const bar = el("div", null, "bar");
-    const fill = el("div", null, "fill" + (used >= 90 ? " high" : used >= 70 ? " mid" : ""));
-    fill.style.width = Math.min(100, Math.max(0, used || 0)) + "%";
-    bar.setAttribute("role", "progressbar");
-    bar.setAttribute("aria-valuenow", String(used || 0));
-    bar.append(fill);
-    const reset = w.resets_in_seconds === null || w.resets_in_seconds === undefined
-      ? "reset time not reported"
-      : "resets in " + duration(w.resets_in_seconds - elapsed()) + " (" + when(w.resets_at) + ")";
-    div.append(head, bar, el("div", reset, "reset"));
-    box.append(div);
-  }
-  const c = (q && q.credits) || {};
-  const yes = (v) => String(v).toLowerCase() === "true";
-  let credits = null;
-  if (yes(c.unlimited)) credits = "Credits: unlimited";
-  else if (c.balance !== null && c.balance !== undefined) credits = "Credits: " + c.balance;
-  else if (c.has_credits !== null && c.has_credits !== undefined)
-    credits = yes(c.has_credits) ? "Credits: yes" : "Credits: none";
-  $("credits").hidden = credits === null;
-  $("credits").textContent = credits || "";
-}
-
-function renderLogin(s) {
-  const box = $("logindl"), relogin = $("relogin");
-  relogin.hidden = true;
-  if (s.mode === "apikey") {
-    dl(box, [["Mode", "API key, forwarded to the platform"], ["Key from", s.api_key_from],
-             ["Forwards to", s.upstream]]);
-    return;
-  }
-  const l = s.login || {};
-  const attempt = l.last_refresh_attempt;
-  const expires = l.access_token_expires_in_seconds;
-  let expiry = null;
-  if (typeof expires === "number") {
-    const left = expires - elapsed();
-    expiry = left > 0 ? "in " + duration(left) + " (" + when(l.access_token_expires_at) + ")"
-                      : "expired " + duration(-left) + " ago; refreshed at the next request";
-  }
-  dl(box, [
-    ["Login", l.ok ? "ok" : l.error || "not usable", l.ok ? null : "bad"],
-    ["Account", l.ok ? l.account_id : undefined],
-    ["Plan", l.ok ? l.plan_type : undefined],
-    ["Access token", l.ok ? expiry : undefined],
-    ["Last refresh", l.ok ? when(l.last_refresh) : undefined],
-    ["Refresh here",
-     attempt ? when(attempt.at) + (attempt.ok ? ": ok" : ": failed: " + attempt.error)
-             : "none since start", attempt && !attempt.ok ? "bad" : null],
-    ["Login file", l.auth_file],
-  ]);
-  if (!l.ok || (attempt && !attempt.ok)) {
-    relogin.replaceChildren("To log in again, run ", el("code", l.login_command),
-                            " (or codex login) on the proxy's machine; the proxy picks the new " +
-                            "login up by itself.");
-    relogin.hidden = false;
-  }
-}
-
-function renderTraffic(s) {
-  const r = s.requests || {}, ws = s.websocket || {}, c = s.connections || {};
-  const codes = Object.entries(r.by_status || {}).sort();
-  const errors = codes.filter(([code]) => Number(code) >= 400 || code === "none")
-                      .reduce((sum, [, n]) => sum + n, 0);
-  const t = s.upstream_transport;
-  dl($("trafficdl"), [
-    ["In flight", num(r.in_flight)],
-    ["Connections", num(c.open) + " open of " + num(c.limit)],
-    ["WebSockets", num(ws.connections_open) + " open, " + num(ws.responses) + " responses"],
-    ["Requests", num(r.total) + " since start"],
-    ["By status", codes.length ? codes.map(([code, n]) => code + " \u00d7 " + n).join(", ")
-                               : "none yet"],
-    ["Errors", num(errors), errors ? "bad" : null],
-    ["To backend", t ? (t.in_use === "websocket" ? "WebSocket" : "HTTP") + " (" + t.why + ")"
-                     : "HTTP, forwarded as is"],
-  ]);
-}
-
-function renderRecent(list) {
-  const body = $("recentrows");
-  body.replaceChildren();
-  if (!list || !list.length) {
-    const tr = row([["No requests yet.", "muted"]]);
-    tr.firstChild.colSpan = 9;
-    body.append(tr);
-    return;
-  }
-  for (const r of list) {
-    const status = (r.status === null ? "\u2014" : r.status) + (r.error ? " " + r.error : "");
-    body.append(row([[when(r.at)], [r.client], [r.route], [r.model || "\u2014", "wrap"],
-                     [status, r.status >= 400 || !r.status ? "bad wrap" : "wrap"],
-                     [r.seconds.toFixed(2) + " s", "num"], [num(r.input_tokens), "num"],
-                     [num(r.cached_tokens), "num"], [num(r.output_tokens), "num"]]));
-  }
-}
-
-function renderModels(models) {
-  const body = $("modelrows");
-  body.replaceChildren();
-  const entries = Object.entries(models || {}).sort(
-    (a, b) => (b[1].input_tokens + b[1].output_tokens) - (a[1].input_tokens + a[1].output_tokens));
-  if (!entries.length) {
-    const tr = row([["No tokens counted yet.", "muted"]]);
-    tr.firstChild.colSpan = 5;
-    body.append(tr);
-  }
-  for (const [model, n] of entries) {
-    body.append(row([[model], [num(n.requests), "num"], [num(n.input_tokens), "num"],
-                     [num(n.cached_tokens), "num"], [num(n.output_tokens), "num"]]));
-  }
-}
-
-function render() {
-  if (downSince) {
-    $("conn").textContent = downWhy + " since " + clock(downSince) + "; trying again";
-  } else if (doc) {
-    $("conn").textContent = "updated " + clock(new Date(docAt));
-  }
-  $("conn").className = downSince ? "down" : "";
-  document.body.classList.toggle("down", !!downSince);
-  if (!doc) return;
-  $("about").textContent = "v" + doc.version + ", up " + duration(doc.uptime_seconds + elapsed());
-  renderQuota(doc.quota);
-  renderLogin(doc);
-  renderTraffic(doc);
-  renderRecent(doc.recent_requests);
-  renderModels(doc.tokens_by_model);
-}
-
-function askForKey(message) {
-  $("keybox").hidden = false;
-  $("main").hidden = true;
-  $("keyerror").hidden = !message;
-  $("keyerror").textContent = message || "";
-  $("conn").textContent = "waiting for the client key";
-  $("key").focus();
-}
-
-async function poll() {
-  clearTimeout(timer);
-  const key = sessionStorage.getItem(KEY_ITEM);
-  const headers = key ? {"Authorization": "Bearer " + key} : {};
-  try {
-    const resp = await fetch("/status", {headers: headers, cache: "no-store"});
-    if (resp.status === 401) {
-      sessionStorage.removeItem(KEY_ITEM);
-      askForKey(key ? "The proxy refused that key." : null);
-      return;  // asked again once a key is given
-    }
-    if (!resp.ok) {
-      downWhy = "the proxy answers HTTP " + resp.status;
-      downSince = downSince || new Date();
-      render();
-      timer = setTimeout(poll, POLL_MS);
-      return;
-    }
-    doc = await resp.json();
-    docAt = Date.now();
-    downSince = null;
-    $("keybox").hidden = true;
-    $("main").hidden = false;
-  } catch (e) {
-    downWhy = "not reachable";
-    downSince = downSince || new Date();
-  }
-  render();
-  timer = setTimeout(poll, POLL_MS);
-}
-
-$("keyform").addEventListener("submit", (event) => {
-  event.preventDefault();
-  sessionStorage.setItem(KEY_ITEM, $("key").value.trim());
-  $("key").value = "";
-  poll();
-});
-setInterval(() => { if (doc) render(); }, 1000);
-poll();
-""".encode()
-
-# The favicon browsers ask for on their own: a dot, so no 404 shows up for it.
-PAGE_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
-             b'<circle cx="8" cy="8" r="7" fill="#2f6fdf"/></svg>')
-
-# No script but /ui.js, no inline style but the page's own block (by its hash), no framing
-# (clickjacking), nothing loaded from elsewhere, nothing sent anywhere but /status.
-PAGE_HEADERS = [
-    ("Content-Security-Policy",
-     "default-src 'none'; script-src 'self'; style-src 'sha256-%s'; connect-src 'self'; "
-     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-     % base64.b64encode(hashlib.sha256(PAGE_STYLE.encode()).digest()).decode()),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
-    ("X-Frame-Options", "DENY"),
-    ("Cache-Control", "no-cache"),
-]
-
-
-# --------------------------------------------------------------------------------------------
-# The app: the proxy's services, and what each route does
-# --------------------------------------------------------------------------------------------
-
-# What the compact endpoint takes, as the Codex CLI sends it; the rest of a Responses body
-# (stream, store, include...) is not for it.
-COMPACT_FIELDS = ("model", "input", "instructions", "tools", "parallel_tool_calls", "reasoning",
-                  "text")
-COMPACT_TIMEOUT = 600.0  # one JSON answer for a whole history: no events to show progress
-
-
-class Exchange:
-    """What a route and the relay answer through: one client request, over HTTP (the
-    ProxyHandler) or as one message on a client's WebSocket (WebSocketRequest). Nothing of
-    the wire shows through: no socket, no rfile or wfile, no handler attribute.
-
-    Attributes: method, path (the target, with its query), lower_headers (names lower-cased,
-    the first of duplicates), body (the bytes read, or None) and log_fields (what the log
-    line and /status say of it)."""
-
-    def send_whole(self, status, content_type, body, headers=()):
-        raise NotImplementedError
-
-    def send_json(self, status, obj, headers=()):
-        self.send_whole(status, "application/json", json.dumps(obj).encode(), headers)
-
-    def send_text(self, status, body):
-        self.send_whole(status, "text/plain; charset=utf-8", body)
-
-    def start_event_stream(self, headers):
-        """The head of an event stream; write_body() and end_body() send the rest."""
-        raise NotImplementedError
-
-    def write_body(self, data):
-        raise NotImplementedError
-
-    def end_body(self, tail):
-        """The last piece of a streamed body and its end, in one write."""
-        raise NotImplementedError
-
-    def start_as_is(self, status, headers, length):
-        """The head of an answer passed through as the platform sent it (length None: of
-        unknown length)."""
-        raise NotImplementedError
-
-    def abort_body(self):
-        """End a streamed body cut short, so the client cannot take it for a whole one."""
-        raise NotImplementedError
-
-    def close_after_answer(self):
-        """No request after this one on the connection."""
-
-    def send_events(self, payloads):
-        """Events as the client's WebSocket carries them: one JSON text message each."""
-        raise NotImplementedError
-
-    def forwardable_headers(self):
-        """The client's headers that may go to the platform as they are."""
-        raise NotImplementedError
-
-    def watch_hangup(self, upstream_sock):
-        """While an answer is relayed: a client that hangs up shuts upstream_sock at once.
-        The watch's "gone" turns true then; unwatch_hangup(watch) ends it."""
-        raise NotImplementedError
-
-    def unwatch_hangup(self, watch):
-        HANGUPS.unwatch(watch)
-
-    def writable_now(self):
-        """Whether the client takes a small write at once (a ping must never wait)."""
-        return True
-
-
-class PreparedRequest:
-    """A Responses request as it goes upstream, and what keeping its answer takes."""
-
-    def __init__(self, body, session_id, previous, store, encode, headers, version, own_input):
-        self.body = body              # the rewritten request, history in front
-        self.session_id = session_id
-        self.previous = previous      # the previous_response_id it named, or None
-        self.store = store            # False: the client said store: false
-        self.encode = encode          # body -> bytes, reusing the client's own where unchanged
-        self.headers = headers        # the extra upstream headers its client's headers give
-        self.version = version        # the Codex version to present
-        self._own_input = own_input   # -> its own input as JSON text, when it is kept
-        self.after_turn = None        # what waits for the client to have its answer
-        self.pinned = None            # the stored response it continues, held meanwhile
-
-    def own_input(self):
-        return self._own_input()
-
-
-class Traffic:
-    """What is in flight, for the limits and /status: requests, client connections, and
-    WebSocket sockets and responses; with the places of --max-concurrent."""
-
-    def __init__(self, max_concurrent, max_connections):
-        self.max_concurrent = max_concurrent
-        self.max_connections = max_connections
-        self.slots = threading.BoundedSemaphore(max_concurrent)
-        self._inflight = 0
-        self._connections = 0
-        self._cond = threading.Condition()
-        self._counts = {"total": 0, "by_status": {}}
-        self._websocket = {"connections_open": 0, "connections_total": 0, "responses": 0}
-
-    def request_started(self):
-        with self._cond:
-            self._inflight += 1
-
-    def request_finished(self, status):
-        with self._cond:
-            self._inflight -= 1
-            self._cond.notify_all()
-            self._counts["total"] += 1
-            key = str(status or "none")
-            self._counts["by_status"][key] = self._counts["by_status"].get(key, 0) + 1
-
-    def count_websocket(self, key, n):
-        with self._cond:
-            self._websocket[key] += n
-
-    def connection_opened(self):
-        """Count a new client connection; False when --max-connections are open already."""
-        with self._cond:
-            if self._connections >= self.max_connections:
-                return False
-            self._connections += 1
-            return True
-
-    def connection_closed(self):
-        with self._cond:
-            self._connections -= 1
-
-    @contextlib.contextmanager
-    def slot(self):
-        """One of --max-concurrent places for a request in flight, or a 503 at once."""
-        if not self.slots.acquire(blocking=False):
-            raise ProxyError(503, "The proxy is at its limit of %d requests in flight "
-                             "(--max-concurrent); retry in a moment."
-                             % self.max_concurrent, code="too_many_requests",
-                             headers=[("Retry-After", "1")])
-        try:
-            yield
-        finally:
-            self.slots.release()
-
-    def wait_idle(self, timeout):
-        """Wait for requests in flight to finish; False if some were still running."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._inflight > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
-
-    def report(self):
-        """(requests, connections, websocket) as /status shows them."""
-        with self._cond:
-            return ({"total": self._counts["total"], "in_flight": self._inflight,
-                     "by_status": dict(self._counts["by_status"])},
-                    {"open": self._connections, "limit": self.max_connections},
-                    dict(self._websocket))
-
-
-class App:
-    """Everything the proxy is, apart from serving sockets: the login, the upstream client,
-    the conversations, the model list, the counters behind /status, and the routes. A route
-    gets the client's request (a ProxyHandler) and answers through it."""
-
-    def __init__(self, config, log):
-        self.config = config
-        self.log = log
-        if config.api_key_header:
-            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
-        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
-                              log)
-        self.upstream = UpstreamClient(config, log, self.auth)
-        self.models_cache = ModelsCache()
-        self.client_version = ClientVersion(config.client_version)
-        self.model_rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
-        self._model_list_failed = None  # when the model list last could not be had
-        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
-                              if config.state_db else ConversationStore(config.state_max_bytes))
-        self.socket_memory = SocketMemory(socket_memory_cap(config))
-        self.started = time.time()
-        self.traffic = Traffic(config.max_concurrent, config.max_connections)
-        self.recent = RecentRequests()
-        self.on_shutdown = None  # set by the server: stops accepting connections
-        self._stopping = threading.Event()
-        # The mode decides, once, which routes there are and what answers a client's socket.
-        if config.mode == "apikey":
-            self.routes = self.platform_routes()
-            self.socket_conversation = PlatformSocketConversation
-        else:
-            self.routes = self.chatgpt_routes()
-            self.socket_conversation = SocketConversation
-
-    # -- stopping ---------------------------------------------------------------------------
+class SSEEvent:
+    __slots__ = ("event", "id", "retry", "raw", "_data")
+
+    def __init__(self, event, data, id, retry, raw):
+        self.event = event  # the `event:` field, None when absent
+        self._data = data   # str, None, or the frame's lines not yet joined (bytes)
+        self.id = id
+        self.retry = retry
+        self.raw = raw      # the frame's bytes exactly as received, blank line included
 
     @property
-    def stopping(self):
-        return self._stopping.is_set()
+    def data(self):
+        """The `data:` lines joined by "\n", None when there were none. Decoded on first use:
+        the relay never reads the data of a delta."""
+        if isinstance(self._data, bytes):
+            self._data = _join_data(self._data.split(b"\n"))
+        return self._data
 
-    def begin_shutdown(self, why):
-        """Stop accepting (from any thread but serve_forever's); main() then drains."""
-        if not self._stopping.is_set():
-            self._stopping.set()
-            self.log.info("%s: finishing requests in flight" % why)
-            if self.on_shutdown is not None:
-                threading.Thread(target=self.on_shutdown, daemon=True).start()
-
-    def close(self):
-        self.upstream.close()
-        self.conversations.close()
-
-    # -- what the operator sees -------------------------------------------------------------
-
-    def status_report(self):
-        """What /status says: no secrets, only what a person or a monitor needs."""
-        config = self.config
-        requests, connections, websocket = self.traffic.report()
-        status = {"mode": config.mode, "version": __version__,
-                  "uptime_seconds": int(time.time() - self.started),
-                  "upstream": config.upstream_url, "requests": requests,
-                  "connections": connections, "websocket": websocket}
-        status.update(self.recent.report())
-        if config.mode == "apikey":
-            status["api_key_from"] = config.api_key_source
-            return status
-        login = {"auth_file": config.auth_path}
-        try:
-            creds = self.auth.load()
-        except ProxyError as e:
-            login.update(ok=False, error=e.message)
-        else:
-            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
-                         access_token_expires_at=iso_time(creds.expires_at),
-                         access_token_expires_in_seconds=None if creds.expires_at is None
-                         else int(creds.expires_at - time.time()),
-                         last_refresh=creds.data.get("last_refresh"))
-        login["last_refresh_attempt"] = self.auth.last_refresh
-        login["login_command"] = LOGIN_COMMAND
-        status["login"] = login
-        status["quota"] = self.upstream.quota.snapshot()
-        status["upstream_transport"] = dict(self.upstream.websockets.choice.report(),
-                                            idle_sockets=len(self.upstream.websockets.pool))
-        return status
-
-    def record_request(self, method, path, user_agent, fields, status, seconds):
-        """Every answered request, over HTTP or as a WebSocket message, comes here with its
-        log line: into the recent requests and tokens per model. The page's own requests
-        (and /status) are the watcher's, not traffic."""
-        if path not in OBSERVER_PATHS:
-            self.recent.add(request_record(method, path, user_agent, fields, status,
-                                           seconds, time.time()))
-
-    def permission_warning(self):
-        """A warning when auth.json can be read by others than its owner, else None."""
-        try:
-            mode = os.stat(self.config.auth_path).st_mode
-        except OSError:
-            return None
-        if mode & 0o077:
-            return ("warning: %s is readable by group or others (mode %03o); it holds your "
-                    "login: chmod 600 %s" % (self.config.auth_path, mode & 0o777,
-                                             self.config.auth_path))
-        return None
-
-    def describe_credentials(self):
-        """What the start-up line says about the login."""
-        if self.config.mode == "apikey":
-            return "API key from %s" % self.config.api_key_source
-        try:
-            creds = self.auth.load()
-        except ProxyError as e:
-            return "no usable login: %s Requests will get 401 until this is fixed." % e.message
-        expiry = ("expires %s UTC" % datetime.datetime.fromtimestamp(
-            creds.expires_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-            if creds.expires_at else "no expiry in token")
-        return "ChatGPT login from %s (account %s, plan %s, access token %s%s)" % (
-            self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
-            expiry, ", will refresh" if creds.needs_refresh() else "")
-
-    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
-
-    def chatgpt_routes(self):
-        """ChatGPT mode: every API path answered here, over the ChatGPT backend."""
-        return RouteTable({
-            "/v1/responses": {"POST": self.responses},
-            "/v1/responses/compact": {"POST": self.compact},
-            "/v1/responses/input_tokens": {"POST": self.input_tokens},
-            "/v1/chat/completions": {"POST": self.chat_completions},
-            "/v1/images/generations": {"POST": self.image_generations},
-            "/v1/images/edits": {"POST": self.image_edits},
-            "/v1/messages": {"POST": self.messages},
-            "/v1/messages/count_tokens": {"POST": self.count_tokens},
-            "/v1/models": {"GET": self.models},
-        }, {"": {"GET": self.retrieve, "DELETE": self.delete},
-            "/input_items": {"GET": self.input_items}, "/cancel": {"POST": self.cancel}},
-            self.service_routes())
-
-    def platform_routes(self):
-        """API-key mode: the OpenAI paths go to the platform as the client sent them, with
-        our key; Anthropic's are refused (the platform does not speak them)."""
-        forward, with_query = self.forward, self.forward_with_query
-        return RouteTable({
-            "/v1/responses": {"POST": forward},
-            "/v1/responses/compact": {"POST": forward},
-            "/v1/responses/input_tokens": {"POST": with_query},
-            "/v1/chat/completions": {"POST": forward},
-            "/v1/images/generations": {"POST": forward},
-            "/v1/images/edits": {"POST": forward},
-            "/v1/messages": {"POST": self.messages_need_login},
-            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
-            "/v1/models": {"GET": forward},
-        }, {"": {"GET": with_query, "DELETE": with_query},
-            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
-            self.service_routes())
-
-    def service_routes(self):
-        """The proxy's own paths, the same in both modes."""
-        routes = {"/status": {"GET": self.status},
-                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
-        if self.config.http_shutdown:
-            routes["/shutdown"] = {"GET": self.shutdown}
-        if self.config.ui:
-            routes.update({"/": {"GET": self.page, "HEAD": self.page},
-                           "/ui.js": {"GET": self.page_script},
-                           "/favicon.ico": {"GET": self.favicon}})
-        return routes
-
-    # -- the proxy's own routes --------------------------------------------------------------
-
-    def healthz(self, client):
-        client.send_text(200, b"ok\n")
-
-    def status(self, client):
-        client.send_json(200, self.status_report())
-
-    def page(self, client):
-        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
-
-    def page_script(self, client):
-        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
-
-    def favicon(self, client):
-        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
-
-    def shutdown(self, client):
-        client.close_after_answer()
-        client.send_json(200, {"status": "shutting down"})
-        self.begin_shutdown("GET /shutdown")
-
-    # -- API-key mode's routes ----------------------------------------------------------------
-
-    def forward(self, client):
-        """The request to the platform's endpoint for its path (its query left out)."""
-        self.pass_through(client, self.platform_url(client, with_query=False))
-
-    def forward_with_query(self, client, response_id=None):
-        """The request to the platform's URL for its path and query (a response's id in
-        the path goes as it is)."""
-        self.pass_through(client, self.platform_url(client))
-
-    def messages_need_login(self, client):
-        raise messages_apikey_error()
-
-    # -- ChatGPT mode's routes ----------------------------------------------------------------
-
-    def models(self, client):
-        # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
-        # headers: its version counts before any of its turns came in.
-        self.client_version.observe(client.lower_headers)
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
-        for asked in query.get("client_version", [])[:1]:
-            self.client_version.observe({"version": asked})
-        catalog = self.models_cache.get(self.upstream.models, self.client_version.newest,
-                                        self.log)
-        listing = catalog.openai_list(self.config.list_effort_models)
-        if "anthropic-version" in client.lower_headers:  # Claude Code's model discovery
-            listing = anthropic_model_list(listing)
-        client.send_json(200, listing)
-
-    def responses(self, client):
-        """POST /v1/responses: the Responses front end."""
-        self.through_front_end(client, ResponsesFrontEnd)
-
-    def chat_completions(self, client):
-        """POST /v1/chat/completions: the Chat Completions front end."""
-        self.through_front_end(client, ChatFrontEnd)
-
-    def messages(self, client):
-        """POST /v1/messages: Anthropic's Messages API (Claude Code), as one Responses request
-        whose answer is translated back, streamed or whole."""
-        self.through_front_end(client, MessagesFrontEnd)
-
-    def through_front_end(self, client, front_end):
-        """A client request as the front end maps it onto a Responses request, its answer's
-        events mapped back into the sink the client asked for (a stream or one answer)."""
-        body, source, spans = self.json_body(client)
-        front = front_end(body, client.lower_headers)
-        upstream_body = front.responses_body(self)
-        if upstream_body is body:  # the client's own bytes may go as they are
-            request = self.prepare(client.lower_headers, body, source, spans)
-        else:
-            request = self.prepare(client.lower_headers, upstream_body)
-        front.note_model(client, request)
-        try:
-            answer = self.upstream.responses(request)
-            transform = front.transform(answer, self.log)
-            sink = front.sink(client, transform)
-            on_end = (lambda assembler: self.keep(assembler, request)) if front.keeps else None
-            try:
-                relay(self.upstream, answer, transform, sink, client, on_end)
-            finally:
-                sink.stop()
-        finally:
-            self.turn_done(request)
-        self.upstream.turn_over(request)
-
-    def respond_platform(self, client, body, history, sink, on_kept):
-        """API-key mode, for a socket: the request as a streamed POST to the platform with
-        our key, its events relayed into sink. A previous_response_id the socket knows is
-        expanded here; another is the platform's to resolve."""
-        body = dict(body, stream=True)
-        if history is not None:
-            body.pop("previous_response_id", None)
-            body["input"] = list(history) + input_list(body.get("input"))
-        headers = client.forwardable_headers()
-        headers.update({"Authorization": self.config.api_key_header,
-                        "Content-Type": "application/json", "Accept": "text/event-stream"})
-        answer = self.upstream.exchange("POST", self.config.upstream_url,
-                                        json.dumps(body).encode(), headers)
-        if answer.status != 200:
-            err = translate_upstream_error(answer.status, answer.read_whole(self.upstream.pool))
-            err.headers = answer.forwarded_headers()
-            raise err
-        sent_input = input_list(body.get("input"))
-        relay(self.upstream, HTTPEvents(answer, self.upstream.pool), ResponsesTransform(self.log),
-              sink, client, lambda assembler: on_kept(assembler, sent_input))
-
-    def count_tokens(self, client):
-        """POST /v1/messages/count_tokens: an estimate from the translated request (the
-        backend counts nothing before it answers)."""
-        body = self.json_body(client)[0]
-        estimate = estimate_tokens(messages_to_responses(body, client.lower_headers))
-        client.send_json(200, {"input_tokens": estimate})
-
-    def compact(self, client):
-        """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
-        url = upstream_url_for(self.config.upstream_url, "responses/compact")
-        body, source, spans = self.json_body(client)
-        request = self.prepare(client.lower_headers, body, source, spans)
-        self.turn_done(request)  # nothing of a compaction is kept
-        compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
-        answer = self.upstream.call("POST", url, compact_body, encode_json_object,
-                                    request.session_id, request.headers, "application/json",
-                                    request.version, COMPACT_TIMEOUT)
-        data = answer.read_whole(self.upstream.pool, self.config.max_body_bytes)
-        try:
-            result = json.loads(data)
-            if not isinstance(result, dict) or not isinstance(result.get("output"), list):
-                raise ValueError("no output list")
-        except ValueError:
-            raise ProxyError(502, "The backend's compaction answer was not the JSON expected.",
-                             code="bad_upstream_answer")
-        result.setdefault("id", "resp_" + uuid.uuid4().hex)
-        result.setdefault("object", "response.compaction")
-        result.setdefault("created_at", int(time.time()))
-        client.send_json(200, result, answer.forwarded_headers())
-
-    def retrieve(self, client, response_id):
-        response = self.conversations.get(response_id)
-        if response is None:
-            raise stored_response_not_found(response_id)
-        client.send_json(200, response)
-
-    def delete(self, client, response_id):
-        if not self.conversations.delete(response_id):
-            raise stored_response_not_found(response_id)
-        client.send_json(200, {"id": response_id, "object": "response", "deleted": True})
-
-    def input_items(self, client, response_id):
-        items = self.conversations.input_items(response_id)
-        if items is None:
-            raise stored_response_not_found(response_id)
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
-        first = {name: values[0] for name, values in query.items()}
-        client.send_json(200, input_items_page(items, first.get("after"), first.get("limit"),
-                                               first.get("order")))
-
-    def cancel(self, client, response_id):
-        if self.conversations.get(response_id) is None:
-            raise stored_response_not_found(response_id)
-        raise ProxyError(400, "Response %r cannot be cancelled: only background responses can "
-                         "be, and the ChatGPT subscription backend runs none (`background` is "
-                         "not supported), so it has already finished." % (response_id,),
-                         code="background_not_supported")
-
-    def input_tokens(self, client):
-        raise ProxyError(400, "Counting input tokens is not available on a ChatGPT "
-                         "subscription: its backend has no token-counting endpoint. The "
-                         "`usage.input_tokens` of a response says what a request cost.",
-                         code="input_tokens_not_supported")
-
-    def image_generations(self, client):
-        self.images(client, "images/generations", edit=False)
-
-    def image_edits(self, client):
-        self.images(client, "images/edits", edit=True)
-
-    def images(self, client, endpoint, edit):
-        """POST /v1/images/generations or /edits: the backend's endpoint beside /responses,
-        one JSON answer (data[].b64_json) once the images are made."""
-        url = upstream_url_for(self.config.upstream_url, endpoint)
-        body = self.image_body(client, edit)
-        model = body.get("model") or DEFAULT_IMAGE_MODEL
-        client.log_fields["model"] = model if isinstance(model, str) else None
-        request = image_request(body, edit, self.upstream.dropped_params(model))
-        answer = self.upstream.call("POST", url, request, encode_json_object, None,
-                                    image_request_headers(client.lower_headers),
-                                    "application/json",
-                                    self.client_version.observe(client.lower_headers),
-                                    IMAGES_TIMEOUT)
-        data = answer.read_whole(self.upstream.pool, IMAGE_ANSWER_LIMIT)
-        check_image_answer(data)
-        client.send_whole(200, "application/json", data, answer.forwarded_headers())
-
-    def image_body(self, client, edit):
-        """An image request's JSON object: its JSON body, or for an edit its form's fields."""
-        boundary = multipart_boundary(client.lower_headers.get("content-type")) if edit else None
-        if boundary is None:
-            return self.json_body(client)[0]
-        raw = decode_request_body(client.body, client.lower_headers.get("content-encoding"),
-                                  self.config.max_body_bytes)
-        return image_edit_from_form(parse_multipart_form(raw, boundary))
-
-    def model_catalog(self):
-        """The backend's model list (cached), or None when it cannot be had. Then names go as
-        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
-        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
-        failed = self._model_list_failed
-        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
-            return None
-        try:
-            return self.models_cache.get(self.upstream.models, self.client_version.newest,
-                                         self.log)
-        except ProxyError as e:
-            self._model_list_failed = time.monotonic()
-            self.log.info("the backend's model list is unavailable (%s); model names with an "
-                          "effort in them are sent as they are, and Claude's names go to %s "
-                          "and %s"
-                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
-                             FALLBACK_MODELS[SMALL_MODEL]))
-            return None
-
-    def listed_model_slugs(self):
-        """The backend's listed models; [] when the list cannot be had."""
-        catalog = self.model_catalog()
-        return catalog.listed() if catalog is not None else []
-
-    def platform_url(self, client, with_query=True):
-        """API-key mode: the platform's URL for the client's path (and query)."""
-        parts = urllib.parse.urlsplit(client.path)
-        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
-        url = upstream_url_for(self.config.upstream_url, path)
-        return url + ("?" + parts.query if parts.query and with_query else "")
-
-    def prepare(self, client_headers, body, source=None, spans=None, history=None):
-        """prepare_request, with the response its previous_response_id names pinned in the
-        conversation store (see ConversationStore.pin) until turn_done(request)."""
-        previous = body.get("previous_response_id")
-        pinned = previous if isinstance(previous, str) else None
-        if pinned is not None:
-            self.conversations.pin(pinned)
-        try:
-            request = self.prepare_request(client_headers, body, source, spans, history)
-        except BaseException:
-            self.conversations.unpin(pinned)
-            raise
-        request.pinned = pinned
-        return request
-
-    def turn_done(self, request):
-        """The turn is over, its response kept or not: what it continued is no longer held."""
-        pinned, request.pinned = request.pinned, None
-        self.conversations.unpin(pinned)
-
-    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
-        """A client's Responses request made ready for the backend: its item references and
-        previous_response_id expanded (history: the lookup for the latter, by default the
-        conversation store), rewritten, with the headers and the Codex version it goes
-        with."""
-        # The map first: its target may name an effort.
-        body = model_with_effort(self.with_model_mapped(body), self.model_catalog)
-        original = body  # what `source` and `spans` describe: references not yet expanded
-        budget = ExpansionBudget(self.config.max_body_bytes,
-                                 len(source) if source is not None else 0)
-        items = body.get("input")
-        if isinstance(items, list):
-            expanded = self.conversations.expand_references(items, budget)
-            if expanded is not items:
-                body = dict(body, input=expanded)
-        previous = body.get("previous_response_id")
-        earlier = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            earlier = (history or self.conversations.history)(previous, budget)
-            if earlier is None:
-                raise unknown_response_error(previous)
-        note = service_tier_warning(body)
-        if note:
-            self.log.warn_once(*note)
-        upstream_body, session_id = rewrite_request(
-            body, self.config.instructions, client_headers.get("session_id")
-            or client_headers.get("session-id"),
-            self.upstream.dropped_params(body.get("model")), earlier)
-        span = unchanged_span("input", upstream_body["input"], original, spans)
-
-        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
-            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
-                text = source[span[0]:span[1]]
-                return text.decode("ascii") if isinstance(text, bytes) else text
-            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
-
-        return PreparedRequest(
-            upstream_body, session_id, previous, body.get("store") is not False,
-            lambda b: encode_json_object(b, original, source, spans),
-            upstream_request_headers(client_headers, upstream_body),
-            self.client_version.observe(client_headers), own_input)
-
-    def with_model_mapped(self, body):
-        """body with its model as map_model() has it (--model-map, then Claude's names)."""
-        model = body.get("model")
-        mapped = map_model(model, self.model_rules, self.listed_model_slugs)
-        if mapped == model:
-            return body
-        self.log.debug("model %s -> %s" % (model, mapped))
-        return dict(body, model=mapped)
-
-    def with_name_effort_first(self, body):
-        """A translated Messages request whose model (or its --model-map target) names an
-        effort, with that effort instead of the request's: Claude Code sends
-        output_config.effort on every request (2.1.332: medium for Claude's names, high for
-        others), so the name's effort, the only one its user chose, would never apply."""
-        reasoning = body.get("reasoning")
-        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
-            return body
-        unset = dict(self.with_model_mapped(body), reasoning={
-            k: v for k, v in reasoning.items() if k != "effort"})
-        named = model_with_effort(unset, self.model_catalog)
-        return body if named is unset else named
-
-    def pass_through(self, client, url):
-        """API-key mode: the request goes as the client sent it, with our key."""
-        headers = client.forwardable_headers()
-        headers["Authorization"] = self.config.api_key_header
-        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
-        relay_as_is(self.upstream, answer, client)
-
-    def json_body(self, client):
-        """(body, source, spans) of the request's JSON object; notes the model for the log."""
-        parsed = json_request_body(client.body, client.lower_headers, self.config.max_body_bytes)
-        body = parsed[0]
-        client.log_fields["model"] = body.get("model") if isinstance(body.get("model"),
-                                                                     str) else None
-        client.log_fields["stream"] = body.get("stream") is True
-        return parsed
-
-    def keep(self, assembler, request):
-        """Keep a finished response for previous_response_id and retrieval, unless its client
-        said `store: false`. A store that fails costs a warning, never the answer the user
-        has paid for."""
-        response_id = (assembler.response or {}).get("id")
-        if not request.store or not isinstance(response_id, str) or \
-                assembler.terminal not in ("response.completed", "response.incomplete"):
-            return
-        try:
-            self.conversations.save(assemble_response(assembler.response, assembler.output()),
-                                    request.previous, request.own_input())
-        except Exception as e:
-            self.log.info("warning: could not keep response %s for "
-                          "previous_response_id: %s" % (response_id, e))
+    def __repr__(self):
+        return "SSEEvent(%r, %r)" % (self.event, self.data)
 
 
-class ModelsCache:
-    """The model list for MODELS_CACHE_SECONDS; when the backend fails, the last good list."""
+def _join_data(lines):
+    data = []
+    for line in lines:
+        if line[:5] == b"data:":
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line == b"data":
+            data.append(b"")
+    return b"\n".join(data).decode("utf-8", "replace") if data else None
+
+
+class SSEParser:
+    """Feed bytes as they arrive; get back each complete event. Handles LF, CRLF and CR line
+    ends (also split across reads), multi-line data, comments, and UTF-8 characters split
+    across reads (lines are decoded only once complete). An unfinished event at EOF is dropped,
+    as the SSE specification says.
+
+    The backend frames events with LF only: for such input a fast path splits whole frames in
+    one C call; anything else goes line by line."""
 
     def __init__(self):
-        self._value = None
-        self._version = None
-        self._fetched = 0.0
-        self._lock = threading.Lock()  # held while fetching: concurrent misses fetch once
+        self._pending = []    # unparsed input, in pieces: an unfinished line (LF-only: event)
+        self._frame = []      # raw bytes of the current event from earlier reads
+        self._fields = False  # the current event has had a non-blank line
+        self._event = self._id = self._retry = None
+        self._data = []
+        self._skip_lf = False  # the last read ended in CR: a leading LF completes that CRLF
+        self._names = {}  # b"event: x" -> "x", so names repeated 10,000 times decode once
+        self._start = b""  # the stream's first bytes while they may still be a BOM; then None
 
-    def get(self, fetch, version, log):
-        """The list for this Codex version: a newer client may see newer models."""
-        with self._lock:
-            if self._value is not None and self._version == version and \
-                    time.monotonic() - self._fetched < MODELS_CACHE_SECONDS:
-                return self._value
-            try:
-                self._value, self._fetched = fetch(version), time.monotonic()
-                self._version = version
-            except ProxyError as e:
-                if self._value is None:
-                    raise
-                log.info("model list unavailable (%s); serving the cached one" % e.message)
-            return self._value
-
-
-# --------------------------------------------------------------------------------------------
-# The HTTP handler: parse, admit, route, hand off
-# --------------------------------------------------------------------------------------------
-
-class RequestReader(io.RawIOBase):
-    """The client socket as the handler reads it, with two timeouts a plain socket cannot
-    have: an idle keep-alive connection may wait IDLE_CONNECTION_TIMEOUT for its next request,
-    but once a request's first byte is in, the rest must follow within REQUEST_READ_DEADLINE,
-    however slowly it trickles. So a client sending a byte every few seconds cannot hold a
-    thread for ever."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.deadline = None  # set by the first byte of a request, cleared when it is read
-
-    def readable(self):
-        return True
-
-    def readinto(self, buf):
-        if self.deadline is None:
-            self.sock.settimeout(IDLE_CONNECTION_TIMEOUT)
-        else:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("the request took longer than %g s to arrive"
-                                     % REQUEST_READ_DEADLINE)
-            self.sock.settimeout(left)
-        n = self.sock.recv_into(buf)
-        if n and self.deadline is None:
-            self.deadline = time.monotonic() + REQUEST_READ_DEADLINE
-        return n
-
-    def request_read(self):
-        """The request is in: writes get their own timeout, the next request a new deadline."""
-        self.deadline = None
-        self.sock.settimeout(WRITE_TIMEOUT)
-
-
-CORS_EXPOSED_HEADERS = ("x-request-id, retry-after, x-codex-primary-used-percent, "
-                        "x-codex-secondary-used-percent, x-codex-primary-reset-after-seconds, "
-                        "x-codex-secondary-reset-after-seconds")
-CLIENT_GONE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError,
-                      socket.timeout)
-ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a request target with a scheme
-BAD_REQUEST_MESSAGES = {400: "Malformed HTTP request.", 414: "Request line too long.",
-                        431: "Request header fields too large.", 501: "Method not supported.",
-                        505: "HTTP version not supported."}
-
-
-class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
-    """One client connection over HTTP: each request parsed, admitted (check_access), routed
-    (find_route) and answered, the handler being the route's Exchange; a WebSocket upgrade
-    hands the connection to a WebSocketSession."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "codex-responses-proxy/" + __version__
-    timeout = IDLE_CONNECTION_TIMEOUT
-
-    def version_string(self):
-        return self.server_version
-
-    def setup(self):
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        self.reader = RequestReader(self.connection)
-        self.rfile = io.BufferedReader(self.reader, 65536)
-        self.cors_origin = None
-        self.expect_continue = False
-
-    def handle_one_request(self):
-        # Each request starts clean, also one the base class answers itself (400, 414, 431,
-        # 501) without passing dispatch(): no CORS headers left from the previous request.
-        self.cors_origin = None
-        self.expect_continue = False
-        self.anthropic_errors = False
-        super().handle_one_request()
-
-    def parse_request(self):
-        """The base class's, on a header block read and checked here first (see
-        read_field_lines), then the framing rules it does not know (check_framing), and an
-        absolute-form target reduced to its path. False once a refusal was sent."""
-        try:
-            lines = read_field_lines(self.rfile)
-        except ClientGone:
-            self.close_connection = True
-            return False
-        except ProxyError as e:
-            problem, lines = e, []
-        else:
-            problem = None
-        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(lines) + b"\r\n")
-        try:
-            if not super().parse_request():  # the request line; it answered any fault in it
-                return False
-        finally:
-            self.rfile = rfile
-        try:
-            if problem is not None:
-                raise problem
-            check_framing(self.request_version, self.headers)
-            if ABSOLUTE_FORM.match(self.path):
-                self.path = origin_form(self.path, self.server.app.config,
-                                        self.server.server_address)
-        except ProxyError as e:
-            self.refuse_request(e)
-            return False
-        return True
-
-    def handle_expect_100(self):
-        """The base class would send 100 Continue before any check; send it only once the
-        request passed them (see send_continue), never for a body that will be refused."""
-        self.expect_continue = True
-        return True
-
-    def send_continue(self):
-        if self.expect_continue:
-            self.expect_continue = False
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def do_GET(self):
-        self.dispatch("GET")
-
-    def do_POST(self):
-        self.dispatch("POST")
-
-    def do_HEAD(self):
-        self.dispatch("HEAD")
-
-    def do_PUT(self):
-        self.dispatch("PUT")
-
-    def do_DELETE(self):
-        self.dispatch("DELETE")
-
-    def do_PATCH(self):
-        self.dispatch("PATCH")
-
-    def do_OPTIONS(self):
-        self.dispatch("OPTIONS")
-
-    def dispatch(self, method):
-        app = self.server.app
-        self.method = method
-        self.started = time.monotonic()
-        self.headers_sent = False
-        self.status_sent = None
-        self.chunked = False
-        self.log_fields = {}
-        self.body = None
-        # The request's headers, lower-cased, the first of duplicates (as Message.get gives):
-        # one pass instead of a slow Message.get per lookup.
-        self.lower_headers = {}
-        for name, value in self.headers.items():
-            self.lower_headers.setdefault(name.lower(), value)
-        path = urllib.parse.urlsplit(self.path).path
-        self.anthropic_errors = path in MESSAGES_PATHS
-        counted = path not in OBSERVER_PATHS
-        if counted:
-            app.traffic.request_started()
-        try:
-            if app.stopping:
-                self.close_connection = True
-                raise ProxyError(503, "The proxy is shutting down; retry in a moment.",
-                                 code="shutting_down", headers=[("Retry-After", "2")])
-            origin = self.lower_headers.get("origin")
-            if origin in app.config.allow_origins:
-                self.cors_origin = origin  # refusals too are readable by a page allowed in
-            if check_access(method, path, self.lower_headers, app.config,
-                            self.server.server_address):
-                return self.send_preflight()
-            route, args = app.routes.find(method, path, self.lower_headers)
-            if route is WEBSOCKET_UPGRADE:  # the socket is the session's from here on
-                return self.serve_websocket(app)
-            with (app.traffic.slot() if path != "/healthz" else contextlib.nullcontext()):
-                self.body = read_request_body(self.rfile, self.lower_headers,
-                                              app.config.max_body_bytes, self.send_continue)
-                self.reader.request_read()
-                route(self, *args)
-        except ProxyError as e:
-            if self.body is None and has_body(self.lower_headers):
-                self.close_connection = True  # its unread body must not pass for a request
-            self.send_error_json(e)
-        except ClientGone:
-            self.close_connection = True
-            self.log_fields["note"] = "client disconnected"
-        except Exception as e:  # a bug must cost one request, not the server
-            app.log.internal_error("%s %s" % (method, path), e)
-            self.close_connection = True
-            self.send_error_json(ProxyError(500, "Internal proxy error (%s); see the proxy's log."
-                                            % e.__class__.__name__, code="internal_error"))
-        finally:
-            self.reader.request_read()
-            if counted:
-                app.traffic.request_finished(self.status_sent)
-            self.log_request_line(method, path)
-
-    def serve_websocket(self, app):
-        """GET /v1/responses with Upgrade: websocket. The handshake passed the checks every
-        request does; a socket then takes a place (--max-concurrent) per response it
-        streams, not for its whole life, but is refused at once when none is free."""
-        check_upgrade(self.request_version, self.lower_headers)
-        accept = websocket_accept(self.lower_headers)
-        with app.traffic.slot():
-            pass
-        self.switch_protocols(accept, [("x-codex-websocket-max-message-bytes",
-                                        str(app.config.max_body_bytes))])
-        app.traffic.count_websocket("connections_total", 1)
-        session = WebSocketSession(app, self, urllib.parse.urlsplit(self.path).path)
-        try:
-            session.run()
-        finally:
-            self.log_fields["note"] = "websocket closed after %d responses" % session.answered
-
-    # -- the Exchange: what a route reads ---------------------------------------------------
-
-    def forwardable_headers(self):
-        return platform_request_headers(self.headers.items())
-
-    def watch_hangup(self, upstream_sock):
-        return HANGUPS.watch(self.connection, upstream_sock)
-
-    def writable_now(self):
-        return writable_now(self.connection)
-
-    def close_after_answer(self):
-        self.close_connection = True
-
-    def abort_body(self):
-        self.close_connection = True
-
-    # -- answers ----------------------------------------------------------------------------
-
-    def end_headers(self):
-        if self.cors_origin:  # only ever for an origin given with --allow-origin
-            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Vary", "Origin")
-            self.send_header("Access-Control-Expose-Headers", CORS_EXPOSED_HEADERS)
-        if self.close_connection:
-            self.send_header("Connection", "close")  # tell the client, not just hang up
-        try:
-            super().end_headers()
-        except CLIENT_GONE_ERRORS:
-            raise ClientGone()
-        self.headers_sent = True
-
-    def send_response(self, code, message=None):
-        super().send_response(code, message)
-        self.status_sent = code
-
-    def send_whole(self, status, content_type, body, headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.write(body)
-
-    def send_error_json(self, err):
-        if self.headers_sent:
-            self.close_connection = True  # too late for a status: cut the answer short instead
-            return
-        self.log_fields.setdefault("error", err.code or err.type)
-        try:
-            if self.anthropic_errors:
-                self.send_json(*anthropic_error(err))
+    def feed(self, chunk):
+        if not chunk:
+            return []
+        if self._start is not None:
+            chunk = self._skip_bom(chunk)
+            if not chunk:
+                return []
+        lead = []
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                # The LF of a CRLF split across reads, its line already parsed. Its bytes still
+                # go out: with the event it belongs to, or on their own after a finished one.
+                if self._fields:
+                    self._frame.append(b"\n")
+                else:
+                    lead.append(SSEEvent(None, None, self._id, None, b"\n"))
+                chunk = chunk[1:]
+        fast = not self._fields and b"\r" not in chunk  # unparsed input never holds a CR
+        if self._pending:
+            # A large event arrives in many reads: join and parse only when this read ends
+            # a frame (or a line), not on every read.
+            if fast:
+                ends = b"\n\n" in chunk or (chunk[:1] == b"\n" and self._pending[-1][-1:] == b"\n")
             else:
-                self.send_json(err.status, err.body(), err.headers)
-        except ClientGone:
-            self.close_connection = True
-
-    def send_error(self, code, message=None, explain=None):
-        """The base class calls this for requests it cannot parse; answer them in JSON too."""
-        self.refuse_request(ProxyError(code, BAD_REQUEST_MESSAGES.get(
-            code, message or "Bad request."), code="bad_http_request"))
-
-    def refuse_request(self, err):
-        """Answer a request that cannot be parsed, or read only one way, and close: where it
-        ends is unknown."""
-        self.close_connection = True
-        self.headers_sent = False
-        self.log_fields = {}
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.1"  # nobody speaks 0.9: give a status line and headers
-        try:
-            self.send_error_json(err)
-        except OSError:
-            pass
-        self.server.app.log.info("%s %s" % (err.status, err.message))
-
-    def switch_protocols(self, accept, headers):
-        """The 101 that makes this connection a WebSocket. No Sec-WebSocket-Extensions:
-        permessage-deflate is declined (every client then sends plain frames)."""
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.close_connection = True  # no HTTP request follows on this connection
-
-    def send_preflight(self):
-        if has_body(self.lower_headers):
-            self.close_connection = True  # its body is not read: it must not pass for a request
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers",
-                         self.lower_headers.get("access-control-request-headers")
-                         or "authorization, content-type")
-        self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def start_event_stream(self, headers):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.start_body(headers)
-
-    def start_as_is(self, status, headers, length):
-        self.send_response(status)
-        # send_response() has sent our own Date and Server: one of each per message
-        headers = [(name, value) for name, value in headers
-                   if name.lower() not in HOP_BY_HOP + ("content-length", "date", "server")]
-        if length is not None:
-            headers.append(("Content-Length", str(length)))
-            self.chunked = False
-            for name, value in headers:
-                self.send_header(name, value)
-            self.end_headers()
+                ends = b"\n" in chunk or b"\r" in chunk
+            if not ends:
+                self._pending.append(chunk)
+                return lead
+            buf = b"".join(self._pending) + chunk
         else:
-            self.start_body(headers)
+            buf = chunk
+        return lead + (self._feed_frames(buf) if fast else self._feed_lines(buf))
 
-    def start_body(self, headers):
-        """The rest of the head of a body of unknown length: chunked, or ended by closing."""
-        self.chunked = self.request_version != "HTTP/1.0"
-        if self.chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.close_connection = True
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-
-    def write(self, data):
-        try:
-            self.wfile.write(data)
-        except CLIENT_GONE_ERRORS:
-            raise ClientGone()
-
-    def write_body(self, data):
-        if self.chunked:
-            self.write(b"%X\r\n%s\r\n" % (len(data), data))
-        else:
-            self.write(data)
-
-    def end_body(self, tail):
-        """The last piece of a body and its end, in one write."""
-        if not self.chunked:
-            self.write(tail)
-        elif tail:
-            self.write(b"%X\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
-        else:
-            self.write(b"0\r\n\r\n")
-
-    # -- the log ----------------------------------------------------------------------------
-
-    def log_message(self, format, *args):
-        pass  # the base class's access log; ours is log_request_line
-
-    def log_request(self, code="-", size="-"):
-        pass
-
-    def log_request_line(self, method, path):
-        log = self.server.app.log
-        f = self.log_fields
-        seconds = time.monotonic() - self.started
-        self.server.app.record_request(method, path, self.lower_headers.get("user-agent"), f,
-                                       self.status_sent, seconds)
-        parts = [method, path]
-        if f.get("model"):
-            parts.append("model=%s" % f["model"])
-        parts.append("status=%s" % log.status_code(self.status_sent or 0))
-        parts.append("%.3fs" % seconds)
-        if "in" in f or "out" in f:
-            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
-        for key in ("stream", "error", "note"):
-            if f.get(key):
-                parts.append(key if f[key] is True else "%s=%s" % (key, f[key]))
-        log.info(" ".join(parts))
-
-
-# --------------------------------------------------------------------------------------------
-# Client WebSockets: the socket after the 101, each message an Exchange for the app
-# --------------------------------------------------------------------------------------------
-
-class WebSocketRequest(Exchange):
-    """One message on a client's socket, as a route sees a request: its answer goes out as
-    event messages, with the message's stream_id when it carried one."""
-
-    method = "WS"
-
-    def __init__(self, session, raw):
-        self.session = session
-        self.path = session.path
-        self.lower_headers = session.handler.lower_headers  # the handshake's
-        self.body = raw
-        self.log_fields = {}
-        self.status = 200
-        self.stream_id = None  # set by the route once the message is parsed
-
-    def forwardable_headers(self):
-        return platform_request_headers(self.session.handler.headers.items(),
-                                        from_websocket=True)
-
-    def send_events(self, payloads):
-        self.session.send_events(payloads, self.stream_id)
-
-    def send_error(self, err):
-        """A refused or failed request: its error event."""
-        self.status = err.status
-        self.log_fields.setdefault("error", err.code or err.type)
-        try:
-            self.send_events([json.dumps(websocket_error_event(err)).encode()])
-        except ClientGone:
-            pass
-
-    def watch_hangup(self, upstream_sock):
-        return HANGUPS.watch(self.session.sock, upstream_sock)
-
-
-class WebSocketSession:
-    """One client socket after the 101. A reader thread takes the client's frames: it
-    answers pings, queues requests, answers the close handshake, pings a silent client,
-    closes an idle socket, and on the client's close or hang-up shuts the socket, which
-    cuts a response in flight (see HangupWatcher). This thread answers the queued requests
-    one after another, each through the relay into a WebSocketSink."""
-
-    def __init__(self, app, handler, path):
-        self.app = app
-        self.handler = handler
-        self.path = path
-        self.sock = handler.connection
-        self.reader = MessageReader(app.config.max_body_bytes)
-        self.conversation = app.socket_conversation(app)
-        self.answered = 0  # requests answered on this socket
-        self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._queue = collections.deque()
-        self._queued_bytes = 0
-        self._busy = False
-        self._ended = False      # the socket is shut: nothing more in or out
-        self._closing = None     # when our close frame went out
-        self._last_sent = self._last_request = time.monotonic()
-
-    # -- the socket ---------------------------------------------------------------------------
-
-    def send(self, data):
-        """Whole frames, in order; ClientGone once the socket cannot take them."""
-        with self._send_lock:
-            if self._closing is not None or self._ended:
-                raise ClientGone()
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                raise ClientGone()
-            self._last_sent = time.monotonic()
-
-    def send_events(self, payloads, stream_id=None):
-        if stream_id is not None:
-            payloads = [with_stream_id(p, stream_id) for p in payloads]
-        if payloads:
-            self.send(b"".join(encode_frame(OP_TEXT, p) for p in payloads))
-
-    def close(self, code, reason=""):
-        """Start the close handshake (once); the reader ends it."""
-        with self._send_lock:
-            if self._closing is not None or self._ended:
-                return
-            self._closing = time.monotonic()
-            try:
-                self.sock.sendall(close_frame(code, reason))
-            except OSError:
-                pass
-
-    def end(self):
-        """Shut the socket: the reader sees its end, a relay in flight its client gone."""
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _pending_bytes(self):
-        """What the client sent after its handshake and the handler had already buffered:
-        with the read deadline passed, the buffered reader gives what it holds and reads
-        nothing from the socket (see RequestReader)."""
-        self.handler.reader.deadline = time.monotonic() - 1
-        try:
-            data = self.handler.rfile.peek(65536)
-            return self.handler.rfile.read(len(data))
-        except OSError:
+    def _skip_bom(self, chunk):
+        """chunk without the byte order mark the specification lets a stream start with (and
+        nothing while the first reads are too short to tell)."""
+        chunk = self._start + chunk
+        if len(chunk) < len(_UTF8_BOM) and _UTF8_BOM.startswith(chunk):
+            self._start = chunk
             return b""
-        finally:
-            self.handler.reader.deadline = None
-            self.sock.settimeout(WRITE_TIMEOUT)
+        self._start = None
+        return chunk[len(_UTF8_BOM):] if chunk[:len(_UTF8_BOM)] == _UTF8_BOM else chunk
 
-    # -- the reader thread --------------------------------------------------------------------
+    def _feed_frames(self, buf):
+        frames = buf.split(b"\n\n")
+        rest = frames.pop()  # an unfinished event, or b""
+        self._pending = [rest] if rest else []
+        events = []
+        names = self._names
+        for frame in frames:
+            lines = frame.split(b"\n")
+            if len(lines) == 2 and lines[0][:6] == b"event:" and lines[1][:5] == b"data:":
+                # The backend's every frame: `event: X` then one `data:` line.
+                name = names.get(lines[0])
+                if name is None:
+                    value = lines[0][6:]
+                    name = (value[1:] if value[:1] == b" " else value).decode("utf-8", "replace")
+                    if len(names) < 256:
+                        names[lines[0]] = name
+                events.append(SSEEvent(name, lines[1], self._id, None, frame + b"\n\n"))
+                continue
+            for line in lines:
+                if line:
+                    self._line(line)
+            if self._fields:  # blank lines between events are not relayed
+                events.append(self._dispatch(frame.lstrip(b"\n") + b"\n\n"))
+        return events
 
-    def _read(self):
-        tick = min(0.5, WS_PING_INTERVAL / 2.0, WS_CLIENT_IDLE_SECONDS / 2.0)
-        try:
-            data = self._pending_bytes()
-            next_tick = time.monotonic() + tick
-            while not self._ended:
-                if data and self._take(self.reader.feed(data)):
-                    return
-                data = b""
-                if time.monotonic() >= next_tick:  # also while the client keeps sending
-                    next_tick = time.monotonic() + tick
-                    if self._tick():
-                        return
-                if not readable_sockets([self.sock], tick):
-                    continue
-                data = self.sock.recv(65536)
-                if not data:
-                    return
-        except WebSocketError as e:
-            self.close(e.code, e.reason)  # a protocol error fails the connection at once
-        except (OSError, ValueError):
-            pass
-        finally:
-            self.end()
+    def _feed_lines(self, buf):
+        events = []
+        n = len(buf)
+        pos = 0
+        frame_start = 0
+        has_cr = b"\r" in buf
+        while pos < n:
+            lf = buf.find(b"\n", pos)
+            if has_cr:
+                cr = buf.find(b"\r", pos)
+                if cr >= 0 and (lf < 0 or cr < lf):
+                    if cr + 1 < n:
+                        lf, end = cr, (cr + 2 if buf[cr + 1] == 10 else cr + 1)
+                    else:
+                        lf, end = cr, cr + 1
+                        self._skip_lf = True
+                else:
+                    end = lf + 1
+            else:
+                end = lf + 1
+            if lf < 0:
+                break
+            line = buf[pos:lf]
+            pos = end
+            if not line:
+                if self._fields:
+                    raw = buf[frame_start:end]
+                    if self._frame:
+                        raw = b"".join(self._frame) + raw
+                        self._frame = []
+                    events.append(self._dispatch(raw))
+                frame_start = end  # blank lines between events are not relayed
+                continue
+            self._line(line)
+        if self._fields and frame_start < pos:
+            self._frame.append(buf[frame_start:pos])
+        self._pending = [buf[pos:]] if pos < n else []
+        return events
 
-    def _take(self, messages):
-        """Act on the client's messages; True once it closed."""
-        for opcode, payload in messages:
-            if opcode == OP_TEXT:
-                with self._cond:
-                    # while nothing is in flight, the first queued is about to be: not waiting
-                    if len(self._queue) >= WS_MAX_QUEUED + (0 if self._busy else 1):
-                        raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d requests "
-                                             "waiting; wait for answers" % WS_MAX_QUEUED)
-                    self._check_waiting_bytes(len(payload))
-                    self._queue.append(payload)
-                    self._queued_bytes += len(payload)
-                    self._cond.notify_all()
-            elif opcode == OP_PING:
-                try:
-                    self.send(encode_frame(OP_PONG, payload))
-                except ClientGone:
-                    pass
-            elif opcode == OP_CLOSE:
-                code = parse_close_payload(payload)[0]
-                self.close(code)  # the answer: the client's own code (none if it sent none)
-                return True
-        return False
-
-    def _check_waiting_bytes(self, size):
-        """The requests waiting on a socket hold at most --max-body-bytes together (the one
-        about to be answered aside): what one socket makes the proxy hold is bounded by the
-        flag, not by 16 times it."""
-        waiting = self._queued_bytes - (len(self._queue[0]) if self._queue and not self._busy
-                                        else 0)
-        limit = self.app.config.max_body_bytes
-        if waiting + size > limit and (waiting or self._queue):
-            raise WebSocketError(CLOSE_POLICY_VIOLATION, "more than %d bytes of requests "
-                                 "waiting (--max-body-bytes); wait for answers" % limit)
-
-    def _tick(self):
-        """Between the client's frames: keep-alive, idle and shutdown; True to end."""
-        now = time.monotonic()
-        if self._closing is not None:
-            return now - self._closing >= WS_CLOSE_WAIT
-        with self._cond:
-            idle = not self._queue and not self._busy
-        if idle and self.app.stopping:
-            self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
-        elif idle and now - self._last_request >= WS_CLIENT_IDLE_SECONDS:
-            self.close(CLOSE_NORMAL, "idle for %d s" % WS_CLIENT_IDLE_SECONDS)
-        elif now - self._last_sent >= WS_PING_INTERVAL:
-            try:
-                self.send(encode_frame(OP_PING))
-            except ClientGone:
-                return True
-        return False
-
-    # -- this thread: the requests ------------------------------------------------------------
-
-    def run(self):
-        reader = threading.Thread(target=self._read, name="websocket-reader", daemon=True)
-        self.app.traffic.count_websocket("connections_open", 1)
-        try:
-            reader.start()
-            while True:
-                with self._cond:
-                    while not self._queue and not self._ended and self._closing is None:
-                        self._cond.wait()
-                    if self._ended or self._closing is not None:
-                        break
-                    raw = self._queue.popleft()
-                    self._queued_bytes -= len(raw)
-                    self._busy = True
-                try:
-                    self.answer(raw)
-                finally:
-                    with self._cond:
-                        self._busy = False
-                        self._last_request = time.monotonic()
-                if self.app.stopping:
-                    self.close(CLOSE_GOING_AWAY, "the proxy is shutting down")
-        finally:
-            if reader.ident is not None:  # started
-                reader.join(WS_CLOSE_WAIT + 5)
-            self.end()
-            self.conversation.close()
-            self.app.traffic.count_websocket("connections_open", -1)
-
-    def answer(self, raw):
-        """One client message answered by the app, or an error event."""
-        exchange = WebSocketRequest(self, raw)
-        started = time.monotonic()
-        try:
-            self.conversation.answer(exchange)
-        except ProxyError as e:
-            exchange.send_error(e)
-        except ClientGone:
-            exchange.log_fields["note"] = "client disconnected; upstream closed"
-            self.end()
-        except Exception as e:  # a bug costs this socket, not the server
-            self.app.log.internal_error("a WebSocket request", e)
-            exchange.status = 500
-            exchange.log_fields["error"] = "internal_error"
-            self.close(CLOSE_INTERNAL_ERROR, "internal proxy error; see the proxy's log")
-        self.answered += 1
-        self.app.traffic.count_websocket("responses", 1)
-        self.log_line(exchange, started)
-
-    def log_line(self, exchange, started):
-        log = self.app.log
-        f = exchange.log_fields
-        seconds = time.monotonic() - started
-        self.app.record_request("WS", self.path, self.handler.lower_headers.get("user-agent"),
-                                f, exchange.status, seconds)
-        parts = ["WS", self.path]
-        if f.get("model"):
-            parts.append("model=%s" % f["model"])
-        parts.append("status=%s" % log.status_code(exchange.status))
-        parts.append("%.3fs" % seconds)
-        if "in" in f or "out" in f:
-            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
-        parts.append("websocket")
-        for key in ("error", "note"):
-            if f.get(key):
-                parts.append("%s=%s" % (key, f[key]))
-        log.info(" ".join(parts))
-
-
-# --------------------------------------------------------------------------------------------
-# The server: sockets accepted, a thread per connection, within the connection cap
-# --------------------------------------------------------------------------------------------
-
-OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-ACCEPT_RETRY_PAUSE = 0.1
-REFUSED_LINGER = 1.0  # a refused connection's request arrives meanwhile, and is read
-MAX_REFUSED_LINGERING = 64  # descriptors they may hold at once
-
-def close_refused(sock):
-    """Read what the client sent (unread, it would make close() send a reset), and close."""
-    try:
-        while sock.recv(65536):
-            pass
-    except OSError:
-        pass
-    sock.close()
-
-
-def connection_limit_answer(limit):
-    """The whole 503 a connection past --max-connections gets, bytes ready to send."""
-    body = json.dumps(ProxyError(
-        503, "The proxy has its limit of %d connections open (--max-connections); retry in a "
-        "moment, or close idle connections." % limit, code="too_many_connections").body())
-    return ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nContent-Type: application/json"
-            "\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
-            % (ProxyHandler.server_version, len(body), body)).encode()
-
-
-class ProxyServer(http.server.ThreadingHTTPServer):
-    """Serves sockets, a thread per connection; everything else is the App's."""
-
-    daemon_threads = True
-    request_queue_size = 1024  # a burst of clients connecting at once must not be refused
-    allow_reuse_address = True
-
-    def __init__(self, config, log=None):
-        self.app = App(config, log or Log(debug=config.debug))
-        self.app.on_shutdown = self.shutdown
-        self.descriptors_short = False
-        self.at_connection_limit = False
-        self.refused = collections.deque()  # (when to close, socket) of refused connections
-        self.connection_limit_answer = connection_limit_answer(config.max_connections)
-        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        try:
-            super().__init__((config.host, config.port), ProxyHandler)
-        except BaseException:
-            self.app.close()
-            raise
-
-    @property
-    def url(self):
-        host, port = self.server_address[:2]
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-    def get_request(self):
-        try:
-            pair = super().get_request()
-        except OSError as e:
-            if e.errno in OUT_OF_DESCRIPTORS:
-                self.out_of_descriptors(e)
-            raise  # the base class then returns, and serve_forever polls again
-        self.descriptors_short = False
-        return pair
-
-    def out_of_descriptors(self, error):
-        """accept() failing for want of a descriptor leaves the connection queued, so the
-        listening socket stays readable: without a pause serve_forever would spin at full
-        CPU. Pause, until a connection closes and frees one."""
-        if not self.descriptors_short:
-            self.descriptors_short = True
-            self.app.log.info("cannot accept connections: %s; new ones wait until others close "
-                              "(raise the limit with `ulimit -n`, or lower --max-connections)"
-                              % (os.strerror(error.errno)))
-        time.sleep(ACCEPT_RETRY_PAUSE)
-
-    def process_request(self, request, client_address):
-        if not self.app.traffic.connection_opened():
-            self.refuse_connection(request)
+    def _line(self, line):
+        self._fields = True
+        if line[:1] == b":":
             return
-        self.at_connection_limit = False
-        try:
-            super().process_request(request, client_address)  # starts its thread
-        except BaseException:
-            self.app.traffic.connection_closed()
-            raise
+        name, colon, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id" and b"\0" not in value:  # ignored, as the specification says
+            self._id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            self._retry = int(value)
 
-    def process_request_thread(self, request, client_address):
+    def _dispatch(self, raw):
+        data = b"\n".join(self._data).decode("utf-8", "replace") if self._data else None
+        event = SSEEvent(self._event, data, self._id, self._retry, raw)
+        self._fields = False
+        self._event = self._retry = None
+        self._data = []
+        return event  # `id` persists across events, as in the specification
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+# --------------------------------------------------------------------------------------------
+# Codecs: request bodies' content codings and JSON, strict, bytes kept where unchanged
+# --------------------------------------------------------------------------------------------
+
+def _inflate(raw, wbits, limit):
+    """zlib, raw deflate or gzip (wbits 15, -15, 31) data, inflated to at most limit bytes
+    (None: no limit), so that a small compressed body cannot expand to gigabytes.
+
+    Linear in len(raw) however many gzip members it holds: each member's decompressor gets
+    the input in windows that start small and double, because at a member's end zlib copies
+    whatever input it was given beyond that end (unused_data). Fed the whole remaining body,
+    a body of 20-byte members costs quadratic time (1 MB: over a second; 32 MB: minutes)."""
+    view = memoryview(raw)
+    pieces, size, pos = [], 0, 0
+    while True:
+        d = zlib.decompressobj(wbits)
+        window = _INFLATE_FIRST_WINDOW
+        while not d.eof and pos < len(view):
+            chunk = view[pos:pos + window]
+            piece = d.decompress(chunk, 0 if limit is None else limit + 1 - size)
+            pieces.append(piece)
+            size += len(piece)
+            if limit is not None and size > limit:
+                raise ProxyError(413, "The request body is over the limit of %d bytes once "
+                                 "decompressed." % limit, code="request_too_large")
+            pos += len(chunk) - len(d.unused_data)  # all of it, unless the member ended
+            window = min(window * 2, _INFLATE_MAX_WINDOW)
+        if not d.eof:
+            raise ValueError("the compressed data ends early")
+        if wbits != 31 or pos >= len(view):  # a gzip body may hold several members
+            return b"".join(pieces)
+
+
+_INFLATE_FIRST_WINDOW = 64  # about three of the smallest gzip members
+_INFLATE_MAX_WINDOW = 1 << 20
+
+
+def decode_request_body(raw, content_encoding, limit=None):
+    """Undo Content-Encoding; the backend takes plain JSON from us. The decoded body is held
+    to limit bytes too."""
+    encoding = (content_encoding or "identity").strip().lower()
+    try:
+        if encoding in ("", "identity"):
+            return raw
+        if encoding in ("gzip", "x-gzip"):
+            return _inflate(raw, 16 + zlib.MAX_WBITS, limit)
+        if encoding == "deflate":
+            try:
+                return _inflate(raw, zlib.MAX_WBITS, limit)
+            except zlib.error:
+                return _inflate(raw, -zlib.MAX_WBITS, limit)  # raw deflate, as some clients send
+        if encoding == "zstd":
+            if zstd is None:
+                raise ProxyError(415, "This Python (%d.%d) cannot decode zstd request bodies "
+                                 "(that needs 3.14+). Send the body uncompressed, or with gzip."
+                                 % sys.version_info[:2], code="unsupported_content_encoding")
+            decompressor = zstd.ZstdDecompressor()
+            out = decompressor.decompress(raw, -1 if limit is None else limit + 1)
+            if limit is not None and len(out) > limit:
+                raise ProxyError(413, "The request body is over the limit of %d bytes once "
+                                 "decompressed." % limit, code="request_too_large")
+            if not decompressor.eof:
+                raise ValueError("the compressed data ends early")
+            return out
+    except (OSError, EOFError, zlib.error, ValueError) + _ZSTD_ERRORS as e:
+        raise ProxyError(400, "The request body is not valid %s data: %s" % (encoding, e),
+                         code="invalid_body")
+    raise ProxyError(415, "Unsupported Content-Encoding %r; use gzip, deflate or none."
+                     % encoding, code="unsupported_content_encoding")
+
+
+class _NotJSON(ValueError):
+    """A value Python's json module takes but JSON has no place for."""
+
+
+def _no_constant(name):
+    raise _NotJSON("%s, which is not a JSON number" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise _NotJSON("%s, beyond the range of a JSON number (a double)" % text)
+    return value
+
+
+_INF = float("inf")
+# Python's json takes NaN, Infinity, -Infinity and 1e999 (inf); none is JSON, and sent on
+# they would reach the backend as bare NaN/Infinity tokens.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# Deeper nesting is refused with a 400: Python's json parses up to ~1000 levels but cannot
+# encode them again. 128 is far beyond what requests hold (tool schemas nest a dozen or so).
+MAX_JSON_DEPTH = 128
+_CONTAINERS = (dict, list)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _too_deep(value):
+    """Whether value, standing in a top-level field, nests past MAX_JSON_DEPTH (the body
+    itself is level 1). Level by level, not recursively: a deep value costs no stack."""
+    level = [value] if type(value) in _CONTAINERS else []
+    for _ in range(MAX_JSON_DEPTH - 1):
+        if not level:
+            return False
+        level = [child for container in level
+                 for child in (container.values() if type(container) is dict else container)
+                 if type(child) in _CONTAINERS]
+    return bool(level)
+
+
+def _has_lone_surrogate(value):
+    """Whether a str in value (keys too) holds half of a surrogate pair: the parser makes one
+    of a "\\ud800" escape that no low half follows. It cannot be encoded as UTF-8: not text.
+    Level by level, one regex search per level, as this runs on every body with an emoji."""
+    level = [value]
+    while level:
+        if _SURROGATE.search("".join([v for v in level if type(v) is str])):
+            return True
+        nested = []
+        for v in level:
+            kind = type(v)
+            if kind is dict:
+                nested += v
+                nested += v.values()
+            elif kind is list:
+                nested += v
+        level = nested
+    return False
+
+
+def _check_json_values(body, text):
+    """400 for what parses but must not go on: nesting past MAX_JSON_DEPTH, lone surrogates.
+    Both checks are skipped when the text shows they cannot apply, as it does for most bodies."""
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if not (deep or surrogates):
+        return
+    for key, value in body.items():
+        param = None if surrogates and _SURROGATE.search(key) else key
+        if deep and _too_deep(value):
+            raise _too_deep_error(param)
+        if surrogates and (param is None or _has_lone_surrogate(value)):
+            raise ProxyError(400, "The request body is not valid JSON: %s holds a lone UTF-16 "
+                             "surrogate escape (like \\ud800 without its pair), which is not "
+                             "text. Send the character itself, or its full surrogate pair."
+                             % ("`%s`" % key if param else "a field name"), param=param,
+                             code="invalid_json")
+
+
+def _too_deep_error(param):
+    return ProxyError(400, "The request body nests arrays and objects more than %d levels deep%s, "
+                      "the most this proxy accepts. Flatten the structure, or send deep data "
+                      "as a string." % (MAX_JSON_DEPTH, " (in `%s`)" % param if param else ""),
+                      param=param, code="invalid_json")
+
+
+def parse_json_object(raw):
+    """The request body -> (dict, source, spans): spans[key] is where that top-level value
+    stands in source, so encode_json_object() can send an unchanged value (a long `input`) on
+    as the client's own bytes instead of encoding it again, which costs ~10 ms per 2 MB."""
+    try:
+        if raw[:3] == _UTF8_BOM:
+            raw = raw[3:]  # offsets in text must be offsets in raw (see the return below)
+        text = raw.decode("utf-8")
+        pos = _JSON_SPACE.match(text).end()
+        if text[pos:pos + 1] != "{":
+            value = json.loads(text)  # valid but not an object, or invalid: say which below
+            raise TypeError(type(value).__name__)
+        body, spans = {}, {}
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+        if text[pos:pos + 1] == "}":
+            pos += 1
+        else:
+            while True:
+                if text[pos:pos + 1] != '"':
+                    raise json.JSONDecodeError("Expecting property name", text, pos)
+                key, pos = _JSON_DECODER.raw_decode(text, pos)
+                pos = _JSON_SPACE.match(text, pos).end()
+                if text[pos:pos + 1] != ":":
+                    raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+                start = _JSON_SPACE.match(text, pos + 1).end()
+                try:
+                    body[key], pos = _JSON_DECODER.raw_decode(text, start)
+                except _NotJSON as e:
+                    raise ProxyError(400, "The request body is not valid JSON: `%s` holds %s. "
+                                     "Send a finite number (or null)." % (key, e), param=key,
+                                     code="invalid_json")
+                except RecursionError:
+                    raise _too_deep_error(key)
+                spans[key] = (start, pos)
+                pos = _JSON_SPACE.match(text, pos).end()
+                if text[pos:pos + 1] == ",":
+                    pos = _JSON_SPACE.match(text, pos + 1).end()
+                elif text[pos:pos + 1] == "}":
+                    pos += 1
+                    break
+                else:
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        if _JSON_SPACE.match(text, pos).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, pos)
+    except RecursionError:
+        raise _too_deep_error(None)
+    except TypeError:
+        raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
+    except UnicodeDecodeError:
+        raise ProxyError(400, "The request body is not valid UTF-8.", code="invalid_json")
+    except ValueError as e:
+        raise ProxyError(400, "The request body is not valid JSON (%s)." % e, code="invalid_json")
+    _check_json_values(body, text)
+    # ASCII (what most SDKs send): offsets in text are offsets in raw, whose bytes can then be
+    # copied as they are, without encoding 2 MB of str again.
+    return body, (raw if text.isascii() else text), spans
+
+
+def unchanged_span(key, value, original, spans):
+    """Where value stands in the client's source, if it is still the very object
+    parse_json_object() found at original[key]; else None."""
+    span = spans.get(key) if spans else None
+    if span is not None and isinstance(value, (list, dict)) and original.get(key) is value:
+        return span
+    return None
+
+
+def encode_json_object(body, original=None, source=None, spans=None):
+    """body as compact JSON bytes; values that are still the very objects parse_json_object()
+    found in `original` are copied from the client's `source`, in a single copy."""
+    if not spans or len(source) < 65536:  # splicing pays for large bodies only
+        return json.dumps(body, separators=(",", ":")).encode()
+    as_bytes = isinstance(source, bytes)
+    view = memoryview(source) if as_bytes else source
+    pieces = [b"{" if as_bytes else "{"]
+    for key, value in body.items():
+        head = ("," if len(pieces) > 1 else "") + json.dumps(key) + ":"
+        span = unchanged_span(key, value, original, spans)
+        if span is not None:
+            piece = view[span[0]:span[1]]
+        else:
+            piece = json.dumps(value, separators=(",", ":"))
+            head += piece
+            piece = None
+        pieces.append(head.encode() if as_bytes else head)
+        if piece is not None:
+            pieces.append(piece)
+    pieces.append(b"}" if as_bytes else "}")
+    if as_bytes:
+        return b"".join(pieces)
+    return "".join(pieces).encode("utf-8", "surrogatepass")
+
+
+# --------------------------------------------------------------------------------------------
+# Codecs: HTTP/1.1 chunked bodies, decoded over whole reads (pure)
+# --------------------------------------------------------------------------------------------
+
+class ChunkedDecoder:
+    """Incremental HTTP/1.1 chunked-body decoding over whole socket reads. http.client's own
+    read1() yields one chunk per call, and the backend sends one chunk per event: decoding
+    here lets one read carry every event that has arrived, and one client write relay them."""
+
+    def __init__(self):
+        self._buf = b""
+        self._left = 0            # data bytes still to come in the current chunk
+        self._after_data = False  # the CRLF that ends a chunk's data is due
+        self._trailer = False     # the last chunk was seen; trailer lines until a blank one
+        self.done = False
+
+    def feed(self, data):
+        if self._left or self._after_data or self._trailer:
+            return self._feed_slow(data)
+        buf = self._buf + data if self._buf else data
+        decoded = self._feed_whole_chunks(buf)
+        return self._feed_slow(buf, fresh=True) if decoded is None else decoded
+
+    def _feed_whole_chunks(self, buf):
+        """The usual case in C loops: chunks whose data holds no CRLF (the backend's events
+        are LF-framed JSON), so splitting at CRLF gives size, data, size, data... Each size is
+        checked against its data; None when anything else is there (a CRLF inside data, chunk
+        extensions, the last chunk): the careful path then decodes the same bytes."""
+        parts = buf.split(b"\r\n")
+        rest = parts.pop()
+        if len(parts) % 2:  # a size line whose data has not arrived yet
+            rest = parts.pop() + b"\r\n" + rest
+        if len(rest) > 65536:
+            return None  # a large chunk still arriving: the careful path holds it without copies
+        sizes, datas = parts[0::2], parts[1::2]
         try:
-            super().process_request_thread(request, client_address)
+            if list(map(int, sizes, _SIXTEENS)) != list(map(len, datas)) or not all(datas):
+                return None
+        except ValueError:
+            return None
+        self._buf = rest
+        return b"".join(datas)
+
+    def _feed_slow(self, data, fresh=False):
+        buf = data if fresh or not self._buf else self._buf + data
+        out = []
+        pos, n = 0, len(buf)
+        while pos < n and not self.done:
+            if self._left:
+                take = min(self._left, n - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._left -= take
+                self._after_data = not self._left
+                continue
+            eol = buf.find(b"\n", pos)
+            if eol < 0:
+                if n - pos > 4096:
+                    raise ValueError("chunk header too long")
+                break
+            line = buf[pos:eol]
+            pos = eol + 1
+            if self._after_data:
+                if line.strip():
+                    raise ValueError("chunk data longer than announced")
+                self._after_data = False
+            elif self._trailer:
+                self.done = not line.strip()
+            else:
+                if b";" in line:
+                    line = line.split(b";", 1)[0]  # chunk extensions mean nothing to us
+                size = int(line, 16)  # tolerates the CR; ValueError on garbage
+                if size < 0:
+                    raise ValueError("negative chunk size")
+                end = pos + size
+                if size and buf[end:end + 2] == b"\r\n":  # the whole chunk is here: usual
+                    out.append(buf[pos:end])
+                    pos = end + 2
+                    continue
+                self._left = size
+                self._trailer = size == 0
+        self._buf = buf[pos:]
+        return b"".join(out)
+
+
+# Chunk sizes are read by int(size, 16) in map(), keeping the per-chunk work in C. int() is
+# lenient ("0x1f", " 1f"), but each size must also equal its data's length, so a lenient
+# spelling cannot shift the framing.
+_SIXTEENS = itertools.repeat(16)
+
+
+# --------------------------------------------------------------------------------------------
+# Codecs: WebSocket framing (RFC 6455, pure): the handshake's accept key, frames,
+# messages; and for the backend's socket, its frames read and the upgrade asked for
+# --------------------------------------------------------------------------------------------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
+CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1003, 1007, 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_POLICY_VIOLATION = 1008
+# Codes an endpoint may never put in a close frame (RFC 6455 section 7.4.1).
+_CLOSE_CODES_RESERVED = (1004, 1005, 1006, 1015)
+
+
+class WebSocketError(Exception):
+    """The client broke the protocol: the connection closes with this code."""
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def websocket_accept(headers):
+    """The Sec-WebSocket-Accept value for an upgrade request (headers lower-cased), or the
+    refusal RFC 6455 names: 426 with the version we speak, 400 without a valid key."""
+    version = (headers.get("sec-websocket-version") or "").strip()
+    if version != "13":
+        raise ProxyError(426, "This proxy speaks WebSocket version 13 (RFC 6455); the request "
+                         "asked for %r." % version, code="websocket_version_not_supported",
+                         headers=[("Sec-WebSocket-Version", "13")])
+    key = (headers.get("sec-websocket-key") or "").strip()
+    try:
+        valid = len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        valid = False
+    if not valid:
+        raise ProxyError(400, "A WebSocket handshake needs a Sec-WebSocket-Key header: 16 "
+                         "random bytes in base64.", code="invalid_websocket_handshake")
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
+
+
+def check_upgrade(version, headers):
+    """400 for an upgrade RFC 6455 4.2.1 does not allow: over HTTP/1.0, or without
+    `Connection: Upgrade` (headers lower-cased). A proxy in between that drops the
+    Connection header would otherwise get a 101 it cannot pass on."""
+    if version != "HTTP/1.1":
+        raise ProxyError(400, "A WebSocket upgrade needs HTTP/1.1 (this request is %s)."
+                         % version, code="invalid_websocket_handshake")
+    tokens = [t.strip().lower() for t in (headers.get("connection") or "").split(",")]
+    if "upgrade" not in tokens:
+        raise ProxyError(400, "A WebSocket upgrade needs the header `Connection: Upgrade`; "
+                         "if a proxy in between drops it, let it pass WebSocket upgrades.",
+                         code="invalid_websocket_handshake")
+
+
+def encode_frame(opcode, payload=b"", mask=False):
+    """One whole frame. A server's go unmasked; a client must mask what it sends."""
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((0x80 | opcode, bit | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, bit | 127)) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + mask_payload(payload, key)
+
+
+def close_frame(code=None, reason=""):
+    """A close frame; code None sends none (the answer to a close that had none)."""
+    if code is None:
+        return encode_frame(OP_CLOSE)
+    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
+
+
+def mask_payload(payload, mask):
+    """XOR with the 4-byte mask (masking and unmasking alike), as one big-integer operation:
+    C speed for megabytes."""
+    n = len(payload)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+MASK_PIECE = 1 << 20  # a multiple of 4: each piece starts at the same phase of the key
+
+
+def unmask_frame(buf, start, end):
+    """The payload buf[start:end] of a client's frame, unmasked with the 4 key bytes before
+    it. A large one is unmasked in place, a piece at a time, then copied out once: one copy
+    of a 30 MB payload where unmasking it whole would make five."""
+    key = bytes(buf[start - 4:start])
+    if end - start <= MASK_PIECE:
+        return mask_payload(bytes(buf[start:end]), key)
+    with memoryview(buf) as view:
+        for pos in range(start, end, MASK_PIECE):
+            stop = min(pos + MASK_PIECE, end)
+            view[pos:stop] = mask_payload(bytes(view[pos:stop]), key)
+        return bytes(view[start:end])
+
+
+def parse_close_payload(payload):
+    """A close frame's (code or None, reason); WebSocketError for a malformed one."""
+    if not payload:
+        return None, ""
+    if len(payload) == 1:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a close frame's code takes two bytes")
+    code = int.from_bytes(payload[:2], "big")
+    if code < 1000 or code >= 5000 or code in _CLOSE_CODES_RESERVED or 1016 <= code < 3000:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close code %d is not allowed" % code)
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_INVALID_DATA, "the close reason is not UTF-8")
+
+
+def frame_header(buf, pos=0):
+    """(first byte, masked, payload length, header length with the mask key) of the frame at
+    buf[pos:]; None while its header is not whole."""
+    have = len(buf) - pos
+    if have < 2:
+        return None
+    first, second = buf[pos], buf[pos + 1]
+    length, size = second & 0x7F, 2
+    if length >= 126:
+        size = 4 if length == 126 else 10
+        if have < size:
+            return None
+        length = int.from_bytes(buf[pos + 2:pos + size], "big")
+    masked = bool(second & 0x80)
+    return first, masked, length, size + (4 if masked else 0)
+
+
+UTF8_CHECK_PIECE = 1 << 20
+
+
+def check_utf8(data, error):
+    """Raise error unless data is UTF-8, decoding a piece at a time: checking a 30 MB message
+    must not cost a 30 MB (or, for non-ASCII text, up to 120 MB) str."""
+    if data.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), UTF8_CHECK_PIECE):
+            decoder.decode(view[start:start + UTF8_CHECK_PIECE])
+        decoder.decode(b"", True)
+    except UnicodeDecodeError:
+        raise error
+
+
+class MessageReader:
+    """A client's bytes -> its messages: feed() what arrives, get back (opcode, payload) for
+    each whole text message (fragments joined) and each control frame (ping, pong, close) as
+    it comes. The checks RFC 6455 asks of a server are made here; a violation raises
+    WebSocketError with the close code. max_message_bytes bounds a message before its bytes
+    are buffered, so an announced length alone is refused."""
+
+    def __init__(self, max_message_bytes):
+        self.max_message_bytes = max_message_bytes
+        self._buf = bytearray()
+        self._fragments = None  # the pieces of a text message in progress
+        self._size = 0
+
+    def feed(self, data):
+        self._buf += data
+        out = []
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return out
+            message = self._message(*frame)
+            if message is not None:
+                out.append(message)
+
+    def _next_frame(self):
+        """(fin, opcode, payload) of the first whole frame in the buffer, else None."""
+        buf = self._buf
+        head = frame_header(buf)
+        if head is None:
+            return None
+        first, masked, length, start = head
+        fin, opcode = first & 0x80, first & 0x0F
+        if first & 0x70:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was "
+                                 "agreed)")
+        if not masked:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+        if opcode == OP_BINARY:
+            raise WebSocketError(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send "
+                                 "each request as a text frame of JSON")
+        if opcode >= 0x8:
+            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+            if not fin or length > 125:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "control frames must be whole and "
+                                     "at most 125 bytes")
+        elif opcode not in (OP_CONTINUATION, OP_TEXT):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+        elif (opcode == OP_CONTINUATION) == (self._fragments is None):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message "
+                                 "to continue" if opcode == OP_CONTINUATION else
+                                 "a new message before the last one's final fragment")
+        if length >> 63:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
+        if opcode < 0x8 and self._size + length > self.max_message_bytes:
+            raise WebSocketError(CLOSE_TOO_BIG, "a message is limited to %d bytes (see the "
+                                 "handshake's x-codex-websocket-max-message-bytes)"
+                                 % self.max_message_bytes)
+        end = start + length
+        if len(buf) < end:
+            return None
+        payload = unmask_frame(buf, start, end)
+        del buf[:end]
+        return fin, opcode, payload
+
+    def _message(self, fin, opcode, payload):
+        if opcode >= 0x8:
+            return opcode, payload
+        if self._fragments is None:
+            self._fragments = []
+        self._fragments.append(payload)
+        self._size += len(payload)
+        if not fin:
+            return None
+        data = b"".join(self._fragments)
+        self._fragments, self._size = None, 0
+        check_utf8(data, WebSocketError(CLOSE_INVALID_DATA, "a text message must be UTF-8"))
+        return OP_TEXT, data
+
+
+# The client side, for the backend's socket: the server's frames read, the upgrade asked for.
+# The backend's events are small (the largest, response.completed, holds the output); a message
+# from it is capped at --max-body-bytes, and never below this.
+WS_MAX_MESSAGE = 16 * 1024 * 1024
+WS_MAX_HANDSHAKE = 65536
+
+
+class WebSocketReader:
+    """Frames from a socket, through one buffer: a read takes all that has arrived, so the
+    frames it holds are handed on together."""
+
+    def __init__(self, sock, data=b"", max_message=None):
+        self.sock = sock
+        self._buf = bytearray(data)
+        self._pos = 0
+        self.max_message = max(max_message or 0, WS_MAX_MESSAGE)  # in total, across fragments
+        self.inflater = None  # a MessageInflater once permessage-deflate is agreed
+        self._inflated = None  # bytes so far of the compressed message being read
+
+    def _receive(self):
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise EOFError("the WebSocket connection was closed")
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += chunk
+
+    def frame(self):
+        """(fin, opcode, payload) of the next frame, read from the socket as needed, its
+        payload inflated when its message is compressed. A set RSV bit is a protocol error
+        (ValueError) but RSV1 on a message's first frame once permessage-deflate is agreed."""
+        head = frame_header(self._buf, self._pos)
+        while head is None:
+            self._receive()
+            head = frame_header(self._buf, self._pos)
+        first, masked, n, size = head
+        if first & 0x70 and (first & 0x70 != RSV1 or self.inflater is None or
+                             first & 0x0F not in (OP_TEXT, OP_BINARY)):
+            raise ValueError("a WebSocket frame with RSV bits set" if self.inflater is None
+                             else "RSV1 on a WebSocket frame that cannot start a compressed "
+                             "message" if first & 0x70 == RSV1 else
+                             "a WebSocket frame with RSV2 or RSV3 set")
+        if n > self.max_message or (first & 0x08 and n > 125):
+            raise ValueError("a WebSocket frame of %d bytes" % n)
+        while len(self._buf) - self._pos < size + n:
+            self._receive()
+        start = self._pos + size
+        with memoryview(self._buf) as view:  # one copy of the payload, not two
+            payload = bytes(view[start:start + n])
+        if masked:
+            payload = mask_payload(payload, bytes(self._buf[start - 4:start]))
+        self._pos = start + n
+        if first & RSV1 or (self._inflated is not None and first & 0x0F == OP_CONTINUATION):
+            payload = self._inflate(payload, first & RSV1, first & 0x80)
+        return bool(first & 0x80), first & 0x0F, payload
+
+    def _inflate(self, payload, starts, last):
+        """A compressed message's frame inflated, the message's whole never past the cap."""
+        if starts:
+            self._inflated = 0
+        room = self.max_message - self._inflated
+        payload = self.inflater.inflate(payload, last, room)
+        if len(payload) > room:
+            raise ValueError("a WebSocket message of more than %d bytes once inflated"
+                             % self.max_message)
+        self._inflated = None if last else self._inflated + len(payload)
+        return payload
+
+    def frame_ready(self):
+        """A whole frame is buffered: reading it will not block."""
+        head = frame_header(self._buf, self._pos)
+        return head is not None and len(self._buf) - self._pos >= head[3] + head[2]
+
+    def message(self, pong, buffered_only=False):
+        """(opcode, payload) of the next data message, fragments joined, or (OP_CLOSE,
+        payload). Pings are answered through pong(payload) on the way. buffered_only: None
+        instead of waiting when no whole message is buffered (a lone ping, a first fragment)."""
+        parts, first, size = [], None, 0
+        while True:
+            if buffered_only and not parts and not self.frame_ready():
+                return None
+            fin, opcode, payload = self.frame()
+            if opcode == OP_PING:
+                pong(payload)
+                continue
+            if opcode == OP_PONG:
+                continue
+            if opcode == OP_CLOSE:
+                return OP_CLOSE, payload
+            if first is None:
+                if opcode == OP_CONTINUATION:
+                    raise ValueError("a WebSocket continuation frame with nothing to continue")
+                first = opcode
+            elif opcode != OP_CONTINUATION:  # RFC 6455 5.4: never joined to the one before
+                del parts[:]  # not held by the traceback
+                raise ValueError("a new WebSocket message inside a fragmented one")
+            size += len(payload)
+            if size > self.max_message:  # each fragment within the cap is not enough
+                del parts[:]
+                raise ValueError("a WebSocket message of more than %d bytes" % self.max_message)
+            parts.append(payload)
+            if fin:
+                data = payload if len(parts) == 1 else b"".join(parts)
+                if first == OP_TEXT:
+                    check_utf8(data, ValueError("a WebSocket text message that is not UTF-8"))
+                return first, data
+
+
+# permessage-deflate (RFC 7692) on the backend's socket: the Codex CLI offers it too (the plain
+# RFC offer here: the CLI's exact parameters are unknown), used only when the 101 accepts it. A turn's message repeats the tools and instructions
+# every time (the CLI does too), which deflate shrinks several times over.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what Z_SYNC_FLUSH ends with; never on the wire
+# The fastest level: on a real Claude Code turn (~50 KB) it costs ~0.6 ms and leaves ~20 KB;
+# level 6 saves 3 KB more for ~1.6 ms more.
+DEFLATE_LEVEL = 1
+RSV1 = 0x40  # in a frame's first byte: "this message is compressed"
+_EXTENSION_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_WINDOW_BITS_RE = re.compile(r"[1-9][0-9]?\Z")
+
+
+class DeflateTerms:
+    """What the server's answer to our offer agreed: whether each side restarts its
+    compression context with each message, and the window our compressor may use."""
+
+    def __init__(self, server_no_context_takeover=False, client_no_context_takeover=False,
+                 client_max_window_bits=15):
+        self.server_no_context_takeover = server_no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.client_max_window_bits = client_max_window_bits
+
+
+def _extension_params(element):
+    """(name, [(param, value or None)]) of one element of Sec-WebSocket-Extensions
+    (RFC 6455 9.1); ValueError when it breaks the grammar."""
+    pieces = [p.strip() for p in element.split(";")]
+    name, params = pieces[0], []
+    if not _EXTENSION_TOKEN_RE.match(name):
+        raise ValueError("a malformed extension %r" % element[:80])
+    for piece in pieces[1:]:
+        key, sep, value = (s.strip() for s in piece.partition("="))
+        if sep and len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if not _EXTENSION_TOKEN_RE.match(key) or (sep and not _EXTENSION_TOKEN_RE.match(value)):
+            raise ValueError("a malformed extension parameter %r" % piece[:80])
+        params.append((key, value if sep else None))
+    return name, params
+
+
+def deflate_terms(headers):
+    """The DeflateTerms a 101's headers agreed to, None when it declined (no
+    Sec-WebSocket-Extensions); ValueError for an answer RFC 7692 section 7 does not allow
+    to our offer: another extension, two answers, a parameter unknown, repeated, with a
+    value it must not have or without one it must have, window bits outside 8..15."""
+    values = [v for k, v in headers if k.lower() == "sec-websocket-extensions"]
+    elements = [e for e in ",".join(values).split(",") if e.strip()]
+    if not elements:
+        return None
+    if len(elements) > 1:
+        raise ValueError("the backend answered more than one WebSocket extension")
+    name, params = _extension_params(elements[0])
+    if name != "permessage-deflate":
+        raise ValueError("the backend agreed to the WebSocket extension %r, which was not "
+                         "offered" % name)
+    agreed = {}
+    for key, value in params:
+        if key in agreed:
+            raise ValueError("permessage-deflate's %s twice" % key)
+        if key in ("server_no_context_takeover", "client_no_context_takeover"):
+            if value is not None:
+                raise ValueError("permessage-deflate's %s with a value" % key)
+            agreed[key] = True
+        elif key in ("server_max_window_bits", "client_max_window_bits"):
+            if value is None or not _WINDOW_BITS_RE.match(value) or not 8 <= int(value) <= 15:
+                raise ValueError("permessage-deflate's %s must be 8 to 15" % key)
+            agreed[key] = int(value)
+        else:
+            raise ValueError("permessage-deflate with an unknown parameter %r" % key)
+    agreed.pop("server_max_window_bits", None)  # inflating with a 15-bit window reads any
+    return DeflateTerms(**agreed)
+
+
+class MessageDeflater:
+    """Our messages compressed (RFC 7692 7.2.1): raw deflate, flushed at the message's end
+    with the flush's 4-byte tail left off; the context carried from message to message
+    unless the server asked for a fresh one each time."""
+
+    def __init__(self, window_bits=15, no_context_takeover=False):
+        self.window_bits = window_bits
+        self.no_context_takeover = no_context_takeover
+        self._compressor = None
+
+    def compress(self, payload):
+        compressor = self._compressor or zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED,
+                                                          -self.window_bits)
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        self._compressor = None if self.no_context_takeover else compressor
+        return data[:-4] if data.endswith(DEFLATE_TAIL) else data
+
+
+class MessageInflater:
+    """The server's compressed messages inflated, a frame at a time, never past a budget:
+    a few kilobytes that inflate to gigabytes are refused at the budget, not allocated."""
+
+    def __init__(self, no_context_takeover=False):
+        self.no_context_takeover = no_context_takeover
+        self._inflater = zlib.decompressobj(-15)
+
+    def inflate(self, data, last, room):
+        """data (one frame's payload) inflated, at most room + 1 bytes of it: more than room
+        says the message goes past its cap. last: the message ends with this frame.
+        ValueError for data that is not deflate."""
+        inflater = self._inflater
+        try:
+            out = inflater.decompress(data, room + 1)
+            if last and len(out) <= room and not inflater.eof:
+                out += inflater.decompress(DEFLATE_TAIL, room + 1 - len(out))
+        except zlib.error as e:
+            raise ValueError("a compressed WebSocket message that does not inflate (%s)" % e)
+        if last and (self.no_context_takeover or inflater.eof):
+            self._inflater = zlib.decompressobj(-15)  # a final block ends the context too
+        return out
+
+
+class ErrorFrame(Exception):
+    """The backend answered a turn with an error frame before any event."""
+
+    def __init__(self, event):
+        super().__init__("an error frame")
+        self.event = event
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with something else than 101."""
+
+    def __init__(self, status, headers):
+        super().__init__("HTTP %d" % status)
+        self.status = status
+        self.headers = headers
+
+
+def client_handshake(sock, url, headers):
+    """Upgrade a connected socket to a WebSocket at url, offering permessage-deflate:
+    (response headers, bytes already read past them). HandshakeRefused for an answer other
+    than 101, ValueError for a 101 that is not a WebSocket's or answers the offer wrongly,
+    OSError / EOFError when the connection fails."""
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    key = base64.b64encode(os.urandom(16))
+    lines = [b"GET %s HTTP/1.1" % target.encode("ascii"), b"Host: " + parts.netloc.encode("idna"),
+             b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key,
+             b"Sec-WebSocket-Version: 13",
+             b"Sec-WebSocket-Extensions: " + DEFLATE_OFFER.encode("ascii")]
+    for name, value in headers:
+        value = value.encode("latin-1") if isinstance(value, str) else value
+        if b"\r" in value or b"\n" in value:
+            raise ValueError("a header value with a line break")  # never quote it: a secret
+        lines.append(name.encode("latin-1") + b": " + value)
+    sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > WS_MAX_HANDSHAKE:
+            raise ValueError("an endless handshake answer")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("the connection closed during the WebSocket handshake")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    status_line, _, header_block = head.partition(b"\r\n")
+    try:
+        status = int(status_line.split()[1])
+    except (IndexError, ValueError):
+        raise ValueError("not an HTTP answer: %r" % status_line[:80])
+    answer = []
+    for line in header_block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            answer.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
+    names = {k.lower(): v for k, v in answer}
+    if status != 101:
+        raise HandshakeRefused(status, answer)  # its body says nothing a fallback needs
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+    if names.get("upgrade", "").lower() != "websocket" or \
+            names.get("sec-websocket-accept") != accept:
+        raise ValueError("a 101 answer that is not a WebSocket upgrade")
+    deflate_terms(answer)  # RFC 6455 4.1: an answer we cannot honour fails the connection
+    return answer, rest
+
+
+# --------------------------------------------------------------------------------------------
+# Commands: logging in and out, the Codex CLI's device-code and browser flows
+# (docs/backend.md §11)
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_ISSUER = "https://auth.openai.com"
+REVOKE_URL_ENV = "CODEX_REVOKE_TOKEN_URL_OVERRIDE"  # honoured by the Codex CLI too
+LOGIN_CALLBACK_PORTS = (1455, 1457)  # the only two the issuer accepts in a redirect_uri
+LOGIN_WAIT = 15 * 60           # a device code's lifetime; the browser flow waits as long
+LOGIN_TIMEOUT = 30.0           # one request to the issuer
+REVOKE_TIMEOUT = 5.0           # logout does not hang on an unreachable issuer
+DEFAULT_POLL_INTERVAL = 5.0
+LOGIN_LOCK_WAIT = REFRESH_TIMEOUT + 5  # a refresh in progress may hold auth.lock this long
+OAUTH_SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
+
+
+class LoginFailed(Exception):
+    """Why logging in or out failed, as the one line the user sees."""
+
+
+def issuer_arg(text):
+    url = text.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment:
+        raise argparse.ArgumentTypeError("expected an issuer URL such as %s, got %r"
+                                         % (DEFAULT_ISSUER, text))
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise argparse.ArgumentTypeError("tokens would travel unencrypted to %s: use https:// "
+                                         "(plain http only to this machine)" % parts.hostname)
+    return url
+
+
+def revoke_url(issuer=None):
+    """Where logout revokes: next to --issuer's token endpoint, else as the Codex CLI chooses
+    (its override, else next to an overridden refresh URL, else auth.openai.com)."""
+    if issuer:
+        return issuer + "/oauth/revoke"
+    override = os.environ.get(REVOKE_URL_ENV)
+    if override:
+        return override
+    parts = urllib.parse.urlsplit(os.environ.get(REFRESH_URL_ENV) or "")
+    if parts.scheme and parts.netloc:
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/oauth/revoke", "", ""))
+    return DEFAULT_ISSUER + "/oauth/revoke"
+
+
+def issuer_post(url, fields, form=False, timeout=LOGIN_TIMEOUT):
+    """One POST to the issuer as the Codex CLI makes it (JSON, or a form for the code exchange;
+    no User-Agent) -> (status, the answer's JSON or None)."""
+    import urllib.error
+    import urllib.request
+
+    if form:
+        data, ctype = urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
+    else:
+        data, ctype = json.dumps(fields).encode(), "application/json"
+    opener = urllib.request.build_opener()
+    opener.addheaders = []  # not "Python-urllib/3.x": the CLI's login requests carry none
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype})
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        status = e.code
+        try:
+            raw = e.read(65536)
+        except (OSError, http.client.HTTPException):
+            raw = b""
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        parts = urllib.parse.urlsplit(url)
+        raise LoginFailed("cannot reach the issuer at %s://%s (%s)" % (
+            parts.scheme, parts.netloc, getattr(e, "reason", None) or e))
+    try:
+        return status, json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return status, None
+
+
+def issuer_error(status, answer):
+    """'HTTP 400 (invalid_grant: the code has expired)' from an OAuth error answer."""
+    err = answer.get("error") if isinstance(answer, dict) else None
+    message = (answer.get("error_description") if isinstance(answer, dict) else None) or (
+        err.get("message") if isinstance(err, dict) else None)
+    detail = [escape_controls(x)[:200] for x in (_error_code(answer), message)
+              if isinstance(x, str) and x]
+    return "HTTP %d%s" % (status, " (%s)" % ": ".join(detail) if detail else "")
+
+
+def _error_code(answer):
+    """The code of an OAuth error answer: {"error": "code"} or {"error": {"code": ...}}."""
+    err = answer.get("error") if isinstance(answer, dict) else None
+    code = err.get("code") if isinstance(err, dict) else err
+    return code if isinstance(code, str) else ""
+
+
+def poll_interval(value):
+    """Seconds between polls. 0.171 insists on a JSON string ("5"); a number is taken too."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return DEFAULT_POLL_INTERVAL
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= 600:
+        return DEFAULT_POLL_INTERVAL
+    return float(value)
+
+
+def request_device_code(issuer):
+    status, answer = issuer_post(issuer + "/api/accounts/deviceauth/usercode",
+                                 {"client_id": OAUTH_CLIENT_ID})
+    if status == 404:
+        raise LoginFailed("device code login is not enabled for this account: turn on "
+                          "\"device code authorization for Codex\" in ChatGPT > Settings > "
+                          "Security (in a workspace, an admin must allow it), or use "
+                          "`login --browser`")
+    if status != 200:
+        raise LoginFailed("the issuer gave no device code: %s" % issuer_error(status, answer))
+    answer = answer if isinstance(answer, dict) else {}
+    device_auth_id = _text(answer.get("device_auth_id"))
+    user_code = _text(answer.get("user_code")) or _text(answer.get("usercode"))
+    if not device_auth_id or not user_code:
+        raise LoginFailed("the issuer's device code answer lacks device_auth_id or user_code")
+    return {"device_auth_id": device_auth_id, "user_code": user_code,
+            "interval": poll_interval(answer.get("interval")),
+            "verification_url": issuer + "/codex/device"}
+
+
+def device_code_prompt(code):
+    return ("\nTo log in with your ChatGPT account:\n"
+            "  1. Open %s in a browser (on any device) and sign in.\n"
+            "  2. Enter this one-time code (it expires in 15 minutes):  %s\n\n"
+            "Device code login must first be enabled in ChatGPT > Settings > Security (\"device "
+            "code authorization for Codex\"); in a workspace, an admin must allow it. Never share "
+            "this code.\nWaiting for the approval (Ctrl-C to give up)...\n"
+            % (code["verification_url"], code["user_code"]))
+
+
+def wait_for_device_approval(issuer, code, deadline, sleep=time.sleep):
+    """Polls until the user approves the code -> (authorization code, PKCE verifier): the
+    issuer supplies both. 403 and 404 mean "not yet", as the Codex CLI reads them."""
+    url = issuer + "/api/accounts/deviceauth/token"
+    fields = {"device_auth_id": code["device_auth_id"], "user_code": code["user_code"]}
+    while True:
+        status, answer = issuer_post(url, fields)
+        if status == 200:
+            answer = answer if isinstance(answer, dict) else {}
+            auth_code = _text(answer.get("authorization_code"))
+            verifier = _text(answer.get("code_verifier"))
+            if not auth_code or not verifier:
+                raise LoginFailed("the issuer's approval lacks authorization_code or "
+                                  "code_verifier")
+            return auth_code, verifier
+        reason = _error_code(answer).lower()
+        # The pending answer is 403 deviceauth_authorization_pending; a 403 that says denied
+        # or expired is not worth waiting 15 minutes on.
+        if status not in (403, 404) or "denied" in reason or "expired" in reason:
+            raise LoginFailed(device_failure(status, answer, reason))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LoginFailed("the code was not approved within 15 minutes and has expired; "
+                              "run login again for a new one")
+        sleep(min(code["interval"], left))
+
+
+def device_failure(status, answer, reason):
+    detail = issuer_error(status, answer)
+    if "denied" in reason or "declined" in reason:
+        return "the login was denied at the issuer (%s)" % detail
+    if "expired" in reason:
+        return "the code has expired (%s); run login again for a new one" % detail
+    return "the device login failed: %s" % detail
+
+
+def exchange_code(issuer, code, redirect_uri, verifier):
+    """The authorization code for the tokens (no API-key exchange follows, as after the CLI's
+    device login: OPENAI_API_KEY stays null)."""
+    status, answer = issuer_post(issuer + "/oauth/token", [
+        ("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri),
+        ("client_id", OAUTH_CLIENT_ID), ("code_verifier", verifier)], form=True)
+    if status != 200:
+        raise LoginFailed("the issuer did not exchange the sign-in code for tokens: %s"
+                          % issuer_error(status, answer))
+    answer = answer if isinstance(answer, dict) else {}
+    tokens = {name: _text(answer.get(name))
+              for name in ("id_token", "access_token", "refresh_token")}
+    if not all(tokens.values()):
+        raise LoginFailed("the issuer's token answer lacks the id, access or refresh token")
+    if not jwt_claims(tokens["id_token"]):
+        raise LoginFailed("the issuer's id token is not a JWT; the Codex CLI could not read it")
+    return tokens
+
+
+def pkce_pair():
+    """(verifier, S256 challenge), as the CLI makes them: 64 random bytes, base64url."""
+    verifier = base64.urlsafe_b64encode(os.urandom(64)).rstrip(b"=").decode()
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def authorize_url(issuer, redirect_uri, challenge, state):
+    """The Codex CLI 0.171's authorize URL, its parameters in its order."""
+    return "%s/oauth/authorize?%s" % (issuer, urllib.parse.urlencode([
+        ("response_type", "code"), ("client_id", OAUTH_CLIENT_ID),
+        ("redirect_uri", redirect_uri), ("code_challenge", challenge),
+        ("code_challenge_method", "S256"), ("state", state), ("scope", OAUTH_SCOPE),
+        ("id_token_add_organizations", "true"), ("codex_cli_simplified_flow", "true"),
+        ("originator", DEFAULT_ORIGINATOR)]))
+
+
+def state_matches(params, state):
+    """Whether a callback's parameters are this login's (in constant time: state is a secret)."""
+    return hmac.compare_digest(params.get("state", "").encode(), state.encode())
+
+
+def callback_code(query, state):
+    """The authorization code of a callback's query, once its state is this login's."""
+    params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    if not state_matches(params, state):
+        raise LoginFailed("the sign-in answer is not for this login (its state does not match); "
+                          "run login again")
+    error = params.get("error")
+    if error:
+        description = params.get("error_description") or ""
+        if error == "access_denied" and "missing_codex_entitlement" in description.lower():
+            raise LoginFailed("Codex is not enabled for this workspace: ask its administrator "
+                              "for access")
+        raise LoginFailed("the sign-in failed: %s" % escape_controls(description or error)[:300])
+    if not params.get("code"):
+        raise LoginFailed("the sign-in answer has no code")
+    return params["code"]
+
+
+def pasted_query(line):
+    """The query of the address the user pasted (http://localhost:1455/auth/callback?code=...
+    &state=...), None when the line is not one."""
+    line = line.strip().strip("\"'<>")  # quoted as a chat, a mail or a shell shows it
+    query = urllib.parse.urlsplit(line).query if "?" in line else line
+    params = dict(urllib.parse.parse_qsl(query))
+    return query if "state" in params and ("code" in params or "error" in params) else None
+
+
+class SignInAnswer:
+    """A callback's query, from the browser or pasted, waiting for the login's verdict."""
+
+    def __init__(self, query, from_browser=False):
+        self.query = query
+        self.from_browser = from_browser
+        self.error = None
+        self.done = threading.Event()
+        self.page_sent = threading.Event()  # the browser has its page: the process may end
+
+    def finish(self, error=None):
+        self.error = error
+        self.done.set()
+
+
+class LoginCallbackHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path != "/auth/callback":
+            return self._page(404, "Not found.")
+        answer = SignInAnswer(query, from_browser=True)
+        self.server.inbox.put(answer)
+        try:
+            if not answer.done.wait(LOGIN_TIMEOUT * 2 + 10):
+                self._page(504, "The login is still being saved: see the terminal.")
+            elif answer.error:
+                self._page(400, "Sign-in failed: %s" % answer.error)
+            else:
+                self._page(200, "Signed in. You can close this tab and go back to the terminal.")
         finally:
-            self.app.traffic.connection_closed()
+            answer.page_sent.set()
 
-    def refuse_connection(self, sock):
-        """A connection past --max-connections: a 503 written here, in the accepting thread,
-        so it costs no thread (the socket's empty send buffer takes it without waiting). The
-        socket is closed only a moment later (service_actions): closed at once, the request
-        the client is still sending would meet a reset, and most clients would then report
-        that, not the 503 waiting for them."""
-        if not self.at_connection_limit:
-            self.at_connection_limit = True
-            self.app.log.info("%d connections open (--max-connections): new ones get 503 "
-                              "until some close" % self.app.config.max_connections)
-        try:
-            sock.setblocking(False)
-            sock.send(self.connection_limit_answer)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.refused.append((time.monotonic() + REFUSED_LINGER, sock))
-        if len(self.refused) > MAX_REFUSED_LINGERING:
-            close_refused(self.refused.popleft()[1])
+    def _page(self, status, text):
+        import html
+        body = ("<!doctype html><meta charset=\"utf-8\"><title>codex-responses-proxy login</title>"
+                "<p>%s</p>\n" % html.escape(text)).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
 
-    def service_actions(self):
-        """Run by serve_forever between polls: close the refused connections due."""
-        super().service_actions()
-        now = time.monotonic()
-        while self.refused and self.refused[0][0] <= now:
-            close_refused(self.refused.popleft()[1])
+    def log_message(self, *args):
+        pass  # the callback's address holds the sign-in code
+
+
+class LoginCallbackServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # a browser's idle preconnection must not hold the real callback up
+
+    def __init__(self, port, inbox):
+        self.inbox = inbox
+        super().__init__(("127.0.0.1", port), LoginCallbackHandler)
 
     def handle_error(self, request, client_address):
-        # Connection-level failures (a client resetting mid-request) are routine, not bugs.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, socket.timeout)):
-            return
-        self.app.log.info("connection error from %s: %s" % (client_address[0], exc))
+        pass  # a browser that drops its connection is no failure of the login: no traceback
 
-    def server_close(self):
-        super().server_close()
-        while self.refused:
-            close_refused(self.refused.popleft()[1])
-        self.app.close()
+
+def bind_callback_server(inbox):
+    for port in LOGIN_CALLBACK_PORTS:
+        try:
+            return LoginCallbackServer(port, inbox)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise LoginFailed("cannot listen on 127.0.0.1:%d for the sign-in answer (%s)"
+                                  % (port, e.strerror or e))
+    raise LoginFailed("ports %s on 127.0.0.1 are all in use (another login waiting?): stop it, "
+                      "or log in with a device code (`login` without --browser)"
+                      % " and ".join(str(p) for p in LOGIN_CALLBACK_PORTS))
+
+
+def _read_pasted(stdin, inbox, out):
+    try:
+        for line in iter(stdin.readline, ""):
+            query = pasted_query(line)
+            if query is not None:
+                inbox.put(SignInAnswer(query))
+            elif line.strip():
+                say(out, "That is not the address the browser ended on (it has code= and "
+                         "state= in it); paste the whole address.")
+    except (OSError, ValueError):
+        pass  # no usable standard input: the browser's callback can still come
+
+
+def next_sign_in_answer(inbox, deadline):
+    import queue
+    left = deadline - time.monotonic()
+    try:
+        if left > 0:
+            return inbox.get(timeout=left)
+    except queue.Empty:
+        pass
+    raise LoginFailed("no sign-in within 15 minutes; run login again")
+
+
+def browser_login(issuer, path, stdin, out, deadline):
+    """The PKCE flow: the browser comes back to 127.0.0.1:1455 (1457 when taken), or the user
+    pastes the address it ended on. Returns what complete_login says."""
+    import queue
+    inbox = queue.Queue()
+    server = bind_callback_server(inbox)
+    redirect_uri = "http://127.0.0.1:%d/auth/callback" % server.server_address[1]
+    verifier, challenge = pkce_pair()
+    state = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                     daemon=True).start()
+    answer = None
+    try:
+        say(out, "\nOpen this address in a browser and sign in with your ChatGPT account:\n\n"
+                 "  %s\n\nThe browser then comes back to %s. If it runs on another machine, "
+                 "that page cannot load: copy the address it shows (%s?code=...&state=...) and "
+                 "paste it here, then press Enter.\nWaiting (Ctrl-C to give up)..."
+            % (authorize_url(issuer, redirect_uri, challenge, state), redirect_uri,
+               redirect_uri))
+        if stdin is not None:
+            threading.Thread(target=_read_pasted, args=(stdin, inbox, out), daemon=True).start()
+        answer = next_sign_in_answer(inbox, deadline)
+        while answer.from_browser and not state_matches(
+                dict(urllib.parse.parse_qsl(answer.query)), state):
+            # Any web page can send the browser here: as the Codex CLI does, an answer for
+            # another login is refused and this one keeps waiting for its own.
+            answer.finish("this address is not for the login waiting here (its state does not "
+                          "match)")
+            answer = next_sign_in_answer(inbox, deadline)
+        try:
+            code = callback_code(answer.query, state)
+            summary = complete_login(path, exchange_code(issuer, code, redirect_uri, verifier))
+        except LoginFailed as e:
+            answer.finish(str(e))
+            raise
+        answer.finish()
+        return summary
+    finally:
+        if answer is not None and answer.from_browser:
+            answer.page_sent.wait(5)
+        server.shutdown()
+        server.server_close()
+
+
+def login_document(tokens):
+    """A new login in the Codex CLI's auth.json format."""
+    return {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
+            "tokens": {"id_token": tokens["id_token"], "access_token": tokens["access_token"],
+                       "refresh_token": tokens["refresh_token"],
+                       "account_id": _auth_claim(jwt_claims(tokens["id_token"]),
+                                                 "chatgpt_account_id")},
+            "last_refresh": rfc3339_now()}
+
+
+def auth_lock_paths(path):
+    """The Codex CLI's two locks for this auth.json: (around a change, around the write)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock"), path + ".lock"
+
+
+def prepare_codex_home(path):
+    """Before the user is asked for anything: the directory exists and takes a new file."""
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        os.makedirs(directory, 0o700, exist_ok=True)
+        probe_writable(directory)
+    except OSError as e:
+        raise LoginFailed("cannot write in %s (%s): fix its permissions, or choose another "
+                          "directory with --codex-home" % (directory, e.strerror or e))
+
+
+@contextlib.contextmanager
+def change_lock_held(path, undone):
+    """The Codex CLI's auth.lock, held around a change of auth.json (auth.json.lock is then
+    taken around the write itself). undone: what did not happen when another process held it
+    too long."""
+    change_lock = auth_lock_paths(path)[0]
+    with _FileLock(change_lock, LOGIN_LOCK_WAIT) as lock:
+        if not lock.acquired:
+            raise LoginFailed("another process (a Codex CLI or proxy refreshing the login?) has "
+                              "held %s for %d s; %s. Try again once it is done"
+                              % (change_lock, LOGIN_LOCK_WAIT, undone))
+        yield
+
+
+def save_login(path, doc):
+    """The new login replaces the old one atomically (0600), under the CLI's locks in its
+    order; on any failure the old file stays as it was."""
+    with change_lock_held(path, "nothing was saved"):
+        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
+            try:
+                write_auth_file(path, doc)
+            except OSError as e:
+                raise LoginFailed("cannot write %s (%s); nothing was saved"
+                                  % (path, e.strerror or e))
+
+
+def login_identity(creds):
+    """'user@example.com (plan pro, account acct-1)' from the tokens' claims."""
+    ident = jwt_claims(creds.id_token)
+    profile = ident.get("https://api.openai.com/profile")
+    email = _text(ident.get("email")) or (_text(profile.get("email"))
+                                          if isinstance(profile, dict) else None)
+    return "%s (plan %s, account %s)" % (email or "an unknown e-mail address",
+                                         creds.plan_type or "unknown",
+                                         creds.account_id or "unknown")
+
+
+def complete_login(path, tokens):
+    doc = login_document(tokens)
+    save_login(path, doc)
+    return ("Logged in as %s. Saved to %s; a running proxy uses it from its next request."
+            % (login_identity(Credentials(doc)), path))
+
+
+def log_in(path, issuer, browser, stdin, out):
+    prepare_codex_home(path)
+    deadline = time.monotonic() + LOGIN_WAIT
+    if browser:
+        summary = browser_login(issuer, path, stdin, out, deadline)
+    else:
+        code = request_device_code(issuer)
+        say(out, device_code_prompt(code))
+        auth_code, verifier = wait_for_device_approval(issuer, code, deadline)
+        summary = complete_login(path, exchange_code(issuer, auth_code,
+                                                     issuer + "/deviceauth/callback", verifier))
+    say(out, summary)
+    return 0
+
+
+def _utc_minute(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+
+
+def login_status_lines(path, creds, now=None):
+    """Who is logged in and how fresh the tokens are: no token text."""
+    now = time.time() if now is None else now
+    if creds.expires_at is None:
+        expiry = "no expiry in the token"
+    elif creds.expires_at > now:
+        expiry = "expires %s (in %d min)" % (_utc_minute(creds.expires_at),
+                                             (creds.expires_at - now) // 60)
+    else:
+        expiry = "expired %s; refreshed on the next request" % _utc_minute(creds.expires_at)
+    refreshed = _utc_minute(creds.last_refresh.timestamp()) if creds.last_refresh else "never"
+    return ["Logged in with ChatGPT as %s" % login_identity(creds),
+            "  access token: %s" % expiry, "  last refresh: %s" % refreshed,
+            "  file: %s" % path]
+
+
+def show_login_status(path, out):
+    if api_key_from_auth_file(path):
+        say(out, "Logged in with an API key (API-key mode: requests go to the OpenAI platform), "
+                 "from %s" % path)
+        return 0
+    try:
+        creds = read_auth_file(path)
+    except ProxyError as e:
+        say(out, "Not logged in: %s" % e.message)
+        return 1
+    for line in login_status_lines(path, creds):
+        say(out, line)
+    return 0
+
+
+def revocable_token(raw):
+    """(token, token_type_hint) that logout revokes: the refresh token, else the access token."""
+    try:
+        tokens = json.loads(raw.decode("utf-8")).get("tokens")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(tokens, dict):
+        return None
+    for kind in ("refresh_token", "access_token"):
+        if _text(tokens.get(kind)):
+            return tokens[kind], kind
+    return None
+
+
+def revoke_token(url, token, kind):
+    """Best effort: None when revoked, else why not."""
+    fields = {"token": token, "token_type_hint": kind}
+    if kind == "refresh_token":
+        fields["client_id"] = OAUTH_CLIENT_ID
+    try:
+        status, answer = issuer_post(url, fields, timeout=REVOKE_TIMEOUT)
+    except LoginFailed as e:
+        return str(e)
+    return None if 200 <= status < 300 else "the issuer answered %s" % issuer_error(status,
+                                                                                   answer)
+
+
+def log_out(path, issuer, out):
+    """Revokes the login at the issuer (best effort) and removes auth.json, under the CLI's
+    locks so that no refresh writes it back."""
+    with change_lock_held(path, "%s was not removed" % path):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            say(out, "Not logged in: %s does not exist." % path)
+            return 0
+        except OSError as e:
+            raise LoginFailed("cannot read %s (%s)" % (path, e.strerror or e))
+        with _FileLock(auth_lock_paths(path)[1], AUTH_WRITE_LOCK_WAIT):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise LoginFailed("cannot remove %s (%s)" % (path, e.strerror or e))
+        # Only once the file is gone: a revoked login left in place is a dead one.
+        revocable = revocable_token(raw)
+        problem = revocable and revoke_token(revoke_url(issuer), *revocable)
+    if problem:
+        say(out, "warning: could not revoke the login at the issuer (%s); it stays valid there "
+                 "until it expires" % problem)
+    say(out, "Logged out: removed %s." % path)
+    return 0
+
+
+def say(out, text):
+    out.write(text + "\n")
+    out.flush()
+
+
+def build_login_parser(command):
+    if command == "login":
+        p = argparse.ArgumentParser(
+            prog="codex_responses_proxy.py login",
+            description="Log in with your ChatGPT account and save the login where the proxy "
+                        "and the Codex CLI read it ($CODEX_HOME/auth.json, in the CLI's format). "
+                        "By default with a device code: open the address shown on any device, "
+                        "enter the code. A new login replaces the old one only once it has "
+                        "succeeded.")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--browser", action="store_true",
+                         help="sign in in a browser instead; it comes back to 127.0.0.1:1455 "
+                              "(1457 when taken), or you paste the address it ended on")
+        how.add_argument("--status", action="store_true",
+                         help="show who is logged in and when the token expires (no secrets); "
+                              "exit status 0 when logged in, 1 when not")
+    else:
+        p = argparse.ArgumentParser(
+            prog="codex_responses_proxy.py logout",
+            description="Revoke the login at the issuer (best effort) and remove auth.json.")
+    p.add_argument("--codex-home", metavar="DIR",
+                   help="directory holding auth.json (default $CODEX_HOME, else ~/.codex)")
+    p.add_argument("--issuer", type=issuer_arg, metavar="URL",
+                   help="the OAuth issuer (default %s), like the Codex CLI's "
+                        "--experimental_issuer; for tests" % DEFAULT_ISSUER)
+    return p
+
+
+def login_command(argv, stdin=None, out=None):
+    """`login [--browser | --status]` and `logout`: 0 when done; else one line on stderr and
+    1 (130 after Ctrl-C). The previous login is replaced only by one that succeeded."""
+    command = argv[0]
+    args = build_login_parser(command).parse_args(argv[1:])
+    out = out or sys.stderr
+    path = os.path.join(args.codex_home or default_codex_home(), "auth.json")
+    try:
+        if command == "logout":
+            return log_out(path, args.issuer, out)
+        if args.status:
+            return show_login_status(path, sys.stdout)
+        return log_in(path, args.issuer or DEFAULT_ISSUER, args.browser,
+                      sys.stdin if stdin is None else stdin, out)
+    except LoginFailed as e:
+        say(out, "%s failed: %s" % (command, e))
+    except KeyboardInterrupt:
+        say(out, "\n%s interrupted: %s is as it was" % (command, path))
+        return 130
+    except Exception as e:  # never a traceback; the class name only, no text that may hold a token
+        say(out, "%s failed: unexpected %s" % (command, e.__class__.__name__))
+    return 1
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# Commands: main, the server started and stopped
 # --------------------------------------------------------------------------------------------
 
 def write_server_info(path, port):
