@@ -1191,22 +1191,28 @@ class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
         pass
 
     def log_request_line(self, method, path):
-        log = self.server.app.log
-        f = self.log_fields
-        seconds = time.monotonic() - self.started
-        self.server.app.record_request(method, path, self.lower_headers.get("user-agent"), f,
-                                       self.status_sent, seconds)
-        parts = [method, path]
-        if f.get("model"):
-            parts.append("model=%s" % f["model"])
-        parts.append("status=%s" % log.status_code(self.status_sent or 0))
-        parts.append("%.3fs" % seconds)
-        if "in" in f or "out" in f:
-            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
-        for key in ("stream", "error", "note"):
-            if f.get(key):
-                parts.append(key if f[key] is True else "%s=%s" % (key, f[key]))
-        log.info(" ".join(parts))
+        log_answered(self.server.app, method, path, self.lower_headers.get("user-agent"),
+                     self.log_fields, self.status_sent, time.monotonic() - self.started)
+
+
+def log_answered(app, method, path, user_agent, fields, status, seconds, over=None):
+    """An answered request (over HTTP, or a message on a WebSocket) into the log and /status's
+    recent requests. over: the word its line carries for what it came over."""
+    app.record_request(method, path, user_agent, fields, status, seconds)
+    log = app.log
+    parts = [method, path]
+    if fields.get("model"):
+        parts.append("model=%s" % fields["model"])
+    parts.append("status=%s" % log.status_code(status or 0))
+    parts.append("%.3fs" % seconds)
+    if "in" in fields or "out" in fields:
+        parts.append("tokens in=%s out=%s" % (fields.get("in", "-"), fields.get("out", "-")))
+    if over:
+        parts.append(over)
+    for key in ("stream", "error", "note"):
+        if fields.get(key):
+            parts.append(key if fields[key] is True else "%s=%s" % (key, fields[key]))
+    log.info(" ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1598,23 +1604,9 @@ class WebSocketSession:
         self.log_line(exchange, started)
 
     def log_line(self, exchange, started):
-        log = self.app.log
-        f = exchange.log_fields
-        seconds = time.monotonic() - started
-        self.app.record_request("WS", self.path, self.handler.lower_headers.get("user-agent"),
-                                f, exchange.status, seconds)
-        parts = ["WS", self.path]
-        if f.get("model"):
-            parts.append("model=%s" % f["model"])
-        parts.append("status=%s" % log.status_code(exchange.status))
-        parts.append("%.3fs" % seconds)
-        if "in" in f or "out" in f:
-            parts.append("tokens in=%s out=%s" % (f.get("in", "-"), f.get("out", "-")))
-        parts.append("websocket")
-        for key in ("error", "note"):
-            if f.get(key):
-                parts.append("%s=%s" % (key, f[key]))
-        log.info(" ".join(parts))
+        log_answered(self.app, "WS", self.path, self.handler.lower_headers.get("user-agent"),
+                     exchange.log_fields, exchange.status, time.monotonic() - started,
+                     "websocket")
 
 
 # --------------------------------------------------------------------------------------------
@@ -7257,6 +7249,22 @@ class ResponsesTransform:
         return response
 
 
+def decoded_events(events, assembler, log=None):
+    """(type, payload) of each (type, data) event whose data is a JSON object, noted by the
+    assembler first; the others are skipped, as the Codex CLI skips them."""
+    for name, data in events:
+        if log:
+            log.debug("stream event %s (%d bytes)" % (name, len(data or b"")))
+        try:
+            payload = json.loads(data) if data is not None else None
+        except ValueError:
+            continue
+        if isinstance(payload, dict):
+            etype = payload.get("type") or name
+            assembler.add(etype, payload)
+            yield etype, payload
+
+
 class ChatTransform:
     """Responses events -> Chat Completions chunks; every event is decoded, as the
     translation needs nearly all of them."""
@@ -7268,17 +7276,7 @@ class ChatTransform:
 
     def feed(self, batch):
         out = []
-        for name, data in batch.events():
-            if self._log:
-                self._log.debug("stream event %s (%d bytes)" % (name, len(data)))
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                continue
-            etype = payload.get("type") or name
-            self.assembler.add(etype, payload)
+        for etype, payload in decoded_events(batch.events(), self.assembler, self._log):
             out.extend(self.chat.frames(etype, payload))
         return EventBatch(b"".join(out))
 
@@ -7364,17 +7362,7 @@ class MessagesTransform:
 
     def _translate(self, events):
         out = []
-        for name, data in events:
-            if self._log:
-                self._log.debug("stream event %s (%d bytes)" % (name, len(data or b"")))
-            try:
-                payload = json.loads(data) if data is not None else None
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                continue
-            etype = payload.get("type") or name
-            self.assembler.add(etype, payload)
+        for etype, payload in decoded_events(events, self.assembler, self._log):
             out.append(self.messages.frames(etype, payload))
             if self.messages.stopped:
                 self._stop_upstream()
@@ -7403,7 +7391,21 @@ class MessagesTransform:
 # answer, WebSocket messages)
 # --------------------------------------------------------------------------------------------
 
-class SSESink:
+class Sink:
+    """Where a transform's output goes: start(headers) before the first event, send(batch)
+    for each read's, finish() with the last, stop() once the relay is done in any case."""
+
+    def start(self, headers):
+        pass
+
+    def send(self, batch):
+        pass
+
+    def stop(self):
+        pass
+
+
+class SSESink(Sink):
     """The client's live event stream: every complete frame as soon as its read is in."""
 
     def __init__(self, client):
@@ -7415,9 +7417,6 @@ class SSESink:
     def send(self, batch):
         self.client.write_body(batch.sse())
 
-    def stop(self):
-        pass
-
     def finish(self, transform, tail, failure, headers):
         """The stream's last frames (or an error event) and its end, in one write."""
         tail = tail.sse()
@@ -7427,20 +7426,11 @@ class SSESink:
         self.client.end_body(tail)
 
 
-class CollectedSink:
+class CollectedSink(Sink):
     """One JSON answer once the stream is over, for a client that did not ask for a stream."""
 
     def __init__(self, client):
         self.client = client
-
-    def start(self, headers):
-        pass
-
-    def send(self, data):
-        pass
-
-    def stop(self):
-        pass
 
     def finish(self, transform, tail, failure, headers):
         if failure is not None:
@@ -7476,7 +7466,7 @@ def stream_failure(assembler, headers):
                       param=error.get("param"), headers=headers)
 
 
-class MessagesSSESink:
+class MessagesSSESink(Sink):
     """A Messages event stream to the client. Its head waits for the first thing to say, so
     a failure before any content (a context overflow, most often) is an HTTP status Claude
     Code acts on, however the backend's bytes were cut into reads; while the backend is
@@ -7607,21 +7597,15 @@ def sse_payloads(block):
     return payloads
 
 
-class WebSocketSink:
+class WebSocketSink(Sink):
     """The relay's frames into a client's socket, one text message per event (the JSON of
     its `data:` line)."""
 
     def __init__(self, exchange):
         self.exchange = exchange
 
-    def start(self, headers):
-        pass
-
     def send(self, batch):
         self.exchange.send_events(batch.payloads())
-
-    def stop(self):
-        pass
 
     def finish(self, transform, tail, failure, headers):
         payloads = tail.payloads()
