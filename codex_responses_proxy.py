@@ -5063,23 +5063,20 @@ def frame_event(frame):
 
 
 class EventBatch:
-    """The whole events one read gave, handed from the backend through a transform to a
-    sink, in the form they came in:
-    - raw: SSE frames in the backend's own framing (`event:` and `data:` lines, LF), never
-      split into events unless a consumer needs them;
+    """Whole events handed from the backend through a transform to a sink, in a form other
+    than the backend's own SSE bytes (those go as plain bytes, see sse_of):
     - events: (type, data bytes) pairs (a WebSocket's frames);
     - parsed: SSEEvents of an SSE stream framed otherwise (CRs), each with its bytes;
     - sse: SSE bytes of any framing (a transform's output).
-    Each form is made from another only when asked for: an SSE stream relayed to an SSE
-    client goes on as its bytes, a WebSocket's frames to a WebSocket client as their data."""
+    Each form is made from another only when asked for: a WebSocket's frames go to a
+    WebSocket client as their data, never through SSE."""
 
-    __slots__ = ("raw", "parsed", "_events", "_sse")
+    __slots__ = ("parsed", "_events", "_sse")
 
-    def __init__(self, raw=None, events=None, parsed=None, sse=None):
-        self.raw = raw
+    def __init__(self, events=None, parsed=None, sse=None):
         self.parsed = parsed
         self._events = events
-        self._sse = raw if sse is None else sse
+        self._sse = sse
         if parsed is not None:
             self._sse = b"".join(event.raw for event in parsed)
             self._events = [(event.event, event.data.encode("utf-8")) for event in parsed
@@ -5095,28 +5092,36 @@ class EventBatch:
 
     def events(self):
         if self._events is None:
-            sse = self._sse
-            if b"\r" in sse:
-                self._events = [(event.event, event.data.encode("utf-8"))
-                                for event in SSEParser().feed(sse) if event.data is not None]
-            else:
-                self._events = [e for e in map(frame_event, sse.split(b"\n\n")[:-1])
-                                if e[1] is not None]
+            self._events = events_of(self._sse) if b"\r" not in self._sse else [
+                (event.event, event.data.encode("utf-8"))
+                for event in SSEParser().feed(self._sse) if event.data is not None]
         return self._events
 
-    def payloads(self):
-        """Each event's data: what a WebSocket carries, one message each."""
-        return [data for _, data in self.events()]
+
+# A batch is the backend's own SSE frames as bytes (LF-framed, whole frames: the hot path,
+# never split into events unless a consumer needs them), or an EventBatch.
+
+def sse_of(batch):
+    return batch if type(batch) is bytes else batch.sse()
 
 
-NO_EVENTS = EventBatch(b"")
+def events_of(batch):
+    """(type, data) of each event of a batch."""
+    if type(batch) is bytes:
+        return [e for e in map(frame_event, batch.split(b"\n\n")[:-1]) if e[1] is not None]
+    return batch.events()
+
+
+def payloads_of(batch):
+    """Each event's data: what a WebSocket carries, one message each."""
+    return [data for _, data in events_of(batch)]
 
 
 class SSEFramer:
     """An SSE body cut into whole frames, once, for every transform: after each piece, the
-    frames it completes as one EventBatch of their bytes; a frame arriving in many reads is
-    joined once, at its end. A body framed with CRs goes through the full parser and is
-    handed on as parsed events."""
+    frames it completes, as their bytes; a frame arriving in many reads is joined once, at
+    its end. A body framed with CRs goes through the full parser and is handed on as an
+    EventBatch of parsed events."""
 
     def __init__(self):
         self._pending = []   # the start of an unfinished frame, in pieces
@@ -5124,7 +5129,7 @@ class SSEFramer:
         self._started = False
 
     def feed(self, data):
-        """The EventBatch of the frames this piece completes; None when it completes none."""
+        """The batch of the frames this piece completes; None when it completes none."""
         if not self._started:
             self._started = True
             if data[:3] == _UTF8_BOM:
@@ -5146,7 +5151,7 @@ class SSEFramer:
             self._pending = [buf]
             return None
         self._pending = [buf[end + 2:]] if end + 2 < len(buf) else []
-        return EventBatch(buf[:end + 2])
+        return buf[:end + 2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -7172,8 +7177,8 @@ class ResponsesTransform:
 
     def feed(self, batch):
         """The batch to relay for these whole events."""
-        if batch.raw is not None:
-            return EventBatch(self._inspect_block(batch.raw))
+        if type(batch) is bytes:
+            return self._inspect_block(batch)
         if batch.parsed is not None:  # each event's own bytes, unless it must change
             return EventBatch(sse=b"".join(self._inspect_event(e) for e in batch.parsed))
         return EventBatch(events=[self._inspect_pair(name, data)
@@ -7276,9 +7281,9 @@ class ChatTransform:
 
     def feed(self, batch):
         out = []
-        for etype, payload in decoded_events(batch.events(), self.assembler, self._log):
+        for etype, payload in decoded_events(events_of(batch), self.assembler, self._log):
             out.extend(self.chat.frames(etype, payload))
-        return EventBatch(b"".join(out))
+        return b"".join(out)
 
     def failure_frames(self, err):
         return b"".join(self.chat.error(err.code, err.message))
@@ -7318,9 +7323,9 @@ class MessagesTransform:
         `data:`, LF) is read frame by frame here, and its deltas, most of a stream, are
         translated from their bytes (MessagesStream.raw_delta); the other frames, and events
         given otherwise, are decoded first."""
-        buf = batch.raw
-        if buf is None or not self._fast:
-            return EventBatch(self._translate(batch.events()))
+        if type(batch) is not bytes or not self._fast:
+            return self._translate(events_of(batch))
+        buf = batch
         out = []
         stream = self.messages
         pos, end = 0, len(buf)
@@ -7336,7 +7341,7 @@ class MessagesTransform:
                 piece = self._translate([frame_event(frame)]) if frame.strip(b"\n") else b""
             out.append(piece)
             pos = stop + 2
-        return EventBatch(b"".join(out))
+        return b"".join(out)
 
     def _copy_text_deltas(self, buf, pos, out):
         """raw_delta's work, inlined for the run of text deltas of the open text block from
@@ -7415,11 +7420,11 @@ class SSESink(Sink):
         self.client.start_event_stream(headers)
 
     def send(self, batch):
-        self.client.write_body(batch.sse())
+        self.client.write_body(sse_of(batch))
 
     def finish(self, transform, tail, failure, headers):
         """The stream's last frames (or an error event) and its end, in one write."""
-        tail = tail.sse()
+        tail = sse_of(tail)
         if failure is not None:
             self.client.log_fields["error"] = failure.code
             tail += transform.failure_frames(failure)
@@ -7497,7 +7502,7 @@ class MessagesSSESink(Sink):
 
     def send(self, batch):
         with self._lock:
-            self.client.write_body(self._opening() + batch.sse())
+            self.client.write_body(self._opening() + sse_of(batch))
             self.last = time.monotonic()
 
     def ping_if_silent(self, now):
@@ -7529,7 +7534,7 @@ class MessagesSSESink(Sink):
                     raise failure
                 if transform.assembler.terminal in ("response.failed", "error"):
                     raise stream_failure(transform.assembler, headers)
-            tail = self._opening() + tail.sse()
+            tail = self._opening() + sse_of(tail)
             if failure is not None:
                 self.client.log_fields["error"] = failure.code
                 tail += transform.failure_frames(failure)
@@ -7605,10 +7610,10 @@ class WebSocketSink(Sink):
         self.exchange = exchange
 
     def send(self, batch):
-        self.exchange.send_events(batch.payloads())
+        self.exchange.send_events(payloads_of(batch))
 
     def finish(self, transform, tail, failure, headers):
-        payloads = tail.payloads()
+        payloads = payloads_of(tail)
         if failure is not None:
             self.exchange.log_fields["error"] = failure.code
             self.exchange.status = failure.status
@@ -7648,7 +7653,7 @@ def relay(upstream, events, transform, sink, client, on_end=None):
     assembler = transform.assembler
     headers = events.headers
     failure = None
-    tail = NO_EVENTS
+    tail = b""
     with watching_for_hangup(client, events) as watch:
         sink.start(headers)
         while assembler.terminal is None:

@@ -1716,7 +1716,7 @@ def relay_pieces(body, reads, make_transform, on_read=None):
         data = decoder.feed(body[pos:pos + size])
         pos += size
         batch = framer.feed(data) if data else None
-        relayed = transform.feed(batch).sse() if batch is not None else b""
+        relayed = proxy.sse_of(transform.feed(batch)) if batch is not None else b""
         out.append(relayed)
         if on_read:
             on_read(data, relayed)
@@ -12532,7 +12532,7 @@ class MessagesRelayTests(unittest.TestCase):
         frames = [compact_sse(e, p) for e, p in text_events(["a", "b", "c"])]
         made = proxy.MessagesTransform(proxy.MessagesStream(CLAUDE, None, (), True))
         with mock.patch.object(made, "_translate", wraps=made._translate) as slow:
-            made.feed(proxy.EventBatch(b"".join(frames)))
+            made.feed(b"".join(frames))
         self.assertEqual(slow.call_count, 3)  # added, the first delta (opens), done
 
 
