@@ -57,6 +57,7 @@ PROGRAM = os.path.join(HERE, "codex_responses_proxy.py")
 
 
 API_KEY = "sk-proj_ABC-123"
+API_KEY_HEADER = b"Bearer " + API_KEY.encode()  # proxy_options for API-key mode
 
 
 CLIENT_KEY = "k-123-4f9c2e7a1b8d6053c3e1a9f4b2d7e6c5"
@@ -1742,9 +1743,20 @@ class LogCapture(io.StringIO):
         return False
 
 
-class ProxyTestCase(unittest.TestCase):
-    """Starts FakeBackend, FakeOAuth and the proxy (in this process) for each test."""
+def with_proxy_options(**options):
+    """One test's own Config overrides, on top of its class's proxy_options. A value that is
+    callable is called with the test case once the fakes are up (for paths and URLs)."""
+    def mark(test):
+        test.proxy_options = options
+        return test
+    return mark
 
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts FakeBackend, FakeOAuth and the proxy (in this process) for each test, with the
+    class's proxy_options and the test's own (with_proxy_options)."""
+
+    proxy_options = {}
     idle_timeout = 5.0
     auth = True  # write a valid auth.json
     # The tests of the HTTP exchange assert exactly what the backend got over HTTP: they pin
@@ -1762,13 +1774,29 @@ class ProxyTestCase(unittest.TestCase):
             self.token = access_token(3600)
             self.backend.valid_tokens.add(self.token)
             write_auth(self.home, auth_document(access=self.token))
-        self.start_proxy()
+        self.start_proxy(**self.options_of_this_test())
 
-    def restart_in_api_key_mode(self):
-        """The proxy again, in API-key mode against the same fake backend (its key valid)."""
-        self.stop_proxy(self.proxy)
-        self.backend.valid_tokens.add(API_KEY)
-        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode())
+    def options_of_this_test(self):
+        test = getattr(self, self._testMethodName)
+        options = dict(self.proxy_options, **getattr(test, "proxy_options", {}))
+        options = {k: v(self) if callable(v) else v for k, v in options.items()}
+        if options.get("api_key_header") == API_KEY_HEADER:
+            self.backend.valid_tokens.add(API_KEY)  # API-key mode against the fake backend
+        return options
+
+    def assert_healthy(self):
+        status, _, data = self.request("GET", "/healthz")
+        self.assertEqual((status, data), (200, b"ok\n"))
+
+    expired_auth_extra = {}  # keys written into auth.json beside the tokens by expire()
+
+    def expire(self, **kw):
+        """An auth.json whose access token expired, its refresh token the one FakeOAuth takes."""
+        doc = auth_document(access=access_token(-10), **kw)
+        doc.update(self.expired_auth_extra)
+        write_auth(self.home, doc)
+        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
+        return doc
 
     def start_proxy(self, **overrides):
         options = dict(host="127.0.0.1", port=0, upstream_url=self.backend.url,
@@ -1911,10 +1939,6 @@ class WebSocketCase(ProxyTestCase):
 class SecurityCase(ProxyTestCase):
     """The in-process harness plus raw-socket helpers."""
 
-    def restart(self, **overrides):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(**overrides)
-
     def raw(self, method, path, headers=(), body=b"", host=DEFAULT_HOST, **kw):
         return raw_http(self.port, method, path, headers, body, host, **kw)
 
@@ -1939,10 +1963,6 @@ class SecurityCase(ProxyTestCase):
         parsed = json.loads(body)
         self.assertEqual(parsed["output"][0]["content"][0]["text"], text, parsed)
         return parsed
-
-    def assert_healthy(self):
-        status, _, data = self.request("GET", "/healthz")
-        self.assertEqual((status, data), (200, b"ok\n"))
 
     def patch_timeouts(self, read=None, idle=None):
         for name, value in (("REQUEST_READ_DEADLINE", read), ("IDLE_CONNECTION_TIMEOUT", idle)):
@@ -2159,10 +2179,7 @@ class IdleConnectionTests(unittest.TestCase):
 
 
 class ConnectionLimitTests(ProxyTestCase):
-    def setUp(self):
-        super().setUp()
-        self.stop_proxy(self.proxy)
-        self.start_proxy(max_connections=3)
+    proxy_options = dict(max_connections=3)
 
     def keep_alive(self):
         s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
@@ -2346,8 +2363,8 @@ class SlowClientTests(SecurityCase):
 
 
 class ConcurrencyTests(SecurityCase):
+    @with_proxy_options(max_concurrent=2)
     def test_over_max_concurrent_is_503_with_retry_after_others_unaffected(self):
-        self.restart(max_concurrent=2)
         replies = [Reply(hold_after=2), Reply(hold_after=2)]  # held until go()
         self.backend.replies.extend(replies)
         started = [threading.Event(), threading.Event()]
@@ -2705,10 +2722,6 @@ class FramingTests(ProxyTestCase):
             self.assertEqual(json.loads(data)["output"][0]["content"][0]["text"], "Hello there!")
         self.assertEqual(len(self.backend.requests), 2)
 
-    def assert_healthy(self):
-        status, _, data = self.request("GET", "/healthz")
-        self.assertEqual((status, data), (200, b"ok\n"))
-
 
 class BadInputTests(ProxyTestCase):
     def raw(self, data, timeout=10):
@@ -2727,10 +2740,6 @@ class BadInputTests(ProxyTestCase):
         self.assertIsInstance(parsed.get("error"), dict, parsed)
         self.assertTrue(parsed["error"].get("message"), parsed)
         return parsed
-
-    def assert_healthy(self):
-        status, _, data = self.request("GET", "/healthz")
-        self.assertEqual((status, data), (200, b"ok\n"))
 
     def post_raw(self, body, headers=b"", close=True):
         return (b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -3118,10 +3127,9 @@ class DumpFileTests(unittest.TestCase):
 
 
 class DumpDirTests(ProxyTestCase):
+    @with_proxy_options(dump_dir=lambda t: os.path.join(t.home, "dumps", "nested"))
     def test_chatgpt_mode_dumps_rewritten_exchanges(self):
         dump = os.path.join(self.home, "dumps", "nested")
-        self.stop_proxy(self.proxy)
-        self.start_proxy(dump_dir=dump)
         t0 = int(time.time() * 1000)
         self.backend.replies.append(Reply(headers=[("Set-Cookie",
                                                     "__cf_bm=cookie-secret-42; path=/")]))
@@ -3268,10 +3276,11 @@ class AccessPolicyTests(unittest.TestCase):
 
 
 class ClientKeyTests(SecurityCase):
+    proxy_options = dict(client_key=CLIENT_KEY.encode())
+
     def setUp(self):
         super().setUp()
         add_models_endpoint(self.backend)
-        self.restart(client_key=CLIENT_KEY.encode())
 
     ENDPOINTS = (("POST", "/v1/responses"), ("GET", "/v1/models"), ("GET", "/status"))
 
@@ -3335,11 +3344,10 @@ class ClientKeyTests(SecurityCase):
         self.assertIn(CLIENT_KEY.encode(), [a for call in compare.call_args_list
                                             for a in call[0]])
 
+    @with_proxy_options(api_key_header=b"Bearer sk-upstream-0123456789abcdef")
     def test_api_key_mode_does_not_forward_the_client_key_either(self):
         upstream_key = "sk-upstream-0123456789abcdef"
         self.backend.valid_tokens.add(upstream_key)
-        self.restart(client_key=CLIENT_KEY.encode(),
-                     api_key_header=("Bearer " + upstream_key).encode())
         body = {"model": "gpt-5.1-codex", "instructions": "x", "stream": True, "store": False,
                 "input": [{"role": "user", "content": "hi"}]}
         for headers in ([("Authorization", "Bearer " + CLIENT_KEY)],
@@ -3381,8 +3389,8 @@ class HostHeaderTests(SecurityCase):
                 self.assert_ok_response(self.post_json(host=host))
         self.assertEqual(len(self.backend.requests), 6)
 
+    @with_proxy_options(allow_hosts=["myhost.lan"])
     def test_allow_host_adds_a_name_in_any_case(self):
-        self.restart(allow_hosts=["myhost.lan"])
         port = self.port
         for host in ("myhost.lan:%d" % port, "MyHost.LAN", "localhost:%d" % port):
             with self.subTest(host=host):
@@ -3417,9 +3425,9 @@ class OriginTests(SecurityCase):
         self.assertEqual(self.backend.requests, [])
         # Its own origin reads /status: that is the status page (see StatusPageTests).
 
+    @with_proxy_options(http_shutdown=True)
     def test_cross_site_loads_without_origin_are_403(self):
         # <img src="http://127.0.0.1:PORT/shutdown"> sends no Origin, but browsers mark it.
-        self.restart(http_shutdown=True)
         for site in ("cross-site", "same-site"):
             with self.subTest(site=site):
                 for path in ("/shutdown", "/status", "/v1/models"):
@@ -3430,10 +3438,10 @@ class OriginTests(SecurityCase):
             response = self.raw("GET", "/status", [("Sec-Fetch-Site", site)])
             self.assertEqual(response[0], 200, response)
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN])
     def test_preflight_with_a_body_closes_the_connection(self):
         # The preflight is answered before any body is read: what follows must not be taken
         # for the next request.
-        self.restart(allow_origins=[ALLOWED_ORIGIN])
         smuggled = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n"
         data = raw_exchange(self.port, (
             "OPTIONS /v1/responses HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
@@ -3442,8 +3450,8 @@ class OriginTests(SecurityCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 204"), data[:80])
         self.assertEqual(data.count(b"HTTP/1.1 "), 1, "the body was served as a request")
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN])
     def test_allowed_origin_gets_cors_headers_on_json_and_streamed_answers(self):
-        self.restart(allow_origins=[ALLOWED_ORIGIN])
         status, headers, body = self.post_json(headers=[("Origin", ALLOWED_ORIGIN)])
         self.assert_ok_response((status, headers, body))
         self.assertEqual(headers.get("access-control-allow-origin"), ALLOWED_ORIGIN)
@@ -3461,8 +3469,8 @@ class OriginTests(SecurityCase):
         self.assert_json_error(response, 403, "origin_not_allowed")
         self.assertEqual(cors_headers(response[1]), {})
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN], client_key=CLIENT_KEY.encode())
     def test_preflight_is_answered_without_the_client_key(self):
-        self.restart(allow_origins=[ALLOWED_ORIGIN], client_key=CLIENT_KEY.encode())
         status, headers, body = self.raw("OPTIONS", "/v1/responses", [
             ("Origin", ALLOWED_ORIGIN), ("Access-Control-Request-Method", "POST"),
             ("Access-Control-Request-Headers", "authorization, content-type")])
@@ -3486,8 +3494,8 @@ class OriginTests(SecurityCase):
         self.assertEqual(response[1].get("access-control-allow-origin"), ALLOWED_ORIGIN)
         self.assertEqual(len(self.backend.requests), 1)
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN], client_key=CLIENT_KEY.encode())
     def test_preflight_from_another_origin_is_403(self):
-        self.restart(allow_origins=[ALLOWED_ORIGIN], client_key=CLIENT_KEY.encode())
         for origin in ("https://evil.example", "http://localhost:3000.evil.example", "null"):
             with self.subTest(origin=origin):
                 response = self.raw("OPTIONS", "/v1/responses", [
@@ -3496,8 +3504,8 @@ class OriginTests(SecurityCase):
                 self.assert_json_error(response, 403, "origin_not_allowed")
                 self.assertEqual(cors_headers(response[1]), {})
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN])
     def test_no_origin_no_cors_headers(self):
-        self.restart(allow_origins=[ALLOWED_ORIGIN])
         responses = [self.post_json(), self.post_json(simple_request(stream=True)),
                      self.raw("GET", "/healthz"), self.raw("GET", "/status"),
                      self.raw("GET", "/nope"), self.raw("OPTIONS", "/v1/responses"),
@@ -3507,8 +3515,8 @@ class OriginTests(SecurityCase):
             with self.subTest(status=status):
                 self.assertEqual(cors_headers(headers), {})
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN])
     def test_next_request_on_a_keep_alive_connection_gets_no_stale_cors(self):
-        self.restart(allow_origins=[ALLOWED_ORIGIN])
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(build_request(self.port, "GET", "/healthz", [("Origin", ALLOWED_ORIGIN)]))
             status, headers, _, rest, _ = read_one_response(s)
@@ -3518,10 +3526,10 @@ class OriginTests(SecurityCase):
             self.assertEqual(status, 200)
             self.assertEqual(cors_headers(headers), {})
 
+    @with_proxy_options(allow_origins=[ALLOWED_ORIGIN])
     def test_unparseable_request_after_an_allowed_origin_gets_no_cors(self):
         # The base class answers requests it cannot parse (501, 400, 431) itself, through
         # end_headers(), without passing dispatch(), which resets cors_origin.
-        self.restart(allow_origins=[ALLOWED_ORIGIN])
         for bad, expected in ((b"BREW /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
                               (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: "
                                + b"b" * (70 * 1024) + b"\r\n\r\n", 431)):
@@ -3564,9 +3572,8 @@ class ContentTypeTests(SecurityCase):
 
 
 class ShutdownRefererTests(ProxyTestCase):
+    @with_proxy_options(http_shutdown=True, allow_origins=["http://localhost:3000"])
     def test_foreign_referer_cannot_stop_the_proxy(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(http_shutdown=True, allow_origins=["http://localhost:3000"])
         for referer in ("https://evil.example/page.html", "http://localhost:3001/",
                         "http://localhost:%d.evil.example/" % self.port, "null", "x",
                         "http://user@127.0.0.1:%d/" % self.port):
@@ -3598,9 +3605,7 @@ class ShutdownRefererTests(ProxyTestCase):
 # ============================================================================================
 
 class BodyLimitTests(SecurityCase):
-    def setUp(self):
-        super().setUp()
-        self.restart(max_body_bytes=1000)
+    proxy_options = dict(max_body_bytes=1000)
 
     def padded(self, size):
         """A valid request body of exactly size bytes."""
@@ -3638,8 +3643,8 @@ class BodyLimitTests(SecurityCase):
         self.assertEqual(self.backend.requests, [])
         self.assert_healthy()
 
+    @with_proxy_options(max_body_bytes=8000)
     def test_compressed_body_expanding_past_the_limit_is_413(self):
-        self.restart(max_body_bytes=8000)
         small = gzip.compress(json_body(simple_request()))
         self.assert_ok_response(self.post_json(small, [("Content-Encoding", "gzip")]))
         self.assertEqual(len(self.backend.requests), 1)
@@ -4052,13 +4057,12 @@ class ModelsTests(ProxyTestCase):
 class ApiKeyEndpointPassThroughTests(ProxyTestCase):
     """API-key mode: the new endpoints go to the platform as the client sent them."""
 
+    proxy_options = dict(api_key_header=API_KEY_HEADER, upstream_url=lambda t: t.platform.url)
+
     def setUp(self):
-        super().setUp()
         self.platform = fake_platform()
         self.addCleanup(self.platform.close)
-        self.stop_proxy(self.proxy)
-        self.start_proxy(api_key_header=b"Bearer " + API_KEY.encode(),
-                         upstream_url=self.platform.url)
+        super().setUp()
 
     def test_each_endpoint_is_passed_through_as_is(self):
         calls = [("POST", "/responses/compact", b'{"model": "m", "input": []}'),
@@ -4089,9 +4093,7 @@ class ApiKeyEndpointPassThroughTests(ProxyTestCase):
 class ApiKeyConnectionTests(ProxyTestCase):
     """API-key mode in-process: the upstream's connection reuse and cut bodies."""
 
-    def setUp(self):
-        super().setUp()
-        self.restart_in_api_key_mode()
+    proxy_options = dict(api_key_header=API_KEY_HEADER)
 
     def test_content_length_answers_reuse_the_upstream_connection(self):
         conn = self.connection()
@@ -4123,9 +4125,7 @@ class ApiKeyConnectionTests(ProxyTestCase):
 
 
 class WebSocketApiKeyTests(WebSocketCase):
-    def setUp(self):
-        super().setUp()
-        self.restart_in_api_key_mode()
+    proxy_options = dict(api_key_header=API_KEY_HEADER)
 
     def test_each_create_is_a_streamed_post_with_the_key(self):
         client = self.open_ws(headers={"Authorization": "Bearer sk-client-side"})
@@ -5003,10 +5003,9 @@ class ResponsesEndpointTests(ProxyTestCase):
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 502, code="upstream_unreachable")
 
+    @with_proxy_options(stream_idle_timeout=0.5)
     def test_upstream_silent_after_its_headers_is_504_stream_idle_timeout(self):
         self.backend.replies.append(Reply(hang_after=0))  # 200 and headers, then nothing
-        self.stop_proxy(self.proxy)
-        self.start_proxy(stream_idle_timeout=0.5)
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 504, code="stream_idle_timeout")
 
@@ -5490,9 +5489,8 @@ class ChatStreamingTests(ChatCase):
                           and c["choices"][0].get("finish_reason")],
                          "a cut stream must not look finished")
 
+    @with_proxy_options(stream_idle_timeout=0.5)
     def test_upstream_going_silent_mid_stream_ends_with_error_chunk_and_done(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(stream_idle_timeout=0.5)
         self.backend.replies.append(Reply(frames=stream_frames(), hang_after=4))
         started = time.monotonic()
         status, _, data = self.chat_stream(chat_body())
@@ -6377,9 +6375,8 @@ class MessagesEndpointTests(MessagesCase):
         self.post(chat_body(model="big"), path=CHAT)
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5")
 
+    @with_proxy_options(client_key="k-123")
     def test_errors_in_anthropics_shape_and_x_api_key(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(client_key="k-123")
         status, _, body = self.messages(messages_body())
         self.assert_anthropic_error(status, body, 401, "authentication_error")
         status, _, body = self.messages(messages_body(), {"x-api-key": "k-123"})
@@ -6396,10 +6393,9 @@ class MessagesEndpointTests(MessagesCase):
         status, _, body = self.post({"input": 1}, {"x-api-key": "k-123"})
         self.assert_openai_error(status, body, 400)
 
+    @with_proxy_options(upstream_transport="ws")
     def test_over_the_backends_websocket(self):
-        self.stop_proxy(self.proxy)
         self.backend.ws.refuse = None
-        self.start_proxy(upstream_transport="ws")
         first = messages_body([{"role": "user", "content": "hi"}], model=MODEL)
         status, _, body = self.messages(first, {"X-Claude-Code-Session-Id": "s-ws"})
         self.assertEqual(status, 200, body)
@@ -6415,8 +6411,8 @@ class MessagesEndpointTests(MessagesCase):
         self.assertTrue(chained.get("previous_response_id"), chained)
         self.assertEqual(chained["input"], [user_item("more")])
 
+    @with_proxy_options(api_key_header=API_KEY_HEADER)
     def test_api_key_mode_says_messages_need_the_login(self):
-        self.restart_in_api_key_mode()
         status, _, body = self.messages(messages_body())
         self.assert_anthropic_error(status, body, 400, "invalid_request_error",
                                     "ChatGPT login")
@@ -6850,12 +6846,7 @@ class CredentialTests(ProxyTestCase):
 
 
 class RefreshTests(ProxyTestCase):
-    def expire(self, **kw):
-        doc = auth_document(access=access_token(-10), **kw)
-        doc["future_key"] = {"kept": True}
-        write_auth(self.home, doc)
-        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
-        return doc
+    expired_auth_extra = {"future_key": {"kept": True}}  # a key a newer Codex CLI may add
 
     def test_expired_token_is_refreshed_and_written_back_atomically(self):
         before = self.expire()
@@ -7124,12 +7115,6 @@ def try_flock(path):
 
 
 class CliCoexistenceCase(ProxyTestCase):
-    def expire(self, **kw):
-        doc = auth_document(access=access_token(-10), **kw)
-        write_auth(self.home, doc)
-        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
-        return doc
-
     def auth_path(self):
         return os.path.join(self.home, "auth.json")
 
@@ -7511,12 +7496,6 @@ class CodexCliNeighbourTests(CliCoexistenceCase):
 
 
 class AtomicWriteTests(ProxyTestCase):
-    def expire(self, **kw):
-        doc = auth_document(access=access_token(-10), **kw)
-        write_auth(self.home, doc)
-        self.oauth.current_refresh = doc["tokens"]["refresh_token"]
-        return doc
-
     def record_issued(self):
         issued = []
         original = self.oauth.answer
@@ -8482,9 +8461,8 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertEqual(status, 200)  # the next request gets a fresh socket
         self.assertEqual(self.backend.ws.sockets, 2)
 
+    @with_proxy_options(stream_idle_timeout=0.5)
     def test_silent_backend_gives_the_idle_timeout_error(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(stream_idle_timeout=0.5)
         self.backend.replies.append(Reply(hang_after=2))
         status, _, events, _ = self.stream(simple_request())
         self.assertEqual(status, 200)
@@ -8630,10 +8608,9 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertEqual(self.backend.ws.open, {}, "the idle socket was not closed")
         self.assertEqual(len(pool), 0)
 
+    @with_proxy_options(dump_dir=lambda t: os.path.join(t.home, "dumps"))
     def test_dumps_record_the_socket_messages_redacted(self):
         dump_dir = os.path.join(self.home, "dumps")
-        self.stop_proxy(self.proxy)
-        self.start_proxy(dump_dir=dump_dir)
         self.stream(simple_request())
         names = sorted(os.listdir(dump_dir))
         self.assertEqual(len(names), 2, names)
@@ -8716,9 +8693,8 @@ class UpstreamWebSocketStrictnessTests(ProxyTestCase):
         self.assertIn(good, raw)
         self.assertNotIn(b"\xff", raw)
 
+    @with_proxy_options(max_body_bytes=100000)  # the cap: this, or WS_MAX_MESSAGE if more
     def test_a_message_in_many_fragments_is_capped_in_total(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(max_body_bytes=100000)  # the cap: this, or WS_MAX_MESSAGE if more
         self.backend.ws.refuse = None
         with mock.patch.object(proxy, "WS_MAX_MESSAGE", 50000):
             delta = self.delta("x" * 150000)
@@ -8801,10 +8777,9 @@ class UpstreamTransportChoiceTests(ProxyTestCase):
                           "handshake failed" in self.log_text(), "the failure")
         self.assertEqual([r.get("ws") for r in self.backend.requests], [None, None])
 
+    @with_proxy_options(upstream_transport="http")
     def test_transport_http_never_opens_a_socket(self):
         self.backend.ws.refuse = None
-        self.stop_proxy(self.proxy)
-        self.start_proxy(upstream_transport="http")
         history = [user_item("hi")]
         for _ in range(2):
             status, _, body = self.post(dict(simple_request(), input=history))
@@ -8814,10 +8789,9 @@ class UpstreamTransportChoiceTests(ProxyTestCase):
         report = json.loads(self.request("GET", "/status")[2])["upstream_transport"]
         self.assertEqual(report["in_use"], "http")
 
+    @with_proxy_options(upstream_transport="ws")
     def test_transport_ws_refused_is_an_error_naming_the_fix(self):
         self.backend.ws.refuse = 426
-        self.stop_proxy(self.proxy)
-        self.start_proxy(upstream_transport="ws")
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 502, code="websocket_refused",
                                  contains="--upstream-transport auto")
@@ -9132,8 +9106,8 @@ class StreamFailureTests(StreamingCase):
         self.assert_same_connection_still_works(conn)
         self.assertEqual(self.backend.connections, 2, "a cut connection must not be reused")
 
+    @with_proxy_options(stream_idle_timeout=0.5)
     def test_upstream_silent_past_idle_timeout_gives_error_event_and_clean_end(self):
-        self.restart_proxy(stream_idle_timeout=0.5)
         frames = stream_frames()
         self.backend.replies.append(Reply(frames=frames, hang_after=2))
         conn = self.connection(timeout=CLIENT_TIMEOUT)
@@ -9313,17 +9287,15 @@ class WebSocketHandshakeTests(WebSocketCase):
         self.assertEqual(client.status, 426)
         self.open_ws()
 
+    @with_proxy_options(client_key="the-client-key-123")
     def test_client_key_is_checked_on_the_upgrade(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(client_key="the-client-key-123")
         client = self.ws()
         self.assertEqual(client.status, 401)
         self.assertEqual(json.loads(client.body)["error"]["code"], "invalid_client_key")
         self.open_ws(headers={"Authorization": "Bearer the-client-key-123"})
 
+    @with_proxy_options(max_concurrent=1)
     def test_connection_limit_is_checked_on_the_upgrade(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(max_concurrent=1)
         self.backend.replies.append(Reply(hang_after=2))
         busy = self.open_ws()
         busy.create()
@@ -9372,9 +9344,8 @@ class WebSocketFrameTests(WebSocketCase):
         other.create()
         self.assertEqual(other.response_events()[-1]["type"], "response.completed")
 
+    @with_proxy_options(max_body_bytes=4096)
     def test_message_over_the_limit_closes_with_1009(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(max_body_bytes=4096)
         client = self.open_ws()
         self.assertEqual(client.headers["x-codex-websocket-max-message-bytes"], "4096")
         client.create(input="x" * 5000)
@@ -9555,9 +9526,8 @@ class WebSocketProtocolTests(WebSocketCase):
         other.create()
         self.assertEqual(other.response_events()[-1]["type"], "response.completed")
 
+    @with_proxy_options(stream_idle_timeout=0.3)
     def test_silent_stream_ends_with_the_idle_timeout_error_event(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(stream_idle_timeout=0.3)
         self.backend.replies.append(Reply(hang_after=3))
         client = self.open_ws()
         client.create()
@@ -9690,9 +9660,8 @@ class WebSocketStrictnessTests(WebSocketCase):
         for _ in range(proxy.WS_MAX_QUEUED + 1):
             self.assertEqual(client.response_events()[-1]["type"], "response.completed")
 
+    @with_proxy_options(max_body_bytes=100000)
     def test_waiting_requests_hold_at_most_max_body_bytes_together(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(max_body_bytes=100000)
         for count, closed in ((2, False), (3, True)):
             reply = Reply(frames=stream_frames(), hold_after=1)
             self.addCleanup(reply.go)
@@ -9859,9 +9828,8 @@ class SocketKeptMemoryTests(WebSocketCase):
         client.expect_close()
         self.wait_until(lambda: memory.bytes == 0, "the socket's kept responses to go")
 
+    @with_proxy_options(state_max_mb=1)
     def test_all_sockets_together_stay_within_the_store_cap(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(state_max_mb=1)
         memory = self.proxy.app.socket_memory
         self.assertEqual(memory.max_bytes, 1 << 20)
         clients = [self.open_ws() for _ in range(4)]
@@ -10392,9 +10360,8 @@ class StoredResponseEndpointTests(ConversationCase):
                 self.assert_openai_error(status, body, 400, code="item_reference_not_found")
         self.assertEqual(self.get("/v1/responses/resp_kept")[0], 200, "control")
 
+    @with_proxy_options(client_key=CLIENT_KEY.encode())
     def test_client_key_guards_every_new_endpoint(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(client_key=CLIENT_KEY.encode())
         key = {"Authorization": "Bearer " + CLIENT_KEY}
         self.backend.replies.append(Reply(frames=with_id(stream_frames(), "resp_a")))
         self.assertEqual(self.post(simple_request(), key)[0], 200)
@@ -10566,11 +10533,10 @@ class ExpansionBoundTests(ConversationCase):
     --max-body-bytes; past it a 400 that names the flag, and nothing goes upstream."""
 
     LIMIT = 1 << 20
+    proxy_options = dict(max_body_bytes=LIMIT)
 
     def setUp(self):
         super().setUp()
-        self.stop_proxy(self.proxy)
-        self.start_proxy(max_body_bytes=self.LIMIT)
         big = user_item("b" * 100000)
         big["id"] = "msg_big"
         self.turn("resp_big", simple_request(input=[big]))
@@ -10707,9 +10673,8 @@ class CompactEndpointTests(ConversationCase):
                 self.assert_openai_error(status, body, 502, code="bad_upstream_answer")
         self.assertEqual(self.compact(simple_request())[0], 200, "the server keeps serving")
 
+    @with_proxy_options(stream_idle_timeout=0.3)
     def test_a_slow_compaction_outlasts_the_stream_idle_timeout(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(stream_idle_timeout=0.3)
         self.backend.replies.append(Reply(delay=1.0))
         status, _, answer = self.compact(simple_request())
         self.assertEqual(status, 200, answer)
@@ -10789,9 +10754,8 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
                         or "least recently used" in message, message)
         self.assertEqual(self.backend.requests, [])
 
+    @with_proxy_options(state_max_mb=0.001)  # ~1 KB: a handful of small turns
     def test_oldest_is_evicted_past_the_size_cap(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(state_max_mb=0.001)  # ~1 KB: a handful of small turns
         for i in range(12):
             self.turn("resp_%d" % i, "question %d" % i, "answer %d" % i)
         self.assert_unknown("resp_0")
@@ -12388,9 +12352,8 @@ class StatusPageTests(WebSocketCase):
                                     headers=[("Origin", own)])
         self.assertEqual(status, 403)
 
+    @with_proxy_options(client_key=CLIENT_KEY)
     def test_with_a_client_key_the_page_loads_and_status_needs_the_key(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(client_key=CLIENT_KEY)
         for path in ("/", "/ui.js", "/favicon.ico"):
             self.assertEqual(self.request("GET", path)[0], 200, path)
         status, _, body = self.request("GET", "/status")
@@ -12400,9 +12363,8 @@ class StatusPageTests(WebSocketCase):
         self.assertEqual(status, 200)
         self.assertNotIn(CLIENT_KEY, body.decode())
 
+    @with_proxy_options(ui=False)
     def test_no_ui_turns_the_page_off_and_keeps_status(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(ui=False)
         for path in ("/", "/ui.js", "/favicon.ico"):
             status, _, body = self.request("GET", path)
             self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "not_found"))
@@ -12444,7 +12406,9 @@ class StatusPageTests(WebSocketCase):
         doc = json.loads(self.request("GET", "/status")[2])
         self.assertEqual(doc["login"]["login_command"], proxy.LOGIN_COMMAND)
         self.assertEqual(doc["recent_requests"], [])
-        self.restart_in_api_key_mode()
+
+    @with_proxy_options(api_key_header=API_KEY_HEADER)
+    def test_api_key_mode_says_so_and_lists_nothing(self):
         doc = json.loads(self.request("GET", "/status")[2])
         self.assertEqual((doc["mode"], doc["recent_requests"], doc["tokens_by_model"]),
                          ("apikey", [], {}))
@@ -12631,9 +12595,8 @@ class StatusPageBrowserTests(ProxyTestCase):
             with open(screenshot, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    @with_proxy_options(client_key=CLIENT_KEY)
     def test_with_a_client_key_it_asks_once_and_shows_the_same(self):
-        self.stop_proxy(self.proxy)
-        self.start_proxy(client_key=CLIENT_KEY)
         self.serve_some_requests({"Authorization": "Bearer " + CLIENT_KEY})
         browser = DevToolsPipe(self.profile)
         self.addCleanup(browser.close)
