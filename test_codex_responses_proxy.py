@@ -1645,6 +1645,7 @@ class ProxyTestCase(unittest.TestCase):
     class's proxy_options and the test's own (with_proxy_options)."""
 
     proxy_options = {}
+    proxy_in_setup = True
     idle_timeout = 5.0
     auth = True  # write a valid auth.json
     # The tests of the HTTP exchange assert exactly what the backend got over HTTP: they pin
@@ -1662,7 +1663,8 @@ class ProxyTestCase(unittest.TestCase):
             self.token = access_token(3600)
             self.backend.valid_tokens.add(self.token)
             write_auth(self.home, auth_document(access=self.token))
-        self.start_proxy(**self.options_of_this_test())
+        if self.proxy_in_setup:
+            self.start_proxy(**self.options_of_this_test())
 
     def options_of_this_test(self):
         test = getattr(self, self._testMethodName)
@@ -4874,13 +4876,8 @@ class ResponsesEndpointTests(ProxyTestCase):
         self.assertEqual(headers.get("retry-after"), "2")
         self.assertEqual(headers.get("connection"), "close")
 
+    @with_proxy_options(upstream_url=lambda t: "http://127.0.0.1:%d/x" % free_port())
     def test_upstream_unreachable_is_502(self):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        self.stop_proxy(self.proxy)
-        self.start_proxy(upstream_url="http://127.0.0.1:%d/x" % port)
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 502, code="upstream_unreachable")
 
@@ -4890,6 +4887,7 @@ class ResponsesEndpointTests(ProxyTestCase):
         status, _, body = self.post(simple_request())
         self.assert_openai_error(status, body, 504, code="stream_idle_timeout")
 
+    @with_proxy_options(stream_idle_timeout=0.5)
     def test_upstream_without_status_line_in_time_is_504_upstream_timeout(self):
         released = threading.Event()
         seen = []
@@ -4899,11 +4897,8 @@ class ResponsesEndpointTests(ProxyTestCase):
             released.wait(10)
             return False
 
-        upstream = FakeBackend(behave=never_answer)
-        self.addCleanup(upstream.close)
+        self.backend.script(never_answer)
         self.addCleanup(released.set)
-        self.stop_proxy(self.proxy)
-        self.start_proxy(upstream_url=upstream.url, stream_idle_timeout=0.5)
         for stream in (False, True):
             with self.subTest(stream=stream):
                 status, _, body = self.post(simple_request(stream=stream))
@@ -6247,8 +6242,10 @@ class MessagesEndpointTests(MessagesCase):
             self.assertEqual(self.last_upstream()["body"]["model"], expected)
         self.assertEqual(len(self.backend.model_requests), 1, "the list is cached")
         self.wait_for_log("model=claude-opus-5-5->gpt-5.1-codex status=200")
-        self.stop_proxy(self.proxy)
-        self.start_proxy(model_map=[("claude-*haiku*", "gpt-5.1-codex"), ("big", "gpt-5.5")])
+
+    @with_proxy_options(model_map=[("claude-*haiku*", "gpt-5.1-codex"), ("big", "gpt-5.5")])
+    def test_model_map_comes_before_the_backends_models_on_every_front_end(self):
+        add_models_endpoint(self.backend)
         self.messages(messages_body(model="claude-haiku-5-5"))
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.1-codex")
         self.post(simple_request(model="big"))  # every front end: Responses too
@@ -6618,11 +6615,12 @@ class EffortInModelNameTests(ProxyTestCase):
         self.assertEqual(self.last_upstream()["body"]["model"], "gpt-5.5-high")
         self.assertIn("sent as they are", self.wait_for_log("model list"))
 
-    def test_models_list_effort_variants_only_when_asked(self):
+    def test_models_list_no_effort_variants_unless_asked(self):
         ids = [m["id"] for m in json.loads(self.request("GET", "/v1/models")[2])["data"]]
         self.assertNotIn("gpt-5.5-low", ids)
-        self.stop_proxy(self.proxy)
-        self.start_proxy(list_effort_models=True)
+
+    @with_proxy_options(list_effort_models=True)
+    def test_models_list_effort_variants_when_asked(self):
         ids = [m["id"] for m in json.loads(self.request("GET", "/v1/models")[2])["data"]]
         self.assertIn("gpt-5.5-low", ids)
         self.assertEqual(ids.count("gpt-5.5-high"), 1)
@@ -10281,27 +10279,30 @@ class DeleteDuringTurnTests(ConversationCase):
         return reply, thread, answer
 
     def test_deleting_what_a_streaming_turn_continues_keeps_the_conversation(self):
-        for store in (None, "sqlite"):
-            if store:
-                self.stop_proxy(self.proxy)
-                self.start_proxy(state_db=os.path.join(self.home, "state.db"))
-            self.turn("resp_r1", "one")
-            self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
-            reply, thread, answer = self.start_slow_turn("resp_r3", "resp_r2")
-            status, _, _ = self.request("DELETE", "/v1/responses/resp_r2")
-            self.assertEqual(status, 200)
-            self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
-            reply.go()
-            thread.join(10)
-            self.assertEqual(answer["result"][0], 200, answer)
-            self.assertEqual(self.get("/v1/responses/resp_r3")[0], 200)
-            status, page = self.get("/v1/responses/resp_r3/input_items?order=asc")
-            self.assertEqual(status, 200, page)
-            self.assertEqual(len(page["data"]), 5)  # one, its answer, two, its answer, three
-            self.turn("resp_r4", simple_request("four", previous_response_id="resp_r3"))
-            self.assertEqual(len(self.last_upstream()["body"]["input"]), 7)
-            self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
-            self.assert_not_found("DELETE", "/v1/responses/resp_r2", "resp_r2")
+        self.delete_during_a_turn()
+
+    @with_proxy_options(state_db=lambda t: os.path.join(t.home, "state.db"))
+    def test_deleting_what_a_streaming_turn_continues_keeps_it_in_the_state_db(self):
+        self.delete_during_a_turn()
+
+    def delete_during_a_turn(self):
+        self.turn("resp_r1", "one")
+        self.turn("resp_r2", simple_request("two", previous_response_id="resp_r1"))
+        reply, thread, answer = self.start_slow_turn("resp_r3", "resp_r2")
+        status, _, _ = self.request("DELETE", "/v1/responses/resp_r2")
+        self.assertEqual(status, 200)
+        self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
+        reply.go()
+        thread.join(10)
+        self.assertEqual(answer["result"][0], 200, answer)
+        self.assertEqual(self.get("/v1/responses/resp_r3")[0], 200)
+        status, page = self.get("/v1/responses/resp_r3/input_items?order=asc")
+        self.assertEqual(status, 200, page)
+        self.assertEqual(len(page["data"]), 5)  # one, its answer, two, its answer, three
+        self.turn("resp_r4", simple_request("four", previous_response_id="resp_r3"))
+        self.assertEqual(len(self.last_upstream()["body"]["input"]), 7)
+        self.assert_not_found("GET", "/v1/responses/resp_r2", "resp_r2")
+        self.assert_not_found("DELETE", "/v1/responses/resp_r2", "resp_r2")
 
     def test_over_a_websocket_too_and_no_hold_outlives_its_turn(self):
         self.turn("resp_r1", "one")
@@ -10642,15 +10643,20 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
         self.assertEqual(self.upstream_input(), [
             user_item("question 11"), replayed_item("answer 11"), user_item("more")])
 
-    def test_least_recently_used_goes_first(self):
-        # text that hardly compresses, so an entry's kept (compressed) size is known ahead
+    @staticmethod
+    def incompressible_turn():
+        """(question, answer, the size an entry of the two is kept in): text that hardly
+        compresses, so an entry's kept (compressed) size is known ahead."""
         rng = random.Random(5)
         user, answer = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789")
                                 for _ in range(1500)) for _ in "qa"]
         size = len(zlib.compress(json.dumps([user_item(user), message_item(answer)],
                                             separators=(",", ":")).encode(), 1))
-        self.stop_proxy(self.proxy)
-        self.start_proxy(state_max_mb=2.5 * size / (1024 * 1024))  # two entries fit, not three
+        return user, answer, size
+
+    @with_proxy_options(state_max_mb=lambda t: 2.5 * t.incompressible_turn()[2] / (1024 * 1024))
+    def test_least_recently_used_goes_first(self):  # two entries fit, not three
+        user, answer, _ = self.incompressible_turn()
         self.turn("resp_a", user, answer)
         self.turn("resp_b", user, answer)
         self.turn("resp_c", user, answer, previous="resp_a")  # uses resp_a: resp_b is LRU
@@ -10719,12 +10725,13 @@ class PreviousResponseIdTests(ChainMixin, ChatCase):
 
 
 class StateDbTests(ChainMixin, ChatCase):
+    proxy_in_setup = False  # each test starts its proxies itself: after a umask, two at once
+
     def setUp(self):
         super().setUp()
         self.dbdir = tempfile.mkdtemp(prefix="state-db-")
         self.addCleanup(shutil.rmtree, self.dbdir, True)
         self.db = os.path.join(self.dbdir, "state.sqlite")
-        self.stop_proxy(self.proxy)
 
     def start_db_proxy(self, **overrides):
         self.start_proxy(state_db=self.db, **overrides)
