@@ -4,6 +4,19 @@ The fake backend and the fake OAuth server below behave like the real ones (docs
 §2-§5): the backend wants a valid bearer, stream=true, store=false and instructions, rejects the
 parameters the real one rejects, and answers server-sent events whose response.completed
 carries "output": []. Run: python3 -m unittest -v
+
+The file follows the program, a section (a ==== banner) per part:
+  Harness       tokens, the fake backend (Codex, platform, scripted), the fake OAuth server, one
+                raw HTTP client and wait_until, ProxyTestCase (proxy_options, with_proxy_options)
+  Server        connections, limits, descriptors      Handler    framing, bad input, routes, logs
+  Access policy key, Host, Origin, Content-Type       Bodies     limits, gzip, JSON, multipart
+  App           routes, /v1/models, API-key mode      Front ends Responses, Chat, Messages,
+                                                                 images, effort names
+  Upstream      credentials, Codex CLI, login, HTTP, pool, backend WebSocket
+  Relay         streams, failures, hang-ups           Client WebSocket
+  Stores        conversations, state-db, compaction   Codecs     SSE, WebSocket framing, assembly
+  Process       main, signals, secrets, login command, script process
+  Status        /status, /healthz, the status page
 """
 
 import base64
@@ -1228,12 +1241,20 @@ class FakeOAuth:
 # --------------------------------------------------------------------------------------------
 
 def wait_until(predicate, timeout=5.0, step=0.01):
+    """predicate()'s first true value, polled every step seconds; its last value after
+    timeout. The suite waits on conditions this way, never on the clock."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ResponseHeaders(dict):
@@ -1755,14 +1776,16 @@ class ProxyTestCase(unittest.TestCase):
     def wait_for_log(self, needle, timeout=5.0):
         """The last log line containing needle; the request line is written just after the
         answer went out, so a test may see the answer first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = [l for l in self.log_text().splitlines() if needle in l]
-            if lines:
-                return lines[-1]
-            if time.monotonic() > deadline:
-                self.fail("no log line with %r in:\n%s" % (needle, self.log_text()))
-            time.sleep(0.01)
+        line = wait_until(lambda: ([l for l in self.log_text().splitlines() if needle in l]
+                                   or [None])[-1], timeout)
+        if line is None:
+            self.fail("no log line with %r in:\n%s" % (needle, self.log_text()))
+        return line
+
+    def wait_for(self, predicate, what, timeout=10.0):
+        """Waits until predicate() holds; fails naming what it waited for."""
+        if not wait_until(predicate, timeout):
+            self.fail("timed out waiting for " + what)
 
 
 def simple_request(text="say hi", **extra):
@@ -1812,13 +1835,6 @@ class WebSocketCase(ProxyTestCase):
         client = self.ws(**kw)
         self.assertEqual(client.status, 101, client.body)
         return client
-
-    def wait_until(self, predicate, what, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                self.fail("timed out waiting for " + what)
-            time.sleep(0.01)
 
 
 class SecurityCase(ProxyTestCase):
@@ -2300,11 +2316,9 @@ class ConcurrencyTests(SecurityCase):
                                if e[0] == "response.output_text.delta")
                 self.assertEqual(text, "Hello there!")
         # the slots are freed just before each request's log line
-        deadline = time.monotonic() + 5
-        while len([l for l in self.log_text().splitlines()
-                   if "POST /v1/responses" in l and "status=200" in l]) < 2:
-            self.assertLess(time.monotonic(), deadline, self.log_text())
-            time.sleep(0.01)
+        self.wait_for(lambda: len([l for l in self.log_text().splitlines()
+                                   if "POST /v1/responses" in l and "status=200" in l]) >= 2,
+                      "two request lines:\n" + self.log_text())
         self.assert_ok_response(self.post_json())
         self.assert_ok_response(self.post_json())
         self.assertEqual(len(self.backend.requests), 4)
@@ -7497,12 +7511,6 @@ class AtomicWriteTests(ProxyTestCase):
 # Upstream: logging in (device code, browser, --status, logout)
 # --------------------------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def no_proxy_opener():
     """urllib as a browser on this machine: redirects followed, no HTTP proxy from the env."""
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -8468,19 +8476,18 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.turn([], "hi")
         pool = self.proxy.app.upstream.websockets.pool
         fake_ws_send(self.backend.ws.open[1], 9, b"idle ping")
-        deadline = time.monotonic() + 5
-        while b"idle ping" not in self.backend.ws.pongs and time.monotonic() < deadline:
+        def swept_and_pinged():
             pool.sweep()  # what the janitor thread does every few seconds
-            time.sleep(0.02)
+            return b"idle ping" in self.backend.ws.pongs
+
+        wait_until(swept_and_pinged, 5.0, step=0.02)
         self.assertIn(b"idle ping", self.backend.ws.pongs)
         self.assertEqual(len(pool), 1)
         self.turn([], "a new conversation on the same socket")  # still usable
         self.assertEqual(self.backend.ws.sockets, 1)
         with mock.patch.object(proxy, "WS_UPSTREAM_IDLE_SECONDS", 0):
             pool.sweep()
-        deadline = time.monotonic() + 5
-        while self.backend.ws.open and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not self.backend.ws.open, 5.0)
         self.assertEqual(self.backend.ws.open, {}, "the idle socket was not closed")
         self.assertEqual(len(pool), 0)
 
@@ -8596,13 +8603,6 @@ class UpstreamTransportChoiceTests(ProxyTestCase):
     """When the backend refuses the upgrade, and --upstream-transport http / ws."""
 
     upstream_transport = "auto"
-
-    def wait_for(self, condition, what):
-        deadline = time.monotonic() + 5
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail("timed out waiting for " + what)
-            time.sleep(0.01)
 
     def test_auto_opens_the_socket_beside_http_turns_and_then_chains(self):
         self.backend.ws.refuse = None
@@ -9078,10 +9078,7 @@ class HangupWatcherRaceTests(unittest.TestCase):
         self.assertFalse(proxy._peer_closed(entry["peek"]))
         self.assertLess(time.monotonic() - started, 5.0, "the peek waited for the timeout")
         peer.close()
-        deadline = time.monotonic() + 1.0
-        while not entry["gone"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertTrue(entry["gone"], "the hang-up went unnoticed")
+        self.assertTrue(wait_until(lambda: entry["gone"], 1.0), "the hang-up went unnoticed")
         upstream_peer.settimeout(1.0)
         self.assertEqual(upstream_peer.recv(1), b"", "the upstream connection was not cut")
 
@@ -9113,10 +9110,8 @@ class HangupWatcherRaceTests(unittest.TestCase):
         leaving_entry = watcher.watch(leaving, pair()[0])
         leaving_peer.close()  # this client hangs up
         # well before the 5 s socket timeouts: noticed, not waited out
-        deadline = time.monotonic() + 4.0
-        while not leaving_entry["gone"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertTrue(leaving_entry["gone"], "a hang-up went unnoticed")
+        self.assertTrue(wait_until(lambda: leaving_entry["gone"], 4.0),
+                        "a hang-up went unnoticed")
         time.sleep(1.0)  # several more of the watcher's polls with the live client in the list
         self.assertFalse(live_entry["gone"], "a live client was taken for gone")
         live_up.settimeout(0)
@@ -9703,7 +9698,7 @@ class SocketKeptMemoryTests(WebSocketCase):
         self.assertEqual(len(self.backend.requests[-1]["body"]["input"]), 7)
         client.send_frame(0x8, b"\x03\xe8")
         client.expect_close()
-        self.wait_until(lambda: memory.bytes == 0, "the socket's kept responses to go")
+        self.wait_for(lambda: memory.bytes == 0, "the socket's kept responses to go")
 
     @with_proxy_options(state_max_mb=1)
     def test_all_sockets_together_stay_within_the_store_cap(self):
