@@ -12523,9 +12523,11 @@ class StatusPageBrowserTests(ProxyTestCase):
         # stays, and says so.
         self.proxy.app.begin_shutdown("the test")
         self.stop_proxy(self.proxy)
-        # The page polls every few seconds, and needs two polls to see the proxy gone: virtual
-        # time runs its timers at once instead of a real wait of 9 s.
-        browser.call("Emulation.setVirtualTimePolicy", {"policy": "advance", "budget": 20000})
+        # The page polls every few seconds, and takes a few polls to see the proxy gone (each
+        # kept-alive connection answers 503 once): virtual time runs its timers at once
+        # instead of a real wait of 9 s, and stands still while a request is out.
+        browser.call("Emulation.setVirtualTimePolicy", {
+            "policy": "pauseIfNetworkFetchesPending", "budget": 600000})
         browser.wait_for("document.getElementById('conn').textContent"
                          ".startsWith('not reachable')")
         self.assertIn("acct-file", browser.eval("document.body.innerText"))
