@@ -1905,6 +1905,14 @@ def run_program(args, timeout=15, env=None):
                           env=env or clean_env())
 
 
+def side_by_side(function, jobs):
+    """[function(job) for job in jobs], run at once: a run of the program mostly waits for its
+    interpreter to start, and a test that tries many inputs need not wait for each in turn."""
+    jobs = list(jobs)
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+        return list(pool.map(function, jobs))
+
+
 def run_with_stdin(args, data, timeout=6):
     """(returncode or None on timeout, stdout, stderr) of the program fed `data` on stdin."""
     proc = subprocess.Popen([sys.executable, PROGRAM] + list(args), stdin=subprocess.PIPE,
@@ -4262,9 +4270,9 @@ class ApiKeyInputTests(ApiKeyCase):
     def test_bad_keys_are_start_up_errors_without_echo(self):
         args = ["--api-key-stdin", "--port", "0", "--codex-home", self.home,
                 "--upstream-url", self.platform.url]
-        for label, data, markers in self.BAD:
+        results = side_by_side(lambda case: run_with_stdin(args, case[1]), self.BAD)
+        for (label, data, markers), (rc, out, err) in zip(self.BAD, results):
             with self.subTest(label):
-                rc, out, err = run_with_stdin(args, data)
                 text = err.decode("utf-8", "replace") + out.decode("utf-8", "replace")
                 self.assertIsNotNone(rc, "%s: the proxy started anyway:\n%s" % (label, text))
                 self.assertNotEqual(rc, 0, text)
@@ -10550,7 +10558,7 @@ class CompactEndpointTests(ConversationCase):
 
     @with_proxy_options(stream_idle_timeout=0.3)
     def test_a_slow_compaction_outlasts_the_stream_idle_timeout(self):
-        self.backend.replies.append(Reply(delay=1.0))
+        self.backend.replies.append(Reply(delay=0.6))  # twice the idle timeout
         status, _, answer = self.compact(simple_request())
         self.assertEqual(status, 200, answer)
         self.assertEqual(answer["output"][-1]["type"], "compaction")
@@ -11145,17 +11153,19 @@ class CommandLineTests(ProcessTestCase):
         self.assertEqual(self.backend.requests[-1]["body"]["instructions"], "From the Go tool.")
 
     def test_bad_addr_is_a_usage_error(self):
-        for args in (["--addr", "nonsense"], ["--addr", "127.0.0.1:http"],
-                     ["--addr", "127.0.0.1:99999"], ["-addr", "127.0.0.1:"],
-                     ["--port", "70000"], ["--stream-idle-timeout", "0"]):
-            result = run_program(args + ["--codex-home", self.home])
+        bad = (["--addr", "nonsense"], ["--addr", "127.0.0.1:http"],
+               ["--addr", "127.0.0.1:99999"], ["-addr", "127.0.0.1:"],
+               ["--port", "70000"], ["--stream-idle-timeout", "0"])
+        results = side_by_side(run_program, [args + ["--codex-home", self.home] for args in bad]
+                               + [["--addr", "nonsense"]])
+        for args, result in zip(bad, results):
             err = result.stderr.decode()
             self.assertEqual(result.returncode, 2, (args, err))
             self.assertIn("usage:", err, args)
             self.assertIn("error:", err, args)
             self.assertNotIn("Traceback", err, args)
             self.assertNotIn("listening", err, args)
-        err = run_program(["--addr", "nonsense"]).stderr.decode()
+        err = results[-1].stderr.decode()
         self.assertIn("--addr", err)
         self.assertIn("HOST:PORT", err)
 
@@ -11599,11 +11609,13 @@ class BindAddressTests(SecurityProcessCase):
                  (self.key_file(b" \n\n", "blank.key"), "non-empty"),
                  (self.key_file(b"abc\ndef\n", "two.key"), "one non-empty line"),
                  (missing, "No such file")]
-        for path, reason in cases:
-            for addr in ("127.0.0.1:0", "0.0.0.0:0"):
-                with self.subTest(path=os.path.basename(path), addr=addr):
-                    result = self.run_proxy("--addr", addr, "--client-key-file", path)
-                    self.assert_usage_error(result, "--client-key-file", path, reason)
+        runs = [(path, reason, addr) for path, reason in cases
+                for addr in ("127.0.0.1:0", "0.0.0.0:0")]
+        results = side_by_side(lambda run: self.run_proxy("--addr", run[2], "--client-key-file",
+                                                          run[0]), runs)
+        for (path, reason, addr), result in zip(runs, results):
+            with self.subTest(path=os.path.basename(path), addr=addr):
+                self.assert_usage_error(result, "--client-key-file", path, reason)
 
 
 class PermissionWarningTests(SecurityProcessCase):
