@@ -3879,7 +3879,7 @@ class MultipartFormTests(unittest.TestCase):
 
 
 # ============================================================================================
-# App: ChatGPT routes, /v1/models, and API-key mode (the platform pass-through)
+# App: /v1/models, and API-key mode (the platform pass-through)
 # ============================================================================================
 
 class ModelsTests(ProxyTestCase):
@@ -5493,7 +5493,7 @@ class ChatWrongTypesTests(ProxyTestCase):
 
 
 # ============================================================================================
-# Front end: Anthropic Messages (Claude Code): the mapping both ways as pure functions, then over sockets
+# Front end: Anthropic Messages (Claude Code): the mapping both ways, pure, then over sockets
 # ============================================================================================
 
 MESSAGES = "/v1/messages"
