@@ -5199,6 +5199,7 @@ class HangupWatcher:
         self._retired = []  # duplicates of unwatched sockets, for the watcher thread to close
         self._cond = threading.Condition()
         self._thread = None
+        self._closed = False
 
     def watch(self, client_sock, upstream_sock):
         entry = {"peek": None, "upstream": upstream_sock, "gone": False}
@@ -5211,6 +5212,10 @@ class HangupWatcher:
             entry["peek"] = None
             return entry  # unwatched: a hang-up is then noticed at the next write
         with self._cond:
+            if self._closed:  # a turn outliving the proxy's stop: no thread for it any more
+                entry["peek"].close()
+                entry["peek"] = None
+                return entry
             self._watched[id(entry)] = entry
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hangup-watcher",
@@ -5224,10 +5229,20 @@ class HangupWatcher:
         may then go back to the pool."""
         with self._cond:
             if self._watched.pop(id(entry), None) is not None:
-                self._retired.append(entry["peek"])
+                if self._thread is None:
+                    entry["peek"].close()
+                else:
+                    self._retired.append(entry["peek"])
+
+    def close(self):
+        """The proxy stops: the thread ends within a poll, closing the duplicates it holds (a
+        stopped proxy in a process that goes on, as in tests, must leave no thread behind)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
     def _run(self):
-        while True:
+        while not self._closed:
             try:
                 self._poll_once()
             except Exception:  # a surprise must not end hang-up detection for good
@@ -5240,6 +5255,12 @@ class HangupWatcher:
                 retired, self._retired = self._retired, []
                 for sock in retired:
                     sock.close()
+                if self._closed:
+                    for entry in self._watched.values():
+                        entry["peek"].close()
+                    self._watched.clear()
+                    self._thread = None  # gone: unwatch closes duplicates itself from now on
+                    return
                 if self._watched:
                     break
                 self._cond.wait()
@@ -5434,6 +5455,7 @@ class UpstreamClient:
     def close(self):
         self.pool.close_all()
         self.websockets.close()
+        self.hangups.close()
 
 
 def window_label(minutes):
@@ -5818,6 +5840,7 @@ class WebSocketPool:
         self._opening = set()                   # keys whose socket is being opened
         self._lock = threading.Lock()
         self._janitor = None
+        self._closed = threading.Event()
 
     def take(self, key, previous=None):
         with self._lock:
@@ -5903,8 +5926,7 @@ class WebSocketPool:
                 ws.close()
 
     def _sweep_forever(self):
-        while True:
-            time.sleep(self.SWEEP_EVERY)
+        while not self._closed.wait(self.SWEEP_EVERY):
             try:
                 self.sweep()
             except Exception:  # a surprise must not end the sweeping for good
@@ -5914,6 +5936,8 @@ class WebSocketPool:
         return len(self._idle)
 
     def close_all(self):
+        """The proxy stops: its sockets close, and the janitor ends."""
+        self._closed.set()
         with self._lock:
             gone = list(self._idle.values())
             self._idle.clear()

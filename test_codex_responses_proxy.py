@@ -8716,6 +8716,14 @@ class UpstreamWebSocketTests(ProxyTestCase):
         text = json.dumps([sent, received])
         self.assertNotIn(self.token, text)
 
+    def test_a_stopped_proxy_leaves_no_janitor_thread(self):
+        self.turn([], "hi")  # a socket back in the pool: its janitor starts
+        janitor = self.proxy.app.upstream.websockets.pool._janitor
+        self.assertIsNotNone(janitor)
+        self.stop_proxy(self.proxy)
+        janitor.join(10.0)
+        self.assertFalse(janitor.is_alive(), "the socket pool's janitor outlived the proxy")
+
 
 class UpstreamWebSocketStrictnessTests(ProxyTestCase):
     """What the backend's socket may not do (RFC 6455, issue 19): each case fails the
@@ -9354,6 +9362,14 @@ class ClientHangupTests(StreamingCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.backend.connections, 2, "the abandoned connection was reused")
 
+    def test_a_stopped_proxy_leaves_no_watcher_thread(self):
+        self.stream(simple_request())  # a streamed turn: the hang-up watcher starts
+        watcher = self.proxy.app.upstream.hangups._thread
+        self.assertIsNotNone(watcher)
+        self.stop_proxy(self.proxy)
+        watcher.join(10.0)
+        self.assertFalse(watcher.is_alive(), "the hang-up watcher outlived the proxy")
+
     # an idle timeout far beyond the waits below: only the hang-up can close the upstream
     @with_proxy_options(stream_idle_timeout=60.0)
     def test_hangup_while_upstream_is_silent_closes_upstream_promptly(self):
@@ -9392,6 +9408,7 @@ class HangupWatcherRaceTests(unittest.TestCase):
         # those bytes before the watcher peeks, the peek must not wait out the socket's
         # timeout (5 s here, 120 s in the proxy): meanwhile no other hang-up would be seen.
         watcher = proxy.HangupWatcher()
+        self.addCleanup(watcher.close)
         client, peer = socket.socketpair()
         upstream, upstream_peer = socket.socketpair()
         for sock in (client, peer, upstream, upstream_peer):
@@ -9408,6 +9425,7 @@ class HangupWatcherRaceTests(unittest.TestCase):
 
     def test_a_closed_socket_in_the_watch_list_neither_stalls_nor_cuts_live_streams(self):
         watcher = proxy.HangupWatcher()
+        self.addCleanup(watcher.close)
         pairs = []
 
         def pair(timeout=None):
@@ -9443,6 +9461,26 @@ class HangupWatcherRaceTests(unittest.TestCase):
             self.assertNotEqual(live_up.recv(1), b"", "a live client's upstream was cut")
         except BlockingIOError:
             pass  # still open: nothing to read, no EOF
+
+    def test_closing_ends_the_thread_and_closes_the_duplicates(self):
+        # A stopped proxy in a process that goes on (as the tests) must leave no thread.
+        watcher = proxy.HangupWatcher()
+        self.addCleanup(watcher.close)
+        pairs = [socket.socketpair() for _ in range(3)]
+        for pair in pairs:
+            self.addCleanup(pair[0].close)
+            self.addCleanup(pair[1].close)
+        watched = watcher.watch(pairs[0][0], pairs[1][0])
+        thread = watcher._thread
+        self.assertTrue(thread.is_alive())
+        watcher.close()
+        thread.join(10.0)
+        self.assertFalse(thread.is_alive(), "the watcher thread outlived close()")
+        self.assertEqual(watched["peek"].fileno(), -1, "a duplicate was left open")
+        watcher.unwatch(watched)  # the turn ends after the stop: nothing more to do
+        late = watcher.watch(pairs[2][0], pairs[1][0])  # a turn starting after the stop
+        self.assertIsNone(late["peek"])
+        self.assertIsNone(watcher._thread, "a watch after close() started a thread")
 
 
 # ============================================================================================
@@ -10491,8 +10529,6 @@ class StoredResponseEndpointTests(ConversationCase):
         def restart():
             self.stop_proxy(self.proxy)
             self.start_proxy(state_db=db)
-            store = self.proxy.app.conversations
-            self.addCleanup(lambda: store._db.close() if hasattr(store, "_db") else None)
 
         restart()
         answered = self.turn("resp_a", simple_request(input=[user_item("q1")]))
@@ -11054,8 +11090,6 @@ class StateDbTests(ChainMixin, ChatCase):
 
     def start_db_proxy(self, **overrides):
         self.start_proxy(state_db=self.db, **overrides)
-        store = self.proxy.app.conversations
-        self.addCleanup(lambda: store._db.close() if hasattr(store, "_db") else None)
         return self.proxy
 
     def test_chain_survives_a_restart(self):
