@@ -5242,14 +5242,16 @@ class HangupWatcher:
             self._cond.notify()
 
     def _run(self):
-        while not self._closed:
+        while True:
             try:
-                self._poll_once()
+                if not self._poll_once():
+                    return
             except Exception:  # a surprise must not end hang-up detection for good
                 time.sleep(self.POLL)
 
     def _poll_once(self):
-        """One round: close retired duplicates, wait for a watched socket, act on hang-ups."""
+        """One round: close retired duplicates, wait for a watched socket, act on hang-ups.
+        False once closed, its duplicates closed: the thread then ends."""
         with self._cond:
             while True:
                 retired, self._retired = self._retired, []
@@ -5260,7 +5262,7 @@ class HangupWatcher:
                         entry["peek"].close()
                     self._watched.clear()
                     self._thread = None  # gone: unwatch closes duplicates itself from now on
-                    return
+                    return False
                 if self._watched:
                     break
                 self._cond.wait()
@@ -5282,6 +5284,7 @@ class HangupWatcher:
                     except OSError:
                         pass
         time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
+        return True
 
 
 def _peer_closed(sock):

@@ -1777,6 +1777,8 @@ class ProxyTestCase(unittest.TestCase):
     @staticmethod
     def stop_proxy(server):
         server.shutdown()
+        # as main() drains before it closes: no turn outlives the proxy's store
+        server.app.traffic.wait_idle(10.0)
         server.server_close()
 
     def connection(self, timeout=15):
