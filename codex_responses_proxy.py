@@ -654,6 +654,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, config, log=None):
         self.app = App(config, log or Log(debug=config.debug))
         self.app.on_shutdown = self.shutdown
+        self.hangups = HangupWatcher()  # the Exchanges' watch on their clients
         self.descriptors_short = False
         self.at_connection_limit = False
         self.refused = collections.deque()  # (when to close, socket) of refused connections
@@ -746,6 +747,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().server_close()
         while self.refused:
             close_refused(self.refused.popleft()[1])
+        self.hangups.close()
         self.app.close()
 
 
@@ -809,7 +811,7 @@ class Exchange:
         raise NotImplementedError
 
     def unwatch_hangup(self, watch):
-        HANGUPS.unwatch(watch)
+        raise NotImplementedError
 
     def writable_now(self):
         """Whether the client takes a small write at once (a ping must never wait)."""
@@ -1034,7 +1036,10 @@ class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
         return platform_request_headers(self.headers.items())
 
     def watch_hangup(self, upstream_sock):
-        return HANGUPS.watch(self.connection, upstream_sock)
+        return self.server.hangups.watch(self.connection, upstream_sock)
+
+    def unwatch_hangup(self, watch):
+        self.server.hangups.unwatch(watch)
 
     def writable_now(self):
         return writable_now(self.connection)
@@ -1235,6 +1240,7 @@ class HangupWatcher:
         self._retired = []  # duplicates of unwatched sockets, for the watcher thread to close
         self._cond = threading.Condition()
         self._thread = None
+        self._closed = False
 
     def watch(self, client_sock, upstream_sock):
         entry = {"peek": None, "upstream": upstream_sock, "gone": False}
@@ -1247,6 +1253,10 @@ class HangupWatcher:
             entry["peek"] = None
             return entry  # unwatched: a hang-up is then noticed at the next write
         with self._cond:
+            if self._closed:  # a turn outliving the proxy's stop: no thread for it any more
+                entry["peek"].close()
+                entry["peek"] = None
+                return entry
             self._watched[id(entry)] = entry
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hangup-watcher",
@@ -1260,22 +1270,40 @@ class HangupWatcher:
         may then go back to the pool."""
         with self._cond:
             if self._watched.pop(id(entry), None) is not None:
-                self._retired.append(entry["peek"])
+                if self._thread is None:
+                    entry["peek"].close()
+                else:
+                    self._retired.append(entry["peek"])
+
+    def close(self):
+        """The proxy stops: the thread ends within a poll, closing the duplicates it holds (a
+        stopped proxy in a process that goes on, as in tests, must leave no thread behind)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
     def _run(self):
         while True:
             try:
-                self._poll_once()
+                if not self._poll_once():
+                    return
             except Exception:  # a surprise must not end hang-up detection for good
                 time.sleep(self.POLL)
 
     def _poll_once(self):
-        """One round: close retired duplicates, wait for a watched socket, act on hang-ups."""
+        """One round: close retired duplicates, wait for a watched socket, act on hang-ups.
+        False once closed, its duplicates closed: the thread then ends."""
         with self._cond:
             while True:
                 retired, self._retired = self._retired, []
                 for sock in retired:
                     sock.close()
+                if self._closed:
+                    for entry in self._watched.values():
+                        entry["peek"].close()
+                    self._watched.clear()
+                    self._thread = None  # gone: unwatch closes duplicates itself from now on
+                    return False
                 if self._watched:
                     break
                 self._cond.wait()
@@ -1297,9 +1325,7 @@ class HangupWatcher:
                     except OSError:
                         pass
         time.sleep(self.POLL if readable else 0)  # readable, not closed: pipelined bytes
-
-
-HANGUPS = HangupWatcher()
+        return True
 
 
 def _peer_closed(sock):
@@ -1391,7 +1417,10 @@ class WebSocketRequest(Exchange):
             pass
 
     def watch_hangup(self, upstream_sock):
-        return HANGUPS.watch(self.session.sock, upstream_sock)
+        return self.session.handler.server.hangups.watch(self.session.sock, upstream_sock)
+
+    def unwatch_hangup(self, watch):
+        self.session.handler.server.hangups.unwatch(watch)
 
 
 class WebSocketSession:
@@ -5915,6 +5944,7 @@ class WebSocketPool:
         self._opening = set()                   # keys whose socket is being opened
         self._lock = threading.Lock()
         self._janitor = None
+        self._closed = threading.Event()
 
     def take(self, key, previous=None):
         with self._lock:
@@ -6000,8 +6030,7 @@ class WebSocketPool:
                 ws.close()
 
     def _sweep_forever(self):
-        while True:
-            time.sleep(self.SWEEP_EVERY)
+        while not self._closed.wait(self.SWEEP_EVERY):
             try:
                 self.sweep()
             except Exception:  # a surprise must not end the sweeping for good
@@ -6011,6 +6040,8 @@ class WebSocketPool:
         return len(self._idle)
 
     def close_all(self):
+        """The proxy stops: its sockets close, and the janitor ends."""
+        self._closed.set()
         with self._lock:
             gone = list(self._idle.values())
             self._idle.clear()
