@@ -10286,6 +10286,11 @@ def serve_past_the_top_level(serve):
     top level, the parse tree is free and its pages go back to the system. An exception
     in serve() still ends the process with status 1, as it would in the main thread."""
     def run():
+        # SIGTERM and SIGINT blocked here, and so in every thread this one starts: the kernel
+        # then delivers them to the main thread. It waits for this thread in a lock that only
+        # a signal delivered to it interrupts, and only it runs Python's signal handlers.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         threading.main_thread().join()
         give_back_freed_memory()
         try:
