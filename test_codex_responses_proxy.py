@@ -6942,7 +6942,8 @@ class RefreshTests(ProxyTestCase):
         self.backend.valid_tokens.clear()
         self.backend.check = lambda headers, body: (401, "Unauthorized")
         status, _, body = self.post(simple_request())
-        self.assert_openai_error(status, body, 401, contains="codex login")
+        # the same code as over the backend's WebSocket (one retry policy for both)
+        self.assert_openai_error(status, body, 401, code="invalid_api_key", contains="codex login")
         self.assertEqual(len(self.backend.requests), 2)
         self.assertEqual(self.oauth.count, 1)
 
@@ -8588,7 +8589,7 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.oauth.current_refresh = read_auth(self.home)["tokens"]["refresh_token"]
         self.backend.valid_tokens = RevokedTokens()  # refreshed tokens fail too
         status, _, body = self.post(simple_request())
-        self.assert_openai_error(status, body, 401, contains="codex login")
+        self.assert_openai_error(status, body, 401, code="invalid_api_key", contains="codex login")
         self.assertEqual(len(self.backend.ws.handshakes), 2)
         self.assertEqual(self.backend.requests, [])
 
@@ -8600,6 +8601,16 @@ class UpstreamWebSocketTests(ProxyTestCase):
         self.assertEqual(answer["status"], "completed")
         self.assertEqual(self.oauth.count, 1)
         self.assertEqual(self.backend.ws.sockets, 2)
+
+    def test_unsupported_parameter_error_frame_is_dropped_and_retried(self):
+        """The retry policy HTTP has, on the backend's socket too."""
+        self.backend.extra_rejected.add("seed")
+        status, _, body = self.post(simple_request(seed=42))
+        self.assertEqual(status, 200, body)
+        self.assertEqual([("seed" in m) for m in self.messages()], [True, False])
+        self.assertEqual(self.post(simple_request(seed=43))[0], 200)
+        self.assertEqual(len(self.messages()), 3, "remembered: no second rejection")
+        self.assertTrue(all(r.get("ws") for r in self.backend.requests), "none over HTTP")
 
     def test_429_error_frame_is_passed_on_with_its_headers_not_retried(self):
         self.backend.replies.append(Reply(status=429, body=json.dumps({"error": {
