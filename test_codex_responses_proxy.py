@@ -2119,6 +2119,152 @@ class ProcessTestCase(unittest.TestCase):
 
 
 # ============================================================================================
+# Harness: the whole module in two processes
+# ============================================================================================
+
+# Seconds a class took in a quiet one-process run on 2 cores (any other class: 0.04 a test);
+# load_tests balances its two processes on these.
+CLASS_SECONDS = {"SlowClientTests": 6.4, "BindAddressTests": 6.4, "ApiKeyInputTests": 5.3,
+    "RelayDifferentialTests": 5.2, "StatusPageBrowserTests": 4.7, "ApiKeyStdinTests": 4.2,
+    "RefreshTests": 3.6, "CommandLineTests": 3.5, "ScriptProcessTests": 2.7,
+    "MessageCostTests": 2.6, "CodexCliNeighbourTests": 2.2, "ServerInfoAndShutdownTests": 2.2,
+    "LoginProcessTests": 2.2, "DescriptorExhaustionTests": 2.1, "ResponsesEndpointTests": 2.1,
+    "ShutdownDuringRefreshTests": 1.8, "UpstreamWebSocketTests": 1.8, "SignalTests": 1.7,
+    "BadInputTests": 1.5, "HangupWatcherRaceTests": 1.2, "BurstTests": 1.1,
+    "CrossProcessRefreshTests": 1.0, "WebSocketFrameTests": 1.0, "CompactEndpointTests": 1.0,
+    "DeviceLoginTests": 1.0, "EnvironmentTests": 0.9, "BrowserLoginTests": 0.9,
+    "NoSecretsTests": 0.9, "WebSocketLifecycleTests": 0.8, "StateDbTests": 0.8}
+WORKER_ENV = "CODEX_PROXY_TEST_WORKER"
+WORKER_GRACE_SECONDS = 300  # after this process's half, before a silent worker counts as hung
+OUTCOMES = ("failures", "errors", "skipped", "expectedFailures", "unexpectedSuccesses")
+
+
+def load_tests(loader, tests, pattern):
+    """Run as a whole, the module gives half of its classes to a worker process: most of the
+    suite's time is waiting (programs starting, timeouts, a browser), which two processes
+    overlap. A class or a test named on the command line never comes here."""
+    if os.environ.get(WORKER_ENV):
+        return tests
+    halves, loads = ([], []), [0.0, 0.0]
+    for suite in sorted(tests, key=class_seconds, reverse=True):
+        lighter = loads.index(min(loads))
+        halves[lighter].append(suite)
+        loads[lighter] += class_seconds(suite)
+    return TwoProcessSuite(*halves)
+
+
+def class_seconds(suite):
+    name = type(next(iter(suite), None)).__name__
+    return CLASS_SECONDS.get(name, 0.04 * suite.countTestCases())
+
+
+class TwoProcessSuite(unittest.TestSuite):
+    """Runs `here` in this process while a worker runs `there`, then replays the worker's
+    outcomes into this result, so that -v, "Ran N tests" and OK/FAILED cover both."""
+
+    def __init__(self, here, there):
+        super().__init__(here + there)
+        self.here, self.there = unittest.TestSuite(here), [t for suite in there for t in suite]
+
+    def run(self, result, debug=False):
+        with tempfile.TemporaryDirectory(prefix="test-worker-") as directory:
+            report = os.path.join(directory, "report")
+            open(report, "w").close()  # a worker that dies before any test leaves it empty
+            worker = subprocess.Popen(
+                [sys.executable, "-c", "import sys, %s as m; m.run_worker(sys.argv[1])" % __name__,
+                 report], cwd=HERE, stdin=subprocess.PIPE, start_new_session=True,
+                env=dict(os.environ, **{WORKER_ENV: "1"}))
+            try:
+                with worker.stdin:
+                    worker.stdin.write(json.dumps([t.id() for t in self.there]).encode())
+                self.here.run(result)
+                worker.wait(WORKER_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                if worker.poll() is None:  # its session: the worker and the programs it started
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+            with open(report) as f:  # a line cut short by a crash is no record
+                records = [json.loads(line) for line in f.read().split("\n")[:-1]]
+        finished = records[-1:] == ["finished"] and worker.returncode == 0
+        tests = {test.id(): test for test in self.there}
+        for test_id, outcomes in records[:-1] if finished else records:
+            replay(result, tests.pop(test_id, None), outcomes)
+        problem = "the test worker ended (exit status %s; -9: killed as hung) before this test did"
+        for test in [] if finished else list(tests.values()) or [None]:
+            said = problem % worker.returncode
+            replay(result, test, [["errors", str(test or "test worker"), said]])
+        return result
+
+
+class Reported(unittest.suite._ErrorHolder):
+    """Stands in for a subtest or a class fixture the worker reported on."""
+    failureException = AssertionError
+
+
+def replay(result, test, outcomes):
+    """Gives `result` the outcomes the worker reported for `test` (None: between tests)."""
+    if test:
+        result.startTest(test)
+    for kind, description, text in outcomes:
+        subject = test if str(test) == description else Reported(description)
+        exception = RuntimeError if kind == "errors" else AssertionError
+        err = (exception, exception(text), None)
+        if kind == "skipped":
+            result.addSkip(subject, text)
+        elif kind == "unexpectedSuccesses":
+            result.addUnexpectedSuccess(subject)
+        elif test and subject is not test:
+            result.addSubTest(test, subject, err)
+        else:
+            getattr(result, "add" + kind[0].upper() + kind[1:-1])(subject, err)
+        if kind not in ("skipped", "unexpectedSuccesses"):  # the worker's traceback, as it was
+            listed = getattr(result, kind)
+            listed[-1] = (listed[-1][0], text)
+    if test and not outcomes:
+        result.addSuccess(test)
+    if test:
+        result.stopTest(test)
+
+
+class WorkerResult(unittest.TestResult):
+    """Writes the outcomes of each test as a JSON line as soon as it ends, so that what ran
+    before a crash or a hang reaches the parent."""
+
+    def __init__(self, report):
+        super().__init__()
+        self.report = report
+
+    def startTest(self, test):
+        self.write(None)  # a class fixture's error comes between tests
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self.write(test.id())
+
+    def write(self, test_id):
+        outcomes = [[kind, str(t), text] for kind in OUTCOMES[:4]
+                    for t, text in getattr(self, kind)]
+        outcomes += [[OUTCOMES[4], str(t), ""] for t in self.unexpectedSuccesses]
+        if test_id or outcomes:
+            print(json.dumps([test_id, outcomes]), file=self.report, flush=True)
+        for kind in OUTCOMES:
+            getattr(self, kind).clear()
+
+
+def run_worker(report):
+    """The worker's side of load_tests: runs the tests named on its standard input."""
+    tests = unittest.defaultTestLoader.loadTestsFromNames(json.load(sys.stdin))
+    with open(report, "w") as f:
+        result = WorkerResult(f)
+        tests.run(result)
+        result.write(None)
+        f.write('"finished"\n')
+
+
+# ============================================================================================
 # Server: connections, limits, descriptors, HTTP/1.0, bursts
 # HighDescriptorTests: descriptors numbered 1024 and up (a busy proxy, or a host with a high
 # `ulimit -n`). select.select() refuses such descriptors, and the proxy uses it both to check
