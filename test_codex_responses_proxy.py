@@ -3,7 +3,8 @@
 The fake backend and the fake OAuth server below behave like the real ones (docs/backend.md
 §2-§5): the backend wants a valid bearer, stream=true, store=false and instructions, rejects the
 parameters the real one rejects, and answers server-sent events whose response.completed
-carries "output": []. Run: python3 -m unittest -v
+carries "output": []. Run: python3 -m unittest -v (the whole module gives half of its classes to a
+worker process, see load_tests; a class or a test named on the command line runs in one process)
 
 The file follows the program, a section (a ==== banner) per part:
   Harness       tokens, the fake backend (Codex, platform, scripted), the fake OAuth server, one
