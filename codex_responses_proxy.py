@@ -1203,7 +1203,7 @@ class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
 def log_answered(app, method, path, user_agent, fields, status, seconds, over=None):
     """An answered request (over HTTP, or a message on a WebSocket) into the log and /status's
     recent requests. over: the word its line carries for what it came over."""
-    app.record_request(method, path, user_agent, fields, status, seconds)
+    app.operator.record_request(method, path, user_agent, fields, status, seconds)
     log = app.log
     parts = [method, path]
     if fields.get("model"):
@@ -2202,58 +2202,20 @@ class Traffic:
                     dict(self._websocket))
 
 
-class App:
-    """Everything the proxy is, apart from serving sockets: the login, the upstream client,
-    the conversations, the model list, the counters behind /status, and the routes. A route
-    gets the client's request (a ProxyHandler) and answers through it."""
+class OperatorView:
+    """What the person running the proxy sees: /status, the start-up line about the login, a
+    warning about auth.json's permissions, and the recent requests. The app has one of its
+    two kinds, by the mode: ChatGPTOperatorView or APIKeyOperatorView."""
 
-    def __init__(self, config, log):
+    mode_name = None  # as the start-up line names the mode
+
+    def __init__(self, config, auth, upstream, traffic):
         self.config = config
-        self.log = log
-        if config.api_key_header:
-            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
-        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
-                              log)
-        self.upstream = UpstreamClient(config, log, self.auth)
-        self.models_cache = ModelsCache()
-        self.client_version = ClientVersion(config.client_version)
-        self.model_rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
-        self._model_list_failed = None  # when the model list last could not be had
-        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
-                              if config.state_db else ConversationStore(config.state_max_bytes))
-        self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.auth = auth
+        self.upstream = upstream
+        self.traffic = traffic
         self.started = time.time()
-        self.traffic = Traffic(config.max_concurrent, config.max_connections)
         self.recent = RecentRequests()
-        self.on_shutdown = None  # set by the server: stops accepting connections
-        self._stopping = threading.Event()
-        # The mode decides, once, which routes there are and what answers a client's socket.
-        if config.mode == "apikey":
-            self.routes = self.platform_routes()
-            self.socket_conversation = PlatformSocketConversation
-        else:
-            self.routes = self.chatgpt_routes()
-            self.socket_conversation = SocketConversation
-
-    # -- stopping ---------------------------------------------------------------------------
-
-    @property
-    def stopping(self):
-        return self._stopping.is_set()
-
-    def begin_shutdown(self, why):
-        """Stop accepting (from any thread but serve_forever's); main() then drains."""
-        if not self._stopping.is_set():
-            self._stopping.set()
-            self.log.info("%s: finishing requests in flight" % why)
-            if self.on_shutdown is not None:
-                threading.Thread(target=self.on_shutdown, daemon=True).start()
-
-    def close(self):
-        self.upstream.close()
-        self.conversations.close()
-
-    # -- what the operator sees -------------------------------------------------------------
 
     def status_report(self):
         """What /status says: no secrets, only what a person or a monitor needs."""
@@ -2264,27 +2226,16 @@ class App:
                   "upstream": config.upstream_url, "requests": requests,
                   "connections": connections, "websocket": websocket}
         status.update(self.recent.report())
-        if config.mode == "apikey":
-            status["api_key_from"] = config.api_key_source
-            return status
-        login = {"auth_file": config.auth_path}
-        try:
-            creds = self.auth.load()
-        except ProxyError as e:
-            login.update(ok=False, error=e.message)
-        else:
-            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
-                         access_token_expires_at=iso_time(creds.expires_at),
-                         access_token_expires_in_seconds=None if creds.expires_at is None
-                         else int(creds.expires_at - time.time()),
-                         last_refresh=creds.data.get("last_refresh"))
-        login["last_refresh_attempt"] = self.auth.last_refresh
-        login["login_command"] = LOGIN_COMMAND
-        status["login"] = login
-        status["quota"] = self.upstream.quota.snapshot()
-        status["upstream_transport"] = dict(self.upstream.websockets.choice.report(),
-                                            idle_sockets=len(self.upstream.websockets.pool))
+        status.update(self.login_status())
         return status
+
+    def login_status(self):
+        """/status's fields about the login, by the mode."""
+        raise NotImplementedError
+
+    def describe_credentials(self):
+        """What the start-up line says about the login."""
+        raise NotImplementedError
 
     def record_request(self, method, path, user_agent, fields, status, seconds):
         """Every answered request, over HTTP or as a WebSocket message, comes here with its
@@ -2306,10 +2257,32 @@ class App:
                                              self.config.auth_path))
         return None
 
+
+class ChatGPTOperatorView(OperatorView):
+    """ChatGPT mode: the login behind auth.json, the quota, the backend transport."""
+
+    mode_name = "ChatGPT"
+
+    def login_status(self):
+        config = self.config
+        login = {"auth_file": config.auth_path}
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            login.update(ok=False, error=e.message)
+        else:
+            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
+                         access_token_expires_at=iso_time(creds.expires_at),
+                         access_token_expires_in_seconds=None if creds.expires_at is None
+                         else int(creds.expires_at - time.time()),
+                         last_refresh=creds.data.get("last_refresh"))
+        login["last_refresh_attempt"] = self.auth.last_refresh
+        login["login_command"] = LOGIN_COMMAND
+        return {"login": login, "quota": self.upstream.quota.snapshot(),
+                "upstream_transport": dict(self.upstream.websockets.choice.report(),
+                                           idle_sockets=len(self.upstream.websockets.pool))}
+
     def describe_credentials(self):
-        """What the start-up line says about the login."""
-        if self.config.mode == "apikey":
-            return "API key from %s" % self.config.api_key_source
         try:
             creds = self.auth.load()
         except ProxyError as e:
@@ -2320,6 +2293,131 @@ class App:
         return "ChatGPT login from %s (account %s, plan %s, access token %s%s)" % (
             self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
             expiry, ", will refresh" if creds.needs_refresh() else "")
+
+
+class APIKeyOperatorView(OperatorView):
+    """API-key mode: where the key came from (never the key)."""
+
+    mode_name = "API-key"
+
+    def login_status(self):
+        return {"api_key_from": self.config.api_key_source}
+
+    def describe_credentials(self):
+        return "API key from %s" % self.config.api_key_source
+
+
+class ModelNames:
+    """The model a request names, made one the backend knows: --model-map, Claude's default
+    names, an effort in a name; and the backend's model list behind them (cached)."""
+
+    def __init__(self, config, upstream, client_version, log):
+        self.rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
+        self.upstream = upstream
+        self.client_version = client_version
+        self.log = log
+        self.models_cache = ModelsCache()
+        self._list_failed = None  # when the model list last could not be had
+
+    def listing(self):
+        """The backend's model list (cached) for the newest Codex version seen; a ProxyError
+        when it cannot be had."""
+        return self.models_cache.get(self.upstream.models, self.client_version.newest, self.log)
+
+    def catalog(self):
+        """The backend's model list (cached), or None when it cannot be had. Then names go as
+        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
+        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
+        failed = self._list_failed
+        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
+            return None
+        try:
+            return self.listing()
+        except ProxyError as e:
+            self._list_failed = time.monotonic()
+            self.log.info("the backend's model list is unavailable (%s); model names with an "
+                          "effort in them are sent as they are, and Claude's names go to %s "
+                          "and %s"
+                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
+                             FALLBACK_MODELS[SMALL_MODEL]))
+            return None
+
+    def listed_slugs(self):
+        """The backend's listed models; [] when the list cannot be had."""
+        catalog = self.catalog()
+        return catalog.listed() if catalog is not None else []
+
+    def resolved(self, body):
+        """body with its model mapped, then an effort in its name split off."""
+        # The map first: its target may name an effort.
+        return model_with_effort(self.mapped(body), self.catalog)
+
+    def mapped(self, body):
+        """body with its model as map_model() has it (--model-map, then Claude's names)."""
+        model = body.get("model")
+        mapped = map_model(model, self.rules, self.listed_slugs)
+        if mapped == model:
+            return body
+        self.log.debug("model %s -> %s" % (model, mapped))
+        return dict(body, model=mapped)
+
+    def with_name_effort_first(self, body):
+        """A translated Messages request whose model (or its --model-map target) names an
+        effort, with that effort instead of the request's: Claude Code sends
+        output_config.effort on every request (2.1.332: medium for Claude's names, high for
+        others), so the name's effort, the only one its user chose, would never apply."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
+            return body
+        unset = dict(self.mapped(body), reasoning={
+            k: v for k, v in reasoning.items() if k != "effort"})
+        named = model_with_effort(unset, self.catalog)
+        return body if named is unset else named
+
+
+class App:
+    """The proxy's services (the login, the upstream client, the conversations, the model
+    names, the counters, the operator's view) and its routes. A route gets the client's
+    request (an Exchange) and answers through it."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        if config.api_key_header:
+            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
+        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
+                              log)
+        self.upstream = UpstreamClient(config, log, self.auth)
+        self.client_version = ClientVersion(config.client_version)
+        self.model_names = ModelNames(config, self.upstream, self.client_version, log)
+        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
+                              if config.state_db else ConversationStore(config.state_max_bytes))
+        self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.traffic = Traffic(config.max_concurrent, config.max_connections)
+        self.on_shutdown = None  # set by the server: stops accepting connections
+        self._stopping = threading.Event()
+        mode = APP_MODES[config.mode]
+        self.operator = mode.operator_view(config, self.auth, self.upstream, self.traffic)
+        self.routes = mode.routes(self)
+        self.socket_conversation = mode.socket_conversation
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    @property
+    def stopping(self):
+        return self._stopping.is_set()
+
+    def begin_shutdown(self, why):
+        """Stop accepting (from any thread but serve_forever's); main() then drains."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.log.info("%s: finishing requests in flight" % why)
+            if self.on_shutdown is not None:
+                threading.Thread(target=self.on_shutdown, daemon=True).start()
+
+    def close(self):
+        self.upstream.close()
+        self.conversations.close()
 
     # -- the route tables: one of them is the app's, chosen at start by the mode -------------
 
@@ -2375,7 +2473,7 @@ class App:
         client.send_text(200, b"ok\n")
 
     def status(self, client):
-        client.send_json(200, self.status_report())
+        client.send_json(200, self.operator.status_report())
 
     def page(self, client):
         client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
@@ -2414,9 +2512,7 @@ class App:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
         for asked in query.get("client_version", [])[:1]:
             self.client_version.observe({"version": asked})
-        catalog = self.models_cache.get(self.upstream.models, self.client_version.newest,
-                                        self.log)
-        listing = catalog.openai_list(self.config.list_effort_models)
+        listing = self.model_names.listing().openai_list(self.config.list_effort_models)
         if "anthropic-version" in client.lower_headers:  # Claude Code's model discovery
             listing = anthropic_model_list(listing)
         client.send_json(200, listing)
@@ -2575,30 +2671,6 @@ class App:
                                   self.config.max_body_bytes)
         return image_edit_from_form(parse_multipart_form(raw, boundary))
 
-    def model_catalog(self):
-        """The backend's model list (cached), or None when it cannot be had. Then names go as
-        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
-        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
-        failed = self._model_list_failed
-        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
-            return None
-        try:
-            return self.models_cache.get(self.upstream.models, self.client_version.newest,
-                                         self.log)
-        except ProxyError as e:
-            self._model_list_failed = time.monotonic()
-            self.log.info("the backend's model list is unavailable (%s); model names with an "
-                          "effort in them are sent as they are, and Claude's names go to %s "
-                          "and %s"
-                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
-                             FALLBACK_MODELS[SMALL_MODEL]))
-            return None
-
-    def listed_model_slugs(self):
-        """The backend's listed models; [] when the list cannot be had."""
-        catalog = self.model_catalog()
-        return catalog.listed() if catalog is not None else []
-
     def platform_url(self, client, with_query=True):
         """API-key mode: the platform's URL for the client's path (and query)."""
         parts = urllib.parse.urlsplit(client.path)
@@ -2631,8 +2703,7 @@ class App:
         previous_response_id expanded (history: the lookup for the latter, by default the
         conversation store), rewritten, with the headers and the Codex version it goes
         with."""
-        # The map first: its target may name an effort.
-        body = model_with_effort(self.with_model_mapped(body), self.model_catalog)
+        body = self.model_names.resolved(body)
         original = body  # what `source` and `spans` describe: references not yet expanded
         budget = ExpansionBudget(self.config.max_body_bytes,
                                  len(source) if source is not None else 0)
@@ -2671,28 +2742,6 @@ class App:
             upstream_request_headers(client_headers, upstream_body),
             self.client_version.observe(client_headers), own_input)
 
-    def with_model_mapped(self, body):
-        """body with its model as map_model() has it (--model-map, then Claude's names)."""
-        model = body.get("model")
-        mapped = map_model(model, self.model_rules, self.listed_model_slugs)
-        if mapped == model:
-            return body
-        self.log.debug("model %s -> %s" % (model, mapped))
-        return dict(body, model=mapped)
-
-    def with_name_effort_first(self, body):
-        """A translated Messages request whose model (or its --model-map target) names an
-        effort, with that effort instead of the request's: Claude Code sends
-        output_config.effort on every request (2.1.332: medium for Claude's names, high for
-        others), so the name's effort, the only one its user chose, would never apply."""
-        reasoning = body.get("reasoning")
-        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
-            return body
-        unset = dict(self.with_model_mapped(body), reasoning={
-            k: v for k, v in reasoning.items() if k != "effort"})
-        named = model_with_effort(unset, self.model_catalog)
-        return body if named is unset else named
-
     def pass_through(self, client, url):
         """API-key mode: the request goes as the client sent it, with our key."""
         headers = client.forwardable_headers()
@@ -2723,6 +2772,15 @@ class App:
         except Exception as e:
             self.log.info("warning: could not keep response %s for "
                           "previous_response_id: %s" % (response_id, e))
+
+
+# The mode decides, once, which routes there are, what answers a client's socket, and what
+# the operator is shown.
+AppMode = collections.namedtuple("AppMode", "routes socket_conversation operator_view")
+APP_MODES = {
+    "chatgpt": AppMode(App.chatgpt_routes, SocketConversation, ChatGPTOperatorView),
+    "apikey": AppMode(App.platform_routes, PlatformSocketConversation, APIKeyOperatorView),
+}
 
 
 class ModelsCache:
@@ -3281,8 +3339,8 @@ class MessagesFrontEnd(ResponsesFrontEnd):
         self.stops = ()
 
     def responses_body(self, app):
-        upstream_body = app.with_name_effort_first(messages_to_responses(self.body,
-                                                                         self.headers))
+        upstream_body = app.model_names.with_name_effort_first(
+            messages_to_responses(self.body, self.headers))
         self.stops = messages_stop_sequences(self.body)
         return upstream_body
 
@@ -10322,11 +10380,10 @@ def main(argv=None):
         log.info("cannot listen on %s:%d: %s" % (config.host, config.port, e.strerror or e))
         return 1
     log.info("codex-responses-proxy %s listening on %s (%s mode, upstream %s)"
-             % (__version__, server.url, "API-key" if config.mode == "apikey" else "ChatGPT",
-                config.upstream_url))
+             % (__version__, server.url, server.app.operator.mode_name, config.upstream_url))
     app = server.app
-    log.info(app.describe_credentials())
-    warning = app.permission_warning()
+    log.info(app.operator.describe_credentials())
+    warning = app.operator.permission_warning()
     if warning:
         log.info(warning)
     if config.server_info:

@@ -3947,7 +3947,7 @@ class ModelsTests(ProxyTestCase):
         return status, headers, json.loads(data)
 
     def expire_cache(self):
-        self.proxy.app.models_cache._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
+        self.proxy.app.model_names.models_cache._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
 
     def test_list_shape_visibility_and_backend_headers(self):
         status, headers, body = self.models()
@@ -12008,7 +12008,7 @@ class PermissionWarningUnitTests(SecurityCase):
                             (0o400, False)):
             os.chmod(path, mode)
             with self.subTest(mode=oct(mode)):
-                warning = self.proxy.app.permission_warning()
+                warning = self.proxy.app.operator.permission_warning()
                 if warns:
                     self.assertIsNotNone(warning)
                     self.assertIn("chmod 600 " + path, warning)
