@@ -20,7 +20,9 @@ Sections, after configuration, logging and errors, in the order a request travel
               client hang-ups (HangupWatcher); client WebSockets (WebSocketSession)
   access      which requests are served (check_access), which route answers (RouteTable)
   body        request bodies, bounded (read_request_body)
-  app         the services and routes (App.chatgpt_routes, App.platform_routes); the status page
+  app         the services and routes (App; PlatformRoutes in API-key mode: the mode chooses
+              once, APP_MODES), the turns (Turns), the model names (ModelNames), what the
+              operator sees (OperatorView); the status page
   front ends  Responses, Chat Completions, Anthropic Messages, images mapped onto the backend
   upstream    events from either transport (HTTPEvents, WebSocketEvents), RetryPolicy,
               UpstreamClient, the backend's WebSocket, credentials, dumps
@@ -2035,23 +2037,24 @@ class SocketConversation:
     def create(self, exchange, body, source, spans):
         app = self.app
         body, generate = self.request_of(exchange, body)
-        request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
+        request = app.turns.prepare(exchange.lower_headers, body, source, spans,
+                                    history=self.history)
         note_model_sent(exchange, body, request)
         if not generate:
-            app.turn_done(request)
+            app.turns.done(request)
             return self.prewarm(exchange, body, request.body["input"], request.previous)
         with app.traffic.slot():
             try:
                 answer = app.upstream.responses(request)  # the backend's socket too, if in use
 
                 def on_end(assembler):
-                    app.keep(assembler, request)
+                    app.turns.keep(assembler, request)
                     self.keep(assembler, request.body["input"], request.previous)
 
                 relay(app.upstream, answer, ResponsesTransform(app.log), WebSocketSink(exchange),
                       exchange, on_end)
             finally:
-                app.turn_done(request)
+                app.turns.done(request)
         app.upstream.turn_over(request)
 
     def history(self, previous, budget=None):
@@ -2080,8 +2083,8 @@ class SocketConversation:
 
 class PlatformSocketConversation(SocketConversation):
     """API-key mode's side of a client WebSocket: each request a streamed POST to the
-    platform (see App.respond_platform); a previous_response_id of this socket's expanded
-    here, another left to the platform."""
+    platform (see respond); a previous_response_id of this socket's expanded here, another
+    left to the platform."""
 
     def create(self, exchange, body, source, spans):
         app = self.app
@@ -2096,9 +2099,30 @@ class PlatformSocketConversation(SocketConversation):
             return self.prewarm(exchange, body, (history or []) + input_list(
                 body.get("input")), parent)
         with app.traffic.slot():
-            app.respond_platform(exchange, body, history, WebSocketSink(exchange),
-                                 lambda assembler, sent_input: self.keep(
-                                     assembler, sent_input, parent))
+            self.respond(exchange, body, history, WebSocketSink(exchange),
+                         lambda assembler, sent_input: self.keep(assembler, sent_input, parent))
+
+    def respond(self, client, body, history, sink, on_kept):
+        """API-key mode, for a socket: the request as a streamed POST to the platform with
+        our key, its events relayed into sink. A previous_response_id the socket knows is
+        expanded here; another is the platform's to resolve."""
+        app = self.app
+        body = dict(body, stream=True)
+        if history is not None:
+            body.pop("previous_response_id", None)
+            body["input"] = list(history) + input_list(body.get("input"))
+        headers = client.forwardable_headers()
+        headers.update({"Authorization": app.config.api_key_header,
+                        "Content-Type": "application/json", "Accept": "text/event-stream"})
+        answer = app.upstream.exchange("POST", app.config.upstream_url,
+                                       json.dumps(body).encode(), headers)
+        if answer.status != 200:
+            err = translate_upstream_error(answer.status, answer.read_whole(app.upstream.pool))
+            err.headers = answer.forwarded_headers()
+            raise err
+        sent_input = input_list(body.get("input"))
+        relay(app.upstream, HTTPEvents(answer, app.upstream.pool), ResponsesTransform(app.log),
+              sink, client, lambda assembler: on_kept(assembler, sent_input))
 
 
 # What the compact endpoint takes, as the Codex CLI sends it; the rest of a Responses body
@@ -2375,6 +2399,151 @@ class ModelNames:
         return body if named is unset else named
 
 
+class Turns:
+    """Responses turns for the backend: a client's request made ready (its references and
+    previous_response_id expanded, the response it continues pinned, rewritten), and its
+    answer kept for previous_response_id and retrieval."""
+
+    def __init__(self, config, log, upstream, conversations, model_names, client_version):
+        self.config = config
+        self.log = log
+        self.upstream = upstream
+        self.conversations = conversations
+        self.model_names = model_names
+        self.client_version = client_version
+
+    def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """prepare_request, with the response its previous_response_id names pinned in the
+        conversation store (see ConversationStore.pin) until done(request)."""
+        previous = body.get("previous_response_id")
+        pinned = previous if isinstance(previous, str) else None
+        if pinned is not None:
+            self.conversations.pin(pinned)
+        try:
+            request = self.prepare_request(client_headers, body, source, spans, history)
+        except BaseException:
+            self.conversations.unpin(pinned)
+            raise
+        request.pinned = pinned
+        return request
+
+    def done(self, request):
+        """The turn is over, its response kept or not: what it continued is no longer held."""
+        pinned, request.pinned = request.pinned, None
+        self.conversations.unpin(pinned)
+
+    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
+        """A client's Responses request made ready for the backend: its item references and
+        previous_response_id expanded (history: the lookup for the latter, by default the
+        conversation store), rewritten, with the headers and the Codex version it goes
+        with."""
+        body = self.model_names.resolved(body)
+        original = body  # what `source` and `spans` describe: references not yet expanded
+        budget = ExpansionBudget(self.config.max_body_bytes,
+                                 len(source) if source is not None else 0)
+        items = body.get("input")
+        if isinstance(items, list):
+            expanded = self.conversations.expand_references(items, budget)
+            if expanded is not items:
+                body = dict(body, input=expanded)
+        previous = body.get("previous_response_id")
+        earlier = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            earlier = (history or self.conversations.history)(previous, budget)
+            if earlier is None:
+                raise unknown_response_error(previous)
+        note = service_tier_warning(body)
+        if note:
+            self.log.warn_once(*note)
+        upstream_body, session_id = rewrite_request(
+            body, self.config.instructions, client_headers.get("session_id")
+            or client_headers.get("session-id"),
+            self.upstream.dropped_params(body.get("model")), earlier)
+        span = unchanged_span("input", upstream_body["input"], original, spans)
+
+        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
+            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
+                text = source[span[0]:span[1]]
+                return text.decode("ascii") if isinstance(text, bytes) else text
+            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+
+        return PreparedRequest(
+            upstream_body, session_id, previous, body.get("store") is not False,
+            lambda b: encode_json_object(b, original, source, spans),
+            upstream_request_headers(client_headers, upstream_body),
+            self.client_version.observe(client_headers), own_input)
+
+    def keep(self, assembler, request):
+        """Keep a finished response for previous_response_id and retrieval, unless its client
+        said `store: false`. A store that fails costs a warning, never the answer the user
+        has paid for."""
+        response_id = (assembler.response or {}).get("id")
+        if not request.store or not isinstance(response_id, str) or \
+                assembler.terminal not in ("response.completed", "response.incomplete"):
+            return
+        try:
+            self.conversations.save(assemble_response(assembler.response, assembler.output()),
+                                    request.previous, request.own_input())
+        except Exception as e:
+            self.log.info("warning: could not keep response %s for "
+                          "previous_response_id: %s" % (response_id, e))
+
+
+class PlatformRoutes:
+    """API-key mode's routes: the OpenAI paths go to the platform as the client sent them, with
+    our key; Anthropic's are refused (the platform does not speak them)."""
+
+    def __init__(self, config, upstream):
+        self.config = config
+        self.upstream = upstream
+
+    def table(self, service_routes):
+        """The route table: these routes and the proxy's own (service_routes)."""
+        forward, with_query = self.forward, self.forward_with_query
+        return RouteTable({
+            "/v1/responses": {"POST": forward},
+            "/v1/responses/compact": {"POST": forward},
+            "/v1/responses/input_tokens": {"POST": with_query},
+            "/v1/chat/completions": {"POST": forward},
+            "/v1/images/generations": {"POST": forward},
+            "/v1/images/edits": {"POST": forward},
+            "/v1/messages": {"POST": self.messages_need_login},
+            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
+            "/v1/models": {"GET": forward},
+        }, {"": {"GET": with_query, "DELETE": with_query},
+            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
+            service_routes)
+
+    def forward(self, client):
+        """The request to the platform's endpoint for its path (its query left out)."""
+        self.pass_through(client, self.platform_url(client, with_query=False))
+
+    def forward_with_query(self, client, response_id=None):
+        """The request to the platform's URL for its path and query (a response's id in
+        the path goes as it is)."""
+        self.pass_through(client, self.platform_url(client))
+
+    def messages_need_login(self, client):
+        raise messages_apikey_error()
+
+    def platform_url(self, client, with_query=True):
+        """API-key mode: the platform's URL for the client's path (and query)."""
+        parts = urllib.parse.urlsplit(client.path)
+        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
+        url = upstream_url_for(self.config.upstream_url, path)
+        return url + ("?" + parts.query if parts.query and with_query else "")
+
+    def pass_through(self, client, url):
+        """API-key mode: the request goes as the client sent it, with our key."""
+        headers = client.forwardable_headers()
+        headers["Authorization"] = self.config.api_key_header
+        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
+        relay_as_is(self.upstream, answer, client)
+
+
 class App:
     """The proxy's services (the login, the upstream client, the conversations, the model
     names, the counters, the operator's view) and its routes. A route gets the client's
@@ -2393,6 +2562,8 @@ class App:
         self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
                               if config.state_db else ConversationStore(config.state_max_bytes))
         self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.turns = Turns(config, log, self.upstream, self.conversations, self.model_names,
+                           self.client_version)
         self.traffic = Traffic(config.max_concurrent, config.max_connections)
         self.on_shutdown = None  # set by the server: stops accepting connections
         self._stopping = threading.Event()
@@ -2438,22 +2609,8 @@ class App:
             self.service_routes())
 
     def platform_routes(self):
-        """API-key mode: the OpenAI paths go to the platform as the client sent them, with
-        our key; Anthropic's are refused (the platform does not speak them)."""
-        forward, with_query = self.forward, self.forward_with_query
-        return RouteTable({
-            "/v1/responses": {"POST": forward},
-            "/v1/responses/compact": {"POST": forward},
-            "/v1/responses/input_tokens": {"POST": with_query},
-            "/v1/chat/completions": {"POST": forward},
-            "/v1/images/generations": {"POST": forward},
-            "/v1/images/edits": {"POST": forward},
-            "/v1/messages": {"POST": self.messages_need_login},
-            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
-            "/v1/models": {"GET": forward},
-        }, {"": {"GET": with_query, "DELETE": with_query},
-            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
-            self.service_routes())
+        """API-key mode: see PlatformRoutes."""
+        return PlatformRoutes(self.config, self.upstream).table(self.service_routes())
 
     def service_routes(self):
         """The proxy's own paths, the same in both modes."""
@@ -2489,20 +2646,6 @@ class App:
         client.send_json(200, {"status": "shutting down"})
         self.begin_shutdown("GET /shutdown")
 
-    # -- API-key mode's routes ----------------------------------------------------------------
-
-    def forward(self, client):
-        """The request to the platform's endpoint for its path (its query left out)."""
-        self.pass_through(client, self.platform_url(client, with_query=False))
-
-    def forward_with_query(self, client, response_id=None):
-        """The request to the platform's URL for its path and query (a response's id in
-        the path goes as it is)."""
-        self.pass_through(client, self.platform_url(client))
-
-    def messages_need_login(self, client):
-        raise messages_apikey_error()
-
     # -- ChatGPT mode's routes ----------------------------------------------------------------
 
     def models(self, client):
@@ -2537,43 +2680,23 @@ class App:
         front = front_end(body, client.lower_headers)
         upstream_body = front.responses_body(self)
         if upstream_body is body:  # the client's own bytes may go as they are
-            request = self.prepare(client.lower_headers, body, source, spans)
+            request = self.turns.prepare(client.lower_headers, body, source, spans)
         else:
-            request = self.prepare(client.lower_headers, upstream_body)
+            request = self.turns.prepare(client.lower_headers, upstream_body)
         front.note_model(client, request)
         try:
             answer = self.upstream.responses(request)
             transform = front.transform(answer, self.log)
             sink = front.sink(client, transform)
-            on_end = (lambda assembler: self.keep(assembler, request)) if front.keeps else None
+            on_end = ((lambda assembler: self.turns.keep(assembler, request)) if front.keeps
+                      else None)
             try:
                 relay(self.upstream, answer, transform, sink, client, on_end)
             finally:
                 sink.stop()
         finally:
-            self.turn_done(request)
+            self.turns.done(request)
         self.upstream.turn_over(request)
-
-    def respond_platform(self, client, body, history, sink, on_kept):
-        """API-key mode, for a socket: the request as a streamed POST to the platform with
-        our key, its events relayed into sink. A previous_response_id the socket knows is
-        expanded here; another is the platform's to resolve."""
-        body = dict(body, stream=True)
-        if history is not None:
-            body.pop("previous_response_id", None)
-            body["input"] = list(history) + input_list(body.get("input"))
-        headers = client.forwardable_headers()
-        headers.update({"Authorization": self.config.api_key_header,
-                        "Content-Type": "application/json", "Accept": "text/event-stream"})
-        answer = self.upstream.exchange("POST", self.config.upstream_url,
-                                        json.dumps(body).encode(), headers)
-        if answer.status != 200:
-            err = translate_upstream_error(answer.status, answer.read_whole(self.upstream.pool))
-            err.headers = answer.forwarded_headers()
-            raise err
-        sent_input = input_list(body.get("input"))
-        relay(self.upstream, HTTPEvents(answer, self.upstream.pool), ResponsesTransform(self.log),
-              sink, client, lambda assembler: on_kept(assembler, sent_input))
 
     def count_tokens(self, client):
         """POST /v1/messages/count_tokens: an estimate from the translated request (the
@@ -2586,8 +2709,8 @@ class App:
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
         url = upstream_url_for(self.config.upstream_url, "responses/compact")
         body, source, spans = self.json_body(client)
-        request = self.prepare(client.lower_headers, body, source, spans)
-        self.turn_done(request)  # nothing of a compaction is kept
+        request = self.turns.prepare(client.lower_headers, body, source, spans)
+        self.turns.done(request)  # nothing of a compaction is kept
         compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
         answer = self.upstream.call("POST", url, compact_body, encode_json_object,
                                     request.session_id, request.headers, "application/json",
@@ -2671,84 +2794,6 @@ class App:
                                   self.config.max_body_bytes)
         return image_edit_from_form(parse_multipart_form(raw, boundary))
 
-    def platform_url(self, client, with_query=True):
-        """API-key mode: the platform's URL for the client's path (and query)."""
-        parts = urllib.parse.urlsplit(client.path)
-        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
-        url = upstream_url_for(self.config.upstream_url, path)
-        return url + ("?" + parts.query if parts.query and with_query else "")
-
-    def prepare(self, client_headers, body, source=None, spans=None, history=None):
-        """prepare_request, with the response its previous_response_id names pinned in the
-        conversation store (see ConversationStore.pin) until turn_done(request)."""
-        previous = body.get("previous_response_id")
-        pinned = previous if isinstance(previous, str) else None
-        if pinned is not None:
-            self.conversations.pin(pinned)
-        try:
-            request = self.prepare_request(client_headers, body, source, spans, history)
-        except BaseException:
-            self.conversations.unpin(pinned)
-            raise
-        request.pinned = pinned
-        return request
-
-    def turn_done(self, request):
-        """The turn is over, its response kept or not: what it continued is no longer held."""
-        pinned, request.pinned = request.pinned, None
-        self.conversations.unpin(pinned)
-
-    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
-        """A client's Responses request made ready for the backend: its item references and
-        previous_response_id expanded (history: the lookup for the latter, by default the
-        conversation store), rewritten, with the headers and the Codex version it goes
-        with."""
-        body = self.model_names.resolved(body)
-        original = body  # what `source` and `spans` describe: references not yet expanded
-        budget = ExpansionBudget(self.config.max_body_bytes,
-                                 len(source) if source is not None else 0)
-        items = body.get("input")
-        if isinstance(items, list):
-            expanded = self.conversations.expand_references(items, budget)
-            if expanded is not items:
-                body = dict(body, input=expanded)
-        previous = body.get("previous_response_id")
-        earlier = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            earlier = (history or self.conversations.history)(previous, budget)
-            if earlier is None:
-                raise unknown_response_error(previous)
-        note = service_tier_warning(body)
-        if note:
-            self.log.warn_once(*note)
-        upstream_body, session_id = rewrite_request(
-            body, self.config.instructions, client_headers.get("session_id")
-            or client_headers.get("session-id"),
-            self.upstream.dropped_params(body.get("model")), earlier)
-        span = unchanged_span("input", upstream_body["input"], original, spans)
-
-        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
-            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
-                text = source[span[0]:span[1]]
-                return text.decode("ascii") if isinstance(text, bytes) else text
-            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
-
-        return PreparedRequest(
-            upstream_body, session_id, previous, body.get("store") is not False,
-            lambda b: encode_json_object(b, original, source, spans),
-            upstream_request_headers(client_headers, upstream_body),
-            self.client_version.observe(client_headers), own_input)
-
-    def pass_through(self, client, url):
-        """API-key mode: the request goes as the client sent it, with our key."""
-        headers = client.forwardable_headers()
-        headers["Authorization"] = self.config.api_key_header
-        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
-        relay_as_is(self.upstream, answer, client)
-
     def json_body(self, client):
         """(body, source, spans) of the request's JSON object; notes the model for the log."""
         parsed = json_request_body(client.body, client.lower_headers, self.config.max_body_bytes)
@@ -2757,21 +2802,6 @@ class App:
                                                                      str) else None
         client.log_fields["stream"] = body.get("stream") is True
         return parsed
-
-    def keep(self, assembler, request):
-        """Keep a finished response for previous_response_id and retrieval, unless its client
-        said `store: false`. A store that fails costs a warning, never the answer the user
-        has paid for."""
-        response_id = (assembler.response or {}).get("id")
-        if not request.store or not isinstance(response_id, str) or \
-                assembler.terminal not in ("response.completed", "response.incomplete"):
-            return
-        try:
-            self.conversations.save(assemble_response(assembler.response, assembler.output()),
-                                    request.previous, request.own_input())
-        except Exception as e:
-            self.log.info("warning: could not keep response %s for "
-                          "previous_response_id: %s" % (response_id, e))
 
 
 # The mode decides, once, which routes there are, what answers a client's socket, and what

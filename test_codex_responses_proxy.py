@@ -9766,7 +9766,7 @@ class WebSocketProtocolTests(WebSocketCase):
 
     def test_a_bug_closes_its_socket_with_1011_and_others_are_served(self):
         client = self.open_ws()
-        with mock.patch.object(proxy.App, "prepare", side_effect=RuntimeError("boom")):
+        with mock.patch.object(proxy.Turns, "prepare", side_effect=RuntimeError("boom")):
             client.create()
             self.assertEqual(client.expect_close(), 1011)
         self.wait_for_log("internal error on a WebSocket request: RuntimeError: boom")
