@@ -20,9 +20,9 @@ Sections, after configuration, logging and errors, in the order a request travel
               client hang-ups (HangupWatcher); client WebSockets (WebSocketSession)
   access      which requests are served (check_access), which route answers (RouteTable)
   body        request bodies, bounded (read_request_body)
-  app         the services and routes (App; PlatformRoutes in API-key mode: the mode chooses
-              once, APP_MODES), the turns (Turns), the model names (ModelNames), what the
-              operator sees (OperatorView); the status page
+  app         the services (App), the routes of each mode (ChatGPTRoutes, PlatformRoutes:
+              the mode chooses once, APP_MODES), the turns (Turns), the model names
+              (ModelNames), what the operator sees (OperatorView); the status page
   front ends  Responses, Chat Completions, Anthropic Messages, images mapped onto the backend
   upstream    events from either transport (HTTPEvents, WebSocketEvents), RetryPolicy,
               UpstreamClient, the backend's WebSocket, credentials, dumps
@@ -2492,108 +2492,22 @@ class Turns:
                           "previous_response_id: %s" % (response_id, e))
 
 
-class PlatformRoutes:
-    """API-key mode's routes: the OpenAI paths go to the platform as the client sent them, with
-    our key; Anthropic's are refused (the platform does not speak them)."""
+class ChatGPTRoutes:
+    """ChatGPT mode's routes: every API path answered here, over the ChatGPT backend, with the
+    app's services."""
 
-    def __init__(self, config, upstream):
-        self.config = config
-        self.upstream = upstream
+    def __init__(self, app):
+        self.app = app
+        self.config = app.config
+        self.log = app.log
+        self.upstream = app.upstream
+        self.conversations = app.conversations
+        self.turns = app.turns
+        self.model_names = app.model_names
+        self.client_version = app.client_version
 
     def table(self, service_routes):
         """The route table: these routes and the proxy's own (service_routes)."""
-        forward, with_query = self.forward, self.forward_with_query
-        return RouteTable({
-            "/v1/responses": {"POST": forward},
-            "/v1/responses/compact": {"POST": forward},
-            "/v1/responses/input_tokens": {"POST": with_query},
-            "/v1/chat/completions": {"POST": forward},
-            "/v1/images/generations": {"POST": forward},
-            "/v1/images/edits": {"POST": forward},
-            "/v1/messages": {"POST": self.messages_need_login},
-            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
-            "/v1/models": {"GET": forward},
-        }, {"": {"GET": with_query, "DELETE": with_query},
-            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
-            service_routes)
-
-    def forward(self, client):
-        """The request to the platform's endpoint for its path (its query left out)."""
-        self.pass_through(client, self.platform_url(client, with_query=False))
-
-    def forward_with_query(self, client, response_id=None):
-        """The request to the platform's URL for its path and query (a response's id in
-        the path goes as it is)."""
-        self.pass_through(client, self.platform_url(client))
-
-    def messages_need_login(self, client):
-        raise messages_apikey_error()
-
-    def platform_url(self, client, with_query=True):
-        """API-key mode: the platform's URL for the client's path (and query)."""
-        parts = urllib.parse.urlsplit(client.path)
-        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
-        url = upstream_url_for(self.config.upstream_url, path)
-        return url + ("?" + parts.query if parts.query and with_query else "")
-
-    def pass_through(self, client, url):
-        """API-key mode: the request goes as the client sent it, with our key."""
-        headers = client.forwardable_headers()
-        headers["Authorization"] = self.config.api_key_header
-        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
-        relay_as_is(self.upstream, answer, client)
-
-
-class App:
-    """The proxy's services (the login, the upstream client, the conversations, the model
-    names, the counters, the operator's view) and its routes. A route gets the client's
-    request (an Exchange) and answers through it."""
-
-    def __init__(self, config, log):
-        self.config = config
-        self.log = log
-        if config.api_key_header:
-            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
-        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
-                              log)
-        self.upstream = UpstreamClient(config, log, self.auth)
-        self.client_version = ClientVersion(config.client_version)
-        self.model_names = ModelNames(config, self.upstream, self.client_version, log)
-        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
-                              if config.state_db else ConversationStore(config.state_max_bytes))
-        self.socket_memory = SocketMemory(socket_memory_cap(config))
-        self.turns = Turns(config, log, self.upstream, self.conversations, self.model_names,
-                           self.client_version)
-        self.traffic = Traffic(config.max_concurrent, config.max_connections)
-        self.on_shutdown = None  # set by the server: stops accepting connections
-        self._stopping = threading.Event()
-        mode = APP_MODES[config.mode]
-        self.operator = mode.operator_view(config, self.auth, self.upstream, self.traffic)
-        self.routes = mode.routes(self)
-        self.socket_conversation = mode.socket_conversation
-
-    # -- stopping ---------------------------------------------------------------------------
-
-    @property
-    def stopping(self):
-        return self._stopping.is_set()
-
-    def begin_shutdown(self, why):
-        """Stop accepting (from any thread but serve_forever's); main() then drains."""
-        if not self._stopping.is_set():
-            self._stopping.set()
-            self.log.info("%s: finishing requests in flight" % why)
-            if self.on_shutdown is not None:
-                threading.Thread(target=self.on_shutdown, daemon=True).start()
-
-    def close(self):
-        self.upstream.close()
-        self.conversations.close()
-
-    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
-
-    def chatgpt_routes(self):
-        """ChatGPT mode: every API path answered here, over the ChatGPT backend."""
         return RouteTable({
             "/v1/responses": {"POST": self.responses},
             "/v1/responses/compact": {"POST": self.compact},
@@ -2606,47 +2520,7 @@ class App:
             "/v1/models": {"GET": self.models},
         }, {"": {"GET": self.retrieve, "DELETE": self.delete},
             "/input_items": {"GET": self.input_items}, "/cancel": {"POST": self.cancel}},
-            self.service_routes())
-
-    def platform_routes(self):
-        """API-key mode: see PlatformRoutes."""
-        return PlatformRoutes(self.config, self.upstream).table(self.service_routes())
-
-    def service_routes(self):
-        """The proxy's own paths, the same in both modes."""
-        routes = {"/status": {"GET": self.status},
-                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
-        if self.config.http_shutdown:
-            routes["/shutdown"] = {"GET": self.shutdown}
-        if self.config.ui:
-            routes.update({"/": {"GET": self.page, "HEAD": self.page},
-                           "/ui.js": {"GET": self.page_script},
-                           "/favicon.ico": {"GET": self.favicon}})
-        return routes
-
-    # -- the proxy's own routes --------------------------------------------------------------
-
-    def healthz(self, client):
-        client.send_text(200, b"ok\n")
-
-    def status(self, client):
-        client.send_json(200, self.operator.status_report())
-
-    def page(self, client):
-        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
-
-    def page_script(self, client):
-        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
-
-    def favicon(self, client):
-        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
-
-    def shutdown(self, client):
-        client.close_after_answer()
-        client.send_json(200, {"status": "shutting down"})
-        self.begin_shutdown("GET /shutdown")
-
-    # -- ChatGPT mode's routes ----------------------------------------------------------------
+            service_routes)
 
     def models(self, client):
         # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
@@ -2678,7 +2552,7 @@ class App:
         events mapped back into the sink the client asked for (a stream or one answer)."""
         body, source, spans = self.json_body(client)
         front = front_end(body, client.lower_headers)
-        upstream_body = front.responses_body(self)
+        upstream_body = front.responses_body(self.app)
         if upstream_body is body:  # the client's own bytes may go as they are
             request = self.turns.prepare(client.lower_headers, body, source, spans)
         else:
@@ -2802,6 +2676,150 @@ class App:
                                                                      str) else None
         client.log_fields["stream"] = body.get("stream") is True
         return parsed
+
+
+class PlatformRoutes:
+    """API-key mode's routes: the OpenAI paths go to the platform as the client sent them, with
+    our key; Anthropic's are refused (the platform does not speak them)."""
+
+    def __init__(self, config, upstream):
+        self.config = config
+        self.upstream = upstream
+
+    def table(self, service_routes):
+        """The route table: these routes and the proxy's own (service_routes)."""
+        forward, with_query = self.forward, self.forward_with_query
+        return RouteTable({
+            "/v1/responses": {"POST": forward},
+            "/v1/responses/compact": {"POST": forward},
+            "/v1/responses/input_tokens": {"POST": with_query},
+            "/v1/chat/completions": {"POST": forward},
+            "/v1/images/generations": {"POST": forward},
+            "/v1/images/edits": {"POST": forward},
+            "/v1/messages": {"POST": self.messages_need_login},
+            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
+            "/v1/models": {"GET": forward},
+        }, {"": {"GET": with_query, "DELETE": with_query},
+            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
+            service_routes)
+
+    def forward(self, client):
+        """The request to the platform's endpoint for its path (its query left out)."""
+        self.pass_through(client, self.platform_url(client, with_query=False))
+
+    def forward_with_query(self, client, response_id=None):
+        """The request to the platform's URL for its path and query (a response's id in
+        the path goes as it is)."""
+        self.pass_through(client, self.platform_url(client))
+
+    def messages_need_login(self, client):
+        raise messages_apikey_error()
+
+    def platform_url(self, client, with_query=True):
+        """API-key mode: the platform's URL for the client's path (and query)."""
+        parts = urllib.parse.urlsplit(client.path)
+        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
+        url = upstream_url_for(self.config.upstream_url, path)
+        return url + ("?" + parts.query if parts.query and with_query else "")
+
+    def pass_through(self, client, url):
+        """API-key mode: the request goes as the client sent it, with our key."""
+        headers = client.forwardable_headers()
+        headers["Authorization"] = self.config.api_key_header
+        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
+        relay_as_is(self.upstream, answer, client)
+
+
+class App:
+    """The proxy's services (the login, the upstream client, the conversations, the model
+    names, the counters, the operator's view), its own routes (/status, /healthz, the page),
+    and the API routes of its mode (ChatGPTRoutes or PlatformRoutes). A route gets the
+    client's request (an Exchange) and answers through it."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        if config.api_key_header:
+            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
+        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
+                              log)
+        self.upstream = UpstreamClient(config, log, self.auth)
+        self.client_version = ClientVersion(config.client_version)
+        self.model_names = ModelNames(config, self.upstream, self.client_version, log)
+        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
+                              if config.state_db else ConversationStore(config.state_max_bytes))
+        self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.turns = Turns(config, log, self.upstream, self.conversations, self.model_names,
+                           self.client_version)
+        self.traffic = Traffic(config.max_concurrent, config.max_connections)
+        self.on_shutdown = None  # set by the server: stops accepting connections
+        self._stopping = threading.Event()
+        mode = APP_MODES[config.mode]
+        self.operator = mode.operator_view(config, self.auth, self.upstream, self.traffic)
+        self.routes = mode.routes(self)
+        self.socket_conversation = mode.socket_conversation
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    @property
+    def stopping(self):
+        return self._stopping.is_set()
+
+    def begin_shutdown(self, why):
+        """Stop accepting (from any thread but serve_forever's); main() then drains."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.log.info("%s: finishing requests in flight" % why)
+            if self.on_shutdown is not None:
+                threading.Thread(target=self.on_shutdown, daemon=True).start()
+
+    def close(self):
+        self.upstream.close()
+        self.conversations.close()
+
+    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
+
+    def chatgpt_routes(self):
+        """ChatGPT mode: see ChatGPTRoutes."""
+        return ChatGPTRoutes(self).table(self.service_routes())
+
+    def platform_routes(self):
+        """API-key mode: see PlatformRoutes."""
+        return PlatformRoutes(self.config, self.upstream).table(self.service_routes())
+
+    def service_routes(self):
+        """The proxy's own paths, the same in both modes."""
+        routes = {"/status": {"GET": self.status},
+                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
+        if self.config.http_shutdown:
+            routes["/shutdown"] = {"GET": self.shutdown}
+        if self.config.ui:
+            routes.update({"/": {"GET": self.page, "HEAD": self.page},
+                           "/ui.js": {"GET": self.page_script},
+                           "/favicon.ico": {"GET": self.favicon}})
+        return routes
+
+    # -- the proxy's own routes --------------------------------------------------------------
+
+    def healthz(self, client):
+        client.send_text(200, b"ok\n")
+
+    def status(self, client):
+        client.send_json(200, self.operator.status_report())
+
+    def page(self, client):
+        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
+
+    def page_script(self, client):
+        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
+
+    def favicon(self, client):
+        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
+
+    def shutdown(self, client):
+        client.close_after_answer()
+        client.send_json(200, {"status": "shutting down"})
+        self.begin_shutdown("GET /shutdown")
 
 
 # The mode decides, once, which routes there are, what answers a client's socket, and what

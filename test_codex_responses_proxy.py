@@ -3224,12 +3224,14 @@ class AccessPolicyTests(unittest.TestCase):
 
     def test_routes(self):
         app = proxy.App(proxy.Config(), proxy.Log())
+        api = app.routes.find("POST", "/v1/responses", {})[0].__self__
+        self.assertIsInstance(api, proxy.ChatGPTRoutes)
         route = lambda method, path: app.routes.find(method, path, {})
-        self.assertEqual(route("POST", "/v1/responses"), (app.responses, ()))
-        self.assertEqual(route("POST", "/responses"), (app.responses, ()))
+        self.assertEqual(route("POST", "/v1/responses"), (api.responses, ()))
+        self.assertEqual(route("POST", "/responses"), (api.responses, ()))
         self.assertEqual(route("GET", "/v1/responses/resp_1/input_items"),
-                         (app.input_items, ("resp_1",)))
-        self.assertEqual(route("DELETE", "/responses/resp_1"), (app.delete, ("resp_1",)))
+                         (api.input_items, ("resp_1",)))
+        self.assertEqual(route("DELETE", "/responses/resp_1"), (api.delete, ("resp_1",)))
         with self.assertRaises(proxy.ProxyError) as caught:
             route("GET", "/shutdown")  # only with --http-shutdown
         self.assertEqual(caught.exception.status, 404)
