@@ -20,7 +20,9 @@ Sections, after configuration, logging and errors, in the order a request travel
               client hang-ups (HangupWatcher); client WebSockets (WebSocketSession)
   access      which requests are served (check_access), which route answers (RouteTable)
   body        request bodies, bounded (read_request_body)
-  app         the services and routes (App.chatgpt_routes, App.platform_routes); the status page
+  app         the services (App), the routes of each mode (ChatGPTRoutes, PlatformRoutes:
+              the mode chooses once, APP_MODES), the turns (Turns), the model names
+              (ModelNames), what the operator sees (OperatorView); the status page
   front ends  Responses, Chat Completions, Anthropic Messages, images mapped onto the backend
   upstream    events from either transport (HTTPEvents, WebSocketEvents), RetryPolicy,
               UpstreamClient, the backend's WebSocket, credentials, dumps
@@ -1203,7 +1205,7 @@ class ProxyHandler(Exchange, http.server.BaseHTTPRequestHandler):
 def log_answered(app, method, path, user_agent, fields, status, seconds, over=None):
     """An answered request (over HTTP, or a message on a WebSocket) into the log and /status's
     recent requests. over: the word its line carries for what it came over."""
-    app.record_request(method, path, user_agent, fields, status, seconds)
+    app.operator.record_request(method, path, user_agent, fields, status, seconds)
     log = app.log
     parts = [method, path]
     if fields.get("model"):
@@ -2035,23 +2037,24 @@ class SocketConversation:
     def create(self, exchange, body, source, spans):
         app = self.app
         body, generate = self.request_of(exchange, body)
-        request = app.prepare(exchange.lower_headers, body, source, spans, history=self.history)
+        request = app.turns.prepare(exchange.lower_headers, body, source, spans,
+                                    history=self.history)
         note_model_sent(exchange, body, request)
         if not generate:
-            app.turn_done(request)
+            app.turns.done(request)
             return self.prewarm(exchange, body, request.body["input"], request.previous)
         with app.traffic.slot():
             try:
                 answer = app.upstream.responses(request)  # the backend's socket too, if in use
 
                 def on_end(assembler):
-                    app.keep(assembler, request)
+                    app.turns.keep(assembler, request)
                     self.keep(assembler, request.body["input"], request.previous)
 
                 relay(app.upstream, answer, ResponsesTransform(app.log), WebSocketSink(exchange),
                       exchange, on_end)
             finally:
-                app.turn_done(request)
+                app.turns.done(request)
         app.upstream.turn_over(request)
 
     def history(self, previous, budget=None):
@@ -2080,8 +2083,8 @@ class SocketConversation:
 
 class PlatformSocketConversation(SocketConversation):
     """API-key mode's side of a client WebSocket: each request a streamed POST to the
-    platform (see App.respond_platform); a previous_response_id of this socket's expanded
-    here, another left to the platform."""
+    platform (see respond); a previous_response_id of this socket's expanded here, another
+    left to the platform."""
 
     def create(self, exchange, body, source, spans):
         app = self.app
@@ -2096,9 +2099,30 @@ class PlatformSocketConversation(SocketConversation):
             return self.prewarm(exchange, body, (history or []) + input_list(
                 body.get("input")), parent)
         with app.traffic.slot():
-            app.respond_platform(exchange, body, history, WebSocketSink(exchange),
-                                 lambda assembler, sent_input: self.keep(
-                                     assembler, sent_input, parent))
+            self.respond(exchange, body, history, WebSocketSink(exchange),
+                         lambda assembler, sent_input: self.keep(assembler, sent_input, parent))
+
+    def respond(self, client, body, history, sink, on_kept):
+        """API-key mode, for a socket: the request as a streamed POST to the platform with
+        our key, its events relayed into sink. A previous_response_id the socket knows is
+        expanded here; another is the platform's to resolve."""
+        app = self.app
+        body = dict(body, stream=True)
+        if history is not None:
+            body.pop("previous_response_id", None)
+            body["input"] = list(history) + input_list(body.get("input"))
+        headers = client.forwardable_headers()
+        headers.update({"Authorization": app.config.api_key_header,
+                        "Content-Type": "application/json", "Accept": "text/event-stream"})
+        answer = app.upstream.exchange("POST", app.config.upstream_url,
+                                       json.dumps(body).encode(), headers)
+        if answer.status != 200:
+            err = translate_upstream_error(answer.status, answer.read_whole(app.upstream.pool))
+            err.headers = answer.forwarded_headers()
+            raise err
+        sent_input = input_list(body.get("input"))
+        relay(app.upstream, HTTPEvents(answer, app.upstream.pool), ResponsesTransform(app.log),
+              sink, client, lambda assembler: on_kept(assembler, sent_input))
 
 
 # What the compact endpoint takes, as the Codex CLI sends it; the rest of a Responses body
@@ -2202,58 +2226,20 @@ class Traffic:
                     dict(self._websocket))
 
 
-class App:
-    """Everything the proxy is, apart from serving sockets: the login, the upstream client,
-    the conversations, the model list, the counters behind /status, and the routes. A route
-    gets the client's request (a ProxyHandler) and answers through it."""
+class OperatorView:
+    """What the person running the proxy sees: /status, the start-up line about the login, a
+    warning about auth.json's permissions, and the recent requests. The app has one of its
+    two kinds, by the mode: ChatGPTOperatorView or APIKeyOperatorView."""
 
-    def __init__(self, config, log):
+    mode_name = None  # as the start-up line names the mode
+
+    def __init__(self, config, auth, upstream, traffic):
         self.config = config
-        self.log = log
-        if config.api_key_header:
-            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
-        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
-                              log)
-        self.upstream = UpstreamClient(config, log, self.auth)
-        self.models_cache = ModelsCache()
-        self.client_version = ClientVersion(config.client_version)
-        self.model_rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
-        self._model_list_failed = None  # when the model list last could not be had
-        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
-                              if config.state_db else ConversationStore(config.state_max_bytes))
-        self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.auth = auth
+        self.upstream = upstream
+        self.traffic = traffic
         self.started = time.time()
-        self.traffic = Traffic(config.max_concurrent, config.max_connections)
         self.recent = RecentRequests()
-        self.on_shutdown = None  # set by the server: stops accepting connections
-        self._stopping = threading.Event()
-        # The mode decides, once, which routes there are and what answers a client's socket.
-        if config.mode == "apikey":
-            self.routes = self.platform_routes()
-            self.socket_conversation = PlatformSocketConversation
-        else:
-            self.routes = self.chatgpt_routes()
-            self.socket_conversation = SocketConversation
-
-    # -- stopping ---------------------------------------------------------------------------
-
-    @property
-    def stopping(self):
-        return self._stopping.is_set()
-
-    def begin_shutdown(self, why):
-        """Stop accepting (from any thread but serve_forever's); main() then drains."""
-        if not self._stopping.is_set():
-            self._stopping.set()
-            self.log.info("%s: finishing requests in flight" % why)
-            if self.on_shutdown is not None:
-                threading.Thread(target=self.on_shutdown, daemon=True).start()
-
-    def close(self):
-        self.upstream.close()
-        self.conversations.close()
-
-    # -- what the operator sees -------------------------------------------------------------
 
     def status_report(self):
         """What /status says: no secrets, only what a person or a monitor needs."""
@@ -2264,27 +2250,16 @@ class App:
                   "upstream": config.upstream_url, "requests": requests,
                   "connections": connections, "websocket": websocket}
         status.update(self.recent.report())
-        if config.mode == "apikey":
-            status["api_key_from"] = config.api_key_source
-            return status
-        login = {"auth_file": config.auth_path}
-        try:
-            creds = self.auth.load()
-        except ProxyError as e:
-            login.update(ok=False, error=e.message)
-        else:
-            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
-                         access_token_expires_at=iso_time(creds.expires_at),
-                         access_token_expires_in_seconds=None if creds.expires_at is None
-                         else int(creds.expires_at - time.time()),
-                         last_refresh=creds.data.get("last_refresh"))
-        login["last_refresh_attempt"] = self.auth.last_refresh
-        login["login_command"] = LOGIN_COMMAND
-        status["login"] = login
-        status["quota"] = self.upstream.quota.snapshot()
-        status["upstream_transport"] = dict(self.upstream.websockets.choice.report(),
-                                            idle_sockets=len(self.upstream.websockets.pool))
+        status.update(self.login_status())
         return status
+
+    def login_status(self):
+        """/status's fields about the login, by the mode."""
+        raise NotImplementedError
+
+    def describe_credentials(self):
+        """What the start-up line says about the login."""
+        raise NotImplementedError
 
     def record_request(self, method, path, user_agent, fields, status, seconds):
         """Every answered request, over HTTP or as a WebSocket message, comes here with its
@@ -2306,10 +2281,32 @@ class App:
                                              self.config.auth_path))
         return None
 
+
+class ChatGPTOperatorView(OperatorView):
+    """ChatGPT mode: the login behind auth.json, the quota, the backend transport."""
+
+    mode_name = "ChatGPT"
+
+    def login_status(self):
+        config = self.config
+        login = {"auth_file": config.auth_path}
+        try:
+            creds = self.auth.load()
+        except ProxyError as e:
+            login.update(ok=False, error=e.message)
+        else:
+            login.update(ok=True, account_id=creds.account_id, plan_type=creds.plan_type,
+                         access_token_expires_at=iso_time(creds.expires_at),
+                         access_token_expires_in_seconds=None if creds.expires_at is None
+                         else int(creds.expires_at - time.time()),
+                         last_refresh=creds.data.get("last_refresh"))
+        login["last_refresh_attempt"] = self.auth.last_refresh
+        login["login_command"] = LOGIN_COMMAND
+        return {"login": login, "quota": self.upstream.quota.snapshot(),
+                "upstream_transport": dict(self.upstream.websockets.choice.report(),
+                                           idle_sockets=len(self.upstream.websockets.pool))}
+
     def describe_credentials(self):
-        """What the start-up line says about the login."""
-        if self.config.mode == "apikey":
-            return "API key from %s" % self.config.api_key_source
         try:
             creds = self.auth.load()
         except ProxyError as e:
@@ -2321,10 +2318,196 @@ class App:
             self.config.auth_path, creds.account_id or "unknown", creds.plan_type or "unknown",
             expiry, ", will refresh" if creds.needs_refresh() else "")
 
-    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
 
-    def chatgpt_routes(self):
-        """ChatGPT mode: every API path answered here, over the ChatGPT backend."""
+class APIKeyOperatorView(OperatorView):
+    """API-key mode: where the key came from (never the key)."""
+
+    mode_name = "API-key"
+
+    def login_status(self):
+        return {"api_key_from": self.config.api_key_source}
+
+    def describe_credentials(self):
+        return "API key from %s" % self.config.api_key_source
+
+
+class ModelNames:
+    """The model a request names, made one the backend knows: --model-map, Claude's default
+    names, an effort in a name; and the backend's model list behind them (cached)."""
+
+    def __init__(self, config, upstream, client_version, log):
+        self.rules = tuple(config.model_map) + DEFAULT_MODEL_RULES
+        self.upstream = upstream
+        self.client_version = client_version
+        self.log = log
+        self.models_cache = ModelsCache()
+        self._list_failed = None  # when the model list last could not be had
+
+    def listing(self):
+        """The backend's model list (cached) for the newest Codex version seen; a ProxyError
+        when it cannot be had."""
+        return self.models_cache.get(self.upstream.models, self.client_version.newest, self.log)
+
+    def catalog(self):
+        """The backend's model list (cached), or None when it cannot be had. Then names go as
+        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
+        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
+        failed = self._list_failed
+        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
+            return None
+        try:
+            return self.listing()
+        except ProxyError as e:
+            self._list_failed = time.monotonic()
+            self.log.info("the backend's model list is unavailable (%s); model names with an "
+                          "effort in them are sent as they are, and Claude's names go to %s "
+                          "and %s"
+                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
+                             FALLBACK_MODELS[SMALL_MODEL]))
+            return None
+
+    def listed_slugs(self):
+        """The backend's listed models; [] when the list cannot be had."""
+        catalog = self.catalog()
+        return catalog.listed() if catalog is not None else []
+
+    def resolved(self, body):
+        """body with its model mapped, then an effort in its name split off."""
+        # The map first: its target may name an effort.
+        return model_with_effort(self.mapped(body), self.catalog)
+
+    def mapped(self, body):
+        """body with its model as map_model() has it (--model-map, then Claude's names)."""
+        model = body.get("model")
+        mapped = map_model(model, self.rules, self.listed_slugs)
+        if mapped == model:
+            return body
+        self.log.debug("model %s -> %s" % (model, mapped))
+        return dict(body, model=mapped)
+
+    def with_name_effort_first(self, body):
+        """A translated Messages request whose model (or its --model-map target) names an
+        effort, with that effort instead of the request's: Claude Code sends
+        output_config.effort on every request (2.1.332: medium for Claude's names, high for
+        others), so the name's effort, the only one its user chose, would never apply."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
+            return body
+        unset = dict(self.mapped(body), reasoning={
+            k: v for k, v in reasoning.items() if k != "effort"})
+        named = model_with_effort(unset, self.catalog)
+        return body if named is unset else named
+
+
+class Turns:
+    """Responses turns for the backend: a client's request made ready (its references and
+    previous_response_id expanded, the response it continues pinned, rewritten), and its
+    answer kept for previous_response_id and retrieval."""
+
+    def __init__(self, config, log, upstream, conversations, model_names, client_version):
+        self.config = config
+        self.log = log
+        self.upstream = upstream
+        self.conversations = conversations
+        self.model_names = model_names
+        self.client_version = client_version
+
+    def prepare(self, client_headers, body, source=None, spans=None, history=None):
+        """prepare_request, with the response its previous_response_id names pinned in the
+        conversation store (see ConversationStore.pin) until done(request)."""
+        previous = body.get("previous_response_id")
+        pinned = previous if isinstance(previous, str) else None
+        if pinned is not None:
+            self.conversations.pin(pinned)
+        try:
+            request = self.prepare_request(client_headers, body, source, spans, history)
+        except BaseException:
+            self.conversations.unpin(pinned)
+            raise
+        request.pinned = pinned
+        return request
+
+    def done(self, request):
+        """The turn is over, its response kept or not: what it continued is no longer held."""
+        pinned, request.pinned = request.pinned, None
+        self.conversations.unpin(pinned)
+
+    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
+        """A client's Responses request made ready for the backend: its item references and
+        previous_response_id expanded (history: the lookup for the latter, by default the
+        conversation store), rewritten, with the headers and the Codex version it goes
+        with."""
+        body = self.model_names.resolved(body)
+        original = body  # what `source` and `spans` describe: references not yet expanded
+        budget = ExpansionBudget(self.config.max_body_bytes,
+                                 len(source) if source is not None else 0)
+        items = body.get("input")
+        if isinstance(items, list):
+            expanded = self.conversations.expand_references(items, budget)
+            if expanded is not items:
+                body = dict(body, input=expanded)
+        previous = body.get("previous_response_id")
+        earlier = None
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise ProxyError(400, "`previous_response_id` must be a string.",
+                                 param="previous_response_id", code="invalid_type")
+            earlier = (history or self.conversations.history)(previous, budget)
+            if earlier is None:
+                raise unknown_response_error(previous)
+        note = service_tier_warning(body)
+        if note:
+            self.log.warn_once(*note)
+        upstream_body, session_id = rewrite_request(
+            body, self.config.instructions, client_headers.get("session_id")
+            or client_headers.get("session-id"),
+            self.upstream.dropped_params(body.get("model")), earlier)
+        span = unchanged_span("input", upstream_body["input"], original, spans)
+
+        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
+            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
+                text = source[span[0]:span[1]]
+                return text.decode("ascii") if isinstance(text, bytes) else text
+            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
+
+        return PreparedRequest(
+            upstream_body, session_id, previous, body.get("store") is not False,
+            lambda b: encode_json_object(b, original, source, spans),
+            upstream_request_headers(client_headers, upstream_body),
+            self.client_version.observe(client_headers), own_input)
+
+    def keep(self, assembler, request):
+        """Keep a finished response for previous_response_id and retrieval, unless its client
+        said `store: false`. A store that fails costs a warning, never the answer the user
+        has paid for."""
+        response_id = (assembler.response or {}).get("id")
+        if not request.store or not isinstance(response_id, str) or \
+                assembler.terminal not in ("response.completed", "response.incomplete"):
+            return
+        try:
+            self.conversations.save(assemble_response(assembler.response, assembler.output()),
+                                    request.previous, request.own_input())
+        except Exception as e:
+            self.log.info("warning: could not keep response %s for "
+                          "previous_response_id: %s" % (response_id, e))
+
+
+class ChatGPTRoutes:
+    """ChatGPT mode's routes: every API path answered here, over the ChatGPT backend, with the
+    app's services."""
+
+    def __init__(self, app):
+        self.app = app
+        self.config = app.config
+        self.log = app.log
+        self.upstream = app.upstream
+        self.conversations = app.conversations
+        self.turns = app.turns
+        self.model_names = app.model_names
+        self.client_version = app.client_version
+
+    def table(self, service_routes):
+        """The route table: these routes and the proxy's own (service_routes)."""
         return RouteTable({
             "/v1/responses": {"POST": self.responses},
             "/v1/responses/compact": {"POST": self.compact},
@@ -2337,75 +2520,7 @@ class App:
             "/v1/models": {"GET": self.models},
         }, {"": {"GET": self.retrieve, "DELETE": self.delete},
             "/input_items": {"GET": self.input_items}, "/cancel": {"POST": self.cancel}},
-            self.service_routes())
-
-    def platform_routes(self):
-        """API-key mode: the OpenAI paths go to the platform as the client sent them, with
-        our key; Anthropic's are refused (the platform does not speak them)."""
-        forward, with_query = self.forward, self.forward_with_query
-        return RouteTable({
-            "/v1/responses": {"POST": forward},
-            "/v1/responses/compact": {"POST": forward},
-            "/v1/responses/input_tokens": {"POST": with_query},
-            "/v1/chat/completions": {"POST": forward},
-            "/v1/images/generations": {"POST": forward},
-            "/v1/images/edits": {"POST": forward},
-            "/v1/messages": {"POST": self.messages_need_login},
-            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
-            "/v1/models": {"GET": forward},
-        }, {"": {"GET": with_query, "DELETE": with_query},
-            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
-            self.service_routes())
-
-    def service_routes(self):
-        """The proxy's own paths, the same in both modes."""
-        routes = {"/status": {"GET": self.status},
-                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
-        if self.config.http_shutdown:
-            routes["/shutdown"] = {"GET": self.shutdown}
-        if self.config.ui:
-            routes.update({"/": {"GET": self.page, "HEAD": self.page},
-                           "/ui.js": {"GET": self.page_script},
-                           "/favicon.ico": {"GET": self.favicon}})
-        return routes
-
-    # -- the proxy's own routes --------------------------------------------------------------
-
-    def healthz(self, client):
-        client.send_text(200, b"ok\n")
-
-    def status(self, client):
-        client.send_json(200, self.status_report())
-
-    def page(self, client):
-        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
-
-    def page_script(self, client):
-        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
-
-    def favicon(self, client):
-        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
-
-    def shutdown(self, client):
-        client.close_after_answer()
-        client.send_json(200, {"status": "shutting down"})
-        self.begin_shutdown("GET /shutdown")
-
-    # -- API-key mode's routes ----------------------------------------------------------------
-
-    def forward(self, client):
-        """The request to the platform's endpoint for its path (its query left out)."""
-        self.pass_through(client, self.platform_url(client, with_query=False))
-
-    def forward_with_query(self, client, response_id=None):
-        """The request to the platform's URL for its path and query (a response's id in
-        the path goes as it is)."""
-        self.pass_through(client, self.platform_url(client))
-
-    def messages_need_login(self, client):
-        raise messages_apikey_error()
-
-    # -- ChatGPT mode's routes ----------------------------------------------------------------
+            service_routes)
 
     def models(self, client):
         # A Codex CLI asks for its list first, as GET /models?client_version=X with its own
@@ -2414,9 +2529,7 @@ class App:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(client.path).query)
         for asked in query.get("client_version", [])[:1]:
             self.client_version.observe({"version": asked})
-        catalog = self.models_cache.get(self.upstream.models, self.client_version.newest,
-                                        self.log)
-        listing = catalog.openai_list(self.config.list_effort_models)
+        listing = self.model_names.listing().openai_list(self.config.list_effort_models)
         if "anthropic-version" in client.lower_headers:  # Claude Code's model discovery
             listing = anthropic_model_list(listing)
         client.send_json(200, listing)
@@ -2439,45 +2552,25 @@ class App:
         events mapped back into the sink the client asked for (a stream or one answer)."""
         body, source, spans = self.json_body(client)
         front = front_end(body, client.lower_headers)
-        upstream_body = front.responses_body(self)
+        upstream_body = front.responses_body(self.app)
         if upstream_body is body:  # the client's own bytes may go as they are
-            request = self.prepare(client.lower_headers, body, source, spans)
+            request = self.turns.prepare(client.lower_headers, body, source, spans)
         else:
-            request = self.prepare(client.lower_headers, upstream_body)
+            request = self.turns.prepare(client.lower_headers, upstream_body)
         front.note_model(client, request)
         try:
             answer = self.upstream.responses(request)
             transform = front.transform(answer, self.log)
             sink = front.sink(client, transform)
-            on_end = (lambda assembler: self.keep(assembler, request)) if front.keeps else None
+            on_end = ((lambda assembler: self.turns.keep(assembler, request)) if front.keeps
+                      else None)
             try:
                 relay(self.upstream, answer, transform, sink, client, on_end)
             finally:
                 sink.stop()
         finally:
-            self.turn_done(request)
+            self.turns.done(request)
         self.upstream.turn_over(request)
-
-    def respond_platform(self, client, body, history, sink, on_kept):
-        """API-key mode, for a socket: the request as a streamed POST to the platform with
-        our key, its events relayed into sink. A previous_response_id the socket knows is
-        expanded here; another is the platform's to resolve."""
-        body = dict(body, stream=True)
-        if history is not None:
-            body.pop("previous_response_id", None)
-            body["input"] = list(history) + input_list(body.get("input"))
-        headers = client.forwardable_headers()
-        headers.update({"Authorization": self.config.api_key_header,
-                        "Content-Type": "application/json", "Accept": "text/event-stream"})
-        answer = self.upstream.exchange("POST", self.config.upstream_url,
-                                        json.dumps(body).encode(), headers)
-        if answer.status != 200:
-            err = translate_upstream_error(answer.status, answer.read_whole(self.upstream.pool))
-            err.headers = answer.forwarded_headers()
-            raise err
-        sent_input = input_list(body.get("input"))
-        relay(self.upstream, HTTPEvents(answer, self.upstream.pool), ResponsesTransform(self.log),
-              sink, client, lambda assembler: on_kept(assembler, sent_input))
 
     def count_tokens(self, client):
         """POST /v1/messages/count_tokens: an estimate from the translated request (the
@@ -2490,8 +2583,8 @@ class App:
         """POST /v1/responses/compact: one JSON answer from the backend's compact endpoint."""
         url = upstream_url_for(self.config.upstream_url, "responses/compact")
         body, source, spans = self.json_body(client)
-        request = self.prepare(client.lower_headers, body, source, spans)
-        self.turn_done(request)  # nothing of a compaction is kept
+        request = self.turns.prepare(client.lower_headers, body, source, spans)
+        self.turns.done(request)  # nothing of a compaction is kept
         compact_body = {k: v for k, v in request.body.items() if k in COMPACT_FIELDS}
         answer = self.upstream.call("POST", url, compact_body, encode_json_object,
                                     request.session_id, request.headers, "application/json",
@@ -2575,131 +2668,6 @@ class App:
                                   self.config.max_body_bytes)
         return image_edit_from_form(parse_multipart_form(raw, boundary))
 
-    def model_catalog(self):
-        """The backend's model list (cached), or None when it cannot be had. Then names go as
-        they are (an effort in a name unsplit, Claude's names to FALLBACK_MODELS), and the list
-        is not asked for again for MODELS_CACHE_SECONDS: every request would wait for it."""
-        failed = self._model_list_failed
-        if failed is not None and time.monotonic() - failed < MODELS_CACHE_SECONDS:
-            return None
-        try:
-            return self.models_cache.get(self.upstream.models, self.client_version.newest,
-                                         self.log)
-        except ProxyError as e:
-            self._model_list_failed = time.monotonic()
-            self.log.info("the backend's model list is unavailable (%s); model names with an "
-                          "effort in them are sent as they are, and Claude's names go to %s "
-                          "and %s"
-                          % (e.message, FALLBACK_MODELS[STRONGEST_MODEL],
-                             FALLBACK_MODELS[SMALL_MODEL]))
-            return None
-
-    def listed_model_slugs(self):
-        """The backend's listed models; [] when the list cannot be had."""
-        catalog = self.model_catalog()
-        return catalog.listed() if catalog is not None else []
-
-    def platform_url(self, client, with_query=True):
-        """API-key mode: the platform's URL for the client's path (and query)."""
-        parts = urllib.parse.urlsplit(client.path)
-        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
-        url = upstream_url_for(self.config.upstream_url, path)
-        return url + ("?" + parts.query if parts.query and with_query else "")
-
-    def prepare(self, client_headers, body, source=None, spans=None, history=None):
-        """prepare_request, with the response its previous_response_id names pinned in the
-        conversation store (see ConversationStore.pin) until turn_done(request)."""
-        previous = body.get("previous_response_id")
-        pinned = previous if isinstance(previous, str) else None
-        if pinned is not None:
-            self.conversations.pin(pinned)
-        try:
-            request = self.prepare_request(client_headers, body, source, spans, history)
-        except BaseException:
-            self.conversations.unpin(pinned)
-            raise
-        request.pinned = pinned
-        return request
-
-    def turn_done(self, request):
-        """The turn is over, its response kept or not: what it continued is no longer held."""
-        pinned, request.pinned = request.pinned, None
-        self.conversations.unpin(pinned)
-
-    def prepare_request(self, client_headers, body, source=None, spans=None, history=None):
-        """A client's Responses request made ready for the backend: its item references and
-        previous_response_id expanded (history: the lookup for the latter, by default the
-        conversation store), rewritten, with the headers and the Codex version it goes
-        with."""
-        # The map first: its target may name an effort.
-        body = model_with_effort(self.with_model_mapped(body), self.model_catalog)
-        original = body  # what `source` and `spans` describe: references not yet expanded
-        budget = ExpansionBudget(self.config.max_body_bytes,
-                                 len(source) if source is not None else 0)
-        items = body.get("input")
-        if isinstance(items, list):
-            expanded = self.conversations.expand_references(items, budget)
-            if expanded is not items:
-                body = dict(body, input=expanded)
-        previous = body.get("previous_response_id")
-        earlier = None
-        if previous is not None:
-            if not isinstance(previous, str):
-                raise ProxyError(400, "`previous_response_id` must be a string.",
-                                 param="previous_response_id", code="invalid_type")
-            earlier = (history or self.conversations.history)(previous, budget)
-            if earlier is None:
-                raise unknown_response_error(previous)
-        note = service_tier_warning(body)
-        if note:
-            self.log.warn_once(*note)
-        upstream_body, session_id = rewrite_request(
-            body, self.config.instructions, client_headers.get("session_id")
-            or client_headers.get("session-id"),
-            self.upstream.dropped_params(body.get("model")), earlier)
-        span = unchanged_span("input", upstream_body["input"], original, spans)
-
-        def own_input():  # made only for a response that is kept (a 2 MB input costs ~10 ms)
-            if span:  # the client's own text: bytes when it is ASCII (see parse_json_object)
-                text = source[span[0]:span[1]]
-                return text.decode("ascii") if isinstance(text, bytes) else text
-            return json.dumps(upstream_body["input"][len(earlier or ()):], separators=(",", ":"))
-
-        return PreparedRequest(
-            upstream_body, session_id, previous, body.get("store") is not False,
-            lambda b: encode_json_object(b, original, source, spans),
-            upstream_request_headers(client_headers, upstream_body),
-            self.client_version.observe(client_headers), own_input)
-
-    def with_model_mapped(self, body):
-        """body with its model as map_model() has it (--model-map, then Claude's names)."""
-        model = body.get("model")
-        mapped = map_model(model, self.model_rules, self.listed_model_slugs)
-        if mapped == model:
-            return body
-        self.log.debug("model %s -> %s" % (model, mapped))
-        return dict(body, model=mapped)
-
-    def with_name_effort_first(self, body):
-        """A translated Messages request whose model (or its --model-map target) names an
-        effort, with that effort instead of the request's: Claude Code sends
-        output_config.effort on every request (2.1.332: medium for Claude's names, high for
-        others), so the name's effort, the only one its user chose, would never apply."""
-        reasoning = body.get("reasoning")
-        if not isinstance(reasoning, dict) or reasoning.get("effort") is None:
-            return body
-        unset = dict(self.with_model_mapped(body), reasoning={
-            k: v for k, v in reasoning.items() if k != "effort"})
-        named = model_with_effort(unset, self.model_catalog)
-        return body if named is unset else named
-
-    def pass_through(self, client, url):
-        """API-key mode: the request goes as the client sent it, with our key."""
-        headers = client.forwardable_headers()
-        headers["Authorization"] = self.config.api_key_header
-        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
-        relay_as_is(self.upstream, answer, client)
-
     def json_body(self, client):
         """(body, source, spans) of the request's JSON object; notes the model for the log."""
         parsed = json_request_body(client.body, client.lower_headers, self.config.max_body_bytes)
@@ -2709,20 +2677,158 @@ class App:
         client.log_fields["stream"] = body.get("stream") is True
         return parsed
 
-    def keep(self, assembler, request):
-        """Keep a finished response for previous_response_id and retrieval, unless its client
-        said `store: false`. A store that fails costs a warning, never the answer the user
-        has paid for."""
-        response_id = (assembler.response or {}).get("id")
-        if not request.store or not isinstance(response_id, str) or \
-                assembler.terminal not in ("response.completed", "response.incomplete"):
-            return
-        try:
-            self.conversations.save(assemble_response(assembler.response, assembler.output()),
-                                    request.previous, request.own_input())
-        except Exception as e:
-            self.log.info("warning: could not keep response %s for "
-                          "previous_response_id: %s" % (response_id, e))
+
+class PlatformRoutes:
+    """API-key mode's routes: the OpenAI paths go to the platform as the client sent them, with
+    our key; Anthropic's are refused (the platform does not speak them)."""
+
+    def __init__(self, config, upstream):
+        self.config = config
+        self.upstream = upstream
+
+    def table(self, service_routes):
+        """The route table: these routes and the proxy's own (service_routes)."""
+        forward, with_query = self.forward, self.forward_with_query
+        return RouteTable({
+            "/v1/responses": {"POST": forward},
+            "/v1/responses/compact": {"POST": forward},
+            "/v1/responses/input_tokens": {"POST": with_query},
+            "/v1/chat/completions": {"POST": forward},
+            "/v1/images/generations": {"POST": forward},
+            "/v1/images/edits": {"POST": forward},
+            "/v1/messages": {"POST": self.messages_need_login},
+            "/v1/messages/count_tokens": {"POST": self.messages_need_login},
+            "/v1/models": {"GET": forward},
+        }, {"": {"GET": with_query, "DELETE": with_query},
+            "/input_items": {"GET": with_query}, "/cancel": {"POST": with_query}},
+            service_routes)
+
+    def forward(self, client):
+        """The request to the platform's endpoint for its path (its query left out)."""
+        self.pass_through(client, self.platform_url(client, with_query=False))
+
+    def forward_with_query(self, client, response_id=None):
+        """The request to the platform's URL for its path and query (a response's id in
+        the path goes as it is)."""
+        self.pass_through(client, self.platform_url(client))
+
+    def messages_need_login(self, client):
+        raise messages_apikey_error()
+
+    def platform_url(self, client, with_query=True):
+        """API-key mode: the platform's URL for the client's path (and query)."""
+        parts = urllib.parse.urlsplit(client.path)
+        path = parts.path[len("/v1/"):] if parts.path.startswith("/v1/") else parts.path[1:]
+        url = upstream_url_for(self.config.upstream_url, path)
+        return url + ("?" + parts.query if parts.query and with_query else "")
+
+    def pass_through(self, client, url):
+        """API-key mode: the request goes as the client sent it, with our key."""
+        headers = client.forwardable_headers()
+        headers["Authorization"] = self.config.api_key_header
+        answer = self.upstream.exchange(client.method, url, client.body or None, headers)
+        relay_as_is(self.upstream, answer, client)
+
+
+class App:
+    """The proxy's services (the login, the upstream client, the conversations, the model
+    names, the counters, the operator's view), its own routes (/status, /healthz, the page),
+    and the API routes of its mode (ChatGPTRoutes or PlatformRoutes). A route gets the
+    client's request (an Exchange) and answers through it."""
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        if config.api_key_header:
+            log.add_secret(config.api_key_header[len(b"Bearer "):].decode("latin-1"))
+        self.auth = AuthStore(config.auth_path, config.refresh_url, codex_user_agent(config),
+                              log)
+        self.upstream = UpstreamClient(config, log, self.auth)
+        self.client_version = ClientVersion(config.client_version)
+        self.model_names = ModelNames(config, self.upstream, self.client_version, log)
+        self.conversations = (SQLiteConversationStore(config.state_db, config.state_max_bytes)
+                              if config.state_db else ConversationStore(config.state_max_bytes))
+        self.socket_memory = SocketMemory(socket_memory_cap(config))
+        self.turns = Turns(config, log, self.upstream, self.conversations, self.model_names,
+                           self.client_version)
+        self.traffic = Traffic(config.max_concurrent, config.max_connections)
+        self.on_shutdown = None  # set by the server: stops accepting connections
+        self._stopping = threading.Event()
+        mode = APP_MODES[config.mode]
+        self.operator = mode.operator_view(config, self.auth, self.upstream, self.traffic)
+        self.routes = mode.routes(self)
+        self.socket_conversation = mode.socket_conversation
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    @property
+    def stopping(self):
+        return self._stopping.is_set()
+
+    def begin_shutdown(self, why):
+        """Stop accepting (from any thread but serve_forever's); main() then drains."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.log.info("%s: finishing requests in flight" % why)
+            if self.on_shutdown is not None:
+                threading.Thread(target=self.on_shutdown, daemon=True).start()
+
+    def close(self):
+        self.upstream.close()
+        self.conversations.close()
+
+    # -- the route tables: one of them is the app's, chosen at start by the mode -------------
+
+    def chatgpt_routes(self):
+        """ChatGPT mode: see ChatGPTRoutes."""
+        return ChatGPTRoutes(self).table(self.service_routes())
+
+    def platform_routes(self):
+        """API-key mode: see PlatformRoutes."""
+        return PlatformRoutes(self.config, self.upstream).table(self.service_routes())
+
+    def service_routes(self):
+        """The proxy's own paths, the same in both modes."""
+        routes = {"/status": {"GET": self.status},
+                  "/healthz": {"GET": self.healthz, "HEAD": self.healthz}}
+        if self.config.http_shutdown:
+            routes["/shutdown"] = {"GET": self.shutdown}
+        if self.config.ui:
+            routes.update({"/": {"GET": self.page, "HEAD": self.page},
+                           "/ui.js": {"GET": self.page_script},
+                           "/favicon.ico": {"GET": self.favicon}})
+        return routes
+
+    # -- the proxy's own routes --------------------------------------------------------------
+
+    def healthz(self, client):
+        client.send_text(200, b"ok\n")
+
+    def status(self, client):
+        client.send_json(200, self.operator.status_report())
+
+    def page(self, client):
+        client.send_whole(200, "text/html; charset=utf-8", PAGE_HTML, PAGE_HEADERS)
+
+    def page_script(self, client):
+        client.send_whole(200, "text/javascript; charset=utf-8", PAGE_SCRIPT, PAGE_HEADERS)
+
+    def favicon(self, client):
+        client.send_whole(200, "image/svg+xml", PAGE_ICON, PAGE_HEADERS)
+
+    def shutdown(self, client):
+        client.close_after_answer()
+        client.send_json(200, {"status": "shutting down"})
+        self.begin_shutdown("GET /shutdown")
+
+
+# The mode decides, once, which routes there are, what answers a client's socket, and what
+# the operator is shown.
+AppMode = collections.namedtuple("AppMode", "routes socket_conversation operator_view")
+APP_MODES = {
+    "chatgpt": AppMode(App.chatgpt_routes, SocketConversation, ChatGPTOperatorView),
+    "apikey": AppMode(App.platform_routes, PlatformSocketConversation, APIKeyOperatorView),
+}
 
 
 class ModelsCache:
@@ -3281,8 +3387,8 @@ class MessagesFrontEnd(ResponsesFrontEnd):
         self.stops = ()
 
     def responses_body(self, app):
-        upstream_body = app.with_name_effort_first(messages_to_responses(self.body,
-                                                                         self.headers))
+        upstream_body = app.model_names.with_name_effort_first(
+            messages_to_responses(self.body, self.headers))
         self.stops = messages_stop_sequences(self.body)
         return upstream_body
 
@@ -10322,11 +10428,10 @@ def main(argv=None):
         log.info("cannot listen on %s:%d: %s" % (config.host, config.port, e.strerror or e))
         return 1
     log.info("codex-responses-proxy %s listening on %s (%s mode, upstream %s)"
-             % (__version__, server.url, "API-key" if config.mode == "apikey" else "ChatGPT",
-                config.upstream_url))
+             % (__version__, server.url, server.app.operator.mode_name, config.upstream_url))
     app = server.app
-    log.info(app.describe_credentials())
-    warning = app.permission_warning()
+    log.info(app.operator.describe_credentials())
+    warning = app.operator.permission_warning()
     if warning:
         log.info(warning)
     if config.server_info:

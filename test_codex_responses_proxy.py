@@ -3371,12 +3371,14 @@ class AccessPolicyTests(unittest.TestCase):
 
     def test_routes(self):
         app = proxy.App(proxy.Config(), proxy.Log())
+        api = app.routes.find("POST", "/v1/responses", {})[0].__self__
+        self.assertIsInstance(api, proxy.ChatGPTRoutes)
         route = lambda method, path: app.routes.find(method, path, {})
-        self.assertEqual(route("POST", "/v1/responses"), (app.responses, ()))
-        self.assertEqual(route("POST", "/responses"), (app.responses, ()))
+        self.assertEqual(route("POST", "/v1/responses"), (api.responses, ()))
+        self.assertEqual(route("POST", "/responses"), (api.responses, ()))
         self.assertEqual(route("GET", "/v1/responses/resp_1/input_items"),
-                         (app.input_items, ("resp_1",)))
-        self.assertEqual(route("DELETE", "/responses/resp_1"), (app.delete, ("resp_1",)))
+                         (api.input_items, ("resp_1",)))
+        self.assertEqual(route("DELETE", "/responses/resp_1"), (api.delete, ("resp_1",)))
         with self.assertRaises(proxy.ProxyError) as caught:
             route("GET", "/shutdown")  # only with --http-shutdown
         self.assertEqual(caught.exception.status, 404)
@@ -4094,7 +4096,7 @@ class ModelsTests(ProxyTestCase):
         return status, headers, json.loads(data)
 
     def expire_cache(self):
-        self.proxy.app.models_cache._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
+        self.proxy.app.model_names.models_cache._fetched = time.monotonic() - proxy.MODELS_CACHE_SECONDS - 1
 
     def test_list_shape_visibility_and_backend_headers(self):
         status, headers, body = self.models()
@@ -9913,7 +9915,7 @@ class WebSocketProtocolTests(WebSocketCase):
 
     def test_a_bug_closes_its_socket_with_1011_and_others_are_served(self):
         client = self.open_ws()
-        with mock.patch.object(proxy.App, "prepare", side_effect=RuntimeError("boom")):
+        with mock.patch.object(proxy.Turns, "prepare", side_effect=RuntimeError("boom")):
             client.create()
             self.assertEqual(client.expect_close(), 1011)
         self.wait_for_log("internal error on a WebSocket request: RuntimeError: boom")
@@ -12155,7 +12157,7 @@ class PermissionWarningUnitTests(SecurityCase):
                             (0o400, False)):
             os.chmod(path, mode)
             with self.subTest(mode=oct(mode)):
-                warning = self.proxy.app.permission_warning()
+                warning = self.proxy.app.operator.permission_warning()
                 if warns:
                     self.assertIsNotNone(warning)
                     self.assertIn("chmod 600 " + path, warning)
