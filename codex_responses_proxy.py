@@ -425,7 +425,8 @@ _API_KEY_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy
 
 def read_api_key(stream):
     """One line from stream -> b"Bearer <key>". The key is read into a bytearray that is zeroed
-    afterwards, and the header is built once; Python cannot promise more (see README)."""
+    afterwards, and the header is built once; Python cannot promise more
+    (docs/how-it-works.md, API-key mode)."""
     if stream is None:
         raise ValueError("there is no standard input to read the key from")
     buf = bytearray(API_KEY_LIMIT + 3)  # room to notice a key that is too long
