@@ -5107,24 +5107,28 @@ class EventBatch:
         self.parsed = parsed
         self._events = events
         self._sse = sse
-        if parsed is not None:
-            self._sse = b"".join(event.raw for event in parsed)
-            self._events = [(event.event, event.data.encode("utf-8")) for event in parsed
-                            if event.data is not None]
 
     def __bool__(self):
+        if self.parsed is not None:
+            return bool(self.parsed)
         return bool(self._sse) if self._sse is not None else bool(self._events)
 
     def sse(self):
         if self._sse is None:
-            self._sse = b"".join(sse_frame(name, data) for name, data in self._events)
+            self._sse = (b"".join(event.raw for event in self.parsed) if self.parsed is not None
+                         else b"".join(sse_frame(name, data) for name, data in self._events))
         return self._sse
 
     def events(self):
         if self._events is None:
-            self._events = events_of(self._sse) if b"\r" not in self._sse else [
-                (event.event, event.data.encode("utf-8"))
-                for event in SSEParser().feed(self._sse) if event.data is not None]
+            parsed = self.parsed
+            if parsed is None and b"\r" not in self._sse:
+                self._events = events_of(self._sse)
+            else:
+                self._events = [(event.event, event.data.encode("utf-8"))
+                                for event in (parsed if parsed is not None
+                                              else SSEParser().feed(self._sse))
+                                if event.data is not None]
         return self._events
 
 
