@@ -251,9 +251,10 @@ def codex_version_arg(text):
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="codex_responses_proxy.py",
-        description="Serve the OpenAI Responses API locally on a ChatGPT/Codex subscription, "
-                    "using the Codex CLI's login in $CODEX_HOME/auth.json. Log in first, on "
-                    "this host: `%(prog)s login` (or `codex login`).",
+        description="Serve OpenAI's Responses and Chat Completions APIs and Anthropic's Messages "
+                    "API locally\non a ChatGPT/Codex subscription, with the login in "
+                    "$CODEX_HOME/auth.json (the Codex CLI's).\nLog in first, on this host: "
+                    "`%(prog)s login` (or `codex login`).",
         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--addr", "-addr", default=DEFAULT_ADDR, metavar="HOST:PORT",
                    help="address to listen on (default %(default)s)")
