@@ -555,14 +555,16 @@ class FakeBackend:
 
     # -- chatgpt.com/backend-api/codex/responses -------------------------------------------
 
-    def codex_answer(self, req):
-        body = req.json()
+    def recorded(self, req, body):
+        """The test's next Reply, with req noted as this backend got it."""
         with self.lock:
             self.requests.append({"method": req.method, "path": req.target,
                                   "headers": req.headers, "body": body, "raw": req.raw})
-            reply = self.replies.popleft() if self.replies else Reply()
-        compact = req.path.endswith("/responses/compact")  # one JSON object, not a stream
-        problem = (self.check_compact if compact else self.check)(req.headers, body)
+            return self.replies.popleft() if self.replies else Reply()
+
+    def refusal(self, req, problem, reply):
+        """The answer to a request the backend's checks refuse (problem: (status, detail)), or
+        the test's scripted error reply; None when the request is to be answered."""
         if problem:
             status, detail = problem
             return req.answer(status, json.dumps({"detail": detail}).encode(),
@@ -570,6 +572,16 @@ class FakeBackend:
         if reply.status != 200 or reply.body is not None:
             return req.answer(reply.status, reply.body or b"",
                               self.answer_headers + reply.headers)
+        return None
+
+    def codex_answer(self, req):
+        body = req.json()
+        reply = self.recorded(req, body)
+        compact = req.path.endswith("/responses/compact")  # one JSON object, not a stream
+        refused = self.refusal(req, (self.check_compact if compact else self.check)(
+            req.headers, body), reply)
+        if refused is not None:
+            return refused
         if compact:
             time.sleep(reply.delay)
             return req.answer(200, json.dumps(compaction_answer(body["input"])).encode(),
@@ -645,18 +657,11 @@ class FakeBackend:
         """JSON in, JSON out, as codex-rs/codex-api/src/endpoint/images.rs has it: the images
         as b64_json; each image's bytes here are "img:<prompt>:<i>"."""
         body = req.json()
-        with self.lock:
-            self.requests.append({"method": req.method, "path": req.target,
-                                  "headers": req.headers, "body": body, "raw": req.raw})
-            reply = self.replies.popleft() if self.replies else Reply()
-        problem = self.check_images(req.headers, body, req.path.endswith("/edits"))
-        if problem:
-            status, detail = problem
-            return req.answer(status, json.dumps({"detail": detail}).encode(),
-                              self.answer_headers)
-        if reply.status != 200 or reply.body is not None:
-            return req.answer(reply.status, reply.body or b"",
-                              self.answer_headers + reply.headers)
+        reply = self.recorded(req, body)
+        refused = self.refusal(
+            req, self.check_images(req.headers, body, req.path.endswith("/edits")), reply)
+        if refused is not None:
+            return refused
         answer = {"created": 1778832973, "background": body.get("background", "opaque"),
                   "data": [{"b64_json": base64.b64encode(
                       ("img:%s:%d" % (body["prompt"], i)).encode()).decode()}
@@ -1712,6 +1717,16 @@ def with_proxy_options(**options):
     return mark
 
 
+def start_fakes(case):
+    """A test case's CODEX_HOME, FakeBackend and FakeOAuth, all gone at its cleanup."""
+    case.home = tempfile.mkdtemp(prefix="codex-home-")
+    case.addCleanup(shutil.rmtree, case.home, True)
+    case.backend = FakeBackend()
+    case.oauth = FakeOAuth(case.backend)
+    case.addCleanup(case.backend.close)
+    case.addCleanup(case.oauth.close)
+
+
 class ProxyTestCase(unittest.TestCase):
     """Starts FakeBackend, FakeOAuth and the proxy (in this process) for each test, with the
     class's proxy_options and the test's own (with_proxy_options)."""
@@ -1725,12 +1740,7 @@ class ProxyTestCase(unittest.TestCase):
     upstream_transport = "http"
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="codex-home-")
-        self.addCleanup(shutil.rmtree, self.home, True)
-        self.backend = FakeBackend()
-        self.oauth = FakeOAuth(self.backend)
-        self.addCleanup(self.backend.close)
-        self.addCleanup(self.oauth.close)
+        start_fakes(self)
         if self.auth:
             self.token = access_token(3600)
             self.backend.valid_tokens.add(self.token)
@@ -2093,12 +2103,7 @@ class ProcessTestCase(unittest.TestCase):
     """Fake backend and fake OAuth server in this process; the proxy in a subprocess."""
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="codex-home-")
-        self.addCleanup(shutil.rmtree, self.home, True)
-        self.backend = FakeBackend()
-        self.oauth = FakeOAuth(self.backend)
-        self.addCleanup(self.backend.close)
-        self.addCleanup(self.oauth.close)
+        start_fakes(self)
         self.token = access_token(3600)
         self.backend.valid_tokens.add(self.token)
 
@@ -7790,12 +7795,7 @@ class LoginCase(unittest.TestCase):
     may touch."""
 
     def setUp(self):
-        self.home = tempfile.mkdtemp(prefix="codex-home-")
-        self.addCleanup(shutil.rmtree, self.home, True)
-        self.backend = FakeBackend()
-        self.oauth = FakeOAuth(self.backend)
-        self.addCleanup(self.backend.close)
-        self.addCleanup(self.oauth.close)
+        start_fakes(self)
         self.path = write_auth(self.home, auth_document(refresh="rt-old-login-0123456789"))
         with open(self.path, "rb") as f:
             self.old_bytes = f.read()
@@ -9436,9 +9436,8 @@ class StreamFailureTests(StreamingCase):
         self.assertEqual(status, 200, body)
         self.assertIs(conn.sock, sock, "http.client had to reconnect")
 
-    def test_response_failed_passes_through_unchanged(self):
-        frames = stream_frames(terminal="response.failed", terminal_extra={
-            "error": {"code": "context_length_exceeded", "message": "too long"}})
+    def assert_relayed_unchanged(self, frames):
+        """The backend's frames reach the client as they are, and its connection stays usable."""
         self.backend.replies.append(Reply(frames=frames))
         conn = self.connection(timeout=CLIENT_TIMEOUT)
         self.addCleanup(conn.close)
@@ -9447,16 +9446,15 @@ class StreamFailureTests(StreamingCase):
         self.assertEqual(data, b"".join(frames))
         self.assert_same_connection_still_works(conn)
 
+    def test_response_failed_passes_through_unchanged(self):
+        frames = stream_frames(terminal="response.failed", terminal_extra={
+            "error": {"code": "context_length_exceeded", "message": "too long"}})
+        self.assert_relayed_unchanged(frames)
+
     def test_error_event_passes_through_unchanged(self):
         frames = stream_frames()[:3] + [sse("error", {
             "code": "server_error", "message": "backend exploded", "param": None})]
-        self.backend.replies.append(Reply(frames=frames))
-        conn = self.connection(timeout=CLIENT_TIMEOUT)
-        self.addCleanup(conn.close)
-        resp, data = self.stream_raw(conn)
-        self.assertEqual(resp.status, 200)
-        self.assertEqual(data, b"".join(frames))
-        self.assert_same_connection_still_works(conn)
+        self.assert_relayed_unchanged(frames)
 
     def test_upstream_dying_mid_stream_gives_error_event_and_clean_end(self):
         frames = stream_frames(text="a fairly long answer, cut off")
