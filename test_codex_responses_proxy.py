@@ -12244,7 +12244,9 @@ class DescriptorExhaustionTests(ProcessTestCase):
         clients.clear()
         status, _, body = proc.request("GET", "/healthz", timeout=10)
         self.assertEqual((status, body), (200, b"ok\n"))
-        self.assertEqual(proc.text().count("cannot accept connections"), 1, proc.text())
+        # said once per shortage, not once per failed accept (dozens in the window above);
+        # a descriptor freed inside the proxy meanwhile may end one shortage and start another
+        self.assertIn(proc.text().count("cannot accept connections"), (1, 2, 3), proc.text())
 
 
 class LoginProcessTests(ProcessTestCase):
