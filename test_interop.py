@@ -66,14 +66,8 @@ WEATHER_TOOL_PARAMETERS = {"type": "object", "properties": {"city": {"type": "st
                            "required": ["city"]}
 
 
-class SDKTestCase(harness.ProxyTestCase):
-    """The proxy harness plus an SDK client pointed at it."""
-
-    def setUp(self):
-        super().setUp()
-        self.client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.port,
-                                    api_key="unused", max_retries=0, timeout=10)
-        self.addCleanup(self.client.close)
+class ScriptedCase(harness.ProxyTestCase):
+    """The proxy harness with the backend's answers queued and its requests read back."""
 
     def script(self, items=None, **kwargs):
         """Queue one backend stream answering these output items (default: one message)."""
@@ -84,6 +78,16 @@ class SDKTestCase(harness.ProxyTestCase):
     def sent(self, index=-1):
         """The JSON body the backend received."""
         return self.backend.requests[index]["body"]
+
+
+class SDKTestCase(ScriptedCase):
+    """The proxy harness plus an openai SDK client pointed at it."""
+
+    def setUp(self):
+        super().setUp()
+        self.client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.port,
+                                    api_key="unused", max_retries=0, timeout=10)
+        self.addCleanup(self.client.close)
 
 
 def weather_tool_responses():
@@ -604,7 +608,7 @@ PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwAD
 
 
 @unittest.skipIf(anthropic is None, NO_ANTHROPIC)
-class AnthropicSDKInteropTests(harness.ProxyTestCase):
+class AnthropicSDKInteropTests(ScriptedCase):
     """The anthropic SDK pointed at the proxy (base_url without /v1, as for Claude Code)."""
 
     def setUp(self):
@@ -612,14 +616,6 @@ class AnthropicSDKInteropTests(harness.ProxyTestCase):
         self.client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.port,
                                           api_key="unused", max_retries=0, timeout=10)
         self.addCleanup(self.client.close)
-
-    def script(self, items=None, **kwargs):
-        if items is None:
-            items = [message_item(TEXT)]
-        self.backend.replies.append(Reply(frames=stream_frames(items=items, **kwargs)))
-
-    def sent(self, index=-1):
-        return self.backend.requests[index]["body"]
 
     def test_create_text_usage_and_stop_reason(self):
         self.script()
